@@ -1,0 +1,58 @@
+"""`sla2_attention`: the functional entry point (routing + both branches + combine)."""
+
+from __future__ import annotations
+
+import jax
+
+from sla2_jax.blocks import num_blocks
+from sla2_jax.branches import compute_branches, resolve_backend
+from sla2_jax.checks import check_alpha, check_qkv, check_weight
+from sla2_jax.combine import combine
+from sla2_jax.config import SLA2Config
+from sla2_jax.routing import block_scores, captured_mass, selection_mask, soft_topk, topk_blocks
+
+
+def route(q, k, config: SLA2Config, *, w_q=None, w_k=None, soft: bool = False):
+    """Router: (lut (B, H, Nq, k) int32, soft mask (B, H, Nq, Nk) or None, captured mass (B, H, Nq) float32)."""
+    seq_len = q.shape[1]
+    scores = block_scores(q, k, block_q=config.block_q, block_k=config.block_k, w_q=w_q, w_k=w_k)
+    topk = config.num_selected(scores.shape[-1])
+    lut = topk_blocks(scores, topk)
+    soft_mask = soft_topk(scores, topk, config.soft_topk_tau) if soft else None
+    mask = soft_mask if soft else selection_mask(lut, scores.shape[-1])
+    return lut, soft_mask, captured_mass(scores, mask, seq_len, config.block_k)
+
+
+def sparse_linear_outputs(q, k, v, config: SLA2Config, *, w_q=None, w_k=None, soft: bool = False):
+    """Routing and both branches: (o_s, o_l) float32 (B, N, H, D) and the captured mass (B, H, Nq)."""
+    backend = resolve_backend(config.backend)
+    if soft and backend == "pallas":
+        backend = "xla"  # soft routing (router training) runs on the pure-JAX path
+    lut, soft_mask, mass = route(q, k, config, w_q=w_q, w_k=w_k, soft=soft)
+    o_s, o_l = compute_branches(q, k, v, lut, block_q=config.block_q, block_k=config.block_k,
+                                feature_map=config.feature_map, linear_scope=config.linear_scope,
+                                quant=config.quant, backend=backend, eps=config.eps, soft_mask=soft_mask)
+    return o_s, o_l, mass
+
+
+def sla2_attention(q, k, v, *, config: SLA2Config, w_q=None, w_k=None, alpha=None):
+    """SLA2 attention o = alpha * O_sparse + (1 - alpha) * O_linear, usable training-free on any JAX model.
+
+    Args:
+      q, k, v: (B, N, H, D), bf16/f16/f32, N arbitrary.
+      config: `SLA2Config` (block sizes, topk_ratio, feature map, scope, quant, backend).
+      w_q, w_k: optional learned router projections (D, D) or (H, D, D); None = SLA router (identity).
+      alpha: optional mixing ratio in [0, 1] broadcastable to (B, H, Nq). None: alpha = the softmax mass the
+        router estimates the selected blocks capture ("mass" with w=1, b=0), which needs no training.
+    Returns:
+      o: (B, N, H, D) in q.dtype.
+    """
+    if not isinstance(config, SLA2Config):
+        raise ValueError(f"config must be an SLA2Config; got {type(config).__name__}")
+    batch, seq_len, heads, dim = check_qkv(q, k, v)
+    check_weight("w_q", w_q, heads, dim)
+    check_weight("w_k", w_k, heads, dim)
+    check_alpha(alpha, batch, heads, num_blocks(seq_len, config.block_q))
+    o_s, o_l, mass = sparse_linear_outputs(q, k, v, config, w_q=w_q, w_k=w_k)
+    mix = jax.lax.stop_gradient(mass) if alpha is None else alpha
+    return combine(o_s, o_l, mix, block_q=config.block_q).astype(q.dtype)

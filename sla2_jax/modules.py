@@ -1,0 +1,140 @@
+"""Flax NNX modules: `SLA2Attention` (learned router + learnable alpha), `SLAAttention` (v1 baseline) and a
+`SelfAttention` block with qkv/out projections that a DiT can use directly."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sla2_jax.blocks import num_blocks
+from sla2_jax.checks import check_qkv
+from sla2_jax.combine import alpha_from_mass, combine, sla_v1_combine
+from sla2_jax.config import SLA2Config
+from sla2_jax.dense import dense_attention
+from sla2_jax.functional import sparse_linear_outputs
+
+ROUTINGS = ("hard", "soft")
+
+
+def _check_module_args(num_heads, head_dim, config):
+    if not isinstance(config, SLA2Config):
+        raise ValueError(f"config must be an SLA2Config; got {type(config).__name__}")
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads={num_heads!r} must be a positive int")
+    if not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim={head_dim!r} must be a positive int")
+
+
+def _check_call(module, q, k, v):
+    _, _, heads, dim = check_qkv(q, k, v)
+    if (heads, dim) != (module.num_heads, module.head_dim):
+        raise ValueError(f"q has (H, D) = {(heads, dim)}; the module was built for {(module.num_heads, module.head_dim)}")
+
+
+class SLA2Attention(nnx.Module):
+    """SLA2 attention with a learnable router (W_q, W_k) and a learnable mixing ratio alpha.
+
+    Parameters: `w_q`, `w_k` (D, D) initialised to the identity (the untrained router equals SLA's); alpha params
+    by `config.alpha`: "block": `alpha_logit` (H, Nq) (needs `seq_len`); "head": `alpha_logit` (H,);
+    "mass": `alpha_w`, `alpha_b` (H,) with alpha = sigmoid(w * logit(mass) + b), w=1, b=0 at init.
+    `alpha_logit` starts at 0 (alpha = 0.5) and is learned in stage 1.
+    Attribute `routing`: "hard" (top-k, inference and fine-tuning) or "soft" (soft top-k, router training).
+
+    __call__(q, k, v): (B, N, H, D) -> (B, N, H, D) in q.dtype.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, *, config: SLA2Config, seq_len: int | None = None,
+                 routing: str = "hard", rngs: nnx.Rngs | None = None):
+        _check_module_args(num_heads, head_dim, config)
+        self.num_heads, self.head_dim, self.config, self.seq_len = num_heads, head_dim, config, seq_len
+        self.routing = routing
+        self.w_q = nnx.Param(jnp.eye(head_dim, dtype=jnp.float32))
+        self.w_k = nnx.Param(jnp.eye(head_dim, dtype=jnp.float32))
+        if config.alpha == "block":
+            if seq_len is None or seq_len < 1:
+                raise ValueError("seq_len must be given (a positive int) for alpha='block' (one alpha per query block)")
+            self.alpha_logit = nnx.Param(jnp.zeros((num_heads, num_blocks(seq_len, config.block_q)), jnp.float32))
+        elif config.alpha == "head":
+            self.alpha_logit = nnx.Param(jnp.zeros((num_heads,), jnp.float32))
+        else:
+            self.alpha_w = nnx.Param(jnp.ones((num_heads,), jnp.float32))
+            self.alpha_b = nnx.Param(jnp.zeros((num_heads,), jnp.float32))
+
+    def alpha(self, mass):
+        """Mixing ratio broadcastable to (B, H, Nq), from the params and the captured mass (B, H, Nq)."""
+        if self.config.alpha == "block":
+            return jax.nn.sigmoid(self.alpha_logit[...])[None]
+        if self.config.alpha == "head":
+            return jax.nn.sigmoid(self.alpha_logit[...])[None, :, None]
+        return alpha_from_mass(mass, self.alpha_w[...], self.alpha_b[...])
+
+    def __call__(self, q, k, v):
+        _check_call(self, q, k, v)
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing={self.routing!r} is not one of {ROUTINGS}")
+        if self.config.alpha == "block" and q.shape[1] != self.seq_len:
+            raise ValueError(f"alpha='block' was built for seq_len={self.seq_len}; q has N={q.shape[1]}")
+        soft = self.routing == "soft"
+        o_s, o_l, mass = sparse_linear_outputs(q, k, v, self.config, w_q=self.w_q[...], w_k=self.w_k[...], soft=soft)
+        if not soft:
+            mass = jax.lax.stop_gradient(mass)
+        return combine(o_s, o_l, self.alpha(mass), block_q=self.config.block_q).astype(q.dtype)
+
+
+class SLAAttention(nnx.Module):
+    """SLA (v1) baseline: SLA's heuristic router, o = O_sparse + Proj(O_linear), Proj (D, D) + bias, zero-initialised
+    and shared by the heads (so at init the module is block-sparse attention).
+
+    __call__(q, k, v): (B, N, H, D) -> (B, N, H, D) in q.dtype.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, *, config: SLA2Config, rngs: nnx.Rngs | None = None):
+        _check_module_args(num_heads, head_dim, config)
+        self.num_heads, self.head_dim, self.config = num_heads, head_dim, config
+        self.proj_kernel = nnx.Param(jnp.zeros((head_dim, head_dim), jnp.float32))
+        self.proj_bias = nnx.Param(jnp.zeros((head_dim,), jnp.float32))
+
+    def __call__(self, q, k, v):
+        _check_call(self, q, k, v)
+        o_s, o_l, _ = sparse_linear_outputs(q, k, v, self.config)
+        return sla_v1_combine(o_s, o_l, self.proj_kernel[...], self.proj_bias[...]).astype(q.dtype)
+
+
+ATTENTIONS = ("dense", "sla", "sla2")
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention block with qkv and output projections and a selectable attention core.
+
+    Args:
+      dim: model width; num_heads must divide it (head_dim = dim // num_heads).
+      attention: "dense" (exact softmax), "sla" (SLA v1) or "sla2".
+      config: SLA2Config for "sla"/"sla2" (default SLA2Config()).
+      seq_len: sequence length, needed by alpha="block".
+    __call__(x): (B, N, dim) -> (B, N, dim).
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, attention: str = "sla2", config: SLA2Config | None = None,
+                 seq_len: int | None = None, rngs: nnx.Rngs):
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention={attention!r} is not one of {ATTENTIONS}")
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
+        self.num_heads, self.head_dim, self.attention = num_heads, dim // num_heads, attention
+        self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)
+        self.out = nnx.Linear(dim, dim, rngs=rngs)
+        config = SLA2Config() if config is None else config
+        if attention == "sla2":
+            self.core = SLA2Attention(num_heads, self.head_dim, config=config, seq_len=seq_len, rngs=rngs)
+        elif attention == "sla":
+            self.core = SLAAttention(num_heads, self.head_dim, config=config, rngs=rngs)
+        else:
+            self.core = None
+
+    def __call__(self, x):
+        batch, seq_len, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, seq_len, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        o = dense_attention(q, k, v) if self.core is None else self.core(q, k, v)
+        return self.out(o.reshape(batch, seq_len, -1))
