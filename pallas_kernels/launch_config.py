@@ -1,0 +1,51 @@
+"""Launch configurations (num_warps, num_stages) of the Pallas kernels, one table per GPU generation.
+
+Block sizes are not tuned here: ``block_q``/``block_k`` are the SLA blocks that define the LUT, so the kernels
+tile exactly by them. Keys: (kernel, head_dim, block_q, block_k) -> (num_warps, num_stages). Missing keys fall
+back to ``_DEFAULT``. ``experiments/autotune_kernels.py`` measures the candidates on a GPU and rewrites the
+table of that GPU's generation between the AUTOTUNE markers below.
+"""
+from __future__ import annotations
+
+import jax
+
+# kernel names: "fwd" (forward), "dq" (backward over the LUT), "dkv" (backward over the transposed LUT)
+_DEFAULT = {"fwd": (4, 2), "dq": (4, 2), "dkv": (4, 2)}
+
+# AUTOTUNE-BEGIN
+TABLES: dict[str, dict[tuple[str, int, int, int], tuple[int, int]]] = {
+    "hopper": {
+        ("fwd", 128, 128, 64): (8, 3),
+        ("dq", 128, 128, 64): (8, 2),
+        ("dkv", 128, 128, 64): (8, 2),
+        ("fwd", 64, 128, 64): (4, 3),
+        ("dq", 64, 128, 64): (4, 2),
+        ("dkv", 64, 128, 64): (4, 2),
+    },
+    "ampere": {},
+    "other": {},
+}
+# AUTOTUNE-END
+
+
+def gpu_generation() -> str:
+  """'hopper' (H100/H200/H800/GH200), 'ampere' (A100/A10/RTX 30), 'blackwell', or 'other'."""
+  try:
+    kind = jax.devices()[0].device_kind.lower()
+  except Exception:  # pragma: no cover - no devices
+    return "other"
+  if any(t in kind for t in ("h100", "h200", "h800", "h20", "gh200")):
+    return "hopper"
+  if any(t in kind for t in ("a100", "a10", "a30", "a40", "rtx 30", "a800")):
+    return "ampere"
+  if any(t in kind for t in ("b200", "b100", "gb200", "rtx 50", "5090")):
+    return "blackwell"
+  return "other"
+
+
+def launch_config(kernel: str, head_dim: int, block_q: int, block_k: int,
+                  generation: str | None = None) -> tuple[int, int]:
+  """(num_warps, num_stages) for ``kernel`` in {'fwd', 'dq', 'dkv'}."""
+  gen = generation or gpu_generation()
+  table = TABLES.get(gen, {})
+  return table.get((kernel, head_dim, block_q, block_k), _DEFAULT[kernel])

@@ -1,0 +1,604 @@
+"""SLA / SLA2 fused sparse + linear attention: Pallas GPU kernels (Triton backend), forward and backward.
+
+Notation (per batch b and head h): Q, K, V, phi(Q), phi(K) are N x D; query blocks of ``block_q`` rows
+(Nq = ceil(N / block_q)), key blocks of ``block_k`` rows (Nk = ceil(N / block_k)); ``lut[b, h, i]`` lists the
+``topk`` key blocks that query block i attends to exactly (ascending, no duplicates).
+
+  sparse branch   O_s[i] = softmax(Q_i K_sel^T * sm_scale) V_sel            (keys >= N never attended)
+  linear branch   H_i = sum_{j unselected} phi(K_j)^T V_j,  Z_i = sum_{j unselected} colsum phi(K_j)
+                  O_l[i] = phi(Q_i) H_i / (phi(Q_i) Z_i + eps)               ("complement", SLA paper form)
+                  H, Z over all keys for linear_scope="all" (SLA `main` form)
+  SLA2 combine    O = alpha * O_s + (1 - alpha) * O_l, alpha one value per (b, h, query block)
+
+Kernels (all grids are (blocks, H, B) with the block index fastest, so the programs of one head run together
+and that head's K, V, phi(K) stay in L2):
+
+* pre-pass (XLA): H_tot = phi(K)^T V (D x D, f32), Z_tot = colsum phi(K), per (b, h). 2*N*D^2 flop and one
+  read of phi(K), V per head.
+* ``_fwd_kernel``, grid (Nq, H, B). Program (i, h, b) loads Q_i (block_q x D) once, then for each of the topk
+  LUT blocks j: loads K_j, V_j (and phi(K_j) for "complement"), S = Q_i K_j^T (exp2 online softmax with m_i,
+  l_i, acc in f32), acc += P V_j, and G += phi(K_j)^T V_j, z += colsum phi(K_j) (the selected part of H, Z).
+  At the end H_i = H_tot - G, Z_i = Z_tot - z, O_l = phi(Q_i) H_i / (phi(Q_i) Z_i + eps), O_s = acc / l_i,
+  LSE = m_i + log2 l_i (base 2), den = phi(Q_i) Z_i + eps; SLA2 combine in-kernel when fused.
+  Flop per program: topk * (4 * block_q * block_k * D  [+ 2 * block_k * D^2 "complement"]) + 2 * block_q * D^2.
+  Bytes per program: topk * block_k * D * (2 [+1]) * itemsize of K/V/phi(K) (L2-resident in practice) + the
+  Q, phi(Q) and output tiles.
+* ``_dq_kernel``, grid (Nq, H, B): per query block, delta = rowsum(dO_s * O_s), c = rowsum(dO_l * O_l), and over
+  the LUT: P = exp2(S - LSE), dS = P * (dO_s V^T - delta), dQ += dS K; linear branch
+  dphi(Q) = dO_l / den @ H_i^T - c / den * Z_i, with the selected part folded into the loop as
+  -sum_j ((dO_l V_j^T - c) / den) phi(K_j).  3 (+1) block_q x block_k x D matmuls per LUT entry.
+* ``_dkv_kernel``, grid (Nk, H, B): per key block j, over the query blocks that selected it (transposed LUT and
+  counts built on device by a sort): dV += P^T dO_s, dK += dS^T Q; linear branch: starts from
+  dV = phi(K_j) dH_tot, dphi(K_j) = V_j dH_tot^T + dZ_tot (dH_tot = phi~(Q)^T dO_l, dZ_tot = -phi~(Q)^T c over
+  all queries, phi~ = phi(Q) / den, by XLA) and subtracts the query blocks that selected j:
+  dV -= (phi~_i phi(K_j)^T)^T dO_l, dphi(K_j) -= (dO_l V_j^T - c)^T phi~_i.  4 (+2..3) matmuls per pair.
+
+Ragged N: every tile load/store is masked by row (< N); keys >= N get score -1e30 and zero phi(K), V.
+The phi Jacobian, alpha's parametrisation and the router are left to JAX autodiff around these functions.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._triton import CompilerParams, pl, plgpu
+from .launch_config import launch_config
+
+_MASK_VALUE = -1e30
+_LOG2E = math.log2(math.e)
+_F32 = jnp.float32
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+_SUPPORTED_HEAD_DIMS = (32, 64, 128)
+
+
+class _Cfg(NamedTuple):
+  """Static configuration of one call (hashable: it is a nondiff argument of the custom_vjp)."""
+  n: int
+  nq: int
+  nk: int
+  topk: int
+  d: int
+  block_q: int
+  block_k: int
+  sm_scale: float
+  eps: float
+  linear: bool      # the linear branch is non-empty
+  complement: bool  # linear branch over the unselected blocks only (else over all keys)
+  interpret: bool
+
+  @property
+  def npad(self) -> int:
+    return self.nq * self.block_q
+
+  @property
+  def track_lin(self) -> bool:
+    return self.linear and self.complement
+
+
+# ----------------------------------------------------------------------------------------------------------
+# In-kernel helpers
+# ----------------------------------------------------------------------------------------------------------
+def _load_rows(ref, start, size, n):
+  """Loads rows [start, start + size) of an (N, D) ref; rows >= N read as 0."""
+  d = ref.shape[-1]
+  rows = start + jnp.arange(size)
+  mask = jnp.broadcast_to((rows < n)[:, None], (size, d))
+  return plgpu.load(ref.at[pl.ds(start, size), :], mask=mask, other=0.0)
+
+
+def _store_rows(ref, start, val, n):
+  size, d = val.shape
+  rows = start + jnp.arange(size)
+  mask = jnp.broadcast_to((rows < n)[:, None], (size, d))
+  plgpu.store(ref.at[pl.ds(start, size), :], val.astype(ref.dtype), mask=mask)
+
+
+def _scores(q, k, k_start, cfg):
+  """S = Q K^T * sm_scale * log2(e) (base-2 logits); keys >= N masked."""
+  s = pl.dot(q, k, trans_b=True) * (cfg.sm_scale * _LOG2E)
+  kvalid = (k_start + jnp.arange(cfg.block_k)) < cfg.n
+  return jnp.where(kvalid[None, :], s, _MASK_VALUE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward kernel
+# ----------------------------------------------------------------------------------------------------------
+def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool):
+  r = dict(zip(names, refs))
+  i = pl.program_id(0)
+  q_start = i * cfg.block_q
+  q = _load_rows(r["q"], q_start, cfg.block_q, cfg.n)
+  d = cfg.d
+
+  carry = (jnp.zeros((cfg.block_q, d), _F32),
+           jnp.full((cfg.block_q,), -jnp.inf, _F32),
+           jnp.zeros((cfg.block_q,), _F32))
+  if cfg.track_lin:
+    carry += (jnp.zeros((d, d), _F32), jnp.zeros((d,), _F32))
+
+  def body(t, carry):
+    acc, m_i, l_i = carry[:3]
+    k_start = r["lut"][i, t] * cfg.block_k
+    k = _load_rows(r["k"], k_start, cfg.block_k, cfg.n)
+    v = _load_rows(r["v"], k_start, cfg.block_k, cfg.n)
+    s = _scores(q, k, k_start, cfg)
+    m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+    correction = jnp.exp2(m_i - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l_i = l_i * correction + jnp.sum(p, axis=1)
+    acc = acc * correction[:, None] + pl.dot(p.astype(v.dtype), v)
+    out = (acc, m_new, l_i)
+    if cfg.track_lin:
+      g, z_sel = carry[3:]
+      k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
+      g = g + pl.dot(k_phi, v, trans_a=True)
+      z_sel = z_sel + jnp.sum(k_phi.astype(_F32), axis=0)
+      out += (g, z_sel)
+    return out
+
+  carry = lax.fori_loop(0, cfg.topk, body, carry)
+  acc, m_i, l_i = carry[:3]
+  o_s = acc / l_i[:, None]
+  lse = m_i + jnp.log2(l_i)
+
+  if cfg.linear:
+    q_phi = _load_rows(r["q_phi"], q_start, cfg.block_q, cfg.n).astype(_F32)
+    h = r["h_tot"][...]
+    z = r["z_tot"][...]
+    if cfg.track_lin:
+      h = h - carry[3]
+      z = z - carry[4]
+    den = jnp.sum(q_phi * z[None, :], axis=1) + cfg.eps
+    o_l = pl.dot(q_phi, h) / den[:, None]
+  else:
+    o_l = None
+
+  if fused:
+    a = r["alpha"][i]
+    o = a * o_s if o_l is None else a * o_s + (1.0 - a) * o_l
+    _store_rows(r["o"], q_start, o, cfg.n)
+  if "o_s" in r:
+    _store_rows(r["o_s"], q_start, o_s, cfg.n)
+  if "o_l" in r:
+    _store_rows(r["o_l"], q_start, o_l, cfg.n)
+  if "lse" in r:
+    r["lse"][...] = lse
+  if "den" in r:
+    r["den"][...] = den
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BlockSpecs (grid (blocks, H, B))
+# ----------------------------------------------------------------------------------------------------------
+def _seq_spec(cfg):   # (B, N, H, D) -> the whole (N, D) of one (b, h)
+  return pl.BlockSpec((None, cfg.n, None, cfg.d), lambda i, h, b: (b, 0, h, 0))
+
+
+def _row_spec(cfg):   # (B, H, Npad) -> this program's block_q rows
+  return pl.BlockSpec((None, None, cfg.block_q), lambda i, h, b: (b, h, i))
+
+
+def _full_spec(*tail):  # (B, H, *tail) -> the whole tail of one (b, h)
+  nt = len(tail)
+  return pl.BlockSpec((None, None) + tuple(tail), lambda i, h, b: (b, h) + (0,) * nt)
+
+
+def _params(kernel, cfg):
+  num_warps, num_stages = launch_config(kernel, cfg.d, cfg.block_q, cfg.block_k)
+  return CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _call(kernel, grid, inputs, outputs, cfg, name, launch):
+  """inputs/outputs: lists of (name, array or ShapeDtypeStruct, BlockSpec)."""
+  names = tuple(x[0] for x in inputs) + tuple(x[0] for x in outputs)
+  return pl.pallas_call(
+      functools.partial(kernel, names=names, cfg=cfg, **launch),
+      grid=grid,
+      in_specs=[x[2] for x in inputs],
+      out_specs=[x[2] for x in outputs],
+      out_shape=[x[1] for x in outputs],
+      compiler_params=_params(name, cfg),
+      interpret=cfg.interpret,
+      name=f"sla_{name}",
+  )(*[x[1] for x in inputs])
+
+
+def _prepass(k_phi, v):
+  """H_tot = phi(K)^T V (B, H, D, D) and Z_tot = colsum phi(K) (B, H, D), float32 (XLA)."""
+  h_tot = jnp.einsum("bnhd,bnhe->bhde", k_phi, v, preferred_element_type=_F32)
+  z_tot = jnp.sum(k_phi.astype(_F32), axis=1)
+  return h_tot, z_tot
+
+
+def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, residuals: bool):
+  b, n, h, d = q.shape
+  seq, rows = _seq_spec(cfg), _row_spec(cfg)
+  inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
+  h_tot = z_tot = None
+  if cfg.linear:
+    h_tot, z_tot = _prepass(k_phi, v)
+    inputs += [("q_phi", q_phi, seq)]
+    if cfg.track_lin:
+      inputs += [("k_phi", k_phi, seq)]
+    inputs += [("h_tot", h_tot, _full_spec(d, d)), ("z_tot", z_tot, _full_spec(d))]
+  if fused:
+    inputs += [("alpha", alpha, _full_spec(cfg.nq))]
+  o_struct = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  row_struct = jax.ShapeDtypeStruct((b, h, cfg.npad), _F32)
+  outputs = []
+  if fused:
+    outputs.append(("o", o_struct, seq))
+  if not fused or residuals:
+    outputs.append(("o_s", o_struct, seq))
+    if cfg.linear:
+      outputs.append(("o_l", o_struct, seq))
+  if residuals:
+    outputs.append(("lse", row_struct, rows))
+    if cfg.linear:
+      outputs.append(("den", row_struct, rows))
+  res = _call(_fwd_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "fwd", dict(fused=fused))
+  out = dict(zip([x[0] for x in outputs], res))
+  out["h_tot"], out["z_tot"] = h_tot, z_tot
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward kernels
+# ----------------------------------------------------------------------------------------------------------
+def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool):
+  r = dict(zip(names, refs))
+  i = pl.program_id(0)
+  q_start = i * cfg.block_q
+  q = _load_rows(r["q"], q_start, cfg.block_q, cfg.n)
+  lse = r["lse"][...]
+  o_s = _load_rows(r["o_s"], q_start, cfg.block_q, cfg.n).astype(_F32)
+  if fused:
+    a = r["alpha"][i]
+    do = _load_rows(r["do"], q_start, cfg.block_q, cfg.n)
+    do32 = do.astype(_F32)
+    delta = a * jnp.sum(do32 * o_s, axis=1)
+    do_l32 = (1.0 - a) * do32
+  else:
+    do = _load_rows(r["do_s"], q_start, cfg.block_q, cfg.n)
+    delta = jnp.sum(do.astype(_F32) * o_s, axis=1)
+    if cfg.linear:
+      do_l = _load_rows(r["do_l"], q_start, cfg.block_q, cfg.n)
+      do_l32 = do_l.astype(_F32)
+  r["delta"][...] = delta
+  o_l = None
+  if cfg.linear:
+    o_l = _load_rows(r["o_l"], q_start, cfg.block_q, cfg.n).astype(_F32)
+    den = r["den"][...]
+    c = jnp.sum(do_l32 * o_l, axis=1)
+    r["c"][...] = c
+  if fused:
+    diff = o_s if o_l is None else o_s - o_l
+    r["dalpha_rows"][...] = jnp.sum(do32 * diff, axis=1)
+
+  carry = (jnp.zeros((cfg.block_q, cfg.d), _F32),)
+  if cfg.track_lin:
+    carry += (jnp.zeros((cfg.block_q, cfg.d), _F32),)
+
+  def body(t, carry):
+    k_start = r["lut"][i, t] * cfg.block_k
+    k = _load_rows(r["k"], k_start, cfg.block_k, cfg.n)
+    v = _load_rows(r["v"], k_start, cfg.block_k, cfg.n)
+    p = jnp.exp2(_scores(q, k, k_start, cfg) - lse[:, None])
+    x = pl.dot(do, v, trans_b=True)
+    dp = a * x if fused else x
+    ds = p * (dp - delta[:, None])
+    out = (carry[0] + pl.dot(ds.astype(k.dtype), k),)
+    if cfg.track_lin:
+      k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
+      y = (1.0 - a) * x if fused else pl.dot(do_l, v, trans_b=True)
+      e = (y - c[:, None]) / den[:, None]
+      out += (carry[1] - pl.dot(e.astype(k_phi.dtype), k_phi),)
+    return out
+
+  carry = lax.fori_loop(0, cfg.topk, body, carry)
+  _store_rows(r["dq"], q_start, carry[0] * cfg.sm_scale, cfg.n)
+  if cfg.linear:
+    h = r["h_tot"][...]
+    z = r["z_tot"][...]
+    dq_phi = pl.dot(do_l32 / den[:, None], h, trans_b=True) - (c / den)[:, None] * z[None, :]
+    if cfg.track_lin:
+      dq_phi = dq_phi + carry[1]
+    _store_rows(r["dq_phi"], q_start, dq_phi, cfg.n)
+
+
+def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool):
+  r = dict(zip(names, refs))
+  j = pl.program_id(0)
+  k_start = j * cfg.block_k
+  k = _load_rows(r["k"], k_start, cfg.block_k, cfg.n)
+  v = _load_rows(r["v"], k_start, cfg.block_k, cfg.n)
+  dt = k.dtype
+  carry = (jnp.zeros((cfg.block_k, cfg.d), _F32),)
+  if cfg.linear:
+    k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
+    dh = r["dh_tot"][...]
+    dv0 = pl.dot(k_phi.astype(_F32), dh)
+    dk_phi0 = pl.dot(v.astype(_F32), dh, trans_b=True) + r["dz_tot"][...][None, :]
+    carry += (dv0, dk_phi0)
+  else:
+    carry += (jnp.zeros((cfg.block_k, cfg.d), _F32),)
+
+  def body(t, carry):
+    dk, dv = carry[:2]
+    i = r["lut_t"][j, t]
+    q_start = i * cfg.block_q
+    rows = pl.ds(q_start, cfg.block_q)
+    q = _load_rows(r["q"], q_start, cfg.block_q, cfg.n)
+    lse = r["lse"][rows]
+    delta = r["delta"][rows]
+    p = jnp.exp2(_scores(q, k, k_start, cfg) - lse[:, None])
+    if fused:
+      a = r["alpha"][i]
+      do = _load_rows(r["do"], q_start, cfg.block_q, cfg.n)
+      x = pl.dot(do, v, trans_b=True)
+      ds = p * (a * x - delta[:, None])
+      w = a * p
+    else:
+      do = _load_rows(r["do_s"], q_start, cfg.block_q, cfg.n)
+      x = pl.dot(do, v, trans_b=True)
+      ds = p * (x - delta[:, None])
+      w = p
+    dk = dk + pl.dot(ds.astype(dt), q, trans_a=True)
+    out_extra = ()
+    if cfg.track_lin:
+      dk_phi = carry[2]
+      q_phi = _load_rows(r["q_phi"], q_start, cfg.block_q, cfg.n)
+      den = r["den"][rows]
+      c = r["c"][rows]
+      phit = (q_phi.astype(_F32) / den[:, None]).astype(dt)
+      cmat = pl.dot(phit, k_phi, trans_b=True)          # (block_q, block_k) = phi~_i phi(K_j)^T
+      if fused:
+        y = (1.0 - a) * x
+        dv = dv + pl.dot((w - (1.0 - a) * cmat).astype(dt), do, trans_a=True)
+      else:
+        do_l = _load_rows(r["do_l"], q_start, cfg.block_q, cfg.n)
+        y = pl.dot(do_l, v, trans_b=True)
+        dv = dv + pl.dot(w.astype(dt), do, trans_a=True) - pl.dot(cmat.astype(dt), do_l, trans_a=True)
+      dk_phi = dk_phi - pl.dot((y - c[:, None]).astype(dt), phit, trans_a=True)
+      out_extra = (dk_phi,)
+    else:
+      dv = dv + pl.dot(w.astype(dt), do, trans_a=True)
+      if cfg.linear:
+        out_extra = (carry[2],)
+    return (dk, dv) + out_extra
+
+  carry = lax.fori_loop(0, r["count"][j], body, carry)
+  _store_rows(r["dk"], k_start, carry[0] * cfg.sm_scale, cfg.n)
+  _store_rows(r["dv"], k_start, carry[1], cfg.n)
+  if cfg.linear:
+    _store_rows(r["dk_phi"], k_start, carry[2], cfg.n)
+
+
+def _transpose_lut(lut, nk):
+  """For each key block, the query blocks that selected it (ascending, padded with Nq) and their count."""
+  b, h, nq, topk = lut.shape
+  sel = jnp.zeros((b, h, nk, nq), jnp.bool_)
+  bi = jnp.arange(b)[:, None, None, None]
+  hi = jnp.arange(h)[None, :, None, None]
+  qi = jnp.arange(nq)[None, None, :, None]
+  sel = sel.at[bi, hi, lut, qi].set(True)
+  count = jnp.sum(sel, axis=-1, dtype=jnp.int32)
+  lut_t = jnp.sort(jnp.where(sel, jnp.arange(nq, dtype=jnp.int32), nq), axis=-1).astype(jnp.int32)
+  return lut_t, count
+
+
+def _rows_to_bnh(x, cfg):
+  """(B, H, Npad) per-row array -> (B, N, H)."""
+  return jnp.swapaxes(x[:, :, :cfg.n], 1, 2)
+
+
+def _backward(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
+  q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
+  b, n, h, d = q.shape
+  seq, rows = _seq_spec(cfg), _row_spec(cfg)
+  row_struct = jax.ShapeDtypeStruct((b, h, cfg.npad), _F32)
+
+  # dQ (and delta, c, d alpha per row) over the LUT.
+  inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
+  if fused:
+    inputs += [("do", do, seq)]
+  else:
+    inputs += [("do_s", do_s, seq)] + ([("do_l", do_l, seq)] if cfg.linear else [])
+  inputs += [("o_s", o_s, seq), ("lse", lse, rows)]
+  if cfg.linear:
+    inputs += [("o_l", o_l, seq), ("den", den, rows)]
+    if cfg.track_lin:
+      inputs += [("k_phi", k_phi, seq)]
+    inputs += [("h_tot", h_tot, _full_spec(d, d)), ("z_tot", z_tot, _full_spec(d))]
+  if fused:
+    inputs += [("alpha", alpha, _full_spec(cfg.nq))]
+  outputs = [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), seq), ("delta", row_struct, rows)]
+  if cfg.linear:
+    outputs += [("dq_phi", jax.ShapeDtypeStruct(q.shape, q.dtype), seq), ("c", row_struct, rows)]
+  if fused:
+    outputs += [("dalpha_rows", row_struct, rows)]
+  res_dq = dict(zip([x[0] for x in outputs],
+                    _call(_dq_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "dq", dict(fused=fused))))
+
+  # Totals of the linear-branch gradients over all query rows (XLA).
+  if cfg.linear:
+    phit = (q_phi.astype(_F32) / _rows_to_bnh(den, cfg)[..., None]).astype(q.dtype)
+    if fused:
+      a_rows = jnp.repeat(alpha, cfg.block_q, axis=-1)
+      do_l = (do.astype(_F32) * (1.0 - _rows_to_bnh(a_rows, cfg))[..., None]).astype(q.dtype)
+    dh_tot = jnp.einsum("bnhd,bnhe->bhde", phit, do_l, preferred_element_type=_F32)
+    dz_tot = -jnp.einsum("bnhd,bnh->bhd", phit.astype(_F32), _rows_to_bnh(res_dq["c"], cfg))
+
+  # dK, dV (and d phi(K)) over the transposed LUT.
+  lut_t, count = _transpose_lut(lut, cfg.nk)
+  inputs = [("lut_t", lut_t, _full_spec(cfg.nk, cfg.nq)), ("count", count, _full_spec(cfg.nk)),
+            ("q", q, seq), ("k", k, seq), ("v", v, seq)]
+  if fused:
+    inputs += [("do", do, seq)]
+  else:
+    inputs += [("do_s", do_s, seq)] + ([("do_l", do_l, seq)] if cfg.track_lin else [])
+  full_rows = _full_spec(cfg.npad)
+  inputs += [("lse", lse, full_rows), ("delta", res_dq["delta"], full_rows)]
+  if cfg.linear:
+    inputs += [("k_phi", k_phi, seq), ("dh_tot", dh_tot, _full_spec(d, d)), ("dz_tot", dz_tot, _full_spec(d))]
+    if cfg.track_lin:
+      inputs += [("q_phi", q_phi, seq), ("den", den, full_rows), ("c", res_dq["c"], full_rows)]
+  if fused:
+    inputs += [("alpha", alpha, _full_spec(cfg.nq))]
+  kv_struct = jax.ShapeDtypeStruct(k.shape, k.dtype)
+  outputs = [("dk", kv_struct, seq), ("dv", kv_struct, seq)]
+  if cfg.linear:
+    outputs += [("dk_phi", kv_struct, seq)]
+  res_dkv = dict(zip([x[0] for x in outputs],
+                     _call(_dkv_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", dict(fused=fused))))
+
+  zeros = jnp.zeros_like(q)
+  dq_phi = res_dq.get("dq_phi", zeros)
+  dk_phi = res_dkv.get("dk_phi", zeros)
+  dalpha = None
+  if fused:
+    dalpha = res_dq["dalpha_rows"].reshape(b, h, cfg.nq, cfg.block_q).sum(-1)
+  return res_dq["dq"], res_dkv["dk"], res_dkv["dv"], dq_phi, dk_phi, dalpha
+
+
+# ----------------------------------------------------------------------------------------------------------
+# custom_vjp wiring
+# ----------------------------------------------------------------------------------------------------------
+def _residuals(q, k, v, q_phi, k_phi, lut, alpha, out):
+  return (q, k, v, q_phi, k_phi, lut, alpha, out["o_s"], out.get("o_l"), out["lse"], out.get("den"),
+          out["h_tot"], out["z_tot"])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _branches(q, k, v, q_phi, k_phi, lut, cfg):
+  out = _forward(q, k, v, q_phi, k_phi, lut, None, cfg, fused=False, residuals=False)
+  return out["o_s"], out.get("o_l", jnp.zeros_like(q))
+
+
+def _branches_fwd(q, k, v, q_phi, k_phi, lut, cfg):
+  out = _forward(q, k, v, q_phi, k_phi, lut, None, cfg, fused=False, residuals=True)
+  res = _residuals(q, k, v, q_phi, k_phi, lut, None, out)
+  return (out["o_s"], out.get("o_l", jnp.zeros_like(q))), res
+
+
+def _branches_bwd(cfg, res, cts):
+  do_s, do_l = cts
+  dq, dk, dv, dq_phi, dk_phi, _ = _backward(res, cfg, fused=False, do_s=do_s.astype(res[0].dtype),
+                                            do_l=do_l.astype(res[0].dtype))
+  return dq, dk, dv, dq_phi, dk_phi, None
+
+
+_branches.defvjp(_branches_fwd, _branches_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _fused(q, k, v, q_phi, k_phi, lut, alpha, cfg):
+  return _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg, fused=True, residuals=False)["o"]
+
+
+def _fused_fwd(q, k, v, q_phi, k_phi, lut, alpha, cfg):
+  out = _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg, fused=True, residuals=True)
+  return out["o"], _residuals(q, k, v, q_phi, k_phi, lut, alpha, out)
+
+
+def _fused_bwd(cfg, res, do):
+  dq, dk, dv, dq_phi, dk_phi, dalpha = _backward(res, cfg, fused=True, do=do.astype(res[0].dtype))
+  return dq, dk, dv, dq_phi, dk_phi, None, dalpha
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------
+def _is_pow2(x):
+  return isinstance(x, int) and x > 0 and (x & (x - 1)) == 0
+
+
+def _validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret):
+  for name, x in (("q", q), ("k", k), ("v", v), ("q_phi", q_phi), ("k_phi", k_phi)):
+    if not hasattr(x, "shape") or len(x.shape) != 4:
+      raise ValueError(f"{name} must be a 4-D array (B, N, H, D), got shape {getattr(x, 'shape', None)}")
+    if jnp.dtype(x.dtype) not in _SUPPORTED_DTYPES:
+      raise ValueError(f"{name} must be bfloat16, float16 or float32, got {x.dtype}")
+  for name, x in (("k", k), ("v", v), ("q_phi", q_phi), ("k_phi", k_phi)):
+    if tuple(x.shape) != tuple(q.shape):
+      raise ValueError(f"{name} shape {tuple(x.shape)} must equal q shape {tuple(q.shape)}")
+  for name, x in (("k", k), ("v", v)):
+    if x.dtype != q.dtype:
+      raise ValueError(f"{name} dtype {x.dtype} must equal q dtype {q.dtype}")
+  b, n, h, d = q.shape
+  if d not in _SUPPORTED_HEAD_DIMS:
+    raise ValueError(f"head_dim (q.shape[-1]) must be one of {_SUPPORTED_HEAD_DIMS}, got {d}")
+  if n < 1:
+    raise ValueError(f"sequence length (q.shape[1]) must be >= 1, got {n}")
+  for name, bs in (("block_q", block_q), ("block_k", block_k)):
+    if not _is_pow2(bs) or not 16 <= bs <= 256:
+      raise ValueError(f"{name} must be a power of two in [16, 256], got {bs}")
+  if linear_scope not in ("complement", "all"):
+    raise ValueError(f"linear_scope must be 'complement' or 'all', got {linear_scope!r}")
+  if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and sm_scale > 0):
+    raise ValueError(f"sm_scale must be a positive float or None, got {sm_scale!r}")
+  if not (isinstance(eps, (int, float)) and eps >= 0):
+    raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+  nq, nk = -(-n // block_q), -(-n // block_k)
+  if not hasattr(lut, "shape") or len(lut.shape) != 4:
+    raise ValueError(f"lut must be a 4-D int32 array (B, H, Nq, topk), got shape {getattr(lut, 'shape', None)}")
+  if lut.dtype != jnp.int32:
+    raise ValueError(f"lut must be int32, got {lut.dtype}")
+  if tuple(lut.shape[:3]) != (b, h, nq):
+    raise ValueError(f"lut shape {tuple(lut.shape)} must be (B, H, Nq, topk) = ({b}, {h}, {nq}, topk) "
+                     f"for N={n}, block_q={block_q}")
+  topk = lut.shape[3]
+  if not 1 <= topk <= nk:
+    raise ValueError(f"lut topk (lut.shape[3]) must be in [1, Nk={nk}], got {topk}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  return _Cfg(n=n, nq=nq, nk=nk, topk=topk, d=d, block_q=block_q, block_k=block_k,
+              sm_scale=float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d), eps=float(eps),
+              linear=not (linear_scope == "complement" and topk == nk),
+              complement=linear_scope == "complement", interpret=bool(interpret))
+
+
+def sparse_linear_attention(q, k, v, q_phi, k_phi, lut, *, block_q=128, block_k=64, linear_scope="complement",
+                            sm_scale=None, eps=1e-6, interpret=None):
+  """Sparse (LUT) and linear branches of SLA / SLA2 attention, returned separately: (o_s, o_l).
+
+  Args:
+    q, k, v: (B, N, H, D) bf16/f16/f32 (same dtype), D in {32, 64, 128}, any N (ragged is fine).
+    q_phi, k_phi: phi(q), phi(k) (B, N, H, D), the feature-mapped queries/keys (cast to q.dtype).
+    lut: int32 (B, H, ceil(N/block_q), topk): selected key-block ids, ascending, no duplicates.
+    block_q, block_k: the SLA block sizes the LUT refers to (powers of two in [16, 256]).
+    linear_scope: "complement" (linear branch over unselected blocks) or "all" (over all keys).
+    sm_scale: softmax scale, default 1/sqrt(D).  eps: added to the linear branch's denominator.
+    interpret: None -> Pallas interpret mode unless the default backend is a GPU.
+  Returns:
+    (o_s, o_l), each (B, N, H, D) in q.dtype. Differentiable w.r.t. q, k, v, q_phi, k_phi.
+  """
+  cfg = _validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret)
+  return _branches(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, cfg)
+
+
+def sla2_fused_attention(q, k, v, q_phi, k_phi, lut, alpha, *, block_q=128, block_k=64,
+                         linear_scope="complement", sm_scale=None, eps=1e-6, interpret=None):
+  """SLA2 output o = alpha * o_s + (1 - alpha) * o_l in one forward kernel (see sparse_linear_attention).
+
+  alpha: float (B, H, Nq) (anything broadcastable to it), one value per query block; differentiable
+  (d alpha = sum over the block's rows and channels of dO * (O_s - O_l)).
+  """
+  cfg = _validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret)
+  b, _, h, _ = q.shape
+  try:
+    alpha = jnp.broadcast_to(jnp.asarray(alpha), (b, h, cfg.nq))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"alpha shape {jnp.shape(alpha)} must broadcast to (B, H, Nq) = ({b}, {h}, {cfg.nq})") from e
+  if not jnp.issubdtype(alpha.dtype, jnp.floating):
+    raise ValueError(f"alpha must be floating point, got {alpha.dtype}")
+  out = _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha.astype(_F32), cfg)
+  return out
