@@ -59,42 +59,53 @@ def compute_branches(q, k, v, lut, *, block_q, block_k, feature_map, linear_scop
     scale = dim ** -0.5 if scale is None else scale
     nk = num_blocks(seq_len, block_k)
     q_phi, k_phi = apply_feature_map(q, feature_map), apply_feature_map(k, feature_map)
-    q_s, k_s, v_s = quantize_sparse_inputs(q, k, v, quant=quant, block_q=block_q, block_k=block_k)
-    quant_p = quant == "int8_fp8"
+    nothing_left = linear_scope == "complement" and soft_mask is None and lut.shape[-1] == nk
 
     if backend == "pallas":
         if soft_mask is not None:
             raise ValueError("soft routing is not supported by backend='pallas'; use 'xla' or 'reference'")
-        if quant_p:
-            raise ValueError("quant='int8_fp8' is not supported by backend='pallas' yet; use 'xla'")
         import pallas_kernels
 
-        o_s, o_l = pallas_kernels.sparse_linear_attention(
-            q_s, k_s, v_s, q_phi, k_phi, lut, block_q=block_q, block_k=block_k, linear_scope=linear_scope,
-            sm_scale=scale, eps=eps)
-        return o_s.astype(jnp.float32), o_l.astype(jnp.float32)
+        def branches(q_, k_, v_, quant_p):
+            if quant_p:
+                raise ValueError("quant='int8_fp8' is not supported by backend='pallas' yet; use 'xla'")
+            o_s, o_l = pallas_kernels.sparse_linear_attention(
+                q_, k_, v_, q_phi, k_phi, lut, block_q=block_q, block_k=block_k, linear_scope=linear_scope,
+                sm_scale=scale, eps=eps)
+            return o_s.astype(jnp.float32), o_l.astype(jnp.float32)
+
+        o_s, o_l = branches(q, k, v, False)
+        if quant != "none":
+            q_s, k_s, v_s = quantize_sparse_inputs(q, k, v, quant=quant, block_q=block_q, block_k=block_k)
+            o_s = quant_lib.straight_through(o_s, branches(q_s, k_s, v_s, quant == "int8_fp8")[0])
+        return o_s, o_l
 
     hard = selection_mask(lut, nk)
     selected = hard if soft_mask is None else soft_mask
     sel_bias = None
     if soft_mask is not None:
-        picked = jnp.take_along_axis(soft_mask, lut, axis=-1)
-        sel_bias = jnp.log(jnp.maximum(picked, 1e-30))
-    if backend == "reference":
-        weights = hard if sel_bias is None else hard * selected
-        o_s = reference.reference_sparse(q_s, k_s, v_s, weights, block_q=block_q, block_k=block_k, scale=scale,
-                                         quant_p=quant_p)
+        sel_bias = jnp.log(jnp.maximum(jnp.take_along_axis(soft_mask, lut, axis=-1), 1e-30))
+
+    def sparse(q_, k_, v_, quant_p=False):
+        if backend == "reference":
+            weights = hard if soft_mask is None else hard * soft_mask
+            return reference.reference_sparse(q_, k_, v_, weights, block_q=block_q, block_k=block_k,
+                                              scale=scale, quant_p=quant_p)
+        return xla_backend.xla_sparse(q_, k_, v_, lut, block_q=block_q, block_k=block_k, scale=scale,
+                                      sel_bias=sel_bias, quant_p=quant_p)
+
+    o_s = sparse(q, k, v)
+    if quant != "none":
+        # Straight-through at the branch level: the forward pass is the low-bit result, the backward pass the
+        # full-precision gradient from the original q, k, v (SPEC section 5).
+        q_s, k_s, v_s = quantize_sparse_inputs(q, k, v, quant=quant, block_q=block_q, block_k=block_k)
+        o_s = quant_lib.straight_through(o_s, sparse(q_s, k_s, v_s, quant == "int8_fp8"))
+
+    if nothing_left:
+        o_l = jnp.zeros(q.shape, jnp.float32)  # every block selected: nothing left for the linear branch
+    elif backend == "reference":
         unselected = jnp.ones_like(hard) if linear_scope == "all" else 1.0 - selected
-        if linear_scope == "complement" and soft_mask is None and lut.shape[-1] == nk:
-            o_l = jnp.zeros(q.shape, jnp.float32)
-        else:
-            o_l = reference.reference_linear(q_phi, k_phi, v, unselected, block_q=block_q, block_k=block_k,
-                                             eps=eps)
-        return o_s, o_l
-    o_s = xla_backend.xla_sparse(q_s, k_s, v_s, lut, block_q=block_q, block_k=block_k, scale=scale,
-                                 sel_bias=sel_bias, quant_p=quant_p)
-    if linear_scope == "complement" and soft_mask is None and lut.shape[-1] == nk:
-        o_l = jnp.zeros(q.shape, jnp.float32)  # nothing left for the linear branch
+        o_l = reference.reference_linear(q_phi, k_phi, v, unselected, block_q=block_q, block_k=block_k, eps=eps)
     else:
         o_l = xla_backend.xla_linear(q_phi, k_phi, v, None if linear_scope == "all" else selected,
                                      block_q=block_q, block_k=block_k, eps=eps)
