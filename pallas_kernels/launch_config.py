@@ -7,10 +7,13 @@ table of that GPU's generation between the AUTOTUNE markers below.
 """
 from __future__ import annotations
 
+import contextlib
+
 import jax
 
-# kernel names: "fwd" (forward), "dq" (backward over the LUT), "dkv" (backward over the transposed LUT)
-_DEFAULT = {"fwd": (4, 2), "dq": (4, 2), "dkv": (4, 2)}
+# kernel names: "fwd" (forward), "dq" (backward over the LUT), "dkv" (backward over the transposed LUT),
+# "sum" (pre-pass / gradient totals: row-chunked sums of outer products)
+_DEFAULT = {"fwd": (4, 2), "dq": (4, 2), "dkv": (4, 2), "sum": (4, 2)}
 
 # AUTOTUNE-BEGIN
 TABLES: dict[str, dict[tuple[str, int, int, int], tuple[int, int]]] = {
@@ -43,9 +46,27 @@ def gpu_generation() -> str:
   return "other"
 
 
+_OVERRIDES: dict[str, tuple[int, int]] = {}
+
+
+@contextlib.contextmanager
+def override_launch_config(**configs: tuple[int, int]):
+  """Temporarily force configs, e.g. ``override_launch_config(fwd=(8, 3))`` (read at trace time:
+  use a fresh ``jax.jit`` inside the block). For the autotuner."""
+  old = dict(_OVERRIDES)
+  _OVERRIDES.update(configs)
+  try:
+    yield
+  finally:
+    _OVERRIDES.clear()
+    _OVERRIDES.update(old)
+
+
 def launch_config(kernel: str, head_dim: int, block_q: int, block_k: int,
                   generation: str | None = None) -> tuple[int, int]:
   """(num_warps, num_stages) for ``kernel`` in {'fwd', 'dq', 'dkv'}."""
+  if kernel in _OVERRIDES:
+    return _OVERRIDES[kernel]
   gen = generation or gpu_generation()
   table = TABLES.get(gen, {})
   return table.get((kernel, head_dim, block_q, block_k), _DEFAULT[kernel])

@@ -83,6 +83,12 @@ class _Cfg(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------
 # In-kernel helpers
 # ----------------------------------------------------------------------------------------------------------
+def _dot(a, b, trans_a=False, trans_b=False):
+  """a @ b (optionally transposed operands) with float32 accumulation (pl.dot is gone in jax 0.12)."""
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a, b, dims, preferred_element_type=_F32)
+
+
 def _load_rows(ref, start, size, n):
   """Loads rows [start, start + size) of an (N, D) ref; rows >= N read as 0."""
   d = ref.shape[-1]
@@ -100,7 +106,7 @@ def _store_rows(ref, start, val, n):
 
 def _scores(q, k, k_start, cfg):
   """S = Q K^T * sm_scale * log2(e) (base-2 logits); keys >= N masked."""
-  s = pl.dot(q, k, trans_b=True) * (cfg.sm_scale * _LOG2E)
+  s = _dot(q, k, trans_b=True) * (cfg.sm_scale * _LOG2E)
   kvalid = (k_start + jnp.arange(cfg.block_k)) < cfg.n
   return jnp.where(kvalid[None, :], s, _MASK_VALUE)
 
@@ -131,12 +137,12 @@ def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool):
     correction = jnp.exp2(m_i - m_new)
     p = jnp.exp2(s - m_new[:, None])
     l_i = l_i * correction + jnp.sum(p, axis=1)
-    acc = acc * correction[:, None] + pl.dot(p.astype(v.dtype), v)
+    acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
     out = (acc, m_new, l_i)
     if cfg.track_lin:
       g, z_sel = carry[3:]
       k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
-      g = g + pl.dot(k_phi, v, trans_a=True)
+      g = g + _dot(k_phi, v, trans_a=True)
       z_sel = z_sel + jnp.sum(k_phi.astype(_F32), axis=0)
       out += (g, z_sel)
     return out
@@ -154,7 +160,7 @@ def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool):
       h = h - carry[3]
       z = z - carry[4]
     den = jnp.sum(q_phi * z[None, :], axis=1) + cfg.eps
-    o_l = pl.dot(q_phi, h) / den[:, None]
+    o_l = _dot(q_phi, h) / den[:, None]
   else:
     o_l = None
 
@@ -208,11 +214,65 @@ def _call(kernel, grid, inputs, outputs, cfg, name, launch):
   )(*[x[1] for x in inputs])
 
 
-def _prepass(k_phi, v):
-  """H_tot = phi(K)^T V (B, H, D, D) and Z_tot = colsum phi(K) (B, H, D), float32 (XLA)."""
-  h_tot = jnp.einsum("bnhd,bnhe->bhde", k_phi, v, preferred_element_type=_F32)
-  z_tot = jnp.sum(k_phi.astype(_F32), axis=1)
-  return h_tot, z_tot
+def _outer_sum_kernel(*refs, names, cfg: _Cfg, chunk: int, block: int, weighted: bool):
+  """Program (c, h, b): rows [c*chunk, (c+1)*chunk) of X, Y -> sum_r w_r X_r^T Y_r (D x D), sum_r u_r X_r."""
+  r = dict(zip(names, refs))
+  start0 = pl.program_id(0) * chunk
+
+  def body(t, carry):
+    h, z = carry
+    start = start0 + t * block
+    x = _load_rows(r["x"], start, block, cfg.n)
+    y = _load_rows(r["y"], start, block, cfg.n)
+    x32 = x.astype(_F32)
+    if weighted:
+      w = r["w"][pl.ds(t * block, block)]
+      u = r["u"][pl.ds(t * block, block)]
+      h = h + _dot((x32 * w[:, None]).astype(x.dtype), y, trans_a=True)
+      z = z + jnp.sum(x32 * u[:, None], axis=0)
+    else:
+      h = h + _dot(x, y, trans_a=True)
+      z = z + jnp.sum(x32, axis=0)
+    return h, z
+
+  h, z = lax.fori_loop(0, chunk // block, body,
+                       (jnp.zeros((cfg.d, cfg.d), _F32), jnp.zeros((cfg.d,), _F32)))
+  r["h"][...] = h
+  r["z"][...] = z
+
+
+_SUM_CHUNK, _SUM_BLOCK = 1024, 128
+
+
+def _outer_sum(x, y, cfg: _Cfg, w=None, u=None):
+  """sum over rows of (w_r x_r)^T y_r -> (B, H, D, D) and of u_r x_r -> (B, H, D), float32.
+
+  Grid (C, H, B), C = ceil(N / 1024) chunks of rows (split-K: B*H alone is too few programs to fill the GPU);
+  the C partial sums are added by XLA. Flop 2*N*D^2 per head; bytes: one read of x and y.
+  w, u: optional (B, H, >= N) per-row float32 weights (both or neither).
+  """
+  b, n, h, d = x.shape
+  chunk = min(_SUM_CHUNK, max(_SUM_BLOCK, pl.next_power_of_2(n)))
+  nc = -(-n // chunk)
+  seq = _seq_spec(cfg)
+  inputs = [("x", x, seq), ("y", y, seq)]
+  weighted = w is not None
+  if weighted:
+    pad = lambda a: jnp.pad(a[:, :, :n].astype(_F32), ((0, 0), (0, 0), (0, nc * chunk - n)))
+    rows = pl.BlockSpec((None, None, chunk), lambda c, hh, bb: (bb, hh, c))
+    inputs += [("w", pad(w), rows), ("u", pad(u), rows)]
+  outputs = [("h", jax.ShapeDtypeStruct((b, h, nc, d, d), _F32),
+              pl.BlockSpec((None, None, None, d, d), lambda c, hh, bb: (bb, hh, c, 0, 0))),
+             ("z", jax.ShapeDtypeStruct((b, h, nc, d), _F32),
+              pl.BlockSpec((None, None, None, d), lambda c, hh, bb: (bb, hh, c, 0)))]
+  hp, zp = _call(_outer_sum_kernel, (nc, h, b), inputs, outputs, cfg, "sum",
+                 dict(chunk=chunk, block=_SUM_BLOCK, weighted=weighted))
+  return jnp.sum(hp, axis=2), jnp.sum(zp, axis=2)
+
+
+def _prepass(k_phi, v, cfg: _Cfg):
+  """H_tot = phi(K)^T V (B, H, D, D) and Z_tot = colsum phi(K) (B, H, D), float32."""
+  return _outer_sum(k_phi, v, cfg)
 
 
 def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, residuals: bool):
@@ -221,7 +281,7 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, resid
   inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
   h_tot = z_tot = None
   if cfg.linear:
-    h_tot, z_tot = _prepass(k_phi, v)
+    h_tot, z_tot = _prepass(k_phi, v, cfg)
     inputs += [("q_phi", q_phi, seq)]
     if cfg.track_lin:
       inputs += [("k_phi", k_phi, seq)]
@@ -289,15 +349,15 @@ def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool):
     k = _load_rows(r["k"], k_start, cfg.block_k, cfg.n)
     v = _load_rows(r["v"], k_start, cfg.block_k, cfg.n)
     p = jnp.exp2(_scores(q, k, k_start, cfg) - lse[:, None])
-    x = pl.dot(do, v, trans_b=True)
+    x = _dot(do, v, trans_b=True)
     dp = a * x if fused else x
     ds = p * (dp - delta[:, None])
-    out = (carry[0] + pl.dot(ds.astype(k.dtype), k),)
+    out = (carry[0] + _dot(ds.astype(k.dtype), k),)
     if cfg.track_lin:
       k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
-      y = (1.0 - a) * x if fused else pl.dot(do_l, v, trans_b=True)
+      y = (1.0 - a) * x if fused else _dot(do_l, v, trans_b=True)
       e = (y - c[:, None]) / den[:, None]
-      out += (carry[1] - pl.dot(e.astype(k_phi.dtype), k_phi),)
+      out += (carry[1] - _dot(e.astype(k_phi.dtype), k_phi),)
     return out
 
   carry = lax.fori_loop(0, cfg.topk, body, carry)
@@ -305,7 +365,7 @@ def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool):
   if cfg.linear:
     h = r["h_tot"][...]
     z = r["z_tot"][...]
-    dq_phi = pl.dot(do_l32 / den[:, None], h, trans_b=True) - (c / den)[:, None] * z[None, :]
+    dq_phi = _dot(do_l32 / den[:, None], h, trans_b=True) - (c / den)[:, None] * z[None, :]
     if cfg.track_lin:
       dq_phi = dq_phi + carry[1]
     _store_rows(r["dq_phi"], q_start, dq_phi, cfg.n)
@@ -322,8 +382,8 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool):
   if cfg.linear:
     k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
     dh = r["dh_tot"][...]
-    dv0 = pl.dot(k_phi.astype(_F32), dh)
-    dk_phi0 = pl.dot(v.astype(_F32), dh, trans_b=True) + r["dz_tot"][...][None, :]
+    dv0 = _dot(k_phi.astype(_F32), dh)
+    dk_phi0 = _dot(v.astype(_F32), dh, trans_b=True) + r["dz_tot"][...][None, :]
     carry += (dv0, dk_phi0)
   else:
     carry += (jnp.zeros((cfg.block_k, cfg.d), _F32),)
@@ -340,15 +400,15 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool):
     if fused:
       a = r["alpha"][i]
       do = _load_rows(r["do"], q_start, cfg.block_q, cfg.n)
-      x = pl.dot(do, v, trans_b=True)
+      x = _dot(do, v, trans_b=True)
       ds = p * (a * x - delta[:, None])
       w = a * p
     else:
       do = _load_rows(r["do_s"], q_start, cfg.block_q, cfg.n)
-      x = pl.dot(do, v, trans_b=True)
+      x = _dot(do, v, trans_b=True)
       ds = p * (x - delta[:, None])
       w = p
-    dk = dk + pl.dot(ds.astype(dt), q, trans_a=True)
+    dk = dk + _dot(ds.astype(dt), q, trans_a=True)
     out_extra = ()
     if cfg.track_lin:
       dk_phi = carry[2]
@@ -356,18 +416,18 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool):
       den = r["den"][rows]
       c = r["c"][rows]
       phit = (q_phi.astype(_F32) / den[:, None]).astype(dt)
-      cmat = pl.dot(phit, k_phi, trans_b=True)          # (block_q, block_k) = phi~_i phi(K_j)^T
+      cmat = _dot(phit, k_phi, trans_b=True)          # (block_q, block_k) = phi~_i phi(K_j)^T
       if fused:
         y = (1.0 - a) * x
-        dv = dv + pl.dot((w - (1.0 - a) * cmat).astype(dt), do, trans_a=True)
+        dv = dv + _dot((w - (1.0 - a) * cmat).astype(dt), do, trans_a=True)
       else:
         do_l = _load_rows(r["do_l"], q_start, cfg.block_q, cfg.n)
-        y = pl.dot(do_l, v, trans_b=True)
-        dv = dv + pl.dot(w.astype(dt), do, trans_a=True) - pl.dot(cmat.astype(dt), do_l, trans_a=True)
-      dk_phi = dk_phi - pl.dot((y - c[:, None]).astype(dt), phit, trans_a=True)
+        y = _dot(do_l, v, trans_b=True)
+        dv = dv + _dot(w.astype(dt), do, trans_a=True) - _dot(cmat.astype(dt), do_l, trans_a=True)
+      dk_phi = dk_phi - _dot((y - c[:, None]).astype(dt), phit, trans_a=True)
       out_extra = (dk_phi,)
     else:
-      dv = dv + pl.dot(w.astype(dt), do, trans_a=True)
+      dv = dv + _dot(w.astype(dt), do, trans_a=True)
       if cfg.linear:
         out_extra = (carry[2],)
     return (dk, dv) + out_extra
@@ -380,15 +440,20 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool):
 
 
 def _transpose_lut(lut, nk):
-  """For each key block, the query blocks that selected it (ascending, padded with Nq) and their count."""
+  """For each key block, the query blocks that selected it (ascending, padded with Nq) and their count.
+
+  Built on device without a sort: sel (B, H, Nk, Nq) by comparison, the slot of each selected query block is
+  the running count along Nq, and one scatter (unselected entries dropped) writes the ids.
+  """
   b, h, nq, topk = lut.shape
-  sel = jnp.zeros((b, h, nk, nq), jnp.bool_)
+  sel = jnp.any(lut[:, :, None, :, :] == jnp.arange(nk, dtype=lut.dtype)[None, None, :, None, None], axis=-1)
+  count = jnp.sum(sel, axis=-1, dtype=jnp.int32)
+  slot = jnp.where(sel, jnp.cumsum(sel, axis=-1, dtype=jnp.int32) - 1, nq)
+  ids = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32), sel.shape)
   bi = jnp.arange(b)[:, None, None, None]
   hi = jnp.arange(h)[None, :, None, None]
-  qi = jnp.arange(nq)[None, None, :, None]
-  sel = sel.at[bi, hi, lut, qi].set(True)
-  count = jnp.sum(sel, axis=-1, dtype=jnp.int32)
-  lut_t = jnp.sort(jnp.where(sel, jnp.arange(nq, dtype=jnp.int32), nq), axis=-1).astype(jnp.int32)
+  ji = jnp.arange(nk)[None, None, :, None]
+  lut_t = jnp.full((b, h, nk, nq), nq, jnp.int32).at[bi, hi, ji, slot].set(ids, mode="drop")
   return lut_t, count
 
 
@@ -425,14 +490,14 @@ def _backward(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
   res_dq = dict(zip([x[0] for x in outputs],
                     _call(_dq_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "dq", dict(fused=fused))))
 
-  # Totals of the linear-branch gradients over all query rows (XLA).
+  # Totals of the linear-branch gradients over all query rows: dH_tot = phi~^T dO_l, dZ_tot = -phi~^T c.
   if cfg.linear:
-    phit = (q_phi.astype(_F32) / _rows_to_bnh(den, cfg)[..., None]).astype(q.dtype)
+    inv_den = 1.0 / den
     if fused:
-      a_rows = jnp.repeat(alpha, cfg.block_q, axis=-1)
-      do_l = (do.astype(_F32) * (1.0 - _rows_to_bnh(a_rows, cfg))[..., None]).astype(q.dtype)
-    dh_tot = jnp.einsum("bnhd,bnhe->bhde", phit, do_l, preferred_element_type=_F32)
-    dz_tot = -jnp.einsum("bnhd,bnh->bhd", phit.astype(_F32), _rows_to_bnh(res_dq["c"], cfg))
+      w = (1.0 - jnp.repeat(alpha, cfg.block_q, axis=-1)) * inv_den
+      dh_tot, dz_tot = _outer_sum(q_phi, do, cfg, w, -res_dq["c"] * inv_den)
+    else:
+      dh_tot, dz_tot = _outer_sum(q_phi, do_l, cfg, inv_den, -res_dq["c"] * inv_den)
 
   # dK, dV (and d phi(K)) over the transposed LUT.
   lut_t, count = _transpose_lut(lut, cfg.nk)
