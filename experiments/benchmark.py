@@ -1,0 +1,195 @@
+"""Attention benchmark (BENCHMARKS.md): SLA2 backends vs cuDNN dense attention, side by side in one process.
+
+    python -m experiments.benchmark --workloads wan-1.3b --backends xla,pallas --out runs/bench
+    python -m experiments.benchmark --workloads all --backends pallas        # every workload of BENCHMARKS.md
+    python -m experiments.benchmark --tiny                                   # CPU smoke run
+
+For each workload and sparsity it times (median of --iters synchronised runs after warm-up):
+  module forward (routing + branches + combine), module forward+backward (grad of sum(o * do) w.r.t. q, k, v),
+  router alone, and kernel-only forward / forward+backward of `sparse_linear_branches` with a precomputed LUT;
+and, as baselines in the same run, jax.nn.dot_product_attention with implementation="cudnn" (GPU) or XLA.
+It reports speedup over the dense baseline, effective TFLOP/s (4 B H N^2 D (1 - sparsity) / t), compiled peak
+memory, and the relative error of the module forward vs chunked float32 dense attention. Writes JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+import sla2_jax as sla
+from experiments.inputs import random_qkv
+from experiments.timing import compiled_memory_bytes, time_fn
+
+WORKLOADS = {  # name: list of (B, H, N, D)
+    "wan-1.3b": [(1, 12, 32760, 128)],
+    "wan-14b-720p": [(1, 40, 75600, 128)],
+    "scale-N": [(1, 12, n, 128) for n in (8192, 16384, 32768, 65536, 131072)],
+    "d64": [(1, 24, 32760, 64)],
+    "tiny": [(1, 2, 1000, 64)],
+}
+
+
+def dense_baseline(q, k, v):
+    """cuDNN flash attention on GPU, XLA's dot_product_attention elsewhere."""
+    impl = "cudnn" if jax.default_backend() == "gpu" else None
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def fwd_bwd(fn):
+    """Jitted grad of sum(fn(q, k, v) * do) w.r.t. q, k, v."""
+    def loss(q, k, v, do):
+        return jnp.sum(fn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def rel_err(x, ref) -> float:
+    x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
+    return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
+
+
+def measure(name, fn, args, iters, flops=None):
+    """Times fn(*args); returns a dict with ms, memory and effective TFLOP/s."""
+    row = {"what": name, "ms": 1e3 * time_fn(fn, *args, iters=iters), "peak_mem_gib": None}
+    mem = compiled_memory_bytes(fn, *args)
+    if mem is not None:
+        row["peak_mem_gib"] = mem / 2**30
+    if flops:
+        row["eff_tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+    return row
+
+
+def bench_shape(shape, sparsities, backends, iters, kernel_only, check_error, progress):
+    batch, heads, seq_len, dim = shape
+    q, k, v = random_qkv(0, batch, seq_len, heads, dim)
+    do = random_qkv(1, batch, seq_len, heads, dim)[0]
+    rows = []
+    dense_flops = 4 * batch * heads * seq_len**2 * dim
+    base_fwd, base_bwd = jax.jit(dense_baseline), fwd_bwd(dense_baseline)
+    progress.set_postfix_str(f"N={seq_len} dense")
+    rows.append(measure("dense fwd", base_fwd, (q, k, v), iters, dense_flops))
+    rows.append(measure("dense fwd+bwd", base_bwd, (q, k, v, do), iters, 3.5 * dense_flops))
+    ref = sla.dense_attention(q, k, v) if check_error else None
+    for sparsity in sparsities:
+        for backend in backends:
+            cfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend=backend, alpha="mass")
+            flops = dense_flops * (1 - sparsity)
+            tag = f"{backend} {sparsity:.0%}"
+            progress.set_postfix_str(f"N={seq_len} {tag}")
+            module = jax.jit(lambda q, k, v, cfg=cfg: sla.sla2_attention(q, k, v, config=cfg))
+            try:
+                r = measure(f"{tag} module fwd", module, (q, k, v), iters, flops)
+                if ref is not None:
+                    r["rel_err_vs_dense"] = rel_err(module(q, k, v), ref)
+                rows.append(r)
+                rows.append(measure(f"{tag} module fwd+bwd", fwd_bwd(
+                    lambda q, k, v, cfg=cfg: sla.sla2_attention(q, k, v, config=cfg)), (q, k, v, do), iters,
+                    3.5 * flops))
+                router = jax.jit(lambda q, k, cfg=cfg: sla.route(q, k, cfg)[0])
+                rows.append(measure(f"{tag} router", router, (q, k), iters))
+                if kernel_only:
+                    lut = router(q, k)
+
+                    def branches(q, k, v, lut=lut, backend=backend):
+                        o_s, o_l = sla.sparse_linear_branches(q, k, v, lut, backend=backend)
+                        return o_s + o_l
+
+                    rows.append(measure(f"{tag} kernel fwd", jax.jit(branches), (q, k, v), iters, flops))
+                    rows.append(measure(f"{tag} kernel fwd+bwd", fwd_bwd(branches), (q, k, v, do), iters,
+                                        3.5 * flops))
+            except Exception as e:  # report and go on (e.g. out of memory at the largest N)
+                rows.append({"what": f"{tag} FAILED", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            progress.update(1)
+    base = {"fwd": rows[0]["ms"], "fwd+bwd": rows[1]["ms"]}
+    for r in rows:
+        r.update(B=batch, H=heads, N=seq_len, D=dim)
+        if "ms" in r and r["what"].split()[-1] in base:
+            r["speedup_vs_dense"] = base[r["what"].split()[-1]] / r["ms"]
+    return rows
+
+
+def print_table(rows):
+    print(f"\n{'workload':<14}{'N':>7} {'what':<32}{'ms':>10}{'x dense':>9}{'TFLOP/s':>9}{'mem GiB':>9}{'rel err':>9}")
+    for r in rows:
+        if "ms" not in r:
+            print(f"{r.get('workload', ''):<14}{r.get('N', ''):>7} {r['what']:<32} {r.get('error', '')}")
+            continue
+        fmt = lambda key, f: (f % r[key]) if r.get(key) is not None else "-"  # noqa: E731
+        print(f"{r['workload']:<14}{r['N']:>7} {r['what']:<32}{r['ms']:>10.3f}{fmt('speedup_vs_dense', '%.2f'):>9}"
+              f"{fmt('eff_tflops', '%.0f'):>9}{fmt('peak_mem_gib', '%.2f'):>9}{fmt('rel_err_vs_dense', '%.4f'):>9}")
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = {}
+    for r in rows:
+        if "ms" in r and r["what"].endswith("module fwd"):
+            series.setdefault((r["workload"], r["what"].rsplit(" ", 2)[0]), []).append(r)
+    for (workload, label), rs in series.items():
+        ax = axes[0] if workload == "scale-N" else axes[1]
+        if workload == "scale-N":
+            ax.plot([r["N"] for r in rs], [r["speedup_vs_dense"] for r in rs], "o-", label=label)
+        else:
+            ax.bar(f"{workload}\n{label}", rs[0]["speedup_vs_dense"])
+    axes[0].set(xscale="log", xlabel="N (tokens)", ylabel="module forward speedup over dense",
+                title="scale-N: speedup vs N")
+    axes[0].legend(fontsize=7)
+    axes[1].set(ylabel="module forward speedup over dense", title="speedup per workload and sparsity")
+    axes[1].tick_params(axis="x", labelsize=6, rotation=90)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", default="wan-1.3b", help=f"comma list of {sorted(WORKLOADS)} or 'all'")
+    p.add_argument("--sparsities", default="0.9,0.95,0.97")
+    p.add_argument("--backends", default="auto", help="comma list of pallas, xla, reference, auto")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--no-kernel-only", action="store_true", help="skip the kernel-only rows")
+    p.add_argument("--no-error", action="store_true", help="skip the error check vs dense attention")
+    p.add_argument("--max-n", type=int, default=None, help="skip shapes with N above this")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: the 'tiny' workload, 3 iterations")
+    p.add_argument("--out", default="runs/benchmark", help="folder for results.json and speedup.png")
+    args = p.parse_args(argv)
+
+    names = ["tiny"] if args.tiny else (
+        [n for n in WORKLOADS if n != "tiny"] if args.workloads == "all" else args.workloads.split(","))
+    for n in names:
+        if n not in WORKLOADS:
+            p.error(f"unknown workload {n!r}; choose from {sorted(WORKLOADS)}")
+    iters = 3 if args.tiny else args.iters
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    backends = args.backends.split(",")
+    jobs = [(n, s) for n in names for s in WORKLOADS[n] if args.max_n is None or s[2] <= args.max_n]
+    device = jax.devices()[0]
+    meta = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
+            "python": sys.version.split()[0], "dense_baseline": "cudnn" if device.platform == "gpu" else "xla"}
+    print(f"device: {meta['device']} | jax {meta['jax']} | dense baseline: {meta['dense_baseline']}")
+    rows = []
+    with tqdm(total=len(jobs) * len(sparsities) * len(backends), desc="benchmark", file=sys.stderr) as progress:
+        for name, shape in jobs:
+            for r in bench_shape(shape, sparsities, backends, iters, not args.no_kernel_only,
+                                 not args.no_error, progress):
+                rows.append({"workload": name, **r})
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    plot(rows, os.path.join(args.out, "speedup.png"))
+    print_table(rows)
+    print(f"\nwrote {args.out}/results.json and {args.out}/speedup.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Timing and memory helpers: median wall time of a synchronised jitted call, compiled peak memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+
+
+def time_fn(fn, *args, warmup: int = 2, iters: int = 20) -> float:
+    """Median seconds of fn(*args), each call synchronised with jax.block_until_ready (after `warmup` calls)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compiled_memory_bytes(jitted, *args) -> int | None:
+    """Peak device memory of one call estimated by the compiler: arguments + outputs + temporaries (bytes)."""
+    try:
+        stats = jitted.lower(*args).compile().memory_analysis()
+        return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+                   - stats.alias_size_in_bytes)
+    except Exception:  # some backends give no analysis
+        return None
