@@ -14,9 +14,10 @@ _MAX_SCORE_ELEMENTS = 2**28
 
 def _attend_chunk(q_chunk, k, v, scale):
     """q_chunk (B, c, H, D), k/v (B, N, H, D) -> (B, c, H, D) float32."""
-    s = jnp.einsum("bqhd,bkhd->bhqk", q_chunk, k, preferred_element_type=jnp.float32) * scale
+    hi = jax.lax.Precision.HIGHEST  # no TF32 on GPU: this is the float32 reference
+    s = jnp.einsum("bqhd,bkhd->bhqk", q_chunk, k, preferred_element_type=jnp.float32, precision=hi) * scale
     p = jax.nn.softmax(s, axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32))
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32), precision=hi)
 
 
 def dense_attention(q, k, v, *, scale=None, chunk_size=None):
