@@ -63,6 +63,19 @@ def test_safetensors_round_trip_and_layout(tmp_path):
     assert SafetensorsFile(path).metadata == {"format": "pt"}
 
 
+def test_safetensors_interop_with_the_reference_package(tmp_path):
+    st = pytest.importorskip("safetensors.numpy")   # not a dependency; checked where it is installed
+    tensors = {"w": np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32),
+               "b": np.arange(4, dtype=np.float16)}
+    save_file(tensors, tmp_path / "ours.safetensors")
+    theirs = st.load_file(str(tmp_path / "ours.safetensors"))
+    st.save_file(tensors, str(tmp_path / "theirs.safetensors"))
+    ours = load_file(tmp_path / "theirs.safetensors")
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(theirs[name], value)
+        np.testing.assert_array_equal(ours[name], value)
+
+
 def test_safetensors_rejects_corrupt_files(tmp_path):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(struct.pack("<Q", 10**6) + b"{}")
