@@ -175,6 +175,8 @@ def wan(sparsity, b=1, h=12, n=32760, d=128, check_xla=True, bq=128, bk=64, runs
   # kernels only (precomputed LUT, phi)
   timed("kernel_fwd_branches", lambda *a: pk.sparse_linear_attention(*a, **kw), q, k, v, qp, kp, lut)
   timed("kernel_fwd_fused", lambda *a: pk.sla2_fused_attention(*a, **kw), q, k, v, qp, kp, lut, alpha)
+  timed("kernel_fwd_fused_scope_all", lambda *a: pk.sla2_fused_attention(*a, linear_scope="all", **kw),
+        q, k, v, qp, kp, lut, alpha)
 
   def kernel_fb(q, k, v, qp, kp, a, do):
     f = lambda *x: jnp.sum(pk.sla2_fused_attention(*x[:5], lut, x[5], **kw).astype(jnp.float32) * do)

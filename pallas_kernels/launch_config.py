@@ -1,7 +1,7 @@
 """Launch configurations (num_warps, num_stages) of the Pallas kernels, one table per GPU generation.
 
 Block sizes are not tuned here: ``block_q``/``block_k`` are the SLA blocks that define the LUT, so the kernels
-tile exactly by them. Keys: (kernel, head_dim, block_q, block_k) -> (num_warps, num_stages). Missing keys fall
+tile exactly by them. Keys: (kernel, head_dim, block_q, block_k) -> (num_warps, num_stages, rows). Missing keys fall
 back to ``_DEFAULT``. ``experiments/autotune_kernels.py`` measures the candidates on a GPU and rewrites the
 table of that GPU's generation between the AUTOTUNE markers below.
 """
@@ -13,17 +13,18 @@ import jax
 
 # kernel names: "fwd" (forward), "dq" (backward over the LUT), "dkv" (backward over the transposed LUT),
 # "sum" (pre-pass / gradient totals: row-chunked sums of outer products)
-_DEFAULT = {"fwd": (4, 2), "dq": (4, 2), "dkv": (4, 2), "sum": (4, 2)}
+_DEFAULT = {"fwd": (4, 2, 128), "dq": (4, 2, 64), "dkv": (4, 2, 64), "sum": (4, 2, 128)}
 
 # AUTOTUNE-BEGIN
-TABLES: dict[str, dict[tuple[str, int, int, int], tuple[int, int]]] = {
+TABLES: dict[str, dict[tuple[str, int, int, int], tuple[int, int, int]]] = {
     "hopper": {
-        ("fwd", 128, 128, 64): (8, 3),
-        ("dq", 128, 128, 64): (8, 2),
-        ("dkv", 128, 128, 64): (8, 2),
-        ("fwd", 64, 128, 64): (4, 3),
-        ("dq", 64, 128, 64): (4, 2),
-        ("dkv", 64, 128, 64): (4, 2),
+        ("fwd", 128, 128, 64): (8, 3, 128),
+        ("dq", 128, 128, 64): (8, 2, 64),
+        ("dkv", 128, 128, 64): (8, 2, 64),
+        ("sum", 128, 128, 64): (8, 2, 128),
+        ("fwd", 64, 128, 64): (4, 3, 128),
+        ("dq", 64, 128, 64): (4, 2, 64),
+        ("dkv", 64, 128, 64): (4, 2, 64),
     },
     "ampere": {},
     "other": {},
@@ -46,12 +47,12 @@ def gpu_generation() -> str:
   return "other"
 
 
-_OVERRIDES: dict[str, tuple[int, int]] = {}
+_OVERRIDES: dict[str, tuple[int, int, int]] = {}
 
 
 @contextlib.contextmanager
-def override_launch_config(**configs: tuple[int, int]):
-  """Temporarily force configs, e.g. ``override_launch_config(fwd=(8, 3))`` (read at trace time:
+def override_launch_config(**configs: tuple[int, int, int]):
+  """Temporarily force configs, e.g. ``override_launch_config(fwd=(8, 3, 128))`` (read at trace time:
   use a fresh ``jax.jit`` inside the block). For the autotuner."""
   old = dict(_OVERRIDES)
   _OVERRIDES.update(configs)
@@ -63,8 +64,9 @@ def override_launch_config(**configs: tuple[int, int]):
 
 
 def launch_config(kernel: str, head_dim: int, block_q: int, block_k: int,
-                  generation: str | None = None) -> tuple[int, int]:
-  """(num_warps, num_stages) for ``kernel`` in {'fwd', 'dq', 'dkv'}."""
+                  generation: str | None = None) -> tuple[int, int, int]:
+  """(num_warps, num_stages, rows) for ``kernel`` in {'fwd', 'dq', 'dkv', 'sum'}; rows = query rows per
+  program (dq) or per loop step (dkv), a power of two <= block_q; ignored by 'fwd' and 'sum'."""
   if kernel in _OVERRIDES:
     return _OVERRIDES[kernel]
   gen = generation or gpu_generation()

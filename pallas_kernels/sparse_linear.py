@@ -195,8 +195,13 @@ def _full_spec(*tail):  # (B, H, *tail) -> the whole tail of one (b, h)
 
 
 def _params(kernel, cfg):
-  num_warps, num_stages = launch_config(kernel, cfg.d, cfg.block_q, cfg.block_k)
+  num_warps, num_stages, _ = launch_config(kernel, cfg.d, cfg.block_q, cfg.block_k)
   return CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _rows(kernel, cfg):
+  """Query rows per step of the backward kernels (a divisor of block_q, from the launch table)."""
+  return max(16, min(cfg.block_q, launch_config(kernel, cfg.d, cfg.block_q, cfg.block_k)[2]))
 
 
 def _call(kernel, grid, inputs, outputs, cfg, name, launch):
@@ -310,29 +315,31 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, resid
 # ----------------------------------------------------------------------------------------------------------
 # Backward kernels
 # ----------------------------------------------------------------------------------------------------------
-def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool):
+def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
   r = dict(zip(names, refs))
-  i = pl.program_id(0)
-  q_start = i * cfg.block_q
-  q = _load_rows(r["q"], q_start, cfg.block_q, cfg.n)
+  sub = pl.program_id(0)                       # sub-block of `rows` query rows
+  i = sub // (cfg.block_q // rows)             # its query block (LUT row)
+  q_start = sub * rows
+  bm = rows
+  q = _load_rows(r["q"], q_start, bm, cfg.n)
   lse = r["lse"][...]
-  o_s = _load_rows(r["o_s"], q_start, cfg.block_q, cfg.n).astype(_F32)
+  o_s = _load_rows(r["o_s"], q_start, bm, cfg.n).astype(_F32)
   if fused:
     a = r["alpha"][i]
-    do = _load_rows(r["do"], q_start, cfg.block_q, cfg.n)
+    do = _load_rows(r["do"], q_start, bm, cfg.n)
     do32 = do.astype(_F32)
     delta = a * jnp.sum(do32 * o_s, axis=1)
     do_l32 = (1.0 - a) * do32
   else:
-    do = _load_rows(r["do_s"], q_start, cfg.block_q, cfg.n)
+    do = _load_rows(r["do_s"], q_start, bm, cfg.n)
     delta = jnp.sum(do.astype(_F32) * o_s, axis=1)
     if cfg.linear:
-      do_l = _load_rows(r["do_l"], q_start, cfg.block_q, cfg.n)
+      do_l = _load_rows(r["do_l"], q_start, bm, cfg.n)
       do_l32 = do_l.astype(_F32)
   r["delta"][...] = delta
   o_l = None
   if cfg.linear:
-    o_l = _load_rows(r["o_l"], q_start, cfg.block_q, cfg.n).astype(_F32)
+    o_l = _load_rows(r["o_l"], q_start, bm, cfg.n).astype(_F32)
     den = r["den"][...]
     c = jnp.sum(do_l32 * o_l, axis=1)
     r["c"][...] = c
@@ -340,9 +347,9 @@ def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool):
     diff = o_s if o_l is None else o_s - o_l
     r["dalpha_rows"][...] = jnp.sum(do32 * diff, axis=1)
 
-  carry = (jnp.zeros((cfg.block_q, cfg.d), _F32),)
+  carry = (jnp.zeros((bm, cfg.d), _F32),)
   if cfg.track_lin:
-    carry += (jnp.zeros((cfg.block_q, cfg.d), _F32),)
+    carry += (jnp.zeros((bm, cfg.d), _F32),)
 
   def body(t, carry):
     k_start = r["lut"][i, t] * cfg.block_k
@@ -371,13 +378,14 @@ def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool):
     _store_rows(r["dq_phi"], q_start, dq_phi, cfg.n)
 
 
-def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool):
+def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
   r = dict(zip(names, refs))
   j = pl.program_id(0)
   k_start = j * cfg.block_k
   k = _load_rows(r["k"], k_start, cfg.block_k, cfg.n)
   v = _load_rows(r["v"], k_start, cfg.block_k, cfg.n)
   dt = k.dtype
+  bm, nsub = rows, cfg.block_q // rows         # the loop walks `rows`-row sub-blocks of each query block
   carry = (jnp.zeros((cfg.block_k, cfg.d), _F32),)
   if cfg.linear:
     k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
@@ -390,21 +398,21 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool):
 
   def body(t, carry):
     dk, dv = carry[:2]
-    i = r["lut_t"][j, t]
-    q_start = i * cfg.block_q
-    rows = pl.ds(q_start, cfg.block_q)
-    q = _load_rows(r["q"], q_start, cfg.block_q, cfg.n)
-    lse = r["lse"][rows]
-    delta = r["delta"][rows]
+    i = r["lut_t"][j, t // nsub]
+    q_start = i * cfg.block_q + (t % nsub) * bm
+    rws = pl.ds(q_start, bm)
+    q = _load_rows(r["q"], q_start, bm, cfg.n)
+    lse = r["lse"][rws]
+    delta = r["delta"][rws]
     p = jnp.exp2(_scores(q, k, k_start, cfg) - lse[:, None])
     if fused:
       a = r["alpha"][i]
-      do = _load_rows(r["do"], q_start, cfg.block_q, cfg.n)
+      do = _load_rows(r["do"], q_start, bm, cfg.n)
       x = _dot(do, v, trans_b=True)
       ds = p * (a * x - delta[:, None])
       w = a * p
     else:
-      do = _load_rows(r["do_s"], q_start, cfg.block_q, cfg.n)
+      do = _load_rows(r["do_s"], q_start, bm, cfg.n)
       x = _dot(do, v, trans_b=True)
       ds = p * (x - delta[:, None])
       w = p
@@ -412,16 +420,16 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool):
     out_extra = ()
     if cfg.track_lin:
       dk_phi = carry[2]
-      q_phi = _load_rows(r["q_phi"], q_start, cfg.block_q, cfg.n)
-      den = r["den"][rows]
-      c = r["c"][rows]
+      q_phi = _load_rows(r["q_phi"], q_start, bm, cfg.n)
+      den = r["den"][rws]
+      c = r["c"][rws]
       phit = (q_phi.astype(_F32) / den[:, None]).astype(dt)
       cmat = _dot(phit, k_phi, trans_b=True)          # (block_q, block_k) = phi~_i phi(K_j)^T
       if fused:
         y = (1.0 - a) * x
         dv = dv + _dot((w - (1.0 - a) * cmat).astype(dt), do, trans_a=True)
       else:
-        do_l = _load_rows(r["do_l"], q_start, cfg.block_q, cfg.n)
+        do_l = _load_rows(r["do_l"], q_start, bm, cfg.n)
         y = _dot(do_l, v, trans_b=True)
         dv = dv + _dot(w.astype(dt), do, trans_a=True) - _dot(cmat.astype(dt), do_l, trans_a=True)
       dk_phi = dk_phi - _dot((y - c[:, None]).astype(dt), phit, trans_a=True)
@@ -432,7 +440,7 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool):
         out_extra = (carry[2],)
     return (dk, dv) + out_extra
 
-  carry = lax.fori_loop(0, r["count"][j], body, carry)
+  carry = lax.fori_loop(0, r["count"][j] * nsub, body, carry)
   _store_rows(r["dk"], k_start, carry[0] * cfg.sm_scale, cfg.n)
   _store_rows(r["dv"], k_start, carry[1], cfg.n)
   if cfg.linear:
@@ -465,7 +473,8 @@ def _rows_to_bnh(x, cfg):
 def _backward(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
   q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
   b, n, h, d = q.shape
-  seq, rows = _seq_spec(cfg), _row_spec(cfg)
+  seq = _seq_spec(cfg)
+  rows = pl.BlockSpec((None, None, _rows("dq", cfg)), lambda i, hh, bb: (bb, hh, i))
   row_struct = jax.ShapeDtypeStruct((b, h, cfg.npad), _F32)
 
   # dQ (and delta, c, d alpha per row) over the LUT.
@@ -487,8 +496,10 @@ def _backward(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
     outputs += [("dq_phi", jax.ShapeDtypeStruct(q.shape, q.dtype), seq), ("c", row_struct, rows)]
   if fused:
     outputs += [("dalpha_rows", row_struct, rows)]
+  rows_dq = _rows("dq", cfg)
   res_dq = dict(zip([x[0] for x in outputs],
-                    _call(_dq_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "dq", dict(fused=fused))))
+                    _call(_dq_kernel, (cfg.npad // rows_dq, h, b), inputs, outputs, cfg, "dq",
+                          dict(fused=fused, rows=rows_dq))))
 
   # Totals of the linear-branch gradients over all query rows: dH_tot = phi~^T dO_l, dZ_tot = -phi~^T c.
   if cfg.linear:
@@ -520,7 +531,8 @@ def _backward(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
   if cfg.linear:
     outputs += [("dk_phi", kv_struct, seq)]
   res_dkv = dict(zip([x[0] for x in outputs],
-                     _call(_dkv_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", dict(fused=fused))))
+                     _call(_dkv_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv",
+                           dict(fused=fused, rows=_rows("dkv", cfg)))))
 
   zeros = jnp.zeros_like(q)
   dq_phi = res_dq.get("dq_phi", zeros)
