@@ -82,6 +82,11 @@ def _jaxlib_version():
         return None
 
 
+def _flax_version():
+    import flax
+    return flax.__version__
+
+
 def _keyed_leaves(tree) -> dict:
     return {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -143,7 +148,7 @@ def run(args) -> dict:
                       "quant='int8' is FAKE quantisation in this library version (quantise-dequantise in bf16 "
                       "plus a straight-through pass), not an INT8 kernel: its timings show the overhead, "
                       "not an INT8 speedup"),
-        "jax": jax.__version__, "jaxlib": _jaxlib_version(),
+        "jax": jax.__version__, "jaxlib": _jaxlib_version(), "flax": _flax_version(),
         "device": jax.devices()[0].device_kind, "platform": backend_name, "python": platform.python_version(),
         "reps": args.reps,
     }
