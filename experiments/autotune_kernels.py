@@ -25,7 +25,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from pallas_kernels import launch_config as lc  # noqa: E402
+import importlib  # noqa: E402
+
+lc = importlib.import_module("pallas_kernels.launch_config")
 from pallas_kernels import sparse_linear as sl  # noqa: E402
 
 CANDIDATES = {
