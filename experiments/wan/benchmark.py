@@ -289,7 +289,8 @@ def _print_table(header, results):
                 value = f"{value / 2**30:.2f} GiB"
             cells.append("-" if value is None else str(value))
         print(" | ".join(cells) + (f"   ERROR {r['error']}" if "error" in r else ""))
-    print(header["int8_note"])
+    if any(r.get("quant") not in (None, "none") for r in results):
+        print(header["int8_note"])
     r97 = next((r for r in results if r["name"] == "sla2-97" and "step_speedup" in r), None)
     if r97:
         print(f"sla2-97 step speedup {r97['step_speedup']}x (paper {PAPER_SPEEDUP_97}x); self-attention was "
