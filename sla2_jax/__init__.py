@@ -8,17 +8,18 @@ All attention tensors are (B, N, H, D).
 from sla2_jax.branches import resolve_backend, sparse_linear_branches
 from sla2_jax.combine import alpha_from_mass, combine, sla_v1_combine
 from sla2_jax.config import SLA2Config
+from sla2_jax.context_parallel import context_parallel_attention
 from sla2_jax.dense import dense_attention
 from sla2_jax.feature_maps import feature_map
 from sla2_jax.functional import route, sla2_attention
-from sla2_jax.modules import SelfAttention, SLA2Attention, SLAAttention
+from sla2_jax.modules import ContextParallel, SelfAttention, SLA2Attention, SLAAttention
 from sla2_jax.quant import fake_quant_fp8, fake_quant_int8_blocks, quantize_int8_blocks
 from sla2_jax.routing import block_scores, captured_mass, pool_blocks, selection_mask, smooth_keys, soft_topk, topk_blocks
 
 __all__ = [
     "SLA2Config", "dense_attention", "block_scores", "topk_blocks", "soft_topk", "selection_mask",
     "captured_mass", "pool_blocks", "smooth_keys", "sparse_linear_branches", "combine", "alpha_from_mass",
-    "sla_v1_combine", "sla2_attention", "route", "SLA2Attention", "SLAAttention", "SelfAttention",
-    "feature_map", "fake_quant_int8_blocks", "fake_quant_fp8", "quantize_int8_blocks", "resolve_backend",
+    "sla_v1_combine", "sla2_attention", "route", "SLA2Attention", "SLAAttention", "SelfAttention", "ContextParallel",
+    "context_parallel_attention", "feature_map", "fake_quant_int8_blocks", "fake_quant_fp8", "quantize_int8_blocks", "resolve_backend",
 ]
 __version__ = "0.1.0"

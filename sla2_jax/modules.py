@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -11,10 +13,21 @@ from sla2_jax.blocks import num_blocks
 from sla2_jax.checks import check_qkv
 from sla2_jax.combine import alpha_from_mass, combine, sla_v1_combine
 from sla2_jax.config import SLA2Config
+from sla2_jax.context_parallel import ulysses
 from sla2_jax.dense import dense_attention
 from sla2_jax.functional import sparse_linear_outputs
 
 ROUTINGS = ("hard", "soft")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextParallel:
+    """Where a module's attention runs context-parallel: sequence split over mesh axis `seq_axis` (Ulysses),
+    batch optionally over `batch_axis`."""
+
+    mesh: jax.sharding.Mesh
+    seq_axis: str
+    batch_axis: str | tuple | None = None
 
 
 def _check_module_args(num_heads, head_dim, config):
@@ -40,15 +53,17 @@ class SLA2Attention(nnx.Module):
     "mass": `alpha_w`, `alpha_b` (H,) with alpha = sigmoid(w * logit(mass) + b), w=1, b=0 at init.
     `alpha_logit` starts at 0 (alpha = 0.5) and is learned in stage 1.
     Attribute `routing`: "hard" (top-k, inference and fine-tuning) or "soft" (soft top-k, router training).
+    Attribute `context`: None, or a `ContextParallel` to run on sequence-sharded inputs.
 
     __call__(q, k, v): (B, N, H, D) -> (B, N, H, D) in q.dtype.
     """
 
     def __init__(self, num_heads: int, head_dim: int, *, config: SLA2Config, seq_len: int | None = None,
-                 routing: str = "hard", rngs: nnx.Rngs | None = None):
+                 routing: str = "hard", context=None, rngs: nnx.Rngs | None = None):
         _check_module_args(num_heads, head_dim, config)
         self.num_heads, self.head_dim, self.config, self.seq_len = num_heads, head_dim, config, seq_len
         self.routing = routing
+        self.context = context
         self.w_q = nnx.Param(jnp.eye(head_dim, dtype=jnp.float32))
         self.w_k = nnx.Param(jnp.eye(head_dim, dtype=jnp.float32))
         if config.alpha == "block":
@@ -61,25 +76,41 @@ class SLA2Attention(nnx.Module):
             self.alpha_w = nnx.Param(jnp.ones((num_heads,), jnp.float32))
             self.alpha_b = nnx.Param(jnp.zeros((num_heads,), jnp.float32))
 
-    def alpha(self, mass):
-        """Mixing ratio broadcastable to (B, H, Nq), from the params and the captured mass (B, H, Nq)."""
+    def alpha_params(self) -> tuple:
+        """The alpha parameters as arrays with the heads first: (alpha_logit,) or (alpha_w, alpha_b)."""
+        if self.config.alpha == "mass":
+            return self.alpha_w[...], self.alpha_b[...]
+        return (self.alpha_logit[...],)
+
+    def _attend(self, q, k, v, *alpha_params, w_q, w_k):
+        """The attention itself on explicit arrays (so it can run per device under context parallelism)."""
+        soft = self.routing == "soft"
+        o_s, o_l, mass = sparse_linear_outputs(q, k, v, self.config, w_q=w_q, w_k=w_k, soft=soft)
+        if not soft:
+            mass = jax.lax.stop_gradient(mass)
         if self.config.alpha == "block":
-            return jax.nn.sigmoid(self.alpha_logit[...])[None]
-        if self.config.alpha == "head":
-            return jax.nn.sigmoid(self.alpha_logit[...])[None, :, None]
-        return alpha_from_mass(mass, self.alpha_w[...], self.alpha_b[...])
+            alpha = jax.nn.sigmoid(alpha_params[0])[None]
+        elif self.config.alpha == "head":
+            alpha = jax.nn.sigmoid(alpha_params[0])[None, :, None]
+        else:
+            alpha = alpha_from_mass(mass, *alpha_params)
+        return combine(o_s, o_l, alpha, block_q=self.config.block_q).astype(q.dtype)
 
     def __call__(self, q, k, v):
+        """q, k, v: (B, N, H, D) -> (B, N, H, D). With `context = ContextParallel(mesh, seq_axis, batch_axis)` the
+        inputs are sequence-sharded over `seq_axis` and the attention runs Ulysses-style (see context_parallel)."""
         _check_call(self, q, k, v)
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing={self.routing!r} is not one of {ROUTINGS}")
         if self.config.alpha == "block" and q.shape[1] != self.seq_len:
             raise ValueError(f"alpha='block' was built for seq_len={self.seq_len}; q has N={q.shape[1]}")
-        soft = self.routing == "soft"
-        o_s, o_l, mass = sparse_linear_outputs(q, k, v, self.config, w_q=self.w_q[...], w_k=self.w_k[...], soft=soft)
-        if not soft:
-            mass = jax.lax.stop_gradient(mass)
-        return combine(o_s, o_l, self.alpha(mass), block_q=self.config.block_q).astype(q.dtype)
+        w_q, w_k = self.w_q[...], self.w_k[...]
+        if self.context is None:
+            return self._attend(q, k, v, *self.alpha_params(), w_q=w_q, w_k=w_k)
+        ctx = self.context
+        return ulysses(lambda q, k, v, *a: self._attend(q, k, v, *a[:-2], w_q=a[-2], w_k=a[-1]), q, k, v,
+                       mesh=ctx.mesh, seq_axis=ctx.seq_axis, batch_axis=ctx.batch_axis,
+                       per_head=self.alpha_params(), shared=(w_q, w_k))
 
 
 class SLAAttention(nnx.Module):
@@ -112,21 +143,25 @@ class SelfAttention(nnx.Module):
       attention: "dense" (exact softmax), "sla" (SLA v1) or "sla2".
       config: SLA2Config for "sla"/"sla2" (default SLA2Config()).
       seq_len: sequence length, needed by alpha="block".
+      context: optional `ContextParallel` (dense and sla2): attention on sequence-sharded activations.
     __call__(x): (B, N, dim) -> (B, N, dim).
     """
 
     def __init__(self, dim: int, num_heads: int, *, attention: str = "sla2", config: SLA2Config | None = None,
-                 seq_len: int | None = None, rngs: nnx.Rngs):
+                 seq_len: int | None = None, context: ContextParallel | None = None, rngs: nnx.Rngs):
         if attention not in ATTENTIONS:
             raise ValueError(f"attention={attention!r} is not one of {ATTENTIONS}")
         if num_heads < 1 or dim % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
-        self.num_heads, self.head_dim, self.attention = num_heads, dim // num_heads, attention
+        if context is not None and attention == "sla":
+            raise ValueError("context parallelism supports attention='dense' and 'sla2', not 'sla'")
+        self.num_heads, self.head_dim, self.attention, self.context = num_heads, dim // num_heads, attention, context
         self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)
         self.out = nnx.Linear(dim, dim, rngs=rngs)
         config = SLA2Config() if config is None else config
         if attention == "sla2":
-            self.core = SLA2Attention(num_heads, self.head_dim, config=config, seq_len=seq_len, rngs=rngs)
+            self.core = SLA2Attention(num_heads, self.head_dim, config=config, seq_len=seq_len, context=context,
+                                      rngs=rngs)
         elif attention == "sla":
             self.core = SLAAttention(num_heads, self.head_dim, config=config, rngs=rngs)
         else:
@@ -136,5 +171,11 @@ class SelfAttention(nnx.Module):
         batch, seq_len, _ = x.shape
         qkv = self.qkv(x).reshape(batch, seq_len, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        o = dense_attention(q, k, v) if self.core is None else self.core(q, k, v)
+        if self.core is not None:
+            o = self.core(q, k, v)
+        elif self.context is not None:
+            ctx = self.context
+            o = ulysses(dense_attention, q, k, v, mesh=ctx.mesh, seq_axis=ctx.seq_axis, batch_axis=ctx.batch_axis)
+        else:
+            o = dense_attention(q, k, v)
         return self.out(o.reshape(batch, seq_len, -1))

@@ -1,34 +1,19 @@
-"""Shared test helpers: fresh random inputs and relative errors. Tests run on CPU."""
+"""Test configuration: CPU only, a fresh random seed per test; shared helpers live in tests/helpers.py."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import pytest  # noqa: E402
 
+from helpers import random_qkv, rel_err  # noqa: E402,F401  (re-exported for older imports)
 
-def rel_err(x, ref):
-    """||x - ref|| / ||ref|| in float64."""
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+_BASE_SEED = int.from_bytes(os.urandom(4), "little")
 
-
-def random_qkv(seed, shape, dtype=jnp.float32):
-    """Fresh normal q, k, v of shape (B, N, H, D); k gets a common offset so smoothing matters."""
-    kq, kk, kv, ko = jax.random.split(jax.random.PRNGKey(seed), 4)
-    q = jax.random.normal(kq, shape)
-    k = jax.random.normal(kk, shape) + 0.5 * jax.random.normal(ko, shape[-1:])
-    v = jax.random.normal(kv, shape)
-    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+collect_ignore = ["multidevice"]  # run by test_multidevice.py in a 4-device child process
 
 
 @pytest.fixture
 def seed(request):
     """A fresh seed per test (derived from the test name and a run-level random base)."""
     return (hash(request.node.nodeid) + _BASE_SEED) % (2**31)
-
-
-_BASE_SEED = int.from_bytes(os.urandom(4), "little")

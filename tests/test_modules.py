@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import sla2_jax as sla
-from conftest import random_qkv, rel_err
+from helpers import random_qkv, rel_err
 
 CFG = sla.SLA2Config(block_q=32, block_k=16, topk_ratio=0.25, backend="xla")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import sla2_jax as sla
-from conftest import random_qkv, rel_err
+from helpers import random_qkv, rel_err
 from test_branches import random_lut
 
 

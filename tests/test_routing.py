@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import sla2_jax as sla
-from conftest import random_qkv
+from helpers import random_qkv
 
 
 def test_pool_blocks_ragged_last_block(seed):
