@@ -318,7 +318,7 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, resid
 def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
   r = dict(zip(names, refs))
   sub = pl.program_id(0)                       # sub-block of `rows` query rows
-  i = sub // (cfg.block_q // rows)             # its query block (LUT row)
+  i = lax.div(sub, jnp.int32(cfg.block_q // rows))  # its query block (LUT row)
   q_start = sub * rows
   bm = rows
   q = _load_rows(r["q"], q_start, bm, cfg.n)
@@ -398,8 +398,8 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
 
   def body(t, carry):
     dk, dv = carry[:2]
-    i = r["lut_t"][j, t // nsub]
-    q_start = i * cfg.block_q + (t % nsub) * bm
+    i = r["lut_t"][j, lax.div(t, jnp.int32(nsub))]   # (plain // and % lower badly in Triton)
+    q_start = i * cfg.block_q + lax.rem(t, jnp.int32(nsub)) * bm
     rws = pl.ds(q_start, bm)
     q = _load_rows(r["q"], q_start, bm, cfg.n)
     lse = r["lse"][rws]
