@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from sla2_jax.blocks import num_blocks
 from sla2_jax.branches import compute_branches, resolve_backend
 from sla2_jax.checks import check_alpha, check_qkv, check_weight
 from sla2_jax.combine import combine
 from sla2_jax.config import SLA2Config
+from sla2_jax.feature_maps import feature_map
 from sla2_jax.routing import block_scores, captured_mass, selection_mask, soft_topk, topk_blocks
 
 
@@ -35,6 +37,26 @@ def sparse_linear_outputs(q, k, v, config: SLA2Config, *, w_q=None, w_k=None, so
     return o_s, o_l, mass
 
 
+def sla2_output(q, k, v, config: SLA2Config, alpha_fn, *, w_q=None, w_k=None, soft: bool = False):
+    """Routing, branches and SLA2 combine; alpha_fn maps the captured mass (B, H, Nq) to alpha (broadcastable
+    to (B, H, Nq)). On the pallas backend with hard routing and no quantisation, one fused kernel does the
+    branches and the combine. Returns o (B, N, H, D) in q.dtype."""
+    backend = resolve_backend(config.backend)
+    if backend == "pallas" and not soft and config.quant == "none":
+        import pallas_kernels
+
+        lut, _, mass = route(q, k, config, w_q=w_q, w_k=w_k)
+        alpha = jnp.broadcast_to(alpha_fn(jax.lax.stop_gradient(mass)), mass.shape)
+        return pallas_kernels.sla2_fused_attention(
+            q, k, v, feature_map(q, config.feature_map), feature_map(k, config.feature_map), lut, alpha,
+            block_q=config.block_q, block_k=config.block_k, linear_scope=config.linear_scope,
+            eps=config.eps).astype(q.dtype)
+    o_s, o_l, mass = sparse_linear_outputs(q, k, v, config, w_q=w_q, w_k=w_k, soft=soft)
+    if not soft:
+        mass = jax.lax.stop_gradient(mass)
+    return combine(o_s, o_l, alpha_fn(mass), block_q=config.block_q).astype(q.dtype)
+
+
 def sla2_attention(q, k, v, *, config: SLA2Config, w_q=None, w_k=None, alpha=None):
     """SLA2 attention o = alpha * O_sparse + (1 - alpha) * O_linear, usable training-free on any JAX model.
 
@@ -53,6 +75,5 @@ def sla2_attention(q, k, v, *, config: SLA2Config, w_q=None, w_k=None, alpha=Non
     check_weight("w_q", w_q, heads, dim)
     check_weight("w_k", w_k, heads, dim)
     check_alpha(alpha, batch, heads, num_blocks(seq_len, config.block_q))
-    o_s, o_l, mass = sparse_linear_outputs(q, k, v, config, w_q=w_q, w_k=w_k)
-    mix = jax.lax.stop_gradient(mass) if alpha is None else alpha
-    return combine(o_s, o_l, mix, block_q=config.block_q).astype(q.dtype)
+    return sla2_output(q, k, v, config, (lambda mass: mass) if alpha is None else (lambda mass: alpha),
+                       w_q=w_q, w_k=w_k)

@@ -11,11 +11,11 @@ from flax import nnx
 
 from sla2_jax.blocks import num_blocks
 from sla2_jax.checks import check_qkv
-from sla2_jax.combine import alpha_from_mass, combine, sla_v1_combine
+from sla2_jax.combine import alpha_from_mass, sla_v1_combine
 from sla2_jax.config import SLA2Config
 from sla2_jax.context_parallel import ulysses
 from sla2_jax.dense import dense_attention
-from sla2_jax.functional import sparse_linear_outputs
+from sla2_jax.functional import sla2_output, sparse_linear_outputs
 
 ROUTINGS = ("hard", "soft")
 
@@ -84,17 +84,13 @@ class SLA2Attention(nnx.Module):
 
     def _attend(self, q, k, v, *alpha_params, w_q, w_k):
         """The attention itself on explicit arrays (so it can run per device under context parallelism)."""
-        soft = self.routing == "soft"
-        o_s, o_l, mass = sparse_linear_outputs(q, k, v, self.config, w_q=w_q, w_k=w_k, soft=soft)
-        if not soft:
-            mass = jax.lax.stop_gradient(mass)
         if self.config.alpha == "block":
-            alpha = jax.nn.sigmoid(alpha_params[0])[None]
+            alpha_fn = lambda mass: jax.nn.sigmoid(alpha_params[0])[None]  # noqa: E731
         elif self.config.alpha == "head":
-            alpha = jax.nn.sigmoid(alpha_params[0])[None, :, None]
+            alpha_fn = lambda mass: jax.nn.sigmoid(alpha_params[0])[None, :, None]  # noqa: E731
         else:
-            alpha = alpha_from_mass(mass, *alpha_params)
-        return combine(o_s, o_l, alpha, block_q=self.config.block_q).astype(q.dtype)
+            alpha_fn = lambda mass: alpha_from_mass(mass, *alpha_params)  # noqa: E731
+        return sla2_output(q, k, v, self.config, alpha_fn, w_q=w_q, w_k=w_k, soft=self.routing == "soft")
 
     def __call__(self, q, k, v):
         """q, k, v: (B, N, H, D) -> (B, N, H, D). With `context = ContextParallel(mesh, seq_axis, batch_axis)` the
