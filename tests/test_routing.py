@@ -54,6 +54,7 @@ def test_soft_topk_gradient_matches_finite_differences(seed):
     weights = jax.random.normal(jax.random.PRNGKey(seed + 1), (3, 9))
     tau, k = 0.5, 3
 
+    @jax.jit
     def loss(s):
         return jnp.sum(sla.soft_topk(s, k, tau) * weights)
 
