@@ -56,7 +56,12 @@ def block_scores(q, k, *, block_q: int, block_k: int, w_q=None, w_k=None):
     check_weight("w_q", w_q, heads, head_dim)
     check_weight("w_k", w_k, heads, head_dim)
     pq = _project(pool_blocks(q, block_q), w_q)
-    pk = _project(pool_blocks(smooth_keys(k), block_k), w_k)
+    pk = pool_blocks(k, block_k)
+    # pool(K - mean) = pool(K) - mean, and the mean over N is the count-weighted mean of the block means:
+    # one pass over K, no smoothed copy.
+    counts = block_counts(k.shape[1], block_k)[:, None]
+    mean = jnp.sum(pk * counts, axis=2, keepdims=True) / k.shape[1]
+    pk = _project(pk - mean, w_k)
     return jnp.einsum("bhid,bhjd->bhij", pq, pk) * (head_dim ** -0.5)
 
 
