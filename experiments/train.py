@@ -203,6 +203,9 @@ def train_diffusion(run_dir: str, preset: Preset, run: RunSpec, cfg: TrainConfig
     loss = _train_step(model, optimizer, batch, jax.random.fold_in(base_key, step), trainable)
     losses.append(loss)
     seen += cfg.batch_size
+    if step == start:
+      jax.block_until_ready(loss)
+      t_first = time.time()                       # after compilation
     if (step + 1) % cfg.log_every == 0 or step + 1 == end:
       recent = float(jnp.mean(jnp.stack(losses[-cfg.log_every:])))
       if not np.isfinite(recent):
@@ -215,11 +218,16 @@ def train_diffusion(run_dir: str, preset: Preset, run: RunSpec, cfg: TrainConfig
   bar.close()
   if end < cfg.steps:
     return {"stopped_at": end}
+  if losses:
+    jax.block_until_ready(losses[-1])
+  t_end = time.time()
   tail = losses[-cfg.log_every:] if losses else []
   metrics = {"run": run.name, "steps": cfg.steps, "resumed_from": start,
              "final_loss": float(jnp.mean(jnp.stack(tail))) if tail else None,
              "seconds": time.time() - t0,
-             "videos_per_s": (end - start) * cfg.batch_size / max(time.time() - t0, 1e-9)}
+             # Throughput after the first (compiling) step of this session.
+             "videos_per_s": ((end - start - 1) * cfg.batch_size / (t_end - t_first)
+                              if end - start > 1 else None)}
   write_json(os.path.join(run_dir, "done.json"), metrics)
   return metrics
 
