@@ -207,7 +207,14 @@ def wan(sparsity, b=1, h=12, n=32760, d=128, check_xla=True, bq=128, bk=64, runs
     out = jax.jit(lambda *a: sl._forward(*a, cfg, fused=True, residuals=True))(q, k, v, qp, kp, lut, alpha)
     res = sl._residuals(q, k, v, qp, kp, lut, alpha, out)
     timed("stage_bwd_kernels", lambda res, do: sl._backward(res, cfg, fused=True, do=do), res, do)
-    del out, res
+    timed("stage_bwd_dq", lambda res, do: sl._backward_dq(res, cfg, fused=True, do=do), res, do)
+    res_dq = jax.jit(lambda res, do: sl._backward_dq(res, cfg, fused=True, do=do))(res, do)
+    timed("stage_bwd_totals", lambda res, rdq, do: sl._backward_totals(res, rdq, cfg, fused=True, do=do),
+          res, res_dq, do)
+    tot = jax.jit(lambda res, rdq, do: sl._backward_totals(res, rdq, cfg, fused=True, do=do))(res, res_dq, do)
+    timed("stage_bwd_dkv_incl_transpose", lambda res, rdq, tot, do: sl._backward_dkv(
+        res, rdq, tot, cfg, fused=True, do=do), res, res_dq, tot, do)
+    del out, res, res_dq, tot
   except Exception:
     traceback.print_exc()
 
@@ -265,6 +272,21 @@ def wan(sparsity, b=1, h=12, n=32760, d=128, check_xla=True, bq=128, bk=64, runs
   RESULTS["wan"].append(row)
 
 
+def pallas_mha_reference(n=32768, h=12, d=128, runs=10):
+  """Dense flash attention of jax.experimental.pallas.ops.gpu (the same Triton backend) vs cuDNN, for scale."""
+  try:
+    from jax.experimental.pallas.ops.gpu import attention
+    q, k, v = inputs(jax.random.PRNGKey(7), 1, n, h, d, jnp.bfloat16)
+    tp = bench(lambda q, k, v: attention.mha(q, k, v, None, sm_scale=d ** -0.5), q, k, v, runs=runs)
+    tc = bench(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"), q, k, v, runs=runs)
+    row = dict(n=n, h=h, d=d, pallas_mha_fwd_ms=tp, cudnn_fwd_ms=tc,
+               pallas_mha_tflops=4 * h * n * n * d / tp / 1e9, cudnn_tflops=4 * h * n * n * d / tc / 1e9)
+  except Exception as e:
+    row = dict(error=f"{type(e).__name__}: {e}"[:1000])
+  print("pallas_mha", json.dumps(row), flush=True)
+  RESULTS["pallas_mha"] = row
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -273,6 +295,7 @@ def main():
   ap.add_argument("--skip-xla", action="store_true")
   ap.add_argument("--d64", action="store_true", help="also the d64 workload (H=24, D=64) at 95%%")
   ap.add_argument("--runs", type=int, default=20)
+  ap.add_argument("--pallas-mha", action="store_true", help="also time dense Pallas (Triton) flash attention")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   dev = jax.devices()[0]
@@ -281,6 +304,8 @@ def main():
   print(RESULTS["meta"], flush=True)
   if not args.skip_small:
     check_small()
+  if args.pallas_mha:
+    pallas_mha_reference()
   for s in args.sparsity:
     wan(s, check_xla=not args.skip_xla, runs=args.runs)
   if args.d64:

@@ -89,6 +89,17 @@ def _dot(a, b, trans_a=False, trans_b=False):
   return lax.dot_general(a, b, dims, preferred_element_type=_F32)
 
 
+def _dot_mat(x, m, like, trans_b=False):
+  """x (rows, D) @ m (D, D) float32 matrix (m^T if trans_b). For 16-bit inputs (``like``) on the bf16 tensor
+  cores: x rounded to bf16 (like the data itself), m split into bf16 hi + lo parts (~2^-16 relative)."""
+  if jnp.dtype(like) == jnp.dtype(jnp.float32):
+    return _dot(x.astype(_F32), m, trans_b=trans_b)
+  xb = x.astype(jnp.bfloat16)
+  m_hi = m.astype(jnp.bfloat16)
+  m_lo = (m - m_hi.astype(_F32)).astype(jnp.bfloat16)
+  return _dot(xb, m_hi, trans_b=trans_b) + _dot(xb, m_lo, trans_b=trans_b)
+
+
 def _load_rows(ref, start, size, n):
   """Loads rows [start, start + size) of an (N, D) ref; rows >= N read as 0."""
   d = ref.shape[-1]
@@ -160,7 +171,7 @@ def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool):
       h = h - carry[3]
       z = z - carry[4]
     den = jnp.sum(q_phi * z[None, :], axis=1) + cfg.eps
-    o_l = _dot(q_phi, h) / den[:, None]
+    o_l = _dot_mat(q_phi, h, q.dtype) / den[:, None]
   else:
     o_l = None
 
@@ -372,7 +383,7 @@ def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
   if cfg.linear:
     h = r["h_tot"][...]
     z = r["z_tot"][...]
-    dq_phi = _dot(do_l32 / den[:, None], h, trans_b=True) - (c / den)[:, None] * z[None, :]
+    dq_phi = _dot_mat(do_l32 / den[:, None], h, q.dtype, trans_b=True) - (c / den)[:, None] * z[None, :]
     if cfg.track_lin:
       dq_phi = dq_phi + carry[1]
     _store_rows(r["dq_phi"], q_start, dq_phi, cfg.n)
@@ -386,15 +397,10 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
   v = _load_rows(r["v"], k_start, cfg.block_k, cfg.n)
   dt = k.dtype
   bm, nsub = rows, cfg.block_q // rows         # the loop walks `rows`-row sub-blocks of each query block
-  carry = (jnp.zeros((cfg.block_k, cfg.d), _F32),)
-  if cfg.linear:
+  zeros = jnp.zeros((cfg.block_k, cfg.d), _F32)
+  carry = (zeros, zeros) + ((zeros,) if cfg.track_lin else ())
+  if cfg.track_lin:
     k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
-    dh = r["dh_tot"][...]
-    dv0 = _dot(k_phi.astype(_F32), dh)
-    dk_phi0 = _dot(v.astype(_F32), dh, trans_b=True) + r["dz_tot"][...][None, :]
-    carry += (dv0, dk_phi0)
-  else:
-    carry += (jnp.zeros((cfg.block_k, cfg.d), _F32),)
 
   def body(t, carry):
     dk, dv = carry[:2]
@@ -436,15 +442,23 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
       out_extra = (dk_phi,)
     else:
       dv = dv + _dot(w.astype(dt), do, trans_a=True)
-      if cfg.linear:
-        out_extra = (carry[2],)
     return (dk, dv) + out_extra
 
   carry = lax.fori_loop(0, r["count"][j] * nsub, body, carry)
   _store_rows(r["dk"], k_start, carry[0] * cfg.sm_scale, cfg.n)
-  _store_rows(r["dv"], k_start, carry[1], cfg.n)
+  dv = carry[1]
   if cfg.linear:
-    _store_rows(r["dk_phi"], k_start, carry[2], cfg.n)
+    # Totals part, after the loop (keeps its D x D operands out of the pipelined loop's shared memory):
+    # dV += phi(K_j) dH_tot, dphi(K_j) = V_j dH_tot^T + dZ_tot (- the selected query blocks, from the loop).
+    if not cfg.track_lin:
+      k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
+    dh = r["dh_tot"][...]
+    dv = dv + _dot_mat(k_phi, dh, dt)
+    dk_phi = _dot_mat(v, dh, dt, trans_b=True) + r["dz_tot"][...][None, :]
+    if cfg.track_lin:
+      dk_phi = dk_phi + carry[2]
+    _store_rows(r["dk_phi"], k_start, dk_phi, cfg.n)
+  _store_rows(r["dv"], k_start, dv, cfg.n)
 
 
 def _transpose_lut(lut, nk):
@@ -465,19 +479,29 @@ def _transpose_lut(lut, nk):
   return lut_t, count
 
 
-def _rows_to_bnh(x, cfg):
-  """(B, H, Npad) per-row array -> (B, N, H)."""
-  return jnp.swapaxes(x[:, :, :cfg.n], 1, 2)
-
-
 def _backward(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
+  """All input cotangents: dq kernel, gradient totals, dkv kernel (each a separate function for timing)."""
+  res_dq = _backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
+  totals = _backward_totals(res, res_dq, cfg, fused=fused, do=do, do_l=do_l)
+  res_dkv = _backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
+  q = res[0]
+  b, _, h, _ = q.shape
+  zeros = jnp.zeros_like(q)
+  dq_phi = res_dq.get("dq_phi", zeros)
+  dk_phi = res_dkv.get("dk_phi", zeros)
+  dalpha = None
+  if fused:
+    dalpha = res_dq["dalpha_rows"].reshape(b, h, cfg.nq, cfg.block_q).sum(-1)
+  return res_dq["dq"], res_dkv["dk"], res_dkv["dv"], dq_phi, dk_phi, dalpha
+
+
+def _backward_dq(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
+  """dQ, dphi(Q) (and delta, c, d alpha per row) over the LUT."""
   q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
   b, n, h, d = q.shape
   seq = _seq_spec(cfg)
   rows = pl.BlockSpec((None, None, _rows("dq", cfg)), lambda i, hh, bb: (bb, hh, i))
   row_struct = jax.ShapeDtypeStruct((b, h, cfg.npad), _F32)
-
-  # dQ (and delta, c, d alpha per row) over the LUT.
   inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
   if fused:
     inputs += [("do", do, seq)]
@@ -500,8 +524,13 @@ def _backward(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
   res_dq = dict(zip([x[0] for x in outputs],
                     _call(_dq_kernel, (cfg.npad // rows_dq, h, b), inputs, outputs, cfg, "dq",
                           dict(fused=fused, rows=rows_dq))))
+  return res_dq
 
-  # Totals of the linear-branch gradients over all query rows: dH_tot = phi~^T dO_l, dZ_tot = -phi~^T c.
+
+def _backward_totals(res, res_dq, cfg: _Cfg, *, fused, do=None, do_l=None):
+  """Totals of the linear-branch gradients over all query rows: dH_tot = phi~^T dO_l, dZ_tot = -phi~^T c."""
+  q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
+  dh_tot = dz_tot = None
   if cfg.linear:
     inv_den = 1.0 / den
     if fused:
@@ -509,8 +538,15 @@ def _backward(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
       dh_tot, dz_tot = _outer_sum(q_phi, do, cfg, w, -res_dq["c"] * inv_den)
     else:
       dh_tot, dz_tot = _outer_sum(q_phi, do_l, cfg, inv_den, -res_dq["c"] * inv_den)
+  return dh_tot, dz_tot
 
-  # dK, dV (and d phi(K)) over the transposed LUT.
+
+def _backward_dkv(res, res_dq, totals, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
+  """dK, dV, dphi(K) over the transposed LUT (built here)."""
+  q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
+  dh_tot, dz_tot = totals
+  b, n, h, d = q.shape
+  seq = _seq_spec(cfg)
   lut_t, count = _transpose_lut(lut, cfg.nk)
   inputs = [("lut_t", lut_t, _full_spec(cfg.nk, cfg.nq)), ("count", count, _full_spec(cfg.nk)),
             ("q", q, seq), ("k", k, seq), ("v", v, seq)]
@@ -533,14 +569,7 @@ def _backward(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
   res_dkv = dict(zip([x[0] for x in outputs],
                      _call(_dkv_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv",
                            dict(fused=fused, rows=_rows("dkv", cfg)))))
-
-  zeros = jnp.zeros_like(q)
-  dq_phi = res_dq.get("dq_phi", zeros)
-  dk_phi = res_dkv.get("dk_phi", zeros)
-  dalpha = None
-  if fused:
-    dalpha = res_dq["dalpha_rows"].reshape(b, h, cfg.nq, cfg.block_q).sum(-1)
-  return res_dq["dq"], res_dkv["dk"], res_dkv["dv"], dq_phi, dk_phi, dalpha
+  return res_dkv
 
 
 # ----------------------------------------------------------------------------------------------------------
