@@ -84,28 +84,29 @@ def bench_shape(shape, sparsities, backends, iters, kernel_only, check_error, pr
             tag = f"{backend} {sparsity:.0%}"
             progress.set_postfix_str(f"N={seq_len} {tag}")
             module = jax.jit(lambda q, k, v, cfg=cfg: sla.sla2_attention(q, k, v, config=cfg))
-            try:
-                r = measure(f"{tag} module fwd", module, (q, k, v), iters, flops)
-                if ref is not None:
-                    r["rel_err_vs_dense"] = rel_err(module(q, k, v), ref)
-                rows.append(r)
-                rows.append(measure(f"{tag} module fwd+bwd", fwd_bwd(
-                    lambda q, k, v, cfg=cfg: sla.sla2_attention(q, k, v, config=cfg)), (q, k, v, do), iters,
-                    3.5 * flops))
-                router = jax.jit(lambda q, k, cfg=cfg: sla.route(q, k, cfg)[0])
-                rows.append(measure(f"{tag} router", router, (q, k), iters))
-                if kernel_only:
-                    lut = router(q, k)
+            module_grad = fwd_bwd(lambda q, k, v, cfg=cfg: sla.sla2_attention(q, k, v, config=cfg))
+            router = jax.jit(lambda q, k, cfg=cfg: sla.route(q, k, cfg)[0])
+            todo = [(f"{tag} module fwd", module, (q, k, v), flops),
+                    (f"{tag} module fwd+bwd", module_grad, (q, k, v, do), 3.5 * flops),
+                    (f"{tag} router", router, (q, k), None)]
+            if kernel_only:
+                def branches(q, k, v, lut, backend=backend):
+                    o_s, o_l = sla.sparse_linear_branches(q, k, v, lut, backend=backend)
+                    return o_s + o_l
 
-                    def branches(q, k, v, lut=lut, backend=backend):
-                        o_s, o_l = sla.sparse_linear_branches(q, k, v, lut, backend=backend)
-                        return o_s + o_l
-
-                    rows.append(measure(f"{tag} kernel fwd", jax.jit(branches), (q, k, v), iters, flops))
-                    rows.append(measure(f"{tag} kernel fwd+bwd", fwd_bwd(branches), (q, k, v, do), iters,
-                                        3.5 * flops))
-            except Exception as e:  # report and go on (e.g. out of memory at the largest N)
-                rows.append({"what": f"{tag} FAILED", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                lut = router(q, k)
+                todo += [(f"{tag} kernel fwd", jax.jit(branches), (q, k, v, lut), flops),
+                         (f"{tag} kernel fwd+bwd", jax.jit(jax.grad(
+                             lambda q, k, v, lut, do: jnp.sum(branches(q, k, v, lut).astype(jnp.float32) * do),
+                             argnums=(0, 1, 2))), (q, k, v, lut, do), 3.5 * flops)]
+            for name, fn, fn_args, fn_flops in todo:
+                try:  # one failure (e.g. out of memory at the largest N) must not hide the other rows
+                    r = measure(name, fn, fn_args, iters, fn_flops)
+                    if ref is not None and name.endswith("module fwd"):
+                        r["rel_err_vs_dense"] = rel_err(module(q, k, v), ref)
+                    rows.append(r)
+                except Exception as e:
+                    rows.append({"what": f"{name} FAILED", "error": f"{type(e).__name__}: {str(e)[:300]}"})
             progress.update(1)
     base = {"fwd": rows[0]["ms"], "fwd+bwd": rows[1]["ms"]}
     for r in rows:
@@ -144,7 +145,8 @@ def plot(rows, path):
             ax.bar(f"{workload}\n{label}", rs[0]["speedup_vs_dense"])
     axes[0].set(xscale="log", xlabel="N (tokens)", ylabel="module forward speedup over dense",
                 title="scale-N: speedup vs N")
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7)
     axes[1].set(ylabel="module forward speedup over dense", title="speedup per workload and sparsity")
     axes[1].tick_params(axis="x", labelsize=6, rotation=90)
     fig.tight_layout()
