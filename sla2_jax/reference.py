@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 
 from sla2_jax import quant as quant_lib
-from sla2_jax.blocks import num_blocks
 
 
 def token_mask(block_mask, seq_len: int, block_q: int, block_k: int):
@@ -45,6 +44,3 @@ def reference_linear(q_phi, k_phi, v, unselected, *, block_q, block_k, eps):
     den = jnp.moveaxis(jnp.sum(a, axis=-1), 1, 2)[..., None]  # (B, N, H, 1)
     return num / (den + eps)
 
-
-def num_blocks_of(seq_len, block_q, block_k):
-    return num_blocks(seq_len, block_q), num_blocks(seq_len, block_k)

@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sla2_jax.blocks import block_counts, num_blocks, to_blocks, valid_rows
+from sla2_jax.blocks import block_counts, to_blocks
 from sla2_jax.checks import check_block_size, check_weight
 
 
@@ -133,10 +133,3 @@ def _soft_topk_jvp(k, tau, primals, tangents):
     d_mask = s * d - s * jnp.sum(s * d, axis=-1, keepdims=True) / total
     return mask, d_mask
 
-
-def num_query_key_blocks(seq_len: int, block_q: int, block_k: int) -> tuple[int, int]:
-    return num_blocks(seq_len, block_q), num_blocks(seq_len, block_k)
-
-
-__all__ = ["block_scores", "topk_blocks", "soft_topk", "selection_mask", "captured_mass", "smooth_keys",
-           "pool_blocks", "valid_rows"]

@@ -36,7 +36,7 @@ def xla_sparse(q, k, v, lut, *, block_q, block_k, scale, sel_bias=None, quant_p=
       (B, N, H, D) float32.
     """
     batch, seq_len, heads, dim = q.shape
-    nq, nk = num_blocks(seq_len, block_q), num_blocks(seq_len, block_k)
+    nq = num_blocks(seq_len, block_q)
     topk = lut.shape[-1]
     if chunk_blocks is None:
         chunk_blocks = max(1, _MAX_TILE_ELEMENTS // (batch * heads * block_q * topk * block_k))
