@@ -26,6 +26,9 @@ Forward kernel, grid (Nq, H, B) (block index fastest, like sparse_linear). Progr
   Flop per program: topk * (2 bq bk D [int8] + 2 bq bk D [bf16 or fp8] (+ 2 bk D^2 bf16 "complement"))
   + 2 bq D^2; bytes per LUT entry: bk D (int8 K) + bk D * 2 (bf16 V, or 1 for fp8) (+ bk D * 2 phi(K)).
 
+LSE: the scores use K~, so the kernel adds q_i . mean_N(K) * sm_scale back to each row's LSE (softmax is
+shift-invariant, the LSE is not) before the backward recomputes P from the unsmoothed K.
+
 Gradients: straight-through. dQ, dK, dV, d phi(Q), d phi(K), d alpha come from ``sparse_linear._backward`` with
 P = exp2(S_bf16 - LSE_lowbit): they equal the bf16 kernel's gradients up to the low-bit forward's error in
 LSE and O_s (the fake-quant reference of sla2_jax uses the bf16 forward's statistics; the difference is of the
@@ -94,15 +97,21 @@ def quantize_keys(k, block_k: int):
   Returns (k8 int8 (B, N, H, D), scales float32 (B, H, Nk)); same values as
   ``sla2_jax.quant.quantize_int8_blocks(sla2_jax.smooth_keys(k), block_k)``.
   """
+  return _quantize_keys(k, block_k)[:2]
+
+
+def _quantize_keys(k, block_k: int):
+  """(k8, scales, mean (B, H, D) float32) -- see quantize_keys."""
   b, n, h, d = k.shape
   nk = -(-n // block_k)
   k32 = k.astype(_F32)
-  ks = (k32 - jnp.mean(k32, axis=1, keepdims=True)).astype(k.dtype).astype(_F32)
+  mean = jnp.mean(k32, axis=1, keepdims=True)
+  ks = (k32 - mean).astype(k.dtype).astype(_F32)
   ks = jnp.pad(ks, ((0, 0), (0, nk * block_k - n), (0, 0), (0, 0))).reshape(b, nk, block_k, h, d)
   amax = jnp.max(jnp.abs(ks), axis=(2, 4))                       # (B, Nk, H)
   scale = jnp.maximum(amax, 1e-12) / INT8_MAX
   k8 = jnp.clip(jnp.round(ks / scale[:, :, None, :, None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-  return k8.reshape(b, nk * block_k, h, d)[:, :n], jnp.transpose(scale, (0, 2, 1))
+  return k8.reshape(b, nk * block_k, h, d)[:, :n], jnp.transpose(scale, (0, 2, 1)), mean[:, 0]
 
 
 def quantize_values_fp8(v, block_k: int):
@@ -189,7 +198,11 @@ def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool):
   if fp8:
     acc = acc * (r["v_scale"][...] * (1.0 / FP8_MAX))[None, :]
   o_s = acc / l_i[:, None]
-  lse = m_i + jnp.log2(l_i)
+  # The scores used the smoothed K~ = K - mean: softmax is unchanged, but the LSE is shifted by q . mean per
+  # row. Add it back so that the bf16 backward (which recomputes S from the unsmoothed K) sees a consistent LSE.
+  if "lse" in r:
+    shift = jnp.sum(q32 * r["k_mean"][...][None, :], axis=1) * (cfg.sm_scale * _LOG2E)
+    r["lse"][...] = m_i + jnp.log2(l_i) + shift
 
   if cfg.linear:
     q_phi = sl._load_rows(r["q_phi"], q_start, cfg.block_q, cfg.n).astype(_F32)
@@ -211,8 +224,6 @@ def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool):
     sl._store_rows(r["o_s"], q_start, o_s, cfg.n)
   if "o_l" in r:
     sl._store_rows(r["o_l"], q_start, o_l, cfg.n)
-  if "lse" in r:
-    r["lse"][...] = lse
   if "den" in r:
     r["den"][...] = den
 
@@ -222,9 +233,11 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: sl._Cfg, quant: str, *, fus
   b, n, h, d = q.shape
   fp8 = quant == "int8_fp8"
   seq, rows = sl._seq_spec(cfg), sl._row_spec(cfg)
-  k8, k_scale = quantize_keys(k, cfg.block_k)
+  k8, k_scale, k_mean = _quantize_keys(k, cfg.block_k)
   inputs = [("lut", lut, sl._full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k8", k8, seq),
             ("k_scale", k_scale, sl._full_spec(cfg.nk))]
+  if residuals:
+    inputs += [("k_mean", k_mean, sl._full_spec(d))]
   if fp8:
     v8t, v_scale = quantize_values_fp8(v, cfg.block_k)
     inputs += [("v8t", v8t, sl._full_spec(d, cfg.nk * cfg.block_k)), ("v_scale", v_scale, sl._full_spec(d))]

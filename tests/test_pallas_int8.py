@@ -1,0 +1,130 @@
+"""Low-bit (INT8 / INT8+FP8) sparse-branch kernel of pallas_kernels.int8_attention, in Pallas interpret mode.
+
+The reference is the fake quantisation of sla2_jax (xla backend): the INT8 kernel quantises Q and the smoothed K
+with the same arithmetic, so in float32 the two agree to rounding (1e-5); in bf16 they differ only by the bf16
+rounding of the reference's dequantised inputs and of P (a few 1e-3), far less than the quantisation error
+itself (~1e-2 vs the unquantised branch). Gradients are straight-through: the bf16 backward kernels with the
+low-bit forward's LSE and O_s, so they equal the bf16 kernel's gradients up to the forward's quantisation error.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sla2_jax as sla
+from helpers import random_qkv, rel_err
+from pallas_kernels import int8_attention as ia
+from pallas_kernels import sparse_linear as sl
+
+
+def _phi(x):
+    return jax.nn.softmax(x.astype(jnp.float32), axis=-1).astype(x.dtype)
+
+
+def _setup(seed, n, d, dtype, block_q, block_k, ratio, h=2):
+    q, k, v = random_qkv(seed, (1, n, h, d), dtype)
+    lut, _, mass = sla.route(q, k, sla.SLA2Config(block_q=block_q, block_k=block_k, topk_ratio=ratio))
+    return q, k, v, lut, mass
+
+
+def test_key_prepass_equals_reference_quantisation(seed):
+    _, k, _ = random_qkv(seed, (2, 77, 3, 32), jnp.bfloat16)
+    k8, scales = ia.quantize_keys(k, 16)
+    k8_ref, scales_ref = sla.quantize_int8_blocks(sla.smooth_keys(k), 16)
+    assert k8.dtype == jnp.int8 and k8.shape == k.shape and scales.shape == (2, 3, 5)
+    np.testing.assert_array_equal(np.asarray(k8), np.asarray(k8_ref))
+    np.testing.assert_array_equal(np.asarray(scales), np.asarray(scales_ref))
+
+
+def test_round_half_even():
+    y = jnp.array([-3.5, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 126.5, -126.49, 3.2, -3.7, 0.0], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(ia._round_half_even(y)), np.asarray(jnp.round(y)))
+
+
+@pytest.mark.parametrize("n,d,dtype,block_q,block_k,tol", [
+    (200, 64, jnp.float32, 32, 16, 1e-5),     # ragged N, exact arithmetic: matches to rounding
+    (150, 128, jnp.bfloat16, 64, 32, 8e-3),   # ragged N, D 128, bf16
+])
+def test_int8_branches_match_fake_quant_reference(seed, n, d, dtype, block_q, block_k, tol):
+    q, k, v, lut, _ = _setup(seed, n, d, dtype, block_q, block_k, 0.3)
+    kw = dict(block_q=block_q, block_k=block_k)
+    o_s, o_l = ia.sparse_linear_attention_lowbit(q, k, v, _phi(q), _phi(k), lut, quant="int8", **kw)
+    r_s, r_l = sla.sparse_linear_branches(q, k, v, lut, quant="int8", backend="xla", **kw)
+    b_s, _ = sla.sparse_linear_branches(q, k, v, lut, quant="none", backend="xla", **kw)
+    assert o_s.dtype == dtype and o_s.shape == q.shape
+    err = rel_err(o_s, r_s)
+    quant_err = rel_err(r_s, b_s)            # what quantisation itself changes
+    assert err < tol, (err, quant_err)
+    assert quant_err > 3e-3                  # the comparison is not vacuous: int8 moves the output
+    assert err < 0.5 * quant_err
+    assert rel_err(o_l, r_l) < (1e-5 if dtype == jnp.float32 else 5e-3)
+
+
+def test_int8_fp8_branches_close_to_fake_quant_reference(seed):
+    # P is quantised against the running max of the online softmax (the reference: against the row max), so
+    # the FP8 path agrees with its fake-quant reference to the FP8 error level, not to rounding.
+    q, k, v, lut, _ = _setup(seed, 130, 64, jnp.float32, 32, 16, 0.4)
+    kw = dict(block_q=32, block_k=16)
+    o_s, _ = ia.sparse_linear_attention_lowbit(q, k, v, _phi(q), _phi(k), lut, quant="int8_fp8", **kw)
+    r_s, _ = sla.sparse_linear_branches(q, k, v, lut, quant="int8_fp8", backend="xla", **kw)
+    b_s, _ = sla.sparse_linear_branches(q, k, v, lut, quant="none", backend="xla", **kw)
+    assert rel_err(o_s, r_s) < 3e-2
+    assert rel_err(o_s, b_s) < 8e-2
+
+
+def test_fused_equals_combine_of_reference(seed):
+    q, k, v, lut, mass = _setup(seed, 190, 64, jnp.float32, 64, 32, 0.35)
+    kw = dict(block_q=64, block_k=32)
+    o = ia.sla2_fused_attention_lowbit(q, k, v, _phi(q), _phi(k), lut, mass, **kw)
+    r_s, r_l = sla.sparse_linear_branches(q, k, v, lut, quant="int8", backend="xla", **kw)
+    assert rel_err(o, sla.combine(r_s, r_l, mass, block_q=64)) < 1e-5
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_gradients_equal_bf16_kernel(seed, d):
+    q, k, v, lut, mass = _setup(seed, 100, d, jnp.float32, 32, 16, 0.4, h=1)
+    kw = dict(block_q=32, block_k=16)
+    do = jax.random.normal(jax.random.PRNGKey(seed + 1), q.shape)
+    args = (q, k, v, _phi(q), _phi(k), mass)
+
+    def grads(fn):
+        return jax.grad(lambda *a: jnp.sum(fn(*a, **kw) * do), argnums=tuple(range(6)))(*args)
+
+    g_low = grads(lambda q, k, v, qp, kp, a, **kw: ia.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, **kw))
+    g_ref = grads(lambda q, k, v, qp, kp, a, **kw: sl.sla2_fused_attention(q, k, v, qp, kp, lut, a, **kw))
+    fwd_err = rel_err(ia.sla2_fused_attention_lowbit(q, k, v, _phi(q), _phi(k), lut, mass, **kw),
+                      sl.sla2_fused_attention(q, k, v, _phi(q), _phi(k), lut, mass, **kw))
+    for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g_low, g_ref):
+        assert a.shape == b.shape and bool(jnp.all(jnp.isfinite(a))), name
+        # straight-through: same backward kernels, only LSE / O_s come from the low-bit forward
+        assert rel_err(a, b) < max(5 * fwd_err, 1e-4), (name, rel_err(a, b), fwd_err)
+    # phi(q), phi(k) gradients flow only through the linear branch: independent of the quantisation
+    assert rel_err(g_low[3], g_ref[3]) < 1e-5 and rel_err(g_low[4], g_ref[4]) < 1e-5
+
+
+def test_branch_gradients_straight_through(seed):
+    q, k, v, lut, _ = _setup(seed, 70, 64, jnp.float32, 32, 16, 0.5, h=1)
+    kw = dict(block_q=32, block_k=16)
+    cts = jax.random.normal(jax.random.PRNGKey(seed + 2), q.shape)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, _phi(q), _phi(k), lut, **kw)[0] * cts)
+
+    g_low = jax.grad(loss(ia.sparse_linear_attention_lowbit), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(loss(sl.sparse_linear_attention), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_low, g_ref):
+        assert 0 < rel_err(a, b) < 5e-2
+
+
+def test_bad_inputs():
+    q, k, v = random_qkv(0, (1, 64, 1, 64), jnp.float32)
+    lut = jnp.zeros((1, 1, 2, 1), jnp.int32)
+    with pytest.raises(ValueError, match="quant"):
+        ia.sparse_linear_attention_lowbit(q, k, v, q, k, lut, quant="int4", block_q=32, block_k=32)
+    with pytest.raises(ValueError, match="head_dim"):
+        ia.sparse_linear_attention_lowbit(q[..., :48], k[..., :48], v[..., :48], q[..., :48], k[..., :48], lut,
+                                          block_q=32, block_k=32)
+    with pytest.raises(ValueError, match="lut"):
+        ia.sla2_fused_attention_lowbit(q, k, v, q, k, lut[:, :, :1], 0.5, block_q=32, block_k=32)
+    with pytest.raises(ValueError, match="alpha"):
+        ia.sla2_fused_attention_lowbit(q, k, v, q, k, lut, jnp.ones((3,)), block_q=32, block_k=32)
