@@ -402,6 +402,11 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
   if cfg.track_lin:
     k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
 
+  qk_scale = cfg.sm_scale * _LOG2E
+  kvalid = (k_start + jnp.arange(cfg.block_k)) < cfg.n
+
+  # Keys-as-rows orientation (as in the Triton fused-attention tutorial's dK/dV loop): every matmul has a
+  # register tile or a loaded tile as A and a loaded tile as B, so no computed tile needs transposing.
   def body(t, carry):
     dk, dv = carry[:2]
     i = r["lut_t"][j, lax.div(t, jnp.int32(nsub))]   # (plain // and % lower badly in Triton)
@@ -410,38 +415,36 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
     q = _load_rows(r["q"], q_start, bm, cfg.n)
     lse = r["lse"][rws]
     delta = r["delta"][rws]
-    p = jnp.exp2(_scores(q, k, k_start, cfg) - lse[:, None])
+    s_t = _dot(k, q, trans_b=True) * qk_scale                      # (block_k, bm) = S^T
+    p_t = jnp.where(kvalid[:, None], jnp.exp2(s_t - lse[None, :]), 0.0)
+    do = _load_rows(r["do" if fused else "do_s"], q_start, bm, cfg.n)
+    x_t = _dot(v, do, trans_b=True)                                 # (dO V^T)^T
     if fused:
       a = r["alpha"][i]
-      do = _load_rows(r["do"], q_start, bm, cfg.n)
-      x = _dot(do, v, trans_b=True)
-      ds = p * (a * x - delta[:, None])
-      w = a * p
+      ds_t = p_t * (a * x_t - delta[None, :])
+      w_t = a * p_t
     else:
-      do = _load_rows(r["do_s"], q_start, bm, cfg.n)
-      x = _dot(do, v, trans_b=True)
-      ds = p * (x - delta[:, None])
-      w = p
-    dk = dk + _dot(ds.astype(dt), q, trans_a=True)
+      ds_t = p_t * (x_t - delta[None, :])
+      w_t = p_t
+    dk = dk + _dot(ds_t.astype(dt), q)
     out_extra = ()
     if cfg.track_lin:
       dk_phi = carry[2]
       q_phi = _load_rows(r["q_phi"], q_start, bm, cfg.n)
-      den = r["den"][rws]
+      inv_den = 1.0 / r["den"][rws]
       c = r["c"][rws]
-      phit = (q_phi.astype(_F32) / den[:, None]).astype(dt)
-      cmat = _dot(phit, k_phi, trans_b=True)          # (block_q, block_k) = phi~_i phi(K_j)^T
+      c_t = _dot(k_phi, q_phi, trans_b=True) * inv_den[None, :]    # (phi~_i phi(K_j)^T)^T
       if fused:
-        y = (1.0 - a) * x
-        dv = dv + _dot((w - (1.0 - a) * cmat).astype(dt), do, trans_a=True)
+        y_t = (1.0 - a) * x_t
+        dv = dv + _dot((w_t - (1.0 - a) * c_t).astype(dt), do)
       else:
         do_l = _load_rows(r["do_l"], q_start, bm, cfg.n)
-        y = _dot(do_l, v, trans_b=True)
-        dv = dv + _dot(w.astype(dt), do, trans_a=True) - _dot(cmat.astype(dt), do_l, trans_a=True)
-      dk_phi = dk_phi - _dot((y - c[:, None]).astype(dt), phit, trans_a=True)
+        y_t = _dot(v, do_l, trans_b=True)
+        dv = dv + _dot(w_t.astype(dt), do) - _dot(c_t.astype(dt), do_l)
+      dk_phi = dk_phi - _dot(((y_t - c[None, :]) * inv_den[None, :]).astype(dt), q_phi)
       out_extra = (dk_phi,)
     else:
-      dv = dv + _dot(w.astype(dt), do, trans_a=True)
+      dv = dv + _dot(w_t.astype(dt), do)
     return (dk, dv) + out_extra
 
   carry = lax.fori_loop(0, r["count"][j] * nsub, body, carry)
