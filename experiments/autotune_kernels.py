@@ -31,7 +31,7 @@ lc = importlib.import_module("pallas_kernels.launch_config")
 from pallas_kernels import sparse_linear as sl  # noqa: E402
 
 CANDIDATES = {
-    "fwd": [(w, s, 128) for w, s in itertools.product((4, 8), (2, 3, 4))],
+    "fwd": [(w, s, kv) for w, s, kv in itertools.product((4, 8), (2, 3), (64, 128))],
     "sum": [(w, s, 128) for w, s in itertools.product((4, 8), (1, 2, 3))],
     "dq": [(w, s, r) for w, s, r in itertools.product((4, 8), (1, 2), (32, 64))],
     "dkv": [(w, s, r) for w, s, r in itertools.product((4, 8), (1, 2), (32, 64))],

@@ -13,16 +13,16 @@ import jax
 
 # kernel names: "fwd" (forward), "dq" (backward over the LUT), "dkv" (backward over the transposed LUT),
 # "sum" (pre-pass / gradient totals: row-chunked sums of outer products)
-_DEFAULT = {"fwd": (4, 2, 128), "dq": (4, 2, 64), "dkv": (4, 2, 64), "sum": (4, 2, 128)}
+_DEFAULT = {"fwd": (4, 2, 64), "dq": (4, 2, 64), "dkv": (4, 2, 64), "sum": (4, 2, 128)}
 
 # AUTOTUNE-BEGIN
 TABLES: dict[str, dict[tuple[str, int, int, int], tuple[int, int, int]]] = {
     "hopper": {
-        ("fwd", 128, 128, 64): (8, 3, 128),
+        ("fwd", 128, 128, 64): (8, 3, 64),
         ("dq", 128, 128, 64): (8, 2, 64),
         ("dkv", 128, 128, 64): (4, 1, 64),
         ("sum", 128, 128, 64): (4, 2, 128),
-        ("fwd", 64, 128, 64): (4, 3, 128),
+        ("fwd", 64, 128, 64): (4, 3, 64),
         ("dq", 64, 128, 64): (4, 2, 64),
         ("dkv", 64, 128, 64): (4, 2, 64),
     },
@@ -66,7 +66,8 @@ def override_launch_config(**configs: tuple[int, int, int]):
 def launch_config(kernel: str, head_dim: int, block_q: int, block_k: int,
                   generation: str | None = None) -> tuple[int, int, int]:
   """(num_warps, num_stages, rows) for ``kernel`` in {'fwd', 'dq', 'dkv', 'sum'}; rows = query rows per
-  program (dq) or per loop step (dkv), a power of two <= block_q; ignored by 'fwd' and 'sum'."""
+  program (dq) or per loop step (dkv), a power of two <= block_q; for 'fwd' the keys per loop step
+  (a multiple of block_k: LUT entries handled per online-softmax rescale); ignored by 'sum'."""
   if kernel in _OVERRIDES:
     return _OVERRIDES[kernel]
   gen = generation or gpu_generation()

@@ -125,7 +125,7 @@ def _scores(q, k, k_start, cfg):
 # ----------------------------------------------------------------------------------------------------------
 # Forward kernel
 # ----------------------------------------------------------------------------------------------------------
-def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool):
+def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool, unroll: int = 1):
   r = dict(zip(names, refs))
   i = pl.program_id(0)
   q_start = i * cfg.block_q
@@ -138,27 +138,38 @@ def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool):
   if cfg.track_lin:
     carry += (jnp.zeros((d, d), _F32), jnp.zeros((d,), _F32))
 
-  def body(t, carry):
+  def step(ts, carry):
+    """One online-softmax update over the LUT entries ts (1 or more key blocks: one rescale of acc)."""
     acc, m_i, l_i = carry[:3]
-    k_start = r["lut"][i, t] * cfg.block_k
-    k = _load_rows(r["k"], k_start, cfg.block_k, cfg.n)
-    v = _load_rows(r["v"], k_start, cfg.block_k, cfg.n)
-    s = _scores(q, k, k_start, cfg)
-    m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+    starts = [r["lut"][i, t] * cfg.block_k for t in ts]
+    ks = [_load_rows(r["k"], st, cfg.block_k, cfg.n) for st in starts]
+    vs = [_load_rows(r["v"], st, cfg.block_k, cfg.n) for st in starts]
+    ss = [_scores(q, k, st, cfg) for k, st in zip(ks, starts)]
+    m_new = m_i
+    for s in ss:
+      m_new = jnp.maximum(m_new, jnp.max(s, axis=1))
     correction = jnp.exp2(m_i - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l_i = l_i * correction + jnp.sum(p, axis=1)
-    acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+    l_i = l_i * correction
+    acc = acc * correction[:, None]
+    for s, v in zip(ss, vs):
+      p = jnp.exp2(s - m_new[:, None])
+      l_i = l_i + jnp.sum(p, axis=1)
+      acc = acc + _dot(p.astype(v.dtype), v)
     out = (acc, m_new, l_i)
     if cfg.track_lin:
       g, z_sel = carry[3:]
-      k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
-      g = g + _dot(k_phi, v, trans_a=True)
-      z_sel = z_sel + jnp.sum(k_phi.astype(_F32), axis=0)
+      for st, v in zip(starts, vs):
+        k_phi = _load_rows(r["k_phi"], st, cfg.block_k, cfg.n)
+        g = g + _dot(k_phi, v, trans_a=True)
+        z_sel = z_sel + jnp.sum(k_phi.astype(_F32), axis=0)
       out += (g, z_sel)
     return out
 
-  carry = lax.fori_loop(0, cfg.topk, body, carry)
+  # `unroll` LUT entries per loop step (launch table), then the remainder one at a time.
+  n_main = cfg.topk // unroll
+  carry = lax.fori_loop(0, n_main, lambda t, c: step([t * unroll + u for u in range(unroll)], c), carry)
+  if cfg.topk % unroll:
+    carry = lax.fori_loop(n_main * unroll, cfg.topk, lambda t, c: step([t], c), carry)
   acc, m_i, l_i = carry[:3]
   o_s = acc / l_i[:, None]
   lse = m_i + jnp.log2(l_i)
@@ -317,7 +328,8 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, resid
     outputs.append(("lse", row_struct, rows))
     if cfg.linear:
       outputs.append(("den", row_struct, rows))
-  res = _call(_fwd_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "fwd", dict(fused=fused))
+  unroll = max(1, launch_config("fwd", cfg.d, cfg.block_q, cfg.block_k)[2] // cfg.block_k)
+  res = _call(_fwd_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "fwd", dict(fused=fused, unroll=unroll))
   out = dict(zip([x[0] for x in outputs], res))
   out["h_tot"], out["z_tot"] = h_tot, z_tot
   return out
