@@ -11,7 +11,7 @@ from sla2_jax.checks import check_alpha, check_qkv, check_weight
 from sla2_jax.combine import combine
 from sla2_jax.config import SLA2Config
 from sla2_jax.feature_maps import feature_map
-from sla2_jax.routing import block_scores, captured_mass, selection_mask, soft_topk, topk_blocks
+from sla2_jax.routing import block_probabilities, block_scores, captured_mass, soft_topk, topk_blocks
 
 
 def route(q, k, config: SLA2Config, *, w_q=None, w_k=None, soft: bool = False):
@@ -20,9 +20,11 @@ def route(q, k, config: SLA2Config, *, w_q=None, w_k=None, soft: bool = False):
     scores = block_scores(q, k, block_q=config.block_q, block_k=config.block_k, w_q=w_q, w_k=w_k)
     topk = config.num_selected(scores.shape[-1])
     lut = topk_blocks(scores, topk)
-    soft_mask = soft_topk(scores, topk, config.soft_topk_tau) if soft else None
-    mask = soft_mask if soft else selection_mask(lut, scores.shape[-1])
-    return lut, soft_mask, captured_mass(scores, mask, seq_len, config.block_k)
+    if soft:
+        soft_mask = soft_topk(scores, topk, config.soft_topk_tau)
+        return lut, soft_mask, captured_mass(scores, soft_mask, seq_len, config.block_k)
+    probs = block_probabilities(scores, seq_len, config.block_k)
+    return lut, None, jnp.sum(jnp.take_along_axis(probs, lut, axis=-1), axis=-1)
 
 
 def sparse_linear_outputs(q, k, v, config: SLA2Config, *, w_q=None, w_k=None, soft: bool = False):

@@ -79,15 +79,19 @@ def selection_mask(lut, num_k_blocks: int):
     return jax.nn.one_hot(lut, num_k_blocks, dtype=jnp.float32).sum(axis=-2)
 
 
+def block_probabilities(scores, seq_len: int, block_k: int):
+    """Block-level softmax of the router logits, each key block weighted by its number of valid keys n_j:
+    softmax_j(S_c + log n_j), (B, H, Nq, Nk) float32 (a ragged last block counts for fewer keys)."""
+    return jax.nn.softmax(scores + jnp.log(block_counts(seq_len, block_k)), axis=-1)
+
+
 def captured_mass(scores, mask, seq_len: int, block_k: int):
     """Router estimate of the softmax mass kept by the selected blocks, in [0, 1].
 
-    Each key block j is weighted by its number of valid keys n_j (block-level softmax of S_c + log n_j).
     Args: scores (B, H, Nq, Nk) float32; mask (B, H, Nq, Nk) in [0, 1] (hard or soft selection).
     Returns: (B, H, Nq) float32.
     """
-    logits = scores + jnp.log(block_counts(seq_len, block_k))
-    return jnp.sum(jax.nn.softmax(logits, axis=-1) * mask, axis=-1)
+    return jnp.sum(block_probabilities(scores, seq_len, block_k) * mask, axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
