@@ -173,7 +173,7 @@ def _gpu() -> Preset:
       name="gpu",
       data=DataConfig(frames=16, height=64, width=64, max_shapes=3),
       model=ModelConfig(patch=(1, 2, 2), dim=256, depth=4, num_heads=4, dtype="bfloat16"),
-      stage0=TrainConfig(steps=600, batch_size=8, lr=5e-4, warmup=50, log_every=25, ckpt_every=200),
+      stage0=TrainConfig(steps=500, batch_size=8, lr=5e-4, warmup=50, log_every=25, ckpt_every=200),
       stage1=Stage1Config(num_videos=8, heldout_videos=2, timesteps=(0.1, 0.3, 0.5, 0.7, 0.9), steps=150,
                           batch_size=4, lr=1e-2, log_every=25),
       stage2=TrainConfig(steps=100, batch_size=8, lr=1e-4, warmup=10, log_every=25, ckpt_every=100, seed=1),
