@@ -174,7 +174,7 @@ def write_report(out: str, skipped=()) -> dict:
            for k, v in router.items()]
   md.append("\n![samples](samples_grid.png)\n\n![error vs sparsity](error_vs_sparsity.png)\n")
   with open(os.path.join(out, "results.md"), "w") as f:
-    f.write("".join(md))
+    f.write("\n".join(md))
 
   if samples:
     save_sample_grid(samples, os.path.join(out, "samples_grid.png"))

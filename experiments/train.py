@@ -115,9 +115,10 @@ def transfer_params(src: nnx.Module, dst: nnx.Module) -> int:
   copied = 0
   for path, var in dst_flat.items():
     if path in src_flat:
-      if src_flat[path].value.shape != var.value.shape:
-        raise ValueError(f"param {path} has shape {src_flat[path].value.shape} in the source, {var.value.shape} here")
-      var.value = src_flat[path].value
+      value = src_flat[path][...]
+      if value.shape != var[...].shape:
+        raise ValueError(f"param {path} has shape {value.shape} in the source, {var[...].shape} here")
+      var[...] = value
       copied += 1
   nnx.update(dst, dst_state)
   return copied
