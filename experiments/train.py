@@ -196,7 +196,7 @@ def train_diffusion(run_dir: str, preset: Preset, run: RunSpec, cfg: TrainConfig
 
   base_key = jax.random.PRNGKey(cfg.seed)
   end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-  losses, t0, seen, tic = [], time.time(), 0, time.time()
+  losses, t0, seen, tic, t_ckpt = [], time.time(), 0, time.time(), 0.0
   bar = tqdm(range(start, end), desc=desc or run.name, initial=start, total=cfg.steps, dynamic_ncols=True,
              mininterval=2.0)
   for step in bar:
@@ -215,7 +215,10 @@ def train_diffusion(run_dir: str, preset: Preset, run: RunSpec, cfg: TrainConfig
       bar.set_postfix(loss=f"{recent:.4f}", vid_s=f"{rate:.1f}", tok_s=f"{rate * preset.num_tokens:.3g}")
       seen, tic = 0, time.time()
     if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end:
+      jax.block_until_ready(loss)
+      tic_ckpt = time.time()
       save_checkpoint(mngr, step + 1, model, optimizer)
+      t_ckpt += time.time() - tic_ckpt
   bar.close()
   if end < cfg.steps:
     return {"stopped_at": end}
@@ -226,8 +229,8 @@ def train_diffusion(run_dir: str, preset: Preset, run: RunSpec, cfg: TrainConfig
   metrics = {"run": run.name, "steps": cfg.steps, "resumed_from": start,
              "final_loss": float(jnp.mean(jnp.stack(tail))) if tail else None,
              "seconds": time.time() - t0,
-             # Throughput after the first (compiling) step of this session.
-             "videos_per_s": ((end - start - 1) * cfg.batch_size / (t_end - t_first)
+             # Throughput after the first (compiling) step of this session, checkpoint saves excluded.
+             "videos_per_s": ((end - start - 1) * cfg.batch_size / (t_end - t_first - t_ckpt)
                               if end - start > 1 else None)}
   write_json(os.path.join(run_dir, "done.json"), metrics)
   return metrics
