@@ -90,7 +90,9 @@ def ptx_check():
     return o8, of
 
   jax.block_until_ready(jax.jit(ptxcheck_lowbit)(q, k, v))
-  files = glob.glob(os.path.join(_DUMP, "*.ptx"))
+  allf = glob.glob(os.path.join(_DUMP, "*"))
+  log("dump files:", [os.path.basename(f) for f in allf][:40])
+  files = [f for f in allf if os.path.isfile(f) and not f.endswith((".pb", ".pbtxt"))]
   text = "".join(open(f).read() for f in files)
   instr = sorted(set(re.findall(r"((?:wgmma\.mma_async|mma\.sync)[\w.]*)", text)))
   R["ptx"] = {"ptx_files": [os.path.basename(f) for f in files][:10], "mma_instructions": instr,
@@ -180,15 +182,22 @@ def wan(sparsities, runs, budget_s):
       log(sp, quant, row[f"{quant}_fwd_ms"], row[f"{quant}_err_vs_dense"], row[f"{quant}_err_vs_bf16"])
     # launch-config variants of the int8 kernel (fresh jit each)
     row["int8_variants_ms"] = {}
-    for nw, ns in [(4, 2), (4, 3), (8, 2), (8, 4)]:
+    variants = [(qp_, pp_, nw, ns) for (qp_, pp_) in [(True, "pallas"), (False, "pallas"), (False, "xla")]
+                for (nw, ns) in [(8, 3), (8, 4)]]
+    for qpre, prep, nw, ns in variants:
       if time.time() - T0 > budget_s:
         break
-      with ia.override_launch(nw, ns):
+      with ia.override_launch(nw, ns), ia.options(q_prepass=qpre, prepass=prep):
         f_var = lambda q, k, v, qp, kp, a: ia.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, quant="int8")
-        t = guarded(f"int8 w{nw} s{ns}", lambda: bench(f_var, q, k, v, qp, kp, alpha, runs=runs))
-      row["int8_variants_ms"][f"w{nw}_s{ns}"] = t
-      log(sp, "int8 variant", nw, ns, t)
-    row["k_prepass_ms"] = guarded("prepass", lambda: bench(lambda k: ia.quantize_keys(k, 64), k, runs=runs))
+        t = guarded(f"int8 {qpre} {prep} w{nw} s{ns}", lambda: bench(f_var, q, k, v, qp, kp, alpha, runs=runs))
+      name = f"{'qpre' if qpre else 'qkernel'}_{prep}_w{nw}_s{ns}"
+      row["int8_variants_ms"][name] = t
+      log(sp, "int8 variant", name, t)
+    cfg_ = sl._validate(q, k, v, qp, kp, lut, 128, 64, "complement", None, 1e-6, None)
+    with ia.options(prepass="pallas", q_prepass=True):
+      row["prepass_pallas_qk_ms"] = guarded("prepass pallas", lambda: bench(
+          lambda q, k: ia._prequantize(q, k, cfg_), q, k, runs=runs))
+    row["k_prepass_xla_ms"] = guarded("prepass", lambda: bench(lambda k: ia.quantize_keys(k, 64), k, runs=runs))
     if time.time() - T0 < budget_s:
       def fb(f):
         return lambda q, k, v, qp, kp, a: jax.grad(
@@ -230,7 +239,7 @@ def main():
   print("PTX mma:", R["ptx"].get("mma_instructions"))
   hdr = ["sparsity", "cudnn ms", "bf16 ms", "int8 ms", "int8_fp8 ms", "int8 speedup vs bf16",
          "bf16 err/dense", "int8 err/dense", "int8_fp8 err/dense", "int8 err/bf16", "naive err/bf16",
-         "prepass ms", "best int8 variant"]
+         "prepass ms pallas(q+k)/xla(k)", "best int8 variant"]
   print(" | ".join(hdr))
   for r in R["wan"]:
     med = lambda x: x[0] if isinstance(x, (list, tuple)) else float("nan")
@@ -243,7 +252,7 @@ def main():
         f"{med(r.get('bf16_fwd_ms')) / t8:.2f}x", f"{r.get('bf16_err_vs_dense', float('nan')):.4f}",
         f"{r.get('int8_err_vs_dense', float('nan')):.4f}", f"{r.get('int8_fp8_err_vs_dense', float('nan')):.4f}",
         f"{r.get('int8_err_vs_bf16', float('nan')):.4f}", f"{r.get('naive_per_tensor_err_vs_bf16', float('nan')):.4f}",
-        f"{med(r.get('k_prepass_ms')):.3f}", f"{best[0]} {best[1]:.3f}"]))
+        f"{med(r.get('prepass_pallas_qk_ms')):.3f}/{med(r.get('k_prepass_xla_ms')):.3f}", f"{best[0]} {best[1]:.3f}"]))
   for r in R["wan"]:
     print("fwd+bwd ms bf16 / int8:", r.get("bf16_fwd_bwd_ms"), r.get("int8_fwd_bwd_ms"),
           "grad rel vs bf16:", r.get("int8_grad_vs_bf16"))

@@ -59,6 +59,24 @@ LAUNCH_TABLE: dict[tuple[int, int, int, str], tuple[int, int]] = {}
 _OVERRIDE: dict[str, tuple[int, int]] = {}
 
 
+# Implementation choices (read at trace time; the GPU check script times both):
+#   q_prepass: quantise Q in the Pallas pre-pass (int8 Q read by the forward kernel from memory) instead of
+#              inside the forward kernel; prepass: "pallas" (one read of K, one write of int8) or "xla".
+OPTIONS = {"q_prepass": True, "prepass": "pallas"}
+
+
+@contextlib.contextmanager
+def options(**kw):
+  """Temporarily change OPTIONS (use a fresh jax.jit inside the block)."""
+  old = dict(OPTIONS)
+  OPTIONS.update(kw)
+  try:
+    yield
+  finally:
+    OPTIONS.clear()
+    OPTIONS.update(old)
+
+
 @contextlib.contextmanager
 def override_launch(num_warps: int, num_stages: int):
   """Force (num_warps, num_stages) of the low-bit forward kernel (read at trace time: use a fresh jax.jit)."""
@@ -128,6 +146,75 @@ def quantize_values_fp8(v, block_k: int):
   return jnp.pad(v8t, ((0, 0), (0, 0), (0, 0), (0, nk * block_k - n))), scale
 
 
+_SCALE_LANES = 16  # the pre-pass writes each block's scale 16 times (a power-of-two tile), XLA keeps one
+
+
+def _quant_kernel(x_ref, mean_ref, x8_ref, scale_ref, *, n, block, smooth):
+  """Program (j, h, b): rows [j*block, (j+1)*block) of x (minus the mean, rounded to x's dtype) -> int8."""
+  start = pl.program_id(0) * block
+  x = sl._load_rows(x_ref, start, block, n)
+  x32 = x.astype(_F32)
+  if smooth:
+    valid = ((start + jnp.arange(block)) < n)[:, None]
+    x32 = jnp.where(valid, (x32 - mean_ref[...][None, :]).astype(x.dtype).astype(_F32), 0.0)
+  amax = jnp.max(jnp.max(jnp.abs(x32), axis=1), axis=0)
+  scale = jnp.maximum(amax, 1e-12) / INT8_MAX
+  x8 = jnp.clip(_round_half_even(x32 / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+  rows = start + jnp.arange(block)
+  mask = jnp.broadcast_to((rows < n)[:, None], x8.shape)
+  plgpu.store(x8_ref.at[pl.ds(start, block), :], x8, mask=mask)
+  scale_ref[...] = jnp.full((_SCALE_LANES,), scale, _F32)
+
+
+def _quantize_pallas(x, block: int, mean, interpret: bool):
+  """Pallas pre-pass: x (B, N, H, D) (minus mean (B, H, D) if given) -> int8 (B, N, H, D), scales (B, H, Nb)."""
+  b, n, h, d = x.shape
+  nb = -(-n // block)
+  smooth = mean is not None
+  if mean is None:
+    mean = jnp.zeros((b, h, d), _F32)
+  x8, scales = pl.pallas_call(
+      functools.partial(_quant_kernel, n=n, block=block, smooth=smooth),
+      grid=(nb, h, b),
+      in_specs=[pl.BlockSpec((None, n, None, d), lambda j, hh, bb: (bb, 0, hh, 0)),
+                pl.BlockSpec((None, None, d), lambda j, hh, bb: (bb, hh, 0))],
+      out_specs=[pl.BlockSpec((None, n, None, d), lambda j, hh, bb: (bb, 0, hh, 0)),
+                 pl.BlockSpec((None, None, _SCALE_LANES), lambda j, hh, bb: (bb, hh, j))],
+      out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.int8),
+                 jax.ShapeDtypeStruct((b, h, nb * _SCALE_LANES), _F32)],
+      compiler_params=CompilerParams(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="sla_int8_quant",
+  )(x, mean)
+  return x8, scales[:, :, ::_SCALE_LANES]
+
+
+def _prequantize(q, k, cfg: sl._Cfg):
+  """(q8 or None, q_scale or None, k8, k_scale, k_mean) per OPTIONS."""
+  if OPTIONS["prepass"] == "pallas":
+    k_mean = jnp.mean(k.astype(_F32), axis=1)                  # (B, H, D)
+    k8, k_scale = _quantize_pallas(k, cfg.block_k, k_mean, cfg.interpret)
+    q8 = q_scale = None
+    if OPTIONS["q_prepass"]:
+      q8, q_scale = _quantize_pallas(q, cfg.block_q, None, cfg.interpret)
+    return q8, q_scale, k8, k_scale, k_mean
+  k8, k_scale, k_mean = _quantize_keys(k, cfg.block_k)
+  q8 = q_scale = None
+  if OPTIONS["q_prepass"]:
+    q8, q_scale = quantize_blocks(q, cfg.block_q)
+  return q8, q_scale, k8, k_scale, k_mean
+
+
+def quantize_blocks(x, block: int):
+  """x (B, N, H, D) -> (int8 (B, N, H, D), scales (B, H, Nb)), as sla2_jax.quant.quantize_int8_blocks (XLA)."""
+  b, n, h, d = x.shape
+  nb = -(-n // block)
+  x32 = jnp.pad(x.astype(_F32), ((0, 0), (0, nb * block - n), (0, 0), (0, 0))).reshape(b, nb, block, h, d)
+  scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=(2, 4)), 1e-12) / INT8_MAX
+  x8 = jnp.clip(jnp.round(x32 / scale[:, :, None, :, None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+  return x8.reshape(b, nb * block, h, d)[:, :n], jnp.transpose(scale, (0, 2, 1))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Forward kernel
 # ----------------------------------------------------------------------------------------------------------
@@ -149,11 +236,14 @@ def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool):
   q_start = i * cfg.block_q
   d = cfg.d
 
-  # Q_i -> int8 with one scale (rows >= N load as 0 and do not change the amax).
-  q32 = sl._load_rows(r["q"], q_start, cfg.block_q, cfg.n).astype(_F32)
-  amax = jnp.max(jnp.max(jnp.abs(q32), axis=1), axis=0)
-  s_q = jnp.maximum(amax, 1e-12) / INT8_MAX
-  q8 = jnp.clip(_round_half_even(q32 / s_q), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+  if "q8" in r:   # quantised by the pre-pass
+    q8 = _load_int8_rows(r["q8"], q_start, cfg.block_q, cfg.n)
+    s_q = r["q_scale"][i]
+  else:           # Q_i -> int8 with one scale (rows >= N load as 0 and do not change the amax)
+    q32 = sl._load_rows(r["q"], q_start, cfg.block_q, cfg.n).astype(_F32)
+    amax = jnp.max(jnp.max(jnp.abs(q32), axis=1), axis=0)
+    s_q = jnp.maximum(amax, 1e-12) / INT8_MAX
+    q8 = jnp.clip(_round_half_even(q32 / s_q), -INT8_MAX, INT8_MAX).astype(jnp.int8)
   qk_scale = s_q * (cfg.sm_scale * _LOG2E)
 
   carry = (jnp.zeros((cfg.block_q, d), _F32),
@@ -201,6 +291,7 @@ def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool):
   # The scores used the smoothed K~ = K - mean: softmax is unchanged, but the LSE is shifted by q . mean per
   # row. Add it back so that the bf16 backward (which recomputes S from the unsmoothed K) sees a consistent LSE.
   if "lse" in r:
+    q32 = sl._load_rows(r["q"], q_start, cfg.block_q, cfg.n).astype(_F32)
     shift = jnp.sum(q32 * r["k_mean"][...][None, :], axis=1) * (cfg.sm_scale * _LOG2E)
     r["lse"][...] = m_i + jnp.log2(l_i) + shift
 
@@ -233,9 +324,13 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: sl._Cfg, quant: str, *, fus
   b, n, h, d = q.shape
   fp8 = quant == "int8_fp8"
   seq, rows = sl._seq_spec(cfg), sl._row_spec(cfg)
-  k8, k_scale, k_mean = _quantize_keys(k, cfg.block_k)
-  inputs = [("lut", lut, sl._full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k8", k8, seq),
-            ("k_scale", k_scale, sl._full_spec(cfg.nk))]
+  q8, q_scale, k8, k_scale, k_mean = _prequantize(q, k, cfg)
+  inputs = [("lut", lut, sl._full_spec(cfg.nq, cfg.topk))]
+  if q8 is not None:
+    inputs += [("q8", q8, seq), ("q_scale", q_scale, sl._full_spec(cfg.nq))]
+  if q8 is None or residuals:
+    inputs += [("q", q, seq)]
+  inputs += [("k8", k8, seq), ("k_scale", k_scale, sl._full_spec(cfg.nk))]
   if residuals:
     inputs += [("k_mean", k_mean, sl._full_spec(d))]
   if fp8:
@@ -365,5 +460,6 @@ def sla2_fused_attention_lowbit(q, k, v, q_phi, k_phi, lut, alpha, *, quant="int
   return _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha.astype(_F32), cfg, quant)
 
 
-__all__ = ["sparse_linear_attention_lowbit", "sla2_fused_attention_lowbit", "quantize_keys",
+__all__ = ["sparse_linear_attention_lowbit", "sla2_fused_attention_lowbit", "quantize_keys", "quantize_blocks",
+           "options", "OPTIONS",
            "quantize_values_fp8", "override_launch", "QUANT_MODES"]
