@@ -231,12 +231,16 @@ def wan(sparsity, b=1, h=12, n=32760, d=128, check_xla=True, bq=128, bk=64, runs
     row["kernel_fwd_eff_tflops"] = eff_flop / t["kernel_fwd_fused"] / 1e9
   if c:
     row["cudnn_fwd_tflops"] = 4 * b * h * n * n * d / c / 1e9  # dense non-causal forward: 4 N^2 D per head
-  row["peak_bytes"] = None
-  try:
-    stats = jax.devices()[0].memory_stats() or {}
-    row["peak_bytes"] = stats.get("peak_bytes_in_use")
-  except Exception:
-    pass
+  # Memory of the compiled programs (arguments + outputs + temporaries, XLA memory analysis), GiB.
+  def mem_gib(fn, *args):
+    try:
+      m = jax.jit(fn).lower(*args).compile().memory_analysis()
+      return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes) / 2**30
+    except Exception as e:
+      return f"{type(e).__name__}"
+  row["mem_gib"] = dict(cudnn_fwd_bwd=mem_gib(cudnn_fb, q, k, v, do),
+                        module_fwd_bwd=mem_gib(module_fb, q, k, v, alpha, do),
+                        cudnn_fwd=mem_gib(cudnn_fwd, q, k, v), module_fwd=mem_gib(module, q, k, v, alpha))
 
   # correctness vs the xla backend of sla2_jax
   if check_xla:
@@ -325,6 +329,8 @@ def main():
           f"{r.get('xla_rel_fwd_o_s', '-')}/{r.get('xla_rel_fwd_o_l', '-')} |")
   for r in RESULTS["wan"]:
     print(r["workload"], r["sparsity"], {k: (round(v, 3) if v else v) for k, v in r["times_ms"].items()})
+    print("  mem GiB", r.get("mem_gib"), "eff TFLOP/s", r.get("kernel_fwd_eff_tflops"),
+          "cudnn TFLOP/s", r.get("cudnn_fwd_tflops"), "xla grad rel", r.get("xla_rel_grad_q_k_v_qphi_kphi"))
 
 
 if __name__ == "__main__":
