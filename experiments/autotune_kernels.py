@@ -33,8 +33,8 @@ from pallas_kernels import sparse_linear as sl  # noqa: E402
 CANDIDATES = {
     "fwd": [(w, s, kv) for w, s, kv in itertools.product((4, 8), (2, 3), (64, 128))],
     "sum": [(w, s, 128) for w, s in itertools.product((4, 8), (1, 2, 3))],
-    "dq": [(w, s, r) for w, s, r in itertools.product((4, 8), (1, 2), (32, 64))],
-    "dkv": [(w, s, r) for w, s, r in itertools.product((4, 8), (1, 2), (32, 64))],
+    "dq": [(w, s, r) for w, s, r in itertools.product((4, 8), (1, 2), (32, 64, 128))],
+    "dkv": [(w, s, r) for w, s, r in itertools.product((4, 8), (1, 2), (32, 64, 128))],
 }
 
 
@@ -59,6 +59,7 @@ def main():
   ap.add_argument("--runs", type=int, default=10)
   ap.add_argument("--out", default=os.environ.get("OUT", "out"))
   ap.add_argument("--write", action="store_true")
+  ap.add_argument("--only", nargs="*", default=None, help="candidates to try, e.g. 8,2,128 (default: all)")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
   b, n, d, bq, bk = 1, args.n, args.d, 128, 64
@@ -88,7 +89,10 @@ def main():
   results, best = {}, {}
   for kern in args.kernels:
     results[kern] = []
-    for cand in CANDIDATES[kern]:
+    cands = CANDIDATES[kern]
+    if args.only:
+      cands = [tuple(int(x) for x in c.split(",")) for c in args.only]
+    for cand in cands:
       try:
         with lc.override_launch_config(**{kern: cand}):
           t = runners[kern]()

@@ -136,12 +136,13 @@ def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool, unroll: int = 1):
            jnp.full((cfg.block_q,), -jnp.inf, _F32),
            jnp.zeros((cfg.block_q,), _F32))
   if cfg.track_lin:
-    carry += (jnp.zeros((d, d), _F32), jnp.zeros((d,), _F32))
+    carry += (jnp.zeros((d, d), _F32), jnp.zeros((1, d), _F32))
 
   def step(ts, carry):
     """One online-softmax update over the LUT entries ts (1 or more key blocks: one rescale of acc)."""
     acc, m_i, l_i = carry[:3]
-    starts = [r["lut"][i, t] * cfg.block_k for t in ts]
+    js = [r["lut"][i, t] for t in ts]
+    starts = [j * cfg.block_k for j in js]
     ks = [_load_rows(r["k"], st, cfg.block_k, cfg.n) for st in starts]
     vs = [_load_rows(r["v"], st, cfg.block_k, cfg.n) for st in starts]
     ss = [_scores(q, k, st, cfg) for k, st in zip(ks, starts)]
@@ -158,10 +159,10 @@ def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool, unroll: int = 1):
     out = (acc, m_new, l_i)
     if cfg.track_lin:
       g, z_sel = carry[3:]
-      for st, v in zip(starts, vs):
+      for j, st, v in zip(js, starts, vs):
         k_phi = _load_rows(r["k_phi"], st, cfg.block_k, cfg.n)
         g = g + _dot(k_phi, v, trans_a=True)
-        z_sel = z_sel + jnp.sum(k_phi.astype(_F32), axis=0)
+        z_sel = z_sel + r["z_blk"][pl.ds(j, 1), :]   # precomputed colsum phi(K_j): no cross-warp reduction
       out += (g, z_sel)
     return out
 
@@ -178,10 +179,11 @@ def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool, unroll: int = 1):
     q_phi = _load_rows(r["q_phi"], q_start, cfg.block_q, cfg.n).astype(_F32)
     h = r["h_tot"][...]
     z = r["z_tot"][...]
+    z = z[None, :]
     if cfg.track_lin:
       h = h - carry[3]
       z = z - carry[4]
-    den = jnp.sum(q_phi * z[None, :], axis=1) + cfg.eps
+    den = jnp.sum(q_phi * z, axis=1) + cfg.eps
     o_l = _dot_mat(q_phi, h, q.dtype) / den[:, None]
   else:
     o_l = None
@@ -302,6 +304,14 @@ def _prepass(k_phi, v, cfg: _Cfg):
   return _outer_sum(k_phi, v, cfg)
 
 
+def _block_colsums(k_phi, cfg: _Cfg):
+  """z_j = colsum phi(K_j) per key block, (B, H, Nk, D) float32 (XLA; padded rows are zero)."""
+  b, n, h, d = k_phi.shape
+  x = jnp.pad(k_phi, ((0, 0), (0, cfg.nk * cfg.block_k - n), (0, 0), (0, 0)))
+  z = jnp.sum(x.reshape(b, cfg.nk, cfg.block_k, h, d), axis=2, dtype=_F32)
+  return jnp.transpose(z, (0, 2, 1, 3))
+
+
 def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, residuals: bool):
   b, n, h, d = q.shape
   seq, rows = _seq_spec(cfg), _row_spec(cfg)
@@ -311,7 +321,7 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, resid
     h_tot, z_tot = _prepass(k_phi, v, cfg)
     inputs += [("q_phi", q_phi, seq)]
     if cfg.track_lin:
-      inputs += [("k_phi", k_phi, seq)]
+      inputs += [("k_phi", k_phi, seq), ("z_blk", _block_colsums(k_phi, cfg), _full_spec(cfg.nk, d))]
     inputs += [("h_tot", h_tot, _full_spec(d, d)), ("z_tot", z_tot, _full_spec(d))]
   if fused:
     inputs += [("alpha", alpha, _full_spec(cfg.nq))]
