@@ -65,9 +65,8 @@ _OVERRIDE: dict[str, tuple[int, int]] = {}
 # Implementation choices (read at trace time; the GPU check script times both):
 #   q_prepass: quantise Q in the Pallas pre-pass (int8 Q read by the forward kernel from memory) instead of
 #              inside the forward kernel; prepass: "pallas" (one read of K, one write of int8) or "xla".
-# Defaults = the configuration validated on an H100 (run 1 of docs/perf_notes_int8.md); the Pallas pre-pass is
-# tested in interpret mode only so far.
-OPTIONS = {"q_prepass": False, "prepass": "xla"}
+# Defaults = the fastest measured on an H100 (run 2 of docs/perf_notes_int8.md).
+OPTIONS = {"q_prepass": True, "prepass": "pallas"}
 
 
 @contextlib.contextmanager
