@@ -35,15 +35,19 @@ ATTENTIONS = ("dense", "sla", "sla2", "sparse")
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
-  """Which attention the blocks use; `config` is an sla2_jax.SLA2Config (None for dense)."""
+  """Which attention the blocks use; `config` is an sla2_jax.SLA2Config (None for dense); `context` an optional
+  sla2_jax.ContextParallel (sequence-sharded attention over a mesh axis, Ulysses style; dense, sla2, sparse)."""
   kind: str = "dense"
   config: object = None
+  context: object = None
 
   def __post_init__(self):
     if self.kind not in ATTENTIONS:
       raise ValueError(f"attention kind={self.kind!r} must be one of {ATTENTIONS}")
     if self.kind != "dense" and self.config is None:
       raise ValueError(f"attention kind={self.kind!r} needs an sla2_jax.SLA2Config")
+    if self.context is not None and self.kind == "sla":
+      raise ValueError("context parallelism supports the dense, sla2 and sparse attentions, not sla")
 
 
 def attention_spec(preset: Preset, run: RunSpec, *, quant: str | None = None) -> AttentionSpec:
@@ -69,12 +73,16 @@ def _dense_core(q, k, v):
 class SparseOnlyAttention(nnx.Module):
   """Sparse branch alone (alpha fixed to 1): O = O_s with the SLA heuristic router. No parameters."""
 
-  def __init__(self, config):
-    self.config = config
+  def __init__(self, config, context=None):
+    self.config, self.context = config, context
 
   def __call__(self, q, k, v):
     import sla2_jax as sla
     alpha = jnp.ones((1, 1, 1), jnp.float32)
+    if self.context is not None:
+      ctx = self.context
+      return sla.context_parallel_attention(q, k, v, mesh=ctx.mesh, seq_axis=ctx.seq_axis, config=self.config,
+                                            batch_axis=ctx.batch_axis, alpha=alpha)
     return sla.sla2_attention(q, k, v, config=self.config, alpha=alpha)
 
 
@@ -84,10 +92,11 @@ def make_core(spec: AttentionSpec, num_heads: int, head_dim: int, seq_len: int, 
     return None
   import sla2_jax as sla
   if spec.kind == "sla2":
-    return sla.SLA2Attention(num_heads, head_dim, config=spec.config, seq_len=seq_len, rngs=rngs)
+    return sla.SLA2Attention(num_heads, head_dim, config=spec.config, seq_len=seq_len, context=spec.context,
+                             rngs=rngs)
   if spec.kind == "sla":
     return sla.SLAAttention(num_heads, head_dim, config=spec.config, rngs=rngs)
-  return SparseOnlyAttention(spec.config)
+  return SparseOnlyAttention(spec.config, spec.context)
 
 
 class Attention(nnx.Module):
@@ -102,6 +111,7 @@ class Attention(nnx.Module):
     self.k_norm = nnx.RMSNorm(self.head_dim, dtype=dtype, rngs=rngs)
     self.out = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
     self.core = make_core(spec, num_heads, self.head_dim, seq_len, rngs)
+    self.context = spec.context
 
   def qkv_heads(self, x):
     """x (B, N, dim) -> q, k, v each (B, N, H, D), q and k normalised."""
@@ -112,7 +122,14 @@ class Attention(nnx.Module):
   def __call__(self, x, capture: bool = False):
     B, N, dim = x.shape
     q, k, v = self.qkv_heads(x)
-    o = _dense_core(q, k, v) if self.core is None else self.core(q, k, v)
+    if self.core is not None:
+      o = self.core(q, k, v)
+    elif self.context is not None:
+      from sla2_jax.context_parallel import ulysses
+      ctx = self.context
+      o = ulysses(_dense_core, q, k, v, mesh=ctx.mesh, seq_axis=ctx.seq_axis, batch_axis=ctx.batch_axis)
+    else:
+      o = _dense_core(q, k, v)
     y = self.out(o.astype(x.dtype).reshape(B, N, dim))
     return y, ((q, k, v) if capture else None)
 
@@ -228,9 +245,12 @@ class VideoDiT(nnx.Module):
     return (out, captured) if capture else out
 
 
-def make_model(preset: Preset, run: RunSpec, *, seed: int = 0, quant: str | None = None) -> VideoDiT:
-  """A fresh model for one compared run of a preset (weights random; load checkpoints on top)."""
-  return VideoDiT(preset.model, preset.data, attention_spec(preset, run, quant=quant), rngs=nnx.Rngs(seed))
+def make_model(preset: Preset, run: RunSpec, *, seed: int = 0, quant: str | None = None,
+               context=None) -> VideoDiT:
+  """A fresh model for one compared run of a preset (weights random; load checkpoints on top). context: optional
+  sla2_jax.ContextParallel for sequence-parallel attention."""
+  spec = dataclasses.replace(attention_spec(preset, run, quant=quant), context=context)
+  return VideoDiT(preset.model, preset.data, spec, rngs=nnx.Rngs(seed))
 
 
 def sample_t(key, batch: int):

@@ -56,17 +56,19 @@ def _check_recipe(out: str, preset: Preset) -> dict:
   return recipe
 
 
-def run_recipe(preset: Preset, out: str, *, time_budget_s: float | None = None, log=print) -> dict:
+def run_recipe(preset: Preset, out: str, *, time_budget_s: float | None = None, context: int = 1,
+               log=print) -> dict:
   """Run every missing stage of the preset into `out` and write the report. Returns results.json's content.
 
   Sparse models are trained and evaluated one after the other in the order of preset.runs (router first when it
   is missing), so an interrupted or time-limited run leaves complete rows. time_budget_s: once this many seconds
   have passed, no further model is started (the report says which were skipped); a rerun continues.
+  context: devices per sequence-parallel group (mesh "context" axis; the rest of the devices split the batch).
   """
   t_start = time.time()
   os.makedirs(out, exist_ok=True)
   _check_recipe(out, preset)
-  mesh = train.make_mesh()
+  mesh = train.make_mesh(context)
   dense_run = preset.run("dense")
   stage0_dir = os.path.join(out, "stage0", "dense")
   eval_dir = os.path.join(out, "eval")
@@ -143,6 +145,8 @@ def main():
   parser.add_argument("--backend", default=None, help="sla2_jax backend override (auto, pallas, xla)")
   parser.add_argument("--time-budget", type=float, default=None,
                       help="seconds after which no further model is started (a rerun continues)")
+  parser.add_argument("--context", type=int, default=1,
+                      help="devices per context-parallel group (sequence-sharded attention); the rest split the batch")
   args = parser.parse_args()
   preset = select_runs(get_preset(args.preset), args.runs)
   if args.stage0_steps is not None:
@@ -153,7 +157,7 @@ def main():
     preset = dataclasses.replace(preset, stage2=dataclasses.replace(preset.stage2, steps=args.stage2_steps))
   if args.backend is not None:
     preset = dataclasses.replace(preset, backend=args.backend)
-  run_recipe(preset, args.out, time_budget_s=args.time_budget)
+  run_recipe(preset, args.out, time_budget_s=args.time_budget, context=args.context)
   print(open(os.path.join(args.out, "results.md")).read())
 
 

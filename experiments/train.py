@@ -7,8 +7,8 @@ A runner that finds a checkpoint but no done.json resumes from the latest step. 
 of the step number, so a resumed run gives the same parameters as an uninterrupted one.
 
 Parallelism: a mesh over all local devices with axes ("data", "context"). Batches are sharded over "data", the
-parameters replicated. The "context" axis (size 1 here) is the hook for sequence parallelism through
-sla2_jax.context_parallel_attention.
+parameters replicated. The "context" axis (size > 1: `run_recipe --context N`) makes
+the attention of stages 0 and 2 sequence-parallel (Ulysses, sla2_jax.ContextParallel).
 """
 
 from __future__ import annotations
@@ -41,6 +41,15 @@ def make_mesh(context: int = 1) -> Mesh:
   if devices.size % context:
     raise ValueError(f"context={context} does not divide the {devices.size} local devices")
   return Mesh(devices.reshape(-1, context), ("data", "context"))
+
+
+def context_parallel(mesh: Mesh):
+  """The sla2_jax.ContextParallel of the mesh when its "context" axis is > 1 (attention sequence-sharded over it,
+  batch over "data"), else None."""
+  if mesh.shape["context"] == 1:
+    return None
+  import sla2_jax as sla
+  return sla.ContextParallel(mesh, "context", "data")
 
 
 def shard_batch(batch, mesh: Mesh):
@@ -182,7 +191,7 @@ def train_diffusion(run_dir: str, preset: Preset, run: RunSpec, cfg: TrainConfig
     return read_done(run_dir)
   mesh = mesh or make_mesh()
   source = source or data_lib.ProceduralVideos(preset.data, data_lib.TRAIN_STREAM)
-  model = make_model(preset, run)
+  model = make_model(preset, run, context=context_parallel(mesh))
   if init is not None:
     init(model)
   optimizer = make_optimizer(model, cfg, trainable)

@@ -41,16 +41,19 @@ def check_context_mesh(mesh, seq_axis: str, seq_len: int, heads: int) -> None:
                          f"{seq_axis!r} (pad the sequence)")
 
 
-def ulysses(fn, q, k, v, *, mesh, seq_axis: str, batch_axis=None, per_head=(), shared=()):
+def ulysses(fn, q, k, v, *, mesh, seq_axis: str, batch_axis=None, per_head=(), shared=(), per_head_batched=None):
     """Runs fn(q, k, v, *per_head, *shared) with the full sequence and a subset of heads on each device.
 
     q, k, v: (B, N, H, D) laid out as P(batch_axis, seq_axis). per_head: arrays whose leading axis is H (split
-    with the heads); shared: arrays replicated on every device. fn returns (B, N, H_local, D). Returns
+    with the heads); per_head_batched: for each of them, whether its second axis is the batch (then split over
+    batch_axis too); shared: arrays replicated on every device. fn returns (B, N, H_local, D). Returns
     (B, N, H, D) laid out like q.
     """
     check_context_mesh(mesh, seq_axis, q.shape[1], q.shape[2])
     qkv_spec = P(batch_axis, seq_axis, None, None)
-    head_specs = tuple(P(seq_axis, *([None] * (x.ndim - 1))) for x in per_head)
+    batched = per_head_batched or (False,) * len(per_head)
+    head_specs = tuple(P(seq_axis, batch_axis, *([None] * (x.ndim - 2))) if b else P(seq_axis, *([None] * (x.ndim - 1)))
+                       for x, b in zip(per_head, batched))
     shared_specs = tuple(P(*([None] * x.ndim)) for x in shared)
     n_head = len(per_head)
 
@@ -94,7 +97,7 @@ def context_parallel_attention(q, k, v, *, mesh, seq_axis: str, config: SLA2Conf
     for name, value in (("w_q", w_q), ("w_k", w_k), ("alpha", alpha)):
         if value is None:
             continue
-        if name == "alpha":  # (B, H, Nq) -> (H, B, Nq): heads first
+        if name == "alpha":  # (B, H, Nq) -> (H, B, Nq): heads first, batch split like q's
             value = jnp.moveaxis(jnp.broadcast_to(jnp.asarray(value, jnp.float32), (batch, heads, nq)), 1, 0)
         target = per_head if (name == "alpha" or value.ndim == 3) else shared
         slots.append((name, target is per_head, len(target)))
@@ -107,5 +110,6 @@ def context_parallel_attention(q, k, v, *, mesh, seq_axis: str, config: SLA2Conf
             kw["alpha"] = jnp.moveaxis(kw["alpha"], 0, 1)
         return sla2_attention(q, k, v, config=config, **kw)
 
+    batched = tuple(name == "alpha" for name, is_head, _ in slots if is_head)
     return ulysses(attend, q, k, v, mesh=mesh, seq_axis=seq_axis, batch_axis=batch_axis, per_head=tuple(per_head),
-                   shared=tuple(shared))
+                   shared=tuple(shared), per_head_batched=batched)
