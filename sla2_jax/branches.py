@@ -64,21 +64,14 @@ def compute_branches(q, k, v, lut, *, block_q, block_k, feature_map, linear_scop
     if backend == "pallas":
         if soft_mask is not None:
             raise ValueError("soft routing is not supported by backend='pallas'; use 'xla' or 'reference'")
-        import pallas_kernels
-
-        def branches(q_, k_, v_, quant_p):
-            if quant_p:
-                raise ValueError("quant='int8_fp8' is not supported by backend='pallas' yet; use 'xla'")
-            o_s, o_l = pallas_kernels.sparse_linear_attention(
-                q_, k_, v_, q_phi, k_phi, lut, block_q=block_q, block_k=block_k, linear_scope=linear_scope,
-                sm_scale=scale, eps=eps)
-            return o_s.astype(jnp.float32), o_l.astype(jnp.float32)
-
-        o_s, o_l = branches(q, k, v, False)
-        if quant != "none":
-            q_s, k_s, v_s = quantize_sparse_inputs(q, k, v, quant=quant, block_q=block_q, block_k=block_k)
-            o_s = quant_lib.straight_through(o_s, branches(q_s, k_s, v_s, quant == "int8_fp8")[0])
-        return o_s, o_l
+        kw = dict(block_q=block_q, block_k=block_k, linear_scope=linear_scope, sm_scale=scale, eps=eps)
+        if quant != "none":  # real low-bit forward, full-precision backward (straight-through)
+            from pallas_kernels.int8_attention import sparse_linear_attention_lowbit
+            o_s, o_l = sparse_linear_attention_lowbit(q, k, v, q_phi, k_phi, lut, quant=quant, **kw)
+        else:
+            import pallas_kernels
+            o_s, o_l = pallas_kernels.sparse_linear_attention(q, k, v, q_phi, k_phi, lut, **kw)
+        return o_s.astype(jnp.float32), o_l.astype(jnp.float32)
 
     hard = selection_mask(lut, nk)
     selected = hard if soft_mask is None else soft_mask

@@ -41,18 +41,22 @@ def sparse_linear_outputs(q, k, v, config: SLA2Config, *, w_q=None, w_k=None, so
 
 def sla2_output(q, k, v, config: SLA2Config, alpha_fn, *, w_q=None, w_k=None, soft: bool = False):
     """Routing, branches and SLA2 combine; alpha_fn maps the captured mass (B, H, Nq) to alpha (broadcastable
-    to (B, H, Nq)). On the pallas backend with hard routing and no quantisation, one fused kernel does the
-    branches and the combine. Returns o (B, N, H, D) in q.dtype."""
+    to (B, H, Nq)). On the pallas backend with hard routing, one fused kernel does the branches and the combine
+    (the low-bit kernel when config.quant != "none"). Returns o (B, N, H, D) in q.dtype."""
     backend = resolve_backend(config.backend)
-    if backend == "pallas" and not soft and config.quant == "none":
-        import pallas_kernels
+    if backend == "pallas" and not soft:
+        from pallas_kernels import sla2_fused_attention
+        from pallas_kernels.int8_attention import sla2_fused_attention_lowbit
 
         lut, _, mass = route(q, k, config, w_q=w_q, w_k=w_k)
         alpha = jnp.broadcast_to(alpha_fn(jax.lax.stop_gradient(mass)), mass.shape)
-        return pallas_kernels.sla2_fused_attention(
-            q, k, v, feature_map(q, config.feature_map), feature_map(k, config.feature_map), lut, alpha,
-            block_q=config.block_q, block_k=config.block_k, linear_scope=config.linear_scope,
-            eps=config.eps).astype(q.dtype)
+        kw = dict(block_q=config.block_q, block_k=config.block_k, linear_scope=config.linear_scope, eps=config.eps)
+        if config.quant != "none":  # real low-bit forward, full-precision backward (straight-through)
+            kernel, kw = sla2_fused_attention_lowbit, dict(kw, quant=config.quant)
+        else:
+            kernel = sla2_fused_attention
+        q_phi, k_phi = feature_map(q, config.feature_map), feature_map(k, config.feature_map)
+        return kernel(q, k, v, q_phi, k_phi, lut, alpha, **kw).astype(q.dtype)
     o_s, o_l, mass = sparse_linear_outputs(q, k, v, config, w_q=w_q, w_k=w_k, soft=soft)
     if not soft:
         mass = jax.lax.stop_gradient(mass)
