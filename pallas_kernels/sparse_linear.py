@@ -11,27 +11,33 @@ Notation (per batch b and head h): Q, K, V, phi(Q), phi(K) are N x D; query bloc
   SLA2 combine    O = alpha * O_s + (1 - alpha) * O_l, alpha one value per (b, h, query block)
 
 Kernels (all grids are (blocks, H, B) with the block index fastest, so the programs of one head run together
-and that head's K, V, phi(K) stay in L2):
+and that head's K, V, phi(K) stay in L2). Launch configurations: launch_config.py (autotuned per GPU generation).
 
-* pre-pass (XLA): H_tot = phi(K)^T V (D x D, f32), Z_tot = colsum phi(K), per (b, h). 2*N*D^2 flop and one
-  read of phi(K), V per head.
+* ``_outer_sum_kernel`` (pre-pass and gradient totals), grid (ceil(N / 1024), H, B), split-K over row chunks:
+  H_tot = phi(K)^T V (D x D, f32), Z_tot = colsum phi(K); the chunk partials are added by XLA. 2*N*D^2 flop and
+  one read of phi(K), V per head. The per-key-block colsums z_j (B, H, Nk, D) come from one XLA reduction.
 * ``_fwd_kernel``, grid (Nq, H, B). Program (i, h, b) loads Q_i (block_q x D) once, then for each of the topk
-  LUT blocks j: loads K_j, V_j (and phi(K_j) for "complement"), S = Q_i K_j^T (exp2 online softmax with m_i,
-  l_i, acc in f32), acc += P V_j, and G += phi(K_j)^T V_j, z += colsum phi(K_j) (the selected part of H, Z).
+  LUT blocks j: loads K_j, V_j (and phi(K_j), z_j for "complement"), S = Q_i K_j^T (exp2 online softmax with
+  m_i, l_i, acc in f32), acc += P V_j, and G += phi(K_j)^T V_j, z += z_j (the selected part of H, Z).
   At the end H_i = H_tot - G, Z_i = Z_tot - z, O_l = phi(Q_i) H_i / (phi(Q_i) Z_i + eps), O_s = acc / l_i,
   LSE = m_i + log2 l_i (base 2), den = phi(Q_i) Z_i + eps; SLA2 combine in-kernel when fused.
-  Flop per program: topk * (4 * block_q * block_k * D  [+ 2 * block_k * D^2 "complement"]) + 2 * block_q * D^2.
+  Flop per program: topk * (4 * block_q * block_k * D  [+ 2 * block_k * D^2 "complement"]) + 4 * block_q * D^2.
   Bytes per program: topk * block_k * D * (2 [+1]) * itemsize of K/V/phi(K) (L2-resident in practice) + the
-  Q, phi(Q) and output tiles.
-* ``_dq_kernel``, grid (Nq, H, B): per query block, delta = rowsum(dO_s * O_s), c = rowsum(dO_l * O_l), and over
-  the LUT: P = exp2(S - LSE), dS = P * (dO_s V^T - delta), dQ += dS K; linear branch
+  Q, phi(Q) and output tiles. The f32 D x D products (phi(Q) H_i here, and the totals in the backward) run on
+  bf16 tensor cores as hi + lo bf16 parts of the f32 matrix (~2^-16 relative) for 16-bit inputs.
+* ``_dq_kernel``, grid (Npad / rows, H, B): per sub-block of ``rows`` query rows of query block i,
+  delta = rowsum(dO_s * O_s), c = rowsum(dO_l * O_l) (and rowsum(dO * (O_s - O_l)) for d alpha), and over the
+  LUT of block i: P = exp2(S - LSE), dS = P * (dO_s V^T - delta), dQ += dS K; linear branch
   dphi(Q) = dO_l / den @ H_i^T - c / den * Z_i, with the selected part folded into the loop as
-  -sum_j ((dO_l V_j^T - c) / den) phi(K_j).  3 (+1) block_q x block_k x D matmuls per LUT entry.
-* ``_dkv_kernel``, grid (Nk, H, B): per key block j, over the query blocks that selected it (transposed LUT and
-  counts built on device by a sort): dV += P^T dO_s, dK += dS^T Q; linear branch: starts from
-  dV = phi(K_j) dH_tot, dphi(K_j) = V_j dH_tot^T + dZ_tot (dH_tot = phi~(Q)^T dO_l, dZ_tot = -phi~(Q)^T c over
-  all queries, phi~ = phi(Q) / den, by XLA) and subtracts the query blocks that selected j:
-  dV -= (phi~_i phi(K_j)^T)^T dO_l, dphi(K_j) -= (dO_l V_j^T - c)^T phi~_i.  4 (+2..3) matmuls per pair.
+  -sum_j ((dO_l V_j^T - c) / den) phi(K_j).  3 (+1) rows x block_k x D matmuls per LUT entry (in the fused
+  form dO_s V^T and dO_l V^T are alpha and 1 - alpha times one product).
+* ``_dkv_kernel``, grid (Nk, H, B): per key block j, over the ``rows``-row sub-blocks of the query blocks that
+  selected it (transposed LUT and counts built on device: comparison, running count, one scatter), keys as rows
+  (S^T = K_j Q^T, so no computed tile is transposed): dV += P^T dO_s, dK += dS^T Q; linear branch: subtracts the
+  selected query blocks, dV -= (phi~_i phi(K_j)^T)^T dO_l, dphi(K_j) -= (dO_l V_j^T - c)^T phi~_i
+  (phi~ = phi(Q) / den), then after the loop adds the totals: dV += phi(K_j) dH_tot,
+  dphi(K_j) += V_j dH_tot^T + dZ_tot (dH_tot = phi~(Q)^T dO_l, dZ_tot = -phi~(Q)^T c over all queries, by
+  ``_outer_sum_kernel``).  4 (+2..3) block_k x rows x D matmuls per step.
 
 Ragged N: every tile load/store is masked by row (< N); keys >= N get score -1e30 and zero phi(K), V.
 The phi Jacobian, alpha's parametrisation and the router are left to JAX autodiff around these functions.
