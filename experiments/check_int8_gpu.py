@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 import sla2_jax as sla  # noqa: E402
+from experiments.timing import time_samples  # noqa: E402
 from pallas_kernels import int8_attention as ia  # noqa: E402
 from pallas_kernels import sparse_linear as sl  # noqa: E402
 
@@ -52,14 +52,7 @@ def rel(a, b):
 
 
 def bench(fn, *args, runs=30, warmup=3):
-  f = jax.jit(fn)
-  for _ in range(warmup + 1):
-    jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append((time.perf_counter() - t0) * 1e3)
+  ts = [1e3 * t for t in time_samples(jax.jit(fn), *args, warmup=warmup + 1, iters=runs)]
   return statistics.median(ts), min(ts), max(ts)
 
 

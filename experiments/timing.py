@@ -8,8 +8,8 @@ import time
 import jax
 
 
-def time_fn(fn, *args, warmup: int = 2, iters: int = 20) -> float:
-    """Median seconds of fn(*args), each call synchronised with jax.block_until_ready (after `warmup` calls)."""
+def time_samples(fn, *args, warmup: int = 2, iters: int = 20) -> list[float]:
+    """Seconds of each of `iters` calls fn(*args) after `warmup` calls, each synchronised with block_until_ready."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
@@ -17,7 +17,12 @@ def time_fn(fn, *args, warmup: int = 2, iters: int = 20) -> float:
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def time_fn(fn, *args, warmup: int = 2, iters: int = 20) -> float:
+    """Median seconds of fn(*args) (see time_samples)."""
+    return statistics.median(time_samples(fn, *args, warmup=warmup, iters=iters))
 
 
 def compiled_memory_bytes(jitted, *args) -> int | None:
