@@ -179,14 +179,14 @@ def main(argv=None):
             "python": sys.version.split()[0], "dense_baseline": "cudnn" if device.platform == "gpu" else "xla"}
     print(f"device: {meta['device']} | jax {meta['jax']} | dense baseline: {meta['dense_baseline']}")
     rows = []
+    os.makedirs(args.out, exist_ok=True)
     with tqdm(total=len(jobs) * len(sparsities) * len(backends), desc="benchmark", file=sys.stderr) as progress:
         for name, shape in jobs:
             for r in bench_shape(shape, sparsities, backends, iters, not args.no_kernel_only,
                                  not args.no_error, progress):
                 rows.append({"workload": name, **r})
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            with open(os.path.join(args.out, "results.json"), "w") as f:  # after every shape: a cut run keeps rows
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
     plot(rows, os.path.join(args.out, "speedup.png"))
     print_table(rows)
     print(f"\nwrote {args.out}/results.json and {args.out}/speedup.png")
