@@ -12,6 +12,7 @@
      the stages (router, pre-pass, forward kernel with residuals, backward kernels).
 Writes JSON to DIR/check_kernels_gpu.json and prints a table last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,302 +37,388 @@ RESULTS: dict = {"meta": {}, "small": [], "wan": []}
 
 
 def rel(a, b):
-  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-  return float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-30))
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-30))
 
 
 def bench(fn, *args, runs=20, warmup=3):
-  f = jax.jit(fn)
-  jax.block_until_ready(f(*args))
-  for _ in range(warmup):
+    f = jax.jit(fn)
     jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(ts)
+    for _ in range(warmup):
+        jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
 
 
 def phi(x):
-  return jax.nn.softmax(x.astype(jnp.float32), axis=-1).astype(x.dtype)
+    return jax.nn.softmax(x.astype(jnp.float32), axis=-1).astype(x.dtype)
 
 
 def router_lut(q, k, topk, block_q, block_k):
-  """SLA router: mean-pooled Q and smoothed K per block, top-k, ascending (partial last blocks averaged)."""
-  b, n, h, d = q.shape
-  nq, nk = -(-n // block_q), -(-n // block_k)
+    """SLA router: mean-pooled Q and smoothed K per block, top-k, ascending (partial last blocks averaged)."""
+    b, n, h, d = q.shape
+    nq, nk = -(-n // block_q), -(-n // block_k)
 
-  def pool(x, bs, nb):
-    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, nb * bs - n), (0, 0), (0, 0)))
-    cnt = jnp.minimum(bs, n - jnp.arange(nb) * bs).astype(jnp.float32)
-    return x.reshape(b, nb, bs, h, d).sum(2) / cnt[None, :, None, None]
+    def pool(x, bs, nb):
+        x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, nb * bs - n), (0, 0), (0, 0)))
+        cnt = jnp.minimum(bs, n - jnp.arange(nb) * bs).astype(jnp.float32)
+        return x.reshape(b, nb, bs, h, d).sum(2) / cnt[None, :, None, None]
 
-  ks = k.astype(jnp.float32) - jnp.mean(k.astype(jnp.float32), axis=1, keepdims=True)
-  s = jnp.einsum("bihd,bjhd->bhij", pool(q, block_q, nq), pool(ks, block_k, nk))
-  _, idx = jax.lax.top_k(s, topk)
-  return jnp.sort(idx, axis=-1).astype(jnp.int32)
+    ks = k.astype(jnp.float32) - jnp.mean(k.astype(jnp.float32), axis=1, keepdims=True)
+    s = jnp.einsum("bihd,bjhd->bhij", pool(q, block_q, nq), pool(ks, block_k, nk))
+    _, idx = jax.lax.top_k(s, topk)
+    return jnp.sort(idx, axis=-1).astype(jnp.int32)
 
 
 def random_lut(key, b, h, nq, nk, topk):
-  keys = jax.random.split(key, b * h * nq)
-  idx = jax.vmap(lambda kk: jax.random.permutation(kk, nk)[:topk])(keys)
-  return jnp.sort(idx.reshape(b, h, nq, topk), axis=-1).astype(jnp.int32)
+    keys = jax.random.split(key, b * h * nq)
+    idx = jax.vmap(lambda kk: jax.random.permutation(kk, nk)[:topk])(keys)
+    return jnp.sort(idx.reshape(b, h, nq, topk), axis=-1).astype(jnp.int32)
 
 
 def inputs(key, b, n, h, d, dtype):
-  ks = jax.random.split(key, 4)
-  q, k, v = (jax.random.normal(ks[i], (b, n, h, d), jnp.float32).astype(dtype) for i in range(3))
-  return q, k, v
+    ks = jax.random.split(key, 4)
+    q, k, v = (jax.random.normal(ks[i], (b, n, h, d), jnp.float32).astype(dtype) for i in range(3))
+    return q, k, v
 
 
 # --------------------------------------------------------------------------------------------------------
 def check_small():
-  key = jax.random.PRNGKey(1)
-  for (n, d, dtype, scope, topk_frac) in [(1000, 128, jnp.bfloat16, "complement", 0.25),
-                                          (333, 64, jnp.bfloat16, "all", 0.4),
-                                          (1000, 64, jnp.float16, "complement", 0.5),
-                                          (777, 128, jnp.float32, "complement", 0.3),
-                                          (200, 128, jnp.bfloat16, "complement", 1.0)]:
-    key, k1, k2, k3, k4 = jax.random.split(key, 5)
-    b, h, bq, bk = 2, 3, 128, 64
-    nq, nk = -(-n // bq), -(-n // bk)
-    topk = max(1, int(round(topk_frac * nk)))
-    q, k, v = inputs(k1, b, n, h, d, dtype)
-    qp, kp = phi(q), phi(k)
-    lut = random_lut(k2, b, h, nq, nk, topk)
-    alpha = jax.random.uniform(k3, (b, h, nq), jnp.float32)
-    w1, w2 = (jax.random.normal(kk, (b, n, h, d), jnp.float32) for kk in jax.random.split(k4))
-    kw = dict(block_q=bq, block_k=bk, linear_scope=scope)
+    key = jax.random.PRNGKey(1)
+    for n, d, dtype, scope, topk_frac in [
+        (1000, 128, jnp.bfloat16, "complement", 0.25),
+        (333, 64, jnp.bfloat16, "all", 0.4),
+        (1000, 64, jnp.float16, "complement", 0.5),
+        (777, 128, jnp.float32, "complement", 0.3),
+        (200, 128, jnp.bfloat16, "complement", 1.0),
+    ]:
+        key, k1, k2, k3, k4 = jax.random.split(key, 5)
+        b, h, bq, bk = 2, 3, 128, 64
+        nq, nk = -(-n // bq), -(-n // bk)
+        topk = max(1, int(round(topk_frac * nk)))
+        q, k, v = inputs(k1, b, n, h, d, dtype)
+        qp, kp = phi(q), phi(k)
+        lut = random_lut(k2, b, h, nq, nk, topk)
+        alpha = jax.random.uniform(k3, (b, h, nq), jnp.float32)
+        w1, w2 = (jax.random.normal(kk, (b, n, h, d), jnp.float32) for kk in jax.random.split(k4))
+        kw = dict(block_q=bq, block_k=bk, linear_scope=scope)
 
-    def loss_br(fn):
-      def f(q, k, v, qp, kp):
-        o_s, o_l = fn(q, k, v, qp, kp, lut, **kw)
-        return jnp.sum(o_s.astype(jnp.float32) * w1) + jnp.sum(o_l.astype(jnp.float32) * w2)
-      return f
+        def loss_br(fn):
+            def f(q, k, v, qp, kp):
+                o_s, o_l = fn(q, k, v, qp, kp, lut, **kw)
+                return jnp.sum(o_s.astype(jnp.float32) * w1) + jnp.sum(o_l.astype(jnp.float32) * w2)
 
-    def loss_fu(fn):
-      def f(q, k, v, qp, kp, a):
-        return jnp.sum(fn(q, k, v, qp, kp, lut, a, **kw).astype(jnp.float32) * w1)
-      return f
+            return f
 
-    row = dict(n=n, d=d, dtype=jnp.dtype(dtype).name, scope=scope, topk=topk, nk=nk)
-    try:
-      o = jax.jit(lambda *a: pk.sparse_linear_attention(*a, **kw))(q, k, v, qp, kp, lut)
-      r = ref.reference_branches(q, k, v, qp, kp, lut, **kw)
-      row["fwd_o_s"], row["fwd_o_l"] = rel(o[0], r[0]), rel(o[1], r[1]) if topk < nk else float(jnp.abs(o[1]).max())
-      g = jax.jit(jax.grad(loss_br(pk.sparse_linear_attention), argnums=(0, 1, 2, 3, 4)))(q, k, v, qp, kp)
-      gr = jax.grad(loss_br(ref.reference_branches), argnums=(0, 1, 2, 3, 4))(q, k, v, qp, kp)
-      row["grad"] = [rel(a, bb) for a, bb in zip(g, gr)]
-      of = jax.jit(lambda *a: pk.sla2_fused_attention(*a, **kw))(q, k, v, qp, kp, lut, alpha)
-      row["fused_fwd"] = rel(of, ref.reference_fused(q, k, v, qp, kp, lut, alpha, **kw))
-      g = jax.jit(jax.grad(loss_fu(pk.sla2_fused_attention), argnums=(0, 1, 2, 3, 4, 5)))(q, k, v, qp, kp, alpha)
-      gr = jax.grad(loss_fu(ref.reference_fused), argnums=(0, 1, 2, 3, 4, 5))(q, k, v, qp, kp, alpha)
-      row["fused_grad"] = [rel(a, bb) for a, bb in zip(g, gr)]
-    except Exception as e:  # keep going: report
-      row["error"] = f"{type(e).__name__}: {e}"[:2000]
-      traceback.print_exc()
-    print("small", json.dumps(row), flush=True)
-    RESULTS["small"].append(row)
+        def loss_fu(fn):
+            def f(q, k, v, qp, kp, a):
+                return jnp.sum(fn(q, k, v, qp, kp, lut, a, **kw).astype(jnp.float32) * w1)
+
+            return f
+
+        row = dict(n=n, d=d, dtype=jnp.dtype(dtype).name, scope=scope, topk=topk, nk=nk)
+        try:
+            o = jax.jit(lambda *a: pk.sparse_linear_attention(*a, **kw))(q, k, v, qp, kp, lut)
+            r = ref.reference_branches(q, k, v, qp, kp, lut, **kw)
+            row["fwd_o_s"], row["fwd_o_l"] = (
+                rel(o[0], r[0]),
+                rel(o[1], r[1]) if topk < nk else float(jnp.abs(o[1]).max()),
+            )
+            g = jax.jit(jax.grad(loss_br(pk.sparse_linear_attention), argnums=(0, 1, 2, 3, 4)))(q, k, v, qp, kp)
+            gr = jax.grad(loss_br(ref.reference_branches), argnums=(0, 1, 2, 3, 4))(q, k, v, qp, kp)
+            row["grad"] = [rel(a, bb) for a, bb in zip(g, gr)]
+            of = jax.jit(lambda *a: pk.sla2_fused_attention(*a, **kw))(q, k, v, qp, kp, lut, alpha)
+            row["fused_fwd"] = rel(of, ref.reference_fused(q, k, v, qp, kp, lut, alpha, **kw))
+            g = jax.jit(jax.grad(loss_fu(pk.sla2_fused_attention), argnums=(0, 1, 2, 3, 4, 5)))(q, k, v, qp, kp, alpha)
+            gr = jax.grad(loss_fu(ref.reference_fused), argnums=(0, 1, 2, 3, 4, 5))(q, k, v, qp, kp, alpha)
+            row["fused_grad"] = [rel(a, bb) for a, bb in zip(g, gr)]
+        except Exception as e:  # keep going: report
+            row["error"] = f"{type(e).__name__}: {e}"[:2000]
+            traceback.print_exc()
+        print("small", json.dumps(row), flush=True)
+        RESULTS["small"].append(row)
 
 
 # --------------------------------------------------------------------------------------------------------
 def wan(sparsity, b=1, h=12, n=32760, d=128, check_xla=True, bq=128, bk=64, runs=20):
-  row = dict(workload="wan-1.3b" if (h, d) == (12, 128) else f"B{b}H{h}N{n}D{d}", sparsity=sparsity,
-             b=b, h=h, n=n, d=d, block_q=bq, block_k=bk)
-  key = jax.random.PRNGKey(int(sparsity * 1000))
-  k1, k2, k3 = jax.random.split(key, 3)
-  q, k, v = inputs(k1, b, n, h, d, jnp.bfloat16)
-  do = jax.random.normal(k2, q.shape, jnp.float32).astype(jnp.bfloat16)
-  nq, nk = -(-n // bq), -(-n // bk)
-  topk = max(1, int(nk * (1 - sparsity) + 1e-6))
-  row["topk"], row["nk"] = topk, nk
-  lut = jax.jit(router_lut, static_argnums=(2, 3, 4))(q, k, topk, bq, bk)
-  qp, kp = jax.jit(phi)(q), jax.jit(phi)(k)
-  alpha = jax.random.uniform(k3, (b, h, nq), jnp.float32, 0.3, 0.9)
-  kw = dict(block_q=bq, block_k=bk)
-  eff_flop = 4 * b * h * n * n * d * (1 - sparsity)
-  t = {}
+    row = dict(
+        workload="wan-1.3b" if (h, d) == (12, 128) else f"B{b}H{h}N{n}D{d}",
+        sparsity=sparsity,
+        b=b,
+        h=h,
+        n=n,
+        d=d,
+        block_q=bq,
+        block_k=bk,
+    )
+    key = jax.random.PRNGKey(int(sparsity * 1000))
+    k1, k2, k3 = jax.random.split(key, 3)
+    q, k, v = inputs(k1, b, n, h, d, jnp.bfloat16)
+    do = jax.random.normal(k2, q.shape, jnp.float32).astype(jnp.bfloat16)
+    nq, nk = -(-n // bq), -(-n // bk)
+    topk = max(1, int(nk * (1 - sparsity) + 1e-6))
+    row["topk"], row["nk"] = topk, nk
+    lut = jax.jit(router_lut, static_argnums=(2, 3, 4))(q, k, topk, bq, bk)
+    qp, kp = jax.jit(phi)(q), jax.jit(phi)(k)
+    alpha = jax.random.uniform(k3, (b, h, nq), jnp.float32, 0.3, 0.9)
+    kw = dict(block_q=bq, block_k=bk)
+    eff_flop = 4 * b * h * n * n * d * (1 - sparsity)
+    t = {}
 
-  def timed(name, fn, *args):
+    def timed(name, fn, *args):
+        try:
+            t[name] = bench(fn, *args, runs=runs)
+        except Exception as e:
+            t[name] = None
+            row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:1500]
+            traceback.print_exc()
+        print(f"  {row['workload']} {sparsity} {name}: {t[name]}", flush=True)
+
+    # cuDNN baselines
+    def cudnn_fwd(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+    def cudnn_fb(q, k, v, do):
+        return jax.grad(lambda q, k, v: jnp.sum(cudnn_fwd(q, k, v).astype(jnp.float32) * do), argnums=(0, 1, 2))(
+            q, k, v
+        )
+
+    timed("cudnn_fwd", cudnn_fwd, q, k, v)
+    timed("cudnn_fwd_bwd", cudnn_fb, q, k, v, do)
+
+    # kernels only (precomputed LUT, phi)
+    timed("kernel_fwd_branches", lambda *a: pk.sparse_linear_attention(*a, **kw), q, k, v, qp, kp, lut)
+    timed("kernel_fwd_fused", lambda *a: pk.sla2_fused_attention(*a, **kw), q, k, v, qp, kp, lut, alpha)
+    timed(
+        "kernel_fwd_fused_scope_all",
+        lambda *a: pk.sla2_fused_attention(*a, linear_scope="all", **kw),
+        q,
+        k,
+        v,
+        qp,
+        kp,
+        lut,
+        alpha,
+    )
+
+    def kernel_fb(q, k, v, qp, kp, a, do):
+        f = lambda *x: jnp.sum(pk.sla2_fused_attention(*x[:5], lut, x[5], **kw).astype(jnp.float32) * do)
+        return jax.grad(f, argnums=(0, 1, 2, 3, 4, 5))(q, k, v, qp, kp, a)
+
+    timed("kernel_fwd_bwd_fused", kernel_fb, q, k, v, qp, kp, alpha, do)
+
+    # module: phi + router + fused kernel (+ alpha constant)
+    def module(q, k, v, a):
+        l = jax.lax.stop_gradient(router_lut(q, k, topk, bq, bk))
+        return pk.sla2_fused_attention(q, k, v, phi(q), phi(k), l, a, **kw)
+
+    def module_fb(q, k, v, a, do):
+        return jax.grad(lambda q, k, v: jnp.sum(module(q, k, v, a).astype(jnp.float32) * do), argnums=(0, 1, 2))(
+            q, k, v
+        )
+
+    timed("module_fwd", module, q, k, v, alpha)
+    timed("module_fwd_bwd", module_fb, q, k, v, alpha, do)
+
+    # stages
+    timed("stage_router", lambda q, k: router_lut(q, k, topk, bq, bk), q, k)
+    timed("stage_phi", lambda q, k: (phi(q), phi(k)), q, k)
+    cfg = sl._validate(q, k, v, qp, kp, lut, bq, bk, "complement", None, 1e-6, None)
+    timed("stage_prepass", lambda kp, v: sl._prepass(kp, v, cfg), kp, v)
+    timed(
+        "stage_fwd_kernel_residuals",
+        lambda *a: sl._forward(*a, cfg, fused=True, residuals=True),
+        q,
+        k,
+        v,
+        qp,
+        kp,
+        lut,
+        alpha,
+    )
+    timed("stage_transpose_lut", lambda l: sl._transpose_lut(l, nk), lut)
     try:
-      t[name] = bench(fn, *args, runs=runs)
-    except Exception as e:
-      t[name] = None
-      row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:1500]
-      traceback.print_exc()
-    print(f"  {row['workload']} {sparsity} {name}: {t[name]}", flush=True)
+        out = jax.jit(lambda *a: sl._forward(*a, cfg, fused=True, residuals=True))(q, k, v, qp, kp, lut, alpha)
+        res = sl._residuals(q, k, v, qp, kp, lut, alpha, out)
+        timed("stage_bwd_kernels", lambda res, do: sl._backward(res, cfg, fused=True, do=do), res, do)
+        timed("stage_bwd_dq", lambda res, do: sl._backward_dq(res, cfg, fused=True, do=do), res, do)
+        res_dq = jax.jit(lambda res, do: sl._backward_dq(res, cfg, fused=True, do=do))(res, do)
+        timed(
+            "stage_bwd_totals",
+            lambda res, rdq, do: sl._backward_totals(res, rdq, cfg, fused=True, do=do),
+            res,
+            res_dq,
+            do,
+        )
+        tot = jax.jit(lambda res, rdq, do: sl._backward_totals(res, rdq, cfg, fused=True, do=do))(res, res_dq, do)
+        timed(
+            "stage_bwd_dkv_incl_transpose",
+            lambda res, rdq, tot, do: sl._backward_dkv(res, rdq, tot, cfg, fused=True, do=do),
+            res,
+            res_dq,
+            tot,
+            do,
+        )
+        del out, res, res_dq, tot
+    except Exception:
+        traceback.print_exc()
 
-  # cuDNN baselines
-  def cudnn_fwd(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    row["times_ms"] = t
+    c = t.get("cudnn_fwd")
+    cb = t.get("cudnn_fwd_bwd")
+    sp = {}
+    for name, base in (
+        ("kernel_fwd_fused", c),
+        ("module_fwd", c),
+        ("kernel_fwd_branches", c),
+        ("kernel_fwd_bwd_fused", cb),
+        ("module_fwd_bwd", cb),
+    ):
+        if t.get(name) and base:
+            sp[name] = base / t[name]
+    row["speedup_vs_cudnn"] = sp
+    if t.get("kernel_fwd_fused"):
+        row["kernel_fwd_eff_tflops"] = eff_flop / t["kernel_fwd_fused"] / 1e9
+    if c:
+        row["cudnn_fwd_tflops"] = 4 * b * h * n * n * d / c / 1e9  # dense non-causal forward: 4 N^2 D per head
 
-  def cudnn_fb(q, k, v, do):
-    return jax.grad(lambda q, k, v: jnp.sum(cudnn_fwd(q, k, v).astype(jnp.float32) * do), argnums=(0, 1, 2))(q, k, v)
+    # Memory of the compiled programs (arguments + outputs + temporaries, XLA memory analysis), GiB.
+    def mem_gib(fn, *args):
+        try:
+            m = jax.jit(fn).lower(*args).compile().memory_analysis()
+            return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes) / 2**30
+        except Exception as e:
+            return f"{type(e).__name__}"
 
-  timed("cudnn_fwd", cudnn_fwd, q, k, v)
-  timed("cudnn_fwd_bwd", cudnn_fb, q, k, v, do)
+    row["mem_gib"] = dict(
+        cudnn_fwd_bwd=mem_gib(cudnn_fb, q, k, v, do),
+        module_fwd_bwd=mem_gib(module_fb, q, k, v, alpha, do),
+        cudnn_fwd=mem_gib(cudnn_fwd, q, k, v),
+        module_fwd=mem_gib(module, q, k, v, alpha),
+    )
 
-  # kernels only (precomputed LUT, phi)
-  timed("kernel_fwd_branches", lambda *a: pk.sparse_linear_attention(*a, **kw), q, k, v, qp, kp, lut)
-  timed("kernel_fwd_fused", lambda *a: pk.sla2_fused_attention(*a, **kw), q, k, v, qp, kp, lut, alpha)
-  timed("kernel_fwd_fused_scope_all", lambda *a: pk.sla2_fused_attention(*a, linear_scope="all", **kw),
-        q, k, v, qp, kp, lut, alpha)
+    # correctness vs the xla backend of sla2_jax
+    if check_xla:
+        try:
+            from sla2_jax import xla_backend
+            from sla2_jax.routing import selection_mask
 
-  def kernel_fb(q, k, v, qp, kp, a, do):
-    f = lambda *x: jnp.sum(pk.sla2_fused_attention(*x[:5], lut, x[5], **kw).astype(jnp.float32) * do)
-    return jax.grad(f, argnums=(0, 1, 2, 3, 4, 5))(q, k, v, qp, kp, a)
+            o_s, o_l = jax.jit(lambda *a: pk.sparse_linear_attention(*a, **kw))(q, k, v, qp, kp, lut)
+            xs = jax.jit(lambda q, k, v, l: xla_backend.xla_sparse(q, k, v, l, block_q=bq, block_k=bk, scale=d**-0.5))
+            xl = jax.jit(
+                lambda qp, kp, v, l: xla_backend.xla_linear(
+                    qp, kp, v, selection_mask(l, nk), block_q=bq, block_k=bk, eps=1e-6
+                )
+            )
+            row["xla_rel_fwd_o_s"] = rel(o_s, xs(q, k, v, lut))
+            row["xla_rel_fwd_o_l"] = rel(o_l, xl(qp, kp, v, lut))
+            w2 = jax.random.normal(k3, q.shape, jnp.float32).astype(jnp.bfloat16)
 
-  timed("kernel_fwd_bwd_fused", kernel_fb, q, k, v, qp, kp, alpha, do)
+            def lp(q, k, v, qp, kp):
+                a, bb = pk.sparse_linear_attention(q, k, v, qp, kp, lut, **kw)
+                return jnp.sum(a.astype(jnp.float32) * do) + jnp.sum(bb.astype(jnp.float32) * w2)
 
-  # module: phi + router + fused kernel (+ alpha constant)
-  def module(q, k, v, a):
-    l = jax.lax.stop_gradient(router_lut(q, k, topk, bq, bk))
-    return pk.sla2_fused_attention(q, k, v, phi(q), phi(k), l, a, **kw)
+            def lx(q, k, v, qp, kp):
+                a = xla_backend.xla_sparse(q, k, v, lut, block_q=bq, block_k=bk, scale=d**-0.5)
+                bb = xla_backend.xla_linear(qp, kp, v, selection_mask(lut, nk), block_q=bq, block_k=bk, eps=1e-6)
+                return jnp.sum(a.astype(jnp.float32) * do) + jnp.sum(bb.astype(jnp.float32) * w2)
 
-  def module_fb(q, k, v, a, do):
-    return jax.grad(lambda q, k, v: jnp.sum(module(q, k, v, a).astype(jnp.float32) * do), argnums=(0, 1, 2))(q, k, v)
-
-  timed("module_fwd", module, q, k, v, alpha)
-  timed("module_fwd_bwd", module_fb, q, k, v, alpha, do)
-
-  # stages
-  timed("stage_router", lambda q, k: router_lut(q, k, topk, bq, bk), q, k)
-  timed("stage_phi", lambda q, k: (phi(q), phi(k)), q, k)
-  cfg = sl._validate(q, k, v, qp, kp, lut, bq, bk, "complement", None, 1e-6, None)
-  timed("stage_prepass", lambda kp, v: sl._prepass(kp, v, cfg), kp, v)
-  timed("stage_fwd_kernel_residuals",
-        lambda *a: sl._forward(*a, cfg, fused=True, residuals=True), q, k, v, qp, kp, lut, alpha)
-  timed("stage_transpose_lut", lambda l: sl._transpose_lut(l, nk), lut)
-  try:
-    out = jax.jit(lambda *a: sl._forward(*a, cfg, fused=True, residuals=True))(q, k, v, qp, kp, lut, alpha)
-    res = sl._residuals(q, k, v, qp, kp, lut, alpha, out)
-    timed("stage_bwd_kernels", lambda res, do: sl._backward(res, cfg, fused=True, do=do), res, do)
-    timed("stage_bwd_dq", lambda res, do: sl._backward_dq(res, cfg, fused=True, do=do), res, do)
-    res_dq = jax.jit(lambda res, do: sl._backward_dq(res, cfg, fused=True, do=do))(res, do)
-    timed("stage_bwd_totals", lambda res, rdq, do: sl._backward_totals(res, rdq, cfg, fused=True, do=do),
-          res, res_dq, do)
-    tot = jax.jit(lambda res, rdq, do: sl._backward_totals(res, rdq, cfg, fused=True, do=do))(res, res_dq, do)
-    timed("stage_bwd_dkv_incl_transpose", lambda res, rdq, tot, do: sl._backward_dkv(
-        res, rdq, tot, cfg, fused=True, do=do), res, res_dq, tot, do)
-    del out, res, res_dq, tot
-  except Exception:
-    traceback.print_exc()
-
-  row["times_ms"] = t
-  c = t.get("cudnn_fwd")
-  cb = t.get("cudnn_fwd_bwd")
-  sp = {}
-  for name, base in (("kernel_fwd_fused", c), ("module_fwd", c), ("kernel_fwd_branches", c),
-                     ("kernel_fwd_bwd_fused", cb), ("module_fwd_bwd", cb)):
-    if t.get(name) and base:
-      sp[name] = base / t[name]
-  row["speedup_vs_cudnn"] = sp
-  if t.get("kernel_fwd_fused"):
-    row["kernel_fwd_eff_tflops"] = eff_flop / t["kernel_fwd_fused"] / 1e9
-  if c:
-    row["cudnn_fwd_tflops"] = 4 * b * h * n * n * d / c / 1e9  # dense non-causal forward: 4 N^2 D per head
-  # Memory of the compiled programs (arguments + outputs + temporaries, XLA memory analysis), GiB.
-  def mem_gib(fn, *args):
-    try:
-      m = jax.jit(fn).lower(*args).compile().memory_analysis()
-      return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes) / 2**30
-    except Exception as e:
-      return f"{type(e).__name__}"
-  row["mem_gib"] = dict(cudnn_fwd_bwd=mem_gib(cudnn_fb, q, k, v, do),
-                        module_fwd_bwd=mem_gib(module_fb, q, k, v, alpha, do),
-                        cudnn_fwd=mem_gib(cudnn_fwd, q, k, v), module_fwd=mem_gib(module, q, k, v, alpha))
-
-  # correctness vs the xla backend of sla2_jax
-  if check_xla:
-    try:
-      from sla2_jax import xla_backend
-      from sla2_jax.routing import selection_mask
-      o_s, o_l = jax.jit(lambda *a: pk.sparse_linear_attention(*a, **kw))(q, k, v, qp, kp, lut)
-      xs = jax.jit(lambda q, k, v, l: xla_backend.xla_sparse(q, k, v, l, block_q=bq, block_k=bk, scale=d ** -0.5))
-      xl = jax.jit(lambda qp, kp, v, l: xla_backend.xla_linear(
-          qp, kp, v, selection_mask(l, nk), block_q=bq, block_k=bk, eps=1e-6))
-      row["xla_rel_fwd_o_s"] = rel(o_s, xs(q, k, v, lut))
-      row["xla_rel_fwd_o_l"] = rel(o_l, xl(qp, kp, v, lut))
-      w2 = jax.random.normal(k3, q.shape, jnp.float32).astype(jnp.bfloat16)
-
-      def lp(q, k, v, qp, kp):
-        a, bb = pk.sparse_linear_attention(q, k, v, qp, kp, lut, **kw)
-        return jnp.sum(a.astype(jnp.float32) * do) + jnp.sum(bb.astype(jnp.float32) * w2)
-
-      def lx(q, k, v, qp, kp):
-        a = xla_backend.xla_sparse(q, k, v, lut, block_q=bq, block_k=bk, scale=d ** -0.5)
-        bb = xla_backend.xla_linear(qp, kp, v, selection_mask(lut, nk), block_q=bq, block_k=bk,
-                                    eps=1e-6)
-        return jnp.sum(a.astype(jnp.float32) * do) + jnp.sum(bb.astype(jnp.float32) * w2)
-
-      gp = jax.jit(jax.grad(lp, argnums=(0, 1, 2, 3, 4)))(q, k, v, qp, kp)
-      gx = jax.jit(jax.grad(lx, argnums=(0, 1, 2, 3, 4)))(q, k, v, qp, kp)
-      row["xla_rel_grad_q_k_v_qphi_kphi"] = [rel(a, bb) for a, bb in zip(gp, gx)]
-      row["nan_free"] = bool(all(jnp.all(jnp.isfinite(x)) for x in gp))
-    except Exception as e:
-      row["xla_check_error"] = f"{type(e).__name__}: {e}"[:1500]
-      traceback.print_exc()
-  print("wan", json.dumps(row), flush=True)
-  RESULTS["wan"].append(row)
+            gp = jax.jit(jax.grad(lp, argnums=(0, 1, 2, 3, 4)))(q, k, v, qp, kp)
+            gx = jax.jit(jax.grad(lx, argnums=(0, 1, 2, 3, 4)))(q, k, v, qp, kp)
+            row["xla_rel_grad_q_k_v_qphi_kphi"] = [rel(a, bb) for a, bb in zip(gp, gx)]
+            row["nan_free"] = bool(all(jnp.all(jnp.isfinite(x)) for x in gp))
+        except Exception as e:
+            row["xla_check_error"] = f"{type(e).__name__}: {e}"[:1500]
+            traceback.print_exc()
+    print("wan", json.dumps(row), flush=True)
+    RESULTS["wan"].append(row)
 
 
 def pallas_mha_reference(n=32768, h=12, d=128, runs=10):
-  """Dense flash attention of jax.experimental.pallas.ops.gpu (the same Triton backend) vs cuDNN, for scale."""
-  try:
-    from jax.experimental.pallas.ops.gpu import attention
-    q, k, v = inputs(jax.random.PRNGKey(7), 1, n, h, d, jnp.bfloat16)
-    tp = bench(lambda q, k, v: attention.mha(q, k, v, None, sm_scale=d ** -0.5), q, k, v, runs=runs)
-    tc = bench(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"), q, k, v, runs=runs)
-    row = dict(n=n, h=h, d=d, pallas_mha_fwd_ms=tp, cudnn_fwd_ms=tc,
-               pallas_mha_tflops=4 * h * n * n * d / tp / 1e9, cudnn_tflops=4 * h * n * n * d / tc / 1e9)
-  except Exception as e:
-    row = dict(error=f"{type(e).__name__}: {e}"[:1000])
-  print("pallas_mha", json.dumps(row), flush=True)
-  RESULTS["pallas_mha"] = row
+    """Dense flash attention of jax.experimental.pallas.ops.gpu (the same Triton backend) vs cuDNN, for scale."""
+    try:
+        from jax.experimental.pallas.ops.gpu import attention
+
+        q, k, v = inputs(jax.random.PRNGKey(7), 1, n, h, d, jnp.bfloat16)
+        tp = bench(lambda q, k, v: attention.mha(q, k, v, None, sm_scale=d**-0.5), q, k, v, runs=runs)
+        tc = bench(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"), q, k, v, runs=runs)
+        row = dict(
+            n=n,
+            h=h,
+            d=d,
+            pallas_mha_fwd_ms=tp,
+            cudnn_fwd_ms=tc,
+            pallas_mha_tflops=4 * h * n * n * d / tp / 1e9,
+            cudnn_tflops=4 * h * n * n * d / tc / 1e9,
+        )
+    except Exception as e:
+        row = dict(error=f"{type(e).__name__}: {e}"[:1000])
+    print("pallas_mha", json.dumps(row), flush=True)
+    RESULTS["pallas_mha"] = row
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--out", default=os.environ.get("OUT", "out"))
-  ap.add_argument("--sparsity", type=float, nargs="*", default=[0.90, 0.95, 0.97])
-  ap.add_argument("--skip-small", action="store_true")
-  ap.add_argument("--skip-xla", action="store_true")
-  ap.add_argument("--d64", action="store_true", help="also the d64 workload (H=24, D=64) at 95%%")
-  ap.add_argument("--runs", type=int, default=20)
-  ap.add_argument("--pallas-mha", action="store_true", help="also time dense Pallas (Triton) flash attention")
-  args = ap.parse_args()
-  os.makedirs(args.out, exist_ok=True)
-  dev = jax.devices()[0]
-  RESULTS["meta"] = dict(device=dev.device_kind, jax=jax.__version__, backend=jax.default_backend(),
-                         generation=pk.gpu_generation(), command=" ".join(sys.argv))
-  print(RESULTS["meta"], flush=True)
-  if not args.skip_small:
-    check_small()
-  if args.pallas_mha:
-    pallas_mha_reference()
-  for s in args.sparsity:
-    wan(s, check_xla=not args.skip_xla, runs=args.runs)
-  if args.d64:
-    wan(0.95, h=24, d=64, check_xla=False, runs=args.runs)
-  with open(os.path.join(args.out, "check_kernels_gpu.json"), "w") as f:
-    json.dump(RESULTS, f, indent=1)
-  print("\n| workload | sparsity | cuDNN fwd ms | kernel fwd ms (x) | module fwd ms (x) | cuDNN f+b ms | "
-        "kernel f+b ms (x) | module f+b ms (x) | xla rel err fwd s/l |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  for r in RESULTS["wan"]:
-    t, sp = r["times_ms"], r["speedup_vs_cudnn"]
-    f = lambda name: f"{t[name]:.3f}" if t.get(name) else "-"
-    x = lambda name: f" ({sp[name]:.1f}x)" if name in sp else ""
-    print(f"| {r['workload']} | {r['sparsity']} | {f('cudnn_fwd')} | {f('kernel_fwd_fused')}{x('kernel_fwd_fused')} | "
-          f"{f('module_fwd')}{x('module_fwd')} | {f('cudnn_fwd_bwd')} | "
-          f"{f('kernel_fwd_bwd_fused')}{x('kernel_fwd_bwd_fused')} | {f('module_fwd_bwd')}{x('module_fwd_bwd')} | "
-          f"{r.get('xla_rel_fwd_o_s', '-')}/{r.get('xla_rel_fwd_o_l', '-')} |")
-  for r in RESULTS["wan"]:
-    print(r["workload"], r["sparsity"], {k: (round(v, 3) if v else v) for k, v in r["times_ms"].items()})
-    print("  mem GiB", r.get("mem_gib"), "eff TFLOP/s", r.get("kernel_fwd_eff_tflops"),
-          "cudnn TFLOP/s", r.get("cudnn_fwd_tflops"), "xla grad rel", r.get("xla_rel_grad_q_k_v_qphi_kphi"))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--sparsity", type=float, nargs="*", default=[0.90, 0.95, 0.97])
+    ap.add_argument("--skip-small", action="store_true")
+    ap.add_argument("--skip-xla", action="store_true")
+    ap.add_argument("--d64", action="store_true", help="also the d64 workload (H=24, D=64) at 95%%")
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--pallas-mha", action="store_true", help="also time dense Pallas (Triton) flash attention")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    dev = jax.devices()[0]
+    RESULTS["meta"] = dict(
+        device=dev.device_kind,
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        generation=pk.gpu_generation(),
+        command=" ".join(sys.argv),
+    )
+    print(RESULTS["meta"], flush=True)
+    if not args.skip_small:
+        check_small()
+    if args.pallas_mha:
+        pallas_mha_reference()
+    for s in args.sparsity:
+        wan(s, check_xla=not args.skip_xla, runs=args.runs)
+    if args.d64:
+        wan(0.95, h=24, d=64, check_xla=False, runs=args.runs)
+    with open(os.path.join(args.out, "check_kernels_gpu.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+    print(
+        "\n| workload | sparsity | cuDNN fwd ms | kernel fwd ms (x) | module fwd ms (x) | cuDNN f+b ms | "
+        "kernel f+b ms (x) | module f+b ms (x) | xla rel err fwd s/l |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in RESULTS["wan"]:
+        t, sp = r["times_ms"], r["speedup_vs_cudnn"]
+        f = lambda name: f"{t[name]:.3f}" if t.get(name) else "-"
+        x = lambda name: f" ({sp[name]:.1f}x)" if name in sp else ""
+        print(
+            f"| {r['workload']} | {r['sparsity']} | {f('cudnn_fwd')} | {f('kernel_fwd_fused')}{x('kernel_fwd_fused')} | "
+            f"{f('module_fwd')}{x('module_fwd')} | {f('cudnn_fwd_bwd')} | "
+            f"{f('kernel_fwd_bwd_fused')}{x('kernel_fwd_bwd_fused')} | {f('module_fwd_bwd')}{x('module_fwd_bwd')} | "
+            f"{r.get('xla_rel_fwd_o_s', '-')}/{r.get('xla_rel_fwd_o_l', '-')} |"
+        )
+    for r in RESULTS["wan"]:
+        print(r["workload"], r["sparsity"], {k: (round(v, 3) if v else v) for k, v in r["times_ms"].items()})
+        print(
+            "  mem GiB",
+            r.get("mem_gib"),
+            "eff TFLOP/s",
+            r.get("kernel_fwd_eff_tflops"),
+            "cudnn TFLOP/s",
+            r.get("cudnn_fwd_tflops"),
+            "xla grad rel",
+            r.get("xla_rel_grad_q_k_v_qphi_kphi"),
+        )
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -22,88 +22,95 @@ from typing import Optional
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Procedural bouncing/orbiting shapes videos, (T, H, W, C) in [-1, 1]."""
-  frames: int = 4
-  height: int = 16
-  width: int = 16
-  channels: int = 3
-  max_shapes: int = 3
-  seed: int = 0            # training stream; validation and capture use fixed offsets of it
+    """Procedural bouncing/orbiting shapes videos, (T, H, W, C) in [-1, 1]."""
+
+    frames: int = 4
+    height: int = 16
+    width: int = 16
+    channels: int = 3
+    max_shapes: int = 3
+    seed: int = 0  # training stream; validation and capture use fixed offsets of it
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Video DiT. Tokens: (T/pt) * (H/ph) * (W/pw), raster order (t, h, w)."""
-  patch: tuple = (1, 2, 2)  # (pt, ph, pw)
-  dim: int = 128
-  depth: int = 2
-  num_heads: int = 2
-  mlp_ratio: float = 4.0
-  num_classes: int = 6      # see data.NUM_CLASSES
-  dtype: str = "float32"    # compute dtype ("bfloat16" on GPU); parameters stay float32
+    """Video DiT. Tokens: (T/pt) * (H/ph) * (W/pw), raster order (t, h, w)."""
+
+    patch: tuple = (1, 2, 2)  # (pt, ph, pw)
+    dim: int = 128
+    depth: int = 2
+    num_heads: int = 2
+    mlp_ratio: float = 4.0
+    num_classes: int = 6  # see data.NUM_CLASSES
+    dtype: str = "float32"  # compute dtype ("bfloat16" on GPU); parameters stay float32
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """One training stage (0 or 2)."""
-  steps: int = 20
-  batch_size: int = 4
-  lr: float = 3e-4
-  warmup: int = 5
-  weight_decay: float = 0.0
-  grad_clip: float = 1.0
-  log_every: int = 5
-  ckpt_every: int = 10
-  seed: int = 0
+    """One training stage (0 or 2)."""
+
+    steps: int = 20
+    batch_size: int = 4
+    lr: float = 3e-4
+    warmup: int = 5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    log_every: int = 5
+    ckpt_every: int = 10
+    seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage1Config:
-  """Router (+ alpha) training on Q/K/V captured from the frozen dense model."""
-  num_videos: int = 4                        # training videos whose Q/K/V are captured
-  heldout_videos: int = 2                    # held-out videos for the attention-error metric
-  timesteps: tuple = (0.2, 0.5, 0.8)         # flow-matching times t at which Q/K/V are captured
-  steps: int = 20
-  batch_size: int = 4                        # captured samples per step (each holds all layers)
-  lr: float = 1e-2
-  log_every: int = 5
+    """Router (+ alpha) training on Q/K/V captured from the frozen dense model."""
+
+    num_videos: int = 4  # training videos whose Q/K/V are captured
+    heldout_videos: int = 2  # held-out videos for the attention-error metric
+    timesteps: tuple = (0.2, 0.5, 0.8)  # flow-matching times t at which Q/K/V are captured
+    steps: int = 20
+    batch_size: int = 4  # captured samples per step (each holds all layers)
+    lr: float = 1e-2
+    log_every: int = 5
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  val_batches: int = 2          # validation loss: val_batches x batch_size videos, fixed t and noise
-  val_batch_size: int = 4
-  num_samples: int = 2          # sampled videos per model (fixed noise seeds and labels)
-  sample_steps: int = 8         # Euler steps of the rectified-flow sampler
-  sample_shift: float = 3.0     # Wan-style timestep shift of the sampling schedule (1.0 = uniform)
+    val_batches: int = 2  # validation loss: val_batches x batch_size videos, fixed t and noise
+    val_batch_size: int = 4
+    num_samples: int = 2  # sampled videos per model (fixed noise seeds and labels)
+    sample_steps: int = 8  # Euler steps of the rectified-flow sampler
+    sample_shift: float = 3.0  # Wan-style timestep shift of the sampling schedule (1.0 = uniform)
 
-  def __post_init__(self):
-    if self.val_batch_size % self.num_samples:
-      raise ValueError(f"val_batch_size={self.val_batch_size} must be a multiple of num_samples={self.num_samples} "
-                       "(validation reuses the sampler's compiled forward)")
+    def __post_init__(self):
+        if self.val_batch_size % self.num_samples:
+            raise ValueError(
+                f"val_batch_size={self.val_batch_size} must be a multiple of num_samples={self.num_samples} "
+                "(validation reuses the sampler's compiled forward)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-  """One compared model.
+    """One compared model.
 
-  attention: "dense" | "sla" | "sla2" | "sparse" (sparse branch only).
-  sparsity: fraction of key blocks skipped (topk_ratio = 1 - sparsity).
-  alpha: SLA2 alpha granularity ("block" | "head" | "mass").
-  quant: quantisation of the sparse branch during stage 2 and evaluation ("none" | "int8" | "int8_fp8").
-  """
-  name: str
-  attention: str
-  sparsity: float = 0.0
-  alpha: str = "block"
-  quant: str = "none"
+    attention: "dense" | "sla" | "sla2" | "sparse" (sparse branch only).
+    sparsity: fraction of key blocks skipped (topk_ratio = 1 - sparsity).
+    alpha: SLA2 alpha granularity ("block" | "head" | "mass").
+    quant: quantisation of the sparse branch during stage 2 and evaluation ("none" | "int8" | "int8_fp8").
+    """
 
-  @property
-  def router_run(self) -> Optional[str]:
-    """Name of the stage-1 run this model's router comes from (SLA2 only)."""
-    if self.attention != "sla2":
-      return None
-    return f"router-{round(self.sparsity * 100)}-{self.alpha}"
+    name: str
+    attention: str
+    sparsity: float = 0.0
+    alpha: str = "block"
+    quant: str = "none"
+
+    @property
+    def router_run(self) -> Optional[str]:
+        """Name of the stage-1 run this model's router comes from (SLA2 only)."""
+        if self.attention != "sla2":
+            return None
+        return f"router-{round(self.sparsity * 100)}-{self.alpha}"
 
 
 # Order = priority: the recipe trains and evaluates the sparse models in this order (see --time-budget).
@@ -125,81 +132,101 @@ ABLATION_TABLE = ("sla2-97", "sla2-97-head", "sla2-97-mass", "sla2-97-noqat")
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-  name: str
-  data: DataConfig
-  model: ModelConfig
-  stage0: TrainConfig
-  stage1: Stage1Config
-  stage2: TrainConfig
-  eval: EvalConfig
-  block_q: int = 128
-  block_k: int = 64
-  backend: str = "auto"           # sla2_jax backend for SLA / SLA2 / sparse-only
-  feature_map: str = "softmax"
-  runs: tuple = DEFAULT_RUNS
+    name: str
+    data: DataConfig
+    model: ModelConfig
+    stage0: TrainConfig
+    stage1: Stage1Config
+    stage2: TrainConfig
+    eval: EvalConfig
+    block_q: int = 128
+    block_k: int = 64
+    backend: str = "auto"  # sla2_jax backend for SLA / SLA2 / sparse-only
+    feature_map: str = "softmax"
+    runs: tuple = DEFAULT_RUNS
 
-  @property
-  def num_tokens(self) -> int:
-    pt, ph, pw = self.model.patch
-    return (self.data.frames // pt) * (self.data.height // ph) * (self.data.width // pw)
+    @property
+    def num_tokens(self) -> int:
+        pt, ph, pw = self.model.patch
+        return (self.data.frames // pt) * (self.data.height // ph) * (self.data.width // pw)
 
-  def run(self, name: str) -> RunSpec:
-    for r in self.runs:
-      if r.name == name:
-        return r
-    raise ValueError(f"run {name!r} not in preset {self.name!r}: {[r.name for r in self.runs]}")
+    def run(self, name: str) -> RunSpec:
+        for r in self.runs:
+            if r.name == name:
+                return r
+        raise ValueError(f"run {name!r} not in preset {self.name!r}: {[r.name for r in self.runs]}")
 
 
 def _cpu_smoke() -> Preset:
-  # 4 x 32 x 32 video, 2x2 patches: 1024 tokens, 32 query blocks of 32, 64 key blocks of 16, so the kept key
-  # blocks differ between sparsities: k = 6 (90%), 3 (95%), 1 (97%).
-  return Preset(
-      name="cpu-smoke",
-      data=DataConfig(frames=4, height=32, width=32, max_shapes=2),
-      model=ModelConfig(patch=(1, 2, 2), dim=128, depth=2, num_heads=2),
-      stage0=TrainConfig(steps=30, batch_size=4, lr=1e-3, warmup=5, log_every=10, ckpt_every=15),
-      stage1=Stage1Config(num_videos=2, heldout_videos=1, timesteps=(0.3, 0.7), steps=10, batch_size=2,
-                          lr=1e-2, log_every=5),
-      stage2=TrainConfig(steps=6, batch_size=4, lr=3e-4, warmup=2, log_every=3, ckpt_every=3, seed=1),
-      eval=EvalConfig(val_batches=1, val_batch_size=4, num_samples=2, sample_steps=6),
-      block_q=32, block_k=16, backend="auto",
-  )
+    # 4 x 32 x 32 video, 2x2 patches: 1024 tokens, 32 query blocks of 32, 64 key blocks of 16, so the kept key
+    # blocks differ between sparsities: k = 6 (90%), 3 (95%), 1 (97%).
+    return Preset(
+        name="cpu-smoke",
+        data=DataConfig(frames=4, height=32, width=32, max_shapes=2),
+        model=ModelConfig(patch=(1, 2, 2), dim=128, depth=2, num_heads=2),
+        stage0=TrainConfig(steps=30, batch_size=4, lr=1e-3, warmup=5, log_every=10, ckpt_every=15),
+        stage1=Stage1Config(
+            num_videos=2, heldout_videos=1, timesteps=(0.3, 0.7), steps=10, batch_size=2, lr=1e-2, log_every=5
+        ),
+        stage2=TrainConfig(steps=6, batch_size=4, lr=3e-4, warmup=2, log_every=3, ckpt_every=3, seed=1),
+        eval=EvalConfig(val_batches=1, val_batch_size=4, num_samples=2, sample_steps=6),
+        block_q=32,
+        block_k=16,
+        backend="auto",
+    )
 
 
 def _gpu() -> Preset:
-  # 16 x 64 x 64 video, 1x2x2 patches: 16384 tokens; Nq = 128, Nk = 256 -> 97% keeps 7 key blocks per query block.
-  # Sized so that the whole recipe fits a ~10 minute H100 slot (see docs/results/ for what was actually run).
-  return Preset(
-      name="gpu",
-      data=DataConfig(frames=16, height=64, width=64, max_shapes=3),
-      model=ModelConfig(patch=(1, 2, 2), dim=256, depth=4, num_heads=4, dtype="bfloat16"),
-      stage0=TrainConfig(steps=500, batch_size=8, lr=5e-4, warmup=50, log_every=25, ckpt_every=200),
-      stage1=Stage1Config(num_videos=8, heldout_videos=2, timesteps=(0.1, 0.3, 0.5, 0.7, 0.9), steps=150,
-                          batch_size=4, lr=1e-2, log_every=25),
-      stage2=TrainConfig(steps=100, batch_size=8, lr=1e-4, warmup=10, log_every=25, ckpt_every=100, seed=1),
-      eval=EvalConfig(val_batches=8, val_batch_size=4, num_samples=4, sample_steps=25),
-      block_q=128, block_k=64, backend="auto",
-  )
+    # 16 x 64 x 64 video, 1x2x2 patches: 16384 tokens; Nq = 128, Nk = 256 -> 97% keeps 7 key blocks per query block.
+    # Sized so that the whole recipe fits a ~10 minute H100 slot (see docs/results/ for what was actually run).
+    return Preset(
+        name="gpu",
+        data=DataConfig(frames=16, height=64, width=64, max_shapes=3),
+        model=ModelConfig(patch=(1, 2, 2), dim=256, depth=4, num_heads=4, dtype="bfloat16"),
+        stage0=TrainConfig(steps=500, batch_size=8, lr=5e-4, warmup=50, log_every=25, ckpt_every=200),
+        stage1=Stage1Config(
+            num_videos=8,
+            heldout_videos=2,
+            timesteps=(0.1, 0.3, 0.5, 0.7, 0.9),
+            steps=150,
+            batch_size=4,
+            lr=1e-2,
+            log_every=25,
+        ),
+        stage2=TrainConfig(steps=100, batch_size=8, lr=1e-4, warmup=10, log_every=25, ckpt_every=100, seed=1),
+        eval=EvalConfig(val_batches=8, val_batch_size=4, num_samples=4, sample_steps=25),
+        block_q=128,
+        block_k=64,
+        backend="auto",
+    )
 
 
 def _gpu_long() -> Preset:
-  # The issue's example shape: 32 x 64 x 64, 32768 tokens; a bigger model and budget than one short slot allows.
-  p = _gpu()
-  return dataclasses.replace(
-      p, name="gpu-long",
-      data=DataConfig(frames=32, height=64, width=64, max_shapes=4),
-      model=ModelConfig(patch=(1, 2, 2), dim=384, depth=8, num_heads=6, dtype="bfloat16"),
-      stage0=TrainConfig(steps=5000, batch_size=16, lr=3e-4, warmup=200, log_every=50, ckpt_every=500),
-      stage1=Stage1Config(num_videos=16, heldout_videos=4, timesteps=(0.1, 0.3, 0.5, 0.7, 0.9), steps=500,
-                          batch_size=4, lr=5e-3, log_every=50),
-      stage2=TrainConfig(steps=500, batch_size=16, lr=1e-4, warmup=20, log_every=50, ckpt_every=250, seed=1),
-  )
+    # The issue's example shape: 32 x 64 x 64, 32768 tokens; a bigger model and budget than one short slot allows.
+    p = _gpu()
+    return dataclasses.replace(
+        p,
+        name="gpu-long",
+        data=DataConfig(frames=32, height=64, width=64, max_shapes=4),
+        model=ModelConfig(patch=(1, 2, 2), dim=384, depth=8, num_heads=6, dtype="bfloat16"),
+        stage0=TrainConfig(steps=5000, batch_size=16, lr=3e-4, warmup=200, log_every=50, ckpt_every=500),
+        stage1=Stage1Config(
+            num_videos=16,
+            heldout_videos=4,
+            timesteps=(0.1, 0.3, 0.5, 0.7, 0.9),
+            steps=500,
+            batch_size=4,
+            lr=5e-3,
+            log_every=50,
+        ),
+        stage2=TrainConfig(steps=500, batch_size=16, lr=1e-4, warmup=20, log_every=50, ckpt_every=250, seed=1),
+    )
 
 
 PRESETS = {"cpu-smoke": _cpu_smoke, "gpu": _gpu, "gpu-long": _gpu_long}
 
 
 def get_preset(name: str) -> Preset:
-  if name not in PRESETS:
-    raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-  return PRESETS[name]()
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()

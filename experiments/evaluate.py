@@ -30,143 +30,161 @@ SAMPLE_SEED = 777
 # ----------------------------------------------------------------------------------------------------------------
 # Image metrics (jnp).
 
+
 def psnr(x, y, data_range: float = 2.0):
-  """Peak signal-to-noise ratio per video. x, y (B, T, H, W, C) in [-1, 1] -> (B,) dB."""
-  mse = jnp.mean((x.astype(jnp.float32) - y.astype(jnp.float32)) ** 2, axis=(1, 2, 3, 4))
-  return 10.0 * jnp.log10(data_range ** 2 / jnp.maximum(mse, 1e-12))
+    """Peak signal-to-noise ratio per video. x, y (B, T, H, W, C) in [-1, 1] -> (B,) dB."""
+    mse = jnp.mean((x.astype(jnp.float32) - y.astype(jnp.float32)) ** 2, axis=(1, 2, 3, 4))
+    return 10.0 * jnp.log10(data_range**2 / jnp.maximum(mse, 1e-12))
 
 
 def _gaussian_window(size: int, sigma: float):
-  g = jnp.exp(-0.5 * ((jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2) / sigma) ** 2)
-  return g / g.sum()
+    g = jnp.exp(-0.5 * ((jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2) / sigma) ** 2)
+    return g / g.sum()
 
 
 def ssim(x, y, data_range: float = 2.0, window: int = 11, sigma: float = 1.5):
-  """Structural similarity (Wang et al. 2004) per video, averaged over frames, channels and valid positions.
+    """Structural similarity (Wang et al. 2004) per video, averaged over frames, channels and valid positions.
 
-  x, y (B, T, H, W, C) with values spanning `data_range`. The window shrinks to fit frames smaller than 11 px.
-  Returns (B,).
-  """
-  x = x.astype(jnp.float32) / data_range
-  y = y.astype(jnp.float32) / data_range
-  B, T, H, W, C = x.shape
-  size = min(window, H, W)
-  g = _gaussian_window(size, sigma)
+    x, y (B, T, H, W, C) with values spanning `data_range`. The window shrinks to fit frames smaller than 11 px.
+    Returns (B,).
+    """
+    x = x.astype(jnp.float32) / data_range
+    y = y.astype(jnp.float32) / data_range
+    B, T, H, W, C = x.shape
+    size = min(window, H, W)
+    g = _gaussian_window(size, sigma)
 
-  def blur(img):                       # (B, T, H, W, C) -> valid separable Gaussian filter
-    img = img.transpose(0, 1, 4, 2, 3).reshape(-1, H, W)
-    img = jax.vmap(lambda im: jax.vmap(lambda r: jnp.convolve(r, g, mode="valid"))(im))(img)    # along W
-    img = jax.vmap(lambda im: jax.vmap(lambda c: jnp.convolve(c, g, mode="valid"), 1, 1)(im))(img)  # along H
-    return img.reshape(B, T, C, H - size + 1, W - size + 1)
+    def blur(img):  # (B, T, H, W, C) -> valid separable Gaussian filter
+        img = img.transpose(0, 1, 4, 2, 3).reshape(-1, H, W)
+        img = jax.vmap(lambda im: jax.vmap(lambda r: jnp.convolve(r, g, mode="valid"))(im))(img)  # along W
+        img = jax.vmap(lambda im: jax.vmap(lambda c: jnp.convolve(c, g, mode="valid"), 1, 1)(im))(img)  # along H
+        return img.reshape(B, T, C, H - size + 1, W - size + 1)
 
-  c1, c2 = 0.01 ** 2, 0.03 ** 2
-  mx, my = blur(x), blur(y)
-  sxx = blur(x * x) - mx * mx
-  syy = blur(y * y) - my * my
-  sxy = blur(x * y) - mx * my
-  s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-  return jnp.mean(s, axis=(1, 2, 3, 4))
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = blur(x), blur(y)
+    sxx = blur(x * x) - mx * mx
+    syy = blur(y * y) - my * my
+    sxy = blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return jnp.mean(s, axis=(1, 2, 3, 4))
 
 
 def relative_l2(o, ref):
-  """||o - ref|| / ||ref|| per leading index. (S, ...) -> (S,)."""
-  o, ref = o.astype(jnp.float32), ref.astype(jnp.float32)
-  axes = tuple(range(1, o.ndim))
-  return jnp.sqrt(jnp.sum((o - ref) ** 2, axes) / jnp.maximum(jnp.sum(ref ** 2, axes), 1e-20))
+    """||o - ref|| / ||ref|| per leading index. (S, ...) -> (S,)."""
+    o, ref = o.astype(jnp.float32), ref.astype(jnp.float32)
+    axes = tuple(range(1, o.ndim))
+    return jnp.sqrt(jnp.sum((o - ref) ** 2, axes) / jnp.maximum(jnp.sum(ref**2, axes), 1e-20))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model evaluation.
 
+
 @nnx.jit
 def _forward(model: VideoDiT, x, t, label):
-  return model(x, t, label)
+    return model(x, t, label)
 
 
 @nnx.jit
 def _core_apply(core, q, k, v):
-  return core(q, k, v)
+    return core(q, k, v)
 
 
 def sample_schedule(steps: int, shift: float) -> np.ndarray:
-  """Times 1 -> 0 (steps + 1 points) with the shift t' = s t / (1 + (s - 1) t) that Wan's sampler uses."""
-  t = np.linspace(1.0, 0.0, steps + 1)
-  return shift * t / (1.0 + (shift - 1.0) * t)
+    """Times 1 -> 0 (steps + 1 points) with the shift t' = s t / (1 + (s - 1) t) that Wan's sampler uses."""
+    t = np.linspace(1.0, 0.0, steps + 1)
+    return shift * t / (1.0 + (shift - 1.0) * t)
 
 
 def euler_sample(model: VideoDiT, noise, label, steps: int, shift: float = 1.0):
-  """Integrate dx/dt = v(x, t) from t = 1 (noise (B,T,H,W,C)) to t = 0. Returns the video (B,T,H,W,C)."""
-  ts = sample_schedule(steps, shift)
-  x = noise
-  for t_cur, t_next in zip(ts[:-1], ts[1:]):
-    v = _forward(model, x, jnp.full((x.shape[0],), t_cur, jnp.float32), label)
-    x = x + (t_next - t_cur) * v
-  return x
+    """Integrate dx/dt = v(x, t) from t = 1 (noise (B,T,H,W,C)) to t = 0. Returns the video (B,T,H,W,C)."""
+    ts = sample_schedule(steps, shift)
+    x = noise
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        v = _forward(model, x, jnp.full((x.shape[0],), t_cur, jnp.float32), label)
+        x = x + (t_next - t_cur) * v
+    return x
 
 
 def sample_inputs(preset: Preset):
-  """Fixed noise (num_samples, T, H, W, C) and labels (num_samples,) shared by every model."""
-  d = preset.data
-  n = preset.eval.num_samples
-  noise = jax.random.normal(jax.random.PRNGKey(SAMPLE_SEED), (n, d.frames, d.height, d.width, d.channels))
-  labels = jnp.arange(n, dtype=jnp.int32) % data_lib.NUM_CLASSES
-  return noise, labels
+    """Fixed noise (num_samples, T, H, W, C) and labels (num_samples,) shared by every model."""
+    d = preset.data
+    n = preset.eval.num_samples
+    noise = jax.random.normal(jax.random.PRNGKey(SAMPLE_SEED), (n, d.frames, d.height, d.width, d.channels))
+    labels = jnp.arange(n, dtype=jnp.int32) % data_lib.NUM_CLASSES
+    return noise, labels
 
 
 def validation_loss(model: VideoDiT, preset: Preset) -> float:
-  """Mean flow-matching loss over the fixed validation set (stratified t, fixed noise)."""
-  cfg = preset.eval
-  source = data_lib.ProceduralVideos(preset.data, data_lib.VAL_STREAM)
-  n = cfg.val_batches * cfg.val_batch_size
-  t_all = (np.arange(n) + 0.5) / n
-  t_all = np.random.default_rng(0).permutation(t_all).astype(np.float32)
-  losses = []
-  chunk = preset.eval.num_samples        # same batch shape as sampling: one compiled forward per model
-  for i in range(cfg.val_batches):
-    batch = source.batch(i, cfg.val_batch_size)
-    noise = jax.random.normal(jax.random.PRNGKey(10_000 + i), batch["video"].shape)
-    t = jnp.asarray(t_all[i * cfg.val_batch_size:(i + 1) * cfg.val_batch_size])
-    for s in range(0, cfg.val_batch_size, chunk):
-      sl = slice(s, s + chunk)
-      tb = t[sl][:, None, None, None, None]
-      x_t = (1.0 - tb) * batch["video"][sl] + tb * noise[sl]
-      pred = _forward(model, x_t, t[sl], batch["label"][sl])
-      losses.append(float(jnp.mean((pred - (noise[sl] - batch["video"][sl])) ** 2)))
-  return float(np.mean(losses))
+    """Mean flow-matching loss over the fixed validation set (stratified t, fixed noise)."""
+    cfg = preset.eval
+    source = data_lib.ProceduralVideos(preset.data, data_lib.VAL_STREAM)
+    n = cfg.val_batches * cfg.val_batch_size
+    t_all = (np.arange(n) + 0.5) / n
+    t_all = np.random.default_rng(0).permutation(t_all).astype(np.float32)
+    losses = []
+    chunk = preset.eval.num_samples  # same batch shape as sampling: one compiled forward per model
+    for i in range(cfg.val_batches):
+        batch = source.batch(i, cfg.val_batch_size)
+        noise = jax.random.normal(jax.random.PRNGKey(10_000 + i), batch["video"].shape)
+        t = jnp.asarray(t_all[i * cfg.val_batch_size : (i + 1) * cfg.val_batch_size])
+        for s in range(0, cfg.val_batch_size, chunk):
+            sl = slice(s, s + chunk)
+            tb = t[sl][:, None, None, None, None]
+            x_t = (1.0 - tb) * batch["video"][sl] + tb * noise[sl]
+            pred = _forward(model, x_t, t[sl], batch["label"][sl])
+            losses.append(float(jnp.mean((pred - (noise[sl] - batch["video"][sl])) ** 2)))
+    return float(np.mean(losses))
 
 
 def attention_errors(model: VideoDiT, heldout: dict) -> list[float]:
-  """Per-layer mean relative L2 error of the model's attention cores on held-out captured Q/K/V (0 for dense)."""
-  errs = []
-  for layer, blk in enumerate(model.blocks):
-    core = blk.attn.core
-    if core is None:
-      errs.append(0.0)
-      continue
-    q, k, v, ref = (heldout[n][layer] for n in ("q", "k", "v", "o"))
-    e = [relative_l2(_core_apply(core, q[i:i + 1], k[i:i + 1], v[i:i + 1]), ref[i:i + 1]) for i in range(q.shape[0])]
-    errs.append(float(jnp.mean(jnp.concatenate(e))))
-  return errs
+    """Per-layer mean relative L2 error of the model's attention cores on held-out captured Q/K/V (0 for dense)."""
+    errs = []
+    for layer, blk in enumerate(model.blocks):
+        core = blk.attn.core
+        if core is None:
+            errs.append(0.0)
+            continue
+        q, k, v, ref = (heldout[n][layer] for n in ("q", "k", "v", "o"))
+        e = [
+            relative_l2(_core_apply(core, q[i : i + 1], k[i : i + 1], v[i : i + 1]), ref[i : i + 1])
+            for i in range(q.shape[0])
+        ]
+        errs.append(float(jnp.mean(jnp.concatenate(e))))
+    return errs
 
 
-def evaluate_run(eval_dir: str, preset: Preset, run: RunSpec, model: VideoDiT, *, heldout: dict | None,
-                 dense_samples: np.ndarray | None) -> dict:
-  """All metrics of one model; writes <eval_dir>/<run>.json and <run>_samples.npy. Returns the metrics."""
-  t0 = time.time()
-  noise, labels = sample_inputs(preset)
-  samples = np.asarray(euler_sample(model, noise, labels, preset.eval.sample_steps, preset.eval.sample_shift))
-  os.makedirs(eval_dir, exist_ok=True)
-  np.save(os.path.join(eval_dir, f"{run.name}_samples.npy"), samples)
-  metrics = {"run": run.name, "attention": run.attention, "sparsity": run.sparsity, "alpha": run.alpha,
-             "quant": run.quant, "val_loss": validation_loss(model, preset),
-             "sample_range": [float(samples.min()), float(samples.max())]}
-  if dense_samples is not None:
-    metrics["psnr"] = float(jnp.mean(psnr(jnp.asarray(samples), jnp.asarray(dense_samples))))
-    metrics["ssim"] = float(jnp.mean(ssim(jnp.asarray(samples), jnp.asarray(dense_samples))))
-  if heldout is not None:
-    layer_errs = attention_errors(model, heldout)
-    metrics["attn_rel_err_per_layer"] = layer_errs
-    metrics["attn_rel_err"] = float(np.mean(layer_errs))
-  metrics["eval_seconds"] = time.time() - t0
-  write_json(os.path.join(eval_dir, f"{run.name}.json"), metrics)
-  return metrics
+def evaluate_run(
+    eval_dir: str,
+    preset: Preset,
+    run: RunSpec,
+    model: VideoDiT,
+    *,
+    heldout: dict | None,
+    dense_samples: np.ndarray | None,
+) -> dict:
+    """All metrics of one model; writes <eval_dir>/<run>.json and <run>_samples.npy. Returns the metrics."""
+    t0 = time.time()
+    noise, labels = sample_inputs(preset)
+    samples = np.asarray(euler_sample(model, noise, labels, preset.eval.sample_steps, preset.eval.sample_shift))
+    os.makedirs(eval_dir, exist_ok=True)
+    np.save(os.path.join(eval_dir, f"{run.name}_samples.npy"), samples)
+    metrics = {
+        "run": run.name,
+        "attention": run.attention,
+        "sparsity": run.sparsity,
+        "alpha": run.alpha,
+        "quant": run.quant,
+        "val_loss": validation_loss(model, preset),
+        "sample_range": [float(samples.min()), float(samples.max())],
+    }
+    if dense_samples is not None:
+        metrics["psnr"] = float(jnp.mean(psnr(jnp.asarray(samples), jnp.asarray(dense_samples))))
+        metrics["ssim"] = float(jnp.mean(ssim(jnp.asarray(samples), jnp.asarray(dense_samples))))
+    if heldout is not None:
+        layer_errs = attention_errors(model, heldout)
+        metrics["attn_rel_err_per_layer"] = layer_errs
+        metrics["attn_rel_err"] = float(np.mean(layer_errs))
+    metrics["eval_seconds"] = time.time() - t0
+    write_json(os.path.join(eval_dir, f"{run.name}.json"), metrics)
+    return metrics

@@ -21,136 +21,155 @@ LABELS = {"dense": "dense", "sla": "SLA", "sla2": "SLA2", "sparse": "sparse-only
 
 
 def _to_uint8(video: np.ndarray) -> np.ndarray:
-  return np.clip((np.asarray(video, np.float32) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+    return np.clip((np.asarray(video, np.float32) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
 
 
 def _upscale(frames: np.ndarray, min_size: int = 96) -> np.ndarray:
-  """Nearest-neighbour upscaling of (..., H, W, C) so that H >= min_size."""
-  factor = max(1, int(np.ceil(min_size / frames.shape[-3])))
-  return frames.repeat(factor, axis=-3).repeat(factor, axis=-2)
+    """Nearest-neighbour upscaling of (..., H, W, C) so that H >= min_size."""
+    factor = max(1, int(np.ceil(min_size / frames.shape[-3])))
+    return frames.repeat(factor, axis=-3).repeat(factor, axis=-2)
 
 
 def _pad(img: np.ndarray, px: int = 2) -> np.ndarray:
-  return np.pad(img, ((px, px), (px, px), (0, 0)), constant_values=255)
+    return np.pad(img, ((px, px), (px, px), (0, 0)), constant_values=255)
 
 
 def _label_strip(text: str, height: int, width: int = 130) -> np.ndarray:
-  from PIL import Image, ImageDraw
-  im = Image.new("RGB", (width, height), "white")
-  ImageDraw.Draw(im).text((4, height // 2 - 6), text, fill="black")
-  return np.asarray(im)
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(im).text((4, height // 2 - 6), text, fill="black")
+    return np.asarray(im)
 
 
 def save_sample_grid(samples: dict, path: str, max_frames: int = 16) -> None:
-  """samples: {run: (S, T, H, W, C) in [-1, 1]}. One row per run, frames of sample 0 across."""
-  from PIL import Image
-  rows = []
-  for name, video in samples.items():
-    frames = _upscale(_to_uint8(video[0][:max_frames]))
-    row = np.concatenate([_pad(f) for f in frames], axis=1)
-    rows.append(np.concatenate([_label_strip(name, row.shape[0]), row], axis=1))
-  Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    """samples: {run: (S, T, H, W, C) in [-1, 1]}. One row per run, frames of sample 0 across."""
+    from PIL import Image
+
+    rows = []
+    for name, video in samples.items():
+        frames = _upscale(_to_uint8(video[0][:max_frames]))
+        row = np.concatenate([_pad(f) for f in frames], axis=1)
+        rows.append(np.concatenate([_label_strip(name, row.shape[0]), row], axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
 def save_gif(videos: np.ndarray, path: str, fps: int = 6) -> None:
-  """videos: (S, T, H, W, C) in [-1, 1] -> one GIF with the S videos side by side."""
-  from PIL import Image
-  v = _upscale(_to_uint8(videos))
-  frames = [np.concatenate([_pad(v[s, t]) for s in range(v.shape[0])], axis=1) for t in range(v.shape[1])]
-  ims = [Image.fromarray(f) for f in frames]
-  ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
+    """videos: (S, T, H, W, C) in [-1, 1] -> one GIF with the S videos side by side."""
+    from PIL import Image
+
+    v = _upscale(_to_uint8(videos))
+    frames = [np.concatenate([_pad(v[s, t]) for s in range(v.shape[0])], axis=1) for t in range(v.shape[1])]
+    ims = [Image.fromarray(f) for f in frames]
+    ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
 
 
 def save_comparison_gif(samples: dict, path: str, fps: int = 6) -> None:
-  """All models' samples in one GIF: a row per model (label on the left), samples across."""
-  from PIL import Image
-  rows_per_t = None
-  for name, video in samples.items():
-    v = _upscale(_to_uint8(video))
-    frames = [np.concatenate([_pad(v[s, t]) for s in range(v.shape[0])], axis=1) for t in range(v.shape[1])]
-    frames = [np.concatenate([_label_strip(name, f.shape[0]), f], axis=1) for f in frames]
-    rows_per_t = [[f] for f in frames] if rows_per_t is None else [r + [f] for r, f in zip(rows_per_t, frames)]
-  ims = [Image.fromarray(np.concatenate(r, axis=0)) for r in rows_per_t]
-  ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
+    """All models' samples in one GIF: a row per model (label on the left), samples across."""
+    from PIL import Image
+
+    rows_per_t = None
+    for name, video in samples.items():
+        v = _upscale(_to_uint8(video))
+        frames = [np.concatenate([_pad(v[s, t]) for s in range(v.shape[0])], axis=1) for t in range(v.shape[1])]
+        frames = [np.concatenate([_label_strip(name, f.shape[0]), f], axis=1) for f in frames]
+        rows_per_t = [[f] for f in frames] if rows_per_t is None else [r + [f] for r, f in zip(rows_per_t, frames)]
+    ims = [Image.fromarray(np.concatenate(r, axis=0)) for r in rows_per_t]
+    ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
 
 
 def save_error_plot(results: dict, path: str) -> None:
-  """Attention relative error and PSNR vs dense against sparsity for SLA2 / SLA / sparse-only (hard-top-k, QAT
-  as trained; alpha 'block')."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for kind, marker in (("sla2", "o"), ("sla", "s"), ("sparse", "^")):
-    pts = sorted((r["sparsity"], r) for r in results.values()
-                 if r.get("attention") == kind and r.get("alpha", "block") == "block"
-                 and not r["run"].endswith("-noqat"))
-    if not pts:
-      continue
-    xs = [100 * s for s, _ in pts]
-    axes[0].plot(xs, [r.get("attn_rel_err", np.nan) for _, r in pts], marker=marker, label=LABELS[kind])
-    axes[1].plot(xs, [r.get("psnr", np.nan) for _, r in pts], marker=marker, label=LABELS[kind])
-  axes[0].set(xlabel="sparsity (%)", ylabel="attention relative L2 error", title="held-out Q/K/V of the dense model")
-  axes[1].set(xlabel="sparsity (%)", ylabel="PSNR vs dense samples (dB)", title="samples from the same noise")
-  for ax in axes:
-    ax.grid(alpha=0.3)
-    ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+    """Attention relative error and PSNR vs dense against sparsity for SLA2 / SLA / sparse-only (hard-top-k, QAT
+    as trained; alpha 'block')."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for kind, marker in (("sla2", "o"), ("sla", "s"), ("sparse", "^")):
+        pts = sorted(
+            (r["sparsity"], r)
+            for r in results.values()
+            if r.get("attention") == kind and r.get("alpha", "block") == "block" and not r["run"].endswith("-noqat")
+        )
+        if not pts:
+            continue
+        xs = [100 * s for s, _ in pts]
+        axes[0].plot(xs, [r.get("attn_rel_err", np.nan) for _, r in pts], marker=marker, label=LABELS[kind])
+        axes[1].plot(xs, [r.get("psnr", np.nan) for _, r in pts], marker=marker, label=LABELS[kind])
+    axes[0].set(xlabel="sparsity (%)", ylabel="attention relative L2 error", title="held-out Q/K/V of the dense model")
+    axes[1].set(xlabel="sparsity (%)", ylabel="PSNR vs dense samples (dB)", title="samples from the same noise")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _fmt(x, spec):
-  return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
 
 
 def markdown_table(results: dict, names, dense_loss: float | None, stages: dict) -> str:
-  head = ("| model | sparsity | stage-2 quant | val loss | vs dense | PSNR vs dense (dB) | SSIM vs dense "
-          "| attn rel. error | train videos/s |\n|---|---|---|---|---|---|---|---|---|\n")
-  rows = []
-  for name in names:
-    r = results.get(name)
-    if r is None:
-      continue
-    rel = None if dense_loss is None else 100.0 * (r["val_loss"] - dense_loss) / dense_loss
-    is_dense = r["attention"] == "dense"
-    speed = stages.get("stage0/dense" if is_dense else f"stage2/{name}", {}).get("videos_per_s")
-    rows.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-        name, "0%" if is_dense else f"{100 * r['sparsity']:.0f}%", "-" if is_dense else r["quant"],
-        _fmt(r["val_loss"], ".4f"), "-" if is_dense else (_fmt(rel, "+.2f") + "%"),
-        "ref" if is_dense else _fmt(r.get("psnr"), ".2f"), "ref" if is_dense else _fmt(r.get("ssim"), ".4f"),
-        _fmt(r.get("attn_rel_err"), ".4f"), _fmt(speed, ".2f")))
-  return head + "\n".join(rows) + "\n"
+    head = (
+        "| model | sparsity | stage-2 quant | val loss | vs dense | PSNR vs dense (dB) | SSIM vs dense "
+        "| attn rel. error | train videos/s |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for name in names:
+        r = results.get(name)
+        if r is None:
+            continue
+        rel = None if dense_loss is None else 100.0 * (r["val_loss"] - dense_loss) / dense_loss
+        is_dense = r["attention"] == "dense"
+        speed = stages.get("stage0/dense" if is_dense else f"stage2/{name}", {}).get("videos_per_s")
+        rows.append(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                name,
+                "0%" if is_dense else f"{100 * r['sparsity']:.0f}%",
+                "-" if is_dense else r["quant"],
+                _fmt(r["val_loss"], ".4f"),
+                "-" if is_dense else (_fmt(rel, "+.2f") + "%"),
+                "ref" if is_dense else _fmt(r.get("psnr"), ".2f"),
+                "ref" if is_dense else _fmt(r.get("ssim"), ".4f"),
+                _fmt(r.get("attn_rel_err"), ".4f"),
+                _fmt(speed, ".2f"),
+            )
+        )
+    return head + "\n".join(rows) + "\n"
 
 
 def write_report(out: str, skipped=()) -> dict:
-  """Collect <out>/eval/*.json and stage metrics into results.json, results.md and the pictures."""
-  eval_dir = os.path.join(out, "eval")
-  with open(os.path.join(out, "recipe.json")) as f:
-    recipe = json.load(f)
-  results, samples = {}, {}
-  for name in recipe["runs"]:
-    path = os.path.join(eval_dir, f"{name}.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        results[name] = json.load(f)
-      samples[name] = np.load(os.path.join(eval_dir, f"{name}_samples.npy"))
-  stages = {}
-  for stage in ("stage0", "stage1", "stage2"):
-    d = os.path.join(out, stage)
-    if os.path.isdir(d):
-      for run in sorted(os.listdir(d)):
-        p = os.path.join(d, run, "done.json")
-        if os.path.exists(p):
-          with open(p) as f:
-            stages[f"{stage}/{run}"] = json.load(f)
-  dense_loss = results.get("dense", {}).get("val_loss")
-  summary = {"recipe": recipe, "results": results, "stages": stages, "not_run": list(skipped)}
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+    """Collect <out>/eval/*.json and stage metrics into results.json, results.md and the pictures."""
+    eval_dir = os.path.join(out, "eval")
+    with open(os.path.join(out, "recipe.json")) as f:
+        recipe = json.load(f)
+    results, samples = {}, {}
+    for name in recipe["runs"]:
+        path = os.path.join(eval_dir, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[name] = json.load(f)
+            samples[name] = np.load(os.path.join(eval_dir, f"{name}_samples.npy"))
+    stages = {}
+    for stage in ("stage0", "stage1", "stage2"):
+        d = os.path.join(out, stage)
+        if os.path.isdir(d):
+            for run in sorted(os.listdir(d)):
+                p = os.path.join(d, run, "done.json")
+                if os.path.exists(p):
+                    with open(p) as f:
+                        stages[f"{stage}/{run}"] = json.load(f)
+    dense_loss = results.get("dense", {}).get("val_loss")
+    summary = {"recipe": recipe, "results": results, "stages": stages, "not_run": list(skipped)}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(summary, f, indent=2)
 
-  p = recipe["preset"]
-  md = [f"# SLA2 recipe: preset `{p['name']}`\n",
+    p = recipe["preset"]
+    md = [
+        f"# SLA2 recipe: preset `{p['name']}`\n",
         f"Video {p['data']['frames']}x{p['data']['height']}x{p['data']['width']}, patch {tuple(p['model']['patch'])}, "
         f"{recipe['num_tokens']} tokens; DiT dim {p['model']['dim']}, depth {p['model']['depth']}, "
         f"{p['model']['num_heads']} heads; blocks b_q={p['block_q']}, b_k={p['block_k']}; backend "
@@ -163,37 +182,43 @@ def write_report(out: str, skipped=()) -> dict:
         "relative L2 error of each layer's attention on held-out Q/K/V captured from the dense model, mean over "
         "layers. Train videos/s: stage-0 (dense) or stage-2 training throughput after compilation.\n",
         (f"**Not run (time budget reached):** {', '.join(skipped)}.\n\n" if skipped else ""),
-        "## Main comparison\n", markdown_table(results, MAIN_TABLE, dense_loss, stages),
+        "## Main comparison\n",
+        markdown_table(results, MAIN_TABLE, dense_loss, stages),
         "\n## Ablations at 97% (alpha granularity, QAT)\n",
-        markdown_table(results, ABLATION_TABLE, dense_loss, stages)]
-  router = {k: v for k, v in stages.items() if k.startswith("stage1/")}
-  if router:
-    md.append("\n## Stage 1 (router + alpha, soft top-k): relative MSE to full attention\n\n"
-              "| run | first step | last steps |\n|---|---|---|\n")
-    md += [f"| {k.split('/')[1]} | {_fmt(v.get('first_rel_mse'), '.4f')} | {_fmt(v.get('final_rel_mse'), '.4f')} |\n"
-           for k, v in router.items()]
-  md.append("\n![samples](samples_grid.png)\n\n![error vs sparsity](error_vs_sparsity.png)\n")
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write("\n".join(md))
+        markdown_table(results, ABLATION_TABLE, dense_loss, stages),
+    ]
+    router = {k: v for k, v in stages.items() if k.startswith("stage1/")}
+    if router:
+        md.append(
+            "\n## Stage 1 (router + alpha, soft top-k): relative MSE to full attention\n\n"
+            "| run | first step | last steps |\n|---|---|---|\n"
+        )
+        md += [
+            f"| {k.split('/')[1]} | {_fmt(v.get('first_rel_mse'), '.4f')} | {_fmt(v.get('final_rel_mse'), '.4f')} |\n"
+            for k, v in router.items()
+        ]
+    md.append("\n![samples](samples_grid.png)\n\n![error vs sparsity](error_vs_sparsity.png)\n")
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(md))
 
-  if samples:
-    save_sample_grid(samples, os.path.join(out, "samples_grid.png"))
-    save_comparison_gif(samples, os.path.join(out, "samples.gif"))
-    os.makedirs(os.path.join(out, "gifs"), exist_ok=True)
-    for name, v in samples.items():
-      save_gif(v, os.path.join(out, "gifs", f"{name}.gif"))
-  if any(r["attention"] != "dense" for r in results.values()):
-    save_error_plot(results, os.path.join(out, "error_vs_sparsity.png"))
-  return summary
+    if samples:
+        save_sample_grid(samples, os.path.join(out, "samples_grid.png"))
+        save_comparison_gif(samples, os.path.join(out, "samples.gif"))
+        os.makedirs(os.path.join(out, "gifs"), exist_ok=True)
+        for name, v in samples.items():
+            save_gif(v, os.path.join(out, "gifs", f"{name}.gif"))
+    if any(r["attention"] != "dense" for r in results.values()):
+        save_error_plot(results, os.path.join(out, "error_vs_sparsity.png"))
+    return summary
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True, help="run folder written by experiments.run_recipe")
-  args = parser.parse_args()
-  write_report(args.out)
-  print(open(os.path.join(args.out, "results.md")).read())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="run folder written by experiments.run_recipe")
+    args = parser.parse_args()
+    write_report(args.out)
+    print(open(os.path.join(args.out, "results.md")).read())
 
 
 if __name__ == "__main__":
-  main()
+    main()

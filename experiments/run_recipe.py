@@ -31,135 +31,160 @@ from experiments.dit import make_model
 
 
 def select_runs(preset: Preset, names: str | None) -> Preset:
-  """Keep only the named runs (comma-separated); "dense" is always kept (it is the reference)."""
-  if not names:
-    return preset
-  wanted = [n.strip() for n in names.split(",") if n.strip()]
-  for n in wanted:
-    preset.run(n)          # raises ValueError on unknown names
-  keep = tuple(r for r in preset.runs if r.name == "dense" or r.name in wanted)
-  return dataclasses.replace(preset, runs=keep)
+    """Keep only the named runs (comma-separated); "dense" is always kept (it is the reference)."""
+    if not names:
+        return preset
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    for n in wanted:
+        preset.run(n)  # raises ValueError on unknown names
+    keep = tuple(r for r in preset.runs if r.name == "dense" or r.name in wanted)
+    return dataclasses.replace(preset, runs=keep)
 
 
 def _check_recipe(out: str, preset: Preset) -> dict:
-  cfg = dataclasses.asdict(preset)
-  cfg.pop("runs")
-  path = os.path.join(out, "recipe.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old["preset"] != json.loads(json.dumps(cfg)):
-      raise ValueError(f"{out!r} holds a run of a different preset config; use another --out")
-  recipe = {"preset": cfg, "runs": [r.name for r in preset.runs], "num_tokens": preset.num_tokens,
-            "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "jax_version": jax.__version__}
-  train.write_json(path, recipe)
-  return recipe
+    cfg = dataclasses.asdict(preset)
+    cfg.pop("runs")
+    path = os.path.join(out, "recipe.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old["preset"] != json.loads(json.dumps(cfg)):
+            raise ValueError(f"{out!r} holds a run of a different preset config; use another --out")
+    recipe = {
+        "preset": cfg,
+        "runs": [r.name for r in preset.runs],
+        "num_tokens": preset.num_tokens,
+        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "jax_version": jax.__version__,
+    }
+    train.write_json(path, recipe)
+    return recipe
 
 
-def run_recipe(preset: Preset, out: str, *, time_budget_s: float | None = None, context: int = 1,
-               log=print) -> dict:
-  """Run every missing stage of the preset into `out` and write the report. Returns results.json's content.
+def run_recipe(preset: Preset, out: str, *, time_budget_s: float | None = None, context: int = 1, log=print) -> dict:
+    """Run every missing stage of the preset into `out` and write the report. Returns results.json's content.
 
-  Sparse models are trained and evaluated one after the other in the order of preset.runs (router first when it
-  is missing), so an interrupted or time-limited run leaves complete rows. time_budget_s: once this many seconds
-  have passed, no further model is started (the report says which were skipped); a rerun continues.
-  context: devices per sequence-parallel group (mesh "context" axis; the rest of the devices split the batch).
-  """
-  t_start = time.time()
-  os.makedirs(out, exist_ok=True)
-  _check_recipe(out, preset)
-  mesh = train.make_mesh(context)
-  dense_run = preset.run("dense")
-  stage0_dir = os.path.join(out, "stage0", "dense")
-  eval_dir = os.path.join(out, "eval")
-  evaluated = lambda r: os.path.exists(os.path.join(eval_dir, f"{r.name}.json"))
+    Sparse models are trained and evaluated one after the other in the order of preset.runs (router first when it
+    is missing), so an interrupted or time-limited run leaves complete rows. time_budget_s: once this many seconds
+    have passed, no further model is started (the report says which were skipped); a rerun continues.
+    context: devices per sequence-parallel group (mesh "context" axis; the rest of the devices split the batch).
+    """
+    t_start = time.time()
+    os.makedirs(out, exist_ok=True)
+    _check_recipe(out, preset)
+    mesh = train.make_mesh(context)
+    dense_run = preset.run("dense")
+    stage0_dir = os.path.join(out, "stage0", "dense")
+    eval_dir = os.path.join(out, "eval")
+    evaluated = lambda r: os.path.exists(os.path.join(eval_dir, f"{r.name}.json"))
 
-  # Stage 0: dense pre-training.
-  log(f"[stage 0] dense pre-training: {preset.stage0.steps} steps, {preset.num_tokens} tokens per video")
-  train.train_diffusion(stage0_dir, preset, dense_run, preset.stage0, mesh=mesh, desc="stage0 dense")
-  dense = make_model(preset, dense_run)
-  train.load_params(stage0_dir, dense)
-  examples = os.path.join(out, "data_examples.gif")
-  if not os.path.exists(examples):
-    report.save_gif(data_lib.ProceduralVideos(preset.data, data_lib.VAL_STREAM).batch(0, 4)["video"], examples)
+    # Stage 0: dense pre-training.
+    log(f"[stage 0] dense pre-training: {preset.stage0.steps} steps, {preset.num_tokens} tokens per video")
+    train.train_diffusion(stage0_dir, preset, dense_run, preset.stage0, mesh=mesh, desc="stage0 dense")
+    dense = make_model(preset, dense_run)
+    train.load_params(stage0_dir, dense)
+    examples = os.path.join(out, "data_examples.gif")
+    if not os.path.exists(examples):
+        report.save_gif(data_lib.ProceduralVideos(preset.data, data_lib.VAL_STREAM).batch(0, 4)["video"], examples)
 
-  # Held-out Q/K/V (attention error) and the dense model's evaluation: its samples are the reference.
-  heldout, captured = None, None
-  if not all(evaluated(r) for r in preset.runs):
-    log(f"[eval] capturing held-out Q/K/V from {preset.stage1.heldout_videos} videos")
-    heldout = train.capture_qkv(dense, preset, preset.stage1, stream=data_lib.HELDOUT_STREAM,
-                                num_videos=preset.stage1.heldout_videos)
-  if not evaluated(dense_run):
-    m = evaluate.evaluate_run(eval_dir, preset, dense_run, dense, heldout=heldout, dense_samples=None)
-    log(f"[eval] dense: val_loss={m['val_loss']:.4f}")
-  dense_samples = np.load(os.path.join(eval_dir, "dense_samples.npy"))
+    # Held-out Q/K/V (attention error) and the dense model's evaluation: its samples are the reference.
+    heldout, captured = None, None
+    if not all(evaluated(r) for r in preset.runs):
+        log(f"[eval] capturing held-out Q/K/V from {preset.stage1.heldout_videos} videos")
+        heldout = train.capture_qkv(
+            dense, preset, preset.stage1, stream=data_lib.HELDOUT_STREAM, num_videos=preset.stage1.heldout_videos
+        )
+    if not evaluated(dense_run):
+        m = evaluate.evaluate_run(eval_dir, preset, dense_run, dense, heldout=heldout, dense_samples=None)
+        log(f"[eval] dense: val_loss={m['val_loss']:.4f}")
+    dense_samples = np.load(os.path.join(eval_dir, "dense_samples.npy"))
 
-  skipped = []
-  for r in preset.runs:
-    if r.attention == "dense" or evaluated(r):
-      continue
-    if time_budget_s is not None and time.time() - t_start > time_budget_s:
-      skipped.append(r.name)
-      continue
-    # Stage 1: the router (one per sparsity and alpha granularity) on Q/K/V captured from the frozen dense model.
-    router_dir = None if r.router_run is None else os.path.join(out, "stage1", r.router_run)
-    if router_dir is not None and not train.is_done(router_dir):
-      if captured is None:
-        log(f"[stage 1] capturing Q/K/V at t={preset.stage1.timesteps} from {preset.stage1.num_videos} videos")
-        captured = train.capture_qkv(dense, preset, preset.stage1, stream=data_lib.CAPTURE_STREAM,
-                                     num_videos=preset.stage1.num_videos)
-      log(f"[stage 1] {r.router_run}: {preset.stage1.steps} steps")
-      train.train_router(router_dir, preset, r, captured)
+    skipped = []
+    for r in preset.runs:
+        if r.attention == "dense" or evaluated(r):
+            continue
+        if time_budget_s is not None and time.time() - t_start > time_budget_s:
+            skipped.append(r.name)
+            continue
+        # Stage 1: the router (one per sparsity and alpha granularity) on Q/K/V captured from the frozen dense model.
+        router_dir = None if r.router_run is None else os.path.join(out, "stage1", r.router_run)
+        if router_dir is not None and not train.is_done(router_dir):
+            if captured is None:
+                log(f"[stage 1] capturing Q/K/V at t={preset.stage1.timesteps} from {preset.stage1.num_videos} videos")
+                captured = train.capture_qkv(
+                    dense, preset, preset.stage1, stream=data_lib.CAPTURE_STREAM, num_videos=preset.stage1.num_videos
+                )
+            log(f"[stage 1] {r.router_run}: {preset.stage1.steps} steps")
+            train.train_router(router_dir, preset, r, captured)
 
-    # Stage 2: fine-tune from the dense weights (router frozen; SLA2 loads its stage-1 router and alpha).
-    def init(model, r=r, router_dir=router_dir):
-      train.transfer_params(dense, model)
-      if router_dir is not None:
-        train.load_router(router_dir, preset, r, model)
-    log(f"[stage 2] {r.name}: {preset.stage2.steps} steps, quant={r.quant}")
-    run_dir = os.path.join(out, "stage2", r.name)
-    train.train_diffusion(run_dir, preset, r, preset.stage2, init=init, trainable=train.STAGE2_TRAINABLE,
-                          mesh=mesh, desc=f"stage2 {r.name}")
+        # Stage 2: fine-tune from the dense weights (router frozen; SLA2 loads its stage-1 router and alpha).
+        def init(model, r=r, router_dir=router_dir):
+            train.transfer_params(dense, model)
+            if router_dir is not None:
+                train.load_router(router_dir, preset, r, model)
 
-    model = make_model(preset, r)
-    train.load_params(run_dir, model)
-    m = evaluate.evaluate_run(eval_dir, preset, r, model, heldout=heldout, dense_samples=dense_samples)
-    log(f"[eval] {r.name}: val_loss={m['val_loss']:.4f} psnr={m['psnr']:.2f} ssim={m['ssim']:.4f} "
-        f"attn_err={m['attn_rel_err']:.4f}")
+        log(f"[stage 2] {r.name}: {preset.stage2.steps} steps, quant={r.quant}")
+        run_dir = os.path.join(out, "stage2", r.name)
+        train.train_diffusion(
+            run_dir,
+            preset,
+            r,
+            preset.stage2,
+            init=init,
+            trainable=train.STAGE2_TRAINABLE,
+            mesh=mesh,
+            desc=f"stage2 {r.name}",
+        )
 
-  if skipped:
-    log(f"[budget] time budget of {time_budget_s} s reached; not run: {skipped}")
-  summary = report.write_report(out, skipped=skipped)
-  log(f"[done] {time.time() - t_start:.1f} s; report in {os.path.join(out, 'results.md')}")
-  return summary
+        model = make_model(preset, r)
+        train.load_params(run_dir, model)
+        m = evaluate.evaluate_run(eval_dir, preset, r, model, heldout=heldout, dense_samples=dense_samples)
+        log(
+            f"[eval] {r.name}: val_loss={m['val_loss']:.4f} psnr={m['psnr']:.2f} ssim={m['ssim']:.4f} "
+            f"attn_err={m['attn_rel_err']:.4f}"
+        )
+
+    if skipped:
+        log(f"[budget] time budget of {time_budget_s} s reached; not run: {skipped}")
+    summary = report.write_report(out, skipped=skipped)
+    log(f"[done] {time.time() - t_start:.1f} s; report in {os.path.join(out, 'results.md')}")
+    return summary
 
 
 def main():
-  parser = argparse.ArgumentParser(description="Run all stages of the SLA2 recipe for a preset.")
-  parser.add_argument("--preset", default="cpu-smoke")
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--runs", default=None, help="comma-separated subset of runs (dense always included)")
-  parser.add_argument("--stage0-steps", type=int, default=None)
-  parser.add_argument("--stage1-steps", type=int, default=None)
-  parser.add_argument("--stage2-steps", type=int, default=None)
-  parser.add_argument("--backend", default=None, help="sla2_jax backend override (auto, pallas, xla)")
-  parser.add_argument("--time-budget", type=float, default=None,
-                      help="seconds after which no further model is started (a rerun continues)")
-  parser.add_argument("--context", type=int, default=1,
-                      help="devices per context-parallel group (sequence-sharded attention); the rest split the batch")
-  args = parser.parse_args()
-  preset = select_runs(get_preset(args.preset), args.runs)
-  if args.stage0_steps is not None:
-    preset = dataclasses.replace(preset, stage0=dataclasses.replace(preset.stage0, steps=args.stage0_steps))
-  if args.stage1_steps is not None:
-    preset = dataclasses.replace(preset, stage1=dataclasses.replace(preset.stage1, steps=args.stage1_steps))
-  if args.stage2_steps is not None:
-    preset = dataclasses.replace(preset, stage2=dataclasses.replace(preset.stage2, steps=args.stage2_steps))
-  if args.backend is not None:
-    preset = dataclasses.replace(preset, backend=args.backend)
-  run_recipe(preset, args.out, time_budget_s=args.time_budget, context=args.context)
-  print(open(os.path.join(args.out, "results.md")).read())
+    parser = argparse.ArgumentParser(description="Run all stages of the SLA2 recipe for a preset.")
+    parser.add_argument("--preset", default="cpu-smoke")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--runs", default=None, help="comma-separated subset of runs (dense always included)")
+    parser.add_argument("--stage0-steps", type=int, default=None)
+    parser.add_argument("--stage1-steps", type=int, default=None)
+    parser.add_argument("--stage2-steps", type=int, default=None)
+    parser.add_argument("--backend", default=None, help="sla2_jax backend override (auto, pallas, xla)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds after which no further model is started (a rerun continues)",
+    )
+    parser.add_argument(
+        "--context",
+        type=int,
+        default=1,
+        help="devices per context-parallel group (sequence-sharded attention); the rest split the batch",
+    )
+    args = parser.parse_args()
+    preset = select_runs(get_preset(args.preset), args.runs)
+    if args.stage0_steps is not None:
+        preset = dataclasses.replace(preset, stage0=dataclasses.replace(preset.stage0, steps=args.stage0_steps))
+    if args.stage1_steps is not None:
+        preset = dataclasses.replace(preset, stage1=dataclasses.replace(preset.stage1, steps=args.stage1_steps))
+    if args.stage2_steps is not None:
+        preset = dataclasses.replace(preset, stage2=dataclasses.replace(preset.stage2, steps=args.stage2_steps))
+    if args.backend is not None:
+        preset = dataclasses.replace(preset, backend=args.backend)
+    run_recipe(preset, args.out, time_budget_s=args.time_budget, context=args.context)
+    print(open(os.path.join(args.out, "results.md")).read())
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -34,6 +34,7 @@ P = exp2(S_bf16 - LSE_lowbit): they equal the bf16 kernel's gradients up to the 
 LSE and O_s (the fake-quant reference of sla2_jax uses the bf16 forward's statistics; the difference is of the
 order of the quantisation error of the forward).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,7 +58,7 @@ _LOG2E = math.log2(math.e)
 
 # Hopper: (head_dim, block_q, block_k, quant) -> (num_warps, num_stages); else the bf16 forward's entry.
 LAUNCH_TABLE: dict[tuple[int, int, int, str], tuple[int, int]] = {
-    (128, 128, 64, "int8"): (8, 4),   # H100, wan-1.3b: 2.44 ms vs 2.59 ms with (8, 3) at 95%
+    (128, 128, 64, "int8"): (8, 4),  # H100, wan-1.3b: 2.44 ms vs 2.59 ms with (8, 3) at 95%
 }
 _OVERRIDE: dict[str, tuple[int, int]] = {}
 
@@ -71,314 +72,318 @@ OPTIONS = {"q_prepass": True, "prepass": "pallas"}
 
 @contextlib.contextmanager
 def options(**kw):
-  """Temporarily change OPTIONS (use a fresh jax.jit inside the block)."""
-  old = dict(OPTIONS)
-  OPTIONS.update(kw)
-  try:
-    yield
-  finally:
-    OPTIONS.clear()
-    OPTIONS.update(old)
+    """Temporarily change OPTIONS (use a fresh jax.jit inside the block)."""
+    old = dict(OPTIONS)
+    OPTIONS.update(kw)
+    try:
+        yield
+    finally:
+        OPTIONS.clear()
+        OPTIONS.update(old)
 
 
 @contextlib.contextmanager
 def override_launch(num_warps: int, num_stages: int):
-  """Force (num_warps, num_stages) of the low-bit forward kernel (read at trace time: use a fresh jax.jit)."""
-  old = dict(_OVERRIDE)
-  _OVERRIDE["fwd"] = (num_warps, num_stages)
-  try:
-    yield
-  finally:
-    _OVERRIDE.clear()
-    _OVERRIDE.update(old)
+    """Force (num_warps, num_stages) of the low-bit forward kernel (read at trace time: use a fresh jax.jit)."""
+    old = dict(_OVERRIDE)
+    _OVERRIDE["fwd"] = (num_warps, num_stages)
+    try:
+        yield
+    finally:
+        _OVERRIDE.clear()
+        _OVERRIDE.update(old)
 
 
 def _launch(cfg: sl._Cfg, quant: str):
-  if "fwd" in _OVERRIDE:
-    return _OVERRIDE["fwd"]
-  key = (cfg.d, cfg.block_q, cfg.block_k, quant)
-  if key in LAUNCH_TABLE and gpu_generation() == "hopper":
-    return LAUNCH_TABLE[key]
-  return sl.launch_config("fwd", cfg.d, cfg.block_q, cfg.block_k)[:2]
+    if "fwd" in _OVERRIDE:
+        return _OVERRIDE["fwd"]
+    key = (cfg.d, cfg.block_q, cfg.block_k, quant)
+    if key in LAUNCH_TABLE and gpu_generation() == "hopper":
+        return LAUNCH_TABLE[key]
+    return sl.launch_config("fwd", cfg.d, cfg.block_q, cfg.block_k)[:2]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Quantisation pre-pass (XLA): smoothed K to int8 per key block, V to fp8 per channel (transposed).
 # ----------------------------------------------------------------------------------------------------------
 def _round_half_even(y):
-  """Round half to even with floor only (the Triton lowering has no round); exact for |y| < 2^22."""
-  r = jnp.floor(y + 0.5)
-  tie = (r - y) == 0.5
-  odd = (r - 2.0 * jnp.floor(r * 0.5)) != 0.0
-  return jnp.where(tie & odd, r - 1.0, r)
+    """Round half to even with floor only (the Triton lowering has no round); exact for |y| < 2^22."""
+    r = jnp.floor(y + 0.5)
+    tie = (r - y) == 0.5
+    odd = (r - 2.0 * jnp.floor(r * 0.5)) != 0.0
+    return jnp.where(tie & odd, r - 1.0, r)
 
 
 def quantize_keys(k, block_k: int):
-  """K~ = K - mean_N(K) (in K's dtype), then int8 per (batch, head, key block).
+    """K~ = K - mean_N(K) (in K's dtype), then int8 per (batch, head, key block).
 
-  Returns (k8 int8 (B, N, H, D), scales float32 (B, H, Nk)); same values as
-  ``sla2_jax.quant.quantize_int8_blocks(sla2_jax.smooth_keys(k), block_k)``.
-  """
-  return _quantize_keys(k, block_k)[:2]
+    Returns (k8 int8 (B, N, H, D), scales float32 (B, H, Nk)); same values as
+    ``sla2_jax.quant.quantize_int8_blocks(sla2_jax.smooth_keys(k), block_k)``.
+    """
+    return _quantize_keys(k, block_k)[:2]
 
 
 def _quantize_keys(k, block_k: int):
-  """(k8, scales, mean (B, H, D) float32) -- see quantize_keys."""
-  b, n, h, d = k.shape
-  nk = -(-n // block_k)
-  k32 = k.astype(_F32)
-  mean = jnp.mean(k32, axis=1, keepdims=True)
-  ks = (k32 - mean).astype(k.dtype).astype(_F32)
-  ks = jnp.pad(ks, ((0, 0), (0, nk * block_k - n), (0, 0), (0, 0))).reshape(b, nk, block_k, h, d)
-  amax = jnp.max(jnp.abs(ks), axis=(2, 4))                       # (B, Nk, H)
-  scale = jnp.maximum(amax, 1e-12) / INT8_MAX
-  k8 = jnp.clip(jnp.round(ks / scale[:, :, None, :, None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-  return k8.reshape(b, nk * block_k, h, d)[:, :n], jnp.transpose(scale, (0, 2, 1)), mean[:, 0]
+    """(k8, scales, mean (B, H, D) float32) -- see quantize_keys."""
+    b, n, h, d = k.shape
+    nk = -(-n // block_k)
+    k32 = k.astype(_F32)
+    mean = jnp.mean(k32, axis=1, keepdims=True)
+    ks = (k32 - mean).astype(k.dtype).astype(_F32)
+    ks = jnp.pad(ks, ((0, 0), (0, nk * block_k - n), (0, 0), (0, 0))).reshape(b, nk, block_k, h, d)
+    amax = jnp.max(jnp.abs(ks), axis=(2, 4))  # (B, Nk, H)
+    scale = jnp.maximum(amax, 1e-12) / INT8_MAX
+    k8 = jnp.clip(jnp.round(ks / scale[:, :, None, :, None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return k8.reshape(b, nk * block_k, h, d)[:, :n], jnp.transpose(scale, (0, 2, 1)), mean[:, 0]
 
 
 def quantize_values_fp8(v, block_k: int):
-  """V in float8_e4m3fn with one scale per (batch, head, channel) = amax over N / 448.
+    """V in float8_e4m3fn with one scale per (batch, head, channel) = amax over N / 448.
 
-  Returns (v8t float8_e4m3fn (B, H, D, Nk*block_k) transposed, zero-padded past N; scales float32 (B, H, D)).
-  """
-  b, n, h, d = v.shape
-  nk = -(-n // block_k)
-  v32 = v.astype(_F32)
-  scale = jnp.maximum(jnp.max(jnp.abs(v32), axis=1), 1e-12) / FP8_MAX   # (B, H, D)
-  v8 = jnp.clip(v32 / scale[:, None], -FP8_MAX, FP8_MAX).astype(_FP8)
-  v8t = jnp.transpose(v8, (0, 2, 3, 1))                                   # (B, H, D, N)
-  return jnp.pad(v8t, ((0, 0), (0, 0), (0, 0), (0, nk * block_k - n))), scale
+    Returns (v8t float8_e4m3fn (B, H, D, Nk*block_k) transposed, zero-padded past N; scales float32 (B, H, D)).
+    """
+    b, n, h, d = v.shape
+    nk = -(-n // block_k)
+    v32 = v.astype(_F32)
+    scale = jnp.maximum(jnp.max(jnp.abs(v32), axis=1), 1e-12) / FP8_MAX  # (B, H, D)
+    v8 = jnp.clip(v32 / scale[:, None], -FP8_MAX, FP8_MAX).astype(_FP8)
+    v8t = jnp.transpose(v8, (0, 2, 3, 1))  # (B, H, D, N)
+    return jnp.pad(v8t, ((0, 0), (0, 0), (0, 0), (0, nk * block_k - n))), scale
 
 
 _SCALE_LANES = 16  # the pre-pass writes each block's scale 16 times (a power-of-two tile), XLA keeps one
 
 
 def _quant_kernel(x_ref, mean_ref, x8_ref, scale_ref, *, n, block, smooth):
-  """Program (j, h, b): rows [j*block, (j+1)*block) of x (minus the mean, rounded to x's dtype) -> int8."""
-  start = pl.program_id(0) * block
-  x = sl._load_rows(x_ref, start, block, n)
-  x32 = x.astype(_F32)
-  if smooth:
-    valid = ((start + jnp.arange(block)) < n)[:, None]
-    x32 = jnp.where(valid, (x32 - mean_ref[...][None, :]).astype(x.dtype).astype(_F32), 0.0)
-  amax = jnp.max(jnp.max(jnp.abs(x32), axis=1), axis=0)
-  scale = jnp.maximum(amax, 1e-12) / INT8_MAX
-  x8 = jnp.clip(_round_half_even(x32 / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-  rows = start + jnp.arange(block)
-  mask = jnp.broadcast_to((rows < n)[:, None], x8.shape)
-  plgpu.store(x8_ref.at[pl.ds(start, block), :], x8, mask=mask)
-  scale_ref[...] = jnp.full((_SCALE_LANES,), scale, _F32)
+    """Program (j, h, b): rows [j*block, (j+1)*block) of x (minus the mean, rounded to x's dtype) -> int8."""
+    start = pl.program_id(0) * block
+    x = sl._load_rows(x_ref, start, block, n)
+    x32 = x.astype(_F32)
+    if smooth:
+        valid = ((start + jnp.arange(block)) < n)[:, None]
+        x32 = jnp.where(valid, (x32 - mean_ref[...][None, :]).astype(x.dtype).astype(_F32), 0.0)
+    amax = jnp.max(jnp.max(jnp.abs(x32), axis=1), axis=0)
+    scale = jnp.maximum(amax, 1e-12) / INT8_MAX
+    x8 = jnp.clip(_round_half_even(x32 / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    rows = start + jnp.arange(block)
+    mask = jnp.broadcast_to((rows < n)[:, None], x8.shape)
+    plgpu.store(x8_ref.at[pl.ds(start, block), :], x8, mask=mask)
+    scale_ref[...] = jnp.full((_SCALE_LANES,), scale, _F32)
 
 
 def _quantize_pallas(x, block: int, mean, interpret: bool):
-  """Pallas pre-pass: x (B, N, H, D) (minus mean (B, H, D) if given) -> int8 (B, N, H, D), scales (B, H, Nb)."""
-  b, n, h, d = x.shape
-  nb = -(-n // block)
-  smooth = mean is not None
-  if mean is None:
-    mean = jnp.zeros((b, h, d), _F32)
-  x8, scales = pl.pallas_call(
-      functools.partial(_quant_kernel, n=n, block=block, smooth=smooth),
-      grid=(nb, h, b),
-      in_specs=[pl.BlockSpec((None, n, None, d), lambda j, hh, bb: (bb, 0, hh, 0)),
-                pl.BlockSpec((None, None, d), lambda j, hh, bb: (bb, hh, 0))],
-      out_specs=[pl.BlockSpec((None, n, None, d), lambda j, hh, bb: (bb, 0, hh, 0)),
-                 pl.BlockSpec((None, None, _SCALE_LANES), lambda j, hh, bb: (bb, hh, j))],
-      out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.int8),
-                 jax.ShapeDtypeStruct((b, h, nb * _SCALE_LANES), _F32)],
-      compiler_params=CompilerParams(num_warps=4, num_stages=1),
-      interpret=interpret,
-      name="sla_int8_quant",
-  )(x, mean)
-  return x8, scales[:, :, ::_SCALE_LANES]
+    """Pallas pre-pass: x (B, N, H, D) (minus mean (B, H, D) if given) -> int8 (B, N, H, D), scales (B, H, Nb)."""
+    b, n, h, d = x.shape
+    nb = -(-n // block)
+    smooth = mean is not None
+    if mean is None:
+        mean = jnp.zeros((b, h, d), _F32)
+    x8, scales = pl.pallas_call(
+        functools.partial(_quant_kernel, n=n, block=block, smooth=smooth),
+        grid=(nb, h, b),
+        in_specs=[
+            pl.BlockSpec((None, n, None, d), lambda j, hh, bb: (bb, 0, hh, 0)),
+            pl.BlockSpec((None, None, d), lambda j, hh, bb: (bb, hh, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, n, None, d), lambda j, hh, bb: (bb, 0, hh, 0)),
+            pl.BlockSpec((None, None, _SCALE_LANES), lambda j, hh, bb: (bb, hh, j)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.int8), jax.ShapeDtypeStruct((b, h, nb * _SCALE_LANES), _F32)],
+        compiler_params=CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="sla_int8_quant",
+    )(x, mean)
+    return x8, scales[:, :, ::_SCALE_LANES]
 
 
 def _prequantize(q, k, cfg: sl._Cfg):
-  """(q8 or None, q_scale or None, k8, k_scale, k_mean) per OPTIONS."""
-  if OPTIONS["prepass"] == "pallas":
-    k_mean = jnp.mean(k.astype(_F32), axis=1)                  # (B, H, D)
-    k8, k_scale = _quantize_pallas(k, cfg.block_k, k_mean, cfg.interpret)
+    """(q8 or None, q_scale or None, k8, k_scale, k_mean) per OPTIONS."""
+    if OPTIONS["prepass"] == "pallas":
+        k_mean = jnp.mean(k.astype(_F32), axis=1)  # (B, H, D)
+        k8, k_scale = _quantize_pallas(k, cfg.block_k, k_mean, cfg.interpret)
+        q8 = q_scale = None
+        if OPTIONS["q_prepass"]:
+            q8, q_scale = _quantize_pallas(q, cfg.block_q, None, cfg.interpret)
+        return q8, q_scale, k8, k_scale, k_mean
+    k8, k_scale, k_mean = _quantize_keys(k, cfg.block_k)
     q8 = q_scale = None
     if OPTIONS["q_prepass"]:
-      q8, q_scale = _quantize_pallas(q, cfg.block_q, None, cfg.interpret)
+        q8, q_scale = quantize_blocks(q, cfg.block_q)
     return q8, q_scale, k8, k_scale, k_mean
-  k8, k_scale, k_mean = _quantize_keys(k, cfg.block_k)
-  q8 = q_scale = None
-  if OPTIONS["q_prepass"]:
-    q8, q_scale = quantize_blocks(q, cfg.block_q)
-  return q8, q_scale, k8, k_scale, k_mean
 
 
 def quantize_blocks(x, block: int):
-  """x (B, N, H, D) -> (int8 (B, N, H, D), scales (B, H, Nb)), as sla2_jax.quant.quantize_int8_blocks (XLA)."""
-  b, n, h, d = x.shape
-  nb = -(-n // block)
-  x32 = jnp.pad(x.astype(_F32), ((0, 0), (0, nb * block - n), (0, 0), (0, 0))).reshape(b, nb, block, h, d)
-  scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=(2, 4)), 1e-12) / INT8_MAX
-  x8 = jnp.clip(jnp.round(x32 / scale[:, :, None, :, None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-  return x8.reshape(b, nb * block, h, d)[:, :n], jnp.transpose(scale, (0, 2, 1))
+    """x (B, N, H, D) -> (int8 (B, N, H, D), scales (B, H, Nb)), as sla2_jax.quant.quantize_int8_blocks (XLA)."""
+    b, n, h, d = x.shape
+    nb = -(-n // block)
+    x32 = jnp.pad(x.astype(_F32), ((0, 0), (0, nb * block - n), (0, 0), (0, 0))).reshape(b, nb, block, h, d)
+    scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=(2, 4)), 1e-12) / INT8_MAX
+    x8 = jnp.clip(jnp.round(x32 / scale[:, :, None, :, None]), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return x8.reshape(b, nb * block, h, d)[:, :n], jnp.transpose(scale, (0, 2, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Forward kernel
 # ----------------------------------------------------------------------------------------------------------
 def _idot(a, b):
-  """int8 a (M, K) x int8 b (N, K) -> int32 a @ b^T (transposed-B: both operands K-major)."""
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    """int8 a (M, K) x int8 b (N, K) -> int32 a @ b^T (transposed-B: both operands K-major)."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
 
 
 def _load_int8_rows(ref, start, size, n):
-  d = ref.shape[-1]
-  rows = start + jnp.arange(size)
-  mask = jnp.broadcast_to((rows < n)[:, None], (size, d))
-  return plgpu.load(ref.at[pl.ds(start, size), :], mask=mask, other=0)
+    d = ref.shape[-1]
+    rows = start + jnp.arange(size)
+    mask = jnp.broadcast_to((rows < n)[:, None], (size, d))
+    return plgpu.load(ref.at[pl.ds(start, size), :], mask=mask, other=0)
 
 
 def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool):
-  r = dict(zip(names, refs))
-  i = pl.program_id(0)
-  q_start = i * cfg.block_q
-  d = cfg.d
+    r = dict(zip(names, refs))
+    i = pl.program_id(0)
+    q_start = i * cfg.block_q
+    d = cfg.d
 
-  if "q8" in r:   # quantised by the pre-pass
-    q8 = _load_int8_rows(r["q8"], q_start, cfg.block_q, cfg.n)
-    s_q = r["q_scale"][i]
-  else:           # Q_i -> int8 with one scale (rows >= N load as 0 and do not change the amax)
-    q32 = sl._load_rows(r["q"], q_start, cfg.block_q, cfg.n).astype(_F32)
-    amax = jnp.max(jnp.max(jnp.abs(q32), axis=1), axis=0)
-    s_q = jnp.maximum(amax, 1e-12) / INT8_MAX
-    q8 = jnp.clip(_round_half_even(q32 / s_q), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-  qk_scale = s_q * (cfg.sm_scale * _LOG2E)
+    if "q8" in r:  # quantised by the pre-pass
+        q8 = _load_int8_rows(r["q8"], q_start, cfg.block_q, cfg.n)
+        s_q = r["q_scale"][i]
+    else:  # Q_i -> int8 with one scale (rows >= N load as 0 and do not change the amax)
+        q32 = sl._load_rows(r["q"], q_start, cfg.block_q, cfg.n).astype(_F32)
+        amax = jnp.max(jnp.max(jnp.abs(q32), axis=1), axis=0)
+        s_q = jnp.maximum(amax, 1e-12) / INT8_MAX
+        q8 = jnp.clip(_round_half_even(q32 / s_q), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    qk_scale = s_q * (cfg.sm_scale * _LOG2E)
 
-  carry = (jnp.zeros((cfg.block_q, d), _F32),
-           jnp.full((cfg.block_q,), -jnp.inf, _F32),
-           jnp.zeros((cfg.block_q,), _F32))
-  if cfg.track_lin:
-    carry += (jnp.zeros((d, d), _F32), jnp.zeros((d,), _F32))
+    carry = (
+        jnp.zeros((cfg.block_q, d), _F32),
+        jnp.full((cfg.block_q,), -jnp.inf, _F32),
+        jnp.zeros((cfg.block_q,), _F32),
+    )
+    if cfg.track_lin:
+        carry += (jnp.zeros((d, d), _F32), jnp.zeros((d,), _F32))
 
-  def body(t, carry):
+    def body(t, carry):
+        acc, m_i, l_i = carry[:3]
+        j = r["lut"][i, t]
+        k_start = j * cfg.block_k
+        k8 = _load_int8_rows(r["k8"], k_start, cfg.block_k, cfg.n)
+        s = _idot(q8, k8).astype(_F32) * (qk_scale * r["k_scale"][j])
+        kvalid = (k_start + jnp.arange(cfg.block_k)) < cfg.n
+        s = jnp.where(kvalid[None, :], s, sl._MASK_VALUE)
+        m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+        correction = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l_i = l_i * correction + jnp.sum(p, axis=1)
+        if fp8:
+            v8t = r["v8t"][:, pl.ds(k_start, cfg.block_k)]  # (D, block_k), zero-padded past N
+            pv = lax.dot_general((p * FP8_MAX).astype(_FP8), v8t, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+        else:
+            v = sl._load_rows(r["v"], k_start, cfg.block_k, cfg.n)
+            pv = sl._dot(p.astype(v.dtype), v)
+        acc = acc * correction[:, None] + pv
+        out = (acc, m_new, l_i)
+        if cfg.track_lin:
+            g, z_sel = carry[3:]
+            if fp8:
+                v = sl._load_rows(r["v"], k_start, cfg.block_k, cfg.n)
+            k_phi = sl._load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
+            g = g + sl._dot(k_phi, v, trans_a=True)
+            z_sel = z_sel + jnp.sum(k_phi.astype(_F32), axis=0)
+            out += (g, z_sel)
+        return out
+
+    carry = lax.fori_loop(0, cfg.topk, body, carry)
     acc, m_i, l_i = carry[:3]
-    j = r["lut"][i, t]
-    k_start = j * cfg.block_k
-    k8 = _load_int8_rows(r["k8"], k_start, cfg.block_k, cfg.n)
-    s = _idot(q8, k8).astype(_F32) * (qk_scale * r["k_scale"][j])
-    kvalid = (k_start + jnp.arange(cfg.block_k)) < cfg.n
-    s = jnp.where(kvalid[None, :], s, sl._MASK_VALUE)
-    m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
-    correction = jnp.exp2(m_i - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l_i = l_i * correction + jnp.sum(p, axis=1)
     if fp8:
-      v8t = r["v8t"][:, pl.ds(k_start, cfg.block_k)]               # (D, block_k), zero-padded past N
-      pv = lax.dot_general((p * FP8_MAX).astype(_FP8), v8t, (((1,), (1,)), ((), ())),
-                           preferred_element_type=_F32)
+        acc = acc * (r["v_scale"][...] * (1.0 / FP8_MAX))[None, :]
+    o_s = acc / l_i[:, None]
+    # The scores used the smoothed K~ = K - mean: softmax is unchanged, but the LSE is shifted by q . mean per
+    # row. Add it back so that the bf16 backward (which recomputes S from the unsmoothed K) sees a consistent LSE.
+    if "lse" in r:
+        q32 = sl._load_rows(r["q"], q_start, cfg.block_q, cfg.n).astype(_F32)
+        shift = jnp.sum(q32 * r["k_mean"][...][None, :], axis=1) * (cfg.sm_scale * _LOG2E)
+        r["lse"][...] = m_i + jnp.log2(l_i) + shift
+
+    if cfg.linear:
+        q_phi = sl._load_rows(r["q_phi"], q_start, cfg.block_q, cfg.n).astype(_F32)
+        h = r["h_tot"][...]
+        z = r["z_tot"][...]
+        if cfg.track_lin:
+            h = h - carry[3]
+            z = z - carry[4]
+        den = jnp.sum(q_phi * z[None, :], axis=1) + cfg.eps
+        o_l = sl._dot(q_phi, h) / den[:, None]
     else:
-      v = sl._load_rows(r["v"], k_start, cfg.block_k, cfg.n)
-      pv = sl._dot(p.astype(v.dtype), v)
-    acc = acc * correction[:, None] + pv
-    out = (acc, m_new, l_i)
-    if cfg.track_lin:
-      g, z_sel = carry[3:]
-      if fp8:
-        v = sl._load_rows(r["v"], k_start, cfg.block_k, cfg.n)
-      k_phi = sl._load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
-      g = g + sl._dot(k_phi, v, trans_a=True)
-      z_sel = z_sel + jnp.sum(k_phi.astype(_F32), axis=0)
-      out += (g, z_sel)
-    return out
+        o_l = None
 
-  carry = lax.fori_loop(0, cfg.topk, body, carry)
-  acc, m_i, l_i = carry[:3]
-  if fp8:
-    acc = acc * (r["v_scale"][...] * (1.0 / FP8_MAX))[None, :]
-  o_s = acc / l_i[:, None]
-  # The scores used the smoothed K~ = K - mean: softmax is unchanged, but the LSE is shifted by q . mean per
-  # row. Add it back so that the bf16 backward (which recomputes S from the unsmoothed K) sees a consistent LSE.
-  if "lse" in r:
-    q32 = sl._load_rows(r["q"], q_start, cfg.block_q, cfg.n).astype(_F32)
-    shift = jnp.sum(q32 * r["k_mean"][...][None, :], axis=1) * (cfg.sm_scale * _LOG2E)
-    r["lse"][...] = m_i + jnp.log2(l_i) + shift
-
-  if cfg.linear:
-    q_phi = sl._load_rows(r["q_phi"], q_start, cfg.block_q, cfg.n).astype(_F32)
-    h = r["h_tot"][...]
-    z = r["z_tot"][...]
-    if cfg.track_lin:
-      h = h - carry[3]
-      z = z - carry[4]
-    den = jnp.sum(q_phi * z[None, :], axis=1) + cfg.eps
-    o_l = sl._dot(q_phi, h) / den[:, None]
-  else:
-    o_l = None
-
-  if fused:
-    a = r["alpha"][i]
-    o = a * o_s if o_l is None else a * o_s + (1.0 - a) * o_l
-    sl._store_rows(r["o"], q_start, o, cfg.n)
-  if "o_s" in r:
-    sl._store_rows(r["o_s"], q_start, o_s, cfg.n)
-  if "o_l" in r:
-    sl._store_rows(r["o_l"], q_start, o_l, cfg.n)
-  if "den" in r:
-    r["den"][...] = den
+    if fused:
+        a = r["alpha"][i]
+        o = a * o_s if o_l is None else a * o_s + (1.0 - a) * o_l
+        sl._store_rows(r["o"], q_start, o, cfg.n)
+    if "o_s" in r:
+        sl._store_rows(r["o_s"], q_start, o_s, cfg.n)
+    if "o_l" in r:
+        sl._store_rows(r["o_l"], q_start, o_l, cfg.n)
+    if "den" in r:
+        r["den"][...] = den
 
 
 def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: sl._Cfg, quant: str, *, fused: bool, residuals: bool):
-  """Low-bit forward; returns the same dict as ``sparse_linear._forward`` (o / o_s, o_l, lse, den, totals)."""
-  b, n, h, d = q.shape
-  fp8 = quant == "int8_fp8"
-  seq, rows = sl._seq_spec(cfg), sl._row_spec(cfg)
-  q8, q_scale, k8, k_scale, k_mean = _prequantize(q, k, cfg)
-  inputs = [("lut", lut, sl._full_spec(cfg.nq, cfg.topk))]
-  if q8 is not None:
-    inputs += [("q8", q8, seq), ("q_scale", q_scale, sl._full_spec(cfg.nq))]
-  if q8 is None or residuals:
-    inputs += [("q", q, seq)]
-  inputs += [("k8", k8, seq), ("k_scale", k_scale, sl._full_spec(cfg.nk))]
-  if residuals:
-    inputs += [("k_mean", k_mean, sl._full_spec(d))]
-  if fp8:
-    v8t, v_scale = quantize_values_fp8(v, cfg.block_k)
-    inputs += [("v8t", v8t, sl._full_spec(d, cfg.nk * cfg.block_k)), ("v_scale", v_scale, sl._full_spec(d))]
-  if not fp8 or cfg.track_lin:
-    inputs += [("v", v, seq)]
-  h_tot = z_tot = None
-  if cfg.linear:
-    h_tot, z_tot = sl._prepass(k_phi, v, cfg)
-    inputs += [("q_phi", q_phi, seq)]
-    if cfg.track_lin:
-      inputs += [("k_phi", k_phi, seq)]
-    inputs += [("h_tot", h_tot, sl._full_spec(d, d)), ("z_tot", z_tot, sl._full_spec(d))]
-  if fused:
-    inputs += [("alpha", alpha, sl._full_spec(cfg.nq))]
-  o_struct = jax.ShapeDtypeStruct(q.shape, q.dtype)
-  row_struct = jax.ShapeDtypeStruct((b, h, cfg.npad), _F32)
-  outputs = []
-  if fused:
-    outputs.append(("o", o_struct, seq))
-  if not fused or residuals:
-    outputs.append(("o_s", o_struct, seq))
+    """Low-bit forward; returns the same dict as ``sparse_linear._forward`` (o / o_s, o_l, lse, den, totals)."""
+    b, n, h, d = q.shape
+    fp8 = quant == "int8_fp8"
+    seq, rows = sl._seq_spec(cfg), sl._row_spec(cfg)
+    q8, q_scale, k8, k_scale, k_mean = _prequantize(q, k, cfg)
+    inputs = [("lut", lut, sl._full_spec(cfg.nq, cfg.topk))]
+    if q8 is not None:
+        inputs += [("q8", q8, seq), ("q_scale", q_scale, sl._full_spec(cfg.nq))]
+    if q8 is None or residuals:
+        inputs += [("q", q, seq)]
+    inputs += [("k8", k8, seq), ("k_scale", k_scale, sl._full_spec(cfg.nk))]
+    if residuals:
+        inputs += [("k_mean", k_mean, sl._full_spec(d))]
+    if fp8:
+        v8t, v_scale = quantize_values_fp8(v, cfg.block_k)
+        inputs += [("v8t", v8t, sl._full_spec(d, cfg.nk * cfg.block_k)), ("v_scale", v_scale, sl._full_spec(d))]
+    if not fp8 or cfg.track_lin:
+        inputs += [("v", v, seq)]
+    h_tot = z_tot = None
     if cfg.linear:
-      outputs.append(("o_l", o_struct, seq))
-  if residuals:
-    outputs.append(("lse", row_struct, rows))
-    if cfg.linear:
-      outputs.append(("den", row_struct, rows))
-  names = tuple(x[0] for x in inputs) + tuple(x[0] for x in outputs)
-  num_warps, num_stages = _launch(cfg, quant)
-  res = pl.pallas_call(
-      functools.partial(_lowbit_fwd_kernel, names=names, cfg=cfg, fused=fused, fp8=fp8),
-      grid=(cfg.nq, h, b),
-      in_specs=[x[2] for x in inputs],
-      out_specs=[x[2] for x in outputs],
-      out_shape=[x[1] for x in outputs],
-      compiler_params=CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=cfg.interpret,
-      name=f"sla_fwd_{quant}",
-  )(*[x[1] for x in inputs])
-  out = dict(zip([x[0] for x in outputs], res))
-  out["h_tot"], out["z_tot"] = h_tot, z_tot
-  return out
+        h_tot, z_tot = sl._prepass(k_phi, v, cfg)
+        inputs += [("q_phi", q_phi, seq)]
+        if cfg.track_lin:
+            inputs += [("k_phi", k_phi, seq)]
+        inputs += [("h_tot", h_tot, sl._full_spec(d, d)), ("z_tot", z_tot, sl._full_spec(d))]
+    if fused:
+        inputs += [("alpha", alpha, sl._full_spec(cfg.nq))]
+    o_struct = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    row_struct = jax.ShapeDtypeStruct((b, h, cfg.npad), _F32)
+    outputs = []
+    if fused:
+        outputs.append(("o", o_struct, seq))
+    if not fused or residuals:
+        outputs.append(("o_s", o_struct, seq))
+        if cfg.linear:
+            outputs.append(("o_l", o_struct, seq))
+    if residuals:
+        outputs.append(("lse", row_struct, rows))
+        if cfg.linear:
+            outputs.append(("den", row_struct, rows))
+    names = tuple(x[0] for x in inputs) + tuple(x[0] for x in outputs)
+    num_warps, num_stages = _launch(cfg, quant)
+    res = pl.pallas_call(
+        functools.partial(_lowbit_fwd_kernel, names=names, cfg=cfg, fused=fused, fp8=fp8),
+        grid=(cfg.nq, h, b),
+        in_specs=[x[2] for x in inputs],
+        out_specs=[x[2] for x in outputs],
+        out_shape=[x[1] for x in outputs],
+        compiler_params=CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=cfg.interpret,
+        name=f"sla_fwd_{quant}",
+    )(*[x[1] for x in inputs])
+    out = dict(zip([x[0] for x in outputs], res))
+    out["h_tot"], out["z_tot"] = h_tot, z_tot
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -386,19 +391,19 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: sl._Cfg, quant: str, *, fus
 # ----------------------------------------------------------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _branches(q, k, v, q_phi, k_phi, lut, cfg, quant):
-  out = _forward(q, k, v, q_phi, k_phi, lut, None, cfg, quant, fused=False, residuals=False)
-  return out["o_s"], out.get("o_l", jnp.zeros_like(q))
+    out = _forward(q, k, v, q_phi, k_phi, lut, None, cfg, quant, fused=False, residuals=False)
+    return out["o_s"], out.get("o_l", jnp.zeros_like(q))
 
 
 def _branches_fwd(q, k, v, q_phi, k_phi, lut, cfg, quant):
-  out = _forward(q, k, v, q_phi, k_phi, lut, None, cfg, quant, fused=False, residuals=True)
-  res = sl._residuals(q, k, v, q_phi, k_phi, lut, None, out)
-  return (out["o_s"], out.get("o_l", jnp.zeros_like(q))), res
+    out = _forward(q, k, v, q_phi, k_phi, lut, None, cfg, quant, fused=False, residuals=True)
+    res = sl._residuals(q, k, v, q_phi, k_phi, lut, None, out)
+    return (out["o_s"], out.get("o_l", jnp.zeros_like(q))), res
 
 
 def _branches_bwd(cfg, quant, res, cts):
-  del quant
-  return sl._branches_bwd(cfg, res, cts)
+    del quant
+    return sl._branches_bwd(cfg, res, cts)
 
 
 _branches.defvjp(_branches_fwd, _branches_bwd)
@@ -406,17 +411,17 @@ _branches.defvjp(_branches_fwd, _branches_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _fused(q, k, v, q_phi, k_phi, lut, alpha, cfg, quant):
-  return _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg, quant, fused=True, residuals=False)["o"]
+    return _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg, quant, fused=True, residuals=False)["o"]
 
 
 def _fused_fwd(q, k, v, q_phi, k_phi, lut, alpha, cfg, quant):
-  out = _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg, quant, fused=True, residuals=True)
-  return out["o"], sl._residuals(q, k, v, q_phi, k_phi, lut, alpha, out)
+    out = _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg, quant, fused=True, residuals=True)
+    return out["o"], sl._residuals(q, k, v, q_phi, k_phi, lut, alpha, out)
 
 
 def _fused_bwd(cfg, quant, res, do):
-  del quant
-  return sl._fused_bwd(cfg, res, do)
+    del quant
+    return sl._fused_bwd(cfg, res, do)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -426,44 +431,81 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 # Public API
 # ----------------------------------------------------------------------------------------------------------
 def _check_quant(quant, dtype):
-  if quant not in QUANT_MODES:
-    raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
 
 
-def sparse_linear_attention_lowbit(q, k, v, q_phi, k_phi, lut, *, quant="int8", block_q=128, block_k=64,
-                                   linear_scope="complement", sm_scale=None, eps=1e-6, interpret=None):
-  """Sparse (LUT) and linear branches with a low-bit sparse-branch forward: (o_s, o_l).
+def sparse_linear_attention_lowbit(
+    q,
+    k,
+    v,
+    q_phi,
+    k_phi,
+    lut,
+    *,
+    quant="int8",
+    block_q=128,
+    block_k=64,
+    linear_scope="complement",
+    sm_scale=None,
+    eps=1e-6,
+    interpret=None,
+):
+    """Sparse (LUT) and linear branches with a low-bit sparse-branch forward: (o_s, o_l).
 
-  Same arguments and outputs as ``sparse_linear.sparse_linear_attention`` plus
-    quant: "int8" (Q and smoothed K in INT8 per block, P V in q.dtype) or "int8_fp8" (also P and V in FP8 e4m3).
-  q, k, v are the original (unquantised) tensors; K is smoothed inside. The forward of the sparse branch is
-  low bit; gradients (w.r.t. q, k, v, q_phi, k_phi) are the full-precision ones (straight-through).
-  """
-  _check_quant(quant, q.dtype)
-  cfg = sl._validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret)
-  return _branches(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, cfg, quant)
-
-
-def sla2_fused_attention_lowbit(q, k, v, q_phi, k_phi, lut, alpha, *, quant="int8", block_q=128, block_k=64,
-                                linear_scope="complement", sm_scale=None, eps=1e-6, interpret=None):
-  """SLA2 output o = alpha * o_s + (1 - alpha) * o_l in one kernel, o_s from the low-bit sparse branch.
-
-  Same arguments as ``sparse_linear.sla2_fused_attention`` plus ``quant`` (see
-  ``sparse_linear_attention_lowbit``). Differentiable w.r.t. q, k, v, q_phi, k_phi and alpha (straight-through:
-  the bf16 backward kernels with the low-bit forward's LSE and O_s).
-  """
-  _check_quant(quant, q.dtype)
-  cfg = sl._validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret)
-  b, _, h, _ = q.shape
-  try:
-    alpha = jnp.broadcast_to(jnp.asarray(alpha), (b, h, cfg.nq))
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"alpha shape {jnp.shape(alpha)} must broadcast to (B, H, Nq) = ({b}, {h}, {cfg.nq})") from e
-  if not jnp.issubdtype(alpha.dtype, jnp.floating):
-    raise ValueError(f"alpha must be floating point, got {alpha.dtype}")
-  return _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha.astype(_F32), cfg, quant)
+    Same arguments and outputs as ``sparse_linear.sparse_linear_attention`` plus
+      quant: "int8" (Q and smoothed K in INT8 per block, P V in q.dtype) or "int8_fp8" (also P and V in FP8 e4m3).
+    q, k, v are the original (unquantised) tensors; K is smoothed inside. The forward of the sparse branch is
+    low bit; gradients (w.r.t. q, k, v, q_phi, k_phi) are the full-precision ones (straight-through).
+    """
+    _check_quant(quant, q.dtype)
+    cfg = sl._validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret)
+    return _branches(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, cfg, quant)
 
 
-__all__ = ["sparse_linear_attention_lowbit", "sla2_fused_attention_lowbit", "quantize_keys", "quantize_blocks",
-           "options", "OPTIONS",
-           "quantize_values_fp8", "override_launch", "QUANT_MODES"]
+def sla2_fused_attention_lowbit(
+    q,
+    k,
+    v,
+    q_phi,
+    k_phi,
+    lut,
+    alpha,
+    *,
+    quant="int8",
+    block_q=128,
+    block_k=64,
+    linear_scope="complement",
+    sm_scale=None,
+    eps=1e-6,
+    interpret=None,
+):
+    """SLA2 output o = alpha * o_s + (1 - alpha) * o_l in one kernel, o_s from the low-bit sparse branch.
+
+    Same arguments as ``sparse_linear.sla2_fused_attention`` plus ``quant`` (see
+    ``sparse_linear_attention_lowbit``). Differentiable w.r.t. q, k, v, q_phi, k_phi and alpha (straight-through:
+    the bf16 backward kernels with the low-bit forward's LSE and O_s).
+    """
+    _check_quant(quant, q.dtype)
+    cfg = sl._validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret)
+    b, _, h, _ = q.shape
+    try:
+        alpha = jnp.broadcast_to(jnp.asarray(alpha), (b, h, cfg.nq))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"alpha shape {jnp.shape(alpha)} must broadcast to (B, H, Nq) = ({b}, {h}, {cfg.nq})") from e
+    if not jnp.issubdtype(alpha.dtype, jnp.floating):
+        raise ValueError(f"alpha must be floating point, got {alpha.dtype}")
+    return _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha.astype(_F32), cfg, quant)
+
+
+__all__ = [
+    "sparse_linear_attention_lowbit",
+    "sla2_fused_attention_lowbit",
+    "quantize_keys",
+    "quantize_blocks",
+    "options",
+    "OPTIONS",
+    "quantize_values_fp8",
+    "override_launch",
+    "QUANT_MODES",
+]

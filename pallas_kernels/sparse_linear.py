@@ -42,6 +42,7 @@ and that head's K, V, phi(K) stay in L2). Launch configurations: launch_config.p
 Ragged N: every tile load/store is masked by row (< N); keys >= N get score -1e30 and zero phi(K), V.
 The phi Jacobian, alpha's parametrisation and the router are left to JAX autodiff around these functions.
 """
+
 from __future__ import annotations
 
 import functools
@@ -63,571 +64,613 @@ _SUPPORTED_HEAD_DIMS = (32, 64, 128)
 
 
 class _Cfg(NamedTuple):
-  """Static configuration of one call (hashable: it is a nondiff argument of the custom_vjp)."""
-  n: int
-  nq: int
-  nk: int
-  topk: int
-  d: int
-  block_q: int
-  block_k: int
-  sm_scale: float
-  eps: float
-  linear: bool      # the linear branch is non-empty
-  complement: bool  # linear branch over the unselected blocks only (else over all keys)
-  interpret: bool
+    """Static configuration of one call (hashable: it is a nondiff argument of the custom_vjp)."""
 
-  @property
-  def npad(self) -> int:
-    return self.nq * self.block_q
+    n: int
+    nq: int
+    nk: int
+    topk: int
+    d: int
+    block_q: int
+    block_k: int
+    sm_scale: float
+    eps: float
+    linear: bool  # the linear branch is non-empty
+    complement: bool  # linear branch over the unselected blocks only (else over all keys)
+    interpret: bool
 
-  @property
-  def track_lin(self) -> bool:
-    return self.linear and self.complement
+    @property
+    def npad(self) -> int:
+        return self.nq * self.block_q
+
+    @property
+    def track_lin(self) -> bool:
+        return self.linear and self.complement
 
 
 # ----------------------------------------------------------------------------------------------------------
 # In-kernel helpers
 # ----------------------------------------------------------------------------------------------------------
 def _dot(a, b, trans_a=False, trans_b=False):
-  """a @ b (optionally transposed operands) with float32 accumulation (pl.dot is gone in jax 0.12)."""
-  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  return lax.dot_general(a, b, dims, preferred_element_type=_F32)
+    """a @ b (optionally transposed operands) with float32 accumulation (pl.dot is gone in jax 0.12)."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=_F32)
 
 
 def _dot_mat(x, m, like, trans_b=False):
-  """x (rows, D) @ m (D, D) float32 matrix (m^T if trans_b). For 16-bit inputs (``like``) on the bf16 tensor
-  cores: x rounded to bf16 (like the data itself), m split into bf16 hi + lo parts (~2^-16 relative)."""
-  if jnp.dtype(like) == jnp.dtype(jnp.float32):
-    return _dot(x.astype(_F32), m, trans_b=trans_b)
-  xb = x.astype(jnp.bfloat16)
-  m_hi = m.astype(jnp.bfloat16)
-  m_lo = (m - m_hi.astype(_F32)).astype(jnp.bfloat16)
-  return _dot(xb, m_hi, trans_b=trans_b) + _dot(xb, m_lo, trans_b=trans_b)
+    """x (rows, D) @ m (D, D) float32 matrix (m^T if trans_b). For 16-bit inputs (``like``) on the bf16 tensor
+    cores: x rounded to bf16 (like the data itself), m split into bf16 hi + lo parts (~2^-16 relative)."""
+    if jnp.dtype(like) == jnp.dtype(jnp.float32):
+        return _dot(x.astype(_F32), m, trans_b=trans_b)
+    xb = x.astype(jnp.bfloat16)
+    m_hi = m.astype(jnp.bfloat16)
+    m_lo = (m - m_hi.astype(_F32)).astype(jnp.bfloat16)
+    return _dot(xb, m_hi, trans_b=trans_b) + _dot(xb, m_lo, trans_b=trans_b)
 
 
 def _load_rows(ref, start, size, n):
-  """Loads rows [start, start + size) of an (N, D) ref; rows >= N read as 0."""
-  d = ref.shape[-1]
-  rows = start + jnp.arange(size)
-  mask = jnp.broadcast_to((rows < n)[:, None], (size, d))
-  return plgpu.load(ref.at[pl.ds(start, size), :], mask=mask, other=0.0)
+    """Loads rows [start, start + size) of an (N, D) ref; rows >= N read as 0."""
+    d = ref.shape[-1]
+    rows = start + jnp.arange(size)
+    mask = jnp.broadcast_to((rows < n)[:, None], (size, d))
+    return plgpu.load(ref.at[pl.ds(start, size), :], mask=mask, other=0.0)
 
 
 def _store_rows(ref, start, val, n):
-  size, d = val.shape
-  rows = start + jnp.arange(size)
-  mask = jnp.broadcast_to((rows < n)[:, None], (size, d))
-  plgpu.store(ref.at[pl.ds(start, size), :], val.astype(ref.dtype), mask=mask)
+    size, d = val.shape
+    rows = start + jnp.arange(size)
+    mask = jnp.broadcast_to((rows < n)[:, None], (size, d))
+    plgpu.store(ref.at[pl.ds(start, size), :], val.astype(ref.dtype), mask=mask)
 
 
 def _scores(q, k, k_start, cfg):
-  """S = Q K^T * sm_scale * log2(e) (base-2 logits); keys >= N masked."""
-  s = _dot(q, k, trans_b=True) * (cfg.sm_scale * _LOG2E)
-  kvalid = (k_start + jnp.arange(cfg.block_k)) < cfg.n
-  return jnp.where(kvalid[None, :], s, _MASK_VALUE)
+    """S = Q K^T * sm_scale * log2(e) (base-2 logits); keys >= N masked."""
+    s = _dot(q, k, trans_b=True) * (cfg.sm_scale * _LOG2E)
+    kvalid = (k_start + jnp.arange(cfg.block_k)) < cfg.n
+    return jnp.where(kvalid[None, :], s, _MASK_VALUE)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Forward kernel
 # ----------------------------------------------------------------------------------------------------------
 def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool, unroll: int = 1):
-  r = dict(zip(names, refs))
-  i = pl.program_id(0)
-  q_start = i * cfg.block_q
-  q = _load_rows(r["q"], q_start, cfg.block_q, cfg.n)
-  d = cfg.d
+    r = dict(zip(names, refs))
+    i = pl.program_id(0)
+    q_start = i * cfg.block_q
+    q = _load_rows(r["q"], q_start, cfg.block_q, cfg.n)
+    d = cfg.d
 
-  carry = (jnp.zeros((cfg.block_q, d), _F32),
-           jnp.full((cfg.block_q,), -jnp.inf, _F32),
-           jnp.zeros((cfg.block_q,), _F32))
-  if cfg.track_lin:
-    carry += (jnp.zeros((d, d), _F32), jnp.zeros((1, d), _F32))
+    carry = (
+        jnp.zeros((cfg.block_q, d), _F32),
+        jnp.full((cfg.block_q,), -jnp.inf, _F32),
+        jnp.zeros((cfg.block_q,), _F32),
+    )
+    if cfg.track_lin:
+        carry += (jnp.zeros((d, d), _F32), jnp.zeros((1, d), _F32))
 
-  def step(ts, carry):
-    """One online-softmax update over the LUT entries ts (1 or more key blocks: one rescale of acc)."""
+    def step(ts, carry):
+        """One online-softmax update over the LUT entries ts (1 or more key blocks: one rescale of acc)."""
+        acc, m_i, l_i = carry[:3]
+        js = [r["lut"][i, t] for t in ts]
+        starts = [j * cfg.block_k for j in js]
+        ks = [_load_rows(r["k"], st, cfg.block_k, cfg.n) for st in starts]
+        vs = [_load_rows(r["v"], st, cfg.block_k, cfg.n) for st in starts]
+        ss = [_scores(q, k, st, cfg) for k, st in zip(ks, starts)]
+        m_new = m_i
+        for s in ss:
+            m_new = jnp.maximum(m_new, jnp.max(s, axis=1))
+        correction = jnp.exp2(m_i - m_new)
+        l_i = l_i * correction
+        acc = acc * correction[:, None]
+        for s, v in zip(ss, vs):
+            p = jnp.exp2(s - m_new[:, None])
+            l_i = l_i + jnp.sum(p, axis=1)
+            acc = acc + _dot(p.astype(v.dtype), v)
+        out = (acc, m_new, l_i)
+        if cfg.track_lin:
+            g, z_sel = carry[3:]
+            for j, st, v in zip(js, starts, vs):
+                k_phi = _load_rows(r["k_phi"], st, cfg.block_k, cfg.n)
+                g = g + _dot(k_phi, v, trans_a=True)
+                z_sel = z_sel + r["z_blk"][pl.ds(j, 1), :]  # precomputed colsum phi(K_j): no cross-warp reduction
+            out += (g, z_sel)
+        return out
+
+    # `unroll` LUT entries per loop step (launch table), then the remainder one at a time.
+    n_main = cfg.topk // unroll
+    carry = lax.fori_loop(0, n_main, lambda t, c: step([t * unroll + u for u in range(unroll)], c), carry)
+    if cfg.topk % unroll:
+        carry = lax.fori_loop(n_main * unroll, cfg.topk, lambda t, c: step([t], c), carry)
     acc, m_i, l_i = carry[:3]
-    js = [r["lut"][i, t] for t in ts]
-    starts = [j * cfg.block_k for j in js]
-    ks = [_load_rows(r["k"], st, cfg.block_k, cfg.n) for st in starts]
-    vs = [_load_rows(r["v"], st, cfg.block_k, cfg.n) for st in starts]
-    ss = [_scores(q, k, st, cfg) for k, st in zip(ks, starts)]
-    m_new = m_i
-    for s in ss:
-      m_new = jnp.maximum(m_new, jnp.max(s, axis=1))
-    correction = jnp.exp2(m_i - m_new)
-    l_i = l_i * correction
-    acc = acc * correction[:, None]
-    for s, v in zip(ss, vs):
-      p = jnp.exp2(s - m_new[:, None])
-      l_i = l_i + jnp.sum(p, axis=1)
-      acc = acc + _dot(p.astype(v.dtype), v)
-    out = (acc, m_new, l_i)
-    if cfg.track_lin:
-      g, z_sel = carry[3:]
-      for j, st, v in zip(js, starts, vs):
-        k_phi = _load_rows(r["k_phi"], st, cfg.block_k, cfg.n)
-        g = g + _dot(k_phi, v, trans_a=True)
-        z_sel = z_sel + r["z_blk"][pl.ds(j, 1), :]   # precomputed colsum phi(K_j): no cross-warp reduction
-      out += (g, z_sel)
-    return out
+    o_s = acc / l_i[:, None]
+    lse = m_i + jnp.log2(l_i)
 
-  # `unroll` LUT entries per loop step (launch table), then the remainder one at a time.
-  n_main = cfg.topk // unroll
-  carry = lax.fori_loop(0, n_main, lambda t, c: step([t * unroll + u for u in range(unroll)], c), carry)
-  if cfg.topk % unroll:
-    carry = lax.fori_loop(n_main * unroll, cfg.topk, lambda t, c: step([t], c), carry)
-  acc, m_i, l_i = carry[:3]
-  o_s = acc / l_i[:, None]
-  lse = m_i + jnp.log2(l_i)
+    if cfg.linear:
+        q_phi = _load_rows(r["q_phi"], q_start, cfg.block_q, cfg.n).astype(_F32)
+        h = r["h_tot"][...]
+        z = r["z_tot"][...]
+        z = z[None, :]
+        if cfg.track_lin:
+            h = h - carry[3]
+            z = z - carry[4]
+        den = jnp.sum(q_phi * z, axis=1) + cfg.eps
+        o_l = _dot_mat(q_phi, h, q.dtype) / den[:, None]
+    else:
+        o_l = None
 
-  if cfg.linear:
-    q_phi = _load_rows(r["q_phi"], q_start, cfg.block_q, cfg.n).astype(_F32)
-    h = r["h_tot"][...]
-    z = r["z_tot"][...]
-    z = z[None, :]
-    if cfg.track_lin:
-      h = h - carry[3]
-      z = z - carry[4]
-    den = jnp.sum(q_phi * z, axis=1) + cfg.eps
-    o_l = _dot_mat(q_phi, h, q.dtype) / den[:, None]
-  else:
-    o_l = None
-
-  if fused:
-    a = r["alpha"][i]
-    o = a * o_s if o_l is None else a * o_s + (1.0 - a) * o_l
-    _store_rows(r["o"], q_start, o, cfg.n)
-  if "o_s" in r:
-    _store_rows(r["o_s"], q_start, o_s, cfg.n)
-  if "o_l" in r:
-    _store_rows(r["o_l"], q_start, o_l, cfg.n)
-  if "lse" in r:
-    r["lse"][...] = lse
-  if "den" in r:
-    r["den"][...] = den
+    if fused:
+        a = r["alpha"][i]
+        o = a * o_s if o_l is None else a * o_s + (1.0 - a) * o_l
+        _store_rows(r["o"], q_start, o, cfg.n)
+    if "o_s" in r:
+        _store_rows(r["o_s"], q_start, o_s, cfg.n)
+    if "o_l" in r:
+        _store_rows(r["o_l"], q_start, o_l, cfg.n)
+    if "lse" in r:
+        r["lse"][...] = lse
+    if "den" in r:
+        r["den"][...] = den
 
 
 # ----------------------------------------------------------------------------------------------------------
 # BlockSpecs (grid (blocks, H, B))
 # ----------------------------------------------------------------------------------------------------------
-def _seq_spec(cfg):   # (B, N, H, D) -> the whole (N, D) of one (b, h)
-  return pl.BlockSpec((None, cfg.n, None, cfg.d), lambda i, h, b: (b, 0, h, 0))
+def _seq_spec(cfg):  # (B, N, H, D) -> the whole (N, D) of one (b, h)
+    return pl.BlockSpec((None, cfg.n, None, cfg.d), lambda i, h, b: (b, 0, h, 0))
 
 
-def _row_spec(cfg):   # (B, H, Npad) -> this program's block_q rows
-  return pl.BlockSpec((None, None, cfg.block_q), lambda i, h, b: (b, h, i))
+def _row_spec(cfg):  # (B, H, Npad) -> this program's block_q rows
+    return pl.BlockSpec((None, None, cfg.block_q), lambda i, h, b: (b, h, i))
 
 
 def _full_spec(*tail):  # (B, H, *tail) -> the whole tail of one (b, h)
-  nt = len(tail)
-  return pl.BlockSpec((None, None) + tuple(tail), lambda i, h, b: (b, h) + (0,) * nt)
+    nt = len(tail)
+    return pl.BlockSpec((None, None) + tuple(tail), lambda i, h, b: (b, h) + (0,) * nt)
 
 
 def _params(kernel, cfg):
-  num_warps, num_stages, _ = launch_config(kernel, cfg.d, cfg.block_q, cfg.block_k)
-  return CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    num_warps, num_stages, _ = launch_config(kernel, cfg.d, cfg.block_q, cfg.block_k)
+    return CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _rows(kernel, cfg):
-  """Query rows per step of the backward kernels (a divisor of block_q, from the launch table)."""
-  return max(16, min(cfg.block_q, launch_config(kernel, cfg.d, cfg.block_q, cfg.block_k)[2]))
+    """Query rows per step of the backward kernels (a divisor of block_q, from the launch table)."""
+    return max(16, min(cfg.block_q, launch_config(kernel, cfg.d, cfg.block_q, cfg.block_k)[2]))
 
 
 def _call(kernel, grid, inputs, outputs, cfg, name, launch):
-  """inputs/outputs: lists of (name, array or ShapeDtypeStruct, BlockSpec)."""
-  names = tuple(x[0] for x in inputs) + tuple(x[0] for x in outputs)
-  return pl.pallas_call(
-      functools.partial(kernel, names=names, cfg=cfg, **launch),
-      grid=grid,
-      in_specs=[x[2] for x in inputs],
-      out_specs=[x[2] for x in outputs],
-      out_shape=[x[1] for x in outputs],
-      compiler_params=_params(name, cfg),
-      interpret=cfg.interpret,
-      name=f"sla_{name}",
-  )(*[x[1] for x in inputs])
+    """inputs/outputs: lists of (name, array or ShapeDtypeStruct, BlockSpec)."""
+    names = tuple(x[0] for x in inputs) + tuple(x[0] for x in outputs)
+    return pl.pallas_call(
+        functools.partial(kernel, names=names, cfg=cfg, **launch),
+        grid=grid,
+        in_specs=[x[2] for x in inputs],
+        out_specs=[x[2] for x in outputs],
+        out_shape=[x[1] for x in outputs],
+        compiler_params=_params(name, cfg),
+        interpret=cfg.interpret,
+        name=f"sla_{name}",
+    )(*[x[1] for x in inputs])
 
 
 def _outer_sum_kernel(*refs, names, cfg: _Cfg, chunk: int, block: int, weighted: bool):
-  """Program (c, h, b): rows [c*chunk, (c+1)*chunk) of X, Y -> sum_r w_r X_r^T Y_r (D x D), sum_r u_r X_r."""
-  r = dict(zip(names, refs))
-  start0 = pl.program_id(0) * chunk
+    """Program (c, h, b): rows [c*chunk, (c+1)*chunk) of X, Y -> sum_r w_r X_r^T Y_r (D x D), sum_r u_r X_r."""
+    r = dict(zip(names, refs))
+    start0 = pl.program_id(0) * chunk
 
-  def body(t, carry):
-    h, z = carry
-    start = start0 + t * block
-    x = _load_rows(r["x"], start, block, cfg.n)
-    y = _load_rows(r["y"], start, block, cfg.n)
-    x32 = x.astype(_F32)
-    if weighted:
-      w = r["w"][pl.ds(t * block, block)]
-      u = r["u"][pl.ds(t * block, block)]
-      h = h + _dot((x32 * w[:, None]).astype(x.dtype), y, trans_a=True)
-      z = z + jnp.sum(x32 * u[:, None], axis=0)
-    else:
-      h = h + _dot(x, y, trans_a=True)
-      z = z + jnp.sum(x32, axis=0)
-    return h, z
+    def body(t, carry):
+        h, z = carry
+        start = start0 + t * block
+        x = _load_rows(r["x"], start, block, cfg.n)
+        y = _load_rows(r["y"], start, block, cfg.n)
+        x32 = x.astype(_F32)
+        if weighted:
+            w = r["w"][pl.ds(t * block, block)]
+            u = r["u"][pl.ds(t * block, block)]
+            h = h + _dot((x32 * w[:, None]).astype(x.dtype), y, trans_a=True)
+            z = z + jnp.sum(x32 * u[:, None], axis=0)
+        else:
+            h = h + _dot(x, y, trans_a=True)
+            z = z + jnp.sum(x32, axis=0)
+        return h, z
 
-  h, z = lax.fori_loop(0, chunk // block, body,
-                       (jnp.zeros((cfg.d, cfg.d), _F32), jnp.zeros((cfg.d,), _F32)))
-  r["h"][...] = h
-  r["z"][...] = z
+    h, z = lax.fori_loop(0, chunk // block, body, (jnp.zeros((cfg.d, cfg.d), _F32), jnp.zeros((cfg.d,), _F32)))
+    r["h"][...] = h
+    r["z"][...] = z
 
 
 _SUM_CHUNK, _SUM_BLOCK = 1024, 128
 
 
 def _outer_sum(x, y, cfg: _Cfg, w=None, u=None):
-  """sum over rows of (w_r x_r)^T y_r -> (B, H, D, D) and of u_r x_r -> (B, H, D), float32.
+    """sum over rows of (w_r x_r)^T y_r -> (B, H, D, D) and of u_r x_r -> (B, H, D), float32.
 
-  Grid (C, H, B), C = ceil(N / 1024) chunks of rows (split-K: B*H alone is too few programs to fill the GPU);
-  the C partial sums are added by XLA. Flop 2*N*D^2 per head; bytes: one read of x and y.
-  w, u: optional (B, H, >= N) per-row float32 weights (both or neither).
-  """
-  b, n, h, d = x.shape
-  chunk = min(_SUM_CHUNK, max(_SUM_BLOCK, pl.next_power_of_2(n)))
-  nc = -(-n // chunk)
-  seq = _seq_spec(cfg)
-  inputs = [("x", x, seq), ("y", y, seq)]
-  weighted = w is not None
-  if weighted:
-    pad = lambda a: jnp.pad(a[:, :, :n].astype(_F32), ((0, 0), (0, 0), (0, nc * chunk - n)))
-    rows = pl.BlockSpec((None, None, chunk), lambda c, hh, bb: (bb, hh, c))
-    inputs += [("w", pad(w), rows), ("u", pad(u), rows)]
-  outputs = [("h", jax.ShapeDtypeStruct((b, h, nc, d, d), _F32),
-              pl.BlockSpec((None, None, None, d, d), lambda c, hh, bb: (bb, hh, c, 0, 0))),
-             ("z", jax.ShapeDtypeStruct((b, h, nc, d), _F32),
-              pl.BlockSpec((None, None, None, d), lambda c, hh, bb: (bb, hh, c, 0)))]
-  hp, zp = _call(_outer_sum_kernel, (nc, h, b), inputs, outputs, cfg, "sum",
-                 dict(chunk=chunk, block=_SUM_BLOCK, weighted=weighted))
-  return jnp.sum(hp, axis=2), jnp.sum(zp, axis=2)
+    Grid (C, H, B), C = ceil(N / 1024) chunks of rows (split-K: B*H alone is too few programs to fill the GPU);
+    the C partial sums are added by XLA. Flop 2*N*D^2 per head; bytes: one read of x and y.
+    w, u: optional (B, H, >= N) per-row float32 weights (both or neither).
+    """
+    b, n, h, d = x.shape
+    chunk = min(_SUM_CHUNK, max(_SUM_BLOCK, pl.next_power_of_2(n)))
+    nc = -(-n // chunk)
+    seq = _seq_spec(cfg)
+    inputs = [("x", x, seq), ("y", y, seq)]
+    weighted = w is not None
+    if weighted:
+        pad = lambda a: jnp.pad(a[:, :, :n].astype(_F32), ((0, 0), (0, 0), (0, nc * chunk - n)))
+        rows = pl.BlockSpec((None, None, chunk), lambda c, hh, bb: (bb, hh, c))
+        inputs += [("w", pad(w), rows), ("u", pad(u), rows)]
+    outputs = [
+        (
+            "h",
+            jax.ShapeDtypeStruct((b, h, nc, d, d), _F32),
+            pl.BlockSpec((None, None, None, d, d), lambda c, hh, bb: (bb, hh, c, 0, 0)),
+        ),
+        (
+            "z",
+            jax.ShapeDtypeStruct((b, h, nc, d), _F32),
+            pl.BlockSpec((None, None, None, d), lambda c, hh, bb: (bb, hh, c, 0)),
+        ),
+    ]
+    hp, zp = _call(
+        _outer_sum_kernel,
+        (nc, h, b),
+        inputs,
+        outputs,
+        cfg,
+        "sum",
+        dict(chunk=chunk, block=_SUM_BLOCK, weighted=weighted),
+    )
+    return jnp.sum(hp, axis=2), jnp.sum(zp, axis=2)
 
 
 def _prepass(k_phi, v, cfg: _Cfg):
-  """H_tot = phi(K)^T V (B, H, D, D) and Z_tot = colsum phi(K) (B, H, D), float32."""
-  return _outer_sum(k_phi, v, cfg)
+    """H_tot = phi(K)^T V (B, H, D, D) and Z_tot = colsum phi(K) (B, H, D), float32."""
+    return _outer_sum(k_phi, v, cfg)
 
 
 def _block_colsums(k_phi, cfg: _Cfg):
-  """z_j = colsum phi(K_j) per key block, (B, H, Nk, D) float32 (XLA; padded rows are zero)."""
-  b, n, h, d = k_phi.shape
-  x = jnp.pad(k_phi, ((0, 0), (0, cfg.nk * cfg.block_k - n), (0, 0), (0, 0)))
-  z = jnp.sum(x.reshape(b, cfg.nk, cfg.block_k, h, d), axis=2, dtype=_F32)
-  return jnp.transpose(z, (0, 2, 1, 3))
+    """z_j = colsum phi(K_j) per key block, (B, H, Nk, D) float32 (XLA; padded rows are zero)."""
+    b, n, h, d = k_phi.shape
+    x = jnp.pad(k_phi, ((0, 0), (0, cfg.nk * cfg.block_k - n), (0, 0), (0, 0)))
+    z = jnp.sum(x.reshape(b, cfg.nk, cfg.block_k, h, d), axis=2, dtype=_F32)
+    return jnp.transpose(z, (0, 2, 1, 3))
 
 
 def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, residuals: bool):
-  b, n, h, d = q.shape
-  seq, rows = _seq_spec(cfg), _row_spec(cfg)
-  inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
-  h_tot = z_tot = None
-  if cfg.linear:
-    h_tot, z_tot = _prepass(k_phi, v, cfg)
-    inputs += [("q_phi", q_phi, seq)]
-    if cfg.track_lin:
-      inputs += [("k_phi", k_phi, seq), ("z_blk", _block_colsums(k_phi, cfg), _full_spec(cfg.nk, d))]
-    inputs += [("h_tot", h_tot, _full_spec(d, d)), ("z_tot", z_tot, _full_spec(d))]
-  if fused:
-    inputs += [("alpha", alpha, _full_spec(cfg.nq))]
-  o_struct = jax.ShapeDtypeStruct(q.shape, q.dtype)
-  row_struct = jax.ShapeDtypeStruct((b, h, cfg.npad), _F32)
-  outputs = []
-  if fused:
-    outputs.append(("o", o_struct, seq))
-  if not fused or residuals:
-    outputs.append(("o_s", o_struct, seq))
+    b, n, h, d = q.shape
+    seq, rows = _seq_spec(cfg), _row_spec(cfg)
+    inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
+    h_tot = z_tot = None
     if cfg.linear:
-      outputs.append(("o_l", o_struct, seq))
-  if residuals:
-    outputs.append(("lse", row_struct, rows))
-    if cfg.linear:
-      outputs.append(("den", row_struct, rows))
-  unroll = max(1, launch_config("fwd", cfg.d, cfg.block_q, cfg.block_k)[2] // cfg.block_k)
-  res = _call(_fwd_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "fwd", dict(fused=fused, unroll=unroll))
-  out = dict(zip([x[0] for x in outputs], res))
-  out["h_tot"], out["z_tot"] = h_tot, z_tot
-  return out
+        h_tot, z_tot = _prepass(k_phi, v, cfg)
+        inputs += [("q_phi", q_phi, seq)]
+        if cfg.track_lin:
+            inputs += [("k_phi", k_phi, seq), ("z_blk", _block_colsums(k_phi, cfg), _full_spec(cfg.nk, d))]
+        inputs += [("h_tot", h_tot, _full_spec(d, d)), ("z_tot", z_tot, _full_spec(d))]
+    if fused:
+        inputs += [("alpha", alpha, _full_spec(cfg.nq))]
+    o_struct = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    row_struct = jax.ShapeDtypeStruct((b, h, cfg.npad), _F32)
+    outputs = []
+    if fused:
+        outputs.append(("o", o_struct, seq))
+    if not fused or residuals:
+        outputs.append(("o_s", o_struct, seq))
+        if cfg.linear:
+            outputs.append(("o_l", o_struct, seq))
+    if residuals:
+        outputs.append(("lse", row_struct, rows))
+        if cfg.linear:
+            outputs.append(("den", row_struct, rows))
+    unroll = max(1, launch_config("fwd", cfg.d, cfg.block_q, cfg.block_k)[2] // cfg.block_k)
+    res = _call(_fwd_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "fwd", dict(fused=fused, unroll=unroll))
+    out = dict(zip([x[0] for x in outputs], res))
+    out["h_tot"], out["z_tot"] = h_tot, z_tot
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Backward kernels
 # ----------------------------------------------------------------------------------------------------------
 def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
-  r = dict(zip(names, refs))
-  sub = pl.program_id(0)                       # sub-block of `rows` query rows
-  i = lax.div(sub, jnp.int32(cfg.block_q // rows))  # its query block (LUT row)
-  q_start = sub * rows
-  bm = rows
-  q = _load_rows(r["q"], q_start, bm, cfg.n)
-  lse = r["lse"][...]
-  o_s = _load_rows(r["o_s"], q_start, bm, cfg.n).astype(_F32)
-  if fused:
-    a = r["alpha"][i]
-    do = _load_rows(r["do"], q_start, bm, cfg.n)
-    do32 = do.astype(_F32)
-    delta = a * jnp.sum(do32 * o_s, axis=1)
-    do_l32 = (1.0 - a) * do32
-  else:
-    do = _load_rows(r["do_s"], q_start, bm, cfg.n)
-    delta = jnp.sum(do.astype(_F32) * o_s, axis=1)
+    r = dict(zip(names, refs))
+    sub = pl.program_id(0)  # sub-block of `rows` query rows
+    i = lax.div(sub, jnp.int32(cfg.block_q // rows))  # its query block (LUT row)
+    q_start = sub * rows
+    bm = rows
+    q = _load_rows(r["q"], q_start, bm, cfg.n)
+    lse = r["lse"][...]
+    o_s = _load_rows(r["o_s"], q_start, bm, cfg.n).astype(_F32)
+    if fused:
+        a = r["alpha"][i]
+        do = _load_rows(r["do"], q_start, bm, cfg.n)
+        do32 = do.astype(_F32)
+        delta = a * jnp.sum(do32 * o_s, axis=1)
+        do_l32 = (1.0 - a) * do32
+    else:
+        do = _load_rows(r["do_s"], q_start, bm, cfg.n)
+        delta = jnp.sum(do.astype(_F32) * o_s, axis=1)
+        if cfg.linear:
+            do_l = _load_rows(r["do_l"], q_start, bm, cfg.n)
+            do_l32 = do_l.astype(_F32)
+    r["delta"][...] = delta
+    o_l = None
     if cfg.linear:
-      do_l = _load_rows(r["do_l"], q_start, bm, cfg.n)
-      do_l32 = do_l.astype(_F32)
-  r["delta"][...] = delta
-  o_l = None
-  if cfg.linear:
-    o_l = _load_rows(r["o_l"], q_start, bm, cfg.n).astype(_F32)
-    den = r["den"][...]
-    c = jnp.sum(do_l32 * o_l, axis=1)
-    r["c"][...] = c
-  if fused:
-    diff = o_s if o_l is None else o_s - o_l
-    r["dalpha_rows"][...] = jnp.sum(do32 * diff, axis=1)
+        o_l = _load_rows(r["o_l"], q_start, bm, cfg.n).astype(_F32)
+        den = r["den"][...]
+        c = jnp.sum(do_l32 * o_l, axis=1)
+        r["c"][...] = c
+    if fused:
+        diff = o_s if o_l is None else o_s - o_l
+        r["dalpha_rows"][...] = jnp.sum(do32 * diff, axis=1)
 
-  carry = (jnp.zeros((bm, cfg.d), _F32),)
-  if cfg.track_lin:
-    carry += (jnp.zeros((bm, cfg.d), _F32),)
-
-  def body(t, carry):
-    k_start = r["lut"][i, t] * cfg.block_k
-    k = _load_rows(r["k"], k_start, cfg.block_k, cfg.n)
-    v = _load_rows(r["v"], k_start, cfg.block_k, cfg.n)
-    p = jnp.exp2(_scores(q, k, k_start, cfg) - lse[:, None])
-    x = _dot(do, v, trans_b=True)
-    dp = a * x if fused else x
-    ds = p * (dp - delta[:, None])
-    out = (carry[0] + _dot(ds.astype(k.dtype), k),)
+    carry = (jnp.zeros((bm, cfg.d), _F32),)
     if cfg.track_lin:
-      k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
-      y = (1.0 - a) * x if fused else _dot(do_l, v, trans_b=True)
-      e = (y - c[:, None]) / den[:, None]
-      out += (carry[1] - _dot(e.astype(k_phi.dtype), k_phi),)
-    return out
+        carry += (jnp.zeros((bm, cfg.d), _F32),)
 
-  carry = lax.fori_loop(0, cfg.topk, body, carry)
-  _store_rows(r["dq"], q_start, carry[0] * cfg.sm_scale, cfg.n)
-  if cfg.linear:
-    h = r["h_tot"][...]
-    z = r["z_tot"][...]
-    dq_phi = _dot_mat(do_l32 / den[:, None], h, q.dtype, trans_b=True) - (c / den)[:, None] * z[None, :]
-    if cfg.track_lin:
-      dq_phi = dq_phi + carry[1]
-    _store_rows(r["dq_phi"], q_start, dq_phi, cfg.n)
+    def body(t, carry):
+        k_start = r["lut"][i, t] * cfg.block_k
+        k = _load_rows(r["k"], k_start, cfg.block_k, cfg.n)
+        v = _load_rows(r["v"], k_start, cfg.block_k, cfg.n)
+        p = jnp.exp2(_scores(q, k, k_start, cfg) - lse[:, None])
+        x = _dot(do, v, trans_b=True)
+        dp = a * x if fused else x
+        ds = p * (dp - delta[:, None])
+        out = (carry[0] + _dot(ds.astype(k.dtype), k),)
+        if cfg.track_lin:
+            k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
+            y = (1.0 - a) * x if fused else _dot(do_l, v, trans_b=True)
+            e = (y - c[:, None]) / den[:, None]
+            out += (carry[1] - _dot(e.astype(k_phi.dtype), k_phi),)
+        return out
+
+    carry = lax.fori_loop(0, cfg.topk, body, carry)
+    _store_rows(r["dq"], q_start, carry[0] * cfg.sm_scale, cfg.n)
+    if cfg.linear:
+        h = r["h_tot"][...]
+        z = r["z_tot"][...]
+        dq_phi = _dot_mat(do_l32 / den[:, None], h, q.dtype, trans_b=True) - (c / den)[:, None] * z[None, :]
+        if cfg.track_lin:
+            dq_phi = dq_phi + carry[1]
+        _store_rows(r["dq_phi"], q_start, dq_phi, cfg.n)
 
 
 def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
-  r = dict(zip(names, refs))
-  j = pl.program_id(0)
-  k_start = j * cfg.block_k
-  k = _load_rows(r["k"], k_start, cfg.block_k, cfg.n)
-  v = _load_rows(r["v"], k_start, cfg.block_k, cfg.n)
-  dt = k.dtype
-  bm, nsub = rows, cfg.block_q // rows         # the loop walks `rows`-row sub-blocks of each query block
-  zeros = jnp.zeros((cfg.block_k, cfg.d), _F32)
-  carry = (zeros, zeros) + ((zeros,) if cfg.track_lin else ())
-  if cfg.track_lin:
-    k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
-
-  qk_scale = cfg.sm_scale * _LOG2E
-  kvalid = (k_start + jnp.arange(cfg.block_k)) < cfg.n
-
-  # Keys-as-rows orientation (as in the Triton fused-attention tutorial's dK/dV loop): every matmul has a
-  # register tile or a loaded tile as A and a loaded tile as B, so no computed tile needs transposing.
-  def body(t, carry):
-    dk, dv = carry[:2]
-    i = r["lut_t"][j, lax.div(t, jnp.int32(nsub))]   # (plain // and % lower badly in Triton)
-    q_start = i * cfg.block_q + lax.rem(t, jnp.int32(nsub)) * bm
-    rws = pl.ds(q_start, bm)
-    q = _load_rows(r["q"], q_start, bm, cfg.n)
-    lse = r["lse"][rws]
-    delta = r["delta"][rws]
-    s_t = _dot(k, q, trans_b=True) * qk_scale                      # (block_k, bm) = S^T
-    p_t = jnp.where(kvalid[:, None], jnp.exp2(s_t - lse[None, :]), 0.0)
-    do = _load_rows(r["do" if fused else "do_s"], q_start, bm, cfg.n)
-    x_t = _dot(v, do, trans_b=True)                                 # (dO V^T)^T
-    if fused:
-      a = r["alpha"][i]
-      ds_t = p_t * (a * x_t - delta[None, :])
-      w_t = a * p_t
-    else:
-      ds_t = p_t * (x_t - delta[None, :])
-      w_t = p_t
-    dk = dk + _dot(ds_t.astype(dt), q)
-    out_extra = ()
+    r = dict(zip(names, refs))
+    j = pl.program_id(0)
+    k_start = j * cfg.block_k
+    k = _load_rows(r["k"], k_start, cfg.block_k, cfg.n)
+    v = _load_rows(r["v"], k_start, cfg.block_k, cfg.n)
+    dt = k.dtype
+    bm, nsub = rows, cfg.block_q // rows  # the loop walks `rows`-row sub-blocks of each query block
+    zeros = jnp.zeros((cfg.block_k, cfg.d), _F32)
+    carry = (zeros, zeros) + ((zeros,) if cfg.track_lin else ())
     if cfg.track_lin:
-      dk_phi = carry[2]
-      q_phi = _load_rows(r["q_phi"], q_start, bm, cfg.n)
-      inv_den = 1.0 / r["den"][rws]
-      c = r["c"][rws]
-      c_t = _dot(k_phi, q_phi, trans_b=True) * inv_den[None, :]    # (phi~_i phi(K_j)^T)^T
-      if fused:
-        y_t = (1.0 - a) * x_t
-        dv = dv + _dot((w_t - (1.0 - a) * c_t).astype(dt), do)
-      else:
-        do_l = _load_rows(r["do_l"], q_start, bm, cfg.n)
-        y_t = _dot(v, do_l, trans_b=True)
-        dv = dv + _dot(w_t.astype(dt), do) - _dot(c_t.astype(dt), do_l)
-      dk_phi = dk_phi - _dot(((y_t - c[None, :]) * inv_den[None, :]).astype(dt), q_phi)
-      out_extra = (dk_phi,)
-    else:
-      dv = dv + _dot(w_t.astype(dt), do)
-    return (dk, dv) + out_extra
+        k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
 
-  carry = lax.fori_loop(0, r["count"][j] * nsub, body, carry)
-  _store_rows(r["dk"], k_start, carry[0] * cfg.sm_scale, cfg.n)
-  dv = carry[1]
-  if cfg.linear:
-    # Totals part, after the loop (keeps its D x D operands out of the pipelined loop's shared memory):
-    # dV += phi(K_j) dH_tot, dphi(K_j) = V_j dH_tot^T + dZ_tot (- the selected query blocks, from the loop).
-    if not cfg.track_lin:
-      k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
-    dh = r["dh_tot"][...]
-    dv = dv + _dot_mat(k_phi, dh, dt)
-    dk_phi = _dot_mat(v, dh, dt, trans_b=True) + r["dz_tot"][...][None, :]
-    if cfg.track_lin:
-      dk_phi = dk_phi + carry[2]
-    _store_rows(r["dk_phi"], k_start, dk_phi, cfg.n)
-  _store_rows(r["dv"], k_start, dv, cfg.n)
+    qk_scale = cfg.sm_scale * _LOG2E
+    kvalid = (k_start + jnp.arange(cfg.block_k)) < cfg.n
+
+    # Keys-as-rows orientation (as in the Triton fused-attention tutorial's dK/dV loop): every matmul has a
+    # register tile or a loaded tile as A and a loaded tile as B, so no computed tile needs transposing.
+    def body(t, carry):
+        dk, dv = carry[:2]
+        i = r["lut_t"][j, lax.div(t, jnp.int32(nsub))]  # (plain // and % lower badly in Triton)
+        q_start = i * cfg.block_q + lax.rem(t, jnp.int32(nsub)) * bm
+        rws = pl.ds(q_start, bm)
+        q = _load_rows(r["q"], q_start, bm, cfg.n)
+        lse = r["lse"][rws]
+        delta = r["delta"][rws]
+        s_t = _dot(k, q, trans_b=True) * qk_scale  # (block_k, bm) = S^T
+        p_t = jnp.where(kvalid[:, None], jnp.exp2(s_t - lse[None, :]), 0.0)
+        do = _load_rows(r["do" if fused else "do_s"], q_start, bm, cfg.n)
+        x_t = _dot(v, do, trans_b=True)  # (dO V^T)^T
+        if fused:
+            a = r["alpha"][i]
+            ds_t = p_t * (a * x_t - delta[None, :])
+            w_t = a * p_t
+        else:
+            ds_t = p_t * (x_t - delta[None, :])
+            w_t = p_t
+        dk = dk + _dot(ds_t.astype(dt), q)
+        out_extra = ()
+        if cfg.track_lin:
+            dk_phi = carry[2]
+            q_phi = _load_rows(r["q_phi"], q_start, bm, cfg.n)
+            inv_den = 1.0 / r["den"][rws]
+            c = r["c"][rws]
+            c_t = _dot(k_phi, q_phi, trans_b=True) * inv_den[None, :]  # (phi~_i phi(K_j)^T)^T
+            if fused:
+                y_t = (1.0 - a) * x_t
+                dv = dv + _dot((w_t - (1.0 - a) * c_t).astype(dt), do)
+            else:
+                do_l = _load_rows(r["do_l"], q_start, bm, cfg.n)
+                y_t = _dot(v, do_l, trans_b=True)
+                dv = dv + _dot(w_t.astype(dt), do) - _dot(c_t.astype(dt), do_l)
+            dk_phi = dk_phi - _dot(((y_t - c[None, :]) * inv_den[None, :]).astype(dt), q_phi)
+            out_extra = (dk_phi,)
+        else:
+            dv = dv + _dot(w_t.astype(dt), do)
+        return (dk, dv) + out_extra
+
+    carry = lax.fori_loop(0, r["count"][j] * nsub, body, carry)
+    _store_rows(r["dk"], k_start, carry[0] * cfg.sm_scale, cfg.n)
+    dv = carry[1]
+    if cfg.linear:
+        # Totals part, after the loop (keeps its D x D operands out of the pipelined loop's shared memory):
+        # dV += phi(K_j) dH_tot, dphi(K_j) = V_j dH_tot^T + dZ_tot (- the selected query blocks, from the loop).
+        if not cfg.track_lin:
+            k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
+        dh = r["dh_tot"][...]
+        dv = dv + _dot_mat(k_phi, dh, dt)
+        dk_phi = _dot_mat(v, dh, dt, trans_b=True) + r["dz_tot"][...][None, :]
+        if cfg.track_lin:
+            dk_phi = dk_phi + carry[2]
+        _store_rows(r["dk_phi"], k_start, dk_phi, cfg.n)
+    _store_rows(r["dv"], k_start, dv, cfg.n)
 
 
 def _transpose_lut(lut, nk):
-  """For each key block, the query blocks that selected it (ascending, padded with Nq) and their count.
+    """For each key block, the query blocks that selected it (ascending, padded with Nq) and their count.
 
-  Built on device without a sort: sel (B, H, Nk, Nq) by comparison, the slot of each selected query block is
-  the running count along Nq, and one scatter (unselected entries dropped) writes the ids.
-  """
-  b, h, nq, topk = lut.shape
-  sel = jnp.any(lut[:, :, None, :, :] == jnp.arange(nk, dtype=lut.dtype)[None, None, :, None, None], axis=-1)
-  count = jnp.sum(sel, axis=-1, dtype=jnp.int32)
-  slot = jnp.where(sel, jnp.cumsum(sel, axis=-1, dtype=jnp.int32) - 1, nq)
-  ids = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32), sel.shape)
-  bi = jnp.arange(b)[:, None, None, None]
-  hi = jnp.arange(h)[None, :, None, None]
-  ji = jnp.arange(nk)[None, None, :, None]
-  lut_t = jnp.full((b, h, nk, nq), nq, jnp.int32).at[bi, hi, ji, slot].set(ids, mode="drop")
-  return lut_t, count
+    Built on device without a sort: sel (B, H, Nk, Nq) by comparison, the slot of each selected query block is
+    the running count along Nq, and one scatter (unselected entries dropped) writes the ids.
+    """
+    b, h, nq, topk = lut.shape
+    sel = jnp.any(lut[:, :, None, :, :] == jnp.arange(nk, dtype=lut.dtype)[None, None, :, None, None], axis=-1)
+    count = jnp.sum(sel, axis=-1, dtype=jnp.int32)
+    slot = jnp.where(sel, jnp.cumsum(sel, axis=-1, dtype=jnp.int32) - 1, nq)
+    ids = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32), sel.shape)
+    bi = jnp.arange(b)[:, None, None, None]
+    hi = jnp.arange(h)[None, :, None, None]
+    ji = jnp.arange(nk)[None, None, :, None]
+    lut_t = jnp.full((b, h, nk, nq), nq, jnp.int32).at[bi, hi, ji, slot].set(ids, mode="drop")
+    return lut_t, count
 
 
 def _backward(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
-  """All input cotangents: dq kernel, gradient totals, dkv kernel (each a separate function for timing)."""
-  res_dq = _backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
-  totals = _backward_totals(res, res_dq, cfg, fused=fused, do=do, do_l=do_l)
-  res_dkv = _backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
-  q = res[0]
-  b, _, h, _ = q.shape
-  zeros = jnp.zeros_like(q)
-  dq_phi = res_dq.get("dq_phi", zeros)
-  dk_phi = res_dkv.get("dk_phi", zeros)
-  dalpha = None
-  if fused:
-    dalpha = res_dq["dalpha_rows"].reshape(b, h, cfg.nq, cfg.block_q).sum(-1)
-  return res_dq["dq"], res_dkv["dk"], res_dkv["dv"], dq_phi, dk_phi, dalpha
+    """All input cotangents: dq kernel, gradient totals, dkv kernel (each a separate function for timing)."""
+    res_dq = _backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
+    totals = _backward_totals(res, res_dq, cfg, fused=fused, do=do, do_l=do_l)
+    res_dkv = _backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
+    q = res[0]
+    b, _, h, _ = q.shape
+    zeros = jnp.zeros_like(q)
+    dq_phi = res_dq.get("dq_phi", zeros)
+    dk_phi = res_dkv.get("dk_phi", zeros)
+    dalpha = None
+    if fused:
+        dalpha = res_dq["dalpha_rows"].reshape(b, h, cfg.nq, cfg.block_q).sum(-1)
+    return res_dq["dq"], res_dkv["dk"], res_dkv["dv"], dq_phi, dk_phi, dalpha
 
 
 def _backward_dq(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
-  """dQ, dphi(Q) (and delta, c, d alpha per row) over the LUT."""
-  q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
-  b, n, h, d = q.shape
-  seq = _seq_spec(cfg)
-  rows = pl.BlockSpec((None, None, _rows("dq", cfg)), lambda i, hh, bb: (bb, hh, i))
-  row_struct = jax.ShapeDtypeStruct((b, h, cfg.npad), _F32)
-  inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
-  if fused:
-    inputs += [("do", do, seq)]
-  else:
-    inputs += [("do_s", do_s, seq)] + ([("do_l", do_l, seq)] if cfg.linear else [])
-  inputs += [("o_s", o_s, seq), ("lse", lse, rows)]
-  if cfg.linear:
-    inputs += [("o_l", o_l, seq), ("den", den, rows)]
-    if cfg.track_lin:
-      inputs += [("k_phi", k_phi, seq)]
-    inputs += [("h_tot", h_tot, _full_spec(d, d)), ("z_tot", z_tot, _full_spec(d))]
-  if fused:
-    inputs += [("alpha", alpha, _full_spec(cfg.nq))]
-  outputs = [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), seq), ("delta", row_struct, rows)]
-  if cfg.linear:
-    outputs += [("dq_phi", jax.ShapeDtypeStruct(q.shape, q.dtype), seq), ("c", row_struct, rows)]
-  if fused:
-    outputs += [("dalpha_rows", row_struct, rows)]
-  rows_dq = _rows("dq", cfg)
-  res_dq = dict(zip([x[0] for x in outputs],
-                    _call(_dq_kernel, (cfg.npad // rows_dq, h, b), inputs, outputs, cfg, "dq",
-                          dict(fused=fused, rows=rows_dq))))
-  return res_dq
+    """dQ, dphi(Q) (and delta, c, d alpha per row) over the LUT."""
+    q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
+    b, n, h, d = q.shape
+    seq = _seq_spec(cfg)
+    rows = pl.BlockSpec((None, None, _rows("dq", cfg)), lambda i, hh, bb: (bb, hh, i))
+    row_struct = jax.ShapeDtypeStruct((b, h, cfg.npad), _F32)
+    inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
+    if fused:
+        inputs += [("do", do, seq)]
+    else:
+        inputs += [("do_s", do_s, seq)] + ([("do_l", do_l, seq)] if cfg.linear else [])
+    inputs += [("o_s", o_s, seq), ("lse", lse, rows)]
+    if cfg.linear:
+        inputs += [("o_l", o_l, seq), ("den", den, rows)]
+        if cfg.track_lin:
+            inputs += [("k_phi", k_phi, seq)]
+        inputs += [("h_tot", h_tot, _full_spec(d, d)), ("z_tot", z_tot, _full_spec(d))]
+    if fused:
+        inputs += [("alpha", alpha, _full_spec(cfg.nq))]
+    outputs = [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), seq), ("delta", row_struct, rows)]
+    if cfg.linear:
+        outputs += [("dq_phi", jax.ShapeDtypeStruct(q.shape, q.dtype), seq), ("c", row_struct, rows)]
+    if fused:
+        outputs += [("dalpha_rows", row_struct, rows)]
+    rows_dq = _rows("dq", cfg)
+    res_dq = dict(
+        zip(
+            [x[0] for x in outputs],
+            _call(_dq_kernel, (cfg.npad // rows_dq, h, b), inputs, outputs, cfg, "dq", dict(fused=fused, rows=rows_dq)),
+        )
+    )
+    return res_dq
 
 
 def _backward_totals(res, res_dq, cfg: _Cfg, *, fused, do=None, do_l=None):
-  """Totals of the linear-branch gradients over all query rows: dH_tot = phi~^T dO_l, dZ_tot = -phi~^T c."""
-  q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
-  dh_tot = dz_tot = None
-  if cfg.linear:
-    inv_den = 1.0 / den
-    if fused:
-      w = (1.0 - jnp.repeat(alpha, cfg.block_q, axis=-1)) * inv_den
-      dh_tot, dz_tot = _outer_sum(q_phi, do, cfg, w, -res_dq["c"] * inv_den)
-    else:
-      dh_tot, dz_tot = _outer_sum(q_phi, do_l, cfg, inv_den, -res_dq["c"] * inv_den)
-  return dh_tot, dz_tot
+    """Totals of the linear-branch gradients over all query rows: dH_tot = phi~^T dO_l, dZ_tot = -phi~^T c."""
+    q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
+    dh_tot = dz_tot = None
+    if cfg.linear:
+        inv_den = 1.0 / den
+        if fused:
+            w = (1.0 - jnp.repeat(alpha, cfg.block_q, axis=-1)) * inv_den
+            dh_tot, dz_tot = _outer_sum(q_phi, do, cfg, w, -res_dq["c"] * inv_den)
+        else:
+            dh_tot, dz_tot = _outer_sum(q_phi, do_l, cfg, inv_den, -res_dq["c"] * inv_den)
+    return dh_tot, dz_tot
 
 
 def _backward_dkv(res, res_dq, totals, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
-  """dK, dV, dphi(K) over the transposed LUT (built here)."""
-  q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
-  dh_tot, dz_tot = totals
-  b, n, h, d = q.shape
-  seq = _seq_spec(cfg)
-  lut_t, count = _transpose_lut(lut, cfg.nk)
-  inputs = [("lut_t", lut_t, _full_spec(cfg.nk, cfg.nq)), ("count", count, _full_spec(cfg.nk)),
-            ("q", q, seq), ("k", k, seq), ("v", v, seq)]
-  if fused:
-    inputs += [("do", do, seq)]
-  else:
-    inputs += [("do_s", do_s, seq)] + ([("do_l", do_l, seq)] if cfg.track_lin else [])
-  full_rows = _full_spec(cfg.npad)
-  inputs += [("lse", lse, full_rows), ("delta", res_dq["delta"], full_rows)]
-  if cfg.linear:
-    inputs += [("k_phi", k_phi, seq), ("dh_tot", dh_tot, _full_spec(d, d)), ("dz_tot", dz_tot, _full_spec(d))]
-    if cfg.track_lin:
-      inputs += [("q_phi", q_phi, seq), ("den", den, full_rows), ("c", res_dq["c"], full_rows)]
-  if fused:
-    inputs += [("alpha", alpha, _full_spec(cfg.nq))]
-  kv_struct = jax.ShapeDtypeStruct(k.shape, k.dtype)
-  outputs = [("dk", kv_struct, seq), ("dv", kv_struct, seq)]
-  if cfg.linear:
-    outputs += [("dk_phi", kv_struct, seq)]
-  res_dkv = dict(zip([x[0] for x in outputs],
-                     _call(_dkv_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv",
-                           dict(fused=fused, rows=_rows("dkv", cfg)))))
-  return res_dkv
+    """dK, dV, dphi(K) over the transposed LUT (built here)."""
+    q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
+    dh_tot, dz_tot = totals
+    b, n, h, d = q.shape
+    seq = _seq_spec(cfg)
+    lut_t, count = _transpose_lut(lut, cfg.nk)
+    inputs = [
+        ("lut_t", lut_t, _full_spec(cfg.nk, cfg.nq)),
+        ("count", count, _full_spec(cfg.nk)),
+        ("q", q, seq),
+        ("k", k, seq),
+        ("v", v, seq),
+    ]
+    if fused:
+        inputs += [("do", do, seq)]
+    else:
+        inputs += [("do_s", do_s, seq)] + ([("do_l", do_l, seq)] if cfg.track_lin else [])
+    full_rows = _full_spec(cfg.npad)
+    inputs += [("lse", lse, full_rows), ("delta", res_dq["delta"], full_rows)]
+    if cfg.linear:
+        inputs += [("k_phi", k_phi, seq), ("dh_tot", dh_tot, _full_spec(d, d)), ("dz_tot", dz_tot, _full_spec(d))]
+        if cfg.track_lin:
+            inputs += [("q_phi", q_phi, seq), ("den", den, full_rows), ("c", res_dq["c"], full_rows)]
+    if fused:
+        inputs += [("alpha", alpha, _full_spec(cfg.nq))]
+    kv_struct = jax.ShapeDtypeStruct(k.shape, k.dtype)
+    outputs = [("dk", kv_struct, seq), ("dv", kv_struct, seq)]
+    if cfg.linear:
+        outputs += [("dk_phi", kv_struct, seq)]
+    res_dkv = dict(
+        zip(
+            [x[0] for x in outputs],
+            _call(_dkv_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", dict(fused=fused, rows=_rows("dkv", cfg))),
+        )
+    )
+    return res_dkv
 
 
 # ----------------------------------------------------------------------------------------------------------
 # custom_vjp wiring
 # ----------------------------------------------------------------------------------------------------------
 def _residuals(q, k, v, q_phi, k_phi, lut, alpha, out):
-  return (q, k, v, q_phi, k_phi, lut, alpha, out["o_s"], out.get("o_l"), out["lse"], out.get("den"),
-          out["h_tot"], out["z_tot"])
+    return (
+        q,
+        k,
+        v,
+        q_phi,
+        k_phi,
+        lut,
+        alpha,
+        out["o_s"],
+        out.get("o_l"),
+        out["lse"],
+        out.get("den"),
+        out["h_tot"],
+        out["z_tot"],
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _branches(q, k, v, q_phi, k_phi, lut, cfg):
-  out = _forward(q, k, v, q_phi, k_phi, lut, None, cfg, fused=False, residuals=False)
-  return out["o_s"], out.get("o_l", jnp.zeros_like(q))
+    out = _forward(q, k, v, q_phi, k_phi, lut, None, cfg, fused=False, residuals=False)
+    return out["o_s"], out.get("o_l", jnp.zeros_like(q))
 
 
 def _branches_fwd(q, k, v, q_phi, k_phi, lut, cfg):
-  out = _forward(q, k, v, q_phi, k_phi, lut, None, cfg, fused=False, residuals=True)
-  res = _residuals(q, k, v, q_phi, k_phi, lut, None, out)
-  return (out["o_s"], out.get("o_l", jnp.zeros_like(q))), res
+    out = _forward(q, k, v, q_phi, k_phi, lut, None, cfg, fused=False, residuals=True)
+    res = _residuals(q, k, v, q_phi, k_phi, lut, None, out)
+    return (out["o_s"], out.get("o_l", jnp.zeros_like(q))), res
 
 
 def _branches_bwd(cfg, res, cts):
-  do_s, do_l = cts
-  dq, dk, dv, dq_phi, dk_phi, _ = _backward(res, cfg, fused=False, do_s=do_s.astype(res[0].dtype),
-                                            do_l=do_l.astype(res[0].dtype))
-  return dq, dk, dv, dq_phi, dk_phi, None
+    do_s, do_l = cts
+    dq, dk, dv, dq_phi, dk_phi, _ = _backward(
+        res, cfg, fused=False, do_s=do_s.astype(res[0].dtype), do_l=do_l.astype(res[0].dtype)
+    )
+    return dq, dk, dv, dq_phi, dk_phi, None
 
 
 _branches.defvjp(_branches_fwd, _branches_bwd)
@@ -635,17 +678,17 @@ _branches.defvjp(_branches_fwd, _branches_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _fused(q, k, v, q_phi, k_phi, lut, alpha, cfg):
-  return _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg, fused=True, residuals=False)["o"]
+    return _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg, fused=True, residuals=False)["o"]
 
 
 def _fused_fwd(q, k, v, q_phi, k_phi, lut, alpha, cfg):
-  out = _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg, fused=True, residuals=True)
-  return out["o"], _residuals(q, k, v, q_phi, k_phi, lut, alpha, out)
+    out = _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg, fused=True, residuals=True)
+    return out["o"], _residuals(q, k, v, q_phi, k_phi, lut, alpha, out)
 
 
 def _fused_bwd(cfg, res, do):
-  dq, dk, dv, dq_phi, dk_phi, dalpha = _backward(res, cfg, fused=True, do=do.astype(res[0].dtype))
-  return dq, dk, dv, dq_phi, dk_phi, None, dalpha
+    dq, dk, dv, dq_phi, dk_phi, dalpha = _backward(res, cfg, fused=True, do=do.astype(res[0].dtype))
+    return dq, dk, dv, dq_phi, dk_phi, None, dalpha
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -655,87 +698,126 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 # Public API
 # ----------------------------------------------------------------------------------------------------------
 def _is_pow2(x):
-  return isinstance(x, int) and x > 0 and (x & (x - 1)) == 0
+    return isinstance(x, int) and x > 0 and (x & (x - 1)) == 0
 
 
 def _validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret):
-  for name, x in (("q", q), ("k", k), ("v", v), ("q_phi", q_phi), ("k_phi", k_phi)):
-    if not hasattr(x, "shape") or len(x.shape) != 4:
-      raise ValueError(f"{name} must be a 4-D array (B, N, H, D), got shape {getattr(x, 'shape', None)}")
-    if jnp.dtype(x.dtype) not in _SUPPORTED_DTYPES:
-      raise ValueError(f"{name} must be bfloat16, float16 or float32, got {x.dtype}")
-  for name, x in (("k", k), ("v", v), ("q_phi", q_phi), ("k_phi", k_phi)):
-    if tuple(x.shape) != tuple(q.shape):
-      raise ValueError(f"{name} shape {tuple(x.shape)} must equal q shape {tuple(q.shape)}")
-  for name, x in (("k", k), ("v", v)):
-    if x.dtype != q.dtype:
-      raise ValueError(f"{name} dtype {x.dtype} must equal q dtype {q.dtype}")
-  b, n, h, d = q.shape
-  if d not in _SUPPORTED_HEAD_DIMS:
-    raise ValueError(f"head_dim (q.shape[-1]) must be one of {_SUPPORTED_HEAD_DIMS}, got {d}")
-  if n < 1:
-    raise ValueError(f"sequence length (q.shape[1]) must be >= 1, got {n}")
-  for name, bs in (("block_q", block_q), ("block_k", block_k)):
-    if not _is_pow2(bs) or not 16 <= bs <= 256:
-      raise ValueError(f"{name} must be a power of two in [16, 256], got {bs}")
-  if linear_scope not in ("complement", "all"):
-    raise ValueError(f"linear_scope must be 'complement' or 'all', got {linear_scope!r}")
-  if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and sm_scale > 0):
-    raise ValueError(f"sm_scale must be a positive float or None, got {sm_scale!r}")
-  if not (isinstance(eps, (int, float)) and eps >= 0):
-    raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-  nq, nk = -(-n // block_q), -(-n // block_k)
-  if not hasattr(lut, "shape") or len(lut.shape) != 4:
-    raise ValueError(f"lut must be a 4-D int32 array (B, H, Nq, topk), got shape {getattr(lut, 'shape', None)}")
-  if lut.dtype != jnp.int32:
-    raise ValueError(f"lut must be int32, got {lut.dtype}")
-  if tuple(lut.shape[:3]) != (b, h, nq):
-    raise ValueError(f"lut shape {tuple(lut.shape)} must be (B, H, Nq, topk) = ({b}, {h}, {nq}, topk) "
-                     f"for N={n}, block_q={block_q}")
-  topk = lut.shape[3]
-  if not 1 <= topk <= nk:
-    raise ValueError(f"lut topk (lut.shape[3]) must be in [1, Nk={nk}], got {topk}")
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  return _Cfg(n=n, nq=nq, nk=nk, topk=topk, d=d, block_q=block_q, block_k=block_k,
-              sm_scale=float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d), eps=float(eps),
-              linear=not (linear_scope == "complement" and topk == nk),
-              complement=linear_scope == "complement", interpret=bool(interpret))
+    for name, x in (("q", q), ("k", k), ("v", v), ("q_phi", q_phi), ("k_phi", k_phi)):
+        if not hasattr(x, "shape") or len(x.shape) != 4:
+            raise ValueError(f"{name} must be a 4-D array (B, N, H, D), got shape {getattr(x, 'shape', None)}")
+        if jnp.dtype(x.dtype) not in _SUPPORTED_DTYPES:
+            raise ValueError(f"{name} must be bfloat16, float16 or float32, got {x.dtype}")
+    for name, x in (("k", k), ("v", v), ("q_phi", q_phi), ("k_phi", k_phi)):
+        if tuple(x.shape) != tuple(q.shape):
+            raise ValueError(f"{name} shape {tuple(x.shape)} must equal q shape {tuple(q.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {x.dtype} must equal q dtype {q.dtype}")
+    b, n, h, d = q.shape
+    if d not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim (q.shape[-1]) must be one of {_SUPPORTED_HEAD_DIMS}, got {d}")
+    if n < 1:
+        raise ValueError(f"sequence length (q.shape[1]) must be >= 1, got {n}")
+    for name, bs in (("block_q", block_q), ("block_k", block_k)):
+        if not _is_pow2(bs) or not 16 <= bs <= 256:
+            raise ValueError(f"{name} must be a power of two in [16, 256], got {bs}")
+    if linear_scope not in ("complement", "all"):
+        raise ValueError(f"linear_scope must be 'complement' or 'all', got {linear_scope!r}")
+    if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and sm_scale > 0):
+        raise ValueError(f"sm_scale must be a positive float or None, got {sm_scale!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    nq, nk = -(-n // block_q), -(-n // block_k)
+    if not hasattr(lut, "shape") or len(lut.shape) != 4:
+        raise ValueError(f"lut must be a 4-D int32 array (B, H, Nq, topk), got shape {getattr(lut, 'shape', None)}")
+    if lut.dtype != jnp.int32:
+        raise ValueError(f"lut must be int32, got {lut.dtype}")
+    if tuple(lut.shape[:3]) != (b, h, nq):
+        raise ValueError(
+            f"lut shape {tuple(lut.shape)} must be (B, H, Nq, topk) = ({b}, {h}, {nq}, topk) "
+            f"for N={n}, block_q={block_q}"
+        )
+    topk = lut.shape[3]
+    if not 1 <= topk <= nk:
+        raise ValueError(f"lut topk (lut.shape[3]) must be in [1, Nk={nk}], got {topk}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    return _Cfg(
+        n=n,
+        nq=nq,
+        nk=nk,
+        topk=topk,
+        d=d,
+        block_q=block_q,
+        block_k=block_k,
+        sm_scale=float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d),
+        eps=float(eps),
+        linear=not (linear_scope == "complement" and topk == nk),
+        complement=linear_scope == "complement",
+        interpret=bool(interpret),
+    )
 
 
-def sparse_linear_attention(q, k, v, q_phi, k_phi, lut, *, block_q=128, block_k=64, linear_scope="complement",
-                            sm_scale=None, eps=1e-6, interpret=None):
-  """Sparse (LUT) and linear branches of SLA / SLA2 attention, returned separately: (o_s, o_l).
+def sparse_linear_attention(
+    q,
+    k,
+    v,
+    q_phi,
+    k_phi,
+    lut,
+    *,
+    block_q=128,
+    block_k=64,
+    linear_scope="complement",
+    sm_scale=None,
+    eps=1e-6,
+    interpret=None,
+):
+    """Sparse (LUT) and linear branches of SLA / SLA2 attention, returned separately: (o_s, o_l).
 
-  Args:
-    q, k, v: (B, N, H, D) bf16/f16/f32 (same dtype), D in {32, 64, 128}, any N (ragged is fine).
-    q_phi, k_phi: phi(q), phi(k) (B, N, H, D), the feature-mapped queries/keys (cast to q.dtype).
-    lut: int32 (B, H, ceil(N/block_q), topk): selected key-block ids, ascending, no duplicates.
-    block_q, block_k: the SLA block sizes the LUT refers to (powers of two in [16, 256]).
-    linear_scope: "complement" (linear branch over unselected blocks) or "all" (over all keys).
-    sm_scale: softmax scale, default 1/sqrt(D).  eps: added to the linear branch's denominator.
-    interpret: None -> Pallas interpret mode unless the default backend is a GPU.
-  Returns:
-    (o_s, o_l), each (B, N, H, D) in q.dtype. Differentiable w.r.t. q, k, v, q_phi, k_phi.
-  """
-  cfg = _validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret)
-  return _branches(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, cfg)
+    Args:
+      q, k, v: (B, N, H, D) bf16/f16/f32 (same dtype), D in {32, 64, 128}, any N (ragged is fine).
+      q_phi, k_phi: phi(q), phi(k) (B, N, H, D), the feature-mapped queries/keys (cast to q.dtype).
+      lut: int32 (B, H, ceil(N/block_q), topk): selected key-block ids, ascending, no duplicates.
+      block_q, block_k: the SLA block sizes the LUT refers to (powers of two in [16, 256]).
+      linear_scope: "complement" (linear branch over unselected blocks) or "all" (over all keys).
+      sm_scale: softmax scale, default 1/sqrt(D).  eps: added to the linear branch's denominator.
+      interpret: None -> Pallas interpret mode unless the default backend is a GPU.
+    Returns:
+      (o_s, o_l), each (B, N, H, D) in q.dtype. Differentiable w.r.t. q, k, v, q_phi, k_phi.
+    """
+    cfg = _validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret)
+    return _branches(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, cfg)
 
 
-def sla2_fused_attention(q, k, v, q_phi, k_phi, lut, alpha, *, block_q=128, block_k=64,
-                         linear_scope="complement", sm_scale=None, eps=1e-6, interpret=None):
-  """SLA2 output o = alpha * o_s + (1 - alpha) * o_l in one forward kernel (see sparse_linear_attention).
+def sla2_fused_attention(
+    q,
+    k,
+    v,
+    q_phi,
+    k_phi,
+    lut,
+    alpha,
+    *,
+    block_q=128,
+    block_k=64,
+    linear_scope="complement",
+    sm_scale=None,
+    eps=1e-6,
+    interpret=None,
+):
+    """SLA2 output o = alpha * o_s + (1 - alpha) * o_l in one forward kernel (see sparse_linear_attention).
 
-  alpha: float (B, H, Nq) (anything broadcastable to it), one value per query block; differentiable
-  (d alpha = sum over the block's rows and channels of dO * (O_s - O_l)).
-  """
-  cfg = _validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret)
-  b, _, h, _ = q.shape
-  try:
-    alpha = jnp.broadcast_to(jnp.asarray(alpha), (b, h, cfg.nq))
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"alpha shape {jnp.shape(alpha)} must broadcast to (B, H, Nq) = ({b}, {h}, {cfg.nq})") from e
-  if not jnp.issubdtype(alpha.dtype, jnp.floating):
-    raise ValueError(f"alpha must be floating point, got {alpha.dtype}")
-  out = _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha.astype(_F32), cfg)
-  return out
+    alpha: float (B, H, Nq) (anything broadcastable to it), one value per query block; differentiable
+    (d alpha = sum over the block's rows and channels of dO * (O_s - O_l)).
+    """
+    cfg = _validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret)
+    b, _, h, _ = q.shape
+    try:
+        alpha = jnp.broadcast_to(jnp.asarray(alpha), (b, h, cfg.nq))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"alpha shape {jnp.shape(alpha)} must broadcast to (B, H, Nq) = ({b}, {h}, {cfg.nq})") from e
+    if not jnp.issubdtype(alpha.dtype, jnp.floating):
+        raise ValueError(f"alpha must be floating point, got {alpha.dtype}")
+    out = _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha.astype(_F32), cfg)
+    return out

@@ -15,86 +15,92 @@ from experiments.configs import DataConfig, ModelConfig, get_preset
 from experiments.dit import make_model
 
 # Smaller than the cpu-smoke preset (256 tokens, one block kind per stage) so the test stays CI-sized.
-PRESET = run_recipe.select_runs(dataclasses.replace(
-    get_preset("cpu-smoke"),
-    data=DataConfig(frames=4, height=16, width=16, max_shapes=2),
-    model=ModelConfig(patch=(1, 2, 2), dim=128, depth=2, num_heads=2),
-    stage0=dataclasses.replace(get_preset("cpu-smoke").stage0, steps=8, ckpt_every=4, log_every=4, warmup=2),
-    stage1=dataclasses.replace(get_preset("cpu-smoke").stage1, steps=4, log_every=2),
-    stage2=dataclasses.replace(get_preset("cpu-smoke").stage2, steps=4, ckpt_every=2, log_every=2),
-    block_q=32, block_k=16), "sla-95,sla2-95")
+PRESET = run_recipe.select_runs(
+    dataclasses.replace(
+        get_preset("cpu-smoke"),
+        data=DataConfig(frames=4, height=16, width=16, max_shapes=2),
+        model=ModelConfig(patch=(1, 2, 2), dim=128, depth=2, num_heads=2),
+        stage0=dataclasses.replace(get_preset("cpu-smoke").stage0, steps=8, ckpt_every=4, log_every=4, warmup=2),
+        stage1=dataclasses.replace(get_preset("cpu-smoke").stage1, steps=4, log_every=2),
+        stage2=dataclasses.replace(get_preset("cpu-smoke").stage2, steps=4, ckpt_every=2, log_every=2),
+        block_q=32,
+        block_k=16,
+    ),
+    "sla-95,sla2-95",
+)
 
 
 def _params(model):
-  return jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+    return jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
 
 
 @pytest.fixture(scope="module")
 def recipe_dir(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("smoke"))
-  # Interrupt stage 0 after 4 of 8 steps; the recipe must resume it from the checkpoint.
-  stopped = train.train_diffusion(os.path.join(out, "stage0", "dense"), PRESET, PRESET.run("dense"),
-                                  PRESET.stage0, stop_after=4)
-  assert stopped == {"stopped_at": 4}
-  run_recipe.run_recipe(PRESET, out, log=lambda *a: None)
-  return out
+    out = str(tmp_path_factory.mktemp("smoke"))
+    # Interrupt stage 0 after 4 of 8 steps; the recipe must resume it from the checkpoint.
+    stopped = train.train_diffusion(
+        os.path.join(out, "stage0", "dense"), PRESET, PRESET.run("dense"), PRESET.stage0, stop_after=4
+    )
+    assert stopped == {"stopped_at": 4}
+    run_recipe.run_recipe(PRESET, out, log=lambda *a: None)
+    return out
 
 
 def test_stage0_resumes_to_same_step_and_params(recipe_dir, tmp_path):
-  done = train.read_done(os.path.join(recipe_dir, "stage0", "dense"))
-  assert done["resumed_from"] == 4 and done["steps"] == 8
-  resumed = make_model(PRESET, PRESET.run("dense"))
-  assert train.load_params(os.path.join(recipe_dir, "stage0", "dense"), resumed) == 8
-  # The same training without interruption.
-  train.train_diffusion(str(tmp_path / "straight"), PRESET, PRESET.run("dense"), PRESET.stage0)
-  straight = make_model(PRESET, PRESET.run("dense"))
-  assert train.load_params(str(tmp_path / "straight"), straight) == 8
-  fresh = _params(make_model(PRESET, PRESET.run("dense")))
-  a, b = _params(resumed), _params(straight)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
-  # ... and training did change the parameters.
-  assert any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(fresh)))
+    done = train.read_done(os.path.join(recipe_dir, "stage0", "dense"))
+    assert done["resumed_from"] == 4 and done["steps"] == 8
+    resumed = make_model(PRESET, PRESET.run("dense"))
+    assert train.load_params(os.path.join(recipe_dir, "stage0", "dense"), resumed) == 8
+    # The same training without interruption.
+    train.train_diffusion(str(tmp_path / "straight"), PRESET, PRESET.run("dense"), PRESET.stage0)
+    straight = make_model(PRESET, PRESET.run("dense"))
+    assert train.load_params(str(tmp_path / "straight"), straight) == 8
+    fresh = _params(make_model(PRESET, PRESET.run("dense")))
+    a, b = _params(resumed), _params(straight)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+    # ... and training did change the parameters.
+    assert any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(fresh)))
 
 
 def test_all_stages_ran_and_metrics_are_finite(recipe_dir):
-  for d in ("stage0/dense", "stage1/router-95-block", "stage2/sla-95", "stage2/sla2-95"):
-    assert train.is_done(os.path.join(recipe_dir, d)), d
-  with open(os.path.join(recipe_dir, "results.json")) as f:
-    results = json.load(f)["results"]
-  assert set(results) == {"dense", "sla-95", "sla2-95"}
-  for name, r in results.items():
-    assert np.isfinite(r["val_loss"]), name
-    if name != "dense":
-      for key in ("psnr", "ssim", "attn_rel_err"):
-        assert np.isfinite(r[key]), (name, key)
-      assert 0 < r["attn_rel_err"] < 2 and -1 <= r["ssim"] <= 1
-  assert results["dense"]["attn_rel_err"] == 0.0
-  for f in ("results.md", "samples_grid.png", "samples.gif", "error_vs_sparsity.png", "gifs/sla2-95.gif"):
-    assert os.path.getsize(os.path.join(recipe_dir, f)) > 0, f
-  md = open(os.path.join(recipe_dir, "results.md")).read()
-  assert "| sla2-95 | 95% | int8 |" in md and "| dense | 0% |" in md
+    for d in ("stage0/dense", "stage1/router-95-block", "stage2/sla-95", "stage2/sla2-95"):
+        assert train.is_done(os.path.join(recipe_dir, d)), d
+    with open(os.path.join(recipe_dir, "results.json")) as f:
+        results = json.load(f)["results"]
+    assert set(results) == {"dense", "sla-95", "sla2-95"}
+    for name, r in results.items():
+        assert np.isfinite(r["val_loss"]), name
+        if name != "dense":
+            for key in ("psnr", "ssim", "attn_rel_err"):
+                assert np.isfinite(r[key]), (name, key)
+            assert 0 < r["attn_rel_err"] < 2 and -1 <= r["ssim"] <= 1
+    assert results["dense"]["attn_rel_err"] == 0.0
+    for f in ("results.md", "samples_grid.png", "samples.gif", "error_vs_sparsity.png", "gifs/sla2-95.gif"):
+        assert os.path.getsize(os.path.join(recipe_dir, f)) > 0, f
+    md = open(os.path.join(recipe_dir, "results.md")).read()
+    assert "| sla2-95 | 95% | int8 |" in md and "| dense | 0% |" in md
 
 
 def test_stage2_used_dense_weights_and_stage1_router(recipe_dir):
-  """SLA2 fine-tuning starts from the dense weights and keeps the stage-1 router frozen."""
-  run = PRESET.run("sla2-95")
-  model = make_model(PRESET, run)
-  train.load_params(os.path.join(recipe_dir, "stage2", "sla2-95"), model)
-  ref = make_model(PRESET, run)
-  train.load_router(os.path.join(recipe_dir, "stage1", run.router_run), PRESET, run, ref)
-  for blk, rblk in zip(model.blocks, ref.blocks):
-    np.testing.assert_array_equal(np.asarray(blk.attn.core.w_q[...]), np.asarray(rblk.attn.core.w_q[...]))
-  # The router moved away from identity in stage 1 (it was trained).
-  eye = np.eye(model.blocks[0].attn.core.w_q[...].shape[0])
-  assert not np.allclose(np.asarray(model.blocks[0].attn.core.w_q[...]), eye)
+    """SLA2 fine-tuning starts from the dense weights and keeps the stage-1 router frozen."""
+    run = PRESET.run("sla2-95")
+    model = make_model(PRESET, run)
+    train.load_params(os.path.join(recipe_dir, "stage2", "sla2-95"), model)
+    ref = make_model(PRESET, run)
+    train.load_router(os.path.join(recipe_dir, "stage1", run.router_run), PRESET, run, ref)
+    for blk, rblk in zip(model.blocks, ref.blocks):
+        np.testing.assert_array_equal(np.asarray(blk.attn.core.w_q[...]), np.asarray(rblk.attn.core.w_q[...]))
+    # The router moved away from identity in stage 1 (it was trained).
+    eye = np.eye(model.blocks[0].attn.core.w_q[...].shape[0])
+    assert not np.allclose(np.asarray(model.blocks[0].attn.core.w_q[...]), eye)
 
 
 def test_rerun_skips_finished_stages(recipe_dir):
-  marker = os.path.join(recipe_dir, "stage2", "sla2-95", "done.json")
-  before = os.path.getmtime(marker), open(os.path.join(recipe_dir, "eval", "sla2-95.json")).read()
-  run_recipe.run_recipe(PRESET, recipe_dir, log=lambda *a: None)
-  assert os.path.getmtime(marker) == before[0]
-  assert open(os.path.join(recipe_dir, "eval", "sla2-95.json")).read() == before[1]
-  other = dataclasses.replace(PRESET, stage2=dataclasses.replace(PRESET.stage2, steps=99))
-  with pytest.raises(ValueError, match="different preset"):
-    run_recipe.run_recipe(other, recipe_dir, log=lambda *a: None)
+    marker = os.path.join(recipe_dir, "stage2", "sla2-95", "done.json")
+    before = os.path.getmtime(marker), open(os.path.join(recipe_dir, "eval", "sla2-95.json")).read()
+    run_recipe.run_recipe(PRESET, recipe_dir, log=lambda *a: None)
+    assert os.path.getmtime(marker) == before[0]
+    assert open(os.path.join(recipe_dir, "eval", "sla2-95.json")).read() == before[1]
+    other = dataclasses.replace(PRESET, stage2=dataclasses.replace(PRESET.stage2, steps=99))
+    with pytest.raises(ValueError, match="different preset"):
+        run_recipe.run_recipe(other, recipe_dir, log=lambda *a: None)

@@ -6,6 +6,7 @@ rounding of the reference's dequantised inputs and of P (a few 1e-3), far less t
 itself (~1e-2 vs the unquantised branch). Gradients are straight-through: the bf16 backward kernels with the
 low-bit forward's LSE and O_s, so they equal the bf16 kernel's gradients up to the forward's quantisation error.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,12 +55,15 @@ def test_round_half_even():
     np.testing.assert_array_equal(np.asarray(ia._round_half_even(y)), np.asarray(jnp.round(y)))
 
 
-@pytest.mark.parametrize("n,d,dtype,block_q,block_k,tol", [
-    # float32: typically 3e-7; 1e-3 leaves room for a rare exact tie x / scale = m + 0.5 that the Pallas
-    # pre-pass (exact division) and XLA on CPU (which may not divide exactly) round one int8 step apart
-    (200, 64, jnp.float32, 32, 16, 1e-3),
-    (150, 128, jnp.bfloat16, 64, 32, 8e-3),   # ragged N, D 128, bf16
-])
+@pytest.mark.parametrize(
+    "n,d,dtype,block_q,block_k,tol",
+    [
+        # float32: typically 3e-7; 1e-3 leaves room for a rare exact tie x / scale = m + 0.5 that the Pallas
+        # pre-pass (exact division) and XLA on CPU (which may not divide exactly) round one int8 step apart
+        (200, 64, jnp.float32, 32, 16, 1e-3),
+        (150, 128, jnp.bfloat16, 64, 32, 8e-3),  # ragged N, D 128, bf16
+    ],
+)
 def test_int8_branches_match_fake_quant_reference(seed, n, d, dtype, block_q, block_k, tol):
     q, k, v, lut, _ = _setup(seed, n, d, dtype, block_q, block_k, 0.3)
     kw = dict(block_q=block_q, block_k=block_k)
@@ -68,9 +72,9 @@ def test_int8_branches_match_fake_quant_reference(seed, n, d, dtype, block_q, bl
     b_s, _ = sla.sparse_linear_branches(q, k, v, lut, quant="none", backend="xla", **kw)
     assert o_s.dtype == dtype and o_s.shape == q.shape
     err = rel_err(o_s, r_s)
-    quant_err = rel_err(r_s, b_s)            # what quantisation itself changes
+    quant_err = rel_err(r_s, b_s)  # what quantisation itself changes
     assert err < tol, (err, quant_err)
-    assert quant_err > 3e-3                  # the comparison is not vacuous: int8 moves the output
+    assert quant_err > 3e-3  # the comparison is not vacuous: int8 moves the output
     assert err < 0.5 * quant_err
     assert rel_err(o_l, r_l) < (1e-5 if dtype == jnp.float32 else 5e-3)
 
@@ -92,7 +96,7 @@ def test_fused_equals_combine_of_reference(seed):
     kw = dict(block_q=64, block_k=32)
     o = ia.sla2_fused_attention_lowbit(q, k, v, _phi(q), _phi(k), lut, mass, **kw)
     r_s, r_l = sla.sparse_linear_branches(q, k, v, lut, quant="int8", backend="xla", **kw)
-    assert rel_err(o, sla.combine(r_s, r_l, mass, block_q=64)) < 1e-3   # typically 3e-7 (see above)
+    assert rel_err(o, sla.combine(r_s, r_l, mass, block_q=64)) < 1e-3  # typically 3e-7 (see above)
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -107,8 +111,10 @@ def test_gradients_equal_bf16_kernel(seed, d):
 
     g_low = grads(lambda q, k, v, qp, kp, a, **kw: ia.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, **kw))
     g_ref = grads(lambda q, k, v, qp, kp, a, **kw: sl.sla2_fused_attention(q, k, v, qp, kp, lut, a, **kw))
-    fwd_err = rel_err(ia.sla2_fused_attention_lowbit(q, k, v, _phi(q), _phi(k), lut, mass, **kw),
-                      sl.sla2_fused_attention(q, k, v, _phi(q), _phi(k), lut, mass, **kw))
+    fwd_err = rel_err(
+        ia.sla2_fused_attention_lowbit(q, k, v, _phi(q), _phi(k), lut, mass, **kw),
+        sl.sla2_fused_attention(q, k, v, _phi(q), _phi(k), lut, mass, **kw),
+    )
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g_low, g_ref):
         assert a.shape == b.shape and bool(jnp.all(jnp.isfinite(a))), name
         # straight-through: same backward kernels, only LSE / O_s come from the low-bit forward
@@ -137,8 +143,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="quant"):
         ia.sparse_linear_attention_lowbit(q, k, v, q, k, lut, quant="int4", block_q=32, block_k=32)
     with pytest.raises(ValueError, match="head_dim"):
-        ia.sparse_linear_attention_lowbit(q[..., :48], k[..., :48], v[..., :48], q[..., :48], k[..., :48], lut,
-                                          block_q=32, block_k=32)
+        ia.sparse_linear_attention_lowbit(
+            q[..., :48], k[..., :48], v[..., :48], q[..., :48], k[..., :48], lut, block_q=32, block_k=32
+        )
     with pytest.raises(ValueError, match="lut"):
         ia.sla2_fused_attention_lowbit(q, k, v, q, k, lut[:, :, :1], 0.5, block_q=32, block_k=32)
     with pytest.raises(ValueError, match="alpha"):

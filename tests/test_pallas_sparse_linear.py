@@ -3,6 +3,7 @@
 Fresh random inputs each run (the seed is printed in failure messages); ragged N, D 64/128, bf16/f32,
 both linear scopes, the fused SLA2 variant (with d alpha), topk == Nk, and bad inputs.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,28 +18,28 @@ from pallas_kernels.reference import reference_branches, reference_fused
 
 
 def _seed():
-  return int.from_bytes(os.urandom(4), "little")
+    return int.from_bytes(os.urandom(4), "little")
 
 
 def _rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def _make(seed, b, n, h, d, dtype, topk, block_q, block_k, alpha=False):
-  rng = np.random.default_rng(seed)
-  nq, nk = -(-n // block_q), -(-n // block_k)
-  q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for _ in range(3))
-  k = k - jnp.mean(k, axis=1, keepdims=True)  # smoothed K, as the library passes it
-  q, k, v = (x.astype(dtype) for x in (q, k, v))
-  q_phi = jax.nn.softmax(q.astype(jnp.float32), axis=-1).astype(dtype)
-  k_phi = jax.nn.softmax(k.astype(jnp.float32), axis=-1).astype(dtype)
-  lut = np.sort(np.stack([rng.permutation(nk)[:topk] for _ in range(b * h * nq)]), axis=-1)
-  lut = jnp.asarray(lut.reshape(b, h, nq, topk), jnp.int32)
-  w1 = jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32)
-  w2 = jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32)
-  a = jnp.asarray(rng.uniform(0.1, 0.9, (b, h, nq)), jnp.float32) if alpha else None
-  return (q, k, v, q_phi, k_phi), lut, w1, w2, a
+    rng = np.random.default_rng(seed)
+    nq, nk = -(-n // block_q), -(-n // block_k)
+    q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for _ in range(3))
+    k = k - jnp.mean(k, axis=1, keepdims=True)  # smoothed K, as the library passes it
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    q_phi = jax.nn.softmax(q.astype(jnp.float32), axis=-1).astype(dtype)
+    k_phi = jax.nn.softmax(k.astype(jnp.float32), axis=-1).astype(dtype)
+    lut = np.sort(np.stack([rng.permutation(nk)[:topk] for _ in range(b * h * nq)]), axis=-1)
+    lut = jnp.asarray(lut.reshape(b, h, nq, topk), jnp.int32)
+    w1 = jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32)
+    w2 = jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32)
+    a = jnp.asarray(rng.uniform(0.1, 0.9, (b, h, nq)), jnp.float32) if alpha else None
+    return (q, k, v, q_phi, k_phi), lut, w1, w2, a
 
 
 # (N, D, dtype, scope, topk, block_q, block_k): ragged N everywhere; tolerances by dtype.
@@ -46,159 +47,174 @@ CASES = [
     (200, 64, jnp.float32, "complement", 2, 128, 64),
     (333, 128, jnp.bfloat16, "complement", 3, 128, 64),
     (333, 64, jnp.float32, "all", 2, 128, 64),
-    (100, 32, jnp.float32, "complement", 3, 32, 16),   # several query sub-blocks and key blocks
+    (100, 32, jnp.float32, "complement", 3, 32, 16),  # several query sub-blocks and key blocks
 ]
 TOL = {jnp.float32: (2e-4, 2e-3), jnp.bfloat16: (2e-2, 3e-2)}  # (forward, gradients), norm-wise relative
 
 
 @pytest.mark.parametrize("n,d,dtype,scope,topk,block_q,block_k", CASES)
 def test_branches_forward_and_gradients(n, d, dtype, scope, topk, block_q, block_k):
-  seed = _seed()
-  args, lut, w1, w2, _ = _make(seed, 1, n, 2, d, dtype, topk, block_q, block_k)
-  kw = dict(block_q=block_q, block_k=block_k, linear_scope=scope)
+    seed = _seed()
+    args, lut, w1, w2, _ = _make(seed, 1, n, 2, d, dtype, topk, block_q, block_k)
+    kw = dict(block_q=block_q, block_k=block_k, linear_scope=scope)
 
-  def loss(fn):
-    def f(*xs):
-      o_s, o_l = fn(*xs, lut, **kw)
-      return jnp.sum(o_s.astype(jnp.float32) * w1) + jnp.sum(o_l.astype(jnp.float32) * w2)
-    return f
+    def loss(fn):
+        def f(*xs):
+            o_s, o_l = fn(*xs, lut, **kw)
+            return jnp.sum(o_s.astype(jnp.float32) * w1) + jnp.sum(o_l.astype(jnp.float32) * w2)
 
-  o_s, o_l = sparse_linear_attention(*args, lut, **kw)
-  assert o_s.dtype == dtype and o_l.dtype == dtype and o_s.shape == args[0].shape
-  r_s, r_l = reference_branches(*args, lut, **kw)
-  ftol, gtol = TOL[dtype]
-  assert _rel(o_s, r_s) < ftol, (seed, _rel(o_s, r_s))
-  assert _rel(o_l, r_l) < ftol, (seed, _rel(o_l, r_l))
-  grads = jax.grad(loss(sparse_linear_attention), argnums=(0, 1, 2, 3, 4))(*args)
-  ref_grads = jax.grad(loss(reference_branches), argnums=(0, 1, 2, 3, 4))(*[x.astype(jnp.float32) for x in args])
-  for name, g, rg in zip(("q", "k", "v", "q_phi", "k_phi"), grads, ref_grads):
-    assert g.dtype == dtype and bool(jnp.all(jnp.isfinite(g))), (seed, name)
-    assert _rel(g, rg) < gtol, (seed, name, _rel(g, rg))
+        return f
+
+    o_s, o_l = sparse_linear_attention(*args, lut, **kw)
+    assert o_s.dtype == dtype and o_l.dtype == dtype and o_s.shape == args[0].shape
+    r_s, r_l = reference_branches(*args, lut, **kw)
+    ftol, gtol = TOL[dtype]
+    assert _rel(o_s, r_s) < ftol, (seed, _rel(o_s, r_s))
+    assert _rel(o_l, r_l) < ftol, (seed, _rel(o_l, r_l))
+    grads = jax.grad(loss(sparse_linear_attention), argnums=(0, 1, 2, 3, 4))(*args)
+    ref_grads = jax.grad(loss(reference_branches), argnums=(0, 1, 2, 3, 4))(*[x.astype(jnp.float32) for x in args])
+    for name, g, rg in zip(("q", "k", "v", "q_phi", "k_phi"), grads, ref_grads):
+        assert g.dtype == dtype and bool(jnp.all(jnp.isfinite(g))), (seed, name)
+        assert _rel(g, rg) < gtol, (seed, name, _rel(g, rg))
 
 
 @pytest.mark.parametrize("scope", ["complement", "all"])
 def test_fused_forward_and_gradients_including_alpha(scope):
-  seed = _seed()
-  n, d, topk = 333, 64, 2
-  args, lut, w1, _, alpha = _make(seed, 2, n, 1, d, jnp.float32, topk, 128, 64, alpha=True)
-  kw = dict(block_q=128, block_k=64, linear_scope=scope)
+    seed = _seed()
+    n, d, topk = 333, 64, 2
+    args, lut, w1, _, alpha = _make(seed, 2, n, 1, d, jnp.float32, topk, 128, 64, alpha=True)
+    kw = dict(block_q=128, block_k=64, linear_scope=scope)
 
-  def loss(fn):
-    return lambda *xs: jnp.sum(fn(*xs[:5], lut, xs[5], **kw).astype(jnp.float32) * w1)
+    def loss(fn):
+        return lambda *xs: jnp.sum(fn(*xs[:5], lut, xs[5], **kw).astype(jnp.float32) * w1)
 
-  o = sla2_fused_attention(*args, lut, alpha, **kw)
-  assert _rel(o, reference_fused(*args, lut, alpha, **kw)) < 2e-4, seed
-  g = jax.grad(loss(sla2_fused_attention), argnums=tuple(range(6)))(*args, alpha)
-  rg = jax.grad(loss(reference_fused), argnums=tuple(range(6)))(*args, alpha)
-  for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
-    assert _rel(a, b) < 2e-3, (seed, name, _rel(a, b))
-  assert g[5].shape == alpha.shape
+    o = sla2_fused_attention(*args, lut, alpha, **kw)
+    assert _rel(o, reference_fused(*args, lut, alpha, **kw)) < 2e-4, seed
+    g = jax.grad(loss(sla2_fused_attention), argnums=tuple(range(6)))(*args, alpha)
+    rg = jax.grad(loss(reference_fused), argnums=tuple(range(6)))(*args, alpha)
+    for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
+        assert _rel(a, b) < 2e-3, (seed, name, _rel(a, b))
+    assert g[5].shape == alpha.shape
 
 
 def test_fused_equals_combined_branches_bf16():
-  seed = _seed()
-  args, lut, _, _, alpha = _make(seed, 1, 200, 2, 128, jnp.bfloat16, 2, 128, 64, alpha=True)
-  o = sla2_fused_attention(*args, lut, alpha)
-  o_s, o_l = sparse_linear_attention(*args, lut)
-  a = jnp.swapaxes(jnp.repeat(alpha, 128, axis=-1)[:, :, :200], 1, 2)[..., None]
-  comb = a * o_s.astype(jnp.float32) + (1 - a) * o_l.astype(jnp.float32)
-  assert _rel(o, comb) < 1e-2, seed
-  assert _rel(o, reference_fused(*args, lut, alpha)) < 2e-2, seed
+    seed = _seed()
+    args, lut, _, _, alpha = _make(seed, 1, 200, 2, 128, jnp.bfloat16, 2, 128, 64, alpha=True)
+    o = sla2_fused_attention(*args, lut, alpha)
+    o_s, o_l = sparse_linear_attention(*args, lut)
+    a = jnp.swapaxes(jnp.repeat(alpha, 128, axis=-1)[:, :, :200], 1, 2)[..., None]
+    comb = a * o_s.astype(jnp.float32) + (1 - a) * o_l.astype(jnp.float32)
+    assert _rel(o, comb) < 1e-2, seed
+    assert _rel(o, reference_fused(*args, lut, alpha)) < 2e-2, seed
 
 
 def test_all_blocks_selected_linear_branch_is_exactly_zero():
-  seed = _seed()
-  n = 150
-  args, _, w1, w2, _ = _make(seed, 1, n, 2, 64, jnp.float32, 1, 128, 64)
-  nq, nk = 2, 3
-  lut = jnp.broadcast_to(jnp.arange(nk, dtype=jnp.int32), (1, 2, nq, nk))
-  o_s, o_l = sparse_linear_attention(*args, lut)
-  assert float(jnp.max(jnp.abs(o_l))) == 0.0
-  # With every block selected the sparse branch is dense attention.
-  q, k, v = (x.astype(jnp.float32) for x in args[:3])
-  dense = jax.nn.dot_product_attention(q, k, v)
-  assert _rel(o_s, dense) < 2e-4, seed
-  g = jax.grad(lambda *xs: jnp.sum(sparse_linear_attention(*xs, lut)[0] * w1), argnums=(0, 3, 4))(*args)
-  assert float(jnp.max(jnp.abs(g[1]))) == 0.0 and float(jnp.max(jnp.abs(g[2]))) == 0.0
-  assert bool(jnp.all(jnp.isfinite(g[0])))
+    seed = _seed()
+    n = 150
+    args, _, w1, w2, _ = _make(seed, 1, n, 2, 64, jnp.float32, 1, 128, 64)
+    nq, nk = 2, 3
+    lut = jnp.broadcast_to(jnp.arange(nk, dtype=jnp.int32), (1, 2, nq, nk))
+    o_s, o_l = sparse_linear_attention(*args, lut)
+    assert float(jnp.max(jnp.abs(o_l))) == 0.0
+    # With every block selected the sparse branch is dense attention.
+    q, k, v = (x.astype(jnp.float32) for x in args[:3])
+    dense = jax.nn.dot_product_attention(q, k, v)
+    assert _rel(o_s, dense) < 2e-4, seed
+    g = jax.grad(lambda *xs: jnp.sum(sparse_linear_attention(*xs, lut)[0] * w1), argnums=(0, 3, 4))(*args)
+    assert float(jnp.max(jnp.abs(g[1]))) == 0.0 and float(jnp.max(jnp.abs(g[2]))) == 0.0
+    assert bool(jnp.all(jnp.isfinite(g[0])))
 
 
 def test_matches_sla2_jax_reference_backend():
-  sla = pytest.importorskip("sla2_jax")
-  if not hasattr(sla, "sparse_linear_branches"):
-    pytest.skip("sla2_jax.sparse_linear_branches not available")
-  from sla2_jax.feature_maps import feature_map
-  seed = _seed()
-  args, lut, _, _, _ = _make(seed, 1, 200, 2, 64, jnp.float32, 2, 128, 64)
-  q, k, v = args[:3]
-  o_s, o_l = sparse_linear_attention(q, k, v, feature_map(q, "softmax"), feature_map(k, "softmax"), lut)
-  r_s, r_l = sla.sparse_linear_branches(q, k, v, lut, block_q=128, block_k=64, feature_map="softmax",
-                                        linear_scope="complement", backend="reference")
-  assert _rel(o_s, r_s) < 2e-4, seed
-  assert _rel(o_l, r_l) < 2e-4, seed
+    sla = pytest.importorskip("sla2_jax")
+    if not hasattr(sla, "sparse_linear_branches"):
+        pytest.skip("sla2_jax.sparse_linear_branches not available")
+    from sla2_jax.feature_maps import feature_map
+
+    seed = _seed()
+    args, lut, _, _, _ = _make(seed, 1, 200, 2, 64, jnp.float32, 2, 128, 64)
+    q, k, v = args[:3]
+    o_s, o_l = sparse_linear_attention(q, k, v, feature_map(q, "softmax"), feature_map(k, "softmax"), lut)
+    r_s, r_l = sla.sparse_linear_branches(
+        q, k, v, lut, block_q=128, block_k=64, feature_map="softmax", linear_scope="complement", backend="reference"
+    )
+    assert _rel(o_s, r_s) < 2e-4, seed
+    assert _rel(o_l, r_l) < 2e-4, seed
 
 
 def test_jit_and_default_interpret():
-  seed = _seed()
-  args, lut, _, _, _ = _make(seed, 1, 130, 1, 64, jnp.float32, 1, 128, 64)
-  f = jax.jit(lambda *xs: sparse_linear_attention(*xs, lut))
-  o_s, o_l = f(*args)
-  r_s, r_l = reference_branches(*args, lut)
-  assert _rel(o_s, r_s) < 2e-4 and _rel(o_l, r_l) < 2e-4, seed
+    seed = _seed()
+    args, lut, _, _, _ = _make(seed, 1, 130, 1, 64, jnp.float32, 1, 128, 64)
+    f = jax.jit(lambda *xs: sparse_linear_attention(*xs, lut))
+    o_s, o_l = f(*args)
+    r_s, r_l = reference_branches(*args, lut)
+    assert _rel(o_s, r_s) < 2e-4 and _rel(o_l, r_l) < 2e-4, seed
 
 
 def _bad_call(**over):
-  b, n, h, d = 1, 100, 2, 64
-  x = jnp.ones((b, n, h, d), jnp.float32)
-  kw = dict(q=x, k=x, v=x, q_phi=x, k_phi=x, lut=jnp.zeros((b, h, 1, 1), jnp.int32))
-  opts = {}
-  for key, val in over.items():
-    (kw if key in kw else opts)[key] = val
-  return sparse_linear_attention(kw["q"], kw["k"], kw["v"], kw["q_phi"], kw["k_phi"], kw["lut"], **opts)
+    b, n, h, d = 1, 100, 2, 64
+    x = jnp.ones((b, n, h, d), jnp.float32)
+    kw = dict(q=x, k=x, v=x, q_phi=x, k_phi=x, lut=jnp.zeros((b, h, 1, 1), jnp.int32))
+    opts = {}
+    for key, val in over.items():
+        (kw if key in kw else opts)[key] = val
+    return sparse_linear_attention(kw["q"], kw["k"], kw["v"], kw["q_phi"], kw["k_phi"], kw["lut"], **opts)
 
 
-@pytest.mark.parametrize("over,word", [
-    (dict(k=jnp.ones((1, 99, 2, 64))), "k"),
-    (dict(q=jnp.ones((1, 100, 2, 48)), k=jnp.ones((1, 100, 2, 48)), v=jnp.ones((1, 100, 2, 48)),
-          q_phi=jnp.ones((1, 100, 2, 48)), k_phi=jnp.ones((1, 100, 2, 48))), "head_dim"),
-    (dict(v=jnp.ones((1, 100, 2, 64), jnp.bfloat16)), "v"),
-    (dict(q=jnp.ones((1, 100, 2, 64), jnp.int32)), "q"),
-    (dict(q=jnp.ones((100, 2, 64))), "q"),
-    (dict(block_q=96), "block_q"),
-    (dict(block_k=8), "block_k"),
-    (dict(linear_scope="none"), "linear_scope"),
-    (dict(lut=jnp.zeros((1, 2, 3, 1), jnp.int32)), "lut"),
-    (dict(lut=jnp.zeros((1, 2, 1, 1), jnp.float32)), "lut"),
-    (dict(lut=jnp.zeros((1, 2, 1, 3), jnp.int32)), "topk"),
-    (dict(sm_scale=-1.0), "sm_scale"),
-])
+@pytest.mark.parametrize(
+    "over,word",
+    [
+        (dict(k=jnp.ones((1, 99, 2, 64))), "k"),
+        (
+            dict(
+                q=jnp.ones((1, 100, 2, 48)),
+                k=jnp.ones((1, 100, 2, 48)),
+                v=jnp.ones((1, 100, 2, 48)),
+                q_phi=jnp.ones((1, 100, 2, 48)),
+                k_phi=jnp.ones((1, 100, 2, 48)),
+            ),
+            "head_dim",
+        ),
+        (dict(v=jnp.ones((1, 100, 2, 64), jnp.bfloat16)), "v"),
+        (dict(q=jnp.ones((1, 100, 2, 64), jnp.int32)), "q"),
+        (dict(q=jnp.ones((100, 2, 64))), "q"),
+        (dict(block_q=96), "block_q"),
+        (dict(block_k=8), "block_k"),
+        (dict(linear_scope="none"), "linear_scope"),
+        (dict(lut=jnp.zeros((1, 2, 3, 1), jnp.int32)), "lut"),
+        (dict(lut=jnp.zeros((1, 2, 1, 1), jnp.float32)), "lut"),
+        (dict(lut=jnp.zeros((1, 2, 1, 3), jnp.int32)), "topk"),
+        (dict(sm_scale=-1.0), "sm_scale"),
+    ],
+)
 def test_bad_inputs_raise_value_error(over, word):
-  with pytest.raises(ValueError, match=word):
-    _bad_call(**over)
+    with pytest.raises(ValueError, match=word):
+        _bad_call(**over)
 
 
 def test_bad_alpha_raises_value_error():
-  x = jnp.ones((1, 100, 2, 64), jnp.float32)
-  lut = jnp.zeros((1, 2, 1, 1), jnp.int32)
-  with pytest.raises(ValueError, match="alpha"):
-    sla2_fused_attention(x, x, x, x, x, lut, jnp.ones((1, 3, 5)))
+    x = jnp.ones((1, 100, 2, 64), jnp.float32)
+    lut = jnp.zeros((1, 2, 1, 1), jnp.int32)
+    with pytest.raises(ValueError, match="alpha"):
+        sla2_fused_attention(x, x, x, x, x, lut, jnp.ones((1, 3, 5)))
 
 
 def test_launch_config_variants_give_the_same_result():
-  """Backward sub-block sizes and forward keys-per-step only change the schedule, not the result."""
-  import importlib
-  lc = importlib.import_module("pallas_kernels.launch_config")
-  seed = _seed()
-  args, lut, w1, w2, alpha = _make(seed, 1, 300, 1, 64, jnp.float32, 3, 128, 64, alpha=True)
+    """Backward sub-block sizes and forward keys-per-step only change the schedule, not the result."""
+    import importlib
 
-  def grads():
-    f = lambda *xs: jnp.sum(sla2_fused_attention(*xs[:5], lut, xs[5]) * w1)
-    return jax.grad(f, argnums=tuple(range(6)))(*args, alpha)
+    lc = importlib.import_module("pallas_kernels.launch_config")
+    seed = _seed()
+    args, lut, w1, w2, alpha = _make(seed, 1, 300, 1, 64, jnp.float32, 3, 128, 64, alpha=True)
 
-  with lc.override_launch_config(fwd=(4, 2, 128), dq=(4, 2, 128), dkv=(4, 2, 32)):
-    g1 = grads()
-  with lc.override_launch_config(fwd=(4, 2, 64), dq=(4, 2, 32), dkv=(4, 2, 128)):
-    g2 = grads()
-  rg = jax.grad(lambda *xs: jnp.sum(reference_fused(*xs[:5], lut, xs[5]) * w1), argnums=tuple(range(6)))(*args, alpha)
-  for name, a, b, r in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g1, g2, rg):
-    assert _rel(a, r) < 2e-3 and _rel(b, r) < 2e-3, (seed, name, _rel(a, r), _rel(b, r))
+    def grads():
+        f = lambda *xs: jnp.sum(sla2_fused_attention(*xs[:5], lut, xs[5]) * w1)
+        return jax.grad(f, argnums=tuple(range(6)))(*args, alpha)
+
+    with lc.override_launch_config(fwd=(4, 2, 128), dq=(4, 2, 128), dkv=(4, 2, 32)):
+        g1 = grads()
+    with lc.override_launch_config(fwd=(4, 2, 64), dq=(4, 2, 32), dkv=(4, 2, 128)):
+        g2 = grads()
+    rg = jax.grad(lambda *xs: jnp.sum(reference_fused(*xs[:5], lut, xs[5]) * w1), argnums=tuple(range(6)))(*args, alpha)
+    for name, a, b, r in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g1, g2, rg):
+        assert _rel(a, r) < 2e-3 and _rel(b, r) < 2e-3, (seed, name, _rel(a, r), _rel(b, r))
