@@ -19,7 +19,6 @@ import os
 import re
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -30,6 +29,7 @@ import importlib  # noqa: E402
 
 lc = importlib.import_module("pallas_kernels.launch_config")
 from pallas_kernels import sparse_linear as sl  # noqa: E402
+from experiments.timing import time_samples  # noqa: E402
 
 CANDIDATES = {
     "fwd": [(w, s, kv) for w, s, kv in itertools.product((4, 8), (2, 3), (64, 128))],
@@ -40,14 +40,7 @@ CANDIDATES = {
 
 
 def median_ms(f, *args, runs):
-    jax.block_until_ready(f(*args))
-    jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return 1e3 * statistics.median(time_samples(f, *args, warmup=2, iters=runs))
 
 
 def main():

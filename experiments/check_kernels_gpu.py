@@ -20,18 +20,17 @@ import json
 import os
 import statistics
 import sys
-import time
 import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 import pallas_kernels as pk  # noqa: E402
 from pallas_kernels import reference as ref  # noqa: E402
 from pallas_kernels import sparse_linear as sl  # noqa: E402
+from experiments.timing import time_samples  # noqa: E402
 
 RESULTS: dict = {"meta": {}, "small": [], "wan": []}
 
@@ -42,16 +41,7 @@ def rel(a, b):
 
 
 def bench(fn, *args, runs=20, warmup=3):
-    f = jax.jit(fn)
-    jax.block_until_ready(f(*args))
-    for _ in range(warmup):
-        jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return 1e3 * statistics.median(time_samples(jax.jit(fn), *args, warmup=warmup + 1, iters=runs))
 
 
 def phi(x):

@@ -332,7 +332,7 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: sl._Cfg, quant: str, *, fus
     """Low-bit forward; returns the same dict as ``sparse_linear._forward`` (o / o_s, o_l, lse, den, totals)."""
     b, n, h, d = q.shape
     fp8 = quant == "int8_fp8"
-    seq, rows = sl._seq_spec(cfg), sl._row_spec(cfg)
+    seq = sl._seq_spec(cfg)
     q8, q_scale, k8, k_scale, k_mean = _prequantize(q, k, cfg)
     inputs = [("lut", lut, sl._full_spec(cfg.nq, cfg.topk))]
     if q8 is not None:
@@ -356,19 +356,7 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: sl._Cfg, quant: str, *, fus
         inputs += [("h_tot", h_tot, sl._full_spec(d, d)), ("z_tot", z_tot, sl._full_spec(d))]
     if fused:
         inputs += [("alpha", alpha, sl._full_spec(cfg.nq))]
-    o_struct = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    row_struct = jax.ShapeDtypeStruct((b, h, cfg.npad), _F32)
-    outputs = []
-    if fused:
-        outputs.append(("o", o_struct, seq))
-    if not fused or residuals:
-        outputs.append(("o_s", o_struct, seq))
-        if cfg.linear:
-            outputs.append(("o_l", o_struct, seq))
-    if residuals:
-        outputs.append(("lse", row_struct, rows))
-        if cfg.linear:
-            outputs.append(("den", row_struct, rows))
+    outputs = sl._forward_outputs(q, cfg, fused=fused, residuals=residuals)
     names = tuple(x[0] for x in inputs) + tuple(x[0] for x in outputs)
     num_warps, num_stages = _launch(cfg, quant)
     res = pl.pallas_call(

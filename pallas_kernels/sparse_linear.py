@@ -336,19 +336,11 @@ def _block_colsums(k_phi, cfg: _Cfg):
     return jnp.transpose(z, (0, 2, 1, 3))
 
 
-def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, residuals: bool):
-    b, n, h, d = q.shape
+def _forward_outputs(q, cfg: _Cfg, *, fused: bool, residuals: bool):
+    """(name, shape struct, BlockSpec) of the forward kernels' outputs: o (fused) and/or o_s, o_l, and the
+    residuals LSE and den the backward needs. Shared by the bf16 and low-bit forward kernels."""
+    b, _, h, _ = q.shape
     seq, rows = _seq_spec(cfg), _row_spec(cfg)
-    inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
-    h_tot = z_tot = None
-    if cfg.linear:
-        h_tot, z_tot = _prepass(k_phi, v, cfg)
-        inputs += [("q_phi", q_phi, seq)]
-        if cfg.track_lin:
-            inputs += [("k_phi", k_phi, seq), ("z_blk", _block_colsums(k_phi, cfg), _full_spec(cfg.nk, d))]
-        inputs += [("h_tot", h_tot, _full_spec(d, d)), ("z_tot", z_tot, _full_spec(d))]
-    if fused:
-        inputs += [("alpha", alpha, _full_spec(cfg.nq))]
     o_struct = jax.ShapeDtypeStruct(q.shape, q.dtype)
     row_struct = jax.ShapeDtypeStruct((b, h, cfg.npad), _F32)
     outputs = []
@@ -362,6 +354,23 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, resid
         outputs.append(("lse", row_struct, rows))
         if cfg.linear:
             outputs.append(("den", row_struct, rows))
+    return outputs
+
+
+def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, residuals: bool):
+    b, n, h, d = q.shape
+    seq = _seq_spec(cfg)
+    inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
+    h_tot = z_tot = None
+    if cfg.linear:
+        h_tot, z_tot = _prepass(k_phi, v, cfg)
+        inputs += [("q_phi", q_phi, seq)]
+        if cfg.track_lin:
+            inputs += [("k_phi", k_phi, seq), ("z_blk", _block_colsums(k_phi, cfg), _full_spec(cfg.nk, d))]
+        inputs += [("h_tot", h_tot, _full_spec(d, d)), ("z_tot", z_tot, _full_spec(d))]
+    if fused:
+        inputs += [("alpha", alpha, _full_spec(cfg.nq))]
+    outputs = _forward_outputs(q, cfg, fused=fused, residuals=residuals)
     unroll = max(1, launch_config("fwd", cfg.d, cfg.block_q, cfg.block_k)[2] // cfg.block_k)
     res = _call(_fwd_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "fwd", dict(fused=fused, unroll=unroll))
     out = dict(zip([x[0] for x in outputs], res))
