@@ -6,8 +6,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-from helpers import random_qkv, rel_err  # noqa: E402,F401  (re-exported for older imports)
-
 _BASE_SEED = int.from_bytes(os.urandom(4), "little")
 
 collect_ignore = ["multidevice"]  # run by test_multidevice.py in a 4-device child process

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from experiments import evaluate
-from experiments.configs import DataConfig, ModelConfig, Preset, RunSpec, get_preset
+from experiments.configs import DataConfig, ModelConfig, RunSpec, get_preset
 from experiments.dit import AttentionSpec, VideoDiT, flow_matching_loss, make_model, patchify, unpatchify
 
 PRESET = dataclasses.replace(
