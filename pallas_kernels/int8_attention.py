@@ -476,14 +476,8 @@ def sla2_fused_attention_lowbit(
     """
     _check_quant(quant, q.dtype)
     cfg = sl._validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret)
-    b, _, h, _ = q.shape
-    try:
-        alpha = jnp.broadcast_to(jnp.asarray(alpha), (b, h, cfg.nq))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"alpha shape {jnp.shape(alpha)} must broadcast to (B, H, Nq) = ({b}, {h}, {cfg.nq})") from e
-    if not jnp.issubdtype(alpha.dtype, jnp.floating):
-        raise ValueError(f"alpha must be floating point, got {alpha.dtype}")
-    return _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha.astype(_F32), cfg, quant)
+    alpha = sl._checked_alpha(alpha, q, cfg)
+    return _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha, cfg, quant)
 
 
 __all__ = [

@@ -799,6 +799,18 @@ def sparse_linear_attention(
     return _branches(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, cfg)
 
 
+def _checked_alpha(alpha, q, cfg: _Cfg):
+    """alpha broadcast to (B, H, Nq) float32; ValueError for a shape that does not broadcast or a non-float dtype."""
+    b, _, h, _ = q.shape
+    try:
+        alpha = jnp.broadcast_to(jnp.asarray(alpha), (b, h, cfg.nq))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"alpha shape {jnp.shape(alpha)} must broadcast to (B, H, Nq) = ({b}, {h}, {cfg.nq})") from e
+    if not jnp.issubdtype(alpha.dtype, jnp.floating):
+        raise ValueError(f"alpha must be floating point, got {alpha.dtype}")
+    return alpha.astype(_F32)
+
+
 def sla2_fused_attention(
     q,
     k,
@@ -821,12 +833,5 @@ def sla2_fused_attention(
     (d alpha = sum over the block's rows and channels of dO * (O_s - O_l)).
     """
     cfg = _validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret)
-    b, _, h, _ = q.shape
-    try:
-        alpha = jnp.broadcast_to(jnp.asarray(alpha), (b, h, cfg.nq))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"alpha shape {jnp.shape(alpha)} must broadcast to (B, H, Nq) = ({b}, {h}, {cfg.nq})") from e
-    if not jnp.issubdtype(alpha.dtype, jnp.floating):
-        raise ValueError(f"alpha must be floating point, got {alpha.dtype}")
-    out = _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha.astype(_F32), cfg)
-    return out
+    alpha = _checked_alpha(alpha, q, cfg)
+    return _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha, cfg)

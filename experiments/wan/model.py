@@ -237,20 +237,25 @@ def make_self_attention(cfg: WanConfig, rngs: nnx.Rngs):
     return sla.SLAAttention(cfg.num_heads, cfg.head_dim, config=cfg.sla_config, rngs=rngs)
 
 
+def _init_projections(module: nnx.Module, cfg: "WanConfig", rngs: nnx.Rngs) -> None:
+    """The q, k, v, o linears and the optional RMSNorms on q and k (official names) of an attention module."""
+    module.num_heads, module.head_dim = cfg.num_heads, cfg.head_dim
+    module.q = _linear(cfg, cfg.dim, cfg.dim, rngs)
+    module.k = _linear(cfg, cfg.dim, cfg.dim, rngs)
+    module.v = _linear(cfg, cfg.dim, cfg.dim, rngs)
+    module.o = _linear(cfg, cfg.dim, cfg.dim, rngs)
+    module.qk_norm = cfg.qk_norm
+    if cfg.qk_norm:
+        module.norm_q = RMSNorm(cfg.dim, eps=cfg.eps, param_dtype=cfg.param_dtype)
+        module.norm_k = RMSNorm(cfg.dim, eps=cfg.eps, param_dtype=cfg.param_dtype)
+
+
 class WanSelfAttention(nnx.Module):
     """Self-attention over the video tokens: q, k, v, o linears, RMSNorm on q and k, 3D RoPE, then the
     attention core (`attn`: None = dense, or an SLA / SLA2 module)."""
 
     def __init__(self, cfg: WanConfig, rngs: nnx.Rngs):
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q = _linear(cfg, cfg.dim, cfg.dim, rngs)
-        self.k = _linear(cfg, cfg.dim, cfg.dim, rngs)
-        self.v = _linear(cfg, cfg.dim, cfg.dim, rngs)
-        self.o = _linear(cfg, cfg.dim, cfg.dim, rngs)
-        self.qk_norm = cfg.qk_norm
-        if cfg.qk_norm:
-            self.norm_q = RMSNorm(cfg.dim, eps=cfg.eps, param_dtype=cfg.param_dtype)
-            self.norm_k = RMSNorm(cfg.dim, eps=cfg.eps, param_dtype=cfg.param_dtype)
+        _init_projections(self, cfg, rngs)
         self.attn = make_self_attention(cfg, rngs)
 
     def qkv(self, x: jax.Array, angles: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -281,15 +286,7 @@ class WanCrossAttention(nnx.Module):
     """Dense attention from the video tokens to the text tokens (no RoPE); RMSNorm on q and k."""
 
     def __init__(self, cfg: WanConfig, rngs: nnx.Rngs):
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q = _linear(cfg, cfg.dim, cfg.dim, rngs)
-        self.k = _linear(cfg, cfg.dim, cfg.dim, rngs)
-        self.v = _linear(cfg, cfg.dim, cfg.dim, rngs)
-        self.o = _linear(cfg, cfg.dim, cfg.dim, rngs)
-        self.qk_norm = cfg.qk_norm
-        if cfg.qk_norm:
-            self.norm_q = RMSNorm(cfg.dim, eps=cfg.eps, param_dtype=cfg.param_dtype)
-            self.norm_k = RMSNorm(cfg.dim, eps=cfg.eps, param_dtype=cfg.param_dtype)
+        _init_projections(self, cfg, rngs)
 
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         """x (B, N, dim) video tokens, context (B, L, dim) embedded text -> (B, N, dim)."""
