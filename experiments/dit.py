@@ -143,13 +143,10 @@ class Attention(nnx.Module):
         q, k, v = self.qkv_heads(x)
         if self.core is not None:
             o = self.core(q, k, v)
-        elif self.context is not None:
-            from sla2_jax.context_parallel import ulysses
-
-            ctx = self.context
-            o = ulysses(_dense_core, q, k, v, mesh=ctx.mesh, seq_axis=ctx.seq_axis, batch_axis=ctx.batch_axis)
         else:
-            o = _dense_core(q, k, v)
+            from sla2_jax.context_parallel import attend_in_context
+
+            o = attend_in_context(_dense_core, q, k, v, self.context)
         y = self.out(o.astype(x.dtype).reshape(B, N, dim))
         return y, ((q, k, v) if capture else None)
 

@@ -157,6 +157,15 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def _resume(mngr, model, optimizer) -> int:
+    """Restores the latest checkpoint of `mngr` into model and optimizer (in place); returns its step, 0 if none."""
+    step = mngr.latest_step()
+    if step is None:
+        return 0
+    restore_checkpoint(mngr, step, model, optimizer)
+    return step
+
+
 def make_optimizer(model: nnx.Module, cfg: TrainConfig, wrt) -> nnx.Optimizer:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg.lr, max(cfg.warmup, 1), max(cfg.steps, cfg.warmup + 1), end_value=cfg.lr * 0.1
@@ -215,10 +224,7 @@ def train_diffusion(
         init(model)
     optimizer = make_optimizer(model, cfg, trainable)
     mngr = _manager(run_dir)
-    start = 0
-    if mngr.latest_step() is not None:
-        start = mngr.latest_step()
-        restore_checkpoint(mngr, start, model, optimizer)
+    start = _resume(mngr, model, optimizer)
     replicate(model, mesh)
     replicate(optimizer, mesh)
 
@@ -376,10 +382,7 @@ def train_router(run_dir: str, preset: Preset, run: RunSpec, captured: dict, *, 
     )
     optimizer = make_optimizer(routers, tcfg, STAGE1_TRAINABLE)
     mngr = _manager(run_dir)
-    start = 0
-    if mngr.latest_step() is not None:
-        start = mngr.latest_step()
-        restore_checkpoint(mngr, start, routers, optimizer)
+    start = _resume(mngr, routers, optimizer)
     S = captured["q"][0].shape[0]
     rng = np.random.default_rng(1234)
     orders = [rng.permutation(S) for _ in range((cfg.steps * cfg.batch_size) // S + 2)]

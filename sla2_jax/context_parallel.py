@@ -66,6 +66,13 @@ def ulysses(fn, q, k, v, *, mesh, seq_axis: str, batch_axis=None, per_head=(), s
     return mapped(q, k, v, *per_head, *shared)
 
 
+def attend_in_context(fn, q, k, v, context):
+    """fn(q, k, v) on (B, N, H, D) inputs, Ulysses-style over `context` (a modules.ContextParallel) when given."""
+    if context is None:
+        return fn(q, k, v)
+    return ulysses(fn, q, k, v, mesh=context.mesh, seq_axis=context.seq_axis, batch_axis=context.batch_axis)
+
+
 def context_parallel_attention(q, k, v, *, mesh, seq_axis: str, config: SLA2Config, batch_axis=None, **params):
     """SLA2 attention of (B, N, H, D) inputs sharded along N over `mesh` axis `seq_axis`.
 

@@ -13,7 +13,7 @@ from sla2_jax.blocks import num_blocks
 from sla2_jax.checks import check_qkv
 from sla2_jax.combine import alpha_from_mass, sla_v1_combine
 from sla2_jax.config import SLA2Config
-from sla2_jax.context_parallel import ulysses
+from sla2_jax.context_parallel import attend_in_context, ulysses
 from sla2_jax.dense import dense_attention
 from sla2_jax.functional import sla2_output, sparse_linear_outputs
 
@@ -167,11 +167,5 @@ class SelfAttention(nnx.Module):
         batch, seq_len, _ = x.shape
         qkv = self.qkv(x).reshape(batch, seq_len, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if self.core is not None:
-            o = self.core(q, k, v)
-        elif self.context is not None:
-            ctx = self.context
-            o = ulysses(dense_attention, q, k, v, mesh=ctx.mesh, seq_axis=ctx.seq_axis, batch_axis=ctx.batch_axis)
-        else:
-            o = dense_attention(q, k, v)
+        o = self.core(q, k, v) if self.core is not None else attend_in_context(dense_attention, q, k, v, self.context)
         return self.out(o.reshape(batch, seq_len, -1))
