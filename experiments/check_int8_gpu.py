@@ -1,51 +1,97 @@
 """Check and time the low-bit (INT8 / INT8+FP8) SLA2 sparse-branch kernel on a GPU, in one process.
 
-  python -m experiments.check_int8_gpu [--out DIR] [--sparsity 0.95 0.97] [--runs 30] [--budget-s 330]
+  python -m experiments.check_int8_gpu [--out DIR] [--sparsity 0.95 0.97] [--runs 30] [--budget-s 190]
 
-1. Which MMA instructions the INT8 and FP8 kernels compile to (XLA dump of a small jit, PTX grepped).
-2. Small shapes (ragged N, D 64/128): low-bit o_s vs the fake-quant reference of sla2_jax (xla backend), fused
-   output vs combine of the low-bit branches, gradients vs the bf16 kernel's.
+1. What the GPU runs: every Triton kernel that jax compiles in this process is captured (jaxlib >= 0.10.3
+   compiles Pallas-Triton kernels to PTX through ``jax._src.lib.triton.compile``; the PTX is recorded by a
+   wrapper), then assembled with ``ptxas -v`` and disassembled with ``cuobjdump -sass``: MMA instructions in PTX
+   (wgmma / mma.sync with their types), SASS opcode counts (HGMMA / IGMMA / QGMMA / HMMA / IMMA / I2F / MUFU.EX2),
+   registers and spills. Written to DIR/sass_summary.txt and DIR/ptx_sass.tar.gz.
+2. Small shapes (ragged N, D 64/128): low-bit o_s vs the fake-quant reference of sla2_jax (xla backend) for the
+   default and the option variants, fused output vs combine of the low-bit branches.
 3. wan-1.3b (B=1, H=12, N=32760, D=128, bf16, random normal q, k, v), LUT from sla2_jax.route, alpha = the
-   router's captured mass: relative error (norm-wise) of the bf16 / int8 / int8_fp8 fused outputs vs dense
-   attention (sla2_jax.dense_attention, f32) and vs the bf16 kernel; a naive per-tensor INT8 (no smoothing)
-   fake quantisation through the bf16 kernel for comparison; median forward times (>= 20 runs after warm-up,
-   block_until_ready) of the bf16 fused kernel, the low-bit fused kernels (several launch configs), the K
-   pre-pass alone and cuDNN, all in this one run; forward+backward of bf16 vs int8 (QAT cost).
+   router's captured mass: relative error (norm-wise) of the bf16 / low-bit fused outputs vs dense attention
+   (sla2_jax.dense_attention) and vs the bf16 kernel; median forward times (experiments.timing, synchronised,
+   after warm-up) of cuDNN, the bf16 fused kernel, the low-bit variants (whole forward, pre-pass alone, forward
+   kernel alone on pre-quantised inputs), all in this one run.
 Writes DIR/check_int8_gpu.json and prints a table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import glob
 import json
 import os
 import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tarfile
 import time
 import traceback
 
-_DUMP = "/tmp/int8_xla_dump"
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={_DUMP} --xla_dump_hlo_module_re=.*ptxcheck.*"
-).strip()
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-import sla2_jax as sla  # noqa: E402
-from experiments.timing import time_samples  # noqa: E402
-from pallas_kernels import int8_attention as ia  # noqa: E402
-from pallas_kernels import sparse_linear as sl  # noqa: E402
+import sla2_jax as sla
+from experiments.timing import time_samples
+from pallas_kernels import int8_attention as ia
+from pallas_kernels import sparse_linear as sl
 
 R: dict = {"meta": {}, "ptx": {}, "small": [], "wan": [], "errors": []}
 T0 = time.time()
+CAPTURED: list[dict] = []  # {"label", "entry", "ptx"} of every Triton kernel compiled in this process
+LABEL = ["startup"]
+
+# Variants of the low-bit forward: name -> (quant, OPTIONS overrides, launch override or None)
+VARIANTS = {
+    "int8": ("int8", {}, None),
+    "fp8qk": ("int8", {"qk_format": "fp8"}, None),
+    "int8_fp8": ("int8_fp8", {}, None),
+    "int8_i2f": ("int8", {"s_convert": "i2f"}, None),
+    "int8_unroll2": ("int8", {"unroll": 2}, None),
+    "int8_qkernel": ("int8", {"q_prepass": False, "prepass": "pallas"}, None),
+    "int8_w8s3": ("int8", {}, (8, 3)),
+    "fp8qk_fp8pv": ("int8_fp8", {"qk_format": "fp8"}, None),
+}
+CORE = ("int8", "fp8qk", "int8_fp8")  # timed at every sparsity, with pre-pass and kernel separately
+SMALL = {128: ("int8", "int8_i2f", "fp8qk", "int8_fp8"), 64: ("int8", "int8_fp8")}  # checked on small shapes
 
 
 def log(*a):
     print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+def install_ptx_capture():
+    """Wrap jaxlib's Triton compile entry point so that the PTX of every Pallas kernel is kept."""
+    try:
+        from jax._src.lib import triton as jtriton
+    except Exception as e:  # noqa: BLE001
+        R["ptx"]["capture"] = f"no jax._src.lib.triton: {e}"
+        return
+    orig = getattr(jtriton, "compile", None)
+    if orig is None:
+        R["ptx"]["capture"] = "jax._src.lib.triton has no compile"
+        return
+
+    def compile_and_keep(*args, **kwargs):
+        res = orig(*args, **kwargs)
+        ptx = getattr(res, "asm", None)
+        if isinstance(ptx, bytes):
+            ptx = ptx.decode(errors="replace")
+        if ptx:
+            m = re.search(r"\.entry\s+(\w+)", ptx)
+            CAPTURED.append({"label": LABEL[0], "entry": m.group(1) if m else "?", "ptx": ptx})
+        return res
+
+    jtriton.compile = compile_and_keep
+    R["ptx"]["capture"] = "wrapped jax._src.lib.triton.compile"
 
 
 def rel(a, b):
@@ -73,154 +119,229 @@ def guarded(name, fn):
         return None
 
 
-def ptx_check():
-    b, n, h, d = 1, 256, 1, 128
-    key = jax.random.split(jax.random.PRNGKey(1), 3)
-    q, k, v = (jax.random.normal(kk, (b, n, h, d)).astype(jnp.bfloat16) for kk in key)
-    lut = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), (b, h, 2, 2))
+class Variant:
+    """Context: OPTIONS and launch override of one variant (trace a fresh jit inside)."""
 
-    def ptxcheck_lowbit(q, k, v):
-        o8 = ia.sparse_linear_attention_lowbit(q, k, v, phi(q), phi(k), lut, quant="int8")[0]
-        of = ia.sparse_linear_attention_lowbit(q, k, v, phi(q), phi(k), lut, quant="int8_fp8")[0]
-        return o8, of
+    def __init__(self, opts, launch):
+        self.opts, self.launch = opts, launch
 
-    jax.block_until_ready(jax.jit(ptxcheck_lowbit)(q, k, v))
-    allf = glob.glob(os.path.join(_DUMP, "*"))
-    log("dump files:", [os.path.basename(f) for f in allf][:40])
-    files = [f for f in allf if os.path.isfile(f) and not f.endswith((".pb", ".pbtxt"))]
-    text = "".join(open(f).read() for f in files)
-    instr = sorted(set(re.findall(r"((?:wgmma\.mma_async|mma\.sync)[\w.]*)", text)))
-    R["ptx"] = {
-        "ptx_files": [os.path.basename(f) for f in files][:10],
-        "mma_instructions": instr,
-        "has_int8_mma": any(".s8" in x for x in instr),
-        "has_fp8_mma": any("e4m3" in x for x in instr),
-    }
-    log("PTX files", len(files), "mma instructions:", instr)
+    def __enter__(self):
+        self._o = ia.options(**self.opts)
+        self._o.__enter__()
+        self._l = ia.override_launch(*self.launch) if self.launch else None
+        if self._l:
+            self._l.__enter__()
+
+    def __exit__(self, *exc):
+        if self._l:
+            self._l.__exit__(*exc)
+        self._o.__exit__(*exc)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 1. PTX / SASS
+# ----------------------------------------------------------------------------------------------------------
+_OPCODES = ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA", "I2F", "I2FP", "MUFU.EX2", "F2FP", "LDL", "STL", "LDGSTS")
+
+
+def _tool(name):
+    """Path of a CUDA tool: PATH, the CUDA toolkit, or the ptxas bundled with Triton."""
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/local/cuda*/bin/{name}"))
+    found = found or sorted(glob.glob(f"/opt/**/triton/backends/nvidia/bin/{name}", recursive=True))
+    return found if isinstance(found, str) else (found[-1] if found else name)
+
+
+def _analyse_kernel(n, c, work):
+    """One captured kernel: MMA instructions of its PTX, ptxas resource report, SASS opcode counts."""
+    base = os.path.join(work, f"{n:02d}_{c['label']}_{c['entry']}"[:120])
+    with open(base + ".ptx", "w") as f:
+        f.write(c["ptx"])
+    ptx_mma = sorted(set(re.findall(r"((?:wgmma\.mma_async|mma\.sync)[\w.]*)", c["ptx"])))
+    ptx_cvt = len(re.findall(r"cvt\.rn\.f32\.s32", c["ptx"]))
+    target = (re.search(r"\.target\s+(\w+)", c["ptx"]) or [None, "sm_90a"])[1]
+    row = {"label": c["label"], "entry": c["entry"], "ptx_mma": ptx_mma, "ptx_cvt_f32_s32": ptx_cvt}
+    try:
+        cmd = [_tool("ptxas"), f"-arch={target}", "-v", base + ".ptx", "-o", base + ".cubin"]
+        pr = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+        row["ptxas"] = " ".join(x.strip() for x in pr.stderr.splitlines() if "Used" in x or "spill" in x)[:300]
+        if pr.returncode:
+            row["ptxas_error"] = pr.stderr[-300:]
+        cmd = [_tool("cuobjdump"), "-sass", base + ".cubin"]
+        sass = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120).stdout
+        with open(base + ".sass", "w") as f:
+            f.write(sass)
+        ops = collections.Counter()
+        for op in re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass, re.MULTILINE):
+            for want in _OPCODES:
+                if op == want or op.startswith(want + "."):
+                    ops[want] += 1
+        row["sass_counts"] = dict(ops)
+        row["sass_mma_lines"] = sorted(set(re.findall(r"\b((?:HGMMA|IGMMA|QGMMA|HMMA|IMMA)\.[\w.]+)", sass)))[:12]
+    except Exception as e:  # noqa: BLE001
+        row["tool_error"] = f"{type(e).__name__}: {e}"[:300]
+    return row
+
+
+def analyse_ptx(out_dir):
+    """ptxas + cuobjdump on each captured kernel (one sparsity, no small shapes); DIR/sass_summary.txt."""
+    work = "/tmp/int8_ptx"
+    os.makedirs(work, exist_ok=True)
+    todo, seen = [], set()
+    for n, c in enumerate(CAPTURED):
+        key = (c["label"].rsplit("_", 1)[0], c["entry"])
+        if c["label"] == "small" or key in seen:
+            continue
+        seen.add(key)
+        todo.append((n, c))
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        rows = list(ex.map(lambda nc: _analyse_kernel(*nc, work), todo))
+    R["ptx"]["kernels"] = rows
+    lines = [json.dumps(row) for row in rows]
+    with open(os.path.join(out_dir, "sass_summary.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with tarfile.open(os.path.join(out_dir, "ptx_sass.tar.gz"), "w:gz") as tf:
+        for p in sorted(glob.glob(os.path.join(work, "*.ptx")) + glob.glob(os.path.join(work, "*.sass"))):
+            tf.add(p, arcname=os.path.basename(p))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Small shapes
+# ----------------------------------------------------------------------------------------------------------
 def small_checks():
+    LABEL[0] = "small"
     for n, h, d, bq, bk, ratio in [(1000, 2, 128, 128, 64, 0.25), (777, 2, 64, 64, 32, 0.3)]:
-        key = jax.random.split(jax.random.PRNGKey(n), 5)
+        key = jax.random.split(jax.random.PRNGKey(n + int(time.time()) % 1000), 5)
         q = jax.random.normal(key[0], (1, n, h, d)).astype(jnp.bfloat16)
         k = (jax.random.normal(key[1], (1, n, h, d)) + 0.5 * jax.random.normal(key[3], (d,))).astype(jnp.bfloat16)
         v = jax.random.normal(key[2], (1, n, h, d)).astype(jnp.bfloat16)
         lut, _, mass = sla.route(q, k, sla.SLA2Config(block_q=bq, block_k=bk, topk_ratio=ratio))
         kw = dict(block_q=bq, block_k=bk)
         row = {"n": n, "h": h, "d": d, "block_q": bq, "block_k": bk}
-        bs, bl = sl.sparse_linear_attention(q, k, v, phi(q), phi(k), lut, **kw)
-        for quant in ia.QUANT_MODES:
-            o_s, o_l = jax.jit(lambda *a: ia.sparse_linear_attention_lowbit(*a, quant=quant, **kw))(
-                q, k, v, phi(q), phi(k), lut
-            )
-            r_s, r_l = sla.sparse_linear_branches(q, k, v, lut, quant=quant, backend="xla", **kw)
-            row[f"{quant}_os_vs_fakequant"] = rel(o_s, r_s)
-            row[f"{quant}_ol_vs_xla"] = rel(o_l, r_l)
-            row[f"{quant}_os_vs_bf16"] = rel(o_s, bs)
-            row[f"fakequant_{quant}_os_vs_bf16"] = rel(r_s, bs)
-            o = ia.sla2_fused_attention_lowbit(q, k, v, phi(q), phi(k), lut, mass, quant=quant, **kw)
-            row[f"{quant}_fused_vs_combine"] = rel(o, sla.combine(o_s, o_l, mass, block_q=bq))
-        do = jax.random.normal(key[4], q.shape, jnp.float32)
-
-        def grads(f):
-            loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) * do)
-            return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))(q, k, v, phi(q), phi(k), mass)
-
-        g_ref = grads(lambda q, k, v, qp, kp, a: sl.sla2_fused_attention(q, k, v, qp, kp, lut, a, **kw))
-        g_low = grads(lambda q, k, v, qp, kp, a: ia.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, **kw))
-        row["int8_grad_vs_bf16"] = {
-            nm: rel(a, b) for nm, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g_low, g_ref)
-        }
+        bs, _ = sl.sparse_linear_attention(q, k, v, phi(q), phi(k), lut, **kw)
+        refs = {qm: sla.sparse_linear_branches(q, k, v, lut, quant=qm, backend="xla", **kw) for qm in ia.QUANT_MODES}
+        for name in SMALL[d]:
+            quant, opts, launch = VARIANTS[name]
+            with Variant(opts, launch):
+                o_s, o_l = jax.jit(lambda *a, quant=quant: ia.sparse_linear_attention_lowbit(*a, quant=quant, **kw))(
+                    q, k, v, phi(q), phi(k), lut
+                )
+                o = jax.jit(lambda *a, quant=quant: ia.sla2_fused_attention_lowbit(*a, quant=quant, **kw))(
+                    q, k, v, phi(q), phi(k), lut, mass
+                )
+            r_s, r_l = refs[quant]
+            row[name] = {
+                "os_vs_fakequant": rel(o_s, r_s),
+                "os_vs_bf16": rel(o_s, bs),
+                "ol_vs_xla": rel(o_l, r_l),
+                "fused_vs_combine": rel(o, sla.combine(o_s, o_l, mass, block_q=bq)),
+                "finite": bool(jnp.all(jnp.isfinite(o))),
+            }
+        row["fakequant_int8_os_vs_bf16"] = rel(refs["int8"][0], bs)
         R["small"].append(row)
         log("small", json.dumps(row))
 
 
-def per_tensor_fake_quant(x):
-    s = jnp.maximum(jnp.max(jnp.abs(x.astype(jnp.float32))), 1e-12) / 127.0
-    return (jnp.clip(jnp.round(x.astype(jnp.float32) / s), -127, 127) * s).astype(x.dtype)
+# ----------------------------------------------------------------------------------------------------------
+# 3. wan-1.3b
+# ----------------------------------------------------------------------------------------------------------
+def time_variant(name, sp, lut, alpha, cfg, inputs, refs, runs, split):
+    """Errors and median times of one low-bit variant; split: also the pre-pass and the kernel alone."""
+    q, k, v, qp, kp = inputs
+    dense, o_bf16 = refs
+    quant, opts, launch = VARIANTS[name]
+    LABEL[0] = f"{name}_{sp}"
+    vr = {}
+    with Variant(opts, launch):
+        f_low = lambda q, k, v, qp, kp, a: ia.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, quant=quant)
+        o_low = jax.jit(f_low)(q, k, v, qp, kp, alpha)
+        vr["err_vs_dense"] = rel(o_low, dense)
+        vr["err_vs_bf16"] = rel(o_low, o_bf16)
+        vr["finite"] = bool(jnp.all(jnp.isfinite(o_low)))
+        vr["fwd_ms"] = bench(f_low, q, k, v, qp, kp, alpha, runs=runs)
+        if split:
+            opts_now = ia._opts()
+            pre = lambda q, k: ia._prequantize(q, k, cfg, opts_now)
+            vr["prepass_ms"] = bench(pre, q, k, runs=runs)
+            quantised = jax.jit(pre)(q, k)
+            kern = lambda q, k, v, qp, kp, a, qz: ia._forward_quantised(
+                q, k, v, qp, kp, lut, a, qz, cfg, quant, opts_now, fused=True, residuals=False
+            )["o"]
+            vr["kernel_ms"] = bench(kern, q, k, v, qp, kp, alpha, quantised, runs=runs)
+    log(sp, name, json.dumps(vr))
+    return vr
 
 
-def wan(sparsities, runs, budget_s):
-    if not sparsities:
-        return
-    b, n, h, d = 1, 32760, 12, 128
-    key = jax.random.split(jax.random.PRNGKey(0), 4)
-    q, k, v = (jax.random.normal(kk, (b, n, h, d), jnp.float32).astype(jnp.bfloat16) for kk in key[:3])
-    do = jax.random.normal(key[3], (b, n, h, d), jnp.float32).astype(jnp.bfloat16)
+def wan(sparsities, runs, budget_s, n, heads):
+    b, d = 1, 128
+    key = jax.random.split(jax.random.PRNGKey(int(time.time()) % 10000), 4)
+    q, k, v = (jax.random.normal(kk, (b, n, heads, d), jnp.float32).astype(jnp.bfloat16) for kk in key[:3])
     qp, kp = jax.jit(phi)(q), jax.jit(phi)(k)
+    LABEL[0] = "dense"
     dense = jax.block_until_ready(jax.jit(sla.dense_attention)(q, k, v))
     log("dense reference done")
+    R["meta"]["empty_jit_call_ms"] = bench(lambda x: x + 1.0, jnp.ones((8,), jnp.float32), runs=runs)
+    LABEL[0] = "cudnn"
     cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     t_cudnn = guarded("cudnn", lambda: bench(cudnn, q, k, v, runs=runs))
     err_cudnn = guarded("cudnn err", lambda: rel(jax.jit(cudnn)(q, k, v), dense))
     log("cudnn", t_cudnn, err_cudnn)
-    for sp in sparsities:
-        row = {"sparsity": sp, "cudnn_fwd_ms": t_cudnn, "cudnn_err_vs_dense": err_cudnn}
-        lut, _, mass = jax.jit(lambda q, k: sla.route(q, k, sla.SLA2Config(topk_ratio=round(1 - sp, 4))))(q, k)
+    rows = []
+    for sp in sparsities:  # core variants at every sparsity
+        row = {"sparsity": sp, "cudnn_fwd_ms": t_cudnn, "cudnn_err_vs_dense": err_cudnn, "variants": {}}
+        lut, _, alpha = jax.jit(lambda q, k: sla.route(q, k, sla.SLA2Config(topk_ratio=round(1 - sp, 4))))(q, k)
         row["topk"] = int(lut.shape[-1])
-        alpha = mass
+        cfg = sl._validate(q, k, v, qp, kp, lut, 128, 64, "complement", None, 1e-6, None)
+        LABEL[0] = f"bf16_{sp}"
         f_bf16 = lambda q, k, v, qp, kp, a: sl.sla2_fused_attention(q, k, v, qp, kp, lut, a)
         o_bf16 = jax.jit(f_bf16)(q, k, v, qp, kp, alpha)
         row["bf16_err_vs_dense"] = rel(o_bf16, dense)
         row["bf16_fwd_ms"] = guarded("bf16 time", lambda: bench(f_bf16, q, k, v, qp, kp, alpha, runs=runs))
         log(sp, "bf16", row["bf16_fwd_ms"], row["bf16_err_vs_dense"])
-        # naive per-tensor INT8 (no smoothing) through the bf16 kernel: the baseline the block scales must beat.
-        f_naive = lambda q, k, v, qp, kp, a: sl.sla2_fused_attention(
-            per_tensor_fake_quant(q), per_tensor_fake_quant(k), v, qp, kp, lut, a
-        )
-        o_naive = jax.jit(f_naive)(q, k, v, qp, kp, alpha)
-        row["naive_per_tensor_err_vs_bf16"] = rel(o_naive, o_bf16)
-        row["naive_per_tensor_err_vs_dense"] = rel(o_naive, dense)
-        for quant in ia.QUANT_MODES:
-            f_low = lambda q, k, v, qp, kp, a, quant=quant: ia.sla2_fused_attention_lowbit(
-                q, k, v, qp, kp, lut, a, quant=quant
-            )
-            o_low = guarded(f"{quant} fwd", lambda: jax.jit(f_low)(q, k, v, qp, kp, alpha))
-            if o_low is None:
-                continue
-            row[f"{quant}_err_vs_dense"] = rel(o_low, dense)
-            row[f"{quant}_err_vs_bf16"] = rel(o_low, o_bf16)
-            row[f"{quant}_fwd_ms"] = guarded(f"{quant} time", lambda: bench(f_low, q, k, v, qp, kp, alpha, runs=runs))
-            log(sp, quant, row[f"{quant}_fwd_ms"], row[f"{quant}_err_vs_dense"], row[f"{quant}_err_vs_bf16"])
-        # launch-config variants of the int8 kernel (fresh jit each)
-        row["int8_variants_ms"] = {}
-        variants = [
-            (qp_, pp_, nw, ns)
-            for (qp_, pp_) in [(True, "pallas"), (False, "pallas"), (False, "xla")]
-            for (nw, ns) in [(8, 3), (8, 4)]
-        ]
-        for qpre, prep, nw, ns in variants:
-            if time.time() - T0 > budget_s:
-                break
-            with ia.override_launch(nw, ns), ia.options(q_prepass=qpre, prepass=prep):
-                f_var = lambda q, k, v, qp, kp, a: ia.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, quant="int8")
-                t = guarded(f"int8 {qpre} {prep} w{nw} s{ns}", lambda: bench(f_var, q, k, v, qp, kp, alpha, runs=runs))
-            name = f"{'qpre' if qpre else 'qkernel'}_{prep}_w{nw}_s{ns}"
-            row["int8_variants_ms"][name] = t
-            log(sp, "int8 variant", name, t)
-        cfg_ = sl._validate(q, k, v, qp, kp, lut, 128, 64, "complement", None, 1e-6, None)
-        with ia.options(prepass="pallas", q_prepass=True):
-            row["prepass_pallas_qk_ms"] = guarded(
-                "prepass pallas", lambda: bench(lambda q, k: ia._prequantize(q, k, cfg_), q, k, runs=runs)
-            )
-        row["k_prepass_xla_ms"] = guarded("prepass", lambda: bench(lambda k: ia.quantize_keys(k, 64), k, runs=runs))
-        if time.time() - T0 < budget_s:
-
-            def fb(f):
-                return lambda q, k, v, qp, kp, a: jax.grad(
-                    lambda *x: jnp.sum(f(*x).astype(jnp.float32) * do.astype(jnp.float32)), argnums=(0, 1, 2, 3, 4, 5)
-                )(q, k, v, qp, kp, a)
-
-            f_low8 = lambda q, k, v, qp, kp, a: ia.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a)
-            row["bf16_fwd_bwd_ms"] = guarded("bf16 fb", lambda: bench(fb(f_bf16), q, k, v, qp, kp, alpha, runs=runs))
-            row["int8_fwd_bwd_ms"] = guarded("int8 fb", lambda: bench(fb(f_low8), q, k, v, qp, kp, alpha, runs=runs))
-            g8 = jax.jit(fb(f_low8))(q, k, v, qp, kp, alpha)
-            g16 = jax.jit(fb(f_bf16))(q, k, v, qp, kp, alpha)
-            row["int8_grad_vs_bf16"] = {
-                nm: rel(a, bb) for nm, a, bb in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g8, g16)
-            }
+        ctx = (lut, alpha, cfg, (q, k, v, qp, kp), (dense, o_bf16))
+        for name in CORE:
+            if time.time() - T0 < budget_s:
+                row["variants"][name] = guarded(name, lambda: time_variant(name, sp, *ctx, runs, True))
+        rows.append((row, ctx))
         R["wan"].append(row)
-        log("wan row", json.dumps(row))
+    row, ctx = rows[0]  # the other variants at the first sparsity, while the budget lasts
+    for name in VARIANTS:
+        if name not in CORE and time.time() - T0 < budget_s:
+            row["variants"][name] = guarded(name, lambda: time_variant(name, row["sparsity"], *ctx, runs, False))
+    for prep in ("pallas", "xla"):
+        if time.time() - T0 < budget_s:
+            with ia.options(prepass=prep):
+                o_ = ia._opts()
+                row[f"prepass_{prep}_ms"] = guarded(
+                    prep, lambda: bench(lambda q, k: ia._prequantize(q, k, ctx[2], o_), q, k, runs=runs)
+                )
+
+
+def print_table():
+    med = lambda x: x[0] if isinstance(x, (list, tuple)) else float("nan")
+    print("\n=== low-bit SLA2 kernel, wan-1.3b (B=1 H=12 N=32760 D=128 bf16),", R["meta"].get("device"), end=" ")
+    print("jax", R["meta"].get("jax"), "; empty jit call", R["meta"].get("empty_jit_call_ms"), "===")
+    for row in R["ptx"].get("kernels", []):
+        print("KERNEL", row["label"], row["entry"], row.get("ptx_mma"), row.get("sass_counts"), row.get("ptxas"))
+    for r in R["wan"]:
+        bf = med(r.get("bf16_fwd_ms"))
+        if not r:
+            continue
+        print(f"sparsity {r['sparsity']} topk {r['topk']}: cudnn {med(r['cudnn_fwd_ms']):.3f} ms, bf16 {bf:.3f} ms,")
+        print(
+            f"  bf16 err/dense {r['bf16_err_vs_dense']:.4f}; prepass pallas {med(r.get('prepass_pallas_ms')):.3f}",
+            end="",
+        )
+        print(f" xla {med(r.get('prepass_xla_ms')):.3f} ms")
+        print("  variant | fwd ms | prepass ms | kernel ms | speed-up vs bf16 (fwd / kernel) | err/dense | err/bf16")
+        for name, vr in r["variants"].items():
+            if not vr:
+                continue
+            f, p_, k_ = (med(vr.get("fwd_ms")), med(vr.get("prepass_ms")), med(vr.get("kernel_ms")))
+            print(
+                f"  {name} | {f:.3f} | {p_:.3f} | {k_:.3f} | {bf / f:.2f}x / {bf / k_:.2f}x | "
+                f"{vr.get('err_vs_dense', float('nan')):.4f} | {vr.get('err_vs_bf16', float('nan')):.4f}"
+            )
+    print("errors:", R["errors"])
 
 
 def main():
@@ -228,78 +349,23 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.95, 0.97])
     ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--budget-s", type=float, default=330.0)
+    ap.add_argument("--budget-s", type=float, default=190.0)
     ap.add_argument("--skip-small", action="store_true")
+    ap.add_argument("--n", type=int, default=32760)
+    ap.add_argument("--heads", type=int, default=12)
     args = ap.parse_args()
+    install_ptx_capture()
     dev = jax.devices()[0]
-    R["meta"] = {"device": dev.device_kind, "jax": jax.__version__, "python": sys.version.split()[0], "runs": args.runs}
-    log("device", dev.device_kind, "jax", jax.__version__)
-    guarded("ptx", ptx_check)
+    R["meta"].update(device=dev.device_kind, jax=jax.__version__, python=sys.version.split()[0], runs=args.runs)
+    log("device", dev.device_kind, "jax", jax.__version__, R["ptx"].get("capture"))
     if not args.skip_small:
         guarded("small", small_checks)
-    guarded("wan", lambda: wan(args.sparsity, args.runs, args.budget_s))
+    guarded("wan", lambda: wan(args.sparsity, args.runs, args.budget_s, args.n, args.heads))
     os.makedirs(args.out, exist_ok=True)
+    guarded("ptx analysis", lambda: analyse_ptx(args.out))
     with open(os.path.join(args.out, "check_int8_gpu.json"), "w") as f:
         json.dump(R, f, indent=1)
-
-    print(
-        "\n=== low-bit SLA2 kernel, wan-1.3b (B=1 H=12 N=32760 D=128 bf16),",
-        R["meta"]["device"],
-        "jax",
-        R["meta"]["jax"],
-        "===",
-    )
-    print("PTX mma:", R["ptx"].get("mma_instructions"))
-    hdr = [
-        "sparsity",
-        "cudnn ms",
-        "bf16 ms",
-        "int8 ms",
-        "int8_fp8 ms",
-        "int8 speedup vs bf16",
-        "bf16 err/dense",
-        "int8 err/dense",
-        "int8_fp8 err/dense",
-        "int8 err/bf16",
-        "naive err/bf16",
-        "prepass ms pallas(q+k)/xla(k)",
-        "best int8 variant",
-    ]
-    print(" | ".join(hdr))
-    for r in R["wan"]:
-        med = lambda x: x[0] if isinstance(x, (list, tuple)) else float("nan")
-        variants = {k_: med(v_) for k_, v_ in r.get("int8_variants_ms", {}).items() if v_}
-        best = min(variants.items(), key=lambda kv: kv[1]) if variants else ("-", float("nan"))
-        t8 = min(med(r.get("int8_fwd_ms")), best[1])
-        print(
-            " | ".join(
-                str(x)
-                for x in [
-                    r["sparsity"],
-                    f"{med(r['cudnn_fwd_ms']):.3f}",
-                    f"{med(r.get('bf16_fwd_ms')):.3f}",
-                    f"{med(r.get('int8_fwd_ms')):.3f}",
-                    f"{med(r.get('int8_fp8_fwd_ms')):.3f}",
-                    f"{med(r.get('bf16_fwd_ms')) / t8:.2f}x",
-                    f"{r.get('bf16_err_vs_dense', float('nan')):.4f}",
-                    f"{r.get('int8_err_vs_dense', float('nan')):.4f}",
-                    f"{r.get('int8_fp8_err_vs_dense', float('nan')):.4f}",
-                    f"{r.get('int8_err_vs_bf16', float('nan')):.4f}",
-                    f"{r.get('naive_per_tensor_err_vs_bf16', float('nan')):.4f}",
-                    f"{med(r.get('prepass_pallas_qk_ms')):.3f}/{med(r.get('k_prepass_xla_ms')):.3f}",
-                    f"{best[0]} {best[1]:.3f}",
-                ]
-            )
-        )
-    for r in R["wan"]:
-        print(
-            "fwd+bwd ms bf16 / int8:",
-            r.get("bf16_fwd_bwd_ms"),
-            r.get("int8_fwd_bwd_ms"),
-            "grad rel vs bf16:",
-            r.get("int8_grad_vs_bf16"),
-        )
-    print("errors:", R["errors"])
+    print_table()
 
 
 if __name__ == "__main__":

@@ -7,24 +7,31 @@ low-bit forward.
 
 Quantisation (identical arithmetic to ``sla2_jax.quant.quantize_int8_blocks``: scale = max(amax, 1e-12) / 127,
 round half to even, clip to [-127, 127]):
-  * Q: one scale per (batch, head, query block of ``block_q`` rows), quantised INSIDE the forward kernel (each
-    program owns exactly one query block, so Q costs no extra pass).
+  * Q: one scale per (batch, head, query block of ``block_q`` rows).
   * K~ = K - mean_N(K) (rounded to K's dtype, as ``sla2_jax.routing.smooth_keys``), one scale per (batch, head,
-    key block of ``block_k`` rows): an XLA pre-pass writes int8 K~ (B, N, H, D) and the scales (B, H, Nk).
-    K~ is stored (N, D) and the score is the transposed-B dot Q8 K8^T: both operands K-major, the layout the
-    Hopper 8-bit MMA wants.
+    key block of ``block_k`` rows).
+  * Default pre-pass ("fused"): ONE Pallas kernel, program (i, h, b) quantises query block i and the
+    block_q / block_k key blocks it covers (one read of Q and K, one int8 write; the mean of K is one XLA
+    reduction). int8 Q, K~ are stored (B, N, H, D) and the score is the transposed-B dot Q8 K8^T: both operands
+    K-major, the layout the Hopper 8-bit MMA wants. Options (``OPTIONS``): separate Pallas calls for Q and K,
+    an XLA pre-pass, or Q quantised inside the forward kernel.
   * quant="int8_fp8" additionally: V in float8_e4m3fn with one scale per (batch, head, channel) = amax_N / 448,
     stored transposed (B, H, D, Nk*block_k) so that P8 V8 is again a transposed-B (K-major) dot; P in
     float8_e4m3fn with the fixed scale 448 (P in [0, 1] -> [0, 448]).
+  * OPTIONS["qk_format"] = "fp8" (experimental, not SPEC): Q and K~ in float8_e4m3fn with scale amax / 448
+    instead of INT8 (same block structure): an FP8 MMA with float32 output, no integer conversion.
 
 Forward kernel, grid (Nq, H, B) (block index fastest, like sparse_linear). Program (i, h, b):
-  q8, s_q = quant(Q_i); for each LUT entry j: S = (q8 K8_j^T)[int32] * (s_q * s_k[j] * sm_scale * log2 e), keys >= N
+  for each LUT entry j: S = (q8 K8_j^T)[int32 -> float32] * (s_q * s_k[j] * sm_scale * log2 e), keys >= N
   masked, exp2 online softmax (m_i, l_i, acc in f32), acc += P V_j (bf16, or P8 V8_j in fp8), and for the
-  "complement" linear branch G += phi(K_j)^T V_j, z += colsum phi(K_j) in bf16/f32 exactly as the bf16 kernel.
-  Epilogue identical to the bf16 kernel: O_s = acc / l_i, LSE (base 2), O_l = phi(Q_i) H_i / (phi(Q_i) Z_i + eps),
-  SLA2 combine in-kernel when fused.
+  "complement" linear branch G += phi(K_j)^T V_j, z += z_j (precomputed colsum phi(K_j)) exactly as the bf16
+  kernel. Epilogue identical to the bf16 kernel: O_s = acc / l_i, LSE (base 2), O_l = phi(Q_i) H_i / (phi(Q_i)
+  Z_i + eps), SLA2 combine in-kernel when fused.
+  int32 -> float32 of S: |q8 . k8| <= 127^2 D < 2^22 (D <= 128), so float(x) = bits(x + bits(1.5 * 2^23)) -
+  1.5 * 2^23 exactly (an integer add and a float subtract at full ALU rate) instead of I2F, which runs at a
+  quarter of that rate on sm_80/sm_90 and, per 128 x 64 tile, costs as much as the exp2 (OPTIONS["s_convert"]).
   Flop per program: topk * (2 bq bk D [int8] + 2 bq bk D [bf16 or fp8] (+ 2 bk D^2 bf16 "complement"))
-  + 2 bq D^2; bytes per LUT entry: bk D (int8 K) + bk D * 2 (bf16 V, or 1 for fp8) (+ bk D * 2 phi(K)).
+  + 4 bq D^2; bytes per LUT entry: bk D (int8 K) + bk D * 2 (bf16 V, or 1 for fp8) (+ bk D * 2 phi(K)).
 
 LSE: the scores use K~, so the kernel adds q_i . mean_N(K) * sm_scale back to each row's LSE (softmax is
 shift-invariant, the LSE is not) before the backward recomputes P from the unsmoothed K.
@@ -40,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,19 +63,45 @@ FP8_MAX = 448.0
 _F32 = jnp.float32
 _FP8 = jnp.float8_e4m3fn
 _LOG2E = math.log2(math.e)
+_MAGIC_BITS = 0x4B400000  # bit pattern of 1.5 * 2^23 in float32
+_MAGIC = 12582912.0  # 1.5 * 2^23: in [2^23, 2^24) the float32 spacing is exactly 1
 
 # Hopper: (head_dim, block_q, block_k, quant) -> (num_warps, num_stages); else the bf16 forward's entry.
 LAUNCH_TABLE: dict[tuple[int, int, int, str], tuple[int, int]] = {
-    (128, 128, 64, "int8"): (8, 4),  # H100, wan-1.3b: 2.44 ms vs 2.59 ms with (8, 3) at 95%
+    (128, 128, 64, "int8"): (8, 4),  # H100, wan-1.3b: 2.44 ms vs 2.59 ms with (8, 3) at 95% (run 1)
 }
 _OVERRIDE: dict[str, tuple[int, int]] = {}
 
 
-# Implementation choices (read at trace time; the GPU check script times both):
-#   q_prepass: quantise Q in the Pallas pre-pass (int8 Q read by the forward kernel from memory) instead of
-#              inside the forward kernel; prepass: "pallas" (one read of K, one write of int8) or "xla".
-# Defaults = the fastest measured on an H100 (run 2 of docs/perf_notes_int8.md).
-OPTIONS = {"q_prepass": True, "prepass": "pallas"}
+# Implementation choices (read at trace time; the GPU check script times the alternatives):
+#   q_prepass: quantise Q in the pre-pass (int8 Q read by the forward kernel from memory) instead of inside the
+#              forward kernel;
+#   prepass:   "fused" (one Pallas kernel for Q and K), "pallas" (one Pallas kernel each) or "xla";
+#   s_convert: "magic" (exact int32 -> float32 by integer add + float subtract) or "i2f" (convert instruction);
+#   qk_format: "int8" (SPEC) or "fp8" (e4m3 Q and K~, per-block scale amax / 448; experimental);
+#   unroll:    LUT entries per online-softmax rescale (1 or 2).
+OPTIONS = {"q_prepass": True, "prepass": "fused", "s_convert": "magic", "qk_format": "int8", "unroll": 1}
+
+
+class _Opts(NamedTuple):
+    """OPTIONS frozen at trace time (hashable, passed to the kernels)."""
+
+    q_prepass: bool
+    prepass: str
+    s_convert: str
+    qk_format: str
+    unroll: int
+
+
+def _opts() -> _Opts:
+    o = _Opts(**OPTIONS)
+    if o.prepass not in ("fused", "pallas", "xla") or o.s_convert not in ("magic", "i2f"):
+        raise ValueError(f"bad OPTIONS {OPTIONS}")
+    if o.qk_format not in ("int8", "fp8") or o.unroll not in (1, 2):
+        raise ValueError(f"bad OPTIONS {OPTIONS}")
+    if o.qk_format == "fp8" and o.prepass == "xla":
+        raise ValueError("qk_format='fp8' needs a Pallas pre-pass")
+    return o
 
 
 @contextlib.contextmanager
@@ -104,7 +138,7 @@ def _launch(cfg: sl._Cfg, quant: str):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Quantisation pre-pass (XLA): smoothed K to int8 per key block, V to fp8 per channel (transposed).
+# Quantisation pre-pass: smoothed K and Q to int8 (or fp8) per block, V to fp8 per channel (transposed).
 # ----------------------------------------------------------------------------------------------------------
 def _round_half_even(y):
     """Round half to even with floor only (the Triton lowering has no round); exact for |y| < 2^22."""
@@ -114,8 +148,22 @@ def _round_half_even(y):
     return jnp.where(tie & odd, r - 1.0, r)
 
 
+def _quantize_tile(x32, fmt: str):
+    """float32 tile (rows, D) -> (int8 or float8_e4m3fn tile, float32 scale) with one scale for the tile."""
+    amax = jnp.max(jnp.max(jnp.abs(x32), axis=1), axis=0)
+    if fmt == "int8":
+        scale = jnp.maximum(amax, 1e-12) / INT8_MAX
+        return jnp.clip(_round_half_even(x32 / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8), scale
+    scale = jnp.maximum(amax, 1e-12) / FP8_MAX
+    return jnp.clip(x32 / scale, -FP8_MAX, FP8_MAX).astype(_FP8), scale
+
+
+def _lowbit_dtype(fmt: str):
+    return jnp.int8 if fmt == "int8" else _FP8
+
+
 def quantize_keys(k, block_k: int):
-    """K~ = K - mean_N(K) (in K's dtype), then int8 per (batch, head, key block).
+    """K~ = K - mean_N(K) (in K's dtype), then int8 per (batch, head, key block) (XLA).
 
     Returns (k8 int8 (B, N, H, D), scales float32 (B, H, Nk)); same values as
     ``sla2_jax.quant.quantize_int8_blocks(sla2_jax.smooth_keys(k), block_k)``.
@@ -142,7 +190,7 @@ def quantize_values_fp8(v, block_k: int):
 
     Returns (v8t float8_e4m3fn (B, H, D, Nk*block_k) transposed, zero-padded past N; scales float32 (B, H, D)).
     """
-    b, n, h, d = v.shape
+    n = v.shape[1]
     nk = -(-n // block_k)
     v32 = v.astype(_F32)
     scale = jnp.maximum(jnp.max(jnp.abs(v32), axis=1), 1e-12) / FP8_MAX  # (B, H, D)
@@ -154,63 +202,114 @@ def quantize_values_fp8(v, block_k: int):
 _SCALE_LANES = 16  # the pre-pass writes each block's scale 16 times (a power-of-two tile), XLA keeps one
 
 
-def _quant_kernel(x_ref, mean_ref, x8_ref, scale_ref, *, n, block, smooth):
-    """Program (j, h, b): rows [j*block, (j+1)*block) of x (minus the mean, rounded to x's dtype) -> int8."""
-    start = pl.program_id(0) * block
+def _quantize_rows_into(x_ref, x8_ref, scale_ref, mean, start, block, n, fmt):
+    """Rows [start, start + block) of x (minus `mean` (D,) rounded to x's dtype, if given) -> x8_ref, scale_ref."""
     x = sl._load_rows(x_ref, start, block, n)
     x32 = x.astype(_F32)
-    if smooth:
+    if mean is not None:
         valid = ((start + jnp.arange(block)) < n)[:, None]
-        x32 = jnp.where(valid, (x32 - mean_ref[...][None, :]).astype(x.dtype).astype(_F32), 0.0)
-    amax = jnp.max(jnp.max(jnp.abs(x32), axis=1), axis=0)
-    scale = jnp.maximum(amax, 1e-12) / INT8_MAX
-    x8 = jnp.clip(_round_half_even(x32 / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+        x32 = jnp.where(valid, (x32 - mean[None, :]).astype(x.dtype).astype(_F32), 0.0)
+    x8, scale = _quantize_tile(x32, fmt)
     rows = start + jnp.arange(block)
     mask = jnp.broadcast_to((rows < n)[:, None], x8.shape)
     plgpu.store(x8_ref.at[pl.ds(start, block), :], x8, mask=mask)
     scale_ref[...] = jnp.full((_SCALE_LANES,), scale, _F32)
 
 
-def _quantize_pallas(x, block: int, mean, interpret: bool):
-    """Pallas pre-pass: x (B, N, H, D) (minus mean (B, H, D) if given) -> int8 (B, N, H, D), scales (B, H, Nb)."""
+def _quant_kernel(x_ref, mean_ref, x8_ref, scale_ref, *, n, block, smooth, fmt):
+    """Program (j, h, b): rows [j*block, (j+1)*block) of x (minus the mean if smooth) -> int8 / fp8."""
+    mean = mean_ref[...] if smooth else None
+    _quantize_rows_into(x_ref, x8_ref, scale_ref, mean, pl.program_id(0) * block, block, n, fmt)
+
+
+def _quant_qk_kernel(q_ref, k_ref, mean_ref, q8_ref, k8_ref, qs_ref, *ks_refs, n, block_q, block_k, fmt):
+    """Program (i, h, b): query block i and the len(ks_refs) = block_q / block_k key blocks it covers."""
+    i = pl.program_id(0)
+    _quantize_rows_into(q_ref, q8_ref, qs_ref, None, i * block_q, block_q, n, fmt)
+    mean = mean_ref[...]
+    for u, ks_ref in enumerate(ks_refs):
+        _quantize_rows_into(k_ref, k8_ref, ks_ref, mean, i * block_q + u * block_k, block_k, n, fmt)
+
+
+def _lane_spec(d):
+    return pl.BlockSpec((None, None, d), lambda j, hh, bb: (bb, hh, j))
+
+
+def _seq_spec3(n, d):
+    return pl.BlockSpec((None, n, None, d), lambda j, hh, bb: (bb, 0, hh, 0))
+
+
+def _quantize_pallas(x, block: int, mean, interpret: bool, fmt: str = "int8"):
+    """Pallas pre-pass: x (B, N, H, D) (minus mean (B, H, D) if given) -> int8/fp8 (B, N, H, D), scales (B, H, Nb)."""
     b, n, h, d = x.shape
     nb = -(-n // block)
     smooth = mean is not None
     if mean is None:
         mean = jnp.zeros((b, h, d), _F32)
     x8, scales = pl.pallas_call(
-        functools.partial(_quant_kernel, n=n, block=block, smooth=smooth),
+        functools.partial(_quant_kernel, n=n, block=block, smooth=smooth, fmt=fmt),
         grid=(nb, h, b),
-        in_specs=[
-            pl.BlockSpec((None, n, None, d), lambda j, hh, bb: (bb, 0, hh, 0)),
-            pl.BlockSpec((None, None, d), lambda j, hh, bb: (bb, hh, 0)),
+        in_specs=[_seq_spec3(n, d), pl.BlockSpec((None, None, d), lambda j, hh, bb: (bb, hh, 0))],
+        out_specs=[_seq_spec3(n, d), _lane_spec(_SCALE_LANES)],
+        out_shape=[
+            jax.ShapeDtypeStruct(x.shape, _lowbit_dtype(fmt)),
+            jax.ShapeDtypeStruct((b, h, nb * _SCALE_LANES), _F32),
         ],
-        out_specs=[
-            pl.BlockSpec((None, n, None, d), lambda j, hh, bb: (bb, 0, hh, 0)),
-            pl.BlockSpec((None, None, _SCALE_LANES), lambda j, hh, bb: (bb, hh, j)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.int8), jax.ShapeDtypeStruct((b, h, nb * _SCALE_LANES), _F32)],
         compiler_params=CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
-        name="sla_int8_quant",
+        name="sla_lowbit_quant",
     )(x, mean)
     return x8, scales[:, :, ::_SCALE_LANES]
 
 
-def _prequantize(q, k, cfg: sl._Cfg):
-    """(q8 or None, q_scale or None, k8, k_scale, k_mean) per OPTIONS."""
-    if OPTIONS["prepass"] == "pallas":
-        k_mean = jnp.mean(k.astype(_F32), axis=1)  # (B, H, D)
-        k8, k_scale = _quantize_pallas(k, cfg.block_k, k_mean, cfg.interpret)
-        q8 = q_scale = None
-        if OPTIONS["q_prepass"]:
-            q8, q_scale = _quantize_pallas(q, cfg.block_q, None, cfg.interpret)
-        return q8, q_scale, k8, k_scale, k_mean
-    k8, k_scale, k_mean = _quantize_keys(k, cfg.block_k)
-    q8 = q_scale = None
-    if OPTIONS["q_prepass"]:
-        q8, q_scale = quantize_blocks(q, cfg.block_q)
-    return q8, q_scale, k8, k_scale, k_mean
+def _quantize_qk_pallas(q, k, mean, cfg: sl._Cfg, fmt: str):
+    """One Pallas pre-pass for Q (per query block) and K - mean (per key block); needs block_k | block_q.
+
+    Returns (q8, q_scale (B, H, Nq), k8, k_scale (B, H, Nk)); q8, k8 (B, N, H, D) int8 or float8_e4m3fn.
+    """
+    b, n, h, d = q.shape
+    r = cfg.block_q // cfg.block_k
+    lanes = jax.ShapeDtypeStruct((b, h, cfg.nq * _SCALE_LANES), _F32)
+    low = jax.ShapeDtypeStruct(q.shape, _lowbit_dtype(fmt))
+    seq = _seq_spec3(n, d)
+    q8, k8, qs, *ks = pl.pallas_call(
+        functools.partial(_quant_qk_kernel, n=n, block_q=cfg.block_q, block_k=cfg.block_k, fmt=fmt),
+        grid=(cfg.nq, h, b),
+        in_specs=[seq, seq, pl.BlockSpec((None, None, d), lambda j, hh, bb: (bb, hh, 0))],
+        out_specs=[seq, seq] + [_lane_spec(_SCALE_LANES)] * (1 + r),
+        out_shape=[low, low] + [lanes] * (1 + r),
+        compiler_params=CompilerParams(num_warps=4, num_stages=1),
+        interpret=cfg.interpret,
+        name="sla_lowbit_quant_qk",
+    )(q, k, mean)
+    k_scale = jnp.stack([x[:, :, ::_SCALE_LANES] for x in ks], axis=-1).reshape(b, h, cfg.nq * r)
+    return q8, qs[:, :, ::_SCALE_LANES], k8, k_scale[:, :, : cfg.nk]
+
+
+class _Quantised(NamedTuple):
+    """Pre-pass outputs: q8/q_scale None when Q is quantised inside the forward kernel."""
+
+    q8: jax.Array | None
+    q_scale: jax.Array | None
+    k8: jax.Array
+    k_scale: jax.Array
+    k_mean: jax.Array
+
+
+def _prequantize(q, k, cfg: sl._Cfg, opts: _Opts | None = None) -> _Quantised:
+    """The quantisation pre-pass selected by ``opts`` (default: OPTIONS)."""
+    o = opts or _opts()
+    fmt = o.qk_format
+    if o.prepass == "xla":
+        k8, k_scale, k_mean = _quantize_keys(k, cfg.block_k)
+        q8, q_scale = quantize_blocks(q, cfg.block_q) if o.q_prepass else (None, None)
+        return _Quantised(q8, q_scale, k8, k_scale, k_mean)
+    k_mean = jnp.mean(k.astype(_F32), axis=1)  # (B, H, D)
+    if o.prepass == "fused" and o.q_prepass and cfg.block_q % cfg.block_k == 0:
+        return _Quantised(*_quantize_qk_pallas(q, k, k_mean, cfg, fmt), k_mean)
+    k8, k_scale = _quantize_pallas(k, cfg.block_k, k_mean, cfg.interpret, fmt)
+    q8, q_scale = _quantize_pallas(q, cfg.block_q, None, cfg.interpret, fmt) if o.q_prepass else (None, None)
+    return _Quantised(q8, q_scale, k8, k_scale, k_mean)
 
 
 def quantize_blocks(x, block: int):
@@ -226,32 +325,46 @@ def quantize_blocks(x, block: int):
 # ----------------------------------------------------------------------------------------------------------
 # Forward kernel
 # ----------------------------------------------------------------------------------------------------------
-def _idot(a, b):
-    """int8 a (M, K) x int8 b (N, K) -> int32 a @ b^T (transposed-B: both operands K-major)."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+def _int32_to_f32(x):
+    """int32 with |x| < 2^22 -> float32, exactly, by an integer add and a float subtract (no I2F)."""
+    return lax.bitcast_convert_type(x + jnp.int32(_MAGIC_BITS), _F32) - _MAGIC
 
 
-def _load_int8_rows(ref, start, size, n):
+def _lowbit_scores(q8, k8, scale, k_start, cfg: sl._Cfg, opts: _Opts):
+    """S = (q8 k8^T) * scale, float32 (block_q, block_k); keys >= N masked. q8, k8 int8 or float8_e4m3fn."""
+    dims = (((1,), (1,)), ((), ()))  # transposed-B: both operands K-major
+    if opts.qk_format == "int8":
+        s_int = lax.dot_general(q8, k8, dims, preferred_element_type=jnp.int32)
+        s = _int32_to_f32(s_int) if opts.s_convert == "magic" else s_int.astype(_F32)
+    else:
+        s = lax.dot_general(q8, k8, dims, preferred_element_type=_F32)
+    s = s * scale
+    kvalid = (k_start + jnp.arange(cfg.block_k)) < cfg.n
+    return jnp.where(kvalid[None, :], s, sl._MASK_VALUE)
+
+
+def _load_lowbit_rows(ref, start, size, n):
+    """Rows [start, start + size) of an (N, D) int8 / fp8 ref; rows >= N read as 0."""
     d = ref.shape[-1]
     rows = start + jnp.arange(size)
     mask = jnp.broadcast_to((rows < n)[:, None], (size, d))
     return plgpu.load(ref.at[pl.ds(start, size), :], mask=mask, other=0)
 
 
-def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool):
+def _query_tile(r, i, q_start, cfg: sl._Cfg, opts: _Opts):
+    """This program's low-bit Q tile and its scale (from the pre-pass, or quantised here)."""
+    if "q8" in r:
+        return _load_lowbit_rows(r["q8"], q_start, cfg.block_q, cfg.n), r["q_scale"][i]
+    q32 = sl._load_rows(r["q"], q_start, cfg.block_q, cfg.n).astype(_F32)  # rows >= N are 0: amax unchanged
+    return _quantize_tile(q32, opts.qk_format)
+
+
+def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool, opts: _Opts):
     r = dict(zip(names, refs))
     i = pl.program_id(0)
     q_start = i * cfg.block_q
     d = cfg.d
-
-    if "q8" in r:  # quantised by the pre-pass
-        q8 = _load_int8_rows(r["q8"], q_start, cfg.block_q, cfg.n)
-        s_q = r["q_scale"][i]
-    else:  # Q_i -> int8 with one scale (rows >= N load as 0 and do not change the amax)
-        q32 = sl._load_rows(r["q"], q_start, cfg.block_q, cfg.n).astype(_F32)
-        amax = jnp.max(jnp.max(jnp.abs(q32), axis=1), axis=0)
-        s_q = jnp.maximum(amax, 1e-12) / INT8_MAX
-        q8 = jnp.clip(_round_half_even(q32 / s_q), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    q8, s_q = _query_tile(r, i, q_start, cfg, opts)
     qk_scale = s_q * (cfg.sm_scale * _LOG2E)
 
     carry = (
@@ -260,39 +373,49 @@ def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool):
         jnp.zeros((cfg.block_q,), _F32),
     )
     if cfg.track_lin:
-        carry += (jnp.zeros((d, d), _F32), jnp.zeros((d,), _F32))
+        carry += (jnp.zeros((d, d), _F32), jnp.zeros((1, d), _F32))
 
-    def body(t, carry):
+    def step(ts, carry):
+        """One online-softmax update over the LUT entries ts (one rescale of acc)."""
         acc, m_i, l_i = carry[:3]
-        j = r["lut"][i, t]
-        k_start = j * cfg.block_k
-        k8 = _load_int8_rows(r["k8"], k_start, cfg.block_k, cfg.n)
-        s = _idot(q8, k8).astype(_F32) * (qk_scale * r["k_scale"][j])
-        kvalid = (k_start + jnp.arange(cfg.block_k)) < cfg.n
-        s = jnp.where(kvalid[None, :], s, sl._MASK_VALUE)
-        m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+        js = [r["lut"][i, t] for t in ts]
+        starts = [j * cfg.block_k for j in js]
+        ss = [
+            _lowbit_scores(
+                q8, _load_lowbit_rows(r["k8"], st, cfg.block_k, cfg.n), qk_scale * r["k_scale"][j], st, cfg, opts
+            )
+            for j, st in zip(js, starts)
+        ]
+        m_new = m_i
+        for s in ss:
+            m_new = jnp.maximum(m_new, jnp.max(s, axis=1))
         correction = jnp.exp2(m_i - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        l_i = l_i * correction + jnp.sum(p, axis=1)
-        if fp8:
-            v8t = r["v8t"][:, pl.ds(k_start, cfg.block_k)]  # (D, block_k), zero-padded past N
-            pv = lax.dot_general((p * FP8_MAX).astype(_FP8), v8t, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
-        else:
-            v = sl._load_rows(r["v"], k_start, cfg.block_k, cfg.n)
-            pv = sl._dot(p.astype(v.dtype), v)
-        acc = acc * correction[:, None] + pv
+        l_i = l_i * correction
+        acc = acc * correction[:, None]
+        vs = [sl._load_rows(r["v"], st, cfg.block_k, cfg.n) if "v" in r else None for st in starts]
+        for s, st, v in zip(ss, starts, vs):
+            p = jnp.exp2(s - m_new[:, None])
+            l_i = l_i + jnp.sum(p, axis=1)
+            if fp8:
+                v8t = r["v8t"][:, pl.ds(st, cfg.block_k)]  # (D, block_k), zero-padded past N
+                p8 = (p * FP8_MAX).astype(_FP8)
+                acc = acc + lax.dot_general(p8, v8t, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+            else:
+                acc = acc + sl._dot(p.astype(v.dtype), v)
         out = (acc, m_new, l_i)
         if cfg.track_lin:
             g, z_sel = carry[3:]
-            if fp8:
-                v = sl._load_rows(r["v"], k_start, cfg.block_k, cfg.n)
-            k_phi = sl._load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
-            g = g + sl._dot(k_phi, v, trans_a=True)
-            z_sel = z_sel + jnp.sum(k_phi.astype(_F32), axis=0)
+            for j, st, v in zip(js, starts, vs):
+                k_phi = sl._load_rows(r["k_phi"], st, cfg.block_k, cfg.n)
+                g = g + sl._dot(k_phi, v, trans_a=True)
+                z_sel = z_sel + r["z_blk"][pl.ds(j, 1), :]  # precomputed colsum phi(K_j): no cross-warp reduction
             out += (g, z_sel)
         return out
 
-    carry = lax.fori_loop(0, cfg.topk, body, carry)
+    n_main = cfg.topk // opts.unroll
+    carry = lax.fori_loop(0, n_main, lambda t, c: step([t * opts.unroll + u for u in range(opts.unroll)], c), carry)
+    if cfg.topk % opts.unroll:
+        carry = lax.fori_loop(n_main * opts.unroll, cfg.topk, lambda t, c: step([t], c), carry)
     acc, m_i, l_i = carry[:3]
     if fp8:
         acc = acc * (r["v_scale"][...] * (1.0 / FP8_MAX))[None, :]
@@ -305,14 +428,15 @@ def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool):
         r["lse"][...] = m_i + jnp.log2(l_i) + shift
 
     if cfg.linear:
-        q_phi = sl._load_rows(r["q_phi"], q_start, cfg.block_q, cfg.n).astype(_F32)
+        q_phi = sl._load_rows(r["q_phi"], q_start, cfg.block_q, cfg.n)
         h = r["h_tot"][...]
-        z = r["z_tot"][...]
+        z = r["z_tot"][...][None, :]
         if cfg.track_lin:
             h = h - carry[3]
             z = z - carry[4]
-        den = jnp.sum(q_phi * z[None, :], axis=1) + cfg.eps
-        o_l = sl._dot(q_phi, h) / den[:, None]
+        q_phi32 = q_phi.astype(_F32)
+        den = jnp.sum(q_phi32 * z, axis=1) + cfg.eps
+        o_l = sl._dot_mat(q_phi32, h, q_phi.dtype) / den[:, None]
     else:
         o_l = None
 
@@ -330,18 +454,42 @@ def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool):
 
 def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: sl._Cfg, quant: str, *, fused: bool, residuals: bool):
     """Low-bit forward; returns the same dict as ``sparse_linear._forward`` (o / o_s, o_l, lse, den, totals)."""
-    b, n, h, d = q.shape
+    opts = _opts()
+    quantised = _prequantize(q, k, cfg, opts)
+    return _forward_quantised(
+        q, k, v, q_phi, k_phi, lut, alpha, quantised, cfg, quant, opts, fused=fused, residuals=residuals
+    )
+
+
+def _forward_quantised(
+    q,
+    k,
+    v,
+    q_phi,
+    k_phi,
+    lut,
+    alpha,
+    quantised: _Quantised,
+    cfg: sl._Cfg,
+    quant: str,
+    opts: _Opts,
+    *,
+    fused: bool,
+    residuals: bool,
+):
+    """The forward kernel given the pre-pass outputs (timed on its own by experiments/check_int8_gpu.py)."""
+    b, _, h, d = q.shape
     fp8 = quant == "int8_fp8"
     seq = sl._seq_spec(cfg)
-    q8, q_scale, k8, k_scale, k_mean = _prequantize(q, k, cfg)
+    qz = quantised
     inputs = [("lut", lut, sl._full_spec(cfg.nq, cfg.topk))]
-    if q8 is not None:
-        inputs += [("q8", q8, seq), ("q_scale", q_scale, sl._full_spec(cfg.nq))]
-    if q8 is None or residuals:
+    if qz.q8 is not None:
+        inputs += [("q8", qz.q8, seq), ("q_scale", qz.q_scale, sl._full_spec(cfg.nq))]
+    if qz.q8 is None or residuals:
         inputs += [("q", q, seq)]
-    inputs += [("k8", k8, seq), ("k_scale", k_scale, sl._full_spec(cfg.nk))]
+    inputs += [("k8", qz.k8, seq), ("k_scale", qz.k_scale, sl._full_spec(cfg.nk))]
     if residuals:
-        inputs += [("k_mean", k_mean, sl._full_spec(d))]
+        inputs += [("k_mean", qz.k_mean, sl._full_spec(d))]
     if fp8:
         v8t, v_scale = quantize_values_fp8(v, cfg.block_k)
         inputs += [("v8t", v8t, sl._full_spec(d, cfg.nk * cfg.block_k)), ("v_scale", v_scale, sl._full_spec(d))]
@@ -352,7 +500,7 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: sl._Cfg, quant: str, *, fus
         h_tot, z_tot = sl._prepass(k_phi, v, cfg)
         inputs += [("q_phi", q_phi, seq)]
         if cfg.track_lin:
-            inputs += [("k_phi", k_phi, seq)]
+            inputs += [("k_phi", k_phi, seq), ("z_blk", sl._block_colsums(k_phi, cfg), sl._full_spec(cfg.nk, d))]
         inputs += [("h_tot", h_tot, sl._full_spec(d, d)), ("z_tot", z_tot, sl._full_spec(d))]
     if fused:
         inputs += [("alpha", alpha, sl._full_spec(cfg.nq))]
@@ -360,7 +508,7 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: sl._Cfg, quant: str, *, fus
     names = tuple(x[0] for x in inputs) + tuple(x[0] for x in outputs)
     num_warps, num_stages = _launch(cfg, quant)
     res = pl.pallas_call(
-        functools.partial(_lowbit_fwd_kernel, names=names, cfg=cfg, fused=fused, fp8=fp8),
+        functools.partial(_lowbit_fwd_kernel, names=names, cfg=cfg, fused=fused, fp8=fp8, opts=opts),
         grid=(cfg.nq, h, b),
         in_specs=[x[2] for x in inputs],
         out_specs=[x[2] for x in outputs],
@@ -481,13 +629,13 @@ def sla2_fused_attention_lowbit(
 
 
 __all__ = [
-    "sparse_linear_attention_lowbit",
-    "sla2_fused_attention_lowbit",
-    "quantize_keys",
-    "quantize_blocks",
-    "options",
     "OPTIONS",
-    "quantize_values_fp8",
-    "override_launch",
     "QUANT_MODES",
+    "options",
+    "override_launch",
+    "quantize_blocks",
+    "quantize_keys",
+    "quantize_values_fp8",
+    "sla2_fused_attention_lowbit",
+    "sparse_linear_attention_lowbit",
 ]

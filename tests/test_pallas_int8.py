@@ -37,17 +37,54 @@ def test_key_prepass_equals_reference_quantisation(seed):
     np.testing.assert_array_equal(np.asarray(scales), np.asarray(scales_ref))
 
 
-def test_pallas_prepass_matches_reference_quantisation(seed):
+@pytest.mark.parametrize("prepass", ["pallas", "fused"])
+def test_pallas_prepass_matches_reference_quantisation(seed, prepass):
     # The Pallas pre-pass divides exactly; XLA on CPU may not, so an exact tie (x / scale = m + 0.5, possible
     # with bf16 inputs) can land one step apart: allow that on a tiny fraction of the elements, nothing more.
-    q, k, _ = random_qkv(seed, (1, 90, 2, 64), jnp.bfloat16)
-    mean = jnp.mean(k.astype(jnp.float32), axis=1)
-    for x, ref_x, block, m in ((k, sla.smooth_keys(k), 16, mean), (q, q, 32, None)):
-        x8, scales = ia._quantize_pallas(x, block, m, True)
+    q, k, v = random_qkv(seed, (1, 90, 2, 64), jnp.bfloat16)
+    cfg = sl._validate(q, k, v, q, k, jnp.zeros((1, 2, 3, 1), jnp.int32), 32, 16, "complement", None, 1e-6, True)
+    with ia.options(prepass=prepass, q_prepass=True):
+        qz = ia._prequantize(q, k, cfg)
+    for x8, scales, ref_x, block in ((qz.k8, qz.k_scale, sla.smooth_keys(k), 16), (qz.q8, qz.q_scale, q, 32)):
         r8, r_scales = sla.quantize_int8_blocks(ref_x, block)
+        assert x8.dtype == jnp.int8 and x8.shape == r8.shape
         np.testing.assert_array_equal(np.asarray(scales), np.asarray(r_scales))
         diff = np.abs(np.asarray(x8, np.int32) - np.asarray(r8, np.int32))
         assert diff.max() <= 1 and (diff > 0).mean() < 2e-3
+
+
+def test_int32_to_float32_without_conversion_instruction(seed):
+    # the kernel's exact int32 -> float32 (integer add + float subtract) on the whole range it must cover
+    bound = 127 * 127 * 128
+    x = np.random.default_rng(seed).integers(-bound, bound + 1, size=4096, dtype=np.int32)
+    x[:4] = (-bound, bound, 0, -1)
+    np.testing.assert_array_equal(np.asarray(ia._int32_to_f32(jnp.asarray(x))), x.astype(np.float32))
+
+
+def _fp8_fake_quant(x, block):
+    """Per (batch, head, block of rows) float8_e4m3fn quantise-dequantise with scale amax / 448 (XLA, float32)."""
+    b, n, h, d = x.shape
+    nb = -(-n // block)
+    xb = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, nb * block - n), (0, 0), (0, 0))).reshape(b, nb, block, h, d)
+    scale = jnp.maximum(jnp.max(jnp.abs(xb), axis=(2, 4), keepdims=True), 1e-12) / 448.0
+    xq = jnp.clip(xb / scale, -448.0, 448.0).astype(jnp.float8_e4m3fn).astype(jnp.float32) * scale
+    return xq.reshape(b, nb * block, h, d)[:, :n]
+
+
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_fp8_qk_option_matches_dequantised_reference(seed, unroll):
+    # OPTIONS qk_format="fp8": the kernel must equal unquantised attention on the fp8-dequantised Q and K~
+    # (softmax is invariant to the key mean); unroll=2 with an odd topk also runs the one-entry remainder loop.
+    q, k, v, lut, _ = _setup(seed, 130, 64, jnp.float32, 32, 16, 0.4)
+    assert lut.shape[-1] % 2 == 1
+    kw = dict(block_q=32, block_k=16)
+    with ia.options(qk_format="fp8", unroll=unroll):
+        o_s, _ = ia.sparse_linear_attention_lowbit(q, k, v, _phi(q), _phi(k), lut, quant="int8", **kw)
+    q_dq, k_dq = _fp8_fake_quant(q, 32), _fp8_fake_quant(sla.smooth_keys(k), 16)
+    r_s, _ = sla.sparse_linear_branches(q_dq, k_dq, v, lut, quant="none", backend="xla", **kw)
+    b_s, _ = sla.sparse_linear_branches(q, k, v, lut, quant="none", backend="xla", **kw)
+    assert rel_err(o_s, r_s) < 1e-5, rel_err(o_s, r_s)
+    assert rel_err(r_s, b_s) > 1e-3  # fp8 moves the output: the comparison is not vacuous
 
 
 def test_round_half_even():
