@@ -10,6 +10,9 @@
      kernel forward (branches / fused), kernel forward+backward (fused, grads w.r.t. q, k, v, phi(q), phi(k),
      alpha), the module (phi + router + fused kernel) forward and forward+backward (grads w.r.t. q, k, v), and
      the stages (router, pre-pass, forward kernel with residuals, backward kernels).
+3. --variants A B ...: backward / forward variants (sparse_linear.OPTIONS and launch overrides, VARIANTS below)
+   on wan-1.3b at the first --sparsity: relative error of the fused forward and of all six gradients vs the first
+   variant listed and (branches path) vs the xla backend, then per-stage medians of each, side by side.
 Writes JSON to DIR/check_kernels_gpu.json and prints a table last.
 """
 
@@ -28,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import pallas_kernels as pk  # noqa: E402
+from pallas_kernels import launch_config as lc  # noqa: E402
 from pallas_kernels import reference as ref  # noqa: E402
 from pallas_kernels import sparse_linear as sl  # noqa: E402
 from experiments.timing import time_samples  # noqa: E402
@@ -328,6 +332,146 @@ def wan(sparsity, b=1, h=12, n=32760, d=128, check_xla=True, bq=128, bk=64, runs
     RESULTS["wan"].append(row)
 
 
+# name -> (sparse_linear.OPTIONS, launch overrides); "old" = the session-1 kernels (selected part in the loops).
+VARIANTS = {
+    "old": (dict(fwd_linear="loop", dq_linear="loop", dkv_linear="loop"), {}),
+    "old_dq4164": (dict(fwd_linear="loop", dq_linear="loop", dkv_linear="loop"), dict(dq=(4, 1, 64))),
+    "blocks": (dict(fwd_linear="loop", dq_linear="blocks", dkv_linear="blocks"), {}),
+    "blocks_dkv4264": (dict(fwd_linear="loop", dq_linear="blocks", dkv_linear="blocks"), dict(dkv=(4, 2, 64))),
+    "blocks_dkv8264": (dict(fwd_linear="loop", dq_linear="blocks", dkv_linear="blocks"), dict(dkv=(8, 2, 64))),
+    "blocks_dkv82128": (dict(fwd_linear="loop", dq_linear="blocks", dkv_linear="blocks"), dict(dkv=(8, 2, 128))),
+    "blocks_dq4264": (dict(fwd_linear="loop", dq_linear="blocks", dkv_linear="blocks"), dict(dq=(4, 2, 64))),
+    "fwdblocks": (dict(fwd_linear="blocks", dq_linear="blocks", dkv_linear="blocks"), {}),
+}
+
+
+def compare_variants(names, sparsity, b=1, h=12, n=32760, d=128, bq=128, bk=64, runs=20, check_xla=True, out_dir="."):
+    """Correctness (vs the first variant and the xla backend) and per-stage medians of each variant, one process."""
+    key = jax.random.PRNGKey(int(sparsity * 1000) + 17)
+    k1, k2, k3 = jax.random.split(key, 3)
+    q, k, v = inputs(k1, b, n, h, d, jnp.bfloat16)
+    do = jax.random.normal(k2, q.shape, jnp.float32).astype(jnp.bfloat16)
+    nq, nk = -(-n // bq), -(-n // bk)
+    topk = max(1, int(nk * (1 - sparsity) + 1e-6))
+    lut = jax.jit(router_lut, static_argnums=(2, 3, 4))(q, k, topk, bq, bk)
+    qp, kp = jax.jit(phi)(q), jax.jit(phi)(k)
+    alpha = jax.random.uniform(k3, (b, h, nq), jnp.float32, 0.3, 0.9)
+    kw = dict(block_q=bq, block_k=bk)
+    cfg = sl._validate(q, k, v, qp, kp, lut, bq, bk, "complement", None, 1e-6, None)
+    out = dict(sparsity=sparsity, topk=topk, nk=nk, variants={})
+    t0 = {}
+    impl = "cudnn" if jax.default_backend() == "gpu" else "xla"  # xla: CPU smoke runs of this script
+    t0["cudnn_fwd"] = bench(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl), q, k, v)
+
+    def cudnn_fb(q, k, v, do):
+        f = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v, implementation=impl).astype(jnp.float32) * do)
+        return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+    t0["cudnn_fwd_bwd"] = bench(cudnn_fb, q, k, v, do)
+    out["cudnn"] = t0
+    print("cudnn", t0, flush=True)
+
+    first = None
+    for name in names:
+        opts, launch = VARIANTS[name]
+        jax.clear_caches()  # options and launch overrides are read at trace time: no cached traces across variants
+
+        def kernel_fb(q, k, v, qp, kp, a, do):
+            f = lambda *x: jnp.sum(pk.sla2_fused_attention(*x[:5], lut, x[5], **kw).astype(jnp.float32) * do)
+            return jax.grad(f, argnums=(0, 1, 2, 3, 4, 5))(q, k, v, qp, kp, a)
+
+        old_opts = dict(sl.OPTIONS)
+        sl.OPTIONS.update(opts)
+        row, t = {}, {}
+        try:
+            with lc.override_launch_config(**launch):
+                o = jax.jit(lambda *a: pk.sla2_fused_attention(*a, **kw))(q, k, v, qp, kp, lut, alpha)
+                g = jax.jit(kernel_fb)(q, k, v, qp, kp, alpha, do)
+                row["finite"] = bool(jnp.all(jnp.isfinite(o))) and all(bool(jnp.all(jnp.isfinite(x))) for x in g)
+                if first is None:
+                    first = (o, g)
+                else:
+                    row["rel_fwd_vs_first"] = rel(o, first[0])
+                    row["rel_grads_vs_first"] = [rel(a, bb) for a, bb in zip(g, first[1])]
+                del o, g
+                if check_xla and not launch:  # the launch-only variants compute the same function
+                    row["rel_xla_branches"] = xla_branches_check(q, k, v, qp, kp, lut, do, nk, bq, bk, d)
+                t["kernel_fwd_fused"] = bench(lambda *a: pk.sla2_fused_attention(*a, **kw), q, k, v, qp, kp, lut, alpha)
+                t["kernel_fwd_bwd_fused"] = bench(kernel_fb, q, k, v, qp, kp, alpha, do, runs=runs)
+                fwd = jax.jit(lambda *a: sl._forward(*a, cfg, fused=True, residuals=True))
+                res = sl._residuals(q, k, v, qp, kp, lut, alpha, fwd(q, k, v, qp, kp, lut, alpha))
+                t["stage_fwd_residuals"] = bench(
+                    lambda *a: sl._forward(*a, cfg, fused=True, residuals=True)["o"], q, k, v, qp, kp, lut, alpha
+                )
+                t["stage_bwd_kernels"] = bench(lambda res, do: sl._backward(res, cfg, fused=True, do=do), res, do)
+                t["stage_bwd_dq"] = bench(lambda res, do: sl._backward_dq(res, cfg, fused=True, do=do), res, do)
+                rdq = jax.jit(lambda res, do: sl._backward_dq(res, cfg, fused=True, do=do))(res, do)
+                tot_fn = lambda res, rdq, do: sl._backward_totals(res, rdq, cfg, fused=True, do=do)
+                t["stage_bwd_totals"] = bench(tot_fn, res, rdq, do)
+                tot = jax.jit(tot_fn)(res, rdq, do)
+                dkv_fn = lambda res, rdq, tot, do: sl._backward_dkv(res, rdq, tot, cfg, fused=True, do=do)
+                t["stage_bwd_dkv_incl_transpose"] = bench(dkv_fn, res, rdq, tot, do)
+                del res, rdq, tot
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:1500]
+            traceback.print_exc()
+        finally:
+            sl.OPTIONS.clear()
+            sl.OPTIONS.update(old_opts)
+        row["times_ms"] = t
+        row["options"], row["launch"] = opts, {kk: list(vv) for kk, vv in launch.items()}
+        label = name if name not in out["variants"] else f"{name} (again)"
+        out["variants"][label] = row
+        print("variant", label, json.dumps(row), flush=True)
+        RESULTS["variants"] = out
+        with open(
+            os.path.join(out_dir, "check_kernels_gpu.json"), "w"
+        ) as f:  # after each variant: a timeout keeps them
+            json.dump(RESULTS, f, indent=1)
+    RESULTS["variants"] = out
+    cols = [
+        "kernel_fwd_fused",
+        "kernel_fwd_bwd_fused",
+        "stage_fwd_residuals",
+        "stage_bwd_kernels",
+        "stage_bwd_dq",
+        "stage_bwd_totals",
+        "stage_bwd_dkv_incl_transpose",
+    ]
+    print(f"\ncuDNN fwd {t0['cudnn_fwd']:.3f} ms, fwd+bwd {t0['cudnn_fwd_bwd']:.3f} ms; sparsity {sparsity}")
+    print("| variant | " + " | ".join(cols) + " | max grad rel vs first | xla rel (branches) |")
+    print("|---" * (len(cols) + 3) + "|")
+    for name, row in out["variants"].items():
+        tt = row["times_ms"]
+        cells = [f"{tt[c]:.3f}" if tt.get(c) else "-" for c in cols]
+        gr = max(row.get("rel_grads_vs_first", [0.0]))
+        xr = row.get("rel_xla_branches")
+        xr = f"{max(xr):.2e}" if xr else "-"
+        print(f"| {name} | " + " | ".join(cells) + f" | {gr:.2e} | {xr} |")
+
+
+def xla_branches_check(q, k, v, qp, kp, lut, do, nk, bq, bk, d):
+    """Max-norm list: relative error of o_s, o_l and the five gradients of the branches path vs the xla backend."""
+    from sla2_jax import xla_backend
+    from sla2_jax.routing import selection_mask
+
+    kw = dict(block_q=bq, block_k=bk)
+    w2 = jnp.flip(do, axis=1)
+
+    def lp(q, k, v, qp, kp):
+        a, bb = pk.sparse_linear_attention(q, k, v, qp, kp, lut, **kw)
+        return jnp.sum(a.astype(jnp.float32) * do) + jnp.sum(bb.astype(jnp.float32) * w2)
+
+    def lx(q, k, v, qp, kp):
+        a = xla_backend.xla_sparse(q, k, v, lut, block_q=bq, block_k=bk, scale=d**-0.5)
+        bb = xla_backend.xla_linear(qp, kp, v, selection_mask(lut, nk), block_q=bq, block_k=bk, eps=1e-6)
+        return jnp.sum(a.astype(jnp.float32) * do) + jnp.sum(bb.astype(jnp.float32) * w2)
+
+    gp = jax.jit(jax.grad(lp, argnums=(0, 1, 2, 3, 4)))(q, k, v, qp, kp)
+    gx = jax.jit(jax.grad(lx, argnums=(0, 1, 2, 3, 4)))(q, k, v, qp, kp)
+    return [rel(a, bb) for a, bb in zip(gp, gx)]
+
+
 def pallas_mha_reference(n=32768, h=12, d=128, runs=10):
     """Dense flash attention of jax.experimental.pallas.ops.gpu (the same Triton backend) vs cuDNN, for scale."""
     try:
@@ -360,6 +504,9 @@ def main():
     ap.add_argument("--d64", action="store_true", help="also the d64 workload (H=24, D=64) at 95%%")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--pallas-mha", action="store_true", help="also time dense Pallas (Triton) flash attention")
+    ap.add_argument(
+        "--variants", nargs="*", default=None, help=f"compare variants (first = reference): {list(VARIANTS)}"
+    )
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dev = jax.devices()[0]
@@ -373,6 +520,11 @@ def main():
     print(RESULTS["meta"], flush=True)
     if not args.skip_small:
         check_small()
+    if args.variants:
+        compare_variants(args.variants, args.sparsity[0], runs=args.runs, check_xla=not args.skip_xla, out_dir=args.out)
+        with open(os.path.join(args.out, "check_kernels_gpu.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1)
+        return
     if args.pallas_mha:
         pallas_mha_reference()
     for s in args.sparsity:

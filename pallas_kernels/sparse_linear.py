@@ -133,8 +133,9 @@ def _scores(q, k, k_start, cfg):
 # ----------------------------------------------------------------------------------------------------------
 # Forward kernel
 # ----------------------------------------------------------------------------------------------------------
-def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool, unroll: int = 1):
+def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool, unroll: int = 1, lin_in_loop: bool | None = None):
     r = dict(zip(names, refs))
+    lin_in_loop = cfg.track_lin if lin_in_loop is None else lin_in_loop
     i = pl.program_id(0)
     q_start = i * cfg.block_q
     q = _load_rows(r["q"], q_start, cfg.block_q, cfg.n)
@@ -145,7 +146,7 @@ def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool, unroll: int = 1):
         jnp.full((cfg.block_q,), -jnp.inf, _F32),
         jnp.zeros((cfg.block_q,), _F32),
     )
-    if cfg.track_lin:
+    if lin_in_loop:
         carry += (jnp.zeros((d, d), _F32), jnp.zeros((1, d), _F32))
 
     def step(ts, carry):
@@ -167,7 +168,7 @@ def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool, unroll: int = 1):
             l_i = l_i + jnp.sum(p, axis=1)
             acc = acc + _dot(p.astype(v.dtype), v)
         out = (acc, m_new, l_i)
-        if cfg.track_lin:
+        if lin_in_loop:
             g, z_sel = carry[3:]
             for j, st, v in zip(js, starts, vs):
                 k_phi = _load_rows(r["k_phi"], st, cfg.block_k, cfg.n)
@@ -190,7 +191,7 @@ def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool, unroll: int = 1):
         h = r["h_tot"][...]
         z = r["z_tot"][...]
         z = z[None, :]
-        if cfg.track_lin:
+        if lin_in_loop:  # else h_tot, z_tot are this query block's H_i, Z_i already
             h = h - carry[3]
             z = z - carry[4]
         den = jnp.sum(q_phi * z, axis=1) + cfg.eps
@@ -282,15 +283,20 @@ def _outer_sum_kernel(*refs, names, cfg: _Cfg, chunk: int, block: int, weighted:
 _SUM_CHUNK, _SUM_BLOCK = 1024, 128
 
 
-def _outer_sum(x, y, cfg: _Cfg, w=None, u=None):
+def _outer_sum(x, y, cfg: _Cfg, w=None, u=None, block_rows=None):
     """sum over rows of (w_r x_r)^T y_r -> (B, H, D, D) and of u_r x_r -> (B, H, D), float32.
 
     Grid (C, H, B), C = ceil(N / 1024) chunks of rows (split-K: B*H alone is too few programs to fill the GPU);
     the C partial sums are added by XLA. Flop 2*N*D^2 per head; bytes: one read of x and y.
     w, u: optional (B, H, >= N) per-row float32 weights (both or neither).
+    block_rows: if given, one sum per block of that many rows instead (no reduction over the blocks):
+    (B, H, ceil(N / block_rows), D, D) and (B, H, ceil(N / block_rows), D).
     """
     b, n, h, d = x.shape
-    chunk = min(_SUM_CHUNK, max(_SUM_BLOCK, pl.next_power_of_2(n)))
+    if block_rows is None:
+        chunk = min(_SUM_CHUNK, max(_SUM_BLOCK, pl.next_power_of_2(n)))
+    else:
+        chunk = block_rows
     nc = -(-n // chunk)
     seq = _seq_spec(cfg)
     inputs = [("x", x, seq), ("y", y, seq)]
@@ -318,9 +324,29 @@ def _outer_sum(x, y, cfg: _Cfg, w=None, u=None):
         outputs,
         cfg,
         "sum",
-        dict(chunk=chunk, block=_SUM_BLOCK, weighted=weighted),
+        dict(chunk=chunk, block=min(chunk, _SUM_BLOCK), weighted=weighted),
     )
+    if block_rows is not None:
+        return hp, zp
     return jnp.sum(hp, axis=2), jnp.sum(zp, axis=2)
+
+
+def _sum_over_blocks(mask, h, z):
+    """out[m] = sum_c mask[m, c] h[c] (and the same for z), per (b, h).
+
+    mask (B, H, M, C) bool; h (B, H, C, D, D) float32; z (B, H, C, D) float32 -> (B, H, M, D, D), (B, H, M, D)
+    float32. One dense batched matmul in XLA (cuBLAS): the 0/1 mask is exact in bf16 and h runs as bf16 hi + lo
+    parts (~2^-16 relative), f32 accumulation; z (small) in float32.
+    """
+    b, nh, c, d, _ = h.shape
+    flat = h.reshape(b, nh, c, d * d)
+    hi = flat.astype(jnp.bfloat16)
+    lo = (flat - hi.astype(_F32)).astype(jnp.bfloat16)
+    m16 = mask.astype(jnp.bfloat16)
+    mm = lambda part: jnp.einsum("bhmc,bhcf->bhmf", m16, part, preferred_element_type=_F32)
+    h_out = (mm(hi) + mm(lo)).reshape(b, nh, mask.shape[2], d, d)
+    z_out = jnp.einsum("bhmc,bhcd->bhmd", mask.astype(_F32), z, precision=lax.Precision.HIGHEST)
+    return h_out, z_out
 
 
 def _prepass(k_phi, v, cfg: _Cfg):
@@ -362,17 +388,25 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, resid
     seq = _seq_spec(cfg)
     inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
     h_tot = z_tot = None
+    lin_in_loop = _lin_in_loop("fwd", cfg)
     if cfg.linear:
-        h_tot, z_tot = _prepass(k_phi, v, cfg)
         inputs += [("q_phi", q_phi, seq)]
-        if cfg.track_lin:
+        if cfg.track_lin and not lin_in_loop:  # H_i, Z_i per query block (residuals for the dq kernel too)
+            h_tot, z_tot = _complement_states(k_phi, v, lut, cfg)
+            h_spec = pl.BlockSpec((None, None, None, d, d), lambda i, hh, bb: (bb, hh, i, 0, 0))
+            z_spec = pl.BlockSpec((None, None, None, d), lambda i, hh, bb: (bb, hh, i, 0))
+        else:
+            h_tot, z_tot = _prepass(k_phi, v, cfg)
+            h_spec, z_spec = _full_spec(d, d), _full_spec(d)
+        if lin_in_loop:
             inputs += [("k_phi", k_phi, seq), ("z_blk", _block_colsums(k_phi, cfg), _full_spec(cfg.nk, d))]
-        inputs += [("h_tot", h_tot, _full_spec(d, d)), ("z_tot", z_tot, _full_spec(d))]
+        inputs += [("h_tot", h_tot, h_spec), ("z_tot", z_tot, z_spec)]
     if fused:
         inputs += [("alpha", alpha, _full_spec(cfg.nq))]
     outputs = _forward_outputs(q, cfg, fused=fused, residuals=residuals)
     unroll = max(1, launch_config("fwd", cfg.d, cfg.block_q, cfg.block_k)[2] // cfg.block_k)
-    res = _call(_fwd_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "fwd", dict(fused=fused, unroll=unroll))
+    launch = dict(fused=fused, unroll=unroll, lin_in_loop=lin_in_loop)
+    res = _call(_fwd_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "fwd", launch)
     out = dict(zip([x[0] for x in outputs], res))
     out["h_tot"], out["z_tot"] = h_tot, z_tot
     return out
@@ -381,7 +415,7 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, resid
 # ----------------------------------------------------------------------------------------------------------
 # Backward kernels
 # ----------------------------------------------------------------------------------------------------------
-def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
+def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int, lin_in_loop: bool):
     r = dict(zip(names, refs))
     sub = pl.program_id(0)  # sub-block of `rows` query rows
     i = lax.div(sub, jnp.int32(cfg.block_q // rows))  # its query block (LUT row)
@@ -414,7 +448,7 @@ def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
         r["dalpha_rows"][...] = jnp.sum(do32 * diff, axis=1)
 
     carry = (jnp.zeros((bm, cfg.d), _F32),)
-    if cfg.track_lin:
+    if lin_in_loop:
         carry += (jnp.zeros((bm, cfg.d), _F32),)
 
     def body(t, carry):
@@ -426,7 +460,7 @@ def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
         dp = a * x if fused else x
         ds = p * (dp - delta[:, None])
         out = (carry[0] + _dot(ds.astype(k.dtype), k),)
-        if cfg.track_lin:
+        if lin_in_loop:
             k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
             y = (1.0 - a) * x if fused else _dot(do_l, v, trans_b=True)
             e = (y - c[:, None]) / den[:, None]
@@ -436,15 +470,16 @@ def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
     carry = lax.fori_loop(0, cfg.topk, body, carry)
     _store_rows(r["dq"], q_start, carry[0] * cfg.sm_scale, cfg.n)
     if cfg.linear:
-        h = r["h_tot"][...]
-        z = r["z_tot"][...]
+        # H_i, Z_i of this query block (complement, precomputed) or H_tot, Z_tot (all keys, or selected part in loop)
+        h = r["h"][...]
+        z = r["z"][...]
         dq_phi = _dot_mat(do_l32 / den[:, None], h, q.dtype, trans_b=True) - (c / den)[:, None] * z[None, :]
-        if cfg.track_lin:
+        if lin_in_loop:
             dq_phi = dq_phi + carry[1]
         _store_rows(r["dq_phi"], q_start, dq_phi, cfg.n)
 
 
-def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
+def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int, lin_in_loop: bool):
     r = dict(zip(names, refs))
     j = pl.program_id(0)
     k_start = j * cfg.block_k
@@ -453,8 +488,8 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
     dt = k.dtype
     bm, nsub = rows, cfg.block_q // rows  # the loop walks `rows`-row sub-blocks of each query block
     zeros = jnp.zeros((cfg.block_k, cfg.d), _F32)
-    carry = (zeros, zeros) + ((zeros,) if cfg.track_lin else ())
-    if cfg.track_lin:
+    carry = (zeros, zeros) + ((zeros,) if lin_in_loop else ())
+    if lin_in_loop:
         k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
 
     qk_scale = cfg.sm_scale * _LOG2E
@@ -483,7 +518,7 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
             w_t = p_t
         dk = dk + _dot(ds_t.astype(dt), q)
         out_extra = ()
-        if cfg.track_lin:
+        if lin_in_loop:
             dk_phi = carry[2]
             q_phi = _load_rows(r["q_phi"], q_start, bm, cfg.n)
             inv_den = 1.0 / r["den"][rws]
@@ -506,17 +541,38 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int):
     _store_rows(r["dk"], k_start, carry[0] * cfg.sm_scale, cfg.n)
     dv = carry[1]
     if cfg.linear:
-        # Totals part, after the loop (keeps its D x D operands out of the pipelined loop's shared memory):
-        # dV += phi(K_j) dH_tot, dphi(K_j) = V_j dH_tot^T + dZ_tot (- the selected query blocks, from the loop).
-        if not cfg.track_lin:
+        # Linear part, after the loop (keeps its D x D operands out of the pipelined loop's shared memory):
+        # dV += phi(K_j) dH_j, dphi(K_j) = V_j dH_j^T + dZ_j with dH_j, dZ_j over the query blocks that did not
+        # select j (precomputed) or over all of them (scope "all", or the selected ones subtracted in the loop).
+        if not lin_in_loop:
             k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
-        dh = r["dh_tot"][...]
+        dh = r["dh"][...]
         dv = dv + _dot_mat(k_phi, dh, dt)
-        dk_phi = _dot_mat(v, dh, dt, trans_b=True) + r["dz_tot"][...][None, :]
-        if cfg.track_lin:
+        dk_phi = _dot_mat(v, dh, dt, trans_b=True) + r["dz"][...][None, :]
+        if lin_in_loop:
             dk_phi = dk_phi + carry[2]
         _store_rows(r["dk_phi"], k_start, dk_phi, cfg.n)
     _store_rows(r["dv"], k_start, dv, cfg.n)
+
+
+# How the backward handles the selected part of the complement linear branch (OPTIONS, read at trace time):
+#   "blocks": per-block totals before the kernels (H_i = sum over the key blocks query block i did not select of
+#             phi(K_j)^T V_j, dH_j = sum over the query blocks that did not select key block j of phi~_i^T dO_l,i;
+#             one dense masked matmul each, cuBLAS), so the dq and dkv loops are sparse attention only;
+#   "loop":   the selected part subtracted inside the dq / dkv loops (one more accumulator and two more matmuls
+#             per dkv step, one more per dq step; the session-1 kernels).
+# The forward likewise ("loop": G = sum_j phi(K_j)^T V_j accumulated in-kernel, H_i = H_tot - G; "blocks": H_i, Z_i
+# precomputed and kept as residuals, (B, H, Nq, D, D) float32 in place of H_tot, so the dq kernel reuses them).
+OPTIONS = {"fwd_linear": "loop", "dq_linear": "blocks", "dkv_linear": "blocks"}
+
+
+def _lin_in_loop(kernel, cfg: _Cfg):
+    return cfg.track_lin and OPTIONS[f"{kernel}_linear"] == "loop"
+
+
+def _selection(lut, nk):
+    """sel (B, H, Nk, Nq) bool: key block j selected by query block i (comparison against the LUT, no scatter)."""
+    return jnp.any(lut[:, :, None, :, :] == jnp.arange(nk, dtype=lut.dtype)[None, None, :, None, None], axis=-1)
 
 
 def _transpose_lut(lut, nk):
@@ -526,7 +582,7 @@ def _transpose_lut(lut, nk):
     the running count along Nq, and one scatter (unselected entries dropped) writes the ids.
     """
     b, h, nq, topk = lut.shape
-    sel = jnp.any(lut[:, :, None, :, :] == jnp.arange(nk, dtype=lut.dtype)[None, None, :, None, None], axis=-1)
+    sel = _selection(lut, nk)
     count = jnp.sum(sel, axis=-1, dtype=jnp.int32)
     slot = jnp.where(sel, jnp.cumsum(sel, axis=-1, dtype=jnp.int32) - 1, nq)
     ids = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32), sel.shape)
@@ -553,12 +609,24 @@ def _backward(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
     return res_dq["dq"], res_dkv["dk"], res_dkv["dv"], dq_phi, dk_phi, dalpha
 
 
+def _complement_states(k_phi, v, lut, cfg: _Cfg):
+    """H_i = sum_{j not in lut[i]} phi(K_j)^T V_j (B, H, Nq, D, D) and Z_i likewise of colsum phi(K_j)
+    (B, H, Nq, D), float32: the linear branch's state of each query block (what the forward builds as
+    H_tot - G in-kernel), from per-key-block outer sums and one masked matmul."""
+    h_blk, z_blk = _outer_sum(k_phi, v, cfg, block_rows=cfg.block_k)
+    unsel = jnp.logical_not(jnp.swapaxes(_selection(lut, cfg.nk), 2, 3))  # (B, H, Nq, Nk)
+    return _sum_over_blocks(unsel, h_blk, z_blk)
+
+
 def _backward_dq(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
     """dQ, dphi(Q) (and delta, c, d alpha per row) over the LUT."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
     b, n, h, d = q.shape
     seq = _seq_spec(cfg)
-    rows = pl.BlockSpec((None, None, _rows("dq", cfg)), lambda i, hh, bb: (bb, hh, i))
+    rows_dq = _rows("dq", cfg)
+    per_block_states = h_tot is not None and h_tot.ndim == 5  # H_i, Z_i from the forward (option fwd "blocks")
+    lin_in_loop = _lin_in_loop("dq", cfg) and not per_block_states
+    rows = pl.BlockSpec((None, None, rows_dq), lambda i, hh, bb: (bb, hh, i))
     row_struct = jax.ShapeDtypeStruct((b, h, cfg.npad), _F32)
     inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
     if fused:
@@ -568,9 +636,17 @@ def _backward_dq(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
     inputs += [("o_s", o_s, seq), ("lse", lse, rows)]
     if cfg.linear:
         inputs += [("o_l", o_l, seq), ("den", den, rows)]
-        if cfg.track_lin:
+        if lin_in_loop:
             inputs += [("k_phi", k_phi, seq)]
-        inputs += [("h_tot", h_tot, _full_spec(d, d)), ("z_tot", z_tot, _full_spec(d))]
+        if cfg.track_lin and not lin_in_loop:
+            h_blk, z_blk = (h_tot, z_tot) if per_block_states else _complement_states(k_phi, v, lut, cfg)
+            ratio = cfg.block_q // rows_dq  # programs per query block
+            blk = lambda s: lax.div(s, jnp.int32(ratio))
+            h_spec = pl.BlockSpec((None, None, None, d, d), lambda s, hh, bb: (bb, hh, blk(s), 0, 0))
+            z_spec = pl.BlockSpec((None, None, None, d), lambda s, hh, bb: (bb, hh, blk(s), 0))
+            inputs += [("h", h_blk, h_spec), ("z", z_blk, z_spec)]
+        else:
+            inputs += [("h", h_tot, _full_spec(d, d)), ("z", z_tot, _full_spec(d))]
     if fused:
         inputs += [("alpha", alpha, _full_spec(cfg.nq))]
     outputs = [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), seq), ("delta", row_struct, rows)]
@@ -578,36 +654,38 @@ def _backward_dq(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
         outputs += [("dq_phi", jax.ShapeDtypeStruct(q.shape, q.dtype), seq), ("c", row_struct, rows)]
     if fused:
         outputs += [("dalpha_rows", row_struct, rows)]
-    rows_dq = _rows("dq", cfg)
-    res_dq = dict(
-        zip(
-            [x[0] for x in outputs],
-            _call(_dq_kernel, (cfg.npad // rows_dq, h, b), inputs, outputs, cfg, "dq", dict(fused=fused, rows=rows_dq)),
-        )
-    )
-    return res_dq
+    launch = dict(fused=fused, rows=rows_dq, lin_in_loop=lin_in_loop)
+    res_dq = _call(_dq_kernel, (cfg.npad // rows_dq, h, b), inputs, outputs, cfg, "dq", launch)
+    return dict(zip([x[0] for x in outputs], res_dq))
 
 
 def _backward_totals(res, res_dq, cfg: _Cfg, *, fused, do=None, do_l=None):
-    """Totals of the linear-branch gradients over all query rows: dH_tot = phi~^T dO_l, dZ_tot = -phi~^T c."""
+    """Linear-branch gradient states for the dkv kernel, float32: dH = sum_r phi~_r^T dO_l,r, dZ = -sum_r c_r phi~_r
+    (phi~ = phi(Q) / den) over all query rows, (B, H, D, D) and (B, H, D); for the complement scope (option
+    "blocks") per key block j over the query blocks that did not select j, (B, H, Nk, D, D) and (B, H, Nk, D)."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
-    dh_tot = dz_tot = None
-    if cfg.linear:
-        inv_den = 1.0 / den
-        if fused:
-            w = (1.0 - jnp.repeat(alpha, cfg.block_q, axis=-1)) * inv_den
-            dh_tot, dz_tot = _outer_sum(q_phi, do, cfg, w, -res_dq["c"] * inv_den)
-        else:
-            dh_tot, dz_tot = _outer_sum(q_phi, do_l, cfg, inv_den, -res_dq["c"] * inv_den)
-    return dh_tot, dz_tot
+    if not cfg.linear:
+        return None, None
+    inv_den = 1.0 / den
+    if fused:
+        w = (1.0 - jnp.repeat(alpha, cfg.block_q, axis=-1)) * inv_den
+        x = do
+    else:
+        w, x = inv_den, do_l
+    u = -res_dq["c"] * inv_den
+    if cfg.track_lin and not _lin_in_loop("dkv", cfg):
+        dh_blk, dz_blk = _outer_sum(q_phi, x, cfg, w, u, block_rows=cfg.block_q)  # per query block
+        return _sum_over_blocks(jnp.logical_not(_selection(lut, cfg.nk)), dh_blk, dz_blk)
+    return _outer_sum(q_phi, x, cfg, w, u)
 
 
 def _backward_dkv(res, res_dq, totals, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
     """dK, dV, dphi(K) over the transposed LUT (built here)."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
-    dh_tot, dz_tot = totals
+    dh, dz = totals
     b, n, h, d = q.shape
     seq = _seq_spec(cfg)
+    lin_in_loop = _lin_in_loop("dkv", cfg)
     lut_t, count = _transpose_lut(lut, cfg.nk)
     inputs = [
         ("lut_t", lut_t, _full_spec(cfg.nk, cfg.nq)),
@@ -619,12 +697,17 @@ def _backward_dkv(res, res_dq, totals, cfg: _Cfg, *, fused, do=None, do_s=None, 
     if fused:
         inputs += [("do", do, seq)]
     else:
-        inputs += [("do_s", do_s, seq)] + ([("do_l", do_l, seq)] if cfg.track_lin else [])
+        inputs += [("do_s", do_s, seq)] + ([("do_l", do_l, seq)] if lin_in_loop else [])
     full_rows = _full_spec(cfg.npad)
     inputs += [("lse", lse, full_rows), ("delta", res_dq["delta"], full_rows)]
     if cfg.linear:
-        inputs += [("k_phi", k_phi, seq), ("dh_tot", dh_tot, _full_spec(d, d)), ("dz_tot", dz_tot, _full_spec(d))]
-        if cfg.track_lin:
+        if dh.ndim == 5:  # per key block
+            dh_spec = pl.BlockSpec((None, None, None, d, d), lambda j, hh, bb: (bb, hh, j, 0, 0))
+            dz_spec = pl.BlockSpec((None, None, None, d), lambda j, hh, bb: (bb, hh, j, 0))
+        else:
+            dh_spec, dz_spec = _full_spec(d, d), _full_spec(d)
+        inputs += [("k_phi", k_phi, seq), ("dh", dh, dh_spec), ("dz", dz, dz_spec)]
+        if lin_in_loop:
             inputs += [("q_phi", q_phi, seq), ("den", den, full_rows), ("c", res_dq["c"], full_rows)]
     if fused:
         inputs += [("alpha", alpha, _full_spec(cfg.nq))]
@@ -632,13 +715,9 @@ def _backward_dkv(res, res_dq, totals, cfg: _Cfg, *, fused, do=None, do_s=None, 
     outputs = [("dk", kv_struct, seq), ("dv", kv_struct, seq)]
     if cfg.linear:
         outputs += [("dk_phi", kv_struct, seq)]
-    res_dkv = dict(
-        zip(
-            [x[0] for x in outputs],
-            _call(_dkv_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", dict(fused=fused, rows=_rows("dkv", cfg))),
-        )
-    )
-    return res_dkv
+    launch = dict(fused=fused, rows=_rows("dkv", cfg), lin_in_loop=lin_in_loop)
+    res_dkv = _call(_dkv_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", launch)
+    return dict(zip([x[0] for x in outputs], res_dkv))
 
 
 # ----------------------------------------------------------------------------------------------------------
