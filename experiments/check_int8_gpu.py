@@ -54,44 +54,138 @@ VARIANTS = {
     "int8": ("int8", {}, None),
     "fp8qk": ("int8", {"qk_format": "fp8"}, None),
     "int8_fp8": ("int8_fp8", {}, None),
-    "int8_i2f": ("int8", {"s_convert": "i2f"}, None),
-    "int8_unroll2": ("int8", {"unroll": 2}, None),
     "int8_qkernel": ("int8", {"q_prepass": False, "prepass": "pallas"}, None),
+    "int8_unroll2": ("int8", {"unroll": 2}, (8, 2)),
+    "int8_i2f": ("int8", {"s_convert": "i2f"}, None),
     "int8_w8s3": ("int8", {}, (8, 3)),
     "fp8qk_fp8pv": ("int8_fp8", {"qk_format": "fp8"}, None),
 }
 CORE = ("int8", "fp8qk", "int8_fp8")  # timed at every sparsity, with pre-pass and kernel separately
-SMALL = {128: ("int8", "int8_i2f", "fp8qk", "int8_fp8"), 64: ("int8", "int8_fp8")}  # checked on small shapes
+SMALL = {128: ("int8", "int8_i2f", "fp8qk", "int8_fp8", "int8_qkernel"), 64: ("int8", "int8_fp8")}
+PROBES = ("int8", "int8_i2f", "fp8qk", "int8_fp8", "fp8qk_fp8pv")  # PTX / SASS read for these (and bf16)
+PREPASSES = {  # pre-pass variants timed alone (OPTIONS)
+    "fused_w4": {"prepass": "fused", "prepass_warps": 4},
+    "fused_w8": {"prepass": "fused", "prepass_warps": 8},
+    "pallas_w4": {"prepass": "pallas", "prepass_warps": 4},
+    "k_only_pallas_w4": {"prepass": "pallas", "q_prepass": False},
+    "xla": {"prepass": "xla"},
+}
 
 
 def log(*a):
     print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
 
 
+def _keep_ptx(text, how):
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    if isinstance(text, str) and ".entry" in text:
+        m = re.search(r"\.entry\s+(\w+)", text)
+        CAPTURED.append({"label": LABEL[0], "entry": m.group(1) if m else "?", "ptx": text, "how": how})
+
+
 def install_ptx_capture():
-    """Wrap jaxlib's Triton compile entry point so that the PTX of every Pallas kernel is kept."""
-    try:
-        from jax._src.lib import triton as jtriton
-    except Exception as e:  # noqa: BLE001
-        R["ptx"]["capture"] = f"no jax._src.lib.triton: {e}"
-        return
-    orig = getattr(jtriton, "compile", None)
-    if orig is None:
-        R["ptx"]["capture"] = "jax._src.lib.triton has no compile"
-        return
+    """Keep the PTX of every Pallas-Triton kernel compiled in this process (jax >= 0.10.3 compiles them in
+    Python through a Triton compilation handler, then wraps the PTX in a TritonKernel): wrap both entry points."""
+    from jax._src.pallas.triton import pallas_call_registration as pcr
 
-    def compile_and_keep(*args, **kwargs):
-        res = orig(*args, **kwargs)
-        ptx = getattr(res, "asm", None)
-        if isinstance(ptx, bytes):
-            ptx = ptx.decode(errors="replace")
-        if ptx:
-            m = re.search(r"\.entry\s+(\w+)", ptx)
-            CAPTURED.append({"label": LABEL[0], "entry": m.group(1) if m else "?", "ptx": ptx})
-        return res
+    with open(pcr.__file__) as f:
+        notes = [ln.strip() for ln in f if re.search(r"compile\(|call_target_name|TritonKernel\(", ln)]
+    R["ptx"]["registration_lines"] = notes[:12]
+    tmod = getattr(pcr, "triton", None)
+    if tmod is not None and hasattr(tmod, "compile"):
+        orig_compile = tmod.compile
 
-    jtriton.compile = compile_and_keep
-    R["ptx"]["capture"] = "wrapped jax._src.lib.triton.compile"
+        def compile_and_keep(*args, **kwargs):
+            res = orig_compile(*args, **kwargs)
+            _keep_ptx(getattr(res, "asm", None), "compile")
+            return res
+
+        tmod.compile = compile_and_keep
+        notes.append("wrapped compile")
+    klib = getattr(pcr, "triton_kernel_call_lib", None)
+    if klib is not None and hasattr(klib, "TritonKernel"):
+        orig_kernel = klib.TritonKernel
+
+        def kernel_and_keep(*args, **kwargs):
+            for x in list(args) + list(kwargs.values()):
+                _keep_ptx(x, "TritonKernel")
+            return orig_kernel(*args, **kwargs)
+
+        klib.TritonKernel = kernel_and_keep
+        notes.append("wrapped TritonKernel")
+    R["ptx"]["capture"] = notes[-2:]
+
+
+def _proto_strings(buf, depth=0):
+    """All length-delimited fields of a serialised protobuf (recursively): a tiny wire-format walker."""
+    out, i = [], 0
+    while i < len(buf) and depth < 4:
+        key, shift = 0, 0
+        while i < len(buf):
+            c = buf[i]
+            i += 1
+            key |= (c & 0x7F) << shift
+            shift += 7
+            if not c & 0x80:
+                break
+        wire = key & 7
+        if wire == 0:
+            while i < len(buf) and buf[i] & 0x80:
+                i += 1
+            i += 1
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            ln, shift = 0, 0
+            while i < len(buf):
+                c = buf[i]
+                i += 1
+                ln |= (c & 0x7F) << shift
+                shift += 7
+                if not c & 0x80:
+                    break
+            field = buf[i : i + ln]
+            i += ln
+            out.append(field)
+            out += _proto_strings(field, depth + 1) if b".entry" in field and b".version" not in field[:64] else []
+        else:
+            break
+    return out
+
+
+def ptx_from_lowering(label, fn, *args):
+    """PTX of the Triton custom calls in the lowered module (zlib-compressed TritonKernelCall proto)."""
+    import zlib
+
+    from jax._src.lib.mlir import ir
+
+    LABEL[0] = label
+    module = jax.jit(fn).lower(*args).compiler_ir("stablehlo")
+    found = 0
+
+    def walk(op):
+        nonlocal found
+        for region in op.regions:
+            for block in region.blocks:
+                for o in block.operations:
+                    if o.operation.name == "stablehlo.custom_call" and "backend_config" in o.attributes:
+                        cfg = o.attributes["backend_config"]
+                        opaque = ir.DictAttr(cfg)["opaque"] if ir.DictAttr.isinstance(cfg) else cfg
+                        try:
+                            raw = zlib.decompress(ir.StringAttr(opaque).value_bytes)
+                        except Exception:  # noqa: BLE001
+                            continue
+                        for f in _proto_strings(raw):
+                            if b".entry" in f and (f.lstrip().startswith(b"//") or f.lstrip().startswith(b".ver")):
+                                _keep_ptx(f, "lowering")
+                                found += 1
+                    walk(o.operation)
+
+    walk(module.operation)
+    return found
 
 
 def rel(a, b):
@@ -187,9 +281,10 @@ def analyse_ptx(out_dir):
     work = "/tmp/int8_ptx"
     os.makedirs(work, exist_ok=True)
     todo, seen = [], set()
+    probes_only = any(c["label"].startswith("probe_") for c in CAPTURED)
     for n, c in enumerate(CAPTURED):
         key = (c["label"].rsplit("_", 1)[0], c["entry"])
-        if c["label"] == "small" or key in seen:
+        if c["label"] == "small" or key in seen or (probes_only and not c["label"].startswith("probe_")):
             continue
         seen.add(key)
         todo.append((n, c))
@@ -215,30 +310,60 @@ def small_checks():
         k = (jax.random.normal(key[1], (1, n, h, d)) + 0.5 * jax.random.normal(key[3], (d,))).astype(jnp.bfloat16)
         v = jax.random.normal(key[2], (1, n, h, d)).astype(jnp.bfloat16)
         lut, _, mass = sla.route(q, k, sla.SLA2Config(block_q=bq, block_k=bk, topk_ratio=ratio))
-        kw = dict(block_q=bq, block_k=bk)
+        kw = {"block_q": bq, "block_k": bk}
         row = {"n": n, "h": h, "d": d, "block_q": bq, "block_k": bk}
+        cfg = sl._validate(q, k, v, q, k, lut, bq, bk, "complement", None, 1e-6, None)
+        qz = jax.jit(lambda q, k, cfg=cfg: ia._prequantize(q, k, cfg))(q, k)  # default pre-pass on the GPU
+        for name_, x8, ref in (("k8", qz.k8, sla.smooth_keys(k)), ("q8", qz.q8, q)):
+            r8, _ = sla.quantize_int8_blocks(ref, bk if name_ == "k8" else bq)
+            diff = jnp.abs(x8.astype(jnp.int32) - r8.astype(jnp.int32))
+            row[f"prepass_{name_}_max_diff"] = int(jnp.max(diff))
+            row[f"prepass_{name_}_frac_diff"] = float(jnp.mean(diff > 0))
         bs, _ = sl.sparse_linear_attention(q, k, v, phi(q), phi(k), lut, **kw)
         refs = {qm: sla.sparse_linear_branches(q, k, v, lut, quant=qm, backend="xla", **kw) for qm in ia.QUANT_MODES}
         for name in SMALL[d]:
-            quant, opts, launch = VARIANTS[name]
-            with Variant(opts, launch):
-                o_s, o_l = jax.jit(lambda *a, quant=quant: ia.sparse_linear_attention_lowbit(*a, quant=quant, **kw))(
-                    q, k, v, phi(q), phi(k), lut
-                )
-                o = jax.jit(lambda *a, quant=quant: ia.sla2_fused_attention_lowbit(*a, quant=quant, **kw))(
-                    q, k, v, phi(q), phi(k), lut, mass
-                )
-            r_s, r_l = refs[quant]
-            row[name] = {
-                "os_vs_fakequant": rel(o_s, r_s),
-                "os_vs_bf16": rel(o_s, bs),
-                "ol_vs_xla": rel(o_l, r_l),
-                "fused_vs_combine": rel(o, sla.combine(o_s, o_l, mass, block_q=bq)),
-                "finite": bool(jnp.all(jnp.isfinite(o))),
-            }
+            row[name] = guarded(
+                f"small {name}", lambda name=name: small_variant(name, q, k, v, lut, mass, kw, refs, bs)
+            )
         row["fakequant_int8_os_vs_bf16"] = rel(refs["int8"][0], bs)
         R["small"].append(row)
         log("small", json.dumps(row))
+        if d == 128:
+            for name in PROBES:
+                quant, opts, launch = VARIANTS[name]
+                with Variant(opts, launch):
+                    f = lambda *a, quant=quant: ia.sla2_fused_attention_lowbit(*a, quant=quant, **kw)
+                    R["ptx"][f"probe_{name}"] = guarded(
+                        f"probe {name}",
+                        lambda f=f, name=name: ptx_from_lowering(
+                            f"probe_{name}", f, q, k, v, phi(q), phi(k), lut, mass
+                        ),
+                    )
+            f = lambda *a: sl.sla2_fused_attention(*a, **kw)
+            R["ptx"]["probe_bf16"] = guarded(
+                "probe bf16", lambda: ptx_from_lowering("probe_bf16", f, q, k, v, phi(q), phi(k), lut, mass)
+            )
+            LABEL[0] = "small"
+
+
+def small_variant(name, q, k, v, lut, mass, kw, refs, bs):
+    """Errors of one low-bit variant on a small shape (vs its fake-quant reference, the bf16 kernel, combine)."""
+    quant, opts, launch = VARIANTS[name]
+    with Variant(opts, launch):
+        o_s, o_l = jax.jit(lambda *a: ia.sparse_linear_attention_lowbit(*a, quant=quant, **kw))(
+            q, k, v, phi(q), phi(k), lut
+        )
+        o = jax.jit(lambda *a: ia.sla2_fused_attention_lowbit(*a, quant=quant, **kw))(
+            q, k, v, phi(q), phi(k), lut, mass
+        )
+    r_s, r_l = refs[quant]
+    return {
+        "os_vs_fakequant": rel(o_s, r_s),
+        "os_vs_bf16": rel(o_s, bs),
+        "ol_vs_xla": rel(o_l, r_l),
+        "fused_vs_combine": rel(o, sla.combine(o_s, o_l, mass, block_q=kw["block_q"])),
+        "finite": bool(jnp.all(jnp.isfinite(o))),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,41 +432,47 @@ def wan(sparsities, runs, budget_s, n, heads):
     for name in VARIANTS:
         if name not in CORE and time.time() - T0 < budget_s:
             row["variants"][name] = guarded(name, lambda: time_variant(name, row["sparsity"], *ctx, runs, False))
-    for prep in ("pallas", "xla"):
+    LABEL[0] = "prepass"
+    for prep, popts in PREPASSES.items():
         if time.time() - T0 < budget_s:
-            with ia.options(prepass=prep):
+            with ia.options(**popts):
                 o_ = ia._opts()
                 row[f"prepass_{prep}_ms"] = guarded(
-                    prep, lambda: bench(lambda q, k: ia._prequantize(q, k, ctx[2], o_), q, k, runs=runs)
+                    prep, lambda o_=o_: bench(lambda q, k: ia._prequantize(q, k, ctx[2], o_), q, k, runs=runs)
                 )
+            log("prepass", prep, row.get(f"prepass_{prep}_ms"))
 
 
 def print_table():
     med = lambda x: x[0] if isinstance(x, (list, tuple)) else float("nan")
     print("\n=== low-bit SLA2 kernel, wan-1.3b (B=1 H=12 N=32760 D=128 bf16),", R["meta"].get("device"), end=" ")
-    print("jax", R["meta"].get("jax"), "; empty jit call", R["meta"].get("empty_jit_call_ms"), "===")
+    print("jax", R["meta"].get("jax"), "; empty jit call ms", R["meta"].get("empty_jit_call_ms"), "===")
+    print("PTX capture:", R["ptx"].get("capture"), {k: v for k, v in R["ptx"].items() if k.startswith("probe_")})
     for row in R["ptx"].get("kernels", []):
-        print("KERNEL", row["label"], row["entry"], row.get("ptx_mma"), row.get("sass_counts"), row.get("ptxas"))
+        print("KERNEL", row["label"], row["entry"], row.get("ptx_mma"), "cvt.f32.s32:", row.get("ptx_cvt_f32_s32"))
+        print("   ", row.get("sass_counts"), row.get("sass_mma_lines"), row.get("ptxas"), row.get("ptxas_error", ""))
+    for r in R["small"]:
+        print("small", {k: (v if not isinstance(v, dict) else v.get("os_vs_fakequant")) for k, v in r.items()})
     for r in R["wan"]:
-        bf = med(r.get("bf16_fwd_ms"))
         if not r:
             continue
-        print(f"sparsity {r['sparsity']} topk {r['topk']}: cudnn {med(r['cudnn_fwd_ms']):.3f} ms, bf16 {bf:.3f} ms,")
+        bf = med(r.get("bf16_fwd_ms"))
         print(
-            f"  bf16 err/dense {r['bf16_err_vs_dense']:.4f}; prepass pallas {med(r.get('prepass_pallas_ms')):.3f}",
+            f"sparsity {r['sparsity']} topk {r['topk']}: cudnn {med(r['cudnn_fwd_ms']):.3f} ms, bf16 {bf:.3f} ms,",
             end="",
         )
-        print(f" xla {med(r.get('prepass_xla_ms')):.3f} ms")
+        print(f" bf16 err/dense {r['bf16_err_vs_dense']:.4f}")
+        print("  pre-pass alone (ms):", {k[8:-3]: round(med(v), 3) for k, v in r.items() if k.startswith("prepass_")})
         print("  variant | fwd ms | prepass ms | kernel ms | speed-up vs bf16 (fwd / kernel) | err/dense | err/bf16")
         for name, vr in r["variants"].items():
             if not vr:
                 continue
-            f, p_, k_ = (med(vr.get("fwd_ms")), med(vr.get("prepass_ms")), med(vr.get("kernel_ms")))
+            f, p_, k_ = med(vr.get("fwd_ms")), med(vr.get("prepass_ms")), med(vr.get("kernel_ms"))
             print(
                 f"  {name} | {f:.3f} | {p_:.3f} | {k_:.3f} | {bf / f:.2f}x / {bf / k_:.2f}x | "
                 f"{vr.get('err_vs_dense', float('nan')):.4f} | {vr.get('err_vs_bf16', float('nan')):.4f}"
             )
-    print("errors:", R["errors"])
+    print("errors:", [e[:300] for e in R["errors"]])
 
 
 def main():

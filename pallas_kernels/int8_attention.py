@@ -79,8 +79,16 @@ _OVERRIDE: dict[str, tuple[int, int]] = {}
 #   prepass:   "fused" (one Pallas kernel for Q and K), "pallas" (one Pallas kernel each) or "xla";
 #   s_convert: "magic" (exact int32 -> float32 by integer add + float subtract) or "i2f" (convert instruction);
 #   qk_format: "int8" (SPEC) or "fp8" (e4m3 Q and K~, per-block scale amax / 448; experimental);
-#   unroll:    LUT entries per online-softmax rescale (1 or 2).
-OPTIONS = {"q_prepass": True, "prepass": "fused", "s_convert": "magic", "qk_format": "int8", "unroll": 1}
+#   unroll:    LUT entries per online-softmax rescale (1 or 2);
+#   prepass_warps: warps per program of the Pallas pre-pass.
+OPTIONS = {
+    "q_prepass": True,
+    "prepass": "fused",
+    "s_convert": "magic",
+    "qk_format": "int8",
+    "unroll": 1,
+    "prepass_warps": 4,
+}
 
 
 class _Opts(NamedTuple):
@@ -91,13 +99,14 @@ class _Opts(NamedTuple):
     s_convert: str
     qk_format: str
     unroll: int
+    prepass_warps: int
 
 
 def _opts() -> _Opts:
     o = _Opts(**OPTIONS)
     if o.prepass not in ("fused", "pallas", "xla") or o.s_convert not in ("magic", "i2f"):
         raise ValueError(f"bad OPTIONS {OPTIONS}")
-    if o.qk_format not in ("int8", "fp8") or o.unroll not in (1, 2):
+    if o.qk_format not in ("int8", "fp8") or o.unroll not in (1, 2) or o.prepass_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"bad OPTIONS {OPTIONS}")
     if o.qk_format == "fp8" and o.prepass == "xla":
         raise ValueError("qk_format='fp8' needs a Pallas pre-pass")
@@ -140,20 +149,27 @@ def _launch(cfg: sl._Cfg, quant: str):
 # ----------------------------------------------------------------------------------------------------------
 # Quantisation pre-pass: smoothed K and Q to int8 (or fp8) per block, V to fp8 per channel (transposed).
 # ----------------------------------------------------------------------------------------------------------
-def _round_half_even(y):
-    """Round half to even with floor only (the Triton lowering has no round); exact for |y| < 2^22."""
-    r = jnp.floor(y + 0.5)
-    tie = (r - y) == 0.5
-    odd = (r - 2.0 * jnp.floor(r * 0.5)) != 0.0
-    return jnp.where(tie & odd, r - 1.0, r)
+def _round_half_even(y, interpret: bool):
+    """Round half to even, float32 -> float32. The Triton lowering has no round: on the GPU one
+    ``cvt.rni.f32.f32`` per element (inline PTX); in interpret mode XLA's round (same rounding)."""
+    if interpret:
+        return jnp.round(y)
+    (r,) = plgpu.elementwise_inline_asm(
+        "cvt.rni.f32.f32 $0, $1;",
+        args=[y],
+        constraints="=r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(y.shape, _F32)],
+    )
+    return r
 
 
-def _quantize_tile(x32, fmt: str):
+def _quantize_tile(x32, fmt: str, interpret: bool):
     """float32 tile (rows, D) -> (int8 or float8_e4m3fn tile, float32 scale) with one scale for the tile."""
     amax = jnp.max(jnp.max(jnp.abs(x32), axis=1), axis=0)
     if fmt == "int8":
         scale = jnp.maximum(amax, 1e-12) / INT8_MAX
-        return jnp.clip(_round_half_even(x32 / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8), scale
+        return _round_half_even(jnp.clip(x32 / scale, -INT8_MAX, INT8_MAX), interpret).astype(jnp.int8), scale
     scale = jnp.maximum(amax, 1e-12) / FP8_MAX
     return jnp.clip(x32 / scale, -FP8_MAX, FP8_MAX).astype(_FP8), scale
 
@@ -202,33 +218,33 @@ def quantize_values_fp8(v, block_k: int):
 _SCALE_LANES = 16  # the pre-pass writes each block's scale 16 times (a power-of-two tile), XLA keeps one
 
 
-def _quantize_rows_into(x_ref, x8_ref, scale_ref, mean, start, block, n, fmt):
+def _quantize_rows_into(x_ref, x8_ref, scale_ref, mean, start, block, n, fmt, interpret):
     """Rows [start, start + block) of x (minus `mean` (D,) rounded to x's dtype, if given) -> x8_ref, scale_ref."""
     x = sl._load_rows(x_ref, start, block, n)
     x32 = x.astype(_F32)
     if mean is not None:
         valid = ((start + jnp.arange(block)) < n)[:, None]
         x32 = jnp.where(valid, (x32 - mean[None, :]).astype(x.dtype).astype(_F32), 0.0)
-    x8, scale = _quantize_tile(x32, fmt)
+    x8, scale = _quantize_tile(x32, fmt, interpret)
     rows = start + jnp.arange(block)
     mask = jnp.broadcast_to((rows < n)[:, None], x8.shape)
     plgpu.store(x8_ref.at[pl.ds(start, block), :], x8, mask=mask)
     scale_ref[...] = jnp.full((_SCALE_LANES,), scale, _F32)
 
 
-def _quant_kernel(x_ref, mean_ref, x8_ref, scale_ref, *, n, block, smooth, fmt):
+def _quant_kernel(x_ref, mean_ref, x8_ref, scale_ref, *, n, block, smooth, fmt, interpret):
     """Program (j, h, b): rows [j*block, (j+1)*block) of x (minus the mean if smooth) -> int8 / fp8."""
     mean = mean_ref[...] if smooth else None
-    _quantize_rows_into(x_ref, x8_ref, scale_ref, mean, pl.program_id(0) * block, block, n, fmt)
+    _quantize_rows_into(x_ref, x8_ref, scale_ref, mean, pl.program_id(0) * block, block, n, fmt, interpret)
 
 
-def _quant_qk_kernel(q_ref, k_ref, mean_ref, q8_ref, k8_ref, qs_ref, *ks_refs, n, block_q, block_k, fmt):
+def _quant_qk_kernel(q_ref, k_ref, mean_ref, q8_ref, k8_ref, qs_ref, *ks_refs, n, block_q, block_k, fmt, interpret):
     """Program (i, h, b): query block i and the len(ks_refs) = block_q / block_k key blocks it covers."""
     i = pl.program_id(0)
-    _quantize_rows_into(q_ref, q8_ref, qs_ref, None, i * block_q, block_q, n, fmt)
+    _quantize_rows_into(q_ref, q8_ref, qs_ref, None, i * block_q, block_q, n, fmt, interpret)
     mean = mean_ref[...]
     for u, ks_ref in enumerate(ks_refs):
-        _quantize_rows_into(k_ref, k8_ref, ks_ref, mean, i * block_q + u * block_k, block_k, n, fmt)
+        _quantize_rows_into(k_ref, k8_ref, ks_ref, mean, i * block_q + u * block_k, block_k, n, fmt, interpret)
 
 
 def _lane_spec(d):
@@ -239,7 +255,7 @@ def _seq_spec3(n, d):
     return pl.BlockSpec((None, n, None, d), lambda j, hh, bb: (bb, 0, hh, 0))
 
 
-def _quantize_pallas(x, block: int, mean, interpret: bool, fmt: str = "int8"):
+def _quantize_pallas(x, block: int, mean, interpret: bool, fmt: str = "int8", num_warps: int = 4):
     """Pallas pre-pass: x (B, N, H, D) (minus mean (B, H, D) if given) -> int8/fp8 (B, N, H, D), scales (B, H, Nb)."""
     b, n, h, d = x.shape
     nb = -(-n // block)
@@ -247,7 +263,7 @@ def _quantize_pallas(x, block: int, mean, interpret: bool, fmt: str = "int8"):
     if mean is None:
         mean = jnp.zeros((b, h, d), _F32)
     x8, scales = pl.pallas_call(
-        functools.partial(_quant_kernel, n=n, block=block, smooth=smooth, fmt=fmt),
+        functools.partial(_quant_kernel, n=n, block=block, smooth=smooth, fmt=fmt, interpret=interpret),
         grid=(nb, h, b),
         in_specs=[_seq_spec3(n, d), pl.BlockSpec((None, None, d), lambda j, hh, bb: (bb, hh, 0))],
         out_specs=[_seq_spec3(n, d), _lane_spec(_SCALE_LANES)],
@@ -255,14 +271,14 @@ def _quantize_pallas(x, block: int, mean, interpret: bool, fmt: str = "int8"):
             jax.ShapeDtypeStruct(x.shape, _lowbit_dtype(fmt)),
             jax.ShapeDtypeStruct((b, h, nb * _SCALE_LANES), _F32),
         ],
-        compiler_params=CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="sla_lowbit_quant",
     )(x, mean)
     return x8, scales[:, :, ::_SCALE_LANES]
 
 
-def _quantize_qk_pallas(q, k, mean, cfg: sl._Cfg, fmt: str):
+def _quantize_qk_pallas(q, k, mean, cfg: sl._Cfg, fmt: str, num_warps: int = 4):
     """One Pallas pre-pass for Q (per query block) and K - mean (per key block); needs block_k | block_q.
 
     Returns (q8, q_scale (B, H, Nq), k8, k_scale (B, H, Nk)); q8, k8 (B, N, H, D) int8 or float8_e4m3fn.
@@ -273,12 +289,14 @@ def _quantize_qk_pallas(q, k, mean, cfg: sl._Cfg, fmt: str):
     low = jax.ShapeDtypeStruct(q.shape, _lowbit_dtype(fmt))
     seq = _seq_spec3(n, d)
     q8, k8, qs, *ks = pl.pallas_call(
-        functools.partial(_quant_qk_kernel, n=n, block_q=cfg.block_q, block_k=cfg.block_k, fmt=fmt),
+        functools.partial(
+            _quant_qk_kernel, n=n, block_q=cfg.block_q, block_k=cfg.block_k, fmt=fmt, interpret=cfg.interpret
+        ),
         grid=(cfg.nq, h, b),
         in_specs=[seq, seq, pl.BlockSpec((None, None, d), lambda j, hh, bb: (bb, hh, 0))],
         out_specs=[seq, seq] + [_lane_spec(_SCALE_LANES)] * (1 + r),
         out_shape=[low, low] + [lanes] * (1 + r),
-        compiler_params=CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=cfg.interpret,
         name="sla_lowbit_quant_qk",
     )(q, k, mean)
@@ -306,9 +324,11 @@ def _prequantize(q, k, cfg: sl._Cfg, opts: _Opts | None = None) -> _Quantised:
         return _Quantised(q8, q_scale, k8, k_scale, k_mean)
     k_mean = jnp.mean(k.astype(_F32), axis=1)  # (B, H, D)
     if o.prepass == "fused" and o.q_prepass and cfg.block_q % cfg.block_k == 0:
-        return _Quantised(*_quantize_qk_pallas(q, k, k_mean, cfg, fmt), k_mean)
-    k8, k_scale = _quantize_pallas(k, cfg.block_k, k_mean, cfg.interpret, fmt)
-    q8, q_scale = _quantize_pallas(q, cfg.block_q, None, cfg.interpret, fmt) if o.q_prepass else (None, None)
+        return _Quantised(*_quantize_qk_pallas(q, k, k_mean, cfg, fmt, o.prepass_warps), k_mean)
+    k8, k_scale = _quantize_pallas(k, cfg.block_k, k_mean, cfg.interpret, fmt, o.prepass_warps)
+    q8, q_scale = (None, None)
+    if o.q_prepass:
+        q8, q_scale = _quantize_pallas(q, cfg.block_q, None, cfg.interpret, fmt, o.prepass_warps)
     return _Quantised(q8, q_scale, k8, k_scale, k_mean)
 
 
@@ -348,7 +368,8 @@ def _load_lowbit_rows(ref, start, size, n):
     d = ref.shape[-1]
     rows = start + jnp.arange(size)
     mask = jnp.broadcast_to((rows < n)[:, None], (size, d))
-    return plgpu.load(ref.at[pl.ds(start, size), :], mask=mask, other=0)
+    zero = 0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.0  # Triton casts no int splat to fp8
+    return plgpu.load(ref.at[pl.ds(start, size), :], mask=mask, other=zero)
 
 
 def _query_tile(r, i, q_start, cfg: sl._Cfg, opts: _Opts):
@@ -356,7 +377,7 @@ def _query_tile(r, i, q_start, cfg: sl._Cfg, opts: _Opts):
     if "q8" in r:
         return _load_lowbit_rows(r["q8"], q_start, cfg.block_q, cfg.n), r["q_scale"][i]
     q32 = sl._load_rows(r["q"], q_start, cfg.block_q, cfg.n).astype(_F32)  # rows >= N are 0: amax unchanged
-    return _quantize_tile(q32, opts.qk_format)
+    return _quantize_tile(q32, opts.qk_format, cfg.interpret)
 
 
 def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool, opts: _Opts):

@@ -87,11 +87,6 @@ def test_fp8_qk_option_matches_dequantised_reference(seed, unroll):
     assert rel_err(r_s, b_s) > 1e-3  # fp8 moves the output: the comparison is not vacuous
 
 
-def test_round_half_even():
-    y = jnp.array([-3.5, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 126.5, -126.49, 3.2, -3.7, 0.0], jnp.float32)
-    np.testing.assert_array_equal(np.asarray(ia._round_half_even(y)), np.asarray(jnp.round(y)))
-
-
 @pytest.mark.parametrize(
     "n,d,dtype,block_q,block_k,tol",
     [
