@@ -7,15 +7,27 @@ import jax.numpy as jnp
 
 from sla2_jax.blocks import num_blocks
 from sla2_jax.branches import compute_branches, resolve_backend
-from sla2_jax.checks import check_alpha, check_qkv, check_weight
+from sla2_jax.checks import check_alpha, check_block_size, check_qkv, check_weight
 from sla2_jax.combine import combine
 from sla2_jax.config import SLA2Config
-from sla2_jax.feature_maps import feature_map
-from sla2_jax.routing import block_probabilities, block_scores, captured_mass, soft_topk, topk_blocks
+from sla2_jax.routing import (
+    block_probabilities,
+    block_scores,
+    captured_mass,
+    scores_from_block_means,
+    soft_topk,
+    topk_blocks,
+)
 
 
 def route(q, k, config: SLA2Config, *, w_q=None, w_k=None, soft: bool = False):
-    """Router: (lut (B, H, Nq, k) int32, soft mask (B, H, Nq, Nk) or None, captured mass (B, H, Nq) float32)."""
+    """Router: (lut (B, H, Nq, k) int32, soft mask (B, H, Nq, Nk) or None, captured mass (B, H, Nq) float32).
+
+    Hard routing on the pallas backend runs the Pallas front end (`route_with_features`); the xla/reference
+    backends and soft routing run the XLA formulas below (the correctness baseline)."""
+    if not soft and resolve_backend(config.backend) == "pallas":
+        lut, mass, _, _ = route_with_features(q, k, config, w_q=w_q, w_k=w_k, feature_map=None)
+        return lut, None, mass
     seq_len = q.shape[1]
     scores = block_scores(q, k, block_q=config.block_q, block_k=config.block_k, w_q=w_q, w_k=w_k)
     topk = config.num_selected(scores.shape[-1])
@@ -25,6 +37,29 @@ def route(q, k, config: SLA2Config, *, w_q=None, w_k=None, soft: bool = False):
         return lut, soft_mask, captured_mass(scores, soft_mask, seq_len, config.block_k)
     probs = block_probabilities(scores, seq_len, config.block_k)
     return lut, None, jnp.sum(jnp.take_along_axis(probs, lut, axis=-1), axis=-1)
+
+
+def route_with_features(q, k, config: SLA2Config, *, w_q=None, w_k=None, feature_map: str | None = None):
+    """Hard routing and phi(Q), phi(K) by the Pallas front end (pallas_kernels.prep): one read of Q and one of K
+    give the feature maps and the block means, one kernel selects the blocks from the router logits.
+
+    Same results as `route` (hard) and `feature_map` on the XLA path up to float32 rounding of the block means.
+    Returns (lut (B, H, Nq, k) int32 ascending, mass (B, H, Nq) float32, phi(q), phi(k)) with phi in q.dtype
+    (None when feature_map is None).
+    """
+    from pallas_kernels.prep import block_means_and_phi, select_blocks
+
+    check_block_size("block_q", config.block_q)
+    check_block_size("block_k", config.block_k)
+    heads, head_dim = q.shape[2], q.shape[3]
+    check_weight("w_q", w_q, heads, head_dim)
+    check_weight("w_k", w_k, heads, head_dim)
+    seq_len = q.shape[1]
+    q_phi, q_means = block_means_and_phi(q, config.block_q, feature_map)
+    k_phi, k_means = block_means_and_phi(k, config.block_k, feature_map)
+    scores = scores_from_block_means(q_means, k_means, seq_len, config.block_k, w_q=w_q, w_k=w_k)
+    lut, mass = select_blocks(scores, config.num_selected(scores.shape[-1]), seq_len, config.block_k)
+    return lut, mass, q_phi, k_phi
 
 
 def sparse_linear_outputs(q, k, v, config: SLA2Config, *, w_q=None, w_k=None, soft: bool = False):
@@ -48,14 +83,13 @@ def sla2_output(q, k, v, config: SLA2Config, alpha_fn, *, w_q=None, w_k=None, so
         from pallas_kernels import sla2_fused_attention
         from pallas_kernels.int8_attention import sla2_fused_attention_lowbit
 
-        lut, _, mass = route(q, k, config, w_q=w_q, w_k=w_k)
+        lut, mass, q_phi, k_phi = route_with_features(q, k, config, w_q=w_q, w_k=w_k, feature_map=config.feature_map)
         alpha = jnp.broadcast_to(alpha_fn(jax.lax.stop_gradient(mass)), mass.shape)
         kw = dict(block_q=config.block_q, block_k=config.block_k, linear_scope=config.linear_scope, eps=config.eps)
         if config.quant != "none":  # real low-bit forward, full-precision backward (straight-through)
             kernel, kw = sla2_fused_attention_lowbit, dict(kw, quant=config.quant)
         else:
             kernel = sla2_fused_attention
-        q_phi, k_phi = feature_map(q, config.feature_map), feature_map(k, config.feature_map)
         return kernel(q, k, v, q_phi, k_phi, lut, alpha, **kw).astype(q.dtype)
     o_s, o_l, mass = sparse_linear_outputs(q, k, v, config, w_q=w_q, w_k=w_k, soft=soft)
     if not soft:

@@ -55,12 +55,20 @@ def block_scores(q, k, *, block_q: int, block_k: int, w_q=None, w_k=None):
     heads, head_dim = q.shape[2], q.shape[3]
     check_weight("w_q", w_q, heads, head_dim)
     check_weight("w_k", w_k, heads, head_dim)
-    pq = _project(pool_blocks(q, block_q), w_q)
-    pk = pool_blocks(k, block_k)
-    # pool(K - mean) = pool(K) - mean, and the mean over N is the count-weighted mean of the block means:
-    # one pass over K, no smoothed copy.
-    counts = block_counts(k.shape[1], block_k)[:, None]
-    mean = jnp.sum(pk * counts, axis=2, keepdims=True) / k.shape[1]
+    return scores_from_block_means(pool_blocks(q, block_q), pool_blocks(k, block_k), k.shape[1], block_k,
+                                   w_q=w_q, w_k=w_k)
+
+
+def scores_from_block_means(pq, pk, seq_len: int, block_k: int, *, w_q=None, w_k=None):
+    """Router logits from the block means of Q (B, H, Nq, D) and of K (B, H, Nk, D), both float32.
+
+    The keys are smoothed here: pool(K - mean_N K) = pool(K) - mean, and the mean over N is the count-weighted
+    mean of the block means (no smoothed copy of K). Returns (B, H, Nq, Nk) float32 (see `block_scores`).
+    """
+    head_dim = pq.shape[-1]
+    counts = block_counts(seq_len, block_k)[:, None]
+    mean = jnp.sum(pk * counts, axis=2, keepdims=True) / seq_len
+    pq = _project(pq, w_q)
     pk = _project(pk - mean, w_k)
     return jnp.einsum("bhid,bhjd->bhij", pq, pk) * (head_dim ** -0.5)
 

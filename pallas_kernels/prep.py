@@ -1,0 +1,276 @@
+"""Front end of the fused SLA2 path: Pallas GPU kernels (Triton backend) for the router and the feature maps.
+
+* ``block_means_and_phi(x, block, feature_map)``: one read of X (B, N, H, D) gives phi(X) (B, N, H, D, x.dtype)
+  and the mean of every ``block``-row block, (B, H, Nb, D) float32 (a ragged last block averages its valid rows;
+  rows >= N are masked, never padded). Grid (Nb, H, B), one block of rows per program. Bytes: one read of X, one
+  write of phi(X). The backward is the vjp of the XLA formulas (`sla2_jax.feature_maps.feature_map_f32`,
+  `sla2_jax.routing.pool_blocks`): both are cheap elementwise / broadcast passes.
+* ``select_blocks(scores, topk, seq_len, block_k)``: per row of router logits S (B, H, Nq, Nk) float32, the
+  ascending LUT of the top-k key blocks (the set of ``lax.top_k``, ties to the lower index) and the captured mass
+  sum_{j selected} softmax_j(S + log n_j). Grid (ceil(Nq / rows), H, B); each program holds ``rows`` full rows:
+  the k-th largest value by a 32-step radix search on the order-preserving integer image of the float32 bits,
+  ties resolved by a running count, LUT slots from the running count of the selection (masked block stores,
+  no scatter: interpret mode and GPU run the same code). Replaces
+  top_k + sort + softmax + gather (four latency-bound XLA kernels) with one launch over 4 bytes per score.
+  The mass is differentiable w.r.t. the scores (d mass / d S_j = p_j (sel_j - mass), XLA); the LUT is not.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._triton import CompilerParams, pl, plgpu
+
+_F32 = jnp.float32
+_INT_MIN = -(2**31)
+_PREP_WARPS = 4
+_SELECT_WARPS = 4
+_SELECT_ROW_ELEMENTS = 1024  # rows per select program: this / padded row length (a power of two in [1, 16])
+_SELECT_TILE = 16384  # elements of the slot x column comparison tile that writes the LUT
+_FEATURE_MAPS = ("softmax", "elu", "relu")
+
+
+def _interpret(interpret) -> bool:
+    return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block means and phi
+# ----------------------------------------------------------------------------------------------------------
+def _prep_kernel(x_ref, *out_refs, n: int, block: int, kind: str | None):
+    """Program (i, h, b): rows [i*block, (i+1)*block) of X (N, D) -> phi of those rows and their mean (D,)."""
+    from sla2_jax.feature_maps import feature_map_f32
+
+    start = pl.program_id(0) * block
+    d = x_ref.shape[-1]
+    valid = (start + jnp.arange(block)) < n
+    mask = jnp.broadcast_to(valid[:, None], (block, d))
+    x = plgpu.load(x_ref.at[pl.ds(start, block), :], mask=mask, other=0.0).astype(_F32)
+    if kind is not None:
+        phi_ref, mean_ref = out_refs
+        phi = feature_map_f32(x, kind).astype(phi_ref.dtype)
+        plgpu.store(phi_ref.at[pl.ds(start, block), :], phi, mask=mask)
+    else:
+        (mean_ref,) = out_refs
+    count = jnp.minimum(n - start, block).astype(_F32)
+    mean_ref[...] = jnp.sum(x, axis=0) / count
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _prep_call(x, block: int, kind: str | None, interpret: bool, num_warps: int):
+    b, n, h, d = x.shape
+    nb = -(-n // block)
+    seq = pl.BlockSpec((None, n, None, d), lambda i, hh, bb: (bb, 0, hh, 0))
+    mean_spec = pl.BlockSpec((None, None, None, d), lambda i, hh, bb: (bb, hh, i, 0))
+    mean_shape = jax.ShapeDtypeStruct((b, h, nb, d), _F32)
+    out_specs, out_shape = [mean_spec], [mean_shape]
+    if kind is not None:
+        out_specs, out_shape = [seq, mean_spec], [jax.ShapeDtypeStruct(x.shape, x.dtype), mean_shape]
+    return pl.pallas_call(
+        functools.partial(_prep_kernel, n=n, block=block, kind=kind),
+        grid=(nb, h, b),
+        in_specs=[seq],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="sla_prep",
+    )(x)
+
+
+def _prep_xla(x, block: int, kind: str | None):
+    """The XLA formulas the kernel computes (its backward is their vjp)."""
+    from sla2_jax.feature_maps import feature_map
+    from sla2_jax.routing import pool_blocks
+
+    means = pool_blocks(x, block)
+    return [means] if kind is None else [feature_map(x, kind), means]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _prep(x, block, kind, interpret, num_warps):
+    return _prep_call(x, block, kind, interpret, num_warps)
+
+
+def _prep_fwd(x, block, kind, interpret, num_warps):
+    return _prep_call(x, block, kind, interpret, num_warps), x
+
+
+def _prep_bwd(block, kind, interpret, num_warps, x, cts):
+    _, vjp = jax.vjp(lambda x: _prep_xla(x, block, kind), x)
+    return vjp(list(cts))
+
+
+_prep.defvjp(_prep_fwd, _prep_bwd)
+
+
+def block_means_and_phi(x, block: int, feature_map: str | None = None, *, interpret=None, num_warps=_PREP_WARPS):
+    """phi(X) and the per-block means of X from one read of X.
+
+    Args:
+      x: (B, N, H, D) bf16/f16/f32, any N (ragged last block fine), D a power of two.
+      block: rows per block (power of two >= 16), e.g. block_q for Q, block_k for K.
+      feature_map: "softmax" | "elu" | "relu" (phi over D, computed in float32), or None for the means alone.
+      interpret: None -> Pallas interpret mode unless the default backend is a GPU.
+    Returns:
+      (phi(x) (B, N, H, D) in x.dtype or None, means (B, H, ceil(N / block), D) float32). Differentiable in x.
+    """
+    if getattr(x, "ndim", None) != 4:
+        raise ValueError(f"x must be (B, N, H, D); got shape {getattr(x, 'shape', None)}")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block={block!r} must be a power of two >= 16")
+    if feature_map is not None and feature_map not in _FEATURE_MAPS:
+        raise ValueError(f"feature_map={feature_map!r} is not one of {_FEATURE_MAPS} or None")
+    outs = _prep(x, block, feature_map, _interpret(interpret), num_warps)
+    return (None, outs[0]) if feature_map is None else (outs[0], outs[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Top-k selection, ascending LUT and captured mass
+# ----------------------------------------------------------------------------------------------------------
+def _order_key(s):
+    """int32 image of float32 s that orders like the floats (signed comparison)."""
+    bits = lax.bitcast_convert_type(s, jnp.int32)
+    return bits ^ (jnp.right_shift(bits, 31) & 0x7FFFFFFF)
+
+
+def _kth_largest_key(key, valid, topk: int):
+    """Per row, the k-th largest key among the valid entries: (rows, C) -> (rows,) int32, built bit by bit in
+    the unsigned image (key ^ INT_MIN) from the top: keep a bit when >= k entries are at least that large."""
+
+    def step(t, acc):
+        cand = acc | jnp.left_shift(jnp.int32(1), 31 - t)
+        count = jnp.sum((valid & (key >= (cand ^ _INT_MIN)[:, None])).astype(jnp.int32), axis=1)
+        return jnp.where(count >= topk, cand, acc)
+
+    acc = lax.fori_loop(0, 32, step, jnp.zeros(key.shape[:1], jnp.int32))
+    return acc ^ _INT_MIN
+
+
+def _store_lut(lut_ref, selected, r0, row_ok, *, topk: int, chunk: int):
+    """LUT rows from the selection mask (rows, C): slot s holds the (s+1)-th selected column, i.e. the number of
+    columns whose running selection count is <= s. Written `chunk` slots at a time (masked block stores)."""
+    running = jnp.cumsum(selected.astype(jnp.int32), axis=1)
+    rows = selected.shape[0]
+
+    def body(t, carry):
+        slots = t * chunk + jnp.arange(chunk)
+        ids = jnp.sum((running[:, None, :] <= slots[None, :, None]).astype(jnp.int32), axis=2)
+        mask = row_ok[:, None] & (slots < topk)[None, :]
+        plgpu.store(lut_ref.at[pl.ds(r0, rows), pl.ds(t * chunk, chunk)], ids, mask=mask)
+        return carry
+
+    lax.fori_loop(0, -(-topk // chunk), body, 0)
+
+
+def _select_kernel(
+    s_ref, lut_ref, mass_ref, *, nq: int, nk: int, width: int, rows: int, chunk: int, topk: int, last: int, block_k: int
+):
+    """Program (r, h, b): `rows` rows of S (Nq, Nk) -> their LUT rows (ascending) and captured masses."""
+    r0 = pl.program_id(0) * rows
+    row_ok = (r0 + jnp.arange(rows)) < nq
+    cols = jnp.broadcast_to(jnp.arange(width)[None, :], (rows, width))
+    valid = (cols < nk) & row_ok[:, None]
+    s = plgpu.load(s_ref.at[pl.ds(r0, rows), pl.ds(0, width)], mask=valid, other=0.0)
+
+    key = _order_key(s)
+    threshold = _kth_largest_key(key, valid, topk)[:, None]
+    above = valid & (key > threshold)
+    ties = valid & (key == threshold)
+    need = topk - jnp.sum(above.astype(jnp.int32), axis=1, keepdims=True)
+    selected = above | (ties & (jnp.cumsum(ties.astype(jnp.int32), axis=1) <= need))
+    _store_lut(lut_ref, selected, r0, row_ok, topk=topk, chunk=chunk)
+
+    counts = jnp.where(cols == nk - 1, float(last), float(block_k))
+    logits = jnp.where(valid, s + jnp.log(counts), -jnp.inf)
+    peak = jnp.max(jnp.where(row_ok[:, None], logits, 0.0), axis=1, keepdims=True)
+    weights = jnp.exp(logits - peak)
+    mass = jnp.sum(jnp.where(selected, weights, 0.0), axis=1) / jnp.sum(weights, axis=1)
+    plgpu.store(mass_ref.at[pl.ds(r0, rows)], mass, mask=row_ok)
+
+
+def _select_launch(nk: int, topk: int) -> tuple[int, int, int]:
+    """(width, rows, chunk): padded row length, rows per program, LUT slots per store (all powers of two),
+    keeping the rows x chunk x width comparison tile of `_store_lut` within _SELECT_TILE elements."""
+    width = max(16, pl.next_power_of_2(nk))
+    rows = max(1, min(16, _SELECT_ROW_ELEMENTS // width))
+    chunk = max(1, min(pl.next_power_of_2(topk), _SELECT_TILE // (rows * width)))
+    return width, rows, chunk
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _select_call(scores, topk: int, seq_len: int, block_k: int, interpret: bool):
+    b, h, nq, nk = scores.shape
+    width, rows, chunk = _select_launch(nk, topk)
+    kernel = functools.partial(
+        _select_kernel,
+        nq=nq,
+        nk=nk,
+        width=width,
+        rows=rows,
+        chunk=chunk,
+        topk=topk,
+        last=seq_len - (nk - 1) * block_k,
+        block_k=block_k,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(-(-nq // rows), h, b),
+        in_specs=[pl.BlockSpec((None, None, nq, nk), lambda r, hh, bb: (bb, hh, 0, 0))],
+        out_specs=[
+            pl.BlockSpec((None, None, nq, topk), lambda r, hh, bb: (bb, hh, 0, 0)),
+            pl.BlockSpec((None, None, nq), lambda r, hh, bb: (bb, hh, 0)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((b, h, nq, topk), jnp.int32), jax.ShapeDtypeStruct((b, h, nq), _F32)],
+        compiler_params=CompilerParams(num_warps=_SELECT_WARPS, num_stages=1),
+        interpret=interpret,
+        name="sla_select",
+    )(scores)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _select(scores, topk, seq_len, block_k, interpret):
+    return tuple(_select_call(scores, topk, seq_len, block_k, interpret))
+
+
+def _select_fwd(scores, topk, seq_len, block_k, interpret):
+    lut, mass = _select_call(scores, topk, seq_len, block_k, interpret)
+    return (lut, mass), (scores, lut, mass)
+
+
+def _select_bwd(topk, seq_len, block_k, interpret, res, cts):
+    scores, lut, mass = res
+    n_k = scores.shape[-1]
+    counts = jnp.full((n_k,), float(block_k), _F32).at[-1].set(float(seq_len - (n_k - 1) * block_k))
+    probs = jax.nn.softmax(scores + jnp.log(counts), axis=-1)
+    sel = jax.nn.one_hot(lut, n_k, dtype=_F32).sum(axis=-2)
+    return (probs * (sel - mass[..., None]) * cts[1][..., None],)
+
+
+_select.defvjp(_select_fwd, _select_bwd)
+
+
+def select_blocks(scores, topk: int, seq_len: int, block_k: int, *, interpret=None):
+    """Hard top-k routing from router logits in one kernel.
+
+    Args:
+      scores: (B, H, Nq, Nk) float32 router logits.
+      topk: blocks kept per row, 1 <= topk <= Nk.
+      seq_len, block_k: N and the key block size (n_j = valid keys of block j weights the mass).
+      interpret: None -> Pallas interpret mode unless the default backend is a GPU.
+    Returns:
+      lut (B, H, Nq, topk) int32, ascending (the ids of ``lax.top_k``, ties to the lower id), and the captured
+      mass (B, H, Nq) float32 = sum over the selected j of softmax_j(S + log n_j); the mass is differentiable.
+    """
+    if getattr(scores, "ndim", None) != 4 or scores.dtype != _F32:
+        raise ValueError(f"scores must be (B, H, Nq, Nk) float32; got {getattr(scores, 'shape', None)}")
+    n_k = scores.shape[-1]
+    if not isinstance(topk, int) or not 1 <= topk <= n_k:
+        raise ValueError(f"topk={topk!r} must be an int in [1, Nk={n_k}]")
+    if -(-seq_len // block_k) != n_k:
+        raise ValueError(f"Nk={n_k} must equal ceil(seq_len / block_k) = ceil({seq_len} / {block_k})")
+    return _select(scores, topk, seq_len, block_k, _interpret(interpret))

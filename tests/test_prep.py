@@ -1,0 +1,90 @@
+"""Pallas front end (pallas_kernels.prep, interpret mode on CPU): phi + block means from one read (gradient for
+softmax), and the one-kernel top-k selection (ascending LUT with ties, captured mass and its gradient), against
+XLA / numpy references; the block means alone are covered through `route` on the pallas backend."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sla2_jax as sla
+from helpers import random_qkv, rel_err
+from pallas_kernels.prep import block_means_and_phi, select_blocks
+from sla2_jax.feature_maps import feature_map
+
+
+@pytest.mark.parametrize(
+    "dtype, dim, kind, block",
+    [(jnp.bfloat16, 128, "softmax", 64), (jnp.float32, 64, "elu", 16), (jnp.float16, 32, "relu", 32)],
+)
+def test_block_means_and_phi_match_xla(seed, dtype, dim, kind, block):
+    x = random_qkv(seed, (1, 3 * block - 5, 2, dim), dtype)[0]  # ragged last block
+    phi, means = block_means_and_phi(x, block, kind)
+    assert phi.dtype == dtype and phi.shape == x.shape and means.shape == (1, 2, 3, dim)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(
+        np.asarray(phi, np.float32), np.asarray(feature_map(x, kind), np.float32), rtol=tol, atol=tol * 1e-2
+    )
+    x64 = np.asarray(x, np.float64)
+    pad = np.concatenate([x64, np.zeros((1, 5, 2, dim))], axis=1).reshape(1, 3, block, 2, dim)
+    expect = pad.sum(axis=2) / np.array([block, block, block - 5])[None, :, None, None]
+    np.testing.assert_allclose(means, np.transpose(expect, (0, 2, 1, 3)), rtol=1e-5, atol=1e-6)
+    if kind != "softmax":
+        return
+    g_phi = jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape, jnp.float32)
+    g_mean = jax.random.normal(jax.random.PRNGKey(seed + 2), means.shape)
+
+    def loss(x, fn):
+        phi, means = fn(x)
+        return jnp.sum(phi.astype(jnp.float32) * g_phi) + jnp.sum(means * g_mean)
+
+    got = jax.grad(loss)(x, lambda x: block_means_and_phi(x, block, kind))
+    ref = jax.grad(loss)(x, lambda x: (feature_map(x, kind), sla.pool_blocks(x, block)))
+    assert rel_err(got, ref) < 1e-6
+
+
+def _numpy_topk_ascending(scores, k):
+    order = np.argsort(-scores, axis=-1, kind="stable")  # ties: lower index first, like lax.top_k
+    return np.sort(order[..., :k], axis=-1)
+
+
+@pytest.mark.parametrize("nk, k", [(37, 1), (21, 21), (130, 40)])
+def test_select_blocks_lut_and_mass(seed, nk, k):
+    block_k, nq = 16, 5
+    seq_len = nk * block_k - 7
+    scores = jax.random.normal(jax.random.PRNGKey(seed), (1, 2, nq, nk))
+    scores = jnp.round(scores * 4) / 4  # many exact ties, also across the k-th place
+    lut, mass = select_blocks(scores, k, seq_len, block_k)
+    s = np.asarray(scores, np.float64)
+    np.testing.assert_array_equal(lut, _numpy_topk_ascending(s, k))
+    np.testing.assert_array_equal(lut, jnp.sort(jax.lax.top_k(scores, k)[1], axis=-1))
+    counts = np.full(nk, float(block_k))
+    counts[-1] = seq_len - (nk - 1) * block_k
+    p = np.exp(s + np.log(counts))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(mass, np.take_along_axis(p, np.asarray(lut), -1).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_select_blocks_mass_gradient_matches_xla(seed):
+    scores = 2 * jax.random.normal(jax.random.PRNGKey(seed), (1, 2, 3, 19))
+    g = jax.random.normal(jax.random.PRNGKey(seed + 1), (1, 2, 3))
+    seq_len, block_k, k = 19 * 16 - 3, 16, 6
+
+    def xla_mass(s):
+        lut = sla.topk_blocks(s, k)
+        return sla.captured_mass(s, sla.selection_mask(lut, 19), seq_len, block_k)
+
+    got = jax.grad(lambda s: jnp.sum(select_blocks(s, k, seq_len, block_k)[1] * g))(scores)
+    ref = jax.grad(lambda s: jnp.sum(xla_mass(s) * g))(scores)
+    assert rel_err(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_route_pallas_equals_xla(seed, dim):
+    q, k, _ = random_qkv(seed, (1, 203, 2, dim), jnp.bfloat16)
+    w = jax.random.normal(jax.random.PRNGKey(seed + 1), (2, dim, dim)) / np.sqrt(dim)
+    cfg = sla.SLA2Config(block_q=64, block_k=32, topk_ratio=0.3)
+    lut_p, _, mass_p = sla.route(q, k, cfg.replace(backend="pallas"), w_q=w, w_k=w)
+    lut_x, _, mass_x = sla.route(q, k, cfg.replace(backend="xla"), w_q=w, w_k=w)
+    np.testing.assert_array_equal(lut_p, lut_x)
+    np.testing.assert_allclose(mass_p, mass_x, rtol=1e-5, atol=1e-6)
