@@ -7,10 +7,14 @@
   window 11, sigma 1.5, on [0, 1] pixels), as the Sparse VideoGen and Radial Attention papers report.
 - Attention error per layer: the model's attention core applied to held-out Q/K/V captured from the dense model,
   relative L2 error ||O - O_dense|| / ||O_dense|| averaged over the captured samples.
+- Kept mass per layer: the exact softmax mass of the dense attention (held-out Q/K/V) that falls in the key blocks
+  the model's router selects, mean over query rows; for the dense model, the oracle (best k blocks) at 90/95/97%
+  sparsity, i.e. how sparse its attention is at all.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -74,6 +78,77 @@ def relative_l2(o, ref):
     o, ref = o.astype(jnp.float32), ref.astype(jnp.float32)
     axes = tuple(range(1, o.ndim))
     return jnp.sqrt(jnp.sum((o - ref) ** 2, axes) / jnp.maximum(jnp.sum(ref**2, axes), 1e-20))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Block-level softmax mass of the dense attention.
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k"))
+def block_attention_mass(q, k, *, block_q: int, block_k: int):
+    """Exact softmax(QK^T / sqrt(D)) summed over each key block and averaged over each query block's rows.
+
+    q, k: (B, N, H, D) with N a multiple of block_q and block_k. Returns (B, H, Nq, Nk) float32; each row sums to 1.
+    Runs one query block at a time (memory b_q x N per head).
+    """
+    batch, seq_len, heads, dim = q.shape
+    if seq_len % block_q or seq_len % block_k:
+        raise ValueError(f"N={seq_len} must be a multiple of block_q={block_q} and block_k={block_k}")
+    qb = q.astype(jnp.float32).reshape(batch, seq_len // block_q, block_q, heads, dim).transpose(1, 0, 3, 2, 4)
+    kf = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # (B, H, N, D)
+
+    def one_block(qi):  # (B, H, b_q, D) -> (B, H, Nk)
+        p = jax.nn.softmax(jnp.einsum("bhqd,bhnd->bhqn", qi, kf) * dim**-0.5, axis=-1)
+        return p.reshape(batch, heads, block_q, seq_len // block_k, block_k).sum(-1).mean(2)
+
+    return jax.lax.map(one_block, qb).transpose(1, 2, 0, 3)
+
+
+def oracle_kept_mass(block_mass, sparsity: float) -> float:
+    """Mean over rows of the mass in the best k = max(1, floor((1 - sparsity) * Nk)) key blocks. (B, H, Nq, Nk)."""
+    nk = block_mass.shape[-1]
+    k = max(1, int(np.floor(round(1.0 - sparsity, 6) * nk)))
+    return float(jnp.mean(jnp.sum(jax.lax.top_k(block_mass, k)[0], axis=-1)))
+
+
+@nnx.jit
+def _router_lut(core, q, k):
+    from sla2_jax.functional import route
+
+    w_q = core.w_q[...] if hasattr(core, "w_q") else None
+    w_k = core.w_k[...] if hasattr(core, "w_k") else None
+    lut, _, _ = route(q, k, core.config, w_q=w_q, w_k=w_k)
+    return lut
+
+
+def kept_mass(model: VideoDiT, heldout: dict) -> list[float] | None:
+    """Per layer: mean exact dense-attention mass in the blocks the model's router selects (None for dense)."""
+    if "block_mass" not in heldout or model.blocks[0].attn.core is None:
+        return None
+    out = []
+    for layer, blk in enumerate(model.blocks):
+        q, k, bm = (
+            heldout["q"][layer],
+            heldout["k"][layer],
+            heldout["block_mass"][layer],
+        )
+        masses = []
+        for i in range(q.shape[0]):
+            lut = _router_lut(blk.attn.core, q[i : i + 1], k[i : i + 1])
+            masses.append(jnp.sum(jnp.take_along_axis(bm[i : i + 1], lut, axis=-1), axis=-1))
+        out.append(float(jnp.mean(jnp.concatenate(masses))))
+    return out
+
+
+def add_block_mass(heldout: dict, block_q: int, block_k: int) -> dict:
+    """heldout with "block_mass": per layer (S, H, Nq, Nk) float32 from `block_attention_mass`."""
+    heldout["block_mass"] = [
+        jnp.concatenate(
+            [block_attention_mass(q[i : i + 1], k[i : i + 1], block_q=block_q, block_k=block_k) for i in range(len(q))]
+        )
+        for q, k in zip(heldout["q"], heldout["k"])
+    ]
+    return heldout
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,6 +260,15 @@ def evaluate_run(
         layer_errs = attention_errors(model, heldout)
         metrics["attn_rel_err_per_layer"] = layer_errs
         metrics["attn_rel_err"] = float(np.mean(layer_errs))
+        masses = kept_mass(model, heldout)
+        if masses is not None:
+            metrics["kept_mass_per_layer"] = masses
+            metrics["kept_mass"] = float(np.mean(masses))
+        elif "block_mass" in heldout:
+            metrics["oracle_kept_mass_per_layer"] = {
+                f"{round(100 * s)}": [oracle_kept_mass(bm, s) for bm in heldout["block_mass"]]
+                for s in (0.9, 0.95, 0.97)
+            }
     metrics["eval_seconds"] = time.time() - t0
     write_json(os.path.join(eval_dir, f"{run.name}.json"), metrics)
     return metrics

@@ -1,8 +1,9 @@
 """Report of a recipe run: results.json, results.md (tables) and pictures, all written to the run folder.
 
 Pictures: samples_grid.png (one row per model: the frames of sample 0, dense first), samples.gif (every model's
-samples, one row per model), gifs/<run>.gif, data_examples.gif (training videos) and error_vs_sparsity.png
-(attention relative error and PSNR vs dense against sparsity, SLA2 vs SLA vs sparse-only).
+samples, one row per model), gifs/<run>.gif, data_examples.gif (training videos), error_vs_sparsity.png
+(attention relative error and PSNR vs dense against sparsity, SLA2 vs SLA vs sparse-only) and loss_curves.png
+(training loss of stages 0 and 2, relative MSE of stage 1).
 
 Usage: python -m experiments.report --out runs/smoke   (run_recipe calls it at the end)
 """
@@ -108,41 +109,103 @@ def save_error_plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def save_loss_curves(stages: dict, path: str) -> None:
+    """stages: {"stage0/dense": done.json, ...}. Three panels: stage 0 (short clips then full length, on one step
+    axis), stage 2 per model, stage 1 per router."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    offset = 0
+    for name in ("stage0/dense-short", "stage0/dense"):
+        curve = stages.get(name, {}).get("loss_curve") or []
+        if curve:
+            axes[0].plot([offset + s for s, _ in curve], [v for _, v in curve], label=name.split("/")[1])
+            offset += stages[name]["steps"]
+    for name, done in stages.items():
+        if name.startswith("stage2/") and done.get("loss_curve"):
+            axes[1].plot(*zip(*done["loss_curve"]), label=name.split("/")[1])
+        if name.startswith("stage1/") and done.get("rel_mse_curve"):
+            axes[2].plot(*zip(*done["rel_mse_curve"]), label=name.split("/")[1])
+    titles = ("stage 0 (dense) training loss", "stage 2 training loss", "stage 1 relative MSE (soft top-k)")
+    for ax, title in zip(axes, titles):
+        ax.set(xlabel="step", title=title)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _fmt(x, spec):
     return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
 
 
-def markdown_table(results: dict, names, dense_loss: float | None, stages: dict) -> str:
+def _relative(loss, ref):
+    return None if ref is None or loss is None else 100.0 * (loss - ref) / ref
+
+
+def markdown_table(results: dict, names, dense_loss: float | None, stages: dict, dense_ft_loss=None) -> str:
+    """One row per model: val loss (and its change vs the dense and the dense-ft models), PSNR/SSIM vs the dense
+    model's samples, attention error, exact dense-attention mass kept by the router, training throughput."""
     head = (
-        "| model | sparsity | stage-2 quant | val loss | vs dense | PSNR vs dense (dB) | SSIM vs dense "
-        "| attn rel. error | train videos/s |\n|---|---|---|---|---|---|---|---|---|\n"
+        "| model | sparsity | stage-2 quant | val loss | vs dense | vs dense-ft | PSNR vs dense (dB) | SSIM vs dense "
+        "| attn rel. error | kept mass | train videos/s |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for name in names:
         r = results.get(name)
         if r is None:
             continue
-        rel = None if dense_loss is None else 100.0 * (r["val_loss"] - dense_loss) / dense_loss
-        is_dense = r["attention"] == "dense"
-        speed = stages.get("stage0/dense" if is_dense else f"stage2/{name}", {}).get("videos_per_s")
+        is_ref, is_dense = name == "dense", r["attention"] == "dense"
+        speed = stages.get("stage0/dense" if is_ref else f"stage2/{name}", {}).get("videos_per_s")
         rows.append(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
                 name,
                 "0%" if is_dense else f"{100 * r['sparsity']:.0f}%",
                 "-" if is_dense else r["quant"],
                 _fmt(r["val_loss"], ".4f"),
-                "-" if is_dense else (_fmt(rel, "+.2f") + "%"),
-                "ref" if is_dense else _fmt(r.get("psnr"), ".2f"),
-                "ref" if is_dense else _fmt(r.get("ssim"), ".4f"),
+                "-" if is_ref else (_fmt(_relative(r["val_loss"], dense_loss), "+.2f") + "%"),
+                "-" if name == "dense-ft" else (_fmt(_relative(r["val_loss"], dense_ft_loss), "+.2f") + "%"),
+                "ref" if is_ref else _fmt(r.get("psnr"), ".2f"),
+                "ref" if is_ref else _fmt(r.get("ssim"), ".4f"),
                 _fmt(r.get("attn_rel_err"), ".4f"),
+                "1" if is_dense else _fmt(r.get("kept_mass"), ".3f"),
                 _fmt(speed, ".2f"),
             )
         )
     return head + "\n".join(rows) + "\n"
 
 
-def write_report(out: str, skipped=()) -> dict:
-    """Collect <out>/eval/*.json and stage metrics into results.json, results.md and the pictures."""
+def oracle_mass_table(dense_result: dict) -> str:
+    """Markdown: per layer, the dense attention mass of the best k key blocks at each sparsity (held-out Q/K/V)."""
+    oracle = dense_result.get("oracle_kept_mass_per_layer")
+    if not oracle:
+        return ""
+    levels = sorted(oracle, key=int)
+    layers = len(oracle[levels[0]])
+    head = "| sparsity | " + " | ".join(f"layer {i}" for i in range(layers)) + " | mean |\n"
+    head += "|---" * (layers + 2) + "|\n"
+    rows = [f"| {s}% | " + " | ".join(f"{m:.3f}" for m in oracle[s]) + f" | {np.mean(oracle[s]):.3f} |" for s in levels]
+    return (
+        "\n## How sparse is the dense model's attention? Oracle kept mass\n\n"
+        "Exact softmax mass of the dense attention (held-out Q/K/V, mean over query rows and heads) inside the best "
+        "k key blocks of each query block; an upper bound on what any router at that sparsity keeps.\n\n"
+        + head
+        + "\n".join(rows)
+        + "\n"
+    )
+
+
+def write_report(out: str, skipped=None, failed=None) -> dict:
+    """Collect <out>/eval/*.json and stage metrics into results.json, results.md and the pictures.
+
+    skipped: runs not started (time budget); None = every run of recipe.json without an eval json. failed: {run:
+    error message} of runs that raised."""
     eval_dir = os.path.join(out, "eval")
     with open(os.path.join(out, "recipe.json")) as f:
         recipe = json.load(f)
@@ -162,8 +225,12 @@ def write_report(out: str, skipped=()) -> dict:
                 if os.path.exists(p):
                     with open(p) as f:
                         stages[f"{stage}/{run}"] = json.load(f)
+    failed = dict(failed or {})
+    if skipped is None:
+        skipped = [n for n in recipe["runs"] if n not in results and n not in failed]
     dense_loss = results.get("dense", {}).get("val_loss")
-    summary = {"recipe": recipe, "results": results, "stages": stages, "not_run": list(skipped)}
+    dense_ft_loss = results.get("dense-ft", {}).get("val_loss")
+    summary = {"recipe": recipe, "results": results, "stages": stages, "not_run": list(skipped), "failed": failed}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
 
@@ -181,23 +248,31 @@ def write_report(out: str, skipped=()) -> dict:
         f"({p['eval']['sample_steps']} Euler steps, fixed noise) against the dense model's samples. Attention error: "
         "relative L2 error of each layer's attention on held-out Q/K/V captured from the dense model, mean over "
         "layers. Train videos/s: stage-0 (dense) or stage-2 training throughput after compilation.\n",
+        "Kept mass: exact softmax mass of the dense attention on those Q/K/V inside the key blocks the model's "
+        "router selects. vs dense-ft: against the dense model fine-tuned with the same stage-2 budget.\n",
         (f"**Not run (time budget reached):** {', '.join(skipped)}.\n\n" if skipped else ""),
+        "".join(f"**Failed:** {name}: {msg}\n\n" for name, msg in failed.items()),
         "## Main comparison\n",
-        markdown_table(results, MAIN_TABLE, dense_loss, stages),
+        markdown_table(results, MAIN_TABLE, dense_loss, stages, dense_ft_loss),
         "\n## Ablations at 97% (alpha granularity, QAT)\n",
-        markdown_table(results, ABLATION_TABLE, dense_loss, stages),
+        markdown_table(results, ABLATION_TABLE, dense_loss, stages, dense_ft_loss),
+        oracle_mass_table(results.get("dense", {})),
     ]
     router = {k: v for k, v in stages.items() if k.startswith("stage1/")}
     if router:
         md.append(
             "\n## Stage 1 (router + alpha, soft top-k): relative MSE to full attention\n\n"
-            "| run | first step | last steps |\n|---|---|---|\n"
+            "| run | first step | last steps | alpha after least-squares init (mean per layer) |\n|---|---|---|---|\n"
         )
         md += [
-            f"| {k.split('/')[1]} | {_fmt(v.get('first_rel_mse'), '.4f')} | {_fmt(v.get('final_rel_mse'), '.4f')} |\n"
+            f"| {k.split('/')[1]} | {_fmt(v.get('first_rel_mse'), '.4f')} | {_fmt(v.get('final_rel_mse'), '.4f')} "
+            f"| {', '.join(f'{a:.2f}' for a in v.get('alpha_init') or []) or '-'} |\n"
             for k, v in router.items()
         ]
-    md.append("\n![samples](samples_grid.png)\n\n![error vs sparsity](error_vs_sparsity.png)\n")
+    md.append(
+        "\n![samples](samples_grid.png)\n\n![error vs sparsity](error_vs_sparsity.png)\n\n"
+        "![loss curves](loss_curves.png)\n"
+    )
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(md))
 
@@ -209,6 +284,8 @@ def write_report(out: str, skipped=()) -> dict:
             save_gif(v, os.path.join(out, "gifs", f"{name}.gif"))
     if any(r["attention"] != "dense" for r in results.values()):
         save_error_plot(results, os.path.join(out, "error_vs_sparsity.png"))
+    if stages:
+        save_loss_curves(stages, os.path.join(out, "loss_curves.png"))
     return summary
 
 

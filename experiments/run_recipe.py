@@ -6,7 +6,8 @@
 Folder layout (every stage is skipped when its done.json / eval json exists, resumed from its latest checkpoint
 when interrupted):
   recipe.json               the preset and the runs (a rerun with a different preset config is refused)
-  stage0/dense/             dense pre-training
+  stage0/dense-short/       first phase of dense pre-training on short clips (presets with stage0_short only)
+  stage0/dense/             dense pre-training (continues from dense-short when there is one)
   stage1/router-<s>-<a>/    router + alpha per sparsity s and alpha granularity a (soft top-k on captured Q/K/V)
   stage2/<run>/             fine-tuning of every sparse model from the stage-0 weights (same budget for all)
   eval/<run>.json, eval/<run>_samples.npy
@@ -78,9 +79,18 @@ def run_recipe(preset: Preset, out: str, *, time_budget_s: float | None = None, 
     eval_dir = os.path.join(out, "eval")
     evaluated = lambda r: os.path.exists(os.path.join(eval_dir, f"{r.name}.json"))
 
-    # Stage 0: dense pre-training.
+    # Stage 0: dense pre-training (optionally short clips first).
+    init_dense = _stage0_short(preset, out, mesh, log)
     log(f"[stage 0] dense pre-training: {preset.stage0.steps} steps, {preset.num_tokens} tokens per video")
-    train.train_diffusion(stage0_dir, preset, dense_run, preset.stage0, mesh=mesh, desc="stage0 dense")
+    train.train_diffusion(
+        stage0_dir,
+        preset,
+        dense_run,
+        preset.stage0,
+        init=init_dense,
+        mesh=mesh,
+        desc="stage0 dense",
+    )
     dense = make_model(preset, dense_run)
     train.load_params(stage0_dir, dense)
     examples = os.path.join(out, "data_examples.gif")
@@ -94,61 +104,108 @@ def run_recipe(preset: Preset, out: str, *, time_budget_s: float | None = None, 
         heldout = train.capture_qkv(
             dense, preset, preset.stage1, stream=data_lib.HELDOUT_STREAM, num_videos=preset.stage1.heldout_videos
         )
+        if preset.num_tokens % preset.block_q == 0 and preset.num_tokens % preset.block_k == 0:
+            heldout = evaluate.add_block_mass(heldout, preset.block_q, preset.block_k)
     if not evaluated(dense_run):
         m = evaluate.evaluate_run(eval_dir, preset, dense_run, dense, heldout=heldout, dense_samples=None)
         log(f"[eval] dense: val_loss={m['val_loss']:.4f}")
     dense_samples = np.load(os.path.join(eval_dir, "dense_samples.npy"))
 
-    skipped = []
+    skipped, failed = [], {}
     for r in preset.runs:
-        if r.attention == "dense" or evaluated(r):
+        if r.name == dense_run.name or evaluated(r):
             continue
         if time_budget_s is not None and time.time() - t_start > time_budget_s:
             skipped.append(r.name)
             continue
-        # Stage 1: the router (one per sparsity and alpha granularity) on Q/K/V captured from the frozen dense model.
-        router_dir = None if r.router_run is None else os.path.join(out, "stage1", r.router_run)
-        if router_dir is not None and not train.is_done(router_dir):
-            if captured is None:
-                log(f"[stage 1] capturing Q/K/V at t={preset.stage1.timesteps} from {preset.stage1.num_videos} videos")
-                captured = train.capture_qkv(
-                    dense, preset, preset.stage1, stream=data_lib.CAPTURE_STREAM, num_videos=preset.stage1.num_videos
-                )
-            log(f"[stage 1] {r.router_run}: {preset.stage1.steps} steps")
-            train.train_router(router_dir, preset, r, captured)
-
-        # Stage 2: fine-tune from the dense weights (router frozen; SLA2 loads its stage-1 router and alpha).
-        def init(model, r=r, router_dir=router_dir):
-            train.transfer_params(dense, model)
-            if router_dir is not None:
-                train.load_router(router_dir, preset, r, model)
-
-        log(f"[stage 2] {r.name}: {preset.stage2.steps} steps, quant={r.quant}")
-        run_dir = os.path.join(out, "stage2", r.name)
-        train.train_diffusion(
-            run_dir,
-            preset,
-            r,
-            preset.stage2,
-            init=init,
-            trainable=train.STAGE2_TRAINABLE,
-            mesh=mesh,
-            desc=f"stage2 {r.name}",
-        )
-
-        model = make_model(preset, r)
-        train.load_params(run_dir, model)
-        m = evaluate.evaluate_run(eval_dir, preset, r, model, heldout=heldout, dense_samples=dense_samples)
-        log(
-            f"[eval] {r.name}: val_loss={m['val_loss']:.4f} psnr={m['psnr']:.2f} ssim={m['ssim']:.4f} "
-            f"attn_err={m['attn_rel_err']:.4f}"
-        )
+        t_run = time.time()
+        try:
+            captured = _stage12_and_eval(preset, r, out, dense, heldout, dense_samples, captured, mesh, log)
+        except (FloatingPointError, ValueError, RuntimeError) as e:  # keep the other rows (one-shot GPU runs)
+            failed[r.name] = f"{type(e).__name__}: {e}"[:500]
+            log(f"[error] {r.name}: {failed[r.name]}")
+        log(f"[time] {r.name}: {time.time() - t_run:.1f} s (total {time.time() - t_start:.1f} s)")
 
     if skipped:
         log(f"[budget] time budget of {time_budget_s} s reached; not run: {skipped}")
-    summary = report.write_report(out, skipped=skipped)
+    summary = report.write_report(out, skipped=skipped, failed=failed)
     log(f"[done] {time.time() - t_start:.1f} s; report in {os.path.join(out, 'results.md')}")
     return summary
+
+
+def _stage0_short(preset: Preset, out: str, mesh, log):
+    """Train the short-clip phase of stage 0 when the preset has one; returns the init function of the full-length
+    phase (copies the short-clip weights: the DiT's parameters do not depend on the number of frames), or None."""
+    if preset.stage0_short is None:
+        return None
+    short = preset.short_clip_preset()
+    short_dir = os.path.join(out, "stage0", "dense-short")
+    log(f"[stage 0] short clips: {preset.stage0_short.steps} steps, {short.num_tokens} tokens per clip")
+    train.train_diffusion(
+        short_dir,
+        short,
+        preset.run("dense"),
+        preset.stage0_short,
+        mesh=mesh,
+        desc="stage0 dense-short",
+    )
+
+    def init(model):
+        src = make_model(short, preset.run("dense"))
+        train.load_params(short_dir, src)
+        train.transfer_params(src, model)
+
+    return init
+
+
+def _stage12_and_eval(preset: Preset, r, out: str, dense, heldout, dense_samples, captured, mesh, log):
+    """Stage 1 (when the run's router is missing), stage 2 and evaluation of one compared model. Returns the
+    captured stage-1 Q/K/V (captured on first need, then reused by the next runs)."""
+    # Stage 1: the router (one per sparsity and alpha granularity) on Q/K/V captured from the frozen dense model.
+    router_dir = None if r.router_run is None else os.path.join(out, "stage1", r.router_run)
+    if router_dir is not None and not train.is_done(router_dir):
+        if captured is None:
+            log(f"[stage 1] capturing Q/K/V at t={preset.stage1.timesteps} from {preset.stage1.num_videos} videos")
+            captured = train.capture_qkv(
+                dense, preset, preset.stage1, stream=data_lib.CAPTURE_STREAM, num_videos=preset.stage1.num_videos
+            )
+        log(f"[stage 1] {r.router_run}: {preset.stage1.steps} steps")
+        train.train_router(router_dir, preset, r, captured)
+
+    # Stage 2: fine-tune from the dense weights (router frozen; SLA2 loads its stage-1 router and alpha).
+    def init(model):
+        train.transfer_params(dense, model)
+        if router_dir is not None:
+            train.load_router(router_dir, preset, r, model)
+
+    log(f"[stage 2] {r.name}: {preset.stage2.steps} steps, quant={r.quant}")
+    run_dir = os.path.join(out, "stage2", r.name)
+    train.train_diffusion(
+        run_dir,
+        preset,
+        r,
+        preset.stage2,
+        init=init,
+        trainable=train.STAGE2_TRAINABLE,
+        mesh=mesh,
+        desc=f"stage2 {r.name}",
+    )
+
+    model = make_model(preset, r)
+    train.load_params(run_dir, model)
+    m = evaluate.evaluate_run(
+        os.path.join(out, "eval"),
+        preset,
+        r,
+        model,
+        heldout=heldout,
+        dense_samples=dense_samples,
+    )
+    log(
+        f"[eval] {r.name}: val_loss={m['val_loss']:.4f} psnr={m['psnr']:.2f} ssim={m['ssim']:.4f} "
+        f"attn_err={m['attn_rel_err']:.4f} kept_mass={m.get('kept_mass', float('nan')):.4f}"
+    )
+    return captured
 
 
 def main():

@@ -13,6 +13,7 @@ the attention of stages 0 and 2 sequence-parallel (Ulysses, sla2_jax.ContextPara
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -230,7 +231,7 @@ def train_diffusion(
 
     base_key = jax.random.PRNGKey(cfg.seed)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    losses, t0, seen, tic, t_ckpt = [], time.time(), 0, time.time(), 0.0
+    losses, curve, t0, seen, tic, t_ckpt = [], [], time.time(), 0, time.time(), 0.0
     bar = tqdm(
         range(start, end), desc=desc or run.name, initial=start, total=cfg.steps, dynamic_ncols=True, mininterval=2.0
     )
@@ -246,6 +247,7 @@ def train_diffusion(
             recent = float(jnp.mean(jnp.stack(losses[-cfg.log_every :])))
             if not np.isfinite(recent):
                 raise FloatingPointError(f"{run.name}: loss is {recent} at step {step + 1}")
+            curve.append([step + 1, recent])
             rate = seen / max(time.time() - tic, 1e-9)
             bar.set_postfix(loss=f"{recent:.4f}", vid_s=f"{rate:.1f}", tok_s=f"{rate * preset.num_tokens:.3g}")
             seen, tic = 0, time.time()
@@ -269,6 +271,7 @@ def train_diffusion(
         "seconds": time.time() - t0,
         # Throughput after the first (compiling) step of this session, checkpoint saves excluded.
         "videos_per_s": ((end - start - 1) * cfg.batch_size / (t_end - t_first - t_ckpt) if end - start > 1 else None),
+        "loss_curve": curve,  # [step, mean training loss of the last log interval] (this session's steps)
     }
     write_json(os.path.join(run_dir, "done.json"), metrics)
     return metrics
@@ -369,6 +372,51 @@ def _router_step(routers: RouterSet, optimizer: nnx.Optimizer, q, k, v, o):
     return loss
 
 
+def optimal_alpha_sums(o_s, o_l, o, block_q: int):
+    """Sums behind the least-squares alpha of o ~ alpha * o_s + (1 - alpha) * o_l, per head and query block.
+
+    o_s, o_l, o: (B, N, H, D). Returns (num, den), each (H, Nq) float32: alpha* = num / den, with
+    num = sum <o - o_l, o_s - o_l> and den = sum |o_s - o_l|^2 over the batch, the block's rows and channels.
+    """
+    from sla2_jax.blocks import to_blocks
+
+    o_s, o_l, o = (x.astype(jnp.float32) for x in (o_s, o_l, o))
+    diff = to_blocks(o_s - o_l, block_q)  # (B, H, Nq, b_q, D)
+    target = to_blocks(o - o_l, block_q)
+    return jnp.sum(target * diff, axis=(0, 3, 4)), jnp.sum(diff * diff, axis=(0, 3, 4))
+
+
+@nnx.jit
+def _alpha_sums(layer, q, k, v, o):
+    from sla2_jax.functional import sparse_linear_outputs
+
+    cfg = layer.config
+    hard = cfg if cfg.quant == "none" else dataclasses.replace(cfg, quant="none")
+    o_s, o_l, _ = sparse_linear_outputs(q, k, v, hard, w_q=layer.w_q[...], w_k=layer.w_k[...])
+    return optimal_alpha_sums(o_s, o_l, o, cfg.block_q)
+
+
+def init_alpha_least_squares(routers: RouterSet, captured: dict, clip: float = 0.02) -> list:
+    """Set every layer's alpha (granularity "block" or "head") to the least-squares fit of the dense attention
+    output on the captured Q/K/V with the current (initial) router and hard top-k, clipped to [clip, 1 - clip].
+
+    The paper leaves alpha's initialisation open; alpha = 0.5 can be far from the best mix, and stage 1's Adam
+    steps move a logit by about lr per step. Returns the mean alpha of each layer (for the run's record).
+    """
+    means = []
+    for index, layer in enumerate(routers.layers):
+        num, den = 0.0, 0.0
+        for i in range(captured["q"][index].shape[0]):
+            n, d = _alpha_sums(layer, *(captured[name][index][i : i + 1] for name in ("q", "k", "v", "o")))
+            num, den = num + n, den + d
+        if layer.config.alpha == "head":
+            num, den = num.sum(-1), den.sum(-1)
+        alpha = jnp.clip(num / jnp.maximum(den, 1e-20), clip, 1.0 - clip)
+        layer.alpha_logit[...] = jnp.log(alpha) - jnp.log1p(-alpha)
+        means.append(float(jnp.mean(alpha)))
+    return means
+
+
 def train_router(run_dir: str, preset: Preset, run: RunSpec, captured: dict, *, stop_after=None) -> dict:
     """Stage 1 for one SLA2 run (one sparsity and alpha granularity): soft top-k, MSE to dense attention."""
     if is_done(run_dir):
@@ -380,6 +428,7 @@ def train_router(run_dir: str, preset: Preset, run: RunSpec, captured: dict, *, 
     tcfg = TrainConfig(
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=max(cfg.steps // 10, 1), grad_clip=1.0
     )
+    alpha_init = init_alpha_least_squares(routers, captured) if run.alpha in ("block", "head") else None
     optimizer = make_optimizer(routers, tcfg, STAGE1_TRAINABLE)
     mngr = _manager(run_dir)
     start = _resume(mngr, routers, optimizer)
@@ -397,7 +446,7 @@ def train_router(run_dir: str, preset: Preset, run: RunSpec, captured: dict, *, 
         dynamic_ncols=True,
         mininterval=2.0,
     )
-    first_loss = None
+    first_loss, curve = None, []
     for step in bar:
         idx = jnp.asarray(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
         pick = lambda name: tuple(x[idx] for x in captured[name])
@@ -406,7 +455,8 @@ def train_router(run_dir: str, preset: Preset, run: RunSpec, captured: dict, *, 
         if first_loss is None:
             first_loss = float(loss)
         if (step + 1) % cfg.log_every == 0 or step + 1 == end:
-            bar.set_postfix(rel_mse=f"{float(jnp.mean(jnp.stack(losses[-cfg.log_every :]))):.4f}")
+            curve.append([step + 1, float(jnp.mean(jnp.stack(losses[-cfg.log_every :])))])
+            bar.set_postfix(rel_mse=f"{curve[-1][1]:.4f}")
     bar.close()
     save_checkpoint(mngr, end, routers, optimizer)
     if end < cfg.steps:
@@ -416,6 +466,8 @@ def train_router(run_dir: str, preset: Preset, run: RunSpec, captured: dict, *, 
         "steps": cfg.steps,
         "first_rel_mse": first_loss,
         "final_rel_mse": float(jnp.mean(jnp.stack(losses[-cfg.log_every :]))) if losses else None,
+        "rel_mse_curve": curve,
+        "alpha_init": alpha_init,
         "seconds": time.time() - t0,
     }
     write_json(os.path.join(run_dir, "done.json"), metrics)

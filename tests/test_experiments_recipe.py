@@ -1,5 +1,5 @@
-"""The smoke recipe end to end: stages chain, checkpoints resume to the same step and parameters, reruns skip
-finished stages, metrics are finite and the report files exist."""
+"""The smoke recipe end to end: stages chain (short clips -> full-length dense -> routers -> fine-tunes), checkpoints
+resume to the same step and parameters, reruns skip finished stages, metrics are finite and the report files exist."""
 
 import dataclasses
 import json
@@ -20,13 +20,15 @@ PRESET = run_recipe.select_runs(
         get_preset("cpu-smoke"),
         data=DataConfig(frames=4, height=16, width=16, max_shapes=2),
         model=ModelConfig(patch=(1, 2, 2), dim=128, depth=2, num_heads=2),
+        stage0_short=dataclasses.replace(get_preset("cpu-smoke").stage0_short, steps=2, ckpt_every=2, log_every=1),
+        short_frames=2,
         stage0=dataclasses.replace(get_preset("cpu-smoke").stage0, steps=8, ckpt_every=4, log_every=4, warmup=2),
         stage1=dataclasses.replace(get_preset("cpu-smoke").stage1, steps=4, log_every=2),
         stage2=dataclasses.replace(get_preset("cpu-smoke").stage2, steps=4, ckpt_every=2, log_every=2),
         block_q=32,
         block_k=16,
     ),
-    "sla-95,sla2-95",
+    "sla-95,sla2-95,dense-ft",
 )
 
 
@@ -38,8 +40,9 @@ def _params(model):
 def recipe_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("smoke"))
     # Interrupt stage 0 after 4 of 8 steps; the recipe must resume it from the checkpoint.
+    init = run_recipe._stage0_short(PRESET, out, train.make_mesh(), log=lambda *a: None)
     stopped = train.train_diffusion(
-        os.path.join(out, "stage0", "dense"), PRESET, PRESET.run("dense"), PRESET.stage0, stop_after=4
+        os.path.join(out, "stage0", "dense"), PRESET, PRESET.run("dense"), PRESET.stage0, init=init, stop_after=4
     )
     assert stopped == {"stopped_at": 4}
     run_recipe.run_recipe(PRESET, out, log=lambda *a: None)
@@ -51,8 +54,9 @@ def test_stage0_resumes_to_same_step_and_params(recipe_dir, tmp_path):
     assert done["resumed_from"] == 4 and done["steps"] == 8
     resumed = make_model(PRESET, PRESET.run("dense"))
     assert train.load_params(os.path.join(recipe_dir, "stage0", "dense"), resumed) == 8
-    # The same training without interruption.
-    train.train_diffusion(str(tmp_path / "straight"), PRESET, PRESET.run("dense"), PRESET.stage0)
+    # The same training without interruption, from the same short-clip weights.
+    init = run_recipe._stage0_short(PRESET, recipe_dir, train.make_mesh(), log=lambda *a: None)
+    train.train_diffusion(str(tmp_path / "straight"), PRESET, PRESET.run("dense"), PRESET.stage0, init=init)
     straight = make_model(PRESET, PRESET.run("dense"))
     assert train.load_params(str(tmp_path / "straight"), straight) == 8
     fresh = _params(make_model(PRESET, PRESET.run("dense")))
@@ -63,22 +67,37 @@ def test_stage0_resumes_to_same_step_and_params(recipe_dir, tmp_path):
 
 
 def test_all_stages_ran_and_metrics_are_finite(recipe_dir):
-    for d in ("stage0/dense", "stage1/router-95-block", "stage2/sla-95", "stage2/sla2-95"):
+    for d in ("stage0/dense-short", "stage0/dense", "stage1/router-95-block", "stage2/sla-95", "stage2/sla2-95"):
         assert train.is_done(os.path.join(recipe_dir, d)), d
     with open(os.path.join(recipe_dir, "results.json")) as f:
-        results = json.load(f)["results"]
-    assert set(results) == {"dense", "sla-95", "sla2-95"}
+        summary = json.load(f)
+    results = summary["results"]
+    assert set(results) == {"dense", "sla-95", "sla2-95", "dense-ft"} and not summary["failed"]
+    assert [step for step, _ in summary["stages"]["stage0/dense"]["loss_curve"]] == [8]  # resumed at 4, logs every 4
+    assert len(summary["stages"]["stage1/router-95-block"]["alpha_init"]) == PRESET.model.depth
     for name, r in results.items():
         assert np.isfinite(r["val_loss"]), name
         if name != "dense":
             for key in ("psnr", "ssim", "attn_rel_err"):
                 assert np.isfinite(r[key]), (name, key)
-            assert 0 < r["attn_rel_err"] < 2 and -1 <= r["ssim"] <= 1
-    assert results["dense"]["attn_rel_err"] == 0.0
-    for f in ("results.md", "samples_grid.png", "samples.gif", "error_vs_sparsity.png", "gifs/sla2-95.gif"):
+            assert -1 <= r["ssim"] <= 1 and (0 < r["attn_rel_err"] < 2 or r["attention"] == "dense")
+    for name in ("sla-95", "sla2-95"):  # a router keeps at most what the best blocks hold
+        oracle = results["dense"]["oracle_kept_mass_per_layer"]["95"]
+        assert all(0 < m <= o + 1e-6 for m, o in zip(results[name]["kept_mass_per_layer"], oracle)), name
+    assert results["dense"]["attn_rel_err"] == 0.0 and results["dense-ft"]["attn_rel_err"] == 0.0
+    files = (
+        "results.md",
+        "samples_grid.png",
+        "samples.gif",
+        "error_vs_sparsity.png",
+        "loss_curves.png",
+        "gifs/sla2-95.gif",
+    )
+    for f in files:
         assert os.path.getsize(os.path.join(recipe_dir, f)) > 0, f
     md = open(os.path.join(recipe_dir, "results.md")).read()
-    assert "| sla2-95 | 95% | int8 |" in md and "| dense | 0% |" in md
+    assert "| sla2-95 | 95% | int8 |" in md and "| dense | 0% |" in md and "| dense-ft | 0% | - |" in md
+    assert "Oracle kept mass" in md
 
 
 def test_stage2_used_dense_weights_and_stage1_router(recipe_dir):
