@@ -2,7 +2,7 @@
 
 * ``block_means_and_phi(x, block, feature_map)``: one read of X (B, N, H, D) gives phi(X) (B, N, H, D, x.dtype)
   and the mean of every ``block``-row block, (B, H, Nb, D) float32 (a ragged last block averages its valid rows;
-  rows >= N are masked, never padded). Grid (Nb, H, B), one block of rows per program. Bytes: one read of X, one
+  rows >= N are masked, never padded). Grid (Nb, H, B), one block per program, ``rows`` rows per loop step. Bytes: one read of X, one
   write of phi(X). The backward is the vjp of the XLA formulas (`sla2_jax.feature_maps.feature_map_f32`,
   `sla2_jax.routing.pool_blocks`): both are cheap elementwise / broadcast passes.
 * ``select_blocks(scores, topk, seq_len, block_k)``: per row of router logits S (B, H, Nq, Nk) float32, the
@@ -28,6 +28,7 @@ from ._triton import CompilerParams, pl, plgpu
 _F32 = jnp.float32
 _INT_MIN = -(2**31)
 _PREP_WARPS = 4
+_PREP_ROWS = 32  # rows per loop step of the prep kernel: a 128-row block at once spills (H100 run 1)
 _SELECT_WARPS = 4
 _SELECT_ROW_ELEMENTS = 1024  # rows per select program: this / padded row length (a power of two in [1, 16])
 _SELECT_TILE = 16384  # elements of the slot x column comparison tile that writes the LUT
@@ -41,27 +42,29 @@ def _interpret(interpret) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # Block means and phi
 # ----------------------------------------------------------------------------------------------------------
-def _prep_kernel(x_ref, *out_refs, n: int, block: int, kind: str | None):
-    """Program (i, h, b): rows [i*block, (i+1)*block) of X (N, D) -> phi of those rows and their mean (D,)."""
+def _prep_kernel(x_ref, *out_refs, n: int, block: int, rows: int, kind: str | None):
+    """Program (i, h, b): rows [i*block, (i+1)*block) of X (N, D), `rows` at a time -> phi of those rows and
+    their mean (D,)."""
     from sla2_jax.feature_maps import feature_map_f32
 
-    start = pl.program_id(0) * block
+    start0 = pl.program_id(0) * block
     d = x_ref.shape[-1]
-    valid = (start + jnp.arange(block)) < n
-    mask = jnp.broadcast_to(valid[:, None], (block, d))
-    x = plgpu.load(x_ref.at[pl.ds(start, block), :], mask=mask, other=0.0).astype(_F32)
-    if kind is not None:
-        phi_ref, mean_ref = out_refs
-        phi = feature_map_f32(x, kind).astype(phi_ref.dtype)
-        plgpu.store(phi_ref.at[pl.ds(start, block), :], phi, mask=mask)
-    else:
-        (mean_ref,) = out_refs
-    count = jnp.minimum(n - start, block).astype(_F32)
-    mean_ref[...] = jnp.sum(x, axis=0) / count
+
+    def body(t, total):
+        start = start0 + t * rows
+        mask = jnp.broadcast_to(((start + jnp.arange(rows)) < n)[:, None], (rows, d))
+        x = plgpu.load(x_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
+        if kind is not None:
+            phi_ref = out_refs[0]
+            plgpu.store(phi_ref.at[pl.ds(start, rows), :], feature_map_f32(x, kind).astype(phi_ref.dtype), mask=mask)
+        return total + jnp.sum(x, axis=0)
+
+    total = lax.fori_loop(0, block // rows, body, jnp.zeros((d,), _F32))
+    out_refs[-1][...] = total / jnp.minimum(n - start0, block).astype(_F32)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _prep_call(x, block: int, kind: str | None, interpret: bool, num_warps: int):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _prep_call(x, block: int, kind: str | None, interpret: bool, num_warps: int, rows: int):
     b, n, h, d = x.shape
     nb = -(-n // block)
     seq = pl.BlockSpec((None, n, None, d), lambda i, hh, bb: (bb, 0, hh, 0))
@@ -71,12 +74,12 @@ def _prep_call(x, block: int, kind: str | None, interpret: bool, num_warps: int)
     if kind is not None:
         out_specs, out_shape = [seq, mean_spec], [jax.ShapeDtypeStruct(x.shape, x.dtype), mean_shape]
     return pl.pallas_call(
-        functools.partial(_prep_kernel, n=n, block=block, kind=kind),
+        functools.partial(_prep_kernel, n=n, block=block, rows=min(rows, block), kind=kind),
         grid=(nb, h, b),
         in_specs=[seq],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="sla_prep",
     )(x)
@@ -91,16 +94,16 @@ def _prep_xla(x, block: int, kind: str | None):
     return [means] if kind is None else [feature_map(x, kind), means]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _prep(x, block, kind, interpret, num_warps):
-    return _prep_call(x, block, kind, interpret, num_warps)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _prep(x, block, kind, interpret, num_warps, rows):
+    return _prep_call(x, block, kind, interpret, num_warps, rows)
 
 
-def _prep_fwd(x, block, kind, interpret, num_warps):
-    return _prep_call(x, block, kind, interpret, num_warps), x
+def _prep_fwd(x, block, kind, interpret, num_warps, rows):
+    return _prep_call(x, block, kind, interpret, num_warps, rows), x
 
 
-def _prep_bwd(block, kind, interpret, num_warps, x, cts):
+def _prep_bwd(block, kind, interpret, num_warps, rows, x, cts):
     _, vjp = jax.vjp(lambda x: _prep_xla(x, block, kind), x)
     return vjp(list(cts))
 
@@ -108,7 +111,9 @@ def _prep_bwd(block, kind, interpret, num_warps, x, cts):
 _prep.defvjp(_prep_fwd, _prep_bwd)
 
 
-def block_means_and_phi(x, block: int, feature_map: str | None = None, *, interpret=None, num_warps=_PREP_WARPS):
+def block_means_and_phi(
+    x, block: int, feature_map: str | None = None, *, interpret=None, num_warps=_PREP_WARPS, rows=_PREP_ROWS
+):
     """phi(X) and the per-block means of X from one read of X.
 
     Args:
@@ -116,6 +121,7 @@ def block_means_and_phi(x, block: int, feature_map: str | None = None, *, interp
       block: rows per block (power of two >= 16), e.g. block_q for Q, block_k for K.
       feature_map: "softmax" | "elu" | "relu" (phi over D, computed in float32), or None for the means alone.
       interpret: None -> Pallas interpret mode unless the default backend is a GPU.
+      num_warps, rows: launch (warps per program, rows per loop step: a power of two, at most `block`).
     Returns:
       (phi(x) (B, N, H, D) in x.dtype or None, means (B, H, ceil(N / block), D) float32). Differentiable in x.
     """
@@ -125,7 +131,9 @@ def block_means_and_phi(x, block: int, feature_map: str | None = None, *, interp
         raise ValueError(f"block={block!r} must be a power of two >= 16")
     if feature_map is not None and feature_map not in _FEATURE_MAPS:
         raise ValueError(f"feature_map={feature_map!r} is not one of {_FEATURE_MAPS} or None")
-    outs = _prep(x, block, feature_map, _interpret(interpret), num_warps)
+    if rows < 1 or rows & (rows - 1):
+        raise ValueError(f"rows={rows!r} must be a power of two")
+    outs = _prep(x, block, feature_map, _interpret(interpret), num_warps, rows)
     return (None, outs[0]) if feature_map is None else (outs[0], outs[1])
 
 
