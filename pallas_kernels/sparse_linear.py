@@ -254,8 +254,9 @@ def _call(kernel, grid, inputs, outputs, cfg, name, launch):
     )(*[x[1] for x in inputs])
 
 
-def _outer_sum_kernel(*refs, names, cfg: _Cfg, chunk: int, block: int, weighted: bool):
-    """Program (c, h, b): rows [c*chunk, (c+1)*chunk) of X, Y -> sum_r w_r X_r^T Y_r (D x D), sum_r u_r X_r."""
+def _outer_sum_kernel(*refs, names, cfg: _Cfg, chunk: int, block: int, weighted: bool, split: bool):
+    """Program (c, h, b): rows [c*chunk, (c+1)*chunk) of X, Y -> sum_r w_r X_r^T Y_r (D x D), sum_r u_r X_r.
+    split: the D x D sum is stored as its bf16 hi part (rows 0..D-1) and lo part (rows D..2D-1)."""
     r = dict(zip(names, refs))
     start0 = pl.program_id(0) * chunk
 
@@ -276,7 +277,12 @@ def _outer_sum_kernel(*refs, names, cfg: _Cfg, chunk: int, block: int, weighted:
         return h, z
 
     h, z = lax.fori_loop(0, chunk // block, body, (jnp.zeros((cfg.d, cfg.d), _F32), jnp.zeros((cfg.d,), _F32)))
-    r["h"][...] = h
+    if split:
+        h_hi = h.astype(jnp.bfloat16)
+        plgpu.store(r["h"].at[pl.ds(0, cfg.d), :], h_hi)
+        plgpu.store(r["h"].at[pl.ds(cfg.d, cfg.d), :], (h - h_hi.astype(_F32)).astype(jnp.bfloat16))
+    else:
+        r["h"][...] = h
     r["z"][...] = z
 
 
@@ -289,8 +295,9 @@ def _outer_sum(x, y, cfg: _Cfg, w=None, u=None, block_rows=None):
     Grid (C, H, B), C = ceil(N / 1024) chunks of rows (split-K: B*H alone is too few programs to fill the GPU);
     the C partial sums are added by XLA. Flop 2*N*D^2 per head; bytes: one read of x and y.
     w, u: optional (B, H, >= N) per-row float32 weights (both or neither).
-    block_rows: if given, one sum per block of that many rows instead (no reduction over the blocks):
-    (B, H, ceil(N / block_rows), D, D) and (B, H, ceil(N / block_rows), D).
+    block_rows: if given, one sum per block of that many rows instead (no reduction over the blocks), the D x D
+    sums as bf16 hi and lo parts (~2^-16 relative; the input of _sum_over_blocks): (B, H, C, 2 * D, D) bfloat16
+    (hi rows first) and (B, H, C, D) float32, C = ceil(N / block_rows).
     """
     b, n, h, d = x.shape
     if block_rows is None:
@@ -305,11 +312,13 @@ def _outer_sum(x, y, cfg: _Cfg, w=None, u=None, block_rows=None):
         pad = lambda a: jnp.pad(a[:, :, :n].astype(_F32), ((0, 0), (0, 0), (0, nc * chunk - n)))
         rows = pl.BlockSpec((None, None, chunk), lambda c, hh, bb: (bb, hh, c))
         inputs += [("w", pad(w), rows), ("u", pad(u), rows)]
+    split = block_rows is not None
+    h_rows, h_dtype = (2 * d, jnp.bfloat16) if split else (d, _F32)
     outputs = [
         (
             "h",
-            jax.ShapeDtypeStruct((b, h, nc, d, d), _F32),
-            pl.BlockSpec((None, None, None, d, d), lambda c, hh, bb: (bb, hh, c, 0, 0)),
+            jax.ShapeDtypeStruct((b, h, nc, h_rows, d), h_dtype),
+            pl.BlockSpec((None, None, None, h_rows, d), lambda c, hh, bb: (bb, hh, c, 0, 0)),
         ),
         (
             "z",
@@ -324,27 +333,24 @@ def _outer_sum(x, y, cfg: _Cfg, w=None, u=None, block_rows=None):
         outputs,
         cfg,
         "sum",
-        dict(chunk=chunk, block=min(chunk, _SUM_BLOCK), weighted=weighted),
+        dict(chunk=chunk, block=min(chunk, _SUM_BLOCK), weighted=weighted, split=split),
     )
-    if block_rows is not None:
+    if split:
         return hp, zp
     return jnp.sum(hp, axis=2), jnp.sum(zp, axis=2)
 
 
-def _sum_over_blocks(mask, h, z):
+def _sum_over_blocks(mask, h_split, z):
     """out[m] = sum_c mask[m, c] h[c] (and the same for z), per (b, h).
 
-    mask (B, H, M, C) bool; h (B, H, C, D, D) float32; z (B, H, C, D) float32 -> (B, H, M, D, D), (B, H, M, D)
-    float32. One dense batched matmul in XLA (cuBLAS): the 0/1 mask is exact in bf16 and h runs as bf16 hi + lo
-    parts (~2^-16 relative), f32 accumulation; z (small) in float32.
+    mask (B, H, M, C) bool; h_split (B, H, C, 2 * D, D) bfloat16, the hi and lo parts of h (from _outer_sum with
+    block_rows); z (B, H, C, D) float32 -> (B, H, M, D, D), (B, H, M, D) float32. One dense batched matmul in XLA
+    (cuBLAS) contracting over (c, hi/lo) with f32 accumulation: the 0/1 mask is exact in bf16; z (small) in f32.
     """
-    b, nh, c, d, _ = h.shape
-    flat = h.reshape(b, nh, c, d * d)
-    hi = flat.astype(jnp.bfloat16)
-    lo = (flat - hi.astype(_F32)).astype(jnp.bfloat16)
-    m16 = mask.astype(jnp.bfloat16)
-    mm = lambda part: jnp.einsum("bhmc,bhcf->bhmf", m16, part, preferred_element_type=_F32)
-    h_out = (mm(hi) + mm(lo)).reshape(b, nh, mask.shape[2], d, d)
+    b, nh, c, d2, d = h_split.shape
+    parts = h_split.reshape(b, nh, c, 2, d * d)
+    m16 = jnp.broadcast_to(mask.astype(jnp.bfloat16)[..., None], mask.shape + (2,))
+    h_out = jnp.einsum("bhmcx,bhcxf->bhmf", m16, parts, preferred_element_type=_F32).reshape(b, nh, -1, d, d)
     z_out = jnp.einsum("bhmc,bhcd->bhmd", mask.astype(_F32), z, precision=lax.Precision.HIGHEST)
     return h_out, z_out
 
