@@ -14,12 +14,10 @@ round half to even, clip to [-127, 127]):
     block_q / block_k key blocks it covers (one read of Q and K, one int8 write; the mean of K is one XLA
     reduction). int8 Q, K~ are stored (B, N, H, D) and the score is the transposed-B dot Q8 K8^T: both operands
     K-major, the layout the Hopper 8-bit MMA wants. Options (``OPTIONS``): separate Pallas calls for Q and K,
-    an XLA pre-pass, or Q quantised inside the forward kernel.
+    an XLA pre-pass, or Q quantised inside the forward kernel (all measured: docs/perf_notes_int8.md).
   * quant="int8_fp8" additionally: V in float8_e4m3fn with one scale per (batch, head, channel) = amax_N / 448,
     stored transposed (B, H, D, Nk*block_k) so that P8 V8 is again a transposed-B (K-major) dot; P in
     float8_e4m3fn with the fixed scale 448 (P in [0, 1] -> [0, 448]).
-  * OPTIONS["qk_format"] = "fp8" (experimental, not SPEC): Q and K~ in float8_e4m3fn with scale amax / 448
-    instead of INT8 (same block structure): an FP8 MMA with float32 output, no integer conversion.
 
 Forward kernel, grid (Nq, H, B) (block index fastest, like sparse_linear). Program (i, h, b):
   for each LUT entry j: S = (q8 K8_j^T)[int32 -> float32] * (s_q * s_k[j] * sm_scale * log2 e), keys >= N
@@ -27,9 +25,6 @@ Forward kernel, grid (Nq, H, B) (block index fastest, like sparse_linear). Progr
   "complement" linear branch G += phi(K_j)^T V_j, z += z_j (precomputed colsum phi(K_j)) exactly as the bf16
   kernel. Epilogue identical to the bf16 kernel: O_s = acc / l_i, LSE (base 2), O_l = phi(Q_i) H_i / (phi(Q_i)
   Z_i + eps), SLA2 combine in-kernel when fused.
-  int32 -> float32 of S: |q8 . k8| <= 127^2 D < 2^22 (D <= 128), so float(x) = bits(x + bits(1.5 * 2^23)) -
-  1.5 * 2^23 exactly (an integer add and a float subtract at full ALU rate) instead of I2F, which runs at a
-  quarter of that rate on sm_80/sm_90 and, per 128 x 64 tile, costs as much as the exp2 (OPTIONS["s_convert"]).
   Flop per program: topk * (2 bq bk D [int8] + 2 bq bk D [bf16 or fp8] (+ 2 bk D^2 bf16 "complement"))
   + 4 bq D^2; bytes per LUT entry: bk D (int8 K) + bk D * 2 (bf16 V, or 1 for fp8) (+ bk D * 2 phi(K)).
 
@@ -63,12 +58,10 @@ FP8_MAX = 448.0
 _F32 = jnp.float32
 _FP8 = jnp.float8_e4m3fn
 _LOG2E = math.log2(math.e)
-_MAGIC_BITS = 0x4B400000  # bit pattern of 1.5 * 2^23 in float32
-_MAGIC = 12582912.0  # 1.5 * 2^23: in [2^23, 2^24) the float32 spacing is exactly 1
 
 # Hopper: (head_dim, block_q, block_k, quant) -> (num_warps, num_stages); else the bf16 forward's entry.
 LAUNCH_TABLE: dict[tuple[int, int, int, str], tuple[int, int]] = {
-    (128, 128, 64, "int8"): (8, 4),  # H100, wan-1.3b: 2.44 ms vs 2.59 ms with (8, 3) at 95% (run 1)
+    (128, 128, 64, "int8"): (8, 4),  # H100, wan-1.3b at 95%: 2.44 vs 2.59 ms with (8, 3) (run 1); ~equal (run 4)
 }
 _OVERRIDE: dict[str, tuple[int, int]] = {}
 
@@ -76,19 +69,9 @@ _OVERRIDE: dict[str, tuple[int, int]] = {}
 # Implementation choices (read at trace time; the GPU check script times the alternatives):
 #   q_prepass: quantise Q in the pre-pass (int8 Q read by the forward kernel from memory) instead of inside the
 #              forward kernel;
-#   prepass:   "fused" (one Pallas kernel for Q and K), "pallas" (one Pallas kernel each) or "xla";
-#   s_convert: "magic" (exact int32 -> float32 by integer add + float subtract) or "i2f" (convert instruction);
-#   qk_format: "int8" (SPEC) or "fp8" (e4m3 Q and K~, per-block scale amax / 448; experimental);
-#   unroll:    LUT entries per online-softmax rescale (1 or 2);
-#   prepass_warps: warps per program of the Pallas pre-pass.
-OPTIONS = {
-    "q_prepass": True,
-    "prepass": "fused",
-    "s_convert": "magic",
-    "qk_format": "int8",
-    "unroll": 1,
-    "prepass_warps": 4,
-}
+#   prepass:   "fused" (one Pallas kernel for Q and K), "pallas" (one Pallas kernel each) or "xla".
+# Defaults: measured on an H100 (docs/perf_notes_int8.md); the alternatives are within noise or slower.
+OPTIONS = {"q_prepass": True, "prepass": "fused"}
 
 
 class _Opts(NamedTuple):
@@ -96,20 +79,12 @@ class _Opts(NamedTuple):
 
     q_prepass: bool
     prepass: str
-    s_convert: str
-    qk_format: str
-    unroll: int
-    prepass_warps: int
 
 
 def _opts() -> _Opts:
     o = _Opts(**OPTIONS)
-    if o.prepass not in ("fused", "pallas", "xla") or o.s_convert not in ("magic", "i2f"):
+    if o.prepass not in ("fused", "pallas", "xla"):
         raise ValueError(f"bad OPTIONS {OPTIONS}")
-    if o.qk_format not in ("int8", "fp8") or o.unroll not in (1, 2) or o.prepass_warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"bad OPTIONS {OPTIONS}")
-    if o.qk_format == "fp8" and o.prepass == "xla":
-        raise ValueError("qk_format='fp8' needs a Pallas pre-pass")
     return o
 
 
@@ -164,18 +139,11 @@ def _round_half_even(y, interpret: bool):
     return r
 
 
-def _quantize_tile(x32, fmt: str, interpret: bool):
-    """float32 tile (rows, D) -> (int8 or float8_e4m3fn tile, float32 scale) with one scale for the tile."""
+def _quantize_tile(x32, interpret: bool):
+    """float32 tile (rows, D) -> (int8 tile, float32 scale) with one scale for the tile."""
     amax = jnp.max(jnp.max(jnp.abs(x32), axis=1), axis=0)
-    if fmt == "int8":
-        scale = jnp.maximum(amax, 1e-12) / INT8_MAX
-        return _round_half_even(jnp.clip(x32 / scale, -INT8_MAX, INT8_MAX), interpret).astype(jnp.int8), scale
-    scale = jnp.maximum(amax, 1e-12) / FP8_MAX
-    return jnp.clip(x32 / scale, -FP8_MAX, FP8_MAX).astype(_FP8), scale
-
-
-def _lowbit_dtype(fmt: str):
-    return jnp.int8 if fmt == "int8" else _FP8
+    scale = jnp.maximum(amax, 1e-12) / INT8_MAX
+    return _round_half_even(jnp.clip(x32 / scale, -INT8_MAX, INT8_MAX), interpret).astype(jnp.int8), scale
 
 
 def quantize_keys(k, block_k: int):
@@ -218,33 +186,33 @@ def quantize_values_fp8(v, block_k: int):
 _SCALE_LANES = 16  # the pre-pass writes each block's scale 16 times (a power-of-two tile), XLA keeps one
 
 
-def _quantize_rows_into(x_ref, x8_ref, scale_ref, mean, start, block, n, fmt, interpret):
+def _quantize_rows_into(x_ref, x8_ref, scale_ref, mean, start, block, n, interpret):
     """Rows [start, start + block) of x (minus `mean` (D,) rounded to x's dtype, if given) -> x8_ref, scale_ref."""
     x = sl._load_rows(x_ref, start, block, n)
     x32 = x.astype(_F32)
     if mean is not None:
         valid = ((start + jnp.arange(block)) < n)[:, None]
         x32 = jnp.where(valid, (x32 - mean[None, :]).astype(x.dtype).astype(_F32), 0.0)
-    x8, scale = _quantize_tile(x32, fmt, interpret)
+    x8, scale = _quantize_tile(x32, interpret)
     rows = start + jnp.arange(block)
     mask = jnp.broadcast_to((rows < n)[:, None], x8.shape)
     plgpu.store(x8_ref.at[pl.ds(start, block), :], x8, mask=mask)
     scale_ref[...] = jnp.full((_SCALE_LANES,), scale, _F32)
 
 
-def _quant_kernel(x_ref, mean_ref, x8_ref, scale_ref, *, n, block, smooth, fmt, interpret):
-    """Program (j, h, b): rows [j*block, (j+1)*block) of x (minus the mean if smooth) -> int8 / fp8."""
+def _quant_kernel(x_ref, mean_ref, x8_ref, scale_ref, *, n, block, smooth, interpret):
+    """Program (j, h, b): rows [j*block, (j+1)*block) of x (minus the mean if smooth) -> int8."""
     mean = mean_ref[...] if smooth else None
-    _quantize_rows_into(x_ref, x8_ref, scale_ref, mean, pl.program_id(0) * block, block, n, fmt, interpret)
+    _quantize_rows_into(x_ref, x8_ref, scale_ref, mean, pl.program_id(0) * block, block, n, interpret)
 
 
-def _quant_qk_kernel(q_ref, k_ref, mean_ref, q8_ref, k8_ref, qs_ref, *ks_refs, n, block_q, block_k, fmt, interpret):
+def _quant_qk_kernel(q_ref, k_ref, mean_ref, q8_ref, k8_ref, qs_ref, *ks_refs, n, block_q, block_k, interpret):
     """Program (i, h, b): query block i and the len(ks_refs) = block_q / block_k key blocks it covers."""
     i = pl.program_id(0)
-    _quantize_rows_into(q_ref, q8_ref, qs_ref, None, i * block_q, block_q, n, fmt, interpret)
+    _quantize_rows_into(q_ref, q8_ref, qs_ref, None, i * block_q, block_q, n, interpret)
     mean = mean_ref[...]
     for u, ks_ref in enumerate(ks_refs):
-        _quantize_rows_into(k_ref, k8_ref, ks_ref, mean, i * block_q + u * block_k, block_k, n, fmt, interpret)
+        _quantize_rows_into(k_ref, k8_ref, ks_ref, mean, i * block_q + u * block_k, block_k, n, interpret)
 
 
 def _lane_spec(d):
@@ -255,50 +223,45 @@ def _seq_spec3(n, d):
     return pl.BlockSpec((None, n, None, d), lambda j, hh, bb: (bb, 0, hh, 0))
 
 
-def _quantize_pallas(x, block: int, mean, interpret: bool, fmt: str = "int8", num_warps: int = 4):
-    """Pallas pre-pass: x (B, N, H, D) (minus mean (B, H, D) if given) -> int8/fp8 (B, N, H, D), scales (B, H, Nb)."""
+def _quantize_pallas(x, block: int, mean, interpret: bool):
+    """Pallas pre-pass: x (B, N, H, D) (minus mean (B, H, D) if given) -> int8 (B, N, H, D), scales (B, H, Nb)."""
     b, n, h, d = x.shape
     nb = -(-n // block)
     smooth = mean is not None
     if mean is None:
         mean = jnp.zeros((b, h, d), _F32)
     x8, scales = pl.pallas_call(
-        functools.partial(_quant_kernel, n=n, block=block, smooth=smooth, fmt=fmt, interpret=interpret),
+        functools.partial(_quant_kernel, n=n, block=block, smooth=smooth, interpret=interpret),
         grid=(nb, h, b),
         in_specs=[_seq_spec3(n, d), pl.BlockSpec((None, None, d), lambda j, hh, bb: (bb, hh, 0))],
         out_specs=[_seq_spec3(n, d), _lane_spec(_SCALE_LANES)],
-        out_shape=[
-            jax.ShapeDtypeStruct(x.shape, _lowbit_dtype(fmt)),
-            jax.ShapeDtypeStruct((b, h, nb * _SCALE_LANES), _F32),
-        ],
-        compiler_params=CompilerParams(num_warps=num_warps, num_stages=1),
+        out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.int8), jax.ShapeDtypeStruct((b, h, nb * _SCALE_LANES), _F32)],
+        compiler_params=CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
-        name="sla_lowbit_quant",
+        name="sla_int8_quant",
     )(x, mean)
     return x8, scales[:, :, ::_SCALE_LANES]
 
 
-def _quantize_qk_pallas(q, k, mean, cfg: sl._Cfg, fmt: str, num_warps: int = 4):
+def _quantize_qk_pallas(q, k, mean, cfg: sl._Cfg):
     """One Pallas pre-pass for Q (per query block) and K - mean (per key block); needs block_k | block_q.
 
-    Returns (q8, q_scale (B, H, Nq), k8, k_scale (B, H, Nk)); q8, k8 (B, N, H, D) int8 or float8_e4m3fn.
+    Returns (q8, q_scale (B, H, Nq), k8, k_scale (B, H, Nk)); q8, k8 int8 (B, N, H, D).
     """
     b, n, h, d = q.shape
     r = cfg.block_q // cfg.block_k
     lanes = jax.ShapeDtypeStruct((b, h, cfg.nq * _SCALE_LANES), _F32)
-    low = jax.ShapeDtypeStruct(q.shape, _lowbit_dtype(fmt))
+    low = jax.ShapeDtypeStruct(q.shape, jnp.int8)
     seq = _seq_spec3(n, d)
     q8, k8, qs, *ks = pl.pallas_call(
-        functools.partial(
-            _quant_qk_kernel, n=n, block_q=cfg.block_q, block_k=cfg.block_k, fmt=fmt, interpret=cfg.interpret
-        ),
+        functools.partial(_quant_qk_kernel, n=n, block_q=cfg.block_q, block_k=cfg.block_k, interpret=cfg.interpret),
         grid=(cfg.nq, h, b),
         in_specs=[seq, seq, pl.BlockSpec((None, None, d), lambda j, hh, bb: (bb, hh, 0))],
         out_specs=[seq, seq] + [_lane_spec(_SCALE_LANES)] * (1 + r),
         out_shape=[low, low] + [lanes] * (1 + r),
-        compiler_params=CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=CompilerParams(num_warps=4, num_stages=1),
         interpret=cfg.interpret,
-        name="sla_lowbit_quant_qk",
+        name="sla_int8_quant_qk",
     )(q, k, mean)
     k_scale = jnp.stack([x[:, :, ::_SCALE_LANES] for x in ks], axis=-1).reshape(b, h, cfg.nq * r)
     return q8, qs[:, :, ::_SCALE_LANES], k8, k_scale[:, :, : cfg.nk]
@@ -317,18 +280,15 @@ class _Quantised(NamedTuple):
 def _prequantize(q, k, cfg: sl._Cfg, opts: _Opts | None = None) -> _Quantised:
     """The quantisation pre-pass selected by ``opts`` (default: OPTIONS)."""
     o = opts or _opts()
-    fmt = o.qk_format
     if o.prepass == "xla":
         k8, k_scale, k_mean = _quantize_keys(k, cfg.block_k)
         q8, q_scale = quantize_blocks(q, cfg.block_q) if o.q_prepass else (None, None)
         return _Quantised(q8, q_scale, k8, k_scale, k_mean)
     k_mean = jnp.mean(k.astype(_F32), axis=1)  # (B, H, D)
     if o.prepass == "fused" and o.q_prepass and cfg.block_q % cfg.block_k == 0:
-        return _Quantised(*_quantize_qk_pallas(q, k, k_mean, cfg, fmt, o.prepass_warps), k_mean)
-    k8, k_scale = _quantize_pallas(k, cfg.block_k, k_mean, cfg.interpret, fmt, o.prepass_warps)
-    q8, q_scale = (None, None)
-    if o.q_prepass:
-        q8, q_scale = _quantize_pallas(q, cfg.block_q, None, cfg.interpret, fmt, o.prepass_warps)
+        return _Quantised(*_quantize_qk_pallas(q, k, k_mean, cfg), k_mean)
+    k8, k_scale = _quantize_pallas(k, cfg.block_k, k_mean, cfg.interpret)
+    q8, q_scale = _quantize_pallas(q, cfg.block_q, None, cfg.interpret) if o.q_prepass else (None, None)
     return _Quantised(q8, q_scale, k8, k_scale, k_mean)
 
 
@@ -345,47 +305,36 @@ def quantize_blocks(x, block: int):
 # ----------------------------------------------------------------------------------------------------------
 # Forward kernel
 # ----------------------------------------------------------------------------------------------------------
-def _int32_to_f32(x):
-    """int32 with |x| < 2^22 -> float32, exactly, by an integer add and a float subtract (no I2F)."""
-    return lax.bitcast_convert_type(x + jnp.int32(_MAGIC_BITS), _F32) - _MAGIC
-
-
-def _lowbit_scores(q8, k8, scale, k_start, cfg: sl._Cfg, opts: _Opts):
-    """S = (q8 k8^T) * scale, float32 (block_q, block_k); keys >= N masked. q8, k8 int8 or float8_e4m3fn."""
+def _int8_scores(q8, k8, scale, k_start, cfg: sl._Cfg):
+    """S = (q8 k8^T)[int32 -> float32] * scale, float32 (block_q, block_k); keys >= N masked."""
     dims = (((1,), (1,)), ((), ()))  # transposed-B: both operands K-major
-    if opts.qk_format == "int8":
-        s_int = lax.dot_general(q8, k8, dims, preferred_element_type=jnp.int32)
-        s = _int32_to_f32(s_int) if opts.s_convert == "magic" else s_int.astype(_F32)
-    else:
-        s = lax.dot_general(q8, k8, dims, preferred_element_type=_F32)
-    s = s * scale
+    s = lax.dot_general(q8, k8, dims, preferred_element_type=jnp.int32).astype(_F32) * scale
     kvalid = (k_start + jnp.arange(cfg.block_k)) < cfg.n
     return jnp.where(kvalid[None, :], s, sl._MASK_VALUE)
 
 
-def _load_lowbit_rows(ref, start, size, n):
-    """Rows [start, start + size) of an (N, D) int8 / fp8 ref; rows >= N read as 0."""
+def _load_int8_rows(ref, start, size, n):
+    """Rows [start, start + size) of an (N, D) int8 ref; rows >= N read as 0."""
     d = ref.shape[-1]
     rows = start + jnp.arange(size)
     mask = jnp.broadcast_to((rows < n)[:, None], (size, d))
-    zero = 0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.0  # Triton casts no int splat to fp8
-    return plgpu.load(ref.at[pl.ds(start, size), :], mask=mask, other=zero)
+    return plgpu.load(ref.at[pl.ds(start, size), :], mask=mask, other=0)
 
 
-def _query_tile(r, i, q_start, cfg: sl._Cfg, opts: _Opts):
-    """This program's low-bit Q tile and its scale (from the pre-pass, or quantised here)."""
+def _query_tile(r, i, q_start, cfg: sl._Cfg):
+    """This program's int8 Q tile and its scale (from the pre-pass, or quantised here)."""
     if "q8" in r:
-        return _load_lowbit_rows(r["q8"], q_start, cfg.block_q, cfg.n), r["q_scale"][i]
+        return _load_int8_rows(r["q8"], q_start, cfg.block_q, cfg.n), r["q_scale"][i]
     q32 = sl._load_rows(r["q"], q_start, cfg.block_q, cfg.n).astype(_F32)  # rows >= N are 0: amax unchanged
-    return _quantize_tile(q32, opts.qk_format, cfg.interpret)
+    return _quantize_tile(q32, cfg.interpret)
 
 
-def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool, opts: _Opts):
+def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool):
     r = dict(zip(names, refs))
     i = pl.program_id(0)
     q_start = i * cfg.block_q
     d = cfg.d
-    q8, s_q = _query_tile(r, i, q_start, cfg, opts)
+    q8, s_q = _query_tile(r, i, q_start, cfg)
     qk_scale = s_q * (cfg.sm_scale * _LOG2E)
 
     carry = (
@@ -396,47 +345,33 @@ def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool, opts:
     if cfg.track_lin:
         carry += (jnp.zeros((d, d), _F32), jnp.zeros((1, d), _F32))
 
-    def step(ts, carry):
-        """One online-softmax update over the LUT entries ts (one rescale of acc)."""
+    def body(t, carry):
         acc, m_i, l_i = carry[:3]
-        js = [r["lut"][i, t] for t in ts]
-        starts = [j * cfg.block_k for j in js]
-        ss = [
-            _lowbit_scores(
-                q8, _load_lowbit_rows(r["k8"], st, cfg.block_k, cfg.n), qk_scale * r["k_scale"][j], st, cfg, opts
-            )
-            for j, st in zip(js, starts)
-        ]
-        m_new = m_i
-        for s in ss:
-            m_new = jnp.maximum(m_new, jnp.max(s, axis=1))
+        j = r["lut"][i, t]
+        k_start = j * cfg.block_k
+        k8 = _load_int8_rows(r["k8"], k_start, cfg.block_k, cfg.n)
+        s = _int8_scores(q8, k8, qk_scale * r["k_scale"][j], k_start, cfg)
+        m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
         correction = jnp.exp2(m_i - m_new)
-        l_i = l_i * correction
-        acc = acc * correction[:, None]
-        vs = [sl._load_rows(r["v"], st, cfg.block_k, cfg.n) if "v" in r else None for st in starts]
-        for s, st, v in zip(ss, starts, vs):
-            p = jnp.exp2(s - m_new[:, None])
-            l_i = l_i + jnp.sum(p, axis=1)
-            if fp8:
-                v8t = r["v8t"][:, pl.ds(st, cfg.block_k)]  # (D, block_k), zero-padded past N
-                p8 = (p * FP8_MAX).astype(_FP8)
-                acc = acc + lax.dot_general(p8, v8t, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
-            else:
-                acc = acc + sl._dot(p.astype(v.dtype), v)
-        out = (acc, m_new, l_i)
+        p = jnp.exp2(s - m_new[:, None])
+        l_i = l_i * correction + jnp.sum(p, axis=1)
+        v = sl._load_rows(r["v"], k_start, cfg.block_k, cfg.n) if "v" in r else None
+        if fp8:
+            v8t = r["v8t"][:, pl.ds(k_start, cfg.block_k)]  # (D, block_k), zero-padded past N
+            p8 = (p * FP8_MAX).astype(_FP8)
+            pv = lax.dot_general(p8, v8t, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+        else:
+            pv = sl._dot(p.astype(v.dtype), v)
+        out = (acc * correction[:, None] + pv, m_new, l_i)
         if cfg.track_lin:
             g, z_sel = carry[3:]
-            for j, st, v in zip(js, starts, vs):
-                k_phi = sl._load_rows(r["k_phi"], st, cfg.block_k, cfg.n)
-                g = g + sl._dot(k_phi, v, trans_a=True)
-                z_sel = z_sel + r["z_blk"][pl.ds(j, 1), :]  # precomputed colsum phi(K_j): no cross-warp reduction
+            k_phi = sl._load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
+            g = g + sl._dot(k_phi, v, trans_a=True)
+            z_sel = z_sel + r["z_blk"][pl.ds(j, 1), :]  # precomputed colsum phi(K_j): no cross-warp reduction
             out += (g, z_sel)
         return out
 
-    n_main = cfg.topk // opts.unroll
-    carry = lax.fori_loop(0, n_main, lambda t, c: step([t * opts.unroll + u for u in range(opts.unroll)], c), carry)
-    if cfg.topk % opts.unroll:
-        carry = lax.fori_loop(n_main * opts.unroll, cfg.topk, lambda t, c: step([t], c), carry)
+    carry = lax.fori_loop(0, cfg.topk, body, carry)
     acc, m_i, l_i = carry[:3]
     if fp8:
         acc = acc * (r["v_scale"][...] * (1.0 / FP8_MAX))[None, :]
@@ -475,28 +410,14 @@ def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool, opts:
 
 def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: sl._Cfg, quant: str, *, fused: bool, residuals: bool):
     """Low-bit forward; returns the same dict as ``sparse_linear._forward`` (o / o_s, o_l, lse, den, totals)."""
-    opts = _opts()
-    quantised = _prequantize(q, k, cfg, opts)
+    quantised = _prequantize(q, k, cfg)
     return _forward_quantised(
-        q, k, v, q_phi, k_phi, lut, alpha, quantised, cfg, quant, opts, fused=fused, residuals=residuals
+        q, k, v, q_phi, k_phi, lut, alpha, quantised, cfg, quant, fused=fused, residuals=residuals
     )
 
 
 def _forward_quantised(
-    q,
-    k,
-    v,
-    q_phi,
-    k_phi,
-    lut,
-    alpha,
-    quantised: _Quantised,
-    cfg: sl._Cfg,
-    quant: str,
-    opts: _Opts,
-    *,
-    fused: bool,
-    residuals: bool,
+    q, k, v, q_phi, k_phi, lut, alpha, quantised: _Quantised, cfg: sl._Cfg, quant: str, *, fused: bool, residuals: bool
 ):
     """The forward kernel given the pre-pass outputs (timed on its own by experiments/check_int8_gpu.py)."""
     b, _, h, d = q.shape
@@ -529,7 +450,7 @@ def _forward_quantised(
     names = tuple(x[0] for x in inputs) + tuple(x[0] for x in outputs)
     num_warps, num_stages = _launch(cfg, quant)
     res = pl.pallas_call(
-        functools.partial(_lowbit_fwd_kernel, names=names, cfg=cfg, fused=fused, fp8=fp8, opts=opts),
+        functools.partial(_lowbit_fwd_kernel, names=names, cfg=cfg, fused=fused, fp8=fp8),
         grid=(cfg.nq, h, b),
         in_specs=[x[2] for x in inputs],
         out_specs=[x[2] for x in outputs],

@@ -53,40 +53,6 @@ def test_pallas_prepass_matches_reference_quantisation(seed, prepass):
         assert diff.max() <= 1 and (diff > 0).mean() < 2e-3
 
 
-def test_int32_to_float32_without_conversion_instruction(seed):
-    # the kernel's exact int32 -> float32 (integer add + float subtract) on the whole range it must cover
-    bound = 127 * 127 * 128
-    x = np.random.default_rng(seed).integers(-bound, bound + 1, size=4096, dtype=np.int32)
-    x[:4] = (-bound, bound, 0, -1)
-    np.testing.assert_array_equal(np.asarray(ia._int32_to_f32(jnp.asarray(x))), x.astype(np.float32))
-
-
-def _fp8_fake_quant(x, block):
-    """Per (batch, head, block of rows) float8_e4m3fn quantise-dequantise with scale amax / 448 (XLA, float32)."""
-    b, n, h, d = x.shape
-    nb = -(-n // block)
-    xb = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, nb * block - n), (0, 0), (0, 0))).reshape(b, nb, block, h, d)
-    scale = jnp.maximum(jnp.max(jnp.abs(xb), axis=(2, 4), keepdims=True), 1e-12) / 448.0
-    xq = jnp.clip(xb / scale, -448.0, 448.0).astype(jnp.float8_e4m3fn).astype(jnp.float32) * scale
-    return xq.reshape(b, nb * block, h, d)[:, :n]
-
-
-@pytest.mark.parametrize("unroll", [1, 2])
-def test_fp8_qk_option_matches_dequantised_reference(seed, unroll):
-    # OPTIONS qk_format="fp8": the kernel must equal unquantised attention on the fp8-dequantised Q and K~
-    # (softmax is invariant to the key mean); unroll=2 with an odd topk also runs the one-entry remainder loop.
-    q, k, v, lut, _ = _setup(seed, 130, 64, jnp.float32, 32, 16, 0.4)
-    assert lut.shape[-1] % 2 == 1
-    kw = dict(block_q=32, block_k=16)
-    with ia.options(qk_format="fp8", unroll=unroll):
-        o_s, _ = ia.sparse_linear_attention_lowbit(q, k, v, _phi(q), _phi(k), lut, quant="int8", **kw)
-    q_dq, k_dq = _fp8_fake_quant(q, 32), _fp8_fake_quant(sla.smooth_keys(k), 16)
-    r_s, _ = sla.sparse_linear_branches(q_dq, k_dq, v, lut, quant="none", backend="xla", **kw)
-    b_s, _ = sla.sparse_linear_branches(q, k, v, lut, quant="none", backend="xla", **kw)
-    assert rel_err(o_s, r_s) < 1e-5, rel_err(o_s, r_s)
-    assert rel_err(r_s, b_s) > 1e-3  # fp8 moves the output: the comparison is not vacuous
-
-
 @pytest.mark.parametrize(
     "n,d,dtype,block_q,block_k,tol",
     [
