@@ -127,11 +127,7 @@ def kept_mass(model: VideoDiT, heldout: dict) -> list[float] | None:
         return None
     out = []
     for layer, blk in enumerate(model.blocks):
-        q, k, bm = (
-            heldout["q"][layer],
-            heldout["k"][layer],
-            heldout["block_mass"][layer],
-        )
+        q, k, bm = heldout["q"][layer], heldout["k"][layer], heldout["block_mass"][layer]
         masses = []
         for i in range(q.shape[0]):
             lut = _router_lut(blk.attn.core, q[i : i + 1], k[i : i + 1])

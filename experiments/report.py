@@ -215,7 +215,9 @@ def write_report(out: str, skipped=None, failed=None) -> dict:
         if os.path.exists(path):
             with open(path) as f:
                 results[name] = json.load(f)
-            samples[name] = np.load(os.path.join(eval_dir, f"{name}_samples.npy"))
+            sample_path = os.path.join(eval_dir, f"{name}_samples.npy")
+            if os.path.exists(sample_path):  # absent for runs whose metrics came from an earlier call
+                samples[name] = np.load(sample_path)
     stages = {}
     for stage in ("stage0", "stage1", "stage2"):
         d = os.path.join(out, stage)

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -208,6 +209,34 @@ def _stage12_and_eval(preset: Preset, r, out: str, dense, heldout, dense_samples
     return captured
 
 
+def export_state(preset: Preset, out: str, dst: str) -> None:
+    """Copy into `dst` what a later call needs to continue the recipe of `out` without redoing stage 0 or the
+    finished models: recipe.json, the stage-0 done.json files with the dense parameters alone (no optimizer state),
+    the stage-1 runs (small), eval/*.json and the dense model's samples (the PSNR/SSIM reference)."""
+    os.makedirs(os.path.join(dst, "eval"), exist_ok=True)
+    shutil.copy(os.path.join(out, "recipe.json"), dst)
+    for name in ("dense-short", "dense"):
+        src = os.path.join(out, "stage0", name)
+        if train.is_done(src):
+            os.makedirs(os.path.join(dst, "stage0", name), exist_ok=True)
+            shutil.copy(os.path.join(src, "done.json"), os.path.join(dst, "stage0", name))
+    dense_dir = os.path.join(out, "stage0", "dense")
+    if train.is_done(dense_dir):
+        dense = make_model(preset, preset.run("dense"))
+        step = train.load_params(dense_dir, dense)
+        train.save_params_only(os.path.join(dst, "stage0", "dense"), step, dense)
+    for run in preset.runs:  # stage-2 metrics (throughput, loss curve) of the evaluated models, no checkpoints
+        src = os.path.join(out, "stage2", run.name)
+        if train.is_done(src) and os.path.exists(os.path.join(out, "eval", f"{run.name}.json")):
+            os.makedirs(os.path.join(dst, "stage2", run.name), exist_ok=True)
+            shutil.copy(os.path.join(src, "done.json"), os.path.join(dst, "stage2", run.name))
+    if os.path.isdir(os.path.join(out, "stage1")):
+        shutil.copytree(os.path.join(out, "stage1"), os.path.join(dst, "stage1"), dirs_exist_ok=True)
+    for f in os.listdir(os.path.join(out, "eval")):
+        if f.endswith(".json") or f == "dense_samples.npy":
+            shutil.copy(os.path.join(out, "eval", f), os.path.join(dst, "eval"))
+
+
 def main():
     parser = argparse.ArgumentParser(description="Run all stages of the SLA2 recipe for a preset.")
     parser.add_argument("--preset", default="cpu-smoke")
@@ -229,6 +258,11 @@ def main():
         default=1,
         help="devices per context-parallel group (sequence-sharded attention); the rest split the batch",
     )
+    parser.add_argument(
+        "--export-state",
+        default=None,
+        help="only copy the state needed to continue --out elsewhere into this folder (see export_state)",
+    )
     args = parser.parse_args()
     preset = select_runs(get_preset(args.preset), args.runs)
     if args.stage0_steps is not None:
@@ -239,6 +273,9 @@ def main():
         preset = dataclasses.replace(preset, stage2=dataclasses.replace(preset.stage2, steps=args.stage2_steps))
     if args.backend is not None:
         preset = dataclasses.replace(preset, backend=args.backend)
+    if args.export_state is not None:
+        export_state(preset, args.out, args.export_state)
+        return
     run_recipe(preset, args.out, time_budget_s=args.time_budget, context=args.context)
     print(open(os.path.join(args.out, "results.md")).read())
 

@@ -123,3 +123,22 @@ def test_rerun_skips_finished_stages(recipe_dir):
     other = dataclasses.replace(PRESET, stage2=dataclasses.replace(PRESET.stage2, steps=99))
     with pytest.raises(ValueError, match="different preset"):
         run_recipe.run_recipe(other, recipe_dir, log=lambda *a: None)
+
+
+def test_export_state_keeps_what_a_continuation_needs(recipe_dir, tmp_path):
+    dst = str(tmp_path / "state")
+    run_recipe.export_state(PRESET, recipe_dir, dst)
+    for f in (
+        "recipe.json",
+        "stage0/dense/done.json",
+        "stage1/router-95-block/done.json",
+        "eval/sla2-95.json",
+        "eval/dense_samples.npy",
+        "stage2/sla2-95/done.json",
+    ):
+        assert os.path.exists(os.path.join(dst, f)), f
+    assert not os.path.exists(os.path.join(dst, "stage2", "sla2-95", "ckpt"))
+    exported, original = make_model(PRESET, PRESET.run("dense")), make_model(PRESET, PRESET.run("dense"))
+    assert train.load_params(os.path.join(dst, "stage0", "dense"), exported) == PRESET.stage0.steps
+    train.load_params(os.path.join(recipe_dir, "stage0", "dense"), original)
+    jax.tree.map(np.testing.assert_array_equal, _params(exported), _params(original))
