@@ -223,6 +223,7 @@ def wan(sparsity, b=1, h=12, n=32760, d=128, check_xla=True, bq=128, bk=64, runs
     timed("stage_phi", lambda q, k: (phi(q), phi(k)), q, k)
     cfg = sl._validate(q, k, v, qp, kp, lut, bq, bk, "complement", None, 1e-6, None)
     timed("stage_prepass", lambda kp, v: sl._prepass(kp, v, cfg), kp, v)
+    timed("stage_complement_states", lambda kp, v, lut: sl._complement_states(kp, v, lut, cfg), kp, v, lut)
     timed(
         "stage_fwd_kernel_residuals",
         lambda *a: sl._forward(*a, cfg, fused=True, residuals=True),

@@ -39,6 +39,14 @@ and that head's K, V, phi(K) stay in L2). Launch configurations: launch_config.p
   dphi(K_j) += V_j dH_tot^T + dZ_tot (dH_tot = phi~(Q)^T dO_l, dZ_tot = -phi~(Q)^T c over all queries, by
   ``_outer_sum_kernel``).  4 (+2..3) block_k x rows x D matmuls per step.
 
+Complement scope, default (OPTIONS "blocks", the description above is the "loop" form): the selected part of the
+linear branch leaves the loops. Before the forward, ``_complement_states`` builds H_i, Z_i per query block (per-key-
+block outer sums phi(K_j)^T V_j as bf16 hi/lo, then one masked cuBLAS matmul over the unselected blocks); the
+forward kernel reads H_i instead of accumulating G, and the dq kernel reuses H_i (residual). Before the dkv kernel,
+``_backward_totals`` builds dH_j, dZ_j per key block the same way from per-query-block sums phi~_i^T dO_l,i. Extra
+work: 2 * 2 * Nq * Nk * D^2 flop per head and matmul (dense in the mask, independent of topk), extra memory
+(B, H, Nk, D, D) float32 in the backward and the (B, H, Nq, D, D) float32 residual.
+
 Ragged N: every tile load/store is masked by row (< N); keys >= N get score -1e30 and zero phi(K), V.
 The phi Jacobian, alpha's parametrisation and the router are left to JAX autodiff around these functions.
 """
@@ -347,12 +355,44 @@ def _sum_over_blocks(mask, h_split, z):
     block_rows); z (B, H, C, D) float32 -> (B, H, M, D, D), (B, H, M, D) float32. One dense batched matmul in XLA
     (cuBLAS) contracting over (c, hi/lo) with f32 accumulation: the 0/1 mask is exact in bf16; z (small) in f32.
     """
-    b, nh, c, d2, d = h_split.shape
+    b, nh, c, _, d = h_split.shape
     parts = h_split.reshape(b, nh, c, 2, d * d)
     m16 = jnp.broadcast_to(mask.astype(jnp.bfloat16)[..., None], mask.shape + (2,))
     h_out = jnp.einsum("bhmcx,bhcxf->bhmf", m16, parts, preferred_element_type=_F32).reshape(b, nh, -1, d, d)
     z_out = jnp.einsum("bhmc,bhcd->bhmd", mask.astype(_F32), z, precision=lax.Precision.HIGHEST)
     return h_out, z_out
+
+
+# Where the selected part of the complement linear branch is handled (sparse_linear.OPTIONS, read at trace time):
+#   "blocks": per-block states before the kernels, from per-block outer sums (_outer_sum with block_rows) and one
+#             dense masked matmul (cuBLAS): forward H_i, Z_i = sums over the key blocks that query block i did not
+#             select (kept as residuals, (B, H, Nq, D, D) + (B, H, Nq, D) float32 in place of H_tot, Z_tot, so the
+#             dq kernel reuses them), backward dH_j, dZ_j = sums over the query blocks that did not select key
+#             block j of phi~_i^T dO_l,i and -phi~_i^T c_i. The fwd / dq / dkv loops are then sparse attention only.
+#   "loop":   the session-1 kernels: G = sum_j phi(K_j)^T V_j accumulated in the forward loop (H_i = H_tot - G),
+#             the selected part subtracted inside the dq loop (+1 accumulator, +1 matmul per step) and the dkv
+#             loop (+1 accumulator, +2 matmuls per step). Residuals H_tot, Z_tot (B, H, D, D) + (B, H, D).
+# H100, wan-1.3b, 95%: fwd+bwd 9.05 ms ("loop") -> 5.70 ms ("blocks" everywhere); see docs/perf_notes.md.
+# The dq / dkv options are independent of the forward's (the INT8 forward always hands over H_tot, Z_tot).
+OPTIONS = {"fwd_linear": "blocks", "dq_linear": "blocks", "dkv_linear": "blocks"}
+
+
+def _lin_in_loop(kernel, cfg: _Cfg):
+    return cfg.track_lin and OPTIONS[f"{kernel}_linear"] == "loop"
+
+
+def _selection(lut, nk):
+    """sel (B, H, Nk, Nq) bool: key block j selected by query block i (comparison against the LUT, no scatter)."""
+    return jnp.any(lut[:, :, None, :, :] == jnp.arange(nk, dtype=lut.dtype)[None, None, :, None, None], axis=-1)
+
+
+def _complement_states(k_phi, v, lut, cfg: _Cfg):
+    """H_i = sum_{j not in lut[i]} phi(K_j)^T V_j (B, H, Nq, D, D) and Z_i likewise of colsum phi(K_j)
+    (B, H, Nq, D), float32: the linear branch's state of each query block (what the forward builds as
+    H_tot - G in-kernel), from per-key-block outer sums and one masked matmul."""
+    h_blk, z_blk = _outer_sum(k_phi, v, cfg, block_rows=cfg.block_k)
+    unsel = jnp.logical_not(jnp.swapaxes(_selection(lut, cfg.nk), 2, 3))  # (B, H, Nq, Nk)
+    return _sum_over_blocks(unsel, h_blk, z_blk)
 
 
 def _prepass(k_phi, v, cfg: _Cfg):
@@ -561,26 +601,6 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int, lin_in_loop: bo
     _store_rows(r["dv"], k_start, dv, cfg.n)
 
 
-# How the backward handles the selected part of the complement linear branch (OPTIONS, read at trace time):
-#   "blocks": per-block totals before the kernels (H_i = sum over the key blocks query block i did not select of
-#             phi(K_j)^T V_j, dH_j = sum over the query blocks that did not select key block j of phi~_i^T dO_l,i;
-#             one dense masked matmul each, cuBLAS), so the dq and dkv loops are sparse attention only;
-#   "loop":   the selected part subtracted inside the dq / dkv loops (one more accumulator and two more matmuls
-#             per dkv step, one more per dq step; the session-1 kernels).
-# The forward likewise ("loop": G = sum_j phi(K_j)^T V_j accumulated in-kernel, H_i = H_tot - G; "blocks": H_i, Z_i
-# precomputed and kept as residuals, (B, H, Nq, D, D) float32 in place of H_tot, so the dq kernel reuses them).
-OPTIONS = {"fwd_linear": "loop", "dq_linear": "blocks", "dkv_linear": "blocks"}
-
-
-def _lin_in_loop(kernel, cfg: _Cfg):
-    return cfg.track_lin and OPTIONS[f"{kernel}_linear"] == "loop"
-
-
-def _selection(lut, nk):
-    """sel (B, H, Nk, Nq) bool: key block j selected by query block i (comparison against the LUT, no scatter)."""
-    return jnp.any(lut[:, :, None, :, :] == jnp.arange(nk, dtype=lut.dtype)[None, None, :, None, None], axis=-1)
-
-
 def _transpose_lut(lut, nk):
     """For each key block, the query blocks that selected it (ascending, padded with Nq) and their count.
 
@@ -613,15 +633,6 @@ def _backward(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
     if fused:
         dalpha = res_dq["dalpha_rows"].reshape(b, h, cfg.nq, cfg.block_q).sum(-1)
     return res_dq["dq"], res_dkv["dk"], res_dkv["dv"], dq_phi, dk_phi, dalpha
-
-
-def _complement_states(k_phi, v, lut, cfg: _Cfg):
-    """H_i = sum_{j not in lut[i]} phi(K_j)^T V_j (B, H, Nq, D, D) and Z_i likewise of colsum phi(K_j)
-    (B, H, Nq, D), float32: the linear branch's state of each query block (what the forward builds as
-    H_tot - G in-kernel), from per-key-block outer sums and one masked matmul."""
-    h_blk, z_blk = _outer_sum(k_phi, v, cfg, block_rows=cfg.block_k)
-    unsel = jnp.logical_not(jnp.swapaxes(_selection(lut, cfg.nk), 2, 3))  # (B, H, Nq, Nk)
-    return _sum_over_blocks(unsel, h_blk, z_blk)
 
 
 def _backward_dq(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):

@@ -218,3 +218,29 @@ def test_launch_config_variants_give_the_same_result():
     rg = jax.grad(lambda *xs: jnp.sum(reference_fused(*xs[:5], lut, xs[5]) * w1), argnums=tuple(range(6)))(*args, alpha)
     for name, a, b, r in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g1, g2, rg):
         assert _rel(a, r) < 2e-3 and _rel(b, r) < 2e-3, (seed, name, _rel(a, r), _rel(b, r))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(fwd_linear="loop", dq_linear="loop", dkv_linear="loop"),  # selected part inside the loops (session 1)
+        dict(fwd_linear="loop", dq_linear="blocks", dkv_linear="blocks"),  # backward recomputes the per-block states
+    ],
+)
+def test_linear_branch_placements_give_the_reference_result(options, monkeypatch):
+    """Where the complement's selected part is handled (in-loop or per-block states) does not change the result."""
+    from pallas_kernels import sparse_linear
+
+    monkeypatch.setattr(sparse_linear, "OPTIONS", dict(options))
+    seed = _seed()
+    args, lut, w1, _, alpha = _make(seed, 1, 100, 2, 32, jnp.float32, 3, 32, 16, alpha=True)
+    kw = dict(block_q=32, block_k=16)
+
+    def loss(fn):
+        return lambda *xs: jnp.sum(fn(*xs[:5], lut, xs[5], **kw) * w1)
+
+    assert _rel(sla2_fused_attention(*args, lut, alpha, **kw), reference_fused(*args, lut, alpha, **kw)) < 2e-4, seed
+    g = jax.grad(loss(sla2_fused_attention), argnums=tuple(range(6)))(*args, alpha)
+    rg = jax.grad(loss(reference_fused), argnums=tuple(range(6)))(*args, alpha)
+    for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
+        assert _rel(a, b) < 2e-3, (seed, options, name, _rel(a, b))
