@@ -149,6 +149,10 @@ def _relative(loss, ref):
     return None if ref is None or loss is None else 100.0 * (loss - ref) / ref
 
 
+def _percent(x):
+    return "n/a" if x is None else f"{x:+.2f}%"
+
+
 def markdown_table(results: dict, names, dense_loss: float | None, stages: dict, dense_ft_loss=None) -> str:
     """One row per model: val loss (and its change vs the dense and the dense-ft models), PSNR/SSIM vs the dense
     model's samples, attention error, exact dense-attention mass kept by the router, training throughput."""
@@ -169,8 +173,8 @@ def markdown_table(results: dict, names, dense_loss: float | None, stages: dict,
                 "0%" if is_dense else f"{100 * r['sparsity']:.0f}%",
                 "-" if is_dense else r["quant"],
                 _fmt(r["val_loss"], ".4f"),
-                "-" if is_ref else (_fmt(_relative(r["val_loss"], dense_loss), "+.2f") + "%"),
-                "-" if name == "dense-ft" else (_fmt(_relative(r["val_loss"], dense_ft_loss), "+.2f") + "%"),
+                "-" if is_ref else _percent(_relative(r["val_loss"], dense_loss)),
+                "-" if name == "dense-ft" else _percent(_relative(r["val_loss"], dense_ft_loss)),
                 "ref" if is_ref else _fmt(r.get("psnr"), ".2f"),
                 "ref" if is_ref else _fmt(r.get("ssim"), ".4f"),
                 _fmt(r.get("attn_rel_err"), ".4f"),
