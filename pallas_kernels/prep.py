@@ -28,7 +28,7 @@ from ._triton import CompilerParams, pl, plgpu
 _F32 = jnp.float32
 _INT_MIN = -(2**31)
 _PREP_WARPS = 4
-_PREP_ROWS = 32  # rows per loop step of the prep kernel: a 128-row block at once spills (H100 run 1)
+_PREP_ROWS = 32  # rows per loop step; on H100 16..128 rows, 2..8 warps all ran at the byte floor (perf_notes_router)
 _SELECT_WARPS = 4
 _SELECT_ROW_ELEMENTS = 1024  # rows per select program: this / padded row length (a power of two in [1, 16])
 _SELECT_TILE = 16384  # elements of the slot x column comparison tile that writes the LUT
