@@ -352,6 +352,119 @@ VARIANTS = {
 }
 
 
+# Forward variants (--fwd-variants): name -> (sparse_linear.OPTIONS, launch overrides). "fwd_s2" is the
+# session-2 forward (key mask and scale multiply on every step); the "primal_*" ones change only the forward-only
+# call's linear form and run at every --sparsity (the others at the first only).
+_S2 = dict(fwd_peel=False)
+FWD_VARIANTS = {
+    "fwd_s2": (_S2, {}),
+    "fwd_peel": ({}, {}),
+    "fwd_peel_w8s2": ({}, dict(fwd=(8, 2, 64))),
+    "fwd_keys128": ({}, dict(fwd=(8, 2, 128))),
+    "fwd_rows64": (dict(fwd_rows=64), dict(fwd=(4, 2, 64))),
+    "fwd_rows64_s3": (dict(fwd_rows=64), dict(fwd=(4, 3, 64))),
+    "fwd_sum2": (dict(sum_blocks=2), {}),
+    "fwd_sum4": (dict(sum_blocks=4), {}),
+    "primal_loop": (dict(fwd_primal_linear="loop"), {}),
+    "primal_loop2": (dict(fwd_primal_linear="loop2"), {}),
+    "primal_s2_loop": (dict(_S2, fwd_primal_linear="loop"), {}),
+}
+
+
+def compare_fwd_variants(names, sparsities, b=1, h=12, n=32760, d=128, bq=128, bk=64, runs=20, out_dir="."):
+    """Forward only: per sparsity, the fused forward of each variant vs the first (and the first's branches vs the
+    xla backend), then medians of the forward-only call (primal), the VJP forward (residuals) and the states."""
+    out = RESULTS.setdefault("fwd_variants", {})
+    for si, sparsity in enumerate(sparsities):
+        key = jax.random.PRNGKey(int(sparsity * 1000) + 29)
+        k1, k3 = jax.random.split(key)
+        q, k, v = inputs(k1, b, n, h, d, jnp.bfloat16)
+        nq, nk = -(-n // bq), -(-n // bk)
+        topk = max(1, int(nk * (1 - sparsity) + 1e-6))
+        lut = jax.jit(router_lut, static_argnums=(2, 3, 4))(q, k, topk, bq, bk)
+        qp, kp = jax.jit(phi)(q), jax.jit(phi)(k)
+        alpha = jax.random.uniform(k3, (b, h, nq), jnp.float32, 0.3, 0.9)
+        kw = dict(block_q=bq, block_k=bk)
+        cfg = sl._validate(q, k, v, qp, kp, lut, bq, bk, "complement", None, 1e-6, None)
+        row = dict(topk=topk, nk=nk, variants={})
+        impl = "cudnn" if jax.default_backend() == "gpu" else "xla"  # xla: CPU smoke runs of this script
+        row["cudnn_fwd"] = bench(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl), q, k, v)
+        first = None
+        for name in names if si == 0 else [nm for nm in names if nm == names[0] or nm.startswith("primal")]:
+            opts, launch = FWD_VARIANTS[name]
+            jax.clear_caches()
+            old_opts = dict(sl.OPTIONS)
+            sl.OPTIONS.update(opts)
+            r, t = {}, {}
+            try:
+                with lc.override_launch_config(**launch):
+                    fused = lambda *a: pk.sla2_fused_attention(*a, **kw)
+                    o = jax.jit(fused)(q, k, v, qp, kp, lut, alpha)
+                    o_vjp = jax.jit(lambda *a: sl._forward(*a, cfg, fused=True, residuals=True)["o"])(
+                        q, k, v, qp, kp, lut, alpha
+                    )
+                    r["finite"] = bool(jnp.all(jnp.isfinite(o)))
+                    r["rel_primal_vs_vjp_fwd"] = rel(o, o_vjp)
+                    if first is None:
+                        first = o
+                        o_s, o_l = jax.jit(lambda *a: pk.sparse_linear_attention(*a, **kw))(q, k, v, qp, kp, lut)
+                        r["rel_xla_o_s_o_l"] = xla_forward_check(q, k, v, qp, kp, lut, o_s, o_l, nk, bq, bk, d)
+                        del o_s, o_l
+                    else:
+                        r["rel_fwd_vs_first"] = rel(o, first)
+                    del o, o_vjp
+                    t["primal_fwd"] = bench(fused, q, k, v, qp, kp, lut, alpha, runs=runs)
+                    t["vjp_fwd"] = bench(
+                        lambda *a: sl._forward(*a, cfg, fused=True, residuals=True)["o"],
+                        q,
+                        k,
+                        v,
+                        qp,
+                        kp,
+                        lut,
+                        alpha,
+                        runs=runs,
+                    )
+                    if si == 0 or name == names[0]:
+                        t["states"] = bench(lambda kp, v, l: sl._complement_states(kp, v, l, cfg), kp, v, lut)
+                        t["outer_sum_key_blocks"] = bench(lambda kp, v: sl._outer_sum(kp, v, cfg, block_rows=bk), kp, v)
+            except Exception as e:
+                r["error"] = f"{type(e).__name__}: {e}"[:1500]
+                traceback.print_exc()
+            finally:
+                sl.OPTIONS.clear()
+                sl.OPTIONS.update(old_opts)
+            r["times_ms"], r["options"], r["launch"] = (t, opts, {kk: list(vv) for kk, vv in launch.items()})
+            row["variants"][name] = r
+            print("fwd variant", sparsity, name, json.dumps(r), flush=True)
+            out[str(sparsity)] = row
+            with open(os.path.join(out_dir, "check_kernels_gpu.json"), "w") as f:
+                json.dump(RESULTS, f, indent=1)
+    print("\n| sparsity | variant | primal fwd ms | vjp fwd ms | states ms | outer sum ms | rel vs first | cuDNN ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for sp, row in out.items():
+        for name, r in row["variants"].items():
+            tt = r["times_ms"]
+            f = lambda c: f"{tt[c]:.3f}" if tt.get(c) else "-"
+            rv = r.get("rel_fwd_vs_first", r.get("rel_xla_o_s_o_l", r.get("error", "")[:60]))
+            print(
+                f"| {sp} | {name} | {f('primal_fwd')} | {f('vjp_fwd')} | {f('states')} | "
+                f"{f('outer_sum_key_blocks')} | {rv} | {row['cudnn_fwd']:.3f} |"
+            )
+
+
+def xla_forward_check(q, k, v, qp, kp, lut, o_s, o_l, nk, bq, bk, d):
+    """[rel o_s, rel o_l] of the kernel's branches vs the xla backend of sla2_jax."""
+    from sla2_jax import xla_backend
+    from sla2_jax.routing import selection_mask
+
+    xs = jax.jit(lambda q, k, v, l: xla_backend.xla_sparse(q, k, v, l, block_q=bq, block_k=bk, scale=d**-0.5))
+    xl = jax.jit(
+        lambda qp, kp, v, l: xla_backend.xla_linear(qp, kp, v, selection_mask(l, nk), block_q=bq, block_k=bk, eps=1e-6)
+    )
+    return [rel(o_s, xs(q, k, v, lut)), rel(o_l, xl(qp, kp, v, lut))]
+
+
 def compare_variants(names, sparsity, b=1, h=12, n=32760, d=128, bq=128, bk=64, runs=20, check_xla=True, out_dir="."):
     """Correctness (vs the first variant and the xla backend) and per-stage medians of each variant, one process."""
     key = jax.random.PRNGKey(int(sparsity * 1000) + 17)
@@ -439,7 +552,7 @@ def compare_variants(names, sparsity, b=1, h=12, n=32760, d=128, bq=128, bk=64, 
             sl.OPTIONS.clear()
             sl.OPTIONS.update(old_opts)
         row["times_ms"] = t
-        row["options"], row["launch"] = opts, {kk: list(vv) for kk, vv in launch.items()}
+        row["options"], row["launch"] = (opts, {kk: list(vv) for kk, vv in launch.items()})
         label = name if name not in out["variants"] else f"{name} (again)"
         out["variants"][label] = row
         print("variant", label, json.dumps(row), flush=True)
@@ -527,6 +640,9 @@ def main():
     ap.add_argument(
         "--variants", nargs="*", default=None, help=f"compare variants (first = reference): {list(VARIANTS)}"
     )
+    ap.add_argument(
+        "--fwd-variants", nargs="*", default=None, help=f"forward variants (first = reference): {list(FWD_VARIANTS)}"
+    )
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dev = jax.devices()[0]
@@ -538,6 +654,9 @@ def main():
         command=" ".join(sys.argv),
     )
     print(RESULTS["meta"], flush=True)
+    if args.fwd_variants:
+        compare_fwd_variants(args.fwd_variants, args.sparsity, runs=args.runs, out_dir=args.out)
+        return
     if args.variants:  # variants (each checked against the first and the xla backend), then the small checks
         compare_variants(args.variants, args.sparsity[0], runs=args.runs, check_xla=not args.skip_xla, out_dir=args.out)
         if not args.skip_small:

@@ -225,13 +225,15 @@ def test_launch_config_variants_give_the_same_result():
     [
         dict(fwd_linear="loop", dq_linear="loop", dkv_linear="loop"),  # selected part inside the loops (session 1)
         dict(fwd_linear="loop", dq_linear="blocks", dkv_linear="blocks"),  # backward recomputes the per-block states
+        dict(fwd_linear="loop2", fwd_peel=False, sum_blocks=2),  # G after the softmax loop; 2 blocks per outer sum
+        dict(fwd_rows=16, fwd_primal_linear="loop"),  # 16-row forward programs; forward-only call in-loop
     ],
 )
 def test_linear_branch_placements_give_the_reference_result(options, monkeypatch):
     """Where the complement's selected part is handled (in-loop or per-block states) does not change the result."""
     from pallas_kernels import sparse_linear
 
-    monkeypatch.setattr(sparse_linear, "OPTIONS", dict(options))
+    monkeypatch.setattr(sparse_linear, "OPTIONS", dict(sparse_linear.OPTIONS, **options))
     seed = _seed()
     args, lut, w1, _, alpha = _make(seed, 1, 100, 2, 32, jnp.float32, 3, 32, 16, alpha=True)
     kw = dict(block_q=32, block_k=16)
@@ -244,3 +246,28 @@ def test_linear_branch_placements_give_the_reference_result(options, monkeypatch
     rg = jax.grad(loss(reference_fused), argnums=tuple(range(6)))(*args, alpha)
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
         assert _rel(a, b) < 2e-3, (seed, options, name, _rel(a, b))
+
+
+def test_forward_masks_the_ragged_last_key_block(monkeypatch):
+    """Every query block selects the ragged last key block (and a random ascending rest): keys >= N never count,
+    with the key mask on the last LUT entry only (peel; the every-step form runs in the placements test); the
+    forward-only (in-loop) and VJP (per-block states) forwards both match."""
+    from pallas_kernels import sparse_linear
+
+    monkeypatch.setattr(sparse_linear, "OPTIONS", dict(sparse_linear.OPTIONS, fwd_peel=True, fwd_primal_linear="loop"))
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    n, d, bq, bk, topk = 75, 64, 32, 16, 2  # last key block holds 11 valid keys of 16
+    args, _, w1, _, alpha = _make(seed, 1, n, 2, d, jnp.float32, topk, bq, bk, alpha=True)
+    nq, nk = -(-n // bq), -(-n // bk)
+    first = np.stack([rng.permutation(nk - 1)[: topk - 1] for _ in range(2 * nq)])
+    lut = np.concatenate([np.sort(first, axis=-1), np.full((2 * nq, 1), nk - 1)], axis=-1)
+    lut = jnp.asarray(lut.reshape(1, 2, nq, topk), jnp.int32)
+    kw = dict(block_q=bq, block_k=bk)
+    ref = reference_fused(*args, lut, alpha, **kw)
+    out, vjp = jax.vjp(lambda *xs: sla2_fused_attention(*xs, lut, alpha, **kw), *args)
+    assert _rel(sla2_fused_attention(*args, lut, alpha, **kw), ref) < 2e-4, seed
+    assert _rel(out, ref) < 2e-4, seed
+    rg = jax.vjp(lambda *xs: reference_fused(*xs, lut, alpha, **kw), *args)[1](w1)
+    for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi"), vjp(w1), rg):
+        assert _rel(a, b) < 2e-3, (seed, name, _rel(a, b))
