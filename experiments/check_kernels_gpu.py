@@ -355,19 +355,24 @@ VARIANTS = {
 # Forward variants (--fwd-variants): name -> (sparse_linear.OPTIONS, launch overrides). "fwd_s2" is the
 # session-2 forward (key mask and scale multiply on every step); the "primal_*" ones change only the forward-only
 # call's linear form and run at every --sparsity (the others at the first only).
-_S2 = dict(fwd_peel=False)
+_S2 = dict(fwd_peel=False, fwd_exp2_fma=False)
+_NEW = dict(fwd_peel=True, fwd_exp2_fma=True)
 FWD_VARIANTS = {
     "fwd_s2": (_S2, {}),
-    "fwd_peel": ({}, {}),
-    "fwd_peel_w8s2": ({}, dict(fwd=(8, 2, 64))),
-    "fwd_keys128": ({}, dict(fwd=(8, 2, 128))),
-    "fwd_rows64": (dict(fwd_rows=64), dict(fwd=(4, 2, 64))),
-    "fwd_rows64_s3": (dict(fwd_rows=64), dict(fwd=(4, 3, 64))),
+    "fwd_fma": (dict(fwd_exp2_fma=True), {}),
+    "fwd_peel_only": (dict(fwd_peel=True), {}),
+    "fwd_s2_keys128": (_S2, dict(fwd=(8, 2, 128))),
+    "fwd_s2_rows64": (dict(_S2, fwd_rows=64), dict(fwd=(4, 2, 64))),
+    "fwd_s2_w8s4": (_S2, dict(fwd=(8, 4, 64))),
+    "fwd_peel": (_NEW, {}),
+    "fwd_peel_w8s2": (_NEW, dict(fwd=(8, 2, 64))),
+    "fwd_keys128": (_NEW, dict(fwd=(8, 2, 128))),
+    "fwd_rows64": (dict(_NEW, fwd_rows=64), dict(fwd=(4, 2, 64))),
     "fwd_sum2": (dict(sum_blocks=2), {}),
     "fwd_sum4": (dict(sum_blocks=4), {}),
     "primal_loop": (dict(fwd_primal_linear="loop"), {}),
     "primal_loop2": (dict(fwd_primal_linear="loop2"), {}),
-    "primal_s2_loop": (dict(_S2, fwd_primal_linear="loop"), {}),
+    "primal_new_loop": (dict(_NEW, fwd_primal_linear="loop"), {}),
 }
 
 
@@ -435,7 +440,7 @@ def compare_fwd_variants(names, sparsities, b=1, h=12, n=32760, d=128, bq=128, b
                 sl.OPTIONS.clear()
                 sl.OPTIONS.update(old_opts)
             r["times_ms"], r["options"], r["launch"] = (t, opts, {kk: list(vv) for kk, vv in launch.items()})
-            row["variants"][name] = r
+            row["variants"][name if name not in row["variants"] else name + " (again)"] = r
             print("fwd variant", sparsity, name, json.dumps(r), flush=True)
             out[str(sparsity)] = row
             with open(os.path.join(out_dir, "check_kernels_gpu.json"), "w") as f:

@@ -145,25 +145,18 @@ def _scores(q, k, k_start, cfg):
 # ----------------------------------------------------------------------------------------------------------
 # Forward kernel
 # ----------------------------------------------------------------------------------------------------------
-def _fwd_kernel(
-    *refs,
-    names,
-    cfg: _Cfg,
-    fused: bool,
-    unroll: int = 1,
-    lin_in_loop: bool | None = None,
-    rows: int | None = None,
-    lin_after_loop: bool = False,
-    peel: bool = True,
-):
+def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool, unroll: int = 1, lin_in_loop=None, rows=None, **schedule):
     """One program per ``rows`` query rows (a sub-block of query block i; default the whole block).
 
+    schedule (keywords, all default False):
     peel: the key mask (keys >= N) is applied only to the last LUT entry (the LUT is ascending, so only it can be
-    the ragged last key block), and the softmax scale is folded into one multiply-add inside exp2; else every
-    step masks and scales S separately (the session-2 loop). lin_after_loop: the selected part G of the
-    complement is accumulated in a second loop over the LUT after the softmax loop (not live together with S, P).
+    the ragged last key block), in a step after the loop; else every step masks. exp2_fma: the softmax scale is
+    folded into one multiply-add inside exp2 (max taken on raw scores); else S is scaled first. lin_after_loop:
+    the selected part G of the complement is accumulated in a second loop over the LUT after the softmax loop.
     """
     r = dict(zip(names, refs))
+    peel, exp2_fma = schedule.get("peel", False), schedule.get("exp2_fma", False)
+    lin_after_loop = schedule.get("lin_after_loop", False)
     lin_in_loop = cfg.track_lin if lin_in_loop is None else lin_in_loop
     rows = rows or cfg.block_q
     sub = pl.program_id(0)
@@ -191,14 +184,12 @@ def _fwd_kernel(
         starts = [j * cfg.block_k for j in js]
         ks = [_load_rows(r["k"], st, cfg.block_k, cfg.n) for st in starts]
         vs = [_load_rows(r["v"], st, cfg.block_k, cfg.n) for st in starts]
-        if peel:  # raw scores; base-2 logits are s * qk_scale (one FFMA with the max inside exp2)
-            ss = [_dot(q, k, trans_b=True) for k in ks]
-            if masked:
-                ss = [_mask_keys(s, st, cfg) for s, st in zip(ss, starts)]
-            scale = qk_scale
-        else:
-            ss = [_scores(q, k, st, cfg) for k, st in zip(ks, starts)]
-            scale = 1.0
+        ss = [_dot(q, k, trans_b=True) for k in ks]
+        scale = qk_scale if exp2_fma else 1.0  # exp2_fma: raw scores, base-2 logits s * qk_scale inside exp2
+        if not exp2_fma:
+            ss = [s * qk_scale for s in ss]
+        if masked:
+            ss = [_mask_keys(s, st, cfg) for s, st in zip(ss, starts)]
         m_new = m_i
         for s in ss:
             m_new = jnp.maximum(m_new, jnp.max(s, axis=1) * scale)
@@ -206,7 +197,7 @@ def _fwd_kernel(
         l_i = l_i * correction
         acc = acc * correction[:, None]
         for s, v in zip(ss, vs):
-            p = jnp.exp2(s * scale - m_new[:, None]) if peel else jnp.exp2(s - m_new[:, None])
+            p = jnp.exp2(s * scale - m_new[:, None]) if exp2_fma else jnp.exp2(s - m_new[:, None])
             l_i = l_i + jnp.sum(p, axis=1)
             acc = acc + _dot(p.astype(v.dtype), v)
         out = (acc, m_new, l_i)
@@ -441,7 +432,8 @@ OPTIONS = {
     # forward-only call (custom_vjp primal, no residuals): "same" (= fwd_linear), "blocks", "loop", "loop2" (G in a
     # second loop after the softmax loop). fwd_rows: query rows per program (None = block_q). sum_blocks: blocks
     # per program of the per-block outer sums (1 = one block per program).
-    "fwd_peel": True,
+    "fwd_peel": False,
+    "fwd_exp2_fma": False,
     "fwd_primal_linear": "same",
     "fwd_rows": None,
     "sum_blocks": 1,
@@ -543,6 +535,7 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, resid
         rows=rows,
         lin_after_loop=form == "loop2",
         peel=OPTIONS["fwd_peel"],
+        exp2_fma=OPTIONS["fwd_exp2_fma"],
     )
     res = _call(_fwd_kernel, (cfg.npad // rows, h, b), inputs, outputs, cfg, "fwd", launch)
     out = dict(zip([x[0] for x in outputs], res))

@@ -225,7 +225,7 @@ def test_launch_config_variants_give_the_same_result():
     [
         dict(fwd_linear="loop", dq_linear="loop", dkv_linear="loop"),  # selected part inside the loops (session 1)
         dict(fwd_linear="loop", dq_linear="blocks", dkv_linear="blocks"),  # backward recomputes the per-block states
-        dict(fwd_linear="loop2", fwd_peel=False, sum_blocks=2),  # G after the softmax loop; 2 blocks per outer sum
+        dict(fwd_linear="loop2", fwd_exp2_fma=True, sum_blocks=2),  # G after the softmax loop; 2 blocks per outer sum
         dict(fwd_rows=16, fwd_primal_linear="loop"),  # 16-row forward programs; forward-only call in-loop
     ],
 )
@@ -254,7 +254,11 @@ def test_forward_masks_the_ragged_last_key_block(monkeypatch):
     forward-only (in-loop) and VJP (per-block states) forwards both match."""
     from pallas_kernels import sparse_linear
 
-    monkeypatch.setattr(sparse_linear, "OPTIONS", dict(sparse_linear.OPTIONS, fwd_peel=True, fwd_primal_linear="loop"))
+    monkeypatch.setattr(
+        sparse_linear,
+        "OPTIONS",
+        dict(sparse_linear.OPTIONS, fwd_peel=True, fwd_exp2_fma=True, fwd_primal_linear="loop"),
+    )
     seed = _seed()
     rng = np.random.default_rng(seed)
     n, d, bq, bk, topk = 75, 64, 32, 16, 2  # last key block holds 11 valid keys of 16
