@@ -22,15 +22,10 @@ Writes DIR/check_int8_gpu.json and prints a table last.
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
-import tarfile
 import time
 import traceback
 
@@ -40,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 import sla2_jax as sla
+from experiments import sass_report as sass
 from experiments.timing import time_samples
 from pallas_kernels import int8_attention as ia
 from pallas_kernels import sparse_linear as sl
@@ -115,20 +111,9 @@ class Variant:
 # ----------------------------------------------------------------------------------------------------------
 # 1. PTX / SASS
 # ----------------------------------------------------------------------------------------------------------
-_OPCODES = ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA", "I2F", "I2FP", "MUFU.EX2", "F2FP", "LDL", "STL", "LDGSTS")
-
-
-_SASS_OPS = ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA", "I2F", "I2FP", "MUFU.EX2", "F2FP", "LDL", "STL", "LDSM")
-
-
 def _wan_ttir(n=32760, heads=12, topk=25):
     """{name: (ttir text, num_warps, num_stages)} of the forward kernels of the wan-1.3b calls, lowered for CUDA."""
-    import jaxlib.triton.dialect as ttd
-    from jax._src.lib.mlir import ir
-
-    import pallas_kernels.launch_config as lc
-
-    lc.gpu_generation = ia.gpu_generation = lambda: "hopper"  # the H100 launch table, also on a CPU machine
+    sass.use_hopper_table()  # the H100 launch table, also on a CPU machine
     sds = jax.ShapeDtypeStruct
     x = sds((1, n, heads, 128), jnp.bfloat16)
     lut, alpha = sds((1, heads, -(-n // 128), topk), jnp.int32), sds((1, heads, -(-n // 128)), jnp.float32)
@@ -140,76 +125,17 @@ def _wan_ttir(n=32760, heads=12, topk=25):
         ),
     }
     found = {}
-
-    def walk(op, label):
-        for region in op.regions:
-            for block in region.blocks:
-                for o in block.operations:
-                    if o.operation.name == "stablehlo.custom_call" and "mhlo.backend_config" in o.attributes:
-                        cfg = ir.DictAttr(o.attributes["mhlo.backend_config"])
-                        kname = ir.StringAttr(cfg["name"]).value
-                        if "fwd" in kname or "quant" in kname:
-                            ctx = ir.Context()
-                            ttd.register_dialect(ctx)
-                            mod = ir.Module.parse(ir.StringAttr(cfg["ir"]).value_bytes, context=ctx)
-                            warps, stages = (ir.IntegerAttr(cfg[k]).value for k in ("num_warps", "num_stages"))
-                            found[f"{label}_{kname}"] = (mod.operation.get_asm(), warps, stages)
-                    walk(o.operation, label)
-
     for label, f in calls.items():
-        walk(
-            jax.jit(f).trace(x, lut, alpha).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo").operation,
-            label,
-        )
+        found.update(sass.kernel_ttir(f, (x, lut, alpha), label, match=("fwd", "quant")))
     return found
 
 
 def sass_report(out_dir):
     """Compile the extracted TTIR with the standalone triton package for sm_90a; PTX MMA, registers, SASS ops."""
     import triton
-    from triton.backends.compiler import GPUTarget
 
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    work = "/tmp/int8_sass"
-    os.makedirs(work, exist_ok=True)
-    rows = []
-    for name, (ttir, warps, stages) in _wan_ttir().items():
-        base = os.path.join(work, name)
-        with open(base + ".ttir", "w") as f:
-            f.write(ttir)
-        kern = triton.compile(
-            base + ".ttir", target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}
-        )
-        ptx = kern.asm["ptx"]
-        with open(base + ".ptx", "w") as f:
-            f.write(ptx)
-        with open(base + ".cubin", "wb") as f:
-            f.write(kern.asm["cubin"])
-        cmd = [os.path.join(tools, "ptxas"), "-arch=sm_90a", "-v", base + ".ptx", "-o", base + ".ptxas.cubin"]
-        rep = subprocess.run(cmd, check=False, capture_output=True, text=True).stderr
-        cmd = [os.path.join(tools, "cuobjdump"), "-sass", base + ".cubin"]
-        sass = subprocess.run(cmd, check=False, capture_output=True, text=True).stdout
-        with open(base + ".sass", "w") as f:
-            f.write(sass)
-        ops = collections.Counter()
-        for op in re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass, re.MULTILINE):
-            ops.update(w for w in _SASS_OPS if op == w or op.startswith(w + "."))
-        rows.append(
-            {
-                "kernel": name,
-                "warps_stages": [warps, stages],
-                "ptx_mma": sorted(set(re.findall(r"((?:wgmma\.mma_async|mma\.sync)[\w.]*)", ptx))),
-                "sass_mma": sorted(set(re.findall(r"\b((?:HGMMA|IGMMA|QGMMA|HMMA|IMMA)\.[\w.]+)", sass))),
-                "sass_counts": dict(ops),
-                "ptxas": " ".join(x.split(":", 1)[-1].strip() for x in rep.splitlines() if "Used" in x or "spill" in x),
-            }
-        )
+    rows = sass.compile_report(_wan_ttir(), out_dir, work="/tmp/int8_sass")
     R["ptx"] = {"triton": triton.__version__, "kernels": rows}
-    with open(os.path.join(out_dir, "sass_summary.txt"), "w") as f:
-        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
-    with tarfile.open(os.path.join(out_dir, "ptx_sass.tar.gz"), "w:gz") as tf:
-        for p in sorted(glob.glob(os.path.join(work, "*.tt*")) + glob.glob(os.path.join(work, "*.[ps][ta]*"))):
-            tf.add(p, arcname=os.path.basename(p))
 
 
 # ----------------------------------------------------------------------------------------------------------

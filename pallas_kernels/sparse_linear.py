@@ -431,7 +431,9 @@ OPTIONS = {
     # Forward-kernel schedule (session 2, forward): see _fwd_kernel. fwd_primal_linear: the linear form of a
     # forward-only call (custom_vjp primal, no residuals): "same" (= fwd_linear), "blocks", "loop", "loop2" (G in a
     # second loop after the softmax loop). fwd_rows: query rows per program (None = block_q). sum_blocks: blocks
-    # per program of the per-block outer sums (1 = one block per program).
+    # per program of the per-block outer sums (1 = one block per program). H100, wan-1.3b: none of these beat the
+    # defaults beyond the run-to-run spread; peel, fwd_rows 64, loop2 and sum_blocks 4 were slower (perf_notes.md,
+    # "Session 2: forward").
     "fwd_peel": False,
     "fwd_exp2_fma": False,
     "fwd_primal_linear": "same",
