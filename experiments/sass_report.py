@@ -139,9 +139,6 @@ def compile_report(kernels, out_dir, work="/tmp/sla_sass", archive="ptx_sass.tar
 # name -> (sparse_linear.OPTIONS overrides, launch overrides); empty = the current defaults.
 VARIANTS = {
     "base": ({}, {}),
-    "fma": ({"fwd_exp2_fma": True}, {}),
-    "peel": ({"fwd_peel": True}, {}),
-    "rows64": ({"fwd_rows": 64}, {"fwd": (4, 2, 64)}),
     "loop": ({"fwd_linear": "loop"}, {}),
     "w8s2": ({}, {"fwd": (8, 2, 64)}),
     "w4s3": ({}, {"fwd": (4, 3, 64)}),

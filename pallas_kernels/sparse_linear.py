@@ -131,111 +131,75 @@ def _store_rows(ref, start, val, n):
     plgpu.store(ref.at[pl.ds(start, size), :], val.astype(ref.dtype), mask=mask)
 
 
-def _mask_keys(s, k_start, cfg):
-    """Scores of keys >= N (columns of s) set to _MASK_VALUE."""
-    kvalid = (k_start + jnp.arange(cfg.block_k)) < cfg.n
-    return jnp.where(kvalid[None, :], s, _MASK_VALUE)
-
-
 def _scores(q, k, k_start, cfg):
     """S = Q K^T * sm_scale * log2(e) (base-2 logits); keys >= N masked."""
-    return _mask_keys(_dot(q, k, trans_b=True) * (cfg.sm_scale * _LOG2E), k_start, cfg)
+    s = _dot(q, k, trans_b=True) * (cfg.sm_scale * _LOG2E)
+    kvalid = (k_start + jnp.arange(cfg.block_k)) < cfg.n
+    return jnp.where(kvalid[None, :], s, _MASK_VALUE)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Forward kernel
 # ----------------------------------------------------------------------------------------------------------
-def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool, unroll: int = 1, lin_in_loop=None, rows=None, **schedule):
-    """One program per ``rows`` query rows (a sub-block of query block i; default the whole block).
-
-    schedule (keywords, all default False):
-    peel: the key mask (keys >= N) is applied only to the last LUT entry (the LUT is ascending, so only it can be
-    the ragged last key block), in a step after the loop; else every step masks. exp2_fma: the softmax scale is
-    folded into one multiply-add inside exp2 (max taken on raw scores); else S is scaled first. lin_after_loop:
-    the selected part G of the complement is accumulated in a second loop over the LUT after the softmax loop.
-    """
+def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool, unroll: int = 1, lin_in_loop: bool | None = None):
     r = dict(zip(names, refs))
-    peel, exp2_fma = schedule.get("peel", False), schedule.get("exp2_fma", False)
-    lin_after_loop = schedule.get("lin_after_loop", False)
     lin_in_loop = cfg.track_lin if lin_in_loop is None else lin_in_loop
-    rows = rows or cfg.block_q
-    sub = pl.program_id(0)
-    i = sub if rows == cfg.block_q else lax.div(sub, jnp.int32(cfg.block_q // rows))  # the LUT row
-    q_start = sub * rows
-    q = _load_rows(r["q"], q_start, rows, cfg.n)
+    i = pl.program_id(0)
+    q_start = i * cfg.block_q
+    q = _load_rows(r["q"], q_start, cfg.block_q, cfg.n)
     d = cfg.d
-    qk_scale = cfg.sm_scale * _LOG2E
 
-    carry = (jnp.zeros((rows, d), _F32), jnp.full((rows,), -jnp.inf, _F32), jnp.zeros((rows,), _F32))
+    carry = (
+        jnp.zeros((cfg.block_q, d), _F32),
+        jnp.full((cfg.block_q,), -jnp.inf, _F32),
+        jnp.zeros((cfg.block_q,), _F32),
+    )
     if lin_in_loop:
         carry += (jnp.zeros((d, d), _F32), jnp.zeros((1, d), _F32))
 
-    def linear_step(js, starts, vs, g, z_sel):
-        for j, st, v in zip(js, starts, vs):
-            k_phi = _load_rows(r["k_phi"], st, cfg.block_k, cfg.n)
-            g = g + _dot(k_phi, v, trans_a=True)
-            z_sel = z_sel + r["z_blk"][pl.ds(j, 1), :]  # precomputed colsum phi(K_j): no cross-warp reduction
-        return g, z_sel
-
-    def step(ts, carry, masked=True):
+    def step(ts, carry):
         """One online-softmax update over the LUT entries ts (1 or more key blocks: one rescale of acc)."""
         acc, m_i, l_i = carry[:3]
         js = [r["lut"][i, t] for t in ts]
         starts = [j * cfg.block_k for j in js]
         ks = [_load_rows(r["k"], st, cfg.block_k, cfg.n) for st in starts]
         vs = [_load_rows(r["v"], st, cfg.block_k, cfg.n) for st in starts]
-        ss = [_dot(q, k, trans_b=True) for k in ks]
-        scale = qk_scale if exp2_fma else 1.0  # exp2_fma: raw scores, base-2 logits s * qk_scale inside exp2
-        if not exp2_fma:
-            ss = [s * qk_scale for s in ss]
-        if masked:
-            ss = [_mask_keys(s, st, cfg) for s, st in zip(ss, starts)]
+        ss = [_scores(q, k, st, cfg) for k, st in zip(ks, starts)]
         m_new = m_i
         for s in ss:
-            m_new = jnp.maximum(m_new, jnp.max(s, axis=1) * scale)
+            m_new = jnp.maximum(m_new, jnp.max(s, axis=1))
         correction = jnp.exp2(m_i - m_new)
         l_i = l_i * correction
         acc = acc * correction[:, None]
         for s, v in zip(ss, vs):
-            p = jnp.exp2(s * scale - m_new[:, None]) if exp2_fma else jnp.exp2(s - m_new[:, None])
+            p = jnp.exp2(s - m_new[:, None])
             l_i = l_i + jnp.sum(p, axis=1)
             acc = acc + _dot(p.astype(v.dtype), v)
         out = (acc, m_new, l_i)
         if lin_in_loop:
-            out += linear_step(js, starts, vs, *carry[3:])
+            g, z_sel = carry[3:]
+            for j, st, v in zip(js, starts, vs):
+                k_phi = _load_rows(r["k_phi"], st, cfg.block_k, cfg.n)
+                g = g + _dot(k_phi, v, trans_a=True)
+                z_sel = z_sel + r["z_blk"][pl.ds(j, 1), :]  # precomputed colsum phi(K_j): no cross-warp reduction
+            out += (g, z_sel)
         return out
 
-    # `unroll` LUT entries per loop step (launch table), then the remainder one at a time. With peel, the last
-    # entry (the only one that can be the ragged key block) goes alone through the masked step.
-    n_loop = cfg.topk - 1 if (peel and cfg.n % cfg.block_k) else cfg.topk
-    n_main = n_loop // unroll
-    masked = not peel
-    carry = lax.fori_loop(
-        0, n_main, lambda t, c: step([t * unroll + u for u in range(unroll)], c, masked=masked), carry
-    )
-    if n_loop % unroll:
-        carry = lax.fori_loop(n_main * unroll, n_loop, lambda t, c: step([t], c, masked=masked), carry)
-    if n_loop < cfg.topk:
-        carry = step([cfg.topk - 1], carry, masked=True)
+    # `unroll` LUT entries per loop step (launch table), then the remainder one at a time.
+    n_main = cfg.topk // unroll
+    carry = lax.fori_loop(0, n_main, lambda t, c: step([t * unroll + u for u in range(unroll)], c), carry)
+    if cfg.topk % unroll:
+        carry = lax.fori_loop(n_main * unroll, cfg.topk, lambda t, c: step([t], c), carry)
     acc, m_i, l_i = carry[:3]
     o_s = acc / l_i[:, None]
     lse = m_i + jnp.log2(l_i)
 
-    if lin_after_loop:  # G = sum over the LUT of phi(K_j)^T V_j, after the softmax loop
-
-        def g_step(t, gz):
-            j = r["lut"][i, t]
-            st = j * cfg.block_k
-            return linear_step([j], [st], [_load_rows(r["v"], st, cfg.block_k, cfg.n)], *gz)
-
-        carry = (None,) * 3 + lax.fori_loop(0, cfg.topk, g_step, (jnp.zeros((d, d), _F32), jnp.zeros((1, d), _F32)))
-
     if cfg.linear:
-        q_phi = _load_rows(r["q_phi"], q_start, rows, cfg.n).astype(_F32)
+        q_phi = _load_rows(r["q_phi"], q_start, cfg.block_q, cfg.n).astype(_F32)
         h = r["h_tot"][...]
         z = r["z_tot"][...]
         z = z[None, :]
-        if lin_in_loop or lin_after_loop:  # else h_tot, z_tot are this query block's H_i, Z_i already
+        if lin_in_loop:  # else h_tot, z_tot are this query block's H_i, Z_i already
             h = h - carry[3]
             z = z - carry[4]
         den = jnp.sum(q_phi * z, axis=1) + cfg.eps
@@ -300,12 +264,12 @@ def _call(kernel, grid, inputs, outputs, cfg, name, launch):
 
 def _outer_sum_kernel(*refs, names, cfg: _Cfg, chunk: int, block: int, weighted: bool, split: bool):
     """Program (c, h, b): rows [c*chunk, (c+1)*chunk) of X, Y -> sum_r w_r X_r^T Y_r (D x D), sum_r u_r X_r.
-    split: one sum per block of ``block`` rows (chunk // block of them per program), each D x D sum stored as its
-    bf16 hi part (rows 0..D-1) and lo part (rows D..2D-1); else one f32 sum over the chunk."""
+    split: the D x D sum is stored as its bf16 hi part (rows 0..D-1) and lo part (rows D..2D-1)."""
     r = dict(zip(names, refs))
     start0 = pl.program_id(0) * chunk
 
-    def block_sum(t, h, z):
+    def body(t, carry):
+        h, z = carry
         start = start0 + t * block
         x = _load_rows(r["x"], start, block, cfg.n)
         y = _load_rows(r["y"], start, block, cfg.n)
@@ -320,21 +284,13 @@ def _outer_sum_kernel(*refs, names, cfg: _Cfg, chunk: int, block: int, weighted:
             z = z + jnp.sum(x32, axis=0)
         return h, z
 
-    zeros = (jnp.zeros((cfg.d, cfg.d), _F32), jnp.zeros((cfg.d,), _F32))
+    h, z = lax.fori_loop(0, chunk // block, body, (jnp.zeros((cfg.d, cfg.d), _F32), jnp.zeros((cfg.d,), _F32)))
     if split:
-
-        def store_block(t, _):
-            h, z = block_sum(t, *zeros)
-            h_hi = h.astype(jnp.bfloat16)
-            plgpu.store(r["h"].at[t, pl.ds(0, cfg.d), :], h_hi)
-            plgpu.store(r["h"].at[t, pl.ds(cfg.d, cfg.d), :], (h - h_hi.astype(_F32)).astype(jnp.bfloat16))
-            plgpu.store(r["z"].at[t, :], z)
-            return 0
-
-        lax.fori_loop(0, chunk // block, store_block, 0)
-        return
-    h, z = lax.fori_loop(0, chunk // block, lambda t, c: block_sum(t, *c), zeros)
-    r["h"][...] = h
+        h_hi = h.astype(jnp.bfloat16)
+        plgpu.store(r["h"].at[pl.ds(0, cfg.d), :], h_hi)
+        plgpu.store(r["h"].at[pl.ds(cfg.d, cfg.d), :], (h - h_hi.astype(_F32)).astype(jnp.bfloat16))
+    else:
+        r["h"][...] = h
     r["z"][...] = z
 
 
@@ -352,15 +308,10 @@ def _outer_sum(x, y, cfg: _Cfg, w=None, u=None, block_rows=None):
     (hi rows first) and (B, H, C, D) float32, C = ceil(N / block_rows).
     """
     b, n, h, d = x.shape
-    split = block_rows is not None
-    if split:  # `per` blocks per program where they divide the number of blocks
-        nblk = -(-n // block_rows)
-        per = max(1, OPTIONS["sum_blocks"])
-        per = per if nblk % per == 0 else 1
-        chunk, block = block_rows * per, block_rows
-    else:
+    if block_rows is None:
         chunk = min(_SUM_CHUNK, max(_SUM_BLOCK, pl.next_power_of_2(n)))
-        block, per = min(chunk, _SUM_BLOCK), 1
+    else:
+        chunk = block_rows
     nc = -(-n // chunk)
     seq = _seq_spec(cfg)
     inputs = [("x", x, seq), ("y", y, seq)]
@@ -369,21 +320,20 @@ def _outer_sum(x, y, cfg: _Cfg, w=None, u=None, block_rows=None):
         pad = lambda a: jnp.pad(a[:, :, :n].astype(_F32), ((0, 0), (0, 0), (0, nc * chunk - n)))
         rows = pl.BlockSpec((None, None, chunk), lambda c, hh, bb: (bb, hh, c))
         inputs += [("w", pad(w), rows), ("u", pad(u), rows)]
+    split = block_rows is not None
     h_rows, h_dtype = (2 * d, jnp.bfloat16) if split else (d, _F32)
     outputs = [
         (
             "h",
-            jax.ShapeDtypeStruct((b, h, nc * per, h_rows, d), h_dtype),
-            pl.BlockSpec((None, None, per, h_rows, d), lambda c, hh, bb: (bb, hh, c, 0, 0)),
+            jax.ShapeDtypeStruct((b, h, nc, h_rows, d), h_dtype),
+            pl.BlockSpec((None, None, None, h_rows, d), lambda c, hh, bb: (bb, hh, c, 0, 0)),
         ),
         (
             "z",
-            jax.ShapeDtypeStruct((b, h, nc * per, d), _F32),
-            pl.BlockSpec((None, None, per, d), lambda c, hh, bb: (bb, hh, c, 0)),
+            jax.ShapeDtypeStruct((b, h, nc, d), _F32),
+            pl.BlockSpec((None, None, None, d), lambda c, hh, bb: (bb, hh, c, 0)),
         ),
     ]
-    if not split:
-        outputs = [(nm, st, pl.BlockSpec((None, None, None) + st.shape[3:], sp.index_map)) for nm, st, sp in outputs]
     hp, zp = _call(
         _outer_sum_kernel,
         (nc, h, b),
@@ -391,7 +341,7 @@ def _outer_sum(x, y, cfg: _Cfg, w=None, u=None, block_rows=None):
         outputs,
         cfg,
         "sum",
-        dict(chunk=chunk, block=block, weighted=weighted, split=split),
+        dict(chunk=chunk, block=min(chunk, _SUM_BLOCK), weighted=weighted, split=split),
     )
     if split:
         return hp, zp
@@ -424,34 +374,11 @@ def _sum_over_blocks(mask, h_split, z):
 #             loop (+1 accumulator, +2 matmuls per step). Residuals H_tot, Z_tot (B, H, D, D) + (B, H, D).
 # H100, wan-1.3b, 95%: fwd+bwd 9.05 ms ("loop") -> 5.70 ms ("blocks" everywhere); see docs/perf_notes.md.
 # The dq / dkv options are independent of the forward's (the INT8 forward always hands over H_tot, Z_tot).
-OPTIONS = {
-    "fwd_linear": "blocks",
-    "dq_linear": "blocks",
-    "dkv_linear": "blocks",
-    # Forward-kernel schedule (session 2, forward): see _fwd_kernel. fwd_primal_linear: the linear form of a
-    # forward-only call (custom_vjp primal, no residuals): "same" (= fwd_linear), "blocks", "loop", "loop2" (G in a
-    # second loop after the softmax loop). fwd_rows: query rows per program (None = block_q). sum_blocks: blocks
-    # per program of the per-block outer sums (1 = one block per program). H100, wan-1.3b: none of these beat the
-    # defaults beyond the run-to-run spread; peel, fwd_rows 64, loop2 and sum_blocks 4 were slower (perf_notes.md,
-    # "Session 2: forward").
-    "fwd_peel": False,
-    "fwd_exp2_fma": False,
-    "fwd_primal_linear": "same",
-    "fwd_rows": None,
-    "sum_blocks": 1,
-}
+OPTIONS = {"fwd_linear": "blocks", "dq_linear": "blocks", "dkv_linear": "blocks"}
 
 
 def _lin_in_loop(kernel, cfg: _Cfg):
     return cfg.track_lin and OPTIONS[f"{kernel}_linear"] == "loop"
-
-
-def _fwd_linear_form(cfg: _Cfg, residuals: bool) -> str:
-    """'blocks', 'loop' or 'loop2' for this forward call (the VJP forward keeps fwd_linear: dq reuses H_i)."""
-    form = OPTIONS["fwd_linear"]
-    if not residuals and OPTIONS["fwd_primal_linear"] != "same":
-        form = OPTIONS["fwd_primal_linear"]
-    return form if cfg.track_lin else "none"
 
 
 def _selection(lut, nk):
@@ -505,41 +432,27 @@ def _forward_outputs(q, cfg: _Cfg, *, fused: bool, residuals: bool):
 def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, residuals: bool):
     b, n, h, d = q.shape
     seq = _seq_spec(cfg)
-    rows = OPTIONS["fwd_rows"] or cfg.block_q
-    ratio = cfg.block_q // rows  # programs per query block
-    blk = (lambda s: s) if ratio == 1 else (lambda s: lax.div(s, jnp.int32(ratio)))
     inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
     h_tot = z_tot = None
-    form = _fwd_linear_form(cfg, residuals)
+    lin_in_loop = _lin_in_loop("fwd", cfg)
     if cfg.linear:
         inputs += [("q_phi", q_phi, seq)]
-        if form == "blocks":  # H_i, Z_i per query block (residuals for the dq kernel too)
+        if cfg.track_lin and not lin_in_loop:  # H_i, Z_i per query block (residuals for the dq kernel too)
             h_tot, z_tot = _complement_states(k_phi, v, lut, cfg)
-            h_spec = pl.BlockSpec((None, None, None, d, d), lambda s, hh, bb: (bb, hh, blk(s), 0, 0))
-            z_spec = pl.BlockSpec((None, None, None, d), lambda s, hh, bb: (bb, hh, blk(s), 0))
+            h_spec = pl.BlockSpec((None, None, None, d, d), lambda i, hh, bb: (bb, hh, i, 0, 0))
+            z_spec = pl.BlockSpec((None, None, None, d), lambda i, hh, bb: (bb, hh, i, 0))
         else:
             h_tot, z_tot = _prepass(k_phi, v, cfg)
             h_spec, z_spec = _full_spec(d, d), _full_spec(d)
-        if form in ("loop", "loop2"):
+        if lin_in_loop:
             inputs += [("k_phi", k_phi, seq), ("z_blk", _block_colsums(k_phi, cfg), _full_spec(cfg.nk, d))]
         inputs += [("h_tot", h_tot, h_spec), ("z_tot", z_tot, z_spec)]
     if fused:
         inputs += [("alpha", alpha, _full_spec(cfg.nq))]
     outputs = _forward_outputs(q, cfg, fused=fused, residuals=residuals)
-    if rows != cfg.block_q:  # per-row outputs in blocks of `rows`
-        row_spec = pl.BlockSpec((None, None, rows), lambda s, hh, bb: (bb, hh, s))
-        outputs = [(nm, st, row_spec if nm in ("lse", "den") else sp) for nm, st, sp in outputs]
     unroll = max(1, launch_config("fwd", cfg.d, cfg.block_q, cfg.block_k)[2] // cfg.block_k)
-    launch = dict(
-        fused=fused,
-        unroll=unroll,
-        lin_in_loop=form == "loop",
-        rows=rows,
-        lin_after_loop=form == "loop2",
-        peel=OPTIONS["fwd_peel"],
-        exp2_fma=OPTIONS["fwd_exp2_fma"],
-    )
-    res = _call(_fwd_kernel, (cfg.npad // rows, h, b), inputs, outputs, cfg, "fwd", launch)
+    launch = dict(fused=fused, unroll=unroll, lin_in_loop=lin_in_loop)
+    res = _call(_fwd_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "fwd", launch)
     out = dict(zip([x[0] for x in outputs], res))
     out["h_tot"], out["z_tot"] = h_tot, z_tot
     return out
@@ -619,7 +532,7 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int, lin_in_loop: bo
     k = _load_rows(r["k"], k_start, cfg.block_k, cfg.n)
     v = _load_rows(r["v"], k_start, cfg.block_k, cfg.n)
     dt = k.dtype
-    bm, nsub = (rows, cfg.block_q // rows)  # the loop walks `rows`-row sub-blocks of each query block
+    bm, nsub = rows, cfg.block_q // rows  # the loop walks `rows`-row sub-blocks of each query block
     zeros = jnp.zeros((cfg.block_k, cfg.d), _F32)
     carry = (zeros, zeros) + ((zeros,) if lin_in_loop else ())
     if lin_in_loop:
