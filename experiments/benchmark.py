@@ -127,27 +127,46 @@ def print_table(rows):
 
 
 def plot(rows, path):
+    """Time and speedup over the dense baseline: against N for scale-N (log-log, forward and forward+backward), and
+    per workload and sparsity for the others (bars). Panels without data are left out."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    series = {}
-    for r in rows:
-        if "ms" in r and r["what"].endswith("module fwd"):
-            series.setdefault((r["workload"], r["what"].rsplit(" ", 2)[0]), []).append(r)
-    for (workload, label), rs in series.items():
-        ax = axes[0] if workload == "scale-N" else axes[1]
-        if workload == "scale-N":
-            ax.plot([r["N"] for r in rs], [r["speedup_vs_dense"] for r in rs], "o-", label=label)
-        else:
-            ax.bar(f"{workload}\n{label}", rs[0]["speedup_vs_dense"])
-    axes[0].set(xscale="log", xlabel="N (tokens)", ylabel="module forward speedup over dense",
-                title="scale-N: speedup vs N")
-    if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend(fontsize=7)
-    axes[1].set(ylabel="module forward speedup over dense", title="speedup per workload and sparsity")
-    axes[1].tick_params(axis="x", labelsize=6, rotation=90)
+    timed = [r for r in rows if "ms" in r and (r["what"].endswith("fwd") or r["what"].endswith("fwd+bwd"))]
+    scale = [r for r in timed if r["workload"] == "scale-N"]
+    other = [r for r in timed if r["workload"] != "scale-N" and "module" in r["what"]]
+    panels = (2 if scale else 0) + (1 if other else 0)
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    axes = list(axes[0])
+    if scale:
+        ax_time, ax_speed = axes.pop(0), axes.pop(0)
+        series = {}
+        for r in scale:
+            series.setdefault(r["what"], []).append(r)
+        for what, rs in sorted(series.items()):
+            style = "s--" if what.startswith("dense") else "o-"
+            ax_time.plot([r["N"] for r in rs], [r["ms"] for r in rs], style, label=what)
+            if "module" in what:
+                ax_speed.plot([r["N"] for r in rs], [r["speedup_vs_dense"] for r in rs], "o-", label=what)
+        ax_time.set(xscale="log", yscale="log", xlabel="N (tokens)", ylabel="ms", title="scale-N: time vs N")
+        ax_speed.set(xscale="log", xlabel="N (tokens)", ylabel="speedup over dense", title="scale-N: speedup vs N")
+        for ax in (ax_time, ax_speed):
+            ax.legend(fontsize=7)
+    if other:
+        ax = axes.pop(0)
+        labels = sorted({f"{r['workload']}\n{r['what'].rsplit(' module', 1)[0]}" for r in other})
+        for offset, kind in ((-0.2, "module fwd"), (0.2, "module fwd+bwd")):
+            speed = {f"{r['workload']}\n{r['what'].rsplit(' module', 1)[0]}": r["speedup_vs_dense"]
+                     for r in other if r["what"].endswith(kind)}
+            xs = [i + offset for i, lab in enumerate(labels) if lab in speed]
+            ax.bar(xs, [speed[lab] for lab in labels if lab in speed], width=0.4, label=kind)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=90)
+        ax.set(ylabel="speedup over dense", title="speedup per workload and sparsity")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
