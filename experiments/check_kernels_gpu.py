@@ -299,32 +299,11 @@ def wan(sparsity, b=1, h=12, n=32760, d=128, check_xla=True, bq=128, bk=64, runs
     # correctness vs the xla backend of sla2_jax
     if check_xla:
         try:
-            from sla2_jax import xla_backend
-            from sla2_jax.routing import selection_mask
-
             o_s, o_l = jax.jit(lambda *a: pk.sparse_linear_attention(*a, **kw))(q, k, v, qp, kp, lut)
-            xs = jax.jit(lambda q, k, v, l: xla_backend.xla_sparse(q, k, v, l, block_q=bq, block_k=bk, scale=d**-0.5))
-            xl = jax.jit(
-                lambda qp, kp, v, l: xla_backend.xla_linear(
-                    qp, kp, v, selection_mask(l, nk), block_q=bq, block_k=bk, eps=1e-6
-                )
-            )
-            row["xla_rel_fwd_o_s"] = rel(o_s, xs(q, k, v, lut))
-            row["xla_rel_fwd_o_l"] = rel(o_l, xl(qp, kp, v, lut))
+            rel_fwd = xla_forward_check(q, k, v, qp, kp, lut, o_s, o_l, nk, bq, bk, d)
+            row["xla_rel_fwd_o_s"], row["xla_rel_fwd_o_l"] = rel_fwd
             w2 = jax.random.normal(k3, q.shape, jnp.float32).astype(jnp.bfloat16)
-
-            def lp(q, k, v, qp, kp):
-                a, bb = pk.sparse_linear_attention(q, k, v, qp, kp, lut, **kw)
-                return jnp.sum(a.astype(jnp.float32) * do) + jnp.sum(bb.astype(jnp.float32) * w2)
-
-            def lx(q, k, v, qp, kp):
-                a = xla_backend.xla_sparse(q, k, v, lut, block_q=bq, block_k=bk, scale=d**-0.5)
-                bb = xla_backend.xla_linear(qp, kp, v, selection_mask(lut, nk), block_q=bq, block_k=bk, eps=1e-6)
-                return jnp.sum(a.astype(jnp.float32) * do) + jnp.sum(bb.astype(jnp.float32) * w2)
-
-            gp = jax.jit(jax.grad(lp, argnums=(0, 1, 2, 3, 4)))(q, k, v, qp, kp)
-            gx = jax.jit(jax.grad(lx, argnums=(0, 1, 2, 3, 4)))(q, k, v, qp, kp)
-            row["xla_rel_grad_q_k_v_qphi_kphi"] = [rel(a, bb) for a, bb in zip(gp, gx)]
+            row["xla_rel_grad_q_k_v_qphi_kphi"], gp = xla_grads_check(q, k, v, qp, kp, lut, do, w2, nk, bq, bk, d)
             row["nan_free"] = bool(all(jnp.all(jnp.isfinite(x)) for x in gp))
         except Exception as e:
             row["xla_check_error"] = f"{type(e).__name__}: {e}"[:1500]
@@ -522,7 +501,8 @@ def compare_variants(names, sparsity, b=1, h=12, n=32760, d=128, bq=128, bk=64, 
                     row["rel_grads_vs_first"] = [rel(a, bb) for a, bb in zip(g, first[1])]
                 del o, g
                 if check_xla and not launch:  # the launch-only variants compute the same function
-                    row["rel_xla_branches"] = xla_branches_check(q, k, v, qp, kp, lut, do, nk, bq, bk, d)
+                    rel_grads, _ = xla_grads_check(q, k, v, qp, kp, lut, do, jnp.flip(do, axis=1), nk, bq, bk, d)
+                    row["rel_xla_branches"] = rel_grads
                 t["kernel_fwd_fused"] = bench(lambda *a: pk.sla2_fused_attention(*a, **kw), q, k, v, qp, kp, lut, alpha)
                 t["kernel_fwd_bwd_fused"] = bench(kernel_fb, q, k, v, qp, kp, alpha, do, runs=runs)
                 fwd = jax.jit(lambda *a: sl._forward(*a, cfg, fused=True, residuals=True))
@@ -577,13 +557,13 @@ def compare_variants(names, sparsity, b=1, h=12, n=32760, d=128, bq=128, bk=64, 
         print(f"| {name} | " + " | ".join(cells) + f" | {gr:.2e} | {xr} |")
 
 
-def xla_branches_check(q, k, v, qp, kp, lut, do, nk, bq, bk, d):
-    """Max-norm list: relative error of o_s, o_l and the five gradients of the branches path vs the xla backend."""
+def xla_grads_check(q, k, v, qp, kp, lut, do, w2, nk, bq, bk, d):
+    """Gradients of sum(o_s * do) + sum(o_l * w2) w.r.t. q, k, v, phi(q), phi(k): (relative errors of the branches
+    kernel vs the xla backend, the kernel's gradients)."""
     from sla2_jax import xla_backend
     from sla2_jax.routing import selection_mask
 
     kw = dict(block_q=bq, block_k=bk)
-    w2 = jnp.flip(do, axis=1)
 
     def lp(q, k, v, qp, kp):
         a, bb = pk.sparse_linear_attention(q, k, v, qp, kp, lut, **kw)
@@ -596,7 +576,7 @@ def xla_branches_check(q, k, v, qp, kp, lut, do, nk, bq, bk, d):
 
     gp = jax.jit(jax.grad(lp, argnums=(0, 1, 2, 3, 4)))(q, k, v, qp, kp)
     gx = jax.jit(jax.grad(lx, argnums=(0, 1, 2, 3, 4)))(q, k, v, qp, kp)
-    return [rel(a, bb) for a, bb in zip(gp, gx)]
+    return [rel(a, bb) for a, bb in zip(gp, gx)], gp
 
 
 def pallas_mha_reference(n=32768, h=12, d=128, runs=10):
