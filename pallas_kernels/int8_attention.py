@@ -21,12 +21,14 @@ round half to even, clip to [-127, 127]):
 
 Forward kernel, grid (Nq, H, B) (block index fastest, like sparse_linear). Program (i, h, b):
   for each LUT entry j: S = (q8 K8_j^T)[int32 -> float32] * (s_q * s_k[j] * sm_scale * log2 e), keys >= N
-  masked, exp2 online softmax (m_i, l_i, acc in f32), acc += P V_j (bf16, or P8 V8_j in fp8), and for the
-  "complement" linear branch G += phi(K_j)^T V_j, z += z_j (precomputed colsum phi(K_j)) exactly as the bf16
-  kernel. Epilogue identical to the bf16 kernel: O_s = acc / l_i, LSE (base 2), O_l = phi(Q_i) H_i / (phi(Q_i)
+  masked, exp2 online softmax (m_i, l_i, acc in f32), acc += P V_j (bf16, or P8 V8_j in fp8). The
+  "complement" linear branch is handled as in the bf16 kernel (same ``sparse_linear.OPTIONS["fwd_linear"]`` and
+  the shared ``_linear_inputs`` / ``_store_forward_outputs``): per-query-block states H_i, Z_i built before the
+  kernel ("blocks", default; the dq kernel reuses them), or G += phi(K_j)^T V_j, z += z_j inside the loop
+  ("loop"). Epilogue shared with the bf16 kernel: O_s = acc / l_i, LSE (base 2), O_l = phi(Q_i) H_i / (phi(Q_i)
   Z_i + eps), SLA2 combine in-kernel when fused.
-  Flop per program: topk * (2 bq bk D [int8] + 2 bq bk D [bf16 or fp8] (+ 2 bk D^2 bf16 "complement"))
-  + 4 bq D^2; bytes per LUT entry: bk D (int8 K) + bk D * 2 (bf16 V, or 1 for fp8) (+ bk D * 2 phi(K)).
+  Flop per program: topk * (2 bq bk D [int8] + 2 bq bk D [bf16 or fp8] (+ 2 bk D^2 bf16 "loop"))
+  + 4 bq D^2; bytes per LUT entry: bk D (int8 K) + bk D * 2 (bf16 V, or 1 for fp8) (+ bk D * 2 phi(K) "loop").
 
 LSE: the scores use K~, so the kernel adds q_i . mean_N(K) * sm_scale back to each row's LSE (softmax is
 shift-invariant, the LSE is not) before the backward recomputes P from the unsmoothed K.
@@ -329,7 +331,7 @@ def _query_tile(r, i, q_start, cfg: sl._Cfg):
     return _quantize_tile(q32, cfg.interpret)
 
 
-def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool):
+def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool, lin_in_loop: bool):
     r = dict(zip(names, refs))
     i = pl.program_id(0)
     q_start = i * cfg.block_q
@@ -342,7 +344,7 @@ def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool):
         jnp.full((cfg.block_q,), -jnp.inf, _F32),
         jnp.zeros((cfg.block_q,), _F32),
     )
-    if cfg.track_lin:
+    if lin_in_loop:
         carry += (jnp.zeros((d, d), _F32), jnp.zeros((1, d), _F32))
 
     def body(t, carry):
@@ -363,7 +365,7 @@ def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool):
         else:
             pv = sl._dot(p.astype(v.dtype), v)
         out = (acc * correction[:, None] + pv, m_new, l_i)
-        if cfg.track_lin:
+        if lin_in_loop:
             g, z_sel = carry[3:]
             k_phi = sl._load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
             g = g + sl._dot(k_phi, v, trans_a=True)
@@ -382,30 +384,7 @@ def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool):
         q32 = sl._load_rows(r["q"], q_start, cfg.block_q, cfg.n).astype(_F32)
         shift = jnp.sum(q32 * r["k_mean"][...][None, :], axis=1) * (cfg.sm_scale * _LOG2E)
         r["lse"][...] = m_i + jnp.log2(l_i) + shift
-
-    if cfg.linear:
-        q_phi = sl._load_rows(r["q_phi"], q_start, cfg.block_q, cfg.n)
-        h = r["h_tot"][...]
-        z = r["z_tot"][...][None, :]
-        if cfg.track_lin:
-            h = h - carry[3]
-            z = z - carry[4]
-        q_phi32 = q_phi.astype(_F32)
-        den = jnp.sum(q_phi32 * z, axis=1) + cfg.eps
-        o_l = sl._dot_mat(q_phi32, h, q_phi.dtype) / den[:, None]
-    else:
-        o_l = None
-
-    if fused:
-        a = r["alpha"][i]
-        o = a * o_s if o_l is None else a * o_s + (1.0 - a) * o_l
-        sl._store_rows(r["o"], q_start, o, cfg.n)
-    if "o_s" in r:
-        sl._store_rows(r["o_s"], q_start, o_s, cfg.n)
-    if "o_l" in r:
-        sl._store_rows(r["o_l"], q_start, o_l, cfg.n)
-    if "den" in r:
-        r["den"][...] = den
+    sl._store_forward_outputs(r, i, o_s, carry[3:] if lin_in_loop else None, cfg, fused)
 
 
 def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: sl._Cfg, quant: str, *, fused: bool, residuals: bool):
@@ -435,22 +414,18 @@ def _forward_quantised(
     if fp8:
         v8t, v_scale = quantize_values_fp8(v, cfg.block_k)
         inputs += [("v8t", v8t, sl._full_spec(d, cfg.nk * cfg.block_k)), ("v_scale", v_scale, sl._full_spec(d))]
-    if not fp8 or cfg.track_lin:
+    lin_in_loop = sl._lin_in_loop("fwd", cfg)
+    if not fp8 or lin_in_loop:
         inputs += [("v", v, seq)]
-    h_tot = z_tot = None
-    if cfg.linear:
-        h_tot, z_tot = sl._prepass(k_phi, v, cfg)
-        inputs += [("q_phi", q_phi, seq)]
-        if cfg.track_lin:
-            inputs += [("k_phi", k_phi, seq), ("z_blk", sl._block_colsums(k_phi, cfg), sl._full_spec(cfg.nk, d))]
-        inputs += [("h_tot", h_tot, sl._full_spec(d, d)), ("z_tot", z_tot, sl._full_spec(d))]
+    linear_inputs, h_tot, z_tot = sl._linear_inputs(q_phi, k_phi, v, lut, cfg, lin_in_loop)
+    inputs += linear_inputs
     if fused:
         inputs += [("alpha", alpha, sl._full_spec(cfg.nq))]
     outputs = sl._forward_outputs(q, cfg, fused=fused, residuals=residuals)
     names = tuple(x[0] for x in inputs) + tuple(x[0] for x in outputs)
     num_warps, num_stages = _launch(cfg, quant)
     res = pl.pallas_call(
-        functools.partial(_lowbit_fwd_kernel, names=names, cfg=cfg, fused=fused, fp8=fp8),
+        functools.partial(_lowbit_fwd_kernel, names=names, cfg=cfg, fused=fused, fp8=fp8, lin_in_loop=lin_in_loop),
         grid=(cfg.nq, h, b),
         in_specs=[x[2] for x in inputs],
         out_specs=[x[2] for x in outputs],

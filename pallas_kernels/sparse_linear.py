@@ -191,22 +191,31 @@ def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool, unroll: int = 1, lin_in_lo
     if cfg.topk % unroll:
         carry = lax.fori_loop(n_main * unroll, cfg.topk, lambda t, c: step([t], c), carry)
     acc, m_i, l_i = carry[:3]
-    o_s = acc / l_i[:, None]
-    lse = m_i + jnp.log2(l_i)
+    if "lse" in r:
+        r["lse"][...] = m_i + jnp.log2(l_i)
+    _store_forward_outputs(r, i, acc / l_i[:, None], carry[3:] if lin_in_loop else None, cfg, fused)
 
+
+def _store_forward_outputs(r, i, o_s, selected, cfg: _Cfg, fused: bool):
+    """Epilogue of the forward kernels (bf16 and low bit): the linear branch of query block i from its states, the
+    SLA2 combine, and the stores of o / o_s, o_l, den (whichever outputs the call has).
+
+    o_s: (block_q, D) float32. selected: (G, z_sel) accumulated over the LUT when the states are the totals
+    (B, H, D, D) / (B, H, D) ("loop" form), None when h_tot, z_tot already hold this block's H_i, Z_i."""
+    q_start = i * cfg.block_q
+    o_l = None
     if cfg.linear:
-        q_phi = _load_rows(r["q_phi"], q_start, cfg.block_q, cfg.n).astype(_F32)
+        q_phi = _load_rows(r["q_phi"], q_start, cfg.block_q, cfg.n)
         h = r["h_tot"][...]
-        z = r["z_tot"][...]
-        z = z[None, :]
-        if lin_in_loop:  # else h_tot, z_tot are this query block's H_i, Z_i already
-            h = h - carry[3]
-            z = z - carry[4]
-        den = jnp.sum(q_phi * z, axis=1) + cfg.eps
-        o_l = _dot_mat(q_phi, h, q.dtype) / den[:, None]
-    else:
-        o_l = None
-
+        z = r["z_tot"][...][None, :]
+        if selected is not None:
+            h = h - selected[0]
+            z = z - selected[1]
+        q_phi32 = q_phi.astype(_F32)
+        den = jnp.sum(q_phi32 * z, axis=1) + cfg.eps
+        o_l = _dot_mat(q_phi32, h, q_phi.dtype) / den[:, None]
+        if "den" in r:
+            r["den"][...] = den
     if fused:
         a = r["alpha"][i]
         o = a * o_s if o_l is None else a * o_s + (1.0 - a) * o_l
@@ -215,10 +224,6 @@ def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool, unroll: int = 1, lin_in_lo
         _store_rows(r["o_s"], q_start, o_s, cfg.n)
     if "o_l" in r:
         _store_rows(r["o_l"], q_start, o_l, cfg.n)
-    if "lse" in r:
-        r["lse"][...] = lse
-    if "den" in r:
-        r["den"][...] = den
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -408,6 +413,27 @@ def _block_colsums(k_phi, cfg: _Cfg):
     return jnp.transpose(z, (0, 2, 1, 3))
 
 
+def _linear_inputs(q_phi, k_phi, v, lut, cfg: _Cfg, lin_in_loop: bool):
+    """The forward kernels' linear-branch inputs (bf16 and low bit) and the states kept as residuals:
+    ([(name, array, BlockSpec)], h_tot, z_tot). States: this query block's H_i, Z_i, (B, H, Nq, D, D) / (B, H, Nq, D)
+    float32 ("blocks": the dq kernel reuses them), else the totals (B, H, D, D) / (B, H, D), with phi(K) and the
+    per-block colsums when the loop subtracts the selected part itself; (None, None) without a linear branch."""
+    if not cfg.linear:
+        return [], None, None
+    d, seq = cfg.d, _seq_spec(cfg)
+    inputs = [("q_phi", q_phi, seq)]
+    if cfg.track_lin and not lin_in_loop:
+        h_tot, z_tot = _complement_states(k_phi, v, lut, cfg)
+        h_spec = pl.BlockSpec((None, None, None, d, d), lambda i, hh, bb: (bb, hh, i, 0, 0))
+        z_spec = pl.BlockSpec((None, None, None, d), lambda i, hh, bb: (bb, hh, i, 0))
+    else:
+        h_tot, z_tot = _prepass(k_phi, v, cfg)
+        h_spec, z_spec = _full_spec(d, d), _full_spec(d)
+    if lin_in_loop:
+        inputs += [("k_phi", k_phi, seq), ("z_blk", _block_colsums(k_phi, cfg), _full_spec(cfg.nk, d))]
+    return inputs + [("h_tot", h_tot, h_spec), ("z_tot", z_tot, z_spec)], h_tot, z_tot
+
+
 def _forward_outputs(q, cfg: _Cfg, *, fused: bool, residuals: bool):
     """(name, shape struct, BlockSpec) of the forward kernels' outputs: o (fused) and/or o_s, o_l, and the
     residuals LSE and den the backward needs. Shared by the bf16 and low-bit forward kernels."""
@@ -433,20 +459,9 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, resid
     b, n, h, d = q.shape
     seq = _seq_spec(cfg)
     inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
-    h_tot = z_tot = None
     lin_in_loop = _lin_in_loop("fwd", cfg)
-    if cfg.linear:
-        inputs += [("q_phi", q_phi, seq)]
-        if cfg.track_lin and not lin_in_loop:  # H_i, Z_i per query block (residuals for the dq kernel too)
-            h_tot, z_tot = _complement_states(k_phi, v, lut, cfg)
-            h_spec = pl.BlockSpec((None, None, None, d, d), lambda i, hh, bb: (bb, hh, i, 0, 0))
-            z_spec = pl.BlockSpec((None, None, None, d), lambda i, hh, bb: (bb, hh, i, 0))
-        else:
-            h_tot, z_tot = _prepass(k_phi, v, cfg)
-            h_spec, z_spec = _full_spec(d, d), _full_spec(d)
-        if lin_in_loop:
-            inputs += [("k_phi", k_phi, seq), ("z_blk", _block_colsums(k_phi, cfg), _full_spec(cfg.nk, d))]
-        inputs += [("h_tot", h_tot, h_spec), ("z_tot", z_tot, z_spec)]
+    linear_inputs, h_tot, z_tot = _linear_inputs(q_phi, k_phi, v, lut, cfg, lin_in_loop)
+    inputs += linear_inputs
     if fused:
         inputs += [("alpha", alpha, _full_spec(cfg.nq))]
     outputs = _forward_outputs(q, cfg, fused=fused, residuals=residuals)

@@ -89,7 +89,12 @@ def test_int8_fp8_branches_close_to_fake_quant_reference(seed):
     assert rel_err(o_s, b_s) < 8e-2
 
 
-def test_fused_equals_combine_of_reference(seed):
+@pytest.mark.parametrize("fwd_linear", ["blocks", "loop"])
+def test_fused_equals_combine_of_reference(seed, fwd_linear, monkeypatch):
+    """Both placements of the complement's selected part (per-block states, or accumulated in the loop)."""
+    from pallas_kernels import sparse_linear
+
+    monkeypatch.setattr(sparse_linear, "OPTIONS", dict(sparse_linear.OPTIONS, fwd_linear=fwd_linear))
     q, k, v, lut, mass = _setup(seed, 190, 64, jnp.float32, 64, 32, 0.35)
     kw = dict(block_q=64, block_k=32)
     o = ia.sla2_fused_attention_lowbit(q, k, v, _phi(q), _phi(k), lut, mass, **kw)
