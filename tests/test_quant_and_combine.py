@@ -61,10 +61,14 @@ def test_quantised_sparse_branch_close_and_straight_through(seed, quant, backend
 def test_xla_quantised_equals_reference_quantised(seed):
     q, k, v = random_qkv(seed, (1, 200, 2, 64))
     lut = random_lut(seed + 1, 1, 2, 4, 7, 3)
-    for quant in ("int8", "int8_fp8"):
+    # int8: both backends quantise the same inputs, so only float summation order differs (measured <= 4e-7 over 40
+    # seeds). int8_fp8 also rounds P to e4m3 inside each backend: an ulp-level difference in P flips a rounding
+    # now and then, each flip moving one P entry by up to one e4m3 step (1/8 relative): measured <= 8e-4 over 40
+    # seeds (the 1e-4 bound used before failed on 5 of those 40 seeds).
+    for quant, tol in (("int8", 1e-5), ("int8_fp8", 3e-3)):
         r = sla.sparse_linear_branches(q, k, v, lut, block_q=64, block_k=32, quant=quant, backend="reference")[0]
         x = sla.sparse_linear_branches(q, k, v, lut, block_q=64, block_k=32, quant=quant, backend="xla")[0]
-        assert rel_err(x, r) < 1e-4
+        assert rel_err(x, r) < tol, (quant, seed)
 
 
 def test_combine_per_block_alpha(seed):
