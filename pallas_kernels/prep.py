@@ -2,8 +2,8 @@
 
 * ``block_means_and_phi(x, block, feature_map)``: one read of X (B, N, H, D) gives phi(X) (B, N, H, D, x.dtype)
   and the mean of every ``block``-row block, (B, H, Nb, D) float32 (a ragged last block averages its valid rows;
-  rows >= N are masked, never padded). Grid (Nb, H, B), one block per program, ``rows`` rows per loop step. Bytes: one read of X, one
-  write of phi(X). The backward is the vjp of the XLA formulas (`sla2_jax.feature_maps.feature_map_f32`,
+  rows >= N are masked, never padded). Grid (Nb, H, B), one block per program, ``rows`` rows per loop step.
+  Bytes: one read of X, one write of phi(X). The backward is the vjp of the XLA formulas (`sla2_jax.feature_maps.feature_map_f32`,
   `sla2_jax.routing.pool_blocks`): both are cheap elementwise / broadcast passes.
 * ``select_blocks(scores, topk, seq_len, block_k)``: per row of router logits S (B, H, Nq, Nk) float32, the
   ascending LUT of the top-k key blocks (the set of ``lax.top_k``, ties to the lower index) and the captured mass
