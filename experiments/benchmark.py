@@ -3,6 +3,7 @@
     python -m experiments.benchmark --workloads wan-1.3b --backends xla,pallas --out runs/bench
     python -m experiments.benchmark --workloads all --backends pallas        # every workload of BENCHMARKS.md
     python -m experiments.benchmark --tiny                                   # CPU smoke run
+    python -m experiments.benchmark --backends pallas --quant int8           # low-bit forward (QAT cost too)
 
 For each workload and sparsity it times (median of --iters synchronised runs after warm-up):
   module forward (routing + branches + combine), module forward+backward (grad of sum(o * do) w.r.t. q, k, v),
@@ -65,7 +66,7 @@ def measure(name, fn, args, iters, flops=None):
     return row
 
 
-def bench_shape(shape, sparsities, backends, iters, kernel_only, check_error, progress):
+def bench_shape(shape, sparsities, backends, iters, kernel_only, check_error, progress, quant="none"):
     batch, heads, seq_len, dim = shape
     q, k, v = random_qkv(0, batch, seq_len, heads, dim)
     do = random_qkv(1, batch, seq_len, heads, dim)[0]
@@ -78,9 +79,9 @@ def bench_shape(shape, sparsities, backends, iters, kernel_only, check_error, pr
     ref = sla.dense_attention(q, k, v) if check_error else None
     for sparsity in sparsities:
         for backend in backends:
-            cfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend=backend, alpha="mass")
+            cfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend=backend, alpha="mass", quant=quant)
             flops = dense_flops * (1 - sparsity)
-            tag = f"{backend} {sparsity:.0%}"
+            tag = f"{backend} {sparsity:.0%}" + ("" if quant == "none" else f" {quant}")
             progress.set_postfix_str(f"N={seq_len} {tag}")
             module = jax.jit(lambda q, k, v, cfg=cfg: sla.sla2_attention(q, k, v, config=cfg))
             module_grad = fwd_bwd(lambda q, k, v, cfg=cfg: sla.sla2_attention(q, k, v, config=cfg))
@@ -90,7 +91,7 @@ def bench_shape(shape, sparsities, backends, iters, kernel_only, check_error, pr
                     (f"{tag} router", router, (q, k), None)]
             if kernel_only:
                 def branches(q, k, v, lut, backend=backend):
-                    o_s, o_l = sla.sparse_linear_branches(q, k, v, lut, backend=backend)
+                    o_s, o_l = sla.sparse_linear_branches(q, k, v, lut, backend=backend, quant=quant)
                     return o_s + o_l
 
                 lut = router(q, k)
@@ -177,6 +178,8 @@ def main(argv=None):
     p.add_argument("--sparsities", default="0.9,0.95,0.97")
     p.add_argument("--backends", default="auto", help="comma list of pallas, xla, reference, auto")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int8_fp8"],
+                   help="low-bit sparse branch (pallas: the INT8 kernel forward, bf16 backward; else fake quant)")
     p.add_argument("--no-kernel-only", action="store_true", help="skip the kernel-only rows")
     p.add_argument("--no-error", action="store_true", help="skip the error check vs dense attention")
     p.add_argument("--max-n", type=int, default=None, help="skip shapes with N above this")
@@ -202,7 +205,7 @@ def main(argv=None):
     with tqdm(total=len(jobs) * len(sparsities) * len(backends), desc="benchmark", file=sys.stderr) as progress:
         for name, shape in jobs:
             for r in bench_shape(shape, sparsities, backends, iters, not args.no_kernel_only,
-                                 not args.no_error, progress):
+                                 not args.no_error, progress, args.quant):
                 rows.append({"workload": name, **r})
             with open(os.path.join(args.out, "results.json"), "w") as f:  # after every shape: a cut run keeps rows
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)

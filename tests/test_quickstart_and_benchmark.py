@@ -14,12 +14,12 @@ def test_quickstart_prints_sparsity_error_and_timing(capsys):
 
 
 def test_benchmark_tiny_writes_json_and_plot(tmp_path):
-    benchmark.main(["--tiny", "--backends", "xla", "--sparsities", "0.9", "--no-kernel-only",
+    benchmark.main(["--tiny", "--backends", "xla", "--sparsities", "0.9", "--no-kernel-only", "--quant", "int8",
                     "--out", str(tmp_path)])
     data = json.load(open(tmp_path / "results.json"))
     names = [r["what"] for r in data["rows"]]
     assert names[:2] == ["dense fwd", "dense fwd+bwd"]
-    assert "xla 90% module fwd" in names and "xla 90% module fwd+bwd" in names
+    assert "xla 90% int8 module fwd" in names and "xla 90% int8 module fwd+bwd" in names
     for r in data["rows"]:
         assert "error" not in r, r
         assert r["ms"] > 0 and math.isfinite(r["ms"])
