@@ -335,17 +335,10 @@ def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool, lin_i
     r = dict(zip(names, refs))
     i = pl.program_id(0)
     q_start = i * cfg.block_q
-    d = cfg.d
     q8, s_q = _query_tile(r, i, q_start, cfg)
     qk_scale = s_q * (cfg.sm_scale * _LOG2E)
 
-    carry = (
-        jnp.zeros((cfg.block_q, d), _F32),
-        jnp.full((cfg.block_q,), -jnp.inf, _F32),
-        jnp.zeros((cfg.block_q,), _F32),
-    )
-    if lin_in_loop:
-        carry += (jnp.zeros((d, d), _F32), jnp.zeros((1, d), _F32))
+    carry = sl._initial_carry(cfg, lin_in_loop)
 
     def body(t, carry):
         acc, m_i, l_i = carry[:3]

@@ -141,21 +141,27 @@ def _scores(q, k, k_start, cfg):
 # ----------------------------------------------------------------------------------------------------------
 # Forward kernel
 # ----------------------------------------------------------------------------------------------------------
+def _initial_carry(cfg: _Cfg, lin_in_loop: bool):
+    """Loop state of the forward kernels (bf16 and low bit): acc (block_q, D), running max m and sum l (block_q,),
+    all float32, plus G (D, D) and z_sel (1, D) when the loop accumulates the complement's selected part."""
+    carry = (
+        jnp.zeros((cfg.block_q, cfg.d), _F32),
+        jnp.full((cfg.block_q,), -jnp.inf, _F32),
+        jnp.zeros((cfg.block_q,), _F32),
+    )
+    if lin_in_loop:
+        carry += (jnp.zeros((cfg.d, cfg.d), _F32), jnp.zeros((1, cfg.d), _F32))
+    return carry
+
+
 def _fwd_kernel(*refs, names, cfg: _Cfg, fused: bool, unroll: int = 1, lin_in_loop: bool | None = None):
     r = dict(zip(names, refs))
     lin_in_loop = cfg.track_lin if lin_in_loop is None else lin_in_loop
     i = pl.program_id(0)
     q_start = i * cfg.block_q
     q = _load_rows(r["q"], q_start, cfg.block_q, cfg.n)
-    d = cfg.d
 
-    carry = (
-        jnp.zeros((cfg.block_q, d), _F32),
-        jnp.full((cfg.block_q,), -jnp.inf, _F32),
-        jnp.zeros((cfg.block_q,), _F32),
-    )
-    if lin_in_loop:
-        carry += (jnp.zeros((d, d), _F32), jnp.zeros((1, d), _F32))
+    carry = _initial_carry(cfg, lin_in_loop)
 
     def step(ts, carry):
         """One online-softmax update over the LUT entries ts (1 or more key blocks: one rescale of acc)."""
