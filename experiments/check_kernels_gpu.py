@@ -344,21 +344,29 @@ FWD_VARIANTS = {
 }
 
 
+def wan_setup(sparsity, seed, b, h, n, d, bq, bk):
+    """Inputs of one comparison: bf16 q, k, v, do (B, N, H, D), phi(q), phi(k), the router's LUT at this sparsity,
+    alpha (B, H, Nq) in [0.3, 0.9] and the kernels' validated config."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(int(sparsity * 1000) + seed), 3)
+    q, k, v = inputs(k1, b, n, h, d, jnp.bfloat16)
+    do = jax.random.normal(k2, q.shape, jnp.float32).astype(jnp.bfloat16)
+    nq, nk = -(-n // bq), -(-n // bk)
+    topk = max(1, int(nk * (1 - sparsity) + 1e-6))
+    lut = jax.jit(router_lut, static_argnums=(2, 3, 4))(q, k, topk, bq, bk)
+    qp, kp = jax.jit(phi)(q), jax.jit(phi)(k)
+    alpha = jax.random.uniform(k3, (b, h, nq), jnp.float32, 0.3, 0.9)
+    cfg = sl._validate(q, k, v, qp, kp, lut, bq, bk, "complement", None, 1e-6, None)
+    return q, k, v, do, qp, kp, lut, alpha, cfg
+
+
 def compare_fwd_variants(names, sparsities, b=1, h=12, n=32760, d=128, bq=128, bk=64, runs=20, out_dir="."):
     """Forward only: per sparsity, the fused forward of each variant vs the first (and the first's branches vs the
     xla backend), then medians of the forward-only call (primal), the VJP forward (residuals) and the states."""
     out = RESULTS.setdefault("fwd_variants", {})
     for si, sparsity in enumerate(sparsities):
-        key = jax.random.PRNGKey(int(sparsity * 1000) + 29)
-        k1, k3 = jax.random.split(key)
-        q, k, v = inputs(k1, b, n, h, d, jnp.bfloat16)
-        nq, nk = -(-n // bq), -(-n // bk)
-        topk = max(1, int(nk * (1 - sparsity) + 1e-6))
-        lut = jax.jit(router_lut, static_argnums=(2, 3, 4))(q, k, topk, bq, bk)
-        qp, kp = jax.jit(phi)(q), jax.jit(phi)(k)
-        alpha = jax.random.uniform(k3, (b, h, nq), jnp.float32, 0.3, 0.9)
+        q, k, v, _, qp, kp, lut, alpha, cfg = wan_setup(sparsity, 29, b, h, n, d, bq, bk)
+        topk, nk = cfg.topk, cfg.nk
         kw = dict(block_q=bq, block_k=bk)
-        cfg = sl._validate(q, k, v, qp, kp, lut, bq, bk, "complement", None, 1e-6, None)
         row = dict(topk=topk, nk=nk, variants={})
         impl = "cudnn" if jax.default_backend() == "gpu" else "xla"  # xla: CPU smoke runs of this script
         row["cudnn_fwd"] = bench(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl), q, k, v)
@@ -440,17 +448,9 @@ def xla_forward_check(q, k, v, qp, kp, lut, o_s, o_l, nk, bq, bk, d):
 
 def compare_variants(names, sparsity, b=1, h=12, n=32760, d=128, bq=128, bk=64, runs=20, check_xla=True, out_dir="."):
     """Correctness (vs the first variant and the xla backend) and per-stage medians of each variant, one process."""
-    key = jax.random.PRNGKey(int(sparsity * 1000) + 17)
-    k1, k2, k3 = jax.random.split(key, 3)
-    q, k, v = inputs(k1, b, n, h, d, jnp.bfloat16)
-    do = jax.random.normal(k2, q.shape, jnp.float32).astype(jnp.bfloat16)
-    nq, nk = -(-n // bq), -(-n // bk)
-    topk = max(1, int(nk * (1 - sparsity) + 1e-6))
-    lut = jax.jit(router_lut, static_argnums=(2, 3, 4))(q, k, topk, bq, bk)
-    qp, kp = jax.jit(phi)(q), jax.jit(phi)(k)
-    alpha = jax.random.uniform(k3, (b, h, nq), jnp.float32, 0.3, 0.9)
+    q, k, v, do, qp, kp, lut, alpha, cfg = wan_setup(sparsity, 17, b, h, n, d, bq, bk)
+    topk, nk = cfg.topk, cfg.nk
     kw = dict(block_q=bq, block_k=bk)
-    cfg = sl._validate(q, k, v, qp, kp, lut, bq, bk, "complement", None, 1e-6, None)
     out = dict(sparsity=sparsity, topk=topk, nk=nk, variants={})
     t0 = {}
     impl = "cudnn" if jax.default_backend() == "gpu" else "xla"  # xla: CPU smoke runs of this script
@@ -465,7 +465,7 @@ def compare_variants(names, sparsity, b=1, h=12, n=32760, d=128, bq=128, bk=64, 
     print("cudnn", t0, flush=True)
 
     # the per-block linear states (option "blocks"), piece by piece
-    w = jax.random.uniform(k3, (b, h, cfg.npad), jnp.float32)
+    w = jax.random.uniform(jax.random.PRNGKey(3), (b, h, cfg.npad), jnp.float32)  # row weights, timing only
     t0["states_outer_sum_key_blocks"] = bench(lambda kp, v: sl._outer_sum(kp, v, cfg, block_rows=bk), kp, v)
     t0["states_outer_sum_query_blocks"] = bench(
         lambda qp, do, w: sl._outer_sum(qp, do, cfg, w, w, block_rows=bq), qp, do, w
