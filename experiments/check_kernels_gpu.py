@@ -470,11 +470,11 @@ def compare_variants(names, sparsity, b=1, h=12, n=32760, d=128, bq=128, bk=64, 
     t0["states_outer_sum_query_blocks"] = bench(
         lambda qp, do, w: sl._outer_sum(qp, do, cfg, w, w, block_rows=bq), qp, do, w
     )
-    hl, zb = jax.jit(lambda kp, v: sl._outer_sum(kp, v, cfg, block_rows=bk))(kp, v)
+    sums = jax.jit(lambda kp, v: sl._outer_sum(kp, v, cfg, block_rows=bk))(kp, v)
     unsel = jnp.logical_not(jnp.swapaxes(sl._selection(lut, nk), 2, 3))
-    t0["states_masked_matmul_fwd"] = bench(sl._sum_over_blocks, unsel, hl, zb)
+    t0["states_masked_matmul_fwd"] = bench(sl._sum_over_blocks, unsel, sums)
     t0["states_complement_fwd"] = bench(lambda kp, v, lut: sl._complement_states(kp, v, lut, cfg), kp, v, lut)
-    del hl, zb
+    del sums
     print("states", t0, flush=True)
 
     first = None

@@ -41,7 +41,8 @@ and that head's K, V, phi(K) stay in L2). Launch configurations: launch_config.p
 
 Complement scope, default (OPTIONS "blocks", the description above is the "loop" form): the selected part of the
 linear branch leaves the loops. Before the forward, ``_complement_states`` builds H_i, Z_i per query block (per-key-
-block outer sums phi(K_j)^T V_j as bf16 hi/lo, then one masked cuBLAS matmul over the unselected blocks); the
+block outer sums phi(K_j)^T V_j, stored for 16-bit inputs as float16 with one power-of-two scale per block, then
+one masked cuBLAS matmul over the unselected blocks, the scales folded into the 0/1 mask); the
 forward kernel reads H_i instead of accumulating G, and the dq kernel reuses H_i (residual). Before the dkv kernel,
 ``_backward_totals`` builds dH_j, dZ_j per key block the same way from per-query-block sums phi~_i^T dO_l,i. Extra
 work: 2 * 2 * Nq * Nk * D^2 flop per head and matmul (dense in the mask, independent of topk), extra memory
@@ -273,9 +274,19 @@ def _call(kernel, grid, inputs, outputs, cfg, name, launch):
     )(*[x[1] for x in inputs])
 
 
-def _outer_sum_kernel(*refs, names, cfg: _Cfg, chunk: int, block: int, weighted: bool, split: bool):
+def _pow2_scale(amax):
+    """s = 2^(e - 13) for amax in [2^e, 2^(e+1)) (e clipped to [-11, 28]): a power of two (exact in float16 and in
+    every product with it) such that x / s is in (-2^14, 2^14) for |x| <= amax (float16 holds up to 65504)."""
+    e = lax.shift_right_logical(lax.bitcast_convert_type(amax, jnp.int32), 23)  # biased exponent (amax >= 0)
+    e_s = jnp.clip(e - 13, 127 - 24, 127 + 15)
+    s = lax.bitcast_convert_type(lax.shift_left(e_s, 23), _F32)
+    inv_s = lax.bitcast_convert_type(lax.shift_left(254 - e_s, 23), _F32)
+    return s, inv_s
+
+
+def _outer_sum_kernel(*refs, names, cfg: _Cfg, chunk: int, block: int, weighted: bool, scaled: bool):
     """Program (c, h, b): rows [c*chunk, (c+1)*chunk) of X, Y -> sum_r w_r X_r^T Y_r (D x D), sum_r u_r X_r.
-    split: the D x D sum is stored as its bf16 hi part (rows 0..D-1) and lo part (rows D..2D-1)."""
+    scaled: the D x D sum is stored as h / s in float16 with s (a power of two, see _pow2_scale) in output "s"."""
     r = dict(zip(names, refs))
     start0 = pl.program_id(0) * chunk
 
@@ -296,10 +307,10 @@ def _outer_sum_kernel(*refs, names, cfg: _Cfg, chunk: int, block: int, weighted:
         return h, z
 
     h, z = lax.fori_loop(0, chunk // block, body, (jnp.zeros((cfg.d, cfg.d), _F32), jnp.zeros((cfg.d,), _F32)))
-    if split:
-        h_hi = h.astype(jnp.bfloat16)
-        plgpu.store(r["h"].at[pl.ds(0, cfg.d), :], h_hi)
-        plgpu.store(r["h"].at[pl.ds(cfg.d, cfg.d), :], (h - h_hi.astype(_F32)).astype(jnp.bfloat16))
+    if scaled:
+        s, inv_s = _pow2_scale(jnp.max(jnp.max(jnp.abs(h), axis=1), axis=0))
+        r["h"][...] = (h * inv_s).astype(jnp.float16)
+        r["s"][...] = jnp.full((cfg.d,), s, _F32)
     else:
         r["h"][...] = h
     r["z"][...] = z
@@ -314,9 +325,8 @@ def _outer_sum(x, y, cfg: _Cfg, w=None, u=None, block_rows=None):
     Grid (C, H, B), C = ceil(N / 1024) chunks of rows (split-K: B*H alone is too few programs to fill the GPU);
     the C partial sums are added by XLA. Flop 2*N*D^2 per head; bytes: one read of x and y.
     w, u: optional (B, H, >= N) per-row float32 weights (both or neither).
-    block_rows: if given, one sum per block of that many rows instead (no reduction over the blocks), the D x D
-    sums as bf16 hi and lo parts (~2^-16 relative; the input of _sum_over_blocks): (B, H, C, 2 * D, D) bfloat16
-    (hi rows first) and (B, H, C, D) float32, C = ceil(N / block_rows).
+    block_rows: if given, one sum per block of that many rows instead (no reduction over the blocks): the input of
+    _sum_over_blocks, a _BlockSums of C = ceil(N / block_rows) blocks.
     """
     b, n, h, d = x.shape
     if block_rows is None:
@@ -331,47 +341,61 @@ def _outer_sum(x, y, cfg: _Cfg, w=None, u=None, block_rows=None):
         pad = lambda a: jnp.pad(a[:, :, :n].astype(_F32), ((0, 0), (0, 0), (0, nc * chunk - n)))
         rows = pl.BlockSpec((None, None, chunk), lambda c, hh, bb: (bb, hh, c))
         inputs += [("w", pad(w), rows), ("u", pad(u), rows)]
-    split = block_rows is not None
-    h_rows, h_dtype = (2 * d, jnp.bfloat16) if split else (d, _F32)
+    scaled = block_rows is not None and jnp.dtype(x.dtype) != jnp.dtype(_F32)
+    vec = (
+        jax.ShapeDtypeStruct((b, h, nc, d), _F32),
+        pl.BlockSpec((None, None, None, d), lambda c, hh, bb: (bb, hh, c, 0)),
+    )
     outputs = [
         (
             "h",
-            jax.ShapeDtypeStruct((b, h, nc, h_rows, d), h_dtype),
-            pl.BlockSpec((None, None, None, h_rows, d), lambda c, hh, bb: (bb, hh, c, 0, 0)),
+            jax.ShapeDtypeStruct((b, h, nc, d, d), jnp.float16 if scaled else _F32),
+            pl.BlockSpec((None, None, None, d, d), lambda c, hh, bb: (bb, hh, c, 0, 0)),
         ),
-        (
-            "z",
-            jax.ShapeDtypeStruct((b, h, nc, d), _F32),
-            pl.BlockSpec((None, None, None, d), lambda c, hh, bb: (bb, hh, c, 0)),
-        ),
+        ("z", *vec),
     ]
-    hp, zp = _call(
+    if scaled:
+        outputs.append(("s", *vec))
+    sums = _call(
         _outer_sum_kernel,
         (nc, h, b),
         inputs,
         outputs,
         cfg,
         "sum",
-        dict(chunk=chunk, block=min(chunk, _SUM_BLOCK), weighted=weighted, split=split),
+        dict(chunk=chunk, block=min(chunk, _SUM_BLOCK), weighted=weighted, scaled=scaled),
     )
-    if split:
-        return hp, zp
-    return jnp.sum(hp, axis=2), jnp.sum(zp, axis=2)
+    if block_rows is not None:
+        return _BlockSums(sums[0], sums[1], sums[2][..., 0] if scaled else None)
+    return jnp.sum(sums[0], axis=2), jnp.sum(sums[1], axis=2)
 
 
-def _sum_over_blocks(mask, h_split, z):
+class _BlockSums(NamedTuple):
+    """Per-block outer sums (from _outer_sum with block_rows), C blocks: h (B, H, C, D, D), z (B, H, C, D) float32.
+    For 16-bit inputs h is float16 and holds h / scale with scale (B, H, C) a power of two per block (~2^-11
+    relative, the input's own precision is 2^-8 / 2^-11); for float32 inputs h is float32 and scale is None."""
+
+    h: jax.Array
+    z: jax.Array
+    scale: jax.Array | None
+
+
+def _sum_over_blocks(mask, sums: _BlockSums):
     """out[m] = sum_c mask[m, c] h[c] (and the same for z), per (b, h).
 
-    mask (B, H, M, C) bool; h_split (B, H, C, 2 * D, D) bfloat16, the hi and lo parts of h (from _outer_sum with
-    block_rows); z (B, H, C, D) float32 -> (B, H, M, D, D), (B, H, M, D) float32. One dense batched matmul in XLA
-    (cuBLAS) contracting over (c, hi/lo) with f32 accumulation: the 0/1 mask is exact in bf16; z (small) in f32.
+    mask (B, H, M, C) bool -> (B, H, M, D, D), (B, H, M, D) float32. One dense batched matmul in XLA (cuBLAS)
+    contracting over the blocks with float32 accumulation; for float16 sums the mask carries the per-block scale
+    (a power of two: exact); z (small) in float32.
     """
-    b, nh, c, _, d = h_split.shape
-    parts = h_split.reshape(b, nh, c, 2, d * d)
-    m16 = jnp.broadcast_to(mask.astype(jnp.bfloat16)[..., None], mask.shape + (2,))
-    h_out = jnp.einsum("bhmcx,bhcxf->bhmf", m16, parts, preferred_element_type=_F32).reshape(b, nh, -1, d, d)
-    z_out = jnp.einsum("bhmc,bhcd->bhmd", mask.astype(_F32), z, precision=lax.Precision.HIGHEST)
-    return h_out, z_out
+    b, nh, c, d, _ = sums.h.shape
+    h_flat = sums.h.reshape(b, nh, c, d * d)
+    if sums.scale is None:
+        weights, precision = mask.astype(_F32), lax.Precision.HIGHEST
+    else:
+        weights, precision = jnp.where(mask, sums.scale[:, :, None, :], 0.0).astype(jnp.float16), None
+    h_out = jnp.einsum("bhmc,bhcf->bhmf", weights, h_flat, precision=precision, preferred_element_type=_F32)
+    z_out = jnp.einsum("bhmc,bhcd->bhmd", mask.astype(_F32), sums.z, precision=lax.Precision.HIGHEST)
+    return h_out.reshape(b, nh, -1, d, d), z_out
 
 
 # Where the selected part of the complement linear branch is handled (sparse_linear.OPTIONS, read at trace time):
@@ -401,9 +425,9 @@ def _complement_states(k_phi, v, lut, cfg: _Cfg):
     """H_i = sum_{j not in lut[i]} phi(K_j)^T V_j (B, H, Nq, D, D) and Z_i likewise of colsum phi(K_j)
     (B, H, Nq, D), float32: the linear branch's state of each query block (what the forward builds as
     H_tot - G in-kernel), from per-key-block outer sums and one masked matmul."""
-    h_blk, z_blk = _outer_sum(k_phi, v, cfg, block_rows=cfg.block_k)
+    sums = _outer_sum(k_phi, v, cfg, block_rows=cfg.block_k)
     unsel = jnp.logical_not(jnp.swapaxes(_selection(lut, cfg.nk), 2, 3))  # (B, H, Nq, Nk)
-    return _sum_over_blocks(unsel, h_blk, z_blk)
+    return _sum_over_blocks(unsel, sums)
 
 
 def _prepass(k_phi, v, cfg: _Cfg):
@@ -712,8 +736,8 @@ def _backward_totals(res, res_dq, cfg: _Cfg, *, fused, do=None, do_l=None):
         w, x = inv_den, do_l
     u = -res_dq["c"] * inv_den
     if cfg.track_lin and not _lin_in_loop("dkv", cfg):
-        dh_blk, dz_blk = _outer_sum(q_phi, x, cfg, w, u, block_rows=cfg.block_q)  # per query block
-        return _sum_over_blocks(jnp.logical_not(_selection(lut, cfg.nk)), dh_blk, dz_blk)
+        sums = _outer_sum(q_phi, x, cfg, w, u, block_rows=cfg.block_q)  # per query block
+        return _sum_over_blocks(jnp.logical_not(_selection(lut, cfg.nk)), sums)
     return _outer_sum(q_phi, x, cfg, w, u)
 
 

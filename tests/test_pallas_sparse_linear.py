@@ -270,3 +270,28 @@ def test_forward_masks_the_ragged_last_key_block(fwd_linear, monkeypatch):
     rg = jax.vjp(lambda *xs: reference_fused(*xs, lut, alpha, **kw), *args)[1](w1)
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi"), vjp(w1), rg):
         assert _rel(a, b) < 2e-3, (seed, name, _rel(a, b))
+
+
+def test_complement_states_keep_float16_precision_over_a_wide_range():
+    """H_i, Z_i (sums over the unselected key blocks) vs float64: 16-bit inputs go through per-block float16 sums
+    with a power-of-two scale (~2^-11 relative, no overflow for |V| ~ 1e4, no underflow for 1e-5); float32 inputs
+    stay float32. Both are checked per head against numpy on the same (rounded) inputs."""
+    from pallas_kernels import sparse_linear as sl
+
+    seed = _seed()
+    b, n, h, d, topk, block_q, block_k = 1, 333, 2, 64, 2, 128, 64
+    for dtype, tol in ((jnp.bfloat16, 6e-4), (jnp.float32, 1e-5)):
+        (q, k, v, q_phi, k_phi), lut, *_ = _make(seed, b, n, h, d, dtype, topk, block_q, block_k)
+        v = (v.astype(jnp.float32) * jnp.asarray([1e4, 1e-5])[None, None, :, None]).astype(dtype)
+        cfg = sl._validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, "complement", None, 1e-6, True)
+        h_i, z_i = sl._complement_states(k_phi, v, lut, cfg)
+        kp, vv, sel = np.asarray(k_phi, np.float64), np.asarray(v, np.float64), np.asarray(lut)
+        for hh in range(h):
+            for i in range(cfg.nq):
+                rows = np.concatenate(
+                    [np.arange(j * block_k, min(n, (j + 1) * block_k)) for j in range(cfg.nk) if j not in sel[0, hh, i]]
+                )
+                h_ref = kp[0, rows, hh].T @ vv[0, rows, hh]
+                z_ref = kp[0, rows, hh].sum(axis=0)
+                assert _rel(h_i[0, hh, i], h_ref) < tol, (seed, dtype, hh, i, _rel(h_i[0, hh, i], h_ref))
+                assert _rel(z_i[0, hh, i], z_ref) < 1e-5, (seed, dtype, hh, i)
