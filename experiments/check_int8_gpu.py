@@ -16,6 +16,12 @@
    (sla2_jax.dense_attention) and vs the bf16 kernel; median forward times (experiments.timing, synchronised,
    after warm-up) of cuDNN, the bf16 fused kernel, the low-bit variants (whole forward, pre-pass alone, forward
    kernel alone on pre-quantised inputs), all in this one run.
+4. --module (or --module-only, which skips 1-3): the library's low-bit path, ``sla2_attention(quant="int8")`` on
+   the pallas backend, where the front end quantises K~ in its read of K (prep.block_means_phi_int8) and the
+   forward kernel quantises Q (no pre-pass). Small shapes: int8 keys bit-equal to the XLA quantisation, LUT vs the
+   XLA router, output vs the fake-quant xla module, the pre-pass path and bf16. wan-1.3b: module forward bf16 /
+   int8 / int8 with the pre-pass (route_with_features + the kernel without keys: the path before), front end with
+   and without the int8 keys, the XLA mean of K alone, kernels alone, cuDNN; two rounds of timings.
 Writes DIR/check_int8_gpu.json and prints a table last.
 """
 
@@ -40,7 +46,7 @@ from experiments.timing import time_samples
 from pallas_kernels import int8_attention as ia
 from pallas_kernels import sparse_linear as sl
 
-R: dict = {"meta": {}, "ptx": {}, "small": [], "wan": [], "errors": []}
+R: dict = {"meta": {}, "ptx": {}, "small": [], "wan": [], "module_small": [], "module": [], "errors": []}
 T0 = time.time()
 
 # Variants of the low-bit forward: name -> (quant, OPTIONS overrides, launch override or None)
@@ -260,6 +266,143 @@ def wan(sparsities, runs, budget_s, n, heads):
             log("prepass", prep, row.get(f"prepass_{prep}_ms"))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 4. The library's low-bit module path (front-end int8 keys, Q quantised in the kernel)
+# ----------------------------------------------------------------------------------------------------------
+def _module_fns(sp, block_q=128, block_k=64, ratio=None):
+    """Jitted module forwards {name: f(q, k, v)}: bf16, int8 (front-end keys), int8 with the pre-pass (before)."""
+    from sla2_jax.functional import route_with_features
+
+    base = sla.SLA2Config(block_q=block_q, block_k=block_k, topk_ratio=ratio or round(1 - sp, 4), alpha="mass")
+    cfg = {qm: base.replace(backend="pallas", quant=qm) for qm in ("none", "int8")}
+    kw = {"block_q": block_q, "block_k": block_k}
+
+    def prepass_path(q, k, v):
+        lut, mass, qp, kp = route_with_features(q, k, cfg["int8"], feature_map="softmax")
+        return ia.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, mass, quant="int8", **kw).astype(q.dtype)
+
+    return base, {
+        "bf16": jax.jit(lambda q, k, v: sla.sla2_attention(q, k, v, config=cfg["none"])),
+        "int8": jax.jit(lambda q, k, v: sla.sla2_attention(q, k, v, config=cfg["int8"])),
+        "int8_prepass": jax.jit(prepass_path),
+    }
+
+
+def _bit_diff(a, b):
+    d = jnp.abs(a.astype(jnp.int32) - b.astype(jnp.int32))
+    return {"max": int(jnp.max(d)), "frac": float(jnp.mean(d > 0))}
+
+
+def module_small():
+    """Small ragged shapes: int8 keys vs XLA, LUT vs the XLA router, module outputs vs fake quant / before / bf16."""
+    for n, h, d, bq, bk, ratio in [(1000, 2, 128, 128, 64, 0.25), (777, 2, 64, 64, 32, 0.3)]:
+        key = jax.random.split(jax.random.PRNGKey(n + int(time.time()) % 1000), 4)
+        q, v = (jax.random.normal(kk, (1, n, h, d)).astype(jnp.bfloat16) for kk in key[:2])
+        k = (jax.random.normal(key[2], (1, n, h, d)) + 0.5 * jax.random.normal(key[3], (d,))).astype(jnp.bfloat16)
+        row = {"n": n, "h": h, "d": d, "block_q": bq, "block_k": bk}
+        row.update(module_small_row(q, k, v, bq, bk, ratio))
+        R["module_small"].append(row)
+        log("module small", json.dumps(row))
+
+
+def module_small_row(q, k, v, bq, bk, ratio):
+    """One small shape of module_small."""
+    from pallas_kernels.prep import block_means_phi_int8
+    from sla2_jax.functional import _pallas_front_end, route_with_features
+
+    base, fns = _module_fns(None, bq, bk, ratio)
+    row = {}
+    _, _, keys = jax.jit(lambda k: block_means_phi_int8(k, bk, "softmax"))(k)
+    r8, rs = jax.jit(lambda k: sla.quantize_int8_blocks(sla.smooth_keys(k), bk))(k)
+    row["keys_k8_vs_xla"] = _bit_diff(keys.k8, r8)
+    row["keys_scale_equal"] = bool(jnp.all(keys.scale == rs))
+    lut8 = jax.jit(lambda q, k: _pallas_front_end(q, k, base, w_q=None, w_k=None, feature_map=None, int8_keys=True))(
+        q, k
+    )[0]
+    lut16 = jax.jit(lambda q, k: route_with_features(q, k, base))(q, k)[0]
+    lut_xla = jax.jit(lambda q, k: sla.route(q, k, base.replace(backend="xla"))[0])(q, k)
+    row["lut_vs_xla_frac_diff"] = float(jnp.mean(lut8 != lut_xla))
+    row["lut_vs_bf16_front_frac_diff"] = float(jnp.mean(lut8 != lut16))
+    outs = {name: f(q, k, v) for name, f in fns.items()}
+    fake = jax.jit(lambda q, k, v: sla.sla2_attention(q, k, v, config=base.replace(backend="xla", quant="int8")))
+    row["int8_vs_fakequant"] = rel(outs["int8"], fake(q, k, v))
+    row["int8_vs_prepass_path"] = rel(outs["int8"], outs["int8_prepass"])
+    row["int8_vs_prepass_max_abs"] = float(jnp.max(jnp.abs(outs["int8"].astype(_F) - outs["int8_prepass"].astype(_F))))
+    row["int8_vs_bf16"] = rel(outs["int8"], outs["bf16"])
+    row["finite"] = bool(jnp.all(jnp.isfinite(outs["int8"])))
+    return row
+
+
+_F = jnp.float32
+
+
+def module_wan(sparsities, runs, n, heads):
+    """wan-1.3b module forward: bf16 vs int8 (front-end keys) vs int8 with the pre-pass, cuDNN; parts alone."""
+    key = jax.random.split(jax.random.PRNGKey(int(time.time()) % 10000 + 7), 3)
+    q, k, v = (jax.random.normal(kk, (1, n, heads, 128), jnp.float32).astype(jnp.bfloat16) for kk in key)
+    dense = jax.block_until_ready(jax.jit(sla.dense_attention)(q, k, v))
+    R["meta"]["empty_jit_call_ms"] = bench(lambda x: x + 1.0, jnp.ones((8,), jnp.float32), runs=runs)
+    for sp in sparsities:
+        R["module"].append(guarded(f"module {sp}", lambda sp=sp: module_row(sp, q, k, v, dense, runs)))
+
+
+def module_row(sp, q, k, v, dense, runs):
+    """One sparsity of module_wan."""
+    from pallas_kernels.prep import block_means_phi_int8
+    from sla2_jax.functional import _pallas_front_end, route_with_features
+
+    base, fns = _module_fns(sp)
+    cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    row = {"sparsity": sp, "cudnn_fwd_ms": guarded("cudnn", lambda: bench(cudnn, q, k, v, runs=runs))}
+    outs = {name: f(q, k, v) for name, f in fns.items()}
+    for name, o in outs.items():
+        row[f"{name}_err_vs_dense"] = rel(o, dense)
+    row["int8_vs_bf16"] = rel(outs["int8"], outs["bf16"])
+    row["int8_vs_prepass_path"] = rel(outs["int8"], outs["int8_prepass"])
+    row["int8_finite"] = bool(jnp.all(jnp.isfinite(outs["int8"])))
+    for rnd in (1, 2):  # two rounds: the spread between them is the noise
+        for name, f in fns.items():
+            row[f"{name}_module_ms_r{rnd}"] = guarded(name, lambda f=f: bench(f, q, k, v, runs=runs))
+    cfg8 = base.replace(backend="pallas", quant="int8")
+    front8 = lambda q, k: _pallas_front_end(q, k, cfg8, w_q=None, w_k=None, feature_map="softmax", int8_keys=True)
+    row["front_bf16_ms"] = bench(lambda q, k: route_with_features(q, k, cfg8, feature_map="softmax"), q, k, runs=runs)
+    row["front_int8_ms"] = bench(front8, q, k, runs=runs)
+    row["k_prep_int8_ms"] = bench(lambda k: block_means_phi_int8(k, 64, "softmax"), k, runs=runs)
+    row["k_mean_xla_ms"] = bench(lambda k: jnp.mean(k.astype(jnp.float32), axis=1), k, runs=runs)
+    lut, mass, qp, kp, keys = jax.jit(front8)(q, k)
+    kern8 = lambda q, k, v, qp, kp, m, keys: ia.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, m, keys=keys)
+    kern16 = lambda q, k, v, qp, kp, m: sl.sla2_fused_attention(q, k, v, qp, kp, lut, m)
+    row["kernel_int8_keys_ms"] = bench(kern8, q, k, v, qp, kp, mass, keys, runs=runs)
+    row["kernel_bf16_ms"] = bench(kern16, q, k, v, qp, kp, mass, runs=runs)
+    log("module", sp, json.dumps(row))
+    return row
+
+
+def print_module_table():
+    med = lambda x: x[0] if isinstance(x, (list, tuple)) else float("nan")
+    for r in R["module_small"]:
+        print("module small", r)
+    for r in R["module"]:
+        print(f"module fwd, wan-1.3b {r['sparsity']:.0%}: cudnn {med(r['cudnn_fwd_ms']):.3f} ms")
+        for rnd in (1, 2):
+            t = {name: med(r.get(f"{name}_module_ms_r{rnd}")) for name in ("bf16", "int8", "int8_prepass")}
+            print(
+                f"  round {rnd}: bf16 {t['bf16']:.3f} | int8 {t['int8']:.3f} ({t['bf16'] / t['int8']:.2f}x of bf16) |"
+                f" int8 pre-pass path {t['int8_prepass']:.3f} ({t['bf16'] / t['int8_prepass']:.2f}x) ms"
+            )
+        parts = (
+            "front_bf16_ms",
+            "front_int8_ms",
+            "k_prep_int8_ms",
+            "k_mean_xla_ms",
+            "kernel_int8_keys_ms",
+            "kernel_bf16_ms",
+        )
+        print("  parts (ms):", {p[:-3]: round(med(r[p]), 3) for p in parts})
+        errs = {k_: round(v_, 5) for k_, v_ in r.items() if "err" in k_ or k_.startswith("int8_vs")}
+        print("  errors:", errs, "finite", r["int8_finite"])
+
+
 def print_table():
     med = lambda x: x[0] if isinstance(x, (list, tuple)) else float("nan")
     print("\n=== low-bit SLA2 kernel, wan-1.3b (B=1 H=12 N=32760 D=128 bf16),", R["meta"].get("device"), end=" ")
@@ -299,6 +442,8 @@ def main():
     ap.add_argument("--budget-s", type=float, default=190.0)
     ap.add_argument("--skip-small", action="store_true")
     ap.add_argument("--sass-only", action="store_true", help="only the PTX / SASS report (no GPU needed)")
+    ap.add_argument("--module", action="store_true", help="also section 4 (the library's low-bit module path)")
+    ap.add_argument("--module-only", action="store_true", help="only section 4")
     ap.add_argument("--n", type=int, default=32760)
     ap.add_argument("--heads", type=int, default=12)
     args = ap.parse_args()
@@ -306,14 +451,22 @@ def main():
     R["meta"].update(device=dev.device_kind, jax=jax.__version__, python=sys.version.split()[0], runs=args.runs)
     log("device", dev.device_kind, "jax", jax.__version__)
     os.makedirs(args.out, exist_ok=True)
-    if not args.sass_only:
+    if args.module or args.module_only:
+        if not args.skip_small:
+            guarded("module small", module_small)
+        guarded("module wan", lambda: module_wan(args.sparsity, args.runs, args.n, args.heads))
+    if not args.sass_only and not args.module_only:
         if not args.skip_small:
             guarded("small", small_checks)
         guarded("wan", lambda: wan(args.sparsity, args.runs, args.budget_s, args.n, args.heads))
-    guarded("sass report", lambda: sass_report(args.out))
+    if not args.module_only:
+        guarded("sass report", lambda: sass_report(args.out))
     with open(os.path.join(args.out, "check_int8_gpu.json"), "w") as f:
         json.dump(R, f, indent=1)
-    print_table()
+    if not args.module_only:
+        print_table()
+    print_module_table()
+    print("errors:", [e[:300] for e in R["errors"]])
 
 
 if __name__ == "__main__":

@@ -185,21 +185,35 @@ def quantize_values_fp8(v, block_k: int):
     return jnp.pad(v8t, ((0, 0), (0, 0), (0, 0), (0, nk * block_k - n))), scale
 
 
-_SCALE_LANES = 16  # the pre-pass writes each block's scale 16 times (a power-of-two tile), XLA keeps one
+SCALE_LANES = 16  # the pre-pass writes each block's scale 16 times (a power-of-two tile), XLA keeps one
+
+
+def quantize_rows(x, mean, valid, interpret: bool):
+    """One block of rows to int8 with one scale, inside a kernel.
+
+    x: (rows, D) tile in the input dtype, rows past N loaded as 0; mean: (D,) float32 or None; valid: (rows,) bool.
+    With a mean the tile is smoothed first, (x - mean) rounded to x's dtype (as ``sla2_jax.smooth_keys``), invalid
+    rows kept at 0. Returns (int8 (rows, D), float32 scale), the arithmetic of ``sla2_jax.quantize_int8_blocks``.
+    """
+    x32 = x.astype(_F32)
+    if mean is not None:
+        x32 = jnp.where(valid[:, None], (x32 - mean[None, :]).astype(x.dtype).astype(_F32), 0.0)
+    return _quantize_tile(x32, interpret)
+
+
+def store_quantised_rows(x8_ref, scale_ref, x8, scale, start, valid):
+    """Store an int8 tile at rows [start, start + rows) of an (N, D) ref (valid rows only) and its scale
+    (written ``SCALE_LANES`` times: a power-of-two tile; the caller keeps every SCALE_LANES-th value)."""
+    mask = jnp.broadcast_to(valid[:, None], x8.shape)
+    plgpu.store(x8_ref.at[pl.ds(start, x8.shape[0]), :], x8, mask=mask)
+    scale_ref[...] = jnp.full((SCALE_LANES,), scale, _F32)
 
 
 def _quantize_rows_into(x_ref, x8_ref, scale_ref, mean, start, block, n, interpret):
     """Rows [start, start + block) of x (minus `mean` (D,) rounded to x's dtype, if given) -> x8_ref, scale_ref."""
-    x = sl._load_rows(x_ref, start, block, n)
-    x32 = x.astype(_F32)
-    if mean is not None:
-        valid = ((start + jnp.arange(block)) < n)[:, None]
-        x32 = jnp.where(valid, (x32 - mean[None, :]).astype(x.dtype).astype(_F32), 0.0)
-    x8, scale = _quantize_tile(x32, interpret)
-    rows = start + jnp.arange(block)
-    mask = jnp.broadcast_to((rows < n)[:, None], x8.shape)
-    plgpu.store(x8_ref.at[pl.ds(start, block), :], x8, mask=mask)
-    scale_ref[...] = jnp.full((_SCALE_LANES,), scale, _F32)
+    valid = (start + jnp.arange(block)) < n
+    x8, scale = quantize_rows(sl._load_rows(x_ref, start, block, n), mean, valid, interpret)
+    store_quantised_rows(x8_ref, scale_ref, x8, scale, start, valid)
 
 
 def _quant_kernel(x_ref, mean_ref, x8_ref, scale_ref, *, n, block, smooth, interpret):
@@ -236,13 +250,13 @@ def _quantize_pallas(x, block: int, mean, interpret: bool):
         functools.partial(_quant_kernel, n=n, block=block, smooth=smooth, interpret=interpret),
         grid=(nb, h, b),
         in_specs=[_seq_spec3(n, d), pl.BlockSpec((None, None, d), lambda j, hh, bb: (bb, hh, 0))],
-        out_specs=[_seq_spec3(n, d), _lane_spec(_SCALE_LANES)],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.int8), jax.ShapeDtypeStruct((b, h, nb * _SCALE_LANES), _F32)],
+        out_specs=[_seq_spec3(n, d), _lane_spec(SCALE_LANES)],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.int8), jax.ShapeDtypeStruct((b, h, nb * SCALE_LANES), _F32)],
         compiler_params=CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="sla_int8_quant",
     )(x, mean)
-    return x8, scales[:, :, ::_SCALE_LANES]
+    return x8, scales[:, :, ::SCALE_LANES]
 
 
 def _quantize_qk_pallas(q, k, mean, cfg: sl._Cfg):
@@ -252,21 +266,39 @@ def _quantize_qk_pallas(q, k, mean, cfg: sl._Cfg):
     """
     b, n, h, d = q.shape
     r = cfg.block_q // cfg.block_k
-    lanes = jax.ShapeDtypeStruct((b, h, cfg.nq * _SCALE_LANES), _F32)
+    lanes = jax.ShapeDtypeStruct((b, h, cfg.nq * SCALE_LANES), _F32)
     low = jax.ShapeDtypeStruct(q.shape, jnp.int8)
     seq = _seq_spec3(n, d)
     q8, k8, qs, *ks = pl.pallas_call(
         functools.partial(_quant_qk_kernel, n=n, block_q=cfg.block_q, block_k=cfg.block_k, interpret=cfg.interpret),
         grid=(cfg.nq, h, b),
         in_specs=[seq, seq, pl.BlockSpec((None, None, d), lambda j, hh, bb: (bb, hh, 0))],
-        out_specs=[seq, seq] + [_lane_spec(_SCALE_LANES)] * (1 + r),
+        out_specs=[seq, seq] + [_lane_spec(SCALE_LANES)] * (1 + r),
         out_shape=[low, low] + [lanes] * (1 + r),
         compiler_params=CompilerParams(num_warps=4, num_stages=1),
         interpret=cfg.interpret,
         name="sla_int8_quant_qk",
     )(q, k, mean)
-    k_scale = jnp.stack([x[:, :, ::_SCALE_LANES] for x in ks], axis=-1).reshape(b, h, cfg.nq * r)
-    return q8, qs[:, :, ::_SCALE_LANES], k8, k_scale[:, :, : cfg.nk]
+    k_scale = jnp.stack([x[:, :, ::SCALE_LANES] for x in ks], axis=-1).reshape(b, h, cfg.nq * r)
+    return q8, qs[:, :, ::SCALE_LANES], k8, k_scale[:, :, : cfg.nk]
+
+
+class QuantisedKeys(NamedTuple):
+    """Smoothed keys K~ = K - mean_N(K) in int8, as the forward kernel reads them (optional kernel input).
+
+    k8: int8 (B, N, H, D); scale: float32 (B, H, Nk), one per key block; mean: float32 (B, H, D), mean_N(K).
+    Values of ``sla2_jax.quantize_int8_blocks(sla2_jax.smooth_keys(k), block_k)``; made by ``quantize_keys_with_mean``
+    (XLA) or, with phi(K) and the block means from the same read of K, by ``prep.block_means_phi_int8``.
+    """
+
+    k8: jax.Array
+    scale: jax.Array
+    mean: jax.Array
+
+
+def quantize_keys_with_mean(k, block_k: int) -> QuantisedKeys:
+    """``QuantisedKeys`` of k (B, N, H, D) by XLA (the reference formulas)."""
+    return QuantisedKeys(*_quantize_keys(k, block_k))
 
 
 class _Quantised(NamedTuple):
@@ -380,9 +412,13 @@ def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool, lin_i
     sl._store_forward_outputs(r, i, o_s, carry[3:] if lin_in_loop else None, cfg, fused)
 
 
-def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: sl._Cfg, quant: str, *, fused: bool, residuals: bool):
-    """Low-bit forward; returns the same dict as ``sparse_linear._forward`` (o / o_s, o_l, lse, den, totals)."""
-    quantised = _prequantize(q, k, cfg)
+def _forward(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: sl._Cfg, quant: str, *, fused: bool, residuals: bool):
+    """Low-bit forward; returns the same dict as ``sparse_linear._forward`` (o / o_s, o_l, lse, den, totals).
+
+    keys: ``QuantisedKeys`` made before (then Q is quantised inside the forward kernel and there is no pre-pass)
+    or None (the pre-pass selected by OPTIONS).
+    """
+    quantised = _prequantize(q, k, cfg) if keys is None else _Quantised(None, None, *keys)
     return _forward_quantised(
         q, k, v, q_phi, k_phi, lut, alpha, quantised, cfg, quant, fused=fused, residuals=residuals
     )
@@ -435,39 +471,39 @@ def _forward_quantised(
 # ----------------------------------------------------------------------------------------------------------
 # custom_vjp wiring: low-bit forward, bf16 backward of sparse_linear (straight-through)
 # ----------------------------------------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _branches(q, k, v, q_phi, k_phi, lut, cfg, quant):
-    out = _forward(q, k, v, q_phi, k_phi, lut, None, cfg, quant, fused=False, residuals=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _branches(q, k, v, q_phi, k_phi, lut, keys, cfg, quant):
+    out = _forward(q, k, v, q_phi, k_phi, lut, None, keys, cfg, quant, fused=False, residuals=False)
     return out["o_s"], out.get("o_l", jnp.zeros_like(q))
 
 
-def _branches_fwd(q, k, v, q_phi, k_phi, lut, cfg, quant):
-    out = _forward(q, k, v, q_phi, k_phi, lut, None, cfg, quant, fused=False, residuals=True)
+def _branches_fwd(q, k, v, q_phi, k_phi, lut, keys, cfg, quant):
+    out = _forward(q, k, v, q_phi, k_phi, lut, None, keys, cfg, quant, fused=False, residuals=True)
     res = sl._residuals(q, k, v, q_phi, k_phi, lut, None, out)
     return (out["o_s"], out.get("o_l", jnp.zeros_like(q))), res
 
 
 def _branches_bwd(cfg, quant, res, cts):
     del quant
-    return sl._branches_bwd(cfg, res, cts)
+    return (*sl._branches_bwd(cfg, res, cts), None)  # no gradient to the quantised keys (straight-through)
 
 
 _branches.defvjp(_branches_fwd, _branches_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _fused(q, k, v, q_phi, k_phi, lut, alpha, cfg, quant):
-    return _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg, quant, fused=True, residuals=False)["o"]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _fused(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, quant):
+    return _forward(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, quant, fused=True, residuals=False)["o"]
 
 
-def _fused_fwd(q, k, v, q_phi, k_phi, lut, alpha, cfg, quant):
-    out = _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg, quant, fused=True, residuals=True)
+def _fused_fwd(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, quant):
+    out = _forward(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, quant, fused=True, residuals=True)
     return out["o"], sl._residuals(q, k, v, q_phi, k_phi, lut, alpha, out)
 
 
 def _fused_bwd(cfg, quant, res, do):
     del quant
-    return sl._fused_bwd(cfg, res, do)
+    return (*sl._fused_bwd(cfg, res, do), None)  # no gradient to the quantised keys (straight-through)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -479,6 +515,21 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def _check_quant(quant, dtype):
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
+
+
+def _check_keys(keys, k, cfg: sl._Cfg):
+    """keys: None or a QuantisedKeys matching k (B, N, H, D) and block_k; returned with stopped gradients."""
+    if keys is None:
+        return None
+    b, n, h, d = k.shape
+    expect = {"k8": ((b, n, h, d), jnp.int8), "scale": ((b, h, cfg.nk), _F32), "mean": ((b, h, d), _F32)}
+    if not isinstance(keys, QuantisedKeys):
+        raise ValueError(f"keys must be a QuantisedKeys or None, got {type(keys).__name__}")
+    for name, (shape, dtype) in expect.items():
+        x = getattr(keys, name)
+        if tuple(x.shape) != shape or x.dtype != dtype:
+            raise ValueError(f"keys.{name} must be {jnp.dtype(dtype).name} {shape}, got {x.dtype} {tuple(x.shape)}")
+    return QuantisedKeys(*(lax.stop_gradient(x) for x in keys))
 
 
 def sparse_linear_attention_lowbit(
@@ -496,17 +547,21 @@ def sparse_linear_attention_lowbit(
     sm_scale=None,
     eps=1e-6,
     interpret=None,
+    keys=None,
 ):
     """Sparse (LUT) and linear branches with a low-bit sparse-branch forward: (o_s, o_l).
 
     Same arguments and outputs as ``sparse_linear.sparse_linear_attention`` plus
       quant: "int8" (Q and smoothed K in INT8 per block, P V in q.dtype) or "int8_fp8" (also P and V in FP8 e4m3).
+      keys: optional ``QuantisedKeys`` of k (made where k is read anyway, e.g. ``prep.block_means_phi_int8``):
+        the kernel then runs without a pre-pass and quantises Q itself. None: a pre-pass quantises K~ (and Q).
     q, k, v are the original (unquantised) tensors; K is smoothed inside. The forward of the sparse branch is
     low bit; gradients (w.r.t. q, k, v, q_phi, k_phi) are the full-precision ones (straight-through).
     """
     _check_quant(quant, q.dtype)
     cfg = sl._validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret)
-    return _branches(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, cfg, quant)
+    keys = _check_keys(keys, k, cfg)
+    return _branches(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, keys, cfg, quant)
 
 
 def sla2_fused_attention_lowbit(
@@ -525,26 +580,30 @@ def sla2_fused_attention_lowbit(
     sm_scale=None,
     eps=1e-6,
     interpret=None,
+    keys=None,
 ):
     """SLA2 output o = alpha * o_s + (1 - alpha) * o_l in one kernel, o_s from the low-bit sparse branch.
 
-    Same arguments as ``sparse_linear.sla2_fused_attention`` plus ``quant`` (see
+    Same arguments as ``sparse_linear.sla2_fused_attention`` plus ``quant`` and ``keys`` (see
     ``sparse_linear_attention_lowbit``). Differentiable w.r.t. q, k, v, q_phi, k_phi and alpha (straight-through:
     the bf16 backward kernels with the low-bit forward's LSE and O_s).
     """
     _check_quant(quant, q.dtype)
     cfg = sl._validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret)
     alpha = sl._checked_alpha(alpha, q, cfg)
-    return _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha, cfg, quant)
+    keys = _check_keys(keys, k, cfg)
+    return _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha, keys, cfg, quant)
 
 
 __all__ = [
     "OPTIONS",
     "QUANT_MODES",
+    "QuantisedKeys",
     "options",
     "override_launch",
     "quantize_blocks",
     "quantize_keys",
+    "quantize_keys_with_mean",
     "quantize_values_fp8",
     "sla2_fused_attention_lowbit",
     "sparse_linear_attention_lowbit",

@@ -5,6 +5,10 @@
   rows >= N are masked, never padded). Grid (Nb, H, B), one block per program, ``rows`` rows per loop step.
   Bytes: one read of X, one write of phi(X). The backward is the vjp of the XLA formulas (`sla2_jax.feature_maps.feature_map_f32`,
   `sla2_jax.routing.pool_blocks`): both are cheap elementwise / broadcast passes.
+* ``block_means_phi_int8(k, block, feature_map)``: the same from one read of K, one ``block``-row tile per program,
+  plus the int8 smoothed keys of the low-bit forward (``int8_attention.QuantisedKeys``: K~ = K - mean_N(K) per
+  block, the mean by one XLA reduction before the kernel). Bytes: one read of K (twice with the mean), one write
+  of phi(K), one int8 write.
 * ``select_blocks(scores, topk, seq_len, block_k)``: per row of router logits S (B, H, Nq, Nk) float32, the
   ascending LUT of the top-k key blocks (the set of ``lax.top_k``, ties to the lower index) and the captured mass
   sum_{j selected} softmax_j(S + log n_j). Grid (ceil(Nq / rows), H, B); each program holds ``rows`` full rows:
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._triton import CompilerParams, pl, plgpu
+from .int8_attention import SCALE_LANES, QuantisedKeys, quantize_rows, store_quantised_rows
 
 _F32 = jnp.float32
 _INT_MIN = -(2**31)
@@ -111,6 +116,17 @@ def _prep_bwd(block, kind, interpret, num_warps, rows, x, cts):
 _prep.defvjp(_prep_fwd, _prep_bwd)
 
 
+def _check_prep_args(x, block, feature_map, rows):
+    if getattr(x, "ndim", None) != 4:
+        raise ValueError(f"x must be (B, N, H, D); got shape {getattr(x, 'shape', None)}")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"block={block!r} must be a power of two >= 16")
+    if feature_map is not None and feature_map not in _FEATURE_MAPS:
+        raise ValueError(f"feature_map={feature_map!r} is not one of {_FEATURE_MAPS} or None")
+    if rows < 1 or rows & (rows - 1):
+        raise ValueError(f"rows={rows!r} must be a power of two")
+
+
 def block_means_and_phi(
     x, block: int, feature_map: str | None = None, *, interpret=None, num_warps=_PREP_WARPS, rows=_PREP_ROWS
 ):
@@ -125,16 +141,100 @@ def block_means_and_phi(
     Returns:
       (phi(x) (B, N, H, D) in x.dtype or None, means (B, H, ceil(N / block), D) float32). Differentiable in x.
     """
-    if getattr(x, "ndim", None) != 4:
-        raise ValueError(f"x must be (B, N, H, D); got shape {getattr(x, 'shape', None)}")
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"block={block!r} must be a power of two >= 16")
-    if feature_map is not None and feature_map not in _FEATURE_MAPS:
-        raise ValueError(f"feature_map={feature_map!r} is not one of {_FEATURE_MAPS} or None")
-    if rows < 1 or rows & (rows - 1):
-        raise ValueError(f"rows={rows!r} must be a power of two")
+    _check_prep_args(x, block, feature_map, rows)
     outs = _prep(x, block, feature_map, _interpret(interpret), num_warps, rows)
     return (None, outs[0]) if feature_map is None else (outs[0], outs[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block means and phi of K plus the smoothed int8 keys of the low-bit forward
+# ----------------------------------------------------------------------------------------------------------
+def _prep_int8_kernel(x_ref, mean_ref, *out_refs, n: int, block: int, kind: str | None, interpret: bool):
+    """Program (j, h, b): rows [j*block, (j+1)*block) of X (N, D) in one tile -> phi of those rows, their mean,
+    and (X - mean_N(X)) in int8 with the block's scale (the amax needs the whole block: no row loop)."""
+    from sla2_jax.feature_maps import feature_map_f32
+
+    start = pl.program_id(0) * block
+    d = x_ref.shape[-1]
+    valid = (start + jnp.arange(block)) < n
+    mask = jnp.broadcast_to(valid[:, None], (block, d))
+    x = plgpu.load(x_ref.at[pl.ds(start, block), :], mask=mask, other=0.0)
+    x32 = x.astype(_F32)
+    if kind is not None:
+        phi_ref = out_refs[0]
+        plgpu.store(phi_ref.at[pl.ds(start, block), :], feature_map_f32(x32, kind).astype(phi_ref.dtype), mask=mask)
+    means_ref, x8_ref, scale_ref = out_refs[-3:]
+    means_ref[...] = jnp.sum(x32, axis=0) / jnp.minimum(n - start, block).astype(_F32)
+    x8, scale = quantize_rows(x, mean_ref[...], valid, interpret)
+    store_quantised_rows(x8_ref, scale_ref, x8, scale, start, valid)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _prep_int8_call(x, mean, block: int, kind: str | None, interpret: bool, num_warps: int):
+    b, n, h, d = x.shape
+    nb = -(-n // block)
+    seq = pl.BlockSpec((None, n, None, d), lambda i, hh, bb: (bb, 0, hh, 0))
+    per_block = lambda width: pl.BlockSpec((None, None, None, width), lambda i, hh, bb: (bb, hh, i, 0))  # noqa: E731
+    out_specs = [per_block(d), seq, per_block(SCALE_LANES)]
+    out_shape = [
+        jax.ShapeDtypeStruct((b, h, nb, d), _F32),
+        jax.ShapeDtypeStruct(x.shape, jnp.int8),
+        jax.ShapeDtypeStruct((b, h, nb, SCALE_LANES), _F32),
+    ]
+    if kind is not None:
+        out_specs, out_shape = [seq, *out_specs], [jax.ShapeDtypeStruct(x.shape, x.dtype), *out_shape]
+    outs = pl.pallas_call(
+        functools.partial(_prep_int8_kernel, n=n, block=block, kind=kind, interpret=interpret),
+        grid=(nb, h, b),
+        in_specs=[seq, pl.BlockSpec((None, None, d), lambda i, hh, bb: (bb, hh, 0))],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=CompilerParams(num_warps=num_warps, num_stages=2),
+        interpret=interpret,
+        name="sla_prep_int8",
+    )(x, mean)
+    return [*outs[:-1], outs[-1][..., 0]]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _prep_int8(x, mean, block, kind, interpret, num_warps):
+    return _prep_int8_call(x, mean, block, kind, interpret, num_warps)
+
+
+def _prep_int8_fwd(x, mean, block, kind, interpret, num_warps):
+    return _prep_int8_call(x, mean, block, kind, interpret, num_warps), (x, mean)
+
+
+def _prep_int8_bwd(block, kind, interpret, num_warps, res, cts):
+    x, mean = res
+    _, vjp = jax.vjp(lambda x: _prep_xla(x, block, kind), x)
+    (dx,) = vjp(list(cts[:-2]))  # phi and the block means; the int8 keys are straight-through (no gradient)
+    return dx, jnp.zeros_like(mean)
+
+
+_prep_int8.defvjp(_prep_int8_fwd, _prep_int8_bwd)
+
+
+def block_means_phi_int8(k, block: int, feature_map: str | None = None, *, interpret=None, num_warps=_PREP_WARPS):
+    """phi(K), the per-block means of K and the int8 smoothed keys of the low-bit forward, from one read of K.
+
+    The mean over N is one XLA reduction before the kernel (float32, ``sla2_jax.smooth_keys``'s formula); the
+    kernel then quantises K~ = K - mean (rounded to K's dtype) per block of ``block`` rows while it computes phi
+    and the block means, so the low-bit forward needs no pre-pass of its own.
+    Args:
+      k: (B, N, H, D) bf16/f16/f32, any N, D a power of two; block: key block size (power of two >= 16);
+      feature_map, interpret, num_warps: as ``block_means_and_phi`` (one ``block``-row tile per program).
+    Returns:
+      (phi(k) (B, N, H, D) in k.dtype or None, means (B, H, Nb, D) float32, ``QuantisedKeys`` (k8 int8
+      (B, N, H, D), scale float32 (B, H, Nb), mean float32 (B, H, D)) equal to
+      ``quantize_int8_blocks(smooth_keys(k), block)``). phi and the means are differentiable in k; the keys are not.
+    """
+    _check_prep_args(k, block, feature_map, 1)
+    mean = lax.stop_gradient(jnp.mean(k.astype(_F32), axis=1))
+    outs = _prep_int8(k, mean, block, feature_map, _interpret(interpret), num_warps)
+    phi = outs[0] if feature_map is not None else None
+    means, k8, scale = outs[-3:]
+    return phi, means, QuantisedKeys(k8, scale, mean)
 
 
 # ----------------------------------------------------------------------------------------------------------

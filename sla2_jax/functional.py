@@ -47,7 +47,13 @@ def route_with_features(q, k, config: SLA2Config, *, w_q=None, w_k=None, feature
     Returns (lut (B, H, Nq, k) int32 ascending, mass (B, H, Nq) float32, phi(q), phi(k)) with phi in q.dtype
     (None when feature_map is None).
     """
-    from pallas_kernels.prep import block_means_and_phi, select_blocks
+    return _pallas_front_end(q, k, config, w_q=w_q, w_k=w_k, feature_map=feature_map, int8_keys=False)[:4]
+
+
+def _pallas_front_end(q, k, config: SLA2Config, *, w_q, w_k, feature_map: str | None, int8_keys: bool):
+    """`route_with_features` plus, when int8_keys, the smoothed int8 keys of the low-bit forward
+    (`pallas_kernels.int8_attention.QuantisedKeys`) from the same read of K; else None in their place."""
+    from pallas_kernels.prep import block_means_and_phi, block_means_phi_int8, select_blocks
 
     check_block_size("block_q", config.block_q)
     check_block_size("block_k", config.block_k)
@@ -56,10 +62,13 @@ def route_with_features(q, k, config: SLA2Config, *, w_q=None, w_k=None, feature
     check_weight("w_k", w_k, heads, head_dim)
     seq_len = q.shape[1]
     q_phi, q_means = block_means_and_phi(q, config.block_q, feature_map)
-    k_phi, k_means = block_means_and_phi(k, config.block_k, feature_map)
+    if int8_keys:
+        k_phi, k_means, keys = block_means_phi_int8(k, config.block_k, feature_map)
+    else:
+        (k_phi, k_means), keys = block_means_and_phi(k, config.block_k, feature_map), None
     scores = scores_from_block_means(q_means, k_means, seq_len, config.block_k, w_q=w_q, w_k=w_k)
     lut, mass = select_blocks(scores, config.num_selected(scores.shape[-1]), seq_len, config.block_k)
-    return lut, mass, q_phi, k_phi
+    return lut, mass, q_phi, k_phi, keys
 
 
 def sparse_linear_outputs(q, k, v, config: SLA2Config, *, w_q=None, w_k=None, soft: bool = False):
@@ -83,11 +92,14 @@ def sla2_output(q, k, v, config: SLA2Config, alpha_fn, *, w_q=None, w_k=None, so
         from pallas_kernels import sla2_fused_attention
         from pallas_kernels.int8_attention import sla2_fused_attention_lowbit
 
-        lut, mass, q_phi, k_phi = route_with_features(q, k, config, w_q=w_q, w_k=w_k, feature_map=config.feature_map)
+        low_bit = config.quant != "none"  # then the front end also quantises K~ (no pre-pass in the kernel)
+        lut, mass, q_phi, k_phi, keys = _pallas_front_end(
+            q, k, config, w_q=w_q, w_k=w_k, feature_map=config.feature_map, int8_keys=low_bit
+        )
         alpha = jnp.broadcast_to(alpha_fn(jax.lax.stop_gradient(mass)), mass.shape)
         kw = dict(block_q=config.block_q, block_k=config.block_k, linear_scope=config.linear_scope, eps=config.eps)
-        if config.quant != "none":  # real low-bit forward, full-precision backward (straight-through)
-            kernel, kw = sla2_fused_attention_lowbit, dict(kw, quant=config.quant)
+        if low_bit:  # real low-bit forward, full-precision backward (straight-through)
+            kernel, kw = sla2_fused_attention_lowbit, dict(kw, quant=config.quant, keys=keys)
         else:
             kernel = sla2_fused_attention
         return kernel(q, k, v, q_phi, k_phi, lut, alpha, **kw).astype(q.dtype)

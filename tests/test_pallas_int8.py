@@ -77,6 +77,25 @@ def test_int8_branches_match_fake_quant_reference(seed, n, d, dtype, block_q, bl
     assert rel_err(o_l, r_l) < (1e-5 if dtype == jnp.float32 else 5e-3)
 
 
+def test_front_end_keys_equal_prepass_and_reference(seed):
+    """The library's low-bit path: K~ in int8 from the front end (prep.block_means_phi_int8), Q quantised in the
+    kernel, no pre-pass; same output as the pre-pass path and as the fake-quant reference. float32 inputs: with
+    bf16 ones an exact tie x / scale = m + 0.5 is common, and interpret mode may round it apart (see above)."""
+    from pallas_kernels.prep import block_means_phi_int8
+
+    q, k, v, lut, mass = _setup(seed, 150, 128, jnp.float32, 64, 32, 0.3, h=1)  # ragged N, D 128
+    kw = dict(block_q=64, block_k=32)
+    k_phi, _, keys = block_means_phi_int8(k, 32, "softmax")
+    o_keys = ia.sla2_fused_attention_lowbit(q, k, v, _phi(q), k_phi, lut, mass, keys=keys, **kw)
+    o_pre = ia.sla2_fused_attention_lowbit(q, k, v, _phi(q), k_phi, lut, mass, **kw)
+    r_s, r_l = sla.sparse_linear_branches(q, k, v, lut, quant="int8", backend="xla", **kw)
+    assert rel_err(o_keys, o_pre) < 1e-5  # typically 1e-7
+    assert rel_err(o_keys, sla.combine(r_s, r_l, mass, block_q=64)) < 1e-3  # typically 3e-7 (see above)
+    bad = keys._replace(scale=keys.scale[..., :-1])
+    with pytest.raises(ValueError, match="keys.scale"):
+        ia.sla2_fused_attention_lowbit(q, k, v, _phi(q), k_phi, lut, mass, keys=bad, **kw)
+
+
 def test_int8_fp8_branches_close_to_fake_quant_reference(seed):
     # P is quantised against the running max of the online softmax (the reference: against the row max), so
     # the FP8 path agrees with its fake-quant reference to the FP8 error level, not to rounding.

@@ -9,7 +9,7 @@ import pytest
 
 import sla2_jax as sla
 from helpers import random_qkv, rel_err
-from pallas_kernels.prep import block_means_and_phi, select_blocks
+from pallas_kernels.prep import block_means_and_phi, block_means_phi_int8, select_blocks
 from sla2_jax.feature_maps import feature_map
 
 
@@ -41,6 +41,24 @@ def test_block_means_and_phi_match_xla(seed, dtype, dim, kind, block):
     got = jax.grad(loss)(x, lambda x: block_means_and_phi(x, block, kind))
     ref = jax.grad(loss)(x, lambda x: (feature_map(x, kind), sla.pool_blocks(x, block)))
     assert rel_err(got, ref) < 1e-6
+
+
+@pytest.mark.parametrize("dtype, dim, block", [(jnp.bfloat16, 128, 32), (jnp.float32, 64, 16)])
+def test_block_means_phi_int8_matches_references(seed, dtype, dim, block):
+    k = random_qkv(seed, (1, 3 * block - 7, 2, dim), dtype)[1]  # ragged last block
+    k = (k.astype(jnp.float32) + jax.random.normal(jax.random.PRNGKey(seed + 1), (dim,))).astype(dtype)  # a mean
+    phi, means, keys = block_means_phi_int8(k, block, "softmax")
+    phi_ref, means_ref = block_means_and_phi(k, block, "softmax")
+    np.testing.assert_array_equal(np.asarray(phi, np.float32), np.asarray(phi_ref, np.float32))
+    np.testing.assert_allclose(means, means_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(keys.mean, np.asarray(k, np.float64).mean(axis=1), rtol=1e-5, atol=1e-6)
+    k8_ref, scale_ref = sla.quantize_int8_blocks(sla.smooth_keys(k), block)
+    assert keys.k8.dtype == jnp.int8 and keys.k8.shape == k.shape and keys.scale.shape == (1, 2, 3)
+    np.testing.assert_array_equal(np.asarray(keys.scale), np.asarray(scale_ref))
+    # the kernel divides exactly; XLA on CPU may not, so an exact tie x / scale = m + 0.5 can round one step apart
+    diff = np.abs(np.asarray(keys.k8, np.int32) - np.asarray(k8_ref, np.int32))
+    assert diff.max() <= 1 and (diff > 0).mean() < 2e-3
+    assert np.abs(np.asarray(keys.k8, np.int32)).max() == 127  # the block's amax maps to 127
 
 
 def _numpy_topk_ascending(scores, k):
