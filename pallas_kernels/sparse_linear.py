@@ -409,7 +409,10 @@ def _sum_over_blocks(mask, sums: _BlockSums):
 #             loop (+1 accumulator, +2 matmuls per step). Residuals H_tot, Z_tot (B, H, D, D) + (B, H, D).
 # H100, wan-1.3b, 95%: fwd+bwd 9.05 ms ("loop") -> 5.70 ms ("blocks" everywhere); see docs/perf_notes.md.
 # The dq / dkv options are independent of the forward's (the INT8 forward always hands over H_tot, Z_tot).
-OPTIONS = {"fwd_linear": "blocks", "dq_linear": "blocks", "dkv_linear": "blocks"}
+# "fwd_kernel": "triton" (the kernel of this file) or "mosaic" (pallas_kernels/sparse_mosaic.py, Hopper GPUs: the
+# sparse branch by a warp-specialised Mosaic GPU kernel, then the linear branch in a Triton epilogue; on CPU /
+# interpret mode and unsupported calls the Triton kernel runs).
+OPTIONS = {"fwd_linear": "blocks", "dq_linear": "blocks", "dkv_linear": "blocks", "fwd_kernel": "triton"}
 
 
 def _lin_in_loop(kernel, cfg: _Cfg):
@@ -485,12 +488,55 @@ def _forward_outputs(q, cfg: _Cfg, *, fused: bool, residuals: bool):
     return outputs
 
 
+def _linear_epilogue_kernel(*refs, names, cfg: _Cfg, fused: bool):
+    """Program (i, h, b): the epilogue of _fwd_kernel alone (linear branch, SLA2 combine, stores) for a sparse
+    output o_s computed elsewhere (the Mosaic GPU forward)."""
+    r = dict(zip(names, refs))
+    i = pl.program_id(0)
+    o_s = _load_rows(r["o_s_in"], i * cfg.block_q, cfg.block_q, cfg.n).astype(_F32)
+    _store_forward_outputs(r, i, o_s, None, cfg, fused)
+
+
+def _use_mosaic(q, cfg: _Cfg, lin_in_loop: bool) -> bool:
+    """OPTIONS["fwd_kernel"] == "mosaic" and the Mosaic GPU forward supports the call (GPU, 16-bit, D % 64 == 0,
+    block_q == 128, per-block linear states)."""
+    return (
+        OPTIONS["fwd_kernel"] == "mosaic"
+        and not cfg.interpret
+        and not lin_in_loop
+        and cfg.block_q == 128
+        and cfg.d % 64 == 0
+        and jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    )
+
+
+def _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg: _Cfg, *, fused: bool, residuals: bool):
+    """Sparse branch by the Mosaic GPU kernel (o_s, LSE), then the linear branch and combine in a Triton epilogue."""
+    from .sparse_mosaic import sparse_attention_mosaic
+
+    b, n, h, d = q.shape
+    o_s, lse = sparse_attention_mosaic(q, k, v, lut, block_k=cfg.block_k, sm_scale=cfg.sm_scale, stages=3)
+    out = {"o_s": o_s, "lse": lse}
+    outputs = [x for x in _forward_outputs(q, cfg, fused=fused, residuals=residuals) if x[0] not in out]
+    if outputs:
+        inputs = [("o_s_in", o_s, _seq_spec(cfg))] + linear_inputs
+        if fused:
+            inputs += [("alpha", alpha, _full_spec(cfg.nq))]
+        res = _call(_linear_epilogue_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "fwd", dict(fused=fused))
+        out.update(zip([x[0] for x in outputs], res))
+    return out
+
+
 def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, residuals: bool):
     b, n, h, d = q.shape
     seq = _seq_spec(cfg)
     inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
     lin_in_loop = _lin_in_loop("fwd", cfg)
     linear_inputs, h_tot, z_tot = _linear_inputs(q_phi, k_phi, v, lut, cfg, lin_in_loop)
+    if _use_mosaic(q, cfg, lin_in_loop):
+        out = _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg, fused=fused, residuals=residuals)
+        out["h_tot"], out["z_tot"] = h_tot, z_tot
+        return out
     inputs += linear_inputs
     if fused:
         inputs += [("alpha", alpha, _full_spec(cfg.nq))]

@@ -295,3 +295,44 @@ def test_complement_states_keep_float16_precision_over_a_wide_range():
                 z_ref = kp[0, rows, hh].sum(axis=0)
                 assert _rel(h_i[0, hh, i], h_ref) < tol, (seed, dtype, hh, i, _rel(h_i[0, hh, i], h_ref))
                 assert _rel(z_i[0, hh, i], z_ref) < 1e-5, (seed, dtype, hh, i)
+
+
+@pytest.mark.parametrize("scope", ["complement", "all"])
+def test_mosaic_forward_path_with_a_stand_in_sparse_kernel(scope, monkeypatch):
+    """The "mosaic" forward (GPU only) = a sparse kernel giving (o_s, LSE) + the Triton linear epilogue. On CPU the
+    Mosaic kernel cannot run, so a stand-in returns the Triton sparse-only forward's (o_s, LSE): the epilogue, the
+    residuals it hands to the backward and the custom_vjp wiring must still give the reference output and
+    gradients (the Mosaic kernel itself is checked on the GPU by experiments/probe_mosaic_sparse.py)."""
+    from pallas_kernels import sparse_linear as sl
+    from pallas_kernels import sparse_mosaic
+
+    calls = []
+
+    def stand_in(q, k, v, lut, *, block_k, sm_scale, stages):
+        calls.append(stages)
+        cfg = sl._validate(q, k, v, q, k, lut, 128, block_k, "all", sm_scale, 1e-6, True)._replace(linear=False)
+        sl.OPTIONS["fwd_kernel"] = "triton"
+        out = sl._forward(q, k, v, None, None, lut, None, cfg, fused=False, residuals=True)
+        sl.OPTIONS["fwd_kernel"] = "mosaic"
+        return out["o_s"], out["lse"]
+
+    monkeypatch.setattr(sparse_mosaic, "sparse_attention_mosaic", stand_in)
+    monkeypatch.setattr(sl, "OPTIONS", dict(sl.OPTIONS, fwd_kernel="mosaic"))
+    eligible = lambda q, cfg, lin_in_loop: sl.OPTIONS["fwd_kernel"] == "mosaic" and not lin_in_loop  # any device
+    monkeypatch.setattr(sl, "_use_mosaic", eligible)
+    seed = _seed()
+    args, lut, w1, _, alpha = _make(seed, 1, 200, 2, 64, jnp.float32, 2, 128, 64, alpha=True)
+    kw = dict(block_q=128, block_k=64, linear_scope=scope)
+
+    def loss(fn):
+        return lambda *xs: jnp.sum(fn(*xs[:5], lut, xs[5], **kw) * w1)
+
+    assert _rel(sla2_fused_attention(*args, lut, alpha, **kw), reference_fused(*args, lut, alpha, **kw)) < 2e-4, seed
+    o_s, o_l = sparse_linear_attention(*args, lut, **kw)
+    r_s, r_l = reference_branches(*args, lut, **kw)
+    assert _rel(o_s, r_s) < 2e-4 and _rel(o_l, r_l) < 2e-4, seed
+    g = jax.grad(loss(sla2_fused_attention), argnums=tuple(range(6)))(*args, alpha)
+    rg = jax.grad(loss(reference_fused), argnums=tuple(range(6)))(*args, alpha)
+    for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
+        assert _rel(a, b) < 2e-3, (seed, scope, name, _rel(a, b))
+    assert calls, "the mosaic path was not taken"
