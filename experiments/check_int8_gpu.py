@@ -336,19 +336,19 @@ def module_small_row(q, k, v, bq, bk, ratio):
 _F = jnp.float32
 
 
-def module_wan(sparsities, runs, n, heads):
+def module_wan(sparsities, runs, n, heads, rounds):
     """wan-1.3b module forward: bf16 vs int8 (front-end keys) vs int8 with the pre-pass, cuDNN; parts alone."""
     key = jax.random.split(jax.random.PRNGKey(int(time.time()) % 10000 + 7), 3)
     q, k, v = (jax.random.normal(kk, (1, n, heads, 128), jnp.float32).astype(jnp.bfloat16) for kk in key)
     dense = jax.block_until_ready(jax.jit(sla.dense_attention)(q, k, v))
     R["meta"]["empty_jit_call_ms"] = bench(lambda x: x + 1.0, jnp.ones((8,), jnp.float32), runs=runs)
     for sp in sparsities:
-        R["module"].append(guarded(f"module {sp}", lambda sp=sp: module_row(sp, q, k, v, dense, runs)))
+        R["module"].append(guarded(f"module {sp}", lambda sp=sp: module_row(sp, q, k, v, dense, runs, rounds)))
 
 
-def module_row(sp, q, k, v, dense, runs):
+def module_row(sp, q, k, v, dense, runs, rounds):
     """One sparsity of module_wan."""
-    from pallas_kernels.prep import block_means_phi_int8
+    from pallas_kernels.prep import block_means_and_phi, block_means_phi_int8
     from sla2_jax.functional import _pallas_front_end, route_with_features
 
     base, fns = _module_fns(sp)
@@ -360,7 +360,7 @@ def module_row(sp, q, k, v, dense, runs):
     row["int8_vs_bf16"] = rel(outs["int8"], outs["bf16"])
     row["int8_vs_prepass_path"] = rel(outs["int8"], outs["int8_prepass"])
     row["int8_finite"] = bool(jnp.all(jnp.isfinite(outs["int8"])))
-    for rnd in (1, 2):  # two rounds: the spread between them is the noise
+    for rnd in range(1, rounds + 1):  # several rounds: the spread between them is the noise
         for name, f in fns.items():
             row[f"{name}_module_ms_r{rnd}"] = guarded(name, lambda f=f: bench(f, q, k, v, runs=runs))
     cfg8 = base.replace(backend="pallas", quant="int8")
@@ -368,6 +368,10 @@ def module_row(sp, q, k, v, dense, runs):
     row["front_bf16_ms"] = bench(lambda q, k: route_with_features(q, k, cfg8, feature_map="softmax"), q, k, runs=runs)
     row["front_int8_ms"] = bench(front8, q, k, runs=runs)
     row["k_prep_int8_ms"] = bench(lambda k: block_means_phi_int8(k, 64, "softmax"), k, runs=runs)
+    row["k_prep_bf16_ms"] = bench(lambda k: block_means_and_phi(k, 64, "softmax"), k, runs=runs)
+    for warps in (2, 8):  # launch of the int8 front-end kernel (default 4 warps, as block_means_and_phi)
+        prep_w = lambda k, warps=warps: block_means_phi_int8(k, 64, "softmax", num_warps=warps)
+        row[f"k_prep_int8_w{warps}_ms"] = bench(prep_w, k, runs=runs)
     row["k_mean_xla_ms"] = bench(lambda k: jnp.mean(k.astype(jnp.float32), axis=1), k, runs=runs)
     lut, mass, qp, kp, keys = jax.jit(front8)(q, k)
     kern8 = lambda q, k, v, qp, kp, m, keys: ia.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, m, keys=keys)
@@ -382,9 +386,9 @@ def print_module_table():
     med = lambda x: x[0] if isinstance(x, (list, tuple)) else float("nan")
     for r in R["module_small"]:
         print("module small", r)
-    for r in R["module"]:
+    for r in [r for r in R["module"] if r]:
         print(f"module fwd, wan-1.3b {r['sparsity']:.0%}: cudnn {med(r['cudnn_fwd_ms']):.3f} ms")
-        for rnd in (1, 2):
+        for rnd in range(1, 1 + sum(key.startswith("bf16_module_ms_r") for key in r)):
             t = {name: med(r.get(f"{name}_module_ms_r{rnd}")) for name in ("bf16", "int8", "int8_prepass")}
             print(
                 f"  round {rnd}: bf16 {t['bf16']:.3f} | int8 {t['int8']:.3f} ({t['bf16'] / t['int8']:.2f}x of bf16) |"
@@ -394,6 +398,9 @@ def print_module_table():
             "front_bf16_ms",
             "front_int8_ms",
             "k_prep_int8_ms",
+            "k_prep_bf16_ms",
+            "k_prep_int8_w2_ms",
+            "k_prep_int8_w8_ms",
             "k_mean_xla_ms",
             "kernel_int8_keys_ms",
             "kernel_bf16_ms",
@@ -444,6 +451,7 @@ def main():
     ap.add_argument("--sass-only", action="store_true", help="only the PTX / SASS report (no GPU needed)")
     ap.add_argument("--module", action="store_true", help="also section 4 (the library's low-bit module path)")
     ap.add_argument("--module-only", action="store_true", help="only section 4")
+    ap.add_argument("--rounds", type=int, default=2, help="section 4: rounds of module timings")
     ap.add_argument("--n", type=int, default=32760)
     ap.add_argument("--heads", type=int, default=12)
     args = ap.parse_args()
@@ -454,7 +462,7 @@ def main():
     if args.module or args.module_only:
         if not args.skip_small:
             guarded("module small", module_small)
-        guarded("module wan", lambda: module_wan(args.sparsity, args.runs, args.n, args.heads))
+        guarded("module wan", lambda: module_wan(args.sparsity, args.runs, args.n, args.heads, args.rounds))
     if not args.sass_only and not args.module_only:
         if not args.skip_small:
             guarded("small", small_checks)

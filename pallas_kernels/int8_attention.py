@@ -10,9 +10,12 @@ round half to even, clip to [-127, 127]):
   * Q: one scale per (batch, head, query block of ``block_q`` rows).
   * K~ = K - mean_N(K) (rounded to K's dtype, as ``sla2_jax.routing.smooth_keys``), one scale per (batch, head,
     key block of ``block_k`` rows).
-  * Default pre-pass ("fused"): ONE Pallas kernel, program (i, h, b) quantises query block i and the
-    block_q / block_k key blocks it covers (one read of Q and K, one int8 write; the mean of K is one XLA
-    reduction). int8 Q, K~ are stored (B, N, H, D) and the score is the transposed-B dot Q8 K8^T: both operands
+  * Library path (``sla2_jax.sla2_attention``, pallas backend): no pre-pass. The K front end
+    (``prep.block_means_phi_int8``) quantises K~ in the read of K that gives phi(K) and the router's block means
+    and passes it as ``keys=QuantisedKeys(...)``; Q is then quantised inside the forward kernel.
+  * Called without ``keys``, default pre-pass ("fused"): ONE Pallas kernel, program (i, h, b) quantises query
+    block i and the block_q / block_k key blocks it covers (one read of Q and K, one int8 write; the mean of K is
+    one XLA reduction). int8 Q, K~ are stored (B, N, H, D) and the score is the transposed-B dot Q8 K8^T: both operands
     K-major, the layout the Hopper 8-bit MMA wants. Options (``OPTIONS``): separate Pallas calls for Q and K,
     an XLA pre-pass, or Q quantised inside the forward kernel (all measured: docs/perf_notes_int8.md).
   * quant="int8_fp8" additionally: V in float8_e4m3fn with one scale per (batch, head, channel) = amax_N / 448,

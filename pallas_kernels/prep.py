@@ -3,8 +3,8 @@
 * ``block_means_and_phi(x, block, feature_map)``: one read of X (B, N, H, D) gives phi(X) (B, N, H, D, x.dtype)
   and the mean of every ``block``-row block, (B, H, Nb, D) float32 (a ragged last block averages its valid rows;
   rows >= N are masked, never padded). Grid (Nb, H, B), one block per program, ``rows`` rows per loop step.
-  Bytes: one read of X, one write of phi(X). The backward is the vjp of the XLA formulas (`sla2_jax.feature_maps.feature_map_f32`,
-  `sla2_jax.routing.pool_blocks`): both are cheap elementwise / broadcast passes.
+  Bytes: one read of X, one write of phi(X). The backward is the vjp of the XLA formulas
+  (`sla2_jax.feature_maps.feature_map_f32`, `sla2_jax.routing.pool_blocks`): cheap elementwise / broadcast passes.
 * ``block_means_phi_int8(k, block, feature_map)``: the same from one read of K, one ``block``-row tile per program,
   plus the int8 smoothed keys of the low-bit forward (``int8_attention.QuantisedKeys``: K~ = K - mean_N(K) per
   block, the mean by one XLA reduction before the kernel). Bytes: one read of K (twice with the mean), one write
