@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import sla2_jax as sla
+from pallas_kernels import sparse_linear
 from experiments.inputs import random_qkv
 from experiments.timing import compiled_memory_bytes, time_fn
 
@@ -185,7 +186,10 @@ def main(argv=None):
     p.add_argument("--max-n", type=int, default=None, help="skip shapes with N above this")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: the 'tiny' workload, 3 iterations")
     p.add_argument("--out", default="runs/benchmark", help="folder for results.json and speedup.png")
+    p.add_argument("--fwd-kernel", default="triton", choices=["triton", "mosaic"],
+                   help="pallas forward's sparse part: the Triton kernel or the experimental Mosaic GPU one (Hopper)")
     args = p.parse_args(argv)
+    sparse_linear.OPTIONS["fwd_kernel"] = args.fwd_kernel
 
     names = ["tiny"] if args.tiny else (
         [n for n in WORKLOADS if n != "tiny"] if args.workloads == "all" else args.workloads.split(","))
@@ -198,7 +202,8 @@ def main(argv=None):
     jobs = [(n, s) for n in names for s in WORKLOADS[n] if args.max_n is None or s[2] <= args.max_n]
     device = jax.devices()[0]
     meta = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
-            "python": sys.version.split()[0], "dense_baseline": "cudnn" if device.platform == "gpu" else "xla"}
+            "python": sys.version.split()[0], "dense_baseline": "cudnn" if device.platform == "gpu" else "xla",
+            "fwd_kernel": args.fwd_kernel}
     print(f"device: {meta['device']} | jax {meta['jax']} | dense baseline: {meta['dense_baseline']}")
     rows = []
     os.makedirs(args.out, exist_ok=True)

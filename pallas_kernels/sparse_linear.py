@@ -515,7 +515,7 @@ def _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg: _Cfg, *, fused: boo
     from .sparse_mosaic import sparse_attention_mosaic
 
     b, n, h, d = q.shape
-    o_s, lse = sparse_attention_mosaic(q, k, v, lut, block_k=cfg.block_k, sm_scale=cfg.sm_scale, stages=3)
+    o_s, lse = sparse_attention_mosaic(q, k, v, lut, block_k=cfg.block_k, sm_scale=cfg.sm_scale, stages=4)
     out = {"o_s": o_s, "lse": lse}
     outputs = [x for x in _forward_outputs(q, cfg, fused=fused, residuals=residuals) if x[0] not in out]
     if outputs:

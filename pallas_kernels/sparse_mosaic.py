@@ -21,6 +21,7 @@ Status: a measurement prototype for issue #3 (docs/perf_notes.md, "Session 3"), 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -113,7 +114,8 @@ def sparse_attention_mosaic(q, k, v, lut, *, block_k: int = 64, sm_scale: float 
                 return acc, m_new, l_i
 
             acc, m_i, l_i = lax.fori_loop(0, topk - 1, step, (acc, m_i, l_i))
-            acc, m_i, l_i = step(jnp.int32(topk - 1), (acc, m_i, l_i), masked=ragged)
+            last = functools.partial(step, masked=ragged)  # a loop of one step: Mosaic wants a traced index
+            acc, m_i, l_i = lax.fori_loop(topk - 1, topk, last, (acc, m_i, l_i))
             pl.when(wg == 0)(take_turn)
             acc = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
             my_q[...] = acc.astype(dtype)  # the Q tile's slot holds the output tile
