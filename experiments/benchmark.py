@@ -186,8 +186,8 @@ def main(argv=None):
     p.add_argument("--max-n", type=int, default=None, help="skip shapes with N above this")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: the 'tiny' workload, 3 iterations")
     p.add_argument("--out", default="runs/benchmark", help="folder for results.json and speedup.png")
-    p.add_argument("--fwd-kernel", default="triton", choices=["triton", "mosaic"],
-                   help="pallas forward's sparse part: the Triton kernel or the experimental Mosaic GPU one (Hopper)")
+    p.add_argument("--fwd-kernel", default="auto", choices=["auto", "triton", "mosaic"],
+                   help="pallas forward's sparse part: Triton kernel, Mosaic GPU kernel (Hopper) or auto (Mosaic on Hopper)")
     args = p.parse_args(argv)
     sparse_linear.OPTIONS["fwd_kernel"] = args.fwd_kernel
 

@@ -56,12 +56,17 @@ def dense_reference(q, k, v, lut, block_q, block_k):
 def small_checks():
     rows, seed = [], int.from_bytes(os.urandom(4), "little")
     RESULTS["small_seed"] = seed
-    for n, d, topk in [(2000, 128, 4), (4096, 64, 6), (1000, 64, 3)]:
-        row = dict(n=n, d=d, topk=topk)
+    for n, d, topk, dtype in [
+        (2000, 128, 4, jnp.bfloat16),
+        (4096, 64, 6, jnp.bfloat16),
+        (1000, 64, 3, jnp.float16),
+        (777, 128, 1, jnp.float16),
+    ]:
+        row = dict(n=n, d=d, topk=topk, dtype=jnp.dtype(dtype).name)
         try:
             rng = np.random.default_rng([seed, n, d])
             b, h, nq, nk = 1, 2, -(-n // 128), -(-n // 64)
-            q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.bfloat16) for _ in range(3))
+            q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), dtype) for _ in range(3))
             lut = np.sort(np.stack([rng.permutation(nk)[:topk] for _ in range(b * h * nq)]), axis=-1)
             lut = jnp.asarray(lut.reshape(b, h, nq, topk), jnp.int32)
             o, lse = jax.jit(sparse_attention_mosaic)(q, k, v, lut)
@@ -144,7 +149,7 @@ def library(sparsity, runs):
             row[f"error_{kernel}"] = f"{type(e).__name__}: {e}"[:3000]
             traceback.print_exc()
         row[kernel] = t
-    sl.OPTIONS["fwd_kernel"] = "triton"
+    sl.OPTIONS["fwd_kernel"] = "auto"
     if "triton" in outs and "mosaic" in outs:
         (o_t, g_t), (o_m, g_m) = outs["triton"], outs["mosaic"]
         row["rel_o"] = rel(o_m, o_t)

@@ -63,7 +63,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._triton import CompilerParams, pl, plgpu
-from .launch_config import launch_config
+from .launch_config import gpu_generation, launch_config
 
 _MASK_VALUE = -1e30
 _LOG2E = math.log2(math.e)
@@ -409,10 +409,11 @@ def _sum_over_blocks(mask, sums: _BlockSums):
 #             loop (+1 accumulator, +2 matmuls per step). Residuals H_tot, Z_tot (B, H, D, D) + (B, H, D).
 # H100, wan-1.3b, 95%: fwd+bwd 9.05 ms ("loop") -> 5.70 ms ("blocks" everywhere); see docs/perf_notes.md.
 # The dq / dkv options are independent of the forward's (the INT8 forward always hands over H_tot, Z_tot).
-# "fwd_kernel": "triton" (the kernel of this file) or "mosaic" (pallas_kernels/sparse_mosaic.py, Hopper GPUs: the
-# sparse branch by a warp-specialised Mosaic GPU kernel, then the linear branch in a Triton epilogue; on CPU /
-# interpret mode and unsupported calls the Triton kernel runs).
-OPTIONS = {"fwd_linear": "blocks", "dq_linear": "blocks", "dkv_linear": "blocks", "fwd_kernel": "triton"}
+# "fwd_kernel": "triton" (the kernel of this file), "mosaic" (pallas_kernels/sparse_mosaic.py, Hopper GPUs: the
+# sparse branch by a warp-specialised Mosaic GPU kernel, then the linear branch in a Triton epilogue) or "auto"
+# (mosaic on Hopper; H100 wan-1.3b module fwd 2.26 / 1.74 / 1.47 ms vs 2.82 / 1.92 / 1.60 at 90 / 95 / 97%). On CPU
+# (interpret mode) and for calls the Mosaic kernel does not support the Triton kernel runs.
+OPTIONS = {"fwd_linear": "blocks", "dq_linear": "blocks", "dkv_linear": "blocks", "fwd_kernel": "auto"}
 
 
 def _lin_in_loop(kernel, cfg: _Cfg):
@@ -498,10 +499,11 @@ def _linear_epilogue_kernel(*refs, names, cfg: _Cfg, fused: bool):
 
 
 def _use_mosaic(q, cfg: _Cfg, lin_in_loop: bool) -> bool:
-    """OPTIONS["fwd_kernel"] == "mosaic" and the Mosaic GPU forward supports the call (GPU, 16-bit, D % 64 == 0,
-    block_q == 128, per-block linear states)."""
+    """OPTIONS["fwd_kernel"] asks for the Mosaic GPU forward ("mosaic", or "auto" on a Hopper GPU) and it supports
+    the call (GPU, 16-bit, D % 64 == 0, block_q == 128, per-block linear states)."""
+    wanted = OPTIONS["fwd_kernel"] == "mosaic" or (OPTIONS["fwd_kernel"] == "auto" and gpu_generation() == "hopper")
     return (
-        OPTIONS["fwd_kernel"] == "mosaic"
+        wanted
         and not cfg.interpret
         and not lin_in_loop
         and cfg.block_q == 128
