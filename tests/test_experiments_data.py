@@ -9,27 +9,31 @@ from experiments.configs import DataConfig
 CFG = DataConfig(frames=4, height=16, width=16, max_shapes=3, seed=0)
 
 
+# Every batch below has 4 videos of CFG (one compilation of the renderer) except the other-seed one.
+
+
 def test_same_seed_and_index_give_same_video():
     a = data_lib.ProceduralVideos(CFG).batch(3, 4)
     b = data_lib.ProceduralVideos(CFG).batch(3, 4)
     np.testing.assert_array_equal(np.asarray(a["video"]), np.asarray(b["video"]))
     np.testing.assert_array_equal(np.asarray(a["label"]), np.asarray(b["label"]))
-    # Video i of a batch depends only on its index, not on the batch it is drawn in.
-    one = data_lib.ProceduralVideos(CFG).videos([13])
-    np.testing.assert_array_equal(np.asarray(one["video"][0]), np.asarray(a["video"][1]))
+    # Video i of a batch depends only on its index, not on the batch (or position) it is drawn in.
+    shuffled = data_lib.ProceduralVideos(CFG).videos([13, 12, 15, 14])  # batch 3 holds videos 12..15
+    np.testing.assert_array_equal(np.asarray(shuffled["video"]), np.asarray(a["video"])[[1, 0, 3, 2]])
+    np.testing.assert_array_equal(np.asarray(shuffled["label"]), np.asarray(a["label"])[[1, 0, 3, 2]])
 
 
 def test_streams_steps_and_seeds_differ():
-    train = data_lib.ProceduralVideos(CFG).batch(0, 2)["video"]
-    assert not np.allclose(train, data_lib.ProceduralVideos(CFG).batch(1, 2)["video"])
-    assert not np.allclose(train, data_lib.ProceduralVideos(CFG, data_lib.VAL_STREAM).batch(0, 2)["video"])
+    train = data_lib.ProceduralVideos(CFG).batch(0, 4)["video"]
+    assert not np.allclose(train, data_lib.ProceduralVideos(CFG).batch(1, 4)["video"])
+    assert not np.allclose(train, data_lib.ProceduralVideos(CFG, data_lib.VAL_STREAM).batch(0, 4)["video"])
     other_seed = DataConfig(frames=4, height=16, width=16, max_shapes=3, seed=1)
-    assert not np.allclose(train, data_lib.ProceduralVideos(other_seed).batch(0, 2)["video"])
+    assert not np.allclose(train, data_lib.ProceduralVideos(other_seed).batch(0, 4)["video"])
 
 
 def test_shapes_ranges_labels_and_motion():
-    b = data_lib.ProceduralVideos(CFG).batch(0, 32)
-    v, y = np.asarray(b["video"]), np.asarray(b["label"])
+    batches = [data_lib.ProceduralVideos(CFG).batch(step, 4) for step in range(8)]
+    v, y = (np.concatenate([np.asarray(b[name]) for b in batches]) for name in ("video", "label"))
     assert v.shape == (32, 4, 16, 16, 3) and v.dtype == np.float32
     assert v.min() >= -1.0 and v.max() <= 1.0
     assert y.shape == (32,) and y.min() >= 0 and y.max() < data_lib.NUM_CLASSES
@@ -38,10 +42,10 @@ def test_shapes_ranges_labels_and_motion():
 
 
 def test_batches_iterator_resumes():
-    it = data_lib.batches(data_lib.ProceduralVideos(CFG), 2, start_step=5)
+    it = data_lib.batches(data_lib.ProceduralVideos(CFG), 4, start_step=5)
     first = next(it)
     np.testing.assert_array_equal(
-        np.asarray(first["video"]), np.asarray(data_lib.ProceduralVideos(CFG).batch(5, 2)["video"])
+        np.asarray(first["video"]), np.asarray(data_lib.ProceduralVideos(CFG).batch(5, 4)["video"])
     )
 
 
