@@ -1,9 +1,15 @@
 """The smoke recipe end to end: stages chain (short clips -> full-length dense -> routers -> fine-tunes), checkpoints
-resume to the same step and parameters, reruns skip finished stages, metrics are finite and the report files exist."""
+resume to the same step and parameters, reruns skip finished stages, metrics are finite and the report files exist.
+
+The recipe itself runs once, in a child process (`python tests/test_experiments_recipe.py OUT STRAIGHT`) that
+compiles with LLVM optimisation off: it is compile-bound (about 15 programs), and this halves its time. The HLO, hence
+what is computed, is the same; the tests below check its outputs in this process."""
 
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -36,29 +42,59 @@ def _params(model):
     return jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
 
 
-@pytest.fixture(scope="module")
-def recipe_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("smoke"))
-    # Interrupt stage 0 after 4 of 8 steps; the recipe must resume it from the checkpoint.
-    init = run_recipe._stage0_short(PRESET, out, train.make_mesh(), log=lambda *a: None)
+def _run_smoke_recipe(out: str, straight: str) -> None:
+    """The recipe into `out`, with stage 0 interrupted after 4 of 8 steps (the recipe must resume it from the
+    checkpoint), and the same stage 0 without interruption into `straight`, from the same short-clip weights."""
+    quiet = lambda *a: None
+    init = run_recipe._stage0_short(PRESET, out, train.make_mesh(), log=quiet)
     stopped = train.train_diffusion(
         os.path.join(out, "stage0", "dense"), PRESET, PRESET.run("dense"), PRESET.stage0, init=init, stop_after=4
     )
-    assert stopped == {"stopped_at": 4}
-    run_recipe.run_recipe(PRESET, out, log=lambda *a: None)
-    return out
+    if stopped != {"stopped_at": 4}:
+        raise SystemExit(f"stop_after=4 returned {stopped}")
+    run_recipe.run_recipe(PRESET, out, log=quiet)
+    init = run_recipe._stage0_short(PRESET, out, train.make_mesh(), log=quiet)
+    train.train_diffusion(straight, PRESET, PRESET.run("dense"), PRESET.stage0, init=init)
 
 
-def test_stage0_resumes_to_same_step_and_params(recipe_dir, tmp_path):
+@pytest.fixture(scope="module")
+def recipe_dirs(tmp_path_factory):
+    """(recipe folder, uninterrupted stage-0 folder), written by `_run_smoke_recipe` in a child process."""
+    out, straight = str(tmp_path_factory.mktemp("smoke")), str(tmp_path_factory.mktemp("straight"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0",
+        PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), out, straight],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return out, straight
+
+
+@pytest.fixture(scope="module")
+def recipe_dir(recipe_dirs):
+    return recipe_dirs[0]
+
+
+def test_stage0_resumes_to_same_step_and_params(recipe_dirs):
+    recipe_dir, straight_dir = recipe_dirs
     done = train.read_done(os.path.join(recipe_dir, "stage0", "dense"))
     assert done["resumed_from"] == 4 and done["steps"] == 8
     resumed = make_model(PRESET, PRESET.run("dense"))
     assert train.load_params(os.path.join(recipe_dir, "stage0", "dense"), resumed) == 8
     # The same training without interruption, from the same short-clip weights.
-    init = run_recipe._stage0_short(PRESET, recipe_dir, train.make_mesh(), log=lambda *a: None)
-    train.train_diffusion(str(tmp_path / "straight"), PRESET, PRESET.run("dense"), PRESET.stage0, init=init)
     straight = make_model(PRESET, PRESET.run("dense"))
-    assert train.load_params(str(tmp_path / "straight"), straight) == 8
+    assert train.load_params(straight_dir, straight) == 8
     fresh = _params(make_model(PRESET, PRESET.run("dense")))
     a, b = _params(resumed), _params(straight)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
@@ -142,3 +178,7 @@ def test_export_state_keeps_what_a_continuation_needs(recipe_dir, tmp_path):
     assert train.load_params(os.path.join(dst, "stage0", "dense"), exported) == PRESET.stage0.steps
     train.load_params(os.path.join(recipe_dir, "stage0", "dense"), original)
     jax.tree.map(np.testing.assert_array_equal, _params(exported), _params(original))
+
+
+if __name__ == "__main__":
+    _run_smoke_recipe(*sys.argv[1:3])
