@@ -500,13 +500,14 @@ def _linear_epilogue_kernel(*refs, names, cfg: _Cfg, fused: bool):
 
 def _use_mosaic(q, cfg: _Cfg, lin_in_loop: bool) -> bool:
     """OPTIONS["fwd_kernel"] asks for the Mosaic GPU forward ("mosaic", or "auto" on a Hopper GPU) and it supports
-    the call (GPU, 16-bit, D % 64 == 0, block_q == 128, per-block linear states)."""
+    the call (GPU, 16-bit, N % 8 == 0, D % 64 == 0, block_q == 128, per-block linear states)."""
     wanted = OPTIONS["fwd_kernel"] == "mosaic" or (OPTIONS["fwd_kernel"] == "auto" and gpu_generation() == "hopper")
     return (
         wanted
         and not cfg.interpret
         and not lin_in_loop
         and cfg.block_q == 128
+        and cfg.n % 8 == 0  # Mosaic's GMEM tiling of the (N, H, D) operands
         and cfg.d % 64 == 0
         and jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     )

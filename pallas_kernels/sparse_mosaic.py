@@ -16,7 +16,9 @@ sm_scale * log2(e): the layout and convention of sparse_linear's forward, so its
 Keys >= N (the ragged last key block, only ever the LUT's last entry: it is ascending) are masked; rows >= N are neither read (TMA fills zeros) nor written.
 Flop per program 4 * 128 * block_k * D * topk; bytes per LUT entry 2 * block_k * D * itemsize (from L2 mostly).
 
-Status: a measurement prototype for issue #3 (docs/perf_notes.md, "Session 3"), not wired into sla2_jax.
+Used by sparse_linear._forward on Hopper GPUs (OPTIONS["fwd_kernel"] "auto" / "mosaic"; docs/perf_notes.md,
+"Session 3"). Checked on the GPU only (experiments/probe_mosaic_sparse.py, experiments/check_kernels_gpu.py): Mosaic
+GPU kernels have no CPU interpret mode; the CPU tests cover the wiring around it with a stand-in.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ _ROWS = 64  # query rows per compute warpgroup (one wgmma M tile); a query block
 
 
 def sparse_attention_mosaic(q, k, v, lut, *, block_k: int = 64, sm_scale: float | None = None, stages: int = 2):
-    """Sparse branch of SLA over the LUT's key blocks: q, k, v (B, N, H, D) bf16/f16, D in {64, 128};
+    """Sparse branch of SLA over the LUT's key blocks: q, k, v (B, N, H, D) bf16/f16, N % 8 == 0, D % 64 == 0;
     lut (B, H, Nq, topk) int32 with Nq = ceil(N / 128) -> (o_s (B, N, H, D) q.dtype, lse (B, H, Nq * 128) f32)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only backend: imported on use
 
@@ -43,8 +45,8 @@ def sparse_attention_mosaic(q, k, v, lut, *, block_k: int = 64, sm_scale: float 
     block_q = 2 * _ROWS
     if nq != -(-n // block_q) or lut.shape[:2] != (b, h):
         raise ValueError(f"lut shape {lut.shape} must be (B, H, ceil(N / {block_q}), topk) for q shape {q.shape}")
-    if d % 64 or q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"need D a multiple of 64 and bf16/f16 inputs, got D={d}, {q.dtype}")
+    if d % 64 or n % 8 or q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"need N a multiple of 8, D of 64 and bf16/f16 inputs, got N={n}, D={d}, {q.dtype}")
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * _LOG2E
     stages = max(1, min(stages, topk))
     ragged = n % block_k != 0
