@@ -1,5 +1,7 @@
 """The two branches on every pure-JAX backend against dense references: forward, gradients, ragged N, dtypes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,14 @@ import pytest
 
 import sla2_jax as sla
 from helpers import random_qkv, rel_err
+
+
+# The library jitted once per call site (eager calls compile every op separately: 2-3x slower here); eager use is
+# checked by test_sla2_attention_jits_and_matches_eager.
+branches = jax.jit(
+    sla.sparse_linear_branches, static_argnames=("block_q", "block_k", "feature_map", "linear_scope", "backend")
+)
+dense_attention = jax.jit(sla.dense_attention, static_argnames=("chunk_size",))
 
 
 def random_lut(seed, batch, heads, nq, nk, topk):
@@ -42,8 +52,7 @@ def loop_reference(q, k, v, lut, block_q, block_k, linear_scope="complement", fm
 def test_branches_match_loop_reference(seed, backend, fmap, scope):
     q, k, v = random_qkv(seed, (1, 75, 2, 16))
     lut = random_lut(seed + 1, 1, 2, 3, 5, 2)
-    o_s, o_l = sla.sparse_linear_branches(q, k, v, lut, block_q=32, block_k=16, feature_map=fmap,
-                                          linear_scope=scope, backend=backend)
+    o_s, o_l = branches(q, k, v, lut, block_q=32, block_k=16, feature_map=fmap, linear_scope=scope, backend=backend)
     r_s, r_l = loop_reference(q, k, v, lut, 32, 16, scope, fmap)
     assert rel_err(o_s, r_s) < 1e-5
     assert rel_err(o_l, r_l) < 1e-5
@@ -56,8 +65,8 @@ def test_xla_equals_reference_forward(seed, n, d, dtype, scope):
     q, k, v = random_qkv(seed, (2, n, 2, d), dtype)
     nq, nk = -(-n // 64), -(-n // 32)
     lut = random_lut(seed + 1, 2, 2, nq, nk, 3)
-    ref = sla.sparse_linear_branches(q, k, v, lut, block_q=64, block_k=32, linear_scope=scope, backend="reference")
-    out = sla.sparse_linear_branches(q, k, v, lut, block_q=64, block_k=32, linear_scope=scope, backend="xla")
+    ref = branches(q, k, v, lut, block_q=64, block_k=32, linear_scope=scope, backend="reference")
+    out = branches(q, k, v, lut, block_q=64, block_k=32, linear_scope=scope, backend="xla")
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     for o, r in zip(out, ref):
         assert o.dtype == dtype and o.shape == q.shape
@@ -76,8 +85,8 @@ def test_xla_gradients_equal_reference(seed, n, d, scope):
                                               backend=backend)
         return jnp.sum(o_s * g_s) + jnp.sum(o_l * g_l)
 
-    ref = jax.grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2))(q, k, v)
-    out = jax.grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.jit(jax.grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2)))(q, k, v)
+    out = jax.jit(jax.grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2)))(q, k, v)
     for name, o, r in zip("qkv", out, ref):
         assert rel_err(o, r) < 1e-4, name
 
@@ -85,25 +94,25 @@ def test_xla_gradients_equal_reference(seed, n, d, scope):
 def test_all_blocks_selected_equals_dense(seed):
     q, k, v = random_qkv(seed, (1, 300, 3, 64))
     lut = jnp.broadcast_to(jnp.arange(10, dtype=jnp.int32), (1, 3, 5, 10))
-    dense = sla.dense_attention(q, k, v)
+    dense = dense_attention(q, k, v)
     for backend in ("reference", "xla"):
-        o_s, o_l = sla.sparse_linear_branches(q, k, v, lut, block_q=64, block_k=32, backend=backend)
+        o_s, o_l = branches(q, k, v, lut, block_q=64, block_k=32, backend=backend)
         assert rel_err(o_s, dense) < 1e-5
         assert float(jnp.max(jnp.abs(o_l))) == 0.0
     cfg = sla.SLA2Config(block_q=64, block_k=32, topk_ratio=1.0, backend="xla")
-    assert rel_err(sla.sla2_attention(q, k, v, config=cfg), dense) < 1e-4
+    assert rel_err(jax.jit(functools.partial(sla.sla2_attention, config=cfg))(q, k, v), dense) < 1e-4
 
 
 def test_dense_attention_chunked_equals_unchunked(seed):
     q, k, v = random_qkv(seed, (2, 130, 2, 32))
-    full = sla.dense_attention(q, k, v)
-    chunked = sla.dense_attention(q, k, v, chunk_size=16)
+    full = dense_attention(q, k, v)
+    chunked = dense_attention(q, k, v, chunk_size=16)
     assert rel_err(chunked, full) < 1e-6
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(32)
     expect = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
     assert rel_err(full, expect) < 1e-5
-    g1 = jax.grad(lambda q: jnp.sum(sla.dense_attention(q, k, v, chunk_size=16) ** 2))(q)
-    g2 = jax.grad(lambda q: jnp.sum(sla.dense_attention(q, k, v) ** 2))(q)
+    g1 = jax.jit(jax.grad(lambda q: jnp.sum(sla.dense_attention(q, k, v, chunk_size=16) ** 2)))(q)
+    g2 = jax.jit(jax.grad(lambda q: jnp.sum(sla.dense_attention(q, k, v) ** 2)))(q)
     assert rel_err(g1, g2) < 1e-5
 
 
