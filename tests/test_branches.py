@@ -14,7 +14,8 @@ from helpers import random_qkv, rel_err
 # The library jitted once per call site (eager calls compile every op separately: 2-3x slower here); eager use is
 # checked by test_sla2_attention_jits_and_matches_eager.
 branches = jax.jit(
-    sla.sparse_linear_branches, static_argnames=("block_q", "block_k", "feature_map", "linear_scope", "backend")
+    sla.sparse_linear_branches,
+    static_argnames=("block_q", "block_k", "feature_map", "linear_scope", "quant", "backend"),
 )
 dense_attention = jax.jit(sla.dense_attention, static_argnames=("chunk_size",))
 

@@ -45,11 +45,11 @@ def test_soft_routing_gives_router_gradients_and_hard_does_not(seed):
     def loss(m):
         return jnp.mean((m(q, k, v) - target) ** 2)
 
-    grads = nnx.grad(loss)(module)
+    grads = nnx.jit(nnx.grad(loss))(module)
     assert float(jnp.abs(grads.w_q[...]).sum()) > 0 and float(jnp.abs(grads.w_k[...]).sum()) > 0
     assert float(jnp.abs(grads.alpha_logit[...]).sum()) > 0
     module.routing = "hard"
-    grads = nnx.grad(loss)(module)
+    grads = nnx.jit(nnx.grad(loss))(module)
     assert float(jnp.abs(grads.w_q[...]).sum()) == 0.0  # hard top-k: no gradient to the router
 
 
@@ -89,7 +89,7 @@ def test_sla_v1_module_is_sparse_attention_at_init_and_proj_trains(seed):
     o_s, _ = sla.sparse_linear_branches(q, k, v, lut, block_q=32, block_k=16, backend="xla")
     assert rel_err(module(q, k, v), o_s) < 1e-6
     target = sla.dense_attention(q, k, v)
-    grads = nnx.grad(lambda m: jnp.mean((m(q, k, v) - target) ** 2))(module)
+    grads = nnx.jit(nnx.grad(lambda m: jnp.mean((m(q, k, v) - target) ** 2)))(module)
     assert float(jnp.abs(grads.proj_kernel[...]).sum()) > 0
 
 
