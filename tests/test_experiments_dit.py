@@ -28,8 +28,14 @@ RUNS = [
 ]
 
 
+def _normal_flat(key, shape):
+    """jax.random.normal(key, shape) float32, drawn flat and reshaped: the same values, but XLA CPU compiles a 5-D
+    draw of these shapes in 2-9 s and a flat one in 0.2 s."""
+    return jax.random.normal(key, (int(np.prod(shape)),), jnp.float32).reshape(shape)
+
+
 def _inputs(b=2):
-    x = jax.random.normal(jax.random.PRNGKey(0), (b, 2, 16, 16, 3))
+    x = _normal_flat(jax.random.PRNGKey(0), (b, 2, 16, 16, 3))
     return x, jnp.linspace(0.1, 0.9, b), jnp.arange(b, dtype=jnp.int32)
 
 
@@ -66,7 +72,7 @@ def test_sparse_models_train_and_differ_from_dense():
 
 
 def test_patchify_roundtrip_and_token_order():
-    v = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 8, 8, 3))
+    v = _normal_flat(jax.random.PRNGKey(0), (2, 4, 8, 8, 3))
     tok = patchify(v, (2, 2, 2))
     assert tok.shape == (2, 2 * 4 * 4, 24)
     np.testing.assert_array_equal(np.asarray(unpatchify(tok, (2, 2, 2), (4, 8, 8, 3))), np.asarray(v))
