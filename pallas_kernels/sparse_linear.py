@@ -517,7 +517,7 @@ def _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg: _Cfg, *, fused: boo
     """Sparse branch by the Mosaic GPU kernel (o_s, LSE), then the linear branch and combine in a Triton epilogue."""
     from .sparse_mosaic import sparse_attention_mosaic
 
-    b, n, h, d = q.shape
+    b, _, h, _ = q.shape
     o_s, lse = sparse_attention_mosaic(q, k, v, lut, block_k=cfg.block_k, sm_scale=cfg.sm_scale, stages=4)
     out = {"o_s": o_s, "lse": lse}
     outputs = [x for x in _forward_outputs(q, cfg, fused=fused, residuals=residuals) if x[0] not in out]
@@ -532,14 +532,14 @@ def _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg: _Cfg, *, fused: boo
 
 def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, residuals: bool):
     b, n, h, d = q.shape
-    seq = _seq_spec(cfg)
-    inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
     lin_in_loop = _lin_in_loop("fwd", cfg)
     linear_inputs, h_tot, z_tot = _linear_inputs(q_phi, k_phi, v, lut, cfg, lin_in_loop)
     if _use_mosaic(q, cfg, lin_in_loop):
         out = _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg, fused=fused, residuals=residuals)
         out["h_tot"], out["z_tot"] = h_tot, z_tot
         return out
+    seq = _seq_spec(cfg)
+    inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
     inputs += linear_inputs
     if fused:
         inputs += [("alpha", alpha, _full_spec(cfg.nq))]
