@@ -1,0 +1,264 @@
+"""GPU probe: the experimental Mosaic GPU dQ kernel (pallas_kernels/sparse_mosaic_dq.py) vs the Triton dq kernel.
+
+    python -m experiments.probe_mosaic_dq --out DIR [--sparsity 0.95 0.97] [--runs 20]
+
+1. Small random checks (fresh seed, recorded): ragged and whole N, D 64 / 128, bf16 / f16, alpha None or random,
+   block_k 64 / 128: dq vs a dense float32 reference written from the formulas with the LUT's token mask (lse and
+   delta computed by the reference from its own o_s and a random dO); the reference itself is checked against
+   jax.vjp of the dense masked attention. Kernel variants (ping-pong off, alpha as rows, 3 stages) on some cases.
+2. wan-1.3b (B=1, H=12, N=32760, D=128, bf16, SLA router LUT) per sparsity: dq vs the Triton dq kernel (fused
+   form, sl._backward_dq, with that call's delta) and vs the Triton sparse-only dq (alpha None), then medians of
+   both Triton calls, of the Mosaic kernel alone (variants) and of cuDNN forward / forward+backward, one process.
+   Effective rate of the dq matmuls: flop = 6 * B * H * N^2 * D * (1 - s) (nominal) and 6 * B * H * Nq * 128 *
+   topk * block_k * D (the LUT's exact count).
+Each part runs on its own (an error is recorded, the next part goes on); JSON to DIR/probe_mosaic_dq.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.check_kernels_gpu import wan_setup
+from experiments.timing import time_samples
+from pallas_kernels import sparse_linear as sl
+from pallas_kernels.sparse_mosaic_dq import _dq_call, sparse_attention_dq_mosaic
+
+RESULTS: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+VARIANTS = {  # name -> keyword arguments of _dq_call beside the public defaults
+    "pingpong_s2": {"stages": 2},
+    "pingpong_s3": {"stages": 3},
+    "pingpong_s4": {"stages": 4},
+    "free_s2": {"stages": 2, "pingpong": False},
+    "alpha_rows_s2": {"stages": 2, "alpha_rows": True},
+}
+
+
+def bench(fn, *args, runs=20):
+    """Median milliseconds of synchronised calls of jit(fn) after warm-up."""
+    return 1e3 * statistics.median(time_samples(jax.jit(fn), *args, warmup=3, iters=runs))
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def record_error(row, key, e):
+    row[key] = f"{type(e).__name__}: {e}"[:3000]
+    traceback.print_exc()
+
+
+def mosaic(variant, q, k, v, do, lse, delta, lut, alpha, block_k=64):
+    """dq by the Mosaic kernel in one of VARIANTS (the public function for the default)."""
+    kw = VARIANTS[variant]
+    if kw == {"stages": 2}:
+        return sparse_attention_dq_mosaic(q, k, v, do, lse, delta, lut, alpha, block_k=block_k)
+    return _dq_call(q, k, v, do, lse, delta, lut, alpha, block_k=block_k, sm_scale=None, **kw)
+
+
+def token_mask(lut, n, block_q, block_k):
+    """(B, H, N, N) bool: query r attends key c iff c's key block is in the LUT row of r's query block, c < N."""
+    nk = -(-n // block_k)
+    sel = jnp.any(lut[..., None] == jnp.arange(nk)[None, None, None, None, :], axis=3)  # (B, H, Nq, Nk)
+    return jnp.repeat(jnp.repeat(sel, block_q, axis=2)[:, :, :n], block_k, axis=3)[..., :n]
+
+
+def dense_reference(q, k, v, do, lut, alpha, block_k):
+    """float32 dq (B, N, H, D) from the formulas, lse and delta (B, H, Npad) for the kernel, and the reference's
+    own relative distance to jax.vjp of the dense masked attention (loss sum(a * o_s * dO))."""
+    b, n, h, d = q.shape
+    nq = lut.shape[2]
+    scale = 1.0 / math.sqrt(d)
+    q32, k32, v32, do32 = (x.astype(jnp.float32) for x in (q, k, v, do))
+    mask = token_mask(lut, n, 128, block_k)
+    a_rows = jnp.ones((b, h, n)) if alpha is None else jnp.repeat(alpha, 128, axis=-1)[..., :n]
+
+    def o_s_of(q32):
+        s = jnp.where(mask, jnp.einsum("bnhd,bmhd->bhnm", q32, k32) * scale, -jnp.inf)
+        return jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(s, axis=-1), v32), s
+
+    o_s, s = o_s_of(q32)
+    lse = jax.nn.logsumexp(s, axis=-1) * math.log2(math.e)  # base 2 of logits * scale * log2(e)
+    p = jnp.exp2(s * math.log2(math.e) - lse[..., None])
+    delta = a_rows * jnp.einsum("bnhd,bnhd->bhn", do32, o_s)
+    dp = a_rows[..., None] * jnp.einsum("bnhd,bmhd->bhnm", do32, v32)
+    dq = scale * jnp.einsum("bhnm,bmhd->bnhd", p * (dp - delta[..., None]), k32)
+    cot = do32 * jnp.transpose(a_rows, (0, 2, 1))[..., None]
+    dq_vjp = jax.vjp(lambda x: o_s_of(x)[0], q32)[1](cot)[0]
+    pad = ((0, 0), (0, 0), (0, nq * 128 - n))
+    return dq, jnp.pad(lse, pad), jnp.pad(delta, pad), rel(dq, dq_vjp)
+
+
+def random_lut(rng, b, h, nq, nk, topk):
+    """Ascending, duplicate-free LUT; about half its rows hold the last (ragged) key block."""
+    rows = []
+    for _ in range(b * h * nq):
+        ids = rng.permutation(nk)[:topk]
+        if rng.random() < 0.5 and nk - 1 not in ids:
+            ids[0] = nk - 1
+        rows.append(np.sort(ids))
+    return jnp.asarray(np.stack(rows).reshape(b, h, nq, topk), jnp.int32)
+
+
+SMALL_CASES = [  # n, d, topk, dtype, alpha, block_k, variants beside the default
+    (1000, 128, 4, jnp.bfloat16, True, 64, ("free_s2", "alpha_rows_s2", "pingpong_s3")),
+    (2000, 64, 5, jnp.float16, False, 64, ("free_s2", "pingpong_s4")),
+    (4096, 128, 6, jnp.float16, True, 64, ("alpha_rows_s2",)),
+    (4096, 64, 3, jnp.bfloat16, False, 64, ()),
+    (
+        1048,
+        128,
+        2,
+        jnp.bfloat16,
+        True,
+        64,
+        (),
+    ),  # the last query block's second warpgroup lies wholly past N
+    (2000, 128, 1, jnp.bfloat16, False, 64, ()),
+    (2000, 128, 3, jnp.bfloat16, True, 128, ()),
+]
+
+
+def small_checks():
+    seed = int.from_bytes(os.urandom(4), "little")
+    RESULTS["small_seed"] = seed
+    rows = []
+    for n, d, topk, dtype, with_alpha, block_k, variants in SMALL_CASES:
+        row = {"n": n, "d": d, "topk": topk, "dtype": jnp.dtype(dtype).name, "alpha": with_alpha, "block_k": block_k}
+        try:
+            rng = np.random.default_rng([seed, n, d, topk])
+            b, h, nq, nk = 1, 2, -(-n // 128), -(-n // block_k)
+            q, k, v, do = (jnp.asarray(rng.standard_normal((b, n, h, d)), dtype) for _ in range(4))
+            lut = random_lut(rng, b, h, nq, nk, topk)
+            alpha = jnp.asarray(rng.uniform(0.2, 1.0, (b, h, nq)), jnp.float32) if with_alpha else None
+            dq_ref, lse, delta, row["rel_ref_vs_vjp"] = dense_reference(q, k, v, do, lut, alpha, block_k)
+            for variant in ("pingpong_s2",) + variants:
+                try:
+                    fn = jax.jit(lambda *a, vr=variant, bk=block_k: mosaic(vr, *a, block_k=bk))
+                    dq = fn(q, k, v, do, lse, delta, lut, alpha)
+                    row[f"rel_{variant}"] = rel(dq, dq_ref)
+                    row[f"finite_{variant}"] = bool(jnp.all(jnp.isfinite(dq)))
+                except Exception as e:  # noqa: BLE001 - record and go on
+                    record_error(row, f"error_{variant}", e)
+        except Exception as e:  # noqa: BLE001
+            record_error(row, "error", e)
+        print("small", json.dumps(row), flush=True)
+        rows.append(row)
+    RESULTS["small"] = rows
+
+
+def wan(sparsity, runs):
+    q, k, v, do, qp, kp, lut, alpha, cfg = wan_setup(sparsity, 29, 1, 12, 32760, 128, 128, 64)
+    b, n, h, d = q.shape
+    row = {"sparsity": sparsity, "topk": cfg.topk}
+    flop_nominal = 6 * b * h * n**2 * d * (1 - sparsity)
+    flop_lut = 6 * b * h * cfg.nq * 128 * cfg.topk * cfg.block_k * d
+    row.update(flop_nominal=flop_nominal, flop_lut=flop_lut)
+    t, refs = {}, {}
+    try:  # the fused Triton dq (as the library's backward calls it) and its delta
+        fwd = jax.jit(lambda *a: sl._forward(*a, cfg, fused=True, residuals=True))(q, k, v, qp, kp, lut, alpha)
+        res = sl._residuals(q, k, v, qp, kp, lut, alpha, fwd)
+        triton = lambda res, do: sl._backward_dq(res, cfg, fused=True, do=do)
+        out = jax.jit(triton)(res, do)
+        refs["fused"] = (out["dq"], fwd["lse"], out["delta"], alpha)
+        t["triton_dq_fused"] = bench(triton, res, do, runs=runs)
+    except Exception as e:  # noqa: BLE001
+        record_error(row, "triton_fused_error", e)
+    try:  # the Triton sparse-only dq (no linear branch, no alpha)
+        cfg0 = cfg._replace(linear=False)
+        fwd0 = jax.jit(lambda *a: sl._forward(*a, None, None, lut, None, cfg0, fused=False, residuals=True))(q, k, v)
+        res0 = sl._residuals(q, k, v, None, None, lut, None, fwd0)
+        triton0 = lambda res0, do: sl._backward_dq(res0, cfg0, fused=False, do_s=do)
+        out0 = jax.jit(triton0)(res0, do)
+        refs["sparse_only"] = (out0["dq"], fwd0["lse"], out0["delta"], None)
+        t["triton_dq_sparse_only"] = bench(triton0, res0, do, runs=runs)
+    except Exception as e:  # noqa: BLE001
+        record_error(row, "triton_sparse_only_error", e)
+    for variant in VARIANTS:
+        for form, (dq_t, lse, delta, a) in refs.items():
+            if variant == "alpha_rows_s2" and a is None:
+                continue
+            key = f"mosaic_{variant}_{form}"
+            try:
+                fn = lambda q, k, v, do, lse, delta, lut, a, vr=variant: mosaic(vr, q, k, v, do, lse, delta, lut, a)
+                dq = jax.jit(fn)(q, k, v, do, lse, delta, lut, a)
+                row[f"rel_{key}_vs_triton"] = rel(dq, dq_t)
+                row[f"finite_{key}"] = bool(jnp.all(jnp.isfinite(dq)))
+                t[key] = bench(fn, q, k, v, do, lse, delta, lut, a, runs=runs)
+            except Exception as e:  # noqa: BLE001
+                record_error(row, f"error_{key}", e)
+    if "fused" in refs:  # the default timed twice: the spread between the two is the noise floor
+        dq_t, lse, delta, a = refs["fused"]
+        fn = lambda q, k, v, do, lse, delta, lut, a: mosaic("pingpong_s2", q, k, v, do, lse, delta, lut, a)
+        try:
+            t["mosaic_pingpong_s2_fused_again"] = bench(fn, q, k, v, do, lse, delta, lut, a, runs=runs)
+        except Exception as e:  # noqa: BLE001
+            record_error(row, "error_again", e)
+    dpa = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    t["cudnn_fwd"] = bench(dpa, q, k, v, runs=runs)
+    grads = lambda q, k, v, do: jax.grad(lambda *x: jnp.sum(dpa(*x).astype(jnp.float32) * do), argnums=(0, 1, 2))(
+        q, k, v
+    )
+    t["cudnn_fwd_bwd"] = bench(grads, q, k, v, do, runs=runs)
+    row["times_ms"] = t
+    row["tflops_nominal"] = {kk: flop_nominal / (ms * 1e-3) / 1e12 for kk, ms in t.items() if "dq" in kk}
+    row["tflops_lut"] = {kk: flop_lut / (ms * 1e-3) / 1e12 for kk, ms in t.items() if "dq" in kk}
+    print("wan", json.dumps(row), flush=True)
+    RESULTS.setdefault("wan", []).append(row)
+
+
+def summary():
+    """A short table for the end of the output."""
+    lines = ["", "small checks (rel error vs dense f32):"]
+    for r in RESULTS.get("small", []):
+        errs = {kk[4:]: f"{vv:.2e}" for kk, vv in r.items() if kk.startswith("rel_")}
+        bad = [kk for kk in r if kk.startswith("error")]
+        lines.append(
+            f"  N={r['n']} D={r['d']} topk={r['topk']} {r['dtype']} alpha={r['alpha']} bk={r['block_k']}: "
+            f"{errs} {'ERRORS ' + str(bad) if bad else ''}"
+        )
+    for r in RESULTS.get("wan", []):
+        lines.append(f"wan s={r['sparsity']} topk={r['topk']}:")
+        for kk, ms in r.get("times_ms", {}).items():
+            tf = r["tflops_lut"].get(kk)
+            lines.append(f"  {kk:42s} {ms:7.3f} ms" + (f"  {tf:6.1f} TFLOP/s (LUT count)" if tf else ""))
+        for kk, vv in r.items():
+            if kk.startswith(("rel_", "error")):
+                lines.append(f"  {kk}: {vv if isinstance(vv, str) else f'{vv:.2e}'}"[:300])
+    print("\n".join(lines), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--sparsity", type=float, nargs="*", default=[0.95, 0.97])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--skip-small", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "probe_mosaic_dq.json")
+    if not args.skip_small:
+        small_checks()
+        with open(path, "w") as f:
+            json.dump(RESULTS, f, indent=1)
+    for s in args.sparsity:
+        try:
+            wan(s, args.runs)
+        except Exception as e:  # noqa: BLE001
+            record_error(RESULTS.setdefault("wan_errors", {}), str(s), e)
+        with open(path, "w") as f:
+            json.dump(RESULTS, f, indent=1)
+    summary()
+
+
+if __name__ == "__main__":
+    main()

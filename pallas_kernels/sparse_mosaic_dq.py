@@ -1,0 +1,274 @@
+"""EXPERIMENTAL: dQ of block-sparse softmax attention on Hopper with Pallas Mosaic GPU (GPU only, no interpret).
+
+The sparse loop of sparse_linear's ``_dq_kernel`` (fused case, without the linear-branch terms), written as a
+warp-specialised Mosaic GPU kernel on the skeleton of the forward (sparse_mosaic.py).
+
+Grid (H, Nq, B), three warpgroups per program (query block i of 128 rows):
+  * warpgroups 0 and 1 (compute): 64 query rows each; Q, dO, LSE and delta tiles loaded once by TMA; per LUT
+    entry t (key block j = lut[b, h, i, t]): S = Q K_j^T and dP = dO V_j^T (two wgmma, one wait), in registers
+    P = exp2(S * sm_scale * log2(e) - LSE), dS = P * (a_i dP - delta), then dQ_acc += dS K_j (wgmma with dS as
+    the register operand). With ``pingpong`` a shared barrier makes the two warpgroups take turns on the tensor
+    cores (FlashAttention-3 style), so one's element-wise dS overlaps the other's matmuls.
+  * warpgroup 2 (memory): TMA copies of K_j, V_j into a ring of ``stages`` slots; V_j's slot is released once
+    both warpgroups read dP, K_j's once both finished dS K_j.
+dQ = sm_scale * dQ_acc in q's dtype. Keys >= N (only in the LUT's last entry: it is ascending) are masked; rows
+>= N are neither read (TMA fills zeros) nor written (TMA stores are clipped).
+Flop per program 6 * 128 * block_k * D * topk; bytes per LUT entry 2 * block_k * D * itemsize (mostly from L2).
+
+Checked on the GPU only (experiments/probe_mosaic_dq.py against a dense float32 reference and the Triton dq
+kernel); Mosaic GPU kernels have no CPU interpret mode.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+_LOG2E = math.log2(math.e)
+_ROWS = 64  # query rows per compute warpgroup (one wgmma M tile)
+_BLOCK_Q = 2 * _ROWS  # a query block (one LUT row) is two warpgroups' rows
+
+
+def sparse_attention_dq_mosaic(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    lut,
+    alpha=None,
+    *,
+    block_k: int = 64,
+    sm_scale: float | None = None,
+    stages: int = 2,
+):
+    """dQ of the sparse branch over the LUT's key blocks.
+
+    q, k, v, do: (B, N, H, D) bf16/f16 (one dtype), N % 8 == 0, D in {64, 128}; lse, delta: (B, H, Nq * 128)
+    float32 (lse base 2 of the logits scaled by sm_scale * log2(e), delta = a * rowsum(dO * O_s)); lut:
+    (B, H, Nq, topk) int32 ascending key-block ids (blocks of block_k keys), Nq = ceil(N / 128); alpha: None or
+    (B, H, Nq) float32. Returns dq (B, N, H, D) in q.dtype. ValueError for unsupported input.
+    """
+    _check_inputs(q, k, v, do, lse, delta, lut, alpha, block_k)
+    return _dq_call(
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        lut,
+        alpha,
+        block_k=block_k,
+        sm_scale=sm_scale,
+        stages=stages,
+    )
+
+
+def _check_inputs(q, k, v, do, lse, delta, lut, alpha, block_k):
+    """Raises ValueError unless the shapes and dtypes are the ones sparse_attention_dq_mosaic supports."""
+    b, n, h, d = q.shape
+    nq = -(-n // _BLOCK_Q)
+    if any(x.shape != q.shape or x.dtype != q.dtype for x in (k, v, do)):
+        raise ValueError("q, k, v, do must share one (B, N, H, D) shape and dtype")
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or d not in (64, 128) or n % 8:
+        raise ValueError(f"need bf16/f16 inputs, D in (64, 128) and N % 8 == 0, got {q.dtype}, D={d}, N={n}")
+    if block_k not in (64, 128):
+        raise ValueError(f"block_k must be 64 or 128, got {block_k}")
+    if lut.ndim != 4 or lut.shape[:3] != (b, h, nq) or lut.dtype != jnp.int32:
+        raise ValueError(f"lut must be int32 (B, H, ceil(N / {_BLOCK_Q}), topk), got {lut.shape} {lut.dtype}")
+    for name, x in (("lse", lse), ("delta", delta)):
+        if x.shape != (b, h, nq * _BLOCK_Q) or x.dtype != jnp.float32:
+            raise ValueError(f"{name} must be float32 (B, H, Nq * {_BLOCK_Q}), got {x.shape} {x.dtype}")
+    if alpha is not None and (alpha.shape != (b, h, nq) or alpha.dtype != jnp.float32):
+        raise ValueError(f"alpha must be None or float32 (B, H, Nq), got {alpha.shape} {alpha.dtype}")
+
+
+def _dq_call(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    lut,
+    alpha,
+    *,
+    block_k: int,
+    sm_scale: float | None,
+    stages: int,
+    pingpong: bool = True,
+    alpha_rows: bool = False,
+):
+    """The kernel launch (inputs already checked). Variants for the probe: ``pingpong`` (the two compute
+    warpgroups take turns on the tensor cores) and ``alpha_rows`` (alpha read as a per-row vector by TMA instead
+    of a scalar from GMEM). Returns dq (B, N, H, D) q.dtype."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only backend: imported on use
+
+    b, n, h, d = q.shape
+    nq, topk = lut.shape[2], lut.shape[3]
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    scale = sm_scale * _LOG2E
+    stages = max(1, min(stages, topk))
+    ragged = n % block_k != 0
+    dtype = q.dtype
+    has_alpha = alpha is not None
+    row_inputs = 3 if has_alpha and alpha_rows else 2  # lse, delta (, alpha per row) TMA-loaded per warpgroup
+    inputs = [q, k, v, do, lut, lse, delta]
+    if has_alpha:
+        inputs.append(jnp.repeat(alpha, _BLOCK_Q, axis=-1) if alpha_rows else alpha)
+
+    def body(refs, smem, ready, released, turn):
+        q_ref, k_ref, v_ref, do_ref, lut_ref, *row_refs = refs[: len(inputs)]
+        dq_ref = refs[len(inputs)]
+        alpha_ref = row_refs.pop() if has_alpha and not alpha_rows else None
+        bi, hi, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("qblock")
+        wg = lax.axis_index("wg")
+        q_smem, do_smem, k_smem, v_smem, row_smem = smem
+        tile_ready, row_ready, k_ready, v_ready = ready
+        k_free, v_free = released
+
+        def take_turn():
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
+        def wait_kv(slot):
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            row0 = qi * _BLOCK_Q + wg * _ROWS
+            window = (bi, pl.ds(row0, _ROWS), hi)
+            my_q, my_do = q_smem.at[wg], do_smem.at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[window], my_q, tile_ready.at[wg])
+            plgpu.copy_gmem_to_smem(do_ref.at[window], my_do, tile_ready.at[2 + wg])
+            for r, ref in enumerate(row_refs):
+                dst = row_smem.at[r, wg]
+                plgpu.copy_gmem_to_smem(ref.at[bi, hi, pl.ds(row0, _ROWS)], dst, row_ready.at[2 * r + wg])
+            plgpu.barrier_wait(tile_ready.at[wg])
+            plgpu.barrier_wait(tile_ready.at[2 + wg])
+            row_vals = []
+            for r in range(row_inputs):
+                plgpu.barrier_wait(row_ready.at[2 * r + wg])
+                row_vals.append(plgpu.load(row_smem.at[r, wg], layout=plgpu.Layout.WGMMA.reduce(1)))
+            lse_r, delta_r = row_vals[0], row_vals[1]
+            if has_alpha:
+                a = row_vals[2] if alpha_rows else alpha_ref[bi, hi, qi]
+            tile = (_ROWS, block_k)
+            row_b = lambda x: lax.broadcast_in_dim(x, tile, [0])
+            acc = plgpu.layout_cast(jnp.full((_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+            wait_kv(0)
+            if pingpong:
+                pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
+
+            def step(t, acc, masked=False):
+                slot = lax.rem(t, stages)
+
+                def scores(s_ref, dp_ref):
+                    plgpu.wgmma(s_ref, my_q, k_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma(dp_ref, my_do, v_smem.at[slot].transpose((1, 0)))
+                    if pingpong:
+                        take_turn()
+                    return s_ref[...], dp_ref[...]
+
+                acc_tile = plgpu.ACC(tile, jnp.float32)
+                s, dp = pl.run_scoped(scores, acc_tile, acc_tile)
+                plgpu.barrier_arrive(v_free.at[slot])
+                if masked:  # keys >= N exist only in the last key block: the LUT's last entry (ascending)
+                    key0 = lut_ref[bi, hi, qi, t] * block_k
+                    keys = plgpu.broadcasted_iota(jnp.int32, tile, 1, layout=plgpu.Layout.WGMMA)
+                    s = jnp.where(keys + key0 < n, s, -jnp.inf)
+                p = jnp.exp2(s * scale - row_b(lse_r))
+                if has_alpha:
+                    dp = dp * (row_b(a) if alpha_rows else a)
+                ds16 = (p * (dp - row_b(delta_r))).astype(dtype)
+                if pingpong:
+                    ds16 = lax.optimization_barrier(ds16)
+                    plgpu.barrier_arrive(turn)  # dS done: the other warpgroup may use the tensor cores
+                    plgpu.barrier_wait(turn)
+
+                def grads(acc_ref):
+                    plgpu.wgmma(acc_ref, ds16, k_smem.at[slot])
+                    nxt = t + 1
+
+                    @pl.when(nxt < topk)
+                    def _():
+                        wait_kv(lax.rem(nxt, stages))
+
+                acc = pl.run_state(grads)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(k_free.at[slot])
+                return acc
+
+            acc = lax.fori_loop(0, topk - 1, step, acc)
+            last = functools.partial(step, masked=ragged)  # a loop of one step: Mosaic wants a traced index
+            acc = lax.fori_loop(topk - 1, topk, last, acc)
+            if pingpong:
+                pl.when(wg == 0)(take_turn)
+            my_q[...] = (acc * sm_scale).astype(dtype)  # the Q tile's slot holds the dQ tile
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(my_q, dq_ref.at[window])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def fetch(t, slot):
+                keys = pl.ds(lut_ref[bi, hi, qi, t] * block_k, block_k)
+                plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, hi], k_smem.at[slot], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, hi], v_smem.at[slot], v_ready.at[slot])
+
+            for t in range(stages):
+                fetch(t, t)
+
+            @pl.loop(stages, topk)
+            def _refill(t):
+                slot = lax.rem(t, stages)
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+                fetch(t, slot)
+
+    def entry(*refs):
+        tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        smem = (
+            plgpu.SMEM((2, _ROWS, d), dtype, transforms=tiles),  # Q (then dQ) per compute warpgroup
+            plgpu.SMEM((2, _ROWS, d), dtype, transforms=tiles),  # dO
+            plgpu.SMEM((stages, block_k, d), dtype, transforms=tiles),  # K ring
+            plgpu.SMEM((stages, block_k, d), dtype, transforms=tiles),  # V ring
+            plgpu.SMEM((row_inputs, 2, _ROWS), jnp.float32),  # lse, delta (, alpha) rows
+        )
+        ready = (
+            plgpu.Barrier(num_barriers=4),  # Q of warpgroup 0, 1, then dO of warpgroup 0, 1
+            plgpu.Barrier(num_barriers=2 * row_inputs),  # row vector r of warpgroup wg: barrier 2 * r + wg
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+        )
+        released = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2
+
+        scoped = lambda *scratch: body(refs, *scratch)
+        pl.run_scoped(
+            scoped,
+            smem,
+            ready,
+            released,
+            plgpu.Barrier(num_arrivals=2),
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        grid=(h, nq, b),
+        grid_names=("heads", "qblock", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(*inputs)
