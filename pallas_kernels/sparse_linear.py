@@ -48,6 +48,12 @@ forward kernel reads H_i instead of accumulating G, and the dq kernel reuses H_i
 work: 2 * 2 * Nq * Nk * D^2 flop per head and matmul (dense in the mask, independent of topk), extra memory
 (B, H, Nk, D, D) float32 in the backward and the (B, H, Nq, D, D) float32 residual.
 
+Mosaic GPU kernels on Hopper (OPTIONS "fwd_kernel" / "bwd_kernel"): the sparse loops can run in warp-specialised
+Mosaic GPU kernels instead (sparse_mosaic.py forward; sparse_mosaic_dq.py, sparse_mosaic_dkv.py backward). The rest
+stays here as small Triton kernels without a LUT loop: ``_linear_epilogue_kernel`` (linear branch + combine after
+the Mosaic forward), ``_dq_linear_kernel`` (delta, c, d alpha rows and dphi(Q) before the Mosaic dQ kernel, which
+takes delta) and ``_dkv_linear_kernel`` (dV += phi(K_j) dH_j and dphi(K_j) after the Mosaic dK/dV kernel).
+
 Ragged N: every tile load/store is masked by row (< N); keys >= N get score -1e30 and zero phi(K), V.
 The phi Jacobian, alpha's parametrisation and the router are left to JAX autodiff around these functions.
 """
@@ -413,7 +419,15 @@ def _sum_over_blocks(mask, sums: _BlockSums):
 # sparse branch by a warp-specialised Mosaic GPU kernel, then the linear branch in a Triton epilogue) or "auto"
 # (mosaic on Hopper; H100 wan-1.3b module fwd 2.26 / 1.74 / 1.47 ms vs 2.82 / 1.92 / 1.60 at 90 / 95 / 97%). On CPU
 # (interpret mode) and for calls the Mosaic kernel does not support the Triton kernel runs.
-OPTIONS = {"fwd_linear": "blocks", "dq_linear": "blocks", "dkv_linear": "blocks", "fwd_kernel": "auto"}
+# "bwd_kernel": the same choice for the backward's sparse loops (pallas_kernels/sparse_mosaic_dq.py and
+# sparse_mosaic_dkv.py; the per-row terms and the linear-branch parts stay in small Triton kernels).
+OPTIONS = {
+    "fwd_linear": "blocks",
+    "dq_linear": "blocks",
+    "dkv_linear": "blocks",
+    "fwd_kernel": "auto",
+    "bwd_kernel": "triton",
+}
 
 
 def _lin_in_loop(kernel, cfg: _Cfg):
@@ -498,19 +512,22 @@ def _linear_epilogue_kernel(*refs, names, cfg: _Cfg, fused: bool):
     _store_forward_outputs(r, i, o_s, None, cfg, fused)
 
 
-def _use_mosaic(q, cfg: _Cfg, lin_in_loop: bool) -> bool:
-    """OPTIONS["fwd_kernel"] asks for the Mosaic GPU forward ("mosaic", or "auto" on a Hopper GPU) and it supports
-    the call (GPU, 16-bit, N % 8 == 0, D % 64 == 0, block_q == 128, per-block linear states)."""
-    wanted = OPTIONS["fwd_kernel"] == "mosaic" or (OPTIONS["fwd_kernel"] == "auto" and gpu_generation() == "hopper")
+def _mosaic_supports(q, cfg: _Cfg) -> bool:
+    """The Mosaic GPU kernels support the call: GPU (not interpret), 16-bit, N % 8 == 0, D % 64 == 0, block_q 128."""
     return (
-        wanted
-        and not cfg.interpret
-        and not lin_in_loop
+        not cfg.interpret
         and cfg.block_q == 128
         and cfg.n % 8 == 0  # Mosaic's GMEM tiling of the (N, H, D) operands
         and cfg.d % 64 == 0
         and jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     )
+
+
+def _use_mosaic(q, cfg: _Cfg, lin_in_loop: bool) -> bool:
+    """OPTIONS["fwd_kernel"] asks for the Mosaic GPU forward ("mosaic", or "auto" on a Hopper GPU) and it supports
+    the call (_mosaic_supports, per-block linear states)."""
+    wanted = OPTIONS["fwd_kernel"] == "mosaic" or (OPTIONS["fwd_kernel"] == "auto" and gpu_generation() == "hopper")
+    return wanted and not lin_in_loop and _mosaic_supports(q, cfg)
 
 
 def _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg: _Cfg, *, fused: bool, residuals: bool):
@@ -555,6 +572,45 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: _Cfg, *, fused: bool, resid
 # ----------------------------------------------------------------------------------------------------------
 # Backward kernels
 # ----------------------------------------------------------------------------------------------------------
+def _dq_row_terms(r, i, q_start, bm, cfg: _Cfg, fused: bool):
+    """Per-row terms of query rows [q_start, q_start + bm) of query block i (stored: delta, c, d alpha rows):
+    delta = rowsum(dO_s * O_s), c = rowsum(dO_l * O_l). Returns (dO_s or dO as loaded, alpha or None, delta,
+    dO_l float32, c, den) with the last three None without a linear branch."""
+    o_s = _load_rows(r["o_s"], q_start, bm, cfg.n).astype(_F32)
+    a = r["alpha"][i] if fused else None
+    if fused:
+        do = _load_rows(r["do"], q_start, bm, cfg.n)
+        do32 = do.astype(_F32)
+        delta = a * jnp.sum(do32 * o_s, axis=1)
+        do_l32 = (1.0 - a) * do32
+    else:
+        do = _load_rows(r["do_s"], q_start, bm, cfg.n)
+        delta = jnp.sum(do.astype(_F32) * o_s, axis=1)
+        do_l32 = _load_rows(r["do_l"], q_start, bm, cfg.n).astype(_F32) if cfg.linear else None
+    r["delta"][...] = delta
+    o_l = c = den = None
+    if cfg.linear:
+        o_l = _load_rows(r["o_l"], q_start, bm, cfg.n).astype(_F32)
+        den = r["den"][...]
+        c = jnp.sum(do_l32 * o_l, axis=1)
+        r["c"][...] = c
+    if fused:
+        diff = o_s if o_l is None else o_s - o_l
+        r["dalpha_rows"][...] = jnp.sum(do.astype(_F32) * diff, axis=1)
+    return do, a, delta, do_l32, c, den
+
+
+def _store_dq_phi(r, q_start, do_l32, c, den, selected, cfg: _Cfg):
+    """dphi(Q) = dO_l / den @ H^T - c / den * Z with this block's H_i, Z_i (complement, precomputed) or H_tot,
+    Z_tot (scope "all", or the selected part `selected` accumulated in the dq loop; None otherwise)."""
+    h = r["h"][...]
+    z = r["z"][...]
+    dq_phi = _dot_mat(do_l32 / den[:, None], h, r["o_s"].dtype, trans_b=True) - (c / den)[:, None] * z[None, :]
+    if selected is not None:
+        dq_phi = dq_phi + selected
+    _store_rows(r["dq_phi"], q_start, dq_phi, cfg.n)
+
+
 def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int, lin_in_loop: bool):
     r = dict(zip(names, refs))
     sub = pl.program_id(0)  # sub-block of `rows` query rows
@@ -563,29 +619,9 @@ def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int, lin_in_loop: boo
     bm = rows
     q = _load_rows(r["q"], q_start, bm, cfg.n)
     lse = r["lse"][...]
-    o_s = _load_rows(r["o_s"], q_start, bm, cfg.n).astype(_F32)
-    if fused:
-        a = r["alpha"][i]
-        do = _load_rows(r["do"], q_start, bm, cfg.n)
-        do32 = do.astype(_F32)
-        delta = a * jnp.sum(do32 * o_s, axis=1)
-        do_l32 = (1.0 - a) * do32
-    else:
-        do = _load_rows(r["do_s"], q_start, bm, cfg.n)
-        delta = jnp.sum(do.astype(_F32) * o_s, axis=1)
-        if cfg.linear:
-            do_l = _load_rows(r["do_l"], q_start, bm, cfg.n)
-            do_l32 = do_l.astype(_F32)
-    r["delta"][...] = delta
-    o_l = None
-    if cfg.linear:
-        o_l = _load_rows(r["o_l"], q_start, bm, cfg.n).astype(_F32)
-        den = r["den"][...]
-        c = jnp.sum(do_l32 * o_l, axis=1)
-        r["c"][...] = c
-    if fused:
-        diff = o_s if o_l is None else o_s - o_l
-        r["dalpha_rows"][...] = jnp.sum(do32 * diff, axis=1)
+    do, a, delta, do_l32, c, den = _dq_row_terms(r, i, q_start, bm, cfg, fused)
+    if lin_in_loop and not fused:
+        do_l = do_l32.astype(q.dtype)
 
     carry = (jnp.zeros((bm, cfg.d), _F32),)
     if lin_in_loop:
@@ -610,13 +646,17 @@ def _dq_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int, lin_in_loop: boo
     carry = lax.fori_loop(0, cfg.topk, body, carry)
     _store_rows(r["dq"], q_start, carry[0] * cfg.sm_scale, cfg.n)
     if cfg.linear:
-        # H_i, Z_i of this query block (complement, precomputed) or H_tot, Z_tot (all keys, or selected part in loop)
-        h = r["h"][...]
-        z = r["z"][...]
-        dq_phi = _dot_mat(do_l32 / den[:, None], h, q.dtype, trans_b=True) - (c / den)[:, None] * z[None, :]
-        if lin_in_loop:
-            dq_phi = dq_phi + carry[1]
-        _store_rows(r["dq_phi"], q_start, dq_phi, cfg.n)
+        _store_dq_phi(r, q_start, do_l32, c, den, carry[1] if lin_in_loop else None, cfg)
+
+
+def _dq_linear_kernel(*refs, names, cfg: _Cfg, fused: bool):
+    """Program (i, h, b): the per-row terms and dphi(Q) of query block i without the LUT loop (the Mosaic dQ
+    kernel does the loop, with the delta stored here)."""
+    r = dict(zip(names, refs))
+    i = pl.program_id(0)
+    _, _, _, do_l32, c, den = _dq_row_terms(r, i, i * cfg.block_q, cfg.block_q, cfg, fused)
+    if cfg.linear:
+        _store_dq_phi(r, i * cfg.block_q, do_l32, c, den, None, cfg)
 
 
 def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int, lin_in_loop: bool):
@@ -681,18 +721,34 @@ def _dkv_kernel(*refs, names, cfg: _Cfg, fused: bool, rows: int, lin_in_loop: bo
     _store_rows(r["dk"], k_start, carry[0] * cfg.sm_scale, cfg.n)
     dv = carry[1]
     if cfg.linear:
-        # Linear part, after the loop (keeps its D x D operands out of the pipelined loop's shared memory):
-        # dV += phi(K_j) dH_j, dphi(K_j) = V_j dH_j^T + dZ_j with dH_j, dZ_j over the query blocks that did not
-        # select j (precomputed) or over all of them (scope "all", or the selected ones subtracted in the loop).
-        if not lin_in_loop:
-            k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
-        dh = r["dh"][...]
-        dv = dv + _dot_mat(k_phi, dh, dt)
-        dk_phi = _dot_mat(v, dh, dt, trans_b=True) + r["dz"][...][None, :]
-        if lin_in_loop:
-            dk_phi = dk_phi + carry[2]
-        _store_rows(r["dk_phi"], k_start, dk_phi, cfg.n)
+        dv = _add_dkv_linear(r, k_start, v, k_phi if lin_in_loop else None, dv, carry[2] if lin_in_loop else None, cfg)
     _store_rows(r["dv"], k_start, dv, cfg.n)
+
+
+def _add_dkv_linear(r, k_start, v, k_phi, dv, selected, cfg: _Cfg):
+    """Linear part of key block j, after the sparse loop (keeps its D x D operands out of the pipelined loop's
+    shared memory): returns dV + phi(K_j) dH_j and stores dphi(K_j) = V_j dH_j^T + dZ_j (+ `selected`, the part
+    the loop subtracted), with dH_j, dZ_j over the query blocks that did not select j (precomputed) or over all
+    of them (scope "all", or the selected ones subtracted in the loop). k_phi: loaded here when None."""
+    dt = v.dtype
+    if k_phi is None:
+        k_phi = _load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
+    dh = r["dh"][...]
+    dk_phi = _dot_mat(v, dh, dt, trans_b=True) + r["dz"][...][None, :]
+    if selected is not None:
+        dk_phi = dk_phi + selected
+    _store_rows(r["dk_phi"], k_start, dk_phi, cfg.n)
+    return dv + _dot_mat(k_phi, dh, dt)
+
+
+def _dkv_linear_kernel(*refs, names, cfg: _Cfg):
+    """Program (j, h, b): the linear part of key block j for a sparse dV computed elsewhere (the Mosaic dK/dV
+    kernel): dv = dv_s + phi(K_j) dH_j, dphi(K_j) = V_j dH_j^T + dZ_j."""
+    r = dict(zip(names, refs))
+    k_start = pl.program_id(0) * cfg.block_k
+    v = _load_rows(r["v"], k_start, cfg.block_k, cfg.n)
+    dv_s = _load_rows(r["dv_s"], k_start, cfg.block_k, cfg.n).astype(_F32)
+    _store_rows(r["dv"], k_start, _add_dkv_linear(r, k_start, v, None, dv_s, None, cfg), cfg.n)
 
 
 def _transpose_lut(lut, nk):
@@ -729,22 +785,32 @@ def _backward(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
     return res_dq["dq"], res_dkv["dk"], res_dkv["dv"], dq_phi, dk_phi, dalpha
 
 
+def _use_mosaic_bwd(q, cfg: _Cfg) -> bool:
+    """OPTIONS["bwd_kernel"] asks for the Mosaic GPU dQ and dK/dV kernels ("mosaic", or "auto" on a Hopper GPU),
+    they support the call (as the forward: _mosaic_supports) and the loops carry no linear-branch terms."""
+    wanted = OPTIONS["bwd_kernel"] == "mosaic" or (OPTIONS["bwd_kernel"] == "auto" and gpu_generation() == "hopper")
+    lin_in_loop = _lin_in_loop("dq", cfg) or _lin_in_loop("dkv", cfg)
+    return wanted and not lin_in_loop and _mosaic_supports(q, cfg)
+
+
 def _backward_dq(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
-    """dQ, dphi(Q) (and delta, c, d alpha per row) over the LUT."""
+    """dQ, dphi(Q) (and delta, c, d alpha per row) over the LUT: one Triton kernel, or with the Mosaic backward a
+    Triton kernel for the per-row terms and dphi(Q) followed by the Mosaic dQ kernel (sparse_mosaic_dq.py)."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
     b, n, h, d = q.shape
     seq = _seq_spec(cfg)
-    rows_dq = _rows("dq", cfg)
     per_block_states = h_tot is not None and h_tot.ndim == 5  # H_i, Z_i from the forward (option fwd "blocks")
     lin_in_loop = _lin_in_loop("dq", cfg) and not per_block_states
+    mosaic = _use_mosaic_bwd(q, cfg)
+    rows_dq = cfg.block_q if mosaic else _rows("dq", cfg)
     rows = pl.BlockSpec((None, None, rows_dq), lambda i, hh, bb: (bb, hh, i))
     row_struct = jax.ShapeDtypeStruct((b, h, cfg.npad), _F32)
-    inputs = [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
+    inputs = [] if mosaic else [("lut", lut, _full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
     if fused:
         inputs += [("do", do, seq)]
     else:
         inputs += [("do_s", do_s, seq)] + ([("do_l", do_l, seq)] if cfg.linear else [])
-    inputs += [("o_s", o_s, seq), ("lse", lse, rows)]
+    inputs += [("o_s", o_s, seq)] + ([] if mosaic else [("lse", lse, rows)])
     if cfg.linear:
         inputs += [("o_l", o_l, seq), ("den", den, rows)]
         if lin_in_loop:
@@ -760,14 +826,25 @@ def _backward_dq(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
             inputs += [("h", h_tot, _full_spec(d, d)), ("z", z_tot, _full_spec(d))]
     if fused:
         inputs += [("alpha", alpha, _full_spec(cfg.nq))]
-    outputs = [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), seq), ("delta", row_struct, rows)]
+    outputs = [] if mosaic else [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), seq)]
+    outputs += [("delta", row_struct, rows)]
     if cfg.linear:
         outputs += [("dq_phi", jax.ShapeDtypeStruct(q.shape, q.dtype), seq), ("c", row_struct, rows)]
     if fused:
         outputs += [("dalpha_rows", row_struct, rows)]
-    launch = dict(fused=fused, rows=rows_dq, lin_in_loop=lin_in_loop)
-    res_dq = _call(_dq_kernel, (cfg.npad // rows_dq, h, b), inputs, outputs, cfg, "dq", launch)
-    return dict(zip([x[0] for x in outputs], res_dq))
+    if mosaic:
+        kernel, launch = _dq_linear_kernel, {"fused": fused}
+    else:
+        kernel, launch = _dq_kernel, {"fused": fused, "rows": rows_dq, "lin_in_loop": lin_in_loop}
+    res_dq = _call(kernel, (cfg.npad // rows_dq, h, b), inputs, outputs, cfg, "dq", launch)
+    res_dq = dict(zip([x[0] for x in outputs], res_dq))
+    if mosaic:
+        from .sparse_mosaic_dq import sparse_attention_dq_mosaic
+
+        do_sparse, a = (do, alpha) if fused else (do_s, None)
+        kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale}
+        res_dq["dq"] = sparse_attention_dq_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut, a, **kw)
+    return res_dq
 
 
 def _backward_totals(res, res_dq, cfg: _Cfg, *, fused, do=None, do_l=None):
@@ -790,14 +867,45 @@ def _backward_totals(res, res_dq, cfg: _Cfg, *, fused, do=None, do_l=None):
     return _outer_sum(q_phi, x, cfg, w, u)
 
 
-def _backward_dkv(res, res_dq, totals, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
-    """dK, dV, dphi(K) over the transposed LUT (built here)."""
-    q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
+def _dkv_linear_inputs(res, res_dq, totals, cfg: _Cfg, lin_in_loop: bool):
+    """(name, array, BlockSpec) of the dK/dV kernels' linear-branch inputs: phi(K) and dH, dZ (per key block, or
+    the totals), plus the loop form's phi(Q), den and c."""
+    q_phi, k_phi, den = res[3], res[4], res[10]
     dh, dz = totals
+    d = cfg.d
+    if dh.ndim == 5:  # per key block
+        dh_spec = pl.BlockSpec((None, None, None, d, d), lambda j, hh, bb: (bb, hh, j, 0, 0))
+        dz_spec = pl.BlockSpec((None, None, None, d), lambda j, hh, bb: (bb, hh, j, 0))
+    else:
+        dh_spec, dz_spec = _full_spec(d, d), _full_spec(d)
+    inputs = [("k_phi", k_phi, _seq_spec(cfg)), ("dh", dh, dh_spec), ("dz", dz, dz_spec)]
+    if lin_in_loop:
+        full_rows = _full_spec(cfg.npad)
+        inputs += [("q_phi", q_phi, _seq_spec(cfg)), ("den", den, full_rows), ("c", res_dq["c"], full_rows)]
+    return inputs
+
+
+def _backward_dkv(res, res_dq, totals, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
+    """dK, dV, dphi(K) over the transposed LUT (built here): one Triton kernel, or the Mosaic dK/dV kernel
+    (sparse_mosaic_dkv.py) followed by a Triton kernel for the linear part."""
+    q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
     b, n, h, d = q.shape
     seq = _seq_spec(cfg)
     lin_in_loop = _lin_in_loop("dkv", cfg)
     lut_t, count = _transpose_lut(lut, cfg.nk)
+    kv_struct = jax.ShapeDtypeStruct(k.shape, k.dtype)
+    if _use_mosaic_bwd(q, cfg):
+        from .sparse_mosaic_dkv import sparse_attention_dkv_mosaic
+
+        do_sparse, a = (do, alpha) if fused else (do_s, None)
+        kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale}
+        dk, dv_s = sparse_attention_dkv_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut_t, count, a, **kw)
+        if not cfg.linear:
+            return {"dk": dk, "dv": dv_s}
+        inputs = [("v", v, seq), ("dv_s", dv_s, seq)] + _dkv_linear_inputs(res, res_dq, totals, cfg, False)
+        outputs = [("dv", kv_struct, seq), ("dk_phi", kv_struct, seq)]
+        res_lin = _call(_dkv_linear_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", {})
+        return {"dk": dk, **dict(zip([x[0] for x in outputs], res_lin))}
     inputs = [
         ("lut_t", lut_t, _full_spec(cfg.nk, cfg.nq)),
         ("count", count, _full_spec(cfg.nk)),
@@ -812,21 +920,13 @@ def _backward_dkv(res, res_dq, totals, cfg: _Cfg, *, fused, do=None, do_s=None, 
     full_rows = _full_spec(cfg.npad)
     inputs += [("lse", lse, full_rows), ("delta", res_dq["delta"], full_rows)]
     if cfg.linear:
-        if dh.ndim == 5:  # per key block
-            dh_spec = pl.BlockSpec((None, None, None, d, d), lambda j, hh, bb: (bb, hh, j, 0, 0))
-            dz_spec = pl.BlockSpec((None, None, None, d), lambda j, hh, bb: (bb, hh, j, 0))
-        else:
-            dh_spec, dz_spec = _full_spec(d, d), _full_spec(d)
-        inputs += [("k_phi", k_phi, seq), ("dh", dh, dh_spec), ("dz", dz, dz_spec)]
-        if lin_in_loop:
-            inputs += [("q_phi", q_phi, seq), ("den", den, full_rows), ("c", res_dq["c"], full_rows)]
+        inputs += _dkv_linear_inputs(res, res_dq, totals, cfg, lin_in_loop)
     if fused:
         inputs += [("alpha", alpha, _full_spec(cfg.nq))]
-    kv_struct = jax.ShapeDtypeStruct(k.shape, k.dtype)
     outputs = [("dk", kv_struct, seq), ("dv", kv_struct, seq)]
     if cfg.linear:
         outputs += [("dk_phi", kv_struct, seq)]
-    launch = dict(fused=fused, rows=_rows("dkv", cfg), lin_in_loop=lin_in_loop)
+    launch = {"fused": fused, "rows": _rows("dkv", cfg), "lin_in_loop": lin_in_loop}
     res_dkv = _call(_dkv_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", launch)
     return dict(zip([x[0] for x in outputs], res_dkv))
 

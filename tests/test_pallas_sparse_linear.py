@@ -336,3 +336,84 @@ def test_mosaic_forward_path_with_a_stand_in_sparse_kernel(scope, monkeypatch):
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
         assert _rel(a, b) < 2e-3, (seed, scope, name, _rel(a, b))
     assert calls, "the mosaic path was not taken"
+
+
+def _lut_token_mask(sel_blocks, n, block_q, block_k):
+    """(B, H, Nq, Nk) bool block selection -> (B, H, N, N) token mask (query rows, keys < N)."""
+    mask = jnp.repeat(jnp.repeat(sel_blocks, block_q, axis=2), block_k, axis=3)
+    return mask[:, :, :n, :n]
+
+
+def _dense_sparse_grads(q, k, v, do, lse, delta, mask, alpha, sm_scale, block_q):
+    """The Mosaic backward kernels' contract in dense float32 (token mask (B, H, N, N)): P = exp2(S * sm_scale *
+    log2 e - lse), dP = a * dO V^T, dS = P (dP - delta) -> dq = sm_scale dS K, dk = sm_scale dS^T Q, dv = (a P)^T dO."""
+    n = q.shape[1]
+    q, k, v, do = (x.astype(jnp.float32) for x in (q, k, v, do))
+    s = jnp.einsum("bnhd,bmhd->bhnm", q, k) * sm_scale * np.log2(np.e)
+    p = jnp.where(mask, jnp.exp2(s - lse[:, :, :n, None]), 0.0)
+    a = jnp.ones(lse.shape, jnp.float32) if alpha is None else jnp.repeat(alpha, block_q, axis=-1)
+    a = a[:, :, :n, None]
+    dp = a * jnp.einsum("bnhd,bmhd->bhnm", do, v)
+    ds = p * (dp - delta[:, :, :n, None])
+    dq = sm_scale * jnp.einsum("bhnm,bmhd->bnhd", ds, k)
+    dk = sm_scale * jnp.einsum("bhnm,bnhd->bmhd", ds, q)
+    dv = jnp.einsum("bhnm,bnhd->bmhd", a * p, do)
+    return dq, dk, dv
+
+
+@pytest.mark.parametrize("scope", ["complement", "all"])
+def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, monkeypatch):
+    """The "mosaic" backward (GPU only) = Triton kernels for the per-row terms and the linear parts + the Mosaic dQ
+    and dK/dV kernels for the sparse loops. On CPU stand-ins implement those two kernels' contract in dense
+    float32 (from the LUT, or from the transposed LUT and its counts): the per-row terms handed to them, their
+    wiring and the Triton linear kernels must still give the reference gradients (the Mosaic kernels themselves
+    are checked on the GPU by experiments/probe_mosaic_dq.py and probe_mosaic_dkv.py)."""
+    import sys
+    import types
+
+    from pallas_kernels import sparse_linear as sl
+
+    calls = []
+
+    def dq_stand_in(q, k, v, do, lse, delta, lut, alpha=None, *, block_k, sm_scale):
+        calls.append("dq")
+        nk = -(-q.shape[1] // block_k)
+        sel = jnp.any(lut[..., None] == jnp.arange(nk), axis=3)  # (B, H, Nq, Nk)
+        mask = _lut_token_mask(sel, q.shape[1], 128, block_k)
+        dq = _dense_sparse_grads(q, k, v, do, lse, delta, mask, alpha, sm_scale, 128)[0]
+        return dq.astype(q.dtype)
+
+    def dkv_stand_in(q, k, v, do, lse, delta, lut_t, count, alpha=None, *, block_k, sm_scale):
+        calls.append("dkv")
+        nq = lut_t.shape[-1]
+        listed = jnp.arange(nq)[:, None] < count[..., None, :]  # (B, H, slot, Nk): entry t of key block j is valid
+        ids = jnp.swapaxes(lut_t, 2, 3)  # (B, H, slot, Nk)
+        sel = jnp.any((ids[..., None, :] == jnp.arange(nq)[:, None]) & listed[..., None, :], axis=2)  # (B,H,Nq,Nk)
+        mask = _lut_token_mask(sel, q.shape[1], 128, block_k)
+        _, dk, dv = _dense_sparse_grads(q, k, v, do, lse, delta, mask, alpha, sm_scale, 128)
+        return dk.astype(k.dtype), dv.astype(k.dtype)
+
+    monkeypatch.setitem(
+        sys.modules, "pallas_kernels.sparse_mosaic_dq", types.SimpleNamespace(sparse_attention_dq_mosaic=dq_stand_in)
+    )
+    monkeypatch.setitem(
+        sys.modules, "pallas_kernels.sparse_mosaic_dkv", types.SimpleNamespace(sparse_attention_dkv_mosaic=dkv_stand_in)
+    )
+    monkeypatch.setattr(sl, "OPTIONS", dict(sl.OPTIONS, bwd_kernel="mosaic"))
+    monkeypatch.setattr(sl, "_mosaic_supports", lambda q, cfg: True)  # any device, interpret mode included
+    seed = _seed()
+    args, lut, w1, w2, alpha = _make(seed, 1, 200, 2, 64, jnp.float32, 2, 128, 64, alpha=True)
+    kw = dict(block_q=128, block_k=64, linear_scope=scope)
+    fused = lambda *xs: jnp.sum(sla2_fused_attention(*xs[:5], lut, xs[5], **kw) * w1)
+    ref_fused = lambda *xs: jnp.sum(reference_fused(*xs[:5], lut, xs[5], **kw) * w1)
+    g = jax.jit(jax.grad(fused, argnums=tuple(range(6))))(*args, alpha)
+    rg = jax.grad(ref_fused, argnums=tuple(range(6)))(*args, alpha)
+    for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
+        assert _rel(a, b) < 2e-3, (seed, scope, name, _rel(a, b))
+    branches = lambda *xs: sum(jnp.sum(o * w) for o, w in zip(sparse_linear_attention(*xs, lut, **kw), (w1, w2)))
+    ref_branches = lambda *xs: sum(jnp.sum(o * w) for o, w in zip(reference_branches(*xs, lut, **kw), (w1, w2)))
+    g = jax.jit(jax.grad(branches, argnums=tuple(range(5))))(*args)
+    rg = jax.grad(ref_branches, argnums=tuple(range(5)))(*args)
+    for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi"), g, rg):
+        assert _rel(a, b) < 2e-3, (seed, scope, "branches", name, _rel(a, b))
+    assert calls.count("dq") == 2 and calls.count("dkv") == 2, calls
