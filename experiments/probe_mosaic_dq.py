@@ -33,12 +33,17 @@ from pallas_kernels import sparse_linear as sl
 from pallas_kernels.sparse_mosaic_dq import _dq_call, sparse_attention_dq_mosaic
 
 RESULTS: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
-VARIANTS = {  # name -> keyword arguments of _dq_call beside the public defaults
-    "pingpong_s2": {"stages": 2},
-    "pingpong_s3": {"stages": 3},
-    "pingpong_s4": {"stages": 4},
-    "free_s2": {"stages": 2, "pingpong": False},
+VARIANTS = {  # name -> keyword arguments of _dq_call ("free_s2": the public function's defaults)
+    "free_s2": {"stages": 2},
+    "free_s3": {"stages": 3},
+    "free_s4": {"stages": 4},
+    "pingpong_s2": {"stages": 2, "pingpong": True},
+    "pingpong_s4": {"stages": 4, "pingpong": True},
     "alpha_rows_s2": {"stages": 2, "alpha_rows": True},
+    "free_s2_b2": {"stages": 2, "blocks": 2},
+    "free_s3_b2": {"stages": 3, "blocks": 2},
+    "free_s2_b4": {"stages": 2, "blocks": 4},
+    "pingpong_s2_b2": {"stages": 2, "pingpong": True, "blocks": 2},
 }
 
 
@@ -60,7 +65,7 @@ def record_error(row, key, e):
 def mosaic(variant, q, k, v, do, lse, delta, lut, alpha, block_k=64):
     """dq by the Mosaic kernel in one of VARIANTS (the public function for the default)."""
     kw = VARIANTS[variant]
-    if kw == {"stages": 2}:
+    if variant == "free_s2":
         return sparse_attention_dq_mosaic(q, k, v, do, lse, delta, lut, alpha, block_k=block_k)
     return _dq_call(q, k, v, do, lse, delta, lut, alpha, block_k=block_k, sm_scale=None, **kw)
 
@@ -141,7 +146,7 @@ def small_checks():
             lut = random_lut(rng, b, h, nq, nk, topk)
             alpha = jnp.asarray(rng.uniform(0.2, 1.0, (b, h, nq)), jnp.float32) if with_alpha else None
             dq_ref, lse, delta, row["rel_ref_vs_vjp"] = dense_reference(q, k, v, do, lut, alpha, block_k)
-            for variant in ("pingpong_s2",) + variants:
+            for variant in ("free_s2",) + variants:
                 try:
                     fn = jax.jit(lambda *a, vr=variant, bk=block_k: mosaic(vr, *a, block_k=bk))
                     dq = fn(q, k, v, do, lse, delta, lut, alpha)
@@ -156,21 +161,38 @@ def small_checks():
     RESULTS["small"] = rows
 
 
-def wan(sparsity, runs):
+def timed_rounds(cands, runs, rounds=3):
+    """{key: (fn, args)} -> {key: (median, min, max) over `rounds` interleaved rounds of a median of `runs` ms}."""
+    jitted = {}
+    for key, (fn, args) in cands.items():
+        try:
+            time_samples(jax.jit(fn), *args, warmup=3, iters=3)
+            jitted[key] = jax.jit(fn)
+        except Exception as e:  # noqa: BLE001 - a variant that does not compile is left out
+            record_error(RESULTS.setdefault("timing_errors", {}), key, e)
+    cands = {key: c for key, c in cands.items() if key in jitted}
+    meds = {key: [] for key in cands}
+    for _ in range(rounds):
+        for key, (_, args) in cands.items():
+            meds[key].append(1e3 * statistics.median(time_samples(jitted[key], *args, warmup=1, iters=runs)))
+    return {key: (statistics.median(m), min(m), max(m)) for key, m in meds.items()}
+
+
+def wan(sparsity, runs, variants):
     q, k, v, do, qp, kp, lut, alpha, cfg = wan_setup(sparsity, 29, 1, 12, 32760, 128, 128, 64)
     b, n, h, d = q.shape
     row = {"sparsity": sparsity, "topk": cfg.topk}
     flop_nominal = 6 * b * h * n**2 * d * (1 - sparsity)
     flop_lut = 6 * b * h * cfg.nq * 128 * cfg.topk * cfg.block_k * d
     row.update(flop_nominal=flop_nominal, flop_lut=flop_lut)
-    t, refs = {}, {}
+    cands, refs = {}, {}
     try:  # the fused Triton dq (as the library's backward calls it) and its delta
         fwd = jax.jit(lambda *a: sl._forward(*a, cfg, fused=True, residuals=True))(q, k, v, qp, kp, lut, alpha)
         res = sl._residuals(q, k, v, qp, kp, lut, alpha, fwd)
         triton = lambda res, do: sl._backward_dq(res, cfg, fused=True, do=do)
         out = jax.jit(triton)(res, do)
         refs["fused"] = (out["dq"], fwd["lse"], out["delta"], alpha)
-        t["triton_dq_fused"] = bench(triton, res, do, runs=runs)
+        cands["triton_dq_fused"] = (triton, (res, do))
     except Exception as e:  # noqa: BLE001
         record_error(row, "triton_fused_error", e)
     try:  # the Triton sparse-only dq (no linear branch, no alpha)
@@ -180,12 +202,12 @@ def wan(sparsity, runs):
         triton0 = lambda res0, do: sl._backward_dq(res0, cfg0, fused=False, do_s=do)
         out0 = jax.jit(triton0)(res0, do)
         refs["sparse_only"] = (out0["dq"], fwd0["lse"], out0["delta"], None)
-        t["triton_dq_sparse_only"] = bench(triton0, res0, do, runs=runs)
+        cands["triton_dq_sparse_only"] = (triton0, (res0, do))
     except Exception as e:  # noqa: BLE001
         record_error(row, "triton_sparse_only_error", e)
-    for variant in VARIANTS:
+    for variant in variants:
         for form, (dq_t, lse, delta, a) in refs.items():
-            if variant == "alpha_rows_s2" and a is None:
+            if (variant == "alpha_rows_s2" and a is None) or (form == "sparse_only" and variant != "free_s2"):
                 continue
             key = f"mosaic_{variant}_{form}"
             try:
@@ -193,27 +215,42 @@ def wan(sparsity, runs):
                 dq = jax.jit(fn)(q, k, v, do, lse, delta, lut, a)
                 row[f"rel_{key}_vs_triton"] = rel(dq, dq_t)
                 row[f"finite_{key}"] = bool(jnp.all(jnp.isfinite(dq)))
-                t[key] = bench(fn, q, k, v, do, lse, delta, lut, a, runs=runs)
+                cands[key] = (fn, (q, k, v, do, lse, delta, lut, a))
             except Exception as e:  # noqa: BLE001
                 record_error(row, f"error_{key}", e)
-    if "fused" in refs:  # the default timed twice: the spread between the two is the noise floor
-        dq_t, lse, delta, a = refs["fused"]
-        fn = lambda q, k, v, do, lse, delta, lut, a: mosaic("pingpong_s2", q, k, v, do, lse, delta, lut, a)
-        try:
-            t["mosaic_pingpong_s2_fused_again"] = bench(fn, q, k, v, do, lse, delta, lut, a, runs=runs)
-        except Exception as e:  # noqa: BLE001
-            record_error(row, "error_again", e)
     dpa = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    t["cudnn_fwd"] = bench(dpa, q, k, v, runs=runs)
     grads = lambda q, k, v, do: jax.grad(lambda *x: jnp.sum(dpa(*x).astype(jnp.float32) * do), argnums=(0, 1, 2))(
         q, k, v
     )
-    t["cudnn_fwd_bwd"] = bench(grads, q, k, v, do, runs=runs)
-    row["times_ms"] = t
-    row["tflops_nominal"] = {kk: flop_nominal / (ms * 1e-3) / 1e12 for kk, ms in t.items() if "dq" in kk}
-    row["tflops_lut"] = {kk: flop_lut / (ms * 1e-3) / 1e12 for kk, ms in t.items() if "dq" in kk}
+    cands["cudnn_fwd"] = (dpa, (q, k, v))
+    cands["cudnn_fwd_bwd"] = (grads, (q, k, v, do))
+    stats = timed_rounds(cands, runs)
+    row["times_ms"] = {key: st[0] for key, st in stats.items()}
+    row["times_ms_round_min_max"] = {key: st[1:] for key, st in stats.items()}
+    row["tflops_lut"] = {key: flop_lut / (st[0] * 1e-3) / 1e12 for key, st in stats.items() if "cudnn" not in key}
     print("wan", json.dumps(row), flush=True)
     RESULTS.setdefault("wan", []).append(row)
+
+
+def topk_sweep(runs, variants, topks=(5, 10, 25, 50)):
+    """Kernel time against the LUT length on the wan-1.3b shape (random ascending LUTs, alpha random): the slope is
+    the cost of one LUT entry, the intercept the per-program fixed cost (prologue, pipeline fill, epilogue)."""
+    q, k, v, do, _, _, _, alpha, cfg = wan_setup(0.95, 29, 1, 12, 32760, 128, 128, 64)
+    rng = np.random.default_rng(7)
+    lse = jnp.asarray(rng.uniform(5.0, 8.0, (1, 12, cfg.npad)), jnp.float32)
+    delta = jnp.asarray(rng.standard_normal((1, 12, cfg.npad)) * 0.1, jnp.float32)
+    cands = {}
+    for topk in topks:
+        lut = random_lut(rng, 1, 12, cfg.nq, cfg.nk, topk)
+        for variant in variants:
+            fn = lambda q, k, v, do, lse, delta, lut, a, vr=variant: mosaic(vr, q, k, v, do, lse, delta, lut, a)
+            cands[f"{variant}_topk{topk}"] = (fn, (q, k, v, do, lse, delta, lut, alpha))
+    try:
+        stats = timed_rounds(cands, runs, rounds=2)
+        RESULTS["topk_sweep_ms"] = {key: st[0] for key, st in stats.items()}
+    except Exception as e:  # noqa: BLE001
+        record_error(RESULTS, "topk_sweep_error", e)
+    print("sweep", json.dumps(RESULTS.get("topk_sweep_ms")), flush=True)
 
 
 def summary():
@@ -230,10 +267,19 @@ def summary():
         lines.append(f"wan s={r['sparsity']} topk={r['topk']}:")
         for kk, ms in r.get("times_ms", {}).items():
             tf = r["tflops_lut"].get(kk)
-            lines.append(f"  {kk:42s} {ms:7.3f} ms" + (f"  {tf:6.1f} TFLOP/s (LUT count)" if tf else ""))
+            lo, hi = r["times_ms_round_min_max"][kk]
+            lines.append(f"  {kk:34s} {ms:7.3f} ms [{lo:.3f}, {hi:.3f}]" + (f" {tf:6.1f} TFLOP/s" if tf else ""))
         for kk, vv in r.items():
             if kk.startswith(("rel_", "error")):
                 lines.append(f"  {kk}: {vv if isinstance(vv, str) else f'{vv:.2e}'}"[:300])
+    sweep = RESULTS.get("topk_sweep_ms") or {}
+    for variant in sorted({key.rsplit("_topk", 1)[0] for key in sweep}):
+        pts = sorted(
+            (int(key.rsplit("_topk", 1)[1]), ms) for key, ms in sweep.items() if key.rsplit("_topk", 1)[0] == variant
+        )
+        slope, icept = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1) if len(pts) > 1 else (0.0, 0.0)
+        lines.append(f"sweep {variant}: " + " ".join(f"topk{t}={ms:.3f}" for t, ms in pts))
+        lines.append(f"  fit: {1e3 * slope:.1f} us per LUT entry, {1e3 * icept:.0f} us fixed (whole grid)")
     print("\n".join(lines), flush=True)
 
 
@@ -243,6 +289,8 @@ def main():
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.95, 0.97])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--skip-small", action="store_true")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--sweep", nargs="*", default=["free_s2", "free_s2_b2", "free_s2_b4"])
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "probe_mosaic_dq.json")
@@ -252,9 +300,13 @@ def main():
             json.dump(RESULTS, f, indent=1)
     for s in args.sparsity:
         try:
-            wan(s, args.runs)
+            wan(s, args.runs, args.variants)
         except Exception as e:  # noqa: BLE001
             record_error(RESULTS.setdefault("wan_errors", {}), str(s), e)
+        with open(path, "w") as f:
+            json.dump(RESULTS, f, indent=1)
+    if args.sweep:
+        topk_sweep(args.runs, args.sweep)
         with open(path, "w") as f:
             json.dump(RESULTS, f, indent=1)
     summary()

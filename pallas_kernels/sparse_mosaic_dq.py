@@ -91,31 +91,22 @@ def _check_inputs(q, k, v, do, lse, delta, lut, alpha, block_k):
 
 
 def _dq_call(
-    q,
-    k,
-    v,
-    do,
-    lse,
-    delta,
-    lut,
-    alpha,
-    *,
-    block_k: int,
-    sm_scale: float | None,
-    stages: int,
-    pingpong: bool = True,
-    alpha_rows: bool = False,
+    q, k, v, do, lse, delta, lut, alpha, *, block_k, sm_scale, stages, pingpong=False, alpha_rows=False, blocks=1
 ):
-    """The kernel launch (inputs already checked). Variants for the probe: ``pingpong`` (the two compute
-    warpgroups take turns on the tensor cores) and ``alpha_rows`` (alpha read as a per-row vector by TMA instead
-    of a scalar from GMEM). Returns dq (B, N, H, D) q.dtype."""
+    """The kernel launch (inputs already checked); returns dq (B, N, H, D) q.dtype. Variants for the probe:
+    ``pingpong`` (the two compute warpgroups take turns on the tensor cores), ``alpha_rows`` (alpha read as a
+    per-row vector by TMA instead of a scalar from GMEM), ``blocks`` (query blocks per program, Nq % blocks == 0:
+    the K/V ring runs on across them and the next block's Q, dO load while the current block finishes)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only backend: imported on use
 
     b, n, h, d = q.shape
     nq, topk = lut.shape[2], lut.shape[3]
+    if nq % blocks:
+        raise ValueError(f"blocks={blocks} must divide Nq={nq}")
+    total = blocks * topk  # LUT entries streamed by one program
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     scale = sm_scale * _LOG2E
-    stages = max(1, min(stages, topk))
+    stages = max(1, min(stages, total))
     ragged = n % block_k != 0
     dtype = q.dtype
     has_alpha = alpha is not None
@@ -123,14 +114,16 @@ def _dq_call(
     inputs = [q, k, v, do, lut, lse, delta]
     if has_alpha:
         inputs.append(jnp.repeat(alpha, _BLOCK_Q, axis=-1) if alpha_rows else alpha)
+    tile = (_ROWS, block_k)
 
     def body(refs, smem, ready, released, turn):
         q_ref, k_ref, v_ref, do_ref, lut_ref, *row_refs = refs[: len(inputs)]
         dq_ref = refs[len(inputs)]
         alpha_ref = row_refs.pop() if has_alpha and not alpha_rows else None
-        bi, hi, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("qblock")
+        bi, hi, qi0 = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("qblock") * blocks
         wg = lax.axis_index("wg")
-        q_smem, do_smem, k_smem, v_smem, row_smem = smem
+        q_smem, do_smem, k_smem, v_smem, row_smem, *dq_smem = smem
+        out_smem = dq_smem[0] if dq_smem else q_smem  # one block per program: the Q tile's slot holds dQ
         tile_ready, row_ready, k_ready, v_ready = ready
         k_free, v_free = released
 
@@ -145,106 +138,122 @@ def _dq_call(
         @pl.when(wg < 2)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
-            row0 = qi * _BLOCK_Q + wg * _ROWS
-            window = (bi, pl.ds(row0, _ROWS), hi)
             my_q, my_do = q_smem.at[wg], do_smem.at[wg]
-            plgpu.copy_gmem_to_smem(q_ref.at[window], my_q, tile_ready.at[wg])
-            plgpu.copy_gmem_to_smem(do_ref.at[window], my_do, tile_ready.at[2 + wg])
-            for r, ref in enumerate(row_refs):
-                dst = row_smem.at[r, wg]
-                plgpu.copy_gmem_to_smem(ref.at[bi, hi, pl.ds(row0, _ROWS)], dst, row_ready.at[2 * r + wg])
-            plgpu.barrier_wait(tile_ready.at[wg])
-            plgpu.barrier_wait(tile_ready.at[2 + wg])
-            row_vals = []
-            for r in range(row_inputs):
-                plgpu.barrier_wait(row_ready.at[2 * r + wg])
-                row_vals.append(plgpu.load(row_smem.at[r, wg], layout=plgpu.Layout.WGMMA.reduce(1)))
-            lse_r, delta_r = row_vals[0], row_vals[1]
-            if has_alpha:
-                a = row_vals[2] if alpha_rows else alpha_ref[bi, hi, qi]
-            tile = (_ROWS, block_k)
-            row_b = lambda x: lax.broadcast_in_dim(x, tile, [0])
-            acc = plgpu.layout_cast(jnp.full((_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-            wait_kv(0)
-            if pingpong:
-                pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
+            window = lambda g: (bi, pl.ds((qi0 + g) * _BLOCK_Q + wg * _ROWS, _ROWS), hi)
 
-            def step(t, acc, masked=False):
-                slot = lax.rem(t, stages)
+            def load_block(g):  # TMA of query block qi0 + g's tiles of this warpgroup
+                plgpu.copy_gmem_to_smem(q_ref.at[window(g)], my_q, tile_ready.at[wg])
+                plgpu.copy_gmem_to_smem(do_ref.at[window(g)], my_do, tile_ready.at[2 + wg])
+                for r, ref in enumerate(row_refs):
+                    src = ref.at[bi, hi, pl.ds((qi0 + g) * _BLOCK_Q + wg * _ROWS, _ROWS)]
+                    plgpu.copy_gmem_to_smem(src, row_smem.at[r, wg], row_ready.at[2 * r + wg])
 
-                def scores(s_ref, dp_ref):
-                    plgpu.wgmma(s_ref, my_q, k_smem.at[slot].transpose((1, 0)))
-                    plgpu.wgmma(dp_ref, my_do, v_smem.at[slot].transpose((1, 0)))
-                    if pingpong:
-                        take_turn()
-                    return s_ref[...], dp_ref[...]
+            def row_b(x):
+                return lax.broadcast_in_dim(x, tile, [0])
 
-                acc_tile = plgpu.ACC(tile, jnp.float32)
-                s, dp = pl.run_scoped(scores, acc_tile, acc_tile)
-                plgpu.barrier_arrive(v_free.at[slot])
-                if masked:  # keys >= N exist only in the last key block: the LUT's last entry (ascending)
-                    key0 = lut_ref[bi, hi, qi, t] * block_k
-                    keys = plgpu.broadcasted_iota(jnp.int32, tile, 1, layout=plgpu.Layout.WGMMA)
-                    s = jnp.where(keys + key0 < n, s, -jnp.inf)
-                p = jnp.exp2(s * scale - row_b(lse_r))
+            def block(g):
+                plgpu.barrier_wait(tile_ready.at[wg])
+                plgpu.barrier_wait(tile_ready.at[2 + wg])
+                row_vals = []
+                for r in range(row_inputs):
+                    plgpu.barrier_wait(row_ready.at[2 * r + wg])
+                    row_vals.append(plgpu.load(row_smem.at[r, wg], layout=plgpu.Layout.WGMMA.reduce(1)))
+                lse_r, delta_r = row_vals[0], row_vals[1]
+                a = None
                 if has_alpha:
-                    dp = dp * (row_b(a) if alpha_rows else a)
-                ds16 = (p * (dp - row_b(delta_r))).astype(dtype)
+                    a = row_b(row_vals[2]) if alpha_rows else alpha_ref[bi, hi, qi0 + g]
+                acc = plgpu.layout_cast(jnp.full((_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
                 if pingpong:
-                    ds16 = lax.optimization_barrier(ds16)
-                    plgpu.barrier_arrive(turn)  # dS done: the other warpgroup may use the tensor cores
-                    plgpu.barrier_wait(turn)
+                    pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
 
-                def grads(acc_ref):
-                    plgpu.wgmma(acc_ref, ds16, k_smem.at[slot])
-                    nxt = t + 1
+                def step(e, acc, last=False):  # e: the program's LUT entry (g * topk + t)
+                    slot = lax.rem(e, stages)
 
-                    @pl.when(nxt < topk)
-                    def _():
-                        wait_kv(lax.rem(nxt, stages))
+                    def scores(s_ref, dp_ref):
+                        plgpu.wgmma(s_ref, my_q, k_smem.at[slot].transpose((1, 0)))
+                        plgpu.wgmma(dp_ref, my_do, v_smem.at[slot].transpose((1, 0)))
+                        if pingpong:
+                            take_turn()
+                        return s_ref[...], dp_ref[...]
 
-                acc = pl.run_state(grads)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(k_free.at[slot])
-                return acc
+                    s, dp = pl.run_scoped(scores, plgpu.ACC(tile, jnp.float32), plgpu.ACC(tile, jnp.float32))
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    if last and g + 1 < blocks:  # Q, dO, rows of this block are read: fetch the next block's
+                        load_block(g + 1)
+                    if last and ragged:  # keys >= N exist only in the last key block: the LUT's last entry
+                        key0 = lut_ref[bi, hi, qi0 + g, e - g * topk] * block_k
+                        keys = plgpu.broadcasted_iota(jnp.int32, tile, 1, layout=plgpu.Layout.WGMMA)
+                        s = jnp.where(keys + key0 < n, s, -jnp.inf)
+                    p = jnp.exp2(s * scale - row_b(lse_r))
+                    if a is not None:
+                        dp = dp * a
+                    ds16 = (p * (dp - row_b(delta_r))).astype(dtype)
+                    if pingpong:
+                        ds16 = lax.optimization_barrier(ds16)
+                        plgpu.barrier_arrive(turn)  # dS done: the other warpgroup may use the tensor cores
+                        plgpu.barrier_wait(turn)
 
-            acc = lax.fori_loop(0, topk - 1, step, acc)
-            last = functools.partial(step, masked=ragged)  # a loop of one step: Mosaic wants a traced index
-            acc = lax.fori_loop(topk - 1, topk, last, acc)
-            if pingpong:
-                pl.when(wg == 0)(take_turn)
-            my_q[...] = (acc * sm_scale).astype(dtype)  # the Q tile's slot holds the dQ tile
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(my_q, dq_ref.at[window])
+                    def grads(acc_ref):
+                        plgpu.wgmma(acc_ref, ds16, k_smem.at[slot])
+                        nxt = e + 1
+
+                        @pl.when(nxt < total)
+                        def _():
+                            wait_kv(lax.rem(nxt, stages))
+
+                    acc = pl.run_state(grads)(plgpu.ACC.init(acc))
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    return acc
+
+                e0 = g * topk
+                acc = lax.fori_loop(e0, e0 + topk - 1, step, acc)
+                last = functools.partial(step, last=True)  # a loop of one step: Mosaic wants a traced index
+                acc = lax.fori_loop(e0 + topk - 1, e0 + topk, last, acc)
+                if pingpong:
+                    pl.when(wg == 0)(take_turn)
+                if g > 0:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous block's dQ left the buffer
+                out_smem.at[wg][...] = (acc * sm_scale).astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem.at[wg], dq_ref.at[window(g)])
+
+            load_block(0)
+            wait_kv(0)
+            for g in range(blocks):
+                block(g)
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
-            def fetch(t, slot):
-                keys = pl.ds(lut_ref[bi, hi, qi, t] * block_k, block_k)
+            def fetch(e, slot):
+                g = lax.div(e, jnp.int32(topk))
+                keys = pl.ds(lut_ref[bi, hi, qi0 + g, e - g * topk] * block_k, block_k)
                 plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, hi], k_smem.at[slot], k_ready.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, hi], v_smem.at[slot], v_ready.at[slot])
 
-            for t in range(stages):
-                fetch(t, t)
+            for e in range(stages):
+                fetch(jnp.int32(e), e)
 
-            @pl.loop(stages, topk)
-            def _refill(t):
-                slot = lax.rem(t, stages)
+            @pl.loop(stages, total)
+            def _refill(e):
+                slot = lax.rem(e, stages)
                 plgpu.barrier_wait(k_free.at[slot])
                 plgpu.barrier_wait(v_free.at[slot])
-                fetch(t, slot)
+                fetch(e, slot)
 
     def entry(*refs):
         tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-        smem = (
-            plgpu.SMEM((2, _ROWS, d), dtype, transforms=tiles),  # Q (then dQ) per compute warpgroup
+        smem = [
+            plgpu.SMEM((2, _ROWS, d), dtype, transforms=tiles),  # Q per compute warpgroup
             plgpu.SMEM((2, _ROWS, d), dtype, transforms=tiles),  # dO
             plgpu.SMEM((stages, block_k, d), dtype, transforms=tiles),  # K ring
             plgpu.SMEM((stages, block_k, d), dtype, transforms=tiles),  # V ring
             plgpu.SMEM((row_inputs, 2, _ROWS), jnp.float32),  # lse, delta (, alpha) rows
-        )
+        ]
+        if blocks > 1:
+            smem.append(plgpu.SMEM((2, _ROWS, d), dtype, transforms=tiles))  # dQ out, while the next Q loads
         ready = (
             plgpu.Barrier(num_barriers=4),  # Q of warpgroup 0, 1, then dO of warpgroup 0, 1
             plgpu.Barrier(num_barriers=2 * row_inputs),  # row vector r of warpgroup wg: barrier 2 * r + wg
@@ -252,21 +261,14 @@ def _dq_call(
             plgpu.Barrier(num_barriers=stages),
         )
         released = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2
-
         scoped = lambda *scratch: body(refs, *scratch)
-        pl.run_scoped(
-            scoped,
-            smem,
-            ready,
-            released,
-            plgpu.Barrier(num_arrivals=2),
-            collective_axes="wg",
-        )
+        turn = plgpu.Barrier(num_arrivals=2)
+        pl.run_scoped(scoped, tuple(smem), ready, released, turn, collective_axes="wg")
 
     return plgpu.kernel(
         entry,
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        grid=(h, nq, b),
+        grid=(h, nq // blocks, b),
         grid_names=("heads", "qblock", "batch"),
         num_threads=3,
         thread_name="wg",
