@@ -188,8 +188,12 @@ def main(argv=None):
     p.add_argument("--out", default="runs/benchmark", help="folder for results.json and speedup.png")
     p.add_argument("--fwd-kernel", default="auto", choices=["auto", "triton", "mosaic"],
                    help="pallas forward's sparse part: Triton kernel, Mosaic GPU kernel (Hopper) or auto (Mosaic on Hopper)")
+    p.add_argument("--bwd-kernel", default=None, choices=["auto", "triton", "mosaic"],
+                   help="pallas backward's sparse loops (dQ, dK/dV): as --fwd-kernel; default: the library's setting")
     args = p.parse_args(argv)
     sparse_linear.OPTIONS["fwd_kernel"] = args.fwd_kernel
+    if args.bwd_kernel is not None:
+        sparse_linear.OPTIONS["bwd_kernel"] = args.bwd_kernel
 
     names = ["tiny"] if args.tiny else (
         [n for n in WORKLOADS if n != "tiny"] if args.workloads == "all" else args.workloads.split(","))
@@ -203,7 +207,7 @@ def main(argv=None):
     device = jax.devices()[0]
     meta = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
             "python": sys.version.split()[0], "dense_baseline": "cudnn" if device.platform == "gpu" else "xla",
-            "fwd_kernel": args.fwd_kernel}
+            "fwd_kernel": args.fwd_kernel, "bwd_kernel": sparse_linear.OPTIONS["bwd_kernel"]}
     print(f"device: {meta['device']} | jax {meta['jax']} | dense baseline: {meta['dense_baseline']}")
     rows = []
     os.makedirs(args.out, exist_ok=True)
