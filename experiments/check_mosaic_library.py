@@ -1,5 +1,5 @@
 """GPU check: the Mosaic GPU kernels through the library (pallas_kernels.sla2_fused_attention / sla2_jax), per
-kernel choice (sparse_linear.OPTIONS "fwd_kernel" x "bwd_kernel").
+kernel choice (sparse_linear.OPTIONS "fwd_kernel", "bwd_kernel", "state_dtype": CHOICES).
 
     python -m experiments.check_mosaic_library --out DIR [--sparsity 0.9 0.95 0.97] [--runs 20]
 
@@ -28,7 +28,12 @@ from pallas_kernels import sla2_fused_attention
 from pallas_kernels import sparse_linear as sl
 from pallas_kernels.reference import reference_fused
 
-CHOICES = {"triton": ("triton", "triton"), "mosaic_fwd": ("mosaic", "triton"), "mosaic_all": ("mosaic", "mosaic")}
+CHOICES = {  # name: (fwd_kernel, bwd_kernel, state_dtype)
+    "triton": ("triton", "triton", "float32"),
+    "mosaic_fwd": ("mosaic", "triton", "float32"),
+    "mosaic_all": ("mosaic", "mosaic", "float32"),
+    "mosaic_all_bf16_states": ("mosaic", "mosaic", "bfloat16"),
+}
 GRADS = ("q", "k", "v", "q_phi", "k_phi", "alpha")
 RESULTS: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
 
@@ -36,7 +41,7 @@ RESULTS: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__versi
 def use(choice):
     """Sets sparse_linear.OPTIONS for a CHOICES entry (and drops compiled functions that baked in the old one)."""
     jax.clear_caches()
-    sl.OPTIONS["fwd_kernel"], sl.OPTIONS["bwd_kernel"] = CHOICES[choice]
+    sl.OPTIONS["fwd_kernel"], sl.OPTIONS["bwd_kernel"], sl.OPTIONS["state_dtype"] = CHOICES[choice]
 
 
 def fused_grads(lut, w, fn=sla2_fused_attention):

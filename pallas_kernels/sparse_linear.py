@@ -118,6 +118,8 @@ def _dot_mat(x, m, like, trans_b=False):
     if jnp.dtype(like) == jnp.dtype(jnp.float32):
         return _dot(x.astype(_F32), m, trans_b=trans_b)
     xb = x.astype(jnp.bfloat16)
+    if m.dtype == jnp.bfloat16:  # per-block states stored in bf16 (OPTIONS["state_dtype"])
+        return _dot(xb, m, trans_b=trans_b)
     m_hi = m.astype(jnp.bfloat16)
     m_lo = (m - m_hi.astype(_F32)).astype(jnp.bfloat16)
     return _dot(xb, m_hi, trans_b=trans_b) + _dot(xb, m_lo, trans_b=trans_b)
@@ -389,9 +391,9 @@ class _BlockSums(NamedTuple):
 def _sum_over_blocks(mask, sums: _BlockSums):
     """out[m] = sum_c mask[m, c] h[c] (and the same for z), per (b, h).
 
-    mask (B, H, M, C) bool -> (B, H, M, D, D), (B, H, M, D) float32. One dense batched matmul in XLA (cuBLAS)
-    contracting over the blocks with float32 accumulation; for float16 sums the mask carries the per-block scale
-    (a power of two: exact); z (small) in float32.
+    mask (B, H, M, C) bool -> (B, H, M, D, D) float32 (bf16 for float16 sums if OPTIONS["state_dtype"] says so),
+    (B, H, M, D) float32. One dense batched matmul in XLA (cuBLAS) contracting over the blocks with float32
+    accumulation; for float16 sums the mask carries the per-block scale (a power of two: exact); z (small) in float32.
     """
     b, nh, c, d, _ = sums.h.shape
     h_flat = sums.h.reshape(b, nh, c, d * d)
@@ -400,6 +402,8 @@ def _sum_over_blocks(mask, sums: _BlockSums):
     else:
         weights, precision = jnp.where(mask, sums.scale[:, :, None, :], 0.0).astype(jnp.float16), None
     h_out = jnp.einsum("bhmc,bhcf->bhmf", weights, h_flat, precision=precision, preferred_element_type=_F32)
+    if sums.scale is not None and OPTIONS["state_dtype"] == "bfloat16":
+        h_out = h_out.astype(jnp.bfloat16)
     z_out = jnp.einsum("bhmc,bhcd->bhmd", mask.astype(_F32), sums.z, precision=lax.Precision.HIGHEST)
     return h_out.reshape(b, nh, -1, d, d), z_out
 
@@ -419,6 +423,9 @@ def _sum_over_blocks(mask, sums: _BlockSums):
 # sparse branch by a warp-specialised Mosaic GPU kernel, then the linear branch in a Triton epilogue) or "auto"
 # (mosaic on Hopper; H100 wan-1.3b module fwd 2.26 / 1.74 / 1.47 ms vs 2.82 / 1.92 / 1.60 at 90 / 95 / 97%). On CPU
 # (interpret mode) and for calls the Mosaic kernel does not support the Triton kernel runs.
+# "state_dtype": dtype of the per-block states H_i (forward, residual) and dH_j (backward) for 16-bit inputs:
+# "float32", or "bfloat16" (half the bytes written and read; ~2^-9 relative per element, once rounded after the
+# float32 sum). float32 inputs keep float32 states.
 # "bwd_kernel": the same choice for the backward's sparse loops (pallas_kernels/sparse_mosaic_dq.py and
 # sparse_mosaic_dkv.py; the per-row terms and the linear-branch parts stay in small Triton kernels).
 OPTIONS = {
@@ -427,6 +434,7 @@ OPTIONS = {
     "dkv_linear": "blocks",
     "fwd_kernel": "auto",
     "bwd_kernel": "triton",
+    "state_dtype": "float32",
 }
 
 

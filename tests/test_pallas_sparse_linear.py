@@ -272,19 +272,24 @@ def test_forward_masks_the_ragged_last_key_block(fwd_linear, monkeypatch):
         assert _rel(a, b) < 2e-3, (seed, name, _rel(a, b))
 
 
-def test_complement_states_keep_float16_precision_over_a_wide_range():
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_complement_states_keep_float16_precision_over_a_wide_range(state_dtype, monkeypatch):
     """H_i, Z_i (sums over the unselected key blocks) vs float64: 16-bit inputs go through per-block float16 sums
-    with a power-of-two scale (~2^-11 relative, no overflow for |V| ~ 1e4, no underflow for 1e-5); float32 inputs
-    stay float32. Both are checked per head against numpy on the same (rounded) inputs."""
+    with a power-of-two scale (~2^-11 relative, no overflow for |V| ~ 1e4, no underflow for 1e-5), stored in float32
+    or, with OPTIONS state_dtype "bfloat16", rounded once to bf16 (~2^-9); float32 inputs stay float32. Both are
+    checked per head against numpy on the same (rounded) inputs."""
     from pallas_kernels import sparse_linear as sl
 
+    monkeypatch.setattr(sl, "OPTIONS", dict(sl.OPTIONS, state_dtype=state_dtype))
     seed = _seed()
     b, n, h, d, topk, block_q, block_k = 1, 333, 2, 64, 2, 128, 64
-    for dtype, tol in ((jnp.bfloat16, 6e-4), (jnp.float32, 1e-5)):
+    for dtype, tol in ((jnp.bfloat16, 6e-4 if state_dtype == "float32" else 3e-3), (jnp.float32, 1e-5)):
         (q, k, v, q_phi, k_phi), lut, *_ = _make(seed, b, n, h, d, dtype, topk, block_q, block_k)
         v = (v.astype(jnp.float32) * jnp.asarray([1e4, 1e-5])[None, None, :, None]).astype(dtype)
         cfg = sl._validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, "complement", None, 1e-6, True)
         h_i, z_i = sl._complement_states(k_phi, v, lut, cfg)
+        bf16_states = state_dtype == "bfloat16" and dtype == jnp.bfloat16
+        assert h_i.dtype == (jnp.bfloat16 if bf16_states else jnp.float32)
         kp, vv, sel = np.asarray(k_phi, np.float64), np.asarray(v, np.float64), np.asarray(lut)
         for hh in range(h):
             for i in range(cfg.nq):
@@ -417,3 +422,21 @@ def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, monkeypatch):
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi"), g, rg):
         assert _rel(a, b) < 2e-3, (seed, scope, "branches", name, _rel(a, b))
     assert calls.count("dq") == 2 and calls.count("dkv") == 2, calls
+
+
+def test_bfloat16_states_give_the_reference_result(monkeypatch):
+    """OPTIONS state_dtype "bfloat16" (H_i in the forward and dq, dH_j in dkv): output and all gradients of the fused
+    SLA2 op still match the float32 reference within the bf16 tolerances (ragged N, D 128, both linear parts)."""
+    from pallas_kernels import sparse_linear as sl
+
+    monkeypatch.setattr(sl, "OPTIONS", dict(sl.OPTIONS, state_dtype="bfloat16"))
+    seed = _seed()
+    args, lut, w1, _, alpha = _make(seed, 1, 333, 2, 128, jnp.bfloat16, 3, 128, 64, alpha=True)
+    kw = dict(block_q=128, block_k=64)
+    loss = lambda fn: lambda *xs: jnp.sum(fn(*xs[:5], lut, xs[5], **kw).astype(jnp.float32) * w1)
+    fwd_tol, grad_tol = TOL[jnp.bfloat16]
+    assert _rel(sla2_fused_attention(*args, lut, alpha, **kw), reference_fused(*args, lut, alpha, **kw)) < fwd_tol
+    g = jax.jit(jax.grad(loss(sla2_fused_attention), argnums=tuple(range(6))))(*args, alpha)
+    rg = jax.grad(loss(reference_fused), argnums=tuple(range(6)))(*args, alpha)
+    for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
+        assert _rel(a, b) < grad_tol, (seed, name, _rel(a, b))
