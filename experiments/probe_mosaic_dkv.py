@@ -10,7 +10,8 @@
 2. wan-1.3b (B=1, H=12, N=32760, D=128, bf16, router LUT) at each sparsity: dk, dv vs the Triton dkv kernel with
    zero linear terms (sl._backward_dkv, the brief's recipe) and without the linear branch (cfg.linear=False), then
    medians of synchronised calls, interleaved twice: Triton (incl. its transposed LUT), Mosaic (transposed LUT +
-   kernel) and the Mosaic kernel alone, per variant; cuDNN forward+backward in the same process for scale.
+   kernel) and the Mosaic kernel alone, per variant, plus the kernel with all counts 0 (its fixed cost per key
+   block: K, V load, exchange, stores); cuDNN forward+backward in the same process for scale.
    Effective TFLOP/s = 8 * sum(count) * 128 * 64 * D / time (four matmuls of 128 query rows x 64 keys x D per
    selected (query block, key block) pair, 2 flop per multiply-add).
 Every part is in try/except (errors recorded, the next part goes on); JSON to DIR/probe_mosaic_dkv.json.
@@ -39,8 +40,11 @@ HIGHEST = jax.lax.Precision.HIGHEST
 VARIANTS = {  # name -> keyword arguments of sparse_attention_dkv_mosaic
     "default": {},
     "early_dp": {"schedule": "early_dp"},
-    "plain_exchange": {"exchange_tiled": False},
+    "persistent_kv": {"persistent": True},
+    "persistent_union": {"persistent": True, "staging": "union"},
+    "persistent_union_early_dp": {"persistent": True, "staging": "union", "schedule": "early_dp"},
 }
+SMALL_PROGRAMS = 7  # persistent variants in the small checks: few programs, so each walks several key blocks
 
 
 def bench(fn, *args, runs=20):
@@ -111,7 +115,8 @@ def small_case(seed, n, d, dtype, use_alpha, topk, variants):
     row["unselected_key_blocks"] = int(np.sum(np.asarray(count) == 0))
     for name in variants:
         try:
-            fn = jax.jit(lambda *a, kw=VARIANTS[name]: sparse_attention_dkv_mosaic(*a, **kw))
+            kw = dict(VARIANTS[name], **({"programs": SMALL_PROGRAMS} if VARIANTS[name].get("persistent") else {}))
+            fn = jax.jit(lambda *a, kw=kw: sparse_attention_dkv_mosaic(*a, **kw))
             dk, dv = fn(q, k, v, do, lse_p, delta_p, lut_t, count, alpha)
             dk32, dv32 = np.asarray(dk, np.float32), np.asarray(dv, np.float32)
             off = np.transpose(unselected, (0, 2, 1))  # (B, N, H)
@@ -131,7 +136,7 @@ def small_case(seed, n, d, dtype, use_alpha, topk, variants):
 def small_checks(variants):
     seed = int.from_bytes(os.urandom(4), "little")
     RESULTS["small_seed"] = seed
-    all_v, first = list(variants), variants[:1]
+    all_v, first = list(variants), variants[:1] + [v for v in variants[1:] if v == "persistent_union"]
     cases = [
         (1000, 128, jnp.bfloat16, True, 3, all_v),
         (2000, 64, jnp.float16, False, 4, all_v),
@@ -219,6 +224,10 @@ def wan(sparsity, runs, variants):
                     bench(with_lut(VARIANTS[name]), *args, lut, alpha, runs=runs)
                 )
                 t.setdefault(f"mosaic_{name}_kernel", []).append(bench(kernel, *args, lut_t, count, alpha, runs=runs))
+                if name in ("default", "persistent_union"):  # fixed cost per key block: no query block listed
+                    t.setdefault(f"mosaic_{name}_kernel_count0", []).append(
+                        bench(kernel, *args, lut_t, jnp.zeros_like(count), alpha, runs=runs)
+                    )
         except Exception as e:  # noqa: BLE001
             row[f"timing_error_{rep}"] = error_text(e)
             traceback.print_exc()
@@ -231,7 +240,9 @@ def wan(sparsity, runs, variants):
     except Exception as e:  # noqa: BLE001
         row["cudnn_error"] = error_text(e)
     row["times_ms"] = t
-    row["eff_tflops"] = {kk: flop / (min(vv) * 1e-3) / 1e12 for kk, vv in t.items() if kk != "cudnn_fwd_bwd"}
+    row["eff_tflops"] = {
+        kk: flop / (min(vv) * 1e-3) / 1e12 for kk, vv in t.items() if kk != "cudnn_fwd_bwd" and "count0" not in kk
+    }
     print("wan", json.dumps(row), flush=True)
     RESULTS.setdefault("wan", []).append(row)
 

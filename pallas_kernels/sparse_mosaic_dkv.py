@@ -1,24 +1,28 @@
 """EXPERIMENTAL: dK, dV of block-sparse softmax attention on Hopper with Pallas Mosaic GPU (GPU only, no interpret).
 
 The sparse loop of sparse_linear._dkv_kernel (fused case, no linear-branch terms) as a warp-specialised kernel.
-Grid (H, Nk, B): one program per key block j of 64 keys, three warpgroups:
+Work item = (batch, head, key block j of 64 keys); one program per item, or (``persistent``) one program per SM
+walking items p, p + P, ... Three warpgroups per program:
   * warpgroups 0 and 1 (compute): for every query block i that selected j (the transposed LUT's row, ascending),
     warpgroup w takes the 64 query rows i * 128 + w * 64 ... + 63. Keys as rows, so no computed tile is transposed:
       S^T = K Q_w^T, P^T = exp2(S^T * scale - lse), dv += (a_i P^T) dO_w, dP^T = V dO_w^T,
       dS^T = P^T (a_i dP^T - delta), dk += dS^T Q_w
     (five wgmma per step: M = 64 keys, N = 64 rows or D, K = D or 64 rows). Each warpgroup holds its own dk, dv
     (64 x D float32); at the end the two halves are summed through shared memory and stored by TMA.
-  * warpgroup 2 (memory): TMA copies of Q, dO (64 x D) and lse, delta (64) of each half query block into a ring of
-    ``stages`` slots per compute warpgroup, each refilled as soon as its warpgroup released it.
+  * warpgroup 2 (memory): TMA copies of K_j, V_j and of Q, dO (64 x D), lse, delta (64) of each half query block
+    into a ring of ``stages`` slots per compute warpgroup, each refilled as soon as its warpgroup released it; the
+    ring runs on across items, so the next item's first loads overlap this item's epilogue.
 Trip count count[b, h, j] (dynamic); query rows >= N (only in the last query block, which the ascending list puts
 last) are masked on that entry alone, so a garbage lse / delta there cannot make NaN.
-Flop per program 8 * 128 * 64 * D * count; bytes per step 4 * 128 * D (Q, dO; mostly from L2).
+Flop per item 8 * 128 * 64 * D * count; bytes per step 4 * 128 * D (Q, dO; mostly from L2).
+Checked on the GPU only (experiments/probe_mosaic_dkv.py; docs/perf_notes.md "Session 4: Mosaic dkv").
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,9 +50,12 @@ def _exchange_mode(d: int, itemsize: int, stages: int) -> str:
     return "pair" if _smem_bytes(d, itemsize, stages, "pair") + 4096 <= _SMEM_BYTES else "serial"
 
 
-def _program_ids():
-    """(batch, head, key block) of this program."""
-    return lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kblock")
+def _num_sms() -> int:
+    """Streaming multiprocessors of the first device (132 on H100 SXM if unknown)."""
+    try:
+        return int(jax.devices()[0].core_count)
+    except Exception:  # noqa: BLE001 - attribute missing on some backends
+        return 132
 
 
 def _check_inputs(q, k, v, do, lse, delta, lut_t, count, alpha, block_k):
@@ -68,24 +75,22 @@ def _check_inputs(q, k, v, do, lse, delta, lut_t, count, alpha, block_k):
         raise ValueError(f"alpha must be (B, H, {nq}), got {alpha.shape}")
 
 
+class _Variant(NamedTuple):
+    """Static choices of one kernel build (see sparse_attention_dkv_mosaic)."""
+
+    stages: int
+    exchange: str  # "pair" | "serial"
+    schedule: str  # "three_groups" | "early_dp"
+    exchange_tiled: bool
+    persistent: bool
+    staging: str  # "kv" | "union"
+    programs: int | None  # persistent programs (None: one per SM)
+
+
 def sparse_attention_dkv_mosaic(
-    q,
-    k,
-    v,
-    do,
-    lse,
-    delta,
-    lut_t,
-    count,
-    alpha=None,
-    *,
-    block_k=64,
-    sm_scale=None,
-    stages=2,
-    exchange=None,
-    schedule="three_groups",
-    exchange_tiled=True,
-):
+    q, k, v, do, lse, delta, lut_t, count, alpha=None, *, block_k=64, sm_scale=None, stages=2, exchange=None,
+    schedule="three_groups", exchange_tiled=True, persistent=False, staging="kv", programs=None
+):  # fmt: skip
     """dK, dV of the sparse branch over the transposed LUT.
 
     q, k, v, do: (B, N, H, D) bf16/f16, N % 8 == 0, D in {64, 128}; lse, delta: (B, H, Nq * 128) float32 (lse in
@@ -94,25 +99,35 @@ def sparse_attention_dkv_mosaic(
     count: (B, H, Nk) int32; alpha: None or (B, H, Nq) float32. Returns dk, dv (B, N, H, D) in k.dtype.
     Variants (for the GPU probe): ``exchange`` None (automatic), "pair" or "serial" (how the two warpgroups' partial
     sums are combined), ``exchange_tiled`` (swizzled float32 exchange buffer, else plain), ``schedule``
-    "three_groups" (S^T | dV, dP^T | dK) or "early_dp" (S^T, dP^T | dV, dK).
+    "three_groups" (S^T | dV, dP^T | dK) or "early_dp" (S^T, dP^T | dV, dK), ``persistent`` (one program per SM
+    walking key blocks, the next block's loads overlapping this one's epilogue, else one program per key block),
+    ``staging`` "kv" (outputs staged in the K, V tiles) or "union" (in tiles aliased with the exchange buffer,
+    serial exchange only, so K, V of the next key block load during the epilogue), ``programs`` (persistent
+    programs, default one per SM; small values exercise the multi-block walk in tests).
     """
     if schedule not in ("three_groups", "early_dp") or exchange not in (None, "pair", "serial"):
         raise ValueError(f"unknown schedule {schedule!r} or exchange {exchange!r}")
+    if staging not in ("kv", "union"):
+        raise ValueError(f"unknown staging {staging!r}")
     _check_inputs(q, k, v, do, lse, delta, lut_t, count, alpha, block_k)
     d = q.shape[-1]
-    exchange = exchange or _exchange_mode(d, q.dtype.itemsize, stages)
-    kernel = _build(q.shape, q.dtype, sm_scale, stages, exchange, schedule, exchange_tiled, alpha is not None)
+    exchange = "serial" if staging == "union" else exchange or _exchange_mode(d, q.dtype.itemsize, stages)
+    variant = _Variant(stages, exchange, schedule, exchange_tiled, persistent, staging, programs)
+    kernel = _build(q.shape, q.dtype, sm_scale, variant, alpha is not None, _num_sms())
     args = (q, k, v, do, lse, delta, lut_t, count) + ((alpha,) if alpha is not None else ())
     return kernel(*args)
 
 
 @functools.cache
-def _build(shape, dtype, sm_scale, stages, exchange, schedule, exchange_tiled, has_alpha):
+def _build(shape, dtype, sm_scale, variant: _Variant, has_alpha, num_sms):
     """The plgpu.kernel callable for one static configuration."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only backend: imported on use
 
     b, n, h, d = shape
     nk = -(-n // _KEYS)
+    items = b * h * nk  # (batch, head, key block), heads fastest as in a (H, Nk, B) grid
+    programs = min(variant.programs or num_sms, items) if variant.persistent else items
+    stages, exchange, union = variant.stages, variant.exchange, variant.staging == "union"
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     scale = sm_scale * _LOG2E
     ragged_q = n % _BLOCK_Q != 0
@@ -120,135 +135,147 @@ def _build(shape, dtype, sm_scale, stages, exchange, schedule, exchange_tiled, h
     wgmma_layout = plgpu.Layout.WGMMA
     cols = plgpu.Layout.WGMMA.reduce(0)  # a vector along the query rows (the columns of S^T)
 
+    def item_ids(it):
+        """(batch, head, key block) of this program's it-th work item."""
+        e = lax.axis_index("prog") + it * programs
+        return lax.div(e, h * nk), lax.rem(e, h), lax.rem(lax.div(e, h), nk)
+
+    def my_items():
+        return lax.div(items - lax.axis_index("prog") + programs - 1, programs)
+
     def compute(refs, smem, bars, wg):
-        k_ref, v_ref, lut_ref, count_ref, alpha_ref, dk_ref, dv_ref = refs
-        q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, red_smem = smem
-        q_ready, do_ready, lse_ready, delta_ready, free, kv_ready, red_full, red_empty = bars
-        bi, hi, j = _program_ids()
+        lut_ref, count_ref, alpha_ref, dk_ref, dv_ref = refs
+        q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, red_smem, out_smem = smem
+        q_ready, do_ready, lse_ready, delta_ready, free, kv_ready, kv_free, red_full, red_empty, out_free = bars
         plgpu.set_max_registers(232, action="increase")
-        keys = pl.ds(j * _KEYS, _KEYS)
-        cnt = count_ref[bi, hi, j]
-
-        @pl.when(wg == 0)
-        def _load_kv():
-            plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, hi], k_smem, kv_ready.at[0])
-            plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, hi], v_smem, kv_ready.at[1])
-
-        plgpu.barrier_wait(kv_ready.at[0])
-        plgpu.barrier_wait(kv_ready.at[1])
         zeros = plgpu.layout_cast(jnp.full((_KEYS, d), 0.0, f32), wgmma_layout)
 
-        def probs(s_t, slot, qi, masked):
-            """P^T (64 keys x 64 rows, float32) from S^T, with rows >= N zeroed on the masked entry; valid mask."""
-            plgpu.barrier_wait(lse_ready.at[slot])
-            lse = plgpu.load(lse_smem.at[slot], (), layout=cols)
-            p_t = jnp.exp2(s_t * scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
-            if not masked:
-                return p_t, None
-            rows = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 1, layout=wgmma_layout)
-            valid = rows + (qi * _BLOCK_Q + wg * _ROWS) < n
-            return jnp.where(valid, p_t, 0.0), valid
+        def item(it, g0):
+            bi, hi, j = item_ids(it)
+            cnt = count_ref[bi, hi, j]
 
-        def score_grads(p_t, dp_t, slot, a, valid):
-            """dS^T = P^T (a dP^T - delta) (float32, 64 x 64)."""
-            plgpu.barrier_wait(delta_ready.at[slot])
-            delta = plgpu.load(delta_smem.at[slot], (), layout=cols)
-            dp_t = dp_t * a if has_alpha else dp_t
-            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
-            return ds_t if valid is None else jnp.where(valid, ds_t, 0.0)
+            def probs(s_t, slot, qi, masked):
+                """P^T (64 keys x 64 rows, float32) from S^T; rows >= N zeroed on the masked entry; valid mask."""
+                plgpu.barrier_wait(lse_ready.at[slot])
+                lse = plgpu.load(lse_smem.at[slot], (), layout=cols)
+                p_t = jnp.exp2(s_t * scale - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+                if not masked:
+                    return p_t, None
+                rows = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 1, layout=wgmma_layout)
+                valid = rows + (qi * _BLOCK_Q + wg * _ROWS) < n
+                return jnp.where(valid, p_t, 0.0), valid
 
-        def step(t, carry, masked=False):
-            """One half query block (64 rows) of the list: three wgmma groups (S^T | dV, dP^T | dK)."""
+            def score_grads(p_t, dp_t, slot, a, valid):
+                """dS^T = P^T (a dP^T - delta) (float32, 64 x 64)."""
+                plgpu.barrier_wait(delta_ready.at[slot])
+                delta = plgpu.load(delta_smem.at[slot], (), layout=cols)
+                dp_t = dp_t * a if has_alpha else dp_t
+                ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+                return ds_t if valid is None else jnp.where(valid, ds_t, 0.0)
+
+            def step_three_groups(t, carry, masked=False):
+                """One half query block (64 rows): three wgmma groups (S^T | dV, dP^T | dK)."""
+                dk, dv = carry
+                slot = lax.rem(g0 + t, stages) * 2 + wg
+                qi = lut_ref[bi, hi, j, t]
+                q_w, do_w = q_smem.at[slot], do_smem.at[slot]
+                plgpu.barrier_wait(q_ready.at[slot])
+
+                def scores(acc_ref):
+                    plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_w, (1, 0)))
+                    return acc_ref[...]
+
+                s_t = pl.run_scoped(scores, plgpu.ACC((_KEYS, _ROWS), f32))
+                p_t, valid = probs(s_t, slot, qi, masked)
+                a = alpha_ref[bi, hi, qi] if has_alpha else None
+                w_t = p_t * a if has_alpha else p_t
+                plgpu.barrier_wait(do_ready.at[slot])
+
+                def dv_and_dp(acc_refs):
+                    dv_acc, dp_acc = acc_refs
+                    plgpu.wgmma(dv_acc, w_t.astype(dtype), do_w)
+                    plgpu.wgmma(dp_acc, v_smem, plgpu.transpose_ref(do_w, (1, 0)))
+
+                dp0 = plgpu.layout_cast(jnp.full((_KEYS, _ROWS), 0.0, f32), wgmma_layout)
+                dv, dp_t = pl.run_state(dv_and_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(dp0)))
+                ds_t = score_grads(p_t, dp_t, slot, a, valid)
+
+                def dk_step(acc_ref):
+                    plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_w)
+
+                dk = pl.run_state(dk_step)(plgpu.ACC.init(dk))
+                plgpu.barrier_arrive(free.at[slot])
+                return dk, dv
+
+            def step_early_dp(t, carry, masked=False):
+                """The same with two wgmma groups (S^T, dP^T | dV, dK): fewer waits, more registers live."""
+                dk, dv = carry
+                slot = lax.rem(g0 + t, stages) * 2 + wg
+                qi = lut_ref[bi, hi, j, t]
+                q_w, do_w = q_smem.at[slot], do_smem.at[slot]
+                plgpu.barrier_wait(q_ready.at[slot])
+                plgpu.barrier_wait(do_ready.at[slot])
+
+                def scores_and_dp(acc_refs):
+                    s_acc, dp_acc = acc_refs
+                    plgpu.wgmma(s_acc, k_smem, plgpu.transpose_ref(q_w, (1, 0)))
+                    plgpu.wgmma(dp_acc, v_smem, plgpu.transpose_ref(do_w, (1, 0)))
+
+                tile0 = plgpu.layout_cast(jnp.full((_KEYS, _ROWS), 0.0, f32), wgmma_layout)
+                s_t, dp_t = pl.run_state(scores_and_dp)((plgpu.ACC.init(tile0), plgpu.ACC.init(tile0)))
+                p_t, valid = probs(s_t, slot, qi, masked)
+                a = alpha_ref[bi, hi, qi] if has_alpha else None
+                ds16 = score_grads(p_t, dp_t, slot, a, valid).astype(dtype)
+                w16 = (p_t * a if has_alpha else p_t).astype(dtype)
+
+                def dv_and_dk(acc_refs):
+                    dv_acc, dk_acc = acc_refs
+                    plgpu.wgmma(dv_acc, w16, do_w)
+                    plgpu.wgmma(dk_acc, ds16, q_w)
+
+                dv, dk = pl.run_state(dv_and_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                plgpu.barrier_arrive(free.at[slot])
+                return dk, dv
+
+            step = step_early_dp if variant.schedule == "early_dp" else step_three_groups
+            plgpu.barrier_wait(kv_ready.at[0])
+            plgpu.barrier_wait(kv_ready.at[1])
+            carry = (zeros, zeros)
+            if ragged_q:
+                last = jnp.maximum(cnt - 1, 0)
+                carry = lax.fori_loop(0, last, step, carry)
+                carry = lax.fori_loop(last, cnt, functools.partial(step, masked=True), carry)
+            else:
+                carry = lax.fori_loop(0, cnt, step, carry)
+            if union:  # K, V are no longer read: the next key block's may load during the epilogue
+                plgpu.barrier_arrive(kv_free)
             dk, dv = carry
-            slot = lax.rem(t, stages) * 2 + wg
-            qi = lut_ref[bi, hi, j, t]
-            q_w, do_w = q_smem.at[slot], do_smem.at[slot]
-            plgpu.barrier_wait(q_ready.at[slot])
+            outs = ((out_smem[0], dk_ref), (out_smem[1], dv_ref)) if union else ((k_smem, dk_ref), (v_smem, dv_ref))
+            finish(dk * sm_scale, dv, wg, it, (bi, hi, j), outs, red_smem, (red_full, red_empty, kv_free, out_free))
+            return g0 + cnt
 
-            def scores(acc_ref):
-                plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_w, (1, 0)))
-                return acc_ref[...]
+        lax.fori_loop(0, my_items(), item, jnp.int32(0))
+        plgpu.wait_smem_to_gmem(0)  # the last stores complete before the program ends
 
-            s_t = pl.run_scoped(scores, plgpu.ACC((_KEYS, _ROWS), f32))
-            p_t, valid = probs(s_t, slot, qi, masked)
-            a = alpha_ref[bi, hi, qi] if has_alpha else None
-            w_t = p_t * a if has_alpha else p_t
-            plgpu.barrier_wait(do_ready.at[slot])
-
-            def dv_and_dp(acc_refs):
-                dv_acc, dp_acc = acc_refs
-                plgpu.wgmma(dv_acc, w_t.astype(dtype), do_w)
-                plgpu.wgmma(dp_acc, v_smem, plgpu.transpose_ref(do_w, (1, 0)))
-
-            dp0 = plgpu.layout_cast(jnp.full((_KEYS, _ROWS), 0.0, f32), wgmma_layout)
-            dv, dp_t = pl.run_state(dv_and_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(dp0)))
-            ds_t = score_grads(p_t, dp_t, slot, a, valid)
-
-            def dk_step(acc_ref):
-                plgpu.wgmma(acc_ref, ds_t.astype(dtype), q_w)
-
-            dk = pl.run_state(dk_step)(plgpu.ACC.init(dk))
-            plgpu.barrier_arrive(free.at[slot])
-            return dk, dv
-
-        def step_early_dp(t, carry, masked=False):
-            """The same with two wgmma groups (S^T, dP^T | dV, dK): fewer waits, more registers live."""
-            dk, dv = carry
-            slot = lax.rem(t, stages) * 2 + wg
-            qi = lut_ref[bi, hi, j, t]
-            q_w, do_w = q_smem.at[slot], do_smem.at[slot]
-            plgpu.barrier_wait(q_ready.at[slot])
-            plgpu.barrier_wait(do_ready.at[slot])
-
-            def scores_and_dp(acc_refs):
-                s_acc, dp_acc = acc_refs
-                plgpu.wgmma(s_acc, k_smem, plgpu.transpose_ref(q_w, (1, 0)))
-                plgpu.wgmma(dp_acc, v_smem, plgpu.transpose_ref(do_w, (1, 0)))
-
-            tile0 = plgpu.layout_cast(jnp.full((_KEYS, _ROWS), 0.0, f32), wgmma_layout)
-            s_t, dp_t = pl.run_state(scores_and_dp)((plgpu.ACC.init(tile0), plgpu.ACC.init(tile0)))
-            p_t, valid = probs(s_t, slot, qi, masked)
-            a = alpha_ref[bi, hi, qi] if has_alpha else None
-            ds16 = score_grads(p_t, dp_t, slot, a, valid).astype(dtype)
-            w16 = (p_t * a if has_alpha else p_t).astype(dtype)
-
-            def dv_and_dk(acc_refs):
-                dv_acc, dk_acc = acc_refs
-                plgpu.wgmma(dv_acc, w16, do_w)
-                plgpu.wgmma(dk_acc, ds16, q_w)
-
-            dv, dk = pl.run_state(dv_and_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
-            plgpu.barrier_arrive(free.at[slot])
-            return dk, dv
-
-        step = step_early_dp if schedule == "early_dp" else step
-
-        carry = (zeros, zeros)
-        if ragged_q:
-            last = jnp.maximum(cnt - 1, 0)
-            carry = lax.fori_loop(0, last, step, carry)
-            carry = lax.fori_loop(last, cnt, functools.partial(step, masked=True), carry)
-        else:
-            carry = lax.fori_loop(0, cnt, step, carry)
-        dk, dv = carry
-        tiles = (k_smem, v_smem, red_smem)
-        finish(dk * sm_scale, dv, wg, tiles, (red_full, red_empty), (dk_ref, dv_ref), keys)
-
-    def finish(dk, dv, wg, smem, bars, outs, keys):
+    def finish(dk, dv, wg, it, ids, outs, red_smem, bars):
         """Sums the two warpgroups' partial dk, dv through shared memory and stores them (TMA)."""
-        k_smem, v_smem, red_smem = smem
-        red_full, red_empty = bars
-        dk_ref, dv_ref = outs
-        bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
-        load = functools.partial(plgpu.load, idx=(), layout=wgmma_layout, optimized=exchange_tiled)
+        red_full, red_empty, kv_free, out_free = bars
+        bi, hi, j = ids
+        keys = pl.ds(j * _KEYS, _KEYS)
+        (dk_tile, dk_ref), (dv_tile, dv_ref) = outs
+        load = functools.partial(plgpu.load, idx=(), layout=wgmma_layout, optimized=variant.exchange_tiled)
 
         def store(x, tile, out_ref):
             tile[...] = x.astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(tile, out_ref.at[bi, keys, hi])
-            plgpu.wait_smem_to_gmem(0)
 
-        if exchange == "pair":  # warpgroup 0 finishes dk, warpgroup 1 dv
+        def stores_done():
+            """The output tiles are read by TMA: the K, V tiles (or the union) may be overwritten."""
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.barrier_arrive(out_free if union else kv_free)
+
+        if exchange == "pair":  # warpgroup 0 finishes dk, warpgroup 1 dv (staging "kv" only)
 
             @pl.when(wg == 0)
             def _():
@@ -263,110 +290,123 @@ def _build(shape, dtype, sm_scale, stages, exchange, schedule, exchange_tiled, h
 
             @pl.when(wg == 0)
             def _():
-                store(dk + load(red_smem.at[1]), k_smem, dk_ref)
+                store(dk + load(red_smem.at[1]), dk_tile, dk_ref)
+                stores_done()
 
             @pl.when(wg == 1)
             def _():
-                store(dv + load(red_smem.at[0]), v_smem, dv_ref)
+                store(dv + load(red_smem.at[0]), dv_tile, dv_ref)
+                stores_done()
         else:  # one buffer: warpgroup 1 hands over dk, then dv; warpgroup 0 finishes both
 
             @pl.when(wg == 1)
             def _():
+                if union:  # the buffer doubles as the output tiles of the previous key block
+                    pl.when(it > 0)(lambda: plgpu.barrier_wait(out_free))
                 red_smem.at[0][...] = dk
                 plgpu.barrier_arrive(red_full)
                 plgpu.barrier_wait(red_empty)
                 red_smem.at[0][...] = dv
                 plgpu.barrier_arrive(red_full)
+                if not union:
+                    plgpu.barrier_arrive(kv_free)
 
             @pl.when(wg == 0)
             def _():
                 plgpu.barrier_wait(red_full)
                 dk_total = dk + load(red_smem.at[0])
                 plgpu.barrier_arrive(red_empty)
-                store(dk_total, k_smem, dk_ref)
                 plgpu.barrier_wait(red_full)
-                store(dv + load(red_smem.at[0]), v_smem, dv_ref)
+                dv_total = dv + load(red_smem.at[0])
+                store(dk_total, dk_tile, dk_ref)
+                store(dv_total, dv_tile, dv_ref)
+                stores_done()
 
     def memory(refs, smem, bars):
-        q_ref, do_ref, lse_ref, delta_ref, lut_ref, count_ref = refs
-        q_smem, do_smem, lse_smem, delta_smem = smem
-        q_ready, do_ready, lse_ready, delta_ready, free = bars
-        bi, hi, j = _program_ids()
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lut_ref, count_ref = refs
+        q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem = smem
+        q_ready, do_ready, lse_ready, delta_ready, free, kv_ready, kv_free = bars
         plgpu.set_max_registers(40, action="decrease")
-        cnt = count_ref[bi, hi, j]
 
-        def fetch_half(t, slot, w):
-            row0 = lut_ref[bi, hi, j, t] * _BLOCK_Q + w * _ROWS
-            rows = pl.ds(row0, _ROWS)
-            s = slot * 2 + w
-            plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem.at[s], q_ready.at[s])
-            plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem.at[s], lse_ready.at[s])
-            plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem.at[s], do_ready.at[s])
-            plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem.at[s], delta_ready.at[s])
+        def item(it, g0):
+            bi, hi, j = item_ids(it)
+            cnt = count_ref[bi, hi, j]
 
-        for t in range(stages):
+            def fetch(t, _):
+                g = g0 + t
+                for w in range(2):
+                    s = lax.rem(g, stages) * 2 + w
+                    pl.when(g >= stages)(lambda s=s: plgpu.barrier_wait(free.at[s]))
+                    rows = pl.ds(lut_ref[bi, hi, j, t] * _BLOCK_Q + w * _ROWS, _ROWS)
+                    plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem.at[s], q_ready.at[s])
+                    plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem.at[s], lse_ready.at[s])
+                    plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem.at[s], do_ready.at[s])
+                    plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem.at[s], delta_ready.at[s])
+                return _
 
-            @pl.when(t < cnt)
-            def _prologue(t=t):
-                fetch_half(t, t, 0)
-                fetch_half(t, t, 1)
+            first = jnp.minimum(cnt, stages)
+            lax.fori_loop(0, first, fetch, None)  # may run ahead of the previous key block's epilogue
+            pl.when(it > 0)(lambda: plgpu.barrier_wait(kv_free))
+            keys = pl.ds(j * _KEYS, _KEYS)
+            plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, hi], k_smem, kv_ready.at[0])
+            plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, hi], v_smem, kv_ready.at[1])
+            lax.fori_loop(first, cnt, fetch, None)
+            return g0 + cnt
 
-        def refill(t, _):
-            slot = lax.rem(t, stages)
-            for w in range(2):
-                plgpu.barrier_wait(free.at[slot * 2 + w])
-                fetch_half(t, slot, w)
-            return _
-
-        lax.fori_loop(stages, jnp.maximum(cnt, stages), refill, None)
+        lax.fori_loop(0, my_items(), item, jnp.int32(0))
 
     def entry(*refs):
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lut_ref, count_ref = refs[:8]
         alpha_ref = refs[8] if has_alpha else None
         dk_ref, dv_ref = refs[-2:]
         tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-        f32_tiles = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
-        buffers = 2 if exchange == "pair" else 1
+        f32_tiles = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)) if variant.exchange_tiled else ()
+        red = plgpu.SMEM((2 if exchange == "pair" else 1, _KEYS, d), f32, transforms=f32_tiles)
+        out = [plgpu.SMEM((_KEYS, d), dtype, transforms=tiles) for _ in range(2)]
         smem = (
             plgpu.SMEM((2 * stages, _ROWS, d), dtype, transforms=tiles),  # Q halves
             plgpu.SMEM((2 * stages, _ROWS, d), dtype, transforms=tiles),  # dO halves
             plgpu.SMEM((2 * stages, _ROWS), f32),  # lse
             plgpu.SMEM((2 * stages, _ROWS), f32),  # delta
-            plgpu.SMEM((_KEYS, d), dtype, transforms=tiles),  # K (then dk out)
-            plgpu.SMEM((_KEYS, d), dtype, transforms=tiles),  # V (then dv out)
-            plgpu.SMEM((buffers, _KEYS, d), f32, transforms=f32_tiles if exchange_tiled else ()),  # exchange
+            plgpu.SMEM((_KEYS, d), dtype, transforms=tiles),  # K (staging "kv": then dk out)
+            plgpu.SMEM((_KEYS, d), dtype, transforms=tiles),  # V (staging "kv": then dv out)
+            plgpu.RefUnion(red, out) if union else red,  # partial sums exchange (staging "union": and outputs)
         )
-        ring = (plgpu.Barrier(num_barriers=2 * stages),) * 4 + (plgpu.Barrier(num_barriers=2 * stages),)
+        ring = tuple(plgpu.Barrier(num_barriers=2 * stages) for _ in range(5))  # Q, dO, lse, delta ready; free
         others = (
             plgpu.Barrier(num_barriers=2),  # K, V loaded
+            plgpu.Barrier(num_arrivals=2),  # K, V tiles free again
             plgpu.Barrier(num_arrivals=2 if exchange == "pair" else 1),  # partial sums written
             plgpu.Barrier(num_arrivals=1),  # exchange buffer read (serial)
+            plgpu.Barrier(num_arrivals=1),  # output tiles read by TMA (union)
         )
 
         def body(smem, ring, others):
             wg = lax.axis_index("wg")
+            if union:
+                red_smem, out_smem = smem[6]
+            else:
+                red_smem, out_smem = smem[6], None
+            smem = smem[:6] + (red_smem, out_smem)
 
             @pl.when(wg < 2)
             def _compute():
-                refs_c = (k_ref, v_ref, lut_ref, count_ref, alpha_ref, dk_ref, dv_ref)
+                refs_c = (lut_ref, count_ref, alpha_ref, dk_ref, dv_ref)
                 compute(refs_c, smem, ring + others, wg)
 
             @pl.when(wg == 2)
             def _memory():
-                memory(
-                    (q_ref, do_ref, lse_ref, delta_ref, lut_ref, count_ref),
-                    smem[:4],
-                    ring,
-                )
+                refs_m = (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lut_ref, count_ref)
+                memory(refs_m, smem[:6], ring + others[:2])
 
         pl.run_scoped(body, smem, ring, others, collective_axes="wg")
 
-    out = jax.ShapeDtypeStruct(shape, dtype)
+    out_struct = jax.ShapeDtypeStruct(shape, dtype)
     return plgpu.kernel(
         entry,
-        out_type=(out, out),
-        grid=(h, nk, b),
-        grid_names=("heads", "kblock", "batch"),
+        out_type=(out_struct, out_struct),
+        grid=(programs,),
+        grid_names=("prog",),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
