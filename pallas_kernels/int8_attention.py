@@ -72,11 +72,16 @@ _OVERRIDE: dict[str, tuple[int, int]] = {}
 
 
 # Implementation choices (read at trace time; the GPU check script times the alternatives):
-#   q_prepass: quantise Q in the pre-pass (int8 Q read by the forward kernel from memory) instead of inside the
-#              forward kernel;
-#   prepass:   "fused" (one Pallas kernel for Q and K), "pallas" (one Pallas kernel each) or "xla".
+#   q_prepass:  quantise Q in the pre-pass (int8 Q read by the forward kernel from memory) instead of inside the
+#               forward kernel (Triton kernel);
+#   prepass:    "fused" (one Pallas kernel for Q and K), "pallas" (one Pallas kernel each) or "xla";
+#   fwd_kernel: "auto" (the INT8 Mosaic GPU kernel of sparse_mosaic.py on Hopper GPUs for the calls it supports:
+#               quant "int8", N % 8 == 0, D % 64 == 0, block_q 128, 16-bit inputs, per-block linear states; the
+#               Triton kernel of this file otherwise), "mosaic" (the same on any GPU) or "triton";
+#   mosaic_q:   the Mosaic path's Q quantisation (with the LSE shift q . mean_N(K)): "pallas" (one Pallas-Triton
+#               pass over Q) or "xla".
 # Defaults: measured on an H100 (docs/perf_notes_int8.md); the alternatives are within noise or slower.
-OPTIONS = {"q_prepass": True, "prepass": "fused"}
+OPTIONS = {"q_prepass": True, "prepass": "fused", "fwd_kernel": "auto", "mosaic_q": "pallas"}
 
 
 class _Opts(NamedTuple):
@@ -84,11 +89,17 @@ class _Opts(NamedTuple):
 
     q_prepass: bool
     prepass: str
+    fwd_kernel: str
+    mosaic_q: str
 
 
 def _opts() -> _Opts:
     o = _Opts(**OPTIONS)
-    if o.prepass not in ("fused", "pallas", "xla"):
+    if (
+        o.prepass not in ("fused", "pallas", "xla")
+        or o.fwd_kernel not in ("auto", "mosaic", "triton")
+        or o.mosaic_q not in ("pallas", "xla")
+    ):
         raise ValueError(f"bad OPTIONS {OPTIONS}")
     return o
 
@@ -329,6 +340,46 @@ def _prequantize(q, k, cfg: sl._Cfg, opts: _Opts | None = None) -> _Quantised:
     return _Quantised(q8, q_scale, k8, k_scale, k_mean)
 
 
+def _quant_query_kernel(q_ref, mean_ref, q8_ref, scale_ref, shift_ref, *, n, block, shift_scale, interpret):
+    """Program (i, h, b): query rows [i*block, (i+1)*block) -> int8 with one scale, and each row's q . mean."""
+    start = pl.program_id(0) * block
+    valid = (start + jnp.arange(block)) < n
+    x = sl._load_rows(q_ref, start, block, n)
+    x8, scale = quantize_rows(x, None, valid, interpret)
+    store_quantised_rows(q8_ref, scale_ref, x8, scale, start, valid)
+    shift_ref[...] = jnp.sum(x.astype(_F32) * mean_ref[...][None, :], axis=1) * shift_scale
+
+
+def quantize_queries(q, block_q: int, k_mean, shift_scale: float, *, interpret: bool = False, method=None):
+    """Q to int8 per (batch, head, query block) and the LSE shift of smoothed keys, from one read of Q.
+
+    q (B, N, H, D) 16-bit or f32; k_mean (B, H, D) f32 (mean_N(K)). Returns (q8 int8 (B, N, H, D), q_scale f32
+    (B, H, Nq), shift f32 (B, H, Nq * block_q) = (q . k_mean) * shift_scale per row, 0 past N). q8 and q_scale are
+    those of ``quantize_blocks``. method: "pallas" (one Pallas-Triton pass) or "xla"; None: OPTIONS["mosaic_q"].
+    """
+    b, n, h, d = q.shape
+    nq = -(-n // block_q)
+    if (method or _opts().mosaic_q) == "xla":
+        q8, q_scale = quantize_blocks(q, block_q)
+        shift = jnp.einsum("bnhd,bhd->bhn", q.astype(_F32), k_mean, precision=lax.Precision.HIGHEST) * shift_scale
+        return q8, q_scale, jnp.pad(shift, ((0, 0), (0, 0), (0, nq * block_q - n)))
+    q8, scales, shift = pl.pallas_call(
+        functools.partial(_quant_query_kernel, n=n, block=block_q, shift_scale=shift_scale, interpret=interpret),
+        grid=(nq, h, b),
+        in_specs=[_seq_spec3(n, d), pl.BlockSpec((None, None, d), lambda j, hh, bb: (bb, hh, 0))],
+        out_specs=[_seq_spec3(n, d), _lane_spec(SCALE_LANES), _lane_spec(block_q)],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, jnp.int8),
+            jax.ShapeDtypeStruct((b, h, nq * SCALE_LANES), _F32),
+            jax.ShapeDtypeStruct((b, h, nq * block_q), _F32),
+        ],
+        compiler_params=CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="sla_int8_quant_q",
+    )(q, k_mean)
+    return q8, scales[:, :, ::SCALE_LANES], shift
+
+
 def quantize_blocks(x, block: int):
     """x (B, N, H, D) -> (int8 (B, N, H, D), scales (B, H, Nb)), as sla2_jax.quant.quantize_int8_blocks (XLA)."""
     b, n, h, d = x.shape
@@ -421,10 +472,51 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: sl._Cfg, quant: str, 
     keys: ``QuantisedKeys`` made before (then Q is quantised inside the forward kernel and there is no pre-pass)
     or None (the pre-pass selected by OPTIONS).
     """
+    if _use_mosaic(q, cfg, quant):
+        return _forward_mosaic(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, fused=fused, residuals=residuals)
     quantised = _prequantize(q, k, cfg) if keys is None else _Quantised(None, None, *keys)
     return _forward_quantised(
         q, k, v, q_phi, k_phi, lut, alpha, quantised, cfg, quant, fused=fused, residuals=residuals
     )
+
+
+def _use_mosaic(q, cfg: sl._Cfg, quant: str) -> bool:
+    """OPTIONS["fwd_kernel"] asks for the INT8 Mosaic GPU forward ("mosaic", or "auto" on a Hopper GPU) and it
+    supports the call (quant "int8", GPU, 16-bit, N % 8 == 0, D % 64 == 0, block_q 128, per-block linear states)."""
+    kernel = _opts().fwd_kernel
+    wanted = kernel == "mosaic" or (kernel == "auto" and gpu_generation() == "hopper")
+    return (
+        wanted
+        and quant == "int8"
+        and not cfg.interpret
+        and not sl._lin_in_loop("fwd", cfg)
+        and cfg.block_q == 128
+        and cfg.n % 8 == 0  # Mosaic's GMEM tiling of the (N, H, D) operands
+        and cfg.d % 64 == 0
+        and jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    )
+
+
+def _forward_mosaic(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: sl._Cfg, *, fused: bool, residuals: bool):
+    """INT8 sparse branch by the Mosaic GPU kernel (o_s, LSE), then the linear branch and the combine in
+    sparse_linear's Triton epilogue; the same dict as ``_forward_quantised``. keys None: a K pre-pass first."""
+    from .sparse_mosaic import sparse_attention_mosaic_int8
+
+    b, _, h, _ = q.shape
+    if keys is None:
+        qz = _prequantize(q, k, cfg, _opts()._replace(q_prepass=False))
+        keys = QuantisedKeys(qz.k8, qz.k_scale, qz.k_mean)
+    o_s, lse = sparse_attention_mosaic_int8(q, k, v, lut, keys, block_k=cfg.block_k, sm_scale=cfg.sm_scale, stages=4)
+    linear_inputs, h_tot, z_tot = sl._linear_inputs(q_phi, k_phi, v, lut, cfg, False)
+    out = {"o_s": o_s, "lse": lse, "h_tot": h_tot, "z_tot": z_tot}
+    outputs = [x for x in sl._forward_outputs(q, cfg, fused=fused, residuals=residuals) if x[0] not in out]
+    if outputs:
+        inputs = [("o_s_in", o_s, sl._seq_spec(cfg))] + linear_inputs
+        if fused:
+            inputs += [("alpha", alpha, sl._full_spec(cfg.nq))]
+        res = sl._call(sl._linear_epilogue_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "fwd", {"fused": fused})
+        out.update(zip([x[0] for x in outputs], res))
+    return out
 
 
 def _forward_quantised(
@@ -607,6 +699,7 @@ __all__ = [
     "quantize_blocks",
     "quantize_keys",
     "quantize_keys_with_mean",
+    "quantize_queries",
     "quantize_values_fp8",
     "sla2_fused_attention_lowbit",
     "sparse_linear_attention_lowbit",

@@ -11,14 +11,27 @@ Grid (H, Nq, B), three warpgroups per program (query block i of 128 rows):
     softmax overlaps the other's matmuls.
   * warpgroup 2 (memory): TMA copies of K_j, V_j for j = lut[b, h, i, t] into a ring of ``stages`` slots, each
     refilled as soon as both compute warpgroups released it.
-Outputs o_s (B, N, H, D) in q's dtype and lse (B, H, Nq * 128) float32, base 2 of the logits scaled by
+Outputs o_s (B, N, H, D) in v's dtype and lse (B, H, Nq * 128) float32, base 2 of the logits scaled by
 sm_scale * log2(e): the layout and convention of sparse_linear's forward, so its backward kernels can consume them.
-Keys >= N (the ragged last key block, only ever the LUT's last entry: it is ascending) are masked; rows >= N are neither read (TMA fills zeros) nor written.
+Keys >= N (the ragged last key block, only ever the LUT's last entry: it is ascending) are masked; rows >= N are
+neither read (TMA fills zeros) nor written.
 Flop per program 4 * 128 * block_k * D * topk; bytes per LUT entry 2 * block_k * D * itemsize (from L2 mostly).
 
+Two score operand types share the kernel (``_sparse_forward``):
+  * 16-bit (``sparse_attention_mosaic``): S = Q K^T in float32 (bf16/f16 wgmma), times sm_scale * log2 e.
+  * INT8 (``sparse_attention_mosaic_int8``, issue #4): Q quantised per 128-row query block, K~ = K - mean_N(K) per
+    key block (``int8_attention.QuantisedKeys``); S = (Q8 K8_j^T)[int32 wgmma -> float32] * s_q * s_k[j] *
+    sm_scale * log2 e, one scale per LUT entry read from a (B, H, Nq, topk) table made before the kernel. P V stays
+    16-bit. The LSE gets q . mean_N(K) * sm_scale * log2 e added back (softmax is shift-invariant, its LSE is
+    not), so that the 16-bit backward, which recomputes P from the unsmoothed K, can use it.
+8-bit tiles in shared memory are 128 bytes wide when D % 128 == 0 (64 otherwise): tiling (8, 128) or (8, 64)
+with the matching swizzle, K-major for both operands (the only layout the 8-bit wgmma takes; K^T is a transposed
+view of the (keys, D) tile).
+
 Used by sparse_linear._forward on Hopper GPUs (OPTIONS["fwd_kernel"] "auto" / "mosaic"; docs/perf_notes.md,
-"Session 3"). Checked on the GPU only (experiments/probe_mosaic_sparse.py, experiments/check_kernels_gpu.py): Mosaic
-GPU kernels have no CPU interpret mode; the CPU tests cover the wiring around it with a stand-in.
+"Session 3") and by int8_attention's forward (docs/perf_notes_int8.md, run 7). Checked on the GPU only
+(experiments/probe_mosaic_sparse.py, experiments/probe_mosaic_int8.py): Mosaic GPU kernels have no CPU interpret
+mode; the CPU tests cover the wiring around them with stand-ins.
 """
 
 from __future__ import annotations
@@ -33,29 +46,91 @@ from jax.experimental import pallas as pl
 
 _LOG2E = math.log2(math.e)
 _ROWS = 64  # query rows per compute warpgroup (one wgmma M tile); a query block is 2 x 64 rows
+_BLOCK_Q = 2 * _ROWS
+# INT8 scores to float32 (read at trace time): "convert" (cvt.rn.f32.s32, a quarter-rate instruction per score)
+# or "magic" (the integer plus 1.5 * 2^23 read as a float is exact for |S| < 2^22, true for D <= 256; the offset is
+# folded into the per-row bias of the exp2 argument: one integer add per score instead of a conversion).
+OPTIONS = {"int_to_float": "convert"}
+_MAGIC = 1.5 * 2.0**23
+_MAGIC_BITS = 0x4B400000  # bit pattern of the float32 1.5 * 2^23
 
 
 def sparse_attention_mosaic(q, k, v, lut, *, block_k: int = 64, sm_scale: float | None = None, stages: int = 2):
     """Sparse branch of SLA over the LUT's key blocks: q, k, v (B, N, H, D) bf16/f16, N % 8 == 0, D % 64 == 0;
     lut (B, H, Nq, topk) int32 with Nq = ceil(N / 128) -> (o_s (B, N, H, D) q.dtype, lse (B, H, Nq * 128) f32)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only backend: imported on use
+    _check(q, lut)
+    scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * _LOG2E
+    return _sparse_forward(q, k, v, lut, scale, block_k=block_k, stages=stages)
 
+
+def sparse_attention_mosaic_int8(
+    q, k, v, lut, keys, *, block_k: int = 64, sm_scale: float | None = None, stages: int = 4, queries=None
+):
+    """INT8 sparse branch: q, k, v (B, N, H, D) bf16/f16 as sparse_attention_mosaic; keys an
+    ``int8_attention.QuantisedKeys`` of k for ``block_k`` (int8 K~ (B, N, H, D), scales (B, H, Nk), mean (B, H, D));
+    queries: None (Q quantised here by ``int8_attention.quantize_queries``) or its (q8 int8 (B, N, H, D),
+    q_scale f32 (B, H, Nq), shift f32 (B, H, Nq * 128)).
+    Returns (o_s (B, N, H, D) q.dtype, lse (B, H, Nq * 128) f32, base 2, of the unsmoothed scores)."""
+    # int8_attention imports this module's callers: import on use
+    from . import int8_attention as ia
+
+    _check(q, lut)
+    scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * _LOG2E
+    if queries is None:
+        queries = ia.quantize_queries(q, _BLOCK_Q, keys.mean, scale)
+    q8, q_scale, shift = queries
+    step_scale = lut_scales(lut, q_scale, keys.scale, scale)
+    o_s, lse = _sparse_forward(q8, keys.k8, v, lut, step_scale, block_k=block_k, stages=stages)
+    return o_s, lse + shift
+
+
+def lut_scales(lut, q_scale, k_scale, scale: float):
+    """Score scale of each LUT entry, (B, H, Nq, topk) f32: q_scale (B, H, Nq) * k_scale[lut] (B, H, Nk) * scale."""
+    b, h, nq, topk = lut.shape
+    ks = jnp.take_along_axis(k_scale, lut.reshape(b, h, nq * topk), axis=2).reshape(lut.shape)
+    return ks * (q_scale[..., None] * scale)
+
+
+def _check(q, lut):
     b, n, h, d = q.shape
+    if lut.shape[2] != -(-n // _BLOCK_Q) or lut.shape[:2] != (b, h):
+        raise ValueError(f"lut shape {lut.shape} must be (B, H, ceil(N / {_BLOCK_Q}), topk) for q shape {q.shape}")
+    if d % 64 or n % 8:
+        raise ValueError(f"need N a multiple of 8 and D of 64, got N={n}, D={d}")
+
+
+def _tiles(plgpu, dtype, d: int):
+    """SMEM transforms of a (rows, d) tile: rows of 128 bytes (64 for 8-bit D not a multiple of 128), swizzled."""
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = 128 if (d * itemsize) % 128 == 0 else 64
+    return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+def _sparse_forward(q_op, k_op, v, lut, scale, *, block_k: int, stages: int):
+    """The kernel: score operands q_op, k_op (B, N, H, D) both 16-bit or both int8, values v (B, N, H, D) 16-bit.
+
+    scale: a float (16-bit operands: sm_scale * log2 e) or, for int8 operands, the (B, H, Nq, topk) f32 table of
+    per-LUT-entry scales (``lut_scales``). Returns (o_s (B, N, H, D) v.dtype, lse (B, H, Nq * 128) f32) of the
+    scores as computed (the caller corrects the LSE of smoothed keys)."""
+    # GPU-only backend: imported on use
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    b, n, h, d = v.shape
+    if v.dtype not in (jnp.bfloat16, jnp.float16) or q_op.dtype not in (v.dtype, jnp.int8):
+        raise ValueError(f"need 16-bit values and 16-bit or int8 scores, got {v.dtype}, {q_op.dtype}")
     nq, topk = lut.shape[2], lut.shape[3]
-    block_q = 2 * _ROWS
-    if nq != -(-n // block_q) or lut.shape[:2] != (b, h):
-        raise ValueError(f"lut shape {lut.shape} must be (B, H, ceil(N / {block_q}), topk) for q shape {q.shape}")
-    if d % 64 or n % 8 or q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"need N a multiple of 8, D of 64 and bf16/f16 inputs, got N={n}, D={d}, {q.dtype}")
-    scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * _LOG2E
+    quantised = q_op.dtype == jnp.int8
     stages = max(1, min(stages, topk))
     ragged = n % block_k != 0
-    dtype = q.dtype
+    dtype = v.dtype
+    acc_dtype = jnp.int32 if quantised else jnp.float32
+    magic = quantised and OPTIONS["int_to_float"] == "magic" and d <= 256
 
-    def body(q_ref, k_ref, v_ref, lut_ref, o_ref, lse_ref, smem, ready, released, turn):
+    def body(refs, smem, ready, released, turn):
+        q_ref, k_ref, v_ref, lut_ref, *scale_ref, o_ref, lse_ref = refs
         bi, hi, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("qblock")
         wg = lax.axis_index("wg")
-        q_smem, k_smem, v_smem, lse_smem = smem
+        q_smem, k_smem, v_smem, lse_smem, *o_smem = smem
         k_ready, v_ready, q_ready = ready
         k_free, v_free = released
 
@@ -66,7 +141,7 @@ def sparse_attention_mosaic(q, k, v, lut, *, block_k: int = 64, sm_scale: float 
         @pl.when(wg < 2)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
-            row0 = qi * block_q + wg * _ROWS
+            row0 = qi * _BLOCK_Q + wg * _ROWS
             my_q = q_smem.at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, _ROWS), hi], my_q, q_ready.at[wg])
             plgpu.barrier_wait(q_ready.at[wg])
@@ -80,21 +155,31 @@ def sparse_attention_mosaic(q, k, v, lut, *, block_k: int = 64, sm_scale: float 
             def step(t, carry, masked=False):
                 acc, m_i, l_i = carry
                 slot = lax.rem(t, stages)
+                s_scale = scale_ref[0][bi, hi, qi, t] if quantised else scale
 
                 def scores(s_ref):
                     plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
                     take_turn()
                     return s_ref[...]
 
-                s = pl.run_scoped(scores, plgpu.ACC((_ROWS, block_k), jnp.float32))
+                s = pl.run_scoped(scores, plgpu.ACC((_ROWS, block_k), acc_dtype))
                 plgpu.barrier_arrive(k_free.at[slot])
+                if magic:  # s + 1.5 * 2^23 exactly, as a float
+                    s = lax.bitcast_convert_type(s + jnp.int32(_MAGIC_BITS), jnp.float32)
+                elif quantised:
+                    s = s.astype(jnp.float32)
                 if masked:  # keys >= N exist only in the last key block: the LUT's last entry (ascending)
                     key0 = lut_ref[bi, hi, qi, t] * block_k
                     keys = plgpu.broadcasted_iota(jnp.int32, (_ROWS, block_k), 1, layout=plgpu.Layout.WGMMA)
                     s = jnp.where(keys + key0 < n, s, -jnp.inf)
-                m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
+                if magic:
+                    m_new = jnp.maximum(m_i, (s.max(axis=1) - _MAGIC) * s_scale)
+                    bias = m_new + _MAGIC * s_scale
+                else:
+                    m_new = jnp.maximum(m_i, s.max(axis=1) * s_scale)
+                    bias = m_new
                 correction = jnp.exp2(m_i - m_new)
-                p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                p = jnp.exp2(s * s_scale - lax.broadcast_in_dim(bias, s.shape, [0]))
                 acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
                 l_i = l_i * correction + p.sum(axis=1)
                 p16 = p.astype(dtype)
@@ -120,10 +205,11 @@ def sparse_attention_mosaic(q, k, v, lut, *, block_k: int = 64, sm_scale: float 
             acc, m_i, l_i = lax.fori_loop(topk - 1, topk, last, (acc, m_i, l_i))
             pl.when(wg == 0)(take_turn)
             acc = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
-            my_q[...] = acc.astype(dtype)  # the Q tile's slot holds the output tile
+            o_tile = o_smem[0].at[wg] if quantised else my_q  # 16-bit: the Q tile's slot holds the output tile
+            o_tile[...] = acc.astype(dtype)
             lse_smem.at[wg][...] = m_i + jnp.log2(l_i)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(my_q, o_ref.at[bi, pl.ds(row0, _ROWS), hi])
+            plgpu.copy_smem_to_gmem(o_tile, o_ref.at[bi, pl.ds(row0, _ROWS), hi])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(row0, _ROWS)])
             plgpu.wait_smem_to_gmem(0)
 
@@ -146,14 +232,16 @@ def sparse_attention_mosaic(q, k, v, lut, *, block_k: int = 64, sm_scale: float 
                 plgpu.barrier_wait(v_free.at[slot])
                 fetch(t, slot)
 
-    def entry(q_ref, k_ref, v_ref, lut_ref, o_ref, lse_ref):
-        tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-        smem = (
-            plgpu.SMEM((2, _ROWS, d), dtype, transforms=tiles),
-            plgpu.SMEM((stages, block_k, d), dtype, transforms=tiles),
-            plgpu.SMEM((stages, block_k, d), dtype, transforms=tiles),
+    def entry(*refs):
+        qk_tiles, v_tiles = _tiles(plgpu, q_op.dtype, d), _tiles(plgpu, dtype, d)
+        smem = [
+            plgpu.SMEM((2, _ROWS, d), q_op.dtype, transforms=qk_tiles),
+            plgpu.SMEM((stages, block_k, d), q_op.dtype, transforms=qk_tiles),
+            plgpu.SMEM((stages, block_k, d), dtype, transforms=v_tiles),
             plgpu.SMEM((2, _ROWS), jnp.float32),
-        )
+        ]
+        if quantised:  # the output tiles (16-bit) cannot reuse the int8 Q tiles
+            smem.append(plgpu.SMEM((2, _ROWS, d), dtype, transforms=v_tiles))
         ready = (
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
@@ -161,15 +249,16 @@ def sparse_attention_mosaic(q, k, v, lut, *, block_k: int = 64, sm_scale: float 
         )
         released = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2
         pl.run_scoped(
-            lambda *scoped: body(q_ref, k_ref, v_ref, lut_ref, o_ref, lse_ref, *scoped),
-            smem,
+            lambda *scoped: body(refs, *scoped),
+            tuple(smem),
             ready,
             released,
             plgpu.Barrier(num_arrivals=2),
             collective_axes="wg",
         )
 
-    out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((b, h, nq * block_q), jnp.float32))
+    out_type = (jax.ShapeDtypeStruct(v.shape, dtype), jax.ShapeDtypeStruct((b, h, nq * _BLOCK_Q), jnp.float32))
+    inputs = (q_op, k_op, v, lut) + ((scale,) if quantised else ())
     return plgpu.kernel(
         entry,
         out_type=out_type,
@@ -178,4 +267,4 @@ def sparse_attention_mosaic(q, k, v, lut, *, block_k: int = 64, sm_scale: float 
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q, k, v, lut)
+    )(*inputs)

@@ -172,3 +172,69 @@ def test_bad_inputs():
         ia.sla2_fused_attention_lowbit(q, k, v, q, k, lut[:, :, :1], 0.5, block_q=32, block_k=32)
     with pytest.raises(ValueError, match="alpha"):
         ia.sla2_fused_attention_lowbit(q, k, v, q, k, lut, jnp.ones((3,)), block_q=32, block_k=32)
+
+
+@pytest.mark.parametrize("method", ["pallas", "xla"])
+def test_query_prepass_matches_reference_quantisation_and_shift(seed, method):
+    """quantize_queries (the INT8 Mosaic path's Q pass): int8 Q and scales as sla2_jax.quantize_int8_blocks, the LSE
+    shift (q . mean_N(K)) * c as float64 numpy, 0 past N (ragged N, two heads)."""
+    q, k, _ = random_qkv(seed, (1, 90, 2, 64), jnp.bfloat16)
+    mean = jnp.mean(k.astype(jnp.float32), axis=1)
+    q8, scales, shift = ia.quantize_queries(q, 32, mean, 0.37, interpret=True, method=method)
+    r8, r_scales = sla.quantize_int8_blocks(q, 32)
+    np.testing.assert_array_equal(np.asarray(scales), np.asarray(r_scales))
+    diff = np.abs(np.asarray(q8, np.int32) - np.asarray(r8, np.int32))  # exact ties may round apart (see above)
+    assert q8.dtype == jnp.int8 and diff.max() <= 1 and (diff > 0).mean() < 2e-3
+    ref = np.einsum("bnhd,bhd->bhn", np.asarray(q, np.float64), np.asarray(mean, np.float64)) * 0.37
+    assert shift.shape == (1, 2, 96) and rel_err(shift[:, :, :90], ref) < 1e-6
+    assert not np.any(np.asarray(shift[:, :, 90:]))
+
+
+def _emulated_mosaic_kernel(q8, k8, v, lut, step_scale, *, block_k, stages):
+    """XLA stand-in for sparse_mosaic._sparse_forward on int8 operands (the GPU-only kernel): S = q8 k8^T times the
+    LUT entry's scale, keys of unselected blocks and >= N masked, base-2 softmax; (o_s, lse (B, H, Nq * 128))."""
+    assert q8.dtype == k8.dtype == jnp.int8 and step_scale.shape == lut.shape and stages >= 1
+    b, n, h, _ = v.shape
+    nq, nk = lut.shape[2], -(-n // block_k)
+    idx = jnp.indices(lut.shape)
+    table = jnp.zeros((b, h, nq, nk), jnp.float32).at[idx[0], idx[1], idx[2], lut].set(step_scale)
+    table = jnp.repeat(jnp.repeat(table, 128, axis=2)[:, :, :n], block_k, axis=3)[..., :n]  # (B, H, N, N)
+    s = jnp.einsum("bnhd,bmhd->bhnm", q8.astype(jnp.float32), k8.astype(jnp.float32)) * table
+    s = jnp.where(table > 0, s, -jnp.inf)
+    lse = jax.nn.logsumexp(s * np.log(2.0), axis=-1) / np.log(2.0)
+    o = jnp.einsum("bhnm,bmhd->bnhd", jnp.exp2(s - lse[..., None]), v.astype(jnp.float32))
+    return o.astype(v.dtype), jnp.pad(lse, ((0, 0), (0, 0), (0, nq * 128 - n)))
+
+
+def test_mosaic_int8_path_with_an_emulated_kernel(seed, monkeypatch):
+    """The INT8 Mosaic forward (GPU only) = Q pass + per-LUT-entry scales + the Mosaic kernel + LSE shift + the Triton
+    linear epilogue. On CPU an XLA emulation replaces the kernel; output and gradients must equal the Triton INT8
+    path's (same quantised operands; the kernel itself is checked on the GPU by experiments/probe_mosaic_int8.py)."""
+    from pallas_kernels import sparse_mosaic
+
+    calls = []
+
+    def kernel(*args, **kw):
+        calls.append(kw)
+        return _emulated_mosaic_kernel(*args, **kw)
+
+    q, k, v, lut, mass = _setup(seed, 200, 64, jnp.float32, 128, 64, 0.5)  # ragged N, 2 query blocks
+    kw = dict(block_q=128, block_k=64)
+    do = jax.random.normal(jax.random.PRNGKey(seed + 3), q.shape)
+    args = (q, k, v, _phi(q), _phi(k), mass)
+
+    def run():
+        fn = lambda *a: ia.sla2_fused_attention_lowbit(*a[:5], lut, a[5], **kw)
+        grads = jax.grad(lambda *a: jnp.sum(fn(*a) * do), argnums=tuple(range(6)))(*args)
+        return fn(*args), grads
+
+    with ia.options(fwd_kernel="triton"):
+        o_ref, g_ref = run()
+    monkeypatch.setattr(sparse_mosaic, "_sparse_forward", kernel)
+    monkeypatch.setattr(ia, "_use_mosaic", lambda q, cfg, quant: quant == "int8")  # any device, interpret mode
+    with ia.options(fwd_kernel="mosaic", mosaic_q="xla"):
+        o, g = run()
+    assert calls, "the mosaic path was not taken"
+    assert rel_err(o, o_ref) < 1e-5, rel_err(o, o_ref)
+    for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, g_ref):
+        assert rel_err(a, b) < 1e-4, (name, rel_err(a, b))
