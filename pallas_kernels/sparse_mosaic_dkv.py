@@ -135,19 +135,30 @@ def _build(shape, dtype, sm_scale, variant: _Variant, has_alpha, num_sms):
     wgmma_layout = plgpu.Layout.WGMMA
     cols = plgpu.Layout.WGMMA.reduce(0)  # a vector along the query rows (the columns of S^T)
 
+    persistent = variant.persistent
+
     def item_ids(it):
-        """(batch, head, key block) of this program's it-th work item."""
+        """(batch, head, key block) of this program's it-th work item (grid axes when one item per program)."""
+        if not persistent:
+            return lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kblock")
         e = lax.axis_index("prog") + it * programs
         return lax.div(e, h * nk), lax.rem(e, h), lax.rem(lax.div(e, h), nk)
 
-    def my_items():
-        return lax.div(items - lax.axis_index("prog") + programs - 1, programs)
+    def for_each_item(item):
+        """item(it, g0) -> g0 + count for each work item of this program (g0: ring steps before it)."""
+        if not persistent:  # straight-line code: no loop state to keep live through the step loop
+            item(0, 0)
+            return
+        my_items = lax.div(items - lax.axis_index("prog") + programs - 1, programs)
+        lax.fori_loop(0, my_items, item, jnp.int32(0))
 
     def compute(refs, smem, bars, wg):
-        lut_ref, count_ref, alpha_ref, dk_ref, dv_ref = refs
+        k_ref, v_ref, lut_ref, count_ref, alpha_ref, dk_ref, dv_ref = refs
         q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, red_smem, out_smem = smem
         q_ready, do_ready, lse_ready, delta_ready, free, kv_ready, kv_free, red_full, red_empty, out_free = bars
         plgpu.set_max_registers(232, action="increase")
+        if not persistent:
+            pl.when(wg == 0)(lambda: load_kv(k_ref, v_ref, k_smem, v_smem, kv_ready, item_ids(0)))
         zeros = plgpu.layout_cast(jnp.full((_KEYS, d), 0.0, f32), wgmma_layout)
 
         def item(it, g0):
@@ -254,7 +265,7 @@ def _build(shape, dtype, sm_scale, variant: _Variant, has_alpha, num_sms):
             finish(dk * sm_scale, dv, wg, it, (bi, hi, j), outs, red_smem, (red_full, red_empty, kv_free, out_free))
             return g0 + cnt
 
-        lax.fori_loop(0, my_items(), item, jnp.int32(0))
+        for_each_item(item)
         plgpu.wait_smem_to_gmem(0)  # the last stores complete before the program ends
 
     def finish(dk, dv, wg, it, ids, outs, red_smem, bars):
@@ -301,7 +312,7 @@ def _build(shape, dtype, sm_scale, variant: _Variant, has_alpha, num_sms):
 
             @pl.when(wg == 1)
             def _():
-                if union:  # the buffer doubles as the output tiles of the previous key block
+                if union and persistent:  # the buffer doubles as the previous key block's output tiles
                     pl.when(it > 0)(lambda: plgpu.barrier_wait(out_free))
                 red_smem.at[0][...] = dk
                 plgpu.barrier_arrive(red_full)
@@ -332,11 +343,14 @@ def _build(shape, dtype, sm_scale, variant: _Variant, has_alpha, num_sms):
             bi, hi, j = item_ids(it)
             cnt = count_ref[bi, hi, j]
 
-            def fetch(t, _):
+            def fetch(t, _, wait=None):
                 g = g0 + t
                 for w in range(2):
                     s = lax.rem(g, stages) * 2 + w
-                    pl.when(g >= stages)(lambda s=s: plgpu.barrier_wait(free.at[s]))
+                    if wait is None:
+                        pl.when(g >= stages)(lambda s=s: plgpu.barrier_wait(free.at[s]))
+                    elif wait:
+                        plgpu.barrier_wait(free.at[s])
                     rows = pl.ds(lut_ref[bi, hi, j, t] * _BLOCK_Q + w * _ROWS, _ROWS)
                     plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem.at[s], q_ready.at[s])
                     plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem.at[s], lse_ready.at[s])
@@ -345,15 +359,23 @@ def _build(shape, dtype, sm_scale, variant: _Variant, has_alpha, num_sms):
                 return _
 
             first = jnp.minimum(cnt, stages)
+            if not persistent:  # K, V come from compute warpgroup 0; the first ring slots are free
+                lax.fori_loop(0, first, functools.partial(fetch, wait=False), None)
+                lax.fori_loop(first, cnt, functools.partial(fetch, wait=True), None)
+                return g0 + cnt
             lax.fori_loop(0, first, fetch, None)  # may run ahead of the previous key block's epilogue
             pl.when(it > 0)(lambda: plgpu.barrier_wait(kv_free))
-            keys = pl.ds(j * _KEYS, _KEYS)
-            plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, hi], k_smem, kv_ready.at[0])
-            plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, hi], v_smem, kv_ready.at[1])
+            load_kv(k_ref, v_ref, k_smem, v_smem, kv_ready, (bi, hi, j))
             lax.fori_loop(first, cnt, fetch, None)
             return g0 + cnt
 
-        lax.fori_loop(0, my_items(), item, jnp.int32(0))
+        for_each_item(item)
+
+    def load_kv(k_ref, v_ref, k_smem, v_smem, kv_ready, ids):
+        bi, hi, j = ids
+        keys = pl.ds(j * _KEYS, _KEYS)
+        plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, hi], k_smem, kv_ready.at[0])
+        plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, hi], v_smem, kv_ready.at[1])
 
     def entry(*refs):
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lut_ref, count_ref = refs[:8]
@@ -391,7 +413,7 @@ def _build(shape, dtype, sm_scale, variant: _Variant, has_alpha, num_sms):
 
             @pl.when(wg < 2)
             def _compute():
-                refs_c = (lut_ref, count_ref, alpha_ref, dk_ref, dv_ref)
+                refs_c = (k_ref, v_ref, lut_ref, count_ref, alpha_ref, dk_ref, dv_ref)
                 compute(refs_c, smem, ring + others, wg)
 
             @pl.when(wg == 2)
@@ -405,8 +427,8 @@ def _build(shape, dtype, sm_scale, variant: _Variant, has_alpha, num_sms):
     return plgpu.kernel(
         entry,
         out_type=(out_struct, out_struct),
-        grid=(programs,),
-        grid_names=("prog",),
+        grid=(programs,) if persistent else (h, nk, b),
+        grid_names=("prog",) if persistent else ("heads", "kblock", "batch"),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
