@@ -33,6 +33,11 @@ Forward kernel, grid (Nq, H, B) (block index fastest, like sparse_linear). Progr
   Flop per program: topk * (2 bq bk D [int8] + 2 bq bk D [bf16 or fp8] (+ 2 bk D^2 bf16 "loop"))
   + 4 bq D^2; bytes per LUT entry: bk D (int8 K) + bk D * 2 (bf16 V, or 1 for fp8) (+ bk D * 2 phi(K) "loop").
 
+Hopper GPUs (OPTIONS["fwd_kernel"] "auto"): for quant "int8" and the shapes the Mosaic GPU kernels support the sparse
+branch runs in the warp-specialised Mosaic kernel of ``sparse_mosaic.py`` instead (int8 wgmma for Q K~^T, Q
+quantised by ``quantize_queries`` before it), then sparse_linear's Triton epilogue adds the linear branch and the
+combine (docs/perf_notes_int8.md, run 7: 1.3-1.4x faster than this file's kernel, 1.06-1.08x of the bf16 one).
+
 LSE: the scores use K~, so the kernel adds q_i . mean_N(K) * sm_scale back to each row's LSE (softmax is
 shift-invariant, the LSE is not) before the backward recomputes P from the unsmoothed K.
 
