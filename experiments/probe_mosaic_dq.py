@@ -44,6 +44,9 @@ VARIANTS = {  # name -> keyword arguments of _dq_call ("free_s2": the public fun
     "free_s3_b2": {"stages": 3, "blocks": 2},
     "free_s2_b4": {"stages": 2, "blocks": 4},
     "pingpong_s2_b2": {"stages": 2, "pingpong": True, "blocks": 2},
+    "free_s2_b2_pf": {"stages": 2, "blocks": 2, "prefetch": True},
+    "free_s2_b4_pf": {"stages": 2, "blocks": 4, "prefetch": True},
+    "free_s2_b8_pf": {"stages": 2, "blocks": 8, "prefetch": True},
 }
 
 
@@ -115,21 +118,13 @@ def random_lut(rng, b, h, nq, nk, topk):
 
 
 SMALL_CASES = [  # n, d, topk, dtype, alpha, block_k, variants beside the default
-    (1000, 128, 4, jnp.bfloat16, True, 64, ("free_s2", "alpha_rows_s2", "pingpong_s3")),
-    (2000, 64, 5, jnp.float16, False, 64, ("free_s2", "pingpong_s4")),
-    (4096, 128, 6, jnp.float16, True, 64, ("alpha_rows_s2",)),
-    (4096, 64, 3, jnp.bfloat16, False, 64, ()),
-    (
-        1048,
-        128,
-        2,
-        jnp.bfloat16,
-        True,
-        64,
-        (),
-    ),  # the last query block's second warpgroup lies wholly past N
-    (2000, 128, 1, jnp.bfloat16, False, 64, ()),
-    (2000, 128, 3, jnp.bfloat16, True, 128, ()),
+    (1000, 128, 4, jnp.bfloat16, True, 64, ("pingpong_s2", "alpha_rows_s2", "free_s2_b2", "free_s2_b2_pf")),
+    (2000, 64, 5, jnp.float16, False, 64, ("free_s4", "free_s3_b2", "free_s2_b4_pf", "free_s2_b8_pf")),
+    (4096, 128, 6, jnp.float16, True, 64, ("alpha_rows_s2", "free_s2_b4", "free_s2_b8_pf")),
+    (4096, 64, 3, jnp.bfloat16, False, 64, ("free_s2_b2_pf",)),
+    (1048, 128, 2, jnp.bfloat16, True, 64, ()),  # the last query block's second warpgroup lies wholly past N
+    (2000, 128, 1, jnp.bfloat16, False, 64, ("free_s3_b2", "free_s2_b2_pf")),
+    (2000, 128, 3, jnp.bfloat16, True, 128, ("free_s2_b2", "free_s2_b4_pf")),
 ]
 
 
@@ -290,7 +285,7 @@ def main():
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--skip-small", action="store_true")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    ap.add_argument("--sweep", nargs="*", default=["free_s2", "free_s2_b2", "free_s2_b4"])
+    ap.add_argument("--sweep", nargs="*", default=["free_s2", "free_s3_b2", "free_s2_b2_pf", "free_s2_b4_pf"])
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "probe_mosaic_dq.json")

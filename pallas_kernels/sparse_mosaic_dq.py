@@ -91,12 +91,28 @@ def _check_inputs(q, k, v, do, lse, delta, lut, alpha, block_k):
 
 
 def _dq_call(
-    q, k, v, do, lse, delta, lut, alpha, *, block_k, sm_scale, stages, pingpong=False, alpha_rows=False, blocks=1
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    lut,
+    alpha,
+    *,
+    block_k,
+    sm_scale,
+    stages,
+    pingpong=False,
+    alpha_rows=False,
+    blocks=1,
+    prefetch=False,
 ):
     """The kernel launch (inputs already checked); returns dq (B, N, H, D) q.dtype. Variants for the probe:
     ``pingpong`` (the two compute warpgroups take turns on the tensor cores), ``alpha_rows`` (alpha read as a
     per-row vector by TMA instead of a scalar from GMEM), ``blocks`` (query blocks per program, Nq % blocks == 0:
-    the K/V ring runs on across them and the next block's Q, dO load while the current block finishes)."""
+    the K/V ring runs on across them and the next block's Q, dO load during the current block's last step, or with
+    ``prefetch`` into a second buffer at the current block's start)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only backend: imported on use
 
     b, n, h, d = q.shape
@@ -115,6 +131,8 @@ def _dq_call(
     if has_alpha:
         inputs.append(jnp.repeat(alpha, _BLOCK_Q, axis=-1) if alpha_rows else alpha)
     tile = (_ROWS, block_k)
+    prefetch = prefetch and blocks > 1
+    nbuf = 2 if prefetch else 1  # buffers of the Q, dO and row tiles
 
     def body(refs, smem, ready, released, turn):
         q_ref, k_ref, v_ref, do_ref, lut_ref, *row_refs = refs[: len(inputs)]
@@ -123,7 +141,6 @@ def _dq_call(
         bi, hi, qi0 = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("qblock") * blocks
         wg = lax.axis_index("wg")
         q_smem, do_smem, k_smem, v_smem, row_smem, *dq_smem = smem
-        out_smem = dq_smem[0] if dq_smem else q_smem  # one block per program: the Q tile's slot holds dQ
         tile_ready, row_ready, k_ready, v_ready = ready
         k_free, v_free = released
 
@@ -138,26 +155,34 @@ def _dq_call(
         @pl.when(wg < 2)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
-            my_q, my_do = q_smem.at[wg], do_smem.at[wg]
             window = lambda g: (bi, pl.ds((qi0 + g) * _BLOCK_Q + wg * _ROWS, _ROWS), hi)
 
-            def load_block(g):  # TMA of query block qi0 + g's tiles of this warpgroup
-                plgpu.copy_gmem_to_smem(q_ref.at[window(g)], my_q, tile_ready.at[wg])
-                plgpu.copy_gmem_to_smem(do_ref.at[window(g)], my_do, tile_ready.at[2 + wg])
+            def load_block(g):  # TMA of query block qi0 + g's tiles of this warpgroup into buffer g % nbuf
+                buf = g % nbuf
+                plgpu.copy_gmem_to_smem(q_ref.at[window(g)], q_smem.at[buf, wg], tile_ready.at[4 * buf + wg])
+                plgpu.copy_gmem_to_smem(do_ref.at[window(g)], do_smem.at[buf, wg], tile_ready.at[4 * buf + 2 + wg])
                 for r, ref in enumerate(row_refs):
                     src = ref.at[bi, hi, pl.ds((qi0 + g) * _BLOCK_Q + wg * _ROWS, _ROWS)]
-                    plgpu.copy_gmem_to_smem(src, row_smem.at[r, wg], row_ready.at[2 * r + wg])
+                    j = buf * row_inputs + r
+                    plgpu.copy_gmem_to_smem(src, row_smem.at[j, wg], row_ready.at[2 * j + wg])
 
             def row_b(x):
                 return lax.broadcast_in_dim(x, tile, [0])
 
             def block(g):
-                plgpu.barrier_wait(tile_ready.at[wg])
-                plgpu.barrier_wait(tile_ready.at[2 + wg])
+                buf = g % nbuf
+                my_q, my_do = q_smem.at[buf, wg], do_smem.at[buf, wg]
+                if prefetch and g + 1 < blocks:  # the other buffer: free once block g - 1's dQ store read it
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    load_block(g + 1)
+                key0_last = lut_ref[bi, hi, qi0 + g, topk - 1] * block_k  # read early: GMEM latency
+                plgpu.barrier_wait(tile_ready.at[4 * buf + wg])
+                plgpu.barrier_wait(tile_ready.at[4 * buf + 2 + wg])
                 row_vals = []
                 for r in range(row_inputs):
-                    plgpu.barrier_wait(row_ready.at[2 * r + wg])
-                    row_vals.append(plgpu.load(row_smem.at[r, wg], layout=plgpu.Layout.WGMMA.reduce(1)))
+                    j = buf * row_inputs + r
+                    plgpu.barrier_wait(row_ready.at[2 * j + wg])
+                    row_vals.append(plgpu.load(row_smem.at[j, wg], layout=plgpu.Layout.WGMMA.reduce(1)))
                 lse_r, delta_r = row_vals[0], row_vals[1]
                 a = None
                 if has_alpha:
@@ -178,12 +203,11 @@ def _dq_call(
 
                     s, dp = pl.run_scoped(scores, plgpu.ACC(tile, jnp.float32), plgpu.ACC(tile, jnp.float32))
                     plgpu.barrier_arrive(v_free.at[slot])
-                    if last and g + 1 < blocks:  # Q, dO, rows of this block are read: fetch the next block's
+                    if last and not prefetch and g + 1 < blocks:  # Q, dO of this block are read: fetch the next
                         load_block(g + 1)
                     if last and ragged:  # keys >= N exist only in the last key block: the LUT's last entry
-                        key0 = lut_ref[bi, hi, qi0 + g, e - g * topk] * block_k
                         keys = plgpu.broadcasted_iota(jnp.int32, tile, 1, layout=plgpu.Layout.WGMMA)
-                        s = jnp.where(keys + key0 < n, s, -jnp.inf)
+                        s = jnp.where(keys + key0_last < n, s, -jnp.inf)
                     p = jnp.exp2(s * scale - row_b(lse_r))
                     if a is not None:
                         dp = dp * a
@@ -211,11 +235,12 @@ def _dq_call(
                 acc = lax.fori_loop(e0 + topk - 1, e0 + topk, last, acc)
                 if pingpong:
                     pl.when(wg == 0)(take_turn)
-                if g > 0:
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous block's dQ left the buffer
-                out_smem.at[wg][...] = (acc * sm_scale).astype(dtype)
+                if dq_smem:  # a separate dQ buffer (the next block's Q is loading): the previous store read it
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                out = dq_smem[0].at[wg] if dq_smem else my_q  # else this block's Q tile holds its dQ
+                out[...] = (acc * sm_scale).astype(dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(out_smem.at[wg], dq_ref.at[window(g)])
+                plgpu.copy_smem_to_gmem(out, dq_ref.at[window(g)])
 
             load_block(0)
             wait_kv(0)
@@ -246,17 +271,17 @@ def _dq_call(
     def entry(*refs):
         tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         smem = [
-            plgpu.SMEM((2, _ROWS, d), dtype, transforms=tiles),  # Q per compute warpgroup
-            plgpu.SMEM((2, _ROWS, d), dtype, transforms=tiles),  # dO
+            plgpu.SMEM((nbuf, 2, _ROWS, d), dtype, transforms=tiles),  # Q per buffer and compute warpgroup
+            plgpu.SMEM((nbuf, 2, _ROWS, d), dtype, transforms=tiles),  # dO
             plgpu.SMEM((stages, block_k, d), dtype, transforms=tiles),  # K ring
             plgpu.SMEM((stages, block_k, d), dtype, transforms=tiles),  # V ring
-            plgpu.SMEM((row_inputs, 2, _ROWS), jnp.float32),  # lse, delta (, alpha) rows
+            plgpu.SMEM((nbuf * row_inputs, 2, _ROWS), jnp.float32),  # lse, delta (, alpha) rows per buffer
         ]
-        if blocks > 1:
+        if blocks > 1 and not prefetch:
             smem.append(plgpu.SMEM((2, _ROWS, d), dtype, transforms=tiles))  # dQ out, while the next Q loads
         ready = (
-            plgpu.Barrier(num_barriers=4),  # Q of warpgroup 0, 1, then dO of warpgroup 0, 1
-            plgpu.Barrier(num_barriers=2 * row_inputs),  # row vector r of warpgroup wg: barrier 2 * r + wg
+            plgpu.Barrier(num_barriers=4 * nbuf),  # buffer b: Q of warpgroup 0, 1, then dO of warpgroup 0, 1
+            plgpu.Barrier(num_barriers=2 * nbuf * row_inputs),  # row vector j of warpgroup wg: 2 * j + wg
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
         )
