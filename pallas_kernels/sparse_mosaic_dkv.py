@@ -89,7 +89,7 @@ class _Variant(NamedTuple):
 
 def sparse_attention_dkv_mosaic(
     q, k, v, do, lse, delta, lut_t, count, alpha=None, *, block_k=64, sm_scale=None, stages=2, exchange=None,
-    schedule="three_groups", exchange_tiled=True, persistent=False, staging="kv", programs=None
+    schedule="early_dp", exchange_tiled=True, persistent=False, staging="kv", programs=None
 ):  # fmt: skip
     """dK, dV of the sparse branch over the transposed LUT.
 
