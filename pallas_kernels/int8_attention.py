@@ -487,19 +487,10 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: sl._Cfg, quant: str, 
 
 def _use_mosaic(q, cfg: sl._Cfg, quant: str) -> bool:
     """OPTIONS["fwd_kernel"] asks for the INT8 Mosaic GPU forward ("mosaic", or "auto" on a Hopper GPU) and it
-    supports the call (quant "int8", GPU, 16-bit, N % 8 == 0, D % 64 == 0, block_q 128, per-block linear states)."""
+    supports the call (quant "int8", per-block linear states, sparse_linear._mosaic_supports)."""
     kernel = _opts().fwd_kernel
     wanted = kernel == "mosaic" or (kernel == "auto" and gpu_generation() == "hopper")
-    return (
-        wanted
-        and quant == "int8"
-        and not cfg.interpret
-        and not sl._lin_in_loop("fwd", cfg)
-        and cfg.block_q == 128
-        and cfg.n % 8 == 0  # Mosaic's GMEM tiling of the (N, H, D) operands
-        and cfg.d % 64 == 0
-        and jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    )
+    return wanted and quant == "int8" and not sl._lin_in_loop("fwd", cfg) and sl._mosaic_supports(q, cfg)
 
 
 def _forward_mosaic(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: sl._Cfg, *, fused: bool, residuals: bool):
@@ -507,20 +498,13 @@ def _forward_mosaic(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: sl._Cfg, *, fu
     sparse_linear's Triton epilogue; the same dict as ``_forward_quantised``. keys None: a K pre-pass first."""
     from .sparse_mosaic import sparse_attention_mosaic_int8
 
-    b, _, h, _ = q.shape
     if keys is None:
         qz = _prequantize(q, k, cfg, _opts()._replace(q_prepass=False))
         keys = QuantisedKeys(qz.k8, qz.k_scale, qz.k_mean)
     o_s, lse = sparse_attention_mosaic_int8(q, k, v, lut, keys, block_k=cfg.block_k, sm_scale=cfg.sm_scale, stages=4)
     linear_inputs, h_tot, z_tot = sl._linear_inputs(q_phi, k_phi, v, lut, cfg, False)
-    out = {"o_s": o_s, "lse": lse, "h_tot": h_tot, "z_tot": z_tot}
-    outputs = [x for x in sl._forward_outputs(q, cfg, fused=fused, residuals=residuals) if x[0] not in out]
-    if outputs:
-        inputs = [("o_s_in", o_s, sl._seq_spec(cfg))] + linear_inputs
-        if fused:
-            inputs += [("alpha", alpha, sl._full_spec(cfg.nq))]
-        res = sl._call(sl._linear_epilogue_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "fwd", {"fused": fused})
-        out.update(zip([x[0] for x in outputs], res))
+    out = sl._linear_epilogue(q, o_s, lse, alpha, linear_inputs, cfg, fused=fused, residuals=residuals)
+    out["h_tot"], out["z_tot"] = h_tot, z_tot
     return out
 
 

@@ -542,15 +542,22 @@ def _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg: _Cfg, *, fused: boo
     """Sparse branch by the Mosaic GPU kernel (o_s, LSE), then the linear branch and combine in a Triton epilogue."""
     from .sparse_mosaic import sparse_attention_mosaic
 
-    b, _, h, _ = q.shape
     o_s, lse = sparse_attention_mosaic(q, k, v, lut, block_k=cfg.block_k, sm_scale=cfg.sm_scale, stages=4)
+    return _linear_epilogue(q, o_s, lse, alpha, linear_inputs, cfg, fused=fused, residuals=residuals)
+
+
+def _linear_epilogue(q, o_s, lse, alpha, linear_inputs, cfg: _Cfg, *, fused: bool, residuals: bool):
+    """The forward's outputs (dict, as _forward) from a sparse branch computed elsewhere: o_s (B, N, H, D) and lse
+    (B, H, Npad) f32 base 2 (the Mosaic kernels, bf16 or INT8), plus the linear branch and the SLA2 combine of
+    the Triton epilogue kernel (linear_inputs from _linear_inputs, per-block states)."""
+    b, _, h, _ = q.shape
     out = {"o_s": o_s, "lse": lse}
     outputs = [x for x in _forward_outputs(q, cfg, fused=fused, residuals=residuals) if x[0] not in out]
     if outputs:
         inputs = [("o_s_in", o_s, _seq_spec(cfg))] + linear_inputs
         if fused:
             inputs += [("alpha", alpha, _full_spec(cfg.nq))]
-        res = _call(_linear_epilogue_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "fwd", dict(fused=fused))
+        res = _call(_linear_epilogue_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "fwd", {"fused": fused})
         out.update(zip([x[0] for x in outputs], res))
     return out
 
