@@ -26,12 +26,14 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from experiments.check_kernels_gpu import wan_setup
 from experiments.timing import time_samples
 from pallas_kernels import sparse_linear as sl
 from pallas_kernels.sparse_mosaic_dq import _dq_call, sparse_attention_dq_mosaic
 
+HIGHEST = lax.Precision.HIGHEST
 RESULTS: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
 VARIANTS = {  # name -> keyword arguments of _dq_call ("free_s2": the public function's defaults)
     "free_s2": {"stages": 2},
@@ -82,7 +84,8 @@ def token_mask(lut, n, block_q, block_k):
 
 def dense_reference(q, k, v, do, lut, alpha, block_k):
     """float32 dq (B, N, H, D) from the formulas, lse and delta (B, H, Npad) for the kernel, and the reference's
-    own relative distance to jax.vjp of the dense masked attention (loss sum(a * o_s * dO))."""
+    own relative distance to jax.vjp of the dense masked attention (loss sum(a * o_s * dO)). Matmuls at HIGHEST
+    precision (on the GPU jax's float32 default is TF32, ~3e-4 here)."""
     b, n, h, d = q.shape
     nq = lut.shape[2]
     scale = 1.0 / math.sqrt(d)
@@ -91,15 +94,15 @@ def dense_reference(q, k, v, do, lut, alpha, block_k):
     a_rows = jnp.ones((b, h, n)) if alpha is None else jnp.repeat(alpha, 128, axis=-1)[..., :n]
 
     def o_s_of(q32):
-        s = jnp.where(mask, jnp.einsum("bnhd,bmhd->bhnm", q32, k32) * scale, -jnp.inf)
-        return jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(s, axis=-1), v32), s
+        s = jnp.where(mask, jnp.einsum("bnhd,bmhd->bhnm", q32, k32, precision=HIGHEST) * scale, -jnp.inf)
+        return jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(s, axis=-1), v32, precision=HIGHEST), s
 
     o_s, s = o_s_of(q32)
     lse = jax.nn.logsumexp(s, axis=-1) * math.log2(math.e)  # base 2 of logits * scale * log2(e)
     p = jnp.exp2(s * math.log2(math.e) - lse[..., None])
-    delta = a_rows * jnp.einsum("bnhd,bnhd->bhn", do32, o_s)
-    dp = a_rows[..., None] * jnp.einsum("bnhd,bmhd->bhnm", do32, v32)
-    dq = scale * jnp.einsum("bhnm,bmhd->bnhd", p * (dp - delta[..., None]), k32)
+    delta = a_rows * jnp.einsum("bnhd,bnhd->bhn", do32, o_s, precision=HIGHEST)
+    dp = a_rows[..., None] * jnp.einsum("bnhd,bmhd->bhnm", do32, v32, precision=HIGHEST)
+    dq = scale * jnp.einsum("bhnm,bmhd->bnhd", p * (dp - delta[..., None]), k32, precision=HIGHEST)
     cot = do32 * jnp.transpose(a_rows, (0, 2, 1))[..., None]
     dq_vjp = jax.vjp(lambda x: o_s_of(x)[0], q32)[1](cot)[0]
     pad = ((0, 0), (0, 0), (0, nq * 128 - n))
