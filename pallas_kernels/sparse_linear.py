@@ -857,7 +857,7 @@ def _backward_dq(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
         from .sparse_mosaic_dq import sparse_attention_dq_mosaic
 
         do_sparse, a = (do, alpha) if fused else (do_s, None)
-        kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale}
+        kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "stages": 4}  # H100: 0.88 vs 0.92 ms with 2 (95%)
         res_dq["dq"] = sparse_attention_dq_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut, a, **kw)
     return res_dq
 

@@ -380,7 +380,7 @@ def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, monkeypatch):
 
     calls = []
 
-    def dq_stand_in(q, k, v, do, lse, delta, lut, alpha=None, *, block_k, sm_scale):
+    def dq_stand_in(q, k, v, do, lse, delta, lut, alpha=None, *, block_k, sm_scale, stages=2):
         calls.append("dq")
         nk = -(-q.shape[1] // block_k)
         sel = jnp.any(lut[..., None] == jnp.arange(nk), axis=3)  # (B, H, Nq, Nk)
