@@ -207,7 +207,8 @@ def main(argv=None):
     device = jax.devices()[0]
     meta = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
             "python": sys.version.split()[0], "dense_baseline": "cudnn" if device.platform == "gpu" else "xla",
-            "fwd_kernel": args.fwd_kernel, "bwd_kernel": sparse_linear.OPTIONS["bwd_kernel"]}
+            "fwd_kernel": args.fwd_kernel, "bwd_kernel": sparse_linear.OPTIONS["bwd_kernel"],
+            "state_dtype": sparse_linear.OPTIONS["state_dtype"]}
     print(f"device: {meta['device']} | jax {meta['jax']} | dense baseline: {meta['dense_baseline']}")
     rows = []
     os.makedirs(args.out, exist_ok=True)

@@ -424,17 +424,19 @@ def _sum_over_blocks(mask, sums: _BlockSums):
 # (mosaic on Hopper; H100 wan-1.3b module fwd 2.26 / 1.74 / 1.47 ms vs 2.82 / 1.92 / 1.60 at 90 / 95 / 97%). On CPU
 # (interpret mode) and for calls the Mosaic kernel does not support the Triton kernel runs.
 # "state_dtype": dtype of the per-block states H_i (forward, residual) and dH_j (backward) for 16-bit inputs:
-# "float32", or "bfloat16" (half the bytes written and read; ~2^-9 relative per element, once rounded after the
-# float32 sum). float32 inputs keep float32 states.
+# "bfloat16" (default: half the bytes written and read; ~2^-9 relative per element, once rounded after the float32
+# sum) or "float32". float32 inputs keep float32 states. H100 wan-1.3b 95%, Mosaic fwd + bwd: module fwd+bwd 5.59 ->
+# 5.40 ms, fwd 1.74 -> 1.63; dphi(Q) / dphi(K) vs the f32-state path 3.1e-3 / 2.6e-3 (docs/perf_notes.md, session 4).
 # "bwd_kernel": the same choice for the backward's sparse loops (pallas_kernels/sparse_mosaic_dq.py and
-# sparse_mosaic_dkv.py; the per-row terms and the linear-branch parts stay in small Triton kernels).
+# sparse_mosaic_dkv.py; the per-row terms and the linear-branch parts stay in small Triton kernels). H100 wan-1.3b
+# module fwd+bwd 6.30 -> 5.59 ms (95%), 6.15 -> 4.69 (97%) with the Mosaic forward in both.
 OPTIONS = {
     "fwd_linear": "blocks",
     "dq_linear": "blocks",
     "dkv_linear": "blocks",
     "fwd_kernel": "auto",
-    "bwd_kernel": "triton",
-    "state_dtype": "float32",
+    "bwd_kernel": "auto",
+    "state_dtype": "bfloat16",
 }
 
 
