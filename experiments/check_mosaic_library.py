@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments.check_kernels_gpu import wan_setup
-from experiments.probe_mosaic_sparse import bench, rel
+from experiments.probe_common import bench, record_error, rel, uniform_lut
 from pallas_kernels import sla2_fused_attention
 from pallas_kernels import sparse_linear as sl
 from pallas_kernels.reference import reference_fused
@@ -68,8 +67,7 @@ def small_checks():
         k = k - k.mean(axis=1, keepdims=True)
         qp, kp = (jax.nn.softmax(x, axis=-1) for x in (q, k))
         q, k, v, qp, kp = (x.astype(dtype) for x in (q, k, v, qp, kp))
-        lut = np.sort(np.stack([rng.permutation(nk)[:topk] for _ in range(b * h * nq)]), axis=-1)
-        lut = jnp.asarray(lut.reshape(b, h, nq, topk), jnp.int32)
+        lut = uniform_lut(rng, b, h, nq, nk, topk)
         alpha = jnp.asarray(rng.uniform(0.2, 0.8, (b, h, nq)), jnp.float32)
         o_ref, g_ref = jax.jit(fused_grads(lut, w, reference_fused))(q, k, v, qp, kp, alpha)
         for choice in SMALL_CHOICES:
@@ -80,8 +78,7 @@ def small_checks():
                 row["rel_o"] = rel(o, o_ref)
                 row.update({f"rel_d{name}": rel(a, r) for name, a, r in zip(GRADS, g, g_ref)})
             except Exception as e:  # noqa: BLE001 - record and go on
-                row["error"] = f"{type(e).__name__}: {e}"[:3000]
-                traceback.print_exc()
+                record_error(row, "error", e)
             print("small", json.dumps(row), flush=True)
             rows.append(row)
     RESULTS["small"] = rows
@@ -111,8 +108,7 @@ def wan(sparsity, runs):
             t["module_fwd_bwd"] = bench(module_grads, q, k, v, do, runs=runs)
             del res
         except Exception as e:  # noqa: BLE001
-            row[f"error_{choice}"] = f"{type(e).__name__}: {e}"[:3000]
-            traceback.print_exc()
+            record_error(row, f"error_{choice}", e)
         row[f"times_ms_{choice}"] = t
     if "triton" in outs:
         o_t, g_t = outs["triton"]

@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import traceback
 
 import jax
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.check_kernels_gpu import wan_setup
-from experiments.timing import time_samples
+from experiments.probe_common import bench, error_text, rel
 from pallas_kernels import sparse_linear as sl
 from pallas_kernels.sparse_mosaic_dkv import sparse_attention_dkv_mosaic
 
@@ -45,21 +44,6 @@ VARIANTS = {  # name -> keyword arguments of sparse_attention_dkv_mosaic
     "persistent_union_early_dp": {"persistent": True, "staging": "union", "schedule": "early_dp"},
 }
 SMALL_PROGRAMS = 7  # persistent variants in the small checks: few programs, so each walks several key blocks
-
-
-def bench(fn, *args, runs=20):
-    """Median milliseconds of synchronised calls of jit(fn)(*args) after warm-up."""
-    return 1e3 * statistics.median(time_samples(jax.jit(fn), *args, warmup=3, iters=runs))
-
-
-def rel(a, b):
-    """Norm-wise relative error |a - b| / |b| in float64."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def error_text(e):
-    return f"{type(e).__name__}: {e}"[:3000]
 
 
 def random_lut(rng, b, h, nq, nk, topk):

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import statistics
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,7 @@ import numpy as np
 from jax import lax
 
 from experiments.check_kernels_gpu import wan_setup
+from experiments.probe_common import record_error, rel
 from experiments.timing import time_samples
 from pallas_kernels import sparse_linear as sl
 from pallas_kernels.sparse_mosaic_dq import _dq_call, sparse_attention_dq_mosaic
@@ -50,21 +50,6 @@ VARIANTS = {  # name -> keyword arguments of _dq_call ("free_s2": the public fun
     "free_s2_b4_pf": {"stages": 2, "blocks": 4, "prefetch": True},
     "free_s2_b8_pf": {"stages": 2, "blocks": 8, "prefetch": True},
 }
-
-
-def bench(fn, *args, runs=20):
-    """Median milliseconds of synchronised calls of jit(fn) after warm-up."""
-    return 1e3 * statistics.median(time_samples(jax.jit(fn), *args, warmup=3, iters=runs))
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def record_error(row, key, e):
-    row[key] = f"{type(e).__name__}: {e}"[:3000]
-    traceback.print_exc()
 
 
 def mosaic(variant, q, k, v, do, lse, delta, lut, alpha, block_k=64):

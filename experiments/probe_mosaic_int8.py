@@ -30,7 +30,7 @@ import numpy as np
 
 import sla2_jax as sla
 from experiments.check_kernels_gpu import wan_setup
-from experiments.timing import time_samples
+from experiments.probe_common import bench, error_text, rel, uniform_lut
 from pallas_kernels import int8_attention as ia
 from pallas_kernels import sparse_linear as sl
 from pallas_kernels import sparse_mosaic as sm
@@ -39,21 +39,12 @@ RESULTS: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__versi
 _LOG2E = math.log2(math.e)
 
 
-def bench(fn, *args, runs=20):
-    return 1e3 * statistics.median(time_samples(jax.jit(fn), *args, warmup=3, iters=runs))
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def guarded(name, fn, default=None):
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - record and go on
         traceback.print_exc()
-        RESULTS["errors"].append(f"{name}: {type(e).__name__}: {e}"[:3000])
+        RESULTS["errors"].append(f"{name}: {error_text(e)}"[:3000])
         return default
 
 
@@ -129,8 +120,7 @@ def random_case(seed, n, d, topk, h=2):
     q, k, v = (jnp.asarray(rng.standard_normal((1, n, h, d)), jnp.bfloat16) for _ in range(3))
     k = k + jnp.asarray(0.5 * rng.standard_normal(d), jnp.bfloat16)  # a common offset: smoothing matters
     nq, nk = -(-n // 128), -(-n // 64)
-    lut = np.sort(np.stack([rng.permutation(nk)[:topk] for _ in range(h * nq)]), axis=-1)
-    return q, k, v, jnp.asarray(lut.reshape(1, h, nq, topk), jnp.int32)
+    return q, k, v, uniform_lut(rng, 1, h, nq, nk, topk)
 
 
 def small_row(seed, n, d, topk):

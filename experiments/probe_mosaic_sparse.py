@@ -16,28 +16,17 @@ import argparse
 import json
 import math
 import os
-import statistics
-import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments.check_kernels_gpu import wan_setup
-from experiments.timing import time_samples
+from experiments.probe_common import bench, record_error, rel, uniform_lut
 from pallas_kernels import sparse_linear as sl
 from pallas_kernels.sparse_mosaic import sparse_attention_mosaic
 
 RESULTS: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
-
-
-def bench(fn, *args, runs=20):
-    return 1e3 * statistics.median(time_samples(jax.jit(fn), *args, warmup=3, iters=runs))
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def dense_reference(q, k, v, lut, block_q, block_k):
@@ -67,14 +56,12 @@ def small_checks():
             rng = np.random.default_rng([seed, n, d])
             b, h, nq, nk = 1, 2, -(-n // 128), -(-n // 64)
             q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), dtype) for _ in range(3))
-            lut = np.sort(np.stack([rng.permutation(nk)[:topk] for _ in range(b * h * nq)]), axis=-1)
-            lut = jnp.asarray(lut.reshape(b, h, nq, topk), jnp.int32)
+            lut = uniform_lut(rng, b, h, nq, nk, topk)
             o, lse = jax.jit(sparse_attention_mosaic)(q, k, v, lut)
             o_ref, lse_ref = dense_reference(q, k, v, lut, 128, 64)
             row.update(rel_o=rel(o, o_ref), max_abs_lse=float(jnp.max(jnp.abs(lse[:, :, :n] - lse_ref))))
         except Exception as e:  # noqa: BLE001 - record and go on
-            row["error"] = f"{type(e).__name__}: {e}"[:3000]
-            traceback.print_exc()
+            record_error(row, "error", e)
         print("small", json.dumps(row), flush=True)
         rows.append(row)
     RESULTS["small"] = rows
@@ -104,8 +91,7 @@ def wan(sparsity, runs):
                 row["max_abs_lse_vs_triton"] = float(jnp.max(jnp.abs(lse_m[:, :, :32760] - lse_t[:, :, :32760])))
             t[f"mosaic_sparse_fwd_stages{stages}"] = bench(fn, q, k, v, lut, runs=runs)
         except Exception as e:  # noqa: BLE001
-            row[f"mosaic_error_stages{stages}"] = f"{type(e).__name__}: {e}"[:3000]
-            traceback.print_exc()
+            record_error(row, f"mosaic_error_stages{stages}", e)
     t["cudnn_fwd"] = bench(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"), q, k, v)
     row["times_ms"] = t
     row["eff_tflops"] = {kk: flop / (vv * 1e-3) / 1e12 for kk, vv in t.items() if kk != "cudnn_fwd"}
@@ -146,8 +132,7 @@ def library(sparsity, runs):
             t["module_fwd"] = bench(module, q, k, v, runs=runs)
             t["module_fwd_bwd"] = bench(module_grads, q, k, v, do, runs=runs)
         except Exception as e:  # noqa: BLE001
-            row[f"error_{kernel}"] = f"{type(e).__name__}: {e}"[:3000]
-            traceback.print_exc()
+            record_error(row, f"error_{kernel}", e)
         row[kernel] = t
     sl.OPTIONS["fwd_kernel"] = "auto"
     if "triton" in outs and "mosaic" in outs:

@@ -1,0 +1,40 @@
+"""Shared helpers of the GPU probe scripts (probe_mosaic_*.py, check_mosaic_library.py): timing, relative error,
+error recording and random LUTs."""
+
+from __future__ import annotations
+
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.timing import time_fn
+
+
+def bench(fn, *args, runs=20):
+    """Median milliseconds of synchronised calls of jit(fn)(*args) after 3 warm-up calls."""
+    return 1e3 * time_fn(jax.jit(fn), *args, warmup=3, iters=runs)
+
+
+def rel(a, b):
+    """Norm-wise relative error |a - b| / |b| in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def error_text(e):
+    """'Type: message' of an exception, cut to 3000 characters (for the probes' JSON)."""
+    return f"{type(e).__name__}: {e}"[:3000]
+
+
+def record_error(row, key, e):
+    """row[key] = error_text(e), and the traceback to stderr: a failing part is recorded and the probe goes on."""
+    row[key] = error_text(e)
+    traceback.print_exc()
+
+
+def uniform_lut(rng, b, h, nq, nk, topk):
+    """(B, H, Nq, topk) int32: per query block `topk` distinct key blocks drawn uniformly, ascending."""
+    lut = np.sort(np.stack([rng.permutation(nk)[:topk] for _ in range(b * h * nq)]), axis=-1)
+    return jnp.asarray(lut.reshape(b, h, nq, topk), jnp.int32)
