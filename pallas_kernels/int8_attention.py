@@ -488,9 +488,7 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: sl._Cfg, quant: str, 
 def _use_mosaic(q, cfg: sl._Cfg, quant: str) -> bool:
     """OPTIONS["fwd_kernel"] asks for the INT8 Mosaic GPU forward ("mosaic", or "auto" on a Hopper GPU) and it
     supports the call (quant "int8", per-block linear states, sparse_linear._mosaic_supports)."""
-    kernel = _opts().fwd_kernel
-    wanted = kernel == "mosaic" or (kernel == "auto" and gpu_generation() == "hopper")
-    return wanted and quant == "int8" and not sl._lin_in_loop("fwd", cfg) and sl._mosaic_supports(q, cfg)
+    return quant == "int8" and not sl._lin_in_loop("fwd", cfg) and sl._mosaic_chosen(_opts().fwd_kernel, q, cfg)
 
 
 def _forward_mosaic(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: sl._Cfg, *, fused: bool, residuals: bool):

@@ -533,11 +533,17 @@ def _mosaic_supports(q, cfg: _Cfg) -> bool:
     )
 
 
+def _mosaic_chosen(choice: str, q, cfg: _Cfg) -> bool:
+    """A kernel option (OPTIONS "fwd_kernel" / "bwd_kernel", or the INT8 forward's) asks for Mosaic GPU ("mosaic",
+    or "auto" on a Hopper GPU) and the Mosaic kernels support the call (_mosaic_supports)."""
+    wanted = choice == "mosaic" or (choice == "auto" and gpu_generation() == "hopper")
+    return wanted and _mosaic_supports(q, cfg)
+
+
 def _use_mosaic(q, cfg: _Cfg, lin_in_loop: bool) -> bool:
-    """OPTIONS["fwd_kernel"] asks for the Mosaic GPU forward ("mosaic", or "auto" on a Hopper GPU) and it supports
-    the call (_mosaic_supports, per-block linear states)."""
-    wanted = OPTIONS["fwd_kernel"] == "mosaic" or (OPTIONS["fwd_kernel"] == "auto" and gpu_generation() == "hopper")
-    return wanted and not lin_in_loop and _mosaic_supports(q, cfg)
+    """The forward's sparse part runs in the Mosaic GPU kernel: chosen and supported (_mosaic_chosen) with per-block
+    linear states."""
+    return not lin_in_loop and _mosaic_chosen(OPTIONS["fwd_kernel"], q, cfg)
 
 
 def _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg: _Cfg, *, fused: bool, residuals: bool):
@@ -613,7 +619,7 @@ def _dq_row_terms(r, i, q_start, bm, cfg: _Cfg, fused: bool):
         r["c"][...] = c
     if fused:
         diff = o_s if o_l is None else o_s - o_l
-        r["dalpha_rows"][...] = jnp.sum(do.astype(_F32) * diff, axis=1)
+        r["dalpha_rows"][...] = jnp.sum(do32 * diff, axis=1)
     return do, a, delta, do_l32, c, den
 
 
@@ -803,11 +809,10 @@ def _backward(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
 
 
 def _use_mosaic_bwd(q, cfg: _Cfg) -> bool:
-    """OPTIONS["bwd_kernel"] asks for the Mosaic GPU dQ and dK/dV kernels ("mosaic", or "auto" on a Hopper GPU),
-    they support the call (as the forward: _mosaic_supports) and the loops carry no linear-branch terms."""
-    wanted = OPTIONS["bwd_kernel"] == "mosaic" or (OPTIONS["bwd_kernel"] == "auto" and gpu_generation() == "hopper")
+    """The backward's sparse loops run in the Mosaic GPU dQ and dK/dV kernels: OPTIONS["bwd_kernel"] chosen and
+    supported (_mosaic_chosen), and the loops carry no linear-branch terms."""
     lin_in_loop = _lin_in_loop("dq", cfg) or _lin_in_loop("dkv", cfg)
-    return wanted and not lin_in_loop and _mosaic_supports(q, cfg)
+    return not lin_in_loop and _mosaic_chosen(OPTIONS["bwd_kernel"], q, cfg)
 
 
 def _backward_dq(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):
@@ -884,10 +889,9 @@ def _backward_totals(res, res_dq, cfg: _Cfg, *, fused, do=None, do_l=None):
     return _outer_sum(q_phi, x, cfg, w, u)
 
 
-def _dkv_linear_inputs(res, res_dq, totals, cfg: _Cfg, lin_in_loop: bool):
+def _dkv_linear_inputs(q_phi, k_phi, den, c, totals, cfg: _Cfg, lin_in_loop: bool):
     """(name, array, BlockSpec) of the dK/dV kernels' linear-branch inputs: phi(K) and dH, dZ (per key block, or
     the totals), plus the loop form's phi(Q), den and c."""
-    q_phi, k_phi, den = res[3], res[4], res[10]
     dh, dz = totals
     d = cfg.d
     if dh.ndim == 5:  # per key block
@@ -898,7 +902,7 @@ def _dkv_linear_inputs(res, res_dq, totals, cfg: _Cfg, lin_in_loop: bool):
     inputs = [("k_phi", k_phi, _seq_spec(cfg)), ("dh", dh, dh_spec), ("dz", dz, dz_spec)]
     if lin_in_loop:
         full_rows = _full_spec(cfg.npad)
-        inputs += [("q_phi", q_phi, _seq_spec(cfg)), ("den", den, full_rows), ("c", res_dq["c"], full_rows)]
+        inputs += [("q_phi", q_phi, _seq_spec(cfg)), ("den", den, full_rows), ("c", c, full_rows)]
     return inputs
 
 
@@ -919,7 +923,9 @@ def _backward_dkv(res, res_dq, totals, cfg: _Cfg, *, fused, do=None, do_s=None, 
         dk, dv_s = sparse_attention_dkv_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut_t, count, a, **kw)
         if not cfg.linear:
             return {"dk": dk, "dv": dv_s}
-        inputs = [("v", v, seq), ("dv_s", dv_s, seq)] + _dkv_linear_inputs(res, res_dq, totals, cfg, False)
+        inputs = [("v", v, seq), ("dv_s", dv_s, seq)] + _dkv_linear_inputs(
+            q_phi, k_phi, den, res_dq.get("c"), totals, cfg, False
+        )
         outputs = [("dv", kv_struct, seq), ("dk_phi", kv_struct, seq)]
         res_lin = _call(_dkv_linear_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", {})
         return {"dk": dk, **dict(zip([x[0] for x in outputs], res_lin))}
@@ -937,7 +943,7 @@ def _backward_dkv(res, res_dq, totals, cfg: _Cfg, *, fused, do=None, do_s=None, 
     full_rows = _full_spec(cfg.npad)
     inputs += [("lse", lse, full_rows), ("delta", res_dq["delta"], full_rows)]
     if cfg.linear:
-        inputs += _dkv_linear_inputs(res, res_dq, totals, cfg, lin_in_loop)
+        inputs += _dkv_linear_inputs(q_phi, k_phi, den, res_dq.get("c"), totals, cfg, lin_in_loop)
     if fused:
         inputs += [("alpha", alpha, _full_spec(cfg.nq))]
     outputs = [("dk", kv_struct, seq), ("dv", kv_struct, seq)]
