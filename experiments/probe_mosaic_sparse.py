@@ -1,21 +1,33 @@
-"""GPU probe: the experimental Mosaic GPU sparse forward (pallas_kernels/sparse_mosaic.py) vs the Triton one.
+"""GPU probe: the Mosaic GPU sparse forward (pallas_kernels/sparse_mosaic.py), alone and with the linear branch
+in its epilogue (sparse_linear_attention_mosaic, OPTIONS["fwd_epilogue"] "mosaic") vs the Triton epilogue.
 
-    python -m experiments.probe_mosaic_sparse --out DIR
+    python -m experiments.probe_mosaic_sparse --out DIR [--parts small fused_small sweep wan ...] [--sparsity ...]
 
-1. Correctness of sparse_attention_mosaic on small random inputs (ragged and whole N, D 64 / 128) against a dense
-   float32 reference with the LUT's token mask (o_s and lse).
-2. wan-1.3b (B=1, H=12, N=32760, D=128, bf16) at the given sparsities with the SLA router's LUT: o_s and lse vs
-   the Triton sparse-only forward (sparse_linear._forward without a linear branch), then medians of synchronised
-   calls of both, of jax's dense Mosaic GPU attention (N=32768) and of cuDNN, in one process.
-Each part runs on its own (an error is recorded and the next part goes on); JSON to DIR/probe_mosaic_sparse.json.
+Parts (each runs on its own: an error is recorded and the next part goes on; JSON to DIR/probe_mosaic_sparse.json):
+  small        sparse_attention_mosaic on small random inputs (ragged and whole N, D 64 / 128) vs a dense float32
+               reference with the LUT's token mask (o_s and lse).
+  fused_small  sparse_linear_attention_mosaic (every output set the library asks for) vs the dense float32
+               reference plus the linear branch from the same (bf16) H_i, Z_i in float32.
+  sweep        kernel time against the LUT length (random ascending LUTs of 5 / 10 / 25 / 50 entries, wan-1.3b
+               shape): slope = cost of one LUT entry, intercept = fixed cost of the grid's programs.
+  wan          wan-1.3b (B=1, H=12, N=32760, D=128, bf16, SLA router LUT) per sparsity: outputs of the library
+               forward with the Mosaic epilogue vs the Triton epilogue, then interleaved medians of the kernels, the
+               library forward (states + kernel(s)), the sla2_jax module forward with each epilogue, and cuDNN.
+  library      (session 3) OPTIONS fwd_kernel triton vs mosaic through custom_vjp and module, fwd and fwd+bwd.
+  dense        jax's dense Mosaic attention and cuDNN at N = 32768 (anchors).
+  ncu_target   two launches of the plain and of the fused kernel at 95% (for ncu: --kernel-name regex:sla_sparse).
+  --trim-sass CSV: prints the top stall lines of an `ncu --page source --csv --print-source sass` export.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
+import statistics
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +35,9 @@ import numpy as np
 
 from experiments.check_kernels_gpu import wan_setup
 from experiments.probe_common import bench, record_error, rel, uniform_lut
+from experiments.timing import time_samples
 from pallas_kernels import sparse_linear as sl
+from pallas_kernels import sparse_mosaic as sm
 from pallas_kernels.sparse_mosaic import sparse_attention_mosaic
 
 RESULTS: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
@@ -67,36 +81,234 @@ def small_checks():
     RESULTS["small"] = rows
 
 
+def random_linear_inputs(rng, b, n, h, d, nq, dtype, with_alpha=True):
+    """q_phi (B, N, H, D) dtype (softmax rows, positive), H_i (B, H, Nq, D, D) bf16, Z_i (B, H, Nq, D) f32 positive,
+    alpha (B, H, Nq) f32 in [0, 1]: random stand-ins of the library's states (their values do not matter here)."""
+    x = rng.standard_normal((b, n, h, d))
+    q_phi = jnp.asarray(np.exp(x) / np.exp(x).sum(-1, keepdims=True), dtype)
+    hs = jnp.asarray(rng.standard_normal((b, h, nq, d, d)) * math.sqrt(n / d), jnp.bfloat16)
+    zs = jnp.asarray(rng.uniform(0.5, 2.0, (b, h, nq, d)) * (n / d), jnp.float32)
+    alpha = jnp.asarray(rng.uniform(0.0, 1.0, (b, h, nq)), jnp.float32) if with_alpha else None
+    return sm.LinearInputs(q_phi, hs, zs, alpha, 1e-6)
+
+
+def linear_reference(linear, n):
+    """o_l (B, N, H, D) and den (B, H, N) in float32 from the same (bf16) H_i, Z_i: o_l = phi(Q_i) H_i / den."""
+    b, _, h, d = linear.q_phi.shape
+    nq = linear.h.shape[2]
+    qp = jnp.pad(linear.q_phi.astype(jnp.float32), ((0, 0), (0, nq * 128 - n), (0, 0), (0, 0)))
+    qp = qp.reshape(b, nq, 128, h, d)
+    hp = jax.lax.Precision.HIGHEST
+    num = jnp.einsum("biqhd,bhide->biqhe", qp, linear.h.astype(jnp.float32), precision=hp)
+    den = jnp.einsum("biqhd,bhid->bhiq", qp, linear.z, precision=hp) + linear.eps
+    o_l = num / jnp.transpose(den, (0, 2, 3, 1))[..., None]
+    return o_l.reshape(b, nq * 128, h, d)[:, :n], den.reshape(b, h, nq * 128)[:, :, :n]
+
+
+FUSED_SMALL_CASES = [  # n, d, topk, dtype, outputs, stages, store_wait
+    (2000, 128, 4, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 3, "full"),
+    (2000, 128, 5, jnp.bfloat16, ("o",), 4, "full"),
+    (4096, 64, 6, jnp.bfloat16, ("o",), 4, "read"),
+    (1000, 64, 3, jnp.float16, ("o_s", "o_l", "lse", "den"), 4, "full"),
+    (1048, 128, 2, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 3, "full"),  # last block's 2nd half past N
+    (776, 128, 1, jnp.float16, ("o_s", "o_l"), 4, "full"),
+]
+
+
+def fused_small_checks():
+    """sparse_linear_attention_mosaic vs the dense f32 reference (fresh seed, recorded)."""
+    rows, seed = [], int.from_bytes(os.urandom(4), "little")
+    RESULTS["fused_small_seed"] = seed
+    for n, d, topk, dtype, outputs, stages, store_wait in FUSED_SMALL_CASES:
+        row = dict(n=n, d=d, topk=topk, dtype=jnp.dtype(dtype).name, outputs=outputs, stages=stages, wait=store_wait)
+        try:
+            rng = np.random.default_rng([seed, n, d, len(outputs)])
+            b, h, nq, nk = 1, 2, -(-n // 128), -(-n // 64)
+            q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), dtype) for _ in range(3))
+            lut = uniform_lut(rng, b, h, nq, nk, topk)
+            linear = random_linear_inputs(rng, b, n, h, d, nq, dtype, with_alpha="o" in outputs)
+            kw = {"outputs": outputs, "stages": stages, "store_wait": store_wait}
+            fn = lambda q, k, v, lut, lin, kw=kw: sm.sparse_linear_attention_mosaic(q, k, v, lut, lin, **kw)
+            out = jax.jit(fn)(q, k, v, lut, linear)
+            o_s, lse = dense_reference(q, k, v, lut, 128, 64)
+            o_l, den = linear_reference(linear, n)
+            ref = {"o_s": o_s, "o_l": o_l, "lse": lse, "den": den}
+            if "o" in outputs:
+                a = jnp.repeat(linear.alpha, 128, axis=-1)[:, :, :n].transpose(0, 2, 1)[..., None]
+                ref["o"] = a * o_s + (1.0 - a) * o_l
+            for name in outputs:
+                got = out[name][:, :, :n] if name in ("lse", "den") else out[name]
+                row[f"rel_{name}"] = rel(got, ref[name])
+                row[f"finite_{name}"] = bool(jnp.all(jnp.isfinite(got)))
+        except Exception as e:  # noqa: BLE001 - record and go on
+            record_error(row, "error", e)
+        print("fused_small", json.dumps(row), flush=True)
+        rows.append(row)
+    RESULTS["fused_small"] = rows
+
+
+def timed_rounds(cands, runs, rounds=3):
+    """{key: (fn, args)} -> {key: [median, min, max]} over `rounds` interleaved rounds of a median of `runs` ms;
+    a candidate that fails to compile or run is recorded under timing_errors and left out."""
+    jitted = {}
+    for key, (fn, args) in cands.items():
+        try:
+            jitted[key] = jax.jit(fn)
+            time_samples(jitted[key], *args, warmup=2, iters=2)
+        except Exception as e:  # noqa: BLE001
+            record_error(RESULTS.setdefault("timing_errors", {}), key, e)
+            jitted.pop(key, None)
+    meds = {key: [] for key in jitted}
+    for _ in range(rounds):
+        for key in jitted:
+            args = cands[key][1]
+            meds[key].append(1e3 * statistics.median(time_samples(jitted[key], *args, warmup=1, iters=runs)))
+    return {key: [statistics.median(m), min(m), max(m)] for key, m in meds.items()}
+
+
+def sweep(runs, topks=(5, 10, 25, 50)):
+    """Kernel time vs LUT length on the wan-1.3b shape; a least-squares line per variant."""
+    q, k, v, _, _, _, _, alpha, cfg = wan_setup(0.95, 29, 1, 12, 32760, 128, 128, 64)
+    rng = np.random.default_rng(7)
+    linear = random_linear_inputs(rng, 1, 32760, 12, 128, cfg.nq, jnp.bfloat16)
+    scale = _LOG2E_SCALE
+    variants = {
+        "plain_s4": lambda q, k, v, lut, lin: sparse_attention_mosaic(q, k, v, lut, stages=4),
+        "plain_s4_readwait": lambda q, k, v, lut, lin: sm._sparse_forward(
+            q, k, v, lut, scale, block_k=64, stages=4, store_wait="read"
+        ),
+        "fused_o_s4": lambda q, k, v, lut, lin: sm.sparse_linear_attention_mosaic(q, k, v, lut, lin, outputs=("o",)),
+    }
+    cands = {}
+    for topk in topks:
+        lut = uniform_lut(rng, 1, 12, cfg.nq, cfg.nk, topk)
+        for name, fn in variants.items():
+            cands[f"{name}_topk{topk}"] = (fn, (q, k, v, lut, linear))
+    stats = timed_rounds(cands, runs, rounds=2)
+    RESULTS["sweep_ms"] = stats
+    fits = {}
+    for name in variants:
+        pts = [(t, stats[f"{name}_topk{t}"][0]) for t in topks if f"{name}_topk{t}" in stats]
+        if len(pts) >= 2:
+            slope, icept = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)
+            flop_per_entry = 4 * 12 * cfg.nq * 128 * 64 * 128
+            fits[name] = dict(
+                us_per_entry=1e3 * slope,
+                fixed_us=1e3 * icept,
+                fixed_us_per_program_per_sm=1e3 * icept * 132 / (12 * cfg.nq),
+                marginal_tflops=flop_per_entry / (slope * 1e-3) / 1e12,
+            )
+    RESULTS["sweep_fit"] = fits
+    print("sweep", json.dumps(stats), json.dumps(fits), flush=True)
+
+
+_LOG2E_SCALE = math.log2(math.e) / math.sqrt(128)
+
+
+def with_epilogue(choice, fn):
+    """fn with OPTIONS["fwd_epilogue"] = choice while it is traced (jit traces on the first call)."""
+
+    def run(*args):
+        old = sl.OPTIONS["fwd_epilogue"]
+        sl.OPTIONS["fwd_epilogue"] = choice
+        try:
+            return fn(*args)
+        finally:
+            sl.OPTIONS["fwd_epilogue"] = old
+
+    return run
+
+
 def wan(sparsity, runs):
+    """Library forward with the Mosaic vs the Triton epilogue: errors, then interleaved timings with cuDNN."""
+    import sla2_jax as sla
+
     q, k, v, _, qp, kp, lut, alpha, cfg = wan_setup(sparsity, 29, 1, 12, 32760, 128, 128, 64)
     row = dict(sparsity=sparsity, topk=cfg.topk)
-    flop = 4 * 12 * 32760**2 * 128 * (1 - sparsity)
-    cfg0 = cfg._replace(linear=False)
-    triton = lambda q, k, v, lut: tuple(
-        sl._forward(q, k, v, None, None, lut, None, cfg0, fused=False, residuals=True)[x] for x in ("o_s", "lse")
+    fwd = lambda res: (
+        lambda q, k, v, qp, kp, lut, a: sl._forward(q, k, v, qp, kp, lut, a, cfg, fused=True, residuals=res)
     )
-    t = {}
+    names = ("o", "o_s", "o_l", "lse", "den")
     try:
-        o_t, lse_t = jax.jit(triton)(q, k, v, lut)
-        t["triton_sparse_fwd"] = bench(triton, q, k, v, lut, runs=runs)
+        outs = {c: jax.jit(with_epilogue(c, fwd(True)))(q, k, v, qp, kp, lut, alpha) for c in ("triton", "mosaic")}
+        row["rel_train_mosaic_vs_triton"] = {x: rel(outs["mosaic"][x], outs["triton"][x]) for x in names}
+        o_inf = jax.jit(with_epilogue("mosaic", lambda *a: fwd(False)(*a)["o"]))(q, k, v, qp, kp, lut, alpha)
+        row["rel_infer_o_mosaic_vs_triton"] = rel(o_inf, outs["triton"]["o"])
+        row["finite"] = all(bool(jnp.all(jnp.isfinite(outs["mosaic"][x]))) for x in names)
+        del outs, o_inf
     except Exception as e:  # noqa: BLE001
-        row["triton_error"] = f"{type(e).__name__}: {e}"[:2000]
-        o_t = None
-    for stages in (2, 3, 4):
-        try:
-            fn = lambda q, k, v, lut, s=stages: sparse_attention_mosaic(q, k, v, lut, stages=s)
-            o_m, lse_m = jax.jit(fn)(q, k, v, lut)
-            if o_t is not None and stages == 2:
-                row["rel_o_vs_triton"] = rel(o_m, o_t)
-                row["max_abs_lse_vs_triton"] = float(jnp.max(jnp.abs(lse_m[:, :, :32760] - lse_t[:, :, :32760])))
-            t[f"mosaic_sparse_fwd_stages{stages}"] = bench(fn, q, k, v, lut, runs=runs)
-        except Exception as e:  # noqa: BLE001
-            record_error(row, f"mosaic_error_stages{stages}", e)
-    t["cudnn_fwd"] = bench(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"), q, k, v)
-    row["times_ms"] = t
-    row["eff_tflops"] = {kk: flop / (vv * 1e-3) / 1e12 for kk, vv in t.items() if kk != "cudnn_fwd"}
+        record_error(row, "error_outputs", e)
+    h_i, z_i = jax.jit(lambda kp, v, lut: sl._complement_states(kp, v, lut, cfg))(kp, v, lut)
+    linear = sm.LinearInputs(qp, h_i, z_i, alpha, cfg.eps)
+    mcfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", alpha="mass")
+    module = lambda q, k, v: sla.sla2_attention(q, k, v, config=mcfg)
+    lib_args = (q, k, v, qp, kp, lut, alpha)
+    cands = {
+        "states": (lambda kp, v, lut: sl._complement_states(kp, v, lut, cfg), (kp, v, lut)),
+        "kernel_plain_s4": (lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=4), (q, k, v, lut)),
+        "kernel_fused_o_s4": (
+            lambda q, k, v, lut, lin: sm.sparse_linear_attention_mosaic(q, k, v, lut, lin, outputs=("o",)),
+            (q, k, v, lut, linear),
+        ),
+        "kernel_fused_train_s3": (
+            lambda q, k, v, lut, lin: sm.sparse_linear_attention_mosaic(q, k, v, lut, lin, outputs=names, stages=3),
+            (q, k, v, lut, linear),
+        ),
+        "cudnn_fwd": (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"), (q, k, v)),
+    }
+    for c in ("triton", "mosaic"):
+        cands[f"lib_infer_{c}"] = (with_epilogue(c, lambda *a: fwd(False)(*a)["o"]), lib_args)
+        cands[f"lib_train_{c}"] = (with_epilogue(c, lambda *a: fwd(True)(*a)["o"]), lib_args)
+        cands[f"module_fwd_{c}"] = (with_epilogue(c, module), (q, k, v))
+    try:
+        row["times_ms"] = timed_rounds(cands, runs)
+        t = row["times_ms"]
+        flop = 4 * 12 * cfg.nq * 128 * cfg.topk * 64 * 128
+        row["eff_tflops"] = {x: flop / (t[x][0] * 1e-3) / 1e12 for x in t if x.startswith("kernel")}
+        if "cudnn_fwd" in t:
+            row["speedup_vs_cudnn"] = {x: t["cudnn_fwd"][0] / t[x][0] for x in t if x.startswith("module")}
+    except Exception as e:  # noqa: BLE001
+        record_error(row, "error_times", e)
     print("wan", json.dumps(row), flush=True)
     RESULTS.setdefault("wan", []).append(row)
+
+
+def ncu_target():
+    """Launches for ncu: the plain kernel twice, then the fused one ("o") twice (95%, wan-1.3b)."""
+    q, k, v, _, qp, kp, lut, alpha, cfg = wan_setup(0.95, 29, 1, 12, 32760, 128, 128, 64)
+    h_i, z_i = jax.jit(lambda kp, v, lut: sl._complement_states(kp, v, lut, cfg))(kp, v, lut)
+    linear = sm.LinearInputs(qp, h_i, z_i, alpha, cfg.eps)
+    plain = jax.jit(lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=4))
+    fused = jax.jit(lambda q, k, v, lut, lin: sm.sparse_linear_attention_mosaic(q, k, v, lut, lin, outputs=("o",)))
+    for _ in range(2):
+        jax.block_until_ready(plain(q, k, v, lut))
+    for _ in range(2):
+        jax.block_until_ready(fused(q, k, v, lut, linear))
+    print("ncu_target done", flush=True)
+
+
+def trim_sass(path, top=30):
+    """Top `top` SASS lines by warp stall samples of an ncu source-page CSV export (all kernels in the file)."""
+    with open(path, newline="") as f:
+        lines = f.read().splitlines()
+    starts = [i for i, ln in enumerate(lines) if ln.startswith(('"#"', '"Address"'))]
+    for s0, s1 in zip(starts, starts[1:] + [len(lines)]):
+        rows = list(csv.DictReader(lines[s0:s1]))
+        if not rows:
+            continue
+        cols = list(rows[0].keys())
+        key = next((c for c in cols if "Sampling" in c and "All" in c), None) or next(
+            (c for c in cols if "Sampling" in c), None
+        )
+        if key is None:
+            print("no stall-sampling column in", cols)
+            continue
+        num = lambda r, c: float((r.get(c) or "0").replace(",", "") or 0)
+        total = sum(num(r, key) for r in rows) or 1.0
+        print(f"== {len(rows)} SASS lines; sorted by {key!r}, total {total:.0f}")
+        src = next((c for c in cols if c.lower() == "source"), cols[1])
+        for r in sorted(rows, key=lambda r: -num(r, key))[:top]:
+            print(f"{100 * num(r, key) / total:5.1f}%  {r.get('Address', '')}  {r[src][:90]}")
 
 
 def library(sparsity, runs):
@@ -171,20 +383,36 @@ def dense_mosaic(runs):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--parts", nargs="*", default=["small", "fused_small", "sweep", "wan"])
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.95, 0.97])
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--skip-dense", action="store_true")
+    ap.add_argument("--trim-sass", default=None)
     args = ap.parse_args()
+    if args.trim_sass:
+        trim_sass(args.trim_sass)
+        return
     os.makedirs(args.out, exist_ok=True)
-    small_checks()
-    for s in args.sparsity:
-        wan(s, args.runs)
-    for s in args.sparsity:
-        library(s, args.runs)
-    if not args.skip_dense:
-        dense_mosaic(args.runs)
-    with open(os.path.join(args.out, "probe_mosaic_sparse.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1)
+    saved = dict(sl.OPTIONS)
+    parts = {
+        "small": small_checks,
+        "fused_small": fused_small_checks,
+        "sweep": lambda: sweep(args.runs),
+        "wan": lambda: [wan(s, args.runs) for s in args.sparsity],
+        "library": lambda: [library(s, args.runs) for s in args.sparsity],
+        "dense": lambda: dense_mosaic(args.runs),
+        "ncu_target": ncu_target,
+    }
+    try:
+        for part in args.parts:
+            try:
+                parts[part]()
+            except Exception as e:  # noqa: BLE001
+                record_error(RESULTS, f"error_{part}", e)
+            sys.stdout.flush()
+    finally:
+        sl.OPTIONS.update(saved)
+        with open(os.path.join(args.out, "probe_mosaic_sparse.json"), "w") as f:
+            json.dump(RESULTS, f, indent=1)
 
 
 if __name__ == "__main__":

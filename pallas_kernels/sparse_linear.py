@@ -427,6 +427,9 @@ def _sum_over_blocks(mask, sums: _BlockSums):
 # "bfloat16" (default: half the bytes written and read; ~2^-9 relative per element, once rounded after the float32
 # sum) or "float32". float32 inputs keep float32 states. H100 wan-1.3b 95%, Mosaic fwd + bwd: module fwd+bwd 5.59 ->
 # 5.40 ms, fwd 1.74 -> 1.63; dphi(Q) / dphi(K) vs the f32-state path 3.1e-3 / 2.6e-3 (docs/perf_notes.md, session 4).
+# "fwd_epilogue": where the Mosaic forward's linear branch and SLA2 combine run: "mosaic" (in the Mosaic kernel's
+# epilogue: phi(Q_i) H_i as one more wgmma per warpgroup, den = phi(Q_i) . Z_i + eps in registers, the outputs
+# stored by TMA; bf16 per-block states only) or "triton" (a Triton epilogue kernel after it, reading o_s back).
 # "bwd_kernel": the same choice for the backward's sparse loops (pallas_kernels/sparse_mosaic_dq.py and
 # sparse_mosaic_dkv.py; the per-row terms and the linear-branch parts stay in small Triton kernels). H100 wan-1.3b
 # module fwd+bwd 6.30 -> 5.59 ms (95%), 6.15 -> 4.69 (97%) with the Mosaic forward in both.
@@ -437,6 +440,7 @@ OPTIONS = {
     "fwd_kernel": "auto",
     "bwd_kernel": "auto",
     "state_dtype": "bfloat16",
+    "fwd_epilogue": "triton",
 }
 
 
@@ -547,11 +551,35 @@ def _use_mosaic(q, cfg: _Cfg, lin_in_loop: bool) -> bool:
 
 
 def _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg: _Cfg, *, fused: bool, residuals: bool):
-    """Sparse branch by the Mosaic GPU kernel (o_s, LSE), then the linear branch and combine in a Triton epilogue."""
-    from .sparse_mosaic import sparse_attention_mosaic
+    """Sparse branch by the Mosaic GPU kernel; the linear branch and combine in its epilogue (OPTIONS "fwd_epilogue"
+    "mosaic", where _mosaic_epilogue allows) or in a Triton epilogue kernel after it (o_s, LSE through memory)."""
+    from . import sparse_mosaic as sm
 
-    o_s, lse = sparse_attention_mosaic(q, k, v, lut, block_k=cfg.block_k, sm_scale=cfg.sm_scale, stages=4)
+    named = {name: x for name, x, _ in linear_inputs}
+    if _mosaic_epilogue(named, cfg):
+        outputs = tuple(x[0] for x in _forward_outputs(q, cfg, fused=fused, residuals=residuals))
+        tiles = sum(x in ("o", "o_s", "o_l") for x in outputs)
+        linear = sm.LinearInputs(named["q_phi"], named["h_tot"], named["z_tot"], alpha if fused else None, cfg.eps)
+        # shared memory: the Q and phi(Q) tiles hold two outputs; a third needs the room of one K/V ring slot
+        stages = 4 if tiles <= 2 else 3
+        kw = {"outputs": outputs, "block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "stages": stages}
+        return sm.sparse_linear_attention_mosaic(q, k, v, lut, linear, **kw)
+    o_s, lse = sm.sparse_attention_mosaic(q, k, v, lut, block_k=cfg.block_k, sm_scale=cfg.sm_scale, stages=4)
     return _linear_epilogue(q, o_s, lse, alpha, linear_inputs, cfg, fused=fused, residuals=residuals)
+
+
+def _mosaic_epilogue(named_inputs: dict, cfg: _Cfg) -> bool:
+    """The linear branch runs in the Mosaic forward's epilogue: OPTIONS["fwd_epilogue"] "mosaic", complement scope
+    with per-block states H_i (B, H, Nq, D, D) in bf16 (OPTIONS "state_dtype"; float32 states need the hi + lo
+    products of the Triton epilogue)."""
+    h = named_inputs.get("h_tot")
+    return (
+        OPTIONS["fwd_epilogue"] == "mosaic"
+        and cfg.track_lin
+        and h is not None
+        and h.ndim == 5
+        and jnp.dtype(h.dtype) == jnp.dtype(jnp.bfloat16)
+    )
 
 
 def _linear_epilogue(q, o_s, lse, alpha, linear_inputs, cfg: _Cfg, *, fused: bool, residuals: bool):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,44 @@ def sparse_attention_mosaic(q, k, v, lut, *, block_k: int = 64, sm_scale: float 
     _check(q, lut)
     scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * _LOG2E
     return _sparse_forward(q, k, v, lut, scale, block_k=block_k, stages=stages)
+
+
+class LinearInputs(NamedTuple):
+    """The linear branch's inputs of the in-kernel epilogue (16-bit forward, complement scope, per-block states).
+
+    q_phi (B, N, H, D) in q's dtype; h (B, H, Nq, D, D) bf16 (or f16 with f16 inputs): H_i of each query block;
+    z (B, H, Nq, D) f32: Z_i; alpha (B, H, Nq) f32, or None when the combined output "o" is not asked for;
+    eps: added to the denominator phi(Q_i) . Z_i."""
+
+    q_phi: jax.Array
+    h: jax.Array
+    z: jax.Array
+    alpha: jax.Array | None
+    eps: float
+
+
+_TILE_OUTPUTS = ("o", "o_s", "o_l")  # (B, N, H, D) in v's dtype
+_ROW_OUTPUTS = ("lse", "den")  # (B, H, Nq * 128) float32
+
+
+def sparse_linear_attention_mosaic(
+    q, k, v, lut, linear: LinearInputs, *, outputs, block_k=64, sm_scale=None, stages=4, store_wait="full"
+):
+    """Sparse branch, linear branch and SLA2 combine of each 128-row query block in one Mosaic GPU kernel.
+
+    q, k, v (B, N, H, D) bf16/f16 as sparse_attention_mosaic; lut (B, H, Nq, topk) int32; linear: LinearInputs.
+    outputs: names among "o" (alpha o_s + (1 - alpha) o_l), "o_s", "o_l" ((B, N, H, D) q.dtype), "lse" (base 2, as
+    sparse_attention_mosaic), "den" (phi(Q_i) . Z_i + eps) ((B, H, Nq * 128) f32). With o_l = phi(Q_i) H_i / den:
+    the epilogue of sparse_linear's Triton forward. Returns {name: array}."""
+    _check(q, lut)
+    if linear.h.shape != (*lut.shape[:3], q.shape[-1], q.shape[-1]) or linear.z.shape != (*lut.shape[:3], q.shape[-1]):
+        raise ValueError(f"h {linear.h.shape} / z {linear.z.shape} must be (B, H, Nq, D, D) / (B, H, Nq, D)")
+    scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * _LOG2E
+    outputs = tuple(outputs)
+    res = _sparse_forward(
+        q, k, v, lut, scale, block_k=block_k, stages=stages, linear=linear, outputs=outputs, store_wait=store_wait
+    )
+    return dict(zip(outputs, res))
 
 
 def sparse_attention_mosaic_int8(
@@ -106,12 +145,17 @@ def _tiles(plgpu, dtype, d: int):
     return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-def _sparse_forward(q_op, k_op, v, lut, scale, *, block_k: int, stages: int):
+def _sparse_forward(
+    q_op, k_op, v, lut, scale, *, block_k: int, stages: int, linear=None, outputs=("o_s", "lse"), store_wait="full"
+):
     """The kernel: score operands q_op, k_op (B, N, H, D) both 16-bit or both int8, values v (B, N, H, D) 16-bit.
 
     scale: a float (16-bit operands: sm_scale * log2 e) or, for int8 operands, the (B, H, Nq, topk) f32 table of
-    per-LUT-entry scales (``lut_scales``). Returns (o_s (B, N, H, D) v.dtype, lse (B, H, Nq * 128) f32) of the
-    scores as computed (the caller corrects the LSE of smoothed keys)."""
+    per-LUT-entry scales (``lut_scales``). linear: None, or a ``LinearInputs`` (16-bit only) for the linear branch
+    and the SLA2 combine in the epilogue. outputs: names of _TILE_OUTPUTS ((B, N, H, D) v.dtype) and _ROW_OUTPUTS
+    ((B, H, Nq * 128) f32); without ``linear`` only "o_s" and "lse". store_wait: "full" (the last TMA stores
+    complete before the program ends) or "read" (only their shared-memory reads). Returns the outputs in the order
+    asked, lse of the scores as computed (the caller corrects the LSE of smoothed keys)."""
     # GPU-only backend: imported on use
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -120,42 +164,88 @@ def _sparse_forward(q_op, k_op, v, lut, scale, *, block_k: int, stages: int):
         raise ValueError(f"need 16-bit values and 16-bit or int8 scores, got {v.dtype}, {q_op.dtype}")
     nq, topk = lut.shape[2], lut.shape[3]
     quantised = q_op.dtype == jnp.int8
+    _check_outputs(outputs, linear, quantised)
     stages = max(1, min(stages, topk))
     ragged = n % block_k != 0
     dtype = v.dtype
-    acc_dtype = jnp.int32 if quantised else jnp.float32
+    f32 = jnp.float32
+    acc_dtype = jnp.int32 if quantised else f32
     magic = quantised and OPTIONS["int_to_float"] == "magic" and d <= 256
+    tile_outs = [x for x in outputs if x in _TILE_OUTPUTS]
+    row_outs = [x for x in outputs if x in _ROW_OUTPUTS]
+    in_names = ["q", "k", "v", "lut"] + (["scale"] if quantised else [])
+    in_names += (["q_phi", "h", "z"] if linear is not None else []) + (["alpha"] if "o" in outputs else [])
+    names = in_names + list(outputs)
+    # 16-bit output tiles of a compute warpgroup: its Q tile (free after the loop; 16-bit only), its phi(Q) tile
+    # (free once loaded into registers), then tiles of their own
+    reused = (0 if quantised else 1) + (1 if linear is not None else 0)
+    extra_tiles = max(0, len(tile_outs) - reused)
 
-    def body(refs, smem, ready, released, turn):
-        q_ref, k_ref, v_ref, lut_ref, *scale_ref, o_ref, lse_ref = refs
+    def body(refs, smem, bars):
+        r = dict(zip(names, refs))
         bi, hi, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("qblock")
         wg = lax.axis_index("wg")
-        q_smem, k_smem, v_smem, lse_smem, *o_smem = smem
-        k_ready, v_ready, q_ready = ready
-        k_free, v_free = released
+        k_smem, v_smem = smem["k"], smem["v"]
+        k_ready, v_ready, k_free, v_free, turn = (bars[x] for x in ("k_ready", "v_ready", "k_free", "v_free", "turn"))
 
         def take_turn():
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(turn)
 
+        def linear_branch(o_s, alpha):
+            """o_l = phi(Q) H_i / den, den = phi(Q) . Z_i + eps (64 rows; one wgmma), and the combined o."""
+            lin_ready = bars["lin_ready"]
+            plgpu.barrier_wait(lin_ready.at[wg])
+            q_phi = plgpu.load(smem["q_phi"].at[wg], (), layout=plgpu.Layout.WGMMA)
+            plgpu.barrier_wait(lin_ready.at[3])
+            z = plgpu.load(smem["z"], (), layout=plgpu.Layout.WGMMA.reduce(0))
+            den = (q_phi.astype(f32) * lax.broadcast_in_dim(z, (_ROWS, d), [1])).sum(axis=1) + linear.eps
+            plgpu.barrier_wait(lin_ready.at[2])
+
+            def product(acc_ref):
+                plgpu.wgmma(acc_ref, q_phi.astype(linear.h.dtype), smem["h"])
+                return acc_ref[...]
+
+            num = pl.run_scoped(product, plgpu.ACC((_ROWS, d), f32))
+            o_l = num / lax.broadcast_in_dim(den, num.shape, [0])
+            vals = {"o_l": o_l, "den": den}
+            if alpha is not None:
+                vals["o"] = alpha * o_s + (1.0 - alpha) * o_l
+            return vals
+
+        def store_outputs(vals, row0):
+            tiles = ([] if quantised else [smem["q"].at[wg]]) + ([smem["q_phi"].at[wg]] if linear is not None else [])
+            tiles += [smem["out"].at[j, wg] for j in range(extra_tiles)]
+            for name, tile in zip(tile_outs, tiles):
+                tile[...] = vals[name].astype(dtype)
+            for j, name in enumerate(row_outs):
+                smem["rows"].at[j, wg][...] = vals[name]
+            plgpu.commit_smem()
+            for name, tile in zip(tile_outs, tiles):
+                plgpu.copy_smem_to_gmem(tile, r[name].at[bi, pl.ds(row0, _ROWS), hi])
+            for j, name in enumerate(row_outs):
+                plgpu.copy_smem_to_gmem(smem["rows"].at[j, wg], r[name].at[bi, hi, pl.ds(row0, _ROWS)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=store_wait == "read")
+
         @pl.when(wg < 2)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
             row0 = qi * _BLOCK_Q + wg * _ROWS
-            my_q = q_smem.at[wg]
-            plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, _ROWS), hi], my_q, q_ready.at[wg])
-            plgpu.barrier_wait(q_ready.at[wg])
+            my_q = smem["q"].at[wg]
+            plgpu.copy_gmem_to_smem(r["q"].at[bi, pl.ds(row0, _ROWS), hi], my_q, bars["q_ready"].at[wg])
+            alpha = r["alpha"][bi, hi, qi] if "alpha" in r else None
+            plgpu.barrier_wait(bars["q_ready"].at[wg])
             rows = plgpu.Layout.WGMMA.reduce(1)
-            m_i = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), rows)
-            l_i = plgpu.layout_cast(jnp.full((_ROWS,), 0.0, jnp.float32), rows)
-            acc = plgpu.layout_cast(jnp.full((_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+            m_i = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, f32), rows)
+            l_i = plgpu.layout_cast(jnp.full((_ROWS,), 0.0, f32), rows)
+            acc = plgpu.layout_cast(jnp.full((_ROWS, d), 0.0, f32), plgpu.Layout.WGMMA)
             plgpu.barrier_wait(k_ready.at[0])
             pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
 
             def step(t, carry, masked=False):
                 acc, m_i, l_i = carry
                 slot = lax.rem(t, stages)
-                s_scale = scale_ref[0][bi, hi, qi, t] if quantised else scale
+                s_scale = r["scale"][bi, hi, qi, t] if quantised else scale
 
                 def scores(s_ref):
                     plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
@@ -165,11 +255,11 @@ def _sparse_forward(q_op, k_op, v, lut, scale, *, block_k: int, stages: int):
                 s = pl.run_scoped(scores, plgpu.ACC((_ROWS, block_k), acc_dtype))
                 plgpu.barrier_arrive(k_free.at[slot])
                 if magic:  # s + 1.5 * 2^23 exactly, as a float
-                    s = lax.bitcast_convert_type(s + jnp.int32(_MAGIC_BITS), jnp.float32)
+                    s = lax.bitcast_convert_type(s + jnp.int32(_MAGIC_BITS), f32)
                 elif quantised:
-                    s = s.astype(jnp.float32)
+                    s = s.astype(f32)
                 if masked:  # keys >= N exist only in the last key block: the LUT's last entry (ascending)
-                    key0 = lut_ref[bi, hi, qi, t] * block_k
+                    key0 = r["lut"][bi, hi, qi, t] * block_k
                     keys = plgpu.broadcasted_iota(jnp.int32, (_ROWS, block_k), 1, layout=plgpu.Layout.WGMMA)
                     s = jnp.where(keys + key0 < n, s, -jnp.inf)
                 if magic:
@@ -204,26 +294,30 @@ def _sparse_forward(q_op, k_op, v, lut, scale, *, block_k: int, stages: int):
             last = functools.partial(step, masked=ragged)  # a loop of one step: Mosaic wants a traced index
             acc, m_i, l_i = lax.fori_loop(topk - 1, topk, last, (acc, m_i, l_i))
             pl.when(wg == 0)(take_turn)
-            acc = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
-            o_tile = o_smem[0].at[wg] if quantised else my_q  # 16-bit: the Q tile's slot holds the output tile
-            o_tile[...] = acc.astype(dtype)
-            lse_smem.at[wg][...] = m_i + jnp.log2(l_i)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_tile, o_ref.at[bi, pl.ds(row0, _ROWS), hi])
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(row0, _ROWS)])
-            plgpu.wait_smem_to_gmem(0)
+            o_s = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
+            vals = {"o_s": o_s, "lse": m_i + jnp.log2(l_i)}
+            if linear is not None:
+                vals.update(linear_branch(o_s, alpha))
+            store_outputs(vals, row0)
 
         @pl.when(wg == 2)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
             def fetch(t, slot):
-                rows = pl.ds(lut_ref[bi, hi, qi, t] * block_k, block_k)
-                plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_ready.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_ready.at[slot])
+                rows = pl.ds(r["lut"][bi, hi, qi, t] * block_k, block_k)
+                plgpu.copy_gmem_to_smem(r["k"].at[bi, rows, hi], k_smem.at[slot], k_ready.at[slot])
+                plgpu.copy_gmem_to_smem(r["v"].at[bi, rows, hi], v_smem.at[slot], v_ready.at[slot])
 
             for t in range(stages):
                 fetch(t, t)
+            if linear is not None:  # after the ring's first fill: needed only in the epilogue
+                lin_ready = bars["lin_ready"]
+                for half in range(2):
+                    rows = pl.ds(qi * _BLOCK_Q + half * _ROWS, _ROWS)
+                    plgpu.copy_gmem_to_smem(r["q_phi"].at[bi, rows, hi], smem["q_phi"].at[half], lin_ready.at[half])
+                plgpu.copy_gmem_to_smem(r["h"].at[bi, hi, qi], smem["h"], lin_ready.at[2])
+                plgpu.copy_gmem_to_smem(r["z"].at[bi, hi, qi], smem["z"], lin_ready.at[3])
 
             @pl.loop(stages, topk)
             def _refill(t):
@@ -232,39 +326,63 @@ def _sparse_forward(q_op, k_op, v, lut, scale, *, block_k: int, stages: int):
                 plgpu.barrier_wait(v_free.at[slot])
                 fetch(t, slot)
 
-    def entry(*refs):
+    def kernel_body(*refs):
         qk_tiles, v_tiles = _tiles(plgpu, q_op.dtype, d), _tiles(plgpu, dtype, d)
-        smem = [
-            plgpu.SMEM((2, _ROWS, d), q_op.dtype, transforms=qk_tiles),
-            plgpu.SMEM((stages, block_k, d), q_op.dtype, transforms=qk_tiles),
-            plgpu.SMEM((stages, block_k, d), dtype, transforms=v_tiles),
-            plgpu.SMEM((2, _ROWS), jnp.float32),
-        ]
-        if quantised:  # the output tiles (16-bit) cannot reuse the int8 Q tiles
-            smem.append(plgpu.SMEM((2, _ROWS, d), dtype, transforms=v_tiles))
-        ready = (
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=2),
-        )
-        released = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2
-        pl.run_scoped(
-            lambda *scoped: body(refs, *scoped),
-            tuple(smem),
-            ready,
-            released,
-            plgpu.Barrier(num_arrivals=2),
-            collective_axes="wg",
-        )
+        smem = {
+            "q": plgpu.SMEM((2, _ROWS, d), q_op.dtype, transforms=qk_tiles),
+            "k": plgpu.SMEM((stages, block_k, d), q_op.dtype, transforms=qk_tiles),
+            "v": plgpu.SMEM((stages, block_k, d), dtype, transforms=v_tiles),
+        }
+        if row_outs:
+            smem["rows"] = plgpu.SMEM((len(row_outs), 2, _ROWS), f32)
+        if extra_tiles:
+            smem["out"] = plgpu.SMEM((extra_tiles, 2, _ROWS, d), dtype, transforms=v_tiles)
+        bars = {
+            "k_ready": plgpu.Barrier(num_barriers=stages),
+            "v_ready": plgpu.Barrier(num_barriers=stages),
+            "q_ready": plgpu.Barrier(num_barriers=2),
+            "k_free": plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            "v_free": plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            "turn": plgpu.Barrier(num_arrivals=2),
+        }
+        if linear is not None:
+            smem["q_phi"] = plgpu.SMEM((2, _ROWS, d), dtype, transforms=v_tiles)
+            smem["h"] = plgpu.SMEM((d, d), linear.h.dtype, transforms=_tiles(plgpu, linear.h.dtype, d))
+            smem["z"] = plgpu.SMEM((d,), f32)
+            bars["lin_ready"] = plgpu.Barrier(num_barriers=4)  # phi(Q) halves 0 and 1, H_i, Z_i
+        pl.run_scoped(lambda s, bs: body(refs, s, bs), smem, bars, collective_axes="wg")
 
-    out_type = (jax.ShapeDtypeStruct(v.shape, dtype), jax.ShapeDtypeStruct((b, h, nq * _BLOCK_Q), jnp.float32))
-    inputs = (q_op, k_op, v, lut) + ((scale,) if quantised else ())
+    # the kernel's name (profilers show it): the function's
+    kernel_body.__name__ = kernel_body.__qualname__ = (
+        "sla_sparse_linear_fwd" if linear is not None else "sla_sparse_fwd"
+    )
+    out_struct = {
+        **{x: jax.ShapeDtypeStruct(v.shape, dtype) for x in _TILE_OUTPUTS},
+        **{x: jax.ShapeDtypeStruct((b, h, nq * _BLOCK_Q), f32) for x in _ROW_OUTPUTS},
+    }
+    inputs = [q_op, k_op, v, lut] + ([scale] if quantised else [])
+    if linear is not None:
+        inputs += [linear.q_phi, linear.h, linear.z] + ([linear.alpha] if "o" in outputs else [])
     return plgpu.kernel(
-        entry,
-        out_type=out_type,
+        kernel_body,
+        out_type=tuple(out_struct[x] for x in outputs),
         grid=(h, nq, b),
         grid_names=("heads", "qblock", "batch"),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(*inputs)
+
+
+def _check_outputs(outputs, linear, quantised: bool):
+    """ValueError for outputs the kernel cannot give: unknown or repeated names, linear-branch outputs without
+    LinearInputs (or with int8 scores), "o" without alpha."""
+    known = _TILE_OUTPUTS + _ROW_OUTPUTS
+    if not outputs or len(set(outputs)) != len(outputs) or any(x not in known for x in outputs):
+        raise ValueError(f"outputs must be distinct names of {known}, got {outputs}")
+    if linear is None and any(x not in ("o_s", "lse") for x in outputs):
+        raise ValueError(f"outputs {outputs} need the linear branch's inputs")
+    if linear is not None and quantised:
+        raise ValueError("the in-kernel linear branch takes 16-bit score operands only")
+    if "o" in outputs and linear.alpha is None:
+        raise ValueError('output "o" needs alpha')

@@ -1,0 +1,120 @@
+"""The Mosaic forward with the linear branch in its epilogue (sparse_linear OPTIONS["fwd_epilogue"] "mosaic").
+
+The Mosaic GPU kernel runs only on a Hopper GPU (experiments/probe_mosaic_sparse.py checks it there). On CPU a
+stand-in implementing the kernel's contract (sparse_mosaic.sparse_linear_attention_mosaic) in dense float32 XLA
+checks the wiring around it: which outputs each call asks for, the per-block states and alpha it is handed, and
+the residuals the (Triton, interpret-mode) backward receives, against the dense reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import sla2_fused_attention, sparse_linear_attention
+from pallas_kernels.reference import reference_branches, reference_fused
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _inputs(seed, n, h, d, dtype, topk):
+    """(q, k, v, phi(q), phi(k)) (1, N, H, D) dtype, an ascending LUT (block_q 128, block_k 64), weights, alpha."""
+    rng = np.random.default_rng(seed)
+    nq, nk = -(-n // 128), -(-n // 64)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, n, h, d)), jnp.float32) for _ in range(3))
+    k = k - jnp.mean(k, axis=1, keepdims=True)
+    qp, kp = (jax.nn.softmax(x, axis=-1) for x in (q, k))
+    lut = np.sort(np.stack([rng.permutation(nk)[:topk] for _ in range(h * nq)]), axis=-1)
+    lut = jnp.asarray(lut.reshape(1, h, nq, topk), jnp.int32)
+    w = jnp.asarray(rng.standard_normal((1, n, h, d)), jnp.float32)
+    alpha = jnp.asarray(rng.uniform(0.1, 0.9, (1, h, nq)), jnp.float32)
+    return tuple(x.astype(dtype) for x in (q, k, v, qp, kp)), lut, w, alpha
+
+
+def _contract_stand_in(calls):
+    """XLA stand-in for sparse_mosaic.sparse_linear_attention_mosaic: dense float32 sparse branch with the LUT's token
+    mask (o_s, lse base 2), o_l = phi(Q_i) H_i / den with den = phi(Q_i) . Z_i + eps from the states it is given,
+    o = alpha o_s + (1 - alpha) o_l; rows past N padded (lse 0, den 1)."""
+
+    def stand_in(q, k, v, lut, linear, *, outputs, block_k, sm_scale, stages):
+        calls.append((tuple(outputs), stages))
+        b, n, h, d = q.shape
+        nq, nk = lut.shape[2], -(-n // block_k)
+        sel = jnp.any(lut[..., None] == jnp.arange(nk), axis=3)  # (B, H, Nq, Nk)
+        mask = jnp.repeat(jnp.repeat(sel, 128, axis=2)[:, :, :n], block_k, axis=3)[..., :n]
+        q32, k32, v32, qp32 = (x.astype(jnp.float32) for x in (q, k, v, linear.q_phi))
+        s = jnp.where(mask, jnp.einsum("bnhd,bmhd->bhnm", q32, k32) * sm_scale, -jnp.inf)
+        o_s = jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(s, axis=-1), v32)
+        lse = jax.nn.logsumexp(s, axis=-1) * math.log2(math.e)
+        block = jnp.arange(n) // 128
+        h_rows = linear.h.astype(jnp.float32)[:, :, block]  # (B, H, N, D, D)
+        den = jnp.einsum("bnhd,bhnd->bhn", qp32, linear.z[:, :, block]) + linear.eps
+        o_l = jnp.einsum("bnhd,bhnde->bnhe", qp32, h_rows) / jnp.transpose(den, (0, 2, 1))[..., None]
+        vals = {"o_s": o_s, "o_l": o_l}
+        if linear.alpha is not None:
+            a = jnp.transpose(linear.alpha[:, :, block], (0, 2, 1))[..., None]
+            vals["o"] = a * o_s + (1.0 - a) * o_l
+        pad = ((0, 0), (0, 0), (0, nq * 128 - n))
+        vals["lse"] = jnp.pad(lse, pad)
+        vals["den"] = jnp.pad(den, pad, constant_values=1.0)
+        return {x: vals[x].astype(q.dtype) if x in ("o", "o_s", "o_l") else vals[x] for x in outputs}
+
+    return stand_in
+
+
+@pytest.mark.parametrize("epilogue", ["mosaic", "triton"])
+def test_mosaic_epilogue_wiring_with_a_stand_in_kernel(epilogue, monkeypatch):
+    """OPTIONS fwd_epilogue "mosaic": the fused kernel is asked for ("o",) in the primal, all five outputs (3 ring
+    stages) under jax.grad, ("o_s", "o_l") [+ lse, den] for the branches; outputs and the six gradients match the
+    dense reference. "triton" (the fallback) never calls it."""
+    from pallas_kernels import sparse_linear as sl
+    from pallas_kernels import sparse_mosaic
+
+    calls = []
+    monkeypatch.setattr(sparse_mosaic, "sparse_linear_attention_mosaic", _contract_stand_in(calls))
+    monkeypatch.setattr(sparse_mosaic, "sparse_attention_mosaic", _sparse_only_stand_in)
+    monkeypatch.setattr(sl, "OPTIONS", dict(sl.OPTIONS, fwd_kernel="mosaic", fwd_epilogue=epilogue))
+    monkeypatch.setattr(sl, "_use_mosaic", lambda q, cfg, lin_in_loop: not lin_in_loop)  # any device
+    seed = int.from_bytes(os.urandom(4), "little")
+    args, lut, w, alpha = _inputs(seed, 200, 2, 64, jnp.bfloat16, 2)
+    kw = {"block_q": 128, "block_k": 64}
+
+    assert _rel(sla2_fused_attention(*args, lut, alpha, **kw), reference_fused(*args, lut, alpha, **kw)) < 2e-2, seed
+    o_s, o_l = sparse_linear_attention(*args, lut, **kw)
+    r_s, r_l = reference_branches(*args, lut, **kw)
+    assert _rel(o_s, r_s) < 2e-2 and _rel(o_l, r_l) < 2e-2, seed
+    loss = lambda fn: lambda *x: jnp.sum(fn(*x[:5], lut, x[5], **kw).astype(jnp.float32) * w)
+    g = jax.grad(loss(sla2_fused_attention), argnums=tuple(range(6)))(*args, alpha)
+    rg = jax.grad(loss(reference_fused), argnums=tuple(range(6)))(*args, alpha)
+    for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
+        assert _rel(a, b) < 3e-2, (seed, name, _rel(a, b))
+    if epilogue == "triton":
+        assert not calls
+        return
+    all_five = ("o", "o_s", "o_l", "lse", "den")
+    assert calls[:2] == [(("o",), 4), (("o_s", "o_l"), 4)], calls
+    assert (all_five, 3) in calls, calls
+
+
+def _sparse_only_stand_in(q, k, v, lut, *, block_k, sm_scale, stages):
+    """The plain Mosaic kernel's contract (o_s, lse) by the contract stand-in (for the "triton" epilogue path)."""
+    out = _contract_stand_in([])(
+        q, k, v, lut, _no_linear(q, lut), outputs=("o_s", "lse"), block_k=block_k, sm_scale=sm_scale, stages=stages
+    )
+    return out["o_s"], out["lse"]
+
+
+def _no_linear(q, lut):
+    from pallas_kernels.sparse_mosaic import LinearInputs
+
+    b, _, h, d = q.shape
+    nq = lut.shape[2]
+    return LinearInputs(q, jnp.zeros((b, h, nq, d, d), jnp.bfloat16), jnp.ones((b, h, nq, d)), None, 1.0)
