@@ -81,6 +81,13 @@ def small_checks():
     RESULTS["small"] = rows
 
 
+def fused(q, k, v, lut, lin_arrays, outputs=("o",), stages=4, **schedule):
+    """sparse_linear_attention_mosaic with lin_arrays = (q_phi, h, z, alpha) (jit arguments; eps 1e-6 static)."""
+    linear = sm.LinearInputs(*lin_arrays, 1e-6)
+    sched = sm.Schedule(**schedule)
+    return sm.sparse_linear_attention_mosaic(q, k, v, lut, linear, outputs=outputs, stages=stages, schedule=sched)
+
+
 def random_linear_inputs(rng, b, n, h, d, nq, dtype, with_alpha=True):
     """q_phi (B, N, H, D) dtype (softmax rows, positive), H_i (B, H, Nq, D, D) bf16, Z_i (B, H, Nq, D) f32 positive,
     alpha (B, H, Nq) f32 in [0, 1]: random stand-ins of the library's states (their values do not matter here)."""
@@ -105,13 +112,14 @@ def linear_reference(linear, n):
     return o_l.reshape(b, nq * 128, h, d)[:, :n], den.reshape(b, h, nq * 128)[:, :, :n]
 
 
-FUSED_SMALL_CASES = [  # n, d, topk, dtype, outputs, stages, store_wait
-    (2000, 128, 4, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 3, "full"),
-    (2000, 128, 5, jnp.bfloat16, ("o",), 4, "full"),
-    (4096, 64, 6, jnp.bfloat16, ("o",), 4, "read"),
-    (1000, 64, 3, jnp.float16, ("o_s", "o_l", "lse", "den"), 4, "full"),
-    (1048, 128, 2, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 3, "full"),  # last block's 2nd half past N
-    (776, 128, 1, jnp.float16, ("o_s", "o_l"), 4, "full"),
+FUSED_SMALL_CASES = [  # n, d, topk, dtype, outputs, stages, schedule
+    (2000, 128, 4, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 3, {}),
+    (2000, 128, 5, jnp.bfloat16, ("o",), 4, {"grid_order": "qblocks"}),
+    (4096, 64, 6, jnp.bfloat16, ("o",), 4, {"store_wait": "read", "lut_early": True}),
+    (1000, 64, 3, jnp.float16, ("o_s", "o_l", "lse", "den"), 4, {"grid_order": "qblocks", "lut_early": True}),
+    (1048, 128, 2, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 3, {}),  # last block's 2nd half past N
+    (776, 128, 1, jnp.float16, ("o_s", "o_l"), 4, {}),
+    (2000, 128, 5, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 3, {"grid_order": "qblocks"}),
 ]
 
 
@@ -119,17 +127,16 @@ def fused_small_checks():
     """sparse_linear_attention_mosaic vs the dense f32 reference (fresh seed, recorded)."""
     rows, seed = [], int.from_bytes(os.urandom(4), "little")
     RESULTS["fused_small_seed"] = seed
-    for n, d, topk, dtype, outputs, stages, store_wait in FUSED_SMALL_CASES:
-        row = dict(n=n, d=d, topk=topk, dtype=jnp.dtype(dtype).name, outputs=outputs, stages=stages, wait=store_wait)
+    for n, d, topk, dtype, outputs, stages, schedule in FUSED_SMALL_CASES:
+        row = dict(n=n, d=d, topk=topk, dtype=jnp.dtype(dtype).name, outputs=outputs, stages=stages, **schedule)
         try:
             rng = np.random.default_rng([seed, n, d, len(outputs)])
             b, h, nq, nk = 1, 2, -(-n // 128), -(-n // 64)
             q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), dtype) for _ in range(3))
             lut = uniform_lut(rng, b, h, nq, nk, topk)
             linear = random_linear_inputs(rng, b, n, h, d, nq, dtype, with_alpha="o" in outputs)
-            kw = {"outputs": outputs, "stages": stages, "store_wait": store_wait}
-            fn = lambda q, k, v, lut, lin, kw=kw: sm.sparse_linear_attention_mosaic(q, k, v, lut, lin, **kw)
-            out = jax.jit(fn)(q, k, v, lut, linear)
+            kw = {"outputs": outputs, "stages": stages, **schedule}
+            out = jax.jit(lambda *a, kw=kw: fused(*a, **kw))(q, k, v, lut, linear[:4])
             o_s, lse = dense_reference(q, k, v, lut, 128, 64)
             o_l, den = linear_reference(linear, n)
             ref = {"o_s": o_s, "o_l": o_l, "lse": lse, "den": den}
@@ -171,19 +178,22 @@ def sweep(runs, topks=(5, 10, 25, 50)):
     q, k, v, _, _, _, _, alpha, cfg = wan_setup(0.95, 29, 1, 12, 32760, 128, 128, 64)
     rng = np.random.default_rng(7)
     linear = random_linear_inputs(rng, 1, 32760, 12, 128, cfg.nq, jnp.bfloat16)
-    scale = _LOG2E_SCALE
+    plain = lambda **sch: (
+        lambda q, k, v, lut, lin: sparse_attention_mosaic(q, k, v, lut, stages=4, schedule=sm.Schedule(**sch))
+    )
     variants = {
-        "plain_s4": lambda q, k, v, lut, lin: sparse_attention_mosaic(q, k, v, lut, stages=4),
-        "plain_s4_readwait": lambda q, k, v, lut, lin: sm._sparse_forward(
-            q, k, v, lut, scale, block_k=64, stages=4, store_wait="read"
-        ),
-        "fused_o_s4": lambda q, k, v, lut, lin: sm.sparse_linear_attention_mosaic(q, k, v, lut, lin, outputs=("o",)),
+        "plain_s4": plain(),
+        "plain_s4_qblocks": plain(grid_order="qblocks"),
+        "plain_s4_lut_early": plain(lut_early=True),
+        "plain_s4_qblocks_early_read": plain(grid_order="qblocks", lut_early=True, store_wait="read"),
+        "fused_o_s4": lambda q, k, v, lut, lin: fused(q, k, v, lut, lin),
+        "fused_o_s4_qblocks": lambda q, k, v, lut, lin: fused(q, k, v, lut, lin, grid_order="qblocks"),
     }
     cands = {}
     for topk in topks:
         lut = uniform_lut(rng, 1, 12, cfg.nq, cfg.nk, topk)
         for name, fn in variants.items():
-            cands[f"{name}_topk{topk}"] = (fn, (q, k, v, lut, linear))
+            cands[f"{name}_topk{topk}"] = (fn, (q, k, v, lut, linear[:4]))
     stats = timed_rounds(cands, runs, rounds=2)
     RESULTS["sweep_ms"] = stats
     fits = {}
@@ -202,19 +212,17 @@ def sweep(runs, topks=(5, 10, 25, 50)):
     print("sweep", json.dumps(stats), json.dumps(fits), flush=True)
 
 
-_LOG2E_SCALE = math.log2(math.e) / math.sqrt(128)
-
-
-def with_epilogue(choice, fn):
-    """fn with OPTIONS["fwd_epilogue"] = choice while it is traced (jit traces on the first call)."""
+def with_options(epilogue, grid_order, fn):
+    """fn with sparse_linear.OPTIONS["fwd_epilogue"] and sparse_mosaic.OPTIONS["grid_order"] set while it is traced
+    (jit traces on the first call)."""
 
     def run(*args):
-        old = sl.OPTIONS["fwd_epilogue"]
-        sl.OPTIONS["fwd_epilogue"] = choice
+        old = sl.OPTIONS["fwd_epilogue"], sm.OPTIONS["grid_order"]
+        sl.OPTIONS["fwd_epilogue"], sm.OPTIONS["grid_order"] = epilogue, grid_order
         try:
             return fn(*args)
         finally:
-            sl.OPTIONS["fwd_epilogue"] = old
+            sl.OPTIONS["fwd_epilogue"], sm.OPTIONS["grid_order"] = old
 
     return run
 
@@ -229,37 +237,42 @@ def wan(sparsity, runs):
         lambda q, k, v, qp, kp, lut, a: sl._forward(q, k, v, qp, kp, lut, a, cfg, fused=True, residuals=res)
     )
     names = ("o", "o_s", "o_l", "lse", "den")
+    lib_args = (q, k, v, qp, kp, lut, alpha)
     try:
-        outs = {c: jax.jit(with_epilogue(c, fwd(True)))(q, k, v, qp, kp, lut, alpha) for c in ("triton", "mosaic")}
+        outs = {c: jax.jit(with_options(c, "heads", fwd(True)))(*lib_args) for c in ("triton", "mosaic")}
         row["rel_train_mosaic_vs_triton"] = {x: rel(outs["mosaic"][x], outs["triton"][x]) for x in names}
-        o_inf = jax.jit(with_epilogue("mosaic", lambda *a: fwd(False)(*a)["o"]))(q, k, v, qp, kp, lut, alpha)
-        row["rel_infer_o_mosaic_vs_triton"] = rel(o_inf, outs["triton"]["o"])
+        for order in ("heads", "qblocks"):
+            o_inf = jax.jit(with_options("mosaic", order, lambda *a: fwd(False)(*a)["o"]))(*lib_args)
+            row[f"rel_infer_o_mosaic_{order}_vs_triton"] = rel(o_inf, outs["triton"]["o"])
         row["finite"] = all(bool(jnp.all(jnp.isfinite(outs["mosaic"][x]))) for x in names)
         del outs, o_inf
     except Exception as e:  # noqa: BLE001
         record_error(row, "error_outputs", e)
     h_i, z_i = jax.jit(lambda kp, v, lut: sl._complement_states(kp, v, lut, cfg))(kp, v, lut)
-    linear = sm.LinearInputs(qp, h_i, z_i, alpha, cfg.eps)
+    lin = (qp, h_i, z_i, alpha)
     mcfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", alpha="mass")
     module = lambda q, k, v: sla.sla2_attention(q, k, v, config=mcfg)
     lib_args = (q, k, v, qp, kp, lut, alpha)
+    plain = lambda order: (
+        lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=4, schedule=sm.Schedule(grid_order=order))
+    )
     cands = {
         "states": (lambda kp, v, lut: sl._complement_states(kp, v, lut, cfg), (kp, v, lut)),
-        "kernel_plain_s4": (lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=4), (q, k, v, lut)),
-        "kernel_fused_o_s4": (
-            lambda q, k, v, lut, lin: sm.sparse_linear_attention_mosaic(q, k, v, lut, lin, outputs=("o",)),
-            (q, k, v, lut, linear),
-        ),
-        "kernel_fused_train_s3": (
-            lambda q, k, v, lut, lin: sm.sparse_linear_attention_mosaic(q, k, v, lut, lin, outputs=names, stages=3),
-            (q, k, v, lut, linear),
-        ),
         "cudnn_fwd": (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"), (q, k, v)),
     }
-    for c in ("triton", "mosaic"):
-        cands[f"lib_infer_{c}"] = (with_epilogue(c, lambda *a: fwd(False)(*a)["o"]), lib_args)
-        cands[f"lib_train_{c}"] = (with_epilogue(c, lambda *a: fwd(True)(*a)["o"]), lib_args)
-        cands[f"module_fwd_{c}"] = (with_epilogue(c, module), (q, k, v))
+    for order in ("heads", "qblocks"):
+        cands[f"kernel_plain_s4_{order}"] = (plain(order), (q, k, v, lut))
+        cands[f"kernel_fused_o_s4_{order}"] = (lambda *a, o=order: fused(*a, grid_order=o), (q, k, v, lut, lin))
+        cands[f"kernel_fused_train_s3_{order}"] = (
+            lambda *a, o=order: fused(*a, outputs=names, stages=3, grid_order=o),
+            (q, k, v, lut, lin),
+        )
+    for c, order in (("triton", "heads"), ("mosaic", "heads"), ("triton", "qblocks"), ("mosaic", "qblocks")):
+        key = f"{c}_{order}"
+        cands[f"lib_infer_{key}"] = (with_options(c, order, lambda *a: fwd(False)(*a)["o"]), lib_args)
+        cands[f"module_fwd_{key}"] = (with_options(c, order, module), (q, k, v))
+        if order == "heads":
+            cands[f"lib_train_{key}"] = (with_options(c, order, lambda *a: fwd(True)(*a)["o"]), lib_args)
     try:
         row["times_ms"] = timed_rounds(cands, runs)
         t = row["times_ms"]
@@ -277,14 +290,55 @@ def ncu_target():
     """Launches for ncu: the plain kernel twice, then the fused one ("o") twice (95%, wan-1.3b)."""
     q, k, v, _, qp, kp, lut, alpha, cfg = wan_setup(0.95, 29, 1, 12, 32760, 128, 128, 64)
     h_i, z_i = jax.jit(lambda kp, v, lut: sl._complement_states(kp, v, lut, cfg))(kp, v, lut)
-    linear = sm.LinearInputs(qp, h_i, z_i, alpha, cfg.eps)
     plain = jax.jit(lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=4))
-    fused = jax.jit(lambda q, k, v, lut, lin: sm.sparse_linear_attention_mosaic(q, k, v, lut, lin, outputs=("o",)))
+    with_linear = jax.jit(fused)
     for _ in range(2):
         jax.block_until_ready(plain(q, k, v, lut))
     for _ in range(2):
-        jax.block_until_ready(fused(q, k, v, lut, linear))
+        jax.block_until_ready(with_linear(q, k, v, lut, (qp, h_i, z_i, alpha)))
     print("ncu_target done", flush=True)
+
+
+def trace(parts=("plain_wan95", "plain_topk1", "fused_wan95")):
+    """Mosaic's on-device profiler (Schedule.profile_dir): per program and warpgroup the clock at the named regions
+    (c_setmaxnreg, c_wait_q, c_wait_k0, c_loop, c_epilogue, c_store, c_drain; m_setmaxnreg, m_prime), summarised by
+    experiments.profile_mosaic (the backward's profile driver: region lengths, gaps between programs on one SM)."""
+    import tempfile
+
+    from experiments import profile_mosaic as pm
+
+    pm.capture_profiler_buffers()
+    q, k, v, _, qp, kp, lut, alpha, cfg = wan_setup(0.95, 29, 1, 12, 32760, 128, 128, 64)
+    h_i, z_i = jax.jit(lambda kp, v, lut: sl._complement_states(kp, v, lut, cfg))(kp, v, lut)
+    lut1 = uniform_lut(np.random.default_rng(3), 1, 12, cfg.nq, cfg.nk, 1)
+    prof = tempfile.mkdtemp()
+    sched = sm.Schedule(profile_dir=prof)
+    plain = lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=4, schedule=sched)
+    cases = {
+        "plain_wan95": (plain, (q, k, v, lut)),
+        "plain_topk1": (plain, (q, k, v, lut1)),
+        "fused_wan95": (lambda *a: fused(*a, profile_dir=prof), (q, k, v, lut, (qp, h_i, z_i, alpha))),
+    }
+    out = {}
+    for key in parts:
+        row = {}
+        try:
+            fn = jax.jit(cases[key][0])
+            for _ in range(3):
+                jax.block_until_ready(fn(*cases[key][1]))
+            jax.effects_barrier()
+            pm.CAPTURED.clear()
+            for _ in range(3):
+                jax.block_until_ready(fn(*cases[key][1]))
+            mhz = pm.sm_clock_mhz()
+            jax.effects_barrier()
+            buf, interned, entries = pm.CAPTURED[-1]
+            row.update(pm.summarise_trace(buf, interned, entries, mhz))
+        except Exception as e:  # noqa: BLE001
+            record_error(row, "error", e)
+        print("trace", key, json.dumps(row), flush=True)
+        out[key] = row
+    RESULTS["trace"] = out
 
 
 def trim_sass(path, top=30):
@@ -385,6 +439,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--parts", nargs="*", default=["small", "fused_small", "sweep", "wan"])
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.95, 0.97])
+    ap.add_argument("--grid-order", default=None, help="sparse_mosaic.OPTIONS grid_order for the library parts")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--trim-sass", default=None)
     args = ap.parse_args()
@@ -393,6 +448,8 @@ def main():
         return
     os.makedirs(args.out, exist_ok=True)
     saved = dict(sl.OPTIONS)
+    if args.grid_order:
+        sm.OPTIONS["grid_order"] = args.grid_order
     parts = {
         "small": small_checks,
         "fused_small": fused_small_checks,
@@ -401,6 +458,7 @@ def main():
         "library": lambda: [library(s, args.runs) for s in args.sparsity],
         "dense": lambda: dense_mosaic(args.runs),
         "ncu_target": ncu_target,
+        "trace": trace,
     }
     try:
         for part in args.parts:
@@ -409,10 +467,15 @@ def main():
             except Exception as e:  # noqa: BLE001
                 record_error(RESULTS, f"error_{part}", e)
             sys.stdout.flush()
+            save(args.out)  # after every part: a run cut off by its time limit keeps what it measured
     finally:
         sl.OPTIONS.update(saved)
-        with open(os.path.join(args.out, "probe_mosaic_sparse.json"), "w") as f:
-            json.dump(RESULTS, f, indent=1)
+        save(args.out)
+
+
+def save(out_dir):
+    with open(os.path.join(out_dir, "probe_mosaic_sparse.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
 
 
 if __name__ == "__main__":

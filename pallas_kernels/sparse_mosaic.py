@@ -51,17 +51,21 @@ _BLOCK_Q = 2 * _ROWS
 # INT8 scores to float32 (read at trace time): "convert" (cvt.rn.f32.s32, a quarter-rate instruction per score)
 # or "magic" (the integer plus 1.5 * 2^23 read as a float is exact for |S| < 2^22, true for D <= 256; the offset is
 # folded into the per-row bias of the exp2 argument: one integer add per score instead of a conversion).
-OPTIONS = {"int_to_float": "convert"}
+# "grid_order": Schedule.grid_order of calls that pass no schedule (read at trace time).
+OPTIONS = {"int_to_float": "convert", "grid_order": "heads"}
 _MAGIC = 1.5 * 2.0**23
 _MAGIC_BITS = 0x4B400000  # bit pattern of the float32 1.5 * 2^23
 
 
-def sparse_attention_mosaic(q, k, v, lut, *, block_k: int = 64, sm_scale: float | None = None, stages: int = 2):
+def sparse_attention_mosaic(
+    q, k, v, lut, *, block_k: int = 64, sm_scale: float | None = None, stages: int = 2, schedule=None
+):
     """Sparse branch of SLA over the LUT's key blocks: q, k, v (B, N, H, D) bf16/f16, N % 8 == 0, D % 64 == 0;
-    lut (B, H, Nq, topk) int32 with Nq = ceil(N / 128) -> (o_s (B, N, H, D) q.dtype, lse (B, H, Nq * 128) f32)."""
+    lut (B, H, Nq, topk) int32 with Nq = ceil(N / 128) -> (o_s (B, N, H, D) q.dtype, lse (B, H, Nq * 128) f32).
+    schedule: launch variant (Schedule; None: the defaults)."""
     _check(q, lut)
     scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * _LOG2E
-    return _sparse_forward(q, k, v, lut, scale, block_k=block_k, stages=stages)
+    return _sparse_forward(q, k, v, lut, scale, block_k=block_k, stages=stages, schedule=schedule)
 
 
 class LinearInputs(NamedTuple):
@@ -80,24 +84,42 @@ class LinearInputs(NamedTuple):
 
 _TILE_OUTPUTS = ("o", "o_s", "o_l")  # (B, N, H, D) in v's dtype
 _ROW_OUTPUTS = ("lse", "den")  # (B, H, Nq * 128) float32
+_PROFILE_SPACE = 64  # profiler events per warpgroup and program (Schedule.profile_dir)
+
+
+class Schedule(NamedTuple):
+    """Launch variants of the forward kernel (compared by experiments/probe_mosaic_sparse.py).
+
+    grid_order: "heads" (grid (H, Nq, B): the programs in flight together are all heads of a few query blocks) or
+    "qblocks" (grid (Nq, H, B): consecutive query blocks of one head, so the K/V blocks they gather are one head's
+    and stay in L2). store_wait: "full" (a program ends once its TMA stores landed) or "read" (once they read
+    shared memory). lut_early: the memory warpgroup reads the first ``stages`` LUT entries before issuing any copy,
+    and each later one before waiting for its slot. profile_dir: Mosaic's on-device profiler (timestamps of the
+    named regions per warpgroup, a trace written there), None for off."""
+
+    grid_order: str = "heads"
+    store_wait: str = "full"
+    lut_early: bool = False
+    profile_dir: str | None = None
 
 
 def sparse_linear_attention_mosaic(
-    q, k, v, lut, linear: LinearInputs, *, outputs, block_k=64, sm_scale=None, stages=4, store_wait="full"
+    q, k, v, lut, linear: LinearInputs, *, outputs, block_k=64, sm_scale=None, stages=4, schedule=None
 ):
     """Sparse branch, linear branch and SLA2 combine of each 128-row query block in one Mosaic GPU kernel.
 
     q, k, v (B, N, H, D) bf16/f16 as sparse_attention_mosaic; lut (B, H, Nq, topk) int32; linear: LinearInputs.
     outputs: names among "o" (alpha o_s + (1 - alpha) o_l), "o_s", "o_l" ((B, N, H, D) q.dtype), "lse" (base 2, as
     sparse_attention_mosaic), "den" (phi(Q_i) . Z_i + eps) ((B, H, Nq * 128) f32). With o_l = phi(Q_i) H_i / den:
-    the epilogue of sparse_linear's Triton forward. Returns {name: array}."""
+    the epilogue of sparse_linear's Triton forward. schedule: launch variant (Schedule; None: the defaults).
+    Returns {name: array}."""
     _check(q, lut)
     if linear.h.shape != (*lut.shape[:3], q.shape[-1], q.shape[-1]) or linear.z.shape != (*lut.shape[:3], q.shape[-1]):
         raise ValueError(f"h {linear.h.shape} / z {linear.z.shape} must be (B, H, Nq, D, D) / (B, H, Nq, D)")
     scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * _LOG2E
     outputs = tuple(outputs)
     res = _sparse_forward(
-        q, k, v, lut, scale, block_k=block_k, stages=stages, linear=linear, outputs=outputs, store_wait=store_wait
+        q, k, v, lut, scale, block_k=block_k, stages=stages, linear=linear, outputs=outputs, schedule=schedule
     )
     return dict(zip(outputs, res))
 
@@ -146,18 +168,20 @@ def _tiles(plgpu, dtype, d: int):
 
 
 def _sparse_forward(
-    q_op, k_op, v, lut, scale, *, block_k: int, stages: int, linear=None, outputs=("o_s", "lse"), store_wait="full"
+    q_op, k_op, v, lut, scale, *, block_k: int, stages: int, linear=None, outputs=("o_s", "lse"), schedule=None
 ):
     """The kernel: score operands q_op, k_op (B, N, H, D) both 16-bit or both int8, values v (B, N, H, D) 16-bit.
 
     scale: a float (16-bit operands: sm_scale * log2 e) or, for int8 operands, the (B, H, Nq, topk) f32 table of
     per-LUT-entry scales (``lut_scales``). linear: None, or a ``LinearInputs`` (16-bit only) for the linear branch
     and the SLA2 combine in the epilogue. outputs: names of _TILE_OUTPUTS ((B, N, H, D) v.dtype) and _ROW_OUTPUTS
-    ((B, H, Nq * 128) f32); without ``linear`` only "o_s" and "lse". store_wait: "full" (the last TMA stores
-    complete before the program ends) or "read" (only their shared-memory reads). Returns the outputs in the order
-    asked, lse of the scores as computed (the caller corrects the LSE of smoothed keys)."""
+    ((B, H, Nq * 128) f32); without ``linear`` only "o_s" and "lse". schedule: launch variant (Schedule; None: the
+    defaults). Returns the outputs in the order asked, lse of the scores as computed (the caller corrects the LSE of
+    smoothed keys)."""
     # GPU-only backend: imported on use
     from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    schedule = Schedule(grid_order=OPTIONS["grid_order"]) if schedule is None else schedule
 
     b, n, h, d = v.shape
     if v.dtype not in (jnp.bfloat16, jnp.float16) or q_op.dtype not in (v.dtype, jnp.int8):
@@ -220,26 +244,31 @@ def _sparse_forward(
                 tile[...] = vals[name].astype(dtype)
             for j, name in enumerate(row_outs):
                 smem["rows"].at[j, wg][...] = vals[name]
-            plgpu.commit_smem()
+            with jax.named_scope("c_store"):
+                plgpu.commit_smem()
             for name, tile in zip(tile_outs, tiles):
                 plgpu.copy_smem_to_gmem(tile, r[name].at[bi, pl.ds(row0, _ROWS), hi])
             for j, name in enumerate(row_outs):
                 plgpu.copy_smem_to_gmem(smem["rows"].at[j, wg], r[name].at[bi, hi, pl.ds(row0, _ROWS)])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=store_wait == "read")
+            with jax.named_scope("c_drain"):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=schedule.store_wait == "read")
 
         @pl.when(wg < 2)
         def _compute():
-            plgpu.set_max_registers(232, action="increase")
+            with jax.named_scope("c_setmaxnreg"):
+                plgpu.set_max_registers(232, action="increase")
             row0 = qi * _BLOCK_Q + wg * _ROWS
             my_q = smem["q"].at[wg]
             plgpu.copy_gmem_to_smem(r["q"].at[bi, pl.ds(row0, _ROWS), hi], my_q, bars["q_ready"].at[wg])
             alpha = r["alpha"][bi, hi, qi] if "alpha" in r else None
-            plgpu.barrier_wait(bars["q_ready"].at[wg])
+            with jax.named_scope("c_wait_q"):
+                plgpu.barrier_wait(bars["q_ready"].at[wg])
             rows = plgpu.Layout.WGMMA.reduce(1)
             m_i = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, f32), rows)
             l_i = plgpu.layout_cast(jnp.full((_ROWS,), 0.0, f32), rows)
             acc = plgpu.layout_cast(jnp.full((_ROWS, d), 0.0, f32), plgpu.Layout.WGMMA)
-            plgpu.barrier_wait(k_ready.at[0])
+            with jax.named_scope("c_wait_k0"):
+                plgpu.barrier_wait(k_ready.at[0])
             pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
 
             def step(t, carry, masked=False):
@@ -290,27 +319,33 @@ def _sparse_forward(
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 
-            acc, m_i, l_i = lax.fori_loop(0, topk - 1, step, (acc, m_i, l_i))
-            last = functools.partial(step, masked=ragged)  # a loop of one step: Mosaic wants a traced index
-            acc, m_i, l_i = lax.fori_loop(topk - 1, topk, last, (acc, m_i, l_i))
-            pl.when(wg == 0)(take_turn)
-            o_s = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
-            vals = {"o_s": o_s, "lse": m_i + jnp.log2(l_i)}
-            if linear is not None:
-                vals.update(linear_branch(o_s, alpha))
+            with jax.named_scope("c_loop"):
+                acc, m_i, l_i = lax.fori_loop(0, topk - 1, step, (acc, m_i, l_i))
+                last = functools.partial(step, masked=ragged)  # a loop of one step: Mosaic wants a traced index
+                acc, m_i, l_i = lax.fori_loop(topk - 1, topk, last, (acc, m_i, l_i))
+                pl.when(wg == 0)(take_turn)
+            with jax.named_scope("c_epilogue"):
+                o_s = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
+                vals = {"o_s": o_s, "lse": m_i + jnp.log2(l_i)}
+                if linear is not None:
+                    vals.update(linear_branch(o_s, alpha))
             store_outputs(vals, row0)
 
         @pl.when(wg == 2)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
+            with jax.named_scope("m_setmaxnreg"):
+                plgpu.set_max_registers(40, action="decrease")
 
-            def fetch(t, slot):
-                rows = pl.ds(r["lut"][bi, hi, qi, t] * block_k, block_k)
+            def fetch(t, slot, key_block=None):
+                key_block = r["lut"][bi, hi, qi, t] if key_block is None else key_block
+                rows = pl.ds(key_block * block_k, block_k)
                 plgpu.copy_gmem_to_smem(r["k"].at[bi, rows, hi], k_smem.at[slot], k_ready.at[slot])
                 plgpu.copy_gmem_to_smem(r["v"].at[bi, rows, hi], v_smem.at[slot], v_ready.at[slot])
 
-            for t in range(stages):
-                fetch(t, t)
+            with jax.named_scope("m_prime"):
+                early = [r["lut"][bi, hi, qi, t] for t in range(stages)] if schedule.lut_early else [None] * stages
+                for t in range(stages):
+                    fetch(t, t, early[t])
             if linear is not None:  # after the ring's first fill: needed only in the epilogue
                 lin_ready = bars["lin_ready"]
                 for half in range(2):
@@ -322,21 +357,21 @@ def _sparse_forward(
             @pl.loop(stages, topk)
             def _refill(t):
                 slot = lax.rem(t, stages)
+                key_block = r["lut"][bi, hi, qi, t] if schedule.lut_early else None  # read while the slot drains
                 plgpu.barrier_wait(k_free.at[slot])
                 plgpu.barrier_wait(v_free.at[slot])
-                fetch(t, slot)
+                fetch(t, slot, key_block)
 
     def kernel_body(*refs):
         qk_tiles, v_tiles = _tiles(plgpu, q_op.dtype, d), _tiles(plgpu, dtype, d)
-        smem = {
-            "q": plgpu.SMEM((2, _ROWS, d), q_op.dtype, transforms=qk_tiles),
-            "k": plgpu.SMEM((stages, block_k, d), q_op.dtype, transforms=qk_tiles),
-            "v": plgpu.SMEM((stages, block_k, d), dtype, transforms=v_tiles),
-        }
-        if row_outs:
-            smem["rows"] = plgpu.SMEM((len(row_outs), 2, _ROWS), f32)
+        # the swizzled tiles first, the small float32 vectors last (swizzled buffers are 1024-byte aligned)
+        smem = [
+            ("q", plgpu.SMEM((2, _ROWS, d), q_op.dtype, transforms=qk_tiles)),
+            ("k", plgpu.SMEM((stages, block_k, d), q_op.dtype, transforms=qk_tiles)),
+            ("v", plgpu.SMEM((stages, block_k, d), dtype, transforms=v_tiles)),
+        ]
         if extra_tiles:
-            smem["out"] = plgpu.SMEM((extra_tiles, 2, _ROWS, d), dtype, transforms=v_tiles)
+            smem.append(("out", plgpu.SMEM((extra_tiles, 2, _ROWS, d), dtype, transforms=v_tiles)))
         bars = {
             "k_ready": plgpu.Barrier(num_barriers=stages),
             "v_ready": plgpu.Barrier(num_barriers=stages),
@@ -346,11 +381,19 @@ def _sparse_forward(
             "turn": plgpu.Barrier(num_arrivals=2),
         }
         if linear is not None:
-            smem["q_phi"] = plgpu.SMEM((2, _ROWS, d), dtype, transforms=v_tiles)
-            smem["h"] = plgpu.SMEM((d, d), linear.h.dtype, transforms=_tiles(plgpu, linear.h.dtype, d))
-            smem["z"] = plgpu.SMEM((d,), f32)
+            smem.append(("q_phi", plgpu.SMEM((2, _ROWS, d), dtype, transforms=v_tiles)))
+            smem.append(("h", plgpu.SMEM((d, d), linear.h.dtype, transforms=_tiles(plgpu, linear.h.dtype, d))))
+            smem.append(("z", plgpu.SMEM((d,), f32)))
             bars["lin_ready"] = plgpu.Barrier(num_barriers=4)  # phi(Q) halves 0 and 1, H_i, Z_i
-        pl.run_scoped(lambda s, bs: body(refs, s, bs), smem, bars, collective_axes="wg")
+        if row_outs:
+            smem.append(("rows", plgpu.SMEM((len(row_outs), 2, _ROWS), f32)))
+        smem_names = [x[0] for x in smem]
+        pl.run_scoped(
+            lambda s, bs: body(refs, dict(zip(smem_names, s)), bs),
+            tuple(x[1] for x in smem),
+            bars,
+            collective_axes="wg",
+        )
 
     # the kernel's name (profilers show it): the function's
     kernel_body.__name__ = kernel_body.__qualname__ = (
@@ -363,14 +406,20 @@ def _sparse_forward(
     inputs = [q_op, k_op, v, lut] + ([scale] if quantised else [])
     if linear is not None:
         inputs += [linear.q_phi, linear.h, linear.z] + ([linear.alpha] if "o" in outputs else [])
+    if schedule.grid_order not in ("heads", "qblocks") or schedule.store_wait not in ("full", "read"):
+        raise ValueError(f"bad schedule {schedule}")
+    grid, grid_names = (h, nq, b), ("heads", "qblock", "batch")
+    if schedule.grid_order == "qblocks":
+        grid, grid_names = (nq, h, b), ("qblock", "heads", "batch")
+    profile = {"profile_space": _PROFILE_SPACE, "profile_dir": schedule.profile_dir} if schedule.profile_dir else {}
     return plgpu.kernel(
         kernel_body,
         out_type=tuple(out_struct[x] for x in outputs),
-        grid=(h, nq, b),
-        grid_names=("heads", "qblock", "batch"),
+        grid=grid,
+        grid_names=grid_names,
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(approx_math=True, **profile),
     )(*inputs)
 
 
