@@ -34,6 +34,7 @@ _ROWS = 64  # query rows per compute warpgroup and step (wgmma N); a query block
 _BLOCK_Q = 2 * _ROWS
 _KEYS = 64  # keys per program (wgmma M)
 _SMEM_BYTES = 227 * 1024  # opt-in shared memory per block on H100
+_PROFILE_REGIONS = 24  # named regions a warpgroup may record when the on-device profiler is on
 
 
 def _smem_bytes(d: int, itemsize: int, stages: int, exchange: str) -> int:
@@ -85,11 +86,15 @@ class _Variant(NamedTuple):
     persistent: bool
     staging: str  # "kv" | "union"
     programs: int | None  # persistent programs (None: one per SM)
+    grid_order: str = "heads"  # "heads" (grid (H, Nk, B)) | "kblocks" (grid (Nk, H, B))
+    drain_read_only: bool = False  # end once the dk / dv stores read shared memory (not once their writes landed)
+    profile_dir: str | None = None  # Mosaic's on-device profiler (named regions per warpgroup) writes a trace here
 
 
 def sparse_attention_dkv_mosaic(
     q, k, v, do, lse, delta, lut_t, count, alpha=None, *, block_k=64, sm_scale=None, stages=2, exchange=None,
-    schedule="early_dp", exchange_tiled=True, persistent=False, staging="kv", programs=None
+    schedule="early_dp", exchange_tiled=True, persistent=False, staging="kv", programs=None, grid_order="heads",
+    drain_read_only=False, profile_dir=None
 ):  # fmt: skip
     """dK, dV of the sparse branch over the transposed LUT.
 
@@ -103,16 +108,31 @@ def sparse_attention_dkv_mosaic(
     walking key blocks, the next block's loads overlapping this one's epilogue, else one program per key block),
     ``staging`` "kv" (outputs staged in the K, V tiles) or "union" (in tiles aliased with the exchange buffer,
     serial exchange only, so K, V of the next key block load during the epilogue), ``programs`` (persistent
-    programs, default one per SM; small values exercise the multi-block walk in tests).
+    programs, default one per SM; small values exercise the multi-block walk in tests), ``grid_order`` "heads" (grid
+    (H, Nk, B): the programs in flight are all heads of a few key blocks) or "kblocks" (grid (Nk, H, B): consecutive
+    key blocks of one head, whose gathered Q / dO blocks are one head's and stay in L2), ``drain_read_only`` (a
+    program ends once its stores read shared memory) and ``profile_dir`` (Mosaic's on-device profiler: timestamps of
+    the named regions per warpgroup, a trace written there).
     """
     if schedule not in ("three_groups", "early_dp") or exchange not in (None, "pair", "serial"):
         raise ValueError(f"unknown schedule {schedule!r} or exchange {exchange!r}")
-    if staging not in ("kv", "union"):
-        raise ValueError(f"unknown staging {staging!r}")
+    if staging not in ("kv", "union") or grid_order not in ("heads", "kblocks"):
+        raise ValueError(f"unknown staging {staging!r} or grid_order {grid_order!r}")
     _check_inputs(q, k, v, do, lse, delta, lut_t, count, alpha, block_k)
     d = q.shape[-1]
     exchange = "serial" if staging == "union" else exchange or _exchange_mode(d, q.dtype.itemsize, stages)
-    variant = _Variant(stages, exchange, schedule, exchange_tiled, persistent, staging, programs)
+    variant = _Variant(
+        stages,
+        exchange,
+        schedule,
+        exchange_tiled,
+        persistent,
+        staging,
+        programs,
+        grid_order,
+        drain_read_only,
+        profile_dir,
+    )
     kernel = _build(q.shape, q.dtype, sm_scale, variant, alpha is not None, _num_sms())
     args = (q, k, v, do, lse, delta, lut_t, count) + ((alpha,) if alpha is not None else ())
     return kernel(*args)
@@ -156,9 +176,11 @@ def _build(shape, dtype, sm_scale, variant: _Variant, has_alpha, num_sms):
         k_ref, v_ref, lut_ref, count_ref, alpha_ref, dk_ref, dv_ref = refs
         q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, red_smem, out_smem = smem
         q_ready, do_ready, lse_ready, delta_ready, free, kv_ready, kv_free, red_full, red_empty, out_free = bars
-        plgpu.set_max_registers(232, action="increase")
+        with jax.named_scope("c_setmaxnreg"):
+            plgpu.set_max_registers(232, action="increase")
         if not persistent:
-            pl.when(wg == 0)(lambda: load_kv(k_ref, v_ref, k_smem, v_smem, kv_ready, item_ids(0)))
+            with jax.named_scope("c_issue_kv"):
+                pl.when(wg == 0)(lambda: load_kv(k_ref, v_ref, k_smem, v_smem, kv_ready, item_ids(0)))
         zeros = plgpu.layout_cast(jnp.full((_KEYS, d), 0.0, f32), wgmma_layout)
 
         def item(it, g0):
@@ -249,24 +271,28 @@ def _build(shape, dtype, sm_scale, variant: _Variant, has_alpha, num_sms):
                 return dk, dv
 
             step = step_early_dp if variant.schedule == "early_dp" else step_three_groups
-            plgpu.barrier_wait(kv_ready.at[0])
-            plgpu.barrier_wait(kv_ready.at[1])
+            with jax.named_scope("c_wait_kv"):
+                plgpu.barrier_wait(kv_ready.at[0])
+                plgpu.barrier_wait(kv_ready.at[1])
             carry = (zeros, zeros)
-            if ragged_q:
-                last = jnp.maximum(cnt - 1, 0)
-                carry = lax.fori_loop(0, last, step, carry)
-                carry = lax.fori_loop(last, cnt, functools.partial(step, masked=True), carry)
-            else:
-                carry = lax.fori_loop(0, cnt, step, carry)
+            with jax.named_scope("c_loop"):
+                if ragged_q:
+                    last = jnp.maximum(cnt - 1, 0)
+                    carry = lax.fori_loop(0, last, step, carry)
+                    carry = lax.fori_loop(last, cnt, functools.partial(step, masked=True), carry)
+                else:
+                    carry = lax.fori_loop(0, cnt, step, carry)
             if union:  # K, V are no longer read: the next key block's may load during the epilogue
                 plgpu.barrier_arrive(kv_free)
             dk, dv = carry
             outs = ((out_smem[0], dk_ref), (out_smem[1], dv_ref)) if union else ((k_smem, dk_ref), (v_smem, dv_ref))
-            finish(dk * sm_scale, dv, wg, it, (bi, hi, j), outs, red_smem, (red_full, red_empty, kv_free, out_free))
+            with jax.named_scope("c_finish"):
+                finish(dk * sm_scale, dv, wg, it, (bi, hi, j), outs, red_smem, (red_full, red_empty, kv_free, out_free))
             return g0 + cnt
 
         for_each_item(item)
-        plgpu.wait_smem_to_gmem(0)  # the last stores complete before the program ends
+        with jax.named_scope("c_drain"):  # the last stores complete (or read shared memory) before the program ends
+            plgpu.wait_smem_to_gmem(0, wait_read_only=variant.drain_read_only)
 
     def finish(dk, dv, wg, it, ids, outs, red_smem, bars):
         """Sums the two warpgroups' partial dk, dv through shared memory and stores them (TMA)."""
@@ -277,9 +303,10 @@ def _build(shape, dtype, sm_scale, variant: _Variant, has_alpha, num_sms):
         load = functools.partial(plgpu.load, idx=(), layout=wgmma_layout, optimized=variant.exchange_tiled)
 
         def store(x, tile, out_ref):
-            tile[...] = x.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(tile, out_ref.at[bi, keys, hi])
+            with jax.named_scope("c_store"):
+                tile[...] = x.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(tile, out_ref.at[bi, keys, hi])
 
         def stores_done():
             """The output tiles are read by TMA: the K, V tiles (or the union) may be overwritten."""
@@ -337,7 +364,8 @@ def _build(shape, dtype, sm_scale, variant: _Variant, has_alpha, num_sms):
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lut_ref, count_ref = refs
         q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem = smem
         q_ready, do_ready, lse_ready, delta_ready, free, kv_ready, kv_free = bars
-        plgpu.set_max_registers(40, action="decrease")
+        with jax.named_scope("m_setmaxnreg"):
+            plgpu.set_max_registers(40, action="decrease")
 
         def item(it, g0):
             bi, hi, j = item_ids(it)
@@ -360,8 +388,10 @@ def _build(shape, dtype, sm_scale, variant: _Variant, has_alpha, num_sms):
 
             first = jnp.minimum(cnt, stages)
             if not persistent:  # K, V come from compute warpgroup 0; the first ring slots are free
-                lax.fori_loop(0, first, functools.partial(fetch, wait=False), None)
-                lax.fori_loop(first, cnt, functools.partial(fetch, wait=True), None)
+                with jax.named_scope("m_prime"):
+                    lax.fori_loop(0, first, functools.partial(fetch, wait=False), None)
+                with jax.named_scope("m_refill"):
+                    lax.fori_loop(first, cnt, functools.partial(fetch, wait=True), None)
                 return g0 + cnt
             lax.fori_loop(0, first, fetch, None)  # may run ahead of the previous key block's epilogue
             pl.when(it > 0)(lambda: plgpu.barrier_wait(kv_free))
@@ -424,12 +454,18 @@ def _build(shape, dtype, sm_scale, variant: _Variant, has_alpha, num_sms):
         pl.run_scoped(body, smem, ring, others, collective_axes="wg")
 
     out_struct = jax.ShapeDtypeStruct(shape, dtype)
+    grid, names = (h, nk, b), ("heads", "kblock", "batch")
+    if persistent:
+        grid, names = (programs,), ("prog",)
+    elif variant.grid_order == "kblocks":
+        grid, names = (nk, h, b), ("kblock", "heads", "batch")
+    profile = {"profile_space": _PROFILE_REGIONS, "profile_dir": variant.profile_dir} if variant.profile_dir else {}
     return plgpu.kernel(
         entry,
         out_type=(out_struct, out_struct),
-        grid=(programs,) if persistent else (h, nk, b),
-        grid_names=("prog",) if persistent else ("heads", "kblock", "batch"),
+        grid=grid,
+        grid_names=names,
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(approx_math=True, **profile),
     )

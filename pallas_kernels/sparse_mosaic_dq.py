@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 _LOG2E = math.log2(math.e)
 _ROWS = 64  # query rows per compute warpgroup (one wgmma M tile)
 _BLOCK_Q = 2 * _ROWS  # a query block (one LUT row) is two warpgroups' rows
+_PROFILE_REGIONS = 16  # named regions a warpgroup may record when the on-device profiler is on
 
 
 def sparse_attention_dq_mosaic(
@@ -108,12 +109,22 @@ def _dq_call(
     alpha_rows=False,
     blocks=1,
     prefetch=False,
+    grid_order="heads",
+    drain_read_only=False,
+    lut_early=False,
+    profile_dir=None,
 ):
     """The kernel launch (inputs already checked); returns dq (B, N, H, D) q.dtype. Variants for the probe:
     ``pingpong`` (the two compute warpgroups take turns on the tensor cores), ``alpha_rows`` (alpha read as a
     per-row vector by TMA instead of a scalar from GMEM), ``blocks`` (query blocks per program, Nq % blocks == 0:
     the K/V ring runs on across them and the next block's Q, dO load during the current block's last step, or with
-    ``prefetch`` into a second buffer at the current block's start)."""
+    ``prefetch`` into a second buffer at the current block's start), ``grid_order`` "heads" (grid (H, Nq, B): the
+    programs in flight together are all heads of a few query blocks) or "qblocks" (grid (Nq, H, B): consecutive query
+    blocks of one head, so the K/V blocks they gather are one head's and stay in L2), ``drain_read_only`` (the
+    program ends once its dQ stores have READ shared memory, not once their writes landed), ``lut_early`` (the memory
+    warpgroup reads the first ``stages`` LUT entries before issuing any copy, and each later one before waiting for
+    its slot, instead of one dependent read per copy) and ``profile_dir``
+    (Mosaic's on-device profiler: per-warpgroup timestamps of the named regions, a trace written there)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only backend: imported on use
 
     b, n, h, d = q.shape
@@ -155,7 +166,8 @@ def _dq_call(
 
         @pl.when(wg < 2)
         def _compute():
-            plgpu.set_max_registers(232, action="increase")
+            with jax.named_scope("c_setmaxnreg"):
+                plgpu.set_max_registers(232, action="increase")
             window = lambda g: (bi, pl.ds((qi0 + g) * _BLOCK_Q + wg * _ROWS, _ROWS), hi)
 
             def load_block(g):  # TMA of query block qi0 + g's tiles of this warpgroup into buffer g % nbuf
@@ -177,13 +189,14 @@ def _dq_call(
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     load_block(g + 1)
                 key0_last = lut_ref[bi, hi, qi0 + g, topk - 1] * block_k  # read early: GMEM latency
-                plgpu.barrier_wait(tile_ready.at[4 * buf + wg])
-                plgpu.barrier_wait(tile_ready.at[4 * buf + 2 + wg])
-                row_vals = []
-                for r in range(row_inputs):
-                    j = buf * row_inputs + r
-                    plgpu.barrier_wait(row_ready.at[2 * j + wg])
-                    row_vals.append(plgpu.load(row_smem.at[j, wg], layout=plgpu.Layout.WGMMA.reduce(1)))
+                with jax.named_scope("c_wait_q"):
+                    plgpu.barrier_wait(tile_ready.at[4 * buf + wg])
+                    plgpu.barrier_wait(tile_ready.at[4 * buf + 2 + wg])
+                    row_vals = []
+                    for r in range(row_inputs):
+                        j = buf * row_inputs + r
+                        plgpu.barrier_wait(row_ready.at[2 * j + wg])
+                        row_vals.append(plgpu.load(row_smem.at[j, wg], layout=plgpu.Layout.WGMMA.reduce(1)))
                 lse_r, delta_r = row_vals[0], row_vals[1]
                 a = None
                 if has_alpha:
@@ -231,43 +244,61 @@ def _dq_call(
                     return acc
 
                 e0 = g * topk
-                acc = lax.fori_loop(e0, e0 + topk - 1, step, acc)
-                last = functools.partial(step, last=True)  # a loop of one step: Mosaic wants a traced index
-                acc = lax.fori_loop(e0 + topk - 1, e0 + topk, last, acc)
+                with jax.named_scope("c_loop"):
+                    acc = lax.fori_loop(e0, e0 + topk - 1, step, acc)
+                    last = functools.partial(step, last=True)  # a loop of one step: Mosaic wants a traced index
+                    acc = lax.fori_loop(e0 + topk - 1, e0 + topk, last, acc)
                 if pingpong:
                     pl.when(wg == 0)(take_turn)
                 if dq_smem:  # a separate dQ buffer (the next block's Q is loading): the previous store read it
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 out = dq_smem[0].at[wg] if dq_smem else my_q  # else this block's Q tile holds its dQ
-                out[...] = (acc * sm_scale).astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(out, dq_ref.at[window(g)])
+                with jax.named_scope("c_store"):
+                    out[...] = (acc * sm_scale).astype(dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(out, dq_ref.at[window(g)])
 
-            load_block(0)
-            wait_kv(0)
+            with jax.named_scope("c_issue_q"):
+                load_block(0)
+            with jax.named_scope("c_wait_kv0"):
+                wait_kv(0)
             for g in range(blocks):
                 block(g)
-            plgpu.wait_smem_to_gmem(0)
+            with jax.named_scope("c_drain"):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=drain_read_only)
 
         @pl.when(wg == 2)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
+            with jax.named_scope("m_setmaxnreg"):
+                plgpu.set_max_registers(40, action="decrease")
 
-            def fetch(e, slot):
+            def key_block(e):  # the program's LUT entry e (a scalar GMEM read)
                 g = lax.div(e, jnp.int32(topk))
-                keys = pl.ds(lut_ref[bi, hi, qi0 + g, e - g * topk] * block_k, block_k)
+                return lut_ref[bi, hi, qi0 + g, e - g * topk]
+
+            def fetch(kb, slot):
+                keys = pl.ds(kb * block_k, block_k)
                 plgpu.copy_gmem_to_smem(k_ref.at[bi, keys, hi], k_smem.at[slot], k_ready.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[bi, keys, hi], v_smem.at[slot], v_ready.at[slot])
 
-            for e in range(stages):
-                fetch(jnp.int32(e), e)
+            with jax.named_scope("m_prime"):
+                if lut_early:  # all reads in flight together, before the first copy is issued
+                    kbs = [key_block(jnp.int32(e)) for e in range(stages)]
+                    for e in range(stages):
+                        fetch(kbs[e], e)
+                else:
+                    for e in range(stages):
+                        fetch(key_block(jnp.int32(e)), e)
 
-            @pl.loop(stages, total)
-            def _refill(e):
-                slot = lax.rem(e, stages)
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-                fetch(e, slot)
+            with jax.named_scope("m_refill"):
+
+                @pl.loop(stages, total)
+                def _refill(e):
+                    slot = lax.rem(e, stages)
+                    kb = key_block(e) if lut_early else None  # read while the slot drains
+                    plgpu.barrier_wait(k_free.at[slot])
+                    plgpu.barrier_wait(v_free.at[slot])
+                    fetch(key_block(e) if kb is None else kb, slot)
 
     def entry(*refs):
         tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -291,12 +322,18 @@ def _dq_call(
         turn = plgpu.Barrier(num_arrivals=2)
         pl.run_scoped(scoped, tuple(smem), ready, released, turn, collective_axes="wg")
 
+    if grid_order not in ("heads", "qblocks"):
+        raise ValueError(f"grid_order must be 'heads' or 'qblocks', got {grid_order!r}")
+    grid, names = (h, nq // blocks, b), ("heads", "qblock", "batch")
+    if grid_order == "qblocks":
+        grid, names = (nq // blocks, h, b), ("qblock", "heads", "batch")
+    profile = {"profile_space": _PROFILE_REGIONS, "profile_dir": profile_dir} if profile_dir else {}
     return plgpu.kernel(
         entry,
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        grid=(h, nq // blocks, b),
-        grid_names=("heads", "qblock", "batch"),
+        grid=grid,
+        grid_names=names,
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(approx_math=True, **profile),
     )(*inputs)
