@@ -412,6 +412,8 @@ def _sparse_forward(
     if schedule.grid_order == "qblocks":
         grid, grid_names = (nq, h, b), ("qblock", "heads", "batch")
     profile = {"profile_space": _PROFILE_SPACE, "profile_dir": schedule.profile_dir} if schedule.profile_dir else {}
+    if linear is not None:  # its row reductions stay within warps: the 2 KB cross-warp scratch would not fit
+        profile["reduction_scratch_bytes"] = 0
     return plgpu.kernel(
         kernel_body,
         out_type=tuple(out_struct[x] for x in outputs),
