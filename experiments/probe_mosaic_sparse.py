@@ -464,7 +464,7 @@ def main():
         "small": small_checks,
         "fused_small": fused_small_checks,
         "sweep": lambda: sweep(args.runs),
-        "wan": lambda: [wan(s, args.runs) for s in args.sparsity],
+        "wan": lambda: [(wan(s, args.runs), save(args.out)) for s in args.sparsity],
         "library": lambda: [library(s, args.runs) for s in args.sparsity],
         "dense": lambda: dense_mosaic(args.runs),
         "ncu_target": ncu_target,
