@@ -3,8 +3,10 @@
 * ``block_means_and_phi(x, block, feature_map)``: one read of X (B, N, H, D) gives phi(X) (B, N, H, D, x.dtype)
   and the mean of every ``block``-row block, (B, H, Nb, D) float32 (a ragged last block averages its valid rows;
   rows >= N are masked, never padded). Grid (Nb, H, B), one block per program, ``rows`` rows per loop step.
-  Bytes: one read of X, one write of phi(X). The backward is the vjp of the XLA formulas
-  (`sla2_jax.feature_maps.feature_map_f32`, `sla2_jax.routing.pool_blocks`): cheap elementwise / broadcast passes.
+  Bytes: one read of X, one write of phi(X). The backward is one kernel on the same grid: dX = vjp of phi
+  (`sla2_jax.feature_maps.feature_map_f32`, differentiated by JAX inside the kernel) applied to d phi, plus each
+  block mean's cotangent spread over its rows; bytes: read X and d phi, write dX. (XLA's fusion of the same vjp ran
+  at ~1 TB/s on H100: 0.38-0.40 ms per tensor at wan-1.3b, docs/perf_notes.md "Session 5 (lead)".)
 * ``block_means_phi_int8(k, block, feature_map)``: the same from one read of K, one ``block``-row tile per program,
   plus the int8 smoothed keys of the low-bit forward (``int8_attention.QuantisedKeys``: K~ = K - mean_N(K) per
   block, the mean by one XLA reduction before the kernel). Bytes: one read of K (twice with the mean), one write
@@ -90,13 +92,50 @@ def _prep_call(x, block: int, kind: str | None, interpret: bool, num_warps: int,
     )(x)
 
 
-def _prep_xla(x, block: int, kind: str | None):
-    """The XLA formulas the kernel computes (its backward is their vjp)."""
-    from sla2_jax.feature_maps import feature_map
-    from sla2_jax.routing import pool_blocks
+def _prep_bwd_kernel(x_ref, *refs, n: int, block: int, rows: int, kind: str | None):
+    """Program (i, h, b): dX of rows [i*block, (i+1)*block), `rows` at a time: the vjp of phi at X applied to
+    d phi (float32, the forward's formula `feature_map_f32` differentiated by JAX) plus d mean / (valid rows)."""
+    from sla2_jax.feature_maps import feature_map_f32
 
-    means = pool_blocks(x, block)
-    return [means] if kind is None else [feature_map(x, kind), means]
+    *d_phi_ref, d_mean_ref, dx_ref = refs
+    start0 = pl.program_id(0) * block
+    d = x_ref.shape[-1]
+    d_mean = d_mean_ref[...].astype(_F32) / jnp.minimum(n - start0, block).astype(_F32)
+
+    def body(t, carry):
+        start = start0 + t * rows
+        mask = jnp.broadcast_to(((start + jnp.arange(rows)) < n)[:, None], (rows, d))
+        dx = jnp.broadcast_to(d_mean[None, :], (rows, d))
+        if kind is not None:
+            x = plgpu.load(x_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
+            d_phi = plgpu.load(d_phi_ref[0].at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
+            _, phi_vjp = jax.vjp(lambda x: feature_map_f32(x, kind), x)
+            dx = dx + phi_vjp(d_phi)[0]
+        plgpu.store(dx_ref.at[pl.ds(start, rows), :], dx.astype(dx_ref.dtype), mask=mask)
+        return carry
+
+    lax.fori_loop(0, block // rows, body, 0)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
+def _prep_bwd_call(x, d_phi, d_means, block: int, kind: str | None, interpret: bool, num_warps: int, rows: int):
+    """dX (B, N, H, D) in x.dtype from d phi (B, N, H, D) (None when kind is None) and d means (B, H, Nb, D)."""
+    b, n, h, d = x.shape
+    seq = pl.BlockSpec((None, n, None, d), lambda i, hh, bb: (bb, 0, hh, 0))
+    mean_spec = pl.BlockSpec((None, None, None, d), lambda i, hh, bb: (bb, hh, i, 0))
+    inputs, in_specs = [x, d_means], [seq, mean_spec]
+    if kind is not None:
+        inputs, in_specs = [x, d_phi, d_means], [seq, seq, mean_spec]
+    return pl.pallas_call(
+        functools.partial(_prep_bwd_kernel, n=n, block=block, rows=min(rows, block), kind=kind),
+        grid=(-(-n // block), h, b),
+        in_specs=in_specs,
+        out_specs=seq,
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        compiler_params=CompilerParams(num_warps=num_warps, num_stages=2),
+        interpret=interpret,
+        name="sla_prep_bwd",
+    )(*inputs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
@@ -109,8 +148,8 @@ def _prep_fwd(x, block, kind, interpret, num_warps, rows):
 
 
 def _prep_bwd(block, kind, interpret, num_warps, rows, x, cts):
-    _, vjp = jax.vjp(lambda x: _prep_xla(x, block, kind), x)
-    return vjp(list(cts))
+    d_phi = cts[0] if kind is not None else None
+    return (_prep_bwd_call(x, d_phi, cts[-1], block, kind, interpret, num_warps, rows),)
 
 
 _prep.defvjp(_prep_fwd, _prep_bwd)
@@ -207,8 +246,8 @@ def _prep_int8_fwd(x, mean, block, kind, interpret, num_warps):
 
 def _prep_int8_bwd(block, kind, interpret, num_warps, res, cts):
     x, mean = res
-    _, vjp = jax.vjp(lambda x: _prep_xla(x, block, kind), x)
-    (dx,) = vjp(list(cts[:-2]))  # phi and the block means; the int8 keys are straight-through (no gradient)
+    d_phi = cts[0] if kind is not None else None  # cts: phi, the block means, then the int8 keys and scales
+    dx = _prep_bwd_call(x, d_phi, cts[-3], block, kind, interpret, num_warps, _PREP_ROWS)  # keys: no gradient
     return dx, jnp.zeros_like(mean)
 
 

@@ -1,0 +1,87 @@
+"""GPU check and timing of the front end's backward (pallas_kernels.prep: sla_prep_bwd) against XLA's vjp.
+
+    python -m experiments.probe_prep_bwd --out DIR          # wan-1.3b shape (1, 32760, 12, 128), bf16
+
+The backward of `block_means_and_phi` gives dX = vjp of phi (softmax over D) applied to d phi plus the block
+means' cotangent spread over their rows. In the module's backward the result is added to the attention kernels'
+dQ (or dK), so both are timed with that add: XLA's vjp (one fusion with the add, as the library had before) vs the
+kernel followed by XLA's add. Correctness first: the kernel's dX vs the XLA vjp in float32 (fresh seed recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+import sla2_jax as sla
+from experiments.probe_common import rel
+from experiments.timing import time_fn
+from pallas_kernels.prep import block_means_and_phi
+from sla2_jax.feature_maps import feature_map
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--shape", type=int, nargs=4, default=[1, 32760, 12, 128], metavar=("B", "N", "H", "D"))
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    seed = int(time.time()) % 2**31
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    shape = tuple(args.shape)
+    x = jax.random.normal(keys[0], shape).astype(jnp.bfloat16)
+    d_phi = jax.random.normal(keys[1], shape).astype(jnp.bfloat16)
+    d_other = jax.random.normal(keys[2], shape).astype(jnp.bfloat16)
+    nb = -(-shape[1] // args.block)
+    d_means = jax.random.normal(keys[3], (shape[0], shape[2], nb, shape[3]))
+
+    def vjp_of(fn):
+        def grad(x, d_phi, d_means, d_other):
+            _, vjp = jax.vjp(fn, x)
+            return (vjp((d_phi, d_means))[0] + d_other).astype(x.dtype)
+
+        return jax.jit(grad)
+
+    xla = vjp_of(lambda x: (feature_map(x, "softmax"), sla.pool_blocks(x, args.block)))
+    kernel = vjp_of(lambda x: block_means_and_phi(x, args.block, "softmax"))
+    kernel_alone = jax.jit(
+        lambda x, d_phi, d_means: jax.vjp(lambda x: block_means_and_phi(x, args.block, "softmax"), x)[1](
+            (d_phi, d_means)
+        )[0]
+    )
+    inputs = (x, d_phi, d_means, d_other)
+    result = {"seed": seed, "shape": shape, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    result["rel_err_vs_xla"] = rel(kernel(*inputs), xla(*inputs))
+    x32 = x.astype(jnp.float32)
+    result["rel_err_f32_vs_xla_f32"] = rel(
+        vjp_of(lambda x: block_means_and_phi(x, args.block, "softmax"))(
+            x32, d_phi.astype(jnp.float32), d_means, d_other.astype(jnp.float32)
+        ),
+        vjp_of(lambda x: (feature_map(x, "softmax"), sla.pool_blocks(x, args.block)))(
+            x32, d_phi.astype(jnp.float32), d_means, d_other.astype(jnp.float32)
+        ),
+    )
+    moved = 4 * x.size * x.dtype.itemsize  # x, d phi, d other read, dX written (the minimum; kernel + add: 6)
+    for name, fn, fn_args in (
+        ("xla vjp + add (one fusion)", xla, inputs),
+        ("kernel + add", kernel, inputs),
+        ("kernel alone", kernel_alone, inputs[:3]),
+    ):
+        ms = 1e3 * time_fn(fn, *fn_args, iters=args.iters)
+        result[name] = {"ms": ms, "TB/s at 4 tensors": moved / ms / 1e9}
+        print(f"{name}: {ms:.3f} ms", flush=True)
+    print(json.dumps(result, indent=1))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "probe_prep_bwd.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
