@@ -51,7 +51,8 @@ work: 2 * 2 * Nq * Nk * D^2 flop per head and matmul (dense in the mask, indepen
 Mosaic GPU kernels on Hopper (OPTIONS "fwd_kernel" / "bwd_kernel"): the sparse loops can run in warp-specialised
 Mosaic GPU kernels instead (sparse_mosaic.py forward; sparse_mosaic_dq.py, sparse_mosaic_dkv.py backward). The rest
 stays here as small Triton kernels without a LUT loop: ``_linear_epilogue_kernel`` (linear branch + combine after
-the Mosaic forward), ``_dq_linear_kernel`` (delta, c, d alpha rows and dphi(Q) before the Mosaic dQ kernel, which
+the Mosaic forward when OPTIONS "fwd_epilogue" is "triton" or the states are float32; by default the Mosaic forward
+does them in its own epilogue), ``_dq_linear_kernel`` (delta, c, d alpha rows and dphi(Q) before the Mosaic dQ kernel, which
 takes delta) and ``_dkv_linear_kernel`` (dV += phi(K_j) dH_j and dphi(K_j) after the Mosaic dK/dV kernel).
 
 Ragged N: every tile load/store is masked by row (< N); keys >= N get score -1e30 and zero phi(K), V.
@@ -427,9 +428,11 @@ def _sum_over_blocks(mask, sums: _BlockSums):
 # "bfloat16" (default: half the bytes written and read; ~2^-9 relative per element, once rounded after the float32
 # sum) or "float32". float32 inputs keep float32 states. H100 wan-1.3b 95%, Mosaic fwd + bwd: module fwd+bwd 5.59 ->
 # 5.40 ms, fwd 1.74 -> 1.63; dphi(Q) / dphi(K) vs the f32-state path 3.1e-3 / 2.6e-3 (docs/perf_notes.md, session 4).
-# "fwd_epilogue": where the Mosaic forward's linear branch and SLA2 combine run: "mosaic" (in the Mosaic kernel's
-# epilogue: phi(Q_i) H_i as one more wgmma per warpgroup, den = phi(Q_i) . Z_i + eps in registers, the outputs
-# stored by TMA; bf16 per-block states only) or "triton" (a Triton epilogue kernel after it, reading o_s back).
+# "fwd_epilogue": where the Mosaic forward's linear branch and SLA2 combine run: "mosaic" (default: in the Mosaic
+# kernel's epilogue, sparse_mosaic.sparse_linear_attention_mosaic: phi(Q_i) H_i as one more wgmma per warpgroup,
+# den = phi(Q_i) . Z_i + eps in registers, the outputs stored by TMA; bf16 per-block states only, else the Triton
+# one) or "triton" (a Triton epilogue kernel after the sparse kernel, reading o_s back). H100 wan-1.3b module fwd
+# 1.57 -> 1.45 ms (95%), 1.36 -> 1.28 (97%); docs/perf_notes.md "Session 5: Mosaic forward".
 # "bwd_kernel": the same choice for the backward's sparse loops (pallas_kernels/sparse_mosaic_dq.py and
 # sparse_mosaic_dkv.py; the per-row terms and the linear-branch parts stay in small Triton kernels). H100 wan-1.3b
 # module fwd+bwd 6.30 -> 5.59 ms (95%), 6.15 -> 4.69 (97%) with the Mosaic forward in both.
@@ -440,7 +443,7 @@ OPTIONS = {
     "fwd_kernel": "auto",
     "bwd_kernel": "auto",
     "state_dtype": "bfloat16",
-    "fwd_epilogue": "triton",
+    "fwd_epilogue": "mosaic",
 }
 
 
