@@ -309,6 +309,39 @@ def ncu_target():
     print("ncu_target done", flush=True)
 
 
+def cupti(iterations=20):
+    """Kernel-only times (CUPTI, jax.experimental.mosaic.gpu.profiler.measure) of the plain and the fused kernel on
+    random wan-1.3b-shaped inputs (LUTs of 5 and 25 entries), beside the synchronised wall time of the same call: the
+    difference is what a call costs outside the kernel (dispatch, synchronisation, other XLA kernels)."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    rng = np.random.default_rng(5)
+    n, h, d, nq, nk = 32760, 12, 128, 256, 512
+    q, k, v = (jnp.asarray(rng.standard_normal((1, n, h, d)), jnp.bfloat16) for _ in range(3))
+    lin = random_linear_inputs(rng, 1, n, h, d, nq, jnp.bfloat16)[:4]
+    out = {}
+    for topk in (5, 25):
+        lut = uniform_lut(rng, 1, h, nq, nk, topk)
+        cases = {
+            "plain_s4": (lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=4), (q, k, v, lut)),
+            "fused_o_s4": (fused, (q, k, v, lut, lin)),
+        }
+        for name, (fn, args) in cases.items():
+            row = {}
+            try:
+                jitted = jax.jit(fn)
+                _, per_iter = profiler.measure(jitted, aggregate=False, iterations=iterations)(*args)
+                totals = [sum(ms for _, ms in it) for it in per_iter]
+                row["kernels"] = sorted({kn for kn, _ in per_iter[0]})
+                row["cupti_ms_median"] = statistics.median(totals)
+                row["wall_ms_median"] = 1e3 * statistics.median(time_samples(jitted, *args, warmup=3, iters=iterations))
+            except Exception as e:  # noqa: BLE001
+                record_error(row, "error", e)
+            print("cupti", name, topk, json.dumps(row), flush=True)
+            out[f"{name}_topk{topk}"] = row
+    RESULTS["cupti"] = out
+
+
 def trace(parts=("plain_wan95", "plain_topk1", "fused_wan95")):
     """Mosaic's on-device profiler (Schedule.profile_dir): per program and warpgroup the clock at the named regions
     (c_setmaxnreg, c_wait_q, c_wait_k0, c_loop, c_epilogue, c_store, c_drain; m_setmaxnreg, m_prime), summarised by
@@ -469,6 +502,7 @@ def main():
         "dense": lambda: dense_mosaic(args.runs),
         "ncu_target": ncu_target,
         "trace": trace,
+        "cupti": cupti,
     }
     try:
         for part in args.parts:
