@@ -292,6 +292,39 @@ def wan(sparsity, runs):
     RESULTS.setdefault("wan", []).append(row)
 
 
+def module_fwd_bwd(sparsity, runs):
+    """sla2_jax module forward and forward+backward with OPTIONS fwd_epilogue "triton" vs "mosaic" (everything else
+    at the defaults), gradients of the two vs each other, cuDNN forward and forward+backward in the same process."""
+    import sla2_jax as sla
+
+    q, k, v, do, *_ = wan_setup(sparsity, 41, 1, 12, 32760, 128, 128, 64)
+    mcfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", alpha="mass")
+    module = lambda q, k, v: sla.sla2_attention(q, k, v, config=mcfg)
+    grads = lambda fn: (
+        lambda q, k, v, do: jax.grad(
+            lambda *x: jnp.sum(fn(*x).astype(jnp.float32) * do.astype(jnp.float32)), argnums=(0, 1, 2)
+        )(q, k, v)
+    )
+    cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    row = {"sparsity": sparsity}
+    try:
+        g = {c: jax.jit(with_options(c, "heads", grads(module)))(q, k, v, do) for c in ("triton", "mosaic")}
+        row["rel_grads_q_k_v_mosaic_vs_triton"] = [rel(a, b) for a, b in zip(g["mosaic"], g["triton"])]
+        del g
+    except Exception as e:  # noqa: BLE001
+        record_error(row, "error_grads", e)
+    cands = {"cudnn_fwd": (cudnn, (q, k, v)), "cudnn_fwd_bwd": (grads(cudnn), (q, k, v, do))}
+    for c in ("triton", "mosaic"):
+        cands[f"module_fwd_{c}"] = (with_options(c, "heads", module), (q, k, v))
+        cands[f"module_fwd_bwd_{c}"] = (with_options(c, "heads", grads(module)), (q, k, v, do))
+    row["times_ms"] = t = timed_rounds(cands, runs, rounds=2)
+    row["speedup_vs_cudnn"] = {
+        x: t["cudnn_fwd_bwd" if "bwd" in x else "cudnn_fwd"][0] / t[x][0] for x in t if x.startswith("module")
+    }
+    print("module_fb", json.dumps(row), flush=True)
+    RESULTS.setdefault("module_fwd_bwd", []).append(row)
+
+
 def ncu_target():
     """Launches for ncu: the plain kernel twice, then the fused one ("o") twice, on random wan-1.3b-shaped inputs with
     a random LUT of 25 entries (95%); imports nothing beyond the kernels (no router, no Triton)."""
@@ -516,6 +549,7 @@ def main():
         "ncu_target": ncu_target,
         "trace": trace,
         "cupti": cupti,
+        "module_fb": lambda: [(module_fwd_bwd(s, args.runs), save(args.out)) for s in args.sparsity],
     }
     try:
         for part in args.parts:
