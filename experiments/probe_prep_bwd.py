@@ -5,7 +5,9 @@
 The backward of `block_means_and_phi` gives dX = vjp of phi (softmax over D) applied to d phi plus the block
 means' cotangent spread over their rows. In the module's backward the result is added to the attention kernels'
 dQ (or dK), so both are timed with that add: XLA's vjp (one fusion with the add, as the library had before) vs the
-kernel followed by XLA's add. Correctness first: the kernel's dX vs the XLA vjp in float32 (fresh seed recorded).
+kernel followed by XLA's add, and the kernel with the add inside (pass_through). Correctness first: the kernel's
+dX vs the XLA vjp (fresh seed recorded), and the module's gradients w.r.t. q, k, v on the pallas backend (front
+end with pass-through) vs the xla backend at a small ragged shape.
 """
 
 from __future__ import annotations
@@ -23,6 +25,22 @@ from experiments.probe_common import rel
 from experiments.timing import time_fn
 from pallas_kernels.prep import block_means_and_phi
 from sla2_jax.feature_maps import feature_map
+
+
+def module_gradient_check(seed, shape=(1, 2000, 2, 128), sparsity=0.9):
+    """Relative errors of d q, d k, d v of sum(sla2_attention(q, k, v) * do): pallas vs xla backend (bf16 inputs)."""
+    q, k, v, do = (
+        jax.random.normal(key, shape).astype(jnp.bfloat16) for key in jax.random.split(jax.random.PRNGKey(seed + 7), 4)
+    )
+    errs = {}
+    grads = {}
+    for backend in ("pallas", "xla"):
+        cfg = sla.SLA2Config(topk_ratio=1 - sparsity, backend=backend, alpha="mass")
+        loss = lambda q, k, v: jnp.sum(sla.sla2_attention(q, k, v, config=cfg).astype(jnp.float32) * do)
+        grads[backend] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for name, a, b in zip("qkv", grads["pallas"], grads["xla"]):
+        errs[f"d{name}"] = rel(a, b)
+    return errs
 
 
 def main(argv=None):
@@ -55,9 +73,17 @@ def main(argv=None):
             (d_phi, d_means)
         )[0]
     )
+
+    def fused_vjp(x, d_phi, d_means, d_other):
+        _, vjp = jax.vjp(lambda x: block_means_and_phi(x, args.block, "softmax", pass_through=True), x)
+        return vjp((d_phi, d_means, d_other))[0]
+
+    fused = jax.jit(fused_vjp)
     inputs = (x, d_phi, d_means, d_other)
     result = {"seed": seed, "shape": shape, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
     result["rel_err_vs_xla"] = rel(kernel(*inputs), xla(*inputs))
+    result["rel_err_pass_through_vs_xla"] = rel(fused(*inputs), xla(*inputs))
+    result["module_grads_pallas_vs_xla"] = module_gradient_check(seed)
     x32 = x.astype(jnp.float32)
     result["rel_err_f32_vs_xla_f32"] = rel(
         vjp_of(lambda x: block_means_and_phi(x, args.block, "softmax"))(
@@ -71,6 +97,7 @@ def main(argv=None):
     for name, fn, fn_args in (
         ("xla vjp + add (one fusion)", xla, inputs),
         ("kernel + add", kernel, inputs),
+        ("kernel with the add (pass_through)", fused, inputs),
         ("kernel alone", kernel_alone, inputs[:3]),
     ):
         ms = 1e3 * time_fn(fn, *fn_args, iters=args.iters)

@@ -94,10 +94,13 @@ def _prep_call(x, block: int, kind: str | None, interpret: bool, num_warps: int,
 
 def _prep_bwd_kernel(x_ref, *refs, n: int, block: int, rows: int, kind: str | None):
     """Program (i, h, b): dX of rows [i*block, (i+1)*block), `rows` at a time: the vjp of phi at X applied to
-    d phi (float32, the forward's formula `feature_map_f32` differentiated by JAX) plus d mean / (valid rows)."""
+    d phi (float32, the forward's formula `feature_map_f32` differentiated by JAX) plus d mean / (valid rows), plus
+    the cotangent of X's pass-through output when there is one (refs: [d phi], d means, [d X in], d X out)."""
     from sla2_jax.feature_maps import feature_map_f32
 
-    *d_phi_ref, d_mean_ref, dx_ref = refs
+    d_phi_ref = refs[0] if kind is not None else None
+    d_mean_ref, dx_ref = refs[int(kind is not None)], refs[-1]
+    dx_in_ref = refs[-2] if len(refs) == int(kind is not None) + 3 else None
     start0 = pl.program_id(0) * block
     d = x_ref.shape[-1]
     d_mean = d_mean_ref[...].astype(_F32) / jnp.minimum(n - start0, block).astype(_F32)
@@ -108,48 +111,57 @@ def _prep_bwd_kernel(x_ref, *refs, n: int, block: int, rows: int, kind: str | No
         dx = jnp.broadcast_to(d_mean[None, :], (rows, d))
         if kind is not None:
             x = plgpu.load(x_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
-            d_phi = plgpu.load(d_phi_ref[0].at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
+            d_phi = plgpu.load(d_phi_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
             _, phi_vjp = jax.vjp(lambda x: feature_map_f32(x, kind), x)
             dx = dx + phi_vjp(d_phi)[0]
+        if dx_in_ref is not None:
+            dx = dx + plgpu.load(dx_in_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
         plgpu.store(dx_ref.at[pl.ds(start, rows), :], dx.astype(dx_ref.dtype), mask=mask)
         return carry
 
     lax.fori_loop(0, block // rows, body, 0)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
-def _prep_bwd_call(x, d_phi, d_means, block: int, kind: str | None, interpret: bool, num_warps: int, rows: int):
-    """dX (B, N, H, D) in x.dtype from d phi (B, N, H, D) (None when kind is None) and d means (B, H, Nb, D)."""
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
+def _prep_bwd_call(x, d_phi, d_means, d_x, block: int, kind: str | None, interpret: bool, num_warps: int, rows: int):
+    """dX (B, N, H, D) in x.dtype from d phi (B, N, H, D) (None when kind is None), d means (B, H, Nb, D) and the
+    cotangent d_x (B, N, H, D) of X's pass-through output (None if there is none)."""
     b, n, h, d = x.shape
     seq = pl.BlockSpec((None, n, None, d), lambda i, hh, bb: (bb, 0, hh, 0))
     mean_spec = pl.BlockSpec((None, None, None, d), lambda i, hh, bb: (bb, hh, i, 0))
-    inputs, in_specs = [x, d_means], [seq, mean_spec]
-    if kind is not None:
-        inputs, in_specs = [x, d_phi, d_means], [seq, seq, mean_spec]
+    inputs = [(x, seq), (d_phi, seq), (d_means, mean_spec), (d_x, seq)]
+    inputs = [(a, spec) for a, spec in inputs if a is not None]
     return pl.pallas_call(
         functools.partial(_prep_bwd_kernel, n=n, block=block, rows=min(rows, block), kind=kind),
         grid=(-(-n // block), h, b),
-        in_specs=in_specs,
+        in_specs=[spec for _, spec in inputs],
         out_specs=seq,
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         compiler_params=CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="sla_prep_bwd",
-    )(*inputs)
+    )(*[a for a, _ in inputs])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
-def _prep(x, block, kind, interpret, num_warps, rows):
-    return _prep_call(x, block, kind, interpret, num_warps, rows)
+def _with_input(outs, x, pass_through: bool):
+    """The kernel's outputs, plus X itself as the last one when pass_through (see block_means_and_phi)."""
+    return [*outs, x] if pass_through else list(outs)
 
 
-def _prep_fwd(x, block, kind, interpret, num_warps, rows):
-    return _prep_call(x, block, kind, interpret, num_warps, rows), x
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5, 6))
+def _prep(x, block, kind, interpret, num_warps, rows, pass_through):
+    return _with_input(_prep_call(x, block, kind, interpret, num_warps, rows), x, pass_through)
 
 
-def _prep_bwd(block, kind, interpret, num_warps, rows, x, cts):
+def _prep_fwd(x, block, kind, interpret, num_warps, rows, pass_through):
+    return _prep(x, block, kind, interpret, num_warps, rows, pass_through), x
+
+
+def _prep_bwd(block, kind, interpret, num_warps, rows, pass_through, x, cts):
+    cts = list(cts)
+    d_x = cts.pop() if pass_through else None  # cts: [phi], means, [X]
     d_phi = cts[0] if kind is not None else None
-    return (_prep_bwd_call(x, d_phi, cts[-1], block, kind, interpret, num_warps, rows),)
+    return (_prep_bwd_call(x, d_phi, cts[-1], d_x, block, kind, interpret, num_warps, rows),)
 
 
 _prep.defvjp(_prep_fwd, _prep_bwd)
@@ -167,7 +179,14 @@ def _check_prep_args(x, block, feature_map, rows):
 
 
 def block_means_and_phi(
-    x, block: int, feature_map: str | None = None, *, interpret=None, num_warps=_PREP_WARPS, rows=_PREP_ROWS
+    x,
+    block: int,
+    feature_map: str | None = None,
+    *,
+    interpret=None,
+    num_warps=_PREP_WARPS,
+    rows=_PREP_ROWS,
+    pass_through: bool = False,
 ):
     """phi(X) and the per-block means of X from one read of X.
 
@@ -177,12 +196,14 @@ def block_means_and_phi(
       feature_map: "softmax" | "elu" | "relu" (phi over D, computed in float32), or None for the means alone.
       interpret: None -> Pallas interpret mode unless the default backend is a GPU.
       num_warps, rows: launch (warps per program, rows per loop step: a power of two, at most `block`).
+      pass_through: also return X itself (same array). Use it in place of X in the rest of the computation: its
+        cotangent is then added to dX inside the backward kernel, instead of by a separate XLA add afterwards.
     Returns:
-      (phi(x) (B, N, H, D) in x.dtype or None, means (B, H, ceil(N / block), D) float32). Differentiable in x.
+      (phi(x) (B, N, H, D) in x.dtype or None, means (B, H, ceil(N / block), D) float32[, x]). Differentiable in x.
     """
     _check_prep_args(x, block, feature_map, rows)
-    outs = _prep(x, block, feature_map, _interpret(interpret), num_warps, rows)
-    return (None, outs[0]) if feature_map is None else (outs[0], outs[1])
+    outs = _prep(x, block, feature_map, _interpret(interpret), num_warps, rows, pass_through)
+    return (None, *outs) if feature_map is None else tuple(outs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,26 +256,30 @@ def _prep_int8_call(x, mean, block: int, kind: str | None, interpret: bool, num_
     return [*outs[:-1], outs[-1][..., 0]]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _prep_int8(x, mean, block, kind, interpret, num_warps):
-    return _prep_int8_call(x, mean, block, kind, interpret, num_warps)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _prep_int8(x, mean, block, kind, interpret, num_warps, pass_through):
+    return _with_input(_prep_int8_call(x, mean, block, kind, interpret, num_warps), x, pass_through)
 
 
-def _prep_int8_fwd(x, mean, block, kind, interpret, num_warps):
-    return _prep_int8_call(x, mean, block, kind, interpret, num_warps), (x, mean)
+def _prep_int8_fwd(x, mean, block, kind, interpret, num_warps, pass_through):
+    return _prep_int8(x, mean, block, kind, interpret, num_warps, pass_through), (x, mean)
 
 
-def _prep_int8_bwd(block, kind, interpret, num_warps, res, cts):
+def _prep_int8_bwd(block, kind, interpret, num_warps, pass_through, res, cts):
     x, mean = res
-    d_phi = cts[0] if kind is not None else None  # cts: phi, the block means, then the int8 keys and scales
-    dx = _prep_bwd_call(x, d_phi, cts[-3], block, kind, interpret, num_warps, _PREP_ROWS)  # keys: no gradient
+    cts = list(cts)
+    d_x = cts.pop() if pass_through else None  # cts: [phi], means, int8 keys, scales, [X]; the keys have no gradient
+    d_phi = cts[0] if kind is not None else None
+    dx = _prep_bwd_call(x, d_phi, cts[-3], d_x, block, kind, interpret, num_warps, _PREP_ROWS)
     return dx, jnp.zeros_like(mean)
 
 
 _prep_int8.defvjp(_prep_int8_fwd, _prep_int8_bwd)
 
 
-def block_means_phi_int8(k, block: int, feature_map: str | None = None, *, interpret=None, num_warps=_PREP_WARPS):
+def block_means_phi_int8(
+    k, block: int, feature_map: str | None = None, *, interpret=None, num_warps=_PREP_WARPS, pass_through=False
+):
     """phi(K), the per-block means of K and the int8 smoothed keys of the low-bit forward, from one read of K.
 
     The mean over N is one XLA reduction before the kernel (float32, ``sla2_jax.smooth_keys``'s formula); the
@@ -262,18 +287,21 @@ def block_means_phi_int8(k, block: int, feature_map: str | None = None, *, inter
     and the block means, so the low-bit forward needs no pre-pass of its own.
     Args:
       k: (B, N, H, D) bf16/f16/f32, any N, D a power of two; block: key block size (power of two >= 16);
-      feature_map, interpret, num_warps: as ``block_means_and_phi`` (one ``block``-row tile per program).
+      feature_map, interpret, num_warps, pass_through: as ``block_means_and_phi`` (one ``block``-row tile per
+      program).
     Returns:
       (phi(k) (B, N, H, D) in k.dtype or None, means (B, H, Nb, D) float32, ``QuantisedKeys`` (k8 int8
       (B, N, H, D), scale float32 (B, H, Nb), mean float32 (B, H, D)) equal to
-      ``quantize_int8_blocks(smooth_keys(k), block)``). phi and the means are differentiable in k; the keys are not.
+      ``quantize_int8_blocks(smooth_keys(k), block)``[, k]). phi and the means are differentiable in k; the keys
+      are not.
     """
     _check_prep_args(k, block, feature_map, 1)
     mean = lax.stop_gradient(jnp.mean(k.astype(_F32), axis=1))
-    outs = _prep_int8(k, mean, block, feature_map, _interpret(interpret), num_warps)
+    outs = _prep_int8(k, mean, block, feature_map, _interpret(interpret), num_warps, pass_through)
+    k_out = (outs.pop(),) if pass_through else ()
     phi = outs[0] if feature_map is not None else None
     means, k8, scale = outs[-3:]
-    return phi, means, QuantisedKeys(k8, scale, mean)
+    return (phi, means, QuantisedKeys(k8, scale, mean), *k_out)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -52,7 +52,9 @@ def route_with_features(q, k, config: SLA2Config, *, w_q=None, w_k=None, feature
 
 def _pallas_front_end(q, k, config: SLA2Config, *, w_q, w_k, feature_map: str | None, int8_keys: bool):
     """`route_with_features` plus, when int8_keys, the smoothed int8 keys of the low-bit forward
-    (`pallas_kernels.int8_attention.QuantisedKeys`) from the same read of K; else None in their place."""
+    (`pallas_kernels.int8_attention.QuantisedKeys`) from the same read of K, else None in their place; then q and k
+    as the front end passes them through (same values: the attention kernels take these, so that their dQ, dK
+    are added to the front end's inside its backward kernels, see `block_means_and_phi`)."""
     from pallas_kernels.prep import block_means_and_phi, block_means_phi_int8, select_blocks
 
     check_block_size("block_q", config.block_q)
@@ -61,14 +63,14 @@ def _pallas_front_end(q, k, config: SLA2Config, *, w_q, w_k, feature_map: str | 
     check_weight("w_q", w_q, heads, head_dim)
     check_weight("w_k", w_k, heads, head_dim)
     seq_len = q.shape[1]
-    q_phi, q_means = block_means_and_phi(q, config.block_q, feature_map)
+    q_phi, q_means, q = block_means_and_phi(q, config.block_q, feature_map, pass_through=True)
     if int8_keys:
-        k_phi, k_means, keys = block_means_phi_int8(k, config.block_k, feature_map)
+        k_phi, k_means, keys, k = block_means_phi_int8(k, config.block_k, feature_map, pass_through=True)
     else:
-        (k_phi, k_means), keys = block_means_and_phi(k, config.block_k, feature_map), None
+        (k_phi, k_means, k), keys = block_means_and_phi(k, config.block_k, feature_map, pass_through=True), None
     scores = scores_from_block_means(q_means, k_means, seq_len, config.block_k, w_q=w_q, w_k=w_k)
     lut, mass = select_blocks(scores, config.num_selected(scores.shape[-1]), seq_len, config.block_k)
-    return lut, mass, q_phi, k_phi, keys
+    return lut, mass, q_phi, k_phi, keys, q, k
 
 
 def sparse_linear_outputs(q, k, v, config: SLA2Config, *, w_q=None, w_k=None, soft: bool = False):
@@ -93,7 +95,7 @@ def sla2_output(q, k, v, config: SLA2Config, alpha_fn, *, w_q=None, w_k=None, so
         from pallas_kernels.int8_attention import sla2_fused_attention_lowbit
 
         low_bit = config.quant != "none"  # then the front end also quantises K~ (no pre-pass in the kernel)
-        lut, mass, q_phi, k_phi, keys = _pallas_front_end(
+        lut, mass, q_phi, k_phi, keys, q, k = _pallas_front_end(
             q, k, config, w_q=w_q, w_k=w_k, feature_map=config.feature_map, int8_keys=low_bit
         )
         alpha = jnp.broadcast_to(alpha_fn(jax.lax.stop_gradient(mass)), mass.shape)

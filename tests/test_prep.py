@@ -40,6 +40,23 @@ def test_block_means_and_phi_match_xla(seed, dtype, dim, kind, block):
     got = jax.grad(loss)(x, lambda x: block_means_and_phi(x, block, kind))
     ref = jax.grad(loss)(x, lambda x: (feature_map(x, kind), sla.pool_blocks(x, block)))
     assert got.dtype == dtype and rel_err(got, ref) < (1e-6 if dtype == jnp.float32 else 4e-3)
+    # pass_through: X comes back as a third output; its cotangent is added to dX inside the backward kernel
+    g_x = jax.random.normal(jax.random.PRNGKey(seed + 3), x.shape, jnp.float32)
+    out = block_means_and_phi(x, block, kind, pass_through=True)
+    assert len(out) == 3
+    np.testing.assert_array_equal(np.asarray(out[2], np.float32), np.asarray(x, np.float32))
+    got = jax.grad(
+        lambda x: (
+            loss(x, lambda x: block_means_and_phi(x, block, kind, pass_through=True)[:2])
+            + jnp.sum(block_means_and_phi(x, block, kind, pass_through=True)[2].astype(jnp.float32) * g_x)
+        )
+    )(x)
+    ref = jax.grad(
+        lambda x: (
+            loss(x, lambda x: (feature_map(x, kind), sla.pool_blocks(x, block))) + jnp.sum(x.astype(jnp.float32) * g_x)
+        )
+    )(x)
+    assert rel_err(got, ref) < (1e-6 if dtype == jnp.float32 else 4e-3)
     # the means alone (no feature map): d mean / (valid rows of the block) on every row
     got = jax.grad(lambda x: jnp.sum(block_means_and_phi(x, block)[1] * g_mean))(x)
     ref = jax.grad(lambda x: jnp.sum(sla.pool_blocks(x, block) * g_mean))(x)
@@ -61,6 +78,21 @@ def test_block_means_phi_int8_matches_references(seed, dtype, dim, block):
     # the kernel divides exactly; XLA on CPU may not, so an exact tie x / scale = m + 0.5 can round one step apart
     diff = np.abs(np.asarray(keys.k8, np.int32) - np.asarray(k8_ref, np.int32))
     assert diff.max() <= 1 and (diff > 0).mean() < 2e-3
+    # gradients (phi, the means and the pass-through k; the int8 keys have none) vs the XLA formulas
+    g_phi, g_mean, g_k = (
+        jax.random.normal(jax.random.PRNGKey(seed + i), s)
+        for i, s in enumerate((k.shape, means.shape, k.shape), start=2)
+    )
+
+    def loss(k, fn):
+        phi, means, k_out = fn(k)
+        return sum(jnp.sum(a.astype(jnp.float32) * g) for a, g in ((phi, g_phi), (means, g_mean), (k_out, g_k)))
+
+    got = jax.grad(loss)(
+        k, lambda k: [block_means_phi_int8(k, block, "softmax", pass_through=True)[i] for i in (0, 1, 3)]
+    )
+    ref = jax.grad(loss)(k, lambda k: (feature_map(k, "softmax"), sla.pool_blocks(k, block), k))
+    assert rel_err(got, ref) < (1e-6 if dtype == jnp.float32 else 4e-3)
     assert np.abs(np.asarray(keys.k8, np.int32)).max() == 127  # the block's amax maps to 127
 
 
