@@ -28,10 +28,16 @@ Two score operand types share the kernel (``_sparse_forward``):
 with the matching swizzle, K-major for both operands (the only layout the 8-bit wgmma takes; K^T is a transposed
 view of the (keys, D) tile).
 
-Used by sparse_linear._forward on Hopper GPUs (OPTIONS["fwd_kernel"] "auto" / "mosaic"; docs/perf_notes.md,
-"Session 3") and by int8_attention's forward (docs/perf_notes_int8.md, run 7). Checked on the GPU only
-(experiments/probe_mosaic_sparse.py, experiments/probe_mosaic_int8.py): Mosaic GPU kernels have no CPU interpret
-mode; the CPU tests cover the wiring around them with stand-ins.
+With the linear branch (``sparse_linear_attention_mosaic``, session 5): the TMA warpgroup also loads phi(Q_i), H_i
+(bf16, D x D) and Z_i; after the loop each compute warpgroup forms den = phi(Q) . Z_i + eps (row sums in registers),
+o_l = phi(Q) H_i / den (one more wgmma) and o = alpha o_s + (1 - alpha) o_l, and stores the outputs asked for (o,
+o_s, o_l, lse, den) through its Q and phi(Q) tiles (+ one tile for a third 16-bit output).
+
+Used by sparse_linear._forward on Hopper GPUs (OPTIONS["fwd_kernel"] "auto" / "mosaic", OPTIONS["fwd_epilogue"];
+docs/perf_notes.md, "Session 3" and "Session 5: Mosaic forward") and by int8_attention's forward
+(docs/perf_notes_int8.md, run 7). Checked on the GPU only (experiments/probe_mosaic_sparse.py,
+experiments/probe_mosaic_int8.py): Mosaic GPU kernels have no CPU interpret mode; the CPU tests cover the wiring
+around them with stand-ins.
 """
 
 from __future__ import annotations
