@@ -16,6 +16,9 @@ Parts (each runs on its own: an error is recorded and the next part goes on; JSO
   library      (session 3) OPTIONS fwd_kernel triton vs mosaic through custom_vjp and module, fwd and fwd+bwd.
   dense        jax's dense Mosaic attention and cuDNN at N = 32768 (anchors).
   ncu_target   two launches of the plain and of the fused kernel at 95% (for ncu: --kernel-name regex:sla_sparse).
+  cupti        kernel-only (CUPTI) vs synchronised wall vs pipelined time per call, LUTs of 5 / 25 entries.
+  module_fb    sla2_jax module forward and forward+backward, Triton vs Mosaic epilogue, cuDNN, one process.
+  trace        Mosaic's on-device profiler regions via experiments.profile_mosaic (recorded nothing in session 5).
   --trim-sass CSV: prints the top stall lines of an `ncu --page source --csv --print-source sass` export.
 """
 
