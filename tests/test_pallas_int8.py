@@ -89,7 +89,19 @@ def test_front_end_keys_equal_prepass_and_reference(seed):
     o_keys = ia.sla2_fused_attention_lowbit(q, k, v, _phi(q), k_phi, lut, mass, keys=keys, **kw)
     o_pre = ia.sla2_fused_attention_lowbit(q, k, v, _phi(q), k_phi, lut, mass, **kw)
     r_s, r_l = sla.sparse_linear_branches(q, k, v, lut, quant="int8", backend="xla", **kw)
-    assert rel_err(o_keys, o_pre) < 1e-5  # typically 1e-7
+    # The pre-pass quantises Q and K~ on its own; a near-tie x / scale ~ m + 0.5 may round one step apart from the
+    # front end's K~ / the kernel's Q (which follow XLA's quantize_int8_blocks here). Seed 1802553396: one query
+    # element, outputs 6.9e-5 apart. With identical int8 operands the outputs must agree to 1e-5.
+    cfg = sl._validate(q, k, v, q, k, lut, 64, 32, "complement", None, 1e-6, True)
+    pre = ia._prequantize(q, k, cfg)
+    steps = np.concatenate(
+        [
+            np.abs(np.asarray(pre.k8, np.int32) - np.asarray(keys.k8, np.int32)).ravel(),
+            np.abs(np.asarray(pre.q8, np.int32) - np.asarray(sla.quantize_int8_blocks(q, 64)[0], np.int32)).ravel(),
+        ]
+    )
+    assert steps.max() <= 1 and (steps > 0).mean() < 2e-3
+    assert rel_err(o_keys, o_pre) < (1e-5 if steps.max() == 0 else 1e-3)  # typically 1e-7
     assert rel_err(o_keys, sla.combine(r_s, r_l, mass, block_q=64)) < 1e-3  # typically 3e-7 (see above)
     bad = keys._replace(scale=keys.scale[..., :-1])
     with pytest.raises(ValueError, match="keys.scale"):
