@@ -184,6 +184,7 @@ def main(argv=None):
     p.add_argument("--no-kernel-only", action="store_true", help="skip the kernel-only rows")
     p.add_argument("--no-error", action="store_true", help="skip the error check vs dense attention")
     p.add_argument("--max-n", type=int, default=None, help="skip shapes with N above this")
+    p.add_argument("--min-n", type=int, default=None, help="skip shapes with N below this")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: the 'tiny' workload, 3 iterations")
     p.add_argument("--out", default="runs/benchmark", help="folder for results.json and speedup.png")
     p.add_argument("--fwd-kernel", default="auto", choices=["auto", "triton", "mosaic"],
@@ -203,12 +204,14 @@ def main(argv=None):
     iters = 3 if args.tiny else args.iters
     sparsities = [float(s) for s in args.sparsities.split(",")]
     backends = args.backends.split(",")
-    jobs = [(n, s) for n in names for s in WORKLOADS[n] if args.max_n is None or s[2] <= args.max_n]
+    jobs = [(n, s) for n in names for s in WORKLOADS[n]
+            if (args.max_n is None or s[2] <= args.max_n) and (args.min_n is None or s[2] >= args.min_n)]
     device = jax.devices()[0]
     meta = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
             "python": sys.version.split()[0], "dense_baseline": "cudnn" if device.platform == "gpu" else "xla",
             "fwd_kernel": args.fwd_kernel, "bwd_kernel": sparse_linear.OPTIONS["bwd_kernel"],
-            "state_dtype": sparse_linear.OPTIONS["state_dtype"]}
+            "state_dtype": sparse_linear.OPTIONS["state_dtype"],
+            "fwd_epilogue": sparse_linear.OPTIONS.get("fwd_epilogue")}
     print(f"device: {meta['device']} | jax {meta['jax']} | dense baseline: {meta['dense_baseline']}")
     rows = []
     os.makedirs(args.out, exist_ok=True)
