@@ -440,3 +440,29 @@ def test_bfloat16_states_give_the_reference_result(monkeypatch):
     rg = jax.grad(loss(reference_fused), argnums=tuple(range(6)))(*args, alpha)
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
         assert _rel(a, b) < grad_tol, (seed, name, _rel(a, b))
+
+
+def test_selection_and_transposed_lut_against_numpy(seed):
+    """_selection (a scatter of the LUT) and _transpose_lut (the query blocks of each key block, ascending, padded
+    with Nq, and their count) vs a numpy loop; ids outside [0, Nk) select nothing."""
+    from pallas_kernels.sparse_linear import _selection, _transpose_lut
+
+    rng = np.random.default_rng(seed)
+    b, h, nq, nk, topk = 2, 3, 7, 11, 4
+    lut = np.stack([np.sort(rng.choice(nk, topk, replace=False)) for _ in range(b * h * nq)]).reshape(b, h, nq, topk)
+    lut = lut.astype(np.int32)
+    sel = np.zeros((b, h, nk, nq), bool)
+    for bi, hi, qi, t in np.ndindex(*lut.shape):
+        sel[bi, hi, lut[bi, hi, qi, t], qi] = True
+    np.testing.assert_array_equal(np.asarray(_selection(jnp.asarray(lut), nk)), sel)
+    lut_t, count = _transpose_lut(jnp.asarray(lut), nk)
+    np.testing.assert_array_equal(np.asarray(count), sel.sum(-1))
+    for bi, hi, j in np.ndindex(b, h, nk):
+        ids = np.flatnonzero(sel[bi, hi, j])
+        np.testing.assert_array_equal(np.asarray(lut_t[bi, hi, j]), np.concatenate([ids, np.full(nq - ids.size, nq)]))
+    outside = lut.copy()
+    outside[..., 0], outside[..., -1] = -1, nk
+    expect = sel.copy()
+    for bi, hi, qi in np.ndindex(b, h, nq):
+        expect[bi, hi, lut[bi, hi, qi, 0], qi] = expect[bi, hi, lut[bi, hi, qi, -1], qi] = False
+    np.testing.assert_array_equal(np.asarray(_selection(jnp.asarray(outside), nk)), expect)
