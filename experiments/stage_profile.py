@@ -117,6 +117,8 @@ def profile_call(
     from experiments.inputs import random_qkv
     from experiments.timing import time_fn
 
+    if jax.default_backend() != "gpu":
+        raise SystemExit("stage_profile reads the GPU's kernels from a trace: run it on a GPU machine")
     batch, heads, seq_len, dim = shape
     q, k, v = random_qkv(0, batch, seq_len, heads, dim)
     do = random_qkv(1, batch, seq_len, heads, dim)[0]
