@@ -59,46 +59,37 @@ def main(argv=None):
     nb = -(-shape[1] // args.block)
     d_means = jax.random.normal(keys[3], (shape[0], shape[2], nb, shape[3]))
 
-    def vjp_of(fn):
+    def vjp_of(fn, add="xla"):
+        """jit of (x, d phi, d means, d other) -> dX: the vjp of fn at x applied to (d phi, d means), plus d other
+        added by XLA (add "xla"), handed to fn's pass-through output ("pass_through") or left out (None)."""
+
         def grad(x, d_phi, d_means, d_other):
             _, vjp = jax.vjp(fn, x)
-            return (vjp((d_phi, d_means))[0] + d_other).astype(x.dtype)
+            if add == "pass_through":
+                return vjp((d_phi, d_means, d_other))[0]
+            dx = vjp((d_phi, d_means))[0]
+            return (dx + d_other).astype(x.dtype) if add == "xla" else dx
 
         return jax.jit(grad)
 
+    front = lambda x: block_means_and_phi(x, args.block, "softmax")  # noqa: E731
     xla = vjp_of(lambda x: (feature_map(x, "softmax"), sla.pool_blocks(x, args.block)))
-    kernel = vjp_of(lambda x: block_means_and_phi(x, args.block, "softmax"))
-    kernel_alone = jax.jit(
-        lambda x, d_phi, d_means: jax.vjp(lambda x: block_means_and_phi(x, args.block, "softmax"), x)[1](
-            (d_phi, d_means)
-        )[0]
-    )
-
-    def fused_vjp(x, d_phi, d_means, d_other):
-        _, vjp = jax.vjp(lambda x: block_means_and_phi(x, args.block, "softmax", pass_through=True), x)
-        return vjp((d_phi, d_means, d_other))[0]
-
-    fused = jax.jit(fused_vjp)
+    kernel = vjp_of(front)
+    fused = vjp_of(lambda x: block_means_and_phi(x, args.block, "softmax", pass_through=True), "pass_through")
+    kernel_alone = vjp_of(front, None)
     inputs = (x, d_phi, d_means, d_other)
     result = {"seed": seed, "shape": shape, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
     result["rel_err_vs_xla"] = rel(kernel(*inputs), xla(*inputs))
     result["rel_err_pass_through_vs_xla"] = rel(fused(*inputs), xla(*inputs))
     result["module_grads_pallas_vs_xla"] = module_gradient_check(seed)
-    x32 = x.astype(jnp.float32)
-    result["rel_err_f32_vs_xla_f32"] = rel(
-        vjp_of(lambda x: block_means_and_phi(x, args.block, "softmax"))(
-            x32, d_phi.astype(jnp.float32), d_means, d_other.astype(jnp.float32)
-        ),
-        vjp_of(lambda x: (feature_map(x, "softmax"), sla.pool_blocks(x, args.block)))(
-            x32, d_phi.astype(jnp.float32), d_means, d_other.astype(jnp.float32)
-        ),
-    )
+    inputs32 = tuple(a.astype(jnp.float32) for a in inputs)
+    result["rel_err_f32_vs_xla_f32"] = rel(kernel(*inputs32), xla(*inputs32))
     moved = 4 * x.size * x.dtype.itemsize  # x, d phi, d other read, dX written (the minimum; kernel + add: 6)
     for name, fn, fn_args in (
         ("xla vjp + add (one fusion)", xla, inputs),
         ("kernel + add", kernel, inputs),
         ("kernel with the add (pass_through)", fused, inputs),
-        ("kernel alone", kernel_alone, inputs[:3]),
+        ("kernel alone", kernel_alone, inputs),
     ):
         ms = 1e3 * time_fn(fn, *fn_args, iters=args.iters)
         result[name] = {"ms": ms, "TB/s at 4 tensors": moved / ms / 1e9}

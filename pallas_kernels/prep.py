@@ -92,15 +92,17 @@ def _prep_call(x, block: int, kind: str | None, interpret: bool, num_warps: int,
     )(x)
 
 
-def _prep_bwd_kernel(x_ref, *refs, n: int, block: int, rows: int, kind: str | None):
+def _prep_bwd_kernel(x_ref, *refs, n: int, block: int, rows: int, kind: str | None, pass_through: bool):
     """Program (i, h, b): dX of rows [i*block, (i+1)*block), `rows` at a time: the vjp of phi at X applied to
     d phi (float32, the forward's formula `feature_map_f32` differentiated by JAX) plus d mean / (valid rows), plus
     the cotangent of X's pass-through output when there is one (refs: [d phi], d means, [d X in], d X out)."""
     from sla2_jax.feature_maps import feature_map_f32
 
-    d_phi_ref = refs[0] if kind is not None else None
-    d_mean_ref, dx_ref = refs[int(kind is not None)], refs[-1]
-    dx_in_ref = refs[-2] if len(refs) == int(kind is not None) + 3 else None
+    refs = list(refs)
+    dx_ref = refs.pop()
+    dx_in_ref = refs.pop() if pass_through else None
+    d_mean_ref = refs.pop()
+    d_phi_ref = refs.pop() if kind is not None else None
     start0 = pl.program_id(0) * block
     d = x_ref.shape[-1]
     d_mean = d_mean_ref[...].astype(_F32) / jnp.minimum(n - start0, block).astype(_F32)
@@ -132,7 +134,9 @@ def _prep_bwd_call(x, d_phi, d_means, d_x, block: int, kind: str | None, interpr
     inputs = [(x, seq), (d_phi, seq), (d_means, mean_spec), (d_x, seq)]
     inputs = [(a, spec) for a, spec in inputs if a is not None]
     return pl.pallas_call(
-        functools.partial(_prep_bwd_kernel, n=n, block=block, rows=min(rows, block), kind=kind),
+        functools.partial(
+            _prep_bwd_kernel, n=n, block=block, rows=min(rows, block), kind=kind, pass_through=d_x is not None
+        ),
         grid=(-(-n // block), h, b),
         in_specs=[spec for _, spec in inputs],
         out_specs=seq,
@@ -148,13 +152,15 @@ def _with_input(outs, x, pass_through: bool):
     return [*outs, x] if pass_through else list(outs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5, 6))
-def _prep(x, block, kind, interpret, num_warps, rows, pass_through):
+def _prep_outputs(x, block, kind, interpret, num_warps, rows, pass_through):
     return _with_input(_prep_call(x, block, kind, interpret, num_warps, rows), x, pass_through)
 
 
+_prep = functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5, 6))(_prep_outputs)
+
+
 def _prep_fwd(x, block, kind, interpret, num_warps, rows, pass_through):
-    return _prep(x, block, kind, interpret, num_warps, rows, pass_through), x
+    return _prep_outputs(x, block, kind, interpret, num_warps, rows, pass_through), x
 
 
 def _prep_bwd(block, kind, interpret, num_warps, rows, pass_through, x, cts):
@@ -256,13 +262,15 @@ def _prep_int8_call(x, mean, block: int, kind: str | None, interpret: bool, num_
     return [*outs[:-1], outs[-1][..., 0]]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _prep_int8(x, mean, block, kind, interpret, num_warps, pass_through):
+def _prep_int8_outputs(x, mean, block, kind, interpret, num_warps, pass_through):
     return _with_input(_prep_int8_call(x, mean, block, kind, interpret, num_warps), x, pass_through)
 
 
+_prep_int8 = functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))(_prep_int8_outputs)
+
+
 def _prep_int8_fwd(x, mean, block, kind, interpret, num_warps, pass_through):
-    return _prep_int8(x, mean, block, kind, interpret, num_warps, pass_through), (x, mean)
+    return _prep_int8_outputs(x, mean, block, kind, interpret, num_warps, pass_through), (x, mean)
 
 
 def _prep_int8_bwd(block, kind, interpret, num_warps, pass_through, res, cts):
