@@ -24,9 +24,7 @@ from collections import defaultdict
 # (stage, pattern on the kernel name), first match wins; kernels matching none are "other XLA fusions / copies".
 STAGES = [
     ("mosaic sparse forward", r"sla_sparse(_linear)?_fwd"),
-    ("mosaic dq", r"sla_dq_mosaic|mosaic_dq"),
-    ("mosaic dk/dv", r"sla_dkv_mosaic|mosaic_dkv"),
-    ("mosaic dq + dk/dv (unnamed: entry_mosaic_gpu_kernel)", r"entry_mosaic"),
+    ("mosaic dq + dk/dv (both named entry_mosaic_gpu_kernel)", r"entry_mosaic"),
     ("triton forward / linear epilogue (sla_fwd)", r"sla_fwd"),
     ("triton dq rows + dphi(Q) (sla_dq)", r"sla_dq"),
     ("triton dk/dv linear part (sla_dkv)", r"sla_dkv"),
