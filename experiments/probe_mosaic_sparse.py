@@ -19,6 +19,7 @@ Parts (each runs on its own: an error is recorded and the next part goes on; JSO
   cupti        kernel-only (CUPTI) vs synchronised wall vs pipelined time per call, LUTs of 5 / 25 entries.
   module_fb    sla2_jax module forward and forward+backward, Triton vs Mosaic epilogue, cuDNN, one process.
   trace        Mosaic's on-device profiler regions via experiments.profile_mosaic (recorded nothing in session 5).
+  ring         (session 6) output tiles in finished V slots vs their own: outputs equal bit for bit, CUPTI times.
   --trim-sass CSV: prints the top stall lines of an `ncu --page source --csv --print-source sass` export.
 """
 
@@ -129,6 +130,13 @@ FUSED_SMALL_CASES = [  # n, d, topk, dtype, outputs, stages, schedule
     (1048, 128, 2, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 3, {}),  # last block's 2nd half past N
     (776, 128, 1, jnp.float16, ("o_s", "o_l"), 4, {}),
     (2000, 128, 5, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 3, {"grid_order": "qblocks"}),
+    # session 6: the third output tile through a finished V slot (sparse_mosaic.ring_holds_outputs), ring of 4;
+    # topk 4 / 7 / 2 / 1 put the two warpgroups' slots at different places of the ring (topk 1: own tiles)
+    (2000, 128, 4, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 4, {}),
+    (4096, 128, 7, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 4, {}),
+    (1048, 64, 2, jnp.float16, ("o", "o_s", "o_l", "lse", "den"), 4, {}),
+    (776, 128, 1, jnp.bfloat16, ("o", "o_s", "o_l"), 4, {}),
+    (4096, 64, 25, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 4, {"grid_order": "qblocks"}),
 ]
 
 
@@ -293,6 +301,58 @@ def wan(sparsity, runs):
         record_error(row, "error_times", e)
     print("wan", json.dumps(row), flush=True)
     RESULTS.setdefault("wan", []).append(row)
+
+
+def ring_outputs(sparsity, iterations=20):
+    """Session 6: output tiles in finished V slots (sparse_mosaic.OPTIONS["outputs_in_ring"]) vs tiles of their own,
+    wan-1.3b with the router's LUT: the five-output fused kernel (ring of 4 vs 3) and the INT8 kernel's o_s must be
+    equal bit for bit (the ring depth does not change the arithmetic; a race on a reused slot would show here);
+    then kernel-only times (CUPTI) of each."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    from pallas_kernels import int8_attention as ia
+
+    q, k, v, _, qp, kp, lut, alpha, cfg = wan_setup(sparsity, 29, 1, 12, 32760, 128, 128, 64)
+    h_i, z_i = jax.jit(lambda kp, v, lut: sl._complement_states(kp, v, lut, cfg))(kp, v, lut)
+    lin = (qp, h_i, z_i, alpha)
+    names = ("o", "o_s", "o_l", "lse", "den")
+    keys = jax.jit(lambda k: ia.quantize_keys_with_mean(k, 64))(k)
+
+    def in_ring(flag, fn):
+        def run(*args):
+            old = sm.OPTIONS["outputs_in_ring"]
+            sm.OPTIONS["outputs_in_ring"] = flag
+            try:
+                return fn(*args)
+            finally:
+                sm.OPTIONS["outputs_in_ring"] = old
+
+        return run
+
+    cases = {
+        "train5_ring4": (in_ring(True, lambda *a: fused(*a, outputs=names, stages=4)), (q, k, v, lut, lin)),
+        "train5_own_s3": (in_ring(False, lambda *a: fused(*a, outputs=names, stages=3)), (q, k, v, lut, lin)),
+        "infer_o_s4": (in_ring(True, lambda *a: fused(*a)), (q, k, v, lut, lin)),
+    }
+    int8 = lambda q, k, v, lut: sm.sparse_attention_mosaic_int8(q, k, v, lut, keys, stages=4)
+    cases["int8_ring"] = (in_ring(True, int8), (q, k, v, lut))
+    cases["int8_own"] = (in_ring(False, int8), (q, k, v, lut))
+    row, outs = dict(sparsity=sparsity, topk=cfg.topk), {}
+    for key, (fn, args) in cases.items():
+        try:
+            jitted = jax.jit(fn)
+            outs[key] = jax.block_until_ready(jitted(*args))
+            _, per_iter = profiler.measure(jitted, aggregate=False, iterations=iterations)(*args)
+            row[f"cupti_ms_{key}"] = statistics.median(sum(ms for _, ms in it) for it in per_iter)
+        except Exception as e:  # noqa: BLE001
+            record_error(row, f"error_{key}", e)
+    diff = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+    if "train5_ring4" in outs and "train5_own_s3" in outs:
+        row["max_abs_diff_train5"] = {x: diff(outs["train5_ring4"][x], outs["train5_own_s3"][x]) for x in names}
+    if "int8_ring" in outs and "int8_own" in outs:
+        row["max_abs_diff_int8"] = [diff(a, b) for a, b in zip(outs["int8_ring"], outs["int8_own"])]
+    print("ring", json.dumps(row), flush=True)
+    RESULTS.setdefault("ring", []).append(row)
 
 
 def module_fwd_bwd(sparsity, runs):
@@ -553,6 +613,7 @@ def main():
         "trace": trace,
         "cupti": cupti,
         "module_fb": lambda: [(module_fwd_bwd(s, args.runs), save(args.out)) for s in args.sparsity],
+        "ring": lambda: [(ring_outputs(s), save(args.out)) for s in args.sparsity],
     }
     try:
         for part in args.parts:

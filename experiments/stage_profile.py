@@ -144,6 +144,26 @@ def profile_call(
             json.dump(record, f, indent=1)
 
 
+def set_option(assignment: str):
+    """'MODULE.KEY=VALUE' -> pallas_kernels.MODULE.OPTIONS[KEY] = VALUE (true / false, int, or the string);
+    SystemExit naming the problem for an unknown module or key."""
+    import importlib
+
+    target, sep, text = assignment.partition("=")
+    module_name, dot, key = target.partition(".")
+    if not (sep and dot):
+        raise SystemExit(f"--set wants MODULE.KEY=VALUE, got {assignment!r}")
+    try:
+        options = importlib.import_module(f"pallas_kernels.{module_name}").OPTIONS
+    except (ImportError, AttributeError):
+        raise SystemExit(f"--set: pallas_kernels.{module_name} has no OPTIONS dict") from None
+    if key not in options:
+        raise SystemExit(f"--set: {module_name}.OPTIONS has no key {key!r}; keys: {sorted(options)}")
+    value = {"true": True, "false": False}.get(text.lower(), text)
+    options[key] = int(value) if isinstance(value, str) and value.lstrip("-").isdigit() else value
+    print(f"option {module_name}.{key} = {options[key]!r}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
@@ -152,7 +172,17 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="folder for the JSON and markdown summaries")
     p.add_argument("--hlo", action="store_true", help="also write the compiled HLO text of each call under --out")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MODULE.KEY=VALUE",
+        help="set a kernel option first, e.g. sparse_mosaic.outputs_in_ring=false (MODULE: a pallas_kernels module "
+        "with an OPTIONS dict; VALUE: true / false, an integer, or a string); repeatable",
+    )
     args = p.parse_args(argv)
+    for assignment in args.set:
+        set_option(assignment)
     for sparsity in args.sparsity:
         for what in args.what:
             profile_call(what, sparsity, tuple(args.shape), args.iters, args.out, args.hlo)

@@ -565,8 +565,9 @@ def _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg: _Cfg, *, fused: boo
         outputs = tuple(x[0] for x in _forward_outputs(q, cfg, fused=fused, residuals=residuals))
         tiles = sum(x in ("o", "o_s", "o_l") for x in outputs)
         linear = sm.LinearInputs(named["q_phi"], named["h_tot"], named["z_tot"], alpha if fused else None, cfg.eps)
-        # shared memory: the Q and phi(Q) tiles hold two outputs; a third needs the room of one K/V ring slot
-        stages = 4 if tiles <= 2 else 3
+        # shared memory: the Q and phi(Q) tiles hold two outputs; a third goes through a finished V slot of the ring
+        # (sparse_mosaic.ring_holds_outputs), or else needs the room of one K/V ring slot
+        stages = 4 if tiles <= 2 or sm.ring_holds_outputs(cfg.block_k, 4) else 3
         kw = {"outputs": outputs, "block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "stages": stages}
         return sm.sparse_linear_attention_mosaic(q, k, v, lut, linear, **kw)
     o_s, lse = sm.sparse_attention_mosaic(q, k, v, lut, block_k=cfg.block_k, sm_scale=cfg.sm_scale, stages=4)

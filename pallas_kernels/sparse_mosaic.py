@@ -58,7 +58,9 @@ _BLOCK_Q = 2 * _ROWS
 # or "magic" (the integer plus 1.5 * 2^23 read as a float is exact for |S| < 2^22, true for D <= 256; the offset is
 # folded into the per-row bias of the exp2 argument: one integer add per score instead of a conversion).
 # "grid_order": Schedule.grid_order of calls that pass no schedule (read at trace time).
-OPTIONS = {"int_to_float": "convert", "grid_order": "heads"}
+# "outputs_in_ring": output tiles beyond the Q and phi(Q) tiles go into finished V slots of the ring after the loop
+# (ring_holds_outputs) instead of shared memory of their own, so the five-output kernel keeps a ring of 4.
+OPTIONS = {"int_to_float": "convert", "grid_order": "heads", "outputs_in_ring": True}
 _MAGIC = 1.5 * 2.0**23
 _MAGIC_BITS = 0x4B400000  # bit pattern of the float32 1.5 * 2^23
 
@@ -158,6 +160,18 @@ def lut_scales(lut, q_scale, k_scale, scale: float):
     return ks * (q_scale[..., None] * scale)
 
 
+def ring_holds_outputs(block_k: int, stages: int) -> bool:
+    """After the loop, each compute warpgroup can store one output tile through a V slot of the ring (slot topk %
+    stages for warpgroup 0, (topk - 1) % stages for warpgroup 1): the slots are (block_k, D) tiles of v's dtype,
+    so block_k must be one warpgroup's 64 rows, and the two slots must differ (stages >= 2).
+
+    Why the slots are free: warpgroup 0 leaves its loop once warpgroup 1 arrived on the turn barrier after the
+    softmax of the last LUT entry, i.e. after every read of warpgroup 1 except its last P V, which reads slot
+    (topk - 1) % stages; every TMA copy into the ring has landed (warpgroup 0 waited for each). Warpgroup 1 leaves
+    after that last P V, and warpgroup 0's reads all completed before its last arrival."""
+    return OPTIONS["outputs_in_ring"] and block_k == _ROWS and stages >= 2
+
+
 def _check(q, lut):
     b, n, h, d = q.shape
     if lut.shape[2] != -(-n // _BLOCK_Q) or lut.shape[:2] != (b, h):
@@ -207,9 +221,10 @@ def _sparse_forward(
     in_names += (["q_phi", "h", "z"] if linear is not None else []) + (["alpha"] if "o" in outputs else [])
     names = in_names + list(outputs)
     # 16-bit output tiles of a compute warpgroup: its Q tile (free after the loop; 16-bit only), its phi(Q) tile
-    # (free once loaded into registers), then tiles of their own
+    # (free once loaded into registers), then one V slot of the ring (ring_holds_outputs), then tiles of their own
     reused = (0 if quantised else 1) + (1 if linear is not None else 0)
-    extra_tiles = max(0, len(tile_outs) - reused)
+    in_ring = ring_holds_outputs(block_k, stages) and len(tile_outs) > reused
+    extra_tiles = max(0, len(tile_outs) - reused - in_ring)
 
     def body(refs, smem, bars):
         r = dict(zip(names, refs))
@@ -245,6 +260,8 @@ def _sparse_forward(
 
         def store_outputs(vals, row0):
             tiles = ([] if quantised else [smem["q"].at[wg]]) + ([smem["q_phi"].at[wg]] if linear is not None else [])
+            if in_ring:  # see ring_holds_outputs
+                tiles.append(smem["v"].at[lax.rem(topk - 1 + (1 - wg), stages)])
             tiles += [smem["out"].at[j, wg] for j in range(extra_tiles)]
             for name, tile in zip(tile_outs, tiles):
                 tile[...] = vals[name].astype(dtype)

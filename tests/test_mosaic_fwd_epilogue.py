@@ -70,15 +70,17 @@ def _contract_stand_in(calls):
     return stand_in
 
 
-@pytest.mark.parametrize("epilogue", ["mosaic", "triton"])
-def test_mosaic_epilogue_wiring_with_a_stand_in_kernel(epilogue, monkeypatch):
-    """OPTIONS fwd_epilogue "mosaic": the fused kernel is asked for ("o",) in the primal, all five outputs (3 ring
-    stages) under jax.grad, ("o_s", "o_l") [+ lse, den] for the branches; outputs and the six gradients match the
-    dense reference. "triton" (the fallback) never calls it."""
+@pytest.mark.parametrize("epilogue, in_ring", [("mosaic", True), ("mosaic", False), ("triton", True)])
+def test_mosaic_epilogue_wiring_with_a_stand_in_kernel(epilogue, in_ring, monkeypatch):
+    """OPTIONS fwd_epilogue "mosaic": the fused kernel is asked for ("o",) in the primal, all five outputs under
+    jax.grad (a ring of 4 stages when the third output tile goes through a V slot, sparse_mosaic OPTIONS
+    "outputs_in_ring", else 3), ("o_s", "o_l") [+ lse, den] for the branches; outputs and the six gradients match
+    the dense reference. "triton" (the fallback) never calls it."""
     from pallas_kernels import sparse_linear as sl
     from pallas_kernels import sparse_mosaic
 
     calls = []
+    monkeypatch.setattr(sparse_mosaic, "OPTIONS", dict(sparse_mosaic.OPTIONS, outputs_in_ring=in_ring))
     monkeypatch.setattr(sparse_mosaic, "sparse_linear_attention_mosaic", _contract_stand_in(calls))
     monkeypatch.setattr(sparse_mosaic, "sparse_attention_mosaic", _sparse_only_stand_in)
     monkeypatch.setattr(sl, "OPTIONS", dict(sl.OPTIONS, fwd_kernel="mosaic", fwd_epilogue=epilogue))
@@ -101,7 +103,19 @@ def test_mosaic_epilogue_wiring_with_a_stand_in_kernel(epilogue, monkeypatch):
         return
     all_five = ("o", "o_s", "o_l", "lse", "den")
     assert calls[:2] == [(("o",), 4), (("o_s", "o_l"), 4)], calls
-    assert (all_five, 3) in calls, calls
+    assert (all_five, 4 if in_ring else 3) in calls, calls
+
+
+def test_ring_holds_outputs_only_for_64_key_slots_and_two_stages(monkeypatch):
+    """A V slot can take a warpgroup's (64, D) output tile only when block_k is 64, and the two warpgroups' slots
+    differ only with a ring of >= 2 stages; the option turns it off."""
+    from pallas_kernels import sparse_mosaic
+
+    assert sparse_mosaic.ring_holds_outputs(64, 4) and sparse_mosaic.ring_holds_outputs(64, 2)
+    assert not sparse_mosaic.ring_holds_outputs(64, 1)
+    assert not sparse_mosaic.ring_holds_outputs(128, 4) and not sparse_mosaic.ring_holds_outputs(32, 4)
+    monkeypatch.setattr(sparse_mosaic, "OPTIONS", dict(sparse_mosaic.OPTIONS, outputs_in_ring=False))
+    assert not sparse_mosaic.ring_holds_outputs(64, 4)
 
 
 def _sparse_only_stand_in(q, k, v, lut, *, block_k, sm_scale, stages):
