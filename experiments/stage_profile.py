@@ -67,6 +67,74 @@ def device_kernels(trace_dir: str) -> tuple[list[tuple[str, float, float]], list
     return kernels, line_names
 
 
+CALL_ANNOTATION = "stage_profile_call"
+
+
+def host_timeline(trace_dir: str, top: int = 25) -> dict:
+    """Where the wall time of the traced call goes outside the kernels: the host span of the call (the
+    CALL_ANNOTATION TraceMe around it), the first kernel's start and the last kernel's end on the device (both
+    planes on the profiler's one clock), and the host events (summed per name, clipped to the window) before the
+    first kernel and after the last one: dispatch and synchronisation."""
+    from jax.profiler import ProfileData
+
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
+    data = ProfileData.from_file(path)
+    device = data.find_plane_with_name("/device:GPU:0")
+    host = data.find_plane_with_name("/host:CPU")
+    if device is None or host is None:
+        return {"error": f"planes {[p.name for p in data.planes]}"}
+    calls = [e for line in host.lines for e in line.events if e.name == CALL_ANNOTATION]
+    if not calls:
+        return {"error": "no call annotation in the host plane"}
+    call = max(calls, key=lambda e: e.start_ns)  # the last traced call (the others warm the profiler)
+    c0, c1 = call.start_ns, call.start_ns + call.duration_ns
+    spans = [
+        (e.start_ns, e.start_ns + e.duration_ns)
+        for line in device.lines
+        if line.name.startswith("Stream")
+        for e in line.events
+        if c0 <= e.start_ns <= c1
+    ]
+    if not spans:
+        return {"error": "no kernel inside the call's span"}
+    k0, k1 = min(s for s, _ in spans), max(e for _, e in spans)
+
+    def events_in(lo, hi):
+        totals = defaultdict(float)
+        for line in host.lines:
+            for e in line.events:
+                overlap = min(hi, e.start_ns + e.duration_ns) - max(lo, e.start_ns)
+                if overlap > 0 and e.name != CALL_ANNOTATION:
+                    totals[f"{line.name[:30]}: {e.name[:90]}"] += overlap / 1e3
+        return dict(sorted(totals.items(), key=lambda x: -x[1])[:top])
+
+    return {
+        "call_us": (c1 - c0) / 1e3,
+        "before_first_kernel_us": (k0 - c0) / 1e3,
+        "kernels_span_us": (k1 - k0) / 1e3,
+        "after_last_kernel_us": (c1 - k1) / 1e3,
+        "host_events_before_first_kernel_us": events_in(c0, k0),
+        "host_events_after_last_kernel_us": events_in(k1, c1),
+    }
+
+
+def host_text(timeline: dict) -> str:
+    """Markdown lines of host_timeline's record."""
+    if "error" in timeline:
+        return f"host timeline: {timeline['error']}"
+    lines = [
+        f"traced call {timeline['call_us']:.0f} us = {timeline['before_first_kernel_us']:.0f} before the first kernel "
+        f"+ {timeline['kernels_span_us']:.0f} kernels + {timeline['after_last_kernel_us']:.0f} after the last",
+        "",
+        "| host event (thread: name), before the first kernel | us |",
+        "|---|---|",
+    ]
+    lines += [f"| `{k}` | {v:.1f} |" for k, v in timeline["host_events_before_first_kernel_us"].items()]
+    lines += ["", "| host event, after the last kernel | us |", "|---|---|"]
+    lines += [f"| `{k}` | {v:.1f} |" for k, v in timeline["host_events_after_last_kernel_us"].items()]
+    return "\n".join(lines)
+
+
 def summarise(kernels: list[tuple[str, float, float]], wall_ms: float, label: str) -> tuple[str, dict]:
     """Markdown table (by stage, the 40 costliest kernels, the longest idle gaps) and a JSON-ready dict of one
     profiled call."""
@@ -126,11 +194,18 @@ def profile_call(
     wall_ms = 1e3 * time_fn(fn, *args, iters=iters)
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
-            jax.block_until_ready(fn(*args))
+            for _ in range(3):  # the host timeline reads the last call; the kernel table the whole trace of one
+                with jax.profiler.TraceAnnotation(CALL_ANNOTATION):
+                    jax.block_until_ready(fn(*args))
         kernels, line_names = device_kernels(trace_dir)
+        timeline = host_timeline(trace_dir)
+    # one call's kernels: the last of the three (its first kernel's idle time is the gap between calls)
+    kernels = [(name, us, idle if i else 0.0) for i, (name, us, idle) in enumerate(kernels[-len(kernels) // 3 :])]
     label = f"module {what}, sparsity {sparsity}, (B, H, N, D) = {shape}, {jax.devices()[0].device_kind}, jax {jax.__version__}"
     text, record = summarise(kernels, wall_ms, label)
+    text += "\n\n" + host_text(timeline)
     record["trace_lines"] = line_names
+    record["host_timeline"] = timeline
     print(text, flush=True)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)

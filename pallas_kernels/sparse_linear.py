@@ -436,6 +436,9 @@ def _sum_over_blocks(mask, sums: _BlockSums):
 # "bwd_kernel": the same choice for the backward's sparse loops (pallas_kernels/sparse_mosaic_dq.py and
 # sparse_mosaic_dkv.py; the per-row terms and the linear-branch parts stay in small Triton kernels). H100 wan-1.3b
 # module fwd+bwd 6.30 -> 5.59 ms (95%), 6.15 -> 4.69 (97%) with the Mosaic forward in both.
+# "lut_cumsum": how _transpose_lut takes the running count of selections along Nq: "matmul" (the 0/1 selection
+# times an upper-triangular ones matrix on the tensor cores, exact in float32) or "xla" (jnp.cumsum, which XLA
+# lowers to a reduce-window: 0.063 ms with what it fuses at wan-1.3b, session 5).
 OPTIONS = {
     "fwd_linear": "blocks",
     "dq_linear": "blocks",
@@ -444,6 +447,7 @@ OPTIONS = {
     "bwd_kernel": "auto",
     "state_dtype": "bfloat16",
     "fwd_epilogue": "mosaic",
+    "lut_cumsum": "matmul",
 }
 
 
@@ -817,13 +821,25 @@ def _transpose_lut(lut, nk):
     b, h, nq, topk = lut.shape
     sel = _selection(lut, nk)
     count = jnp.sum(sel, axis=-1, dtype=jnp.int32)
-    slot = jnp.where(sel, jnp.cumsum(sel, axis=-1, dtype=jnp.int32) - 1, nq)
+    slot = jnp.where(sel, _running_count(sel) - 1, nq)
     ids = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32), sel.shape)
     bi = jnp.arange(b)[:, None, None, None]
     hi = jnp.arange(h)[None, :, None, None]
     ji = jnp.arange(nk)[None, None, :, None]
     lut_t = jnp.full((b, h, nk, nq), nq, jnp.int32).at[bi, hi, ji, slot].set(ids, mode="drop")
     return lut_t, count
+
+
+def _running_count(sel):
+    """Inclusive running count of True along the last axis, int32 of sel's shape (OPTIONS["lut_cumsum"]): a matmul
+    with the (Nq, Nq) upper-triangular ones matrix (0/1 operands in bf16, float32 sums: exact up to 2^24) or
+    jnp.cumsum."""
+    if OPTIONS["lut_cumsum"] == "xla":
+        return jnp.cumsum(sel, axis=-1, dtype=jnp.int32)
+    n = sel.shape[-1]
+    upper = (jnp.arange(n)[:, None] <= jnp.arange(n)[None, :]).astype(jnp.bfloat16)
+    counts = jnp.matmul(sel.astype(jnp.bfloat16), upper, preferred_element_type=_F32)
+    return counts.astype(jnp.int32)
 
 
 def _backward(res, cfg: _Cfg, *, fused, do=None, do_s=None, do_l=None):

@@ -442,13 +442,18 @@ def test_bfloat16_states_give_the_reference_result(monkeypatch):
         assert _rel(a, b) < grad_tol, (seed, name, _rel(a, b))
 
 
-def test_selection_and_transposed_lut_against_numpy(seed):
-    """_selection (a scatter of the LUT) and _transpose_lut (the query blocks of each key block, ascending, padded
-    with Nq, and their count) vs a numpy loop; ids outside [0, Nk) select nothing."""
+@pytest.mark.parametrize("cumsum", ["matmul", "xla"])
+@pytest.mark.parametrize("nq, nk, topk", [(7, 11, 4), (300, 5, 3)])  # 300: running counts up to ~180 per key block
+def test_selection_and_transposed_lut_against_numpy(seed, cumsum, nq, nk, topk, monkeypatch):
+    """_selection (a comparison against the LUT) and _transpose_lut (the query blocks of each key block, ascending,
+    padded with Nq, and their count; running count by either OPTIONS["lut_cumsum"]) vs a numpy loop; ids outside
+    [0, Nk) select nothing."""
+    from pallas_kernels import sparse_linear as sl
     from pallas_kernels.sparse_linear import _selection, _transpose_lut
 
+    monkeypatch.setattr(sl, "OPTIONS", dict(sl.OPTIONS, lut_cumsum=cumsum))
     rng = np.random.default_rng(seed)
-    b, h, nq, nk, topk = 2, 3, 7, 11, 4
+    b, h = 2, 3
     lut = np.stack([np.sort(rng.choice(nk, topk, replace=False)) for _ in range(b * h * nq)]).reshape(b, h, nq, topk)
     lut = lut.astype(np.int32)
     sel = np.zeros((b, h, nk, nq), bool)
