@@ -189,6 +189,16 @@ def wan(sparsity, runs, variants):
             errs[name] = {"error": error_text(e)}
             traceback.print_exc()
     row["errors"] = errs
+    try:  # kernel-only times (CUPTI): the wall clock of one call carries ~0.2 ms of dispatch + synchronisation
+        from jax.experimental.mosaic.gpu import profiler
+
+        args = (q, k, v, do, lse, delta, lut_t, count, alpha)
+        for name, kernel in mosaic_ok.items():
+            _, per_iter = profiler.measure(kernel, aggregate=False, iterations=runs)(*args)
+            row.setdefault("cupti_ms", {})[name] = float(np.median([sum(ms for _, ms in it) for it in per_iter]))
+    except Exception as e:  # noqa: BLE001
+        row["cupti_error"] = error_text(e)
+        traceback.print_exc()
 
     def with_lut(kw):
         def fn(q, k, v, do, lse, delta, lut, alpha):
