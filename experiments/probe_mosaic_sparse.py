@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.probe_common import bench, record_error, rel, uniform_lut
-from experiments.timing import time_samples
+from experiments.timing import pipelined_seconds, time_samples
 from pallas_kernels import sparse_linear as sl
 from pallas_kernels import sparse_mosaic as sm
 from pallas_kernels.sparse_mosaic import sparse_attention_mosaic
@@ -405,18 +405,6 @@ def ncu_target():
     print("ncu_target done", flush=True)
 
 
-def pipelined_ms(jitted, args, iterations):
-    """Milliseconds per call of `iterations` calls issued back to back, one synchronisation at the end (the host's
-    dispatch overlaps the previous kernels; what remains above the kernel time stalls the GPU stream)."""
-    import time
-
-    jax.block_until_ready(jitted(*args))
-    start = time.perf_counter()
-    outs = [jitted(*args) for _ in range(iterations)]
-    jax.block_until_ready(outs)
-    return 1e3 * (time.perf_counter() - start) / iterations
-
-
 def cupti(iterations=20):
     """Kernel-only times (CUPTI, jax.experimental.mosaic.gpu.profiler.measure) of the plain and the fused kernel on
     random wan-1.3b-shaped inputs (LUTs of 5 and 25 entries), beside the synchronised wall time of the same call: the
@@ -443,7 +431,7 @@ def cupti(iterations=20):
                 row["kernels"] = sorted({kn for kn, _ in per_iter[0]})
                 row["cupti_ms_median"] = statistics.median(totals)
                 row["wall_ms_median"] = 1e3 * statistics.median(time_samples(jitted, *args, warmup=3, iters=iterations))
-                row["pipelined_ms_per_call"] = pipelined_ms(jitted, args, iterations)
+                row["pipelined_ms_per_call"] = 1e3 * pipelined_seconds(jitted, *args, calls=iterations, repeats=1)
             except Exception as e:  # noqa: BLE001
                 record_error(row, "error", e)
             print("cupti", name, topk, json.dumps(row), flush=True)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.probe_common import record_error, rel, uniform_lut
-from experiments.timing import time_fn
+from experiments.timing import pipelined_seconds, time_fn
 
 RESULTS: dict = {}
 SAVE_PATH: list = []  # where save() writes RESULTS (set by main)
@@ -335,7 +335,7 @@ def module_breakdown(runs):
             )(q, k, v)
         )
         row = {"wall_ms_median": 1e3 * time_fn(grads, q, k, v, do, warmup=3, iters=runs)}
-        row["wall_ms_pipelined"] = pipelined_ms(grads, (q, k, v, do), runs)
+        row["wall_ms_pipelined"] = 1e3 * pipelined_seconds(grads, q, k, v, do, calls=runs, repeats=3)
         _, per_iter = profiler.measure(grads, aggregate=False, iterations=runs)(q, k, v, do)
         sums = [sum(ms for _, ms in it) for it in per_iter]
         row["kernel_sum_ms_median"] = statistics.median(sums)
@@ -350,20 +350,6 @@ def module_breakdown(runs):
         out[name] = row
         RESULTS["module"] = out
         save()
-
-
-def pipelined_ms(fn, args, runs):
-    """Milliseconds per call of `runs` calls dispatched back to back with one synchronisation at the end (median
-    of 3 such batches): the per-call host latency overlaps the GPU work."""
-    jax.block_until_ready(fn(*args))
-    batches = []
-    for _ in range(3):
-        start = time.perf_counter()
-        outs = [fn(*args) for _ in range(runs)]
-        jax.block_until_ready(outs)
-        batches.append(1e3 * (time.perf_counter() - start) / runs)
-        del outs
-    return statistics.median(batches)
 
 
 def run_for_ncu(x, kernel, case, iters, variant):

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +24,7 @@ import numpy as np
 
 import sla2_jax as sla
 from experiments.inputs import random_qkv
-from experiments.timing import time_fn
+from experiments.timing import pipelined_seconds, time_fn
 from pallas_kernels import sla2_fused_attention
 from pallas_kernels.prep import block_means_and_phi, select_blocks
 from sla2_jax.blocks import block_counts
@@ -154,27 +152,13 @@ def stage_table(q, k, cfg, iters):
     }
 
 
-def time_back_to_back(fn, *args, reps: int = 20, iters: int = 5) -> float:
-    """Median seconds per call of `reps` calls issued back to back and synchronised once: the device time of the
-    call, without the per-call dispatch and synchronisation that `time_fn` includes."""
-    jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        for _ in range(reps):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / reps)
-    return statistics.median(samples)
-
-
 def time_stages(stages, iters, results):
     print(f"{'stage':<52}{'synced':>10}{'b2b':>10}  (ms)", flush=True)
     for name, (fn, fn_args) in stages.items():
         try:
             jitted = jax.jit(fn)
             ms = 1e3 * time_fn(jitted, *fn_args, iters=iters)
-            b2b = 1e3 * time_back_to_back(jitted, *fn_args)
+            b2b = 1e3 * pipelined_seconds(jitted, *fn_args)
         except Exception as e:  # noqa: BLE001  keep going: one failing variant must not lose the others' numbers
             print(f"{name:<52} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
@@ -200,10 +184,10 @@ def module_table(q, k, v, sparsities, iters, results):
         o_new, o_old = new(q, k, v).astype(jnp.float32), old(q, k, v).astype(jnp.float32)
         err = float(jnp.linalg.norm(o_new - o_old) / jnp.linalg.norm(o_old))
         row = {
-            "new_b2b_ms": 1e3 * time_back_to_back(new, q, k, v),
-            "old_b2b_ms": 1e3 * time_back_to_back(old, q, k, v),
-            "kernel_b2b_ms": 1e3 * time_back_to_back(kernel, q, k, v, front),
-            "dense_b2b_ms": 1e3 * time_back_to_back(dense, q, k, v),
+            "new_b2b_ms": 1e3 * pipelined_seconds(new, q, k, v),
+            "old_b2b_ms": 1e3 * pipelined_seconds(old, q, k, v),
+            "kernel_b2b_ms": 1e3 * pipelined_seconds(kernel, q, k, v, front),
+            "dense_b2b_ms": 1e3 * pipelined_seconds(dense, q, k, v),
             "new_ms": 1e3 * time_fn(new, q, k, v, iters=iters),
             "old_ms": 1e3 * time_fn(old, q, k, v, iters=iters),
             "kernel_ms": 1e3 * time_fn(kernel, q, k, v, front, iters=iters),
