@@ -20,7 +20,8 @@ round half to even, clip to [-127, 127]):
     an XLA pre-pass, or Q quantised inside the forward kernel (all measured: docs/perf_notes_int8.md).
   * quant="int8_fp8" additionally: V in float8_e4m3fn with one scale per (batch, head, channel) = amax_N / 448,
     stored transposed (B, H, D, Nk*block_k) so that P8 V8 is again a transposed-B (K-major) dot; P in
-    float8_e4m3fn with the fixed scale 448 (P in [0, 1] -> [0, 448]).
+    float8_e4m3fn with the fixed scale 448 (P in [0, 1] -> [0, 448]). ``quantize_values_fp8``: the amax by XLA,
+    then one Pallas pass (OPTIONS["v_pass"]; 0.09 vs 0.41 ms for the XLA transpose at wan-1.3b, run 9).
 
 Forward kernel, grid (Nq, H, B) (block index fastest, like sparse_linear). Program (i, h, b):
   for each LUT entry j: S = (q8 K8_j^T)[int32 -> float32] * (s_q * s_k[j] * sm_scale * log2 e), keys >= N
@@ -37,6 +38,8 @@ Hopper GPUs (OPTIONS["fwd_kernel"] "auto"): for quant "int8" and the shapes the 
 branch runs in the warp-specialised Mosaic kernel of ``sparse_mosaic.py`` instead (int8 wgmma for Q K~^T, Q
 quantised by ``quantize_queries`` before it), then sparse_linear's Triton epilogue adds the linear branch and the
 combine (docs/perf_notes_int8.md, run 7: 1.3-1.4x faster than this file's kernel, 1.06-1.08x of the bf16 one).
+quant "int8_fp8" too (OPTIONS["mosaic_fp8"]): P V by the e4m3 wgmma on the interleaved FP8 V^T (run 9: kernel
+alone 1.07-1.09x of bf16, 1.00-1.03x of INT8; faster than this file's int8_fp8 kernel in the module).
 
 LSE: the scores use K~, so the kernel adds q_i . mean_N(K) * sm_scale back to each row's LSE (softmax is
 shift-invariant, the LSE is not) before the backward recomputes P from the unsmoothed K.
@@ -85,8 +88,18 @@ _OVERRIDE: dict[str, tuple[int, int]] = {}
 #               Triton kernel of this file otherwise), "mosaic" (the same on any GPU) or "triton";
 #   mosaic_q:   the Mosaic path's Q quantisation (with the LSE shift q . mean_N(K)): "pallas" (one Pallas-Triton
 #               pass over Q) or "xla".
+#   mosaic_fp8: quant "int8_fp8" also takes the Mosaic path (FP8 P V by the e4m3 wgmma) where "fwd_kernel" picks it;
+#               False: the Triton kernel of this file.
+#   v_pass:     quantize_values_fp8 by "xla" or "pallas" (one Pallas pass after the XLA amax).
 # Defaults: measured on an H100 (docs/perf_notes_int8.md); the alternatives are within noise or slower.
-OPTIONS = {"q_prepass": True, "prepass": "fused", "fwd_kernel": "auto", "mosaic_q": "pallas"}
+OPTIONS = {
+    "q_prepass": True,
+    "prepass": "fused",
+    "fwd_kernel": "auto",
+    "mosaic_q": "pallas",
+    "mosaic_fp8": True,
+    "v_pass": "pallas",
+}
 
 
 class _Opts(NamedTuple):
@@ -96,6 +109,8 @@ class _Opts(NamedTuple):
     prepass: str
     fwd_kernel: str
     mosaic_q: str
+    mosaic_fp8: bool
+    v_pass: str
 
 
 def _opts() -> _Opts:
@@ -104,6 +119,7 @@ def _opts() -> _Opts:
         o.prepass not in ("fused", "pallas", "xla")
         or o.fwd_kernel not in ("auto", "mosaic", "triton")
         or o.mosaic_q not in ("pallas", "xla")
+        or o.v_pass not in ("pallas", "xla")
     ):
         raise ValueError(f"bad OPTIONS {OPTIONS}")
     return o
@@ -190,18 +206,66 @@ def _quantize_keys(k, block_k: int):
     return k8.reshape(b, nk * block_k, h, d)[:, :n], jnp.transpose(scale, (0, 2, 1)), mean[:, 0]
 
 
-def quantize_values_fp8(v, block_k: int):
+def quantize_values_fp8(v, block_k: int, *, interleave: bool = False, method: str | None = None):
     """V in float8_e4m3fn with one scale per (batch, head, channel) = amax over N / 448.
 
     Returns (v8t float8_e4m3fn (B, H, D, Nk*block_k) transposed, zero-padded past N; scales float32 (B, H, D)).
+    interleave: the keys of each group of 16 in ``sparse_mosaic.P8_KEY_ORDER`` (position i holds key
+    P8_KEY_ORDER[i]), the order in which the Mosaic kernel's FP8 P reaches its wgmma (block_k % 16 == 0).
+    method: "xla" or "pallas" (the amax by XLA, then one Pallas pass: program (j, h, b) reads block_k rows of V
+    (interleaved: in that order, a gather load), divides by the scales, converts and stores the transposed tile);
+    None: OPTIONS["v_pass"]. Both give the same bits.
     """
-    n = v.shape[1]
+    if interleave and block_k % 16:
+        raise ValueError(f"interleaved FP8 values need block_k a multiple of 16, got {block_k}")
+    if (method or _opts().v_pass) == "pallas":
+        return _quantize_values_pallas(v, block_k, interleave)
+    b, n, h, d = v.shape
     nk = -(-n // block_k)
     v32 = v.astype(_F32)
     scale = jnp.maximum(jnp.max(jnp.abs(v32), axis=1), 1e-12) / FP8_MAX  # (B, H, D)
     v8 = jnp.clip(v32 / scale[:, None], -FP8_MAX, FP8_MAX).astype(_FP8)
-    v8t = jnp.transpose(v8, (0, 2, 3, 1))  # (B, H, D, N)
-    return jnp.pad(v8t, ((0, 0), (0, 0), (0, 0), (0, nk * block_k - n))), scale
+    v8 = jnp.pad(v8, ((0, 0), (0, nk * block_k - n), (0, 0), (0, 0)))  # (B, N', H, D)
+    if not interleave:
+        return jnp.transpose(v8, (0, 2, 3, 1)), scale
+    # key 16 g + 8 e + 2 t + c goes to position 16 g + 4 t + 2 e + c (sparse_mosaic.P8_KEY_ORDER): part of the
+    # transpose (one XLA transpose fusion; a gather by the order costs 0.4 ms at wan-1.3b, H100 run 9)
+    v8 = v8.reshape(b, nk * block_k // 16, 2, 4, 2, h, d)  # (B, g, e, t, c, H, D)
+    return jnp.transpose(v8, (0, 5, 6, 1, 3, 2, 4)).reshape(b, h, d, nk * block_k), scale
+
+
+def _fp8_values_kernel(v_ref, scale_ref, v8t_ref, *, n, block, interleave):
+    """Program (j, h, b): keys [j * block, (j + 1) * block) of V (N, D) -> (D, block) e4m3 tile of V^T / scale."""
+    p = jnp.arange(block)
+    key = p
+    if interleave:  # position 16 g + 4 t + 2 e + c holds key 16 g + 8 e + 2 t + c (sparse_mosaic.P8_KEY_ORDER)
+        i = p % 16
+        key = p - i + 8 * ((i // 2) % 2) + 2 * (i // 4) + i % 2
+    rows = pl.program_id(0) * block + key
+    d = v_ref.shape[-1]
+    mask = jnp.broadcast_to((rows < n)[:, None], (block, d))
+    x = plgpu.load(v_ref.at[rows[:, None], jnp.arange(d)[None, :]], mask=mask, other=0.0).astype(_F32)  # gather
+    v8 = jnp.clip(x / scale_ref[...][None, :], -FP8_MAX, FP8_MAX).astype(_FP8)
+    v8t_ref[...] = v8.T
+
+
+def _quantize_values_pallas(v, block_k: int, interleave: bool):
+    """quantize_values_fp8 by one Pallas pass after an XLA amax (see there)."""
+    b, n, h, d = v.shape
+    nk = -(-n // block_k)
+    scale = jnp.maximum(jnp.max(jnp.abs(v), axis=1).astype(_F32), 1e-12) / FP8_MAX  # (B, H, D)
+    interpret = jax.default_backend() != "gpu"
+    v8t = pl.pallas_call(
+        functools.partial(_fp8_values_kernel, n=n, block=block_k, interleave=interleave),
+        grid=(nk, h, b),
+        in_specs=[_seq_spec3(n, d), pl.BlockSpec((None, None, d), lambda j, hh, bb: (bb, hh, 0))],
+        out_specs=pl.BlockSpec((None, None, d, block_k), lambda j, hh, bb: (bb, hh, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((b, h, d, nk * block_k), _FP8),
+        compiler_params=CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="sla_fp8_values",
+    )(v, scale)
+    return v8t, scale
 
 
 SCALE_LANES = 16  # the pre-pass writes each block's scale 16 times (a power-of-two tile), XLA keeps one
@@ -478,7 +542,9 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: sl._Cfg, quant: str, 
     or None (the pre-pass selected by OPTIONS).
     """
     if _use_mosaic(q, cfg, quant):
-        return _forward_mosaic(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, fused=fused, residuals=residuals)
+        return _forward_mosaic(
+            q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, fused=fused, residuals=residuals, quant=quant
+        )
     quantised = _prequantize(q, k, cfg) if keys is None else _Quantised(None, None, *keys)
     return _forward_quantised(
         q, k, v, q_phi, k_phi, lut, alpha, quantised, cfg, quant, fused=fused, residuals=residuals
@@ -487,19 +553,31 @@ def _forward(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: sl._Cfg, quant: str, 
 
 def _use_mosaic(q, cfg: sl._Cfg, quant: str) -> bool:
     """OPTIONS["fwd_kernel"] asks for the INT8 Mosaic GPU forward ("mosaic", or "auto" on a Hopper GPU) and it
-    supports the call (quant "int8", per-block linear states, sparse_linear._mosaic_supports)."""
-    return quant == "int8" and not sl._lin_in_loop("fwd", cfg) and sl._mosaic_chosen(_opts().fwd_kernel, q, cfg)
+    supports the call (quant "int8", or "int8_fp8" with OPTIONS["mosaic_fp8"] and block_k % 16 == 0; per-block
+    linear states, sparse_linear._mosaic_supports)."""
+    fp8_ok = _opts().mosaic_fp8 and cfg.block_k % 16 == 0
+    return (
+        (quant == "int8" or (quant == "int8_fp8" and fp8_ok))
+        and not sl._lin_in_loop("fwd", cfg)
+        and sl._mosaic_chosen(_opts().fwd_kernel, q, cfg)
+    )
 
 
-def _forward_mosaic(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: sl._Cfg, *, fused: bool, residuals: bool):
+def _forward_mosaic(
+    q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: sl._Cfg, *, fused: bool, residuals: bool, quant="int8"
+):
     """INT8 sparse branch by the Mosaic GPU kernel (o_s, LSE), then the linear branch and the combine in
-    sparse_linear's Triton epilogue; the same dict as ``_forward_quantised``. keys None: a K pre-pass first."""
+    sparse_linear's Triton epilogue; the same dict as ``_forward_quantised``. keys None: a K pre-pass first.
+    quant "int8_fp8": P V in FP8 too, V quantised per channel by ``quantize_values_fp8`` (interleaved keys)."""
     from .sparse_mosaic import sparse_attention_mosaic_int8
 
     if keys is None:
         qz = _prequantize(q, k, cfg, _opts()._replace(q_prepass=False))
         keys = QuantisedKeys(qz.k8, qz.k_scale, qz.k_mean)
-    o_s, lse = sparse_attention_mosaic_int8(q, k, v, lut, keys, block_k=cfg.block_k, sm_scale=cfg.sm_scale, stages=4)
+    values = quantize_values_fp8(v, cfg.block_k, interleave=True) if quant == "int8_fp8" else None
+    o_s, lse = sparse_attention_mosaic_int8(
+        q, k, v, lut, keys, block_k=cfg.block_k, sm_scale=cfg.sm_scale, stages=4, values=values
+    )
     linear_inputs, h_tot, z_tot = sl._linear_inputs(q_phi, k_phi, v, lut, cfg, False)
     out = sl._linear_epilogue(q, o_s, lse, alpha, linear_inputs, cfg, fused=fused, residuals=residuals)
     out["h_tot"], out["z_tot"] = h_tot, z_tot

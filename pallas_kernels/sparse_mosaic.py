@@ -24,9 +24,22 @@ Two score operand types share the kernel (``_sparse_forward``):
     sm_scale * log2 e, one scale per LUT entry read from a (B, H, Nq, topk) table made before the kernel. P V stays
     16-bit. The LSE gets q . mean_N(K) * sm_scale * log2 e added back (softmax is shift-invariant, its LSE is
     not), so that the 16-bit backward, which recomputes P from the unsmoothed K, can use it.
-8-bit tiles in shared memory are 128 bytes wide when D % 128 == 0 (64 otherwise): tiling (8, 128) or (8, 64)
-with the matching swizzle, K-major for both operands (the only layout the 8-bit wgmma takes; K^T is a transposed
-view of the (keys, D) tile).
+  * INT8 + FP8 values (``sparse_attention_mosaic_int8(..., values=...)``, "int8_fp8", session 6): as INT8, and P V
+    by the e4m3 wgmma (f32 accumulator). V in float8_e4m3fn with one scale per (batch, head, channel), stored
+    transposed (B, H, D, Nk * block_k) (``int8_attention.quantize_values_fp8(v, block_k, interleave=True)``): a
+    (D, block_k) V^T tile has the keys, P V's contraction dim, contiguous: K-major, as the 8-bit wgmma wants (a
+    transposed view gives the (keys, D) operand). P = exp2(S - m + log2 448), i.e. P * 448 in [0, 448] (the
+    fixed FP8 scale of SageAttention2), goes to e4m3 in registers (cvt.rn.satfinite.e4m3x2.f32, two scores per
+    instruction) and is the wgmma's A operand straight from registers: the e4m3 pairs of the f32 accumulator layout
+    (thread t of a quad holds columns 2t, 2t+1 and 8+2t, 9+2t of each 16-column group) are concatenated as they are
+    into the 8-bit A fragment (which takes columns 4t..4t+3), so P's columns reach the tensor core permuted within
+    each group of 16 keys; V^T's keys are stored with the same permutation (``P8_KEY_ORDER``), so P V is exact.
+    l_i sums the float32 P * 448, not the quantised P (as do the Triton int8_fp8 kernel and the fake-quant
+    reference); the epilogue multiplies acc by v_scale[channel] and divides by l_i (the 448 cancels); the LSE
+    subtracts log2 448. ``OPTIONS["p8_operand"] = "smem"`` stages P through shared memory instead.
+8-bit tiles in shared memory are 128 bytes wide when the row is a multiple of 128 bytes (64 otherwise): tiling
+(8, 128) or (8, 64) with the matching swizzle, K-major for both operands (the only layout the 8-bit wgmma takes;
+K^T is a transposed view of the (keys, D) tile, V of the (D, keys) tile).
 
 With the linear branch (``sparse_linear_attention_mosaic``, session 5): the TMA warpgroup also loads phi(Q_i), H_i
 (bf16, D x D) and Z_i; after the loop each compute warpgroup forms den = phi(Q) . Z_i + eps (row sums in registers),
@@ -52,6 +65,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 _LOG2E = math.log2(math.e)
+_FP8 = jnp.float8_e4m3fn
 _ROWS = 64  # query rows per compute warpgroup (one wgmma M tile); a query block is 2 x 64 rows
 _BLOCK_Q = 2 * _ROWS
 # INT8 scores to float32 (read at trace time): "convert" (cvt.rn.f32.s32, a quarter-rate instruction per score)
@@ -60,9 +74,16 @@ _BLOCK_Q = 2 * _ROWS
 # "grid_order": Schedule.grid_order of calls that pass no schedule (read at trace time).
 # "outputs_in_ring": output tiles beyond the Q and phi(Q) tiles go into finished V slots of the ring after the loop
 # (ring_holds_outputs) instead of shared memory of their own, so the five-output kernel keeps a ring of 4.
-OPTIONS = {"int_to_float": "convert", "grid_order": "heads", "outputs_in_ring": True}
+# "p8_operand": how the FP8 P reaches the P V wgmma: "registers" (the A operand from registers, see the module
+# docstring) or "smem" (stored to a swizzled (64, block_k) shared-memory tile per compute warpgroup first).
+OPTIONS = {"int_to_float": "convert", "grid_order": "heads", "outputs_in_ring": True, "p8_operand": "registers"}
 _MAGIC = 1.5 * 2.0**23
 _MAGIC_BITS = 0x4B400000  # bit pattern of the float32 1.5 * 2^23
+FP8_MAX = 448.0
+_LOG2_FP8_MAX = math.log2(FP8_MAX)
+# Key order of the FP8 V^T within each group of 16 keys: position 4t + 2e + b holds key 8e + 2t + b (t < 4, e, b < 2),
+# the order in which P's columns reach the 8-bit wgmma from the f32 accumulator's registers (module docstring).
+P8_KEY_ORDER = tuple(8 * e + 2 * t + b for t in range(4) for e in range(2) for b in range(2))
 
 
 def sparse_attention_mosaic(
@@ -133,12 +154,14 @@ def sparse_linear_attention_mosaic(
 
 
 def sparse_attention_mosaic_int8(
-    q, k, v, lut, keys, *, block_k: int = 64, sm_scale: float | None = None, stages: int = 4, queries=None
+    q, k, v, lut, keys, *, block_k: int = 64, sm_scale: float | None = None, stages: int = 4, queries=None, values=None
 ):
     """INT8 sparse branch: q, k, v (B, N, H, D) bf16/f16 as sparse_attention_mosaic; keys an
     ``int8_attention.QuantisedKeys`` of k for ``block_k`` (int8 K~ (B, N, H, D), scales (B, H, Nk), mean (B, H, D));
     queries: None (Q quantised here by ``int8_attention.quantize_queries``) or its (q8 int8 (B, N, H, D),
-    q_scale f32 (B, H, Nq), shift f32 (B, H, Nq * 128)).
+    q_scale f32 (B, H, Nq), shift f32 (B, H, Nq * 128)); values: None (P V in v's dtype) or FP8 values ("int8_fp8"):
+    ``int8_attention.quantize_values_fp8(v, block_k, interleave=True)`` = (v8t float8_e4m3fn (B, H, D, Nk * block_k),
+    keys in ``P8_KEY_ORDER`` within each 16; v_scale f32 (B, H, D)); v is then not read.
     Returns (o_s (B, N, H, D) q.dtype, lse (B, H, Nq * 128) f32, base 2, of the unsmoothed scores)."""
     # int8_attention imports this module's callers: import on use
     from . import int8_attention as ia
@@ -149,7 +172,7 @@ def sparse_attention_mosaic_int8(
         queries = ia.quantize_queries(q, _BLOCK_Q, keys.mean, scale)
     q8, q_scale, shift = queries
     step_scale = lut_scales(lut, q_scale, keys.scale, scale)
-    o_s, lse = _sparse_forward(q8, keys.k8, v, lut, step_scale, block_k=block_k, stages=stages)
+    o_s, lse = _sparse_forward(q8, keys.k8, v, lut, step_scale, block_k=block_k, stages=stages, values=values)
     return o_s, lse + shift
 
 
@@ -188,7 +211,18 @@ def _tiles(plgpu, dtype, d: int):
 
 
 def _sparse_forward(
-    q_op, k_op, v, lut, scale, *, block_k: int, stages: int, linear=None, outputs=("o_s", "lse"), schedule=None
+    q_op,
+    k_op,
+    v,
+    lut,
+    scale,
+    *,
+    block_k: int,
+    stages: int,
+    linear=None,
+    outputs=("o_s", "lse"),
+    schedule=None,
+    values=None,
 ):
     """The kernel: score operands q_op, k_op (B, N, H, D) both 16-bit or both int8, values v (B, N, H, D) 16-bit.
 
@@ -196,8 +230,9 @@ def _sparse_forward(
     per-LUT-entry scales (``lut_scales``). linear: None, or a ``LinearInputs`` (16-bit only) for the linear branch
     and the SLA2 combine in the epilogue. outputs: names of _TILE_OUTPUTS ((B, N, H, D) v.dtype) and _ROW_OUTPUTS
     ((B, H, Nq * 128) f32); without ``linear`` only "o_s" and "lse". schedule: launch variant (Schedule; None: the
-    defaults). Returns the outputs in the order asked, lse of the scores as computed (the caller corrects the LSE of
-    smoothed keys)."""
+    defaults). values: None, or FP8 values (v8t, v_scale) (``sparse_attention_mosaic_int8``; int8 scores, no linear
+    branch): P V by the e4m3 wgmma, v gives only the output's shape and dtype. Returns the outputs in the order
+    asked, lse of the scores as computed (the caller corrects the LSE of smoothed keys)."""
     # GPU-only backend: imported on use
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -209,21 +244,28 @@ def _sparse_forward(
     nq, topk = lut.shape[2], lut.shape[3]
     quantised = q_op.dtype == jnp.int8
     _check_outputs(outputs, linear, quantised)
+    fp8 = values is not None
+    if fp8:
+        _check_values(values, v, block_k, quantised, linear)
+        if OPTIONS["p8_operand"] not in ("registers", "smem"):
+            raise ValueError(f"bad OPTIONS p8_operand {OPTIONS['p8_operand']!r}")
     stages = max(1, min(stages, topk))
     ragged = n % block_k != 0
     dtype = v.dtype
     f32 = jnp.float32
     acc_dtype = jnp.int32 if quantised else f32
     magic = quantised and OPTIONS["int_to_float"] == "magic" and d <= 256
+    p8_smem = fp8 and OPTIONS["p8_operand"] == "smem"
     tile_outs = [x for x in outputs if x in _TILE_OUTPUTS]
     row_outs = [x for x in outputs if x in _ROW_OUTPUTS]
-    in_names = ["q", "k", "v", "lut"] + (["scale"] if quantised else [])
+    in_names = ["q", "k", "v", "lut"] + (["scale"] if quantised else []) + (["v_scale"] if fp8 else [])
     in_names += (["q_phi", "h", "z"] if linear is not None else []) + (["alpha"] if "o" in outputs else [])
     names = in_names + list(outputs)
     # 16-bit output tiles of a compute warpgroup: its Q tile (free after the loop; 16-bit only), its phi(Q) tile
     # (free once loaded into registers), then one V slot of the ring (ring_holds_outputs), then tiles of their own
     reused = (0 if quantised else 1) + (1 if linear is not None else 0)
-    in_ring = ring_holds_outputs(block_k, stages) and len(tile_outs) > reused
+    # (FP8 V slots are (D, block_k) 8-bit: too small for a (64, D) 16-bit tile)
+    in_ring = ring_holds_outputs(block_k, stages) and len(tile_outs) > reused and not fp8
     extra_tiles = max(0, len(tile_outs) - reused - in_ring)
 
     def body(refs, smem, bars):
@@ -320,18 +362,25 @@ def _sparse_forward(
                 else:
                     m_new = jnp.maximum(m_i, s.max(axis=1) * s_scale)
                     bias = m_new
+                if fp8:  # P * 448 (the e4m3 range) for free: l_i and acc carry the factor, the epilogue drops it
+                    bias = bias - _LOG2_FP8_MAX
                 correction = jnp.exp2(m_i - m_new)
                 p = jnp.exp2(s * s_scale - lax.broadcast_in_dim(bias, s.shape, [0]))
                 acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
                 l_i = l_i * correction + p.sum(axis=1)
-                p16 = p.astype(dtype)
-                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                p_op = _p8_operand(plgpu, p) if fp8 else p.astype(dtype)
+                acc, l_i, m_new, p_op = lax.optimization_barrier((acc, l_i, m_new, p_op))
+                if p8_smem:  # no wgmma reads the tile now: the previous step's P V was waited for
+                    smem["p8"].at[wg][...] = p_op
+                    plgpu.commit_smem()
+                    p_op = smem["p8"].at[wg]
                 plgpu.barrier_arrive(turn)  # softmax done: the other warpgroup may use the tensor cores
                 plgpu.barrier_wait(v_ready.at[slot])
                 plgpu.barrier_wait(turn)
 
                 def values(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    v_op = plgpu.transpose_ref(v_smem.at[slot], (1, 0)) if fp8 else v_smem.at[slot]
+                    plgpu.wgmma(acc_ref, p_op, v_op)
                     nxt = t + 1
 
                     @pl.when(nxt < topk)
@@ -348,8 +397,14 @@ def _sparse_forward(
                 acc, m_i, l_i = lax.fori_loop(topk - 1, topk, last, (acc, m_i, l_i))
                 pl.when(wg == 0)(take_turn)
             with jax.named_scope("c_epilogue"):
+                lse = m_i + jnp.log2(l_i)
+                if fp8:  # acc = sum of (P * 448) V8, l_i = sum of P * 448
+                    plgpu.barrier_wait(bars["vs_ready"])
+                    v_scale = plgpu.load(smem["v_scale"], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                    acc = acc * lax.broadcast_in_dim(v_scale, acc.shape, [1])
+                    lse = lse - _LOG2_FP8_MAX
                 o_s = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
-                vals = {"o_s": o_s, "lse": m_i + jnp.log2(l_i)}
+                vals = {"o_s": o_s, "lse": lse}
                 if linear is not None:
                     vals.update(linear_branch(o_s, alpha))
             store_outputs(vals, row0)
@@ -363,12 +418,15 @@ def _sparse_forward(
                 key_block = r["lut"][bi, hi, qi, t] if key_block is None else key_block
                 rows = pl.ds(key_block * block_k, block_k)
                 plgpu.copy_gmem_to_smem(r["k"].at[bi, rows, hi], k_smem.at[slot], k_ready.at[slot])
-                plgpu.copy_gmem_to_smem(r["v"].at[bi, rows, hi], v_smem.at[slot], v_ready.at[slot])
+                v_tile = r["v"].at[bi, hi, :, rows] if fp8 else r["v"].at[bi, rows, hi]  # FP8: V^T (D, block_k)
+                plgpu.copy_gmem_to_smem(v_tile, v_smem.at[slot], v_ready.at[slot])
 
             with jax.named_scope("m_prime"):
                 early = [r["lut"][bi, hi, qi, t] for t in range(stages)] if schedule.lut_early else [None] * stages
                 for t in range(stages):
                     fetch(t, t, early[t])
+            if fp8:  # needed only in the epilogue
+                plgpu.copy_gmem_to_smem(r["v_scale"].at[bi, hi], smem["v_scale"], bars["vs_ready"])
             if linear is not None:  # after the ring's first fill: needed only in the epilogue
                 lin_ready = bars["lin_ready"]
                 for half in range(2):
@@ -391,8 +449,14 @@ def _sparse_forward(
         smem = [
             ("q", plgpu.SMEM((2, _ROWS, d), q_op.dtype, transforms=qk_tiles)),
             ("k", plgpu.SMEM((stages, block_k, d), q_op.dtype, transforms=qk_tiles)),
-            ("v", plgpu.SMEM((stages, block_k, d), dtype, transforms=v_tiles)),
         ]
+        if fp8:  # V^T tiles (D, block_k), keys contiguous; P tiles (64, block_k) for the "smem" operand
+            p8_tiles = _tiles(plgpu, _FP8, block_k)
+            smem.append(("v", plgpu.SMEM((stages, d, block_k), _FP8, transforms=p8_tiles)))
+            if p8_smem:
+                smem.append(("p8", plgpu.SMEM((2, _ROWS, block_k), _FP8, transforms=p8_tiles)))
+        else:
+            smem.append(("v", plgpu.SMEM((stages, block_k, d), dtype, transforms=v_tiles)))
         if extra_tiles:
             smem.append(("out", plgpu.SMEM((extra_tiles, 2, _ROWS, d), dtype, transforms=v_tiles)))
         bars = {
@@ -410,6 +474,9 @@ def _sparse_forward(
             bars["lin_ready"] = plgpu.Barrier(num_barriers=4)  # phi(Q) halves 0 and 1, H_i, Z_i
         if row_outs:
             smem.append(("rows", plgpu.SMEM((len(row_outs), 2, _ROWS), f32)))
+        if fp8:
+            smem.append(("v_scale", plgpu.SMEM((d,), f32)))
+            bars["vs_ready"] = plgpu.Barrier()
         smem_names = [x[0] for x in smem]
         pl.run_scoped(
             lambda s, bs: body(refs, dict(zip(smem_names, s)), bs),
@@ -426,7 +493,7 @@ def _sparse_forward(
         **{x: jax.ShapeDtypeStruct(v.shape, dtype) for x in _TILE_OUTPUTS},
         **{x: jax.ShapeDtypeStruct((b, h, nq * _BLOCK_Q), f32) for x in _ROW_OUTPUTS},
     }
-    inputs = [q_op, k_op, v, lut] + ([scale] if quantised else [])
+    inputs = [q_op, k_op, values[0] if fp8 else v, lut] + ([scale] if quantised else []) + ([values[1]] if fp8 else [])
     if linear is not None:
         inputs += [linear.q_phi, linear.h, linear.z] + ([linear.alpha] if "o" in outputs else [])
     if schedule.grid_order not in ("heads", "qblocks") or schedule.store_wait not in ("full", "read"):
@@ -446,6 +513,44 @@ def _sparse_forward(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True, **profile),
     )(*inputs)
+
+
+def _p8_operand(plgpu, p):
+    """P * 448 (float32 (64, block_k), scores' accumulator layout) -> float8_e4m3fn in the 8-bit wgmma A layout, no
+    data movement: the e4m3 pairs of columns (2t, 2t+1) and (8 + 2t, 9 + 2t) of each 16-column group that thread t
+    of a quad holds become its 4 bytes of columns 4t..4t+3; logical column 4t + 2e + b of the result is column
+    8e + 2t + b of P (``P8_KEY_ORDER``), which the V^T tiles' key order matches."""
+    import numpy as np
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA,),
+        return_type=plgpu.ShapeDtypeStruct(p.shape, _FP8, layout=plgpu.Layout.WGMMA_8BIT),
+    )
+    def relabel(_ctx, p32):
+        p8 = p32.astype(mgpu_utils.dtype_to_ir_type(_FP8))  # cvt.rn.satfinite.e4m3x2.f32: vector<2 x e4m3> registers
+        shape = fa.WGMMA_LAYOUT_8BIT.registers_shape(p8.shape)
+        regs = np.empty(shape, dtype=object)
+        for idx in np.ndindex(*shape):  # axis 1: 16-column groups (8BIT) <- pairs of 8-column groups (WGMMA)
+            regs[idx] = mgpu_utils.vector_concat([p8.registers[(idx[0], 2 * idx[1] + j, *idx[2:])] for j in (0, 1)])
+        return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT_8BIT, _is_signed=None)
+
+    return relabel(plgpu.layout_cast(p, plgpu.Layout.WGMMA))
+
+
+def _check_values(values, v, block_k: int, quantised: bool, linear):
+    """ValueError unless values = (v8t float8_e4m3fn (B, H, D, Nk * block_k), v_scale float32 (B, H, D)) for v
+    (B, N, H, D), with int8 scores, no in-kernel linear branch and block_k a multiple of 16."""
+    b, n, h, d = v.shape
+    nk = -(-n // block_k)
+    if not quantised or linear is not None or block_k % 16:
+        raise ValueError("FP8 values need int8 scores, no in-kernel linear branch and block_k a multiple of 16")
+    v8t, v_scale = values
+    if v8t.shape != (b, h, d, nk * block_k) or v8t.dtype != _FP8:
+        raise ValueError(f"values v8t must be float8_e4m3fn {(b, h, d, nk * block_k)}, got {v8t.dtype} {v8t.shape}")
+    if v_scale.shape != (b, h, d) or v_scale.dtype != jnp.float32:
+        raise ValueError(f"values v_scale must be float32 {(b, h, d)}, got {v_scale.dtype} {v_scale.shape}")
 
 
 def _check_outputs(outputs, linear, quantised: bool):
