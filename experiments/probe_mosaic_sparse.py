@@ -20,6 +20,7 @@ Parts (each runs on its own: an error is recorded and the next part goes on; JSO
   module_fb    sla2_jax module forward and forward+backward, Triton vs Mosaic epilogue, cuDNN, one process.
   trace        Mosaic's on-device profiler regions via experiments.profile_mosaic (recorded nothing in session 5).
   ring         (session 6) output tiles in finished V slots vs their own: outputs equal bit for bit, CUPTI times.
+  block_k      (session 6) the same work in 64-key vs 128-key LUT steps (bf16, INT8): the per-step overhead.
   --trim-sass CSV: prints the top stall lines of an `ncu --page source --csv --print-source sass` export.
 """
 
@@ -355,6 +356,71 @@ def ring_outputs(sparsity, iterations=20):
     RESULTS.setdefault("ring", []).append(row)
 
 
+def key_block_size(iterations=20):
+    """Session 6: how much of a LUT step is per-step overhead: the same sparse attention work (wan-1.3b shape,
+    random ascending LUTs at 95% / 97%) in 64-key steps (block_k 64, topk 25 / 15) vs 128-key steps (block_k 128,
+    topk 13 / 8, i.e. 64 x 128 score tiles per warpgroup as FlashAttention-3 uses), bf16 and INT8 (pre-quantised
+    operands), CUPTI kernel-only times and effective TFLOP/s (4 * rows * keys * D per selected block). Each variant is
+    first checked against the dense float32 reference on a small ragged case (fresh seed)."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    from pallas_kernels import int8_attention as ia
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    row = {"seed": seed}
+    rng = np.random.default_rng(seed)
+    n, h, d = 32760, 12, 128
+    nq = -(-n // 128)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, n, h, d)), jnp.bfloat16) for _ in range(3))
+    for block_k in (64, 128):  # correctness first (small ragged case)
+        try:
+            ns, hs = 2000, 2
+            qs, ks, vs = (jnp.asarray(rng.standard_normal((1, ns, hs, d)), jnp.bfloat16) for _ in range(3))
+            lut = uniform_lut(rng, 1, hs, -(-ns // 128), -(-ns // block_k), 3)
+            o, lse = jax.jit(lambda *a, bk=block_k: sparse_attention_mosaic(*a, block_k=bk, stages=2))(qs, ks, vs, lut)
+            o_ref, lse_ref = dense_reference(qs, ks, vs, lut, 128, block_k)
+            row[f"small_bk{block_k}"] = dict(
+                rel_o=rel(o, o_ref), max_abs_lse=float(jnp.max(jnp.abs(lse[:, :, :ns] - lse_ref)))
+            )
+        except Exception as e:  # noqa: BLE001
+            record_error(row, f"small_bk{block_k}_error", e)
+    for sparsity in (0.95, 0.97):
+        for block_k in (64, 128):
+            nk = -(-n // block_k)
+            topk = max(1, round((1 - sparsity) * nk))
+            lut = uniform_lut(rng, 1, h, nq, nk, topk)
+            flop = 4 * h * nq * 128 * topk * block_k * d
+            keys = jax.jit(lambda k, bk=block_k: ia.quantize_keys_with_mean(k, bk))(k)
+            queries = jax.jit(lambda q, m: ia.quantize_queries(q, 128, m, _SCALE))(q, keys.mean)
+            cases = {}
+            for stages in (2, 4) if block_k == 64 else (2, 3):
+                cases[f"bf16_s{stages}"] = (
+                    lambda q, k, v, lut, st=stages, bk=block_k: sparse_attention_mosaic(
+                        q, k, v, lut, block_k=bk, stages=st
+                    ),
+                    (q, k, v, lut),
+                )
+                cases[f"int8_s{stages}"] = (
+                    lambda q, k, v, lut, st=stages, bk=block_k: sm.sparse_attention_mosaic_int8(
+                        q, k, v, lut, keys, block_k=bk, stages=st, queries=queries
+                    ),
+                    (q, k, v, lut),
+                )
+            for name, (fn, args) in cases.items():
+                key = f"s{sparsity}_bk{block_k}_topk{topk}_{name}"
+                try:
+                    _, per_iter = profiler.measure(jax.jit(fn), aggregate=False, iterations=iterations)(*args)
+                    ms = statistics.median(sum(t for _, t in it) for it in per_iter)
+                    row[key] = {"cupti_ms": ms, "eff_tflops": flop / (ms * 1e-3) / 1e12}
+                except Exception as e:  # noqa: BLE001
+                    record_error(row, f"{key}_error", e)
+    print("block_k", json.dumps(row), flush=True)
+    RESULTS["block_k"] = row
+
+
+_SCALE = math.log2(math.e) / math.sqrt(128)  # sm_scale * log2(e) at D = 128
+
+
 def module_fwd_bwd(sparsity, runs):
     """sla2_jax module forward and forward+backward with OPTIONS fwd_epilogue "triton" vs "mosaic" (everything else
     at the defaults), gradients of the two vs each other, cuDNN forward and forward+backward in the same process."""
@@ -602,6 +668,7 @@ def main():
         "cupti": cupti,
         "module_fb": lambda: [(module_fwd_bwd(s, args.runs), save(args.out)) for s in args.sparsity],
         "ring": lambda: [(ring_outputs(s), save(args.out)) for s in args.sparsity],
+        "block_k": key_block_size,
     }
     try:
         for part in args.parts:
