@@ -172,7 +172,13 @@ def summarise(kernels: list[tuple[str, float, float]], wall_ms: float, label: st
 
 
 def profile_call(
-    what: str, sparsity: float, shape: tuple[int, int, int, int], iters: int, out_dir: str | None, hlo: bool = False
+    what: str,
+    sparsity: float,
+    shape: tuple[int, int, int, int],
+    iters: int,
+    out_dir: str | None,
+    hlo: bool = False,
+    quant: str = "none",
 ):
     """Compiles and warms the module call, measures its median wall time, then traces one call and writes the
     per-stage summary (what: "fwd" = sla2_attention, "fwd+bwd" = grad of sum(o * do) w.r.t. q, k, v)."""
@@ -188,7 +194,7 @@ def profile_call(
     batch, heads, seq_len, dim = shape
     q, k, v = random_qkv(0, batch, seq_len, heads, dim)
     do = random_qkv(1, batch, seq_len, heads, dim)[0]
-    cfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", alpha="mass")
+    cfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", alpha="mass", quant=quant)
     module = lambda q, k, v: sla.sla2_attention(q, k, v, config=cfg)  # noqa: E731
     fn, args = (jax.jit(module), (q, k, v)) if what == "fwd" else (fwd_bwd(module), (q, k, v, do))
     wall_ms = 1e3 * time_fn(fn, *args, iters=iters)
@@ -201,7 +207,7 @@ def profile_call(
         timeline = host_timeline(trace_dir)
     # one call's kernels: the last of the three (its first kernel's idle time is the gap between calls)
     kernels = [(name, us, idle if i else 0.0) for i, (name, us, idle) in enumerate(kernels[-len(kernels) // 3 :])]
-    label = f"module {what}, sparsity {sparsity}, (B, H, N, D) = {shape}, {jax.devices()[0].device_kind}, jax {jax.__version__}"
+    label = f"module {what}, quant {quant}, sparsity {sparsity}, (B, H, N, D) = {shape}, {jax.devices()[0].device_kind}, jax {jax.__version__}"
     text, record = summarise(kernels, wall_ms, label)
     text += "\n\n" + host_text(timeline)
     record["trace_lines"] = line_names
@@ -246,6 +252,7 @@ def main(argv=None):
     p.add_argument("--shape", type=int, nargs=4, default=[1, 12, 32760, 128], metavar=("B", "H", "N", "D"))
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="folder for the JSON and markdown summaries")
+    p.add_argument("--quant", choices=["none", "int8", "int8_fp8"], default="none", help="SLA2Config.quant")
     p.add_argument("--hlo", action="store_true", help="also write the compiled HLO text of each call under --out")
     p.add_argument(
         "--set",
@@ -260,7 +267,7 @@ def main(argv=None):
         set_option(assignment)
     for sparsity in args.sparsity:
         for what in args.what:
-            profile_call(what, sparsity, tuple(args.shape), args.iters, args.out, args.hlo)
+            profile_call(what, sparsity, tuple(args.shape), args.iters, args.out, args.hlo, args.quant)
 
 
 if __name__ == "__main__":

@@ -535,17 +535,21 @@ def _lowbit_fwd_kernel(*refs, names, cfg: sl._Cfg, fused: bool, fp8: bool, lin_i
     sl._store_forward_outputs(r, i, o_s, carry[3:] if lin_in_loop else None, cfg, fused)
 
 
-def _forward(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: sl._Cfg, quant: str, *, fused: bool, residuals: bool):
+def _forward(
+    q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: sl._Cfg, quant: str, *, fused: bool, residuals: bool, queries=None
+):
     """Low-bit forward; returns the same dict as ``sparse_linear._forward`` (o / o_s, o_l, lse, den, totals).
 
     keys: ``QuantisedKeys`` made before (then Q is quantised inside the forward kernel and there is no pre-pass)
-    or None (the pre-pass selected by OPTIONS).
+    or None (the pre-pass selected by OPTIONS). queries: None or Q quantised before (``prep.QuantisedQueries``,
+    with keys): the kernels read its int8 Q and scales instead of quantising Q.
     """
     if _use_mosaic(q, cfg, quant):
         return _forward_mosaic(
-            q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, fused=fused, residuals=residuals, quant=quant
+            q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, fused=fused, residuals=residuals, queries=queries, quant=quant
         )
-    quantised = _prequantize(q, k, cfg) if keys is None else _Quantised(None, None, *keys)
+    q_given = (None, None) if queries is None else tuple(queries)[:2]
+    quantised = _prequantize(q, k, cfg) if keys is None else _Quantised(*q_given, *keys)
     return _forward_quantised(
         q, k, v, q_phi, k_phi, lut, alpha, quantised, cfg, quant, fused=fused, residuals=residuals
     )
@@ -564,7 +568,7 @@ def _use_mosaic(q, cfg: sl._Cfg, quant: str) -> bool:
 
 
 def _forward_mosaic(
-    q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: sl._Cfg, *, fused: bool, residuals: bool, quant="int8"
+    q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: sl._Cfg, *, fused: bool, residuals: bool, queries=None, quant="int8"
 ):
     """INT8 sparse branch by the Mosaic GPU kernel (o_s, LSE), then the linear branch and the combine in
     sparse_linear's Triton epilogue; the same dict as ``_forward_quantised``. keys None: a K pre-pass first.
@@ -576,7 +580,7 @@ def _forward_mosaic(
         keys = QuantisedKeys(qz.k8, qz.k_scale, qz.k_mean)
     values = quantize_values_fp8(v, cfg.block_k, interleave=True) if quant == "int8_fp8" else None
     o_s, lse = sparse_attention_mosaic_int8(
-        q, k, v, lut, keys, block_k=cfg.block_k, sm_scale=cfg.sm_scale, stages=4, values=values
+        q, k, v, lut, keys, block_k=cfg.block_k, sm_scale=cfg.sm_scale, stages=4, queries=queries, values=values
     )
     linear_inputs, h_tot, z_tot = sl._linear_inputs(q_phi, k_phi, v, lut, cfg, False)
     out = sl._linear_epilogue(q, o_s, lse, alpha, linear_inputs, cfg, fused=fused, residuals=residuals)
@@ -631,39 +635,40 @@ def _forward_quantised(
 # ----------------------------------------------------------------------------------------------------------
 # custom_vjp wiring: low-bit forward, bf16 backward of sparse_linear (straight-through)
 # ----------------------------------------------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _branches(q, k, v, q_phi, k_phi, lut, keys, cfg, quant):
-    out = _forward(q, k, v, q_phi, k_phi, lut, None, keys, cfg, quant, fused=False, residuals=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _branches(q, k, v, q_phi, k_phi, lut, keys, queries, cfg, quant):
+    out = _forward(q, k, v, q_phi, k_phi, lut, None, keys, cfg, quant, fused=False, residuals=False, queries=queries)
     return out["o_s"], out.get("o_l", jnp.zeros_like(q))
 
 
-def _branches_fwd(q, k, v, q_phi, k_phi, lut, keys, cfg, quant):
-    out = _forward(q, k, v, q_phi, k_phi, lut, None, keys, cfg, quant, fused=False, residuals=True)
+def _branches_fwd(q, k, v, q_phi, k_phi, lut, keys, queries, cfg, quant):
+    out = _forward(q, k, v, q_phi, k_phi, lut, None, keys, cfg, quant, fused=False, residuals=True, queries=queries)
     res = sl._residuals(q, k, v, q_phi, k_phi, lut, None, out)
     return (out["o_s"], out.get("o_l", jnp.zeros_like(q))), res
 
 
 def _branches_bwd(cfg, quant, res, cts):
     del quant
-    return (*sl._branches_bwd(cfg, res, cts), None)  # no gradient to the quantised keys (straight-through)
+    return (*sl._branches_bwd(cfg, res, cts), None, None)  # no gradient to the quantised keys / queries
 
 
 _branches.defvjp(_branches_fwd, _branches_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def _fused(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, quant):
-    return _forward(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, quant, fused=True, residuals=False)["o"]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def _fused(q, k, v, q_phi, k_phi, lut, alpha, keys, queries, cfg, quant):
+    out = _forward(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, quant, fused=True, residuals=False, queries=queries)
+    return out["o"]
 
 
-def _fused_fwd(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, quant):
-    out = _forward(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, quant, fused=True, residuals=True)
+def _fused_fwd(q, k, v, q_phi, k_phi, lut, alpha, keys, queries, cfg, quant):
+    out = _forward(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, quant, fused=True, residuals=True, queries=queries)
     return out["o"], sl._residuals(q, k, v, q_phi, k_phi, lut, alpha, out)
 
 
 def _fused_bwd(cfg, quant, res, do):
     del quant
-    return (*sl._fused_bwd(cfg, res, do), None)  # no gradient to the quantised keys (straight-through)
+    return (*sl._fused_bwd(cfg, res, do), None, None)  # no gradient to the quantised keys / queries
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -692,6 +697,23 @@ def _check_keys(keys, k, cfg: sl._Cfg):
     return QuantisedKeys(*(lax.stop_gradient(x) for x in keys))
 
 
+def _check_queries(queries, keys, q, cfg: sl._Cfg):
+    """queries: None or (q8, scale, shift) (``prep.QuantisedQueries``) matching q and block_q, given with keys
+    (the shift holds keys.mean); returned as a tuple with stopped gradients."""
+    if queries is None:
+        return None
+    if keys is None:
+        raise ValueError("queries need keys (the shift q . mean_N(K) belongs to the quantised keys)")
+    b, n, h, d = q.shape
+    expect = (((b, n, h, d), jnp.int8), ((b, h, cfg.nq), _F32), ((b, h, cfg.nq * cfg.block_q), _F32))
+    if len(queries) != 3:
+        raise ValueError(f"queries must be (q8, scale, shift), got {len(queries)} arrays")
+    for name, x, (shape, dtype) in zip(("q8", "scale", "shift"), queries, expect):
+        if tuple(x.shape) != shape or x.dtype != dtype:
+            raise ValueError(f"queries.{name} must be {jnp.dtype(dtype).name} {shape}, got {x.dtype} {tuple(x.shape)}")
+    return tuple(lax.stop_gradient(x) for x in queries)
+
+
 def sparse_linear_attention_lowbit(
     q,
     k,
@@ -708,6 +730,7 @@ def sparse_linear_attention_lowbit(
     eps=1e-6,
     interpret=None,
     keys=None,
+    queries=None,
 ):
     """Sparse (LUT) and linear branches with a low-bit sparse-branch forward: (o_s, o_l).
 
@@ -715,13 +738,17 @@ def sparse_linear_attention_lowbit(
       quant: "int8" (Q and smoothed K in INT8 per block, P V in q.dtype) or "int8_fp8" (also P and V in FP8 e4m3).
       keys: optional ``QuantisedKeys`` of k (made where k is read anyway, e.g. ``prep.block_means_phi_int8``):
         the kernel then runs without a pre-pass and quantises Q itself. None: a pre-pass quantises K~ (and Q).
+      queries: optional int8 Q with scales and LSE shift, given with keys (``prep.QuantisedQueries``, from the read
+        of Q that gives phi(Q): ``prep.block_means_phi_int8_queries`` with block_q and sm_scale * log2 e): then
+        nothing quantises Q here.
     q, k, v are the original (unquantised) tensors; K is smoothed inside. The forward of the sparse branch is
     low bit; gradients (w.r.t. q, k, v, q_phi, k_phi) are the full-precision ones (straight-through).
     """
     _check_quant(quant, q.dtype)
     cfg = sl._validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret)
     keys = _check_keys(keys, k, cfg)
-    return _branches(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, keys, cfg, quant)
+    queries = _check_queries(queries, keys, q, cfg)
+    return _branches(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, keys, queries, cfg, quant)
 
 
 def sla2_fused_attention_lowbit(
@@ -741,10 +768,11 @@ def sla2_fused_attention_lowbit(
     eps=1e-6,
     interpret=None,
     keys=None,
+    queries=None,
 ):
     """SLA2 output o = alpha * o_s + (1 - alpha) * o_l in one kernel, o_s from the low-bit sparse branch.
 
-    Same arguments as ``sparse_linear.sla2_fused_attention`` plus ``quant`` and ``keys`` (see
+    Same arguments as ``sparse_linear.sla2_fused_attention`` plus ``quant``, ``keys`` and ``queries`` (see
     ``sparse_linear_attention_lowbit``). Differentiable w.r.t. q, k, v, q_phi, k_phi and alpha (straight-through:
     the bf16 backward kernels with the low-bit forward's LSE and O_s).
     """
@@ -752,7 +780,8 @@ def sla2_fused_attention_lowbit(
     cfg = sl._validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret)
     alpha = sl._checked_alpha(alpha, q, cfg)
     keys = _check_keys(keys, k, cfg)
-    return _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha, keys, cfg, quant)
+    queries = _check_queries(queries, keys, q, cfg)
+    return _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha, keys, queries, cfg, quant)
 
 
 __all__ = [

@@ -11,6 +11,10 @@
   plus the int8 smoothed keys of the low-bit forward (``int8_attention.QuantisedKeys``: K~ = K - mean_N(K) per
   block, the mean by one XLA reduction before the kernel). Bytes: one read of K (twice with the mean), one write
   of phi(K), one int8 write.
+* ``block_means_phi_int8_queries(q, block, feature_map, k_mean, shift_scale)``: Q's counterpart (same kernel):
+  phi(Q), the block means, int8 Q with one scale per query block and each row's LSE shift
+  (q . mean_N(K)) * shift_scale (``QuantisedQueries``), so the INT8 forward needs no Q pass of its own.
+  Bytes: one read of Q, one write of phi(Q), one int8 write, 4 bytes per row of shift.
 * ``select_blocks(scores, topk, seq_len, block_k)``: per row of router logits S (B, H, Nq, Nk) float32, the
   ascending LUT of the top-k key blocks (the set of ``lax.top_k``, ties to the lower index) and the captured mass
   sum_{j selected} softmax_j(S + log n_j). Grid (ceil(Nq / rows), H, B); each program holds ``rows`` full rows:
@@ -24,6 +28,7 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +40,7 @@ from .int8_attention import SCALE_LANES, QuantisedKeys, quantize_rows, store_qua
 _F32 = jnp.float32
 _INT_MIN = -(2**31)
 _PREP_WARPS = 4
+_PREP_Q_INT8_WARPS = 8  # one 128 x D tile per program; H100 wan-1.3b: 0.132 ms vs 0.160 with 4 (perf_notes_int8 run 10)
 _PREP_ROWS = 32  # rows per loop step; on H100 16..128 rows, 2..8 warps all ran at the byte floor (perf_notes_router)
 _SELECT_WARPS = 4
 _SELECT_ROW_ELEMENTS = 1024  # rows per select program: this / padded row length (a power of two in [1, 16])
@@ -213,11 +219,28 @@ def block_means_and_phi(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Block means and phi of K plus the smoothed int8 keys of the low-bit forward
+# Block means and phi plus int8 blocks: K~ (smoothed keys) or Q (with the LSE shift) of the low-bit forward
 # ----------------------------------------------------------------------------------------------------------
-def _prep_int8_kernel(x_ref, mean_ref, *out_refs, n: int, block: int, kind: str | None, interpret: bool):
+class QuantisedQueries(NamedTuple):
+    """Q in int8 as the INT8 forward reads it (``sparse_mosaic.sparse_attention_mosaic_int8(queries=...)``).
+
+    q8: int8 (B, N, H, D); scale: float32 (B, H, Nq), one per query block; shift: float32 (B, H, Nq * block),
+    (q . mean_N(K)) * shift_scale per row, 0 past N (the LSE correction of smoothed keys). Values of
+    ``int8_attention.quantize_queries``; made by ``block_means_phi_int8_queries`` from the front end's read of Q."""
+
+    q8: jax.Array
+    scale: jax.Array
+    shift: jax.Array
+
+
+def _prep_int8_kernel(
+    x_ref, mean_ref, *out_refs, n: int, block: int, kind: str | None, smooth: bool, shift_scale, interpret: bool
+):
     """Program (j, h, b): rows [j*block, (j+1)*block) of X (N, D) in one tile -> phi of those rows, their mean,
-    and (X - mean_N(X)) in int8 with the block's scale (the amax needs the whole block: no row loop)."""
+    and the tile in int8 with the block's scale (the amax needs the whole block: no row loop): X - mean (the input
+    mean, mean_N(K)) when smooth, X itself otherwise, plus each row's shift (x . mean) * shift_scale when
+    shift_scale is not None. (Two loops of row steps, phi / means / amax then the int8 rows re-read from L2, ran
+    no faster on H100: docs/perf_notes_int8.md, run 10.)"""
     from sla2_jax.feature_maps import feature_map_f32
 
     start = pl.program_id(0) * block
@@ -226,17 +249,21 @@ def _prep_int8_kernel(x_ref, mean_ref, *out_refs, n: int, block: int, kind: str 
     mask = jnp.broadcast_to(valid[:, None], (block, d))
     x = plgpu.load(x_ref.at[pl.ds(start, block), :], mask=mask, other=0.0)
     x32 = x.astype(_F32)
+    refs = list(out_refs)
     if kind is not None:
-        phi_ref = out_refs[0]
+        phi_ref = refs.pop(0)
         plgpu.store(phi_ref.at[pl.ds(start, block), :], feature_map_f32(x32, kind).astype(phi_ref.dtype), mask=mask)
-    means_ref, x8_ref, scale_ref = out_refs[-3:]
+    means_ref, x8_ref, scale_ref = refs[:3]
     means_ref[...] = jnp.sum(x32, axis=0) / jnp.minimum(n - start, block).astype(_F32)
-    x8, scale = quantize_rows(x, mean_ref[...], valid, interpret)
+    mean = mean_ref[...]
+    x8, scale = quantize_rows(x, mean if smooth else None, valid, interpret)
     store_quantised_rows(x8_ref, scale_ref, x8, scale, start, valid)
+    if shift_scale is not None:  # rows past N were loaded as 0: their shift is 0
+        refs[3][...] = jnp.sum(x32 * mean[None, :], axis=1) * shift_scale
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _prep_int8_call(x, mean, block: int, kind: str | None, interpret: bool, num_warps: int):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
+def _prep_int8_call(x, mean, block: int, kind: str | None, interpret: bool, num_warps: int, smooth: bool, shift_scale):
     b, n, h, d = x.shape
     nb = -(-n // block)
     seq = pl.BlockSpec((None, n, None, d), lambda i, hh, bb: (bb, 0, hh, 0))
@@ -249,36 +276,55 @@ def _prep_int8_call(x, mean, block: int, kind: str | None, interpret: bool, num_
     ]
     if kind is not None:
         out_specs, out_shape = [seq, *out_specs], [jax.ShapeDtypeStruct(x.shape, x.dtype), *out_shape]
+    if shift_scale is not None:
+        out_specs, out_shape = (
+            [*out_specs, per_block(block)],
+            [*out_shape, jax.ShapeDtypeStruct((b, h, nb, block), _F32)],
+        )
+    kernel = functools.partial(
+        _prep_int8_kernel,
+        n=n,
+        block=block,
+        kind=kind,
+        smooth=smooth,
+        shift_scale=shift_scale,
+        interpret=interpret,
+    )
     outs = pl.pallas_call(
-        functools.partial(_prep_int8_kernel, n=n, block=block, kind=kind, interpret=interpret),
+        kernel,
         grid=(nb, h, b),
         in_specs=[seq, pl.BlockSpec((None, None, d), lambda i, hh, bb: (bb, hh, 0))],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
-        name="sla_prep_int8",
+        name="sla_prep_int8" if smooth else "sla_prep_int8_q",
     )(x, mean)
-    return [*outs[:-1], outs[-1][..., 0]]
+    outs = list(outs)
+    shift = [outs.pop().reshape(b, h, nb * block)] if shift_scale is not None else []
+    return [*outs[:-1], outs[-1][..., 0], *shift]
 
 
-def _prep_int8_outputs(x, mean, block, kind, interpret, num_warps, pass_through):
-    return _with_input(_prep_int8_call(x, mean, block, kind, interpret, num_warps), x, pass_through)
+def _prep_int8_outputs(x, mean, block, kind, interpret, num_warps, pass_through, smooth, shift_scale):
+    outs = _prep_int8_call(x, mean, block, kind, interpret, num_warps, smooth, shift_scale)
+    return _with_input(outs, x, pass_through)
 
 
-_prep_int8 = functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))(_prep_int8_outputs)
+_prep_int8 = functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))(_prep_int8_outputs)
 
 
-def _prep_int8_fwd(x, mean, block, kind, interpret, num_warps, pass_through):
-    return _prep_int8_outputs(x, mean, block, kind, interpret, num_warps, pass_through), (x, mean)
+def _prep_int8_fwd(x, mean, block, kind, interpret, num_warps, pass_through, smooth, shift_scale):
+    outs = _prep_int8_outputs(x, mean, block, kind, interpret, num_warps, pass_through, smooth, shift_scale)
+    return outs, (x, mean)
 
 
-def _prep_int8_bwd(block, kind, interpret, num_warps, pass_through, res, cts):
+def _prep_int8_bwd(block, kind, interpret, num_warps, pass_through, smooth, shift_scale, res, cts):
     x, mean = res
     cts = list(cts)
-    d_x = cts.pop() if pass_through else None  # cts: [phi], means, int8 keys, scales, [X]; the keys have no gradient
+    d_x = cts.pop() if pass_through else None  # cts: [phi], means, int8 x, scales, [shift], [X]
     d_phi = cts[0] if kind is not None else None
-    dx = _prep_bwd_call(x, d_phi, cts[-3], d_x, block, kind, interpret, num_warps, _PREP_ROWS)
+    d_means = cts[1 if kind is not None else 0]  # the int8 blocks, their scales and the shift have no gradient
+    dx = _prep_bwd_call(x, d_phi, d_means, d_x, block, kind, interpret, _PREP_WARPS, _PREP_ROWS)  # as _prep's
     return dx, jnp.zeros_like(mean)
 
 
@@ -305,11 +351,52 @@ def block_means_phi_int8(
     """
     _check_prep_args(k, block, feature_map, 1)
     mean = lax.stop_gradient(jnp.mean(k.astype(_F32), axis=1))
-    outs = _prep_int8(k, mean, block, feature_map, _interpret(interpret), num_warps, pass_through)
+    outs = _prep_int8(k, mean, block, feature_map, _interpret(interpret), num_warps, pass_through, True, None)
     k_out = (outs.pop(),) if pass_through else ()
     phi = outs[0] if feature_map is not None else None
     means, k8, scale = outs[-3:]
     return (phi, means, QuantisedKeys(k8, scale, mean), *k_out)
+
+
+def block_means_phi_int8_queries(
+    q,
+    block: int,
+    feature_map: str | None,
+    k_mean,
+    shift_scale: float,
+    *,
+    interpret=None,
+    num_warps=_PREP_Q_INT8_WARPS,
+    pass_through=False,
+):
+    """phi(Q), the per-block means of Q and the int8 queries of the low-bit forward, from one read of Q.
+
+    Q's counterpart of ``block_means_phi_int8``: the kernel also quantises each ``block``-row tile of Q to int8
+    with one scale (the query block of the INT8 forward: pass block_q) and writes each row's LSE shift
+    (q . k_mean) * shift_scale, which the INT8 forward adds to the LSE of the smoothed scores. k_mean is
+    mean_N(K) (``QuantisedKeys.mean`` of the K front end: one XLA reduction of K, so this kernel does not wait for
+    the K kernel); shift_scale is the forward's sm_scale * log2(e).
+    Args:
+      q: (B, N, H, D) bf16/f16/f32, any N, D a power of two; block: query block size (power of two >= 16);
+      feature_map, interpret, num_warps, pass_through: as ``block_means_and_phi`` (one ``block``-row tile per
+      program); k_mean: (B, H, D) float32; shift_scale: a Python float.
+    Returns:
+      (phi(q) (B, N, H, D) in q.dtype or None, means (B, H, Nb, D) float32, ``QuantisedQueries`` (q8 int8
+      (B, N, H, D), scale float32 (B, H, Nb), shift float32 (B, H, Nb * block)) equal to
+      ``int8_attention.quantize_queries(q, block, k_mean, shift_scale)``[, q]). phi and the means are
+      differentiable in q; the int8 queries and the shift are not (straight-through: the backward uses q).
+    """
+    _check_prep_args(q, block, feature_map, 1)
+    b, _, h, d = q.shape
+    if getattr(k_mean, "shape", None) != (b, h, d):
+        raise ValueError(f"k_mean must be (B, H, D) = {(b, h, d)}; got {getattr(k_mean, 'shape', None)}")
+    mean = lax.stop_gradient(jnp.asarray(k_mean, _F32))
+    shift_scale = float(shift_scale)
+    outs = _prep_int8(q, mean, block, feature_map, _interpret(interpret), num_warps, pass_through, False, shift_scale)
+    q_out = (outs.pop(),) if pass_through else ()
+    phi = outs[0] if feature_map is not None else None
+    means, q8, scale, shift = outs[-4:]
+    return (phi, means, QuantisedQueries(q8, scale, shift), *q_out)
 
 
 # ----------------------------------------------------------------------------------------------------------

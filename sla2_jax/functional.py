@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -51,11 +53,18 @@ def route_with_features(q, k, config: SLA2Config, *, w_q=None, w_k=None, feature
 
 
 def _pallas_front_end(q, k, config: SLA2Config, *, w_q, w_k, feature_map: str | None, int8_keys: bool):
-    """`route_with_features` plus, when int8_keys, the smoothed int8 keys of the low-bit forward
-    (`pallas_kernels.int8_attention.QuantisedKeys`) from the same read of K, else None in their place; then q and k
-    as the front end passes them through (same values: the attention kernels take these, so that their dQ, dK
-    are added to the front end's inside its backward kernels, see `block_means_and_phi`)."""
-    from pallas_kernels.prep import block_means_and_phi, block_means_phi_int8, select_blocks
+    """`route_with_features` plus, when int8_keys, the int8 operands of the low-bit forward from the same reads:
+    the smoothed keys (`pallas_kernels.int8_attention.QuantisedKeys`) from the read of K and the queries with the
+    LSE shift (`pallas_kernels.prep.QuantisedQueries`, for the forward's default sm_scale) from the read of Q (else
+    None, None in their place); then q and k as the front end passes them through (same values: the attention
+    kernels take these, so that their dQ, dK are added to the front end's inside its backward kernels, see
+    `block_means_and_phi`). The K kernel's mean_N(K) (one XLA reduction) feeds the Q kernel's shift."""
+    from pallas_kernels.prep import (
+        block_means_and_phi,
+        block_means_phi_int8,
+        block_means_phi_int8_queries,
+        select_blocks,
+    )
 
     check_block_size("block_q", config.block_q)
     check_block_size("block_k", config.block_k)
@@ -63,14 +72,18 @@ def _pallas_front_end(q, k, config: SLA2Config, *, w_q, w_k, feature_map: str | 
     check_weight("w_q", w_q, heads, head_dim)
     check_weight("w_k", w_k, heads, head_dim)
     seq_len = q.shape[1]
-    q_phi, q_means, q = block_means_and_phi(q, config.block_q, feature_map, pass_through=True)
     if int8_keys:
         k_phi, k_means, keys, k = block_means_phi_int8(k, config.block_k, feature_map, pass_through=True)
+        shift_scale = (1.0 / math.sqrt(head_dim)) * math.log2(math.e)  # the kernels' sm_scale * log2 e
+        q_phi, q_means, queries, q = block_means_phi_int8_queries(
+            q, config.block_q, feature_map, keys.mean, shift_scale, pass_through=True
+        )
     else:
         (k_phi, k_means, k), keys = block_means_and_phi(k, config.block_k, feature_map, pass_through=True), None
+        (q_phi, q_means, q), queries = block_means_and_phi(q, config.block_q, feature_map, pass_through=True), None
     scores = scores_from_block_means(q_means, k_means, seq_len, config.block_k, w_q=w_q, w_k=w_k)
     lut, mass = select_blocks(scores, config.num_selected(scores.shape[-1]), seq_len, config.block_k)
-    return lut, mass, q_phi, k_phi, keys, q, k
+    return lut, mass, q_phi, k_phi, keys, queries, q, k
 
 
 def sparse_linear_outputs(q, k, v, config: SLA2Config, *, w_q=None, w_k=None, soft: bool = False):
@@ -79,9 +92,20 @@ def sparse_linear_outputs(q, k, v, config: SLA2Config, *, w_q=None, w_k=None, so
     if soft and backend == "pallas":
         backend = "xla"  # soft routing (router training) runs on the pure-JAX path
     lut, soft_mask, mass = route(q, k, config, w_q=w_q, w_k=w_k, soft=soft)
-    o_s, o_l = compute_branches(q, k, v, lut, block_q=config.block_q, block_k=config.block_k,
-                                feature_map=config.feature_map, linear_scope=config.linear_scope,
-                                quant=config.quant, backend=backend, eps=config.eps, soft_mask=soft_mask)
+    o_s, o_l = compute_branches(
+        q,
+        k,
+        v,
+        lut,
+        block_q=config.block_q,
+        block_k=config.block_k,
+        feature_map=config.feature_map,
+        linear_scope=config.linear_scope,
+        quant=config.quant,
+        backend=backend,
+        eps=config.eps,
+        soft_mask=soft_mask,
+    )
     return o_s, o_l, mass
 
 
@@ -94,14 +118,14 @@ def sla2_output(q, k, v, config: SLA2Config, alpha_fn, *, w_q=None, w_k=None, so
         from pallas_kernels import sla2_fused_attention
         from pallas_kernels.int8_attention import sla2_fused_attention_lowbit
 
-        low_bit = config.quant != "none"  # then the front end also quantises K~ (no pre-pass in the kernel)
-        lut, mass, q_phi, k_phi, keys, q, k = _pallas_front_end(
+        low_bit = config.quant != "none"  # then the front end also quantises K~ and Q (no pre-pass, no Q pass)
+        lut, mass, q_phi, k_phi, keys, queries, q, k = _pallas_front_end(
             q, k, config, w_q=w_q, w_k=w_k, feature_map=config.feature_map, int8_keys=low_bit
         )
         alpha = jnp.broadcast_to(alpha_fn(jax.lax.stop_gradient(mass)), mass.shape)
         kw = dict(block_q=config.block_q, block_k=config.block_k, linear_scope=config.linear_scope, eps=config.eps)
         if low_bit:  # real low-bit forward, full-precision backward (straight-through)
-            kernel, kw = sla2_fused_attention_lowbit, dict(kw, quant=config.quant, keys=keys)
+            kernel, kw = sla2_fused_attention_lowbit, dict(kw, quant=config.quant, keys=keys, queries=queries)
         else:
             kernel = sla2_fused_attention
         return kernel(q, k, v, q_phi, k_phi, lut, alpha, **kw).astype(q.dtype)
@@ -129,5 +153,6 @@ def sla2_attention(q, k, v, *, config: SLA2Config, w_q=None, w_k=None, alpha=Non
     check_weight("w_q", w_q, heads, dim)
     check_weight("w_k", w_k, heads, dim)
     check_alpha(alpha, batch, heads, num_blocks(seq_len, config.block_q))
-    return sla2_output(q, k, v, config, (lambda mass: mass) if alpha is None else (lambda mass: alpha),
-                       w_q=w_q, w_k=w_k)
+    return sla2_output(
+        q, k, v, config, (lambda mass: mass) if alpha is None else (lambda mass: alpha), w_q=w_q, w_k=w_k
+    )

@@ -9,7 +9,8 @@ import pytest
 
 import sla2_jax as sla
 from helpers import random_qkv, rel_err
-from pallas_kernels.prep import block_means_and_phi, block_means_phi_int8, select_blocks
+from pallas_kernels import int8_attention as ia
+from pallas_kernels.prep import block_means_and_phi, block_means_phi_int8, block_means_phi_int8_queries, select_blocks
 from sla2_jax.feature_maps import feature_map
 
 
@@ -94,6 +95,53 @@ def test_block_means_phi_int8_matches_references(seed, dtype, dim, block):
     ref = jax.grad(loss)(k, lambda k: (feature_map(k, "softmax"), sla.pool_blocks(k, block), k))
     assert rel_err(got, ref) < (1e-6 if dtype == jnp.float32 else 4e-3)
     assert np.abs(np.asarray(keys.k8, np.int32)).max() == 127  # the block's amax maps to 127
+
+
+@pytest.mark.parametrize("dtype, dim, block", [(jnp.bfloat16, 128, 32), (jnp.float32, 64, 16), (jnp.float16, 64, 32)])
+def test_block_means_phi_int8_queries_equal_query_pass(seed, dtype, dim, block):
+    """The Q front end of the low-bit path: phi(Q) and the means as block_means_and_phi; int8 Q, scales and LSE
+    shift as int8_attention.quantize_queries (the separate Q pass it replaces) and as the XLA / float64 formulas."""
+    q, k, _ = random_qkv(seed, (1, 3 * block - 7, 2, dim), dtype)  # ragged last block
+    k_mean = jnp.mean(k.astype(jnp.float32), axis=1)
+    phi, means, queries = block_means_phi_int8_queries(q, block, "softmax", k_mean, 0.37)
+    phi_ref, means_ref = block_means_and_phi(q, block, "softmax")
+    np.testing.assert_array_equal(np.asarray(phi, np.float32), np.asarray(phi_ref, np.float32))
+    np.testing.assert_allclose(means, means_ref, rtol=1e-5, atol=1e-6)
+    assert queries.q8.dtype == jnp.int8 and queries.q8.shape == q.shape
+    assert queries.scale.shape == (1, 2, 3) and queries.shift.shape == (1, 2, 3 * block)
+    pass_q8, pass_scale, pass_shift = ia.quantize_queries(q, block, k_mean, 0.37, interpret=True, method="pallas")
+    r8, r_scale = sla.quantize_int8_blocks(q, block)
+    np.testing.assert_array_equal(np.asarray(queries.scale), np.asarray(pass_scale))
+    np.testing.assert_array_equal(np.asarray(queries.scale), np.asarray(r_scale))
+    # the Q pass's arithmetic; the sum over D is left to the compiler (bound, not equality)
+    np.testing.assert_allclose(np.asarray(queries.shift), np.asarray(pass_shift), rtol=1e-6, atol=1e-6)
+    # the kernels divide exactly; XLA on CPU may not, so an exact tie x / scale = m + 0.5 can round one step apart
+    np.testing.assert_array_equal(np.asarray(queries.q8), np.asarray(pass_q8))
+    diff = np.abs(np.asarray(queries.q8, np.int32) - np.asarray(r8, np.int32))
+    assert diff.max() <= 1 and (diff > 0).mean() < 2e-3
+    assert np.abs(np.asarray(queries.q8, np.int32)).max() == 127
+    ref = np.einsum("bnhd,bhd->bhn", np.asarray(q, np.float64), np.asarray(k_mean, np.float64)) * 0.37
+    assert rel_err(queries.shift[:, :, : q.shape[1]], ref) < 1e-6
+    assert not np.any(np.asarray(queries.shift[:, :, q.shape[1] :]))
+    # gradients (phi, the means and the pass-through q; the int8 queries and the shift have none) vs XLA
+    g_phi, g_mean, g_q, g_shift = (
+        jax.random.normal(jax.random.PRNGKey(seed + i), s)
+        for i, s in enumerate((q.shape, means.shape, q.shape, queries.shift.shape), start=2)
+    )
+
+    def loss(q, fn):
+        outs = fn(q)
+        return sum(jnp.sum(a.astype(jnp.float32) * g) for a, g in zip(outs, (g_phi, g_mean, g_q, g_shift)))
+
+    def front(q):
+        phi, means, queries, q_out = block_means_phi_int8_queries(q, block, "softmax", k_mean, 0.37, pass_through=True)
+        return phi, means, q_out, queries.shift
+
+    got = jax.grad(loss)(q, front)
+    ref = jax.grad(loss)(q, lambda q: (feature_map(q, "softmax"), sla.pool_blocks(q, block), q))
+    assert rel_err(got, ref) < (1e-6 if dtype == jnp.float32 else 4e-3)
+    with pytest.raises(ValueError, match="k_mean"):
+        block_means_phi_int8_queries(q, block, "softmax", k_mean[:, :1], 0.37)
 
 
 def _numpy_topk_ascending(scores, k):
