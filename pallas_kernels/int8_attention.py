@@ -12,7 +12,9 @@ round half to even, clip to [-127, 127]):
     key block of ``block_k`` rows).
   * Library path (``sla2_jax.sla2_attention``, pallas backend): no pre-pass. The K front end
     (``prep.block_means_phi_int8``) quantises K~ in the read of K that gives phi(K) and the router's block means
-    and passes it as ``keys=QuantisedKeys(...)``; Q is then quantised inside the forward kernel.
+    and passes it as ``keys=QuantisedKeys(...)``; the Q front end (``prep.block_means_phi_int8_queries``) does the
+    same for Q (int8 Q, scales, LSE shift) and passes ``queries=`` (run 10). Without queries Q is quantised inside
+    the Triton forward kernel, or by ``quantize_queries`` before the Mosaic one.
   * Called without ``keys``, default pre-pass ("fused"): ONE Pallas kernel, program (i, h, b) quantises query
     block i and the block_q / block_k key blocks it covers (one read of Q and K, one int8 write; the mean of K is
     one XLA reduction). int8 Q, K~ are stored (B, N, H, D) and the score is the transposed-B dot Q8 K8^T: both operands
@@ -36,7 +38,7 @@ Forward kernel, grid (Nq, H, B) (block index fastest, like sparse_linear). Progr
 
 Hopper GPUs (OPTIONS["fwd_kernel"] "auto"): for quant "int8" and the shapes the Mosaic GPU kernels support the sparse
 branch runs in the warp-specialised Mosaic kernel of ``sparse_mosaic.py`` instead (int8 wgmma for Q K~^T, Q
-quantised by ``quantize_queries`` before it), then sparse_linear's Triton epilogue adds the linear branch and the
+from ``queries`` or quantised by ``quantize_queries`` before it), then sparse_linear's Triton epilogue adds the linear branch and the
 combine (docs/perf_notes_int8.md, run 7: 1.3-1.4x faster than this file's kernel, 1.06-1.08x of the bf16 one).
 quant "int8_fp8" too (OPTIONS["mosaic_fp8"]): P V by the e4m3 wgmma on the interleaved FP8 V^T (run 9: kernel
 alone 1.07-1.09x of bf16, 1.00-1.03x of INT8; faster than this file's int8_fp8 kernel in the module).
