@@ -572,20 +572,29 @@ def _use_mosaic(q, cfg: sl._Cfg, quant: str) -> bool:
 def _forward_mosaic(
     q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: sl._Cfg, *, fused: bool, residuals: bool, queries=None, quant="int8"
 ):
-    """INT8 sparse branch by the Mosaic GPU kernel (o_s, LSE), then the linear branch and the combine in
-    sparse_linear's Triton epilogue; the same dict as ``_forward_quantised``. keys None: a K pre-pass first.
+    """INT8 sparse branch by the Mosaic GPU kernel; the linear branch and the combine in its epilogue (quant "int8",
+    where sparse_linear._mosaic_epilogue allows, as for bf16) or in sparse_linear's Triton epilogue after it (o_s,
+    LSE through memory); the same dict as ``_forward_quantised``. keys None: a K pre-pass first.
     quant "int8_fp8": P V in FP8 too, V quantised per channel by ``quantize_values_fp8`` (interleaved keys)."""
-    from .sparse_mosaic import sparse_attention_mosaic_int8
+    from . import sparse_mosaic as sm
 
     if keys is None:
         qz = _prequantize(q, k, cfg, _opts()._replace(q_prepass=False))
         keys = QuantisedKeys(qz.k8, qz.k_scale, qz.k_mean)
-    values = quantize_values_fp8(v, cfg.block_k, interleave=True) if quant == "int8_fp8" else None
-    o_s, lse = sparse_attention_mosaic_int8(
-        q, k, v, lut, keys, block_k=cfg.block_k, sm_scale=cfg.sm_scale, stages=4, queries=queries, values=values
-    )
     linear_inputs, h_tot, z_tot = sl._linear_inputs(q_phi, k_phi, v, lut, cfg, False)
-    out = sl._linear_epilogue(q, o_s, lse, alpha, linear_inputs, cfg, fused=fused, residuals=residuals)
+    named = {name: x for name, x, _ in linear_inputs}
+    kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "queries": queries}
+    if quant == "int8" and sl._mosaic_epilogue(named, cfg):
+        outputs = tuple(x[0] for x in sl._forward_outputs(q, cfg, fused=fused, residuals=residuals))
+        tiles = sum(x in ("o", "o_s", "o_l") for x in outputs)
+        linear = sm.LinearInputs(named["q_phi"], named["h_tot"], named["z_tot"], alpha if fused else None, cfg.eps)
+        # shared memory at D = 128: int8 Q 16 KB, ring of 4 (8 + 16 KB), phi(Q), H_i, 1 tile of its own (three outputs)
+        stages = 4 if tiles <= 2 or sm.ring_holds_outputs(cfg.block_k, 4) else 3
+        out = sm.sparse_linear_attention_mosaic_int8(q, k, v, lut, keys, linear, outputs=outputs, stages=stages, **kw)
+    else:
+        values = quantize_values_fp8(v, cfg.block_k, interleave=True) if quant == "int8_fp8" else None
+        o_s, lse = sm.sparse_attention_mosaic_int8(q, k, v, lut, keys, stages=4, values=values, **kw)
+        out = sl._linear_epilogue(q, o_s, lse, alpha, linear_inputs, cfg, fused=fused, residuals=residuals)
     out["h_tot"], out["z_tot"] = h_tot, z_tot
     return out
 

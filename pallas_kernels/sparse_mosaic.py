@@ -163,6 +163,34 @@ def sparse_attention_mosaic_int8(
     ``int8_attention.quantize_values_fp8(v, block_k, interleave=True)`` = (v8t float8_e4m3fn (B, H, D, Nk * block_k),
     keys in ``P8_KEY_ORDER`` within each 16; v_scale f32 (B, H, D)); v is then not read.
     Returns (o_s (B, N, H, D) q.dtype, lse (B, H, Nq * 128) f32, base 2, of the unsmoothed scores)."""
+    q8, step_scale, shift = _int8_operands(q, lut, keys, sm_scale, queries)
+    o_s, lse = _sparse_forward(q8, keys.k8, v, lut, step_scale, block_k=block_k, stages=stages, values=values)
+    return o_s, lse + shift
+
+
+def sparse_linear_attention_mosaic_int8(
+    q, k, v, lut, keys, linear: LinearInputs, *, outputs, block_k=64, sm_scale=None, stages=4, queries=None
+):
+    """INT8 sparse branch (as sparse_attention_mosaic_int8: Q8 K8~^T, P V in v's dtype) with the linear branch and
+    the SLA2 combine in the kernel's epilogue (as sparse_linear_attention_mosaic): q, k, v, lut, keys, queries as
+    sparse_attention_mosaic_int8; linear, outputs as sparse_linear_attention_mosaic ("lse" of the unsmoothed
+    scores). Returns {name: array}."""
+    if linear.h.shape != (*lut.shape[:3], q.shape[-1], q.shape[-1]) or linear.z.shape != (*lut.shape[:3], q.shape[-1]):
+        raise ValueError(f"h {linear.h.shape} / z {linear.z.shape} must be (B, H, Nq, D, D) / (B, H, Nq, D)")
+    q8, step_scale, shift = _int8_operands(q, lut, keys, sm_scale, queries)
+    outputs = tuple(outputs)
+    res = _sparse_forward(
+        q8, keys.k8, v, lut, step_scale, block_k=block_k, stages=stages, linear=linear, outputs=outputs
+    )
+    out = dict(zip(outputs, res))
+    if "lse" in out:
+        out["lse"] = out["lse"] + shift
+    return out
+
+
+def _int8_operands(q, lut, keys, sm_scale, queries):
+    """(q8 (B, N, H, D) int8, per-LUT-entry score scales (B, H, Nq, topk) f32, LSE shift (B, H, Nq * 128) f32) of
+    the INT8 kernels; queries None: Q quantised here (int8_attention.quantize_queries)."""
     # int8_attention imports this module's callers: import on use
     from . import int8_attention as ia
 
@@ -171,9 +199,7 @@ def sparse_attention_mosaic_int8(
     if queries is None:
         queries = ia.quantize_queries(q, _BLOCK_Q, keys.mean, scale)
     q8, q_scale, shift = queries
-    step_scale = lut_scales(lut, q_scale, keys.scale, scale)
-    o_s, lse = _sparse_forward(q8, keys.k8, v, lut, step_scale, block_k=block_k, stages=stages, values=values)
-    return o_s, lse + shift
+    return q8, lut_scales(lut, q_scale, keys.scale, scale), shift
 
 
 def lut_scales(lut, q_scale, k_scale, scale: float):
@@ -555,13 +581,11 @@ def _check_values(values, v, block_k: int, quantised: bool, linear):
 
 def _check_outputs(outputs, linear, quantised: bool):
     """ValueError for outputs the kernel cannot give: unknown or repeated names, linear-branch outputs without
-    LinearInputs (or with int8 scores), "o" without alpha."""
+    LinearInputs, "o" without alpha."""
     known = _TILE_OUTPUTS + _ROW_OUTPUTS
     if not outputs or len(set(outputs)) != len(outputs) or any(x not in known for x in outputs):
         raise ValueError(f"outputs must be distinct names of {known}, got {outputs}")
     if linear is None and any(x not in ("o_s", "lse") for x in outputs):
         raise ValueError(f"outputs {outputs} need the linear branch's inputs")
-    if linear is not None and quantised:
-        raise ValueError("the in-kernel linear branch takes 16-bit score operands only")
     if "o" in outputs and linear.alpha is None:
         raise ValueError('output "o" needs alpha')

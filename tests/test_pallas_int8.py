@@ -360,3 +360,66 @@ def test_bad_queries():
         ia.sla2_fused_attention_lowbit(q, k, v, q, k, lut, 0.5, keys=keys, queries=(q8, scale, shift[..., :32]), **kw)
     with pytest.raises(ValueError, match="queries.q8"):
         ia.sparse_linear_attention_lowbit(q, k, v, q, k, lut, keys=keys, queries=(q, scale, shift), **kw)
+
+
+def _emulated_mosaic_kernel_with_linear(
+    q8, k8, v, lut, step_scale, *, block_k, stages, linear=None, outputs=("o_s", "lse"), values=None
+):
+    """_emulated_mosaic_kernel plus the kernel's in-epilogue linear branch and SLA2 combine (the contract of
+    sparse_mosaic._sparse_forward with LinearInputs): o_l = phi(Q_i) H_i / den, den = phi(Q_i) . Z_i + eps,
+    o = alpha o_s + (1 - alpha) o_l; row outputs padded to Nq * 128 (den with 1). Outputs in the order asked."""
+    o_s, lse = _emulated_mosaic_kernel(q8, k8, v, lut, step_scale, block_k=block_k, stages=stages, values=values)
+    if linear is None:
+        return o_s, lse
+    f32 = jnp.float32
+    n, nq = v.shape[1], lut.shape[2]
+    block = jnp.arange(n) // 128
+    qp32 = linear.q_phi.astype(f32)
+    den = jnp.einsum("bnhd,bhnd->bhn", qp32, linear.z[:, :, block]) + linear.eps
+    o_l = (
+        jnp.einsum("bnhd,bhnde->bnhe", qp32, linear.h.astype(f32)[:, :, block])
+        / jnp.transpose(den, (0, 2, 1))[..., None]
+    )
+    vals = {"o_s": o_s.astype(f32), "o_l": o_l, "lse": lse}
+    vals["den"] = jnp.pad(den, ((0, 0), (0, 0), (0, nq * 128 - n)), constant_values=1.0)
+    if "o" in outputs:
+        a = jnp.transpose(linear.alpha[:, :, block], (0, 2, 1))[..., None]
+        vals["o"] = a * vals["o_s"] + (1.0 - a) * o_l
+    return tuple(vals[x].astype(v.dtype) if x in ("o", "o_s", "o_l") else vals[x] for x in outputs)
+
+
+def test_mosaic_int8_linear_epilogue_with_an_emulated_kernel(seed, monkeypatch):
+    """quant "int8" on the Mosaic path with bf16 inputs: the linear branch and the combine run in the INT8 kernel's
+    epilogue (sparse_mosaic.sparse_linear_attention_mosaic_int8; sparse_linear OPTIONS fwd_epilogue "mosaic", the
+    default) and give the output and gradients of the Triton-epilogue path (fwd_epilogue "triton"). An XLA emulation
+    replaces the GPU-only kernel; the primal asks for "o" alone, jax.grad for the five outputs with the LSE shift."""
+    from pallas_kernels import sparse_mosaic
+
+    calls = []
+
+    def kernel(*a, **kw):
+        calls.append((kw.get("linear") is not None, tuple(kw.get("outputs", ("o_s", "lse")))))
+        return _emulated_mosaic_kernel_with_linear(*a, **kw)
+
+    monkeypatch.setattr(sparse_mosaic, "_sparse_forward", kernel)
+    monkeypatch.setattr(ia, "_use_mosaic", lambda q, cfg, quant: quant == "int8")  # any device, interpret mode
+    q, k, v = random_qkv(seed, (1, 200, 2, 64), jnp.bfloat16)  # ragged N, 2 query blocks
+    cfg = sla.SLA2Config(block_q=128, block_k=64, topk_ratio=0.5, quant="int8", backend="pallas", alpha="mass")
+    do = jax.random.normal(jax.random.PRNGKey(seed + 1), q.shape)
+
+    def run():
+        fn = lambda q, k, v: sla.sla2_attention(q, k, v, config=cfg)  # noqa: E731
+        loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * do)  # noqa: E731
+        return fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    with ia.options(fwd_kernel="mosaic", mosaic_q="xla"):
+        o, g = run()
+        fused_calls = list(calls)
+        monkeypatch.setattr(sl, "OPTIONS", dict(sl.OPTIONS, fwd_epilogue="triton"))
+        o_ref, g_ref = run()
+    assert (True, ("o",)) in fused_calls, fused_calls
+    assert (True, ("o", "o_s", "o_l", "lse", "den")) in fused_calls, fused_calls
+    assert calls[len(fused_calls) :] and not any(linear for linear, _ in calls[len(fused_calls) :])
+    assert rel_err(o, o_ref) < 1e-2, rel_err(o, o_ref)  # the Triton epilogue rounds o_s to bf16 before the combine
+    for name, a, b in zip(("q", "k", "v"), g, g_ref):
+        assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))

@@ -1,0 +1,151 @@
+"""GPU probe (issue #4, session 6): the INT8 Mosaic forward with the linear branch and the SLA2 combine in its
+epilogue (sparse_mosaic.sparse_linear_attention_mosaic_int8) vs the INT8 kernel + the Triton linear epilogue.
+
+    python -m experiments.probe_int8_epilogue --out DIR [--sparsity 0.95 0.97] [--runs 20] [--rounds 2]
+
+The library (sla2_jax.sla2_attention, quant="int8", backend "pallas", Hopper) takes the fused path when
+sparse_linear.OPTIONS["fwd_epilogue"] is "mosaic" (default) and the per-block states are bf16; "triton" gives the
+path of before. Correctness first: small shapes (fresh seed, partial last blocks, D 64 / 128, bf16 / f16): module
+output and gradients (q, k, v) fused vs Triton epilogue, both vs dense float32 attention; wan-1.3b (B=1, H=12,
+N=32760, D=128, bf16) per sparsity: the same comparisons, then module forward times (bf16, INT8 fused, INT8 Triton
+epilogue, cuDNN; synchronised medians and pipelined ms per call, interleaved rounds) and CUPTI kernel sums.
+Writes DIR/probe_int8_epilogue.json after every part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import jax
+import jax.numpy as jnp
+
+import sla2_jax as sla
+from experiments.probe_common import record_error, rel
+from experiments.timing import pipelined_seconds, time_fn
+from pallas_kernels import sparse_linear as sl
+
+RESULTS: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+
+
+def with_epilogue(epilogue, fn):
+    """fn with sparse_linear.OPTIONS["fwd_epilogue"] set while it runs (jit traces on the first call)."""
+
+    def run(*args):
+        old = sl.OPTIONS["fwd_epilogue"]
+        sl.OPTIONS["fwd_epilogue"] = epilogue
+        try:
+            return fn(*args)
+        finally:
+            sl.OPTIONS["fwd_epilogue"] = old
+
+    return run
+
+
+def module(sparsity, quant):
+    cfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", alpha="mass", quant=quant)
+    return lambda q, k, v: sla.sla2_attention(q, k, v, config=cfg)
+
+
+def grads(fn, do):
+    return lambda q, k, v: jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * do), argnums=(0, 1, 2))(q, k, v)
+
+
+def compare(row, sparsity, q, k, v, do):
+    """Outputs and gradients of the fused vs the Triton-epilogue INT8 path, and each vs dense attention."""
+    fused, triton = (jax.jit(with_epilogue(e, module(sparsity, "int8"))) for e in ("mosaic", "triton"))
+    o_f, o_t = fused(q, k, v), triton(q, k, v)
+    dense = sla.dense_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
+    row.update(rel_o_fused_vs_triton=rel(o_f, o_t), rel_o_fused_vs_dense=rel(o_f, dense))
+    row["rel_o_triton_vs_dense"] = rel(o_t, dense)
+    row["finite"] = bool(jnp.all(jnp.isfinite(o_f)))
+    g_f = jax.jit(grads(with_epilogue("mosaic", module(sparsity, "int8")), do))(q, k, v)
+    g_t = jax.jit(grads(with_epilogue("triton", module(sparsity, "int8")), do))(q, k, v)
+    row["rel_grads_fused_vs_triton"] = [rel(a, b) for a, b in zip(g_f, g_t)]
+    return fused, triton
+
+
+def small(seed):
+    rows = []
+    for n, d, dtype, sparsity in [
+        (2000, 128, jnp.bfloat16, 0.9),
+        (1000, 64, jnp.float16, 0.8),
+        (4096, 128, jnp.bfloat16, 0.95),
+        (1048, 64, jnp.bfloat16, 0.7),
+    ]:
+        row = dict(n=n, d=d, dtype=jnp.dtype(dtype).name, sparsity=sparsity)
+        try:
+            keys = jax.random.split(jax.random.PRNGKey(seed + n + d), 4)
+            q, k, v, do = (jax.random.normal(x, (1, n, 2, d), dtype) for x in keys)
+            compare(row, sparsity, q, k, v, do)
+        except Exception as e:  # noqa: BLE001
+            record_error(row, "error", e)
+        print("small", json.dumps(row), flush=True)
+        rows.append(row)
+    RESULTS["small"] = rows
+
+
+def cupti_ms(fn, args, iterations=10):
+    from jax.experimental.mosaic.gpu import profiler
+
+    _, per_iter = profiler.measure(jax.jit(fn), aggregate=False, iterations=iterations)(*args)
+    return statistics.median(sum(t for _, t in it) for it in per_iter)
+
+
+def wan(sparsity, seed, runs, rounds):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q, k, v, do = (jax.random.normal(x, (1, 32760, 12, 128), jnp.bfloat16) for x in keys)
+    row = dict(sparsity=sparsity, seed=seed)
+    try:
+        fused, triton = compare(row, sparsity, q, k, v, do)
+    except Exception as e:  # noqa: BLE001
+        record_error(row, "error_compare", e)
+        fused = triton = None
+    cands = {
+        "bf16": jax.jit(module(sparsity, "none")),
+        "int8_fused": fused,
+        "int8_triton_epilogue": triton,
+        "cudnn": jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")),
+    }
+    cands = {name: fn for name, fn in cands.items() if fn is not None}
+    for r in range(rounds):
+        for name, fn in cands.items():
+            try:
+                row.setdefault(f"{name}_ms", []).append(1e3 * time_fn(fn, q, k, v, iters=runs))
+                row.setdefault(f"{name}_pipelined_ms", []).append(1e3 * pipelined_seconds(fn, q, k, v))
+            except Exception as e:  # noqa: BLE001
+                record_error(row, f"error_{name}_r{r}", e)
+    for name, fn in cands.items():
+        if name != "cudnn":
+            try:
+                row[f"{name}_cupti_ms"] = cupti_ms(fn, (q, k, v))
+            except Exception as e:  # noqa: BLE001
+                record_error(row, f"error_cupti_{name}", e)
+    print("wan", json.dumps(row), flush=True)
+    RESULTS.setdefault("wan", []).append(row)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--sparsity", type=float, nargs="*", default=[0.95, 0.97])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    seed = int.from_bytes(os.urandom(3), "little")
+    RESULTS["seed"] = seed
+    path = os.path.join(args.out, "probe_int8_epilogue.json")
+    for part in [lambda: small(seed)] + [lambda s=s: wan(s, seed, args.runs, args.rounds) for s in args.sparsity]:
+        try:
+            part()
+        except Exception as e:  # noqa: BLE001
+            record_error(RESULTS, "error", e)
+        with open(path, "w") as f:
+            json.dump(RESULTS, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
