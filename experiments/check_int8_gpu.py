@@ -373,8 +373,10 @@ def module_row(sp, q, k, v, dense, runs, rounds):
         prep_w = lambda k, warps=warps: block_means_phi_int8(k, 64, "softmax", num_warps=warps)
         row[f"k_prep_int8_w{warps}_ms"] = bench(prep_w, k, runs=runs)
     row["k_mean_xla_ms"] = bench(lambda k: jnp.mean(k.astype(jnp.float32), axis=1), k, runs=runs)
-    lut, mass, qp, kp, keys = jax.jit(front8)(q, k)
-    kern8 = lambda q, k, v, qp, kp, m, keys: ia.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, m, keys=keys)
+    lut, mass, qp, kp, keys, queries = jax.jit(front8)(q, k)[:6]  # (then q, k as passed through)
+    kern8 = lambda q, k, v, qp, kp, m, keys: ia.sla2_fused_attention_lowbit(
+        q, k, v, qp, kp, lut, m, keys=keys, queries=queries
+    )
     kern16 = lambda q, k, v, qp, kp, m: sl.sla2_fused_attention(q, k, v, qp, kp, lut, m)
     row["kernel_int8_keys_ms"] = bench(kern8, q, k, v, qp, kp, mass, keys, runs=runs)
     row["kernel_bf16_ms"] = bench(kern16, q, k, v, qp, kp, mass, runs=runs)
