@@ -34,6 +34,21 @@ def record_error(row, key, e):
     traceback.print_exc()
 
 
+def with_options(options: dict, fn, **values):
+    """fn with options[key] = value for each keyword set while it runs and restored after (a kernel module's OPTIONS
+    dict is read when a call is traced: jit(with_options(...)) traces with these values on its first call)."""
+
+    def run(*args):
+        old = {key: options[key] for key in values}
+        options.update(values)
+        try:
+            return fn(*args)
+        finally:
+            options.update(old)
+
+    return run
+
+
 def uniform_lut(rng, b, h, nq, nk, topk):
     """(B, H, Nq, topk) int32: per query block `topk` distinct key blocks drawn uniformly, ascending."""
     lut = np.sort(np.stack([rng.permutation(nk)[:topk] for _ in range(b * h * nq)]), axis=-1)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import sla2_jax as sla
-from experiments.probe_common import record_error, rel
+from experiments.probe_common import record_error, rel, with_options
 from experiments.timing import pipelined_seconds, time_fn
 from pallas_kernels import sparse_linear as sl
 
@@ -32,16 +32,7 @@ RESULTS: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__versi
 
 def with_epilogue(epilogue, fn):
     """fn with sparse_linear.OPTIONS["fwd_epilogue"] set while it runs (jit traces on the first call)."""
-
-    def run(*args):
-        old = sl.OPTIONS["fwd_epilogue"]
-        sl.OPTIONS["fwd_epilogue"] = epilogue
-        try:
-            return fn(*args)
-        finally:
-            sl.OPTIONS["fwd_epilogue"] = old
-
-    return run
+    return with_options(sl.OPTIONS, fn, fwd_epilogue=epilogue)
 
 
 def module(sparsity, quant):

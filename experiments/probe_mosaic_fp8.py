@@ -39,7 +39,6 @@ from experiments.check_kernels_gpu import wan_setup
 from experiments.probe_common import bench, record_error, rel
 from experiments.probe_mosaic_int8 import dequantise, masked_dense, random_case, triton_int8_sparse
 from pallas_kernels import int8_attention as ia
-from pallas_kernels import sparse_linear as sl
 from pallas_kernels import sparse_mosaic as sm
 
 RESULTS: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "errors": []}
@@ -107,11 +106,7 @@ def fake_quant_fp8_reference(q, v, lut, keys, values, block_k=64):
 
 def triton_fp8_sparse(q, k, v, lut, keys, block_k=64):
     """(o_s, lse) of the Triton int8_fp8 forward kernel alone (no linear branch), Q quantised in the kernel."""
-    cfg = sl._validate(q, k, v, q, k, lut, 128, block_k, "all", None, 1e-6, None)._replace(linear=False)
-    out = ia._forward_quantised(
-        q, k, v, None, None, lut, None, ia._Quantised(None, None, *keys), cfg, "int8_fp8", fused=False, residuals=True
-    )
-    return out["o_s"], out["lse"]
+    return triton_int8_sparse(q, k, v, lut, keys, block_k, quant="int8_fp8")
 
 
 def mosaic_fp8(q, k, v, lut, keys):

@@ -74,11 +74,12 @@ def fake_quant_reference(q, v, lut, keys, block_k):
     return o, lse + shift
 
 
-def triton_int8_sparse(q, k, v, lut, keys, block_k=64):
-    """(o_s, lse) of the Triton INT8 forward kernel alone (no linear branch), Q quantised in the kernel."""
+def triton_int8_sparse(q, k, v, lut, keys, block_k=64, quant="int8"):
+    """(o_s, lse) of the Triton low-bit forward kernel alone (no linear branch; quant "int8" or "int8_fp8"), Q
+    quantised in the kernel."""
     cfg = sl._validate(q, k, v, q, k, lut, 128, block_k, "all", None, 1e-6, None)._replace(linear=False)
     out = ia._forward_quantised(
-        q, k, v, None, None, lut, None, ia._Quantised(None, None, *keys), cfg, "int8", fused=False, residuals=True
+        q, k, v, None, None, lut, None, ia._Quantised(None, None, *keys), cfg, quant, fused=False, residuals=True
     )
     return out["o_s"], out["lse"]
 

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.probe_common import bench, record_error, rel, uniform_lut
+from experiments.probe_common import bench, record_error, rel, uniform_lut, with_options
 from experiments.timing import pipelined_seconds, time_samples
 from pallas_kernels import sparse_linear as sl
 from pallas_kernels import sparse_mosaic as sm
@@ -230,19 +230,10 @@ def sweep(runs, topks=(5, 10, 25, 50)):
     print("sweep", json.dumps(stats), json.dumps(fits), flush=True)
 
 
-def with_options(epilogue, grid_order, fn):
+def with_epilogue_and_order(epilogue, grid_order, fn):
     """fn with sparse_linear.OPTIONS["fwd_epilogue"] and sparse_mosaic.OPTIONS["grid_order"] set while it is traced
     (jit traces on the first call)."""
-
-    def run(*args):
-        old = sl.OPTIONS["fwd_epilogue"], sm.OPTIONS["grid_order"]
-        sl.OPTIONS["fwd_epilogue"], sm.OPTIONS["grid_order"] = epilogue, grid_order
-        try:
-            return fn(*args)
-        finally:
-            sl.OPTIONS["fwd_epilogue"], sm.OPTIONS["grid_order"] = old
-
-    return run
+    return with_options(sl.OPTIONS, with_options(sm.OPTIONS, fn, grid_order=grid_order), fwd_epilogue=epilogue)
 
 
 def wan(sparsity, runs):
@@ -257,10 +248,10 @@ def wan(sparsity, runs):
     names = ("o", "o_s", "o_l", "lse", "den")
     lib_args = (q, k, v, qp, kp, lut, alpha)
     try:
-        outs = {c: jax.jit(with_options(c, "heads", fwd(True)))(*lib_args) for c in ("triton", "mosaic")}
+        outs = {c: jax.jit(with_epilogue_and_order(c, "heads", fwd(True)))(*lib_args) for c in ("triton", "mosaic")}
         row["rel_train_mosaic_vs_triton"] = {x: rel(outs["mosaic"][x], outs["triton"][x]) for x in names}
         for order in ("heads", "qblocks"):
-            o_inf = jax.jit(with_options("mosaic", order, lambda *a: fwd(False)(*a)["o"]))(*lib_args)
+            o_inf = jax.jit(with_epilogue_and_order("mosaic", order, lambda *a: fwd(False)(*a)["o"]))(*lib_args)
             row[f"rel_infer_o_mosaic_{order}_vs_triton"] = rel(o_inf, outs["triton"]["o"])
         row["finite"] = all(bool(jnp.all(jnp.isfinite(outs["mosaic"][x]))) for x in names)
         del outs, o_inf
@@ -287,10 +278,10 @@ def wan(sparsity, runs):
         )
     for c, order in (("triton", "heads"), ("mosaic", "heads"), ("triton", "qblocks"), ("mosaic", "qblocks")):
         key = f"{c}_{order}"
-        cands[f"lib_infer_{key}"] = (with_options(c, order, lambda *a: fwd(False)(*a)["o"]), lib_args)
-        cands[f"module_fwd_{key}"] = (with_options(c, order, module), (q, k, v))
+        cands[f"lib_infer_{key}"] = (with_epilogue_and_order(c, order, lambda *a: fwd(False)(*a)["o"]), lib_args)
+        cands[f"module_fwd_{key}"] = (with_epilogue_and_order(c, order, module), (q, k, v))
         if order == "heads":
-            cands[f"lib_train_{key}"] = (with_options(c, order, lambda *a: fwd(True)(*a)["o"]), lib_args)
+            cands[f"lib_train_{key}"] = (with_epilogue_and_order(c, order, lambda *a: fwd(True)(*a)["o"]), lib_args)
     try:
         row["times_ms"] = timed_rounds(cands, runs)
         t = row["times_ms"]
@@ -320,15 +311,7 @@ def ring_outputs(sparsity, iterations=20):
     keys = jax.jit(lambda k: ia.quantize_keys_with_mean(k, 64))(k)
 
     def in_ring(flag, fn):
-        def run(*args):
-            old = sm.OPTIONS["outputs_in_ring"]
-            sm.OPTIONS["outputs_in_ring"] = flag
-            try:
-                return fn(*args)
-            finally:
-                sm.OPTIONS["outputs_in_ring"] = old
-
-        return run
+        return with_options(sm.OPTIONS, fn, outputs_in_ring=flag)
 
     cases = {
         "train5_ring4": (in_ring(True, lambda *a: fused(*a, outputs=names, stages=4)), (q, k, v, lut, lin)),
@@ -437,15 +420,15 @@ def module_fwd_bwd(sparsity, runs):
     cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     row = {"sparsity": sparsity}
     try:
-        g = {c: jax.jit(with_options(c, "heads", grads(module)))(q, k, v, do) for c in ("triton", "mosaic")}
+        g = {c: jax.jit(with_epilogue_and_order(c, "heads", grads(module)))(q, k, v, do) for c in ("triton", "mosaic")}
         row["rel_grads_q_k_v_mosaic_vs_triton"] = [rel(a, b) for a, b in zip(g["mosaic"], g["triton"])]
         del g
     except Exception as e:  # noqa: BLE001
         record_error(row, "error_grads", e)
     cands = {"cudnn_fwd": (cudnn, (q, k, v)), "cudnn_fwd_bwd": (grads(cudnn), (q, k, v, do))}
     for c in ("triton", "mosaic"):
-        cands[f"module_fwd_{c}"] = (with_options(c, "heads", module), (q, k, v))
-        cands[f"module_fwd_bwd_{c}"] = (with_options(c, "heads", grads(module)), (q, k, v, do))
+        cands[f"module_fwd_{c}"] = (with_epilogue_and_order(c, "heads", module), (q, k, v))
+        cands[f"module_fwd_bwd_{c}"] = (with_epilogue_and_order(c, "heads", grads(module)), (q, k, v, do))
     row["times_ms"] = t = timed_rounds(cands, runs, rounds=2)
     row["speedup_vs_cudnn"] = {
         x: t["cudnn_fwd_bwd" if "bwd" in x else "cudnn_fwd"][0] / t[x][0] for x in t if x.startswith("module")
