@@ -44,7 +44,9 @@ K^T is a transposed view of the (keys, D) tile, V of the (D, keys) tile).
 With the linear branch (``sparse_linear_attention_mosaic``, session 5): the TMA warpgroup also loads phi(Q_i), H_i
 (bf16, D x D) and Z_i; after the loop each compute warpgroup forms den = phi(Q) . Z_i + eps (row sums in registers),
 o_l = phi(Q) H_i / den (one more wgmma) and o = alpha o_s + (1 - alpha) o_l, and stores the outputs asked for (o,
-o_s, o_l, lse, den) through its Q and phi(Q) tiles (+ one tile for a third 16-bit output).
+o_s, o_l, lse, den) through its Q and phi(Q) tiles, then a finished V slot of the ring (``ring_holds_outputs``,
+session 6), then tiles of its own. The INT8 kernel has the same epilogue (``sparse_linear_attention_mosaic_int8``,
+session 6; its int8 Q tile holds no 16-bit output).
 
 Used by sparse_linear._forward on Hopper GPUs (OPTIONS["fwd_kernel"] "auto" / "mosaic", OPTIONS["fwd_epilogue"];
 docs/perf_notes.md, "Session 3" and "Session 5: Mosaic forward") and by int8_attention's forward
@@ -253,8 +255,8 @@ def _sparse_forward(
     """The kernel: score operands q_op, k_op (B, N, H, D) both 16-bit or both int8, values v (B, N, H, D) 16-bit.
 
     scale: a float (16-bit operands: sm_scale * log2 e) or, for int8 operands, the (B, H, Nq, topk) f32 table of
-    per-LUT-entry scales (``lut_scales``). linear: None, or a ``LinearInputs`` (16-bit only) for the linear branch
-    and the SLA2 combine in the epilogue. outputs: names of _TILE_OUTPUTS ((B, N, H, D) v.dtype) and _ROW_OUTPUTS
+    per-LUT-entry scales (``lut_scales``). linear: None, or a ``LinearInputs`` (16-bit or int8 scores) for the
+    linear branch and the SLA2 combine in the epilogue. outputs: names of _TILE_OUTPUTS ((B, N, H, D) v.dtype) and _ROW_OUTPUTS
     ((B, H, Nq * 128) f32); without ``linear`` only "o_s" and "lse". schedule: launch variant (Schedule; None: the
     defaults). values: None, or FP8 values (v8t, v_scale) (``sparse_attention_mosaic_int8``; int8 scores, no linear
     branch): P V by the e4m3 wgmma, v gives only the output's shape and dtype. Returns the outputs in the order
@@ -269,7 +271,7 @@ def _sparse_forward(
         raise ValueError(f"need 16-bit values and 16-bit or int8 scores, got {v.dtype}, {q_op.dtype}")
     nq, topk = lut.shape[2], lut.shape[3]
     quantised = q_op.dtype == jnp.int8
-    _check_outputs(outputs, linear, quantised)
+    _check_outputs(outputs, linear)
     fp8 = values is not None
     if fp8:
         _check_values(values, v, block_k, quantised, linear)
@@ -579,7 +581,7 @@ def _check_values(values, v, block_k: int, quantised: bool, linear):
         raise ValueError(f"values v_scale must be float32 {(b, h, d)}, got {v_scale.dtype} {v_scale.shape}")
 
 
-def _check_outputs(outputs, linear, quantised: bool):
+def _check_outputs(outputs, linear):
     """ValueError for outputs the kernel cannot give: unknown or repeated names, linear-branch outputs without
     LinearInputs, "o" without alpha."""
     known = _TILE_OUTPUTS + _ROW_OUTPUTS
