@@ -207,7 +207,10 @@ def profile_call(
         timeline = host_timeline(trace_dir)
     # one call's kernels: the last of the three (its first kernel's idle time is the gap between calls)
     kernels = [(name, us, idle if i else 0.0) for i, (name, us, idle) in enumerate(kernels[-len(kernels) // 3 :])]
-    label = f"module {what}, quant {quant}, sparsity {sparsity}, (B, H, N, D) = {shape}, {jax.devices()[0].device_kind}, jax {jax.__version__}"
+    device = jax.devices()[0].device_kind
+    label = (
+        f"module {what}, quant {quant}, sparsity {sparsity}, (B, H, N, D) = {shape}, {device}, jax {jax.__version__}"
+    )
     text, record = summarise(kernels, wall_ms, label)
     text += "\n\n" + host_text(timeline)
     record["trace_lines"] = line_names

@@ -38,8 +38,9 @@ Forward kernel, grid (Nq, H, B) (block index fastest, like sparse_linear). Progr
 
 Hopper GPUs (OPTIONS["fwd_kernel"] "auto"): for quant "int8" and the shapes the Mosaic GPU kernels support the sparse
 branch runs in the warp-specialised Mosaic kernel of ``sparse_mosaic.py`` instead (int8 wgmma for Q K~^T, Q
-from ``queries`` or quantised by ``quantize_queries`` before it), then sparse_linear's Triton epilogue adds the linear branch and the
-combine (docs/perf_notes_int8.md, run 7: 1.3-1.4x faster than this file's kernel, 1.06-1.08x of the bf16 one).
+from ``queries`` or quantised by ``quantize_queries`` before it), with the linear branch and the combine in its
+epilogue (bf16 per-block states; run 11), else followed by sparse_linear's Triton epilogue (docs/perf_notes_int8.md,
+run 7: 1.3-1.4x faster than this file's kernel, 1.06-1.08x of the bf16 one).
 quant "int8_fp8" too (OPTIONS["mosaic_fp8"]): P V by the e4m3 wgmma on the interleaved FP8 V^T (run 9: kernel
 alone 1.07-1.09x of bf16, 1.00-1.03x of INT8; faster than this file's int8_fp8 kernel in the module).
 

@@ -256,9 +256,9 @@ def _sparse_forward(
 
     scale: a float (16-bit operands: sm_scale * log2 e) or, for int8 operands, the (B, H, Nq, topk) f32 table of
     per-LUT-entry scales (``lut_scales``). linear: None, or a ``LinearInputs`` (16-bit or int8 scores) for the
-    linear branch and the SLA2 combine in the epilogue. outputs: names of _TILE_OUTPUTS ((B, N, H, D) v.dtype) and _ROW_OUTPUTS
-    ((B, H, Nq * 128) f32); without ``linear`` only "o_s" and "lse". schedule: launch variant (Schedule; None: the
-    defaults). values: None, or FP8 values (v8t, v_scale) (``sparse_attention_mosaic_int8``; int8 scores, no linear
+    linear branch and the SLA2 combine in the epilogue. outputs: names of _TILE_OUTPUTS ((B, N, H, D) v.dtype) and
+    _ROW_OUTPUTS ((B, H, Nq * 128) f32); without ``linear`` only "o_s" and "lse". schedule: launch variant
+    (Schedule; None: the defaults). values: None, or FP8 values (v8t, v_scale) (``sparse_attention_mosaic_int8``; int8 scores, no linear
     branch): P V by the e4m3 wgmma, v gives only the output's shape and dtype. Returns the outputs in the order
     asked, lse of the scores as computed (the caller corrects the LSE of smoothed keys)."""
     # GPU-only backend: imported on use
