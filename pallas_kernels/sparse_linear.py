@@ -536,10 +536,13 @@ def _linear_epilogue_kernel(*refs, names, cfg: _Cfg, fused: bool):
 
 
 def _mosaic_supports(q, cfg: _Cfg) -> bool:
-    """The Mosaic GPU kernels support the call: GPU (not interpret), 16-bit, N % 8 == 0, D % 64 == 0, block_q 128."""
+    """The Mosaic GPU kernels support the call: GPU (not interpret), 16-bit, N % 8 == 0, D % 64 == 0, block_q 128,
+    block_k 64 (their shared-memory plans: the forward's ring of 64-key slots beside its Q, phi(Q) and H_i tiles, the
+    dK/dV kernel's 64-key programs; other block sizes take the Triton kernels)."""
     return (
         not cfg.interpret
         and cfg.block_q == 128
+        and cfg.block_k == 64
         and cfg.n % 8 == 0  # Mosaic's GMEM tiling of the (N, H, D) operands
         and cfg.d % 64 == 0
         and jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))

@@ -471,3 +471,24 @@ def test_selection_and_transposed_lut_against_numpy(seed, cumsum, nq, nk, topk, 
     for bi, hi, qi in np.ndindex(b, h, nq):
         expect[bi, hi, lut[bi, hi, qi, 0], qi] = expect[bi, hi, lut[bi, hi, qi, -1], qi] = False
     np.testing.assert_array_equal(np.asarray(_selection(jnp.asarray(outside), nk)), expect)
+
+
+@pytest.mark.parametrize(
+    "block_q, block_k, dtype, expected",
+    [
+        (128, 64, jnp.bfloat16, True),
+        (128, 128, jnp.bfloat16, False),  # the Mosaic forward's shared memory plan holds 64-key ring slots only
+        (128, 32, jnp.float16, False),
+        (64, 64, jnp.bfloat16, False),
+        (128, 64, jnp.float32, False),
+    ],
+)
+def test_mosaic_kernels_only_for_the_shapes_they_are_built_for(block_q, block_k, dtype, expected):
+    """_mosaic_supports (on a GPU, i.e. not interpret): b_q 128, b_k 64, 16-bit inputs; anything else must fall back
+    to the Triton kernels instead of failing in the Mosaic compiler (e.g. shared memory overflow at b_k 128)."""
+    from pallas_kernels import sparse_linear as sl
+
+    q = jnp.zeros((1, 256, 2, 64), dtype)
+    lut = jnp.zeros((1, 2, 256 // block_q, 1), jnp.int32)
+    cfg = sl._validate(q, q, q, q, q, lut, block_q, block_k, "complement", None, 1e-6, True)._replace(interpret=False)
+    assert sl._mosaic_supports(q, cfg) is expected
