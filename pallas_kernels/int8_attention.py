@@ -586,12 +586,9 @@ def _forward_mosaic(
     named = {name: x for name, x, _ in linear_inputs}
     kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "queries": queries}
     if quant == "int8" and sl._mosaic_epilogue(named, cfg):
-        outputs = tuple(x[0] for x in sl._forward_outputs(q, cfg, fused=fused, residuals=residuals))
-        tiles = sum(x in ("o", "o_s", "o_l") for x in outputs)
-        linear = sm.LinearInputs(named["q_phi"], named["h_tot"], named["z_tot"], alpha if fused else None, cfg.eps)
         # shared memory at D = 128: int8 Q 16 KB, ring of 4 (8 + 16 KB), phi(Q), H_i, 1 tile of its own (three outputs)
-        stages = 4 if tiles <= 2 or sm.ring_holds_outputs(cfg.block_k, 4) else 3
-        out = sm.sparse_linear_attention_mosaic_int8(q, k, v, lut, keys, linear, outputs=outputs, stages=stages, **kw)
+        linear, plan = sl._mosaic_epilogue_args(q, alpha, named, cfg, fused=fused, residuals=residuals)
+        out = sm.sparse_linear_attention_mosaic_int8(q, k, v, lut, keys, linear, **plan, **kw)
     else:
         values = quantize_values_fp8(v, cfg.block_k, interleave=True) if quant == "int8_fp8" else None
         o_s, lse = sm.sparse_attention_mosaic_int8(q, k, v, lut, keys, stages=4, values=values, **kw)

@@ -569,16 +569,26 @@ def _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg: _Cfg, *, fused: boo
 
     named = {name: x for name, x, _ in linear_inputs}
     if _mosaic_epilogue(named, cfg):
-        outputs = tuple(x[0] for x in _forward_outputs(q, cfg, fused=fused, residuals=residuals))
-        tiles = sum(x in ("o", "o_s", "o_l") for x in outputs)
-        linear = sm.LinearInputs(named["q_phi"], named["h_tot"], named["z_tot"], alpha if fused else None, cfg.eps)
-        # shared memory: the Q and phi(Q) tiles hold two outputs; a third goes through a finished V slot of the ring
-        # (sparse_mosaic.ring_holds_outputs), or else needs the room of one K/V ring slot
-        stages = 4 if tiles <= 2 or sm.ring_holds_outputs(cfg.block_k, 4) else 3
-        kw = {"outputs": outputs, "block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "stages": stages}
-        return sm.sparse_linear_attention_mosaic(q, k, v, lut, linear, **kw)
+        linear, kw = _mosaic_epilogue_args(q, alpha, named, cfg, fused=fused, residuals=residuals)
+        return sm.sparse_linear_attention_mosaic(q, k, v, lut, linear, block_k=cfg.block_k, sm_scale=cfg.sm_scale, **kw)
     o_s, lse = sm.sparse_attention_mosaic(q, k, v, lut, block_k=cfg.block_k, sm_scale=cfg.sm_scale, stages=4)
     return _linear_epilogue(q, o_s, lse, alpha, linear_inputs, cfg, fused=fused, residuals=residuals)
+
+
+def _mosaic_epilogue_args(q, alpha, named_inputs: dict, cfg: _Cfg, *, fused: bool, residuals: bool):
+    """(sparse_mosaic.LinearInputs, {"outputs", "stages"}) of a Mosaic forward with the linear epilogue (bf16 and
+    INT8 kernels alike), from _linear_inputs' named arrays: the outputs _forward_outputs asks for, and the ring depth
+    (the Q or phi(Q) tiles hold two outputs; a third goes through a finished V slot of the ring,
+    sparse_mosaic.ring_holds_outputs, or else needs the room of one K/V ring slot)."""
+    from . import sparse_mosaic as sm
+
+    outputs = tuple(x[0] for x in _forward_outputs(q, cfg, fused=fused, residuals=residuals))
+    tiles = sum(x in ("o", "o_s", "o_l") for x in outputs)
+    linear = sm.LinearInputs(
+        named_inputs["q_phi"], named_inputs["h_tot"], named_inputs["z_tot"], alpha if fused else None, cfg.eps
+    )
+    stages = 4 if tiles <= 2 or sm.ring_holds_outputs(cfg.block_k, 4) else 3
+    return linear, {"outputs": outputs, "stages": stages}
 
 
 def _mosaic_epilogue(named_inputs: dict, cfg: _Cfg) -> bool:

@@ -145,8 +145,6 @@ def sparse_linear_attention_mosaic(
     the epilogue of sparse_linear's Triton forward. schedule: launch variant (Schedule; None: the defaults).
     Returns {name: array}."""
     _check(q, lut)
-    if linear.h.shape != (*lut.shape[:3], q.shape[-1], q.shape[-1]) or linear.z.shape != (*lut.shape[:3], q.shape[-1]):
-        raise ValueError(f"h {linear.h.shape} / z {linear.z.shape} must be (B, H, Nq, D, D) / (B, H, Nq, D)")
     scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * _LOG2E
     outputs = tuple(outputs)
     res = _sparse_forward(
@@ -177,8 +175,6 @@ def sparse_linear_attention_mosaic_int8(
     the SLA2 combine in the kernel's epilogue (as sparse_linear_attention_mosaic): q, k, v, lut, keys, queries as
     sparse_attention_mosaic_int8; linear, outputs as sparse_linear_attention_mosaic ("lse" of the unsmoothed
     scores). Returns {name: array}."""
-    if linear.h.shape != (*lut.shape[:3], q.shape[-1], q.shape[-1]) or linear.z.shape != (*lut.shape[:3], q.shape[-1]):
-        raise ValueError(f"h {linear.h.shape} / z {linear.z.shape} must be (B, H, Nq, D, D) / (B, H, Nq, D)")
     q8, step_scale, shift = _int8_operands(q, lut, keys, sm_scale, queries)
     outputs = tuple(outputs)
     res = _sparse_forward(
@@ -272,6 +268,8 @@ def _sparse_forward(
     nq, topk = lut.shape[2], lut.shape[3]
     quantised = q_op.dtype == jnp.int8
     _check_outputs(outputs, linear)
+    if linear is not None and (linear.h.shape != (b, h, nq, d, d) or linear.z.shape != (b, h, nq, d)):
+        raise ValueError(f"h {linear.h.shape} / z {linear.z.shape} must be (B, H, Nq, D, D) / (B, H, Nq, D)")
     fp8 = values is not None
     if fp8:
         _check_values(values, v, block_k, quantised, linear)

@@ -132,3 +132,22 @@ def _no_linear(q, lut):
     b, _, h, d = q.shape
     nq = lut.shape[2]
     return LinearInputs(q, jnp.zeros((b, h, nq, d, d), jnp.bfloat16), jnp.ones((b, h, nq, d)), None, 1.0)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_linear_inputs_of_the_wrong_shape_are_refused_before_the_kernel(int8):
+    """Both Mosaic entry points with the linear epilogue (16-bit and INT8 scores) check H_i, Z_i against (B, H, Nq,
+    D, D) / (B, H, Nq, D) in the shared kernel builder and say which shapes they got."""
+    from pallas_kernels import int8_attention as ia
+    from pallas_kernels import sparse_mosaic as sm
+
+    q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    lut = jnp.zeros((1, 2, 2, 1), jnp.int32)
+    bad = sm.LinearInputs(q, jnp.zeros((1, 2, 2, 64, 32), jnp.bfloat16), jnp.zeros((1, 2, 2, 64)), None, 1e-6)
+    with pytest.raises(ValueError, match=r"h \(1, 2, 2, 64, 32\)"):
+        if int8:
+            keys = ia.quantize_keys_with_mean(q, 64)
+            queries = ia.quantize_queries(q, 128, keys.mean, 1.0, method="xla")
+            sm.sparse_linear_attention_mosaic_int8(q, q, q, lut, keys, bad, outputs=("o_s",), queries=queries)
+        else:
+            sm.sparse_linear_attention_mosaic(q, q, q, lut, bad, outputs=("o_s",))
