@@ -1,8 +1,9 @@
-"""Shared helpers of the GPU probe scripts (probe_mosaic_*.py, check_mosaic_library.py): timing, relative error,
-error recording and random LUTs."""
+"""Shared helpers of the GPU probe scripts (probe_mosaic_*.py, check_mosaic_library.py): timing (synchronised and
+kernel-only), relative error, error recording, option switches and random LUTs."""
 
 from __future__ import annotations
 
+import statistics
 import traceback
 
 import jax
@@ -15,6 +16,18 @@ from experiments.timing import time_fn
 def bench(fn, *args, runs=20):
     """Median milliseconds of synchronised calls of jit(fn)(*args) after 3 warm-up calls."""
     return 1e3 * time_fn(jax.jit(fn), *args, warmup=3, iters=runs)
+
+
+def kernel_ms(fn, args, iterations=20):
+    """Kernel-only milliseconds of jit(fn)(*args) on the GPU (CUPTI, jax.experimental.mosaic.gpu.profiler.measure),
+    after one warm-up call: (median over `iterations` calls of the call's summed kernel times, the calls' lists of
+    (kernel name, ms)). The wall clock of one synchronised call adds ~0.2 ms of dispatch and synchronisation."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    jitted = jax.jit(fn)
+    jax.block_until_ready(jitted(*args))
+    _, per_iter = profiler.measure(jitted, aggregate=False, iterations=iterations)(*args)
+    return statistics.median(sum(ms for _, ms in it) for it in per_iter), per_iter
 
 
 def rel(a, b):

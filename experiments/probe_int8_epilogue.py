@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import jax
 import jax.numpy as jnp
 
 import sla2_jax as sla
-from experiments.probe_common import record_error, rel, with_options
+from experiments.probe_common import kernel_ms, record_error, rel, with_options
 from experiments.timing import pipelined_seconds, time_fn
 from pallas_kernels import sparse_linear as sl
 
@@ -78,13 +77,6 @@ def small(seed):
     RESULTS["small"] = rows
 
 
-def cupti_ms(fn, args, iterations=10):
-    from jax.experimental.mosaic.gpu import profiler
-
-    _, per_iter = profiler.measure(jax.jit(fn), aggregate=False, iterations=iterations)(*args)
-    return statistics.median(sum(t for _, t in it) for it in per_iter)
-
-
 def wan(sparsity, seed, runs, rounds):
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
     q, k, v, do = (jax.random.normal(x, (1, 32760, 12, 128), jnp.bfloat16) for x in keys)
@@ -111,7 +103,7 @@ def wan(sparsity, seed, runs, rounds):
     for name, fn in cands.items():
         if name != "cudnn":
             try:
-                row[f"{name}_cupti_ms"] = cupti_ms(fn, (q, k, v))
+                row[f"{name}_cupti_ms"] = kernel_ms(fn, (q, k, v), iterations=10)[0]
             except Exception as e:  # noqa: BLE001
                 record_error(row, f"error_cupti_{name}", e)
     print("wan", json.dumps(row), flush=True)

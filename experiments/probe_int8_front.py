@@ -26,14 +26,13 @@ import contextlib
 import json
 import math
 import os
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
 import sla2_jax as sla
-from experiments.probe_common import bench, record_error, rel
+from experiments.probe_common import bench, kernel_ms, record_error, rel
 from experiments.timing import pipelined_seconds
 from pallas_kernels import int8_attention as ia
 from pallas_kernels import prep
@@ -132,12 +131,7 @@ def small_row(seed, n, d, dtype, ratio):
 
 def cupti(fn, args, iterations=10):
     """Kernel-only ms per call (median over iterations of the sum of the call's kernels) and one call's kernels."""
-    from jax.experimental.mosaic.gpu import profiler
-
-    jitted = jax.jit(fn)
-    jax.block_until_ready(jitted(*args))
-    _, per_iter = profiler.measure(jitted, aggregate=False, iterations=iterations)(*args)
-    total = statistics.median(sum(ms for _, ms in it) for it in per_iter)
+    total, per_iter = kernel_ms(fn, args, iterations)
     kernels = {}
     for name, ms in per_iter[-1]:
         kernels[name[:80]] = round(kernels.get(name[:80], 0.0) + ms, 4)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.check_kernels_gpu import wan_setup
-from experiments.probe_common import bench, error_text, rel
+from experiments.probe_common import bench, error_text, kernel_ms, rel
 from pallas_kernels import sparse_linear as sl
 from pallas_kernels.sparse_mosaic_dkv import sparse_attention_dkv_mosaic
 
@@ -190,12 +190,9 @@ def wan(sparsity, runs, variants):
             traceback.print_exc()
     row["errors"] = errs
     try:  # kernel-only times (CUPTI): the wall clock of one call carries ~0.2 ms of dispatch + synchronisation
-        from jax.experimental.mosaic.gpu import profiler
-
         args = (q, k, v, do, lse, delta, lut_t, count, alpha)
         for name, kernel in mosaic_ok.items():
-            _, per_iter = profiler.measure(kernel, aggregate=False, iterations=runs)(*args)
-            row.setdefault("cupti_ms", {})[name] = float(np.median([sum(ms for _, ms in it) for it in per_iter]))
+            row.setdefault("cupti_ms", {})[name] = float(kernel_ms(kernel, args, iterations=runs)[0])
     except Exception as e:  # noqa: BLE001
         row["cupti_error"] = error_text(e)
         traceback.print_exc()

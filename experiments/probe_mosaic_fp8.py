@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +35,7 @@ import numpy as np
 
 import sla2_jax as sla
 from experiments.check_kernels_gpu import wan_setup
-from experiments.probe_common import bench, record_error, rel
+from experiments.probe_common import bench, kernel_ms, record_error, rel
 from experiments.probe_mosaic_int8 import dequantise, masked_dense, random_case, triton_int8_sparse
 from pallas_kernels import int8_attention as ia
 from pallas_kernels import sparse_mosaic as sm
@@ -162,12 +161,8 @@ def small_checks():
 
 def cupti_ms(fn, args, iterations):
     """Median over iterations of the summed kernel times (ms) of one call of jit(fn), and the kernels' names."""
-    from jax.experimental.mosaic.gpu import profiler
-
-    jitted = jax.jit(fn)
-    jax.block_until_ready(jitted(*args))
-    _, per_iter = profiler.measure(jitted, aggregate=False, iterations=iterations)(*args)
-    return statistics.median(sum(ms for _, ms in it) for it in per_iter), sorted({kn for kn, _ in per_iter[0]})
+    ms, per_iter = kernel_ms(fn, args, iterations)
+    return ms, sorted({kn for kn, _ in per_iter[0]})
 
 
 def wan_sparse(sp, iterations, lean=False):

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.probe_common import bench, record_error, rel, uniform_lut, with_options
+from experiments.probe_common import bench, kernel_ms, record_error, rel, uniform_lut, with_options
 from experiments.timing import pipelined_seconds, time_samples
 from pallas_kernels import sparse_linear as sl
 from pallas_kernels import sparse_mosaic as sm
@@ -300,7 +300,6 @@ def ring_outputs(sparsity, iterations=20):
     wan-1.3b with the router's LUT: the five-output fused kernel (ring of 4 vs 3) and the INT8 kernel's o_s must be
     equal bit for bit (the ring depth does not change the arithmetic; a race on a reused slot would show here);
     then kernel-only times (CUPTI) of each."""
-    from jax.experimental.mosaic.gpu import profiler
 
     from pallas_kernels import int8_attention as ia
 
@@ -324,10 +323,8 @@ def ring_outputs(sparsity, iterations=20):
     row, outs = dict(sparsity=sparsity, topk=cfg.topk), {}
     for key, (fn, args) in cases.items():
         try:
-            jitted = jax.jit(fn)
-            outs[key] = jax.block_until_ready(jitted(*args))
-            _, per_iter = profiler.measure(jitted, aggregate=False, iterations=iterations)(*args)
-            row[f"cupti_ms_{key}"] = statistics.median(sum(ms for _, ms in it) for it in per_iter)
+            outs[key] = jax.block_until_ready(jax.jit(fn)(*args))
+            row[f"cupti_ms_{key}"] = kernel_ms(fn, args, iterations)[0]
         except Exception as e:  # noqa: BLE001
             record_error(row, f"error_{key}", e)
     diff = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
@@ -345,7 +342,6 @@ def key_block_size(iterations=20):
     topk 13 / 8, i.e. 64 x 128 score tiles per warpgroup as FlashAttention-3 uses), bf16 and INT8 (pre-quantised
     operands), CUPTI kernel-only times and effective TFLOP/s (4 * rows * keys * D per selected block). Each variant is
     first checked against the dense float32 reference on a small ragged case (fresh seed)."""
-    from jax.experimental.mosaic.gpu import profiler
 
     from pallas_kernels import int8_attention as ia
 
@@ -392,8 +388,7 @@ def key_block_size(iterations=20):
             for name, (fn, args) in cases.items():
                 key = f"s{sparsity}_bk{block_k}_topk{topk}_{name}"
                 try:
-                    _, per_iter = profiler.measure(jax.jit(fn), aggregate=False, iterations=iterations)(*args)
-                    ms = statistics.median(sum(t for _, t in it) for it in per_iter)
+                    ms = kernel_ms(fn, args, iterations)[0]
                     row[key] = {"cupti_ms": ms, "eff_tflops": flop / (ms * 1e-3) / 1e12}
                 except Exception as e:  # noqa: BLE001
                     record_error(row, f"{key}_error", e)
@@ -458,7 +453,6 @@ def cupti(iterations=20):
     """Kernel-only times (CUPTI, jax.experimental.mosaic.gpu.profiler.measure) of the plain and the fused kernel on
     random wan-1.3b-shaped inputs (LUTs of 5 and 25 entries), beside the synchronised wall time of the same call: the
     difference is what a call costs outside the kernel (dispatch, synchronisation, other XLA kernels)."""
-    from jax.experimental.mosaic.gpu import profiler
 
     rng = np.random.default_rng(5)
     n, h, d, nq, nk = 32760, 12, 128, 256, 512
@@ -475,10 +469,8 @@ def cupti(iterations=20):
             row = {}
             try:
                 jitted = jax.jit(fn)
-                _, per_iter = profiler.measure(jitted, aggregate=False, iterations=iterations)(*args)
-                totals = [sum(ms for _, ms in it) for it in per_iter]
+                row["cupti_ms_median"], per_iter = kernel_ms(jitted, args, iterations)
                 row["kernels"] = sorted({kn for kn, _ in per_iter[0]})
-                row["cupti_ms_median"] = statistics.median(totals)
                 row["wall_ms_median"] = 1e3 * statistics.median(time_samples(jitted, *args, warmup=3, iters=iterations))
                 row["pipelined_ms_per_call"] = 1e3 * pipelined_seconds(jitted, *args, calls=iterations, repeats=1)
             except Exception as e:  # noqa: BLE001

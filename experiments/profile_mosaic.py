@@ -24,7 +24,6 @@ import csv
 import itertools
 import json
 import os
-import statistics
 import tempfile
 import time
 
@@ -32,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.probe_common import record_error, rel, uniform_lut
+from experiments.probe_common import kernel_ms, record_error, rel, uniform_lut
 from experiments.timing import pipelined_seconds, time_fn
 
 RESULTS: dict = {}
@@ -110,11 +109,8 @@ def dkv_case(x, case):
 
 def cupti_ms(fn, args, runs):
     """Median and min kernel-only milliseconds over `runs` launches (CUPTI), and the kernel names seen."""
-    from jax.experimental.mosaic.gpu import profiler
-
-    _, per_iter = profiler.measure(fn, aggregate=False, iterations=runs)(*args)
-    totals = [sum(ms for _, ms in it) for it in per_iter]
-    return statistics.median(totals), min(totals), sorted({name for name, _ in per_iter[0]})
+    median, per_iter = kernel_ms(fn, args, iterations=runs)
+    return median, min(sum(ms for _, ms in it) for it in per_iter), sorted({name for name, _ in per_iter[0]})
 
 
 def timing(x, runs, cases, names_path):
@@ -318,7 +314,6 @@ def module_breakdown(runs):
     """sla2_attention (pallas backend, library defaults) forward+backward on wan-1.3b at 95% and cuDNN's: every
     kernel's CUPTI time in one call (summed by name), their sum, and the synchronised wall-clock median of the same
     call; wall minus the sum is time the GPU sat idle (host, launches) plus timing overhead."""
-    from jax.experimental.mosaic.gpu import profiler
 
     import sla2_jax as sla
     from experiments.check_kernels_gpu import wan_setup
@@ -336,9 +331,7 @@ def module_breakdown(runs):
         )
         row = {"wall_ms_median": 1e3 * time_fn(grads, q, k, v, do, warmup=3, iters=runs)}
         row["wall_ms_pipelined"] = 1e3 * pipelined_seconds(grads, q, k, v, do, calls=runs, repeats=3)
-        _, per_iter = profiler.measure(grads, aggregate=False, iterations=runs)(q, k, v, do)
-        sums = [sum(ms for _, ms in it) for it in per_iter]
-        row["kernel_sum_ms_median"] = statistics.median(sums)
+        row["kernel_sum_ms_median"], per_iter = kernel_ms(grads, (q, k, v, do), iterations=runs)
         by_name: dict = {}
         for it in per_iter:
             for kname, ms in it:
