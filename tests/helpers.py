@@ -1,4 +1,4 @@
-"""Shared test helpers: fresh random inputs and relative errors."""
+"""Shared test helpers: fresh random inputs, relative errors, the softmax feature map, outputs with gradients."""
 
 import math
 
@@ -11,6 +11,17 @@ def rel_err(x, ref):
     """||x - ref|| / ||ref|| in float64."""
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def softmax_phi(x):
+    """The default feature map phi (softmax over the head dim, in float32), in x's dtype."""
+    return jax.nn.softmax(x.astype(jnp.float32), axis=-1).astype(x.dtype)
+
+
+def output_and_grads(fn, args, do):
+    """(fn(*args), the gradients of sum(fn(*args) * do) in float32 w.r.t. every argument)."""
+    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * do)  # noqa: E731
+    return fn(*args), jax.grad(loss, argnums=tuple(range(len(args))))(*args)
 
 
 def random_qkv(seed, shape, dtype=jnp.float32):

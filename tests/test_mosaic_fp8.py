@@ -16,14 +16,10 @@ import numpy as np
 import pytest
 
 import sla2_jax as sla
-from helpers import random_qkv, rel_err
+from helpers import output_and_grads, random_qkv, rel_err, softmax_phi
 from pallas_kernels import int8_attention as ia
 from pallas_kernels import sparse_linear as sl
 from pallas_kernels import sparse_mosaic as sm
-
-
-def _phi(x):
-    return jax.nn.softmax(x.astype(jnp.float32), axis=-1).astype(x.dtype)
 
 
 def test_interleaved_values_permute_keys_within_16(seed):
@@ -162,12 +158,10 @@ def test_mosaic_int8_fp8_path_with_an_emulated_kernel(seed, monkeypatch):
     lut, _, mass = sla.route(q, k, sla.SLA2Config(block_q=128, block_k=64, topk_ratio=0.5))
     kw = dict(block_q=128, block_k=64, quant="int8_fp8")
     do = jax.random.normal(jax.random.PRNGKey(seed + 3), q.shape)
-    args = (q, k, v, _phi(q), _phi(k), mass)
+    args = (q, k, v, softmax_phi(q), softmax_phi(k), mass)
 
     def run():
-        fn = lambda *a: ia.sla2_fused_attention_lowbit(*a[:5], lut, a[5], **kw)
-        grads = jax.grad(lambda *a: jnp.sum(fn(*a) * do), argnums=tuple(range(6)))(*args)
-        return fn(*args), grads
+        return output_and_grads(lambda *a: ia.sla2_fused_attention_lowbit(*a[:5], lut, a[5], **kw), args, do)
 
     with ia.options(fwd_kernel="triton"):
         o_ref, g_ref = run()

@@ -13,13 +13,9 @@ import numpy as np
 import pytest
 
 import sla2_jax as sla
-from helpers import random_qkv, rel_err
+from helpers import output_and_grads, random_qkv, rel_err, softmax_phi
 from pallas_kernels import int8_attention as ia
 from pallas_kernels import sparse_linear as sl
-
-
-def _phi(x):
-    return jax.nn.softmax(x.astype(jnp.float32), axis=-1).astype(x.dtype)
 
 
 def _setup(seed, n, d, dtype, block_q, block_k, ratio, h=2):
@@ -65,7 +61,7 @@ def test_pallas_prepass_matches_reference_quantisation(seed, prepass):
 def test_int8_branches_match_fake_quant_reference(seed, n, d, dtype, block_q, block_k, tol):
     q, k, v, lut, _ = _setup(seed, n, d, dtype, block_q, block_k, 0.3)
     kw = dict(block_q=block_q, block_k=block_k)
-    o_s, o_l = ia.sparse_linear_attention_lowbit(q, k, v, _phi(q), _phi(k), lut, quant="int8", **kw)
+    o_s, o_l = ia.sparse_linear_attention_lowbit(q, k, v, softmax_phi(q), softmax_phi(k), lut, quant="int8", **kw)
     r_s, r_l = sla.sparse_linear_branches(q, k, v, lut, quant="int8", backend="xla", **kw)
     b_s, _ = sla.sparse_linear_branches(q, k, v, lut, quant="none", backend="xla", **kw)
     assert o_s.dtype == dtype and o_s.shape == q.shape
@@ -86,8 +82,8 @@ def test_front_end_keys_equal_prepass_and_reference(seed):
     q, k, v, lut, mass = _setup(seed, 150, 128, jnp.float32, 64, 32, 0.3, h=1)  # ragged N, D 128
     kw = dict(block_q=64, block_k=32)
     k_phi, _, keys = block_means_phi_int8(k, 32, "softmax")
-    o_keys = ia.sla2_fused_attention_lowbit(q, k, v, _phi(q), k_phi, lut, mass, keys=keys, **kw)
-    o_pre = ia.sla2_fused_attention_lowbit(q, k, v, _phi(q), k_phi, lut, mass, **kw)
+    o_keys = ia.sla2_fused_attention_lowbit(q, k, v, softmax_phi(q), k_phi, lut, mass, keys=keys, **kw)
+    o_pre = ia.sla2_fused_attention_lowbit(q, k, v, softmax_phi(q), k_phi, lut, mass, **kw)
     r_s, r_l = sla.sparse_linear_branches(q, k, v, lut, quant="int8", backend="xla", **kw)
     # The pre-pass quantises Q and K~ on its own; a near-tie x / scale ~ m + 0.5 may round one step apart from the
     # front end's K~ / the kernel's Q (which follow XLA's quantize_int8_blocks here). Seed 1802553396: one query
@@ -105,7 +101,7 @@ def test_front_end_keys_equal_prepass_and_reference(seed):
     assert rel_err(o_keys, sla.combine(r_s, r_l, mass, block_q=64)) < 1e-3  # typically 3e-7 (see above)
     bad = keys._replace(scale=keys.scale[..., :-1])
     with pytest.raises(ValueError, match="keys.scale"):
-        ia.sla2_fused_attention_lowbit(q, k, v, _phi(q), k_phi, lut, mass, keys=bad, **kw)
+        ia.sla2_fused_attention_lowbit(q, k, v, softmax_phi(q), k_phi, lut, mass, keys=bad, **kw)
 
 
 def test_int8_fp8_branches_close_to_fake_quant_reference(seed):
@@ -113,7 +109,7 @@ def test_int8_fp8_branches_close_to_fake_quant_reference(seed):
     # the FP8 path agrees with its fake-quant reference to the FP8 error level, not to rounding.
     q, k, v, lut, _ = _setup(seed, 130, 64, jnp.float32, 32, 16, 0.4)
     kw = dict(block_q=32, block_k=16)
-    o_s, _ = ia.sparse_linear_attention_lowbit(q, k, v, _phi(q), _phi(k), lut, quant="int8_fp8", **kw)
+    o_s, _ = ia.sparse_linear_attention_lowbit(q, k, v, softmax_phi(q), softmax_phi(k), lut, quant="int8_fp8", **kw)
     r_s, _ = sla.sparse_linear_branches(q, k, v, lut, quant="int8_fp8", backend="xla", **kw)
     b_s, _ = sla.sparse_linear_branches(q, k, v, lut, quant="none", backend="xla", **kw)
     assert rel_err(o_s, r_s) < 3e-2
@@ -128,7 +124,7 @@ def test_fused_equals_combine_of_reference(seed, fwd_linear, monkeypatch):
     monkeypatch.setattr(sparse_linear, "OPTIONS", dict(sparse_linear.OPTIONS, fwd_linear=fwd_linear))
     q, k, v, lut, mass = _setup(seed, 190, 64, jnp.float32, 64, 32, 0.35)
     kw = dict(block_q=64, block_k=32)
-    o = ia.sla2_fused_attention_lowbit(q, k, v, _phi(q), _phi(k), lut, mass, **kw)
+    o = ia.sla2_fused_attention_lowbit(q, k, v, softmax_phi(q), softmax_phi(k), lut, mass, **kw)
     r_s, r_l = sla.sparse_linear_branches(q, k, v, lut, quant="int8", backend="xla", **kw)
     assert rel_err(o, sla.combine(r_s, r_l, mass, block_q=64)) < 1e-3  # typically 3e-7 (see above)
 
@@ -138,7 +134,7 @@ def test_gradients_equal_bf16_kernel(seed, d):
     q, k, v, lut, mass = _setup(seed, 100, d, jnp.float32, 32, 16, 0.4, h=1)
     kw = dict(block_q=32, block_k=16)
     do = jax.random.normal(jax.random.PRNGKey(seed + 1), q.shape)
-    args = (q, k, v, _phi(q), _phi(k), mass)
+    args = (q, k, v, softmax_phi(q), softmax_phi(k), mass)
 
     def grads(fn):
         return jax.grad(lambda *a: jnp.sum(fn(*a, **kw) * do), argnums=tuple(range(6)))(*args)
@@ -146,8 +142,8 @@ def test_gradients_equal_bf16_kernel(seed, d):
     g_low = grads(lambda q, k, v, qp, kp, a, **kw: ia.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, **kw))
     g_ref = grads(lambda q, k, v, qp, kp, a, **kw: sl.sla2_fused_attention(q, k, v, qp, kp, lut, a, **kw))
     fwd_err = rel_err(
-        ia.sla2_fused_attention_lowbit(q, k, v, _phi(q), _phi(k), lut, mass, **kw),
-        sl.sla2_fused_attention(q, k, v, _phi(q), _phi(k), lut, mass, **kw),
+        ia.sla2_fused_attention_lowbit(q, k, v, softmax_phi(q), softmax_phi(k), lut, mass, **kw),
+        sl.sla2_fused_attention(q, k, v, softmax_phi(q), softmax_phi(k), lut, mass, **kw),
     )
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi"), g_low, g_ref):
         assert a.shape == b.shape and bool(jnp.all(jnp.isfinite(a))), name
@@ -155,7 +151,7 @@ def test_gradients_equal_bf16_kernel(seed, d):
         assert rel_err(a, b) < max(5 * fwd_err, 1e-4), (name, rel_err(a, b), fwd_err)
     # phi(q), phi(k) gradients flow only through the linear branch: independent of the quantisation
     assert rel_err(g_low[3], g_ref[3]) < 1e-5 and rel_err(g_low[4], g_ref[4]) < 1e-5
-    _check_alpha_gradient_difference(g_low[5], g_ref[5], do, (q, k, v, _phi(q), _phi(k), lut), kw)
+    _check_alpha_gradient_difference(g_low[5], g_ref[5], do, (q, k, v, softmax_phi(q), softmax_phi(k), lut), kw)
 
 
 def _check_alpha_gradient_difference(g_low, g_ref, do, inputs, kw):
@@ -182,7 +178,7 @@ def test_branch_gradients_straight_through(seed):
     cts = jax.random.normal(jax.random.PRNGKey(seed + 2), q.shape)
 
     def loss(fn):
-        return lambda q, k, v: jnp.sum(fn(q, k, v, _phi(q), _phi(k), lut, **kw)[0] * cts)
+        return lambda q, k, v: jnp.sum(fn(q, k, v, softmax_phi(q), softmax_phi(k), lut, **kw)[0] * cts)
 
     g_low = jax.grad(loss(ia.sparse_linear_attention_lowbit), argnums=(0, 1, 2))(q, k, v)
     g_ref = jax.grad(loss(sl.sparse_linear_attention), argnums=(0, 1, 2))(q, k, v)
@@ -253,12 +249,10 @@ def test_mosaic_int8_path_with_an_emulated_kernel(seed, monkeypatch):
     q, k, v, lut, mass = _setup(seed, 200, 64, jnp.float32, 128, 64, 0.5)  # ragged N, 2 query blocks
     kw = dict(block_q=128, block_k=64)
     do = jax.random.normal(jax.random.PRNGKey(seed + 3), q.shape)
-    args = (q, k, v, _phi(q), _phi(k), mass)
+    args = (q, k, v, softmax_phi(q), softmax_phi(k), mass)
 
     def run():
-        fn = lambda *a: ia.sla2_fused_attention_lowbit(*a[:5], lut, a[5], **kw)
-        grads = jax.grad(lambda *a: jnp.sum(fn(*a) * do), argnums=tuple(range(6)))(*args)
-        return fn(*args), grads
+        return output_and_grads(lambda *a: ia.sla2_fused_attention_lowbit(*a[:5], lut, a[5], **kw), args, do)
 
     with ia.options(fwd_kernel="triton"):
         o_ref, g_ref = run()
@@ -311,8 +305,7 @@ def test_library_int8_queries_from_front_end_equal_old_path(seed, path, monkeypa
     do = jax.random.normal(jax.random.PRNGKey(seed + 1), q.shape)
 
     def run():
-        fn = lambda q, k, v: sla.sla2_attention(q, k, v, config=cfg)  # noqa: E731
-        return fn(q, k, v), jax.grad(lambda *a: jnp.sum(fn(*a) * do), argnums=(0, 1, 2))(q, k, v)
+        return output_and_grads(lambda q, k, v: sla.sla2_attention(q, k, v, config=cfg), (q, k, v), do)
 
     def old_front(q, block, feature_map, k_mean, shift_scale, *, pass_through):
         phi, means, q_out = prep.block_means_and_phi(q, block, feature_map, pass_through=pass_through)
@@ -408,9 +401,7 @@ def test_mosaic_int8_linear_epilogue_with_an_emulated_kernel(seed, monkeypatch):
     do = jax.random.normal(jax.random.PRNGKey(seed + 1), q.shape)
 
     def run():
-        fn = lambda q, k, v: sla.sla2_attention(q, k, v, config=cfg)  # noqa: E731
-        loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * do)  # noqa: E731
-        return fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        return output_and_grads(lambda q, k, v: sla.sla2_attention(q, k, v, config=cfg), (q, k, v), do)
 
     with ia.options(fwd_kernel="mosaic", mosaic_q="xla"):
         o, g = run()
