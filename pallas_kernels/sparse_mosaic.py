@@ -7,8 +7,10 @@ with the key/value tiles fetched by TMA from the LUT's key blocks instead of in 
 
 Grid (H, Nq, B), three warpgroups per program (query block i of 128 rows):
   * warpgroups 0 and 1 (compute): 64 query rows each; per LUT entry t: S = Q K_j^T (wgmma), online softmax in
-    base 2, acc += P V_j (wgmma). A shared barrier makes the two take turns on the tensor cores, so one's
-    softmax overlaps the other's matmuls.
+    base 2, acc += P V_j (wgmma). Two schemes (OPTIONS["loop"]): "pipelined" (default since session 7) issues
+    S_t and P_{t-1} V_{t-1} together and runs the softmax of entry t under P_{t-1} V_{t-1} (FlashAttention-3's
+    intra-warpgroup overlap); "pingpong" (sessions 3-6; still used with FP8 values) has a shared barrier make the
+    two take turns on the tensor cores, so one's softmax overlaps the other's matmuls.
   * warpgroup 2 (memory): TMA copies of K_j, V_j for j = lut[b, h, i, t] into a ring of ``stages`` slots, each
     refilled as soon as both compute warpgroups released it.
 Outputs o_s (B, N, H, D) in v's dtype and lse (B, H, Nq * 128) float32, base 2 of the logits scaled by
@@ -78,7 +80,18 @@ _BLOCK_Q = 2 * _ROWS
 # (ring_holds_outputs) instead of shared memory of their own, so the five-output kernel keeps a ring of 4.
 # "p8_operand": how the FP8 P reaches the P V wgmma: "registers" (the A operand from registers, see the module
 # docstring) or "smem" (stored to a swizzled (64, block_k) shared-memory tile per compute warpgroup first).
-OPTIONS = {"int_to_float": "convert", "grid_order": "heads", "outputs_in_ring": True, "p8_operand": "registers"}
+# "loop": the compute warpgroups' LUT loop (session 7): "pingpong" (the two warpgroups take turns on the tensor cores:
+# one's softmax under the other's matmuls), "pipelined" (FlashAttention-3's intra-warpgroup overlap: the softmax of
+# entry t runs under the same warpgroup's P V of entry t - 1; no turns) or "auto" (pipelined, but ping-pong for FP8
+# values, where pipelining measured slower; docs/perf_notes.md "Session 7").
+OPTIONS = {
+    "int_to_float": "convert",
+    "grid_order": "heads",
+    "outputs_in_ring": True,
+    "p8_operand": "registers",
+    "loop": "auto",
+}
+_LOOPS = ("auto", "pingpong", "pipelined")
 _MAGIC = 1.5 * 2.0**23
 _MAGIC_BITS = 0x4B400000  # bit pattern of the float32 1.5 * 2^23
 FP8_MAX = 448.0
@@ -212,10 +225,11 @@ def ring_holds_outputs(block_k: int, stages: int) -> bool:
     stages for warpgroup 0, (topk - 1) % stages for warpgroup 1): the slots are (block_k, D) tiles of v's dtype,
     so block_k must be one warpgroup's 64 rows, and the two slots must differ (stages >= 2).
 
-    Why the slots are free: warpgroup 0 leaves its loop once warpgroup 1 arrived on the turn barrier after the
-    softmax of the last LUT entry, i.e. after every read of warpgroup 1 except its last P V, which reads slot
-    (topk - 1) % stages; every TMA copy into the ring has landed (warpgroup 0 waited for each). Warpgroup 1 leaves
-    after that last P V, and warpgroup 0's reads all completed before its last arrival."""
+    Why the slots are free: with OPTIONS["loop"] "pingpong", warpgroup 0 leaves its loop once warpgroup 1 arrived on
+    the turn barrier after the softmax of the last LUT entry, i.e. after every read of warpgroup 1 except its last
+    P V, which reads slot (topk - 1) % stages; every TMA copy into the ring has landed (warpgroup 0 waited for each).
+    Warpgroup 1 leaves after that last P V, and warpgroup 0's reads all completed before its last arrival. The
+    "pipelined" loop ends with both warpgroups meeting on the turn barrier after their last P V."""
     return OPTIONS["outputs_in_ring"] and block_k == _ROWS and stages >= 2
 
 
@@ -275,7 +289,14 @@ def _sparse_forward(
         _check_values(values, v, block_k, quantised, linear)
         if OPTIONS["p8_operand"] not in ("registers", "smem"):
             raise ValueError(f"bad OPTIONS p8_operand {OPTIONS['p8_operand']!r}")
+    loop = OPTIONS["loop"]
+    if loop not in _LOOPS:
+        raise ValueError(f"bad OPTIONS loop {loop!r}: one of {_LOOPS}")
+    if loop == "auto" or fp8 and OPTIONS["p8_operand"] == "smem":  # (a staged P tile: one P V in flight at most)
+        loop = "pingpong" if fp8 else "pipelined"
     stages = max(1, min(stages, topk))
+    if loop == "pipelined" and topk > 1:  # K_t and V_{t-1} are in use together: two slots at least
+        stages = max(2, stages)
     ragged = n % block_k != 0
     dtype = v.dtype
     f32 = jnp.float32
@@ -344,6 +365,137 @@ def _sparse_forward(
             with jax.named_scope("c_drain"):
                 plgpu.wait_smem_to_gmem(0, wait_read_only=schedule.store_wait == "read")
 
+        def softmax(s, t, m_i, masked):
+            """Online-softmax step of LUT entry t on its score tile s (64, block_k) (float32, or int32 for int8
+            scores): (P operand of the P V wgmma, new row max, correction exp2(m_i - m_new), row sums of P)."""
+            s_scale = r["scale"][bi, hi, qi, t] if quantised else scale
+            if magic:  # s + 1.5 * 2^23 exactly, as a float
+                s = lax.bitcast_convert_type(s + jnp.int32(_MAGIC_BITS), f32)
+            elif quantised:
+                s = s.astype(f32)
+            if masked:  # keys >= N exist only in the last key block: the LUT's last entry (ascending)
+                key0 = r["lut"][bi, hi, qi, t] * block_k
+                keys = plgpu.broadcasted_iota(jnp.int32, (_ROWS, block_k), 1, layout=plgpu.Layout.WGMMA)
+                s = jnp.where(keys + key0 < n, s, -jnp.inf)
+            if magic:
+                m_new = jnp.maximum(m_i, (s.max(axis=1) - _MAGIC) * s_scale)
+                bias = m_new + _MAGIC * s_scale
+            else:
+                m_new = jnp.maximum(m_i, s.max(axis=1) * s_scale)
+                bias = m_new
+            if fp8:  # P * 448 (the e4m3 range) for free: l_i and acc carry the factor, the epilogue drops it
+                bias = bias - _LOG2_FP8_MAX
+            correction = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s * s_scale - lax.broadcast_in_dim(bias, s.shape, [0]))
+            p_op = _p8_operand(plgpu, p) if fp8 else p.astype(dtype)
+            return p_op, m_new, correction, p.sum(axis=1)
+
+        def v_operand(slot):
+            return plgpu.transpose_ref(v_smem.at[slot], (1, 0)) if fp8 else v_smem.at[slot]
+
+        def rows_times(x, rows):
+            return x * lax.broadcast_in_dim(rows, x.shape, [0])
+
+        def pingpong_loop(my_q, acc, m_i, l_i):
+            """One LUT entry per step: S = Q K^T, softmax, acc += P V; the two compute warpgroups take turns on the
+            tensor cores (one's softmax under the other's matmuls)."""
+            with jax.named_scope("c_wait_k0"):
+                plgpu.barrier_wait(k_ready.at[0])
+            pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
+
+            def step(t, carry, masked=False):
+                acc, m_i, l_i = carry
+                slot = lax.rem(t, stages)
+
+                def scores(s_ref):
+                    plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    take_turn()
+                    return s_ref[...]
+
+                s = pl.run_scoped(scores, plgpu.ACC((_ROWS, block_k), acc_dtype))
+                plgpu.barrier_arrive(k_free.at[slot])
+                p_op, m_new, correction, p_sum = softmax(s, t, m_i, masked)
+                acc = rows_times(acc, correction)
+                l_i = l_i * correction + p_sum
+                acc, l_i, m_new, p_op = lax.optimization_barrier((acc, l_i, m_new, p_op))
+                if p8_smem:  # no wgmma reads the tile now: the previous step's P V was waited for
+                    smem["p8"].at[wg][...] = p_op
+                    plgpu.commit_smem()
+                    p_op = smem["p8"].at[wg]
+                plgpu.barrier_arrive(turn)  # softmax done: the other warpgroup may use the tensor cores
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_wait(turn)
+
+                def values(acc_ref):
+                    plgpu.wgmma(acc_ref, p_op, v_operand(slot))
+                    nxt = t + 1
+
+                    @pl.when(nxt < topk)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[lax.rem(nxt, stages)])
+
+                acc = pl.run_state(values)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l_i
+
+            acc, m_i, l_i = lax.fori_loop(0, topk - 1, step, (acc, m_i, l_i))
+            last = functools.partial(step, masked=ragged)  # a loop of one step: Mosaic wants a traced index
+            acc, m_i, l_i = lax.fori_loop(topk - 1, topk, last, (acc, m_i, l_i))
+            pl.when(wg == 0)(take_turn)
+            return acc, m_i, l_i
+
+        def pipelined_loop(my_q, acc, m_i, l_i):
+            """FlashAttention-3's intra-warpgroup overlap: step t issues S_t = Q K_t^T and acc += P_{t-1} V_{t-1}
+            together, waits for S_t only, and runs the softmax of entry t while P_{t-1} V_{t-1} is on the tensor
+            cores; then waits for it and rescales acc. The two compute warpgroups do not take turns."""
+
+            def first_scores(s_ref):
+                plgpu.barrier_wait(k_ready.at[0])
+                plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[0], (1, 0)))
+                return s_ref[...]
+
+            s = pl.run_scoped(first_scores, plgpu.ACC((_ROWS, block_k), acc_dtype))
+            plgpu.barrier_arrive(k_free.at[0])
+            p_op, m_i, _, l_i = softmax(s, 0, m_i, ragged and topk == 1)
+
+            def step(t, carry, masked=False):
+                acc, m_i, l_i, p_prev = carry
+                slot, prev = lax.rem(t, stages), lax.rem(t - 1, stages)
+                plgpu.barrier_wait(k_ready.at[slot])
+                plgpu.barrier_wait(v_ready.at[prev])
+
+                def both(s_ref, o_ref):
+                    o_ref[...] = acc
+                    plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    plgpu.wgmma(o_ref, p_prev, v_operand(prev))
+                    s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_t done, P_{t-1} V_{t-1} may run on
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    p_op, m_new, correction, p_sum = softmax(s, t, m_i, masked)
+                    o = o_ref[...]
+                    return rows_times(o, correction), m_new, l_i * correction + p_sum, p_op
+
+                acc, m_i, l_i, p_op = pl.run_scoped(
+                    both, plgpu.ACC((_ROWS, block_k), acc_dtype), plgpu.ACC((_ROWS, d), f32)
+                )
+                plgpu.barrier_arrive(v_free.at[prev])
+                return acc, m_i, l_i, p_op
+
+            carry = lax.fori_loop(1, max(1, topk - 1), step, (acc, m_i, l_i, p_op))
+            if topk > 1:
+                last = functools.partial(step, masked=ragged)  # a loop of one step: Mosaic wants a traced index
+                carry = lax.fori_loop(topk - 1, topk, last, carry)
+            acc, m_i, l_i, p_op = carry
+            last_slot = (topk - 1) % stages
+            plgpu.barrier_wait(v_ready.at[last_slot])
+
+            def final_values(acc_ref):
+                plgpu.wgmma(acc_ref, p_op, v_operand(last_slot))
+
+            acc = pl.run_state(final_values)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[last_slot])
+            take_turn()  # both past their last read of the ring before any output tile goes into it
+            return acc, m_i, l_i
+
         @pl.when(wg < 2)
         def _compute():
             with jax.named_scope("c_setmaxnreg"):
@@ -358,70 +510,11 @@ def _sparse_forward(
             m_i = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, f32), rows)
             l_i = plgpu.layout_cast(jnp.full((_ROWS,), 0.0, f32), rows)
             acc = plgpu.layout_cast(jnp.full((_ROWS, d), 0.0, f32), plgpu.Layout.WGMMA)
-            with jax.named_scope("c_wait_k0"):
-                plgpu.barrier_wait(k_ready.at[0])
-            pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
-
-            def step(t, carry, masked=False):
-                acc, m_i, l_i = carry
-                slot = lax.rem(t, stages)
-                s_scale = r["scale"][bi, hi, qi, t] if quantised else scale
-
-                def scores(s_ref):
-                    plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    take_turn()
-                    return s_ref[...]
-
-                s = pl.run_scoped(scores, plgpu.ACC((_ROWS, block_k), acc_dtype))
-                plgpu.barrier_arrive(k_free.at[slot])
-                if magic:  # s + 1.5 * 2^23 exactly, as a float
-                    s = lax.bitcast_convert_type(s + jnp.int32(_MAGIC_BITS), f32)
-                elif quantised:
-                    s = s.astype(f32)
-                if masked:  # keys >= N exist only in the last key block: the LUT's last entry (ascending)
-                    key0 = r["lut"][bi, hi, qi, t] * block_k
-                    keys = plgpu.broadcasted_iota(jnp.int32, (_ROWS, block_k), 1, layout=plgpu.Layout.WGMMA)
-                    s = jnp.where(keys + key0 < n, s, -jnp.inf)
-                if magic:
-                    m_new = jnp.maximum(m_i, (s.max(axis=1) - _MAGIC) * s_scale)
-                    bias = m_new + _MAGIC * s_scale
-                else:
-                    m_new = jnp.maximum(m_i, s.max(axis=1) * s_scale)
-                    bias = m_new
-                if fp8:  # P * 448 (the e4m3 range) for free: l_i and acc carry the factor, the epilogue drops it
-                    bias = bias - _LOG2_FP8_MAX
-                correction = jnp.exp2(m_i - m_new)
-                p = jnp.exp2(s * s_scale - lax.broadcast_in_dim(bias, s.shape, [0]))
-                acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
-                l_i = l_i * correction + p.sum(axis=1)
-                p_op = _p8_operand(plgpu, p) if fp8 else p.astype(dtype)
-                acc, l_i, m_new, p_op = lax.optimization_barrier((acc, l_i, m_new, p_op))
-                if p8_smem:  # no wgmma reads the tile now: the previous step's P V was waited for
-                    smem["p8"].at[wg][...] = p_op
-                    plgpu.commit_smem()
-                    p_op = smem["p8"].at[wg]
-                plgpu.barrier_arrive(turn)  # softmax done: the other warpgroup may use the tensor cores
-                plgpu.barrier_wait(v_ready.at[slot])
-                plgpu.barrier_wait(turn)
-
-                def values(acc_ref):
-                    v_op = plgpu.transpose_ref(v_smem.at[slot], (1, 0)) if fp8 else v_smem.at[slot]
-                    plgpu.wgmma(acc_ref, p_op, v_op)
-                    nxt = t + 1
-
-                    @pl.when(nxt < topk)
-                    def _():
-                        plgpu.barrier_wait(k_ready.at[lax.rem(nxt, stages)])
-
-                acc = pl.run_state(values)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l_i
-
             with jax.named_scope("c_loop"):
-                acc, m_i, l_i = lax.fori_loop(0, topk - 1, step, (acc, m_i, l_i))
-                last = functools.partial(step, masked=ragged)  # a loop of one step: Mosaic wants a traced index
-                acc, m_i, l_i = lax.fori_loop(topk - 1, topk, last, (acc, m_i, l_i))
-                pl.when(wg == 0)(take_turn)
+                if loop == "pingpong":
+                    acc, m_i, l_i = pingpong_loop(my_q, acc, m_i, l_i)
+                else:
+                    acc, m_i, l_i = pipelined_loop(my_q, acc, m_i, l_i)
             with jax.named_scope("c_epilogue"):
                 lse = m_i + jnp.log2(l_i)
                 if fp8:  # acc = sum of (P * 448) V8, l_i = sum of P * 448

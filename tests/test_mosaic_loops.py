@@ -1,0 +1,57 @@
+"""The compute warpgroups' LUT loop of the Mosaic GPU sparse forward (sparse_mosaic.OPTIONS["loop"], session 7).
+
+The kernels run only on a Hopper GPU; experiments/probe_mosaic_sparse.py (--parts loops, and small / fused_small with
+--loop) checks each loop there against the dense float32 reference and the other loop (outputs equal bit for bit).
+On CPU: every kernel kind lowers for CUDA under both loops, the loops lower to different kernels, "auto" picks
+"pipelined" except for FP8 values (ping-pong), and a bad name is refused.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import int8_attention as ia
+from pallas_kernels import sparse_mosaic as sm
+
+B, N, H, D = 1, 1000, 2, 128  # ragged N: the loops' masked last step is lowered too
+NQ, NK = -(-N // 128), -(-N // 64)
+
+
+def _kernels():
+    """{kind: fn(q, k, v, lut)}: the bf16 kernel, the training-mode fused kernel (five outputs), INT8, INT8 + FP8."""
+    keys = ia.QuantisedKeys(jnp.zeros((B, N, H, D), jnp.int8), jnp.ones((B, H, NK)), jnp.zeros((B, H, D)))
+    q = jnp.zeros((B, N, H, D), jnp.bfloat16)
+    h, z, alpha = jnp.zeros((B, H, NQ, D, D), jnp.bfloat16), jnp.zeros((B, H, NQ, D)), jnp.zeros((B, H, NQ))
+    linear = sm.LinearInputs(q, h, z, alpha, 1e-6)
+    train = ("o", "o_s", "o_l", "lse", "den")
+    return {
+        "bf16": lambda q, k, v, lut: sm.sparse_attention_mosaic(q, k, v, lut, stages=4),
+        "fused": lambda q, k, v, lut: sm.sparse_linear_attention_mosaic(q, k, v, lut, linear, outputs=train),
+        "int8": lambda q, k, v, lut: sm.sparse_attention_mosaic_int8(q, k, v, lut, keys),
+        "int8_fp8": lambda q, k, v, lut: sm.sparse_attention_mosaic_int8(
+            q, k, v, lut, keys, values=ia.quantize_values_fp8(v, 64, interleave=True)
+        ),
+    }
+
+
+def _lowered(kind: str, loop: str, topk: int, monkeypatch) -> str:
+    monkeypatch.setattr(sm, "OPTIONS", dict(sm.OPTIONS, loop=loop))
+    q = jnp.zeros((B, N, H, D), jnp.bfloat16)
+    lut = jnp.zeros((B, H, NQ, topk), jnp.int32)
+    fn = _kernels()[kind]  # a fresh function: jit does not reuse a trace made under other OPTIONS
+    return jax.jit(fn).trace(q, q, q, lut).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fused", "int8", "int8_fp8"])
+@pytest.mark.parametrize("topk", [1, 3])
+def test_both_loops_lower_and_auto_picks(kind, topk, monkeypatch):
+    texts = {loop: _lowered(kind, loop, topk, monkeypatch) for loop in ("pingpong", "pipelined", "auto")}
+    assert texts["pingpong"] != texts["pipelined"]
+    assert texts["auto"] == texts["pingpong" if kind == "int8_fp8" else "pipelined"]
+
+
+def test_bad_loop_refused(monkeypatch):
+    with pytest.raises(ValueError, match="loop"):
+        _lowered("bf16", "spiral", 3, monkeypatch)
