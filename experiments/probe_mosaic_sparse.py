@@ -21,11 +21,13 @@ Parts (each runs on its own: an error is recorded and the next part goes on; JSO
   trace        Mosaic's on-device profiler regions via experiments.profile_mosaic (recorded nothing in session 5).
   ring         (session 6) output tiles in finished V slots vs their own: outputs equal bit for bit, CUPTI times.
   block_k      (session 6) the same work in 64-key vs 128-key LUT steps (bf16, INT8): the per-step overhead.
-  loops        (session 7) sparse_mosaic.OPTIONS["loop"] variants: INT8 / FP8 kernels of each loop vs the "pingpong"
-               loop and the dense float32 reference on small ragged cases, then on wan-1.3b with random LUTs the
-               CUPTI kernel times of bf16 (plain, training and inference epilogues), INT8 (convert / magic) and
-               INT8 + FP8 under each loop, with each output's largest difference from the "pingpong" loop's.
-  --loop NAME  sparse_mosaic.OPTIONS["loop"] for the other parts (small, fused_small, ...).
+  loops        (session 7) LOOP_VARIANTS (sparse_mosaic.OPTIONS loop, pair_steps): INT8 / FP8 kernels of each
+               variant vs the first variant and the dense float32 reference on small ragged cases, then on wan-1.3b
+               with random LUTs the CUPTI kernel times of bf16 (plain, training and inference epilogues), INT8
+               (convert / magic) and INT8 + FP8 under each variant, with each output's largest difference from the
+               first variant's.
+  --loop NAME  sparse_mosaic.OPTIONS["loop"] for the other parts (small, fused_small, ...); --pair-steps sets
+               OPTIONS["pair_steps"] for them.
   --trim-sass CSV: prints the top stall lines of an `ncu --page source --csv --print-source sass` export.
 """
 
@@ -79,7 +81,7 @@ def small_checks():
         (2000, 128, 4, jnp.bfloat16),
         (4096, 64, 6, jnp.bfloat16),
         (1000, 64, 3, jnp.float16),
-        (777, 128, 1, jnp.float16),
+        (776, 128, 1, jnp.float16),
     ]:
         row = dict(n=n, d=d, topk=topk, dtype=jnp.dtype(dtype).name)
         try:
@@ -404,13 +406,22 @@ def key_block_size(iterations=20):
 _SCALE = math.log2(math.e) / math.sqrt(128)  # sm_scale * log2(e) at D = 128
 
 
-def loop_variants(sparsities, loops=None, iterations=20):
-    """Session 7: the compute warpgroups' loop variants (sparse_mosaic.OPTIONS["loop"]); see the module docstring."""
+LOOP_VARIANTS = {  # sparse_mosaic.OPTIONS of each variant of the loops part
+    "pingpong": {"loop": "pingpong", "pair_steps": False},
+    "pipelined": {"loop": "pipelined", "pair_steps": False},
+    "pingpong_pairs": {"loop": "pingpong", "pair_steps": True},
+    "pipelined_pairs": {"loop": "pipelined", "pair_steps": True},
+}
+
+
+def loop_variants(sparsities, loops=None, kinds_wanted=None, iterations=20):
+    """Session 7: the compute warpgroups' loop variants (LOOP_VARIANTS) for the kernel kinds named in kinds_wanted
+    (None: all; "_s6" / "_s8": stages 6 / 8 asked); see the module docstring."""
     from pallas_kernels import int8_attention as ia
 
     seed = int.from_bytes(os.urandom(4), "little")
     row = {"seed": seed}
-    loops = loops or sm._LOOPS
+    loops = loops or list(LOOP_VARIANTS)
 
     def int8_kinds(keys, queries=None, bk=64):
         values = lambda v: ia.quantize_values_fp8(v, bk, interleave=True)
@@ -424,27 +435,38 @@ def loop_variants(sparsities, loops=None, iterations=20):
             "int8_fp8": lambda q, k, v, lut: sm.sparse_attention_mosaic_int8(
                 q, k, v, lut, keys, queries=queries, values=values(v)
             ),
+            **{
+                f"int8_s{st}": lambda q, k, v, lut, st=st: sm.sparse_attention_mosaic_int8(
+                    q, k, v, lut, keys, queries=queries, stages=st
+                )
+                for st in (6, 8)
+            },
         }
+
+    def wanted(kinds):
+        return {x: f for x, f in kinds.items() if kinds_wanted is None or x in kinds_wanted}
 
     def max_diff(a, b):
         a, b = jax.tree.leaves(a), jax.tree.leaves(b)
         return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))) for x, y in zip(a, b))
 
     rng = np.random.default_rng(seed)
-    for n, d, topk in [(2000, 128, 4), (1000, 64, 3), (777, 128, 1), (4096, 128, 7)]:  # INT8 / FP8 correctness
+    for n, d, topk in [(2000, 128, 4), (1000, 64, 3), (776, 128, 1), (4096, 128, 7)]:  # INT8 / FP8 correctness
         b, h = 1, 2
         q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.bfloat16) for _ in range(3))
         lut = uniform_lut(rng, b, h, -(-n // 128), -(-n // 64), topk)
         keys = jax.jit(lambda k: ia.quantize_keys_with_mean(k, 64))(k)
         o_ref, _ = dense_reference(q, k, v, lut, 128, 64)
-        for kind, fn in int8_kinds(keys).items():
+        for kind, fn in wanted(int8_kinds(keys)).items():
             base = None
             for loop in loops:
                 key = f"small_n{n}_d{d}_topk{topk}_{kind}_{loop}"
                 try:
-                    out = jax.block_until_ready(jax.jit(with_options(sm.OPTIONS, fn, loop=loop))(q, k, v, lut))
-                    base = out if loop == "pingpong" else base
-                    row[key] = {"rel_o_vs_dense": rel(out[0], o_ref), "max_diff_vs_pingpong": max_diff(out, base)}
+                    fn_loop = with_options(sm.OPTIONS, fn, **LOOP_VARIANTS[loop])
+                    out = jax.block_until_ready(jax.jit(fn_loop)(q, k, v, lut))
+                    base = out if base is None else base
+                    row[key] = {"rel_o_vs_dense": rel(out[0], o_ref), "max_diff_vs_first": max_diff(out, base)}
+                    row[key]["rel_o_vs_first"] = rel(out[0], base[0])
                 except Exception as e:  # noqa: BLE001
                     record_error(row, f"{key}_error", e)
     n, h, d = 32760, 12, 128
@@ -456,10 +478,15 @@ def loop_variants(sparsities, loops=None, iterations=20):
     train = ("o", "o_s", "o_l", "lse", "den")
     kinds = {
         "bf16": lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=4),
+        "bf16_s6": lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=6),
         "train5": lambda q, k, v, lut: fused(q, k, v, lut, linear[:4], outputs=train),
         "infer_o": lambda q, k, v, lut: fused(q, k, v, lut, linear[:4]),
         **int8_kinds(keys, queries),
+        "int8_infer_o": lambda q, k, v, lut: sm.sparse_linear_attention_mosaic_int8(
+            q, k, v, lut, keys, linear, outputs=("o",), queries=queries
+        ),
     }
+    kinds = wanted(kinds)
     for sparsity in sparsities:
         topk = max(1, round((1 - sparsity) * nk))
         lut = uniform_lut(rng, 1, h, nq, nk, topk)
@@ -469,12 +496,14 @@ def loop_variants(sparsities, loops=None, iterations=20):
             for loop in loops:
                 key = f"s{sparsity}_topk{topk}_{kind}_{loop}"
                 try:
-                    fn_loop = with_options(sm.OPTIONS, fn, loop=loop)
+                    fn_loop = with_options(sm.OPTIONS, fn, **LOOP_VARIANTS[loop])
                     out = jax.block_until_ready(jax.jit(fn_loop)(q, k, v, lut))
-                    base = out if loop == "pingpong" else base
+                    base = out if base is None else base
                     ms = kernel_ms(fn_loop, (q, k, v, lut), iterations)[0]
                     row[key] = {"cupti_ms": ms, "eff_tflops": flop / (ms * 1e-3) / 1e12}
-                    row[key]["max_diff_vs_pingpong"] = max_diff(out, base)
+                    row[key]["max_diff_vs_first"] = max_diff(out, base)
+                    first = lambda x: x[0] if isinstance(x, tuple) else x[next(iter(x))]
+                    row[key]["rel_first_output_vs_first"] = rel(first(out), first(base))
                 except Exception as e:  # noqa: BLE001
                     record_error(row, f"{key}_error", e)
                 print("loops", key, row.get(key) or row.get(f"{key}_error", "")[:300], flush=True)
@@ -706,7 +735,9 @@ def main():
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--trim-sass", default=None)
     ap.add_argument("--loop", default=None, help='sparse_mosaic.OPTIONS["loop"] for the other parts')
-    ap.add_argument("--loops", nargs="*", default=None, help="loop variants of the loops part (default: all)")
+    ap.add_argument("--loops", nargs="*", default=None, help="LOOP_VARIANTS names for the loops part (default: all)")
+    ap.add_argument("--kinds", nargs="*", default=None, help="kernel kinds of the loops part (default: all)")
+    ap.add_argument("--pair-steps", action="store_true", help='sparse_mosaic.OPTIONS["pair_steps"] for the other parts')
     args = ap.parse_args()
     if args.trim_sass:
         trim_sass(args.trim_sass)
@@ -718,6 +749,8 @@ def main():
     if args.loop:
         sm.OPTIONS["loop"] = args.loop
         RESULTS["loop"] = args.loop
+    if args.pair_steps:
+        sm.OPTIONS["pair_steps"] = RESULTS["pair_steps"] = True
     parts = {
         "small": small_checks,
         "fused_small": fused_small_checks,
@@ -731,7 +764,7 @@ def main():
         "module_fb": lambda: [(module_fwd_bwd(s, args.runs), save(args.out)) for s in args.sparsity],
         "ring": lambda: [(ring_outputs(s), save(args.out)) for s in args.sparsity],
         "block_k": key_block_size,
-        "loops": lambda: loop_variants(args.sparsity, args.loops),
+        "loops": lambda: loop_variants(args.sparsity, args.loops, args.kinds),
     }
     try:
         for part in args.parts:

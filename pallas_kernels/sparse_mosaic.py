@@ -7,12 +7,13 @@ with the key/value tiles fetched by TMA from the LUT's key blocks instead of in 
 
 Grid (H, Nq, B), three warpgroups per program (query block i of 128 rows):
   * warpgroups 0 and 1 (compute): 64 query rows each; per LUT entry t: S = Q K_j^T (wgmma), online softmax in
-    base 2, acc += P V_j (wgmma). Two schemes (OPTIONS["loop"]): "pipelined" (default since session 7) issues
-    S_t and P_{t-1} V_{t-1} together and runs the softmax of entry t under P_{t-1} V_{t-1} (FlashAttention-3's
-    intra-warpgroup overlap); "pingpong" (sessions 3-6; still used with FP8 values) has a shared barrier make the
-    two take turns on the tensor cores, so one's softmax overlaps the other's matmuls.
-  * warpgroup 2 (memory): TMA copies of K_j, V_j for j = lut[b, h, i, t] into a ring of ``stages`` slots, each
-    refilled as soon as both compute warpgroups released it.
+    base 2, acc += P V_j (wgmma); by default (OPTIONS["pair_steps"], session 7) two LUT entries per step, i.e.
+    64 x 128 score tiles over two gathered key blocks. Two schemes (OPTIONS["loop"]): "pingpong" (default) has a
+    shared barrier make the two take turns on the tensor cores, so one's softmax overlaps the other's matmuls;
+    "pipelined" issues S_t and P_{t-1} V_{t-1} together and runs the softmax of step t under P_{t-1} V_{t-1}
+    (FlashAttention-3's intra-warpgroup overlap).
+  * warpgroup 2 (memory): TMA copies of K_j, V_j for j = lut[b, h, i, t] into a ring of ``stages`` slots (one or
+    two key blocks each), the K (V) part refilled as soon as both compute warpgroups released it.
 Outputs o_s (B, N, H, D) in v's dtype and lse (B, H, Nq * 128) float32, base 2 of the logits scaled by
 sm_scale * log2(e): the layout and convention of sparse_linear's forward, so its backward kernels can consume them.
 Keys >= N (the ragged last key block, only ever the LUT's last entry: it is ascending) are masked; rows >= N are
@@ -81,17 +82,21 @@ _BLOCK_Q = 2 * _ROWS
 # "p8_operand": how the FP8 P reaches the P V wgmma: "registers" (the A operand from registers, see the module
 # docstring) or "smem" (stored to a swizzled (64, block_k) shared-memory tile per compute warpgroup first).
 # "loop": the compute warpgroups' LUT loop (session 7): "pingpong" (the two warpgroups take turns on the tensor cores:
-# one's softmax under the other's matmuls), "pipelined" (FlashAttention-3's intra-warpgroup overlap: the softmax of
-# entry t runs under the same warpgroup's P V of entry t - 1; no turns) or "auto" (pipelined, but ping-pong for FP8
-# values, where pipelining measured slower; docs/perf_notes.md "Session 7").
+# one's softmax under the other's matmuls) or "pipelined" (FlashAttention-3's intra-warpgroup overlap: the softmax of
+# step t runs under the same warpgroup's P V of step t - 1; no turns). "pair_steps": two LUT entries per loop step
+# (64 x 128 score tiles, half the steps; block_k 64, not with FP8 values): each ring slot holds two key blocks and
+# ``stages`` counts 128-key slots (half the number asked, at least 2). Measured on H100 (docs/perf_notes.md,
+# "Session 7"): pairs with ping-pong are the fastest for bf16 and INT8 (pipelined beats ping-pong only without pairs,
+# and is slower with FP8 values). The K and V refills of a slot wait for their own release in every variant.
 OPTIONS = {
     "int_to_float": "convert",
     "grid_order": "heads",
     "outputs_in_ring": True,
     "p8_operand": "registers",
-    "loop": "auto",
+    "loop": "pingpong",
+    "pair_steps": True,
 }
-_LOOPS = ("auto", "pingpong", "pipelined")
+_LOOPS = ("pingpong", "pipelined")
 _MAGIC = 1.5 * 2.0**23
 _MAGIC_BITS = 0x4B400000  # bit pattern of the float32 1.5 * 2^23
 FP8_MAX = 448.0
@@ -221,13 +226,14 @@ def lut_scales(lut, q_scale, k_scale, scale: float):
 
 
 def ring_holds_outputs(block_k: int, stages: int) -> bool:
-    """After the loop, each compute warpgroup can store one output tile through a V slot of the ring (slot topk %
-    stages for warpgroup 0, (topk - 1) % stages for warpgroup 1): the slots are (block_k, D) tiles of v's dtype,
+    """After the loop, each compute warpgroup can store one output tile through a V slot of the ring (slot steps %
+    stages for warpgroup 0, (steps - 1) % stages for warpgroup 1, steps = the loop's steps: LUT entries or pairs of
+    them): the slots are (block_k, D) (or (2 block_k, D) with pair steps, first 64 rows used) tiles of v's dtype,
     so block_k must be one warpgroup's 64 rows, and the two slots must differ (stages >= 2).
 
     Why the slots are free: with OPTIONS["loop"] "pingpong", warpgroup 0 leaves its loop once warpgroup 1 arrived on
-    the turn barrier after the softmax of the last LUT entry, i.e. after every read of warpgroup 1 except its last
-    P V, which reads slot (topk - 1) % stages; every TMA copy into the ring has landed (warpgroup 0 waited for each).
+    the turn barrier after the softmax of the last step, i.e. after every read of warpgroup 1 except its last
+    P V, which reads slot (steps - 1) % stages; every TMA copy into the ring has landed (warpgroup 0 waited for each).
     Warpgroup 1 leaves after that last P V, and warpgroup 0's reads all completed before its last arrival. The
     "pipelined" loop ends with both warpgroups meeting on the turn barrier after their last P V."""
     return OPTIONS["outputs_in_ring"] and block_k == _ROWS and stages >= 2
@@ -292,16 +298,20 @@ def _sparse_forward(
     loop = OPTIONS["loop"]
     if loop not in _LOOPS:
         raise ValueError(f"bad OPTIONS loop {loop!r}: one of {_LOOPS}")
-    if loop == "auto" or fp8 and OPTIONS["p8_operand"] == "smem":  # (a staged P tile: one P V in flight at most)
-        loop = "pingpong" if fp8 else "pipelined"
-    stages = max(1, min(stages, topk))
-    if loop == "pipelined" and topk > 1:  # K_t and V_{t-1} are in use together: two slots at least
+    if fp8 and OPTIONS["p8_operand"] == "smem":  # a staged P tile: one P V in flight at most
+        loop = "pingpong"
+    paired = OPTIONS["pair_steps"] and block_k == _ROWS and not fp8 and topk > 1
+    width = 2 * block_k if paired else block_k  # keys per loop step
+    steps = -(-topk // 2) if paired else topk
+    stages = max(1, min(max(2, stages // 2) if paired else stages, steps))
+    if loop == "pipelined" and steps > 1:  # K_t and V_{t-1} are in use together: two slots at least
         stages = max(2, stages)
     ragged = n % block_k != 0
+    tail_masked = ragged or (paired and topk % 2 == 1)  # the last step: keys >= N, or a second half past the LUT
     dtype = v.dtype
     f32 = jnp.float32
     acc_dtype = jnp.int32 if quantised else f32
-    magic = quantised and OPTIONS["int_to_float"] == "magic" and d <= 256
+    magic = quantised and OPTIONS["int_to_float"] == "magic" and d <= 256 and not paired
     p8_smem = fp8 and OPTIONS["p8_operand"] == "smem"
     tile_outs = [x for x in outputs if x in _TILE_OUTPUTS]
     row_outs = [x for x in outputs if x in _ROW_OUTPUTS]
@@ -350,7 +360,7 @@ def _sparse_forward(
         def store_outputs(vals, row0):
             tiles = ([] if quantised else [smem["q"].at[wg]]) + ([smem["q_phi"].at[wg]] if linear is not None else [])
             if in_ring:  # see ring_holds_outputs
-                tiles.append(smem["v"].at[lax.rem(topk - 1 + (1 - wg), stages)])
+                tiles.append(smem["v"].at[lax.rem(steps - 1 + (1 - wg), stages), pl.ds(0, _ROWS)])
             tiles += [smem["out"].at[j, wg] for j in range(extra_tiles)]
             for name, tile in zip(tile_outs, tiles):
                 tile[...] = vals[name].astype(dtype)
@@ -366,27 +376,42 @@ def _sparse_forward(
                 plgpu.wait_smem_to_gmem(0, wait_read_only=schedule.store_wait == "read")
 
         def softmax(s, t, m_i, masked):
-            """Online-softmax step of LUT entry t on its score tile s (64, block_k) (float32, or int32 for int8
-            scores): (P operand of the P V wgmma, new row max, correction exp2(m_i - m_new), row sums of P)."""
-            s_scale = r["scale"][bi, hi, qi, t] if quantised else scale
+            """Online-softmax step t on its score tile s (64, width) (float32, or int32 for int8 scores): LUT entry
+            t, or entries 2t, 2t + 1 when paired: (P operand of the P V wgmma, new row max, correction
+            exp2(m_i - m_new), row sums of P)."""
+            entries = (2 * t, jnp.minimum(2 * t + 1, topk - 1)) if paired else (t,)
+            s_scale = r["scale"][bi, hi, qi, entries[0]] if quantised else scale
             if magic:  # s + 1.5 * 2^23 exactly, as a float
                 s = lax.bitcast_convert_type(s + jnp.int32(_MAGIC_BITS), f32)
             elif quantised:
                 s = s.astype(f32)
-            if masked:  # keys >= N exist only in the last key block: the LUT's last entry (ascending)
+            if paired:
+                cols = plgpu.broadcasted_iota(jnp.int32, (_ROWS, width), 1, layout=plgpu.Layout.WGMMA)
+                if quantised:  # one scale per key block: the two halves scaled here, s_scale 1 below
+                    s = s * jnp.where(cols < block_k, s_scale, r["scale"][bi, hi, qi, entries[1]])
+                    s_scale = None
+            if masked and not paired:  # keys >= N exist only in the last key block: the LUT's last entry (ascending)
                 key0 = r["lut"][bi, hi, qi, t] * block_k
                 keys = plgpu.broadcasted_iota(jnp.int32, (_ROWS, block_k), 1, layout=plgpu.Layout.WGMMA)
                 s = jnp.where(keys + key0 < n, s, -jnp.inf)
+            elif masked:  # the last step: keys >= N, and with an odd topk a second half holding no LUT entry
+                key0, key1 = (r["lut"][bi, hi, qi, e] * block_k for e in entries)
+                keys = jnp.where(cols < block_k, cols + key0, cols + (key1 - block_k))
+                valid = keys < n
+                if topk % 2:
+                    valid = jnp.logical_and(valid, cols < block_k)
+                s = jnp.where(valid, s, -jnp.inf)
             if magic:
                 m_new = jnp.maximum(m_i, (s.max(axis=1) - _MAGIC) * s_scale)
                 bias = m_new + _MAGIC * s_scale
             else:
-                m_new = jnp.maximum(m_i, s.max(axis=1) * s_scale)
+                row_max = s.max(axis=1)
+                m_new = jnp.maximum(m_i, row_max if s_scale is None else row_max * s_scale)
                 bias = m_new
             if fp8:  # P * 448 (the e4m3 range) for free: l_i and acc carry the factor, the epilogue drops it
                 bias = bias - _LOG2_FP8_MAX
             correction = jnp.exp2(m_i - m_new)
-            p = jnp.exp2(s * s_scale - lax.broadcast_in_dim(bias, s.shape, [0]))
+            p = jnp.exp2((s if s_scale is None else s * s_scale) - lax.broadcast_in_dim(bias, s.shape, [0]))
             p_op = _p8_operand(plgpu, p) if fp8 else p.astype(dtype)
             return p_op, m_new, correction, p.sum(axis=1)
 
@@ -412,7 +437,7 @@ def _sparse_forward(
                     take_turn()
                     return s_ref[...]
 
-                s = pl.run_scoped(scores, plgpu.ACC((_ROWS, block_k), acc_dtype))
+                s = pl.run_scoped(scores, plgpu.ACC((_ROWS, width), acc_dtype))
                 plgpu.barrier_arrive(k_free.at[slot])
                 p_op, m_new, correction, p_sum = softmax(s, t, m_i, masked)
                 acc = rows_times(acc, correction)
@@ -430,7 +455,7 @@ def _sparse_forward(
                     plgpu.wgmma(acc_ref, p_op, v_operand(slot))
                     nxt = t + 1
 
-                    @pl.when(nxt < topk)
+                    @pl.when(nxt < steps)
                     def _():
                         plgpu.barrier_wait(k_ready.at[lax.rem(nxt, stages)])
 
@@ -438,9 +463,9 @@ def _sparse_forward(
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 
-            acc, m_i, l_i = lax.fori_loop(0, topk - 1, step, (acc, m_i, l_i))
-            last = functools.partial(step, masked=ragged)  # a loop of one step: Mosaic wants a traced index
-            acc, m_i, l_i = lax.fori_loop(topk - 1, topk, last, (acc, m_i, l_i))
+            acc, m_i, l_i = lax.fori_loop(0, steps - 1, step, (acc, m_i, l_i))
+            last = functools.partial(step, masked=tail_masked)  # a loop of one step: Mosaic wants a traced index
+            acc, m_i, l_i = lax.fori_loop(steps - 1, steps, last, (acc, m_i, l_i))
             pl.when(wg == 0)(take_turn)
             return acc, m_i, l_i
 
@@ -454,9 +479,9 @@ def _sparse_forward(
                 plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[0], (1, 0)))
                 return s_ref[...]
 
-            s = pl.run_scoped(first_scores, plgpu.ACC((_ROWS, block_k), acc_dtype))
+            s = pl.run_scoped(first_scores, plgpu.ACC((_ROWS, width), acc_dtype))
             plgpu.barrier_arrive(k_free.at[0])
-            p_op, m_i, _, l_i = softmax(s, 0, m_i, ragged and topk == 1)
+            p_op, m_i, _, l_i = softmax(s, 0, m_i, tail_masked and steps == 1)
 
             def step(t, carry, masked=False):
                 acc, m_i, l_i, p_prev = carry
@@ -475,17 +500,17 @@ def _sparse_forward(
                     return rows_times(o, correction), m_new, l_i * correction + p_sum, p_op
 
                 acc, m_i, l_i, p_op = pl.run_scoped(
-                    both, plgpu.ACC((_ROWS, block_k), acc_dtype), plgpu.ACC((_ROWS, d), f32)
+                    both, plgpu.ACC((_ROWS, width), acc_dtype), plgpu.ACC((_ROWS, d), f32)
                 )
                 plgpu.barrier_arrive(v_free.at[prev])
                 return acc, m_i, l_i, p_op
 
-            carry = lax.fori_loop(1, max(1, topk - 1), step, (acc, m_i, l_i, p_op))
-            if topk > 1:
-                last = functools.partial(step, masked=ragged)  # a loop of one step: Mosaic wants a traced index
-                carry = lax.fori_loop(topk - 1, topk, last, carry)
+            carry = lax.fori_loop(1, max(1, steps - 1), step, (acc, m_i, l_i, p_op))
+            if steps > 1:
+                last = functools.partial(step, masked=tail_masked)  # a loop of one step: Mosaic wants a traced index
+                carry = lax.fori_loop(steps - 1, steps, last, carry)
             acc, m_i, l_i, p_op = carry
-            last_slot = (topk - 1) % stages
+            last_slot = (steps - 1) % stages
             plgpu.barrier_wait(v_ready.at[last_slot])
 
             def final_values(acc_ref):
@@ -533,17 +558,31 @@ def _sparse_forward(
             with jax.named_scope("m_setmaxnreg"):
                 plgpu.set_max_registers(40, action="decrease")
 
-            def fetch(t, slot, key_block=None):
-                key_block = r["lut"][bi, hi, qi, t] if key_block is None else key_block
-                rows = pl.ds(key_block * block_k, block_k)
-                plgpu.copy_gmem_to_smem(r["k"].at[bi, rows, hi], k_smem.at[slot], k_ready.at[slot])
-                v_tile = r["v"].at[bi, hi, :, rows] if fp8 else r["v"].at[bi, rows, hi]  # FP8: V^T (D, block_k)
-                plgpu.copy_gmem_to_smem(v_tile, v_smem.at[slot], v_ready.at[slot])
+            def step_blocks(t):
+                """Key blocks of loop step t: [lut[t]], or [lut[2t], lut[min(2t + 1, topk - 1)]] when paired."""
+                entries = (2 * t, jnp.minimum(2 * t + 1, topk - 1)) if paired else (t,)
+                return [r["lut"][bi, hi, qi, e] for e in entries]
+
+            def slot_part(ref, slot, half):
+                return ref.at[slot, pl.ds(half * block_k, block_k)] if paired else ref.at[slot]
+
+            def fetch_k(blocks, slot):
+                for half, key_block in enumerate(blocks):
+                    rows = pl.ds(key_block * block_k, block_k)
+                    plgpu.copy_gmem_to_smem(r["k"].at[bi, rows, hi], slot_part(k_smem, slot, half), k_ready.at[slot])
+
+            def fetch_v(blocks, slot):
+                for half, key_block in enumerate(blocks):
+                    rows = pl.ds(key_block * block_k, block_k)
+                    v_tile = r["v"].at[bi, hi, :, rows] if fp8 else r["v"].at[bi, rows, hi]  # FP8: V^T (D, block_k)
+                    plgpu.copy_gmem_to_smem(v_tile, slot_part(v_smem, slot, half), v_ready.at[slot])
 
             with jax.named_scope("m_prime"):
-                early = [r["lut"][bi, hi, qi, t] for t in range(stages)] if schedule.lut_early else [None] * stages
+                early = [step_blocks(t) for t in range(stages)] if schedule.lut_early else [None] * stages
                 for t in range(stages):
-                    fetch(t, t, early[t])
+                    blocks = step_blocks(t) if early[t] is None else early[t]
+                    fetch_k(blocks, t)
+                    fetch_v(blocks, t)
             if fp8:  # needed only in the epilogue
                 plgpu.copy_gmem_to_smem(r["v_scale"].at[bi, hi], smem["v_scale"], bars["vs_ready"])
             if linear is not None:  # after the ring's first fill: needed only in the epilogue
@@ -554,20 +593,22 @@ def _sparse_forward(
                 plgpu.copy_gmem_to_smem(r["h"].at[bi, hi, qi], smem["h"], lin_ready.at[2])
                 plgpu.copy_gmem_to_smem(r["z"].at[bi, hi, qi], smem["z"], lin_ready.at[3])
 
-            @pl.loop(stages, topk)
+            @pl.loop(stages, steps)
             def _refill(t):
                 slot = lax.rem(t, stages)
-                key_block = r["lut"][bi, hi, qi, t] if schedule.lut_early else None  # read while the slot drains
-                plgpu.barrier_wait(k_free.at[slot])
+                early = step_blocks(t) if schedule.lut_early else None  # read while the slot drains
+                plgpu.barrier_wait(k_free.at[slot])  # the K half of a slot is refilled as soon as it is released
+                blocks = step_blocks(t) if early is None else early
+                fetch_k(blocks, slot)
                 plgpu.barrier_wait(v_free.at[slot])
-                fetch(t, slot, key_block)
+                fetch_v(blocks, slot)
 
     def kernel_body(*refs):
         qk_tiles, v_tiles = _tiles(plgpu, q_op.dtype, d), _tiles(plgpu, dtype, d)
         # the swizzled tiles first, the small float32 vectors last (swizzled buffers are 1024-byte aligned)
         smem = [
             ("q", plgpu.SMEM((2, _ROWS, d), q_op.dtype, transforms=qk_tiles)),
-            ("k", plgpu.SMEM((stages, block_k, d), q_op.dtype, transforms=qk_tiles)),
+            ("k", plgpu.SMEM((stages, width, d), q_op.dtype, transforms=qk_tiles)),
         ]
         if fp8:  # V^T tiles (D, block_k), keys contiguous; P tiles (64, block_k) for the "smem" operand
             p8_tiles = _tiles(plgpu, _FP8, block_k)
@@ -575,12 +616,12 @@ def _sparse_forward(
             if p8_smem:
                 smem.append(("p8", plgpu.SMEM((2, _ROWS, block_k), _FP8, transforms=p8_tiles)))
         else:
-            smem.append(("v", plgpu.SMEM((stages, block_k, d), dtype, transforms=v_tiles)))
+            smem.append(("v", plgpu.SMEM((stages, width, d), dtype, transforms=v_tiles)))
         if extra_tiles:
             smem.append(("out", plgpu.SMEM((extra_tiles, 2, _ROWS, d), dtype, transforms=v_tiles)))
         bars = {
-            "k_ready": plgpu.Barrier(num_barriers=stages),
-            "v_ready": plgpu.Barrier(num_barriers=stages),
+            "k_ready": plgpu.Barrier(num_arrivals=width // block_k, num_barriers=stages),  # a TMA copy per block
+            "v_ready": plgpu.Barrier(num_arrivals=width // block_k, num_barriers=stages),
             "q_ready": plgpu.Barrier(num_barriers=2),
             "k_free": plgpu.Barrier(num_arrivals=2, num_barriers=stages),
             "v_free": plgpu.Barrier(num_arrivals=2, num_barriers=stages),

@@ -1,9 +1,10 @@
-"""The compute warpgroups' LUT loop of the Mosaic GPU sparse forward (sparse_mosaic.OPTIONS["loop"], session 7).
+"""The compute warpgroups' LUT loop of the Mosaic GPU sparse forward (sparse_mosaic.OPTIONS "loop" and
+"pair_steps", session 7).
 
 The kernels run only on a Hopper GPU; experiments/probe_mosaic_sparse.py (--parts loops, and small / fused_small with
---loop) checks each loop there against the dense float32 reference and the other loop (outputs equal bit for bit).
-On CPU: every kernel kind lowers for CUDA under both loops, the loops lower to different kernels, "auto" picks
-"pipelined" except for FP8 values (ping-pong), and a bad name is refused.
+--loop / --pair-steps) checks each variant there against the dense float32 reference and the other variants. On CPU:
+every kernel kind lowers for CUDA under every variant (ragged N, odd and even LUT lengths, one entry), the variants
+lower to different kernels, FP8 values ignore pair_steps, and a bad loop name is refused.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def _kernels():
     }
 
 
-def _lowered(kind: str, loop: str, topk: int, monkeypatch) -> str:
-    monkeypatch.setattr(sm, "OPTIONS", dict(sm.OPTIONS, loop=loop))
+def _lowered(kind: str, loop: str, topk: int, monkeypatch, pairs: bool = True) -> str:
+    monkeypatch.setattr(sm, "OPTIONS", dict(sm.OPTIONS, loop=loop, pair_steps=pairs))
     q = jnp.zeros((B, N, H, D), jnp.bfloat16)
     lut = jnp.zeros((B, H, NQ, topk), jnp.int32)
     fn = _kernels()[kind]  # a fresh function: jit does not reuse a trace made under other OPTIONS
@@ -45,11 +46,18 @@ def _lowered(kind: str, loop: str, topk: int, monkeypatch) -> str:
 
 
 @pytest.mark.parametrize("kind", ["bf16", "fused", "int8", "int8_fp8"])
-@pytest.mark.parametrize("topk", [1, 3])
-def test_both_loops_lower_and_auto_picks(kind, topk, monkeypatch):
-    texts = {loop: _lowered(kind, loop, topk, monkeypatch) for loop in ("pingpong", "pipelined", "auto")}
-    assert texts["pingpong"] != texts["pipelined"]
-    assert texts["auto"] == texts["pingpong" if kind == "int8_fp8" else "pipelined"]
+@pytest.mark.parametrize("topk", [1, 3, 4])
+def test_loop_variants_lower(kind, topk, monkeypatch):
+    texts = {
+        (loop, pairs): _lowered(kind, loop, topk, monkeypatch, pairs)
+        for loop in ("pingpong", "pipelined")
+        for pairs in (False, True)
+    }
+    assert texts["pingpong", True] != texts["pipelined", True]
+    # pairs need two LUT entries and 16-bit values
+    same_with_pairs = topk == 1 or kind == "int8_fp8"
+    assert (texts["pingpong", False] == texts["pingpong", True]) == same_with_pairs
+    assert (texts["pipelined", False] == texts["pipelined", True]) == same_with_pairs
 
 
 def test_bad_loop_refused(monkeypatch):
