@@ -450,6 +450,27 @@ def loop_variants(sparsities, loops=None, kinds_wanted=None, iterations=20):
         a, b = jax.tree.leaves(a), jax.tree.leaves(b)
         return max(float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))) for x, y in zip(a, b))
 
+    def first(out):  # the first output of a tuple or a dict of outputs
+        return out[0] if isinstance(out, tuple) else out[next(iter(out))]
+
+    def each_variant(prefix, fn, args, measure):
+        """fn(*args) under each variant of `loops`: row[prefix_variant] = measure(fn under it, its output), plus the
+        output's largest difference (and the first output's relative one) from the first variant's."""
+        base = None
+        for loop in loops:
+            key = f"{prefix}_{loop}"
+            try:
+                fn_loop = with_options(sm.OPTIONS, fn, **LOOP_VARIANTS[loop])
+                out = jax.block_until_ready(jax.jit(fn_loop)(*args))
+                base = out if base is None else base
+                row[key] = measure(fn_loop, out)
+                row[key].update(
+                    max_diff_vs_first=max_diff(out, base), rel_first_output_vs_first=rel(first(out), first(base))
+                )
+            except Exception as e:  # noqa: BLE001
+                record_error(row, f"{key}_error", e)
+            print("loops", key, row.get(key) or row.get(f"{key}_error", "")[:300], flush=True)
+
     rng = np.random.default_rng(seed)
     for n, d, topk in [(2000, 128, 4), (1000, 64, 3), (776, 128, 1), (4096, 128, 7)]:  # INT8 / FP8 correctness
         b, h = 1, 2
@@ -458,17 +479,12 @@ def loop_variants(sparsities, loops=None, kinds_wanted=None, iterations=20):
         keys = jax.jit(lambda k: ia.quantize_keys_with_mean(k, 64))(k)
         o_ref, _ = dense_reference(q, k, v, lut, 128, 64)
         for kind, fn in wanted(int8_kinds(keys)).items():
-            base = None
-            for loop in loops:
-                key = f"small_n{n}_d{d}_topk{topk}_{kind}_{loop}"
-                try:
-                    fn_loop = with_options(sm.OPTIONS, fn, **LOOP_VARIANTS[loop])
-                    out = jax.block_until_ready(jax.jit(fn_loop)(q, k, v, lut))
-                    base = out if base is None else base
-                    row[key] = {"rel_o_vs_dense": rel(out[0], o_ref), "max_diff_vs_first": max_diff(out, base)}
-                    row[key]["rel_o_vs_first"] = rel(out[0], base[0])
-                except Exception as e:  # noqa: BLE001
-                    record_error(row, f"{key}_error", e)
+            each_variant(
+                f"small_n{n}_d{d}_topk{topk}_{kind}",
+                fn,
+                (q, k, v, lut),
+                lambda _, out: {"rel_o_vs_dense": rel(out[0], o_ref)},
+            )
     n, h, d = 32760, 12, 128
     nq, nk = -(-n // 128), -(-n // 64)
     q, k, v = (jnp.asarray(rng.standard_normal((1, n, h, d)), jnp.bfloat16) for _ in range(3))
@@ -486,27 +502,17 @@ def loop_variants(sparsities, loops=None, kinds_wanted=None, iterations=20):
             q, k, v, lut, keys, linear, outputs=("o",), queries=queries
         ),
     }
-    kinds = wanted(kinds)
     for sparsity in sparsities:
         topk = max(1, round((1 - sparsity) * nk))
         lut = uniform_lut(rng, 1, h, nq, nk, topk)
         flop = 4 * h * nq * 128 * topk * 64 * d
-        for kind, fn in kinds.items():
-            base = None
-            for loop in loops:
-                key = f"s{sparsity}_topk{topk}_{kind}_{loop}"
-                try:
-                    fn_loop = with_options(sm.OPTIONS, fn, **LOOP_VARIANTS[loop])
-                    out = jax.block_until_ready(jax.jit(fn_loop)(q, k, v, lut))
-                    base = out if base is None else base
-                    ms = kernel_ms(fn_loop, (q, k, v, lut), iterations)[0]
-                    row[key] = {"cupti_ms": ms, "eff_tflops": flop / (ms * 1e-3) / 1e12}
-                    row[key]["max_diff_vs_first"] = max_diff(out, base)
-                    first = lambda x: x[0] if isinstance(x, tuple) else x[next(iter(x))]
-                    row[key]["rel_first_output_vs_first"] = rel(first(out), first(base))
-                except Exception as e:  # noqa: BLE001
-                    record_error(row, f"{key}_error", e)
-                print("loops", key, row.get(key) or row.get(f"{key}_error", "")[:300], flush=True)
+
+        def timing(fn_loop, _out, lut=lut, flop=flop):
+            ms = kernel_ms(fn_loop, (q, k, v, lut), iterations)[0]
+            return {"cupti_ms": ms, "eff_tflops": flop / (ms * 1e-3) / 1e12}
+
+        for kind, fn in wanted(kinds).items():
+            each_variant(f"s{sparsity}_topk{topk}_{kind}", fn, (q, k, v, lut), timing)
     RESULTS["loops"] = row
 
 
