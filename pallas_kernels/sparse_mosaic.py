@@ -375,30 +375,34 @@ def _sparse_forward(
             with jax.named_scope("c_drain"):
                 plgpu.wait_smem_to_gmem(0, wait_read_only=schedule.store_wait == "read")
 
+        def step_entries(t):
+            """LUT entries of loop step t: (t,), or (2t, min(2t + 1, topk - 1)) when paired (an odd topk's last step
+            repeats the last entry in its second half, which the softmax masks)."""
+            return (2 * t, jnp.minimum(2 * t + 1, topk - 1)) if paired else (t,)
+
         def softmax(s, t, m_i, masked):
             """Online-softmax step t on its score tile s (64, width) (float32, or int32 for int8 scores): LUT entry
             t, or entries 2t, 2t + 1 when paired: (P operand of the P V wgmma, new row max, correction
             exp2(m_i - m_new), row sums of P)."""
-            entries = (2 * t, jnp.minimum(2 * t + 1, topk - 1)) if paired else (t,)
+            entries = step_entries(t)
             s_scale = r["scale"][bi, hi, qi, entries[0]] if quantised else scale
             if magic:  # s + 1.5 * 2^23 exactly, as a float
                 s = lax.bitcast_convert_type(s + jnp.int32(_MAGIC_BITS), f32)
             elif quantised:
                 s = s.astype(f32)
-            if paired:
+            if (paired and quantised) or masked:
                 cols = plgpu.broadcasted_iota(jnp.int32, (_ROWS, width), 1, layout=plgpu.Layout.WGMMA)
-                if quantised:  # one scale per key block: the two halves scaled here, s_scale 1 below
-                    s = s * jnp.where(cols < block_k, s_scale, r["scale"][bi, hi, qi, entries[1]])
-                    s_scale = None
-            if masked and not paired:  # keys >= N exist only in the last key block: the LUT's last entry (ascending)
-                key0 = r["lut"][bi, hi, qi, t] * block_k
-                keys = plgpu.broadcasted_iota(jnp.int32, (_ROWS, block_k), 1, layout=plgpu.Layout.WGMMA)
-                s = jnp.where(keys + key0 < n, s, -jnp.inf)
-            elif masked:  # the last step: keys >= N, and with an odd topk a second half holding no LUT entry
-                key0, key1 = (r["lut"][bi, hi, qi, e] * block_k for e in entries)
-                keys = jnp.where(cols < block_k, cols + key0, cols + (key1 - block_k))
+            if paired and quantised:  # one scale per key block: the two halves scaled here, s_scale 1 below
+                s = s * jnp.where(cols < block_k, s_scale, r["scale"][bi, hi, qi, entries[1]])
+                s_scale = None
+            if masked:  # the last step: keys >= N (only in the last key block: the LUT is ascending), and with pairs
+                # and an odd topk the second half, which repeats the last entry
+                first = [r["lut"][bi, hi, qi, e] * block_k for e in entries]  # first key of each block
+                keys = cols + first[0]
+                if paired:
+                    keys = jnp.where(cols < block_k, keys, cols + (first[1] - block_k))
                 valid = keys < n
-                if topk % 2:
+                if paired and topk % 2:
                     valid = jnp.logical_and(valid, cols < block_k)
                 s = jnp.where(valid, s, -jnp.inf)
             if magic:
@@ -559,9 +563,8 @@ def _sparse_forward(
                 plgpu.set_max_registers(40, action="decrease")
 
             def step_blocks(t):
-                """Key blocks of loop step t: [lut[t]], or [lut[2t], lut[min(2t + 1, topk - 1)]] when paired."""
-                entries = (2 * t, jnp.minimum(2 * t + 1, topk - 1)) if paired else (t,)
-                return [r["lut"][bi, hi, qi, e] for e in entries]
+                """Key blocks of loop step t (step_entries)."""
+                return [r["lut"][bi, hi, qi, e] for e in step_entries(t)]
 
             def slot_part(ref, slot, half):
                 return ref.at[slot, pl.ds(half * block_k, block_k)] if paired else ref.at[slot]
