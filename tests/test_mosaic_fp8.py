@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import sla2_jax as sla
-from helpers import output_and_grads, random_qkv, rel_err, softmax_phi
+from helpers import lowbit_triton_and_emulated_mosaic, random_qkv, rel_err
 from pallas_kernels import int8_attention as ia
 from pallas_kernels import sparse_linear as sl
 from pallas_kernels import sparse_mosaic as sm
@@ -158,17 +158,9 @@ def test_mosaic_int8_fp8_path_with_an_emulated_kernel(seed, monkeypatch):
     lut, _, mass = sla.route(q, k, sla.SLA2Config(block_q=128, block_k=64, topk_ratio=0.5))
     kw = dict(block_q=128, block_k=64, quant="int8_fp8")
     do = jax.random.normal(jax.random.PRNGKey(seed + 3), q.shape)
-    args = (q, k, v, softmax_phi(q), softmax_phi(k), mass)
-
-    def run():
-        return output_and_grads(lambda *a: ia.sla2_fused_attention_lowbit(*a[:5], lut, a[5], **kw), args, do)
-
-    with ia.options(fwd_kernel="triton"):
-        o_ref, g_ref = run()
-    monkeypatch.setattr(sm, "_sparse_forward", kernel)
-    monkeypatch.setattr(ia, "_use_mosaic", lambda q, cfg, quant: True)  # any device, interpret mode
-    with ia.options(fwd_kernel="mosaic", mosaic_q="xla"):
-        o, g = run()
+    (o_ref, g_ref), (o, g) = lowbit_triton_and_emulated_mosaic(
+        q, k, v, lut, mass, do, kw, kernel, lambda q, cfg, quant: True, monkeypatch
+    )
     assert calls and all(c["values"] is not None for c in calls), "the FP8 mosaic path was not taken"
     assert rel_err(o, o_ref) < 1e-3, rel_err(o, o_ref)
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, g_ref):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import sla2_jax as sla
-from helpers import output_and_grads, random_qkv, rel_err, softmax_phi
+from helpers import lowbit_triton_and_emulated_mosaic, output_and_grads, random_qkv, rel_err, softmax_phi
 from pallas_kernels import int8_attention as ia
 from pallas_kernels import sparse_linear as sl
 
@@ -238,8 +238,6 @@ def test_mosaic_int8_path_with_an_emulated_kernel(seed, monkeypatch):
     """The INT8 Mosaic forward (GPU only) = Q pass + per-LUT-entry scales + the Mosaic kernel + LSE shift + the Triton
     linear epilogue. On CPU an XLA emulation replaces the kernel; output and gradients must equal the Triton INT8
     path's (same quantised operands; the kernel itself is checked on the GPU by experiments/probe_mosaic_int8.py)."""
-    from pallas_kernels import sparse_mosaic
-
     calls = []
 
     def kernel(*args, **kw):
@@ -249,17 +247,9 @@ def test_mosaic_int8_path_with_an_emulated_kernel(seed, monkeypatch):
     q, k, v, lut, mass = _setup(seed, 200, 64, jnp.float32, 128, 64, 0.5)  # ragged N, 2 query blocks
     kw = dict(block_q=128, block_k=64)
     do = jax.random.normal(jax.random.PRNGKey(seed + 3), q.shape)
-    args = (q, k, v, softmax_phi(q), softmax_phi(k), mass)
-
-    def run():
-        return output_and_grads(lambda *a: ia.sla2_fused_attention_lowbit(*a[:5], lut, a[5], **kw), args, do)
-
-    with ia.options(fwd_kernel="triton"):
-        o_ref, g_ref = run()
-    monkeypatch.setattr(sparse_mosaic, "_sparse_forward", kernel)
-    monkeypatch.setattr(ia, "_use_mosaic", lambda q, cfg, quant: quant == "int8")  # any device, interpret mode
-    with ia.options(fwd_kernel="mosaic", mosaic_q="xla"):
-        o, g = run()
+    (o_ref, g_ref), (o, g) = lowbit_triton_and_emulated_mosaic(
+        q, k, v, lut, mass, do, kw, kernel, lambda q, cfg, quant: quant == "int8", monkeypatch
+    )
     assert calls, "the mosaic path was not taken"
     assert rel_err(o, o_ref) < 1e-5, rel_err(o, o_ref)
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, g_ref):
