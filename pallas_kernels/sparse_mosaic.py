@@ -419,8 +419,19 @@ def _sparse_forward(
             p_op = _p8_operand(plgpu, p) if fp8 else p.astype(dtype)
             return p_op, m_new, correction, p.sum(axis=1)
 
+        def k_operand(slot):  # K^T of a ring slot: the B operand of S = Q K^T
+            return plgpu.transpose_ref(k_smem.at[slot], (1, 0))
+
         def v_operand(slot):
             return plgpu.transpose_ref(v_smem.at[slot], (1, 0)) if fp8 else v_smem.at[slot]
+
+        def run_steps(step, first, carry):
+            """step(t, carry) for t in [first, steps), the last one with masked=tail_masked (in a loop of one
+            step: Mosaic wants a traced index)."""
+            carry = lax.fori_loop(first, max(first, steps - 1), step, carry)
+            if steps > first:
+                carry = lax.fori_loop(steps - 1, steps, functools.partial(step, masked=tail_masked), carry)
+            return carry
 
         def rows_times(x, rows):
             return x * lax.broadcast_in_dim(rows, x.shape, [0])
@@ -437,7 +448,7 @@ def _sparse_forward(
                 slot = lax.rem(t, stages)
 
                 def scores(s_ref):
-                    plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    plgpu.wgmma(s_ref, my_q, k_operand(slot))
                     take_turn()
                     return s_ref[...]
 
@@ -467,9 +478,7 @@ def _sparse_forward(
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 
-            acc, m_i, l_i = lax.fori_loop(0, steps - 1, step, (acc, m_i, l_i))
-            last = functools.partial(step, masked=tail_masked)  # a loop of one step: Mosaic wants a traced index
-            acc, m_i, l_i = lax.fori_loop(steps - 1, steps, last, (acc, m_i, l_i))
+            acc, m_i, l_i = run_steps(step, 0, (acc, m_i, l_i))
             pl.when(wg == 0)(take_turn)
             return acc, m_i, l_i
 
@@ -480,7 +489,7 @@ def _sparse_forward(
 
             def first_scores(s_ref):
                 plgpu.barrier_wait(k_ready.at[0])
-                plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[0], (1, 0)))
+                plgpu.wgmma(s_ref, my_q, k_operand(0))
                 return s_ref[...]
 
             s = pl.run_scoped(first_scores, plgpu.ACC((_ROWS, width), acc_dtype))
@@ -495,7 +504,7 @@ def _sparse_forward(
 
                 def both(s_ref, o_ref):
                     o_ref[...] = acc
-                    plgpu.wgmma(s_ref, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    plgpu.wgmma(s_ref, my_q, k_operand(slot))
                     plgpu.wgmma(o_ref, p_prev, v_operand(prev))
                     s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_t done, P_{t-1} V_{t-1} may run on
                     plgpu.barrier_arrive(k_free.at[slot])
@@ -509,11 +518,7 @@ def _sparse_forward(
                 plgpu.barrier_arrive(v_free.at[prev])
                 return acc, m_i, l_i, p_op
 
-            carry = lax.fori_loop(1, max(1, steps - 1), step, (acc, m_i, l_i, p_op))
-            if steps > 1:
-                last = functools.partial(step, masked=tail_masked)  # a loop of one step: Mosaic wants a traced index
-                carry = lax.fori_loop(steps - 1, steps, last, carry)
-            acc, m_i, l_i, p_op = carry
+            acc, m_i, l_i, p_op = run_steps(step, 1, (acc, m_i, l_i, p_op))
             last_slot = (steps - 1) % stages
             plgpu.barrier_wait(v_ready.at[last_slot])
 
