@@ -1,4 +1,7 @@
-"""Test configuration: CPU only, a fresh random seed per test; shared helpers live in tests/helpers.py."""
+"""Test configuration: CPU only, a fresh random seed per test; shared helpers live in tests/helpers.py.
+
+Tests by area: library/ (sla2_jax), kernels/ (pallas_kernels, interpret mode or lowered for CUDA), experiments/
+(the user jobs, the recipe, the Wan2.1 port), multidevice/ (run by test_multidevice.py in a child process)."""
 
 import os
 
@@ -9,7 +12,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py for the tests in library/, kernels/, experiments/
 
 _BASE_SEED = int.from_bytes(os.urandom(4), "little")
 

@@ -1,7 +1,7 @@
 """The smoke recipe end to end: stages chain (short clips -> full-length dense -> routers -> fine-tunes), checkpoints
 resume to the same step and parameters, reruns skip finished stages, metrics are finite and the report files exist.
 
-The recipe itself runs once, in a child process (`python tests/test_experiments_recipe.py OUT STRAIGHT`) that
+The recipe itself runs once, in a child process (`python tests/experiments/test_experiments_recipe.py OUT STRAIGHT`) that
 compiles with LLVM optimisation off: it is compile-bound (about 15 programs), and this halves its time. The HLO, hence
 what is computed, is the same; the tests below check its outputs in this process."""
 
@@ -61,7 +61,7 @@ def _run_smoke_recipe(out: str, straight: str) -> None:
 def recipe_dirs(tmp_path_factory):
     """(recipe folder, uninterrupted stage-0 folder), written by `_run_smoke_recipe` in a child process."""
     out, straight = str(tmp_path_factory.mktemp("smoke")), str(tmp_path_factory.mktemp("straight"))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",

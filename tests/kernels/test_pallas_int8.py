@@ -220,7 +220,7 @@ def test_query_prepass_matches_reference_quantisation_and_shift(seed, method):
 def _emulated_mosaic_kernel(q8, k8, v, lut, step_scale, *, block_k, stages, values=None):
     """XLA stand-in for sparse_mosaic._sparse_forward on int8 operands (the GPU-only kernel): S = q8 k8^T times the
     LUT entry's scale, keys of unselected blocks and >= N masked, base-2 softmax; (o_s, lse (B, H, Nq * 128)).
-    16-bit values only (FP8 values: tests/test_mosaic_fp8.py)."""
+    16-bit values only (FP8 values: tests/kernels/test_mosaic_fp8.py)."""
     assert q8.dtype == k8.dtype == jnp.int8 and step_scale.shape == lut.shape and stages >= 1 and values is None
     b, n, h, _ = v.shape
     nq, nk = lut.shape[2], -(-n // block_k)
