@@ -21,16 +21,26 @@ import dataclasses
 from typing import Optional
 
 
+DATA_SOURCES = ("shapes", "natural")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Procedural bouncing/orbiting shapes videos, (T, H, W, C) in [-1, 1]."""
+    """Videos (T, H, W, C) in [-1, 1] generated on the fly. source: "shapes" (coloured shapes bouncing or orbiting
+    over flat or gradient backgrounds, data.ProceduralVideos) or "natural" (camera pans and zooms across
+    photographs with textured sprites, natural_video.NaturalVideos; needs scikit-image)."""
 
     frames: int = 4
     height: int = 16
     width: int = 16
     channels: int = 3
-    max_shapes: int = 3
+    max_shapes: int = 3  # shapes ("shapes") or sprites ("natural") per video, at most
     seed: int = 0  # training stream; validation and capture use fixed offsets of it
+    source: str = "shapes"
+
+    def __post_init__(self):
+        if self.source not in DATA_SOURCES:
+            raise ValueError(f"source={self.source!r} is not one of {DATA_SOURCES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +52,7 @@ class ModelConfig:
     depth: int = 2
     num_heads: int = 2
     mlp_ratio: float = 4.0
-    num_classes: int = 6  # see data.NUM_CLASSES
+    num_classes: int = 6  # data.num_classes(DataConfig): 6 for "shapes", 8 for "natural"
     dtype: str = "float32"  # compute dtype ("bfloat16" on GPU); parameters stay float32
 
 

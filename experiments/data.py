@@ -7,8 +7,9 @@ NUM_CLASSES = 6. All shapes of one video share the kind and the motion; count, c
 the background (solid, horizontal or vertical gradient) vary.
 
 Loader interface: a `VideoSource` has `batch(step, batch_size) -> {"video": (B,T,H,W,C), "label": (B,)}`;
-`batches(source, batch_size, start_step)` iterates it. `ProceduralVideos` is the procedural source and
-`NpyFolderVideos` shows how a folder of real clips plugs in.
+`batches(source, batch_size, start_step)` iterates it. `ProceduralVideos` is the procedural source,
+`natural_video.NaturalVideos` the natural-image one (camera pans over photographs), `make_source` picks one by
+`DataConfig.source`, and `NpyFolderVideos` shows how a folder of real clips plugs in.
 """
 
 from __future__ import annotations
@@ -144,6 +145,24 @@ class NpyFolderVideos:
                 raise ValueError(f"clip {self.files[i]} has shape {x.shape}, expected {want}")
             clips.append(x.astype(np.float32) / 127.5 - 1.0 if x.dtype == np.uint8 else x.astype(np.float32))
         return {"video": jnp.asarray(np.stack(clips)), "label": jnp.asarray(self.labels[idx])}
+
+
+def make_source(cfg: DataConfig, stream: int = TRAIN_STREAM) -> VideoSource:
+    """The generated source of `cfg.source` ("shapes" or "natural") on index stream `stream`."""
+    if cfg.source == "natural":
+        from experiments.natural_video import NaturalVideos
+
+        return NaturalVideos(cfg, stream)
+    return ProceduralVideos(cfg, stream)
+
+
+def num_classes(cfg: DataConfig) -> int:
+    """Number of class labels of `cfg.source` (shapes: shape x motion kind; natural: camera direction)."""
+    if cfg.source == "natural":
+        from experiments.natural_video import NUM_CLASSES as natural_classes
+
+        return natural_classes
+    return NUM_CLASSES
 
 
 def batches(source: VideoSource, batch_size: int, start_step: int = 0) -> Iterator[dict]:

@@ -182,14 +182,14 @@ def sample_inputs(preset: Preset):
     d = preset.data
     n = preset.eval.num_samples
     noise = jax.random.normal(jax.random.PRNGKey(SAMPLE_SEED), (n, d.frames, d.height, d.width, d.channels))
-    labels = jnp.arange(n, dtype=jnp.int32) % data_lib.NUM_CLASSES
+    labels = jnp.arange(n, dtype=jnp.int32) % data_lib.num_classes(d)
     return noise, labels
 
 
 def validation_loss(model: VideoDiT, preset: Preset) -> float:
     """Mean flow-matching loss over the fixed validation set (stratified t, fixed noise)."""
     cfg = preset.eval
-    source = data_lib.ProceduralVideos(preset.data, data_lib.VAL_STREAM)
+    source = data_lib.make_source(preset.data, data_lib.VAL_STREAM)
     n = cfg.val_batches * cfg.val_batch_size
     t_all = (np.arange(n) + 0.5) / n
     t_all = np.random.default_rng(0).permutation(t_all).astype(np.float32)

@@ -96,7 +96,7 @@ def run_recipe(preset: Preset, out: str, *, time_budget_s: float | None = None, 
     train.load_params(stage0_dir, dense)
     examples = os.path.join(out, "data_examples.gif")
     if not os.path.exists(examples):
-        report.save_gif(data_lib.ProceduralVideos(preset.data, data_lib.VAL_STREAM).batch(0, 4)["video"], examples)
+        report.save_gif(data_lib.make_source(preset.data, data_lib.VAL_STREAM).batch(0, 4)["video"], examples)
 
     # Held-out Q/K/V (attention error) and the dense model's evaluation: its samples are the reference.
     heldout, captured = None, None

@@ -227,7 +227,7 @@ def train_diffusion(
     if is_done(run_dir):
         return read_done(run_dir)
     mesh = mesh or make_mesh()
-    source = source or data_lib.ProceduralVideos(preset.data, data_lib.TRAIN_STREAM)
+    source = source or data_lib.make_source(preset.data, data_lib.TRAIN_STREAM)
     model = make_model(preset, run, context=context_parallel(mesh))
     if init is not None:
         init(model)
@@ -304,7 +304,7 @@ def capture_qkv(
     Returns {"q": [L arrays (S, N, H, D)], "k": [...], "v": [...], "o": [...]} with S = num_videos * len(timesteps);
     "o" is the dense attention output (float32 reference, sla2_jax.dense_attention semantics).
     """
-    source = data_lib.ProceduralVideos(preset.data, stream)
+    source = data_lib.make_source(preset.data, stream)
     qs, ks, vs = [], [], []
     for ti, t_val in enumerate(cfg.timesteps):
         for start in range(0, num_videos, batch_size):
