@@ -27,6 +27,7 @@ from experiments import data as data_lib
 from experiments.configs import Preset, RunSpec
 from experiments.dit import VideoDiT
 from experiments.train import write_json
+from sla2_jax import diagnostics
 
 SAMPLE_SEED = 777
 
@@ -84,24 +85,8 @@ def relative_l2(o, ref):
 # Block-level softmax mass of the dense attention.
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_k"))
-def block_attention_mass(q, k, *, block_q: int, block_k: int):
-    """Exact softmax(QK^T / sqrt(D)) summed over each key block and averaged over each query block's rows.
-
-    q, k: (B, N, H, D) with N a multiple of block_q and block_k. Returns (B, H, Nq, Nk) float32; each row sums to 1.
-    Runs one query block at a time (memory b_q x N per head).
-    """
-    batch, seq_len, heads, dim = q.shape
-    if seq_len % block_q or seq_len % block_k:
-        raise ValueError(f"N={seq_len} must be a multiple of block_q={block_q} and block_k={block_k}")
-    qb = q.astype(jnp.float32).reshape(batch, seq_len // block_q, block_q, heads, dim).transpose(1, 0, 3, 2, 4)
-    kf = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # (B, H, N, D)
-
-    def one_block(qi):  # (B, H, b_q, D) -> (B, H, Nk)
-        p = jax.nn.softmax(jnp.einsum("bhqd,bhnd->bhqn", qi, kf) * dim**-0.5, axis=-1)
-        return p.reshape(batch, heads, block_q, seq_len // block_k, block_k).sum(-1).mean(2)
-
-    return jax.lax.map(one_block, qb).transpose(1, 2, 0, 3)
+# Exact softmax mass of each key block, averaged over each query block's rows: (B, H, Nq, Nk) float32, any N.
+block_attention_mass = diagnostics.block_attention_mass
 
 
 def oracle_kept_mass(block_mass, sparsity: float) -> float:

@@ -105,8 +105,7 @@ def run_recipe(preset: Preset, out: str, *, time_budget_s: float | None = None, 
         heldout = train.capture_qkv(
             dense, preset, preset.stage1, stream=data_lib.HELDOUT_STREAM, num_videos=preset.stage1.heldout_videos
         )
-        if preset.num_tokens % preset.block_q == 0 and preset.num_tokens % preset.block_k == 0:
-            heldout = evaluate.add_block_mass(heldout, preset.block_q, preset.block_k)
+        heldout = evaluate.add_block_mass(heldout, preset.block_q, preset.block_k)
     if not evaluated(dense_run):
         m = evaluate.evaluate_run(eval_dir, preset, dense_run, dense, heldout=heldout, dense_samples=None)
         log(f"[eval] dense: val_loss={m['val_loss']:.4f}")
