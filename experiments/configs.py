@@ -107,7 +107,15 @@ class RunSpec:
     attention: "dense" | "sla" | "sla2" | "sparse" (sparse branch only).
     sparsity: fraction of key blocks skipped (topk_ratio = 1 - sparsity).
     alpha: SLA2 alpha granularity ("block" | "head" | "mass").
-    quant: quantisation of the sparse branch during stage 2 and evaluation ("none" | "int8" | "int8_fp8").
+    quant: quantisation of the sparse branch during stage 2 ("none" | "int8" | "int8_fp8"), and at evaluation
+      unless eval_quants is given.
+    eval_quants: quantisations the trained model is evaluated with, one result row each (named <name>@<quant>);
+      () = just `quant`. The QAT ablation trains with quant="none" and evaluates with ("int8", "int8_fp8").
+    seed: stage-2 seed (data order, noise and t); runs that differ only in it measure the seed-to-seed spread.
+    linear_scope: "complement" | "all" (SLA2Config.linear_scope; stage 1 and 2).
+    router_routing: stage-1 soft routing of SLA2 ("soft_dense": every key block reachable, or "soft": the hard
+      top-k blocks with log M, see sla2_jax.soft_routing).
+    proj_init: SLA's Proj before stage 2: "zero" (the paper) or "fit" (least squares on the captured Q/K/V).
     """
 
     name: str
@@ -115,13 +123,28 @@ class RunSpec:
     sparsity: float = 0.0
     alpha: str = "block"
     quant: str = "none"
+    eval_quants: tuple = ()
+    seed: int = 0
+    linear_scope: str = "complement"
+    router_routing: str = "soft_dense"
+    proj_init: str = "zero"
 
     @property
     def router_run(self) -> Optional[str]:
         """Name of the stage-1 run this model's router comes from (SLA2 only)."""
         if self.attention != "sla2":
             return None
-        return f"router-{round(self.sparsity * 100)}-{self.alpha}"
+        name = f"router-{round(self.sparsity * 100)}-{self.alpha}"
+        if self.router_routing != "soft_dense":
+            name += f"-{self.router_routing}"
+        return name + ("-all" if self.linear_scope == "all" else "")
+
+    @property
+    def eval_names(self) -> tuple:
+        """(result row name, quant at evaluation) pairs of this model."""
+        if not self.eval_quants:
+            return ((self.name, self.quant),)
+        return tuple((f"{self.name}@{q}", q) for q in self.eval_quants)
 
 
 # Order = priority: the recipe trains and evaluates the stage-2 models in this order (see --time-budget).

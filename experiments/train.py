@@ -217,12 +217,18 @@ def train_diffusion(
     stop_after: Optional[int] = None,
     mesh: Optional[Mesh] = None,
     desc: Optional[str] = None,
+    deadline: Optional[float] = None,
+    on_checkpoint: Optional[Callable[[int, VideoDiT], None]] = None,
 ) -> dict:
     """Train a VideoDiT with the flow-matching loss (stage 0: dense from scratch; stage 2: sparse fine-tune).
 
     init: called on the fresh model before step 0 (loads stage-0 weights, stage-1 router). trainable: nnx filter
     of the parameters that learn. stop_after: stop (checkpointed, not done) after this many steps, to test resume.
-    Returns the done.json metrics: final_loss (mean of the last log interval), steps, seconds, videos_per_s.
+    deadline: a time.time() value; the first checkpoint after it ends this call (checkpointed, not done), so a
+    long run proceeds in time-budgeted chunks. on_checkpoint(step, model): called after every checkpoint save
+    (e.g. to log the oracle kept mass while the dense model trains).
+    Returns {"stopped_at": step} when stopped early, else the done.json metrics: final_loss (mean of the last log
+    interval), steps, seconds, videos_per_s, loss_curve (over every chunk of the run), seconds_total.
     """
     if is_done(run_dir):
         return read_done(run_dir)
@@ -239,6 +245,12 @@ def train_diffusion(
 
     base_key = jax.random.PRNGKey(cfg.seed)
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    progress_path = os.path.join(run_dir, "progress.json")
+    progress = {"loss_curve": [], "seconds": 0.0}
+    if start and os.path.exists(progress_path):
+        with open(progress_path) as f:
+            progress = json.load(f)
+        progress["loss_curve"] = [p for p in progress["loss_curve"] if p[0] <= start]
     losses, curve, t0, seen, tic, t_ckpt = [], [], time.time(), 0, time.time(), 0.0
     bar = tqdm(
         range(start, end), desc=desc or run.name, initial=start, total=cfg.steps, dynamic_ncols=True, mininterval=2.0
@@ -264,6 +276,17 @@ def train_diffusion(
             tic_ckpt = time.time()
             save_checkpoint(mngr, step + 1, model, optimizer)
             t_ckpt += time.time() - tic_ckpt
+            if on_checkpoint is not None:
+                tic_ckpt = time.time()
+                on_checkpoint(step + 1, model)
+                t_ckpt += time.time() - tic_ckpt
+            write_json(
+                progress_path,
+                {"loss_curve": progress["loss_curve"] + curve, "seconds": progress["seconds"] + time.time() - t0},
+            )
+            if deadline is not None and time.time() > deadline and step + 1 < end:
+                end = step + 1
+                break
     bar.close()
     if end < cfg.steps:
         return {"stopped_at": end}
@@ -279,7 +302,8 @@ def train_diffusion(
         "seconds": time.time() - t0,
         # Throughput after the first (compiling) step of this session, checkpoint saves excluded.
         "videos_per_s": ((end - start - 1) * cfg.batch_size / (t_end - t_first - t_ckpt) if end - start > 1 else None),
-        "loss_curve": curve,  # [step, mean training loss of the last log interval] (this session's steps)
+        "loss_curve": progress["loss_curve"] + curve,  # [step, mean training loss of the last log interval]
+        "seconds_total": progress["seconds"] + time.time() - t0,  # every chunk of the run
     }
     write_json(os.path.join(run_dir, "done.json"), metrics)
     return metrics
@@ -426,12 +450,13 @@ def init_alpha_least_squares(routers: RouterSet, captured: dict, clip: float = 0
 
 
 def train_router(run_dir: str, preset: Preset, run: RunSpec, captured: dict, *, stop_after=None) -> dict:
-    """Stage 1 for one SLA2 run (one sparsity and alpha granularity): soft top-k, MSE to dense attention."""
+    """Stage 1 for one SLA2 run (one sparsity, alpha granularity, linear scope): soft top-k in the form
+    run.router_routing ("soft_dense" or "soft"), MSE to dense attention."""
     if is_done(run_dir):
         return read_done(run_dir)
     cfg = preset.stage1
     routers = RouterSet(preset, run)
-    if set_routing(routers, "soft") != len(routers.layers):
+    if set_routing(routers, run.router_routing) != len(routers.layers):
         raise ValueError("stage 1 needs sla2_jax.SLA2Attention layers with a `routing` attribute")
     tcfg = TrainConfig(
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=max(cfg.steps // 10, 1), grad_clip=1.0
