@@ -220,3 +220,135 @@ def test_sla2_router_params_are_extras(tmp_path):
     report = load_wan_checkpoint(fresh, tmp_path / "sla2.safetensors")
     assert not report.kept_at_init
     np.testing.assert_array_equal(np.asarray(forward(fresh)), np.asarray(forward(model)))
+
+
+# --------------------------------------------------------------------------------------------------
+# The diffusers layout (WanTransformer3DModel): names, sharded folders with their index, errors
+# --------------------------------------------------------------------------------------------------
+import os  # noqa: E402
+
+from experiments.wan.loading import (DIFFUSERS_INDEX, detect_layout, diffusers_name,  # noqa: E402
+                                     load_diffusers_transformer, open_checkpoint, param_specs,
+                                     save_diffusers_transformer, wan_config_from_diffusers)
+
+FIXTURE_MODEL = os.path.join(os.path.dirname(__file__), "fixtures", "wan", "tiny_diffusers")
+
+
+def test_diffusers_names():
+    cases = {
+        "patch_embedding.weight": "patch_embedding.weight",
+        "text_embedding.2.bias": "condition_embedder.text_embedder.linear_2.bias",
+        "time_embedding.0.weight": "condition_embedder.time_embedder.linear_1.weight",
+        "time_projection.1.weight": "condition_embedder.time_proj.weight",
+        "blocks.3.self_attn.o.weight": "blocks.3.attn1.to_out.0.weight",
+        "blocks.3.cross_attn.k.bias": "blocks.3.attn2.to_k.bias",
+        "blocks.3.self_attn.norm_q.weight": "blocks.3.attn1.norm_q.weight",
+        "blocks.12.norm3.bias": "blocks.12.norm2.bias",
+        "blocks.0.modulation": "blocks.0.scale_shift_table",
+        "blocks.0.ffn.0.weight": "blocks.0.ffn.net.0.proj.weight",
+        "blocks.0.ffn.2.bias": "blocks.0.ffn.net.2.bias",
+        "head.head.weight": "proj_out.weight",
+        "head.modulation": "scale_shift_table",
+        "blocks.1.self_attn.attn.w_q": "blocks.1.self_attn.attn.w_q",       # the SLA2 router: our own name
+    }
+    assert {name: diffusers_name(name) for name in cases} == cases
+
+
+def test_diffusers_names_and_shapes_are_those_diffusers_writes():
+    """Every name and shape the port asks for is in the checkpoint that diffusers itself wrote, and nothing more."""
+    tensors = open_checkpoint(FIXTURE_MODEL)
+    model = WanModel(wan_config_from_diffusers(FIXTURE_MODEL, text_len=16), rngs=nnx.Rngs(0))
+    specs = {spec.name: spec.shape for spec in param_specs(model, "diffusers")}
+    assert set(specs) == set(tensors)
+    assert all(tuple(tensors.shape(name)) == tuple(shape) for name, shape in specs.items())
+    assert detect_layout(tensors) == "diffusers"
+
+
+def _diffusers_folder(tmp_path, max_shard_bytes=60_000):
+    source = WanModel(TINY, rngs=nnx.Rngs(0))
+    folder = tmp_path / "pipeline" / "transformer"
+    files = save_diffusers_transformer(source, folder, max_shard_bytes=max_shard_bytes)
+    return source, folder, files
+
+
+def test_diffusers_sharded_round_trip(tmp_path):
+    source, folder, files = _diffusers_folder(tmp_path)
+    assert len(files) > 2 and (folder / DIFFUSERS_INDEX).exists()
+    model, report = load_diffusers_transformer(tmp_path / "pipeline", rngs=nnx.Rngs(1), text_len=TINY.text_len,
+                                               dtype=jnp.float32)
+    assert report.layout == "diffusers" and model.cfg == TINY
+    np.testing.assert_array_equal(np.asarray(forward(model)), np.asarray(forward(source)))
+    # the same files through load_wan_checkpoint, the layout told from the names; a single unsharded file too
+    target = WanModel(TINY, rngs=nnx.Rngs(2))
+    assert load_wan_checkpoint(target, folder / DIFFUSERS_INDEX).layout == "diffusers"
+    np.testing.assert_array_equal(np.asarray(forward(target)), np.asarray(forward(source)))
+    single = tmp_path / "single"
+    assert save_diffusers_transformer(source, single) == ["diffusion_pytorch_model.safetensors"]
+    model, _ = load_diffusers_transformer(single, text_len=TINY.text_len, dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(forward(model)), np.asarray(forward(source)))
+
+
+def _rewrite_shard(folder, name, edit):
+    """Rewrite the shard holding `name` with edit(tensors) applied (the index is left as it was)."""
+    index = json.loads((folder / DIFFUSERS_INDEX).read_text())
+    shard = folder / index["weight_map"][name]
+    tensors = {k: np.array(v) for k, v in load_file(shard).items()}    # copies: the file is rewritten below
+    edit(tensors)
+    save_file(tensors, shard)
+
+
+def test_diffusers_missing_tensor_is_named(tmp_path):
+    _, folder, _ = _diffusers_folder(tmp_path)
+    name = "blocks.1.attn2.to_k.weight"
+    _rewrite_shard(folder, name, lambda t: t.pop(name))
+    # the index still lists it: the index and its shards disagree, and the tensor is named
+    with pytest.raises(ValueError, match=rf"does not match its shards for 1 tensors: {name} \(index: .*found in no shard"):
+        load_diffusers_transformer(folder, text_len=TINY.text_len)
+    # with the index fixed the model's own check names it
+    index = json.loads((folder / DIFFUSERS_INDEX).read_text())
+    del index["weight_map"][name]
+    (folder / DIFFUSERS_INDEX).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"diffusers layout.*missing tensors \(1\): {name}$"):
+        load_diffusers_transformer(folder, text_len=TINY.text_len)
+
+
+def test_diffusers_misshapen_and_misnamed_tensors_are_named(tmp_path):
+    _, folder, _ = _diffusers_folder(tmp_path)
+    d, f = TINY.dim, TINY.ffn_dim
+    bad = "blocks.0.ffn.net.0.proj.weight"
+    _rewrite_shard(folder, bad, lambda t: t.update({bad: np.ascontiguousarray(t[bad].T)}))
+    with pytest.raises(ValueError, match=rf"{bad.replace('.', '[.]')}: expected \({f}, {d}\), got \({d}, {f}\)"):
+        load_diffusers_transformer(folder, text_len=TINY.text_len)
+
+    _, folder, _ = _diffusers_folder(tmp_path / "second")
+    good, wrong = "blocks.1.attn1.to_q.weight", "blocks.1.attn1.q.weight"     # an official-style name left over
+    _rewrite_shard(folder, good, lambda t: t.update({wrong: t.pop(good)}))
+    index = json.loads((folder / DIFFUSERS_INDEX).read_text())
+    index["weight_map"][wrong] = index["weight_map"].pop(good)
+    (folder / DIFFUSERS_INDEX).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"missing tensors \(1\): {good}.*unexpected tensors \(1\).*{wrong}"):
+        load_diffusers_transformer(folder, text_len=TINY.text_len)
+
+
+def test_diffusers_index_naming_an_absent_shard_is_refused(tmp_path):
+    _, folder, files = _diffusers_folder(tmp_path)
+    os.remove(folder / files[1])
+    with pytest.raises(ValueError, match=rf"names shard files that do not exist: {files[1]}"):
+        load_diffusers_transformer(folder, text_len=TINY.text_len)
+    (folder / DIFFUSERS_INDEX).write_text("{not json")
+    with pytest.raises(ValueError, match="is not JSON with a 'weight_map'"):
+        open_checkpoint(folder)
+
+
+def test_diffusers_config_and_layout_errors():
+    base = json.load(open(os.path.join(FIXTURE_MODEL, "transformer", "config.json")))
+    cfg = wan_config_from_diffusers(base)
+    assert (cfg.dim, cfg.num_heads, cfg.num_layers, cfg.ffn_dim, cfg.text_dim, cfg.freq_dim) == (128, 2, 2, 192, 32, 32)
+    with pytest.raises(ValueError, match="image_dim"):
+        wan_config_from_diffusers({**base, "image_dim": 1280, "added_kv_proj_dim": 5120})
+    with pytest.raises(ValueError, match="qk_norm"):
+        wan_config_from_diffusers({**base, "qk_norm": "rms_norm"})
+    with pytest.raises(ValueError, match="cannot tell the checkpoint layout"):
+        detect_layout(["foo.weight", "bar.bias"])
+    with pytest.raises(ValueError, match="layout="):
+        load_wan_state_dict(WanModel(TINY, rngs=nnx.Rngs(0)), {}, layout="hub")
