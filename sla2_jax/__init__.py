@@ -5,7 +5,8 @@ sparse_linear_branches, combine, sla2_attention, SLA2Attention, SLAAttention, Se
 All attention tensors are (B, N, H, D).
 """
 
-from sla2_jax.branches import resolve_backend, sparse_linear_branches
+from sla2_jax.backends import resolve_backend
+from sla2_jax.branches import sparse_linear_branches
 from sla2_jax.combine import alpha_from_mass, combine, sla_v1_combine
 from sla2_jax.config import SLA2Config
 from sla2_jax.context_parallel import context_parallel_attention

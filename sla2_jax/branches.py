@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from sla2_jax import backends, reference, xla_backend
 from sla2_jax import quant as quant_lib
-from sla2_jax import reference, xla_backend
 from sla2_jax.blocks import num_blocks
 from sla2_jax.checks import check_block_size, check_lut, check_qkv
-from sla2_jax.config import BACKENDS, FEATURE_MAPS, LINEAR_SCOPES, QUANT_MODES
+from sla2_jax.config import FEATURE_MAPS, LINEAR_SCOPES, QUANT_MODES
 from sla2_jax.feature_maps import feature_map as apply_feature_map
 from sla2_jax.routing import selection_mask, smooth_keys
 
 EPS = 1e-6
-
-
-def pallas_available() -> bool:
-    """True when the Pallas kernels package imports (it needs a jax with Pallas' Triton backend)."""
-    try:
-        import pallas_kernels  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(pallas_kernels, "sparse_linear_attention")
-
-
-def resolve_backend(backend: str) -> str:
-    """"auto" -> "pallas" on GPU when the kernels are available, else "xla"."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    if backend != "auto":
-        return backend
-    return "pallas" if jax.default_backend() == "gpu" and pallas_available() else "xla"
 
 
 def quantize_sparse_inputs(q, k, v, *, quant: str, block_q: int, block_k: int):
@@ -47,12 +28,13 @@ def quantize_sparse_inputs(q, k, v, *, quant: str, block_q: int, block_k: int):
 
 
 def compute_branches(q, k, v, lut, *, block_q, block_k, feature_map, linear_scope, quant, backend,
-                     scale=None, eps=EPS, soft_mask=None):
+                     scale=None, eps=EPS, soft_mask=None, kernel=None):
     """Shared worker of `sparse_linear_branches` and the modules (no validation; backend already resolved).
 
     soft_mask: optional (B, H, Nq, Nk) soft top-k mask (router training). The sparse branch then attends the
       LUT's blocks with log(mask) added to their logits and the linear branch removes mask-weighted blocks from
       the totals. Only the "xla" and "reference" backends support it.
+    kernel: the pallas backend's KernelConfig (None: heuristics).
     Returns (o_s, o_l), (B, N, H, D) float32.
     """
     seq_len, dim = q.shape[1], q.shape[3]
@@ -64,13 +46,8 @@ def compute_branches(q, k, v, lut, *, block_q, block_k, feature_map, linear_scop
     if backend == "pallas":
         if soft_mask is not None:
             raise ValueError("soft routing is not supported by backend='pallas'; use 'xla' or 'reference'")
-        kw = dict(block_q=block_q, block_k=block_k, linear_scope=linear_scope, sm_scale=scale, eps=eps)
-        if quant != "none":  # real low-bit forward, full-precision backward (straight-through)
-            from pallas_kernels.int8_attention import sparse_linear_attention_lowbit
-            o_s, o_l = sparse_linear_attention_lowbit(q, k, v, q_phi, k_phi, lut, quant=quant, **kw)
-        else:
-            import pallas_kernels
-            o_s, o_l = pallas_kernels.sparse_linear_attention(q, k, v, q_phi, k_phi, lut, **kw)
+        o_s, o_l = backends.branches(q, k, v, q_phi, k_phi, lut, block_q=block_q, block_k=block_k,
+                                     linear_scope=linear_scope, quant=quant, scale=scale, eps=eps, kernel=kernel)
         return o_s.astype(jnp.float32), o_l.astype(jnp.float32)
 
     hard = selection_mask(lut, nk)
@@ -131,5 +108,6 @@ def sparse_linear_branches(q, k, v, lut, *, block_q=128, block_k=64, feature_map
     check_lut(lut, batch, heads, num_blocks(seq_len, block_q), num_blocks(seq_len, block_k))
     o_s, o_l = compute_branches(q, k, v, lut.astype(jnp.int32), block_q=block_q, block_k=block_k,
                                 feature_map=feature_map, linear_scope=linear_scope, quant=quant,
-                                backend=resolve_backend(backend), scale=scale, eps=eps)
+                                backend=backends.resolve_backend(backend, q, k, v, block_q=block_q, block_k=block_k),
+                                scale=scale, eps=eps)
     return o_s.astype(q.dtype), o_l.astype(q.dtype)

@@ -40,6 +40,8 @@ class SLA2Config:
       backend: "auto" (pallas on GPU, xla elsewhere), "pallas", "xla" or "reference".
       soft_topk_tau: temperature of the soft top-k used to train the router.
       eps: added to the linear branch's denominator.
+      kernel: a ``pallas_kernels.KernelConfig`` (which kernels and launch parameters the pallas backend uses),
+        or None for the measured defaults of the call's shape and GPU (``pallas_kernels.heuristic_config``).
     """
 
     block_q: int = 128
@@ -52,6 +54,7 @@ class SLA2Config:
     backend: str = "auto"
     soft_topk_tau: float = 0.1
     eps: float = 1e-6
+    kernel: object = None
 
     def __post_init__(self):
         for field in ("block_q", "block_k"):
@@ -70,6 +73,10 @@ class SLA2Config:
             raise ValueError(f"soft_topk_tau={self.soft_topk_tau!r} must be > 0")
         if not self.eps > 0:
             raise ValueError(f"eps={self.eps!r} must be > 0")
+        if self.kernel is not None:
+            from sla2_jax.backends import check_kernel_config  # imports pallas_kernels only for a given kernel
+
+            check_kernel_config(self.kernel)
 
     @property
     def sparsity(self) -> float:

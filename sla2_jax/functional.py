@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
 from sla2_jax.blocks import num_blocks
-from sla2_jax.branches import compute_branches, resolve_backend
+from sla2_jax import backends
+from sla2_jax.branches import compute_branches
 from sla2_jax.checks import check_alpha, check_block_size, check_qkv, check_weight
 from sla2_jax.combine import combine
 from sla2_jax.config import SLA2Config
@@ -16,7 +15,6 @@ from sla2_jax.routing import (
     block_probabilities,
     block_scores,
     captured_mass,
-    scores_from_block_means,
     soft_topk,
     topk_blocks,
 )
@@ -27,7 +25,9 @@ def route(q, k, config: SLA2Config, *, w_q=None, w_k=None, soft: bool = False):
 
     Hard routing on the pallas backend runs the Pallas front end (`route_with_features`); the xla/reference
     backends and soft routing run the XLA formulas below (the correctness baseline)."""
-    if not soft and resolve_backend(config.backend) == "pallas":
+    backend = backends.resolve_backend(config.backend, q, k, block_q=config.block_q, block_k=config.block_k,
+                                       soft=soft)
+    if backend == "pallas":
         lut, mass, _, _ = route_with_features(q, k, config, w_q=w_q, w_k=w_k, feature_map=None)
         return lut, None, mass
     seq_len = q.shape[1]
@@ -42,56 +42,30 @@ def route(q, k, config: SLA2Config, *, w_q=None, w_k=None, soft: bool = False):
 
 
 def route_with_features(q, k, config: SLA2Config, *, w_q=None, w_k=None, feature_map: str | None = None):
-    """Hard routing and phi(Q), phi(K) by the Pallas front end (pallas_kernels.prep): one read of Q and one of K
-    give the feature maps and the block means, one kernel selects the blocks from the router logits.
+    """Hard routing and phi(Q), phi(K) by the Pallas front end: one read of Q and one of K give the feature maps
+    and the block means, one kernel selects the blocks from the router logits.
 
     Same results as `route` (hard) and `feature_map` on the XLA path up to float32 rounding of the block means.
     Returns (lut (B, H, Nq, k) int32 ascending, mass (B, H, Nq) float32, phi(q), phi(k)) with phi in q.dtype
     (None when feature_map is None).
     """
-    return _pallas_front_end(q, k, config, w_q=w_q, w_k=w_k, feature_map=feature_map, int8_keys=False)[:4]
+    _check_front_end_args(q, config, w_q, w_k)
+    return backends.front_end(q, k, config, w_q=w_q, w_k=w_k, feature_map=feature_map, int8_keys=False)[:4]
 
 
-def _pallas_front_end(q, k, config: SLA2Config, *, w_q, w_k, feature_map: str | None, int8_keys: bool):
-    """`route_with_features` plus, when int8_keys, the int8 operands of the low-bit forward from the same reads:
-    the smoothed keys (`pallas_kernels.int8_attention.QuantisedKeys`) from the read of K and the queries with the
-    LSE shift (`pallas_kernels.prep.QuantisedQueries`, for the forward's default sm_scale) from the read of Q (else
-    None, None in their place); then q and k as the front end passes them through (same values: the attention
-    kernels take these, so that their dQ, dK are added to the front end's inside its backward kernels, see
-    `block_means_and_phi`). The K kernel's mean_N(K) (one XLA reduction) feeds the Q kernel's shift."""
-    from pallas_kernels.prep import (
-        block_means_and_phi,
-        block_means_phi_int8,
-        block_means_phi_int8_queries,
-        select_blocks,
-    )
-
+def _check_front_end_args(q, config: SLA2Config, w_q, w_k):
     check_block_size("block_q", config.block_q)
     check_block_size("block_k", config.block_k)
     heads, head_dim = q.shape[2], q.shape[3]
     check_weight("w_q", w_q, heads, head_dim)
     check_weight("w_k", w_k, heads, head_dim)
-    seq_len = q.shape[1]
-    if int8_keys:
-        k_phi, k_means, keys, k = block_means_phi_int8(k, config.block_k, feature_map, pass_through=True)
-        shift_scale = (1.0 / math.sqrt(head_dim)) * math.log2(math.e)  # the kernels' sm_scale * log2 e
-        q_phi, q_means, queries, q = block_means_phi_int8_queries(
-            q, config.block_q, feature_map, keys.mean, shift_scale, pass_through=True
-        )
-    else:
-        (k_phi, k_means, k), keys = block_means_and_phi(k, config.block_k, feature_map, pass_through=True), None
-        (q_phi, q_means, q), queries = block_means_and_phi(q, config.block_q, feature_map, pass_through=True), None
-    scores = scores_from_block_means(q_means, k_means, seq_len, config.block_k, w_q=w_q, w_k=w_k)
-    lut, mass = select_blocks(scores, config.num_selected(scores.shape[-1]), seq_len, config.block_k)
-    return lut, mass, q_phi, k_phi, keys, queries, q, k
 
 
 def sparse_linear_outputs(q, k, v, config: SLA2Config, *, w_q=None, w_k=None, soft: bool = False):
     """Routing and both branches: (o_s, o_l) float32 (B, N, H, D) and the captured mass (B, H, Nq)."""
-    backend = resolve_backend(config.backend)
-    if soft and backend == "pallas":
-        backend = "xla"  # soft routing (router training) runs on the pure-JAX path
-    lut, soft_mask, mass = route(q, k, config, w_q=w_q, w_k=w_k, soft=soft)
+    backend = backends.resolve_backend(config.backend, q, k, v, block_q=config.block_q, block_k=config.block_k,
+                                       soft=soft)
+    lut, soft_mask, mass = route(q, k, config.replace(backend=backend), w_q=w_q, w_k=w_k, soft=soft)
     o_s, o_l = compute_branches(
         q,
         k,
@@ -105,6 +79,7 @@ def sparse_linear_outputs(q, k, v, config: SLA2Config, *, w_q=None, w_k=None, so
         backend=backend,
         eps=config.eps,
         soft_mask=soft_mask,
+        kernel=config.kernel,
     )
     return o_s, o_l, mass
 
@@ -113,23 +88,17 @@ def sla2_output(q, k, v, config: SLA2Config, alpha_fn, *, w_q=None, w_k=None, so
     """Routing, branches and SLA2 combine; alpha_fn maps the captured mass (B, H, Nq) to alpha (broadcastable
     to (B, H, Nq)). On the pallas backend with hard routing, one fused kernel does the branches and the combine
     (the low-bit kernel when config.quant != "none"). Returns o (B, N, H, D) in q.dtype."""
-    backend = resolve_backend(config.backend)
-    if backend == "pallas" and not soft:
-        from pallas_kernels import sla2_fused_attention
-        from pallas_kernels.int8_attention import sla2_fused_attention_lowbit
-
+    backend = backends.resolve_backend(config.backend, q, k, v, block_q=config.block_q, block_k=config.block_k,
+                                       soft=soft)
+    if backend == "pallas":
+        _check_front_end_args(q, config, w_q, w_k)
         low_bit = config.quant != "none"  # then the front end also quantises K~ and Q (no pre-pass, no Q pass)
-        lut, mass, q_phi, k_phi, keys, queries, q, k = _pallas_front_end(
+        lut, mass, q_phi, k_phi, keys, queries, q, k = backends.front_end(
             q, k, config, w_q=w_q, w_k=w_k, feature_map=config.feature_map, int8_keys=low_bit
         )
         alpha = jnp.broadcast_to(alpha_fn(jax.lax.stop_gradient(mass)), mass.shape)
-        kw = dict(block_q=config.block_q, block_k=config.block_k, linear_scope=config.linear_scope, eps=config.eps)
-        if low_bit:  # real low-bit forward, full-precision backward (straight-through)
-            kernel, kw = sla2_fused_attention_lowbit, dict(kw, quant=config.quant, keys=keys, queries=queries)
-        else:
-            kernel = sla2_fused_attention
-        return kernel(q, k, v, q_phi, k_phi, lut, alpha, **kw).astype(q.dtype)
-    o_s, o_l, mass = sparse_linear_outputs(q, k, v, config, w_q=w_q, w_k=w_k, soft=soft)
+        return backends.fused(q, k, v, q_phi, k_phi, lut, alpha, config, keys=keys, queries=queries).astype(q.dtype)
+    o_s, o_l, mass = sparse_linear_outputs(q, k, v, config.replace(backend=backend), w_q=w_q, w_k=w_k, soft=soft)
     if not soft:
         mass = jax.lax.stop_gradient(mass)
     return combine(o_s, o_l, alpha_fn(mass), block_q=config.block_q).astype(q.dtype)

@@ -1,14 +1,18 @@
-"""Front end of the fused SLA2 path: Pallas GPU kernels (Triton backend) for the router and the feature maps.
+"""The router front end: Pallas Triton kernels for the block means, the feature maps and the top-k selection.
+
+The feature map is an argument: a function phi of a float32 (rows, D) tile -> float32 (rows, D) (e.g. the
+library's ``sla2_jax.feature_maps.softmax_phi``), applied inside the kernels and differentiated by JAX there; pass
+the same function object each time (it is part of the jit cache key). None: the block means alone.
 
 * ``block_means_and_phi(x, block, feature_map)``: one read of X (B, N, H, D) gives phi(X) (B, N, H, D, x.dtype)
   and the mean of every ``block``-row block, (B, H, Nb, D) float32 (a ragged last block averages its valid rows;
   rows >= N are masked, never padded). Grid (Nb, H, B), one block per program, ``rows`` rows per loop step.
   Bytes: one read of X, one write of phi(X). The backward is one kernel on the same grid: dX = vjp of phi
-  (`sla2_jax.feature_maps.feature_map_f32`, differentiated by JAX inside the kernel) applied to d phi, plus each
+  (the feature map differentiated by JAX inside the kernel) applied to d phi, plus each
   block mean's cotangent spread over its rows; bytes: read X and d phi, write dX. (XLA's fusion of the same vjp ran
-  at ~1 TB/s on H100: 0.38-0.40 ms per tensor at wan-1.3b, docs/perf_notes.md "Session 5 (lead)".)
+  at ~1 TB/s on H100: 0.38-0.40 ms per tensor at wan-1.3b; docs/dev/front_end.md.)
 * ``block_means_phi_int8(k, block, feature_map)``: the same from one read of K, one ``block``-row tile per program,
-  plus the int8 smoothed keys of the low-bit forward (``int8_attention.QuantisedKeys``: K~ = K - mean_N(K) per
+  plus the int8 smoothed keys of the low-bit forward (``quantize.QuantisedKeys``: K~ = K - mean_N(K) per
   block, the mean by one XLA reduction before the kernel). Bytes: one read of K (twice with the mean), one write
   of phi(K), one int8 write.
 * ``block_means_phi_int8_queries(q, block, feature_map, k_mean, shift_scale)``: Q's counterpart (same kernel):
@@ -28,24 +32,22 @@
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from ._triton import CompilerParams, pl, plgpu
-from .int8_attention import SCALE_LANES, QuantisedKeys, quantize_rows, store_quantised_rows
+from .quantize import SCALE_LANES, QuantisedKeys, QuantisedQueries, quantize_rows, store_quantised_rows
 
 _F32 = jnp.float32
 _INT_MIN = -(2**31)
 _PREP_WARPS = 4
-_PREP_Q_INT8_WARPS = 8  # one 128 x D tile per program; H100 wan-1.3b: 0.132 ms vs 0.160 with 4 (perf_notes_int8 run 10)
-_PREP_ROWS = 32  # rows per loop step; on H100 16..128 rows, 2..8 warps all ran at the byte floor (perf_notes_router)
+_PREP_Q_INT8_WARPS = 8  # one 128 x D tile per program; H100 wan-1.3b: 0.132 ms vs 0.160 with 4
+_PREP_ROWS = 32  # rows per loop step; on H100 16..128 rows, 2..8 warps all ran at the byte floor (docs/dev/front_end.md)
 _SELECT_WARPS = 4
 _SELECT_ROW_ELEMENTS = 1024  # rows per select program: this / padded row length (a power of two in [1, 16])
 _SELECT_TILE = 16384  # elements of the slot x column comparison tile that writes the LUT
-_FEATURE_MAPS = ("softmax", "elu", "relu")
 
 
 def _interpret(interpret) -> bool:
@@ -55,11 +57,9 @@ def _interpret(interpret) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # Block means and phi
 # ----------------------------------------------------------------------------------------------------------
-def _prep_kernel(x_ref, *out_refs, n: int, block: int, rows: int, kind: str | None):
+def _prep_kernel(x_ref, *out_refs, n: int, block: int, rows: int, phi):
     """Program (i, h, b): rows [i*block, (i+1)*block) of X (N, D), `rows` at a time -> phi of those rows and
     their mean (D,)."""
-    from sla2_jax.feature_maps import feature_map_f32
-
     start0 = pl.program_id(0) * block
     d = x_ref.shape[-1]
 
@@ -67,9 +67,9 @@ def _prep_kernel(x_ref, *out_refs, n: int, block: int, rows: int, kind: str | No
         start = start0 + t * rows
         mask = jnp.broadcast_to(((start + jnp.arange(rows)) < n)[:, None], (rows, d))
         x = plgpu.load(x_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
-        if kind is not None:
+        if phi is not None:
             phi_ref = out_refs[0]
-            plgpu.store(phi_ref.at[pl.ds(start, rows), :], feature_map_f32(x, kind).astype(phi_ref.dtype), mask=mask)
+            plgpu.store(phi_ref.at[pl.ds(start, rows), :], phi(x).astype(phi_ref.dtype), mask=mask)
         return total + jnp.sum(x, axis=0)
 
     total = lax.fori_loop(0, block // rows, body, jnp.zeros((d,), _F32))
@@ -77,17 +77,17 @@ def _prep_kernel(x_ref, *out_refs, n: int, block: int, rows: int, kind: str | No
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
-def _prep_call(x, block: int, kind: str | None, interpret: bool, num_warps: int, rows: int):
+def _prep_call(x, block: int, phi, interpret: bool, num_warps: int, rows: int):
     b, n, h, d = x.shape
     nb = -(-n // block)
     seq = pl.BlockSpec((None, n, None, d), lambda i, hh, bb: (bb, 0, hh, 0))
     mean_spec = pl.BlockSpec((None, None, None, d), lambda i, hh, bb: (bb, hh, i, 0))
     mean_shape = jax.ShapeDtypeStruct((b, h, nb, d), _F32)
     out_specs, out_shape = [mean_spec], [mean_shape]
-    if kind is not None:
+    if phi is not None:
         out_specs, out_shape = [seq, mean_spec], [jax.ShapeDtypeStruct(x.shape, x.dtype), mean_shape]
     return pl.pallas_call(
-        functools.partial(_prep_kernel, n=n, block=block, rows=min(rows, block), kind=kind),
+        functools.partial(_prep_kernel, n=n, block=block, rows=min(rows, block), phi=phi),
         grid=(nb, h, b),
         in_specs=[seq],
         out_specs=out_specs,
@@ -98,17 +98,15 @@ def _prep_call(x, block: int, kind: str | None, interpret: bool, num_warps: int,
     )(x)
 
 
-def _prep_bwd_kernel(x_ref, *refs, n: int, block: int, rows: int, kind: str | None, pass_through: bool):
+def _prep_bwd_kernel(x_ref, *refs, n: int, block: int, rows: int, phi, pass_through: bool):
     """Program (i, h, b): dX of rows [i*block, (i+1)*block), `rows` at a time: the vjp of phi at X applied to
-    d phi (float32, the forward's formula `feature_map_f32` differentiated by JAX) plus d mean / (valid rows), plus
+    d phi (float32, the forward's feature map differentiated by JAX) plus d mean / (valid rows), plus
     the cotangent of X's pass-through output when there is one (refs: [d phi], d means, [d X in], d X out)."""
-    from sla2_jax.feature_maps import feature_map_f32
-
     refs = list(refs)
     dx_ref = refs.pop()
     dx_in_ref = refs.pop() if pass_through else None
     d_mean_ref = refs.pop()
-    d_phi_ref = refs.pop() if kind is not None else None
+    d_phi_ref = refs.pop() if phi is not None else None
     start0 = pl.program_id(0) * block
     d = x_ref.shape[-1]
     d_mean = d_mean_ref[...].astype(_F32) / jnp.minimum(n - start0, block).astype(_F32)
@@ -117,10 +115,10 @@ def _prep_bwd_kernel(x_ref, *refs, n: int, block: int, rows: int, kind: str | No
         start = start0 + t * rows
         mask = jnp.broadcast_to(((start + jnp.arange(rows)) < n)[:, None], (rows, d))
         dx = jnp.broadcast_to(d_mean[None, :], (rows, d))
-        if kind is not None:
+        if phi is not None:
             x = plgpu.load(x_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
             d_phi = plgpu.load(d_phi_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
-            _, phi_vjp = jax.vjp(lambda x: feature_map_f32(x, kind), x)
+            _, phi_vjp = jax.vjp(phi, x)
             dx = dx + phi_vjp(d_phi)[0]
         if dx_in_ref is not None:
             dx = dx + plgpu.load(dx_in_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
@@ -131,8 +129,8 @@ def _prep_bwd_kernel(x_ref, *refs, n: int, block: int, rows: int, kind: str | No
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
-def _prep_bwd_call(x, d_phi, d_means, d_x, block: int, kind: str | None, interpret: bool, num_warps: int, rows: int):
-    """dX (B, N, H, D) in x.dtype from d phi (B, N, H, D) (None when kind is None), d means (B, H, Nb, D) and the
+def _prep_bwd_call(x, d_phi, d_means, d_x, block: int, phi, interpret: bool, num_warps: int, rows: int):
+    """dX (B, N, H, D) in x.dtype from d phi (B, N, H, D) (None when phi is None), d means (B, H, Nb, D) and the
     cotangent d_x (B, N, H, D) of X's pass-through output (None if there is none)."""
     b, n, h, d = x.shape
     seq = pl.BlockSpec((None, n, None, d), lambda i, hh, bb: (bb, 0, hh, 0))
@@ -141,7 +139,7 @@ def _prep_bwd_call(x, d_phi, d_means, d_x, block: int, kind: str | None, interpr
     inputs = [(a, spec) for a, spec in inputs if a is not None]
     return pl.pallas_call(
         functools.partial(
-            _prep_bwd_kernel, n=n, block=block, rows=min(rows, block), kind=kind, pass_through=d_x is not None
+            _prep_bwd_kernel, n=n, block=block, rows=min(rows, block), phi=phi, pass_through=d_x is not None
         ),
         grid=(-(-n // block), h, b),
         in_specs=[spec for _, spec in inputs],
@@ -158,22 +156,22 @@ def _with_input(outs, x, pass_through: bool):
     return [*outs, x] if pass_through else list(outs)
 
 
-def _prep_outputs(x, block, kind, interpret, num_warps, rows, pass_through):
-    return _with_input(_prep_call(x, block, kind, interpret, num_warps, rows), x, pass_through)
+def _prep_outputs(x, block, phi, interpret, num_warps, rows, pass_through):
+    return _with_input(_prep_call(x, block, phi, interpret, num_warps, rows), x, pass_through)
 
 
 _prep = functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5, 6))(_prep_outputs)
 
 
-def _prep_fwd(x, block, kind, interpret, num_warps, rows, pass_through):
-    return _prep_outputs(x, block, kind, interpret, num_warps, rows, pass_through), x
+def _prep_fwd(x, block, phi, interpret, num_warps, rows, pass_through):
+    return _prep_outputs(x, block, phi, interpret, num_warps, rows, pass_through), x
 
 
-def _prep_bwd(block, kind, interpret, num_warps, rows, pass_through, x, cts):
+def _prep_bwd(block, phi, interpret, num_warps, rows, pass_through, x, cts):
     cts = list(cts)
     d_x = cts.pop() if pass_through else None  # cts: [phi], means, [X]
-    d_phi = cts[0] if kind is not None else None
-    return (_prep_bwd_call(x, d_phi, cts[-1], d_x, block, kind, interpret, num_warps, rows),)
+    d_phi = cts[0] if phi is not None else None
+    return (_prep_bwd_call(x, d_phi, cts[-1], d_x, block, phi, interpret, num_warps, rows),)
 
 
 _prep.defvjp(_prep_fwd, _prep_bwd)
@@ -184,8 +182,8 @@ def _check_prep_args(x, block, feature_map, rows):
         raise ValueError(f"x must be (B, N, H, D); got shape {getattr(x, 'shape', None)}")
     if block < 16 or block & (block - 1):
         raise ValueError(f"block={block!r} must be a power of two >= 16")
-    if feature_map is not None and feature_map not in _FEATURE_MAPS:
-        raise ValueError(f"feature_map={feature_map!r} is not one of {_FEATURE_MAPS} or None")
+    if feature_map is not None and not callable(feature_map):
+        raise ValueError(f"feature_map must be a function of a float32 (rows, D) tile or None, got {feature_map!r}")
     if rows < 1 or rows & (rows - 1):
         raise ValueError(f"rows={rows!r} must be a power of two")
 
@@ -193,7 +191,7 @@ def _check_prep_args(x, block, feature_map, rows):
 def block_means_and_phi(
     x,
     block: int,
-    feature_map: str | None = None,
+    feature_map=None,
     *,
     interpret=None,
     num_warps=_PREP_WARPS,
@@ -205,7 +203,8 @@ def block_means_and_phi(
     Args:
       x: (B, N, H, D) bf16/f16/f32, any N (ragged last block fine), D a power of two.
       block: rows per block (power of two >= 16), e.g. block_q for Q, block_k for K.
-      feature_map: "softmax" | "elu" | "relu" (phi over D, computed in float32), or None for the means alone.
+      feature_map: phi, a function float32 (rows, D) -> float32 (rows, D) applied row-wise (e.g.
+        ``sla2_jax.feature_maps.softmax_phi``; the same function object each call), or None for the means alone.
       interpret: None -> Pallas interpret mode unless the default backend is a GPU.
       num_warps, rows: launch (warps per program, rows per loop step: a power of two, at most `block`).
       pass_through: also return X itself (same array). Use it in place of X in the rest of the computation: its
@@ -221,28 +220,14 @@ def block_means_and_phi(
 # ----------------------------------------------------------------------------------------------------------
 # Block means and phi plus int8 blocks: K~ (smoothed keys) or Q (with the LSE shift) of the low-bit forward
 # ----------------------------------------------------------------------------------------------------------
-class QuantisedQueries(NamedTuple):
-    """Q in int8 as the INT8 forward reads it (``sparse_mosaic.sparse_attention_mosaic_int8(queries=...)``).
-
-    q8: int8 (B, N, H, D); scale: float32 (B, H, Nq), one per query block; shift: float32 (B, H, Nq * block),
-    (q . mean_N(K)) * shift_scale per row, 0 past N (the LSE correction of smoothed keys). Values of
-    ``int8_attention.quantize_queries``; made by ``block_means_phi_int8_queries`` from the front end's read of Q."""
-
-    q8: jax.Array
-    scale: jax.Array
-    shift: jax.Array
-
-
 def _prep_int8_kernel(
-    x_ref, mean_ref, *out_refs, n: int, block: int, kind: str | None, smooth: bool, shift_scale, interpret: bool
+    x_ref, mean_ref, *out_refs, n: int, block: int, phi, smooth: bool, shift_scale, interpret: bool
 ):
     """Program (j, h, b): rows [j*block, (j+1)*block) of X (N, D) in one tile -> phi of those rows, their mean,
     and the tile in int8 with the block's scale (the amax needs the whole block: no row loop): X - mean (the input
     mean, mean_N(K)) when smooth, X itself otherwise, plus each row's shift (x . mean) * shift_scale when
     shift_scale is not None. (Two loops of row steps, phi / means / amax then the int8 rows re-read from L2, ran
-    no faster on H100: docs/perf_notes_int8.md, run 10.)"""
-    from sla2_jax.feature_maps import feature_map_f32
-
+    no faster on H100: docs/dev/low_bit.md.)"""
     start = pl.program_id(0) * block
     d = x_ref.shape[-1]
     valid = (start + jnp.arange(block)) < n
@@ -250,9 +235,9 @@ def _prep_int8_kernel(
     x = plgpu.load(x_ref.at[pl.ds(start, block), :], mask=mask, other=0.0)
     x32 = x.astype(_F32)
     refs = list(out_refs)
-    if kind is not None:
+    if phi is not None:
         phi_ref = refs.pop(0)
-        plgpu.store(phi_ref.at[pl.ds(start, block), :], feature_map_f32(x32, kind).astype(phi_ref.dtype), mask=mask)
+        plgpu.store(phi_ref.at[pl.ds(start, block), :], phi(x32).astype(phi_ref.dtype), mask=mask)
     means_ref, x8_ref, scale_ref = refs[:3]
     means_ref[...] = jnp.sum(x32, axis=0) / jnp.minimum(n - start, block).astype(_F32)
     mean = mean_ref[...]
@@ -263,7 +248,7 @@ def _prep_int8_kernel(
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
-def _prep_int8_call(x, mean, block: int, kind: str | None, interpret: bool, num_warps: int, smooth: bool, shift_scale):
+def _prep_int8_call(x, mean, block: int, phi, interpret: bool, num_warps: int, smooth: bool, shift_scale):
     b, n, h, d = x.shape
     nb = -(-n // block)
     seq = pl.BlockSpec((None, n, None, d), lambda i, hh, bb: (bb, 0, hh, 0))
@@ -274,7 +259,7 @@ def _prep_int8_call(x, mean, block: int, kind: str | None, interpret: bool, num_
         jax.ShapeDtypeStruct(x.shape, jnp.int8),
         jax.ShapeDtypeStruct((b, h, nb, SCALE_LANES), _F32),
     ]
-    if kind is not None:
+    if phi is not None:
         out_specs, out_shape = [seq, *out_specs], [jax.ShapeDtypeStruct(x.shape, x.dtype), *out_shape]
     if shift_scale is not None:
         out_specs, out_shape = (
@@ -285,7 +270,7 @@ def _prep_int8_call(x, mean, block: int, kind: str | None, interpret: bool, num_
         _prep_int8_kernel,
         n=n,
         block=block,
-        kind=kind,
+        phi=phi,
         smooth=smooth,
         shift_scale=shift_scale,
         interpret=interpret,
@@ -305,26 +290,26 @@ def _prep_int8_call(x, mean, block: int, kind: str | None, interpret: bool, num_
     return [*outs[:-1], outs[-1][..., 0], *shift]
 
 
-def _prep_int8_outputs(x, mean, block, kind, interpret, num_warps, pass_through, smooth, shift_scale):
-    outs = _prep_int8_call(x, mean, block, kind, interpret, num_warps, smooth, shift_scale)
+def _prep_int8_outputs(x, mean, block, phi, interpret, num_warps, pass_through, smooth, shift_scale):
+    outs = _prep_int8_call(x, mean, block, phi, interpret, num_warps, smooth, shift_scale)
     return _with_input(outs, x, pass_through)
 
 
 _prep_int8 = functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))(_prep_int8_outputs)
 
 
-def _prep_int8_fwd(x, mean, block, kind, interpret, num_warps, pass_through, smooth, shift_scale):
-    outs = _prep_int8_outputs(x, mean, block, kind, interpret, num_warps, pass_through, smooth, shift_scale)
+def _prep_int8_fwd(x, mean, block, phi, interpret, num_warps, pass_through, smooth, shift_scale):
+    outs = _prep_int8_outputs(x, mean, block, phi, interpret, num_warps, pass_through, smooth, shift_scale)
     return outs, (x, mean)
 
 
-def _prep_int8_bwd(block, kind, interpret, num_warps, pass_through, smooth, shift_scale, res, cts):
+def _prep_int8_bwd(block, phi, interpret, num_warps, pass_through, smooth, shift_scale, res, cts):
     x, mean = res
     cts = list(cts)
     d_x = cts.pop() if pass_through else None  # cts: [phi], means, int8 x, scales, [shift], [X]
-    d_phi = cts[0] if kind is not None else None
-    d_means = cts[1 if kind is not None else 0]  # the int8 blocks, their scales and the shift have no gradient
-    dx = _prep_bwd_call(x, d_phi, d_means, d_x, block, kind, interpret, _PREP_WARPS, _PREP_ROWS)  # as _prep's
+    d_phi = cts[0] if phi is not None else None
+    d_means = cts[1 if phi is not None else 0]  # the int8 blocks, their scales and the shift have no gradient
+    dx = _prep_bwd_call(x, d_phi, d_means, d_x, block, phi, interpret, _PREP_WARPS, _PREP_ROWS)  # as _prep's
     return dx, jnp.zeros_like(mean)
 
 
@@ -332,7 +317,7 @@ _prep_int8.defvjp(_prep_int8_fwd, _prep_int8_bwd)
 
 
 def block_means_phi_int8(
-    k, block: int, feature_map: str | None = None, *, interpret=None, num_warps=_PREP_WARPS, pass_through=False
+    k, block: int, feature_map=None, *, interpret=None, num_warps=_PREP_WARPS, pass_through=False
 ):
     """phi(K), the per-block means of K and the int8 smoothed keys of the low-bit forward, from one read of K.
 
@@ -361,7 +346,7 @@ def block_means_phi_int8(
 def block_means_phi_int8_queries(
     q,
     block: int,
-    feature_map: str | None,
+    feature_map,
     k_mean,
     shift_scale: float,
     *,
@@ -383,7 +368,7 @@ def block_means_phi_int8_queries(
     Returns:
       (phi(q) (B, N, H, D) in q.dtype or None, means (B, H, Nb, D) float32, ``QuantisedQueries`` (q8 int8
       (B, N, H, D), scale float32 (B, H, Nb), shift float32 (B, H, Nb * block)) equal to
-      ``int8_attention.quantize_queries(q, block, k_mean, shift_scale)``[, q]). phi and the means are
+      ``quantize.quantize_queries(q, block, k_mean, shift_scale)``[, q]). phi and the means are
       differentiable in q; the int8 queries and the shift are not (straight-through: the backward uses q).
     """
     _check_prep_args(q, block, feature_map, 1)

@@ -1,7 +1,7 @@
-"""EXPERIMENTAL: dQ of block-sparse softmax attention on Hopper with Pallas Mosaic GPU (GPU only, no interpret).
+"""The dQ kernel on Hopper: block-sparse softmax attention's dQ in Mosaic GPU (GPU only, no interpret mode).
 
-The sparse loop of sparse_linear's ``_dq_kernel`` (fused case, without the linear-branch terms), written as a
-warp-specialised Mosaic GPU kernel on the skeleton of the forward (sparse_mosaic.py).
+The sparse loop of the Triton ``dq_kernel`` (triton_backward.py; fused case, without the linear-branch terms),
+written as a warp-specialised Mosaic GPU kernel on the skeleton of the forward (mosaic_forward.py).
 
 Grid (H, Nq, B), three warpgroups per program (query block i of 128 rows):
   * warpgroups 0 and 1 (compute): 64 query rows each; Q, dO, LSE and delta tiles loaded once by TMA; per LUT
@@ -15,9 +15,9 @@ dQ = sm_scale * dQ_acc in q's dtype. Keys >= N (only in the LUT's last entry: it
 >= N are neither read (TMA fills zeros) nor written (TMA stores are clipped).
 Flop per program 6 * 128 * block_k * D * topk; bytes per LUT entry 2 * block_k * D * itemsize (mostly from L2).
 
-Checked on the GPU only (experiments/probe_mosaic_dq.py against a dense float32 reference and the Triton dq
-kernel); Mosaic GPU kernels have no CPU interpret mode. Timings and variants: docs/perf_notes.md, "Session 4:
-Mosaic dq" (wan-1.3b at 95%: 0.92 ms with 2 stages, 0.88 ms with 4, vs 1.83 ms for the library's Triton dq call).
+Checked on the GPU only (experiments/dev/probe_mosaic_dq.py against a dense float32 reference and the Triton dq
+kernel); Mosaic GPU kernels have no CPU interpret mode. Timings and variants: docs/dev/backward_kernels.md
+(wan-1.3b at 95%, H100: 0.92 ms with 2 stages, 0.88 ms with 4, vs 1.83 ms for the Triton dq call).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""EXPERIMENTAL: dK, dV of block-sparse softmax attention on Hopper with Pallas Mosaic GPU (GPU only, no interpret).
+"""The dK/dV kernel on Hopper: block-sparse softmax attention's dK, dV in Mosaic GPU (GPU only, no interpret mode).
 
-The sparse loop of sparse_linear._dkv_kernel (fused case, no linear-branch terms) as a warp-specialised kernel.
+The sparse loop of the Triton ``dkv_kernel`` (triton_backward.py; fused case, no linear-branch terms) as a
+warp-specialised kernel.
 Work item = (batch, head, key block j of 64 keys); one program per item, or (``persistent``) one program per SM
 walking items p, p + P, ... Three warpgroups per program:
   * warpgroups 0 and 1 (compute): for every query block i that selected j (the transposed LUT's row, ascending),
@@ -15,7 +16,7 @@ walking items p, p + P, ... Three warpgroups per program:
 Trip count count[b, h, j] (dynamic); query rows >= N (only in the last query block, which the ascending list puts
 last) are masked on that entry alone, so a garbage lse / delta there cannot make NaN.
 Flop per item 8 * 128 * 64 * D * count; bytes per step 4 * 128 * D (Q, dO; mostly from L2).
-Checked on the GPU only (experiments/probe_mosaic_dkv.py; docs/perf_notes.md "Session 4: Mosaic dkv").
+Checked on the GPU only (experiments/dev/probe_mosaic_dkv.py); timings and variants: docs/dev/backward_kernels.md.
 """
 
 from __future__ import annotations

@@ -1,35 +1,35 @@
-"""EXPERIMENTAL: block-sparse softmax attention forward on Hopper with Pallas Mosaic GPU (GPU only, no interpret).
+"""The forward kernel on Hopper: block-sparse softmax attention (+ linear branch, SLA2 combine) in Mosaic GPU.
 
-Why: the Triton-backend forward (sparse_linear.py) runs its 64-key LUT loop at ~300 TFLOP/s; Triton cannot
+Why: the Triton forward (triton_forward.py) runs its 64-key LUT loop at ~300 TFLOP/s; Triton cannot
 specialise warps, so the tensor cores wait while the same warps do the softmax. Mosaic GPU can: this kernel
 follows the warp-specialised "ping-pong" scheme of FlashAttention-3 (as jax's dense Mosaic GPU attention does),
 with the key/value tiles fetched by TMA from the LUT's key blocks instead of in sequence.
 
 Grid (H, Nq, B), three warpgroups per program (query block i of 128 rows):
   * warpgroups 0 and 1 (compute): 64 query rows each; per LUT entry t: S = Q K_j^T (wgmma), online softmax in
-    base 2, acc += P V_j (wgmma); by default (OPTIONS["pair_steps"], session 7) two LUT entries per step, i.e.
-    64 x 128 score tiles over two gathered key blocks. Two schemes (OPTIONS["loop"]): "pingpong" (default) has a
+    base 2, acc += P V_j (wgmma); by default (KernelConfig.pair_steps) two LUT entries per step, i.e.
+    64 x 128 score tiles over two gathered key blocks. Two schemes (KernelConfig.loop): "pingpong" (default) has a
     shared barrier make the two take turns on the tensor cores, so one's softmax overlaps the other's matmuls;
     "pipelined" issues S_t and P_{t-1} V_{t-1} together and runs the softmax of step t under P_{t-1} V_{t-1}
     (FlashAttention-3's intra-warpgroup overlap).
   * warpgroup 2 (memory): TMA copies of K_j, V_j for j = lut[b, h, i, t] into a ring of ``stages`` slots (one or
     two key blocks each), the K (V) part refilled as soon as both compute warpgroups released it.
 Outputs o_s (B, N, H, D) in v's dtype and lse (B, H, Nq * 128) float32, base 2 of the logits scaled by
-sm_scale * log2(e): the layout and convention of sparse_linear's forward, so its backward kernels can consume them.
+sm_scale * log2(e): the layout and convention of the Triton forward, so the backward kernels can consume them.
 Keys >= N (the ragged last key block, only ever the LUT's last entry: it is ascending) are masked; rows >= N are
 neither read (TMA fills zeros) nor written.
 Flop per program 4 * 128 * block_k * D * topk; bytes per LUT entry 2 * block_k * D * itemsize (from L2 mostly).
 
 Two score operand types share the kernel (``_sparse_forward``):
   * 16-bit (``sparse_attention_mosaic``): S = Q K^T in float32 (bf16/f16 wgmma), times sm_scale * log2 e.
-  * INT8 (``sparse_attention_mosaic_int8``, issue #4): Q quantised per 128-row query block, K~ = K - mean_N(K) per
-    key block (``int8_attention.QuantisedKeys``); S = (Q8 K8_j^T)[int32 wgmma -> float32] * s_q * s_k[j] *
+  * INT8 (``sparse_attention_mosaic_int8``): Q quantised per 128-row query block, K~ = K - mean_N(K) per
+    key block (``quantize.QuantisedKeys``); S = (Q8 K8_j^T)[int32 wgmma -> float32] * s_q * s_k[j] *
     sm_scale * log2 e, one scale per LUT entry read from a (B, H, Nq, topk) table made before the kernel. P V stays
     16-bit. The LSE gets q . mean_N(K) * sm_scale * log2 e added back (softmax is shift-invariant, its LSE is
     not), so that the 16-bit backward, which recomputes P from the unsmoothed K, can use it.
-  * INT8 + FP8 values (``sparse_attention_mosaic_int8(..., values=...)``, "int8_fp8", session 6): as INT8, and P V
+  * INT8 + FP8 values (``sparse_attention_mosaic_int8(..., values=...)``, "int8_fp8"): as INT8, and P V
     by the e4m3 wgmma (f32 accumulator). V in float8_e4m3fn with one scale per (batch, head, channel), stored
-    transposed (B, H, D, Nk * block_k) (``int8_attention.quantize_values_fp8(v, block_k, interleave=True)``): a
+    transposed (B, H, D, Nk * block_k) (``quantize.quantize_values_fp8(v, block_k, interleave=True)``): a
     (D, block_k) V^T tile has the keys, P V's contraction dim, contiguous: K-major, as the 8-bit wgmma wants (a
     transposed view gives the (keys, D) operand). P = exp2(S - m + log2 448), i.e. P * 448 in [0, 448] (the
     fixed FP8 scale of SageAttention2), goes to e4m3 in registers (cvt.rn.satfinite.e4m3x2.f32, two scores per
@@ -39,23 +39,21 @@ Two score operand types share the kernel (``_sparse_forward``):
     each group of 16 keys; V^T's keys are stored with the same permutation (``P8_KEY_ORDER``), so P V is exact.
     l_i sums the float32 P * 448, not the quantised P (as do the Triton int8_fp8 kernel and the fake-quant
     reference); the epilogue multiplies acc by v_scale[channel] and divides by l_i (the 448 cancels); the LSE
-    subtracts log2 448. ``OPTIONS["p8_operand"] = "smem"`` stages P through shared memory instead.
+    subtracts log2 448. ``KernelConfig.p8_operand = "smem"`` stages P through shared memory instead.
 8-bit tiles in shared memory are 128 bytes wide when the row is a multiple of 128 bytes (64 otherwise): tiling
 (8, 128) or (8, 64) with the matching swizzle, K-major for both operands (the only layout the 8-bit wgmma takes;
 K^T is a transposed view of the (keys, D) tile, V of the (D, keys) tile).
 
-With the linear branch (``sparse_linear_attention_mosaic``, session 5): the TMA warpgroup also loads phi(Q_i), H_i
+With the linear branch (``sparse_linear_attention_mosaic``): the TMA warpgroup also loads phi(Q_i), H_i
 (bf16, D x D) and Z_i; after the loop each compute warpgroup forms den = phi(Q) . Z_i + eps (row sums in registers),
 o_l = phi(Q) H_i / den (one more wgmma) and o = alpha o_s + (1 - alpha) o_l, and stores the outputs asked for (o,
-o_s, o_l, lse, den) through its Q and phi(Q) tiles, then a finished V slot of the ring (``ring_holds_outputs``,
-session 6), then tiles of its own. The INT8 kernel has the same epilogue (``sparse_linear_attention_mosaic_int8``,
-session 6; its int8 Q tile holds no 16-bit output).
+o_s, o_l, lse, den) through its Q and phi(Q) tiles, then a finished V slot of the ring (``ring_holds_outputs``),
+then tiles of its own. The INT8 kernel has the same epilogue (``sparse_linear_attention_mosaic_int8``; its int8
+Q tile holds no 16-bit output).
 
-Used by sparse_linear._forward on Hopper GPUs (OPTIONS["fwd_kernel"] "auto" / "mosaic", OPTIONS["fwd_epilogue"];
-docs/perf_notes.md, "Session 3" and "Session 5: Mosaic forward") and by int8_attention's forward
-(docs/perf_notes_int8.md, run 7). Checked on the GPU only (experiments/probe_mosaic_sparse.py,
-experiments/probe_mosaic_int8.py): Mosaic GPU kernels have no CPU interpret mode; the CPU tests cover the wiring
-around them with stand-ins.
+Called by attention.py where KernelConfig.forward is "mosaic" (bf16 and low bit). Mosaic GPU kernels have no CPU
+interpret mode: experiments/dev/probe_mosaic_sparse.py checks them on the GPU against the dense float32 reference; the
+CPU tests lower them for CUDA and check the wiring around them with stand-ins. Measurements: docs/dev/forward_kernel.md.
 """
 
 from __future__ import annotations
@@ -69,52 +67,26 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .config import KernelConfig
+from .quantize import FP8_MAX, quantize_queries
+
 _LOG2E = math.log2(math.e)
 _FP8 = jnp.float8_e4m3fn
 _ROWS = 64  # query rows per compute warpgroup (one wgmma M tile); a query block is 2 x 64 rows
 _BLOCK_Q = 2 * _ROWS
-# INT8 scores to float32 (read at trace time): "convert" (cvt.rn.f32.s32, a quarter-rate instruction per score)
-# or "magic" (the integer plus 1.5 * 2^23 read as a float is exact for |S| < 2^22, true for D <= 256; the offset is
-# folded into the per-row bias of the exp2 argument: one integer add per score instead of a conversion).
-# "grid_order": Schedule.grid_order of calls that pass no schedule (read at trace time).
-# "outputs_in_ring": output tiles beyond the Q and phi(Q) tiles go into finished V slots of the ring after the loop
-# (ring_holds_outputs) instead of shared memory of their own, so the five-output kernel keeps a ring of 4.
-# "p8_operand": how the FP8 P reaches the P V wgmma: "registers" (the A operand from registers, see the module
-# docstring) or "smem" (stored to a swizzled (64, block_k) shared-memory tile per compute warpgroup first).
-# "loop": the compute warpgroups' LUT loop (session 7): "pingpong" (the two warpgroups take turns on the tensor cores:
-# one's softmax under the other's matmuls) or "pipelined" (FlashAttention-3's intra-warpgroup overlap: the softmax of
-# step t runs under the same warpgroup's P V of step t - 1; no turns). "pair_steps": two LUT entries per loop step
-# (64 x 128 score tiles, half the steps; block_k 64, not with FP8 values): each ring slot holds two key blocks and
-# ``stages`` counts 128-key slots (half the number asked, at least 2). Measured on H100 (docs/perf_notes.md,
-# "Session 7"): pairs with ping-pong are the fastest for bf16 and INT8 (pipelined beats ping-pong only without pairs,
-# and is slower with FP8 values). The K and V refills of a slot wait for their own release in every variant.
-OPTIONS = {
-    "int_to_float": "convert",
-    "grid_order": "heads",
-    "outputs_in_ring": True,
-    "p8_operand": "registers",
-    "loop": "pingpong",
-    "pair_steps": True,
-}
-_LOOPS = ("pingpong", "pipelined")
-_MAGIC = 1.5 * 2.0**23
-_MAGIC_BITS = 0x4B400000  # bit pattern of the float32 1.5 * 2^23
-FP8_MAX = 448.0
 _LOG2_FP8_MAX = math.log2(FP8_MAX)
-# Key order of the FP8 V^T within each group of 16 keys: position 4t + 2e + b holds key 8e + 2t + b (t < 4, e, b < 2),
-# the order in which P's columns reach the 8-bit wgmma from the f32 accumulator's registers (module docstring).
-P8_KEY_ORDER = tuple(8 * e + 2 * t + b for t in range(4) for e in range(2) for b in range(2))
 
 
 def sparse_attention_mosaic(
-    q, k, v, lut, *, block_k: int = 64, sm_scale: float | None = None, stages: int = 2, schedule=None
+    q, k, v, lut, *, block_k: int = 64, sm_scale: float | None = None, stages: int = 2,
+    config: KernelConfig = KernelConfig(),
 ):
     """Sparse branch of SLA over the LUT's key blocks: q, k, v (B, N, H, D) bf16/f16, N % 8 == 0, D % 64 == 0;
     lut (B, H, Nq, topk) int32 with Nq = ceil(N / 128) -> (o_s (B, N, H, D) q.dtype, lse (B, H, Nq * 128) f32).
-    schedule: launch variant (Schedule; None: the defaults)."""
+    config: the loop variant and launch choices (KernelConfig)."""
     _check(q, lut)
     scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * _LOG2E
-    return _sparse_forward(q, k, v, lut, scale, block_k=block_k, stages=stages, schedule=schedule)
+    return _sparse_forward(q, k, v, lut, scale, block_k=block_k, stages=stages, config=config)
 
 
 class LinearInputs(NamedTuple):
@@ -133,61 +105,50 @@ class LinearInputs(NamedTuple):
 
 _TILE_OUTPUTS = ("o", "o_s", "o_l")  # (B, N, H, D) in v's dtype
 _ROW_OUTPUTS = ("lse", "den")  # (B, H, Nq * 128) float32
-_PROFILE_SPACE = 64  # profiler events per warpgroup and program (Schedule.profile_dir)
-
-
-class Schedule(NamedTuple):
-    """Launch variants of the forward kernel (compared by experiments/probe_mosaic_sparse.py).
-
-    grid_order: "heads" (grid (H, Nq, B): the programs in flight together are all heads of a few query blocks) or
-    "qblocks" (grid (Nq, H, B): consecutive query blocks of one head, so the K/V blocks they gather are one head's
-    and stay in L2). store_wait: "full" (a program ends once its TMA stores landed) or "read" (once they read
-    shared memory). lut_early: the memory warpgroup reads the first ``stages`` LUT entries before issuing any copy,
-    and each later one before waiting for its slot. profile_dir: Mosaic's on-device profiler (timestamps of the
-    named regions per warpgroup, a trace written there), None for off."""
-
-    grid_order: str = "heads"
-    store_wait: str = "full"
-    lut_early: bool = False
-    profile_dir: str | None = None
+_PROFILE_SPACE = 64  # profiler events per warpgroup and program (KernelConfig.profile_dir)
 
 
 def sparse_linear_attention_mosaic(
-    q, k, v, lut, linear: LinearInputs, *, outputs, block_k=64, sm_scale=None, stages=4, schedule=None
+    q, k, v, lut, linear: LinearInputs, *, outputs, block_k=64, sm_scale=None, stages=4,
+    config: KernelConfig = KernelConfig(),
 ):
     """Sparse branch, linear branch and SLA2 combine of each 128-row query block in one Mosaic GPU kernel.
 
     q, k, v (B, N, H, D) bf16/f16 as sparse_attention_mosaic; lut (B, H, Nq, topk) int32; linear: LinearInputs.
     outputs: names among "o" (alpha o_s + (1 - alpha) o_l), "o_s", "o_l" ((B, N, H, D) q.dtype), "lse" (base 2, as
     sparse_attention_mosaic), "den" (phi(Q_i) . Z_i + eps) ((B, H, Nq * 128) f32). With o_l = phi(Q_i) H_i / den:
-    the epilogue of sparse_linear's Triton forward. schedule: launch variant (Schedule; None: the defaults).
+    the epilogue of the Triton forward. config: the loop variant and launch choices (KernelConfig).
     Returns {name: array}."""
     _check(q, lut)
     scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * _LOG2E
     outputs = tuple(outputs)
     res = _sparse_forward(
-        q, k, v, lut, scale, block_k=block_k, stages=stages, linear=linear, outputs=outputs, schedule=schedule
+        q, k, v, lut, scale, block_k=block_k, stages=stages, linear=linear, outputs=outputs, config=config
     )
     return dict(zip(outputs, res))
 
 
 def sparse_attention_mosaic_int8(
-    q, k, v, lut, keys, *, block_k: int = 64, sm_scale: float | None = None, stages: int = 4, queries=None, values=None
+    q, k, v, lut, keys, *, block_k: int = 64, sm_scale: float | None = None, stages: int = 4, queries=None, values=None,
+    config: KernelConfig = KernelConfig(),
 ):
     """INT8 sparse branch: q, k, v (B, N, H, D) bf16/f16 as sparse_attention_mosaic; keys an
-    ``int8_attention.QuantisedKeys`` of k for ``block_k`` (int8 K~ (B, N, H, D), scales (B, H, Nk), mean (B, H, D));
-    queries: None (Q quantised here by ``int8_attention.quantize_queries``) or its (q8 int8 (B, N, H, D),
+    ``quantize.QuantisedKeys`` of k for ``block_k`` (int8 K~ (B, N, H, D), scales (B, H, Nk), mean (B, H, D));
+    queries: None (Q quantised here by ``quantize.quantize_queries``) or its (q8 int8 (B, N, H, D),
     q_scale f32 (B, H, Nq), shift f32 (B, H, Nq * 128)); values: None (P V in v's dtype) or FP8 values ("int8_fp8"):
-    ``int8_attention.quantize_values_fp8(v, block_k, interleave=True)`` = (v8t float8_e4m3fn (B, H, D, Nk * block_k),
+    ``quantize.quantize_values_fp8(v, block_k, interleave=True)`` = (v8t float8_e4m3fn (B, H, D, Nk * block_k),
     keys in ``P8_KEY_ORDER`` within each 16; v_scale f32 (B, H, D)); v is then not read.
     Returns (o_s (B, N, H, D) q.dtype, lse (B, H, Nq * 128) f32, base 2, of the unsmoothed scores)."""
     q8, step_scale, shift = _int8_operands(q, lut, keys, sm_scale, queries)
-    o_s, lse = _sparse_forward(q8, keys.k8, v, lut, step_scale, block_k=block_k, stages=stages, values=values)
+    o_s, lse = _sparse_forward(
+        q8, keys.k8, v, lut, step_scale, block_k=block_k, stages=stages, values=values, config=config
+    )
     return o_s, lse + shift
 
 
 def sparse_linear_attention_mosaic_int8(
-    q, k, v, lut, keys, linear: LinearInputs, *, outputs, block_k=64, sm_scale=None, stages=4, queries=None
+    q, k, v, lut, keys, linear: LinearInputs, *, outputs, block_k=64, sm_scale=None, stages=4, queries=None,
+    config: KernelConfig = KernelConfig(),
 ):
     """INT8 sparse branch (as sparse_attention_mosaic_int8: Q8 K8~^T, P V in v's dtype) with the linear branch and
     the SLA2 combine in the kernel's epilogue (as sparse_linear_attention_mosaic): q, k, v, lut, keys, queries as
@@ -196,7 +157,7 @@ def sparse_linear_attention_mosaic_int8(
     q8, step_scale, shift = _int8_operands(q, lut, keys, sm_scale, queries)
     outputs = tuple(outputs)
     res = _sparse_forward(
-        q8, keys.k8, v, lut, step_scale, block_k=block_k, stages=stages, linear=linear, outputs=outputs
+        q8, keys.k8, v, lut, step_scale, block_k=block_k, stages=stages, linear=linear, outputs=outputs, config=config
     )
     out = dict(zip(outputs, res))
     if "lse" in out:
@@ -206,14 +167,11 @@ def sparse_linear_attention_mosaic_int8(
 
 def _int8_operands(q, lut, keys, sm_scale, queries):
     """(q8 (B, N, H, D) int8, per-LUT-entry score scales (B, H, Nq, topk) f32, LSE shift (B, H, Nq * 128) f32) of
-    the INT8 kernels; queries None: Q quantised here (int8_attention.quantize_queries)."""
-    # int8_attention imports this module's callers: import on use
-    from . import int8_attention as ia
-
+    the INT8 kernels; queries None: Q quantised here (quantize.quantize_queries)."""
     _check(q, lut)
     scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * _LOG2E
     if queries is None:
-        queries = ia.quantize_queries(q, _BLOCK_Q, keys.mean, scale)
+        queries = quantize_queries(q, _BLOCK_Q, keys.mean, scale)
     q8, q_scale, shift = queries
     return q8, lut_scales(lut, q_scale, keys.scale, scale), shift
 
@@ -225,18 +183,18 @@ def lut_scales(lut, q_scale, k_scale, scale: float):
     return ks * (q_scale[..., None] * scale)
 
 
-def ring_holds_outputs(block_k: int, stages: int) -> bool:
+def ring_holds_outputs(block_k: int, stages: int, config: KernelConfig) -> bool:
     """After the loop, each compute warpgroup can store one output tile through a V slot of the ring (slot steps %
     stages for warpgroup 0, (steps - 1) % stages for warpgroup 1, steps = the loop's steps: LUT entries or pairs of
     them): the slots are (block_k, D) (or (2 block_k, D) with pair steps, first 64 rows used) tiles of v's dtype,
     so block_k must be one warpgroup's 64 rows, and the two slots must differ (stages >= 2).
 
-    Why the slots are free: with OPTIONS["loop"] "pingpong", warpgroup 0 leaves its loop once warpgroup 1 arrived on
+    Why the slots are free: with the "pingpong" loop, warpgroup 0 leaves its loop once warpgroup 1 arrived on
     the turn barrier after the softmax of the last step, i.e. after every read of warpgroup 1 except its last
     P V, which reads slot (steps - 1) % stages; every TMA copy into the ring has landed (warpgroup 0 waited for each).
     Warpgroup 1 leaves after that last P V, and warpgroup 0's reads all completed before its last arrival. The
     "pipelined" loop ends with both warpgroups meeting on the turn barrier after their last P V."""
-    return OPTIONS["outputs_in_ring"] and block_k == _ROWS and stages >= 2
+    return config.outputs_in_ring and block_k == _ROWS and stages >= 2
 
 
 def _check(q, lut):
@@ -265,7 +223,7 @@ def _sparse_forward(
     stages: int,
     linear=None,
     outputs=("o_s", "lse"),
-    schedule=None,
+    config: KernelConfig,
     values=None,
 ):
     """The kernel: score operands q_op, k_op (B, N, H, D) both 16-bit or both int8, values v (B, N, H, D) 16-bit.
@@ -273,14 +231,12 @@ def _sparse_forward(
     scale: a float (16-bit operands: sm_scale * log2 e) or, for int8 operands, the (B, H, Nq, topk) f32 table of
     per-LUT-entry scales (``lut_scales``). linear: None, or a ``LinearInputs`` (16-bit or int8 scores) for the
     linear branch and the SLA2 combine in the epilogue. outputs: names of _TILE_OUTPUTS ((B, N, H, D) v.dtype) and
-    _ROW_OUTPUTS ((B, H, Nq * 128) f32); without ``linear`` only "o_s" and "lse". schedule: launch variant
-    (Schedule; None: the defaults). values: None, or FP8 values (v8t, v_scale) (``sparse_attention_mosaic_int8``; int8 scores, no linear
+    _ROW_OUTPUTS ((B, H, Nq * 128) f32); without ``linear`` only "o_s" and "lse". config: the loop variant and
+    launch choices (KernelConfig). values: None, or FP8 values (v8t, v_scale) (``sparse_attention_mosaic_int8``; int8 scores, no linear
     branch): P V by the e4m3 wgmma, v gives only the output's shape and dtype. Returns the outputs in the order
     asked, lse of the scores as computed (the caller corrects the LSE of smoothed keys)."""
     # GPU-only backend: imported on use
     from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    schedule = Schedule(grid_order=OPTIONS["grid_order"]) if schedule is None else schedule
 
     b, n, h, d = v.shape
     if v.dtype not in (jnp.bfloat16, jnp.float16) or q_op.dtype not in (v.dtype, jnp.int8):
@@ -293,14 +249,10 @@ def _sparse_forward(
     fp8 = values is not None
     if fp8:
         _check_values(values, v, block_k, quantised, linear)
-        if OPTIONS["p8_operand"] not in ("registers", "smem"):
-            raise ValueError(f"bad OPTIONS p8_operand {OPTIONS['p8_operand']!r}")
-    loop = OPTIONS["loop"]
-    if loop not in _LOOPS:
-        raise ValueError(f"bad OPTIONS loop {loop!r}: one of {_LOOPS}")
-    if fp8 and OPTIONS["p8_operand"] == "smem":  # a staged P tile: one P V in flight at most
+    loop = config.loop
+    if fp8 and config.p8_operand == "smem":  # a staged P tile: one P V in flight at most
         loop = "pingpong"
-    paired = OPTIONS["pair_steps"] and block_k == _ROWS and not fp8 and topk > 1
+    paired = config.pair_steps and block_k == _ROWS and not fp8 and topk > 1
     width = 2 * block_k if paired else block_k  # keys per loop step
     steps = -(-topk // 2) if paired else topk
     stages = max(1, min(max(2, stages // 2) if paired else stages, steps))
@@ -311,8 +263,7 @@ def _sparse_forward(
     dtype = v.dtype
     f32 = jnp.float32
     acc_dtype = jnp.int32 if quantised else f32
-    magic = quantised and OPTIONS["int_to_float"] == "magic" and d <= 256 and not paired
-    p8_smem = fp8 and OPTIONS["p8_operand"] == "smem"
+    p8_smem = fp8 and config.p8_operand == "smem"
     tile_outs = [x for x in outputs if x in _TILE_OUTPUTS]
     row_outs = [x for x in outputs if x in _ROW_OUTPUTS]
     in_names = ["q", "k", "v", "lut"] + (["scale"] if quantised else []) + (["v_scale"] if fp8 else [])
@@ -322,7 +273,7 @@ def _sparse_forward(
     # (free once loaded into registers), then one V slot of the ring (ring_holds_outputs), then tiles of their own
     reused = (0 if quantised else 1) + (1 if linear is not None else 0)
     # (FP8 V slots are (D, block_k) 8-bit: too small for a (64, D) 16-bit tile)
-    in_ring = ring_holds_outputs(block_k, stages) and len(tile_outs) > reused and not fp8
+    in_ring = ring_holds_outputs(block_k, stages, config) and len(tile_outs) > reused and not fp8
     extra_tiles = max(0, len(tile_outs) - reused - in_ring)
 
     def body(refs, smem, bars):
@@ -373,7 +324,7 @@ def _sparse_forward(
             for j, name in enumerate(row_outs):
                 plgpu.copy_smem_to_gmem(smem["rows"].at[j, wg], r[name].at[bi, hi, pl.ds(row0, _ROWS)])
             with jax.named_scope("c_drain"):
-                plgpu.wait_smem_to_gmem(0, wait_read_only=schedule.store_wait == "read")
+                plgpu.wait_smem_to_gmem(0, wait_read_only=False)
 
         def step_entries(t):
             """LUT entries of loop step t: (t,), or (2t, min(2t + 1, topk - 1)) when paired (an odd topk's last step
@@ -386,9 +337,7 @@ def _sparse_forward(
             exp2(m_i - m_new), row sums of P)."""
             entries = step_entries(t)
             s_scale = r["scale"][bi, hi, qi, entries[0]] if quantised else scale
-            if magic:  # s + 1.5 * 2^23 exactly, as a float
-                s = lax.bitcast_convert_type(s + jnp.int32(_MAGIC_BITS), f32)
-            elif quantised:
+            if quantised:
                 s = s.astype(f32)
             if (paired and quantised) or masked:
                 cols = plgpu.broadcasted_iota(jnp.int32, (_ROWS, width), 1, layout=plgpu.Layout.WGMMA)
@@ -405,13 +354,9 @@ def _sparse_forward(
                 if paired and topk % 2:
                     valid = jnp.logical_and(valid, cols < block_k)
                 s = jnp.where(valid, s, -jnp.inf)
-            if magic:
-                m_new = jnp.maximum(m_i, (s.max(axis=1) - _MAGIC) * s_scale)
-                bias = m_new + _MAGIC * s_scale
-            else:
-                row_max = s.max(axis=1)
-                m_new = jnp.maximum(m_i, row_max if s_scale is None else row_max * s_scale)
-                bias = m_new
+            row_max = s.max(axis=1)
+            m_new = jnp.maximum(m_i, row_max if s_scale is None else row_max * s_scale)
+            bias = m_new
             if fp8:  # P * 448 (the e4m3 range) for free: l_i and acc carry the factor, the epilogue drops it
                 bias = bias - _LOG2_FP8_MAX
             correction = jnp.exp2(m_i - m_new)
@@ -586,9 +531,8 @@ def _sparse_forward(
                     plgpu.copy_gmem_to_smem(v_tile, slot_part(v_smem, slot, half), v_ready.at[slot])
 
             with jax.named_scope("m_prime"):
-                early = [step_blocks(t) for t in range(stages)] if schedule.lut_early else [None] * stages
                 for t in range(stages):
-                    blocks = step_blocks(t) if early[t] is None else early[t]
+                    blocks = step_blocks(t)
                     fetch_k(blocks, t)
                     fetch_v(blocks, t)
             if fp8:  # needed only in the epilogue
@@ -604,9 +548,8 @@ def _sparse_forward(
             @pl.loop(stages, steps)
             def _refill(t):
                 slot = lax.rem(t, stages)
-                early = step_blocks(t) if schedule.lut_early else None  # read while the slot drains
                 plgpu.barrier_wait(k_free.at[slot])  # the K half of a slot is refilled as soon as it is released
-                blocks = step_blocks(t) if early is None else early
+                blocks = step_blocks(t)
                 fetch_k(blocks, slot)
                 plgpu.barrier_wait(v_free.at[slot])
                 fetch_v(blocks, slot)
@@ -664,12 +607,10 @@ def _sparse_forward(
     inputs = [q_op, k_op, values[0] if fp8 else v, lut] + ([scale] if quantised else []) + ([values[1]] if fp8 else [])
     if linear is not None:
         inputs += [linear.q_phi, linear.h, linear.z] + ([linear.alpha] if "o" in outputs else [])
-    if schedule.grid_order not in ("heads", "qblocks") or schedule.store_wait not in ("full", "read"):
-        raise ValueError(f"bad schedule {schedule}")
     grid, grid_names = (h, nq, b), ("heads", "qblock", "batch")
-    if schedule.grid_order == "qblocks":
+    if config.grid_order == "qblocks":
         grid, grid_names = (nq, h, b), ("qblock", "heads", "batch")
-    profile = {"profile_space": _PROFILE_SPACE, "profile_dir": schedule.profile_dir} if schedule.profile_dir else {}
+    profile = {"profile_space": _PROFILE_SPACE, "profile_dir": config.profile_dir} if config.profile_dir else {}
     if linear is not None:  # its row reductions stay within warps: the 2 KB cross-warp scratch would not fit
         profile["reduction_scratch_bytes"] = 0
     return plgpu.kernel(

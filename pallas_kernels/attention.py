@@ -1,0 +1,647 @@
+"""The kernels' dispatcher: which kernel runs each stage (from the call's KernelConfig), the plumbing of their inputs
+and outputs, the custom_vjp of each precision family, and the public entry points.
+
+  forward  (bf16/f16/f32)  linear states (linear_states.py), then the Mosaic forward (mosaic_forward.py: sparse loop,
+                           linear branch and combine in one kernel) or the Triton forward (triton_forward.py)
+  forward  (low bit)       the same with INT8 scores (and FP8 P V for "int8_fp8"); quantised operands from the
+                           front end, or a pre-pass (quantize.py)
+  backward (both)          dQ and the per-row terms (Mosaic dQ + a small Triton kernel, or one Triton kernel), the
+                           linear gradient states, dK/dV (Mosaic dK/dV + a small Triton kernel, or one Triton
+                           kernel); straight-through for the low-bit forward: the same backward from the original
+                           q, k, v and the low-bit forward's LSE.
+
+Each stage is a separate function (``forward``, ``backward_dq``, ``backward_states``, ``backward_dkv``) so that the
+developer probes can time it alone. The phi Jacobian, alpha's parametrisation and the router are left to JAX
+autodiff around these functions.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import mosaic_dkv, mosaic_dq, mosaic_forward
+from ._triton import pl
+from .common import (
+    F32,
+    KernelCall,
+    Residuals,
+    checked_alpha,
+    full_spec,
+    pallas_triton_call,
+    params,
+    row_spec,
+    rows_per_step,
+    seq_spec,
+    validate_call,
+)
+from .linear_states import forward_states, gradient_states, transpose_lut
+from .quantize import QUANT_MODES, Quantised, QuantisedKeys, prequantize, quantize_values_fp8
+from .triton_backward import dkv_kernel, dkv_linear_kernel, dq_kernel, dq_linear_kernel
+from .triton_forward import fwd_kernel, linear_epilogue_kernel, lowbit_fwd_kernel
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------
+def linear_inputs(q_phi, k_phi, v, lut, cfg: KernelCall):
+    """The forward kernels' linear-branch inputs and the states kept as residuals: ([(name, array, BlockSpec)], h, z)
+    with h, z from linear_states.forward_states (per query block for the complement scope, else the totals);
+    ([], None, None) without a linear branch."""
+    if not cfg.linear:
+        return [], None, None
+    d = cfg.d
+    h, z = forward_states(k_phi, v, lut, cfg)
+    if cfg.track_lin:
+        h_spec = pl.BlockSpec((None, None, None, d, d), lambda i, hh, bb: (bb, hh, i, 0, 0))
+        z_spec = pl.BlockSpec((None, None, None, d), lambda i, hh, bb: (bb, hh, i, 0))
+    else:
+        h_spec, z_spec = full_spec(d, d), full_spec(d)
+    return [("q_phi", q_phi, seq_spec(cfg)), ("h_tot", h, h_spec), ("z_tot", z, z_spec)], h, z
+
+
+def forward_outputs(q, cfg: KernelCall, *, fused: bool, residuals: bool):
+    """(name, shape struct, BlockSpec) of the forward kernels' outputs: o (fused) and/or o_s, o_l, and the
+    residuals LSE and den the backward needs. Shared by the bf16 and low-bit forward kernels."""
+    b, _, h, _ = q.shape
+    seq, rows = seq_spec(cfg), row_spec(cfg)
+    o_struct = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    row_struct = jax.ShapeDtypeStruct((b, h, cfg.npad), F32)
+    outputs = []
+    if fused:
+        outputs.append(("o", o_struct, seq))
+    if not fused or residuals:
+        outputs.append(("o_s", o_struct, seq))
+        if cfg.linear:
+            outputs.append(("o_l", o_struct, seq))
+    if residuals:
+        outputs.append(("lse", row_struct, rows))
+        if cfg.linear:
+            outputs.append(("den", row_struct, rows))
+    return outputs
+
+
+def mosaic_epilogue_args(q, alpha, named_inputs: dict, cfg: KernelCall, *, fused: bool, residuals: bool):
+    """(mosaic_forward.LinearInputs, {"outputs", "stages", "config"}) of a Mosaic forward with the linear epilogue (bf16 and
+    INT8 kernels alike), from _linear_inputs' named arrays: the outputs forward_outputs asks for, and the ring depth
+    (the Q or phi(Q) tiles hold two outputs; a third goes through a finished V slot of the ring,
+    mosaic_forward.ring_holds_outputs, or else needs the room of one K/V ring slot)."""
+    outputs = tuple(x[0] for x in forward_outputs(q, cfg, fused=fused, residuals=residuals))
+    tiles = sum(x in ("o", "o_s", "o_l") for x in outputs)
+    linear = mosaic_forward.LinearInputs(
+        named_inputs["q_phi"], named_inputs["h_tot"], named_inputs["z_tot"], alpha if fused else None, cfg.eps
+    )
+    stages = 4 if tiles <= 2 or mosaic_forward.ring_holds_outputs(cfg.block_k, 4, cfg.config) else 3
+    return linear, {"outputs": outputs, "stages": stages, "config": cfg.config}
+
+
+def uses_mosaic_epilogue(named_inputs: dict, cfg: KernelCall) -> bool:
+    """The linear branch runs in the Mosaic forward's epilogue: KernelConfig.epilogue "mosaic", complement scope
+    with per-block states H_i (B, H, Nq, D, D) in bf16 (KernelConfig.state_dtype; float32 states need the hi + lo
+    products of the Triton epilogue)."""
+    h = named_inputs.get("h_tot")
+    return (
+        cfg.config.epilogue == "mosaic"
+        and cfg.track_lin
+        and h is not None
+        and h.ndim == 5
+        and jnp.dtype(h.dtype) == jnp.dtype(jnp.bfloat16)
+    )
+
+
+def linear_epilogue(q, o_s, lse, alpha, linear_inputs, cfg: KernelCall, *, fused: bool, residuals: bool):
+    """The forward's outputs (dict, as _forward) from a sparse branch computed elsewhere: o_s (B, N, H, D) and lse
+    (B, H, Npad) f32 base 2 (the Mosaic kernels, bf16 or INT8), plus the linear branch and the SLA2 combine of
+    the Triton epilogue kernel (linear_inputs from _linear_inputs, per-block states)."""
+    b, _, h, _ = q.shape
+    out = {"o_s": o_s, "lse": lse}
+    outputs = [x for x in forward_outputs(q, cfg, fused=fused, residuals=residuals) if x[0] not in out]
+    if outputs:
+        inputs = [("o_s_in", o_s, seq_spec(cfg))] + linear_inputs
+        if fused:
+            inputs += [("alpha", alpha, full_spec(cfg.nq))]
+        res = pallas_triton_call(linear_epilogue_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "fwd", {"fused": fused})
+        out.update(zip([x[0] for x in outputs], res))
+    return out
+
+
+def _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg: KernelCall, *, fused: bool, residuals: bool):
+    """Sparse branch by the Mosaic GPU kernel; the linear branch and combine in its epilogue (KernelConfig.epilogue
+    "mosaic", where uses_mosaic_epilogue allows) or in a Triton epilogue kernel after it (o_s, LSE through memory)."""
+    named = {name: x for name, x, _ in linear_inputs}
+    if uses_mosaic_epilogue(named, cfg):
+        linear, kw = mosaic_epilogue_args(q, alpha, named, cfg, fused=fused, residuals=residuals)
+        return mosaic_forward.sparse_linear_attention_mosaic(
+            q, k, v, lut, linear, block_k=cfg.block_k, sm_scale=cfg.sm_scale, **kw
+        )
+    o_s, lse = mosaic_forward.sparse_attention_mosaic(
+        q, k, v, lut, block_k=cfg.block_k, sm_scale=cfg.sm_scale, stages=4, config=cfg.config
+    )
+    return linear_epilogue(q, o_s, lse, alpha, linear_inputs, cfg, fused=fused, residuals=residuals)
+
+
+def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, residuals: bool):
+    """The forward of the bf16 family: {output name: array} with o (fused) or o_s, o_l, and with residuals lse,
+    den and the states h_tot, z_tot."""
+    b, n, h, d = q.shape
+    linear, h_tot, z_tot = linear_inputs(q_phi, k_phi, v, lut, cfg)
+    if cfg.mosaic_forward:
+        out = _forward_mosaic(q, k, v, lut, alpha, linear, cfg, fused=fused, residuals=residuals)
+        out["h_tot"], out["z_tot"] = h_tot, z_tot
+        return out
+    seq = seq_spec(cfg)
+    inputs = [("lut", lut, full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
+    inputs += linear
+    if fused:
+        inputs += [("alpha", alpha, full_spec(cfg.nq))]
+    outputs = forward_outputs(q, cfg, fused=fused, residuals=residuals)
+    unroll = max(1, cfg.config.launch_params("fwd").rows // cfg.block_k)
+    launch = dict(fused=fused, unroll=unroll)
+    res = pallas_triton_call(fwd_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "fwd", launch)
+    out = dict(zip([x[0] for x in outputs], res))
+    out["h_tot"], out["z_tot"] = h_tot, z_tot
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward (both families)
+# ----------------------------------------------------------------------------------------------------------
+def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
+    """All input cotangents (dq, dk, dv, dq_phi, dk_phi, dalpha or None) from the residuals: dQ stage, gradient
+    states, dK/dV stage (each a separate function for timing)."""
+    res_dq = backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
+    totals = backward_states(res, res_dq, cfg, fused=fused, do=do, do_l=do_l)
+    res_dkv = backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
+    q = res[0]
+    b, _, h, _ = q.shape
+    zeros = jnp.zeros_like(q)
+    dq_phi = res_dq.get("dq_phi", zeros)
+    dk_phi = res_dkv.get("dk_phi", zeros)
+    dalpha = None
+    if fused:
+        dalpha = res_dq["dalpha_rows"].reshape(b, h, cfg.nq, cfg.block_q).sum(-1)
+    return res_dq["dq"], res_dkv["dk"], res_dkv["dv"], dq_phi, dk_phi, dalpha
+
+
+def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
+    """dQ, dphi(Q) (and delta, c, d alpha per row) over the LUT: one Triton kernel, or with the Mosaic backward a
+    Triton kernel for the per-row terms and dphi(Q) followed by the Mosaic dQ kernel (mosaic_dq.py)."""
+    q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
+    b, n, h, d = q.shape
+    seq = seq_spec(cfg)
+    mosaic = cfg.mosaic_backward
+    rows_dq = cfg.block_q if mosaic else rows_per_step("dq", cfg)
+    rows = pl.BlockSpec((None, None, rows_dq), lambda i, hh, bb: (bb, hh, i))
+    row_struct = jax.ShapeDtypeStruct((b, h, cfg.npad), F32)
+    inputs = [] if mosaic else [("lut", lut, full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
+    if fused:
+        inputs += [("do", do, seq)]
+    else:
+        inputs += [("do_s", do_s, seq)] + ([("do_l", do_l, seq)] if cfg.linear else [])
+    inputs += [("o_s", o_s, seq)] + ([] if mosaic else [("lse", lse, rows)])
+    if cfg.linear:
+        inputs += [("o_l", o_l, seq), ("den", den, rows)]
+        if cfg.track_lin:
+            h_blk, z_blk = h_tot, z_tot  # this query block's H_i, Z_i from the forward
+            ratio = cfg.block_q // rows_dq  # programs per query block
+            blk = lambda s: lax.div(s, jnp.int32(ratio))
+            h_spec = pl.BlockSpec((None, None, None, d, d), lambda s, hh, bb: (bb, hh, blk(s), 0, 0))
+            z_spec = pl.BlockSpec((None, None, None, d), lambda s, hh, bb: (bb, hh, blk(s), 0))
+            inputs += [("h", h_blk, h_spec), ("z", z_blk, z_spec)]
+        else:
+            inputs += [("h", h_tot, full_spec(d, d)), ("z", z_tot, full_spec(d))]
+    if fused:
+        inputs += [("alpha", alpha, full_spec(cfg.nq))]
+    outputs = [] if mosaic else [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), seq)]
+    outputs += [("delta", row_struct, rows)]
+    if cfg.linear:
+        outputs += [("dq_phi", jax.ShapeDtypeStruct(q.shape, q.dtype), seq), ("c", row_struct, rows)]
+    if fused:
+        outputs += [("dalpha_rows", row_struct, rows)]
+    if mosaic:
+        kernel, launch = dq_linear_kernel, {"fused": fused}
+    else:
+        kernel, launch = dq_kernel, {"fused": fused, "rows": rows_dq}
+    res_dq = pallas_triton_call(kernel, (cfg.npad // rows_dq, h, b), inputs, outputs, cfg, "dq", launch)
+    res_dq = dict(zip([x[0] for x in outputs], res_dq))
+    if mosaic:
+        do_sparse, a = (do, alpha) if fused else (do_s, None)
+        kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "stages": 4}  # H100: 0.88 vs 0.92 ms with 2 (95%)
+        res_dq["dq"] = mosaic_dq.sparse_attention_dq_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut, a, **kw)
+    return res_dq
+
+
+def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None):
+    """Linear-branch gradient states for the dK/dV stage: dH = sum_r phi~_r^T dO_l,r, dZ = -sum_r c_r phi~_r
+    (phi~ = phi(Q) / den) over all query rows, (B, H, D, D) and (B, H, D) float32; for the complement scope per
+    key block j over the query blocks that did not select j, (B, H, Nk, D, D) and (B, H, Nk, D)
+    (linear_states.gradient_states)."""
+    q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
+    if not cfg.linear:
+        return None, None
+    inv_den = 1.0 / den
+    if fused:
+        w = (1.0 - jnp.repeat(alpha, cfg.block_q, axis=-1)) * inv_den
+        x = do
+    else:
+        w, x = inv_den, do_l
+    u = -res_dq["c"] * inv_den
+    return gradient_states(q_phi, x, w, u, lut, cfg)
+
+
+def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall):
+    """(name, array, BlockSpec) of the dK/dV kernels' linear-branch inputs: phi(K) and dH, dZ (per key block, or
+    the totals)."""
+    dh, dz = totals
+    d = cfg.d
+    if dh.ndim == 5:  # per key block
+        dh_spec = pl.BlockSpec((None, None, None, d, d), lambda j, hh, bb: (bb, hh, j, 0, 0))
+        dz_spec = pl.BlockSpec((None, None, None, d), lambda j, hh, bb: (bb, hh, j, 0))
+    else:
+        dh_spec, dz_spec = full_spec(d, d), full_spec(d)
+    return [("k_phi", k_phi, seq_spec(cfg)), ("dh", dh, dh_spec), ("dz", dz, dz_spec)]
+
+
+def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
+    """dK, dV, dphi(K) over the transposed LUT (built here): one Triton kernel, or the Mosaic dK/dV kernel
+    (mosaic_dkv.py) followed by a Triton kernel for the linear part."""
+    q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
+    b, n, h, d = q.shape
+    seq = seq_spec(cfg)
+    lut_t, count = transpose_lut(lut, cfg.nk)
+    kv_struct = jax.ShapeDtypeStruct(k.shape, k.dtype)
+    if cfg.mosaic_backward:
+        do_sparse, a = (do, alpha) if fused else (do_s, None)
+        kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale}
+        dk, dv_s = mosaic_dkv.sparse_attention_dkv_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut_t, count, a, **kw)
+        if not cfg.linear:
+            return {"dk": dk, "dv": dv_s}
+        inputs = [("v", v, seq), ("dv_s", dv_s, seq)] + _dkv_linear_inputs(k_phi, totals, cfg)
+        outputs = [("dv", kv_struct, seq), ("dk_phi", kv_struct, seq)]
+        res_lin = pallas_triton_call(dkv_linear_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", {})
+        return {"dk": dk, **dict(zip([x[0] for x in outputs], res_lin))}
+    inputs = [
+        ("lut_t", lut_t, full_spec(cfg.nk, cfg.nq)),
+        ("count", count, full_spec(cfg.nk)),
+        ("q", q, seq),
+        ("k", k, seq),
+        ("v", v, seq),
+    ]
+    if fused:
+        inputs += [("do", do, seq)]
+    else:
+        inputs += [("do_s", do_s, seq)]
+    full_rows = full_spec(cfg.npad)
+    inputs += [("lse", lse, full_rows), ("delta", res_dq["delta"], full_rows)]
+    if cfg.linear:
+        inputs += _dkv_linear_inputs(k_phi, totals, cfg)
+    if fused:
+        inputs += [("alpha", alpha, full_spec(cfg.nq))]
+    outputs = [("dk", kv_struct, seq), ("dv", kv_struct, seq)]
+    if cfg.linear:
+        outputs += [("dk_phi", kv_struct, seq)]
+    launch = {"fused": fused, "rows": rows_per_step("dkv", cfg)}
+    res_dkv = pallas_triton_call(dkv_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", launch)
+    return dict(zip([x[0] for x in outputs], res_dkv))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Low-bit forward
+# ----------------------------------------------------------------------------------------------------------
+def forward_lowbit(
+    q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: KernelCall, quant: str, *, fused: bool, residuals: bool, queries=None
+):
+    """The low-bit forward; returns the same dict as ``forward`` (o / o_s, o_l, lse, den, h_tot, z_tot).
+
+    keys: ``QuantisedKeys`` made before (then Q is quantised inside the forward kernel and there is no pre-pass)
+    or None (quantize.prequantize). queries: None or Q quantised before (``quantize.QuantisedQueries``, with keys):
+    the kernels read its int8 Q and scales instead of quantising Q.
+    """
+    if _lowbit_on_mosaic(cfg, quant):
+        return _forward_lowbit_mosaic(
+            q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, fused=fused, residuals=residuals, queries=queries, quant=quant
+        )
+    q_given = (None, None) if queries is None else tuple(queries)[:2]
+    quantised = prequantize(q, k, cfg.block_q, cfg.block_k, cfg.interpret) if keys is None else Quantised(*q_given, *keys)
+    return forward_lowbit_triton(
+        q, k, v, q_phi, k_phi, lut, alpha, quantised, cfg, quant, fused=fused, residuals=residuals
+    )
+
+
+def _lowbit_on_mosaic(cfg: KernelCall, quant: str) -> bool:
+    """The low-bit forward runs in the INT8 Mosaic kernel: KernelConfig.forward "mosaic" and quant "int8", or
+    "int8_fp8" with KernelConfig.mosaic_fp8 (and block_k % 16 == 0)."""
+    fp8_ok = cfg.config.mosaic_fp8 and cfg.block_k % 16 == 0
+    return cfg.mosaic_forward and (quant == "int8" or (quant == "int8_fp8" and fp8_ok))
+
+
+def _forward_lowbit_mosaic(
+    q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: KernelCall, *, fused: bool, residuals: bool, queries=None, quant="int8"
+):
+    """INT8 sparse branch by the Mosaic GPU kernel; the linear branch and the combine in its epilogue (quant "int8",
+    where uses_mosaic_epilogue allows, as for bf16) or in the Triton epilogue after it (o_s, LSE through memory);
+    the same dict as ``forward_lowbit_triton``. keys None: a K pre-pass first.
+    quant "int8_fp8": P V in FP8 too, V quantised per channel by ``quantize_values_fp8`` (interleaved keys)."""
+    if keys is None:
+        qz = prequantize(q, k, cfg.block_q, cfg.block_k, cfg.interpret, queries=False)
+        keys = QuantisedKeys(qz.k8, qz.k_scale, qz.k_mean)
+    linear, h_tot, z_tot = linear_inputs(q_phi, k_phi, v, lut, cfg)
+    named = {name: x for name, x, _ in linear}
+    kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "queries": queries}
+    if quant == "int8" and uses_mosaic_epilogue(named, cfg):
+        # shared memory at D = 128: int8 Q 16 KB, ring of 4 (8 + 16 KB), phi(Q), H_i, 1 tile of its own (three outputs)
+        lin, plan = mosaic_epilogue_args(q, alpha, named, cfg, fused=fused, residuals=residuals)
+        out = mosaic_forward.sparse_linear_attention_mosaic_int8(q, k, v, lut, keys, lin, **plan, **kw)
+    else:
+        values = quantize_values_fp8(v, cfg.block_k, interleave=True) if quant == "int8_fp8" else None
+        o_s, lse = mosaic_forward.sparse_attention_mosaic_int8(
+            q, k, v, lut, keys, stages=4, values=values, config=cfg.config, **kw
+        )
+        out = linear_epilogue(q, o_s, lse, alpha, linear, cfg, fused=fused, residuals=residuals)
+    out["h_tot"], out["z_tot"] = h_tot, z_tot
+    return out
+
+
+def forward_lowbit_triton(
+    q, k, v, q_phi, k_phi, lut, alpha, quantised: Quantised, cfg: KernelCall, quant: str, *, fused: bool, residuals: bool
+):
+    """The Triton low-bit forward kernel given the quantised operands (timed on its own by the GPU probes)."""
+    b, _, h, d = q.shape
+    fp8 = quant == "int8_fp8"
+    seq = seq_spec(cfg)
+    qz = quantised
+    inputs = [("lut", lut, full_spec(cfg.nq, cfg.topk))]
+    if qz.q8 is not None:
+        inputs += [("q8", qz.q8, seq), ("q_scale", qz.q_scale, full_spec(cfg.nq))]
+    if qz.q8 is None or residuals:
+        inputs += [("q", q, seq)]
+    inputs += [("k8", qz.k8, seq), ("k_scale", qz.k_scale, full_spec(cfg.nk))]
+    if residuals:
+        inputs += [("k_mean", qz.k_mean, full_spec(d))]
+    if fp8:
+        v8t, v_scale = quantize_values_fp8(v, cfg.block_k)
+        inputs += [("v8t", v8t, full_spec(d, cfg.nk * cfg.block_k)), ("v_scale", v_scale, full_spec(d))]
+    if not fp8:
+        inputs += [("v", v, seq)]
+    linear, h_tot, z_tot = linear_inputs(q_phi, k_phi, v, lut, cfg)
+    inputs += linear
+    if fused:
+        inputs += [("alpha", alpha, full_spec(cfg.nq))]
+    outputs = forward_outputs(q, cfg, fused=fused, residuals=residuals)
+    names = tuple(x[0] for x in inputs) + tuple(x[0] for x in outputs)
+    res = pl.pallas_call(
+        functools.partial(lowbit_fwd_kernel, names=names, cfg=cfg, fused=fused, fp8=fp8),
+        grid=(cfg.nq, h, b),
+        in_specs=[x[2] for x in inputs],
+        out_specs=[x[2] for x in outputs],
+        out_shape=[x[1] for x in outputs],
+        compiler_params=params("lowbit" if quant == "int8" else "fwd", cfg),
+        interpret=cfg.interpret,
+        name=f"sla_fwd_{quant}",
+    )(*[x[1] for x in inputs])
+    out = dict(zip([x[0] for x in outputs], res))
+    out["h_tot"], out["z_tot"] = h_tot, z_tot
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# custom_vjp wiring: one pair (branches, fused) per precision family
+# ----------------------------------------------------------------------------------------------------------
+def residuals(q, k, v, q_phi, k_phi, lut, alpha, out) -> Residuals:
+    """The Residuals of a forward's output dict."""
+    return Residuals(
+        q, k, v, q_phi, k_phi, lut, alpha, out["o_s"], out.get("o_l"), out["lse"], out.get("den"), out["h_tot"],
+        out["z_tot"],
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _branches(q, k, v, q_phi, k_phi, lut, cfg):
+    out = forward(q, k, v, q_phi, k_phi, lut, None, cfg, fused=False, residuals=False)
+    return out["o_s"], out.get("o_l", jnp.zeros_like(q))
+
+
+def _branches_fwd(q, k, v, q_phi, k_phi, lut, cfg):
+    out = forward(q, k, v, q_phi, k_phi, lut, None, cfg, fused=False, residuals=True)
+    return (out["o_s"], out.get("o_l", jnp.zeros_like(q))), residuals(q, k, v, q_phi, k_phi, lut, None, out)
+
+
+def _branches_bwd(cfg, res, cts):
+    do_s, do_l = cts
+    dq, dk, dv, dq_phi, dk_phi, _ = backward(
+        res, cfg, fused=False, do_s=do_s.astype(res[0].dtype), do_l=do_l.astype(res[0].dtype)
+    )
+    return dq, dk, dv, dq_phi, dk_phi, None
+
+
+_branches.defvjp(_branches_fwd, _branches_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _fused(q, k, v, q_phi, k_phi, lut, alpha, cfg):
+    return forward(q, k, v, q_phi, k_phi, lut, alpha, cfg, fused=True, residuals=False)["o"]
+
+
+def _fused_fwd(q, k, v, q_phi, k_phi, lut, alpha, cfg):
+    out = forward(q, k, v, q_phi, k_phi, lut, alpha, cfg, fused=True, residuals=True)
+    return out["o"], residuals(q, k, v, q_phi, k_phi, lut, alpha, out)
+
+
+def _fused_bwd(cfg, res, do):
+    dq, dk, dv, dq_phi, dk_phi, dalpha = backward(res, cfg, fused=True, do=do.astype(res[0].dtype))
+    return dq, dk, dv, dq_phi, dk_phi, None, dalpha
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _branches_lowbit(q, k, v, q_phi, k_phi, lut, keys, queries, cfg, quant):
+    out = forward_lowbit(
+        q, k, v, q_phi, k_phi, lut, None, keys, cfg, quant, fused=False, residuals=False, queries=queries
+    )
+    return out["o_s"], out.get("o_l", jnp.zeros_like(q))
+
+
+def _branches_lowbit_fwd(q, k, v, q_phi, k_phi, lut, keys, queries, cfg, quant):
+    out = forward_lowbit(q, k, v, q_phi, k_phi, lut, None, keys, cfg, quant, fused=False, residuals=True, queries=queries)
+    res = residuals(q, k, v, q_phi, k_phi, lut, None, out)
+    return (out["o_s"], out.get("o_l", jnp.zeros_like(q))), res
+
+
+def _branches_lowbit_bwd(cfg, quant, res, cts):
+    del quant  # straight-through: the full-precision backward
+    return (*_branches_bwd(cfg, res, cts), None, None)  # no gradient to the quantised keys / queries
+
+
+_branches_lowbit.defvjp(_branches_lowbit_fwd, _branches_lowbit_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def _fused_lowbit(q, k, v, q_phi, k_phi, lut, alpha, keys, queries, cfg, quant):
+    out = forward_lowbit(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, quant, fused=True, residuals=False, queries=queries)
+    return out["o"]
+
+
+def _fused_lowbit_fwd(q, k, v, q_phi, k_phi, lut, alpha, keys, queries, cfg, quant):
+    out = forward_lowbit(q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, quant, fused=True, residuals=True, queries=queries)
+    return out["o"], residuals(q, k, v, q_phi, k_phi, lut, alpha, out)
+
+
+def _fused_lowbit_bwd(cfg, quant, res, do):
+    del quant  # straight-through: the full-precision backward
+    return (*_fused_bwd(cfg, res, do), None, None)  # no gradient to the quantised keys / queries
+
+
+_fused_lowbit.defvjp(_fused_lowbit_fwd, _fused_lowbit_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------------------
+def sparse_linear_attention(
+    q, k, v, q_phi, k_phi, lut, *, block_q=128, block_k=64, linear_scope="complement", sm_scale=None, eps=1e-6,
+    interpret=None, config=None,
+):
+    """Sparse (LUT) and linear branches of SLA / SLA2 attention, returned separately: (o_s, o_l).
+
+    Args:
+      q, k, v: (B, N, H, D) bf16/f16/f32 (same dtype), D in {32, 64, 128}, any N (ragged is fine).
+      q_phi, k_phi: phi(q), phi(k) (B, N, H, D), the feature-mapped queries/keys (cast to q.dtype).
+      lut: int32 (B, H, ceil(N/block_q), topk): selected key-block ids, ascending, no duplicates.
+      block_q, block_k: the SLA block sizes the LUT refers to (powers of two in [16, 256]).
+      linear_scope: "complement" (linear branch over unselected blocks) or "all" (over all keys).
+      sm_scale: softmax scale, default 1/sqrt(D).  eps: added to the linear branch's denominator.
+      interpret: None -> Pallas interpret mode unless the default backend is a GPU.
+      config: KernelConfig (which kernels and launch parameters); None -> heuristic_config for the call.
+    Returns:
+      (o_s, o_l), each (B, N, H, D) in q.dtype. Differentiable w.r.t. q, k, v, q_phi, k_phi.
+    """
+    cfg = validate_call(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret, config)
+    return _branches(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, cfg)
+
+
+def sla2_fused_attention(
+    q, k, v, q_phi, k_phi, lut, alpha, *, block_q=128, block_k=64, linear_scope="complement", sm_scale=None, eps=1e-6,
+    interpret=None, config=None,
+):
+    """SLA2 output o = alpha * o_s + (1 - alpha) * o_l in one forward kernel (see sparse_linear_attention).
+
+    alpha: float (B, H, Nq) (anything broadcastable to it), one value per query block; differentiable
+    (d alpha = sum over the block's rows and channels of dO * (O_s - O_l)). Returns o (B, N, H, D) in q.dtype.
+    """
+    cfg = validate_call(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret, config)
+    alpha = checked_alpha(alpha, q, cfg)
+    return _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha, cfg)
+
+
+def _check_quant(quant):
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
+
+
+def _check_keys(keys, k, cfg: KernelCall):
+    """keys: None or a QuantisedKeys matching k (B, N, H, D) and block_k; returned with stopped gradients."""
+    if keys is None:
+        return None
+    b, n, h, d = k.shape
+    expect = {"k8": ((b, n, h, d), jnp.int8), "scale": ((b, h, cfg.nk), F32), "mean": ((b, h, d), F32)}
+    if not isinstance(keys, QuantisedKeys):
+        raise ValueError(f"keys must be a QuantisedKeys or None, got {type(keys).__name__}")
+    for name, (shape, dtype) in expect.items():
+        x = getattr(keys, name)
+        if tuple(x.shape) != shape or x.dtype != dtype:
+            raise ValueError(f"keys.{name} must be {jnp.dtype(dtype).name} {shape}, got {x.dtype} {tuple(x.shape)}")
+    return QuantisedKeys(*(lax.stop_gradient(x) for x in keys))
+
+
+def _check_queries(queries, keys, q, cfg: KernelCall):
+    """queries: None or (q8, scale, shift) (``quantize.QuantisedQueries``) matching q and block_q, given with keys
+    (the shift holds keys.mean); returned as a tuple with stopped gradients."""
+    if queries is None:
+        return None
+    if keys is None:
+        raise ValueError("queries need keys (the shift q . mean_N(K) belongs to the quantised keys)")
+    b, n, h, d = q.shape
+    expect = (((b, n, h, d), jnp.int8), ((b, h, cfg.nq), F32), ((b, h, cfg.nq * cfg.block_q), F32))
+    if len(queries) != 3:
+        raise ValueError(f"queries must be (q8, scale, shift), got {len(queries)} arrays")
+    for name, x, (shape, dtype) in zip(("q8", "scale", "shift"), queries, expect):
+        if tuple(x.shape) != shape or x.dtype != dtype:
+            raise ValueError(f"queries.{name} must be {jnp.dtype(dtype).name} {shape}, got {x.dtype} {tuple(x.shape)}")
+    return tuple(lax.stop_gradient(x) for x in queries)
+
+
+def sparse_linear_attention_lowbit(
+    q,
+    k,
+    v,
+    q_phi,
+    k_phi,
+    lut,
+    *,
+    quant="int8",
+    block_q=128,
+    block_k=64,
+    linear_scope="complement",
+    sm_scale=None,
+    eps=1e-6,
+    interpret=None,
+    keys=None,
+    queries=None,
+    config=None,
+):
+    """Sparse (LUT) and linear branches with a low-bit sparse-branch forward: (o_s, o_l).
+
+    Same arguments (config included) and outputs as ``sparse_linear_attention`` plus
+      quant: "int8" (Q and smoothed K in INT8 per block, P V in q.dtype) or "int8_fp8" (also P and V in FP8 e4m3).
+      keys: optional ``QuantisedKeys`` of k (made where k is read anyway, e.g. ``front_end.block_means_phi_int8``):
+        the kernel then runs without a pre-pass and quantises Q itself. None: a pre-pass quantises K~ (and Q).
+      queries: optional int8 Q with scales and LSE shift, given with keys (``quantize.QuantisedQueries``, from the read
+        of Q that gives phi(Q): ``front_end.block_means_phi_int8_queries`` with block_q and sm_scale * log2 e): then
+        nothing quantises Q here.
+    q, k, v are the original (unquantised) tensors; K is smoothed inside. The forward of the sparse branch is
+    low bit; gradients (w.r.t. q, k, v, q_phi, k_phi) are the full-precision ones (straight-through).
+    """
+    _check_quant(quant)
+    cfg = validate_call(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret, config)
+    keys = _check_keys(keys, k, cfg)
+    queries = _check_queries(queries, keys, q, cfg)
+    return _branches_lowbit(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, keys, queries, cfg, quant)
+
+
+def sla2_fused_attention_lowbit(
+    q,
+    k,
+    v,
+    q_phi,
+    k_phi,
+    lut,
+    alpha,
+    *,
+    quant="int8",
+    block_q=128,
+    block_k=64,
+    linear_scope="complement",
+    sm_scale=None,
+    eps=1e-6,
+    interpret=None,
+    keys=None,
+    queries=None,
+    config=None,
+):
+    """SLA2 output o = alpha * o_s + (1 - alpha) * o_l in one kernel, o_s from the low-bit sparse branch.
+
+    Same arguments as ``sla2_fused_attention`` plus ``quant``, ``keys`` and ``queries`` (see
+    ``sparse_linear_attention_lowbit``). Differentiable w.r.t. q, k, v, q_phi, k_phi and alpha (straight-through:
+    the bf16 backward kernels with the low-bit forward's LSE and O_s).
+    """
+    _check_quant(quant)
+    cfg = validate_call(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret, config)
+    alpha = checked_alpha(alpha, q, cfg)
+    keys = _check_keys(keys, k, cfg)
+    queries = _check_queries(queries, keys, q, cfg)
+    return _fused_lowbit(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha, keys, queries, cfg, quant)
