@@ -1,7 +1,8 @@
-"""GPU probe: the Mosaic GPU sparse forward (pallas_kernels/sparse_mosaic.py), alone and with the linear branch
-in its epilogue (sparse_linear_attention_mosaic, OPTIONS["fwd_epilogue"] "mosaic") vs the Triton epilogue.
+"""GPU probe: the Mosaic GPU sparse forward (pallas_kernels/mosaic_forward.py), alone and with the linear branch
+in its epilogue (sparse_linear_attention_mosaic, KernelConfig.epilogue "mosaic") vs the Triton epilogue.
 
-    python -m experiments.probe_mosaic_sparse --out DIR [--parts small fused_small sweep wan ...] [--sparsity ...]
+    python -m experiments.dev.probe_mosaic_sparse --out DIR [--parts small fused_small sweep wan ...] [--sparsity ...]
+        [--loop pingpong|pipelined] [--pair-steps | --no-pair-steps] [--grid-order heads|qblocks]
 
 Parts (each runs on its own: an error is recorded and the next part goes on; JSON to DIR/probe_mosaic_sparse.json):
   small        sparse_attention_mosaic on small random inputs (ragged and whole N, D 64 / 128) vs a dense float32
@@ -13,28 +14,29 @@ Parts (each runs on its own: an error is recorded and the next part goes on; JSO
   wan          wan-1.3b (B=1, H=12, N=32760, D=128, bf16, SLA router LUT) per sparsity: outputs of the library
                forward with the Mosaic epilogue vs the Triton epilogue, then interleaved medians of the kernels, the
                library forward (states + kernel(s)), the sla2_jax module forward with each epilogue, and cuDNN.
-  library      (session 3) OPTIONS fwd_kernel triton vs mosaic through custom_vjp and module, fwd and fwd+bwd.
+  library      KernelConfig.forward triton vs mosaic through the custom_vjp and the module, fwd and fwd+bwd.
   dense        jax's dense Mosaic attention and cuDNN at N = 32768 (anchors).
   ncu_target   two launches of the plain and of the fused kernel at 95% (for ncu: --kernel-name regex:sla_sparse).
   cupti        kernel-only (CUPTI) vs synchronised wall vs pipelined time per call, LUTs of 5 / 25 entries.
   module_fb    sla2_jax module forward and forward+backward, Triton vs Mosaic epilogue, cuDNN, one process.
-  trace        Mosaic's on-device profiler regions via experiments.profile_mosaic (recorded nothing in session 5).
-  ring         (session 6) output tiles in finished V slots vs their own: outputs equal bit for bit, CUPTI times.
-  block_k      (session 6) the same work in 64-key vs 128-key LUT steps (bf16, INT8): the per-step overhead.
-  loops        (session 7) LOOP_VARIANTS (sparse_mosaic.OPTIONS loop, pair_steps): INT8 / FP8 kernels of each
-               variant vs the first variant and the dense float32 reference on small ragged cases, then on wan-1.3b
-               with random LUTs the CUPTI kernel times of bf16 (plain, training and inference epilogues), INT8
-               (convert / magic) and INT8 + FP8 under each variant, with each output's largest difference from the
-               first variant's.
-  --loop NAME  sparse_mosaic.OPTIONS["loop"] for the other parts (small, fused_small, ...); --pair-steps sets
-               OPTIONS["pair_steps"] for them.
+  trace        Mosaic's on-device profiler regions (KernelConfig.profile_dir) via experiments.dev.profile_mosaic.
+  ring         output tiles in finished V slots vs their own (KernelConfig.outputs_in_ring): outputs equal bit for
+               bit, CUPTI times.
+  block_k      the same work in 64-key vs 128-key LUT steps (bf16, INT8): the per-step overhead.
+  loops        LOOP_VARIANTS (KernelConfig loop, pair_steps): INT8 / FP8 kernels of each variant vs the first
+               variant and the dense float32 reference on small ragged cases, then on wan-1.3b with random LUTs the
+               CUPTI kernel times of bf16 (plain, training and inference epilogues), INT8 and INT8 + FP8 under each
+               variant, with each output's largest difference from the first variant's.
+  --loop / --pair-steps / --grid-order: the KernelConfig fields of every other part (default: KernelConfig's).
   --trim-sass CSV: prints the top stall lines of an `ncu --page source --csv --print-source sass` export.
+Every kernel call takes its variant as config= (a KernelConfig built from BASE); nothing changes module state.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -45,20 +47,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.probe_common import bench, kernel_ms, record_error, rel, uniform_lut, with_options
+from experiments.dev.common import bench, config_dict, kernel_ms, record_error, rel, uniform_lut, wan_setup
 from experiments.timing import pipelined_seconds, time_samples
-from pallas_kernels import sparse_linear as sl
-from pallas_kernels import sparse_mosaic as sm
-from pallas_kernels.sparse_mosaic import sparse_attention_mosaic
+from pallas_kernels import KernelConfig, heuristic_config
+from pallas_kernels.config import GRID_ORDERS, LOOPS
+from pallas_kernels import attention, linear_states, quantize
+from pallas_kernels import mosaic_forward as mf
 
-RESULTS: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+RESULTS: dict = {}
+BASE = KernelConfig(forward="mosaic", backward="mosaic")  # set by main from --loop, --pair-steps, --grid-order
 
 
-def wan_setup(*args):
-    """experiments.check_kernels_gpu.wan_setup, imported on use (the ncu part runs without the router's imports)."""
-    from experiments.check_kernels_gpu import wan_setup as setup
+def config(**changes) -> KernelConfig:
+    """BASE with the given KernelConfig fields changed."""
+    return BASE.replace(**changes)
 
-    return setup(*args)
+
+def library_config(n=32760, d=128, **changes) -> KernelConfig:
+    """The library's default for a bf16 call on a Hopper GPU (heuristic_config: the Mosaic kernels and the Triton
+    launch table) with BASE's forward-loop fields and the given changes."""
+    loop_fields = {x: getattr(BASE, x) for x in ("loop", "pair_steps", "grid_order", "outputs_in_ring", "p8_operand")}
+    return heuristic_config(n, d, jnp.bfloat16, gpu="hopper").replace(**{**loop_fields, **changes})
+
+
+def sparse_attention_mosaic(q, k, v, lut, *, block_k=64, stages=2, **changes):
+    """mosaic_forward.sparse_attention_mosaic under config(**changes)."""
+    return mf.sparse_attention_mosaic(q, k, v, lut, block_k=block_k, stages=stages, config=config(**changes))
 
 
 def dense_reference(q, k, v, lut, block_q, block_k):
@@ -90,6 +104,7 @@ def small_checks():
             q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), dtype) for _ in range(3))
             lut = uniform_lut(rng, b, h, nq, nk, topk)
             o, lse = jax.jit(sparse_attention_mosaic)(q, k, v, lut)
+            row["config"] = config_dict(config())
             o_ref, lse_ref = dense_reference(q, k, v, lut, 128, 64)
             row.update(rel_o=rel(o, o_ref), max_abs_lse=float(jnp.max(jnp.abs(lse[:, :, :n] - lse_ref))))
         except Exception as e:  # noqa: BLE001 - record and go on
@@ -99,11 +114,11 @@ def small_checks():
     RESULTS["small"] = rows
 
 
-def fused(q, k, v, lut, lin_arrays, outputs=("o",), stages=4, **schedule):
-    """sparse_linear_attention_mosaic with lin_arrays = (q_phi, h, z, alpha) (jit arguments; eps 1e-6 static)."""
-    linear = sm.LinearInputs(*lin_arrays, 1e-6)
-    sched = sm.Schedule(**schedule)
-    return sm.sparse_linear_attention_mosaic(q, k, v, lut, linear, outputs=outputs, stages=stages, schedule=sched)
+def fused(q, k, v, lut, lin_arrays, outputs=("o",), stages=4, **changes):
+    """sparse_linear_attention_mosaic with lin_arrays = (q_phi, h, z, alpha) (jit arguments; eps 1e-6 static) under
+    config(**changes)."""
+    linear = mf.LinearInputs(*lin_arrays, 1e-6)
+    return mf.sparse_linear_attention_mosaic(q, k, v, lut, linear, outputs=outputs, stages=stages, config=config(**changes))
 
 
 def random_linear_inputs(rng, b, n, h, d, nq, dtype, with_alpha=True):
@@ -114,7 +129,7 @@ def random_linear_inputs(rng, b, n, h, d, nq, dtype, with_alpha=True):
     hs = jnp.asarray(rng.standard_normal((b, h, nq, d, d)) * math.sqrt(n / d), jnp.bfloat16)
     zs = jnp.asarray(rng.uniform(0.5, 2.0, (b, h, nq, d)) * (n / d), jnp.float32)
     alpha = jnp.asarray(rng.uniform(0.0, 1.0, (b, h, nq)), jnp.float32) if with_alpha else None
-    return sm.LinearInputs(q_phi, hs, zs, alpha, 1e-6)
+    return mf.LinearInputs(q_phi, hs, zs, alpha, 1e-6)
 
 
 def linear_reference(linear, n):
@@ -130,15 +145,15 @@ def linear_reference(linear, n):
     return o_l.reshape(b, nq * 128, h, d)[:, :n], den.reshape(b, h, nq * 128)[:, :, :n]
 
 
-FUSED_SMALL_CASES = [  # n, d, topk, dtype, outputs, stages, schedule
+FUSED_SMALL_CASES = [  # n, d, topk, dtype, outputs, stages, KernelConfig changes
     (2000, 128, 4, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 3, {}),
     (2000, 128, 5, jnp.bfloat16, ("o",), 4, {"grid_order": "qblocks"}),
-    (4096, 64, 6, jnp.bfloat16, ("o",), 4, {"store_wait": "read", "lut_early": True}),
-    (1000, 64, 3, jnp.float16, ("o_s", "o_l", "lse", "den"), 4, {"grid_order": "qblocks", "lut_early": True}),
+    (4096, 64, 6, jnp.bfloat16, ("o",), 4, {}),
+    (1000, 64, 3, jnp.float16, ("o_s", "o_l", "lse", "den"), 4, {"grid_order": "qblocks"}),
     (1048, 128, 2, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 3, {}),  # last block's 2nd half past N
     (776, 128, 1, jnp.float16, ("o_s", "o_l"), 4, {}),
     (2000, 128, 5, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 3, {"grid_order": "qblocks"}),
-    # session 6: the third output tile through a finished V slot (sparse_mosaic.ring_holds_outputs), ring of 4;
+    # the third output tile through a finished V slot (mosaic_forward.ring_holds_outputs), ring of 4;
     # topk 4 / 7 / 2 / 1 put the two warpgroups' slots at different places of the ring (topk 1: own tiles)
     (2000, 128, 4, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 4, {}),
     (4096, 128, 7, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 4, {}),
@@ -152,15 +167,15 @@ def fused_small_checks():
     """sparse_linear_attention_mosaic vs the dense f32 reference (fresh seed, recorded)."""
     rows, seed = [], int.from_bytes(os.urandom(4), "little")
     RESULTS["fused_small_seed"] = seed
-    for n, d, topk, dtype, outputs, stages, schedule in FUSED_SMALL_CASES:
-        row = dict(n=n, d=d, topk=topk, dtype=jnp.dtype(dtype).name, outputs=outputs, stages=stages, **schedule)
+    for n, d, topk, dtype, outputs, stages, changes in FUSED_SMALL_CASES:
+        row = dict(n=n, d=d, topk=topk, dtype=jnp.dtype(dtype).name, outputs=outputs, stages=stages, **changes)
         try:
             rng = np.random.default_rng([seed, n, d, len(outputs)])
             b, h, nq, nk = 1, 2, -(-n // 128), -(-n // 64)
             q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), dtype) for _ in range(3))
             lut = uniform_lut(rng, b, h, nq, nk, topk)
             linear = random_linear_inputs(rng, b, n, h, d, nq, dtype, with_alpha="o" in outputs)
-            kw = {"outputs": outputs, "stages": stages, **schedule}
+            kw = {"outputs": outputs, "stages": stages, **changes}
             out = jax.jit(lambda *a, kw=kw: fused(*a, **kw))(q, k, v, lut, linear[:4])
             o_s, lse = dense_reference(q, k, v, lut, 128, 64)
             o_l, den = linear_reference(linear, n)
@@ -203,14 +218,12 @@ def sweep(runs, topks=(5, 10, 25, 50)):
     q, k, v, _, _, _, _, alpha, cfg = wan_setup(0.95, 29, 1, 12, 32760, 128, 128, 64)
     rng = np.random.default_rng(7)
     linear = random_linear_inputs(rng, 1, 32760, 12, 128, cfg.nq, jnp.bfloat16)
-    plain = lambda **sch: (
-        lambda q, k, v, lut, lin: sparse_attention_mosaic(q, k, v, lut, stages=4, schedule=sm.Schedule(**sch))
+    plain = lambda **changes: (
+        lambda q, k, v, lut, lin: sparse_attention_mosaic(q, k, v, lut, stages=4, **changes)
     )
     variants = {
         "plain_s4": plain(),
         "plain_s4_qblocks": plain(grid_order="qblocks"),
-        "plain_s4_lut_early": plain(lut_early=True),
-        "plain_s4_qblocks_early_read": plain(grid_order="qblocks", lut_early=True, store_wait="read"),
         "fused_o_s4": lambda q, k, v, lut, lin: fused(q, k, v, lut, lin),
         "fused_o_s4_qblocks": lambda q, k, v, lut, lin: fused(q, k, v, lut, lin, grid_order="qblocks"),
     }
@@ -237,43 +250,47 @@ def sweep(runs, topks=(5, 10, 25, 50)):
     print("sweep", json.dumps(stats), json.dumps(fits), flush=True)
 
 
-def with_epilogue_and_order(epilogue, grid_order, fn):
-    """fn with sparse_linear.OPTIONS["fwd_epilogue"] and sparse_mosaic.OPTIONS["grid_order"] set while it is traced
-    (jit traces on the first call)."""
-    return with_options(sl.OPTIONS, with_options(sm.OPTIONS, fn, grid_order=grid_order), fwd_epilogue=epilogue)
+def library_forward(cfg, epilogue, grid_order, residuals):
+    """(q, k, v, q_phi, k_phi, lut, alpha) -> the fused forward's output dict (attention.forward: states and
+    kernel(s)) with the library's KernelConfig and this epilogue and grid order."""
+    call = cfg._replace(config=library_config(cfg.n, cfg.d, epilogue=epilogue, grid_order=grid_order))
+    return lambda q, k, v, qp, kp, lut, a: attention.forward(q, k, v, qp, kp, lut, a, call, fused=True, residuals=residuals)
+
+
+def library_module(sparsity, epilogue="mosaic", grid_order="heads"):
+    """(q, k, v) -> the sla2_jax module forward (backend pallas, alpha "mass") with this epilogue and grid order."""
+    import sla2_jax as sla
+
+    kernel = library_config(epilogue=epilogue, grid_order=grid_order)
+    mcfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", alpha="mass", kernel=kernel)
+    return lambda q, k, v: sla.sla2_attention(q, k, v, config=mcfg)
 
 
 def wan(sparsity, runs):
     """Library forward with the Mosaic vs the Triton epilogue: errors, then interleaved timings with cuDNN."""
-    import sla2_jax as sla
-
     q, k, v, _, qp, kp, lut, alpha, cfg = wan_setup(sparsity, 29, 1, 12, 32760, 128, 128, 64)
-    row = dict(sparsity=sparsity, topk=cfg.topk)
-    fwd = lambda res: (
-        lambda q, k, v, qp, kp, lut, a: sl._forward(q, k, v, qp, kp, lut, a, cfg, fused=True, residuals=res)
-    )
+    row = dict(sparsity=sparsity, topk=cfg.topk, config=config_dict(library_config()))
+    fwd = lambda res, epilogue="mosaic", order="heads": library_forward(cfg, epilogue, order, res)
     names = ("o", "o_s", "o_l", "lse", "den")
     lib_args = (q, k, v, qp, kp, lut, alpha)
     try:
-        outs = {c: jax.jit(with_epilogue_and_order(c, "heads", fwd(True)))(*lib_args) for c in ("triton", "mosaic")}
+        outs = {c: jax.jit(fwd(True, c))(*lib_args) for c in ("triton", "mosaic")}
         row["rel_train_mosaic_vs_triton"] = {x: rel(outs["mosaic"][x], outs["triton"][x]) for x in names}
         for order in ("heads", "qblocks"):
-            o_inf = jax.jit(with_epilogue_and_order("mosaic", order, lambda *a: fwd(False)(*a)["o"]))(*lib_args)
+            o_inf = jax.jit(lambda *a, o=order: fwd(False, "mosaic", o)(*a)["o"])(*lib_args)
             row[f"rel_infer_o_mosaic_{order}_vs_triton"] = rel(o_inf, outs["triton"]["o"])
         row["finite"] = all(bool(jnp.all(jnp.isfinite(outs["mosaic"][x]))) for x in names)
         del outs, o_inf
     except Exception as e:  # noqa: BLE001
         record_error(row, "error_outputs", e)
-    h_i, z_i = jax.jit(lambda kp, v, lut: sl._complement_states(kp, v, lut, cfg))(kp, v, lut)
+    state_cfg = cfg._replace(config=library_config())
+    states = lambda kp, v, lut: linear_states.complement_states(kp, v, lut, state_cfg)
+    h_i, z_i = jax.jit(states)(kp, v, lut)
     lin = (qp, h_i, z_i, alpha)
-    mcfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", alpha="mass")
-    module = lambda q, k, v: sla.sla2_attention(q, k, v, config=mcfg)
     lib_args = (q, k, v, qp, kp, lut, alpha)
-    plain = lambda order: (
-        lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=4, schedule=sm.Schedule(grid_order=order))
-    )
+    plain = lambda order: (lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=4, grid_order=order))
     cands = {
-        "states": (lambda kp, v, lut: sl._complement_states(kp, v, lut, cfg), (kp, v, lut)),
+        "states": (states, (kp, v, lut)),
         "cudnn_fwd": (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"), (q, k, v)),
     }
     for order in ("heads", "qblocks"):
@@ -285,10 +302,10 @@ def wan(sparsity, runs):
         )
     for c, order in (("triton", "heads"), ("mosaic", "heads"), ("triton", "qblocks"), ("mosaic", "qblocks")):
         key = f"{c}_{order}"
-        cands[f"lib_infer_{key}"] = (with_epilogue_and_order(c, order, lambda *a: fwd(False)(*a)["o"]), lib_args)
-        cands[f"module_fwd_{key}"] = (with_epilogue_and_order(c, order, module), (q, k, v))
+        cands[f"lib_infer_{key}"] = (lambda *a, c=c, o=order: fwd(False, c, o)(*a)["o"], lib_args)
+        cands[f"module_fwd_{key}"] = (library_module(sparsity, c, order), (q, k, v))
         if order == "heads":
-            cands[f"lib_train_{key}"] = (with_epilogue_and_order(c, order, lambda *a: fwd(True)(*a)["o"]), lib_args)
+            cands[f"lib_train_{key}"] = (lambda *a, c=c, o=order: fwd(True, c, o)(*a)["o"], lib_args)
     try:
         row["times_ms"] = timed_rounds(cands, runs)
         t = row["times_ms"]
@@ -303,30 +320,27 @@ def wan(sparsity, runs):
 
 
 def ring_outputs(sparsity, iterations=20):
-    """Session 6: output tiles in finished V slots (sparse_mosaic.OPTIONS["outputs_in_ring"]) vs tiles of their own,
+    """Output tiles in finished V slots (KernelConfig.outputs_in_ring) vs tiles of their own,
     wan-1.3b with the router's LUT: the five-output fused kernel (ring of 4 vs 3) and the INT8 kernel's o_s must be
     equal bit for bit (the ring depth does not change the arithmetic; a race on a reused slot would show here);
     then kernel-only times (CUPTI) of each."""
 
-    from pallas_kernels import int8_attention as ia
-
     q, k, v, _, qp, kp, lut, alpha, cfg = wan_setup(sparsity, 29, 1, 12, 32760, 128, 128, 64)
-    h_i, z_i = jax.jit(lambda kp, v, lut: sl._complement_states(kp, v, lut, cfg))(kp, v, lut)
+    state_cfg = cfg._replace(config=library_config())
+    h_i, z_i = jax.jit(lambda kp, v, lut: linear_states.complement_states(kp, v, lut, state_cfg))(kp, v, lut)
     lin = (qp, h_i, z_i, alpha)
     names = ("o", "o_s", "o_l", "lse", "den")
-    keys = jax.jit(lambda k: ia.quantize_keys_with_mean(k, 64))(k)
-
-    def in_ring(flag, fn):
-        return with_options(sm.OPTIONS, fn, outputs_in_ring=flag)
-
+    keys = jax.jit(lambda k: quantize.quantize_keys_with_mean(k, 64))(k)
+    int8 = lambda ring: lambda q, k, v, lut: mf.sparse_attention_mosaic_int8(
+        q, k, v, lut, keys, stages=4, config=config(outputs_in_ring=ring)
+    )
     cases = {
-        "train5_ring4": (in_ring(True, lambda *a: fused(*a, outputs=names, stages=4)), (q, k, v, lut, lin)),
-        "train5_own_s3": (in_ring(False, lambda *a: fused(*a, outputs=names, stages=3)), (q, k, v, lut, lin)),
-        "infer_o_s4": (in_ring(True, lambda *a: fused(*a)), (q, k, v, lut, lin)),
+        "train5_ring4": (lambda *a: fused(*a, outputs=names, stages=4, outputs_in_ring=True), (q, k, v, lut, lin)),
+        "train5_own_s3": (lambda *a: fused(*a, outputs=names, stages=3, outputs_in_ring=False), (q, k, v, lut, lin)),
+        "infer_o_s4": (lambda *a: fused(*a, outputs_in_ring=True), (q, k, v, lut, lin)),
+        "int8_ring": (int8(True), (q, k, v, lut)),
+        "int8_own": (int8(False), (q, k, v, lut)),
     }
-    int8 = lambda q, k, v, lut: sm.sparse_attention_mosaic_int8(q, k, v, lut, keys, stages=4)
-    cases["int8_ring"] = (in_ring(True, int8), (q, k, v, lut))
-    cases["int8_own"] = (in_ring(False, int8), (q, k, v, lut))
     row, outs = dict(sparsity=sparsity, topk=cfg.topk), {}
     for key, (fn, args) in cases.items():
         try:
@@ -344,13 +358,11 @@ def ring_outputs(sparsity, iterations=20):
 
 
 def key_block_size(iterations=20):
-    """Session 6: how much of a LUT step is per-step overhead: the same sparse attention work (wan-1.3b shape,
+    """How much of a LUT step is per-step overhead: the same sparse attention work (wan-1.3b shape,
     random ascending LUTs at 95% / 97%) in 64-key steps (block_k 64, topk 25 / 15) vs 128-key steps (block_k 128,
     topk 13 / 8, i.e. 64 x 128 score tiles per warpgroup as FlashAttention-3 uses), bf16 and INT8 (pre-quantised
     operands), CUPTI kernel-only times and effective TFLOP/s (4 * rows * keys * D per selected block). Each variant is
     first checked against the dense float32 reference on a small ragged case (fresh seed)."""
-
-    from pallas_kernels import int8_attention as ia
 
     seed = int.from_bytes(os.urandom(4), "little")
     row = {"seed": seed}
@@ -376,8 +388,8 @@ def key_block_size(iterations=20):
             topk = max(1, round((1 - sparsity) * nk))
             lut = uniform_lut(rng, 1, h, nq, nk, topk)
             flop = 4 * h * nq * 128 * topk * block_k * d
-            keys = jax.jit(lambda k, bk=block_k: ia.quantize_keys_with_mean(k, bk))(k)
-            queries = jax.jit(lambda q, m: ia.quantize_queries(q, 128, m, _SCALE))(q, keys.mean)
+            keys = jax.jit(lambda k, bk=block_k: quantize.quantize_keys_with_mean(k, bk))(k)
+            queries = jax.jit(lambda q, m: quantize.quantize_queries(q, 128, m, _SCALE))(q, keys.mean)
             cases = {}
             for stages in (2, 4) if block_k == 64 else (2, 3):
                 cases[f"bf16_s{stages}"] = (
@@ -387,8 +399,8 @@ def key_block_size(iterations=20):
                     (q, k, v, lut),
                 )
                 cases[f"int8_s{stages}"] = (
-                    lambda q, k, v, lut, st=stages, bk=block_k: sm.sparse_attention_mosaic_int8(
-                        q, k, v, lut, keys, block_k=bk, stages=st, queries=queries
+                    lambda q, k, v, lut, st=stages, bk=block_k: mf.sparse_attention_mosaic_int8(
+                        q, k, v, lut, keys, block_k=bk, stages=st, queries=queries, config=config()
                     ),
                     (q, k, v, lut),
                 )
@@ -406,7 +418,7 @@ def key_block_size(iterations=20):
 _SCALE = math.log2(math.e) / math.sqrt(128)  # sm_scale * log2(e) at D = 128
 
 
-LOOP_VARIANTS = {  # sparse_mosaic.OPTIONS of each variant of the loops part
+LOOP_VARIANTS = {  # KernelConfig changes of each variant of the loops part
     "pingpong": {"loop": "pingpong", "pair_steps": False},
     "pipelined": {"loop": "pipelined", "pair_steps": False},
     "pingpong_pairs": {"loop": "pingpong", "pair_steps": True},
@@ -415,29 +427,25 @@ LOOP_VARIANTS = {  # sparse_mosaic.OPTIONS of each variant of the loops part
 
 
 def loop_variants(sparsities, loops=None, kinds_wanted=None, iterations=20):
-    """Session 7: the compute warpgroups' loop variants (LOOP_VARIANTS) for the kernel kinds named in kinds_wanted
-    (None: all; "_s6" / "_s8": stages 6 / 8 asked); see the module docstring."""
-    from pallas_kernels import int8_attention as ia
-
+    """The compute warpgroups' loop variants (LOOP_VARIANTS) for the kernel kinds named in kinds_wanted (None: all;
+    "_s6" / "_s8": stages 6 / 8 asked); see the module docstring. Each kind is a function of (q, k, v, lut) and the
+    KernelConfig changes of a variant."""
     seed = int.from_bytes(os.urandom(4), "little")
     row = {"seed": seed}
     loops = loops or list(LOOP_VARIANTS)
 
     def int8_kinds(keys, queries=None, bk=64):
-        values = lambda v: ia.quantize_values_fp8(v, bk, interleave=True)
+        values = lambda v: quantize.quantize_values_fp8(v, bk, interleave=True)
         return {
-            "int8": lambda q, k, v, lut: sm.sparse_attention_mosaic_int8(q, k, v, lut, keys, queries=queries),
-            "int8_magic": with_options(
-                sm.OPTIONS,
-                lambda q, k, v, lut: sm.sparse_attention_mosaic_int8(q, k, v, lut, keys, queries=queries),
-                int_to_float="magic",
+            "int8": lambda q, k, v, lut, **ch: mf.sparse_attention_mosaic_int8(
+                q, k, v, lut, keys, queries=queries, config=config(**ch)
             ),
-            "int8_fp8": lambda q, k, v, lut: sm.sparse_attention_mosaic_int8(
-                q, k, v, lut, keys, queries=queries, values=values(v)
+            "int8_fp8": lambda q, k, v, lut, **ch: mf.sparse_attention_mosaic_int8(
+                q, k, v, lut, keys, queries=queries, values=values(v), config=config(**ch)
             ),
             **{
-                f"int8_s{st}": lambda q, k, v, lut, st=st: sm.sparse_attention_mosaic_int8(
-                    q, k, v, lut, keys, queries=queries, stages=st
+                f"int8_s{st}": lambda q, k, v, lut, st=st, **ch: mf.sparse_attention_mosaic_int8(
+                    q, k, v, lut, keys, queries=queries, stages=st, config=config(**ch)
                 )
                 for st in (6, 8)
             },
@@ -460,7 +468,7 @@ def loop_variants(sparsities, loops=None, kinds_wanted=None, iterations=20):
         for loop in loops:
             key = f"{prefix}_{loop}"
             try:
-                fn_loop = with_options(sm.OPTIONS, fn, **LOOP_VARIANTS[loop])
+                fn_loop = functools.partial(fn, **LOOP_VARIANTS[loop])
                 out = jax.block_until_ready(jax.jit(fn_loop)(*args))
                 base = out if base is None else base
                 row[key] = measure(fn_loop, out)
@@ -476,7 +484,7 @@ def loop_variants(sparsities, loops=None, kinds_wanted=None, iterations=20):
         b, h = 1, 2
         q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.bfloat16) for _ in range(3))
         lut = uniform_lut(rng, b, h, -(-n // 128), -(-n // 64), topk)
-        keys = jax.jit(lambda k: ia.quantize_keys_with_mean(k, 64))(k)
+        keys = jax.jit(lambda k: quantize.quantize_keys_with_mean(k, 64))(k)
         o_ref, _ = dense_reference(q, k, v, lut, 128, 64)
         for kind, fn in wanted(int8_kinds(keys)).items():
             each_variant(
@@ -489,17 +497,17 @@ def loop_variants(sparsities, loops=None, kinds_wanted=None, iterations=20):
     nq, nk = -(-n // 128), -(-n // 64)
     q, k, v = (jnp.asarray(rng.standard_normal((1, n, h, d)), jnp.bfloat16) for _ in range(3))
     linear = random_linear_inputs(rng, 1, n, h, d, nq, jnp.bfloat16)
-    keys = jax.jit(lambda k: ia.quantize_keys_with_mean(k, 64))(k)
-    queries = jax.jit(lambda q, m: ia.quantize_queries(q, 128, m, _SCALE))(q, keys.mean)
+    keys = jax.jit(lambda k: quantize.quantize_keys_with_mean(k, 64))(k)
+    queries = jax.jit(lambda q, m: quantize.quantize_queries(q, 128, m, _SCALE))(q, keys.mean)
     train = ("o", "o_s", "o_l", "lse", "den")
     kinds = {
-        "bf16": lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=4),
-        "bf16_s6": lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=6),
-        "train5": lambda q, k, v, lut: fused(q, k, v, lut, linear[:4], outputs=train),
-        "infer_o": lambda q, k, v, lut: fused(q, k, v, lut, linear[:4]),
+        "bf16": lambda q, k, v, lut, **ch: sparse_attention_mosaic(q, k, v, lut, stages=4, **ch),
+        "bf16_s6": lambda q, k, v, lut, **ch: sparse_attention_mosaic(q, k, v, lut, stages=6, **ch),
+        "train5": lambda q, k, v, lut, **ch: fused(q, k, v, lut, linear[:4], outputs=train, **ch),
+        "infer_o": lambda q, k, v, lut, **ch: fused(q, k, v, lut, linear[:4], **ch),
         **int8_kinds(keys, queries),
-        "int8_infer_o": lambda q, k, v, lut: sm.sparse_linear_attention_mosaic_int8(
-            q, k, v, lut, keys, linear, outputs=("o",), queries=queries
+        "int8_infer_o": lambda q, k, v, lut, **ch: mf.sparse_linear_attention_mosaic_int8(
+            q, k, v, lut, keys, linear, outputs=("o",), queries=queries, config=config(**ch)
         ),
     }
     for sparsity in sparsities:
@@ -517,13 +525,11 @@ def loop_variants(sparsities, loops=None, kinds_wanted=None, iterations=20):
 
 
 def module_fwd_bwd(sparsity, runs):
-    """sla2_jax module forward and forward+backward with OPTIONS fwd_epilogue "triton" vs "mosaic" (everything else
-    at the defaults), gradients of the two vs each other, cuDNN forward and forward+backward in the same process."""
-    import sla2_jax as sla
-
+    """sla2_jax module forward and forward+backward with KernelConfig.epilogue "triton" vs "mosaic" (everything else
+    at the library's defaults), gradients of the two vs each other, cuDNN forward and forward+backward in the same
+    process."""
     q, k, v, do, *_ = wan_setup(sparsity, 41, 1, 12, 32760, 128, 128, 64)
-    mcfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", alpha="mass")
-    module = lambda q, k, v: sla.sla2_attention(q, k, v, config=mcfg)
+    module = {c: library_module(sparsity, c) for c in ("triton", "mosaic")}
     grads = lambda fn: (
         lambda q, k, v, do: jax.grad(
             lambda *x: jnp.sum(fn(*x).astype(jnp.float32) * do.astype(jnp.float32)), argnums=(0, 1, 2)
@@ -532,15 +538,15 @@ def module_fwd_bwd(sparsity, runs):
     cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     row = {"sparsity": sparsity}
     try:
-        g = {c: jax.jit(with_epilogue_and_order(c, "heads", grads(module)))(q, k, v, do) for c in ("triton", "mosaic")}
+        g = {c: jax.jit(grads(module[c]))(q, k, v, do) for c in ("triton", "mosaic")}
         row["rel_grads_q_k_v_mosaic_vs_triton"] = [rel(a, b) for a, b in zip(g["mosaic"], g["triton"])]
         del g
     except Exception as e:  # noqa: BLE001
         record_error(row, "error_grads", e)
     cands = {"cudnn_fwd": (cudnn, (q, k, v)), "cudnn_fwd_bwd": (grads(cudnn), (q, k, v, do))}
     for c in ("triton", "mosaic"):
-        cands[f"module_fwd_{c}"] = (with_epilogue_and_order(c, "heads", module), (q, k, v))
-        cands[f"module_fwd_bwd_{c}"] = (with_epilogue_and_order(c, "heads", grads(module)), (q, k, v, do))
+        cands[f"module_fwd_{c}"] = (module[c], (q, k, v))
+        cands[f"module_fwd_bwd_{c}"] = (grads(module[c]), (q, k, v, do))
     row["times_ms"] = t = timed_rounds(cands, runs, rounds=2)
     row["speedup_vs_cudnn"] = {
         x: t["cudnn_fwd_bwd" if "bwd" in x else "cudnn_fwd"][0] / t[x][0] for x in t if x.startswith("module")
@@ -598,20 +604,20 @@ def cupti(iterations=20):
 
 
 def trace(parts=("plain_wan95", "plain_topk1", "fused_wan95")):
-    """Mosaic's on-device profiler (Schedule.profile_dir): per program and warpgroup the clock at the named regions
+    """Mosaic's on-device profiler (KernelConfig.profile_dir): per program and warpgroup the clock at the named regions
     (c_setmaxnreg, c_wait_q, c_wait_k0, c_loop, c_epilogue, c_store, c_drain; m_setmaxnreg, m_prime), summarised by
-    experiments.profile_mosaic (the backward's profile driver: region lengths, gaps between programs on one SM)."""
+    experiments.dev.profile_mosaic (the backward's profile driver: region lengths, gaps between programs on one SM)."""
     import tempfile
 
-    from experiments import profile_mosaic as pm
+    from experiments.dev import profile_mosaic as pm
 
     pm.capture_profiler_buffers()
     q, k, v, _, qp, kp, lut, alpha, cfg = wan_setup(0.95, 29, 1, 12, 32760, 128, 128, 64)
-    h_i, z_i = jax.jit(lambda kp, v, lut: sl._complement_states(kp, v, lut, cfg))(kp, v, lut)
+    state_cfg = cfg._replace(config=library_config())
+    h_i, z_i = jax.jit(lambda kp, v, lut: linear_states.complement_states(kp, v, lut, state_cfg))(kp, v, lut)
     lut1 = uniform_lut(np.random.default_rng(3), 1, 12, cfg.nq, cfg.nk, 1)
     prof = tempfile.mkdtemp()
-    sched = sm.Schedule(profile_dir=prof)
-    plain = lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=4, schedule=sched)
+    plain = lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=4, profile_dir=prof)
     cases = {
         "plain_wan95": (plain, (q, k, v, lut)),
         "plain_topk1": (plain, (q, k, v, lut1)),
@@ -664,27 +670,26 @@ def trim_sass(path, top=30):
 
 
 def library(sparsity, runs):
-    """OPTIONS["fwd_kernel"] "triton" vs "mosaic" through the kernels' custom_vjp and the sla2_jax module: outputs
+    """KernelConfig.forward "triton" vs "mosaic" through the kernels' custom_vjp and the sla2_jax module: outputs
     and all gradients of the mosaic path vs the triton path, then medians of forward and forward+backward."""
     import pallas_kernels as pk
     import sla2_jax as sla
 
     q, k, v, do, qp, kp, lut, alpha, cfg = wan_setup(sparsity, 31, 1, 12, 32760, 128, 128, 64)
     row, outs = dict(sparsity=sparsity), {}
-    fused = lambda *a: pk.sla2_fused_attention(*a, block_q=128, block_k=64)
-
-    def fused_grads(q, k, v, qp, kp, a, do):
-        f = lambda *x: jnp.sum(fused(*x[:5], lut, x[5]).astype(jnp.float32) * do)
-        return jax.grad(f, argnums=(0, 1, 2, 3, 4, 5))(q, k, v, qp, kp, a)
-
-    mcfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", alpha="mass")
-    module = lambda q, k, v: sla.sla2_attention(q, k, v, config=mcfg)
-    module_grads = lambda q, k, v, do: jax.grad(
-        lambda *x: jnp.sum(module(*x).astype(jnp.float32) * do), argnums=(0, 1, 2)
-    )(q, k, v)
     for kernel in ("triton", "mosaic"):
-        jax.clear_caches()
-        sl.OPTIONS["fwd_kernel"] = kernel
+        kc = library_config(forward=kernel)
+        fused = lambda *a, kc=kc: pk.sla2_fused_attention(*a, block_q=128, block_k=64, config=kc)
+
+        def fused_grads(q, k, v, qp, kp, a, do, fused=fused):
+            f = lambda *x: jnp.sum(fused(*x[:5], lut, x[5]).astype(jnp.float32) * do)
+            return jax.grad(f, argnums=(0, 1, 2, 3, 4, 5))(q, k, v, qp, kp, a)
+
+        mcfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", alpha="mass", kernel=kc)
+        module = lambda q, k, v, mcfg=mcfg: sla.sla2_attention(q, k, v, config=mcfg)
+        module_grads = lambda q, k, v, do, module=module: jax.grad(
+            lambda *x: jnp.sum(module(*x).astype(jnp.float32) * do), argnums=(0, 1, 2)
+        )(q, k, v)
         t = {}
         try:
             outs[kernel] = (
@@ -698,7 +703,6 @@ def library(sparsity, runs):
         except Exception as e:  # noqa: BLE001
             record_error(row, f"error_{kernel}", e)
         row[kernel] = t
-    sl.OPTIONS["fwd_kernel"] = "auto"
     if "triton" in outs and "mosaic" in outs:
         (o_t, g_t), (o_m, g_m) = outs["triton"], outs["mosaic"]
         row["rel_o"] = rel(o_m, o_t)
@@ -733,30 +737,27 @@ def dense_mosaic(runs):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    global BASE
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
-    ap.add_argument("--parts", nargs="*", default=["small", "fused_small", "sweep", "wan"])
+    ap.add_argument("--parts", nargs="*", default=["small", "fused_small", "sweep", "wan"], choices=PARTS)
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.95, 0.97])
-    ap.add_argument("--grid-order", default=None, help="sparse_mosaic.OPTIONS grid_order for the library parts")
+    ap.add_argument("--grid-order", default=None, choices=GRID_ORDERS, help="KernelConfig.grid_order of the parts")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--trim-sass", default=None)
-    ap.add_argument("--loop", default=None, help='sparse_mosaic.OPTIONS["loop"] for the other parts')
-    ap.add_argument("--loops", nargs="*", default=None, help="LOOP_VARIANTS names for the loops part (default: all)")
+    ap.add_argument("--loop", default=None, choices=LOOPS, help="KernelConfig.loop of the other parts")
+    ap.add_argument("--loops", nargs="*", default=None, help=f"loops part: variants {list(LOOP_VARIANTS)} (default all)")
     ap.add_argument("--kinds", nargs="*", default=None, help="kernel kinds of the loops part (default: all)")
-    ap.add_argument("--pair-steps", action="store_true", help='sparse_mosaic.OPTIONS["pair_steps"] for the other parts')
+    ap.add_argument("--pair-steps", action=argparse.BooleanOptionalAction, default=None,
+                    help="KernelConfig.pair_steps of the other parts (default: KernelConfig's)")
     args = ap.parse_args()
     if args.trim_sass:
         trim_sass(args.trim_sass)
         return
     os.makedirs(args.out, exist_ok=True)
-    saved = dict(sl.OPTIONS)
-    if args.grid_order:
-        sm.OPTIONS["grid_order"] = args.grid_order
-    if args.loop:
-        sm.OPTIONS["loop"] = args.loop
-        RESULTS["loop"] = args.loop
-    if args.pair_steps:
-        sm.OPTIONS["pair_steps"] = RESULTS["pair_steps"] = True
+    changes = {"grid_order": args.grid_order, "loop": args.loop, "pair_steps": args.pair_steps}
+    BASE = BASE.replace(**{x: val for x, val in changes.items() if val is not None})
+    RESULTS.update(device=str(jax.devices()[0].device_kind), jax=jax.__version__, config=config_dict(BASE))
     parts = {
         "small": small_checks,
         "fused_small": fused_small_checks,
@@ -781,8 +782,11 @@ def main():
             sys.stdout.flush()
             save(args.out)  # after every part: a run cut off by its time limit keeps what it measured
     finally:
-        sl.OPTIONS.update(saved)
         save(args.out)
+
+
+PARTS = ("small", "fused_small", "sweep", "wan", "library", "dense", "ncu_target", "trace", "cupti", "module_fb", "ring",
+         "block_k", "loops")
 
 
 def save(out_dir):
