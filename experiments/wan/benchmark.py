@@ -1,309 +1,470 @@
-"""End-to-end Wan2.1-T2V-1.3B benchmark: one denoising step, dense (cuDNN) vs SLA2 self-attention.
+"""End-to-end Wan2.1-T2V-1.3B benchmark: whole guided videos, dense (cuDNN) vs SLA2 self-attention.
 
-    python -m experiments.wan.benchmark                     # GPU: 1.3B at 480p/81 frames (32,760 tokens), bf16
-    python -m experiments.wan.benchmark --tiny              # CPU smoke run of the same code path
-    python -m experiments.wan.benchmark --json out.json --sample-steps 50
+    python -m experiments.wan.benchmark --out wan_e2e               # GPU: 1.3B, 480p / 81 frames, 50 steps
+    python -m experiments.wan.benchmark --tiny --out /tmp/wan_tiny  # CPU smoke run of the same code path
 
-For each configuration (dense; SLA2 at each --sparsities, with each --quant mode) it reports:
-  step_ms            median over --reps of one full transformer forward (embeddings, 30 blocks by lax.scan,
-                     head), synchronised with jax.block_until_ready; random weights, dummy text embedding;
-  self_attn_ms       the self-attention core alone (routing + kernels + combine, or cuDNN) on the same
-                     (1, N, H, D) shapes with random normal q, k, v, times num_layers -> self_attn_share;
-  cross_attn_ms      the dense cross-attention core (N x 512 text tokens), times num_layers;
-  rest_ms            step_ms minus both: projections, FFN, norms, RoPE, modulation;
-  router_ms          (SLA2) the router alone (pooling, scores, top-k), per layer;
-  peak memory        the process's peak_bytes_in_use after this configuration ran (cumulative: jax cannot
-                     reset it) and the compiled step's own temporary bytes (per configuration);
-  sample_s           (optional) a --sample-steps Euler flow-matching loop, one forward per step (Wan's
-                     sampler with classifier-free guidance runs two).
-Weights are random (speed does not depend on them); the SLA2 router is untrained (identity W_q, W_k).
+Each configuration (dense; SLA2 at each of --sparsities, in each --quant mode) samples one whole video the way
+Wan does: latent 16 x 21 x 60 x 104 (81 frames at 480 x 832) = 32,760 tokens, --steps (50) steps of Wan's
+UniPC solver on the flow-matching schedule shifted by 3.0 (480p), classifier-free guidance 5.0 with two
+transformer calls per step (prompt and negative prompt: random text embeddings of Wan's 512 tokens x 4096).
+1.3B shape, random weights (speed does not depend on them), bf16 weights and matmuls with the float32 residual
+stream of the reference; SLA2's router is untrained (identity W_q, W_k). The 30 blocks run under one lax.scan;
+one jitted step holds both transformer calls, the guidance and the solver update.
+
+Reported per configuration (JSON and a Markdown summary in --out, rewritten after each configuration):
+  video_s            wall seconds of the whole --steps loop with the compiled step (each step synchronised);
+  step_s_median, step_s_min, step_s_max, step_s (all steps' seconds): one step = two transformer calls;
+  compile_s          ahead-of-time compilation of the step (not in video_s), and warmup_step_s, one untimed step;
+  peak_gib           the process's peak_bytes_in_use: per configuration when each runs in its own process
+                     (--isolate, the default on GPU), else cumulative over the configurations run so far;
+  step_temp_gib      the compiled step's temporary buffers (XLA memory analysis);
+  self_attn_ms       (unless --no-attention-breakdown) the self-attention core alone (routing, kernels and
+                     combine; or cuDNN) on random (1, N, H, D) bf16 q, k, v, median of 5 calls; self_attn_share_est
+                     = self_attn_ms x layers x calls per step / step_s_median: an estimate from the core
+                     timed alone, not a profile of the step;
+  k_of_nk            key blocks each query block selects (SLA2), so collapsed sparsities are visible;
+  final_finite       the sampled latents are finite.
+video_speedup (dense video_s / video_s) is reported only for a full run on a GPU; --tiny is a smoke run whose
+times mean nothing (it checks that every configuration compiles, samples and stays finite).
+Expected wall time on one H100 for the 7 default configurations: about 6-7 minutes (per configuration ~25 s of
+process start, random weights and compilation, plus its video: ~1 s per step for dense, less for SLA2);
+--only picks configurations, --no-isolate saves the per-process start. --model 14b --resolution 720p (75,600
+tokens, shift 5.0) is the 14B shape; it needs a large GPU and takes far longer per step (use --steps to bound it,
+the per-video time then covers those steps only).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-from tqdm import tqdm
+from experiments.wan.sampling import DEFAULT_SHIFT   # imports jax but touches no device
 
-from experiments.timing import time_samples
-from sla2_jax import resolve_backend
-from experiments.wan.model import (WanBlock, WanConfig, WanModel, dense_attention, forward_stacked,
-                                   init_stacked_blocks, latent_tokens, make_self_attention, wan_1_3b)
-
-LATENT_480P = (21, 60, 104)     # 81 frames at 480x832 through the Wan VAE (4x temporal, 8x spatial)
-PAPER_SPEEDUP_97 = 2.30
+LATENTS = {"480p": (21, 60, 104), "720p": (21, 90, 160)}   # 81 frames at 480x832 / 720x1280 through the Wan VAE
+TINY_LATENT = (4, 16, 16)
+PAPER_VIDEO_SPEEDUP_97 = 2.30
+RESULTS_JSON, RESULTS_MD = "wan_e2e.json", "wan_e2e.md"
 
 
-def _median_ms(fn, *args, reps: int, warmup: int = 1) -> tuple[float, list[float]]:
-    times = [1e3 * t for t in time_samples(fn, *args, warmup=warmup, iters=reps)]
-    return statistics.median(times), times
+# --------------------------------------------------------------------------------------------------
+# Configurations (no jax device is touched here: an isolating parent process must leave the GPU to its children)
+# --------------------------------------------------------------------------------------------------
+def _shapes(args):
+    """(base WanConfig, latent (F, H, W), block_q, block_k)."""
+    import jax.numpy as jnp
+    from experiments.wan.model import WanConfig, latent_tokens, wan_1_3b, wan_14b
+
+    if args.tiny:
+        cfg = WanConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=2, text_dim=64, freq_dim=32, text_len=16,
+                        dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+        latent, block_q, block_k = TINY_LATENT, 32, 16
+    else:
+        preset = wan_14b if args.model == "14b" else wan_1_3b
+        cfg = preset(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+        latent, block_q, block_k = LATENTS[args.resolution], 128, 64
+    return cfg.replace(seq_len=latent_tokens(cfg, latent)), latent, block_q, block_k
 
 
-def _first_call_s(fn, *args) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
-def _memory() -> dict:
-    stats = jax.devices()[0].memory_stats() or {}
-    return {k: stats.get(k) for k in ("peak_bytes_in_use", "bytes_in_use")}
-
-
-def _int8_is_real_kernel(backend: str) -> bool:
-    """The library runs quant="int8" with the INT8 Pallas kernel on the pallas backend, with fake quantisation
-    (quantise-dequantise plus a straight-through pass) on the others."""
-    return resolve_backend(backend) == "pallas"
-
-
-def _jaxlib_version():
-    try:
-        import jaxlib
-        return jaxlib.__version__
-    except (ImportError, AttributeError):
-        return None
-
-
-def _flax_version():
-    import flax
-    return flax.__version__
-
-
-def _keyed_leaves(tree) -> dict:
-    return {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def blocks_for(cfg: WanConfig, base_graphdef, base_states, key):
-    """Stacked block state for `cfg`: the dense blocks' weights (shared, not copied) plus the attention
-    core's own parameters (e.g. SLA2's router), initialised once and broadcast over layers."""
-    if cfg.attention == "dense":
-        return base_graphdef, base_states
-    template = WanBlock(cfg, nnx.Rngs(key))
-    graphdef, state = nnx.split(template)
-    base = _keyed_leaves(base_states)
-    layers = cfg.num_layers
-
-    def pick(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if name in base:
-            return base[name]
-        return jnp.broadcast_to(leaf, (layers, *leaf.shape))
-
-    return graphdef, jax.tree_util.tree_map_with_path(pick, state)
-
-
-def run(args) -> dict:
+def configurations(args) -> list[tuple[str, object]]:
+    """[(name, WanConfig)]: dense, then SLA2 at each sparsity for each quant mode; filtered by --only."""
     import sla2_jax as sla
 
-    backend_name = jax.default_backend()
-    if args.tiny:
-        base_cfg = WanConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=2, text_dim=64, freq_dim=32,
-                             text_len=16, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-        latent, block_q, block_k = (4, 16, 16), 32, 16
-    else:
-        base_cfg = wan_1_3b(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-        latent, block_q, block_k = LATENT_480P, 128, 64
-    n_tokens = latent_tokens(base_cfg, latent)
-    base_cfg = base_cfg.replace(seq_len=n_tokens)
-    heads, head_dim, layers = base_cfg.num_heads, base_cfg.head_dim, base_cfg.num_layers
-
-    configs = [("dense", base_cfg)]
+    base, _, block_q, block_k = _shapes(args)
+    configs = [("dense", base)]
     for quant in args.quant:
         for sparsity in args.sparsities:
             sla_cfg = sla.SLA2Config(block_q=block_q, block_k=block_k, topk_ratio=round(1 - sparsity, 6),
                                      alpha=args.alpha, quant=quant, backend=args.backend)
             name = f"sla2-{round(sparsity * 100)}" + ("" if quant == "none" else f"-{quant}")
-            configs.append((name, base_cfg.replace(attention="sla2", sla_config=sla_cfg)))
+            configs.append((name, base.replace(attention="sla2", sla_config=sla_cfg)))
     if args.only:
+        unknown = sorted(set(args.only) - {n for n, _ in configs})
+        if unknown:
+            raise SystemExit(f"--only: unknown configurations {unknown}; known: {[n for n, _ in configs]}")
         configs = [(n, c) for n, c in configs if n in args.only]
+    return configs
 
-    int8_real = _int8_is_real_kernel(args.backend)
-    header = {
-        "workload": "wan-1.3b end to end" if not args.tiny else "tiny (CPU smoke run)",
-        "model": {"dim": base_cfg.dim, "layers": layers, "heads": heads, "head_dim": head_dim,
-                  "ffn_dim": base_cfg.ffn_dim},
-        "latent": list(latent), "tokens": n_tokens, "text_tokens": base_cfg.text_len, "dtype": "bfloat16",
-        "block_q": block_q, "block_k": block_k, "alpha": args.alpha,
-        "sla2_backend": f"{args.backend} -> {resolve_backend(args.backend)}",
-        "int8_note": ("quant='int8' uses the INT8 Pallas kernel" if int8_real else
-                      "quant='int8' is FAKE quantisation on this backend (quantise-dequantise plus a "
-                      "straight-through pass), not an INT8 kernel: its timings show the overhead, "
-                      "not an INT8 speedup"),
-        "jax": jax.__version__, "jaxlib": _jaxlib_version(), "flax": _flax_version(),
-        "device": jax.devices()[0].device_kind, "platform": backend_name, "python": platform.python_version(),
-        "reps": args.reps,
-    }
-    print(json.dumps(header, indent=1), flush=True)
 
-    key = jax.random.key(args.seed)
-    k_rest, k_blocks, k_x, k_ctx, k_q, k_k, k_v, k_attn = jax.random.split(key, 8)
-    start = time.perf_counter()
-    rest = WanModel(base_cfg.replace(num_layers=0), rngs=nnx.Rngs(k_rest))
-    rest_graphdef, rest_state = nnx.split(rest)
-    base_graphdef, base_states = init_stacked_blocks(base_cfg, k_blocks)
-    jax.block_until_ready(base_states)
-    x = jax.random.normal(k_x, (1, base_cfg.in_dim, *latent), jnp.float32)
-    context = jax.random.normal(k_ctx, (1, base_cfg.text_len, base_cfg.text_dim), jnp.bfloat16)
-    t = jnp.array([999.0], jnp.float32)
-    qkv_shape = (1, n_tokens, heads, head_dim)
-    q, k, v = (jax.random.normal(kk, qkv_shape, jnp.bfloat16) for kk in (k_q, k_k, k_v))
-    ctx_kv = jax.random.normal(k_ctx, (1, base_cfg.text_len, heads, head_dim), jnp.bfloat16)
-    params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves((rest_state, base_states)))
-    print(f"random weights: {params / 1e9:.3f} B parameters in {time.perf_counter() - start:.1f} s", flush=True)
-    header["params_b"] = round(params / 1e9, 4)
+def _selection(cfg, n_tokens: int):
+    """(k, Nk) key blocks per query block of an SLA2 config; None for dense."""
+    if cfg.sla_config is None:
+        return None
+    nk = math.ceil(n_tokens / cfg.sla_config.block_k)
+    return min(nk, max(1, math.floor(cfg.sla_config.topk_ratio * nk + 1e-9))), nk   # SPEC: max(1, floor(r Nk))
 
-    # cross-attention core: the same for every configuration
-    cross = jax.jit(dense_attention)
-    cross_ms, _ = _median_ms(cross, q, ctx_kv, ctx_kv, reps=args.reps)
 
-    results, samplers = [], {}
-    t_begin = time.perf_counter()
-    for name, cfg in tqdm(configs, desc="configs", file=sys.stdout):
-        block_graphdef, block_states = blocks_for(cfg, base_graphdef, base_states, k_attn)
+# --------------------------------------------------------------------------------------------------
+# Measurement (in the process that owns the device)
+# --------------------------------------------------------------------------------------------------
+def _versions() -> dict:
+    import flax
+    import jax
 
-        @jax.jit
-        def step(rest_state, block_states, x, t, context, _gd=block_graphdef):
-            model = nnx.merge(rest_graphdef, rest_state)
-            return forward_stacked(model, _gd, block_states, x, t, context)
+    try:
+        import jaxlib
+        jaxlib_version = jaxlib.__version__
+    except (ImportError, AttributeError):
+        jaxlib_version = None
+    device = jax.devices()[0]
+    return {"jax": jax.__version__, "jaxlib": jaxlib_version, "flax": flax.__version__, "python": platform.python_version(),
+            "platform": jax.default_backend(), "device": device.device_kind}
 
-        row = {"name": name, "attention": cfg.attention,
-               "sparsity": None if cfg.sla_config is None else round(cfg.sla_config.sparsity, 4),
-               "quant": None if cfg.sla_config is None else cfg.sla_config.quant}
-        try:
-            start = time.perf_counter()
-            compiled = step.lower(rest_state, block_states, x, t, context).compile()
-            row["compile_s"] = round(time.perf_counter() - start, 2)
-            analysis = compiled.memory_analysis()
-            row["step_temp_bytes"] = getattr(analysis, "temp_size_in_bytes", None)
-            row["first_step_s"] = round(_first_call_s(compiled, rest_state, block_states, x, t, context), 2)
-            step_ms, step_all = _median_ms(compiled, rest_state, block_states, x, t, context, reps=args.reps,
-                                           warmup=0)
-            out = compiled(rest_state, block_states, x, t, context)
-            row["output_finite"] = bool(jnp.all(jnp.isfinite(out)))
-            row["step_ms"], row["step_ms_all"] = round(step_ms, 2), [round(s, 2) for s in step_all]
 
-            # the self-attention core alone, same shapes
-            if cfg.attention == "dense":
-                attn_ms, _ = _median_ms(jax.jit(dense_attention), q, k, v, reps=args.reps)
+def _peak_bytes():
+    import jax
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+class Workload:
+    """Random weights, noise and text embeddings, built once per process (the same seed gives the same values)."""
+
+    def __init__(self, args):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+        from experiments.wan.model import WanModel, init_stacked_blocks
+
+        self.args = args
+        self.base, self.latent, _, _ = _shapes(args)
+        cfg = self.base
+        start = time.perf_counter()
+        key = jax.random.key(args.seed)
+        k_rest, k_blocks, k_x, k_ctx, k_neg, self.k_attn, self.k_qkv = jax.random.split(key, 7)
+        self.rest_graphdef, self.rest_state = nnx.split(WanModel(cfg.replace(num_layers=0), rngs=nnx.Rngs(k_rest)))
+        self.block_graphdef, self.block_states = init_stacked_blocks(cfg, k_blocks)
+        n_latent = cfg.in_dim * math.prod(self.latent)
+        self.noise = jax.random.normal(k_x, (n_latent,), jnp.float32).reshape(1, cfg.in_dim, *self.latent)
+        text = (1, cfg.text_len, cfg.text_dim)
+        self.context = jax.random.normal(k_ctx, text, jnp.float32).astype(jnp.bfloat16)
+        self.negative = jax.random.normal(k_neg, text, jnp.float32).astype(jnp.bfloat16)
+        jax.block_until_ready((self.rest_state, self.block_states, self.noise))
+        self.params_b = sum(x.size for x in jax.tree.leaves((self.rest_state, self.block_states))) / 1e9
+        self.init_s = time.perf_counter() - start
+
+
+def _blocks_for(work: Workload, cfg):
+    """Stacked block state for `cfg`: the shared dense blocks' weights plus the attention core's own parameters
+    (SLA2's router and alpha), initialised once and broadcast over the layers."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from experiments.wan.model import WanBlock
+
+    if cfg.attention == "dense":
+        return work.block_graphdef, work.block_states
+    graphdef, state = nnx.split(WanBlock(cfg, nnx.Rngs(work.k_attn)))
+    base = {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(work.block_states)[0]}
+
+    def pick(path, leaf):
+        name = jax.tree_util.keystr(path)
+        return base[name] if name in base else jnp.broadcast_to(leaf, (cfg.num_layers, *leaf.shape))
+
+    return graphdef, jax.tree_util.tree_map_with_path(pick, state)
+
+
+def _median_ms(fn, *args, reps: int = 5) -> float:
+    import jax
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def _self_attention_ms(work: Workload, cfg) -> float:
+    """The self-attention core alone on random (1, N, H, D) bf16 q, k, v: median ms of 5 synchronised calls."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from experiments.wan.model import dense_attention, make_self_attention
+
+    shape = (1, cfg.seq_len, cfg.num_heads, cfg.head_dim)
+    q, k, v = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16)
+               for kk in jax.random.split(work.k_qkv, 3))
+    if cfg.attention == "dense":
+        return _median_ms(jax.jit(dense_attention), q, k, v)
+    graphdef, state = nnx.split(make_self_attention(cfg, nnx.Rngs(0)))
+    return _median_ms(jax.jit(lambda s, q, k, v: nnx.merge(graphdef, s)(q, k, v)), state, q, k, v)
+
+
+def run_config(work: Workload, name: str, cfg) -> dict:
+    """Sample one whole video with `cfg`; the result row (see the module docstring)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from experiments.wan.model import forward_stacked
+    from experiments.wan.sampling import make_solver, make_step, run_steps
+
+    args = work.args
+    selection = _selection(cfg, cfg.seq_len)
+    row = {"name": name, "attention": cfg.attention,
+           "sparsity": None if cfg.sla_config is None else round(cfg.sla_config.sparsity, 4),
+           "quant": None if cfg.sla_config is None else cfg.sla_config.quant,
+           "k_of_nk": None if selection is None else f"{selection[0]}/{selection[1]}"}
+    try:
+        block_graphdef, block_states = _blocks_for(work, cfg)
+        rest_graphdef = work.rest_graphdef
+
+        def velocity(params, x, t, context):
+            rest_state, blocks = params
+            return forward_stacked(nnx.merge(rest_graphdef, rest_state), block_graphdef, blocks, x, t, context)
+
+        solver = make_solver(args.solver, args.steps, args.shift)
+        params = (work.rest_state, block_states)
+        state = solver.init(work.noise)
+        start = time.perf_counter()
+        step = make_step(velocity, solver, args.guidance).lower(
+            params, state, work.noise, jnp.int32(0), work.context, work.negative).compile()
+        row["compile_s"] = round(time.perf_counter() - start, 2)
+        temp = getattr(step.memory_analysis(), "temp_size_in_bytes", None)
+        row["step_temp_gib"] = None if temp is None else round(temp / 2**30, 3)
+        start = time.perf_counter()
+        jax.block_until_ready(step(params, state, work.noise, jnp.int32(0), work.context, work.negative))
+        row["warmup_step_s"] = round(time.perf_counter() - start, 3)
+
+        times: list[float] = []
+        start = time.perf_counter()
+        final = run_steps(step, solver, params, work.noise, work.context, work.negative,
+                          progress=f"{name:>14s} video", step_times=times)
+        final = jax.block_until_ready(final)
+        row["video_s"] = round(time.perf_counter() - start, 3)
+        row["step_s_median"] = round(statistics.median(times), 4)
+        row["step_s_min"], row["step_s_max"] = round(min(times), 4), round(max(times), 4)
+        row["step_s"] = [round(t, 4) for t in times]
+        row["final_finite"] = bool(jnp.all(jnp.isfinite(final)))
+        row["peak_gib"] = None if _peak_bytes() is None else round(_peak_bytes() / 2**30, 3)
+        if args.attention_breakdown:
+            attn_ms = _self_attention_ms(work, cfg)
+            calls = 2 if args.guidance > 1 else 1
+            row["self_attn_ms"] = round(attn_ms, 3)
+            row["self_attn_share_est"] = round(attn_ms * 1e-3 * cfg.num_layers * calls / row["step_s_median"], 3)
+    except Exception as err:  # keep the other configurations' numbers
+        row["error"] = f"{type(err).__name__}: {str(err)[:600]}"
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+def _smoke(header) -> bool:
+    return header["tiny"] or header.get("platform") != "gpu"
+
+
+def finish(header: dict, results: list[dict]) -> None:
+    """Derived columns (video_speedup on full GPU runs only) and notes: collapsed sparsities, int8 path."""
+    dense = next((r for r in results if r["name"] == "dense" and "video_s" in r), None)
+    for r in results:
+        r.pop("video_speedup", None)
+        if dense and "video_s" in r and not _smoke(header):
+            r["video_speedup"] = round(dense["video_s"] / r["video_s"], 3)
+    notes = []
+    if _smoke(header):
+        notes.append(f"SMOKE RUN ({'--tiny, ' if header['tiny'] else ''}{header.get('platform')}): the times mean "
+                     "nothing and no speedup is reported; it checks that every configuration compiles, samples "
+                     f"{header['steps']} guided steps and gives finite latents.")
+    by_k: dict[tuple, list[str]] = {}
+    for r in results:
+        if r.get("k_of_nk"):
+            by_k.setdefault((r["k_of_nk"], r["quant"]), []).append(r["name"])
+    for (k, _), names in by_k.items():
+        if len(names) > 1:
+            notes.append(f"{', '.join(names)} select the same {k} key blocks per query block at "
+                         f"{header['tokens']} tokens: one computation under several labels.")
+    if any(r.get("quant") not in (None, "none") for r in results):
+        notes.append(header["int8_note"])
+    if not _smoke(header):
+        r97 = next((r for r in results if r["name"] == "sla2-97" and "video_speedup" in r), None)
+        if r97:
+            notes.append(f"sla2-97: {r97['video_speedup']}x per video over dense (paper: {PAPER_VIDEO_SPEEDUP_97}x "
+                         f"end to end on an RTX 5090, trained model).")
+    header["notes"] = notes
+
+
+def markdown(header: dict, results: list[dict]) -> str:
+    h = header
+    lines = [f"# Wan2.1 end to end: {h['workload']}", ""]
+    lines += [f"**{n}**\n" for n in h.get("notes", []) if n.startswith("SMOKE")]
+    lines += [f"- command: `{h['command']}`",
+              f"- device: {h.get('device')} ({h.get('platform')}); jax {h.get('jax')}, jaxlib {h.get('jaxlib')}, "
+              f"flax {h.get('flax')}, Python {h.get('python')}",
+              f"- model: dim {h['model']['dim']}, {h['model']['layers']} layers, {h['model']['heads']} heads x "
+              f"{h['model']['head_dim']}, FFN {h['model']['ffn_dim']}, {h.get('params_b')} B parameters (random), bf16",
+              f"- video: latent {h['latent']} -> {h['tokens']} tokens, {h['text_tokens']} text tokens; "
+              f"{h['steps']} {h['solver']} steps, shift {h['shift']}, guidance {h['guidance']} "
+              f"({h['calls_per_step']} transformer calls per step)",
+              f"- SLA2: block_q {h['block_q']}, block_k {h['block_k']}, alpha {h['alpha']}, backend {h.get('sla2_backend')}, "
+              "untrained router", f"- peak memory: {h['peak_note']}", ""]
+    smoke = _smoke(h)
+    cols = [("config", "name"), ("k / Nk", "k_of_nk"), ("video (s)", "video_s")]
+    if not smoke:
+        cols.append(("speedup", "video_speedup"))
+    cols += [("step median (s)", "step_s_median"), ("step min-max (s)", None), ("compile (s)", "compile_s"),
+             ("peak (GiB)", "peak_gib"), ("step temp (GiB)", "step_temp_gib"),
+             ("self-attn share (est.)", "self_attn_share_est"), ("finite", "final_finite")]
+    lines.append("| " + " | ".join(c for c, _ in cols) + " |")
+    lines.append("|" + "---|" * len(cols))
+    for r in results:
+        cells = []
+        for title, key in cols:
+            if key is None:
+                value = f"{r['step_s_min']}-{r['step_s_max']}" if "step_s_min" in r else None
             else:
-                attn_graphdef, attn_state = nnx.split(make_self_attention(cfg, nnx.Rngs(0)))
-                attn = jax.jit(lambda s, q, k, v: nnx.merge(attn_graphdef, s)(q, k, v))
-                attn_ms, _ = _median_ms(attn, attn_state, q, k, v, reps=args.reps)
-                from sla2_jax.functional import route
-                router = jax.jit(lambda q, k: route(q, k, cfg.sla_config)[0])
-                row["router_ms_per_layer"] = round(_median_ms(router, q, k, reps=args.reps)[0], 3)
-            row["self_attn_ms_per_layer"] = round(attn_ms, 3)
-            row["self_attn_ms"] = round(attn_ms * layers, 2)
-            row["cross_attn_ms"] = round(cross_ms * layers, 2)
-            row["rest_ms"] = round(step_ms - (attn_ms + cross_ms) * layers, 2)
-            row["self_attn_share"] = round(attn_ms * layers / step_ms, 3)
-            row.update(_memory())
-            if args.sample_steps > 0 and name in args.sample_configs:
-                samplers[name] = (lambda latents, tt, _c=compiled, _b=block_states:
-                                  _c(rest_state, _b, latents, tt, context))
-        except Exception as err:  # keep the other configurations' numbers
-            row["error"] = f"{type(err).__name__}: {str(err)[:400]}"
-        results.append(row)
-        print(json.dumps(row), flush=True)
-        _write(args, header, results)
+                value = r.get(key)
+            if key == "video_speedup" and value is not None:
+                value = f"{value:.2f}x"
+            if key == "self_attn_share_est" and value is not None:
+                value = f"{value:.0%}"
+            cells.append("n/a" if value is None else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    errors = [f"- {r['name']}: ERROR {r['error']}" for r in results if "error" in r]
+    lines += ([""] + errors if errors else [])
+    rest = [n for n in h.get("notes", []) if not n.startswith("SMOKE")]
+    lines += ([""] + [f"- {n}" for n in rest] if rest else [])
+    return "\n".join(lines) + "\n"
 
-    dense = next((r for r in results if r["name"] == "dense" and "step_ms" in r), None)
-    if dense:
-        for r in results:
-            if "step_ms" in r:
-                r["step_speedup"] = round(dense["step_ms"] / r["step_ms"], 3)
-                r["self_attn_speedup"] = round(dense["self_attn_ms"] / r["self_attn_ms"], 2)
-                # Amdahl: the step speedup if self-attention cost nothing
-                r["step_speedup_if_attention_free"] = round(dense["step_ms"] / (dense["step_ms"] - dense["self_attn_ms"]), 3)
 
-    if args.sample_steps > 0:
-        for name in list(samplers):
-            if time.perf_counter() - t_begin > args.budget_s:
-                print(f"skipping the sampling loop of {name}: over --budget-s", flush=True)
-                continue
-            row = next(r for r in results if r["name"] == name)
-            step_fn = samplers.pop(name)
-            seconds = _sample(args.sample_steps, name, step_fn, x)
-            row.update(sample_steps=args.sample_steps, sample_s=round(seconds, 2),
-                       sample_ms_per_step=round(seconds * 1e3 / args.sample_steps, 2))
-            print(json.dumps({k: row[k] for k in ("name", "sample_steps", "sample_s", "sample_ms_per_step")}),
-                  flush=True)
-            _write(args, header, results)
+def write(out: str, header: dict, results: list[dict]) -> None:
+    finish(header, results)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, RESULTS_JSON), "w") as f:
+        json.dump({"header": header, "results": results}, f, indent=1)
+    with open(os.path.join(out, RESULTS_MD), "w") as f:
+        f.write(markdown(header, results))
 
-    _write(args, header, results)
-    _print_table(header, results)
+
+def make_header(args, argv) -> dict:
+    base, latent, block_q, block_k = _shapes(args)
+    return {
+        "workload": ("tiny model, CPU smoke run" if args.tiny else
+                     f"Wan2.1-T2V-{args.model.upper()} shape, {args.resolution} / 81 frames"),
+        "tiny": args.tiny, "command": "python -m experiments.wan.benchmark " + " ".join(argv),
+        "model": {"dim": base.dim, "layers": base.num_layers, "heads": base.num_heads, "head_dim": base.head_dim,
+                  "ffn_dim": base.ffn_dim},
+        "latent": [base.in_dim, *latent], "tokens": base.seq_len, "text_tokens": base.text_len,
+        "steps": args.steps, "solver": args.solver, "shift": args.shift, "guidance": args.guidance,
+        "calls_per_step": 2 if args.guidance > 1 else 1, "block_q": block_q, "block_k": block_k,
+        "alpha": args.alpha, "isolated": args.isolate,
+        "peak_note": ("peak_bytes_in_use of each configuration's own process" if args.isolate else
+                      "peak_bytes_in_use of one process, cumulative over the configurations in table order"),
+    }
+
+
+def _device_header(args) -> dict:
+    try:
+        from sla2_jax import resolve_backend
+        resolved = resolve_backend(args.backend)
+    except ImportError:
+        import jax
+        resolved = args.backend if args.backend != "auto" else ("pallas" if jax.default_backend() == "gpu" else "xla")
+    return {**_versions(), "sla2_backend": f"{args.backend} -> {resolved}",
+            "int8_note": ("quant='int8' runs the INT8 Pallas kernel" if resolved == "pallas" else
+                          "quant='int8' is fake quantisation on this backend (quantise-dequantise), not an INT8 "
+                          "kernel: its times show the overhead, not an INT8 speedup")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Drivers
+# --------------------------------------------------------------------------------------------------
+def run(args, argv) -> dict:
+    header = make_header(args, argv)
+    configs = configurations(args)
+    results: list[dict] = []
+    print(f"{header['workload']}: {len(configs)} configurations, {args.steps} steps each; writing {args.out}",
+          flush=True)
+    if args.isolate:
+        for name, _ in configs:
+            with tempfile.TemporaryDirectory() as tmp:
+                child_out = os.path.join(tmp, "row.json")
+                command = [sys.executable, "-m", "experiments.wan.benchmark", *argv, "--child", name,
+                           "--child-out", child_out]
+                proc = subprocess.run(command)
+                if os.path.exists(child_out):
+                    with open(child_out) as f:
+                        child = json.load(f)
+                    header.update(child["header"])
+                    results.append(child["row"])
+                else:
+                    results.append({"name": name, "error": f"child process exited with {proc.returncode}"})
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "step_s"}), flush=True)
+            write(args.out, header, results)
+    else:
+        header.update(_device_header(args))
+        work = Workload(args)
+        header["params_b"], header["init_s"] = round(work.params_b, 4), round(work.init_s, 2)
+        for name, cfg in configs:
+            results.append(run_config(work, name, cfg))
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "step_s"}), flush=True)
+            write(args.out, header, results)
+    write(args.out, header, results)
+    print("\n" + markdown(header, results), flush=True)
     return {"header": header, "results": results}
 
 
-def _sample(steps: int, name: str, step_fn, x) -> float:
-    """Euler flow-matching sampler over `steps` shifted sigmas (shift 5, as Wan), one forward per step,
-    reusing the compiled step `step_fn(x, t) -> velocity`; returns seconds for the whole loop."""
-    shift = 5.0
-    sigmas = np.linspace(1.0, 0.0, steps + 1)
-    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-    update = jax.jit(lambda latents, velocity, ds: latents + ds * velocity)
-    latents = x
-    start = time.perf_counter()
-    for i in tqdm(range(steps), desc=f"sample {name}", file=sys.stdout):
-        velocity = step_fn(latents, jnp.array([sigmas[i] * 1000.0], jnp.float32))
-        latents = jax.block_until_ready(update(latents, velocity, jnp.float32(sigmas[i + 1] - sigmas[i])))
-    return time.perf_counter() - start
+def run_child(args) -> None:
+    """One configuration in this process; writes {"header": device facts, "row": result} to --child-out."""
+    name, cfg = next((n, c) for n, c in configurations(args) if n == args.child)
+    header = _device_header(args)
+    work = Workload(args)
+    header["params_b"], header["init_s"] = round(work.params_b, 4), round(work.init_s, 2)
+    row = run_config(work, name, cfg)
+    with open(args.child_out, "w") as f:
+        json.dump({"header": header, "row": row}, f)
 
 
-def _write(args, header, results):
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": header, "results": results}, f, indent=1)
-
-
-def _print_table(header, results):
-    print(f"\nWan2.1 end to end: {header['workload']}, {header['tokens']} tokens, {header['device']}, "
-          f"jax {header['jax']}, SLA2 backend {header['sla2_backend']}")
-    cols = ["name", "step_ms", "step_speedup", "self_attn_ms", "self_attn_share", "cross_attn_ms", "rest_ms",
-            "router_ms_per_layer", "peak_bytes_in_use", "step_temp_bytes", "sample_s"]
-    print(" | ".join(cols))
-    for r in results:
-        cells = []
-        for c in cols:
-            value = r.get(c)
-            if c in ("peak_bytes_in_use", "step_temp_bytes") and value is not None:
-                value = f"{value / 2**30:.2f} GiB"
-            cells.append("-" if value is None else str(value))
-        print(" | ".join(cells) + (f"   ERROR {r['error']}" if "error" in r else ""))
-    if any(r.get("quant") not in (None, "none") for r in results):
-        print(header["int8_note"])
-    r97 = next((r for r in results if r["name"] == "sla2-97" and "step_speedup" in r), None)
-    if r97:
-        print(f"sla2-97 step speedup {r97['step_speedup']}x (paper {PAPER_SPEEDUP_97}x); self-attention was "
-              f"{next(r for r in results if r['name'] == 'dense')['self_attn_share']:.0%} of the dense step, so "
-              f"removing it entirely would give {r97['step_speedup_if_attention_free']}x")
-
-
-def main(argv=None):
+def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="tiny model and latent (CPU smoke run)")
+    parser.add_argument("--tiny", action="store_true", help="tiny model and latent, 3 steps (CPU smoke run)")
+    parser.add_argument("--out", required=True, help=f"folder for {RESULTS_JSON} and {RESULTS_MD}")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.90, 0.95, 0.97])
     parser.add_argument("--quant", nargs="+", default=["none", "int8"], choices=["none", "int8", "int8_fp8"])
     parser.add_argument("--alpha", default="block", choices=["block", "head", "mass"])
     parser.add_argument("--backend", default="auto", choices=["auto", "pallas", "xla", "reference"])
-    parser.add_argument("--only", nargs="+", help="run only these configuration names (e.g. dense sla2-97)")
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median)")
-    parser.add_argument("--sample-steps", type=int, default=0, help="also time a sampling loop (e.g. 50)")
-    parser.add_argument("--sample-configs", nargs="+", default=["dense", "sla2-97"])
-    parser.add_argument("--budget-s", type=float, default=1e9, help="skip sampling loops after this many seconds")
+    parser.add_argument("--only", nargs="+", help="run only these configurations (e.g. dense sla2-97)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps per video (default 50; --tiny 3)")
+    parser.add_argument("--solver", default="unipc", choices=["unipc", "euler"])
+    parser.add_argument("--model", default="1.3b", choices=["1.3b", "14b"], help="transformer shape")
+    parser.add_argument("--resolution", default="480p", choices=sorted(LATENTS), help="81 frames at 480p or 720p")
+    parser.add_argument("--shift", type=float, default=None,
+                        help="schedule shift (default as Wan: 3.0 at 480p, 5.0 at 720p)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (<= 1: off)")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="each configuration in its own process, for its own peak memory (default: on unless "
+                             "--tiny)")
+    parser.add_argument("--attention-breakdown", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the self-attention core alone (an estimate of its share of the step)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="write the results here as JSON")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    run(args)
+    if args.steps is None:
+        args.steps = 3 if args.tiny else 50
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+    if args.shift is None:
+        args.shift = DEFAULT_SHIFT[args.resolution]
+    if args.isolate is None:
+        args.isolate = not args.tiny
+    return args
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    if args.child:
+        run_child(args)
+        return None
+    return run(args, argv)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ shift applied twice to 1/1000 (the scheduler's sigma_min is already shifted when
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from typing import Any, Callable, NamedTuple
@@ -239,6 +240,32 @@ def guided_step(velocity_fn: Callable, solver, guidance_scale: float, params: An
     return solver.step(state, i, velocity, latents)
 
 
+def make_step(velocity_fn: Callable, solver, guidance_scale: float = DEFAULT_GUIDANCE):
+    """The jitted `guided_step`: step(params, state, latents, i (int32), context, negative_context) ->
+    (latents, state). One compilation serves every step index (lower/compile it ahead to time compilation)."""
+    return jax.jit(functools.partial(guided_step, velocity_fn, solver, guidance_scale))
+
+
+def run_steps(step: Callable, solver, params: Any, latents: jax.Array, context: jax.Array,
+              negative_context: jax.Array | None, *, progress: bool | str = False, step_times: list | None = None):
+    """All of the solver's steps with `step` (from `make_step`, or its compiled form); returns the final latents.
+    With `progress` (True or a label) a tqdm bar counts the steps; `step_times`, if given, receives each step's
+    seconds, measured with the step's result ready (jax.block_until_ready)."""
+    steps = range(solver.schedule.num_steps)
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc=progress if isinstance(progress, str) else f"{solver.name} sampling",
+                     file=sys.stdout, leave=True)
+    x, state = latents.astype(jnp.float32), solver.init(latents)
+    for i in steps:
+        start = time.perf_counter()
+        x, state = step(params, state, x, jnp.int32(i), context, negative_context)
+        if step_times is not None:
+            jax.block_until_ready(x)
+            step_times.append(time.perf_counter() - start)
+    return x
+
+
 def sample(velocity_fn: Callable, params: Any, latents: jax.Array, context: jax.Array,
            negative_context: jax.Array | None, *, solver="unipc", num_steps: int = 50, shift: float = 3.0,
            guidance_scale: float = DEFAULT_GUIDANCE, progress: bool | str = False, step_times: list | None = None):
@@ -253,18 +280,6 @@ def sample(velocity_fn: Callable, params: Any, latents: jax.Array, context: jax.
         solver = make_solver(solver, num_steps, shift)
     if guidance_scale > 1.0 and negative_context is None:
         raise ValueError("guidance_scale > 1 needs negative_context (the negative prompt's text embedding)")
-    step = jax.jit(lambda params, state, x, i, ctx, neg: guided_step(velocity_fn, solver, guidance_scale, params,
-                                                                        state, x, i, ctx, neg))
-    steps = range(solver.schedule.num_steps)
-    if progress:
-        from tqdm import tqdm
-        steps = tqdm(steps, desc=progress if isinstance(progress, str) else f"{solver.name} sampling",
-                     file=sys.stdout, leave=True)
-    x, state = latents.astype(jnp.float32), solver.init(latents)
-    for i in steps:
-        start = time.perf_counter()
-        x, state = step(params, state, x, jnp.int32(i), context, negative_context)
-        if step_times is not None:
-            jax.block_until_ready(x)
-            step_times.append(time.perf_counter() - start)
-    return x
+    step = make_step(velocity_fn, solver, guidance_scale)
+    return run_steps(step, solver, params, latents, context, negative_context, progress=progress,
+                     step_times=step_times)
