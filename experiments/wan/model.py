@@ -2,7 +2,10 @@
 
 Structure and parameter names follow the public Wan2.1 reference (`wan/modules/model.py`, class `WanModel`)
 so that `experiments.wan.loading` can map the official checkpoints one to one. Written from the paper's
-description and that reference's structure; no code copied.
+description and that reference's structure; no code copied. In float32 it computes what diffusers'
+`WanTransformer3DModel` computes (relative error ~1e-6; tests/experiments/test_wan_diffusers_parity.py). One
+difference of interface: this model zero-pads the text context to `text_len` itself, as the official code does;
+diffusers' transformer takes the context as given and its pipeline pads the prompt embeddings to 512 tokens.
 
     x (B, C_in, F, H, W) latent video
       -> patch_embedding (Conv3d with stride = kernel = patch, done as reshape + linear) -> (B, N, dim) tokens
