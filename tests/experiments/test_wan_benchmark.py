@@ -91,16 +91,35 @@ def test_full_gpu_summary_reports_the_video_speedup():
     assert all("video_speedup" not in r for r in rows) and "speedup |" not in benchmark.markdown(header, rows)
 
 
-def test_isolated_configuration_reports_from_its_own_process(tmp_path):
+def test_isolated_configuration_reports_from_its_child(tmp_path, monkeypatch):
+    """--isolate: the parent starts `python -m experiments.wan.benchmark <its argv> --child NAME --child-out F`
+    per configuration and collects F. The child runs in this process here (a real process start costs CI time);
+    the command line it gets is the one a real child would."""
+    commands = []
+
+    def fake_run(command):
+        commands.append(command)
+        assert command[1:3] == ["-m", "experiments.wan.benchmark"]
+        benchmark.main(command[3:])
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(benchmark.subprocess, "run", fake_run)
     out = str(tmp_path / "iso")
-    benchmark.main(["--tiny", "--isolate", "--out", out, "--only", "dense", "--steps", "1",
+    benchmark.main(["--tiny", "--isolate", "--out", out, "--only", "dense", "--steps", "1", "--guidance", "1",
                     "--no-attention-breakdown"])
+    assert len(commands) == 1 and commands[0][-4:-2] == ["--child", "dense"]
     data, markdown = _read(out)
     assert data["header"]["isolated"] is True and data["header"]["platform"] == "cpu"
     (row,) = data["results"]
     assert "error" not in row, row.get("error")
     assert row["name"] == "dense" and len(row["step_s"]) == 1 and row["final_finite"] is True
-    assert "each configuration's own process" in markdown
+    assert "each configuration's own process" in markdown and data["header"]["calls_per_step"] == 1
+    # a child that dies leaves an error row, and the summary is still written
+    monkeypatch.setattr(benchmark.subprocess, "run", lambda command: type("Died", (), {"returncode": -9})())
+    benchmark.main(["--tiny", "--isolate", "--out", out, "--only", "dense"])
+    data, markdown = _read(out)
+    assert data["results"] == [{"name": "dense", "error": "child process exited with -9"}]
+    assert "dense: ERROR child process exited with -9" in markdown
 
 
 def test_bad_arguments():
