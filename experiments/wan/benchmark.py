@@ -28,7 +28,8 @@ video_speedup (dense video_s / video_s) is reported only for a full run on a GPU
 times mean nothing (it checks that every configuration compiles, samples and stays finite).
 Expected wall time on one H100 for the 7 default configurations: about 6-7 minutes (per configuration ~25 s of
 process start, random weights and compilation, plus its video: ~1 s per step for dense, less for SLA2);
---only picks configurations, --no-isolate saves the per-process start. --model 14b --resolution 720p (75,600
+--only picks configurations, --no-isolate saves the per-process start, --resume adds to an earlier run in
+--out (e.g. a second call for the int8 rows when one call must stay under a time limit). --model 14b --resolution 720p (75,600
 tokens, shift 5.0) is the 14B shape; it needs a large GPU and takes far longer per step (use --steps to bound it,
 the per-video time then covers those steps only).
 """
@@ -378,12 +379,38 @@ def _device_header(args) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Drivers
 # --------------------------------------------------------------------------------------------------
+_SAME_RUN = ("workload", "tokens", "steps", "solver", "shift", "guidance", "block_q", "block_k", "alpha",
+             "isolated")
+
+
+def _resumed(args, header: dict, configs) -> list[dict]:
+    """--resume: the error-free rows of an earlier run in --out with the same workload and settings (the others
+    run again). A run that differs in any of `_SAME_RUN` is refused rather than mixed into one table."""
+    path = os.path.join(args.out, RESULTS_JSON)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        earlier = json.load(f)
+    differ = [k for k in _SAME_RUN if earlier["header"].get(k) != header.get(k)]
+    if differ:
+        raise SystemExit(f"--resume: {path} is from a different run ({', '.join(differ)} differ); use another --out")
+    for key in ("jax", "jaxlib", "flax", "python", "platform", "device", "sla2_backend", "int8_note", "params_b",
+                "init_s"):
+        if key in earlier["header"]:
+            header[key] = earlier["header"][key]
+    header["command"] = f"{earlier['header']['command']}; then {header['command']}"
+    wanted = [n for n, _ in configs]
+    return [r for r in earlier["results"] if "error" not in r and r["name"] in wanted]
+
+
 def run(args, argv) -> dict:
     header = make_header(args, argv)
     configs = configurations(args)
-    results: list[dict] = []
-    print(f"{header['workload']}: {len(configs)} configurations, {args.steps} steps each; writing {args.out}",
-          flush=True)
+    results = _resumed(args, header, configs) if args.resume else []
+    done = {r["name"] for r in results}
+    configs = [(n, c) for n, c in configs if n not in done]
+    print(f"{header['workload']}: {len(configs)} configurations to run ({len(done)} kept from {args.out}), "
+          f"{args.steps} steps each; writing {args.out}", flush=True)
     if args.isolate:
         for name, _ in configs:
             with tempfile.TemporaryDirectory() as tmp:
@@ -445,6 +472,8 @@ def parse(argv=None):
                              "--tiny)")
     parser.add_argument("--attention-breakdown", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the self-attention core alone (an estimate of its share of the step)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the error-free configurations already in --out (same settings) and run the rest")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)

@@ -127,3 +127,33 @@ def test_bad_arguments():
         benchmark.parse(["--tiny", "--out", "x", "--steps", "0"])
     with pytest.raises(SystemExit, match="unknown configurations"):
         benchmark.configurations(benchmark.parse(["--tiny", "--out", "x", "--only", "sla2-99"]))
+
+
+def test_resume_keeps_finished_configurations_and_refuses_other_settings(tmp_path, monkeypatch):
+    """--resume runs only what an earlier call in --out did not finish (children faked: no jax work here)."""
+    commands, dying = [], {"sla2-97"}
+
+    def fake_run(command):
+        name = command[command.index("--child") + 1]
+        commands.append(name)
+        if name in dying:
+            return type("Died", (), {"returncode": 1})()
+        row = {"name": name, "k_of_nk": None, "quant": None, "video_s": 2.0, "step_s_min": 0.1, "step_s_max": 0.2}
+        with open(command[command.index("--child-out") + 1], "w") as f:
+            json.dump({"header": {"platform": "gpu", "device": "fake", "int8_note": "-"}, "row": row}, f)
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(benchmark.subprocess, "run", fake_run)
+    out = str(tmp_path / "r")
+    argv = ["--tiny", "--isolate", "--out", out, "--only", "dense", "sla2-97", "--steps", "2"]
+    benchmark.main(argv)
+    assert commands == ["dense", "sla2-97"]
+    dying.clear()
+    benchmark.main(argv + ["--resume"])
+    assert commands == ["dense", "sla2-97", "sla2-97"]           # only the failed one ran again
+    data, markdown = _read(out)
+    assert [r["name"] for r in data["results"]] == ["dense", "sla2-97"]
+    assert all("error" not in r for r in data["results"])
+    assert "; then " in data["header"]["command"]
+    with pytest.raises(SystemExit, match="different run.*steps"):
+        benchmark.main(["--tiny", "--isolate", "--out", out, "--steps", "3", "--resume"])
