@@ -1,6 +1,7 @@
 """Check and time the Pallas SLA kernels on a GPU (one process, side by side with cuDNN).
 
-  python experiments/check_kernels_gpu.py [--out DIR] [--sparsity 0.9 0.95 0.97] [--skip-small] [--skip-xla]
+  python -m experiments.dev.check_kernels_gpu [--out DIR] [--sparsity 0.9 0.95 0.97] [--skip-small] [--skip-xla]
+      [--forward mosaic|triton] [--backward mosaic|triton]
 
 1. Small shapes (ragged N, D 64/128, both scopes, fused and not): forward and gradients vs the dense float32
    reference of pallas_kernels.reference (relative error, norm-wise).
@@ -10,74 +11,46 @@
      kernel forward (branches / fused), kernel forward+backward (fused, grads w.r.t. q, k, v, phi(q), phi(k),
      alpha), the module (phi + router + fused kernel) forward and forward+backward (grads w.r.t. q, k, v), and
      the stages (router, pre-pass, forward kernel with residuals, backward kernels).
-3. --variants A B ...: backward / forward variants (sparse_linear.OPTIONS and launch overrides, VARIANTS below)
-   on wan-1.3b at the first --sparsity: relative error of the fused forward and of all six gradients vs the first
-   variant listed and (branches path) vs the xla backend, then per-stage medians of each, side by side.
+3. --variants A B ...: kernel variants (KernelConfig changes, VARIANTS below) on wan-1.3b at the first --sparsity:
+   relative error of the fused forward and of all six gradients vs the first variant listed and (branches path) vs
+   the xla backend, then per-stage medians of each, side by side. --fwd-variants: the forward alone (FWD_VARIANTS).
+Every part runs with the KernelConfig of --forward / --backward (default: heuristic_config for the shape on this GPU),
+passed as config= (or in the KernelCall of the stage functions of pallas_kernels.attention).
 Writes JSON to DIR/check_kernels_gpu.json and prints a table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import statistics
 import sys
 import traceback
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-import pallas_kernels as pk  # noqa: E402
-from pallas_kernels import launch_config as lc  # noqa: E402
-from pallas_kernels import reference as ref  # noqa: E402
-from pallas_kernels import sparse_linear as sl  # noqa: E402
-from experiments.timing import time_samples  # noqa: E402
+import pallas_kernels as pk
+from experiments.dev.common import bench, config_dict, kernel_call, normal_qkv, phi, random_lut, rel, router_lut
+from experiments.dev.common import wan_setup
+from pallas_kernels import attention, linear_states
+from pallas_kernels import reference as ref
 
 RESULTS: dict = {"meta": {}, "small": [], "wan": []}
+FAMILIES: dict = {}  # {"forward": ..., "backward": ...} from --forward / --backward (empty: heuristic_config's)
 
 
-def rel(a, b):
-    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    return float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-30))
-
-
-def bench(fn, *args, runs=20, warmup=3):
-    return 1e3 * statistics.median(time_samples(jax.jit(fn), *args, warmup=warmup + 1, iters=runs))
-
-
-def phi(x):
-    return jax.nn.softmax(x.astype(jnp.float32), axis=-1).astype(x.dtype)
-
-
-def router_lut(q, k, topk, block_q, block_k):
-    """SLA router: mean-pooled Q and smoothed K per block, top-k, ascending (partial last blocks averaged)."""
-    b, n, h, d = q.shape
-    nq, nk = -(-n // block_q), -(-n // block_k)
-
-    def pool(x, bs, nb):
-        x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, nb * bs - n), (0, 0), (0, 0)))
-        cnt = jnp.minimum(bs, n - jnp.arange(nb) * bs).astype(jnp.float32)
-        return x.reshape(b, nb, bs, h, d).sum(2) / cnt[None, :, None, None]
-
-    ks = k.astype(jnp.float32) - jnp.mean(k.astype(jnp.float32), axis=1, keepdims=True)
-    s = jnp.einsum("bihd,bjhd->bhij", pool(q, block_q, nq), pool(ks, block_k, nk))
-    _, idx = jax.lax.top_k(s, topk)
-    return jnp.sort(idx, axis=-1).astype(jnp.int32)
-
-
-def random_lut(key, b, h, nq, nk, topk):
-    keys = jax.random.split(key, b * h * nq)
-    idx = jax.vmap(lambda kk: jax.random.permutation(kk, nk)[:topk])(keys)
-    return jnp.sort(idx.reshape(b, h, nq, topk), axis=-1).astype(jnp.int32)
+def base_config(n, d, dtype=jnp.bfloat16, bq=128, bk=64, **changes):
+    """heuristic_config for the shape on this GPU with --forward / --backward applied, then `changes`."""
+    family = {x: f for x, f in FAMILIES.items() if f is not None}
+    if "mosaic" in family.values() and pk.mosaic_supports(n, d, dtype, bq, bk) is not None:
+        family = {}  # a shape the Mosaic kernels cannot run (f32, ragged N % 8): the heuristic's Triton kernels
+    return pk.heuristic_config(n, d, dtype, bq, bk).replace(**family, **changes)
 
 
 def inputs(key, b, n, h, d, dtype):
-    ks = jax.random.split(key, 4)
-    q, k, v = (jax.random.normal(ks[i], (b, n, h, d), jnp.float32).astype(dtype) for i in range(3))
-    return q, k, v
+    return normal_qkv(key, b, n, h, d, dtype)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -100,6 +73,8 @@ def check_small():
         alpha = jax.random.uniform(k3, (b, h, nq), jnp.float32)
         w1, w2 = (jax.random.normal(kk, (b, n, h, d), jnp.float32) for kk in jax.random.split(k4))
         kw = dict(block_q=bq, block_k=bk, linear_scope=scope)
+        kc = base_config(n, d, dtype, bq, bk)
+        kernel_kw = dict(kw, config=kc)
 
         def loss_br(fn):
             def f(q, k, v, qp, kp):
@@ -114,20 +89,22 @@ def check_small():
 
             return f
 
-        row = dict(n=n, d=d, dtype=jnp.dtype(dtype).name, scope=scope, topk=topk, nk=nk)
+        row = dict(n=n, d=d, dtype=jnp.dtype(dtype).name, scope=scope, topk=topk, nk=nk, config=config_dict(kc))
+        sparse_linear = functools.partial(pk.sparse_linear_attention, config=kc)
+        fused = functools.partial(pk.sla2_fused_attention, config=kc)
         try:
-            o = jax.jit(lambda *a: pk.sparse_linear_attention(*a, **kw))(q, k, v, qp, kp, lut)
+            o = jax.jit(lambda *a: sparse_linear(*a, **kw))(q, k, v, qp, kp, lut)
             r = ref.reference_branches(q, k, v, qp, kp, lut, **kw)
             row["fwd_o_s"], row["fwd_o_l"] = (
                 rel(o[0], r[0]),
                 rel(o[1], r[1]) if topk < nk else float(jnp.abs(o[1]).max()),
             )
-            g = jax.jit(jax.grad(loss_br(pk.sparse_linear_attention), argnums=(0, 1, 2, 3, 4)))(q, k, v, qp, kp)
+            g = jax.jit(jax.grad(loss_br(sparse_linear), argnums=(0, 1, 2, 3, 4)))(q, k, v, qp, kp)
             gr = jax.grad(loss_br(ref.reference_branches), argnums=(0, 1, 2, 3, 4))(q, k, v, qp, kp)
             row["grad"] = [rel(a, bb) for a, bb in zip(g, gr)]
-            of = jax.jit(lambda *a: pk.sla2_fused_attention(*a, **kw))(q, k, v, qp, kp, lut, alpha)
+            of = jax.jit(lambda *a: fused(*a, **kw))(q, k, v, qp, kp, lut, alpha)
             row["fused_fwd"] = rel(of, ref.reference_fused(q, k, v, qp, kp, lut, alpha, **kw))
-            g = jax.jit(jax.grad(loss_fu(pk.sla2_fused_attention), argnums=(0, 1, 2, 3, 4, 5)))(q, k, v, qp, kp, alpha)
+            g = jax.jit(jax.grad(loss_fu(fused), argnums=(0, 1, 2, 3, 4, 5)))(q, k, v, qp, kp, alpha)
             gr = jax.grad(loss_fu(ref.reference_fused), argnums=(0, 1, 2, 3, 4, 5))(q, k, v, qp, kp, alpha)
             row["fused_grad"] = [rel(a, bb) for a, bb in zip(g, gr)]
         except Exception as e:  # keep going: report
@@ -159,7 +136,9 @@ def wan(sparsity, b=1, h=12, n=32760, d=128, check_xla=True, bq=128, bk=64, runs
     lut = jax.jit(router_lut, static_argnums=(2, 3, 4))(q, k, topk, bq, bk)
     qp, kp = jax.jit(phi)(q), jax.jit(phi)(k)
     alpha = jax.random.uniform(k3, (b, h, nq), jnp.float32, 0.3, 0.9)
-    kw = dict(block_q=bq, block_k=bk)
+    kc = base_config(n, d, q.dtype, bq, bk)
+    row["config"] = config_dict(kc)
+    kw = dict(block_q=bq, block_k=bk, config=kc)
     eff_flop = 4 * b * h * n * n * d * (1 - sparsity)
     t = {}
 
@@ -221,12 +200,12 @@ def wan(sparsity, b=1, h=12, n=32760, d=128, check_xla=True, bq=128, bk=64, runs
     # stages
     timed("stage_router", lambda q, k: router_lut(q, k, topk, bq, bk), q, k)
     timed("stage_phi", lambda q, k: (phi(q), phi(k)), q, k)
-    cfg = sl._validate(q, k, v, qp, kp, lut, bq, bk, "complement", None, 1e-6, None)
-    timed("stage_prepass", lambda kp, v: sl._prepass(kp, v, cfg), kp, v)
-    timed("stage_complement_states", lambda kp, v, lut: sl._complement_states(kp, v, lut, cfg), kp, v, lut)
+    cfg = kernel_call(q, lut, block_q=bq, block_k=bk, config=kc)
+    timed("stage_prepass", lambda kp, v: linear_states.outer_sum(kp, v, cfg), kp, v)
+    timed("stage_complement_states", lambda kp, v, lut: linear_states.complement_states(kp, v, lut, cfg), kp, v, lut)
     timed(
         "stage_fwd_kernel_residuals",
-        lambda *a: sl._forward(*a, cfg, fused=True, residuals=True),
+        lambda *a: attention.forward(*a, cfg, fused=True, residuals=True),
         q,
         k,
         v,
@@ -235,24 +214,24 @@ def wan(sparsity, b=1, h=12, n=32760, d=128, check_xla=True, bq=128, bk=64, runs
         lut,
         alpha,
     )
-    timed("stage_transpose_lut", lambda l: sl._transpose_lut(l, nk), lut)
+    timed("stage_transpose_lut", lambda l: linear_states.transpose_lut(l, nk), lut)
     try:
-        out = jax.jit(lambda *a: sl._forward(*a, cfg, fused=True, residuals=True))(q, k, v, qp, kp, lut, alpha)
-        res = sl._residuals(q, k, v, qp, kp, lut, alpha, out)
-        timed("stage_bwd_kernels", lambda res, do: sl._backward(res, cfg, fused=True, do=do), res, do)
-        timed("stage_bwd_dq", lambda res, do: sl._backward_dq(res, cfg, fused=True, do=do), res, do)
-        res_dq = jax.jit(lambda res, do: sl._backward_dq(res, cfg, fused=True, do=do))(res, do)
+        out = jax.jit(lambda *a: attention.forward(*a, cfg, fused=True, residuals=True))(q, k, v, qp, kp, lut, alpha)
+        res = attention.residuals(q, k, v, qp, kp, lut, alpha, out)
+        timed("stage_bwd_kernels", lambda res, do: attention.backward(res, cfg, fused=True, do=do), res, do)
+        timed("stage_bwd_dq", lambda res, do: attention.backward_dq(res, cfg, fused=True, do=do), res, do)
+        res_dq = jax.jit(lambda res, do: attention.backward_dq(res, cfg, fused=True, do=do))(res, do)
         timed(
             "stage_bwd_totals",
-            lambda res, rdq, do: sl._backward_totals(res, rdq, cfg, fused=True, do=do),
+            lambda res, rdq, do: attention.backward_states(res, rdq, cfg, fused=True, do=do),
             res,
             res_dq,
             do,
         )
-        tot = jax.jit(lambda res, rdq, do: sl._backward_totals(res, rdq, cfg, fused=True, do=do))(res, res_dq, do)
+        tot = jax.jit(lambda res, rdq, do: attention.backward_states(res, rdq, cfg, fused=True, do=do))(res, res_dq, do)
         timed(
             "stage_bwd_dkv_incl_transpose",
-            lambda res, rdq, tot, do: sl._backward_dkv(res, rdq, tot, cfg, fused=True, do=do),
+            lambda res, rdq, tot, do: attention.backward_dkv(res, rdq, tot, cfg, fused=True, do=do),
             res,
             res_dq,
             tot,
@@ -303,7 +282,7 @@ def wan(sparsity, b=1, h=12, n=32760, d=128, check_xla=True, bq=128, bk=64, runs
             rel_fwd = xla_forward_check(q, k, v, qp, kp, lut, o_s, o_l, nk, bq, bk, d)
             row["xla_rel_fwd_o_s"], row["xla_rel_fwd_o_l"] = rel_fwd
             w2 = jax.random.normal(k3, q.shape, jnp.float32).astype(jnp.bfloat16)
-            row["xla_rel_grad_q_k_v_qphi_kphi"], gp = xla_grads_check(q, k, v, qp, kp, lut, do, w2, nk, bq, bk, d)
+            row["xla_rel_grad_q_k_v_qphi_kphi"], gp = xla_grads_check(q, k, v, qp, kp, lut, do, w2, nk, bq, bk, d, kc)
             row["nan_free"] = bool(all(jnp.all(jnp.isfinite(x)) for x in gp))
         except Exception as e:
             row["xla_check_error"] = f"{type(e).__name__}: {e}"[:1500]
@@ -312,51 +291,51 @@ def wan(sparsity, b=1, h=12, n=32760, d=128, check_xla=True, bq=128, bk=64, runs
     RESULTS["wan"].append(row)
 
 
-# name -> (sparse_linear.OPTIONS, launch overrides); "old" = the session-1 kernels (selected part in the loops).
-_LOOP = dict(fwd_linear="loop", dq_linear="loop", dkv_linear="loop")
-_BLOCKS = dict(fwd_linear="loop", dq_linear="blocks", dkv_linear="blocks")
-_FWD_BLOCKS = dict(fwd_linear="blocks", dq_linear="blocks", dkv_linear="blocks")
+# Variants of the --variants / --fwd-variants parts: name -> KernelConfig changes of the base config. Launch
+# parameters of the Triton kernels as {kernel: (num_warps, num_stages, rows)}.
+def _launch(**kernels):
+    return {"launch": tuple((kernel, tuple(params)) for kernel, params in kernels.items())}
+
+
 VARIANTS = {
-    "old": (_LOOP, dict(dkv=(4, 2, 32))),
-    "old_dq4164": (_LOOP, dict(dq=(4, 1, 64), dkv=(4, 2, 32))),
-    "blocks": (_BLOCKS, {}),
-    "blocks_dkv4232": (_BLOCKS, dict(dkv=(4, 2, 32))),
-    "blocks_dkv4364": (_BLOCKS, dict(dkv=(4, 3, 64))),
-    "blocks_dkv42128": (_BLOCKS, dict(dkv=(4, 2, 128))),
-    "blocks_dkv41128": (_BLOCKS, dict(dkv=(4, 1, 128))),
-    "blocks_dkv8264": (_BLOCKS, dict(dkv=(8, 2, 64))),
-    "blocks_dq4264": (_BLOCKS, dict(dq=(4, 2, 64))),
-    "fwdblocks": (_FWD_BLOCKS, {}),
-    "fwdblocks_fwd4364": (_FWD_BLOCKS, dict(fwd=(4, 3, 64))),
+    "default": {},
+    "triton": {"forward": "triton", "backward": "triton"},
+    "triton_dkv4232": {"forward": "triton", "backward": "triton", **_launch(dkv=(4, 2, 32))},
+    "triton_dkv4364": {"forward": "triton", "backward": "triton", **_launch(dkv=(4, 3, 64))},
+    "triton_dkv42128": {"forward": "triton", "backward": "triton", **_launch(dkv=(4, 2, 128))},
+    "triton_dkv41128": {"forward": "triton", "backward": "triton", **_launch(dkv=(4, 1, 128))},
+    "triton_dkv8264": {"forward": "triton", "backward": "triton", **_launch(dkv=(8, 2, 64))},
+    "triton_dq4264": {"forward": "triton", "backward": "triton", **_launch(dq=(4, 2, 64))},
+    "triton_fwd4364": {"forward": "triton", "backward": "triton", **_launch(fwd=(4, 3, 64))},
+    "mosaic_fwd": {"forward": "mosaic", "backward": "triton"},
+    "mosaic": {"forward": "mosaic", "backward": "mosaic"},
+    "mosaic_f32_states": {"forward": "mosaic", "backward": "mosaic", "state_dtype": "float32"},
+    "mosaic_triton_epilogue": {"forward": "mosaic", "backward": "mosaic", "epilogue": "triton"},
 }
 
-
-# Forward variants (--fwd-variants): name -> (sparse_linear.OPTIONS, launch overrides); the first is the reference.
-# The "primal_*" ones run at every --sparsity (the others at the first only). The schedule options measured in
-# session 2 (key mask on the last entry only, scale inside exp2, 64-row programs, G after the loop, several blocks per
-# outer-sum program) were no faster and were removed; perf_notes.md "Session 2: forward" has their numbers.
+# Forward variants (--fwd-variants), the first the reference; the first runs at every --sparsity, the others at the
+# first only. Schedules measured before and no faster are in docs/dev/forward_kernel.md.
 FWD_VARIANTS = {
-    "fwd_s2": ({}, {}),
-    "fwd_s2_keys128": ({}, dict(fwd=(8, 2, 128))),
-    "fwd_s2_w8s4": ({}, dict(fwd=(8, 4, 64))),
-    "fwd_s2_w8s2": ({}, dict(fwd=(8, 2, 64))),
-    "primal_loop": (dict(fwd_linear="loop"), {}),
+    "fwd_triton": {"forward": "triton"},
+    "fwd_triton_keys128": {"forward": "triton", **_launch(fwd=(8, 2, 128))},
+    "fwd_triton_w8s4": {"forward": "triton", **_launch(fwd=(8, 4, 64))},
+    "fwd_triton_w8s2": {"forward": "triton", **_launch(fwd=(8, 2, 64))},
+    "fwd_mosaic": {"forward": "mosaic"},
+    "fwd_mosaic_pipelined": {"forward": "mosaic", "loop": "pipelined"},
+    "fwd_mosaic_qblocks": {"forward": "mosaic", "grid_order": "qblocks"},
 }
 
 
-def wan_setup(sparsity, seed, b, h, n, d, bq, bk):
-    """Inputs of one comparison: bf16 q, k, v, do (B, N, H, D), phi(q), phi(k), the router's LUT at this sparsity,
-    alpha (B, H, Nq) in [0.3, 0.9] and the kernels' validated config."""
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(int(sparsity * 1000) + seed), 3)
-    q, k, v = inputs(k1, b, n, h, d, jnp.bfloat16)
-    do = jax.random.normal(k2, q.shape, jnp.float32).astype(jnp.bfloat16)
-    nq, nk = -(-n // bq), -(-n // bk)
-    topk = max(1, int(nk * (1 - sparsity) + 1e-6))
-    lut = jax.jit(router_lut, static_argnums=(2, 3, 4))(q, k, topk, bq, bk)
-    qp, kp = jax.jit(phi)(q), jax.jit(phi)(k)
-    alpha = jax.random.uniform(k3, (b, h, nq), jnp.float32, 0.3, 0.9)
-    cfg = sl._validate(q, k, v, qp, kp, lut, bq, bk, "complement", None, 1e-6, None)
-    return q, k, v, do, qp, kp, lut, alpha, cfg
+def variant_config(changes, n, d, bq=128, bk=64):
+    """The base config (heuristic_config, --forward / --backward) with a variant's changes; launch entries are merged
+    into the base's table."""
+    changes = dict(changes)
+    base = base_config(n, d, jnp.bfloat16, bq, bk)
+    if "launch" in changes:
+        table = dict(base.launch)
+        table.update(dict(changes.pop("launch")))
+        changes["launch"] = tuple(table.items())
+    return base.replace(**changes)
 
 
 def compare_fwd_variants(names, sparsities, b=1, h=12, n=32760, d=128, bq=128, bk=64, runs=20, out_dir="."):
@@ -364,58 +343,44 @@ def compare_fwd_variants(names, sparsities, b=1, h=12, n=32760, d=128, bq=128, b
     xla backend), then medians of the forward-only call (primal), the VJP forward (residuals) and the states."""
     out = RESULTS.setdefault("fwd_variants", {})
     for si, sparsity in enumerate(sparsities):
-        q, k, v, _, qp, kp, lut, alpha, cfg = wan_setup(sparsity, 29, b, h, n, d, bq, bk)
-        topk, nk = cfg.topk, cfg.nk
-        kw = dict(block_q=bq, block_k=bk)
+        q, k, v, _, qp, kp, lut, alpha, cfg0 = wan_setup(sparsity, 29, b, h, n, d, bq, bk)
+        topk, nk = cfg0.topk, cfg0.nk
         row = dict(topk=topk, nk=nk, variants={})
         impl = "cudnn" if jax.default_backend() == "gpu" else "xla"  # xla: CPU smoke runs of this script
         row["cudnn_fwd"] = bench(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl), q, k, v)
         first = None
-        for name in names if si == 0 else [nm for nm in names if nm == names[0] or nm.startswith("primal")]:
-            opts, launch = FWD_VARIANTS[name]
-            jax.clear_caches()
-            old_opts = dict(sl.OPTIONS)
-            sl.OPTIONS.update(opts)
+        for name in names if si == 0 else names[:1]:
             r, t = {}, {}
             try:
-                with lc.override_launch_config(**launch):
-                    fused = lambda *a: pk.sla2_fused_attention(*a, **kw)
-                    o = jax.jit(fused)(q, k, v, qp, kp, lut, alpha)
-                    o_vjp = jax.jit(lambda *a: sl._forward(*a, cfg, fused=True, residuals=True)["o"])(
-                        q, k, v, qp, kp, lut, alpha
-                    )
-                    r["finite"] = bool(jnp.all(jnp.isfinite(o)))
-                    r["rel_primal_vs_vjp_fwd"] = rel(o, o_vjp)
-                    if first is None:
-                        first = o
-                        o_s, o_l = jax.jit(lambda *a: pk.sparse_linear_attention(*a, **kw))(q, k, v, qp, kp, lut)
-                        r["rel_xla_o_s_o_l"] = xla_forward_check(q, k, v, qp, kp, lut, o_s, o_l, nk, bq, bk, d)
-                        del o_s, o_l
-                    else:
-                        r["rel_fwd_vs_first"] = rel(o, first)
-                    del o, o_vjp
-                    t["primal_fwd"] = bench(fused, q, k, v, qp, kp, lut, alpha, runs=runs)
-                    t["vjp_fwd"] = bench(
-                        lambda *a: sl._forward(*a, cfg, fused=True, residuals=True)["o"],
-                        q,
-                        k,
-                        v,
-                        qp,
-                        kp,
-                        lut,
-                        alpha,
-                        runs=runs,
-                    )
-                    if si == 0 or name == names[0]:
-                        t["states"] = bench(lambda kp, v, l: sl._complement_states(kp, v, l, cfg), kp, v, lut)
-                        t["outer_sum_key_blocks"] = bench(lambda kp, v: sl._outer_sum(kp, v, cfg, block_rows=bk), kp, v)
+                kc = variant_config(FWD_VARIANTS[name], n, d, bq, bk)
+                r["config"] = config_dict(kc)
+                cfg = cfg0._replace(config=kc)
+                kw = dict(block_q=bq, block_k=bk, config=kc)
+                fused = lambda *a, kw=kw: pk.sla2_fused_attention(*a, **kw)
+                vjp_fwd = lambda *a, cfg=cfg: attention.forward(*a, cfg, fused=True, residuals=True)["o"]
+                o = jax.jit(fused)(q, k, v, qp, kp, lut, alpha)
+                o_vjp = jax.jit(vjp_fwd)(q, k, v, qp, kp, lut, alpha)
+                r["finite"] = bool(jnp.all(jnp.isfinite(o)))
+                r["rel_primal_vs_vjp_fwd"] = rel(o, o_vjp)
+                if first is None:
+                    first = o
+                    o_s, o_l = jax.jit(lambda *a: pk.sparse_linear_attention(*a, **kw))(q, k, v, qp, kp, lut)
+                    r["rel_xla_o_s_o_l"] = xla_forward_check(q, k, v, qp, kp, lut, o_s, o_l, nk, bq, bk, d)
+                    del o_s, o_l
+                else:
+                    r["rel_fwd_vs_first"] = rel(o, first)
+                del o, o_vjp
+                t["primal_fwd"] = bench(fused, q, k, v, qp, kp, lut, alpha, runs=runs)
+                t["vjp_fwd"] = bench(vjp_fwd, q, k, v, qp, kp, lut, alpha, runs=runs)
+                if si == 0 or name == names[0]:
+                    states = lambda kp, v, l, cfg=cfg: linear_states.complement_states(kp, v, l, cfg)
+                    t["states"] = bench(states, kp, v, lut)
+                    sums = lambda kp, v, cfg=cfg: linear_states.outer_sum(kp, v, cfg, block_rows=bk)
+                    t["outer_sum_key_blocks"] = bench(sums, kp, v)
             except Exception as e:
                 r["error"] = f"{type(e).__name__}: {e}"[:1500]
                 traceback.print_exc()
-            finally:
-                sl.OPTIONS.clear()
-                sl.OPTIONS.update(old_opts)
-            r["times_ms"], r["options"], r["launch"] = (t, opts, {kk: list(vv) for kk, vv in launch.items()})
+            r["times_ms"] = t
             row["variants"][name if name not in row["variants"] else name + " (again)"] = r
             print("fwd variant", sparsity, name, json.dumps(r), flush=True)
             out[str(sparsity)] = row
@@ -448,9 +413,8 @@ def xla_forward_check(q, k, v, qp, kp, lut, o_s, o_l, nk, bq, bk, d):
 
 def compare_variants(names, sparsity, b=1, h=12, n=32760, d=128, bq=128, bk=64, runs=20, check_xla=True, out_dir="."):
     """Correctness (vs the first variant and the xla backend) and per-stage medians of each variant, one process."""
-    q, k, v, do, qp, kp, lut, alpha, cfg = wan_setup(sparsity, 17, b, h, n, d, bq, bk)
-    topk, nk = cfg.topk, cfg.nk
-    kw = dict(block_q=bq, block_k=bk)
+    q, k, v, do, qp, kp, lut, alpha, cfg0 = wan_setup(sparsity, 17, b, h, n, d, bq, bk)
+    topk, nk = cfg0.topk, cfg0.nk
     out = dict(sparsity=sparsity, topk=topk, nk=nk, variants={})
     t0 = {}
     impl = "cudnn" if jax.default_backend() == "gpu" else "xla"  # xla: CPU smoke runs of this script
@@ -464,76 +428,68 @@ def compare_variants(names, sparsity, b=1, h=12, n=32760, d=128, bq=128, bk=64, 
     out["cudnn"] = t0
     print("cudnn", t0, flush=True)
 
-    # the per-block linear states (option "blocks"), piece by piece
+    # the per-block linear states, piece by piece (the base config)
+    cfg = cfg0._replace(config=base_config(n, d, q.dtype, bq, bk))
     w = jax.random.uniform(jax.random.PRNGKey(3), (b, h, cfg.npad), jnp.float32)  # row weights, timing only
-    t0["states_outer_sum_key_blocks"] = bench(lambda kp, v: sl._outer_sum(kp, v, cfg, block_rows=bk), kp, v)
+    t0["states_outer_sum_key_blocks"] = bench(lambda kp, v: linear_states.outer_sum(kp, v, cfg, block_rows=bk), kp, v)
     t0["states_outer_sum_query_blocks"] = bench(
-        lambda qp, do, w: sl._outer_sum(qp, do, cfg, w, w, block_rows=bq), qp, do, w
+        lambda qp, do, w: linear_states.outer_sum(qp, do, cfg, w, w, block_rows=bq), qp, do, w
     )
-    sums = jax.jit(lambda kp, v: sl._outer_sum(kp, v, cfg, block_rows=bk))(kp, v)
-    unsel = jnp.logical_not(jnp.swapaxes(sl._selection(lut, nk), 2, 3))
-    t0["states_masked_matmul_fwd"] = bench(sl._sum_over_blocks, unsel, sums)
-    t0["states_complement_fwd"] = bench(lambda kp, v, lut: sl._complement_states(kp, v, lut, cfg), kp, v, lut)
-    del sums
+    t0["states_complement_fwd"] = bench(
+        lambda kp, v, lut: linear_states.complement_states(kp, v, lut, cfg), kp, v, lut
+    )
+    t0["states_masked_matmul_fwd_derived"] = t0["states_complement_fwd"] - t0["states_outer_sum_key_blocks"]
     print("states", t0, flush=True)
 
     first = None
     for name in names:
-        opts, launch = VARIANTS[name]
-        jax.clear_caches()  # options and launch overrides are read at trace time: no cached traces across variants
-
-        def kernel_fb(q, k, v, qp, kp, a, do):
-            f = lambda *x: jnp.sum(pk.sla2_fused_attention(*x[:5], lut, x[5], **kw).astype(jnp.float32) * do)
-            return jax.grad(f, argnums=(0, 1, 2, 3, 4, 5))(q, k, v, qp, kp, a)
-
-        old_opts = dict(sl.OPTIONS)
-        sl.OPTIONS.update(opts)
         row, t = {}, {}
         try:
-            with lc.override_launch_config(**launch):
-                o = jax.jit(lambda *a: pk.sla2_fused_attention(*a, **kw))(q, k, v, qp, kp, lut, alpha)
-                g = jax.jit(kernel_fb)(q, k, v, qp, kp, alpha, do)
-                row["finite"] = bool(jnp.all(jnp.isfinite(o))) and all(bool(jnp.all(jnp.isfinite(x))) for x in g)
-                if first is None:
-                    first = (o, g)
-                else:
-                    row["rel_fwd_vs_first"] = rel(o, first[0])
-                    row["rel_grads_vs_first"] = [rel(a, bb) for a, bb in zip(g, first[1])]
-                del o, g
-                if check_xla and not launch:  # the launch-only variants compute the same function
-                    rel_grads, _ = xla_grads_check(q, k, v, qp, kp, lut, do, jnp.flip(do, axis=1), nk, bq, bk, d)
-                    row["rel_xla_branches"] = rel_grads
-                t["kernel_fwd_fused"] = bench(lambda *a: pk.sla2_fused_attention(*a, **kw), q, k, v, qp, kp, lut, alpha)
-                t["kernel_fwd_bwd_fused"] = bench(kernel_fb, q, k, v, qp, kp, alpha, do, runs=runs)
-                fwd = jax.jit(lambda *a: sl._forward(*a, cfg, fused=True, residuals=True))
-                res = sl._residuals(q, k, v, qp, kp, lut, alpha, fwd(q, k, v, qp, kp, lut, alpha))
-                t["stage_fwd_residuals"] = bench(
-                    lambda *a: sl._forward(*a, cfg, fused=True, residuals=True)["o"], q, k, v, qp, kp, lut, alpha
-                )
-                t["stage_bwd_kernels"] = bench(lambda res, do: sl._backward(res, cfg, fused=True, do=do), res, do)
-                t["stage_bwd_dq"] = bench(lambda res, do: sl._backward_dq(res, cfg, fused=True, do=do), res, do)
-                rdq = jax.jit(lambda res, do: sl._backward_dq(res, cfg, fused=True, do=do))(res, do)
-                tot_fn = lambda res, rdq, do: sl._backward_totals(res, rdq, cfg, fused=True, do=do)
-                t["stage_bwd_totals"] = bench(tot_fn, res, rdq, do)
-                tot = jax.jit(tot_fn)(res, rdq, do)
-                dkv_fn = lambda res, rdq, tot, do: sl._backward_dkv(res, rdq, tot, cfg, fused=True, do=do)
-                t["stage_bwd_dkv_incl_transpose"] = bench(dkv_fn, res, rdq, tot, do)
-                del res, rdq, tot
+            kc = variant_config(VARIANTS[name], n, d, bq, bk)
+            row["config"] = config_dict(kc)
+            cfg = cfg0._replace(config=kc)
+            kw = dict(block_q=bq, block_k=bk, config=kc)
+
+            def kernel_fb(q, k, v, qp, kp, a, do, kw=kw):
+                f = lambda *x: jnp.sum(pk.sla2_fused_attention(*x[:5], lut, x[5], **kw).astype(jnp.float32) * do)
+                return jax.grad(f, argnums=(0, 1, 2, 3, 4, 5))(q, k, v, qp, kp, a)
+
+            o = jax.jit(lambda *a: pk.sla2_fused_attention(*a, **kw))(q, k, v, qp, kp, lut, alpha)
+            g = jax.jit(kernel_fb)(q, k, v, qp, kp, alpha, do)
+            row["finite"] = bool(jnp.all(jnp.isfinite(o))) and all(bool(jnp.all(jnp.isfinite(x))) for x in g)
+            if first is None:
+                first = (o, g)
+            else:
+                row["rel_fwd_vs_first"] = rel(o, first[0])
+                row["rel_grads_vs_first"] = [rel(a, bb) for a, bb in zip(g, first[1])]
+            del o, g
+            if check_xla and "launch" not in VARIANTS[name]:  # the launch-only variants compute the same function
+                rel_grads, _ = xla_grads_check(q, k, v, qp, kp, lut, do, jnp.flip(do, axis=1), nk, bq, bk, d, kc)
+                row["rel_xla_branches"] = rel_grads
+            t["kernel_fwd_fused"] = bench(lambda *a: pk.sla2_fused_attention(*a, **kw), q, k, v, qp, kp, lut, alpha)
+            t["kernel_fwd_bwd_fused"] = bench(kernel_fb, q, k, v, qp, kp, alpha, do, runs=runs)
+            fwd = lambda *a: attention.forward(*a, cfg, fused=True, residuals=True)
+            res = attention.residuals(q, k, v, qp, kp, lut, alpha, jax.jit(fwd)(q, k, v, qp, kp, lut, alpha))
+            t["stage_fwd_residuals"] = bench(lambda *a: fwd(*a)["o"], q, k, v, qp, kp, lut, alpha)
+            t["stage_bwd_kernels"] = bench(lambda res, do: attention.backward(res, cfg, fused=True, do=do), res, do)
+            dq_fn = lambda res, do: attention.backward_dq(res, cfg, fused=True, do=do)
+            t["stage_bwd_dq"] = bench(dq_fn, res, do)
+            rdq = jax.jit(dq_fn)(res, do)
+            tot_fn = lambda res, rdq, do: attention.backward_states(res, rdq, cfg, fused=True, do=do)
+            t["stage_bwd_totals"] = bench(tot_fn, res, rdq, do)
+            tot = jax.jit(tot_fn)(res, rdq, do)
+            dkv_fn = lambda res, rdq, tot, do: attention.backward_dkv(res, rdq, tot, cfg, fused=True, do=do)
+            t["stage_bwd_dkv_incl_transpose"] = bench(dkv_fn, res, rdq, tot, do)
+            del res, rdq, tot
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"[:1500]
             traceback.print_exc()
-        finally:
-            sl.OPTIONS.clear()
-            sl.OPTIONS.update(old_opts)
         row["times_ms"] = t
-        row["options"], row["launch"] = (opts, {kk: list(vv) for kk, vv in launch.items()})
         label = name if name not in out["variants"] else f"{name} (again)"
         out["variants"][label] = row
         print("variant", label, json.dumps(row), flush=True)
         RESULTS["variants"] = out
-        with open(
-            os.path.join(out_dir, "check_kernels_gpu.json"), "w"
-        ) as f:  # after each variant: a timeout keeps them
+        with open(os.path.join(out_dir, "check_kernels_gpu.json"), "w") as f:  # after each variant: a timeout keeps them
             json.dump(RESULTS, f, indent=1)
     RESULTS["variants"] = out
     cols = [
@@ -557,13 +513,13 @@ def compare_variants(names, sparsity, b=1, h=12, n=32760, d=128, bq=128, bk=64, 
         print(f"| {name} | " + " | ".join(cells) + f" | {gr:.2e} | {xr} |")
 
 
-def xla_grads_check(q, k, v, qp, kp, lut, do, w2, nk, bq, bk, d):
+def xla_grads_check(q, k, v, qp, kp, lut, do, w2, nk, bq, bk, d, config=None):
     """Gradients of sum(o_s * do) + sum(o_l * w2) w.r.t. q, k, v, phi(q), phi(k): (relative errors of the branches
-    kernel vs the xla backend, the kernel's gradients)."""
+    kernel (KernelConfig config) vs the xla backend, the kernel's gradients)."""
     from sla2_jax import xla_backend
     from sla2_jax.routing import selection_mask
 
-    kw = dict(block_q=bq, block_k=bk)
+    kw = dict(block_q=bq, block_k=bk, config=config)
 
     def lp(q, k, v, qp, kp):
         a, bb = pk.sparse_linear_attention(q, k, v, qp, kp, lut, **kw)
@@ -603,8 +559,10 @@ def pallas_mha_reference(n=32768, h=12, d=128, runs=10):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--forward", default=None, choices=("mosaic", "triton"), help="KernelConfig.forward of every part")
+    ap.add_argument("--backward", default=None, choices=("mosaic", "triton"), help="KernelConfig.backward of every part")
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.90, 0.95, 0.97])
     ap.add_argument("--skip-small", action="store_true")
     ap.add_argument("--skip-xla", action="store_true")
@@ -612,13 +570,14 @@ def main():
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--pallas-mha", action="store_true", help="also time dense Pallas (Triton) flash attention")
     ap.add_argument(
-        "--variants", nargs="*", default=None, help=f"compare variants (first = reference): {list(VARIANTS)}"
+        "--variants", nargs="*", default=None, choices=list(VARIANTS), help="compare variants (first = reference)"
     )
     ap.add_argument(
-        "--fwd-variants", nargs="*", default=None, help=f"forward variants (first = reference): {list(FWD_VARIANTS)}"
+        "--fwd-variants", nargs="*", default=None, choices=list(FWD_VARIANTS), help="forward variants (first = reference)"
     )
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    FAMILIES.update(forward=args.forward, backward=args.backward)
     dev = jax.devices()[0]
     RESULTS["meta"] = dict(
         device=dev.device_kind,
@@ -626,6 +585,7 @@ def main():
         backend=jax.default_backend(),
         generation=pk.gpu_generation(),
         command=" ".join(sys.argv),
+        families=dict(FAMILIES),
     )
     print(RESULTS["meta"], flush=True)
     if args.fwd_variants:
