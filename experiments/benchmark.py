@@ -4,6 +4,7 @@
     python -m experiments.benchmark --workloads all --backends pallas        # every workload of BENCHMARKS.md
     python -m experiments.benchmark --tiny                                   # CPU smoke run
     python -m experiments.benchmark --backends pallas --quant int8           # low-bit forward (QAT cost too)
+    python -m experiments.benchmark --backends pallas --fwd-kernel triton    # another kernel choice (KernelConfig)
 
 For each workload and sparsity it times (median of --iters synchronised runs after warm-up):
   module forward (routing + branches + combine), module forward+backward (grad of sum(o * do) w.r.t. q, k, v),
@@ -11,6 +12,8 @@ For each workload and sparsity it times (median of --iters synchronised runs aft
 and, as baselines in the same run, jax.nn.dot_product_attention with implementation="cudnn" (GPU) or XLA.
 It reports speedup over the dense baseline, effective TFLOP/s (4 B H N^2 D (1 - sparsity) / t), compiled peak
 memory, and the relative error of the module forward vs chunked float32 dense attention. Writes JSON and a PNG.
+The pallas backend runs with the KernelConfig of --fwd-kernel / --bwd-kernel (SLA2Config(kernel=...); both "auto":
+the library's heuristic_config); the JSON records the KernelConfig of each shape.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import sla2_jax as sla
-from pallas_kernels import sparse_linear
 from experiments.inputs import random_qkv
 from experiments.timing import compiled_memory_bytes, pipelined_seconds, time_fn
 
@@ -69,7 +71,37 @@ def measure(name, fn, args, iters, flops=None):
     return row
 
 
-def bench_shape(shape, sparsities, backends, iters, kernel_only, check_error, progress, quant="none"):
+def kernel_config(shape, fwd_kernel="auto", bwd_kernel="auto", block_q=128, block_k=64):
+    """(KernelConfig passed as SLA2Config(kernel=...) or None for the library's default, the KernelConfig the pallas
+    backend runs with, or None where the kernels package is not available) for a (B, H, N, D) bf16 shape: the
+    heuristic_config with the forward / backward kernel family of the flags ("auto": the heuristic's)."""
+    try:
+        from pallas_kernels import heuristic_config
+    except ImportError:  # no Pallas Triton backend in this jax: the pallas backend is unavailable anyway
+        return None, None
+    _, _, seq_len, dim = shape
+    default = heuristic_config(seq_len, dim, jnp.bfloat16, block_q, block_k,
+                               interpret=jax.default_backend() != "gpu")
+    if fwd_kernel == "auto" and bwd_kernel == "auto":
+        return None, default
+    chosen = default.replace(**{field: family for field, family in (("forward", fwd_kernel), ("backward", bwd_kernel))
+                                if family != "auto"})
+    return chosen, chosen
+
+
+def config_json(kernel) -> dict | None:
+    """A KernelConfig as JSON (launch as {kernel: [num_warps, num_stages, rows]})."""
+    if kernel is None:
+        return None
+    import dataclasses
+
+    out = dataclasses.asdict(kernel)
+    out["launch"] = {name: list(params) for name, params in kernel.launch}
+    return out
+
+
+def bench_shape(shape, sparsities, backends, iters, kernel_only, check_error, progress, quant="none", kernel=None):
+    """Rows of one (B, H, N, D) shape; kernel: the pallas backend's KernelConfig (None: the library's default)."""
     batch, heads, seq_len, dim = shape
     q, k, v = random_qkv(0, batch, seq_len, heads, dim)
     do = random_qkv(1, batch, seq_len, heads, dim)[0]
@@ -82,7 +114,8 @@ def bench_shape(shape, sparsities, backends, iters, kernel_only, check_error, pr
     ref = sla.dense_attention(q, k, v) if check_error else None
     for sparsity in sparsities:
         for backend in backends:
-            cfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend=backend, alpha="mass", quant=quant)
+            cfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend=backend, alpha="mass", quant=quant,
+                                 kernel=kernel)
             flops = dense_flops * (1 - sparsity)
             tag = f"{backend} {sparsity:.0%}" + ("" if quant == "none" else f" {quant}")
             progress.set_postfix_str(f"N={seq_len} {tag}")
@@ -94,8 +127,10 @@ def bench_shape(shape, sparsities, backends, iters, kernel_only, check_error, pr
                     (f"{tag} router", router, (q, k), None)]
             if kernel_only:
                 def branches(q, k, v, lut, backend=backend):
-                    o_s, o_l = sla.sparse_linear_branches(q, k, v, lut, backend=backend, quant=quant)
-                    return o_s + o_l
+                    if kernel is None:
+                        o_s, o_l = sla.sparse_linear_branches(q, k, v, lut, backend=backend, quant=quant)
+                        return o_s + o_l
+                    return kernel_branches(q, k, v, lut, backend, quant, kernel)
 
                 lut = router(q, k)
                 todo += [(f"{tag} kernel fwd", jax.jit(branches), (q, k, v, lut), flops),
@@ -119,6 +154,17 @@ def bench_shape(shape, sparsities, backends, iters, kernel_only, check_error, pr
             dense = rows[0] if r["what"].split()[-1] == "fwd" else rows[1]
             r["pipelined_speedup_vs_dense"] = dense["pipelined_ms"] / r["pipelined_ms"]
     return rows
+
+
+def kernel_branches(q, k, v, lut, backend, quant, kernel):
+    """o_s + o_l of sla.sparse_linear_branches' defaults with the pallas backend's KernelConfig `kernel`."""
+    from sla2_jax.backends import resolve_backend
+    from sla2_jax.branches import compute_branches
+
+    resolved = resolve_backend(backend, q, k, v, block_q=128, block_k=64)
+    o_s, o_l = compute_branches(q, k, v, lut, block_q=128, block_k=64, feature_map="softmax",
+                                linear_scope="complement", quant=quant, backend=resolved, kernel=kernel)
+    return (o_s + o_l).astype(q.dtype)
 
 
 def print_table(rows):
@@ -242,13 +288,11 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: the 'tiny' workload, 3 iterations")
     p.add_argument("--out", default="runs/benchmark", help="folder for results.json and speedup.png")
     p.add_argument("--fwd-kernel", default="auto", choices=["auto", "triton", "mosaic"],
-                   help="pallas forward's sparse part: Triton kernel, Mosaic GPU kernel (Hopper) or auto (Mosaic on Hopper)")
-    p.add_argument("--bwd-kernel", default=None, choices=["auto", "triton", "mosaic"],
-                   help="pallas backward's sparse loops (dQ, dK/dV): as --fwd-kernel; default: the library's setting")
+                   help="pallas forward's sparse part (KernelConfig.forward): Triton kernel, Mosaic GPU kernel "
+                        "(Hopper) or auto (heuristic_config: Mosaic on Hopper where it supports the shape)")
+    p.add_argument("--bwd-kernel", default="auto", choices=["auto", "triton", "mosaic"],
+                   help="pallas backward's sparse loops (dQ, dK/dV; KernelConfig.backward): as --fwd-kernel")
     args = p.parse_args(argv)
-    sparse_linear.OPTIONS["fwd_kernel"] = args.fwd_kernel
-    if args.bwd_kernel is not None:
-        sparse_linear.OPTIONS["bwd_kernel"] = args.bwd_kernel
 
     names = ["tiny"] if args.tiny else (
         [n for n in WORKLOADS if n != "tiny"] if args.workloads == "all" else args.workloads.split(","))
@@ -263,16 +307,16 @@ def main(argv=None):
     device = jax.devices()[0]
     meta = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
             "python": sys.version.split()[0], "dense_baseline": "cudnn" if device.platform == "gpu" else "xla",
-            "fwd_kernel": args.fwd_kernel, "bwd_kernel": sparse_linear.OPTIONS["bwd_kernel"],
-            "state_dtype": sparse_linear.OPTIONS["state_dtype"],
-            "fwd_epilogue": sparse_linear.OPTIONS.get("fwd_epilogue")}
+            "fwd_kernel": args.fwd_kernel, "bwd_kernel": args.bwd_kernel, "kernel_config": {}}
     print(f"device: {meta['device']} | jax {meta['jax']} | dense baseline: {meta['dense_baseline']}")
     rows = []
     os.makedirs(args.out, exist_ok=True)
     with tqdm(total=len(jobs) * len(sparsities) * len(backends), desc="benchmark", file=sys.stderr) as progress:
         for name, shape in jobs:
+            kernel, effective = kernel_config(shape, args.fwd_kernel, args.bwd_kernel)
+            meta["kernel_config"]["B{} H{} N{} D{}".format(*shape)] = config_json(effective)
             for r in bench_shape(shape, sparsities, backends, iters, not args.no_kernel_only,
-                                 not args.no_error, progress, args.quant):
+                                 not args.no_error, progress, args.quant, kernel):
                 rows.append({"workload": name, **r})
             with open(os.path.join(args.out, "results.json"), "w") as f:  # after every shape: a cut run keeps rows
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)
