@@ -1,8 +1,8 @@
 """GPU profile driver: where the fixed per-program cost of the Mosaic backward kernels (dQ, dK/dV) goes.
 
-    python -m experiments.profile_mosaic --mode timing trace --out DIR    # CUPTI kernel times, on-device traces
-    python -m experiments.profile_mosaic --mode run --kernel dq --case wan95   # a few launches for ncu to wrap
-    python -m experiments.profile_mosaic --mode trim --csv FILE                # top SASS lines of an ncu source CSV
+    python -m experiments.dev.profile_mosaic --mode timing trace --out DIR    # CUPTI kernel times, on-device traces
+    python -m experiments.dev.profile_mosaic --mode run --kernel dq --case wan95   # a few launches for ncu to wrap
+    python -m experiments.dev.profile_mosaic --mode trim --csv FILE                # top SASS lines of an ncu source CSV
 
 Inputs: wan-1.3b (B=1, H=12, N=32760, D=128, bf16) with the SLA router LUT at 95% (topk 25 of 512 key blocks), alpha
 random, lse / delta random (their values do not change the work). Cases: "wan95" (the router LUT; dK/dV over its
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.probe_common import kernel_ms, record_error, rel, uniform_lut
+from experiments.dev.common import kernel_ms, record_error, rel, uniform_lut, wan_setup
 from experiments.timing import pipelined_seconds, time_fn
 
 RESULTS: dict = {}
@@ -46,8 +46,8 @@ def save():
             json.dump(RESULTS, f, indent=1)
 
 
-DQ_STAGES = 4  # the library's choice (sparse_linear calls the dQ kernel with a ring of 4 K/V slots)
-DQ_VARIANTS = {  # name -> extra keyword arguments of sparse_mosaic_dq._dq_call
+DQ_STAGES = 4  # the library's choice (attention.backward_dq calls the dQ kernel with a ring of 4 K/V slots)
+DQ_VARIANTS = {  # name -> extra keyword arguments of mosaic_dq._dq_call (the kernel's build variants)
     "default": {},
     "qblocks": {"grid_order": "qblocks"},
     "drain_read": {"drain_read_only": True},
@@ -65,21 +65,20 @@ DKV_VARIANTS = {  # name -> extra keyword arguments of sparse_attention_dkv_mosa
 def wan_inputs(seed=29):
     """wan-1.3b inputs at 95%: dict of q, k, v, do (B, N, H, D) bf16, lut (B, H, Nq, topk), lut_t, count, alpha,
     lse, delta (B, H, Npad) float32 and the sizes."""
-    from experiments.check_kernels_gpu import wan_setup
-    from pallas_kernels import sparse_linear as sl
+    from pallas_kernels.linear_states import transpose_lut
 
     q, k, v, do, _, _, lut, alpha, cfg = wan_setup(0.95, seed, 1, 12, 32760, 128, 128, 64)
     rng = np.random.default_rng(seed)
     lse = jnp.asarray(rng.uniform(5.0, 8.0, (1, 12, cfg.npad)), jnp.float32)
     delta = jnp.asarray(rng.standard_normal((1, 12, cfg.npad)) * 0.1, jnp.float32)
-    lut_t, count = jax.jit(sl._transpose_lut, static_argnums=1)(lut, cfg.nk)
+    lut_t, count = jax.jit(transpose_lut, static_argnums=1)(lut, cfg.nk)
     arrays = {"q": q, "k": k, "v": v, "do": do, "lut": lut, "lut_t": lut_t, "count": count, "alpha": alpha}
     return {**arrays, "lse": lse, "delta": delta, "nq": cfg.nq, "nk": cfg.nk, "rng": rng}
 
 
 def dq_case(x, case):
     """(builder of (jitted dq function, its arguments), description) for one dQ case."""
-    from pallas_kernels.sparse_mosaic_dq import _dq_call
+    from pallas_kernels.mosaic_dq import _dq_call
 
     lut = x["lut"]
     if case == "fixed":
@@ -96,7 +95,7 @@ def dq_case(x, case):
 
 def dkv_case(x, case):
     """(builder of (jitted dk, dv function, its arguments), description) for one dK/dV case."""
-    from pallas_kernels.sparse_mosaic_dkv import sparse_attention_dkv_mosaic
+    from pallas_kernels.mosaic_dkv import sparse_attention_dkv_mosaic
 
     count = jnp.zeros_like(x["count"]) if case == "fixed" else x["count"]
     args = (x["q"], x["k"], x["v"], x["do"], x["lse"], x["delta"], x["lut_t"], count, x["alpha"])
@@ -311,18 +310,18 @@ def trace(x, cases):
 
 
 def module_breakdown(runs):
-    """sla2_attention (pallas backend, library defaults) forward+backward on wan-1.3b at 95% and cuDNN's: every
+    """sla2_attention (pallas backend, the library's KernelConfig: heuristic_config) forward+backward on wan-1.3b at 95% and cuDNN's: every
     kernel's CUPTI time in one call (summed by name), their sum, and the synchronised wall-clock median of the same
     call; wall minus the sum is time the GPU sat idle (host, launches) plus timing overhead."""
 
     import sla2_jax as sla
-    from experiments.check_kernels_gpu import wan_setup
+    from experiments.dev.common import config_dict
 
-    q, k, v, do, *_ = wan_setup(0.95, 41, 1, 12, 32760, 128, 128, 64)
+    q, k, v, do, *_, cfg = wan_setup(0.95, 41, 1, 12, 32760, 128, 128, 64)
     mcfg = sla.SLA2Config(topk_ratio=0.05, backend="pallas", alpha="mass")
     module = lambda q, k, v: sla.sla2_attention(q, k, v, config=mcfg)
     cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    out = {}
+    out = {"config": config_dict(cfg.config)}
     for name, fwd in (("module", module), ("cudnn", cudnn)):
         grads = jax.jit(
             lambda q, k, v, do, fwd=fwd: jax.grad(
@@ -385,8 +384,8 @@ def num_col(name):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", nargs="+", default=["timing", "trace"])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", nargs="+", default=["timing", "trace"], choices=("timing", "trace", "module", "run", "trim"))
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--kernel", default="dq")
@@ -424,6 +423,8 @@ def main():
 def summary():
     """A short table for the end of the output."""
     for name, r in RESULTS.get("module", {}).items():
+        if name == "config":
+            continue
         print(
             f"{name} fwd+bwd: wall {r['wall_ms_median']:.3f} ms (pipelined {r['wall_ms_pipelined']:.3f}), "
             f"kernels {r['kernel_sum_ms_median']:.3f} ms"
