@@ -1,6 +1,6 @@
-"""GPU probe: the Mosaic GPU dK/dV kernel (pallas_kernels/sparse_mosaic_dkv.py) vs dense float32 and vs Triton.
+"""GPU probe: the Mosaic GPU dK/dV kernel (pallas_kernels/mosaic_dkv.py) vs dense float32 and vs Triton.
 
-    python -m experiments.probe_mosaic_dkv --out DIR [--sparsity 0.95 0.97] [--runs 20]
+    python -m experiments.dev.probe_mosaic_dkv --out DIR [--sparsity 0.95 0.97] [--runs 20]
 
 1. Small random checks (fresh seed, recorded): ragged and whole N, D 64 / 128, bf16 / f16, alpha None / random,
    LUTs that leave some key blocks unselected. Reference: dk, dv = jax.grad of sum(a_row * dO * o_s) in float32
@@ -8,7 +8,8 @@
    (padded rows set to NaN, so unmasked rows >= N would show). Relative errors, finiteness, and the max |dk|, |dv|
    over never-selected key blocks (must be 0).
 2. wan-1.3b (B=1, H=12, N=32760, D=128, bf16, router LUT) at each sparsity: dk, dv vs the Triton dkv kernel with
-   zero linear terms (sl._backward_dkv, the brief's recipe) and without the linear branch (cfg.linear=False), then
+   zero linear terms (pallas_kernels.attention.backward_dkv under KernelConfig(backward="triton")) and without the
+   linear branch (cfg.linear=False), then
    medians of synchronised calls, interleaved twice: Triton (incl. its transposed LUT), Mosaic (transposed LUT +
    kernel) and the Mosaic kernel alone, per variant, plus the kernel with all counts 0 (its fixed cost per key
    block: K, V load, exchange, stores); cuDNN forward+backward in the same process for scale.
@@ -29,15 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.check_kernels_gpu import wan_setup
-from experiments.probe_common import bench, error_text, kernel_ms, rel
-from pallas_kernels import sparse_linear as sl
-from pallas_kernels.sparse_mosaic_dkv import sparse_attention_dkv_mosaic
+from experiments.dev.common import bench, config_dict, default_config, error_text, kernel_ms, rel, wan_setup
+from pallas_kernels import attention
+from pallas_kernels.linear_states import transpose_lut
+from pallas_kernels.mosaic_dkv import sparse_attention_dkv_mosaic
 
-RESULTS: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+RESULTS: dict = {}
 HIGHEST = jax.lax.Precision.HIGHEST
 VARIANTS = {  # name -> keyword arguments of sparse_attention_dkv_mosaic
-    "default": {"schedule": "three_groups"},  # runs 1-3 measured it as the default; the default is now early_dp
+    "default": {"schedule": "three_groups"},  # the first measurements' default; the kernel's default is now early_dp
     "early_dp": {"schedule": "early_dp"},
     "persistent_kv": {"persistent": True},
     "persistent_union": {"persistent": True, "staging": "union"},
@@ -93,7 +94,7 @@ def small_case(seed, n, d, dtype, use_alpha, topk, variants):
     pad = ((0, 0), (0, 0), (0, nq * 128 - n))
     lse_p = jnp.pad(lse, pad, constant_values=jnp.nan)
     delta_p = jnp.pad(delta, pad, constant_values=jnp.nan)
-    lut_t, count = jax.jit(sl._transpose_lut, static_argnums=1)(lut, nk)
+    lut_t, count = jax.jit(transpose_lut, static_argnums=1)(lut, nk)
     unselected = np.repeat(np.asarray(count) == 0, 64, axis=-1)[..., :n]  # (B, H, N) keys never selected
     row = {"n": n, "d": d, "dtype": jnp.dtype(dtype).name, "alpha": use_alpha, "topk": topk}
     row["unselected_key_blocks"] = int(np.sum(np.asarray(count) == 0))
@@ -141,24 +142,25 @@ def small_checks(variants):
 
 def wan(sparsity, runs, variants):
     q, k, v, do, qp, kp, lut, alpha, cfg = wan_setup(sparsity, 29, 1, 12, 32760, 128, 128, 64)
+    cfg = cfg._replace(config=default_config(cfg.n, cfg.d, forward="triton", backward="triton"))
     b, _n, h, d = q.shape
-    row = {"sparsity": sparsity, "topk": cfg.topk, "lin_in_loop": sl._lin_in_loop("dkv", cfg)}
-    fwd = jax.jit(lambda *a: sl._forward(*a, cfg, fused=True, residuals=True))
-    res = sl._residuals(q, k, v, qp, kp, lut, alpha, fwd(q, k, v, qp, kp, lut, alpha))
-    res_dq = jax.jit(lambda res, do: sl._backward_dq(res, cfg, fused=True, do=do))(res, do)
+    row = {"sparsity": sparsity, "topk": cfg.topk, "triton_config": config_dict(cfg.config)}
+    fwd = jax.jit(lambda *a: attention.forward(*a, cfg, fused=True, residuals=True))
+    res = attention.residuals(q, k, v, qp, kp, lut, alpha, fwd(q, k, v, qp, kp, lut, alpha))
+    res_dq = jax.jit(lambda res, do: attention.backward_dq(res, cfg, fused=True, do=do))(res, do)
     totals = (jnp.zeros((b, h, d, d), jnp.float32), jnp.zeros((b, h, d), jnp.float32))
     cfg0 = cfg._replace(linear=False)
 
     def triton(res, res_dq, totals, do):
-        out = sl._backward_dkv(res, res_dq, totals, cfg, fused=True, do=do)
+        out = attention.backward_dkv(res, res_dq, totals, cfg, fused=True, do=do)
         return out["dk"], out["dv"]
 
     def triton_sparse(res, res_dq, do):
-        out = sl._backward_dkv(res, res_dq, (None, None), cfg0, fused=True, do=do)
+        out = attention.backward_dkv(res, res_dq, (None, None), cfg0, fused=True, do=do)
         return out["dk"], out["dv"]
 
     lse, delta = res[9], res_dq["delta"]
-    lut_t, count = jax.jit(sl._transpose_lut, static_argnums=1)(lut, cfg.nk)
+    lut_t, count = jax.jit(transpose_lut, static_argnums=1)(lut, cfg.nk)
     flop = 8 * float(jnp.sum(count)) * 128 * 64 * d
     row["flop"] = flop
     t, errs = {}, {}
@@ -199,7 +201,7 @@ def wan(sparsity, runs, variants):
 
     def with_lut(kw):
         def fn(q, k, v, do, lse, delta, lut, alpha):
-            lt, c = sl._transpose_lut(lut, cfg.nk)
+            lt, c = transpose_lut(lut, cfg.nk)
             return sparse_attention_dkv_mosaic(q, k, v, do, lse, delta, lt, c, alpha, **kw)
 
         return fn
@@ -252,14 +254,15 @@ def summary():
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.95, 0.97])
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--skip-small", action="store_true")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    RESULTS.update(device=str(jax.devices()[0].device_kind), jax=jax.__version__)
     if not args.skip_small:
         small_checks(args.variants)
     for s in args.sparsity:

@@ -1,17 +1,18 @@
-"""GPU probe: the experimental Mosaic GPU dQ kernel (pallas_kernels/sparse_mosaic_dq.py) vs the Triton dq kernel.
+"""GPU probe: the Mosaic GPU dQ kernel (pallas_kernels/mosaic_dq.py) vs the Triton dq kernel.
 
-    python -m experiments.probe_mosaic_dq --out DIR [--sparsity 0.95 0.97] [--runs 20]
+    python -m experiments.dev.probe_mosaic_dq --out DIR [--sparsity 0.95 0.97] [--runs 20]
 
 1. Small random checks (fresh seed, recorded): ragged and whole N, D 64 / 128, bf16 / f16, alpha None or random,
    block_k 64 / 128: dq vs a dense float32 reference written from the formulas with the LUT's token mask (lse and
    delta computed by the reference from its own o_s and a random dO); the reference itself is checked against
    jax.vjp of the dense masked attention. Kernel variants (ping-pong off, alpha as rows, 3 stages) on some cases.
 2. wan-1.3b (B=1, H=12, N=32760, D=128, bf16, SLA router LUT) per sparsity: dq vs the Triton dq kernel (fused
-   form, sl._backward_dq, with that call's delta) and vs the Triton sparse-only dq (alpha None), then medians of
+   form, pallas_kernels.attention.backward_dq under KernelConfig(backward="triton"), with that call's delta) and vs the Triton sparse-only dq (alpha None), then medians of
    both Triton calls, of the Mosaic kernel alone (variants) and of cuDNN forward / forward+backward, one process.
    Effective rate of the dq matmuls: flop = 6 * B * H * N^2 * D * (1 - s) (nominal) and 6 * B * H * Nq * 128 *
    topk * block_k * D (the LUT's exact count).
 Each part runs on its own (an error is recorded, the next part goes on); JSON to DIR/probe_mosaic_dq.json.
+The kernel's build variants (VARIANTS) are keyword arguments of mosaic_dq._dq_call, which KernelConfig does not carry.
 """
 
 from __future__ import annotations
@@ -27,14 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from experiments.check_kernels_gpu import wan_setup
-from experiments.probe_common import record_error, rel
+from experiments.dev.common import config_dict, default_config, record_error, rel, wan_setup
 from experiments.timing import time_samples
-from pallas_kernels import sparse_linear as sl
-from pallas_kernels.sparse_mosaic_dq import _dq_call, sparse_attention_dq_mosaic
+from pallas_kernels import attention
+from pallas_kernels.mosaic_dq import _dq_call, sparse_attention_dq_mosaic
 
 HIGHEST = lax.Precision.HIGHEST
-RESULTS: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+RESULTS: dict = {}
 VARIANTS = {  # name -> keyword arguments of _dq_call ("free_s2": the public function's defaults)
     "free_s2": {"stages": 2},
     "free_s3": {"stages": 3},
@@ -163,16 +163,17 @@ def timed_rounds(cands, runs, rounds=3):
 
 def wan(sparsity, runs, variants):
     q, k, v, do, qp, kp, lut, alpha, cfg = wan_setup(sparsity, 29, 1, 12, 32760, 128, 128, 64)
+    cfg = cfg._replace(config=default_config(cfg.n, cfg.d, forward="triton", backward="triton"))
     b, n, h, d = q.shape
-    row = {"sparsity": sparsity, "topk": cfg.topk}
+    row = {"sparsity": sparsity, "topk": cfg.topk, "triton_config": config_dict(cfg.config)}
     flop_nominal = 6 * b * h * n**2 * d * (1 - sparsity)
     flop_lut = 6 * b * h * cfg.nq * 128 * cfg.topk * cfg.block_k * d
     row.update(flop_nominal=flop_nominal, flop_lut=flop_lut)
     cands, refs = {}, {}
     try:  # the fused Triton dq (as the library's backward calls it) and its delta
-        fwd = jax.jit(lambda *a: sl._forward(*a, cfg, fused=True, residuals=True))(q, k, v, qp, kp, lut, alpha)
-        res = sl._residuals(q, k, v, qp, kp, lut, alpha, fwd)
-        triton = lambda res, do: sl._backward_dq(res, cfg, fused=True, do=do)
+        fwd = jax.jit(lambda *a: attention.forward(*a, cfg, fused=True, residuals=True))(q, k, v, qp, kp, lut, alpha)
+        res = attention.residuals(q, k, v, qp, kp, lut, alpha, fwd)
+        triton = lambda res, do: attention.backward_dq(res, cfg, fused=True, do=do)
         out = jax.jit(triton)(res, do)
         refs["fused"] = (out["dq"], fwd["lse"], out["delta"], alpha)
         cands["triton_dq_fused"] = (triton, (res, do))
@@ -180,9 +181,11 @@ def wan(sparsity, runs, variants):
         record_error(row, "triton_fused_error", e)
     try:  # the Triton sparse-only dq (no linear branch, no alpha)
         cfg0 = cfg._replace(linear=False)
-        fwd0 = jax.jit(lambda *a: sl._forward(*a, None, None, lut, None, cfg0, fused=False, residuals=True))(q, k, v)
-        res0 = sl._residuals(q, k, v, None, None, lut, None, fwd0)
-        triton0 = lambda res0, do: sl._backward_dq(res0, cfg0, fused=False, do_s=do)
+        fwd0 = jax.jit(
+            lambda *a: attention.forward(*a, None, None, lut, None, cfg0, fused=False, residuals=True)
+        )(q, k, v)
+        res0 = attention.residuals(q, k, v, None, None, lut, None, fwd0)
+        triton0 = lambda res0, do: attention.backward_dq(res0, cfg0, fused=False, do_s=do)
         out0 = jax.jit(triton0)(res0, do)
         refs["sparse_only"] = (out0["dq"], fwd0["lse"], out0["delta"], None)
         cands["triton_dq_sparse_only"] = (triton0, (res0, do))
@@ -267,15 +270,16 @@ def summary():
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.95, 0.97])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--skip-small", action="store_true")
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--sweep", nargs="*", default=["free_s2", "free_s3_b2", "free_s2_b2_pf", "free_s2_b4_pf"])
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    RESULTS.update(device=str(jax.devices()[0].device_kind), jax=jax.__version__)
     path = os.path.join(args.out, "probe_mosaic_dq.json")
     if not args.skip_small:
         small_checks()
