@@ -1,16 +1,17 @@
-"""GPU probe (issue #4): the INT8 Mosaic GPU sparse forward (pallas_kernels/sparse_mosaic.py) vs the bf16 Mosaic
-one and the Triton INT8 one, in one process.
+"""GPU probe: the INT8 Mosaic GPU sparse forward (pallas_kernels/mosaic_forward.py) vs the bf16 Mosaic one and the
+Triton INT8 one, in one process.
 
-    python -m experiments.probe_mosaic_int8 --out DIR [--sparsity 0.95 0.97] [--runs 20] [--rounds 2]
+    python -m experiments.dev.probe_mosaic_int8 --out DIR [--sparsity 0.95 0.97] [--runs 20] [--rounds 2]
 
 1. Small checks first (fresh seed; ragged and whole N, N % 8 == 0, D 64 / 128, bf16): Mosaic INT8 o_s, lse vs the
    Triton INT8 kernel (same quantised keys) and vs the fake-quant reference (dense float32 attention over the
    dequantised Q, K~ with the LUT's mask, LSE + q . mean_N(K)); the bf16 Mosaic kernel vs dense float32 (the shared
    skeleton must still give the bf16 results).
-2. wan-1.3b (B=1, H=12, N=32760, D=128, experiments.check_kernels_gpu.wan_setup) per sparsity: sparse part alone
-   (INT8 Mosaic kernel on pre-quantised Q and K, + its Q pass (pallas / xla), the Q pass alone, bf16 Mosaic, Triton
-   INT8, Triton bf16), errors vs bf16 Mosaic and vs Triton INT8; the module forward (sla2_jax, backend "pallas",
-   quant "int8" on the Mosaic path and on the Triton path, quant None), errors vs bf16 and vs dense (cuDNN); cuDNN.
+2. wan-1.3b (B=1, H=12, N=32760, D=128, experiments.dev.common.wan_setup) per sparsity: sparse part alone
+   (INT8 Mosaic kernel on pre-quantised Q and K, + its Q pass, the Q pass alone, bf16 Mosaic, Triton INT8, Triton
+   bf16), errors vs bf16 Mosaic and vs Triton INT8; the module forward (sla2_jax, backend "pallas", quant "int8" with
+   KernelConfig.forward "mosaic" and "triton", quant None), errors vs bf16 and vs dense (cuDNN); cuDNN.
+   --tune-only: the INT8 kernel's ring depth (stages 3 / 4 / 6) on pre-quantised operands.
    Timings: medians of synchronised calls (experiments.timing), `--rounds` rounds (their spread is the noise).
 Each part runs on its own (an error is recorded, the next part goes on); JSON to DIR/probe_mosaic_int8.json.
 """
@@ -29,13 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import sla2_jax as sla
-from experiments.check_kernels_gpu import wan_setup
-from experiments.probe_common import bench, error_text, rel, uniform_lut
-from pallas_kernels import int8_attention as ia
-from pallas_kernels import sparse_linear as sl
-from pallas_kernels import sparse_mosaic as sm
+from experiments.dev.common import bench, default_config, error_text, kernel_call, rel, uniform_lut, wan_setup
+from pallas_kernels import KernelConfig, attention
+from pallas_kernels import mosaic_forward as mf
+from pallas_kernels import quantize as qz
 
-RESULTS: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "errors": []}
+RESULTS: dict = {"errors": []}
+TRITON = KernelConfig(forward="triton", backward="triton")
 _LOG2E = math.log2(math.e)
 
 
@@ -68,7 +69,7 @@ def dequantise(x8, scales, block):
 
 def fake_quant_reference(q, v, lut, keys, block_k):
     """The INT8 sparse branch in float32 on the dequantised Q (per 128 rows) and K~: (o, lse + q . mean)."""
-    q8, q_scale = ia.quantize_blocks(q, 128)
+    q8, q_scale = qz.quantize_blocks(q, 128)
     o, lse = masked_dense(dequantise(q8, q_scale, 128), dequantise(keys.k8, keys.scale, block_k), v, lut, block_k)
     shift = jnp.einsum("bnhd,bhd->bhn", q.astype(jnp.float32), keys.mean) / math.sqrt(q.shape[-1]) * _LOG2E
     return o, lse + shift
@@ -77,43 +78,24 @@ def fake_quant_reference(q, v, lut, keys, block_k):
 def triton_int8_sparse(q, k, v, lut, keys, block_k=64, quant="int8"):
     """(o_s, lse) of the Triton low-bit forward kernel alone (no linear branch; quant "int8" or "int8_fp8"), Q
     quantised in the kernel."""
-    cfg = sl._validate(q, k, v, q, k, lut, 128, block_k, "all", None, 1e-6, None)._replace(linear=False)
-    out = ia._forward_quantised(
-        q, k, v, None, None, lut, None, ia._Quantised(None, None, *keys), cfg, quant, fused=False, residuals=True
+    cfg = kernel_call(q, lut, block_k=block_k, linear_scope="all", config=TRITON)._replace(linear=False)
+    quantised = qz.Quantised(None, None, *keys)
+    out = attention.forward_lowbit_triton(
+        q, k, v, None, None, lut, None, quantised, cfg, quant, fused=False, residuals=True
     )
     return out["o_s"], out["lse"]
 
 
 def triton_bf16_sparse(q, k, v, lut, block_k=64):
-    cfg = sl._validate(q, k, v, q, k, lut, 128, block_k, "all", None, 1e-6, None)._replace(linear=False)
-    old = sl.OPTIONS["fwd_kernel"]
-    sl.OPTIONS["fwd_kernel"] = "triton"
-    try:
-        out = sl._forward(q, k, v, None, None, lut, None, cfg, fused=False, residuals=True)
-    finally:
-        sl.OPTIONS["fwd_kernel"] = old
+    """(o_s, lse) of the Triton bf16 forward kernel alone (no linear branch)."""
+    cfg = kernel_call(q, lut, block_k=block_k, linear_scope="all", config=TRITON)._replace(linear=False)
+    out = attention.forward(q, k, v, None, None, lut, None, cfg, fused=False, residuals=True)
     return out["o_s"], out["lse"]
 
 
-def with_options(fn, ia_options=None, sm_options=None):
-    """fn jitted afresh, with int8_attention.OPTIONS / sparse_mosaic.OPTIONS updated during every call (they are
-    read at trace time; whenever this call or a jit around it traces, they are in effect)."""
-    jitted = jax.jit(lambda *a: fn(*a))  # a fresh function: jax's trace cache is keyed on it
-
-    def call(*args):
-        old = dict(sm.OPTIONS)
-        sm.OPTIONS.update(sm_options or {})
-        try:
-            with ia.options(**(ia_options or {})):
-                return jitted(*args)
-        finally:
-            sm.OPTIONS.update(old)
-
-    return call
-
-
-def magic_variant(fn):
-    return with_options(fn, sm_options={"int_to_float": "magic"})
+def int8_mosaic_kernel(q, k, v, lut, keys, queries, stages=4):
+    """The INT8 Mosaic kernel on pre-quantised Q (queries) and K~ (keys): no Q pass inside."""
+    return mf.sparse_attention_mosaic_int8(q, k, v, lut, keys, stages=stages, queries=queries)
 
 
 def random_case(seed, n, d, topk, h=2):
@@ -127,8 +109,8 @@ def random_case(seed, n, d, topk, h=2):
 def small_row(seed, n, d, topk):
     row = {"n": n, "d": d, "topk": topk}
     q, k, v, lut = random_case(seed, n, d, topk)
-    keys = jax.jit(ia.quantize_keys_with_mean, static_argnums=1)(k, 64)
-    o8, lse8 = jax.jit(sm.sparse_attention_mosaic_int8)(q, k, v, lut, keys)
+    keys = jax.jit(qz.quantize_keys_with_mean, static_argnums=1)(k, 64)
+    o8, lse8 = jax.jit(mf.sparse_attention_mosaic_int8)(q, k, v, lut, keys)
     o_t, lse_t = jax.jit(triton_int8_sparse)(q, k, v, lut, keys)
     o_f, lse_f = fake_quant_reference(q, v, lut, keys, 64)
     o_d, lse_d = masked_dense(q, k, v, lut, 64)
@@ -141,12 +123,7 @@ def small_row(seed, n, d, topk):
         rel_o_int8_vs_dense=rel(o8, o_d),
         finite=bool(jnp.all(jnp.isfinite(o8))) and bool(jnp.all(jnp.isfinite(lse8[:, :, :n]))),
     )
-    o8x, _ = with_options(sm.sparse_attention_mosaic_int8, {"mosaic_q": "xla"})(q, k, v, lut, keys)
-    row["rel_o_xla_q_vs_pallas_q"] = rel(o8x, o8)
-    o8m, lse8m = guarded("magic small", lambda: magic_variant(sm.sparse_attention_mosaic_int8)(q, k, v, lut, keys))
-    row["magic_rel_o_vs_convert"] = rel(o8m, o8)
-    row["magic_max_abs_lse_vs_convert"] = float(jnp.max(jnp.abs(lse8m[:, :, :n] - lse8[:, :, :n])))
-    o16, lse16 = jax.jit(sm.sparse_attention_mosaic)(q, k, v, lut)
+    o16, lse16 = jax.jit(mf.sparse_attention_mosaic)(q, k, v, lut)
     row.update(bf16_rel_o_vs_dense=rel(o16, o_d), bf16_max_abs_lse=float(jnp.max(jnp.abs(lse16[:, :, :n] - lse_d))))
     return row
 
@@ -166,30 +143,24 @@ def wan_sparse(sp, runs, rounds):
     q, k, v, _, _qp, _kp, lut, _alpha, cfg = wan_setup(sp, 29, 1, 12, 32760, 128, 128, 64)
     row = {"sparsity": sp, "topk": cfg.topk}
     scale = _LOG2E / math.sqrt(128)
-    keys = jax.jit(ia.quantize_keys_with_mean, static_argnums=1)(k, 64)
-    qpass = lambda q, mean: ia.quantize_queries(q, 128, mean, scale)
-    q8, q_scale, _shift = jax.jit(qpass)(q, keys.mean)
-    step = jax.jit(sm.lut_scales, static_argnums=3)(lut, q_scale, keys.scale, scale)
-    kernel8 = lambda q8, k8, v, lut, step: sm._sparse_forward(q8, k8, v, lut, step, block_k=64, stages=4)
+    keys = jax.jit(qz.quantize_keys_with_mean, static_argnums=1)(k, 64)
+    qpass = lambda q, mean: qz.quantize_queries(q, 128, mean, scale)
+    queries = qz.QuantisedQueries(*jax.jit(qpass)(q, keys.mean))
+    kernel8 = lambda q, k, v, lut, keys, queries: int8_mosaic_kernel(q, k, v, lut, keys, queries)
     fns = {
-        "bf16_mosaic": (lambda q, k, v, lut: sm.sparse_attention_mosaic(q, k, v, lut, stages=4), (q, k, v, lut)),
-        "int8_mosaic_kernel": (kernel8, (q8, keys.k8, v, lut, step)),
-        "int8_mosaic_with_q_pass": (sm.sparse_attention_mosaic_int8, (q, k, v, lut, keys)),
+        "bf16_mosaic": (lambda q, k, v, lut: mf.sparse_attention_mosaic(q, k, v, lut, stages=4), (q, k, v, lut)),
+        "int8_mosaic_kernel": (kernel8, (q, k, v, lut, keys, queries)),
+        "int8_mosaic_with_q_pass": (mf.sparse_attention_mosaic_int8, (q, k, v, lut, keys)),
         "q_pass_pallas": (qpass, (q, keys.mean)),
         "int8_triton": (triton_int8_sparse, (q, k, v, lut, keys)),
         "bf16_triton": (triton_bf16_sparse, (q, k, v, lut)),
         "cudnn_dense": (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"), (q, k, v)),
     }
-    kernel8_magic = magic_variant(kernel8)
-    fns["int8_mosaic_kernel_magic"] = (kernel8_magic, (q8, keys.k8, v, lut, step))
     outs = {}
     for name in ("bf16_mosaic", "int8_mosaic_with_q_pass", "int8_triton", "bf16_triton"):
         fn, args = fns[name]
         outs[name] = guarded(name, lambda fn=fn, args=args: jax.jit(fn)(*args))
-    o8k = guarded("kernel8", lambda: jax.jit(kernel8)(q8, keys.k8, v, lut, step))
-    o8m = guarded("kernel8 magic", lambda: kernel8_magic(q8, keys.k8, v, lut, step))
-    if o8k is not None and o8m is not None:
-        row["magic_rel_o_vs_convert"] = rel(o8m[0], o8k[0])
+    o8k = guarded("kernel8", lambda: jax.jit(kernel8)(q, k, v, lut, keys, queries))
     if outs.get("int8_mosaic_with_q_pass") is not None:
         o8, lse8 = outs["int8_mosaic_with_q_pass"]
         if o8k is not None:
@@ -202,14 +173,6 @@ def wan_sparse(sp, runs, rounds):
                 )
     if outs.get("int8_triton") is not None and outs.get("bf16_triton") is not None:
         row["rel_o_int8_triton_vs_bf16_triton"] = rel(outs["int8_triton"][0], outs["bf16_triton"][0])
-    fns["int8_mosaic_with_q_pass_xla"] = (
-        with_options(sm.sparse_attention_mosaic_int8, {"mosaic_q": "xla"}),
-        fns["int8_mosaic_with_q_pass"][1],
-    )
-    fns["q_pass_xla"] = (
-        with_options(lambda q, m: ia.quantize_queries(q, 128, m, scale), {"mosaic_q": "xla"}),
-        (q, keys.mean),
-    )
     for rnd in range(1, rounds + 1):
         for name, (fn, args) in fns.items():
             row[f"{name}_ms_r{rnd}"] = guarded(f"time {name}", lambda fn=fn, args=args: bench(fn, *args, runs=runs))
@@ -221,24 +184,21 @@ def wan_sparse(sp, runs, rounds):
 
 
 def tune(sp, runs, rounds):
-    """INT8 kernel alone on pre-quantised operands: stages x int-to-float conversion, vs bf16 Mosaic, interleaved in
-    `rounds` rounds; o_s of each variant vs the default's."""
+    """INT8 kernel alone on pre-quantised operands: ring depth (stages), vs bf16 Mosaic, interleaved in `rounds`
+    rounds; o_s of each variant vs the default's (stages 4)."""
     q, k, v, _, _, _, lut, _, _ = wan_setup(sp, 29, 1, 12, 32760, 128, 128, 64)
     scale = _LOG2E / math.sqrt(128)
-    keys = jax.jit(ia.quantize_keys_with_mean, static_argnums=1)(k, 64)
-    q8, q_scale, _ = jax.jit(lambda q, m: ia.quantize_queries(q, 128, m, scale))(q, keys.mean)
-    step = jax.jit(sm.lut_scales, static_argnums=3)(lut, q_scale, keys.scale, scale)
-    args8 = (q8, keys.k8, v, lut, step)
-    fns = {"bf16_mosaic_s4": (lambda q, k, v, lut: sm.sparse_attention_mosaic(q, k, v, lut, stages=4), (q, k, v, lut))}
+    keys = jax.jit(qz.quantize_keys_with_mean, static_argnums=1)(k, 64)
+    queries = qz.QuantisedQueries(*jax.jit(lambda q, m: qz.quantize_queries(q, 128, m, scale))(q, keys.mean))
+    args8 = (q, k, v, lut, keys, queries)
+    fns = {"bf16_mosaic_s4": (lambda q, k, v, lut: mf.sparse_attention_mosaic(q, k, v, lut, stages=4), (q, k, v, lut))}
     for stages in (3, 4, 6):
-        for conv in ("convert", "magic"):
-            kern = lambda *a, st=stages: sm._sparse_forward(*a, block_k=64, stages=st)
-            fns[f"int8_s{stages}_{conv}"] = (with_options(kern, sm_options={"int_to_float": conv}), args8)
+        fns[f"int8_s{stages}"] = (lambda *a, st=stages: int8_mosaic_kernel(*a, stages=st), args8)
     row = {"sparsity": sp}
-    ref = fns["int8_s4_convert"][0](*args8)[0]
+    ref = jax.jit(fns["int8_s4"][0])(*args8)[0]
     for name, (fn, args) in fns.items():
         if name.startswith("int8"):
-            row[f"{name}_rel_o_vs_s4_convert"] = guarded(name, lambda fn=fn, args=args: rel(fn(*args)[0], ref))
+            row[f"{name}_rel_o_vs_s4"] = guarded(name, lambda fn=fn, args=args: rel(jax.jit(fn)(*args)[0], ref))
     for rnd in range(1, rounds + 1):
         for name, (fn, args) in fns.items():
             row[f"{name}_ms_r{rnd}"] = guarded(f"time {name}", lambda fn=fn, args=args: bench(fn, *args, runs=runs))
@@ -252,10 +212,14 @@ def wan_module(sp, runs, rounds):
     row = {"sparsity": sp}
     base = sla.SLA2Config(block_q=128, block_k=64, topk_ratio=round(1 - sp, 4), alpha="mass", backend="pallas")
     bf16 = jax.jit(lambda q, k, v: sla.sla2_attention(q, k, v, config=base.replace(quant="none")))
-    int8 = lambda q, k, v: sla.sla2_attention(q, k, v, config=base.replace(quant="int8"))
+    int8 = lambda forward: jax.jit(
+        lambda q, k, v: sla.sla2_attention(
+            q, k, v, config=base.replace(quant="int8", kernel=default_config(q.shape[1], q.shape[3], forward=forward))
+        )
+    )
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
-    int8_triton = with_options(int8, {"fwd_kernel": "triton"})
-    int8_mosaic = with_options(int8, {"fwd_kernel": "auto"})
+    int8_triton = int8("triton")
+    int8_mosaic = int8("mosaic")
     o_t = guarded("module int8 triton", lambda: int8_triton(q, k, v))
     o_m = guarded("module int8 mosaic", lambda: int8_mosaic(q, k, v))
     o_b, dense = bf16(q, k, v), cudnn(q, k, v)
@@ -276,15 +240,16 @@ def wan_module(sp, runs, rounds):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.95, 0.97])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-module", action="store_true")
-    ap.add_argument("--tune-only", action="store_true", help="only the INT8 kernel variants (stages, conversion)")
+    ap.add_argument("--tune-only", action="store_true", help="only the INT8 kernel's ring depth (stages)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    RESULTS.update(device=str(jax.devices()[0].device_kind), jax=jax.__version__)
     path = os.path.join(args.out, "probe_mosaic_int8.json")
 
     def save():
