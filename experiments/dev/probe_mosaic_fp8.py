@@ -1,24 +1,23 @@
-"""GPU probe (issue #4, session 6): FP8 P V in the INT8 Mosaic GPU sparse forward ("int8_fp8" on Hopper), in one
-process with the bf16 and INT8 Mosaic kernels, the Triton int8_fp8 kernel and cuDNN.
+"""GPU probe: FP8 P V in the INT8 Mosaic GPU sparse forward ("int8_fp8" on Hopper), in one process with the bf16
+and INT8 Mosaic kernels, the Triton int8_fp8 kernel and cuDNN.
 
-    python -m experiments.probe_mosaic_fp8 --out DIR [--sparsity 0.95 0.97] [--iters 20] [--runs 20] [--rounds 2]
+    python -m experiments.dev.probe_mosaic_fp8 --out DIR [--sparsity 0.95 0.97] [--iters 20] [--runs 20] [--rounds 2]
 
 1. Small checks first (fresh seed; ragged and whole N, N % 8 == 0, D 64 / 128, bf16 and f16, random LUTs): the FP8
-   Mosaic kernel (P8 operand from registers, and staged through shared memory) o_s, lse vs the Triton int8_fp8
+   Mosaic kernel (KernelConfig.p8_operand "registers" and "smem") o_s, lse vs the Triton int8_fp8
    kernel (same quantised Q, K~, V), vs the fake-quant reference (dense float32 over the dequantised Q, K~, V with
    the LUT's mask, P = exp(S - rowmax) quantised to e4m3 with the scale 1/448, divided by the float32 row sum), vs
    the INT8 Mosaic kernel (P V in 16 bit) and vs dense float32 attention (unquantised).
-2. wan-1.3b (B=1, H=12, N=32760, D=128, router LUT of experiments.check_kernels_gpu.wan_setup) per sparsity:
+2. wan-1.3b (B=1, H=12, N=32760, D=128, router LUT of experiments.dev.common.wan_setup) per sparsity:
    errors of the FP8 kernel vs bf16 / INT8 Mosaic and Triton int8_fp8 (LSEs without the shift q . mean_N(K));
    the Pallas FP8 V pass vs the XLA one (bits); kernel-only times by CUPTI
    (jax.experimental.mosaic.gpu.profiler.measure, median over iterations of the summed kernel times of one call):
    bf16 Mosaic (stages 4), INT8 Mosaic and INT8+FP8 Mosaic on pre-quantised operands (P8 from registers, from
-   shared memory, "magic" int -> float), the FP8 V pass alone (XLA interleaved / plain, Pallas), the INT8 Q pass
-   alone, cuDNN.
-3. Module forward (sla2_jax.sla2_attention, backend "pallas", alpha "mass"): quant "int8_fp8" (Mosaic, Pallas V pass),
-   the same with the XLA V pass, on the Triton path, "int8", "none", cuDNN: synchronised medians (experiments.timing)
+   shared memory), the FP8 V pass alone (XLA interleaved / plain, Pallas), the INT8 Q pass alone, cuDNN.
+3. Module forward (sla2_jax.sla2_attention, backend "pallas", alpha "mass"): quant "int8_fp8" (Mosaic), the same on
+   the Triton path (KernelConfig.mosaic_fp8 False), "int8", "none", cuDNN: synchronised medians (experiments.timing)
    in `--rounds` interleaved rounds; errors vs cuDNN and vs the bf16 module. `--lean` drops the Triton kernels, the
-   shared-memory / magic variants and the Triton module path.
+   shared-memory variant and the Triton module path.
 Each part is guarded (an error is recorded, the next part goes on); JSON to DIR/probe_mosaic_fp8.json after each.
 """
 
@@ -34,48 +33,21 @@ import jax.numpy as jnp
 import numpy as np
 
 import sla2_jax as sla
-from experiments.check_kernels_gpu import wan_setup
-from experiments.probe_common import bench, kernel_ms, record_error, rel
-from experiments.probe_mosaic_int8 import dequantise, masked_dense, random_case, triton_int8_sparse
-from pallas_kernels import int8_attention as ia
-from pallas_kernels import sparse_mosaic as sm
+from experiments.dev.common import bench, default_config, kernel_ms, record_error, rel, wan_setup
+from experiments.dev.probe_mosaic_int8 import dequantise, masked_dense, random_case, triton_int8_sparse
+from pallas_kernels import KernelConfig
+from pallas_kernels import mosaic_forward as mf
+from pallas_kernels import quantize as qz
 
-RESULTS: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "errors": []}
+RESULTS: dict = {"errors": []}
 _LOG2E = math.log2(math.e)
-
-
-def with_sm_options(fn, **opts):
-    """fn jitted afresh with sparse_mosaic.OPTIONS updated while it runs (read at trace time)."""
-    jitted = jax.jit(lambda *a: fn(*a))
-
-    def call(*args):
-        old = dict(sm.OPTIONS)
-        sm.OPTIONS.update(opts)
-        try:
-            return jitted(*args)
-        finally:
-            sm.OPTIONS.clear()
-            sm.OPTIONS.update(old)
-
-    return call
-
-
-def ia_options(fn, **opts):
-    """fn jitted afresh with int8_attention.OPTIONS updated while it runs (read at trace time)."""
-    jitted = jax.jit(lambda *a: fn(*a))
-
-    def call(*args):
-        with ia.options(**opts):
-            return jitted(*args)
-
-    return call
 
 
 def natural_values(values, block_k=64):
     """Interleaved FP8 V^T -> dequantised V (B, N', H, D) float32 in natural key order (checks the permutation)."""
     v8t, v_scale = values
     b, h, d, nkb = v8t.shape
-    inv = np.argsort(np.asarray(sm.P8_KEY_ORDER))
+    inv = np.argsort(np.asarray(qz.P8_KEY_ORDER))
     v8t = v8t.reshape(b, h, d, nkb // 16, 16)[..., inv].reshape(b, h, d, nkb)
     return jnp.transpose(v8t.astype(jnp.float32) * v_scale[..., None], (0, 3, 1, 2))
 
@@ -86,7 +58,7 @@ def fake_quant_fp8_reference(q, v, lut, keys, values, block_k=64):
     row sum of the unquantised P. Returns (o, lse + q . mean) (lse base 2, of the unquantised P)."""
     _b, n, _h, d = q.shape
     nk = -(-n // block_k)
-    q8, q_scale = ia.quantize_blocks(q, 128)
+    q8, q_scale = qz.quantize_blocks(q, 128)
     qd, kd = dequantise(q8, q_scale, 128), dequantise(keys.k8, keys.scale, block_k)
     vd = natural_values(values, block_k)[:, :n]
     sel = jnp.any(lut[..., None] == jnp.arange(nk)[None, None, None, None, :], axis=3)
@@ -108,27 +80,35 @@ def triton_fp8_sparse(q, k, v, lut, keys, block_k=64):
     return triton_int8_sparse(q, k, v, lut, keys, block_k, quant="int8_fp8")
 
 
-def mosaic_fp8(q, k, v, lut, keys):
-    values = ia.quantize_values_fp8(v, 64, interleave=True)
-    return sm.sparse_attention_mosaic_int8(q, k, v, lut, keys, values=values)
+def mosaic_fp8(q, k, v, lut, keys, p8_operand="registers"):
+    """The INT8 + FP8 Mosaic kernel with its V pass (and its Q pass: no queries given)."""
+    values = qz.quantize_values_fp8(v, 64, interleave=True)
+    config = KernelConfig(forward="mosaic", p8_operand=p8_operand)
+    return mf.sparse_attention_mosaic_int8(q, k, v, lut, keys, values=values, config=config)
+
+
+def mosaic_kernel(q, k, v, lut, keys, queries, values=None, p8_operand="registers"):
+    """The INT8 (values None) or INT8 + FP8 Mosaic kernel on pre-quantised operands (no passes inside)."""
+    config = KernelConfig(forward="mosaic", p8_operand=p8_operand)
+    return mf.sparse_attention_mosaic_int8(q, k, v, lut, keys, stages=4, queries=queries, values=values, config=config)
 
 
 def small_row(seed, n, d, topk, dtype):
     row = {"n": n, "d": d, "topk": topk, "dtype": jnp.dtype(dtype).name}
     q, k, v, lut = random_case(seed, n, d, topk)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
-    keys = jax.jit(ia.quantize_keys_with_mean, static_argnums=1)(k, 64)
-    values = jax.jit(lambda v: ia.quantize_values_fp8(v, 64, interleave=True))(v)
+    keys = jax.jit(qz.quantize_keys_with_mean, static_argnums=1)(k, 64)
+    values = jax.jit(lambda v: qz.quantize_values_fp8(v, 64, interleave=True))(v)
     o_t, lse_t = jax.jit(triton_fp8_sparse)(q, k, v, lut, keys)
     o_f, lse_f = fake_quant_fp8_reference(q, v, lut, keys, values)
     o_d, _ = masked_dense(q, k, v, lut, 64)
-    o_i8, _ = jax.jit(sm.sparse_attention_mosaic_int8)(q, k, v, lut, keys)
+    o_i8, _ = jax.jit(mf.sparse_attention_mosaic_int8)(q, k, v, lut, keys)
     row["triton_fp8_vs_fake_quant"] = rel(o_t, o_f)
     row["int8_mosaic_vs_dense"] = rel(o_i8, o_d)
     row["triton_fp8_vs_dense"] = rel(o_t, o_d)
     for operand in ("registers", "smem"):
         try:
-            o8, lse8 = with_sm_options(mosaic_fp8, p8_operand=operand)(q, k, v, lut, keys)
+            o8, lse8 = jax.jit(mosaic_fp8, static_argnums=5)(q, k, v, lut, keys, operand)
             row[operand] = {
                 "vs_triton_fp8": rel(o8, o_t),
                 "max_abs_lse_vs_triton_fp8": float(jnp.max(jnp.abs(lse8[:, :, :n] - lse_t[:, :, :n]))),
@@ -169,34 +149,27 @@ def wan_sparse(sp, iterations, lean=False):
     q, k, v, _, _qp, _kp, lut, _alpha, cfg = wan_setup(sp, 29, 1, 12, 32760, 128, 128, 64)
     row = {"sparsity": sp, "topk": cfg.topk}
     scale = _LOG2E / math.sqrt(128)
-    keys = jax.jit(ia.quantize_keys_with_mean, static_argnums=1)(k, 64)
-    qpass = lambda q, mean: ia.quantize_queries(q, 128, mean, scale)
-    vpass = lambda v: ia.quantize_values_fp8(v, 64, interleave=True, method="xla")
-    q8, q_scale, shift = jax.jit(qpass)(q, keys.mean)
+    keys = jax.jit(qz.quantize_keys_with_mean, static_argnums=1)(k, 64)
+    qpass = lambda q, mean: qz.quantize_queries(q, 128, mean, scale)
+    vpass = lambda v: qz.quantize_values_fp8(v, 64, interleave=True, method="xla")
+    queries = qz.QuantisedQueries(*jax.jit(qpass)(q, keys.mean))
+    shift = queries.shift
     values = jax.jit(vpass)(v)
-    step = jax.jit(sm.lut_scales, static_argnums=3)(lut, q_scale, keys.scale, scale)
-    kernel = lambda q8, k8, v, lut, step, values=None: sm._sparse_forward(
-        q8, k8, v, lut, step, block_k=64, stages=4, values=values
-    )
+    smem = lambda *a: mosaic_kernel(*a, p8_operand="smem")
     cases = {
-        "bf16_mosaic": (lambda q, k, v, lut: sm.sparse_attention_mosaic(q, k, v, lut, stages=4), (q, k, v, lut)),
-        "int8_mosaic_kernel": (kernel, (q8, keys.k8, v, lut, step)),
-        "fp8_mosaic_kernel": (kernel, (q8, keys.k8, v, lut, step, values)),
-        "fp8_mosaic_kernel_smem": (with_sm_options(kernel, p8_operand="smem"), (q8, keys.k8, v, lut, step, values)),
-        "int8_mosaic_kernel_magic": (with_sm_options(kernel, int_to_float="magic"), (q8, keys.k8, v, lut, step)),
-        "fp8_mosaic_kernel_magic": (
-            with_sm_options(kernel, int_to_float="magic"),
-            (q8, keys.k8, v, lut, step, values),
-        ),
+        "bf16_mosaic": (lambda q, k, v, lut: mf.sparse_attention_mosaic(q, k, v, lut, stages=4), (q, k, v, lut)),
+        "int8_mosaic_kernel": (mosaic_kernel, (q, k, v, lut, keys, queries)),
+        "fp8_mosaic_kernel": (mosaic_kernel, (q, k, v, lut, keys, queries, values)),
+        "fp8_mosaic_kernel_smem": (smem, (q, k, v, lut, keys, queries, values)),
         "fp8_mosaic_with_passes": (mosaic_fp8, (q, k, v, lut, keys)),
         "v_pass": (vpass, (v,)),
-        "v_pass_plain": (lambda v: ia.quantize_values_fp8(v, 64, method="xla"), (v,)),
-        "v_pass_pallas": (lambda v: ia.quantize_values_fp8(v, 64, interleave=True, method="pallas"), (v,)),
+        "v_pass_plain": (lambda v: qz.quantize_values_fp8(v, 64, method="xla"), (v,)),
+        "v_pass_pallas": (lambda v: qz.quantize_values_fp8(v, 64, interleave=True, method="pallas"), (v,)),
         "q_pass": (qpass, (q, keys.mean)),
         "cudnn": (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"), (q, k, v)),
     }
     if lean:
-        for name in ("fp8_mosaic_kernel_smem", "int8_mosaic_kernel_magic", "fp8_mosaic_kernel_magic", "v_pass_plain"):
+        for name in ("fp8_mosaic_kernel_smem", "v_pass_plain"):
             del cases[name]
     try:
         values_p = jax.jit(cases["v_pass_pallas"][0])(v)
@@ -206,13 +179,7 @@ def wan_sparse(sp, iterations, lean=False):
     except Exception as e:  # noqa: BLE001
         record_error(row, "error_v_pass_pallas", e)
     outs = {}
-    for name in (
-        "bf16_mosaic",
-        "int8_mosaic_kernel",
-        "fp8_mosaic_kernel",
-        "fp8_mosaic_kernel_smem",
-        "fp8_mosaic_kernel_magic",
-    ):
+    for name in ("bf16_mosaic", "int8_mosaic_kernel", "fp8_mosaic_kernel", "fp8_mosaic_kernel_smem"):
         if name not in cases:
             continue
         fn, args = cases[name]
@@ -232,7 +199,7 @@ def wan_sparse(sp, iterations, lean=False):
     if "fp8_mosaic_kernel" in outs:
         o8, lse8 = outs["fp8_mosaic_kernel"]
         row["fp8_finite"] = bool(jnp.all(jnp.isfinite(o8)))
-        refs = ("bf16_mosaic", "int8_mosaic_kernel", "fp8_mosaic_kernel_smem", "fp8_mosaic_kernel_magic")
+        refs = ("bf16_mosaic", "int8_mosaic_kernel", "fp8_mosaic_kernel_smem")
         for ref in refs + ("triton_fp8", "triton_int8"):
             if ref in outs:
                 row[f"rel_o_fp8_vs_{ref}"] = rel(o8, outs[ref][0])
@@ -267,9 +234,8 @@ def wan_module(sp, runs, rounds, lean=False):
         x: jax.jit(lambda q, k, v, x=x: sla.sla2_attention(q, k, v, config=base.replace(quant=x)))
         for x in ("none", "int8", "int8_fp8")
     }
-    old_path = lambda q, k, v: sla.sla2_attention(q, k, v, config=base.replace(quant="int8_fp8"))
-    fns["int8_fp8_triton"] = ia_options(old_path, mosaic_fp8=False)
-    fns["int8_fp8_vxla"] = ia_options(old_path, v_pass="xla")
+    triton_fp8 = base.replace(quant="int8_fp8", kernel=default_config(q.shape[1], q.shape[3], mosaic_fp8=False))
+    fns["int8_fp8_triton"] = jax.jit(lambda q, k, v: sla.sla2_attention(q, k, v, config=triton_fp8))
     if lean:
         del fns["int8_fp8_triton"]
     fns["cudnn"] = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
@@ -279,7 +245,7 @@ def wan_module(sp, runs, rounds, lean=False):
             outs[name] = fn(q, k, v)
         except Exception as e:  # noqa: BLE001
             record_error(row, f"error_{name}", e)
-    for name in ("none", "int8", "int8_fp8", "int8_fp8_triton", "int8_fp8_vxla"):
+    for name in ("none", "int8", "int8_fp8", "int8_fp8_triton"):
         if name in outs and "cudnn" in outs:
             row[f"{name}_err_vs_dense"] = rel(outs[name], outs["cudnn"])
         if name in outs and "none" in outs and name != "none":
@@ -297,16 +263,17 @@ def wan_module(sp, runs, rounds, lean=False):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.95, 0.97])
     ap.add_argument("--iters", type=int, default=20, help="CUPTI iterations per kernel")
     ap.add_argument("--runs", type=int, default=20, help="synchronised calls per module median")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--parts", nargs="*", default=["small", "sparse", "module"])
-    ap.add_argument("--lean", action="store_true", help="no Triton outputs, smem / magic variants, Triton module path")
+    ap.add_argument("--parts", nargs="*", default=["small", "sparse", "module"], choices=("small", "sparse", "module"))
+    ap.add_argument("--lean", action="store_true", help="no Triton outputs, smem variant, Triton module path")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    RESULTS.update(device=str(jax.devices()[0].device_kind), jax=jax.__version__)
     path = os.path.join(args.out, "probe_mosaic_fp8.json")
 
     def save():
