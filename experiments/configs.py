@@ -293,3 +293,124 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The quality study (experiments/study.py): natural-image videos, gate on the dense model's attention sparsity,
+# routers compared, a training-free curve, seeded fine-tunes and a powered evaluation.
+
+# Stage-2 models of the study, in priority order (a time-limited call trains them in this order).
+STUDY_RUNS = (
+    RunSpec("dense-ft", "dense"),
+    RunSpec("sla2-95", "sla2", 0.95, quant="int8"),
+    RunSpec("sla2-97", "sla2", 0.97, quant="int8"),
+    RunSpec("sla-95-fit", "sla", 0.95, proj_init="fit"),
+    RunSpec("dense-ft-s1", "dense", seed=1),
+    RunSpec("sla2-95-s1", "sla2", 0.95, quant="int8", seed=1),
+    RunSpec("sla2-97-s1", "sla2", 0.97, quant="int8", seed=1),
+    RunSpec("sla2-97-noqat", "sla2", 0.97, quant="none", eval_quants=("int8", "int8_fp8")),
+    RunSpec("sla2-97-fp8", "sla2", 0.97, quant="int8_fp8"),
+    RunSpec("sparse-only-95", "sparse", 0.95),
+    RunSpec("sla-95", "sla", 0.95),
+    RunSpec("sla2-97-all", "sla2", 0.97, quant="int8", linear_scope="all"),
+    RunSpec("sla2-95-softrouter", "sla2", 0.95, quant="int8", router_routing="soft"),
+    RunSpec("sla2-90", "sla2", 0.90, quant="int8"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """A study: a Preset (data, model, budgets, blocks, backend; its `runs` are the stage-2 models) plus:
+
+    gate_sparsity, gate_threshold: stage 2 starts only once the dense model's mean oracle kept mass at
+      gate_sparsity (held-out probe Q/K) is >= gate_threshold.
+    probe_videos, probe_times: Q/K captured for the kept-mass probe at every stage-0 checkpoint.
+    curve_sparsities: sparsities of the routers (stage 1), the router comparison and the training-free curve.
+    soft_router_sparsities: where a router is also trained with the "soft" (hard top-k + log M) form.
+    curve_triples: evaluation triples (training t) per point of the training-free curve.
+    eval_triples: evaluation triples per model and t distribution (powered comparison).
+    eval_batch: videos per forward in the evaluation (divides both triple counts).
+    t_bins: equal-width t bins of the per-bin losses.
+    """
+
+    preset: Preset
+    gate_sparsity: float = 0.95
+    gate_threshold: float = 0.6
+    probe_videos: int = 2
+    probe_times: tuple = (0.25, 0.5, 0.75)
+    curve_sparsities: tuple = (0.75, 0.9, 0.95, 0.97)
+    soft_router_sparsities: tuple = (0.95,)
+    curve_triples: int = 256
+    eval_triples: int = 1024
+    eval_batch: int = 8
+    t_bins: int = 10
+
+    def __post_init__(self):
+        if self.curve_triples % self.eval_batch or self.eval_triples % self.eval_batch:
+            raise ValueError(f"eval_batch={self.eval_batch} must divide curve_triples and eval_triples")
+        if self.gate_sparsity not in self.curve_sparsities:
+            raise ValueError(f"gate_sparsity={self.gate_sparsity} must be one of curve_sparsities")
+
+
+def _study_cpu_smoke() -> StudyConfig:
+    # Every step on a tiny model: 4 x 16 x 16 natural videos, 256 tokens, 8 query blocks of 32, 16 key blocks of 16
+    # (k = 4 at 75%, 1 at 95%); three stage-2 models (dense-ft, SLA2 without QAT evaluated in int8 too, SLA with
+    # the fitted Proj).
+    preset = Preset(
+        name="study-cpu-smoke",
+        data=DataConfig(frames=4, height=16, width=16, max_shapes=2, source="natural"),
+        model=ModelConfig(patch=(1, 2, 2), dim=32, depth=2, num_heads=2, num_classes=8),
+        stage0_short=TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup=1, log_every=1, ckpt_every=1),
+        short_frames=2,
+        stage0=TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup=1, log_every=1, ckpt_every=2),
+        stage1=Stage1Config(num_videos=2, heldout_videos=1, timesteps=(0.5,), steps=2, batch_size=2, log_every=1),
+        stage2=TrainConfig(steps=2, batch_size=2, lr=3e-4, warmup=1, log_every=1, ckpt_every=2, seed=1),
+        eval=EvalConfig(val_batches=1, val_batch_size=2, num_samples=2, sample_steps=2),
+        block_q=32,
+        block_k=16,
+        backend="auto",
+        runs=(
+            RunSpec("dense-ft", "dense"),
+            RunSpec("sla2-95-noqat", "sla2", 0.95, quant="none", eval_quants=("none", "int8")),
+            RunSpec("sla-95-fit", "sla", 0.95, proj_init="fit"),
+        ),
+    )
+    return StudyConfig(
+        preset, probe_videos=1, probe_times=(0.5,), curve_sparsities=(0.75, 0.95), soft_router_sparsities=(),
+        curve_triples=4, eval_triples=8, eval_batch=2, t_bins=4,
+    )  # fmt: skip
+
+
+def _study_gpu() -> StudyConfig:
+    # 16 x 64 x 64 natural videos, 1x2x2 patches: 16384 tokens, Nq = 128, Nk = 256 (97% keeps 7 key blocks).
+    # Stage 0 is long (the dense model must become sparse enough for the gate) and runs in time-budgeted chunks
+    # across calls: short 4-frame clips first (4096 tokens), then full length. Stage 2: 400 steps x 8 videos.
+    preset = Preset(
+        name="study-gpu",
+        data=DataConfig(frames=16, height=64, width=64, max_shapes=3, source="natural"),
+        model=ModelConfig(patch=(1, 2, 2), dim=256, depth=4, num_heads=4, num_classes=8, dtype="bfloat16"),
+        stage0_short=TrainConfig(steps=6000, batch_size=16, lr=5e-4, warmup=200, log_every=100, ckpt_every=500),
+        short_frames=4,
+        stage0=TrainConfig(steps=8000, batch_size=8, lr=3e-4, warmup=100, log_every=100, ckpt_every=500),
+        stage1=Stage1Config(
+            num_videos=8, heldout_videos=2, timesteps=(0.1, 0.3, 0.5, 0.7, 0.9), steps=200, batch_size=2, lr=1e-2,
+            log_every=20,
+        ),
+        stage2=TrainConfig(steps=400, batch_size=8, lr=1e-4, warmup=20, log_every=50, ckpt_every=100, seed=1),
+        eval=EvalConfig(val_batches=2, val_batch_size=16, num_samples=16, sample_steps=25),
+        block_q=128,
+        block_k=64,
+        backend="auto",
+        runs=STUDY_RUNS,
+    )  # fmt: skip
+    return StudyConfig(preset, probe_videos=2, probe_times=(0.25, 0.5, 0.75), eval_triples=1024, curve_triples=256,
+                       eval_batch=16)
+
+
+STUDY_PRESETS = {"study-cpu-smoke": _study_cpu_smoke, "study-gpu": _study_gpu}
+
+
+def get_study(name: str) -> StudyConfig:
+    if name not in STUDY_PRESETS:
+        raise ValueError(f"unknown study preset {name!r}; choose one of {sorted(STUDY_PRESETS)}")
+    return STUDY_PRESETS[name]()

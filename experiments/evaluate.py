@@ -193,6 +193,54 @@ def validation_loss(model: VideoDiT, preset: Preset) -> float:
     return float(np.mean(losses))
 
 
+EVAL_SEED = 4242
+T_DISTS = ("train", "uniform")
+
+
+def paired_triples(n: int, t_dist: str) -> np.ndarray:
+    """The t of the n evaluation triples (video i of data.VAL_STREAM, t[i], noise of key i): (n,) float32.
+
+    "train": logit-normal, the training distribution (`dit.sample_t`), drawn per triple from a fixed key;
+    "uniform": stratified uniform, (j + 0.5) / n in a fixed random order. Every model sees the same triples."""
+    if t_dist == "train":
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(EVAL_SEED), i))(jnp.arange(n))
+        return np.asarray(jax.vmap(lambda k: jax.nn.sigmoid(jax.random.normal(k, ())))(keys), np.float32)
+    if t_dist == "uniform":
+        return np.random.default_rng(EVAL_SEED).permutation((np.arange(n) + 0.5) / n).astype(np.float32)
+    raise ValueError(f"t_dist={t_dist!r} is not one of {T_DISTS}")
+
+
+@nnx.jit
+def _per_video_loss(model: VideoDiT, video, label, t, noise):
+    """Flow-matching loss per video: (B,) float32."""
+    tb = t[:, None, None, None, None]
+    pred = model((1.0 - tb) * video + tb * noise, t, label)
+    return jnp.mean((pred - (noise - video)) ** 2, axis=(1, 2, 3, 4))
+
+
+def paired_losses(model: VideoDiT, preset: Preset, n: int, t_dist: str, batch_size: int, progress=None) -> dict:
+    """Per-triple flow-matching losses on the fixed evaluation triples (`paired_triples`).
+
+    Returns {"loss": (n,) float32, "t": (n,) float32}; batch_size must divide n. progress: optional callable
+    progress(num_done) (a progress bar's update)."""
+    if n % batch_size:
+        raise ValueError(f"batch_size={batch_size} must divide n={n}")
+    source = data_lib.make_source(preset.data, data_lib.VAL_STREAM)
+    t_all = paired_triples(n, t_dist)
+    base = jax.random.PRNGKey(EVAL_SEED + 1)
+    out = []
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        batch = source.videos(idx)
+        noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), batch["video"].shape[1:]))(
+            jnp.asarray(idx)
+        )
+        out.append(_per_video_loss(model, batch["video"], batch["label"], jnp.asarray(t_all[idx]), noise))
+        if progress is not None:
+            progress(batch_size)
+    return {"loss": np.asarray(jnp.concatenate(out), np.float32), "t": t_all}
+
+
 def attention_errors(model: VideoDiT, heldout: dict) -> list[float]:
     """Per-layer mean relative L2 error of the model's attention cores on held-out captured Q/K/V (0 for dense)."""
     errs = []

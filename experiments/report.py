@@ -269,12 +269,12 @@ def write_report(out: str, skipped=None, failed=None) -> dict:
         md.append(
             "\n## Stage 1 (router + alpha, soft top-k): relative MSE to full attention\n\n"
             "| run | first step | last steps | alpha after least-squares init (mean per layer) |\n|---|---|---|---|\n"
+            + "".join(
+                f"| {k.split('/')[1]} | {_fmt(v.get('first_rel_mse'), '.4f')} | {_fmt(v.get('final_rel_mse'), '.4f')} "
+                f"| {', '.join(f'{a:.2f}' for a in v.get('alpha_init') or []) or '-'} |\n"
+                for k, v in router.items()
+            )
         )
-        md += [
-            f"| {k.split('/')[1]} | {_fmt(v.get('first_rel_mse'), '.4f')} | {_fmt(v.get('final_rel_mse'), '.4f')} "
-            f"| {', '.join(f'{a:.2f}' for a in v.get('alpha_init') or []) or '-'} |\n"
-            for k, v in router.items()
-        ]
     md.append(
         "\n![samples](samples_grid.png)\n\n![error vs sparsity](error_vs_sparsity.png)\n\n"
         "![loss curves](loss_curves.png)\n"

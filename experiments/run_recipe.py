@@ -82,7 +82,10 @@ def run_recipe(preset: Preset, out: str, *, time_budget_s: float | None = None, 
 
     # Stage 0: dense pre-training (optionally short clips first).
     init_dense = _stage0_short(preset, out, mesh, log)
-    log(f"[stage 0] dense pre-training: {preset.stage0.steps} steps, {preset.num_tokens} tokens per video")
+    if train.is_done(stage0_dir):
+        log("[stage 0] dense pre-training: skipped (done)")
+    else:
+        log(f"[stage 0] dense pre-training: {preset.stage0.steps} steps, {preset.num_tokens} tokens per video")
     train.train_diffusion(
         stage0_dir,
         preset,
@@ -113,7 +116,10 @@ def run_recipe(preset: Preset, out: str, *, time_budget_s: float | None = None, 
 
     skipped, failed = [], {}
     for r in preset.runs:
-        if r.name == dense_run.name or evaluated(r):
+        if r.name == dense_run.name:
+            continue
+        if evaluated(r):
+            log(f"[stage 2] {r.name}: skipped (done)")
             continue
         if time_budget_s is not None and time.time() - t_start > time_budget_s:
             skipped.append(r.name)
@@ -140,7 +146,10 @@ def _stage0_short(preset: Preset, out: str, mesh, log):
         return None
     short = preset.short_clip_preset()
     short_dir = os.path.join(out, "stage0", "dense-short")
-    log(f"[stage 0] short clips: {preset.stage0_short.steps} steps, {short.num_tokens} tokens per clip")
+    if train.is_done(short_dir):
+        log("[stage 0] short clips: skipped (done)")
+    else:
+        log(f"[stage 0] short clips: {preset.stage0_short.steps} steps, {short.num_tokens} tokens per clip")
     train.train_diffusion(
         short_dir,
         short,
@@ -169,7 +178,7 @@ def _stage12_and_eval(preset: Preset, r, out: str, dense, heldout, dense_samples
             captured = train.capture_qkv(
                 dense, preset, preset.stage1, stream=data_lib.CAPTURE_STREAM, num_videos=preset.stage1.num_videos
             )
-        log(f"[stage 1] {r.router_run}: {preset.stage1.steps} steps")
+        log(f"[stage 1] {r.router_run}: {preset.stage1.steps} steps ({r.router_routing})")
         train.train_router(router_dir, preset, r, captured)
 
     # Stage 2: fine-tune from the dense weights (router frozen; SLA2 loads its stage-1 router and alpha).
@@ -201,9 +210,10 @@ def _stage12_and_eval(preset: Preset, r, out: str, dense, heldout, dense_samples
         heldout=heldout,
         dense_samples=dense_samples,
     )
+    kept = "n/a" if m.get("kept_mass") is None else f"{m['kept_mass']:.4f}"
     log(
         f"[eval] {r.name}: val_loss={m['val_loss']:.4f} psnr={m['psnr']:.2f} ssim={m['ssim']:.4f} "
-        f"attn_err={m['attn_rel_err']:.4f} kept_mass={m.get('kept_mass', float('nan')):.4f}"
+        f"attn_err={m['attn_rel_err']:.4f} kept_mass={kept}"
     )
     return captured
 

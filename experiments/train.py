@@ -321,12 +321,20 @@ def _capture_step(model: VideoDiT, video, label, t, noise):
 
 
 def capture_qkv(
-    model: VideoDiT, preset: Preset, cfg: Stage1Config, *, stream: int, num_videos: int, batch_size: int = 2
+    model: VideoDiT,
+    preset: Preset,
+    cfg: Stage1Config,
+    *,
+    stream: int,
+    num_videos: int,
+    batch_size: int = 2,
+    with_output: bool = True,
 ) -> dict:
     """Q/K/V of every attention layer at cfg.timesteps for `num_videos` videos of a data stream.
 
     Returns {"q": [L arrays (S, N, H, D)], "k": [...], "v": [...], "o": [...]} with S = num_videos * len(timesteps);
-    "o" is the dense attention output (float32 reference, sla2_jax.dense_attention semantics).
+    "o" is the dense attention output (float32 reference, sla2_jax.dense_attention semantics), left out when
+    with_output is False.
     """
     source = data_lib.make_source(preset.data, stream)
     qs, ks, vs = [], [], []
@@ -347,6 +355,8 @@ def capture_qkv(
         name: [jnp.concatenate([chunk[l] for chunk in lst], 0) for l in range(L)]
         for name, lst in (("q", qs), ("k", ks), ("v", vs))
     }
+    if not with_output:
+        return out
     ref = jax.jit(
         lambda q, k, v: jax.nn.dot_product_attention(
             q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32)

@@ -44,8 +44,6 @@ def test_block_attention_mass_and_oracle_match_numpy(dim):
     # Oracle at 75% of 8 key blocks: the best 2 blocks of every query block.
     oracle = np.sort(want, -1)[..., -2:].sum(-1).mean()
     assert evaluate.oracle_kept_mass(jnp.asarray(got)[None], 0.75) == pytest.approx(oracle, rel=1e-4)
-    with pytest.raises(ValueError, match="multiple"):
-        evaluate.block_attention_mass(q[:, :120], k[:, :120], block_q=32, block_k=16)
 
 
 def test_optimal_alpha_sums_is_the_least_squares_fit():
