@@ -171,7 +171,7 @@ def _int8_operands(q, lut, keys, sm_scale, queries):
     _check(q, lut)
     scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * _LOG2E
     if queries is None:
-        queries = quantize_queries(q, _BLOCK_Q, keys.mean, scale)
+        queries = quantize_queries(q, _BLOCK_Q, keys.mean, scale, interpret=jax.default_backend() != "gpu")
     q8, q_scale, shift = queries
     return q8, lut_scales(lut, q_scale, keys.scale, scale), shift
 

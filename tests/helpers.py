@@ -34,23 +34,19 @@ def random_qkv(seed, shape, dtype=jnp.float32):
     return q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
 
-def lowbit_triton_and_emulated_mosaic(q, k, v, lut, alpha, do, kw, kernel, use_mosaic, monkeypatch):
-    """Output and gradients (w.r.t. q, k, v, phi(q), phi(k), alpha) of int8_attention.sla2_fused_attention_lowbit
-    (keywords kw) twice: on its Triton forward, then on its Mosaic path with the GPU-only kernel
-    (sparse_mosaic._sparse_forward) replaced by `kernel` (an XLA emulation) and int8_attention._use_mosaic by
-    `use_mosaic`, so that the Mosaic path runs on any device. Returns ((o, grads) Triton, (o, grads) Mosaic)."""
-    from pallas_kernels import int8_attention as ia
-    from pallas_kernels import sparse_mosaic as sm
+def lowbit_triton_and_emulated_mosaic(q, k, v, lut, alpha, do, kw, kernel, monkeypatch):
+    """Output and gradients (w.r.t. q, k, v, phi(q), phi(k), alpha) of pallas_kernels.sla2_fused_attention_lowbit
+    (keywords kw) twice: with KernelConfig(forward="triton"), then with KernelConfig(forward="mosaic") and the
+    GPU-only kernel (mosaic_forward._sparse_forward) replaced by `kernel` (an XLA emulation), so that the Mosaic
+    path runs on any device. Returns ((o, grads) Triton, (o, grads) Mosaic)."""
+    from pallas_kernels import KernelConfig, mosaic_forward, sla2_fused_attention_lowbit
 
     args = (q, k, v, softmax_phi(q), softmax_phi(k), alpha)
 
-    def run():
-        return output_and_grads(lambda *a: ia.sla2_fused_attention_lowbit(*a[:5], lut, a[5], **kw), args, do)
+    def run(config):
+        fn = lambda *a: sla2_fused_attention_lowbit(*a[:5], lut, a[5], config=config, **kw)  # noqa: E731
+        return output_and_grads(fn, args, do)
 
-    with ia.options(fwd_kernel="triton"):
-        triton = run()
-    monkeypatch.setattr(sm, "_sparse_forward", kernel)
-    monkeypatch.setattr(ia, "_use_mosaic", use_mosaic)
-    with ia.options(fwd_kernel="mosaic", mosaic_q="xla"):
-        mosaic = run()
-    return triton, mosaic
+    triton = run(KernelConfig(forward="triton"))
+    monkeypatch.setattr(mosaic_forward, "_sparse_forward", kernel)
+    return triton, run(KernelConfig(forward="mosaic"))

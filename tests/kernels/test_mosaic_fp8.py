@@ -1,8 +1,8 @@
-"""FP8 P V in the INT8 Mosaic GPU sparse forward (quant "int8_fp8" on Hopper; pallas_kernels/sparse_mosaic.py).
+"""FP8 P V in the INT8 Mosaic GPU sparse forward (quant "int8_fp8" on Hopper; pallas_kernels/mosaic_forward.py).
 
 The kernel runs only on a Hopper GPU (experiments/probe_mosaic_fp8.py checks it there against the Triton int8_fp8
 kernel and the fake-quant reference). On CPU: the interleaved FP8 values it reads, its lowering for CUDA (the e4m3
-wgmma with P from registers or from shared memory), and the wiring of int8_attention's Mosaic path with an XLA
+wgmma with P from registers or from shared memory), and the wiring of the low-bit Mosaic path with an XLA
 emulation of the kernel's arithmetic, against the Triton int8_fp8 path (interpret mode): outputs and gradients.
 """
 
@@ -17,26 +17,26 @@ import pytest
 
 import sla2_jax as sla
 from helpers import lowbit_triton_and_emulated_mosaic, random_qkv, rel_err
-from pallas_kernels import int8_attention as ia
-from pallas_kernels import sparse_linear as sl
-from pallas_kernels import sparse_mosaic as sm
+from pallas_kernels import KernelConfig, attention, quantize
+from pallas_kernels import mosaic_forward as sm
+from pallas_kernels.common import validate_call
 
 
 def test_interleaved_values_permute_keys_within_16(seed):
     """quantize_values_fp8(interleave=True): the plain FP8 V^T with position 16 g + i holding key 16 g +
     P8_KEY_ORDER[i] (the order of P's columns in the 8-bit wgmma fragment); same scales; keys past N zero."""
-    order = np.asarray(sm.P8_KEY_ORDER)
+    order = np.asarray(quantize.P8_KEY_ORDER)
     assert sorted(order) == list(range(16)) and list(order[:4]) == [0, 1, 8, 9]
     v = random_qkv(seed, (2, 200, 3, 64), jnp.bfloat16)[2]
-    plain, s_plain = ia.quantize_values_fp8(v, 64)
-    inter, s_inter = ia.quantize_values_fp8(v, 64, interleave=True)
+    plain, s_plain = quantize.quantize_values_fp8(v, 64)
+    inter, s_inter = quantize.quantize_values_fp8(v, 64, interleave=True)
     assert inter.shape == plain.shape == (2, 3, 64, 256) and inter.dtype == jnp.float8_e4m3fn
     np.testing.assert_array_equal(np.asarray(s_plain), np.asarray(s_inter))
     p = np.asarray(plain.astype(jnp.float32)).reshape(2, 3, 64, 16, 16)
     np.testing.assert_array_equal(np.asarray(inter.astype(jnp.float32)).reshape(p.shape), p[..., order])
     assert not np.any(p.reshape(2, 3, 64, 256)[..., 200:])  # padded keys are zero (interleaved: within their 16)
     with pytest.raises(ValueError, match="multiple of 16"):
-        ia.quantize_values_fp8(v, 8, interleave=True)
+        quantize.quantize_values_fp8(v, 8, interleave=True)
 
 
 @pytest.mark.parametrize("n, d, dtype", [(200, 64, jnp.bfloat16), (130, 128, jnp.float16), (256, 64, jnp.float32)])
@@ -45,28 +45,28 @@ def test_pallas_value_pass_equals_xla(seed, n, d, dtype):
     or not; ragged N."""
     v = random_qkv(seed, (2, n, 3, d), dtype)[2] * 3.0
     for interleave in (False, True):
-        x8, xs = ia.quantize_values_fp8(v, 64, interleave=interleave, method="xla")
-        p8, ps = ia.quantize_values_fp8(v, 64, interleave=interleave, method="pallas")
+        x8, xs = quantize.quantize_values_fp8(v, 64, interleave=interleave, method="xla")
+        p8, ps = quantize.quantize_values_fp8(v, 64, interleave=interleave, method="pallas")
         np.testing.assert_array_equal(np.asarray(ps), np.asarray(xs))
         assert p8.dtype == x8.dtype and p8.shape == x8.shape
         np.testing.assert_array_equal(np.asarray(p8.view(jnp.uint8)), np.asarray(x8.view(jnp.uint8)))
 
 
 @pytest.mark.parametrize("operand, a_constraint", [("registers", "r,r,r,r,l,"), ("smem", "l,l,")])
-def test_fp8_kernel_lowers_for_cuda(operand, a_constraint, monkeypatch):
+def test_fp8_kernel_lowers_for_cuda(operand, a_constraint):
     """The FP8 forward lowers for CUDA on a CPU host (Mosaic GPU's Python lowering): one e4m3 wgmma per P V (D = 128:
     m64n128k32) whose A operand is four 32-bit registers ("registers") or a shared-memory descriptor ("smem"), and the
     f32 -> e4m3 pair conversion."""
-    monkeypatch.setattr(sm, "OPTIONS", dict(sm.OPTIONS, p8_operand=operand))
+    config = KernelConfig(forward="mosaic", p8_operand=operand)
     b, n, h, d = 1, 1000, 2, 128
     nq, nk = -(-n // 128), -(-n // 64)
     q = jnp.zeros((b, n, h, d), jnp.bfloat16)
     lut = jnp.zeros((b, h, nq, 3), jnp.int32)
-    keys = ia.QuantisedKeys(jnp.zeros((b, n, h, d), jnp.int8), jnp.ones((b, h, nk)), jnp.zeros((b, h, d)))
+    keys = quantize.QuantisedKeys(jnp.zeros((b, n, h, d), jnp.int8), jnp.ones((b, h, nk)), jnp.zeros((b, h, d)))
 
     def fwd(q, k, v, lut):
-        values = ia.quantize_values_fp8(v, 64, interleave=True)
-        return sm.sparse_attention_mosaic_int8(q, k, v, lut, keys, values=values)
+        values = quantize.quantize_values_fp8(v, 64, interleave=True)
+        return sm.sparse_attention_mosaic_int8(q, k, v, lut, keys, values=values, config=config)
 
     text = jax.jit(fwd).trace(q, q, q, lut).lower(lowering_platforms=("cuda",)).as_text()
     wgmma = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.f32\.e4m3\.e4m3[^\"]*", text)
@@ -93,20 +93,25 @@ def test_fp8_values_checked():
         sm._check_values(good, v, 64, False, None)
 
 
-def test_int8_fp8_takes_the_mosaic_path_where_chosen(monkeypatch):
-    """int8_attention._use_mosaic: quant "int8_fp8" goes to the Mosaic kernel like "int8" when the Mosaic forward is
-    chosen, unless OPTIONS["mosaic_fp8"] is off (then the Triton int8_fp8 kernel)."""
+def test_int8_fp8_takes_the_mosaic_path_where_chosen():
+    """quant "int8_fp8" goes to the Mosaic kernel like "int8" when KernelConfig.forward is "mosaic", unless
+    KernelConfig.mosaic_fp8 is off (then the Triton int8_fp8 kernel)."""
     q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
     lut = jnp.zeros((1, 2, 2, 1), jnp.int32)
-    cfg = sl._validate(q, q, q, q, q, lut, 128, 64, "complement", None, 1e-6, None)
-    monkeypatch.setattr(sl, "_mosaic_chosen", lambda choice, q, cfg: True)
-    assert ia._use_mosaic(q, cfg, "int8") and ia._use_mosaic(q, cfg, "int8_fp8")
-    with ia.options(mosaic_fp8=False):
-        assert ia._use_mosaic(q, cfg, "int8") and not ia._use_mosaic(q, cfg, "int8_fp8")
+
+    def call(config):
+        return validate_call(q, q, q, q, q, lut, 128, 64, "complement", None, 1e-6, None, config)
+
+    on = call(KernelConfig(forward="mosaic"))
+    assert attention._lowbit_on_mosaic(on, "int8") and attention._lowbit_on_mosaic(on, "int8_fp8")
+    off = call(KernelConfig(forward="mosaic", mosaic_fp8=False))
+    assert attention._lowbit_on_mosaic(off, "int8") and not attention._lowbit_on_mosaic(off, "int8_fp8")
+    triton = call(KernelConfig(forward="triton"))
+    assert not attention._lowbit_on_mosaic(triton, "int8")
 
 
-def _emulated_fp8_kernel(q8, k8, v, lut, step_scale, *, block_k, stages, values):
-    """XLA emulation of sparse_mosaic._sparse_forward with FP8 values: per LUT entry t, S = q8 k8_j^T * scale[t] (keys
+def _emulated_fp8_kernel(q8, k8, v, lut, step_scale, *, block_k, stages, values, config):
+    """XLA emulation of mosaic_forward._sparse_forward with FP8 values: per LUT entry t, S = q8 k8_j^T * scale[t] (keys
     >= N masked), online base-2 softmax, P * 448 to e4m3, acc += P8 V8_j with V8 read back from the interleaved V^T;
     o = acc * v_scale / 448 / l, lse = m + log2 l: the Triton int8_fp8 kernel's arithmetic."""
     assert values is not None and q8.dtype == k8.dtype == jnp.int8 and stages >= 1
@@ -114,7 +119,7 @@ def _emulated_fp8_kernel(q8, k8, v, lut, step_scale, *, block_k, stages, values)
     b, n, h, d = v.shape
     nq, topk = lut.shape[2], lut.shape[3]
     nk = -(-n // block_k)
-    inv = np.argsort(np.asarray(sm.P8_KEY_ORDER))
+    inv = np.argsort(np.asarray(quantize.P8_KEY_ORDER))
     v8 = v8t.reshape(b, h, d, nk * block_k // 16, 16)[..., inv].astype(jnp.float32)
     v8 = jnp.swapaxes(v8.reshape(b, h, d, nk, block_k), 2, 3)  # (B, H, Nk, D, block_k)
     qb = jnp.pad(q8.astype(jnp.float32), ((0, 0), (0, nq * 128 - n), (0, 0), (0, 0)))
@@ -159,7 +164,7 @@ def test_mosaic_int8_fp8_path_with_an_emulated_kernel(seed, monkeypatch):
     kw = dict(block_q=128, block_k=64, quant="int8_fp8")
     do = jax.random.normal(jax.random.PRNGKey(seed + 3), q.shape)
     (o_ref, g_ref), (o, g) = lowbit_triton_and_emulated_mosaic(
-        q, k, v, lut, mass, do, kw, kernel, lambda q, cfg, quant: True, monkeypatch
+        q, k, v, lut, mass, do, kw, kernel, monkeypatch
     )
     assert calls and all(c["values"] is not None for c in calls), "the FP8 mosaic path was not taken"
     assert rel_err(o, o_ref) < 1e-3, rel_err(o, o_ref)

@@ -1,7 +1,7 @@
-"""The Mosaic forward with the linear branch in its epilogue (sparse_linear OPTIONS["fwd_epilogue"] "mosaic").
+"""The Mosaic forward with the linear branch in its epilogue (KernelConfig.epilogue "mosaic").
 
-The Mosaic GPU kernel runs only on a Hopper GPU (experiments/probe_mosaic_sparse.py checks it there). On CPU a
-stand-in implementing the kernel's contract (sparse_mosaic.sparse_linear_attention_mosaic) in dense float32 XLA
+The Mosaic GPU kernel runs only on a Hopper GPU (experiments/dev/probe_mosaic_sparse.py checks it there). On CPU a
+stand-in implementing the kernel's contract (mosaic_forward.sparse_linear_attention_mosaic) in dense float32 XLA
 checks the wiring around it: which outputs each call asks for, the per-block states and alpha it is handed, and
 the residuals the (Triton, interpret-mode) backward receives, against the dense reference.
 """
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import sla2_fused_attention, sparse_linear_attention
+from pallas_kernels import KernelConfig, mosaic_forward, sla2_fused_attention, sparse_linear_attention
+from pallas_kernels.quantize import quantize_keys_with_mean, quantize_queries
 from pallas_kernels.reference import reference_branches, reference_fused
 
 
@@ -40,11 +41,11 @@ def _inputs(seed, n, h, d, dtype, topk):
 
 
 def _contract_stand_in(calls):
-    """XLA stand-in for sparse_mosaic.sparse_linear_attention_mosaic: dense float32 sparse branch with the LUT's token
+    """XLA stand-in for mosaic_forward.sparse_linear_attention_mosaic: dense float32 sparse branch with the LUT's token
     mask (o_s, lse base 2), o_l = phi(Q_i) H_i / den with den = phi(Q_i) . Z_i + eps from the states it is given,
     o = alpha o_s + (1 - alpha) o_l; rows past N padded (lse 0, den 1)."""
 
-    def stand_in(q, k, v, lut, linear, *, outputs, block_k, sm_scale, stages):
+    def stand_in(q, k, v, lut, linear, *, outputs, block_k, sm_scale, stages, config):
         calls.append((tuple(outputs), stages))
         n = q.shape[1]
         nq, nk = lut.shape[2], -(-n // block_k)
@@ -72,30 +73,26 @@ def _contract_stand_in(calls):
 
 @pytest.mark.parametrize("epilogue, in_ring", [("mosaic", True), ("mosaic", False), ("triton", True)])
 def test_mosaic_epilogue_wiring_with_a_stand_in_kernel(epilogue, in_ring, monkeypatch):
-    """OPTIONS fwd_epilogue "mosaic": the fused kernel is asked for ("o",) in the primal, all five outputs under
-    jax.grad (a ring of 4 stages when the third output tile goes through a V slot, sparse_mosaic OPTIONS
-    "outputs_in_ring", else 3), ("o_s", "o_l") [+ lse, den] for the branches; outputs and the six gradients match
-    the dense reference. "triton" (the fallback) never calls it."""
-    from pallas_kernels import sparse_linear as sl
-    from pallas_kernels import sparse_mosaic
-
+    """KernelConfig.epilogue "mosaic": the fused kernel is asked for ("o",) in the primal, all five outputs under
+    jax.grad (a ring of 4 stages when the third output tile goes through a V slot, KernelConfig.outputs_in_ring,
+    else 3), ("o_s", "o_l") [+ lse, den] for the branches; outputs and the six gradients match the dense
+    reference. "triton" (the fallback) never calls it. The GPU-only kernels are replaced by XLA stand-ins."""
     calls = []
-    monkeypatch.setattr(sparse_mosaic, "OPTIONS", dict(sparse_mosaic.OPTIONS, outputs_in_ring=in_ring))
-    monkeypatch.setattr(sparse_mosaic, "sparse_linear_attention_mosaic", _contract_stand_in(calls))
-    monkeypatch.setattr(sparse_mosaic, "sparse_attention_mosaic", _sparse_only_stand_in)
-    monkeypatch.setattr(sl, "OPTIONS", dict(sl.OPTIONS, fwd_kernel="mosaic", fwd_epilogue=epilogue))
-    monkeypatch.setattr(sl, "_use_mosaic", lambda q, cfg, lin_in_loop: not lin_in_loop)  # any device
+    monkeypatch.setattr(mosaic_forward, "sparse_linear_attention_mosaic", _contract_stand_in(calls))
+    monkeypatch.setattr(mosaic_forward, "sparse_attention_mosaic", _sparse_only_stand_in)
+    config = KernelConfig(forward="mosaic", epilogue=epilogue, outputs_in_ring=in_ring)
     seed = int.from_bytes(os.urandom(4), "little")
     args, lut, w, alpha = _inputs(seed, 200, 2, 64, jnp.bfloat16, 2)
-    kw = {"block_q": 128, "block_k": 64}
+    kw = {"block_q": 128, "block_k": 64, "config": config}
 
-    assert _rel(sla2_fused_attention(*args, lut, alpha, **kw), reference_fused(*args, lut, alpha, **kw)) < 2e-2, seed
+    ref_kw = {"block_q": 128, "block_k": 64}
+    assert _rel(sla2_fused_attention(*args, lut, alpha, **kw), reference_fused(*args, lut, alpha, **ref_kw)) < 2e-2, seed
     o_s, o_l = sparse_linear_attention(*args, lut, **kw)
-    r_s, r_l = reference_branches(*args, lut, **kw)
+    r_s, r_l = reference_branches(*args, lut, **ref_kw)
     assert _rel(o_s, r_s) < 2e-2 and _rel(o_l, r_l) < 2e-2, seed
-    loss = lambda fn: lambda *x: jnp.sum(fn(*x[:5], lut, x[5], **kw).astype(jnp.float32) * w)
-    g = jax.grad(loss(sla2_fused_attention), argnums=tuple(range(6)))(*args, alpha)
-    rg = jax.grad(loss(reference_fused), argnums=tuple(range(6)))(*args, alpha)
+    loss = lambda fn, **kw: lambda *x: jnp.sum(fn(*x[:5], lut, x[5], **kw).astype(jnp.float32) * w)
+    g = jax.grad(loss(sla2_fused_attention, **kw), argnums=tuple(range(6)))(*args, alpha)
+    rg = jax.grad(loss(reference_fused, block_q=128, block_k=64), argnums=tuple(range(6)))(*args, alpha)
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
         assert _rel(a, b) < 3e-2, (seed, name, _rel(a, b))
     if epilogue == "triton":
@@ -106,48 +103,43 @@ def test_mosaic_epilogue_wiring_with_a_stand_in_kernel(epilogue, in_ring, monkey
     assert (all_five, 4 if in_ring else 3) in calls, calls
 
 
-def test_ring_holds_outputs_only_for_64_key_slots_and_two_stages(monkeypatch):
+def test_ring_holds_outputs_only_for_64_key_slots_and_two_stages():
     """A V slot can take a warpgroup's (64, D) output tile only when block_k is 64, and the two warpgroups' slots
-    differ only with a ring of >= 2 stages; the option turns it off."""
-    from pallas_kernels import sparse_mosaic
-
-    assert sparse_mosaic.ring_holds_outputs(64, 4) and sparse_mosaic.ring_holds_outputs(64, 2)
-    assert not sparse_mosaic.ring_holds_outputs(64, 1)
-    assert not sparse_mosaic.ring_holds_outputs(128, 4) and not sparse_mosaic.ring_holds_outputs(32, 4)
-    monkeypatch.setattr(sparse_mosaic, "OPTIONS", dict(sparse_mosaic.OPTIONS, outputs_in_ring=False))
-    assert not sparse_mosaic.ring_holds_outputs(64, 4)
+    differ only with a ring of >= 2 stages; KernelConfig.outputs_in_ring turns it off."""
+    ring = lambda block_k, stages, **kw: mosaic_forward.ring_holds_outputs(block_k, stages, KernelConfig(**kw))  # noqa: E731
+    assert ring(64, 4) and ring(64, 2)
+    assert not ring(64, 1)
+    assert not ring(128, 4) and not ring(32, 4)
+    assert not ring(64, 4, outputs_in_ring=False)
 
 
-def _sparse_only_stand_in(q, k, v, lut, *, block_k, sm_scale, stages):
+def _sparse_only_stand_in(q, k, v, lut, *, block_k, sm_scale, stages, config):
     """The plain Mosaic kernel's contract (o_s, lse) by the contract stand-in (for the "triton" epilogue path)."""
     out = _contract_stand_in([])(
-        q, k, v, lut, _no_linear(q, lut), outputs=("o_s", "lse"), block_k=block_k, sm_scale=sm_scale, stages=stages
+        q, k, v, lut, _no_linear(q, lut), outputs=("o_s", "lse"), block_k=block_k, sm_scale=sm_scale, stages=stages,
+        config=config,
     )
     return out["o_s"], out["lse"]
 
 
 def _no_linear(q, lut):
-    from pallas_kernels.sparse_mosaic import LinearInputs
-
     b, _, h, d = q.shape
     nq = lut.shape[2]
-    return LinearInputs(q, jnp.zeros((b, h, nq, d, d), jnp.bfloat16), jnp.ones((b, h, nq, d)), None, 1.0)
+    return mosaic_forward.LinearInputs(q, jnp.zeros((b, h, nq, d, d), jnp.bfloat16), jnp.ones((b, h, nq, d)), None, 1.0)
 
 
 @pytest.mark.parametrize("int8", [False, True])
 def test_linear_inputs_of_the_wrong_shape_are_refused_before_the_kernel(int8):
     """Both Mosaic entry points with the linear epilogue (16-bit and INT8 scores) check H_i, Z_i against (B, H, Nq,
     D, D) / (B, H, Nq, D) in the shared kernel builder and say which shapes they got."""
-    from pallas_kernels import int8_attention as ia
-    from pallas_kernels import sparse_mosaic as sm
-
+    sm = mosaic_forward
     q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
     lut = jnp.zeros((1, 2, 2, 1), jnp.int32)
     bad = sm.LinearInputs(q, jnp.zeros((1, 2, 2, 64, 32), jnp.bfloat16), jnp.zeros((1, 2, 2, 64)), None, 1e-6)
     with pytest.raises(ValueError, match=r"h \(1, 2, 2, 64, 32\)"):
         if int8:
-            keys = ia.quantize_keys_with_mean(q, 64)
-            queries = ia.quantize_queries(q, 128, keys.mean, 1.0, method="xla")
+            keys = quantize_keys_with_mean(q, 64)
+            queries = quantize_queries(q, 128, keys.mean, 1.0, method="xla")
             sm.sparse_linear_attention_mosaic_int8(q, q, q, lut, keys, bad, outputs=("o_s",), queries=queries)
         else:
             sm.sparse_linear_attention_mosaic(q, q, q, lut, bad, outputs=("o_s",))

@@ -1,7 +1,6 @@
-"""The compute warpgroups' LUT loop of the Mosaic GPU sparse forward (sparse_mosaic.OPTIONS "loop" and
-"pair_steps", session 7).
+"""The compute warpgroups' LUT loop of the Mosaic GPU sparse forward (KernelConfig.loop and .pair_steps).
 
-The kernels run only on a Hopper GPU; experiments/probe_mosaic_sparse.py (--parts loops, and small / fused_small with
+The kernels run only on a Hopper GPU; experiments/dev/probe_mosaic_sparse.py (--parts loops, and small / fused_small with
 --loop / --pair-steps) checks each variant there against the dense float32 reference and the other variants. On CPU:
 every kernel kind lowers for CUDA under every variant (ragged N, odd and even LUT lengths, one entry), the variants
 lower to different kernels, FP8 values ignore pair_steps, and a bad loop name is refused.
@@ -13,43 +12,46 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import int8_attention as ia
-from pallas_kernels import sparse_mosaic as sm
+from pallas_kernels import KernelConfig
+from pallas_kernels import mosaic_forward as sm
+from pallas_kernels import quantize
 
 B, N, H, D = 1, 1000, 2, 128  # ragged N: the loops' masked last step is lowered too
 NQ, NK = -(-N // 128), -(-N // 64)
 
 
-def _kernels():
+def _kernels(config):
     """{kind: fn(q, k, v, lut)}: the bf16 kernel, the training-mode fused kernel (five outputs), INT8, INT8 + FP8."""
-    keys = ia.QuantisedKeys(jnp.zeros((B, N, H, D), jnp.int8), jnp.ones((B, H, NK)), jnp.zeros((B, H, D)))
+    keys = quantize.QuantisedKeys(jnp.zeros((B, N, H, D), jnp.int8), jnp.ones((B, H, NK)), jnp.zeros((B, H, D)))
     q = jnp.zeros((B, N, H, D), jnp.bfloat16)
     h, z, alpha = jnp.zeros((B, H, NQ, D, D), jnp.bfloat16), jnp.zeros((B, H, NQ, D)), jnp.zeros((B, H, NQ))
     linear = sm.LinearInputs(q, h, z, alpha, 1e-6)
     train = ("o", "o_s", "o_l", "lse", "den")
     return {
-        "bf16": lambda q, k, v, lut: sm.sparse_attention_mosaic(q, k, v, lut, stages=4),
-        "fused": lambda q, k, v, lut: sm.sparse_linear_attention_mosaic(q, k, v, lut, linear, outputs=train),
-        "int8": lambda q, k, v, lut: sm.sparse_attention_mosaic_int8(q, k, v, lut, keys),
+        "bf16": lambda q, k, v, lut: sm.sparse_attention_mosaic(q, k, v, lut, stages=4, config=config),
+        "fused": lambda q, k, v, lut: sm.sparse_linear_attention_mosaic(
+            q, k, v, lut, linear, outputs=train, config=config
+        ),
+        "int8": lambda q, k, v, lut: sm.sparse_attention_mosaic_int8(q, k, v, lut, keys, config=config),
         "int8_fp8": lambda q, k, v, lut: sm.sparse_attention_mosaic_int8(
-            q, k, v, lut, keys, values=ia.quantize_values_fp8(v, 64, interleave=True)
+            q, k, v, lut, keys, values=quantize.quantize_values_fp8(v, 64, interleave=True), config=config
         ),
     }
 
 
-def _lowered(kind: str, loop: str, topk: int, monkeypatch, pairs: bool = True) -> str:
-    monkeypatch.setattr(sm, "OPTIONS", dict(sm.OPTIONS, loop=loop, pair_steps=pairs))
+def _lowered(kind: str, loop: str, topk: int, pairs: bool = True) -> str:
+    config = KernelConfig(forward="mosaic", loop=loop, pair_steps=pairs)
     q = jnp.zeros((B, N, H, D), jnp.bfloat16)
     lut = jnp.zeros((B, H, NQ, topk), jnp.int32)
-    fn = _kernels()[kind]  # a fresh function: jit does not reuse a trace made under other OPTIONS
+    fn = _kernels(config)[kind]
     return jax.jit(fn).trace(q, q, q, lut).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("kind", ["bf16", "fused", "int8", "int8_fp8"])
 @pytest.mark.parametrize("topk", [1, 3, 4])
-def test_loop_variants_lower(kind, topk, monkeypatch):
+def test_loop_variants_lower(kind, topk):
     texts = {
-        (loop, pairs): _lowered(kind, loop, topk, monkeypatch, pairs)
+        (loop, pairs): _lowered(kind, loop, topk, pairs)
         for loop in ("pingpong", "pipelined")
         for pairs in (False, True)
     }
@@ -60,6 +62,6 @@ def test_loop_variants_lower(kind, topk, monkeypatch):
     assert (texts["pipelined", False] == texts["pipelined", True]) == same_with_pairs
 
 
-def test_bad_loop_refused(monkeypatch):
+def test_bad_loop_refused():
     with pytest.raises(ValueError, match="loop"):
-        _lowered("bf16", "spiral", 3, monkeypatch)
+        _lowered("bf16", "spiral", 3)

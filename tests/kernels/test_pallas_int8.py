@@ -1,4 +1,4 @@
-"""Low-bit (INT8 / INT8+FP8) sparse-branch kernel of pallas_kernels.int8_attention, in Pallas interpret mode.
+"""Low-bit (INT8 / INT8+FP8) sparse-branch forward of pallas_kernels (attention.py, quantize.py), in Pallas interpret mode.
 
 The reference is the fake quantisation of sla2_jax (xla backend): the INT8 kernel quantises Q and the smoothed K
 with the same arithmetic, so in float32 the two agree to rounding (1e-5); in bf16 they differ only by the bf16
@@ -14,8 +14,9 @@ import pytest
 
 import sla2_jax as sla
 from helpers import lowbit_triton_and_emulated_mosaic, output_and_grads, random_qkv, rel_err, softmax_phi
-from pallas_kernels import int8_attention as ia
-from pallas_kernels import sparse_linear as sl
+import pallas_kernels as pk
+from pallas_kernels import KernelConfig, attention, front_end, mosaic_forward, quantize
+from sla2_jax.feature_maps import softmax_phi as phi_fn
 
 
 def _setup(seed, n, d, dtype, block_q, block_k, ratio, h=2):
@@ -26,22 +27,20 @@ def _setup(seed, n, d, dtype, block_q, block_k, ratio, h=2):
 
 def test_key_prepass_equals_reference_quantisation(seed):
     _, k, _ = random_qkv(seed, (2, 77, 3, 32), jnp.bfloat16)
-    k8, scales = ia.quantize_keys(k, 16)
+    k8, scales = quantize.quantize_keys(k, 16)
     k8_ref, scales_ref = sla.quantize_int8_blocks(sla.smooth_keys(k), 16)
     assert k8.dtype == jnp.int8 and k8.shape == k.shape and scales.shape == (2, 3, 5)
     np.testing.assert_array_equal(np.asarray(k8), np.asarray(k8_ref))
     np.testing.assert_array_equal(np.asarray(scales), np.asarray(scales_ref))
 
 
-@pytest.mark.parametrize("prepass", ["pallas", "fused"])
-def test_pallas_prepass_matches_reference_quantisation(seed, prepass):
+@pytest.mark.parametrize("block_q", [24, 32])  # 24: one kernel each for Q and K~; 32: one kernel for both
+def test_pallas_prepass_matches_reference_quantisation(seed, block_q):
     # The Pallas pre-pass divides exactly; XLA on CPU may not, so an exact tie (x / scale = m + 0.5, possible
     # with bf16 inputs) can land one step apart: allow that on a tiny fraction of the elements, nothing more.
     q, k, v = random_qkv(seed, (1, 90, 2, 64), jnp.bfloat16)
-    cfg = sl._validate(q, k, v, q, k, jnp.zeros((1, 2, 3, 1), jnp.int32), 32, 16, "complement", None, 1e-6, True)
-    with ia.options(prepass=prepass, q_prepass=True):
-        qz = ia._prequantize(q, k, cfg)
-    for x8, scales, ref_x, block in ((qz.k8, qz.k_scale, sla.smooth_keys(k), 16), (qz.q8, qz.q_scale, q, 32)):
+    qz = quantize.prequantize(q, k, block_q, 16, True)
+    for x8, scales, ref_x, block in ((qz.k8, qz.k_scale, sla.smooth_keys(k), 16), (qz.q8, qz.q_scale, q, block_q)):
         r8, r_scales = sla.quantize_int8_blocks(ref_x, block)
         assert x8.dtype == jnp.int8 and x8.shape == r8.shape
         np.testing.assert_array_equal(np.asarray(scales), np.asarray(r_scales))
@@ -61,7 +60,7 @@ def test_pallas_prepass_matches_reference_quantisation(seed, prepass):
 def test_int8_branches_match_fake_quant_reference(seed, n, d, dtype, block_q, block_k, tol):
     q, k, v, lut, _ = _setup(seed, n, d, dtype, block_q, block_k, 0.3)
     kw = dict(block_q=block_q, block_k=block_k)
-    o_s, o_l = ia.sparse_linear_attention_lowbit(q, k, v, softmax_phi(q), softmax_phi(k), lut, quant="int8", **kw)
+    o_s, o_l = pk.sparse_linear_attention_lowbit(q, k, v, softmax_phi(q), softmax_phi(k), lut, quant="int8", **kw)
     r_s, r_l = sla.sparse_linear_branches(q, k, v, lut, quant="int8", backend="xla", **kw)
     b_s, _ = sla.sparse_linear_branches(q, k, v, lut, quant="none", backend="xla", **kw)
     assert o_s.dtype == dtype and o_s.shape == q.shape
@@ -77,19 +76,16 @@ def test_front_end_keys_equal_prepass_and_reference(seed):
     """The library's low-bit path: K~ in int8 from the front end (prep.block_means_phi_int8), Q quantised in the
     kernel, no pre-pass; same output as the pre-pass path and as the fake-quant reference. float32 inputs: with
     bf16 ones an exact tie x / scale = m + 0.5 is common, and interpret mode may round it apart (see above)."""
-    from pallas_kernels.prep import block_means_phi_int8
-
     q, k, v, lut, mass = _setup(seed, 150, 128, jnp.float32, 64, 32, 0.3, h=1)  # ragged N, D 128
     kw = dict(block_q=64, block_k=32)
-    k_phi, _, keys = block_means_phi_int8(k, 32, "softmax")
-    o_keys = ia.sla2_fused_attention_lowbit(q, k, v, softmax_phi(q), k_phi, lut, mass, keys=keys, **kw)
-    o_pre = ia.sla2_fused_attention_lowbit(q, k, v, softmax_phi(q), k_phi, lut, mass, **kw)
+    k_phi, _, keys = front_end.block_means_phi_int8(k, 32, phi_fn)
+    o_keys = pk.sla2_fused_attention_lowbit(q, k, v, softmax_phi(q), k_phi, lut, mass, keys=keys, **kw)
+    o_pre = pk.sla2_fused_attention_lowbit(q, k, v, softmax_phi(q), k_phi, lut, mass, **kw)
     r_s, r_l = sla.sparse_linear_branches(q, k, v, lut, quant="int8", backend="xla", **kw)
     # The pre-pass quantises Q and K~ on its own; a near-tie x / scale ~ m + 0.5 may round one step apart from the
     # front end's K~ / the kernel's Q (which follow XLA's quantize_int8_blocks here). Seed 1802553396: one query
     # element, outputs 6.9e-5 apart. With identical int8 operands the outputs must agree to 1e-5.
-    cfg = sl._validate(q, k, v, q, k, lut, 64, 32, "complement", None, 1e-6, True)
-    pre = ia._prequantize(q, k, cfg)
+    pre = quantize.prequantize(q, k, 64, 32, True)
     steps = np.concatenate(
         [
             np.abs(np.asarray(pre.k8, np.int32) - np.asarray(keys.k8, np.int32)).ravel(),
@@ -101,7 +97,7 @@ def test_front_end_keys_equal_prepass_and_reference(seed):
     assert rel_err(o_keys, sla.combine(r_s, r_l, mass, block_q=64)) < 1e-3  # typically 3e-7 (see above)
     bad = keys._replace(scale=keys.scale[..., :-1])
     with pytest.raises(ValueError, match="keys.scale"):
-        ia.sla2_fused_attention_lowbit(q, k, v, softmax_phi(q), k_phi, lut, mass, keys=bad, **kw)
+        pk.sla2_fused_attention_lowbit(q, k, v, softmax_phi(q), k_phi, lut, mass, keys=bad, **kw)
 
 
 def test_int8_fp8_branches_close_to_fake_quant_reference(seed):
@@ -109,22 +105,17 @@ def test_int8_fp8_branches_close_to_fake_quant_reference(seed):
     # the FP8 path agrees with its fake-quant reference to the FP8 error level, not to rounding.
     q, k, v, lut, _ = _setup(seed, 130, 64, jnp.float32, 32, 16, 0.4)
     kw = dict(block_q=32, block_k=16)
-    o_s, _ = ia.sparse_linear_attention_lowbit(q, k, v, softmax_phi(q), softmax_phi(k), lut, quant="int8_fp8", **kw)
+    o_s, _ = pk.sparse_linear_attention_lowbit(q, k, v, softmax_phi(q), softmax_phi(k), lut, quant="int8_fp8", **kw)
     r_s, _ = sla.sparse_linear_branches(q, k, v, lut, quant="int8_fp8", backend="xla", **kw)
     b_s, _ = sla.sparse_linear_branches(q, k, v, lut, quant="none", backend="xla", **kw)
     assert rel_err(o_s, r_s) < 3e-2
     assert rel_err(o_s, b_s) < 8e-2
 
 
-@pytest.mark.parametrize("fwd_linear", ["blocks", "loop"])
-def test_fused_equals_combine_of_reference(seed, fwd_linear, monkeypatch):
-    """Both placements of the complement's selected part (per-block states, or accumulated in the loop)."""
-    from pallas_kernels import sparse_linear
-
-    monkeypatch.setattr(sparse_linear, "OPTIONS", dict(sparse_linear.OPTIONS, fwd_linear=fwd_linear))
+def test_fused_equals_combine_of_reference(seed):
     q, k, v, lut, mass = _setup(seed, 190, 64, jnp.float32, 64, 32, 0.35)
     kw = dict(block_q=64, block_k=32)
-    o = ia.sla2_fused_attention_lowbit(q, k, v, softmax_phi(q), softmax_phi(k), lut, mass, **kw)
+    o = pk.sla2_fused_attention_lowbit(q, k, v, softmax_phi(q), softmax_phi(k), lut, mass, **kw)
     r_s, r_l = sla.sparse_linear_branches(q, k, v, lut, quant="int8", backend="xla", **kw)
     assert rel_err(o, sla.combine(r_s, r_l, mass, block_q=64)) < 1e-3  # typically 3e-7 (see above)
 
@@ -139,11 +130,11 @@ def test_gradients_equal_bf16_kernel(seed, d):
     def grads(fn):
         return jax.grad(lambda *a: jnp.sum(fn(*a, **kw) * do), argnums=tuple(range(6)))(*args)
 
-    g_low = grads(lambda q, k, v, qp, kp, a, **kw: ia.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, **kw))
-    g_ref = grads(lambda q, k, v, qp, kp, a, **kw: sl.sla2_fused_attention(q, k, v, qp, kp, lut, a, **kw))
+    g_low = grads(lambda q, k, v, qp, kp, a, **kw: pk.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, **kw))
+    g_ref = grads(lambda q, k, v, qp, kp, a, **kw: pk.sla2_fused_attention(q, k, v, qp, kp, lut, a, **kw))
     fwd_err = rel_err(
-        ia.sla2_fused_attention_lowbit(q, k, v, softmax_phi(q), softmax_phi(k), lut, mass, **kw),
-        sl.sla2_fused_attention(q, k, v, softmax_phi(q), softmax_phi(k), lut, mass, **kw),
+        pk.sla2_fused_attention_lowbit(q, k, v, softmax_phi(q), softmax_phi(k), lut, mass, **kw),
+        pk.sla2_fused_attention(q, k, v, softmax_phi(q), softmax_phi(k), lut, mass, **kw),
     )
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi"), g_low, g_ref):
         assert a.shape == b.shape and bool(jnp.all(jnp.isfinite(a))), name
@@ -159,8 +150,8 @@ def _check_alpha_gradient_difference(g_low, g_ref, do, inputs, kw):
     low-bit minus bf16 difference is exactly sum dO . (O_s,low - O_s,bf16): computed here in float64 from the two
     kernels' branch outputs. (A relative bound against the forward error does not work for d alpha: the sum over a
     block cancels, so its relative error can exceed 5x the forward's on some seeds.)"""
-    os_low, ol_low = ia.sparse_linear_attention_lowbit(*inputs, **kw)
-    os_ref, ol_ref = sl.sparse_linear_attention(*inputs, **kw)
+    os_low, ol_low = pk.sparse_linear_attention_lowbit(*inputs, **kw)
+    os_ref, ol_ref = pk.sparse_linear_attention(*inputs, **kw)
     np.testing.assert_array_equal(np.asarray(ol_low), np.asarray(ol_ref))  # the linear branch is not quantised
     d_os, do64 = np.asarray(os_low - os_ref, np.float64), np.asarray(do, np.float64)
     n, block = do.shape[1], kw["block_q"]
@@ -180,8 +171,8 @@ def test_branch_gradients_straight_through(seed):
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v, softmax_phi(q), softmax_phi(k), lut, **kw)[0] * cts)
 
-    g_low = jax.grad(loss(ia.sparse_linear_attention_lowbit), argnums=(0, 1, 2))(q, k, v)
-    g_ref = jax.grad(loss(sl.sparse_linear_attention), argnums=(0, 1, 2))(q, k, v)
+    g_low = jax.grad(loss(pk.sparse_linear_attention_lowbit), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(loss(pk.sparse_linear_attention), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_low, g_ref):
         assert 0 < rel_err(a, b) < 5e-2
 
@@ -190,15 +181,15 @@ def test_bad_inputs():
     q, k, v = random_qkv(0, (1, 64, 1, 64), jnp.float32)
     lut = jnp.zeros((1, 1, 2, 1), jnp.int32)
     with pytest.raises(ValueError, match="quant"):
-        ia.sparse_linear_attention_lowbit(q, k, v, q, k, lut, quant="int4", block_q=32, block_k=32)
+        pk.sparse_linear_attention_lowbit(q, k, v, q, k, lut, quant="int4", block_q=32, block_k=32)
     with pytest.raises(ValueError, match="head_dim"):
-        ia.sparse_linear_attention_lowbit(
+        pk.sparse_linear_attention_lowbit(
             q[..., :48], k[..., :48], v[..., :48], q[..., :48], k[..., :48], lut, block_q=32, block_k=32
         )
     with pytest.raises(ValueError, match="lut"):
-        ia.sla2_fused_attention_lowbit(q, k, v, q, k, lut[:, :, :1], 0.5, block_q=32, block_k=32)
+        pk.sla2_fused_attention_lowbit(q, k, v, q, k, lut[:, :, :1], 0.5, block_q=32, block_k=32)
     with pytest.raises(ValueError, match="alpha"):
-        ia.sla2_fused_attention_lowbit(q, k, v, q, k, lut, jnp.ones((3,)), block_q=32, block_k=32)
+        pk.sla2_fused_attention_lowbit(q, k, v, q, k, lut, jnp.ones((3,)), block_q=32, block_k=32)
 
 
 @pytest.mark.parametrize("method", ["pallas", "xla"])
@@ -207,7 +198,7 @@ def test_query_prepass_matches_reference_quantisation_and_shift(seed, method):
     shift (q . mean_N(K)) * c as float64 numpy, 0 past N (ragged N, two heads)."""
     q, k, _ = random_qkv(seed, (1, 90, 2, 64), jnp.bfloat16)
     mean = jnp.mean(k.astype(jnp.float32), axis=1)
-    q8, scales, shift = ia.quantize_queries(q, 32, mean, 0.37, interpret=True, method=method)
+    q8, scales, shift = quantize.quantize_queries(q, 32, mean, 0.37, interpret=True, method=method)
     r8, r_scales = sla.quantize_int8_blocks(q, 32)
     np.testing.assert_array_equal(np.asarray(scales), np.asarray(r_scales))
     diff = np.abs(np.asarray(q8, np.int32) - np.asarray(r8, np.int32))  # exact ties may round apart (see above)
@@ -217,8 +208,8 @@ def test_query_prepass_matches_reference_quantisation_and_shift(seed, method):
     assert not np.any(np.asarray(shift[:, :, 90:]))
 
 
-def _emulated_mosaic_kernel(q8, k8, v, lut, step_scale, *, block_k, stages, values=None):
-    """XLA stand-in for sparse_mosaic._sparse_forward on int8 operands (the GPU-only kernel): S = q8 k8^T times the
+def _emulated_mosaic_kernel(q8, k8, v, lut, step_scale, *, block_k, stages, values=None, config=None):
+    """XLA stand-in for mosaic_forward._sparse_forward on int8 operands (the GPU-only kernel): S = q8 k8^T times the
     LUT entry's scale, keys of unselected blocks and >= N masked, base-2 softmax; (o_s, lse (B, H, Nq * 128)).
     16-bit values only (FP8 values: tests/kernels/test_mosaic_fp8.py)."""
     assert q8.dtype == k8.dtype == jnp.int8 and step_scale.shape == lut.shape and stages >= 1 and values is None
@@ -237,7 +228,7 @@ def _emulated_mosaic_kernel(q8, k8, v, lut, step_scale, *, block_k, stages, valu
 def test_mosaic_int8_path_with_an_emulated_kernel(seed, monkeypatch):
     """The INT8 Mosaic forward (GPU only) = Q pass + per-LUT-entry scales + the Mosaic kernel + LSE shift + the Triton
     linear epilogue. On CPU an XLA emulation replaces the kernel; output and gradients must equal the Triton INT8
-    path's (same quantised operands; the kernel itself is checked on the GPU by experiments/probe_mosaic_int8.py)."""
+    path's (same quantised operands; the kernel itself is checked on the GPU by experiments/dev/probe_mosaic_int8.py)."""
     calls = []
 
     def kernel(*args, **kw):
@@ -248,7 +239,7 @@ def test_mosaic_int8_path_with_an_emulated_kernel(seed, monkeypatch):
     kw = dict(block_q=128, block_k=64)
     do = jax.random.normal(jax.random.PRNGKey(seed + 3), q.shape)
     (o_ref, g_ref), (o, g) = lowbit_triton_and_emulated_mosaic(
-        q, k, v, lut, mass, do, kw, kernel, lambda q, cfg, quant: quant == "int8", monkeypatch
+        q, k, v, lut, mass, do, kw, kernel, monkeypatch
     )
     assert calls, "the mosaic path was not taken"
     assert rel_err(o, o_ref) < 1e-5, rel_err(o, o_ref)
@@ -259,39 +250,39 @@ def test_mosaic_int8_path_with_an_emulated_kernel(seed, monkeypatch):
 @pytest.mark.parametrize("path", ["triton", "mosaic"])
 def test_library_int8_queries_from_front_end_equal_old_path(seed, path, monkeypatch):
     """sla2_attention(quant="int8", backend="pallas"): Q quantised in the router's front end
-    (prep.block_means_phi_int8_queries, passed as queries=) gives the output and gradients of the old path (front
-    end without int8 Q; Q quantised inside the Triton kernel, or by quantize_queries before the Mosaic kernel). The
-    Mosaic kernel (GPU only) is replaced by the XLA emulation above; the Q pass then runs as XLA (interpret mode)."""
-    from pallas_kernels import prep, sparse_mosaic
-
+    (front_end.block_means_phi_int8_queries, passed as queries=) gives the output and gradients of the old path
+    (front end without int8 Q; Q quantised inside the Triton kernel, or by quantize_queries before the Mosaic
+    kernel). The Mosaic kernel (GPU only) is replaced by the XLA emulation above (Pallas interpret mode)."""
+    prep = front_end
     seen = {"q8_given": [], "q_pass": 0}
     if path == "mosaic":
         n, d, block_q, block_k = 200, 64, 128, 64  # ragged N, 2 query blocks
-        monkeypatch.setattr(ia, "_use_mosaic", lambda q, cfg, quant: quant == "int8")  # any device, interpret mode
 
-        def kernel(q8, k8, v, lut, step_scale, *, block_k, stages, **rest):
+        def kernel(q8, k8, v, lut, step_scale, *, block_k, stages, config, **rest):
             assert rest.get("values") is None
             return _emulated_mosaic_kernel(q8, k8, v, lut, step_scale, block_k=block_k, stages=stages)
 
-        monkeypatch.setattr(sparse_mosaic, "_sparse_forward", kernel)
-        query_pass = ia.quantize_queries
+        monkeypatch.setattr(mosaic_forward, "_sparse_forward", kernel)
+        query_pass = quantize.quantize_queries
 
         def counted_query_pass(*a, **kw):
             seen["q_pass"] += 1
             return query_pass(*a, **kw)
 
-        monkeypatch.setattr(ia, "quantize_queries", counted_query_pass)
+        monkeypatch.setattr(mosaic_forward, "quantize_queries", counted_query_pass)
     else:
         n, d, block_q, block_k = 150, 128, 64, 32
-        forward_quantised = ia._forward_quantised
+        forward_quantised = attention.forward_lowbit_triton
 
         def recorded(*a, **kw):
             seen["q8_given"].append(a[7].q8 is not None)
             return forward_quantised(*a, **kw)
 
-        monkeypatch.setattr(ia, "_forward_quantised", recorded)
+        monkeypatch.setattr(attention, "forward_lowbit_triton", recorded)
     q, k, v = random_qkv(seed, (1, n, 2, d), jnp.float32)
-    cfg = sla.SLA2Config(block_q=block_q, block_k=block_k, topk_ratio=0.5, quant="int8", backend="pallas")
+    kernel_config = KernelConfig(forward=path, backward="triton")
+    cfg = sla.SLA2Config(block_q=block_q, block_k=block_k, topk_ratio=0.5, quant="int8", backend="pallas",
+                         kernel=kernel_config)
     do = jax.random.normal(jax.random.PRNGKey(seed + 1), q.shape)
 
     def run():
@@ -301,12 +292,11 @@ def test_library_int8_queries_from_front_end_equal_old_path(seed, path, monkeypa
         phi, means, q_out = prep.block_means_and_phi(q, block, feature_map, pass_through=pass_through)
         return phi, means, None, q_out
 
-    with ia.options(fwd_kernel=path, mosaic_q="xla"):
-        o_new, g_new = run()
-        new_seen = (list(seen["q8_given"]), seen["q_pass"])
-        with monkeypatch.context() as m:
-            m.setattr(prep, "block_means_phi_int8_queries", old_front)
-            o_old, g_old = run()
+    o_new, g_new = run()
+    new_seen = (list(seen["q8_given"]), seen["q_pass"])
+    with monkeypatch.context() as m:
+        m.setattr(prep, "block_means_phi_int8_queries", old_front)
+        o_old, g_old = run()
     if path == "mosaic":
         assert new_seen[1] == 0 and seen["q_pass"] > 0  # the new path has no Q pass, the old one has
     else:
@@ -316,7 +306,7 @@ def test_library_int8_queries_from_front_end_equal_old_path(seed, path, monkeypa
     k_mean = jnp.mean(k.astype(jnp.float32), axis=1)
     front8 = prep.block_means_phi_int8_queries(q, block_q, None, k_mean, 1.0)[2].q8
     if path == "mosaic":
-        old8 = ia.quantize_queries(q, block_q, k_mean, 1.0, method="xla")[0]
+        old8 = quantize.quantize_queries(q, block_q, k_mean, 1.0, interpret=True)[0]
     else:
         old8 = front8  # the Triton kernel quantises its Q tile with the front end's arithmetic (_quantize_tile)
     steps = np.abs(np.asarray(front8, np.int32) - np.asarray(old8, np.int32))
@@ -326,7 +316,7 @@ def test_library_int8_queries_from_front_end_equal_old_path(seed, path, monkeypa
     for name, a, b in zip("qkv", g_new, g_old):
         assert rel_err(a, b) < (1e-5 if tight else 1e-3), (name, rel_err(a, b))
     # and the output is the low-bit one (not the bf16 path's): INT8 moves it measurably
-    o_16 = sla.sla2_attention(q, k, v, config=cfg.replace(quant="none"))
+    o_16 = sla.sla2_attention(q, k, v, config=cfg.replace(quant="none", kernel=None))
     assert rel_err(o_new, o_16) > 1e-4
 
 
@@ -334,22 +324,22 @@ def test_bad_queries():
     q, k, v = random_qkv(0, (1, 64, 1, 64), jnp.float32)
     lut = jnp.zeros((1, 1, 2, 1), jnp.int32)
     kw = dict(block_q=32, block_k=32)
-    keys = ia.quantize_keys_with_mean(k, 32)
-    q8, scale = ia.quantize_blocks(q, 32)
+    keys = quantize.quantize_keys_with_mean(k, 32)
+    q8, scale = quantize.quantize_blocks(q, 32)
     shift = jnp.zeros((1, 1, 64), jnp.float32)
     with pytest.raises(ValueError, match="queries need keys"):
-        ia.sla2_fused_attention_lowbit(q, k, v, q, k, lut, 0.5, queries=(q8, scale, shift), **kw)
+        pk.sla2_fused_attention_lowbit(q, k, v, q, k, lut, 0.5, queries=(q8, scale, shift), **kw)
     with pytest.raises(ValueError, match="queries.shift"):
-        ia.sla2_fused_attention_lowbit(q, k, v, q, k, lut, 0.5, keys=keys, queries=(q8, scale, shift[..., :32]), **kw)
+        pk.sla2_fused_attention_lowbit(q, k, v, q, k, lut, 0.5, keys=keys, queries=(q8, scale, shift[..., :32]), **kw)
     with pytest.raises(ValueError, match="queries.q8"):
-        ia.sparse_linear_attention_lowbit(q, k, v, q, k, lut, keys=keys, queries=(q, scale, shift), **kw)
+        pk.sparse_linear_attention_lowbit(q, k, v, q, k, lut, keys=keys, queries=(q, scale, shift), **kw)
 
 
 def _emulated_mosaic_kernel_with_linear(
-    q8, k8, v, lut, step_scale, *, block_k, stages, linear=None, outputs=("o_s", "lse"), values=None
+    q8, k8, v, lut, step_scale, *, block_k, stages, linear=None, outputs=("o_s", "lse"), values=None, config=None
 ):
     """_emulated_mosaic_kernel plus the kernel's in-epilogue linear branch and SLA2 combine (the contract of
-    sparse_mosaic._sparse_forward with LinearInputs): o_l = phi(Q_i) H_i / den, den = phi(Q_i) . Z_i + eps,
+    mosaic_forward._sparse_forward with LinearInputs): o_l = phi(Q_i) H_i / den, den = phi(Q_i) . Z_i + eps,
     o = alpha o_s + (1 - alpha) o_l; row outputs padded to Nq * 128 (den with 1). Outputs in the order asked."""
     o_s, lse = _emulated_mosaic_kernel(q8, k8, v, lut, step_scale, block_k=block_k, stages=stages, values=values)
     if linear is None:
@@ -373,31 +363,28 @@ def _emulated_mosaic_kernel_with_linear(
 
 def test_mosaic_int8_linear_epilogue_with_an_emulated_kernel(seed, monkeypatch):
     """quant "int8" on the Mosaic path with bf16 inputs: the linear branch and the combine run in the INT8 kernel's
-    epilogue (sparse_mosaic.sparse_linear_attention_mosaic_int8; sparse_linear OPTIONS fwd_epilogue "mosaic", the
-    default) and give the output and gradients of the Triton-epilogue path (fwd_epilogue "triton"). An XLA emulation
-    replaces the GPU-only kernel; the primal asks for "o" alone, jax.grad for the five outputs with the LSE shift."""
-    from pallas_kernels import sparse_mosaic
-
+    epilogue (mosaic_forward.sparse_linear_attention_mosaic_int8; KernelConfig.epilogue "mosaic", the default) and
+    give the output and gradients of the Triton-epilogue path (epilogue "triton"). An XLA emulation replaces the
+    GPU-only kernel; the primal asks for "o" alone, jax.grad for the five outputs with the LSE shift."""
     calls = []
 
     def kernel(*a, **kw):
         calls.append((kw.get("linear") is not None, tuple(kw.get("outputs", ("o_s", "lse")))))
         return _emulated_mosaic_kernel_with_linear(*a, **kw)
 
-    monkeypatch.setattr(sparse_mosaic, "_sparse_forward", kernel)
-    monkeypatch.setattr(ia, "_use_mosaic", lambda q, cfg, quant: quant == "int8")  # any device, interpret mode
+    monkeypatch.setattr(mosaic_forward, "_sparse_forward", kernel)
     q, k, v = random_qkv(seed, (1, 200, 2, 64), jnp.bfloat16)  # ragged N, 2 query blocks
-    cfg = sla.SLA2Config(block_q=128, block_k=64, topk_ratio=0.5, quant="int8", backend="pallas", alpha="mass")
     do = jax.random.normal(jax.random.PRNGKey(seed + 1), q.shape)
 
-    def run():
+    def run(epilogue):
+        kernel_config = KernelConfig(forward="mosaic", epilogue=epilogue)
+        cfg = sla.SLA2Config(block_q=128, block_k=64, topk_ratio=0.5, quant="int8", backend="pallas", alpha="mass",
+                             kernel=kernel_config)
         return output_and_grads(lambda q, k, v: sla.sla2_attention(q, k, v, config=cfg), (q, k, v), do)
 
-    with ia.options(fwd_kernel="mosaic", mosaic_q="xla"):
-        o, g = run()
-        fused_calls = list(calls)
-        monkeypatch.setattr(sl, "OPTIONS", dict(sl.OPTIONS, fwd_epilogue="triton"))
-        o_ref, g_ref = run()
+    o, g = run("mosaic")
+    fused_calls = list(calls)
+    o_ref, g_ref = run("triton")
     assert (True, ("o",)) in fused_calls, fused_calls
     assert (True, ("o", "o_s", "o_l", "lse", "den")) in fused_calls, fused_calls
     assert calls[len(fused_calls) :] and not any(linear for linear, _ in calls[len(fused_calls) :])

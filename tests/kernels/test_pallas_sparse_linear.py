@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import sla2_fused_attention, sparse_linear_attention
+from pallas_kernels import KernelConfig, attention, linear_states, mosaic_dkv, mosaic_dq, mosaic_forward
+from pallas_kernels import mosaic_supports, sla2_fused_attention, sparse_linear_attention
+from pallas_kernels.common import validate_call
 from pallas_kernels.reference import reference_branches, reference_fused
 
 
@@ -200,60 +202,26 @@ def test_bad_alpha_raises_value_error():
 
 
 def test_launch_config_variants_give_the_same_result():
-    """Backward sub-block sizes and forward keys-per-step only change the schedule, not the result."""
-    import importlib
-
-    lc = importlib.import_module("pallas_kernels.launch_config")
+    """Backward sub-block sizes and forward keys-per-step (KernelConfig.launch) only change the schedule, not the
+    result."""
     seed = _seed()
     args, lut, w1, w2, alpha = _make(seed, 1, 300, 1, 64, jnp.float32, 3, 128, 64, alpha=True)
 
-    def grads():
-        f = lambda *xs: jnp.sum(sla2_fused_attention(*xs[:5], lut, xs[5]) * w1)
+    def grads(**launch):
+        config = KernelConfig(launch=tuple(launch.items()))
+        f = lambda *xs: jnp.sum(sla2_fused_attention(*xs[:5], lut, xs[5], config=config) * w1)
         return jax.grad(f, argnums=tuple(range(6)))(*args, alpha)
 
-    with lc.override_launch_config(fwd=(4, 2, 128), dq=(4, 2, 128), dkv=(4, 2, 32)):
-        g1 = grads()
-    with lc.override_launch_config(fwd=(4, 2, 64), dq=(4, 2, 32), dkv=(4, 2, 128)):
-        g2 = grads()
+    g1 = grads(fwd=(4, 2, 128), dq=(4, 2, 128), dkv=(4, 2, 32))
+    g2 = grads(fwd=(4, 2, 64), dq=(4, 2, 32), dkv=(4, 2, 128))
     rg = jax.grad(lambda *xs: jnp.sum(reference_fused(*xs[:5], lut, xs[5]) * w1), argnums=tuple(range(6)))(*args, alpha)
     for name, a, b, r in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g1, g2, rg):
         assert _rel(a, r) < 2e-3 and _rel(b, r) < 2e-3, (seed, name, _rel(a, r), _rel(b, r))
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        dict(fwd_linear="loop", dq_linear="loop", dkv_linear="loop"),  # selected part inside the loops (session 1)
-        dict(fwd_linear="loop", dq_linear="blocks", dkv_linear="blocks"),  # backward recomputes the per-block states
-    ],
-)
-def test_linear_branch_placements_give_the_reference_result(options, monkeypatch):
-    """Where the complement's selected part is handled (in-loop or per-block states) does not change the result."""
-    from pallas_kernels import sparse_linear
-
-    monkeypatch.setattr(sparse_linear, "OPTIONS", dict(sparse_linear.OPTIONS, **options))
-    seed = _seed()
-    args, lut, w1, _, alpha = _make(seed, 1, 100, 2, 32, jnp.float32, 3, 32, 16, alpha=True)
-    kw = dict(block_q=32, block_k=16)
-
-    def loss(fn):
-        return lambda *xs: jnp.sum(fn(*xs[:5], lut, xs[5], **kw) * w1)
-
-    assert _rel(sla2_fused_attention(*args, lut, alpha, **kw), reference_fused(*args, lut, alpha, **kw)) < 2e-4, seed
-    g = jax.grad(loss(sla2_fused_attention), argnums=tuple(range(6)))(*args, alpha)
-    rg = jax.grad(loss(reference_fused), argnums=tuple(range(6)))(*args, alpha)
-    for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
-        assert _rel(a, b) < 2e-3, (seed, options, name, _rel(a, b))
-
-
-@pytest.mark.parametrize("fwd_linear", ["blocks", "loop"])
-def test_forward_masks_the_ragged_last_key_block(fwd_linear, monkeypatch):
+def test_forward_masks_the_ragged_last_key_block():
     """Every query block selects the ragged last key block (and a random ascending rest): keys >= N never count;
-    the forward-only and VJP forwards match the reference, with the complement's selected part in per-block
-    states or in the loop."""
-    from pallas_kernels import sparse_linear
-
-    monkeypatch.setattr(sparse_linear, "OPTIONS", dict(sparse_linear.OPTIONS, fwd_linear=fwd_linear))
+    the forward-only and VJP forwards match the reference."""
     seed = _seed()
     rng = np.random.default_rng(seed)
     n, d, bq, bk, topk = 75, 64, 32, 16, 2  # last key block holds 11 valid keys of 16
@@ -273,21 +241,19 @@ def test_forward_masks_the_ragged_last_key_block(fwd_linear, monkeypatch):
 
 
 @pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
-def test_complement_states_keep_float16_precision_over_a_wide_range(state_dtype, monkeypatch):
+def test_complement_states_keep_float16_precision_over_a_wide_range(state_dtype):
     """H_i, Z_i (sums over the unselected key blocks) vs float64: 16-bit inputs go through per-block float16 sums
     with a power-of-two scale (~2^-11 relative, no overflow for |V| ~ 1e4, no underflow for 1e-5), stored in float32
-    or, with OPTIONS state_dtype "bfloat16", rounded once to bf16 (~2^-9); float32 inputs stay float32. Both are
+    or, with KernelConfig.state_dtype "bfloat16", rounded once to bf16 (~2^-9); float32 inputs stay float32. Both are
     checked per head against numpy on the same (rounded) inputs."""
-    from pallas_kernels import sparse_linear as sl
-
-    monkeypatch.setattr(sl, "OPTIONS", dict(sl.OPTIONS, state_dtype=state_dtype))
+    config = KernelConfig(state_dtype=state_dtype)
     seed = _seed()
     b, n, h, d, topk, block_q, block_k = 1, 333, 2, 64, 2, 128, 64
     for dtype, tol in ((jnp.bfloat16, 6e-4 if state_dtype == "float32" else 3e-3), (jnp.float32, 1e-5)):
         (q, k, v, q_phi, k_phi), lut, *_ = _make(seed, b, n, h, d, dtype, topk, block_q, block_k)
         v = (v.astype(jnp.float32) * jnp.asarray([1e4, 1e-5])[None, None, :, None]).astype(dtype)
-        cfg = sl._validate(q, k, v, q_phi, k_phi, lut, block_q, block_k, "complement", None, 1e-6, True)
-        h_i, z_i = sl._complement_states(k_phi, v, lut, cfg)
+        cfg = validate_call(q, k, v, q_phi, k_phi, lut, block_q, block_k, "complement", None, 1e-6, True, config)
+        h_i, z_i = linear_states.complement_states(k_phi, v, lut, cfg)
         bf16_states = state_dtype == "bfloat16" and dtype == jnp.bfloat16
         assert h_i.dtype == (jnp.bfloat16 if bf16_states else jnp.float32)
         kp, vv, sel = np.asarray(k_phi, np.float64), np.asarray(v, np.float64), np.asarray(lut)
@@ -307,37 +273,32 @@ def test_mosaic_forward_path_with_a_stand_in_sparse_kernel(scope, monkeypatch):
     """The "mosaic" forward (GPU only) = a sparse kernel giving (o_s, LSE) + the Triton linear epilogue. On CPU the
     Mosaic kernel cannot run, so a stand-in returns the Triton sparse-only forward's (o_s, LSE): the epilogue, the
     residuals it hands to the backward and the custom_vjp wiring must still give the reference output and
-    gradients (the Mosaic kernel itself is checked on the GPU by experiments/probe_mosaic_sparse.py)."""
-    from pallas_kernels import sparse_linear as sl
-    from pallas_kernels import sparse_mosaic
-
+    gradients (the Mosaic kernel itself is checked on the GPU by experiments/dev/probe_mosaic_sparse.py)."""
     calls = []
 
-    def stand_in(q, k, v, lut, *, block_k, sm_scale, stages):
+    def stand_in(q, k, v, lut, *, block_k, sm_scale, stages, config):
         calls.append(stages)
-        cfg = sl._validate(q, k, v, q, k, lut, 128, block_k, "all", sm_scale, 1e-6, True)._replace(linear=False)
-        sl.OPTIONS["fwd_kernel"] = "triton"
-        out = sl._forward(q, k, v, None, None, lut, None, cfg, fused=False, residuals=True)
-        sl.OPTIONS["fwd_kernel"] = "mosaic"
+        cfg = validate_call(q, k, v, q, k, lut, 128, block_k, "all", sm_scale, 1e-6, True, KernelConfig())
+        out = attention.forward(q, k, v, None, None, lut, None, cfg._replace(linear=False), fused=False, residuals=True)
         return out["o_s"], out["lse"]
 
-    monkeypatch.setattr(sparse_mosaic, "sparse_attention_mosaic", stand_in)
-    monkeypatch.setattr(sl, "OPTIONS", dict(sl.OPTIONS, fwd_kernel="mosaic"))
-    eligible = lambda q, cfg, lin_in_loop: sl.OPTIONS["fwd_kernel"] == "mosaic" and not lin_in_loop  # any device
-    monkeypatch.setattr(sl, "_use_mosaic", eligible)
+    monkeypatch.setattr(mosaic_forward, "sparse_attention_mosaic", stand_in)
     seed = _seed()
     args, lut, w1, _, alpha = _make(seed, 1, 200, 2, 64, jnp.float32, 2, 128, 64, alpha=True)
     kw = dict(block_q=128, block_k=64, linear_scope=scope)
+    ref_kw = dict(kw)
+    kw["config"] = KernelConfig(forward="mosaic")
 
-    def loss(fn):
+    def loss(fn, kw):
         return lambda *xs: jnp.sum(fn(*xs[:5], lut, xs[5], **kw) * w1)
 
-    assert _rel(sla2_fused_attention(*args, lut, alpha, **kw), reference_fused(*args, lut, alpha, **kw)) < 2e-4, seed
+    out = sla2_fused_attention(*args, lut, alpha, **kw)
+    assert _rel(out, reference_fused(*args, lut, alpha, **ref_kw)) < 2e-4, seed
     o_s, o_l = sparse_linear_attention(*args, lut, **kw)
-    r_s, r_l = reference_branches(*args, lut, **kw)
+    r_s, r_l = reference_branches(*args, lut, **ref_kw)
     assert _rel(o_s, r_s) < 2e-4 and _rel(o_l, r_l) < 2e-4, seed
-    g = jax.grad(loss(sla2_fused_attention), argnums=tuple(range(6)))(*args, alpha)
-    rg = jax.grad(loss(reference_fused), argnums=tuple(range(6)))(*args, alpha)
+    g = jax.grad(loss(sla2_fused_attention, kw), argnums=tuple(range(6)))(*args, alpha)
+    rg = jax.grad(loss(reference_fused, ref_kw), argnums=tuple(range(6)))(*args, alpha)
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
         assert _rel(a, b) < 2e-3, (seed, scope, name, _rel(a, b))
     assert calls, "the mosaic path was not taken"
@@ -372,12 +333,7 @@ def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, monkeypatch):
     and dK/dV kernels for the sparse loops. On CPU stand-ins implement those two kernels' contract in dense
     float32 (from the LUT, or from the transposed LUT and its counts): the per-row terms handed to them, their
     wiring and the Triton linear kernels must still give the reference gradients (the Mosaic kernels themselves
-    are checked on the GPU by experiments/probe_mosaic_dq.py and probe_mosaic_dkv.py)."""
-    import sys
-    import types
-
-    from pallas_kernels import sparse_linear as sl
-
+    are checked on the GPU by experiments/dev/probe_mosaic_dq.py and probe_mosaic_dkv.py)."""
     calls = []
 
     def dq_stand_in(q, k, v, do, lse, delta, lut, alpha=None, *, block_k, sm_scale, stages=2):
@@ -398,25 +354,20 @@ def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, monkeypatch):
         _, dk, dv = _dense_sparse_grads(q, k, v, do, lse, delta, mask, alpha, sm_scale, 128)
         return dk.astype(k.dtype), dv.astype(k.dtype)
 
-    monkeypatch.setitem(
-        sys.modules, "pallas_kernels.sparse_mosaic_dq", types.SimpleNamespace(sparse_attention_dq_mosaic=dq_stand_in)
-    )
-    monkeypatch.setitem(
-        sys.modules, "pallas_kernels.sparse_mosaic_dkv", types.SimpleNamespace(sparse_attention_dkv_mosaic=dkv_stand_in)
-    )
-    monkeypatch.setattr(sl, "OPTIONS", dict(sl.OPTIONS, bwd_kernel="mosaic"))
-    monkeypatch.setattr(sl, "_mosaic_supports", lambda q, cfg: True)  # any device, interpret mode included
+    monkeypatch.setattr(mosaic_dq, "sparse_attention_dq_mosaic", dq_stand_in)
+    monkeypatch.setattr(mosaic_dkv, "sparse_attention_dkv_mosaic", dkv_stand_in)
     seed = _seed()
     args, lut, w1, w2, alpha = _make(seed, 1, 200, 2, 64, jnp.float32, 2, 128, 64, alpha=True)
-    kw = dict(block_q=128, block_k=64, linear_scope=scope)
+    ref_kw = dict(block_q=128, block_k=64, linear_scope=scope)
+    kw = dict(ref_kw, config=KernelConfig(backward="mosaic"))
     fused = lambda *xs: jnp.sum(sla2_fused_attention(*xs[:5], lut, xs[5], **kw) * w1)
-    ref_fused = lambda *xs: jnp.sum(reference_fused(*xs[:5], lut, xs[5], **kw) * w1)
+    ref_fused = lambda *xs: jnp.sum(reference_fused(*xs[:5], lut, xs[5], **ref_kw) * w1)
     g = jax.jit(jax.grad(fused, argnums=tuple(range(6))))(*args, alpha)
     rg = jax.grad(ref_fused, argnums=tuple(range(6)))(*args, alpha)
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
         assert _rel(a, b) < 2e-3, (seed, scope, name, _rel(a, b))
     branches = lambda *xs: sum(jnp.sum(o * w) for o, w in zip(sparse_linear_attention(*xs, lut, **kw), (w1, w2)))
-    ref_branches = lambda *xs: sum(jnp.sum(o * w) for o, w in zip(reference_branches(*xs, lut, **kw), (w1, w2)))
+    ref_branches = lambda *xs: sum(jnp.sum(o * w) for o, w in zip(reference_branches(*xs, lut, **ref_kw), (w1, w2)))
     g = jax.jit(jax.grad(branches, argnums=tuple(range(5))))(*args)
     rg = jax.grad(ref_branches, argnums=tuple(range(5)))(*args)
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi"), g, rg):
@@ -424,34 +375,28 @@ def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, monkeypatch):
     assert calls.count("dq") == 2 and calls.count("dkv") == 2, calls
 
 
-def test_bfloat16_states_give_the_reference_result(monkeypatch):
-    """OPTIONS state_dtype "bfloat16" (H_i in the forward and dq, dH_j in dkv): output and all gradients of the fused
+def test_bfloat16_states_give_the_reference_result():
+    """KernelConfig.state_dtype "bfloat16" (H_i in the forward and dq, dH_j in dkv): output and all gradients of the fused
     SLA2 op still match the float32 reference within the bf16 tolerances (ragged N, D 128, both linear parts)."""
-    from pallas_kernels import sparse_linear as sl
-
-    monkeypatch.setattr(sl, "OPTIONS", dict(sl.OPTIONS, state_dtype="bfloat16"))
     seed = _seed()
     args, lut, w1, _, alpha = _make(seed, 1, 333, 2, 128, jnp.bfloat16, 3, 128, 64, alpha=True)
-    kw = dict(block_q=128, block_k=64)
-    loss = lambda fn: lambda *xs: jnp.sum(fn(*xs[:5], lut, xs[5], **kw).astype(jnp.float32) * w1)
+    ref_kw = dict(block_q=128, block_k=64)
+    kw = dict(ref_kw, config=KernelConfig(state_dtype="bfloat16"))
+    loss = lambda fn, kw: lambda *xs: jnp.sum(fn(*xs[:5], lut, xs[5], **kw).astype(jnp.float32) * w1)
     fwd_tol, grad_tol = TOL[jnp.bfloat16]
-    assert _rel(sla2_fused_attention(*args, lut, alpha, **kw), reference_fused(*args, lut, alpha, **kw)) < fwd_tol
-    g = jax.jit(jax.grad(loss(sla2_fused_attention), argnums=tuple(range(6))))(*args, alpha)
-    rg = jax.grad(loss(reference_fused), argnums=tuple(range(6)))(*args, alpha)
+    assert _rel(sla2_fused_attention(*args, lut, alpha, **kw), reference_fused(*args, lut, alpha, **ref_kw)) < fwd_tol
+    g = jax.jit(jax.grad(loss(sla2_fused_attention, kw), argnums=tuple(range(6))))(*args, alpha)
+    rg = jax.grad(loss(reference_fused, ref_kw), argnums=tuple(range(6)))(*args, alpha)
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
         assert _rel(a, b) < grad_tol, (seed, name, _rel(a, b))
 
 
-@pytest.mark.parametrize("cumsum", ["matmul", "xla"])
 @pytest.mark.parametrize("nq, nk, topk", [(7, 11, 4), (300, 5, 3)])  # 300: running counts up to ~180 per key block
-def test_selection_and_transposed_lut_against_numpy(seed, cumsum, nq, nk, topk, monkeypatch):
-    """_selection (a comparison against the LUT) and _transpose_lut (the query blocks of each key block, ascending,
-    padded with Nq, and their count; running count by either OPTIONS["lut_cumsum"]) vs a numpy loop; ids outside
-    [0, Nk) select nothing."""
-    from pallas_kernels import sparse_linear as sl
-    from pallas_kernels.sparse_linear import _selection, _transpose_lut
-
-    monkeypatch.setattr(sl, "OPTIONS", dict(sl.OPTIONS, lut_cumsum=cumsum))
+def test_selection_and_transposed_lut_against_numpy(seed, nq, nk, topk):
+    """selection (a comparison against the LUT) and transpose_lut (the query blocks of each key block, ascending,
+    padded with Nq, and their count; running count by a triangular matmul) vs a numpy loop; ids outside [0, Nk)
+    select nothing."""
+    _selection, _transpose_lut = linear_states.selection, linear_states.transpose_lut
     rng = np.random.default_rng(seed)
     b, h = 2, 3
     lut = np.stack([np.sort(rng.choice(nk, topk, replace=False)) for _ in range(b * h * nq)]).reshape(b, h, nq, topk)
@@ -484,11 +429,18 @@ def test_selection_and_transposed_lut_against_numpy(seed, cumsum, nq, nk, topk, 
     ],
 )
 def test_mosaic_kernels_only_for_the_shapes_they_are_built_for(block_q, block_k, dtype, expected):
-    """_mosaic_supports (on a GPU, i.e. not interpret): b_q 128, b_k 64, 16-bit inputs; anything else must fall back
-    to the Triton kernels instead of failing in the Mosaic compiler (e.g. shared memory overflow at b_k 128)."""
-    from pallas_kernels import sparse_linear as sl
+    """mosaic_supports: b_q 128, b_k 64, 16-bit inputs; anything else takes the Triton kernels by heuristic_config
+    on a Hopper GPU (instead of failing in the Mosaic compiler, e.g. shared memory overflow at b_k 128), and an
+    explicit KernelConfig(forward="mosaic") for it is refused with the reason."""
+    from pallas_kernels import heuristic_config
 
-    q = jnp.zeros((1, 256, 2, 64), dtype)
-    lut = jnp.zeros((1, 2, 256 // block_q, 1), jnp.int32)
-    cfg = sl._validate(q, q, q, q, q, lut, block_q, block_k, "complement", None, 1e-6, True)._replace(interpret=False)
-    assert sl._mosaic_supports(q, cfg) is expected
+    assert (mosaic_supports(256, 64, dtype, block_q, block_k) is None) is expected
+    chosen = heuristic_config(256, 64, dtype, block_q, block_k, gpu="hopper")
+    assert chosen.forward == chosen.backward == ("mosaic" if expected else "triton")
+    assert heuristic_config(256, 64, dtype, block_q, block_k, gpu="ampere").forward == "triton"
+    if not expected:
+        q = jnp.zeros((1, 256, 2, 64), dtype)
+        lut = jnp.zeros((1, 2, 256 // block_q, 1), jnp.int32)
+        with pytest.raises(ValueError, match="Mosaic"):
+            validate_call(q, q, q, q, q, lut, block_q, block_k, "complement", None, 1e-6, False,
+                          KernelConfig(forward="mosaic"))

@@ -9,9 +9,9 @@ import pytest
 
 import sla2_jax as sla
 from helpers import random_qkv, rel_err
-from pallas_kernels import int8_attention as ia
-from pallas_kernels.prep import block_means_and_phi, block_means_phi_int8, block_means_phi_int8_queries, select_blocks
-from sla2_jax.feature_maps import feature_map
+from pallas_kernels import quantize
+from pallas_kernels.front_end import block_means_and_phi, block_means_phi_int8, block_means_phi_int8_queries, select_blocks
+from sla2_jax.feature_maps import PHI_FUNCTIONS, feature_map
 
 
 @pytest.mark.parametrize(
@@ -20,7 +20,7 @@ from sla2_jax.feature_maps import feature_map
 )
 def test_block_means_and_phi_match_xla(seed, dtype, dim, kind, block):
     x = random_qkv(seed, (1, 3 * block - 5, 2, dim), dtype)[0]  # ragged last block
-    phi, means = block_means_and_phi(x, block, kind)
+    phi, means = block_means_and_phi(x, block, PHI_FUNCTIONS[kind])
     assert phi.dtype == dtype and phi.shape == x.shape and means.shape == (1, 2, 3, dim)
     tol = 1e-6 if dtype == jnp.float32 else 1e-2
     np.testing.assert_allclose(
@@ -38,18 +38,18 @@ def test_block_means_and_phi_match_xla(seed, dtype, dim, kind, block):
         return jnp.sum(phi.astype(jnp.float32) * g_phi) + jnp.sum(means * g_mean)
 
     # the backward kernel (sla_prep_bwd) vs the vjp of the XLA formulas; both compute in float32 and round once
-    got = jax.grad(loss)(x, lambda x: block_means_and_phi(x, block, kind))
+    got = jax.grad(loss)(x, lambda x: block_means_and_phi(x, block, PHI_FUNCTIONS[kind]))
     ref = jax.grad(loss)(x, lambda x: (feature_map(x, kind), sla.pool_blocks(x, block)))
     assert got.dtype == dtype and rel_err(got, ref) < (1e-6 if dtype == jnp.float32 else 4e-3)
     # pass_through: X comes back as a third output; its cotangent is added to dX inside the backward kernel
     g_x = jax.random.normal(jax.random.PRNGKey(seed + 3), x.shape, jnp.float32)
-    out = block_means_and_phi(x, block, kind, pass_through=True)
+    out = block_means_and_phi(x, block, PHI_FUNCTIONS[kind], pass_through=True)
     assert len(out) == 3
     np.testing.assert_array_equal(np.asarray(out[2], np.float32), np.asarray(x, np.float32))
     got = jax.grad(
         lambda x: (
-            loss(x, lambda x: block_means_and_phi(x, block, kind, pass_through=True)[:2])
-            + jnp.sum(block_means_and_phi(x, block, kind, pass_through=True)[2].astype(jnp.float32) * g_x)
+            loss(x, lambda x: block_means_and_phi(x, block, PHI_FUNCTIONS[kind], pass_through=True)[:2])
+            + jnp.sum(block_means_and_phi(x, block, PHI_FUNCTIONS[kind], pass_through=True)[2].astype(jnp.float32) * g_x)
         )
     )(x)
     ref = jax.grad(
@@ -68,8 +68,8 @@ def test_block_means_and_phi_match_xla(seed, dtype, dim, kind, block):
 def test_block_means_phi_int8_matches_references(seed, dtype, dim, block):
     k = random_qkv(seed, (1, 3 * block - 7, 2, dim), dtype)[1]  # ragged last block
     k = (k.astype(jnp.float32) + jax.random.normal(jax.random.PRNGKey(seed + 1), (dim,))).astype(dtype)  # a mean
-    phi, means, keys = block_means_phi_int8(k, block, "softmax")
-    phi_ref, means_ref = block_means_and_phi(k, block, "softmax")
+    phi, means, keys = block_means_phi_int8(k, block, PHI_FUNCTIONS['softmax'])
+    phi_ref, means_ref = block_means_and_phi(k, block, PHI_FUNCTIONS['softmax'])
     np.testing.assert_array_equal(np.asarray(phi, np.float32), np.asarray(phi_ref, np.float32))
     np.testing.assert_allclose(means, means_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(keys.mean, np.asarray(k, np.float64).mean(axis=1), rtol=1e-5, atol=1e-6)
@@ -90,7 +90,7 @@ def test_block_means_phi_int8_matches_references(seed, dtype, dim, block):
         return sum(jnp.sum(a.astype(jnp.float32) * g) for a, g in ((phi, g_phi), (means, g_mean), (k_out, g_k)))
 
     got = jax.grad(loss)(
-        k, lambda k: [block_means_phi_int8(k, block, "softmax", pass_through=True)[i] for i in (0, 1, 3)]
+        k, lambda k: [block_means_phi_int8(k, block, PHI_FUNCTIONS['softmax'], pass_through=True)[i] for i in (0, 1, 3)]
     )
     ref = jax.grad(loss)(k, lambda k: (feature_map(k, "softmax"), sla.pool_blocks(k, block), k))
     assert rel_err(got, ref) < (1e-6 if dtype == jnp.float32 else 4e-3)
@@ -103,13 +103,13 @@ def test_block_means_phi_int8_queries_equal_query_pass(seed, dtype, dim, block):
     shift as int8_attention.quantize_queries (the separate Q pass it replaces) and as the XLA / float64 formulas."""
     q, k, _ = random_qkv(seed, (1, 3 * block - 7, 2, dim), dtype)  # ragged last block
     k_mean = jnp.mean(k.astype(jnp.float32), axis=1)
-    phi, means, queries = block_means_phi_int8_queries(q, block, "softmax", k_mean, 0.37)
-    phi_ref, means_ref = block_means_and_phi(q, block, "softmax")
+    phi, means, queries = block_means_phi_int8_queries(q, block, PHI_FUNCTIONS['softmax'], k_mean, 0.37)
+    phi_ref, means_ref = block_means_and_phi(q, block, PHI_FUNCTIONS['softmax'])
     np.testing.assert_array_equal(np.asarray(phi, np.float32), np.asarray(phi_ref, np.float32))
     np.testing.assert_allclose(means, means_ref, rtol=1e-5, atol=1e-6)
     assert queries.q8.dtype == jnp.int8 and queries.q8.shape == q.shape
     assert queries.scale.shape == (1, 2, 3) and queries.shift.shape == (1, 2, 3 * block)
-    pass_q8, pass_scale, pass_shift = ia.quantize_queries(q, block, k_mean, 0.37, interpret=True, method="pallas")
+    pass_q8, pass_scale, pass_shift = quantize.quantize_queries(q, block, k_mean, 0.37, interpret=True, method="pallas")
     r8, r_scale = sla.quantize_int8_blocks(q, block)
     np.testing.assert_array_equal(np.asarray(queries.scale), np.asarray(pass_scale))
     np.testing.assert_array_equal(np.asarray(queries.scale), np.asarray(r_scale))
@@ -134,14 +134,14 @@ def test_block_means_phi_int8_queries_equal_query_pass(seed, dtype, dim, block):
         return sum(jnp.sum(a.astype(jnp.float32) * g) for a, g in zip(outs, (g_phi, g_mean, g_q, g_shift)))
 
     def front(q):
-        phi, means, queries, q_out = block_means_phi_int8_queries(q, block, "softmax", k_mean, 0.37, pass_through=True)
+        phi, means, queries, q_out = block_means_phi_int8_queries(q, block, PHI_FUNCTIONS['softmax'], k_mean, 0.37, pass_through=True)
         return phi, means, q_out, queries.shift
 
     got = jax.grad(loss)(q, front)
     ref = jax.grad(loss)(q, lambda q: (feature_map(q, "softmax"), sla.pool_blocks(q, block), q))
     assert rel_err(got, ref) < (1e-6 if dtype == jnp.float32 else 4e-3)
     with pytest.raises(ValueError, match="k_mean"):
-        block_means_phi_int8_queries(q, block, "softmax", k_mean[:, :1], 0.37)
+        block_means_phi_int8_queries(q, block, PHI_FUNCTIONS['softmax'], k_mean[:, :1], 0.37)
 
 
 def _numpy_topk_ascending(scores, k):
