@@ -1,11 +1,11 @@
-"""GPU probe (issue #4, session 6): the INT8 Mosaic forward with the linear branch and the SLA2 combine in its
-epilogue (sparse_mosaic.sparse_linear_attention_mosaic_int8) vs the INT8 kernel + the Triton linear epilogue.
+"""GPU probe: the INT8 Mosaic forward with the linear branch and the SLA2 combine in its epilogue
+(mosaic_forward.sparse_linear_attention_mosaic_int8) vs the INT8 kernel + the Triton linear epilogue.
 
-    python -m experiments.probe_int8_epilogue --out DIR [--sparsity 0.95 0.97] [--runs 20] [--rounds 2]
+    python -m experiments.dev.probe_int8_epilogue --out DIR [--sparsity 0.95 0.97] [--runs 20] [--rounds 2]
 
 The library (sla2_jax.sla2_attention, quant="int8", backend "pallas", Hopper) takes the fused path when
-sparse_linear.OPTIONS["fwd_epilogue"] is "mosaic" (default) and the per-block states are bf16; "triton" gives the
-path of before. Correctness first: small shapes (fresh seed, partial last blocks, D 64 / 128, bf16 / f16): module
+KernelConfig.epilogue is "mosaic" (default) and the per-block states are bf16; "triton" runs the Triton epilogue
+kernel after the INT8 kernel. Each path is a SLA2Config(kernel=heuristic_config(...).replace(epilogue=...)). Correctness first: small shapes (fresh seed, partial last blocks, D 64 / 128, bf16 / f16): module
 output and gradients (q, k, v) fused vs Triton epilogue, both vs dense float32 attention; wan-1.3b (B=1, H=12,
 N=32760, D=128, bf16) per sparsity: the same comparisons, then module forward times (bf16, INT8 fused, INT8 Triton
 epilogue, cuDNN; synchronised medians and pipelined ms per call, interleaved rounds) and CUPTI kernel sums.
@@ -22,21 +22,24 @@ import jax
 import jax.numpy as jnp
 
 import sla2_jax as sla
-from experiments.probe_common import kernel_ms, record_error, rel, with_options
+from experiments.dev.common import default_config, kernel_ms, record_error, rel
 from experiments.timing import pipelined_seconds, time_fn
-from pallas_kernels import sparse_linear as sl
 
-RESULTS: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
-
-
-def with_epilogue(epilogue, fn):
-    """fn with sparse_linear.OPTIONS["fwd_epilogue"] set while it runs (jit traces on the first call)."""
-    return with_options(sl.OPTIONS, fn, fwd_epilogue=epilogue)
+RESULTS: dict = {}
 
 
-def module(sparsity, quant):
-    cfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", alpha="mass", quant=quant)
-    return lambda q, k, v: sla.sla2_attention(q, k, v, config=cfg)
+def module(sparsity, quant, epilogue=None):
+    """(q, k, v) -> sla2_attention on the pallas backend; epilogue: None (the library's KernelConfig) or the
+    KernelConfig.epilogue of the call's heuristic_config."""
+
+    def run(q, k, v):
+        kernel = None if epilogue is None else default_config(q.shape[1], q.shape[3], q.dtype, epilogue=epilogue)
+        cfg = sla.SLA2Config(
+            topk_ratio=round(1 - sparsity, 6), backend="pallas", alpha="mass", quant=quant, kernel=kernel
+        )
+        return sla.sla2_attention(q, k, v, config=cfg)
+
+    return run
 
 
 def grads(fn, do):
@@ -45,14 +48,14 @@ def grads(fn, do):
 
 def compare(row, sparsity, q, k, v, do):
     """Outputs and gradients of the fused vs the Triton-epilogue INT8 path, and each vs dense attention."""
-    fused, triton = (jax.jit(with_epilogue(e, module(sparsity, "int8"))) for e in ("mosaic", "triton"))
+    fused, triton = (jax.jit(module(sparsity, "int8", e)) for e in ("mosaic", "triton"))
     o_f, o_t = fused(q, k, v), triton(q, k, v)
     dense = sla.dense_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
     row.update(rel_o_fused_vs_triton=rel(o_f, o_t), rel_o_fused_vs_dense=rel(o_f, dense))
     row["rel_o_triton_vs_dense"] = rel(o_t, dense)
     row["finite"] = bool(jnp.all(jnp.isfinite(o_f)))
-    g_f = jax.jit(grads(with_epilogue("mosaic", module(sparsity, "int8")), do))(q, k, v)
-    g_t = jax.jit(grads(with_epilogue("triton", module(sparsity, "int8")), do))(q, k, v)
+    g_f = jax.jit(grads(module(sparsity, "int8", "mosaic"), do))(q, k, v)
+    g_t = jax.jit(grads(module(sparsity, "int8", "triton"), do))(q, k, v)
     row["rel_grads_fused_vs_triton"] = [rel(a, b) for a, b in zip(g_f, g_t)]
     return fused, triton
 
@@ -111,13 +114,14 @@ def wan(sparsity, seed, runs, rounds):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.95, 0.97])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    RESULTS.update(device=str(jax.devices()[0].device_kind), jax=jax.__version__)
     seed = int.from_bytes(os.urandom(3), "little")
     RESULTS["seed"] = seed
     path = os.path.join(args.out, "probe_int8_epilogue.json")

@@ -1,6 +1,6 @@
-"""GPU check and timing of the front end's backward (pallas_kernels.prep: sla_prep_bwd) against XLA's vjp.
+"""GPU check and timing of the front end's backward (pallas_kernels.front_end: sla_prep_bwd) against XLA's vjp.
 
-    python -m experiments.probe_prep_bwd --out DIR          # wan-1.3b shape (1, 32760, 12, 128), bf16
+    python -m experiments.dev.probe_prep_bwd --out DIR          # wan-1.3b shape (1, 32760, 12, 128), bf16
 
 The backward of `block_means_and_phi` gives dX = vjp of phi (softmax over D) applied to d phi plus the block
 means' cotangent spread over their rows. In the module's backward the result is added to the attention kernels'
@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 
 import sla2_jax as sla
-from experiments.probe_common import rel
+from experiments.dev.common import rel
 from experiments.timing import time_fn
-from pallas_kernels.prep import block_means_and_phi
-from sla2_jax.feature_maps import feature_map
+from pallas_kernels.front_end import block_means_and_phi
+from sla2_jax.feature_maps import feature_map, softmax_phi
 
 
 def module_gradient_check(seed, shape=(1, 2000, 2, 128), sparsity=0.9):
@@ -72,10 +72,10 @@ def main(argv=None):
 
         return jax.jit(grad)
 
-    front = lambda x: block_means_and_phi(x, args.block, "softmax")  # noqa: E731
+    front = lambda x: block_means_and_phi(x, args.block, softmax_phi)  # noqa: E731
     xla = vjp_of(lambda x: (feature_map(x, "softmax"), sla.pool_blocks(x, args.block)))
     kernel = vjp_of(front)
-    fused = vjp_of(lambda x: block_means_and_phi(x, args.block, "softmax", pass_through=True), "pass_through")
+    fused = vjp_of(lambda x: block_means_and_phi(x, args.block, softmax_phi, pass_through=True), "pass_through")
     kernel_alone = vjp_of(front, None)
     inputs = (x, d_phi, d_means, d_other)
     result = {"seed": seed, "shape": shape, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
