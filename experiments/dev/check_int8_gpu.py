@@ -1,6 +1,6 @@
 """Check and time the low-bit (INT8 / INT8+FP8) SLA2 sparse-branch kernel on a GPU, in one process.
 
-  python -m experiments.check_int8_gpu [--out DIR] [--sparsity 0.95 0.97] [--runs 30] [--budget-s 190]
+  python -m experiments.dev.check_int8_gpu [--out DIR] [--sparsity 0.95 0.97] [--runs 30] [--budget-s 190]
 
 1. What the GPU runs (--sass-only runs just this; it needs no GPU): jax 0.11 hands Pallas-Triton kernels to XLA
    as Triton IR (custom call "__gpu$xla.gpu.triton", bytecode in its backend config), so the PTX is never seen
@@ -8,16 +8,18 @@
    compiled for sm_90a by the standalone ``triton`` package (a proxy for XLA's Triton: same front end, its own
    version), then ``ptxas -v`` and ``cuobjdump -sass`` (Triton's bundled tools): MMA instructions in PTX,
    SASS opcode counts (HGMMA / IGMMA / QGMMA / HMMA / I2FP / MUFU.EX2 / LDL / STL), registers and spills.
-   Written to DIR/sass_summary.txt and DIR/ptx_sass.tar.gz.
+   Written to DIR/sass_summary.txt and DIR/ptx_sass.tar.gz. (The Triton kernels: the H100 launch table with
+   KernelConfig forward "triton", experiments.dev.sass_report.hopper_config.)
 2. Small shapes (ragged N, D 64/128): low-bit o_s vs the fake-quant reference of sla2_jax (xla backend) for the
-   default and the option variants, fused output vs combine of the low-bit branches.
+   default and the variants (VARIANTS: quant and KernelConfig changes), fused output vs combine of the low-bit
+   branches; the pre-pass's int8 tiles vs the XLA quantisation.
 3. wan-1.3b (B=1, H=12, N=32760, D=128, bf16, random normal q, k, v), LUT from sla2_jax.route, alpha = the
    router's captured mass: relative error (norm-wise) of the bf16 / low-bit fused outputs vs dense attention
    (sla2_jax.dense_attention) and vs the bf16 kernel; median forward times (experiments.timing, synchronised,
    after warm-up) of cuDNN, the bf16 fused kernel, the low-bit variants (whole forward, pre-pass alone, forward
-   kernel alone on pre-quantised inputs), all in this one run.
+   with pre-quantised keys), all in this one run.
 4. --module (or --module-only, which skips 1-3): the library's low-bit path, ``sla2_attention(quant="int8")`` on
-   the pallas backend, where the front end quantises K~ in its read of K (prep.block_means_phi_int8) and the
+   the pallas backend, where the front end quantises K~ in its read of K (front_end.block_means_phi_int8) and the
    forward kernel quantises Q (no pre-pass). Small shapes: int8 keys bit-equal to the XLA quantisation, LUT vs the
    XLA router, output vs the fake-quant xla module, the pre-pass path and bf16. wan-1.3b: module forward bf16 /
    int8 / int8 with the pre-pass (route_with_features + the kernel without keys: the path before), front end with
@@ -35,35 +37,46 @@ import sys
 import time
 import traceback
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels as pk
 import sla2_jax as sla
-from experiments import sass_report as sass
+from experiments.dev import sass_report as sass
+from experiments.dev.common import kernel_call
 from experiments.timing import time_samples
-from pallas_kernels import int8_attention as ia
-from pallas_kernels import sparse_linear as sl
+from pallas_kernels import attention, quantize
+from sla2_jax.feature_maps import softmax_phi
 
 R: dict = {"meta": {}, "ptx": {}, "small": [], "wan": [], "module_small": [], "module": [], "errors": []}
 T0 = time.time()
 
-# Variants of the low-bit forward: name -> (quant, OPTIONS overrides, launch override or None)
+# Variants of the low-bit forward: name -> (quant, KernelConfig changes of heuristic_config for the call). On Hopper
+# the heuristic takes the Mosaic kernels; "triton" variants run the Triton low-bit kernel (launch "lowbit").
 VARIANTS = {
-    "int8": ("int8", {}, None),
-    "int8_fp8": ("int8_fp8", {}, None),
-    "int8_qkernel": ("int8", {"q_prepass": False, "prepass": "pallas"}, None),
-    "int8_w8s3": ("int8", {}, (8, 3)),
+    "int8": ("int8", {}),
+    "int8_fp8": ("int8_fp8", {}),
+    "int8_triton": ("int8", {"forward": "triton", "backward": "triton"}),
+    "int8_fp8_triton": ("int8_fp8", {"mosaic_fp8": False}),
+    "int8_triton_w8s3": ("int8", {"forward": "triton", "backward": "triton", "launch": {"lowbit": (8, 3, 64)}}),
 }
 CORE = ("int8", "int8_fp8")  # timed at every sparsity, with pre-pass and kernel separately
-SMALL = {128: ("int8", "int8_fp8", "int8_qkernel"), 64: ("int8", "int8_fp8")}
-PREPASSES = {  # pre-pass variants timed alone (OPTIONS)
-    "fused": {"prepass": "fused"},
-    "pallas": {"prepass": "pallas"},
-    "k_only_pallas": {"prepass": "pallas", "q_prepass": False},
-    "xla": {"prepass": "xla"},
-}
+SMALL = {128: ("int8", "int8_fp8", "int8_triton"), 64: ("int8", "int8_fp8")}
+PREPASSES = {"qk": True, "k_only": False}  # quantize.prequantize timed alone: Q and K~, or K~ alone (queries=)
+
+
+def variant_config(name, n, d, dtype=jnp.bfloat16, block_q=128, block_k=64):
+    """(quant, KernelConfig) of a VARIANTS entry for a call of this shape."""
+    quant, changes = VARIANTS[name]
+    changes = dict(changes)
+    config = pk.heuristic_config(n, d, dtype, block_q, block_k)
+    if pk.mosaic_supports(n, d, dtype, block_q, block_k) is not None:
+        changes.update(forward="triton", backward="triton")
+    if "launch" in changes:
+        table = dict(config.launch)
+        table.update(changes.pop("launch"))
+        changes["launch"] = tuple(table.items())
+    return quant, config.replace(**changes)
 
 
 def log(*a):
@@ -84,6 +97,11 @@ def phi(x):
     return sla.feature_map(x, "softmax").astype(x.dtype)
 
 
+def prequantize(q, k, cfg, queries=True):
+    """The low-bit forward's quantisation pre-pass (quantize.prequantize) for the call cfg."""
+    return quantize.prequantize(q, k, cfg.block_q, cfg.block_k, cfg.interpret, queries=queries)
+
+
 def guarded(name, fn):
     try:
         return fn()
@@ -95,40 +113,21 @@ def guarded(name, fn):
         return None
 
 
-class Variant:
-    """Context: OPTIONS and launch override of one variant (trace a fresh jit inside)."""
-
-    def __init__(self, opts, launch):
-        self.opts, self.launch = opts, launch
-
-    def __enter__(self):
-        self._o = ia.options(**self.opts)
-        self._o.__enter__()
-        self._l = ia.override_launch(*self.launch) if self.launch else None
-        if self._l:
-            self._l.__enter__()
-
-    def __exit__(self, *exc):
-        if self._l:
-            self._l.__exit__(*exc)
-        self._o.__exit__(*exc)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 1. PTX / SASS
 # ----------------------------------------------------------------------------------------------------------
 def _wan_ttir(n=32760, heads=12, topk=25):
-    """{name: (ttir text, num_warps, num_stages)} of the forward kernels of the wan-1.3b calls, lowered for CUDA."""
-    sass.use_hopper_table()  # the H100 launch table, also on a CPU machine
+    """{name: (ttir text, num_warps, num_stages)} of the Triton forward kernels of the wan-1.3b calls (the H100
+    launch table, also on a CPU machine), lowered for CUDA."""
+    config = sass.hopper_config(n, 128)
     sds = jax.ShapeDtypeStruct
     x = sds((1, n, heads, 128), jnp.bfloat16)
     lut, alpha = sds((1, heads, -(-n // 128), topk), jnp.int32), sds((1, heads, -(-n // 128)), jnp.float32)
+    kw = {"interpret": False, "config": config}
     calls = {
-        "bf16": lambda q, lut, a: sl.sla2_fused_attention(q, q, q, q, q, lut, a, interpret=False),
-        "int8": lambda q, lut, a: ia.sla2_fused_attention_lowbit(q, q, q, q, q, lut, a, interpret=False),
-        "int8_fp8": lambda q, lut, a: ia.sla2_fused_attention_lowbit(
-            q, q, q, q, q, lut, a, quant="int8_fp8", interpret=False
-        ),
+        "bf16": lambda q, lut, a: pk.sla2_fused_attention(q, q, q, q, q, lut, a, **kw),
+        "int8": lambda q, lut, a: pk.sla2_fused_attention_lowbit(q, q, q, q, q, lut, a, **kw),
+        "int8_fp8": lambda q, lut, a: pk.sla2_fused_attention_lowbit(q, q, q, q, q, lut, a, quant="int8_fp8", **kw),
     }
     found = {}
     for label, f in calls.items():
@@ -156,15 +155,15 @@ def small_checks():
         lut, _, mass = sla.route(q, k, sla.SLA2Config(block_q=bq, block_k=bk, topk_ratio=ratio))
         kw = {"block_q": bq, "block_k": bk}
         row = {"n": n, "h": h, "d": d, "block_q": bq, "block_k": bk}
-        cfg = sl._validate(q, k, v, q, k, lut, bq, bk, "complement", None, 1e-6, None)
-        qz = jax.jit(lambda q, k, cfg=cfg: ia._prequantize(q, k, cfg))(q, k)  # default pre-pass on the GPU
+        cfg = kernel_call(q, lut, block_q=bq, block_k=bk)
+        qz = jax.jit(lambda q, k, cfg=cfg: prequantize(q, k, cfg))(q, k)  # the pre-pass of a call without keys
         for name_, x8, ref in (("k8", qz.k8, sla.smooth_keys(k)), ("q8", qz.q8, q)):
             r8, _ = sla.quantize_int8_blocks(ref, bk if name_ == "k8" else bq)
             diff = jnp.abs(x8.astype(jnp.int32) - r8.astype(jnp.int32))
             row[f"prepass_{name_}_max_diff"] = int(jnp.max(diff))
             row[f"prepass_{name_}_frac_diff"] = float(jnp.mean(diff > 0))
-        bs, _ = sl.sparse_linear_attention(q, k, v, phi(q), phi(k), lut, **kw)
-        refs = {qm: sla.sparse_linear_branches(q, k, v, lut, quant=qm, backend="xla", **kw) for qm in ia.QUANT_MODES}
+        bs, _ = pk.sparse_linear_attention(q, k, v, phi(q), phi(k), lut, **kw)
+        refs = {qm: sla.sparse_linear_branches(q, k, v, lut, quant=qm, backend="xla", **kw) for qm in pk.QUANT_MODES}
         for name in SMALL[d]:
             row[name] = guarded(
                 f"small {name}", lambda name=name: small_variant(name, q, k, v, lut, mass, kw, refs, bs)
@@ -176,14 +175,14 @@ def small_checks():
 
 def small_variant(name, q, k, v, lut, mass, kw, refs, bs):
     """Errors of one low-bit variant on a small shape (vs its fake-quant reference, the bf16 kernel, combine)."""
-    quant, opts, launch = VARIANTS[name]
-    with Variant(opts, launch):
-        o_s, o_l = jax.jit(lambda *a: ia.sparse_linear_attention_lowbit(*a, quant=quant, **kw))(
-            q, k, v, phi(q), phi(k), lut
-        )
-        o = jax.jit(lambda *a: ia.sla2_fused_attention_lowbit(*a, quant=quant, **kw))(
-            q, k, v, phi(q), phi(k), lut, mass
-        )
+    quant, config = variant_config(name, q.shape[1], q.shape[3], q.dtype, kw["block_q"], kw["block_k"])
+    kw = dict(kw, config=config)
+    o_s, o_l = jax.jit(lambda *a: pk.sparse_linear_attention_lowbit(*a, quant=quant, **kw))(
+        q, k, v, phi(q), phi(k), lut
+    )
+    o = jax.jit(lambda *a: pk.sla2_fused_attention_lowbit(*a, quant=quant, **kw))(
+        q, k, v, phi(q), phi(k), lut, mass
+    )
     r_s, r_l = refs[quant]
     return {
         "os_vs_fakequant": rel(o_s, r_s),
@@ -198,27 +197,29 @@ def small_variant(name, q, k, v, lut, mass, kw, refs, bs):
 # 3. wan-1.3b
 # ----------------------------------------------------------------------------------------------------------
 def time_variant(name, sp, lut, alpha, cfg, inputs, refs, runs, split):
-    """Errors and median times of one low-bit variant; split: also the pre-pass and the kernel alone."""
+    """Errors and median times of one low-bit variant; split: also the pre-pass alone and the forward with the keys
+    quantised before (the library's path: no pre-pass; Q quantised by the kernel or its own Q pass)."""
     q, k, v, qp, kp = inputs
     dense, o_bf16 = refs
-    quant, opts, launch = VARIANTS[name]
-    vr = {}
-    with Variant(opts, launch):
-        f_low = lambda q, k, v, qp, kp, a: ia.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, quant=quant)
-        o_low = jax.jit(f_low)(q, k, v, qp, kp, alpha)
-        vr["err_vs_dense"] = rel(o_low, dense)
-        vr["err_vs_bf16"] = rel(o_low, o_bf16)
-        vr["finite"] = bool(jnp.all(jnp.isfinite(o_low)))
-        vr["fwd_ms"] = bench(f_low, q, k, v, qp, kp, alpha, runs=runs)
-        if split:
-            opts_now = ia._opts()
-            pre = lambda q, k: ia._prequantize(q, k, cfg, opts_now)
-            vr["prepass_ms"] = bench(pre, q, k, runs=runs)
-            quantised = jax.jit(pre)(q, k)
-            kern = lambda q, k, v, qp, kp, a, qz: ia._forward_quantised(
-                q, k, v, qp, kp, lut, a, qz, cfg, quant, fused=True, residuals=False
-            )["o"]
-            vr["kernel_ms"] = bench(kern, q, k, v, qp, kp, alpha, quantised, runs=runs)
+    quant, config = variant_config(name, q.shape[1], q.shape[3], q.dtype)
+    cfg = cfg._replace(config=config)
+    vr = {"config": {f: getattr(config, f) for f in ("forward", "backward", "mosaic_fp8")}, "launch": config.launch}
+    f_low = lambda q, k, v, qp, kp, a: pk.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, quant=quant,
+                                                                      config=config)
+    o_low = jax.jit(f_low)(q, k, v, qp, kp, alpha)
+    vr["err_vs_dense"] = rel(o_low, dense)
+    vr["err_vs_bf16"] = rel(o_low, o_bf16)
+    vr["finite"] = bool(jnp.all(jnp.isfinite(o_low)))
+    vr["fwd_ms"] = bench(f_low, q, k, v, qp, kp, alpha, runs=runs)
+    if split:
+        pre = lambda q, k: prequantize(q, k, cfg)
+        vr["prepass_ms"] = bench(pre, q, k, runs=runs)
+        qz = jax.jit(lambda q, k: prequantize(q, k, cfg, queries=False))(q, k)
+        keys = quantize.QuantisedKeys(qz.k8, qz.k_scale, qz.k_mean)
+        kern = lambda q, k, v, qp, kp, a, keys: attention.forward_lowbit(
+            q, k, v, qp, kp, lut, a, keys, cfg, quant, fused=True, residuals=False
+        )["o"]
+        vr["kernel_ms"] = bench(kern, q, k, v, qp, kp, alpha, keys, runs=runs)
     log(sp, name, json.dumps(vr))
     return vr
 
@@ -240,8 +241,8 @@ def wan(sparsities, runs, budget_s, n, heads):
         row = {"sparsity": sp, "cudnn_fwd_ms": t_cudnn, "cudnn_err_vs_dense": err_cudnn, "variants": {}}
         lut, _, alpha = jax.jit(lambda q, k: sla.route(q, k, sla.SLA2Config(topk_ratio=round(1 - sp, 4))))(q, k)
         row["topk"] = int(lut.shape[-1])
-        cfg = sl._validate(q, k, v, qp, kp, lut, 128, 64, "complement", None, 1e-6, None)
-        f_bf16 = lambda q, k, v, qp, kp, a: sl.sla2_fused_attention(q, k, v, qp, kp, lut, a)
+        cfg = kernel_call(q, lut)
+        f_bf16 = lambda q, k, v, qp, kp, a: pk.sla2_fused_attention(q, k, v, qp, kp, lut, a)
         o_bf16 = jax.jit(f_bf16)(q, k, v, qp, kp, alpha)
         row["bf16_err_vs_dense"] = rel(o_bf16, dense)
         row["bf16_fwd_ms"] = guarded("bf16 time", lambda: bench(f_bf16, q, k, v, qp, kp, alpha, runs=runs))
@@ -256,13 +257,10 @@ def wan(sparsities, runs, budget_s, n, heads):
     for name in VARIANTS:
         if name not in CORE and time.time() - T0 < budget_s:
             row["variants"][name] = guarded(name, lambda: time_variant(name, row["sparsity"], *ctx, runs, False))
-    for prep, popts in PREPASSES.items():
+    for prep, queries in PREPASSES.items():
         if time.time() - T0 < budget_s:
-            with ia.options(**popts):
-                o_ = ia._opts()
-                row[f"prepass_{prep}_ms"] = guarded(
-                    prep, lambda o_=o_: bench(lambda q, k: ia._prequantize(q, k, ctx[2], o_), q, k, runs=runs)
-                )
+            pre = lambda q, k, queries=queries: prequantize(q, k, ctx[2], queries)
+            row[f"prepass_{prep}_ms"] = guarded(prep, lambda pre=pre: bench(pre, q, k, runs=runs))
             log("prepass", prep, row.get(f"prepass_{prep}_ms"))
 
 
@@ -279,7 +277,7 @@ def _module_fns(sp, block_q=128, block_k=64, ratio=None):
 
     def prepass_path(q, k, v):
         lut, mass, qp, kp = route_with_features(q, k, cfg["int8"], feature_map="softmax")
-        return ia.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, mass, quant="int8", **kw).astype(q.dtype)
+        return pk.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, mass, quant="int8", **kw).astype(q.dtype)
 
     return base, {
         "bf16": jax.jit(lambda q, k, v: sla.sla2_attention(q, k, v, config=cfg["none"])),
@@ -307,16 +305,17 @@ def module_small():
 
 def module_small_row(q, k, v, bq, bk, ratio):
     """One small shape of module_small."""
-    from pallas_kernels.prep import block_means_phi_int8
-    from sla2_jax.functional import _pallas_front_end, route_with_features
+    from pallas_kernels.front_end import block_means_phi_int8
+    from sla2_jax.backends import front_end
+    from sla2_jax.functional import route_with_features
 
     base, fns = _module_fns(None, bq, bk, ratio)
     row = {}
-    _, _, keys = jax.jit(lambda k: block_means_phi_int8(k, bk, "softmax"))(k)
+    _, _, keys = jax.jit(lambda k: block_means_phi_int8(k, bk, softmax_phi))(k)
     r8, rs = jax.jit(lambda k: sla.quantize_int8_blocks(sla.smooth_keys(k), bk))(k)
     row["keys_k8_vs_xla"] = _bit_diff(keys.k8, r8)
     row["keys_scale_equal"] = bool(jnp.all(keys.scale == rs))
-    lut8 = jax.jit(lambda q, k: _pallas_front_end(q, k, base, w_q=None, w_k=None, feature_map=None, int8_keys=True))(
+    lut8 = jax.jit(lambda q, k: front_end(q, k, base, w_q=None, w_k=None, feature_map=None, int8_keys=True))(
         q, k
     )[0]
     lut16 = jax.jit(lambda q, k: route_with_features(q, k, base))(q, k)[0]
@@ -348,8 +347,9 @@ def module_wan(sparsities, runs, n, heads, rounds):
 
 def module_row(sp, q, k, v, dense, runs, rounds):
     """One sparsity of module_wan."""
-    from pallas_kernels.prep import block_means_and_phi, block_means_phi_int8
-    from sla2_jax.functional import _pallas_front_end, route_with_features
+    from pallas_kernels.front_end import block_means_and_phi, block_means_phi_int8
+    from sla2_jax.backends import front_end
+    from sla2_jax.functional import route_with_features
 
     base, fns = _module_fns(sp)
     cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
@@ -364,20 +364,20 @@ def module_row(sp, q, k, v, dense, runs, rounds):
         for name, f in fns.items():
             row[f"{name}_module_ms_r{rnd}"] = guarded(name, lambda f=f: bench(f, q, k, v, runs=runs))
     cfg8 = base.replace(backend="pallas", quant="int8")
-    front8 = lambda q, k: _pallas_front_end(q, k, cfg8, w_q=None, w_k=None, feature_map="softmax", int8_keys=True)
+    front8 = lambda q, k: front_end(q, k, cfg8, w_q=None, w_k=None, feature_map="softmax", int8_keys=True)
     row["front_bf16_ms"] = bench(lambda q, k: route_with_features(q, k, cfg8, feature_map="softmax"), q, k, runs=runs)
     row["front_int8_ms"] = bench(front8, q, k, runs=runs)
-    row["k_prep_int8_ms"] = bench(lambda k: block_means_phi_int8(k, 64, "softmax"), k, runs=runs)
-    row["k_prep_bf16_ms"] = bench(lambda k: block_means_and_phi(k, 64, "softmax"), k, runs=runs)
+    row["k_prep_int8_ms"] = bench(lambda k: block_means_phi_int8(k, 64, softmax_phi), k, runs=runs)
+    row["k_prep_bf16_ms"] = bench(lambda k: block_means_and_phi(k, 64, softmax_phi), k, runs=runs)
     for warps in (2, 8):  # launch of the int8 front-end kernel (default 4 warps, as block_means_and_phi)
-        prep_w = lambda k, warps=warps: block_means_phi_int8(k, 64, "softmax", num_warps=warps)
+        prep_w = lambda k, warps=warps: block_means_phi_int8(k, 64, softmax_phi, num_warps=warps)
         row[f"k_prep_int8_w{warps}_ms"] = bench(prep_w, k, runs=runs)
     row["k_mean_xla_ms"] = bench(lambda k: jnp.mean(k.astype(jnp.float32), axis=1), k, runs=runs)
     lut, mass, qp, kp, keys, queries = jax.jit(front8)(q, k)[:6]  # (then q, k as passed through)
-    kern8 = lambda q, k, v, qp, kp, m, keys: ia.sla2_fused_attention_lowbit(
+    kern8 = lambda q, k, v, qp, kp, m, keys: pk.sla2_fused_attention_lowbit(
         q, k, v, qp, kp, lut, m, keys=keys, queries=queries
     )
-    kern16 = lambda q, k, v, qp, kp, m: sl.sla2_fused_attention(q, k, v, qp, kp, lut, m)
+    kern16 = lambda q, k, v, qp, kp, m: pk.sla2_fused_attention(q, k, v, qp, kp, lut, m)
     row["kernel_int8_keys_ms"] = bench(kern8, q, k, v, qp, kp, mass, keys, runs=runs)
     row["kernel_bf16_ms"] = bench(kern16, q, k, v, qp, kp, mass, runs=runs)
     log("module", sp, json.dumps(row))
@@ -444,7 +444,7 @@ def print_table():
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.95, 0.97])
     ap.add_argument("--runs", type=int, default=30)

@@ -1,11 +1,11 @@
-"""GPU probe (issue #4, session 6): INT8 Q quantised in the router's front end instead of a separate Q pass.
+"""GPU probe: INT8 Q quantised in the router's front end instead of a separate Q pass.
 
-    python -m experiments.probe_int8_front --out DIR [--sparsity 0.95 0.97] [--runs 20] [--rounds 3]
+    python -m experiments.dev.probe_int8_front --out DIR [--sparsity 0.95 0.97] [--runs 20] [--rounds 3]
 
-The library's INT8 forward on Hopper (sla2_jax.sla2_attention, quant="int8", backend "pallas") now takes int8 Q,
-its scales and the LSE shift from the Q front end (pallas_kernels.prep.block_means_phi_int8_queries); the "old"
-path is the same call with the front end of before (block_means_and_phi for Q, no int8 Q: the Mosaic path then
-quantises Q by int8_attention.quantize_queries), obtained by swapping that function while the call is traced.
+The library's INT8 forward on Hopper (sla2_jax.sla2_attention, quant="int8", backend "pallas") takes int8 Q, its
+scales and the LSE shift from the Q front end (pallas_kernels.front_end.block_means_phi_int8_queries); the "old"
+path (``old_module``) is the same computation written out with the Q front end of before (block_means_and_phi for
+Q, no int8 Q: the Mosaic path then quantises Q by its own pass, quantize.quantize_queries).
 Parts, correctness first:
   * small: fresh seed, ragged-free N (Mosaic needs N % 8 == 0) with partial last blocks, D 64 / 128, bf16 / f16:
     front-end q8 / scales / shift vs quantize_queries (Pallas and XLA); module output and gradients (q, k, v) new vs
@@ -22,7 +22,6 @@ Writes DIR/probe_int8_front.json after every part.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -32,37 +31,32 @@ import jax
 import jax.numpy as jnp
 
 import sla2_jax as sla
-from experiments.probe_common import bench, kernel_ms, record_error, rel
+from experiments.dev.common import bench, kernel_ms, record_error, rel
 from experiments.timing import pipelined_seconds
-from pallas_kernels import int8_attention as ia
-from pallas_kernels import prep
+from pallas_kernels import front_end as fe
+from pallas_kernels import quantize
+from sla2_jax.feature_maps import PHI_FUNCTIONS, softmax_phi
 
 RESULTS = {"meta": {"jax": jax.__version__}, "small": [], "wan": [], "errors": []}
 _F32 = jnp.float32
 
 
-def _old_front(q, block, feature_map, k_mean, shift_scale, *, pass_through=False, **_):
-    """The Q front end of before: phi(Q) and the means, no int8 Q (the forward then quantises Q itself)."""
-    phi, means, q_out = prep.block_means_and_phi(q, block, feature_map, pass_through=True)
-    return (phi, means, None, q_out) if pass_through else (phi, means, None)
+def old_module(cfg):
+    """sla2_attention(q, k, v, config=cfg) (pallas backend, alpha = the router's mass, int8 keys) with the Q front
+    end of before: phi(Q) and the means without int8 Q, so the INT8 forward quantises Q in a pass of its own."""
+    from sla2_jax.backends import fused
+    from sla2_jax.routing import scores_from_block_means
 
+    phi = PHI_FUNCTIONS[cfg.feature_map]
 
-@contextlib.contextmanager
-def _old_front_end():
-    new = prep.block_means_phi_int8_queries
-    prep.block_means_phi_int8_queries = _old_front
-    try:
-        yield
-    finally:
-        prep.block_means_phi_int8_queries = new
-
-
-def old_path(fn):
-    """fn traced with the old Q front end (jit the result: the swap holds while jax traces it)."""
-
-    def run(*args):
-        with _old_front_end():
-            return fn(*args)
+    def run(q, k, v):
+        n = q.shape[1]
+        k_phi, k_means, keys, k_in = fe.block_means_phi_int8(k, cfg.block_k, phi, pass_through=True)
+        q_phi, q_means, q_in = fe.block_means_and_phi(q, cfg.block_q, phi, pass_through=True)
+        scores = scores_from_block_means(q_means, k_means, n, cfg.block_k)
+        lut, mass = fe.select_blocks(scores, cfg.num_selected(scores.shape[-1]), n, cfg.block_k)
+        alpha = jax.lax.stop_gradient(mass)
+        return fused(q_in, k_in, v, q_phi, k_phi, lut, alpha, cfg, keys=keys, queries=None).astype(q.dtype)
 
     return run
 
@@ -98,19 +92,22 @@ def small_row(seed, n, d, dtype, ratio):
     # front end vs the Q pass it replaces
     k_mean = jnp.mean(k.astype(_F32), axis=1)
     c = (1.0 / math.sqrt(d)) * math.log2(math.e)
-    phi, means, qq = jax.jit(lambda q, m: prep.block_means_phi_int8_queries(q, 128, "softmax", m, c))(q, k_mean)
-    phi0, means0 = jax.jit(lambda q: prep.block_means_and_phi(q, 128, "softmax"))(q)
+    phi, means, qq = jax.jit(lambda q, m: fe.block_means_phi_int8_queries(q, 128, softmax_phi, m, c))(q, k_mean)
+    phi0, means0 = jax.jit(lambda q: fe.block_means_and_phi(q, 128, softmax_phi))(q)
     row["phi_max_abs"] = float(jnp.max(jnp.abs(phi.astype(_F32) - phi0.astype(_F32))))
     row["means_max_abs"] = float(jnp.max(jnp.abs(means - means0)))
     for method in ("pallas", "xla"):
-        r8, rs, rsh = jax.jit(lambda q, m, method=method: ia.quantize_queries(q, 128, m, c, method=method))(q, k_mean)
+        quantise = lambda q, m, method=method: quantize.quantize_queries(
+            q, 128, m, c, method=method, interpret=jax.default_backend() != "gpu"
+        )
+        r8, rs, rsh = jax.jit(quantise)(q, k_mean)
         row[f"q8_steps_vs_{method}"] = int(jnp.sum(qq.q8 != r8))
         row[f"q8_max_step_vs_{method}"] = int(jnp.max(jnp.abs(qq.q8.astype(jnp.int32) - r8.astype(jnp.int32))))
         row[f"scale_equal_{method}"] = bool(jnp.all(qq.scale == rs))
         row[f"shift_max_abs_vs_{method}"] = float(jnp.max(jnp.abs(qq.shift - rsh)))
     # module: new vs old, outputs and gradients
     cfg = sla.SLA2Config(block_q=128, block_k=64, topk_ratio=ratio, alpha="mass", backend="pallas", quant="int8")
-    new, old = module(cfg), old_path(module(cfg))
+    new, old = module(cfg), old_module(cfg)
     row["new_has_q_pass"] = hlo_has(new, (q, k, v), "sla_int8_quant_q")
     row["old_has_q_pass"] = hlo_has(old, (q, k, v), "sla_int8_quant_q")
     o_new, o_old = jax.jit(new)(q, k, v), jax.jit(old)(q, k, v)
@@ -147,7 +144,7 @@ def wan_row(sp, seed, runs, rounds):
     fns = {
         "bf16": jax.jit(module(base)),
         "int8_new": jax.jit(module(base.replace(quant="int8"))),
-        "int8_old": jax.jit(old_path(module(base.replace(quant="int8")))),
+        "int8_old": jax.jit(old_module(base.replace(quant="int8"))),
         "cudnn": jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")),
     }
     outs = {name: jax.block_until_ready(f(q, k, v)) for name, f in fns.items()}
@@ -175,9 +172,9 @@ def wan_row(sp, seed, runs, rounds):
     # the Q front end alone (default launch) vs the bf16 one + the separate Q pass (kernel-only)
     k_mean = jnp.mean(k.astype(_F32), axis=1)
     c = (1.0 / math.sqrt(128)) * math.log2(math.e)
-    parts = {"q_front_int8": lambda q, m: prep.block_means_phi_int8_queries(q, 128, "softmax", m, c)}
-    parts["q_front_bf16"] = lambda q, m: prep.block_means_and_phi(q, 128, "softmax")
-    parts["q_pass"] = lambda q, m: ia.quantize_queries(q, 128, m, c)
+    parts = {"q_front_int8": lambda q, m: fe.block_means_phi_int8_queries(q, 128, softmax_phi, m, c)}
+    parts["q_front_bf16"] = lambda q, m: fe.block_means_and_phi(q, 128, softmax_phi)
+    parts["q_pass"] = lambda q, m: quantize.quantize_queries(q, 128, m, c)
     for name, f in parts.items():
         res = guarded(f"cupti {name}", lambda f=f: cupti(f, (q, k_mean), iterations=20))
         if res:
@@ -196,8 +193,8 @@ def tune(seed):
     c = (1.0 / math.sqrt(128)) * math.log2(math.e)
     row = {}
     variants = {
-        "q": (q, lambda x, w: prep.block_means_phi_int8_queries(x, 128, "softmax", k_mean, c, num_warps=w)),
-        "k": (k, lambda x, w: prep.block_means_phi_int8(x, 64, "softmax", num_warps=w)),
+        "q": (q, lambda x, w: fe.block_means_phi_int8_queries(x, 128, softmax_phi, k_mean, c, num_warps=w)),
+        "k": (k, lambda x, w: fe.block_means_phi_int8(x, 64, softmax_phi, num_warps=w)),
     }
     for which, (x, fn) in variants.items():
         ref = jax.jit(lambda x: fn(x, 4))(x)
@@ -212,9 +209,9 @@ def tune(seed):
                 float(jnp.max(jnp.abs(a.astype(_F32) - b.astype(_F32))))
                 for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref))
             ]
-    row["bf16_q_front_ms"] = cupti(lambda x: prep.block_means_and_phi(x, 128, "softmax"), (q,), iterations=20)[0]
-    row["bf16_k_front_ms"] = cupti(lambda x: prep.block_means_and_phi(x, 64, "softmax"), (k,), iterations=20)[0]
-    row["q_pass_ms"] = cupti(lambda x: ia.quantize_queries(x, 128, k_mean, c), (q,), iterations=20)[0]
+    row["bf16_q_front_ms"] = cupti(lambda x: fe.block_means_and_phi(x, 128, softmax_phi), (q,), iterations=20)[0]
+    row["bf16_k_front_ms"] = cupti(lambda x: fe.block_means_and_phi(x, 64, softmax_phi), (k,), iterations=20)[0]
+    row["q_pass_ms"] = cupti(lambda x: quantize.quantize_queries(x, 128, k_mean, c), (q,), iterations=20)[0]
     row["k_mean_ms"] = cupti(lambda x: jnp.mean(x.astype(_F32), axis=1), (k,), iterations=20)[0]
     print("tune", json.dumps(row), flush=True)
     return row

@@ -1,6 +1,6 @@
 """Offline PTX / SASS report of Pallas-Triton kernels (no GPU needed).
 
-  PYTHONPATH=<triton 3.6.0> python -m experiments.sass_report [--out DIR] [--variants base w8s2 ...] [--match fwd]
+  PYTHONPATH=<triton 3.6.0> python -m experiments.dev.sass_report [--out DIR] [--variants base w8s2 ...]
 
 jax 0.11 hands Pallas-Triton kernels to XLA as Triton IR (custom call "__gpu$xla.gpu.triton", MLIR bytecode in its
 backend config), so the PTX is never seen in Python. Here a jitted call is lowered for CUDA, the TTIR of its
@@ -8,9 +8,10 @@ kernels is taken out of the custom calls and compiled for sm_90a by the standalo
 XLA's Triton: same front end, its own version), then ``ptxas -v`` and ``cuobjdump -sass`` (Triton's bundled
 tools) report registers, spills, the MMA instructions in PTX and SASS opcode counts.
 
-The CLI reports the bf16 SLA2 forward kernel (pallas_kernels.sparse_linear) of the wan-1.3b call (B=1, H=12,
-N=32760, D=128, b_q 128, b_k 64, topk 25) under the H100 launch table, for each variant of VARIANTS
-(sparse_linear.OPTIONS and launch overrides). experiments.check_int8_gpu uses the same functions.
+The CLI reports the bf16 SLA2 Triton forward kernel (pallas_kernels.triton_forward, through attention.forward) of
+the wan-1.3b call (B=1, H=12, N=32760, D=128, b_q 128, b_k 64, topk 25) under the H100 launch table
+(``hopper_config``: heuristic_config(gpu="hopper") with the Triton kernels), for each variant of VARIANTS (changes of
+its Triton launch parameters). experiments.dev.check_int8_gpu uses the same functions.
 """
 
 from __future__ import annotations
@@ -22,28 +23,26 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tarfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
 SASS_OPS = ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA", "I2F", "I2FP", "MUFU.EX2", "F2FP", "LDL", "STL", "LDSM", "BAR")
 
 
-def use_hopper_table():
-    """Make launch_config read the H100 table also on a machine without a GPU."""
-    import pallas_kernels.launch_config as lc
+def hopper_config(n=32760, d=128, dtype=jnp.bfloat16, launch=None, **changes):
+    """The KernelConfig of a call on an H100 with the Triton kernels (their SASS is what this reports), also on a
+    machine without a GPU: heuristic_config(gpu="hopper") with forward / backward "triton", the given fields changed
+    and launch entries ({kernel: (warps, stages, rows)}) merged into the H100 launch table."""
+    from pallas_kernels import heuristic_config
 
-    lc.gpu_generation = lambda: "hopper"
-    try:
-        from pallas_kernels import int8_attention as ia
-
-        ia.gpu_generation = lc.gpu_generation
-    except ImportError:  # pragma: no cover
-        pass
+    config = heuristic_config(n, d, dtype, gpu="hopper").replace(forward="triton", backward="triton", **changes)
+    if launch:
+        table = dict(config.launch)
+        table.update({kernel: tuple(params) for kernel, params in launch.items()})
+        config = config.replace(launch=tuple(table.items()))
+    return config
 
 
 def kernel_ttir(fn, args, label, match=("fwd",)):
@@ -136,48 +135,39 @@ def compile_report(kernels, out_dir, work="/tmp/sla_sass", archive="ptx_sass.tar
 # ----------------------------------------------------------------------------------------------------------
 # CLI: the bf16 forward kernel of the wan-1.3b call, per variant
 # ----------------------------------------------------------------------------------------------------------
-# name -> (sparse_linear.OPTIONS overrides, launch overrides); empty = the current defaults.
+# name -> Triton launch changes {kernel: (warps, stages, rows)} of hopper_config; empty = the H100 table.
 VARIANTS = {
-    "base": ({}, {}),
-    "loop": ({"fwd_linear": "loop"}, {}),
-    "w8s2": ({}, {"fwd": (8, 2, 64)}),
-    "w4s3": ({}, {"fwd": (4, 3, 64)}),
-    "keys128": ({}, {"fwd": (8, 2, 128)}),
+    "base": {},
+    "w8s2": {"fwd": (8, 2, 64)},
+    "w4s3": {"fwd": (4, 3, 64)},
+    "keys128": {"fwd": (8, 2, 128)},
 }
 
 
 def forward_kernels(variant, n=32760, heads=12, topk=25, fused=True, residuals=True):
-    """TTIR of the bf16 forward kernel under one variant (options and launch read at trace time)."""
-    from pallas_kernels import launch_config as lc
-    from pallas_kernels import sparse_linear as sl
+    """TTIR of the bf16 Triton forward kernel under one variant (its KernelConfig is part of the call)."""
+    from pallas_kernels import attention
+    from pallas_kernels.common import validate_call
 
-    opts, launch = VARIANTS[variant]
+    config = hopper_config(n, 128, launch=VARIANTS[variant])
     sds = jax.ShapeDtypeStruct
     x = sds((1, n, heads, 128), jnp.bfloat16)
     nq = -(-n // 128)
     lut, alpha = sds((1, heads, nq, topk), jnp.int32), sds((1, heads, nq), jnp.float32)
 
     def call(q, lut, a):
-        cfg = sl._validate(q, q, q, q, q, lut, 128, 64, "complement", None, 1e-6, False)
-        return sl._forward(q, q, q, q, q, lut, a, cfg, fused=fused, residuals=residuals)["o"]
+        cfg = validate_call(q, q, q, q, q, lut, 128, 64, "complement", None, 1e-6, False, config)
+        return attention.forward(q, q, q, q, q, lut, a, cfg, fused=fused, residuals=residuals)["o"]
 
-    old = dict(sl.OPTIONS)
-    sl.OPTIONS.update(opts)
-    try:
-        with lc.override_launch_config(**launch):
-            return kernel_ttir(call, (x, lut, alpha), variant, match=("fwd",))
-    finally:
-        sl.OPTIONS.clear()
-        sl.OPTIONS.update(old)
+    return kernel_ttir(call, (x, lut, alpha), variant, match=("fwd",))
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="sass_out")
-    ap.add_argument("--variants", nargs="*", default=["base"], help=f"of {list(VARIANTS)}")
+    ap.add_argument("--variants", nargs="*", default=["base"], choices=list(VARIANTS))
     ap.add_argument("--no-residuals", action="store_true", help="the forward-only call (custom_vjp primal)")
     args = ap.parse_args()
-    use_hopper_table()
     kernels = {}
     for v in args.variants:
         kernels.update(forward_kernels(v, residuals=not args.no_residuals))
