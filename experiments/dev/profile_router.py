@@ -1,7 +1,7 @@
 """Where the router's and the feature maps' time goes, old XLA front end vs the Pallas front end, at one shape.
 
-    python -m experiments.profile_router                      # wan-1.3b shape, stages at 95%, module at 90/95/97%
-    python -m experiments.profile_router --seq-len 2048 --heads 2 --iters 3 --sparsities 0.9   # CPU smoke
+    python -m experiments.dev.profile_router                      # wan-1.3b shape, stages at 95%, module at 90/95/97%
+    python -m experiments.dev.profile_router --seq-len 2048 --heads 2 --iters 3 --sparsities 0.9   # CPU smoke
 
 1. Checks on the device that the Pallas front end (`sla2_jax.functional.route_with_features`: one-read phi + block
    means kernels, one-kernel top-k selection) gives the XLA front end's LUT, mass and phi(Q), phi(K).
@@ -26,8 +26,9 @@ import sla2_jax as sla
 from experiments.inputs import random_qkv
 from experiments.timing import pipelined_seconds, time_fn
 from pallas_kernels import sla2_fused_attention
-from pallas_kernels.prep import block_means_and_phi, select_blocks
+from pallas_kernels.front_end import block_means_and_phi, select_blocks
 from sla2_jax.blocks import block_counts
+from sla2_jax.feature_maps import PHI_FUNCTIONS
 from sla2_jax.functional import route_with_features
 from sla2_jax.routing import block_probabilities
 
@@ -135,7 +136,7 @@ def stage_table(q, k, cfg, iters):
         **{
             f"new: phi + means {name} (pallas, {rows} rows, {warps} warps)": (
                 lambda x, blk=blk, rows=rows, warps=warps: block_means_and_phi(
-                    x, blk, kind, num_warps=warps, rows=rows
+                    x, blk, PHI_FUNCTIONS[kind], num_warps=warps, rows=rows
                 ),
                 (x,),
             )

@@ -1,12 +1,14 @@
 """Per-kernel time of one SLA2 module call on the GPU, from JAX's profiler: where the forward and backward go.
 
-    python -m experiments.stage_profile --what fwd fwd+bwd --sparsity 0.95 --out DIR
+    python -m experiments.dev.stage_profile --what fwd fwd+bwd --sparsity 0.95 --out DIR [--kernel loop=pipelined]
 
 For each call: compile and warm it, print its median wall time (experiments.timing), then run it once inside
 jax.profiler.trace and read the device plane of the trace (jax.profiler.ProfileData): every kernel with its
 duration, in launch order. Kernels are grouped into stages by name (STAGES: Triton kernels by their Python
 function, Mosaic GPU kernels, cuBLAS / cuDNN, XLA fusions); the sum of kernel times is compared with the wall time
-(the difference is launch gaps and host work). Writes <what>_s<sparsity>_stages.{md,json} under --out.
+(the difference is launch gaps and host work). Writes <what>_s<sparsity>_stages.{md,json} under --out. --kernel
+FIELD=VALUE (repeatable) changes a field of the call's KernelConfig (heuristic_config for the shape), passed as
+SLA2Config(kernel=...); the record names the KernelConfig used.
 (Nsight Compute was tried first and hung or crashed on these JAX programs on the device; the profiler needs nothing
 beyond jax.)
 """
@@ -14,6 +16,7 @@ beyond jax.)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -179,6 +182,7 @@ def profile_call(
     out_dir: str | None,
     hlo: bool = False,
     quant: str = "none",
+    kernel_changes: dict | None = None,
 ):
     """Compiles and warms the module call, measures its median wall time, then traces one call and writes the
     per-stage summary (what: "fwd" = sla2_attention, "fwd+bwd" = grad of sum(o * do) w.r.t. q, k, v)."""
@@ -194,7 +198,8 @@ def profile_call(
     batch, heads, seq_len, dim = shape
     q, k, v = random_qkv(0, batch, seq_len, heads, dim)
     do = random_qkv(1, batch, seq_len, heads, dim)[0]
-    cfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", alpha="mass", quant=quant)
+    kernel = kernel_config(shape, q.dtype, kernel_changes or {})
+    cfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", alpha="mass", quant=quant, kernel=kernel)
     module = lambda q, k, v: sla.sla2_attention(q, k, v, config=cfg)  # noqa: E731
     fn, args = (jax.jit(module), (q, k, v)) if what == "fwd" else (fwd_bwd(module), (q, k, v, do))
     wall_ms = 1e3 * time_fn(fn, *args, iters=iters)
@@ -214,6 +219,7 @@ def profile_call(
     text, record = summarise(kernels, wall_ms, label)
     text += "\n\n" + host_text(timeline)
     record["trace_lines"] = line_names
+    record["kernel_config"] = {**dataclasses.asdict(kernel), "launch": {n: list(v) for n, v in kernel.launch}}
     record["host_timeline"] = timeline
     print(text, flush=True)
     if out_dir:
@@ -228,24 +234,40 @@ def profile_call(
             json.dump(record, f, indent=1)
 
 
-def set_option(assignment: str):
-    """'MODULE.KEY=VALUE' -> pallas_kernels.MODULE.OPTIONS[KEY] = VALUE (true / false, int, or the string);
-    SystemExit naming the problem for an unknown module or key."""
-    import importlib
+def parse_kernel_changes(assignments: list[str]) -> dict:
+    """['FIELD=VALUE', ...] -> KernelConfig changes: VALUE true / false, an integer, or the string; 'launch.KERNEL=
+    W,S,R' sets one Triton kernel's launch (warps, stages, rows). SystemExit naming an unknown field."""
+    from pallas_kernels import KernelConfig
 
-    target, sep, text = assignment.partition("=")
-    module_name, dot, key = target.partition(".")
-    if not (sep and dot):
-        raise SystemExit(f"--set wants MODULE.KEY=VALUE, got {assignment!r}")
-    try:
-        options = importlib.import_module(f"pallas_kernels.{module_name}").OPTIONS
-    except (ImportError, AttributeError):
-        raise SystemExit(f"--set: pallas_kernels.{module_name} has no OPTIONS dict") from None
-    if key not in options:
-        raise SystemExit(f"--set: {module_name}.OPTIONS has no key {key!r}; keys: {sorted(options)}")
-    value = {"true": True, "false": False}.get(text.lower(), text)
-    options[key] = int(value) if isinstance(value, str) and value.lstrip("-").isdigit() else value
-    print(f"option {module_name}.{key} = {options[key]!r}", flush=True)
+    fields = {f.name for f in dataclasses.fields(KernelConfig)} - {"launch"}
+    changes, launch = {}, {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep:
+            raise SystemExit(f"--kernel wants FIELD=VALUE, got {assignment!r}")
+        if key.startswith("launch."):
+            launch[key[len("launch."):]] = tuple(int(x) for x in text.split(","))
+            continue
+        if key not in fields:
+            raise SystemExit(f"--kernel: KernelConfig has no field {key!r}; fields: {sorted(fields)} and launch.KERNEL")
+        value = {"true": True, "false": False}.get(text.lower(), text)
+        changes[key] = int(value) if isinstance(value, str) and value.lstrip("-").isdigit() else value
+    if launch:
+        changes["launch"] = launch
+    return changes
+
+
+def kernel_config(shape, dtype, changes: dict):
+    """heuristic_config for a (B, H, N, D) call with `changes` (parse_kernel_changes; launch entries merged into
+    the heuristic's table); validated by KernelConfig."""
+    from pallas_kernels import heuristic_config
+
+    _, _, seq_len, dim = shape
+    config = heuristic_config(seq_len, dim, dtype)
+    changes = dict(changes)
+    if "launch" in changes:
+        changes["launch"] = tuple({**dict(config.launch), **changes["launch"]}.items())
+    return config.replace(**changes)
 
 
 def main(argv=None):
@@ -258,19 +280,18 @@ def main(argv=None):
     p.add_argument("--quant", choices=["none", "int8", "int8_fp8"], default="none", help="SLA2Config.quant")
     p.add_argument("--hlo", action="store_true", help="also write the compiled HLO text of each call under --out")
     p.add_argument(
-        "--set",
+        "--kernel",
         action="append",
         default=[],
-        metavar="MODULE.KEY=VALUE",
-        help="set a kernel option first, e.g. sparse_mosaic.outputs_in_ring=false (MODULE: a pallas_kernels module "
-        "with an OPTIONS dict; VALUE: true / false, an integer, or a string); repeatable",
+        metavar="FIELD=VALUE",
+        help="change a field of the call's KernelConfig, e.g. outputs_in_ring=false, loop=pipelined, forward=triton, "
+        "launch.dq=8,2,128 (VALUE: true / false, an integer, or a string); repeatable",
     )
     args = p.parse_args(argv)
-    for assignment in args.set:
-        set_option(assignment)
+    changes = parse_kernel_changes(args.kernel)
     for sparsity in args.sparsity:
         for what in args.what:
-            profile_call(what, sparsity, tuple(args.shape), args.iters, args.out, args.hlo, args.quant)
+            profile_call(what, sparsity, tuple(args.shape), args.iters, args.out, args.hlo, args.quant, changes)
 
 
 if __name__ == "__main__":
