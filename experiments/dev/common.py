@@ -1,4 +1,4 @@
-"""Shared helpers of the developer tools in experiments/dev: timing (synchronised and kernel-only), relative error,
+"""What the developer tools in experiments/dev share: timing (synchronised and kernel-only), relative error,
 error recording, random and router LUTs, the wan-1.3b inputs, and the kernels' static call description
 (``kernel_call``) with a chosen ``pallas_kernels.KernelConfig``.
 
