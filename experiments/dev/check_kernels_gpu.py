@@ -489,7 +489,7 @@ def compare_variants(names, sparsity, b=1, h=12, n=32760, d=128, bq=128, bk=64, 
         out["variants"][label] = row
         print("variant", label, json.dumps(row), flush=True)
         RESULTS["variants"] = out
-        with open(os.path.join(out_dir, "check_kernels_gpu.json"), "w") as f:  # after each variant: a timeout keeps them
+        with open(os.path.join(out_dir, "check_kernels_gpu.json"), "w") as f:  # each variant: a timeout keeps them
             json.dump(RESULTS, f, indent=1)
     RESULTS["variants"] = out
     cols = [
@@ -561,8 +561,8 @@ def pallas_mha_reference(n=32768, h=12, d=128, runs=10):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
-    ap.add_argument("--forward", default=None, choices=("mosaic", "triton"), help="KernelConfig.forward of every part")
-    ap.add_argument("--backward", default=None, choices=("mosaic", "triton"), help="KernelConfig.backward of every part")
+    for field in ("forward", "backward"):
+        ap.add_argument(f"--{field}", choices=("mosaic", "triton"), help=f"KernelConfig.{field} of every part")
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.90, 0.95, 0.97])
     ap.add_argument("--skip-small", action="store_true")
     ap.add_argument("--skip-xla", action="store_true")
@@ -573,7 +573,7 @@ def main():
         "--variants", nargs="*", default=None, choices=list(VARIANTS), help="compare variants (first = reference)"
     )
     ap.add_argument(
-        "--fwd-variants", nargs="*", default=None, choices=list(FWD_VARIANTS), help="forward variants (first = reference)"
+        "--fwd-variants", nargs="*", default=None, choices=list(FWD_VARIANTS), help="forward variants (first: the ref.)"
     )
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)

@@ -5,8 +5,9 @@
 
 The library (sla2_jax.sla2_attention, quant="int8", backend "pallas", Hopper) takes the fused path when
 KernelConfig.epilogue is "mosaic" (default) and the per-block states are bf16; "triton" runs the Triton epilogue
-kernel after the INT8 kernel. Each path is a SLA2Config(kernel=heuristic_config(...).replace(epilogue=...)). Correctness first: small shapes (fresh seed, partial last blocks, D 64 / 128, bf16 / f16): module
-output and gradients (q, k, v) fused vs Triton epilogue, both vs dense float32 attention; wan-1.3b (B=1, H=12,
+kernel after the INT8 kernel. Each path is a SLA2Config(kernel=heuristic_config(...).replace(epilogue=...)).
+Correctness first: small shapes (fresh seed, partial last blocks, D 64 / 128, bf16 / f16): module output and
+gradients (q, k, v) fused vs Triton epilogue, both vs dense float32 attention; wan-1.3b (B=1, H=12,
 N=32760, D=128, bf16) per sparsity: the same comparisons, then module forward times (bf16, INT8 fused, INT8 Triton
 epilogue, cuDNN; synchronised medians and pipelined ms per call, interleaved rounds) and CUPTI kernel sums.
 Writes DIR/probe_int8_epilogue.json after every part.

@@ -7,8 +7,9 @@
    delta computed by the reference from its own o_s and a random dO); the reference itself is checked against
    jax.vjp of the dense masked attention. Kernel variants (ping-pong off, alpha as rows, 3 stages) on some cases.
 2. wan-1.3b (B=1, H=12, N=32760, D=128, bf16, SLA router LUT) per sparsity: dq vs the Triton dq kernel (fused
-   form, pallas_kernels.attention.backward_dq under KernelConfig(backward="triton"), with that call's delta) and vs the Triton sparse-only dq (alpha None), then medians of
-   both Triton calls, of the Mosaic kernel alone (variants) and of cuDNN forward / forward+backward, one process.
+   form, pallas_kernels.attention.backward_dq under KernelConfig(backward="triton"), with that call's delta) and
+   vs the Triton sparse-only dq (alpha None), then medians of both Triton calls, of the Mosaic kernel alone
+   (variants) and of cuDNN forward / forward+backward, one process.
    Effective rate of the dq matmuls: flop = 6 * B * H * N^2 * D * (1 - s) (nominal) and 6 * B * H * Nq * 128 *
    topk * block_k * D (the LUT's exact count).
 Each part runs on its own (an error is recorded, the next part goes on); JSON to DIR/probe_mosaic_dq.json.

@@ -118,7 +118,8 @@ def fused(q, k, v, lut, lin_arrays, outputs=("o",), stages=4, **changes):
     """sparse_linear_attention_mosaic with lin_arrays = (q_phi, h, z, alpha) (jit arguments; eps 1e-6 static) under
     config(**changes)."""
     linear = mf.LinearInputs(*lin_arrays, 1e-6)
-    return mf.sparse_linear_attention_mosaic(q, k, v, lut, linear, outputs=outputs, stages=stages, config=config(**changes))
+    kernel_config = config(**changes)
+    return mf.sparse_linear_attention_mosaic(q, k, v, lut, linear, outputs=outputs, stages=stages, config=kernel_config)
 
 
 def random_linear_inputs(rng, b, n, h, d, nq, dtype, with_alpha=True):
@@ -254,7 +255,10 @@ def library_forward(cfg, epilogue, grid_order, residuals):
     """(q, k, v, q_phi, k_phi, lut, alpha) -> the fused forward's output dict (attention.forward: states and
     kernel(s)) with the library's KernelConfig and this epilogue and grid order."""
     call = cfg._replace(config=library_config(cfg.n, cfg.d, epilogue=epilogue, grid_order=grid_order))
-    return lambda q, k, v, qp, kp, lut, a: attention.forward(q, k, v, qp, kp, lut, a, call, fused=True, residuals=residuals)
+    def forward(q, k, v, qp, kp, lut, a):
+        return attention.forward(q, k, v, qp, kp, lut, a, call, fused=True, residuals=residuals)
+
+    return forward
 
 
 def library_module(sparsity, epilogue="mosaic", grid_order="heads"):
@@ -746,7 +750,7 @@ def main():
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--trim-sass", default=None)
     ap.add_argument("--loop", default=None, choices=LOOPS, help="KernelConfig.loop of the other parts")
-    ap.add_argument("--loops", nargs="*", default=None, help=f"loops part: variants {list(LOOP_VARIANTS)} (default all)")
+    ap.add_argument("--loops", nargs="*", default=None, choices=list(LOOP_VARIANTS), help="loops part: variants (all)")
     ap.add_argument("--kinds", nargs="*", default=None, help="kernel kinds of the loops part (default: all)")
     ap.add_argument("--pair-steps", action=argparse.BooleanOptionalAction, default=None,
                     help="KernelConfig.pair_steps of the other parts (default: KernelConfig's)")
@@ -785,8 +789,10 @@ def main():
         save(args.out)
 
 
-PARTS = ("small", "fused_small", "sweep", "wan", "library", "dense", "ncu_target", "trace", "cupti", "module_fb", "ring",
-         "block_k", "loops")
+PARTS = (
+    "small", "fused_small", "sweep", "wan", "library", "dense", "ncu_target", "trace", "cupti", "module_fb", "ring",
+    "block_k", "loops",
+)
 
 
 def save(out_dir):

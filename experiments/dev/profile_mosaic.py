@@ -310,9 +310,10 @@ def trace(x, cases):
 
 
 def module_breakdown(runs):
-    """sla2_attention (pallas backend, the library's KernelConfig: heuristic_config) forward+backward on wan-1.3b at 95% and cuDNN's: every
-    kernel's CUPTI time in one call (summed by name), their sum, and the synchronised wall-clock median of the same
-    call; wall minus the sum is time the GPU sat idle (host, launches) plus timing overhead."""
+    """sla2_attention (pallas backend, the library's KernelConfig: heuristic_config) forward+backward on wan-1.3b
+    at 95% and cuDNN's: every kernel's CUPTI time in one call (summed by name), their sum, and the synchronised
+    wall-clock median of the same call; wall minus the sum is time the GPU sat idle (host, launches) plus timing
+    overhead."""
 
     import sla2_jax as sla
     from experiments.dev.common import config_dict
@@ -385,7 +386,8 @@ def num_col(name):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", nargs="+", default=["timing", "trace"], choices=("timing", "trace", "module", "run", "trim"))
+    modes = ("timing", "trace", "module", "run", "trim")
+    ap.add_argument("--mode", nargs="+", default=["timing", "trace"], choices=modes)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--kernel", default="dq")

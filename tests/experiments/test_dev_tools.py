@@ -100,10 +100,12 @@ def test_probe_mosaic_sparse_kernels_lower_for_cuda():
     lut = uniform_lut(rng, b, h, nq, nk, 3)
     linear = probe.random_linear_inputs(rng, b, n, h, d, nq, jnp.bfloat16)[:4]
     keys = quantize.QuantisedKeys(jnp.zeros((b, n, h, d), jnp.int8), jnp.ones((b, h, nk)), jnp.zeros((b, h, d)))
-    int8 = lambda q, k, v, lut, **ch: probe.mf.sparse_attention_mosaic_int8(q, k, v, lut, keys, config=probe.config(**ch))
+    def int8(q, k, v, lut, **changes):
+        return probe.mf.sparse_attention_mosaic_int8(q, k, v, lut, keys, config=probe.config(**changes))
+
     calls = {
         "plain": (probe.sparse_attention_mosaic, (q, q, q, lut)),
-        "fused": (lambda *a: probe.fused(*a, outputs=("o", "o_s", "lse"), grid_order="qblocks"), (q, q, q, lut, linear)),
+        "fused": (lambda *a: probe.fused(*a, outputs=("o", "lse"), grid_order="qblocks"), (q, q, q, lut, linear)),
         "int8_pipelined": (functools.partial(int8, **probe.LOOP_VARIANTS["pipelined"]), (q, q, q, lut)),
     }
     for name, (fn, args) in calls.items():
