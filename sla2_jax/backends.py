@@ -3,8 +3,9 @@
 Backends compute the same function: "pallas" (the GPU kernels; on CPU they run in Pallas interpret mode), "xla"
 (pure JAX on any device, memory linear in N), "reference" (dense N x N masks, small N, tests). "auto" picks
 "pallas" on a GPU where the kernels support the call and "xla" elsewhere; on a GPU, a call the kernels cannot run
-(head dim not in {32, 64, 128}, mixed dtypes, block sizes outside [16, 256], soft routing) falls back to "xla" with
-a warning that names why. An explicit "pallas" on such a call raises ValueError with the same reason.
+(head dim not in {32, 64, 128}, block sizes outside [16, 256], soft routing) falls back to "xla" with
+a warning that names why. An explicit "pallas" on such a call raises ValueError with the same reason. What every
+backend accepts (dtypes, shapes, alpha) is decided once, in ``checks``.
 """
 
 from __future__ import annotations

@@ -1,22 +1,34 @@
-"""Input validation shared by the public functions: fail early with a ValueError naming the argument."""
+"""Input validation shared by the public functions and every backend: fail early with a ValueError naming the
+argument.
+
+What is accepted does not depend on the backend: q, k, v (B, N, H, D) of equal shape and one dtype (bfloat16,
+float16 or float32), any N >= 1 and any head dim D >= 1, alpha broadcastable to (B, H, Nq) with values in [0, 1].
+Where the Pallas kernels cannot run an accepted call (head dim not in {32, 64, 128}, block sizes outside
+[16, 256]), ``backends.kernel_unsupported_reason`` says why: "auto" then runs it on "xla" with a warning and an
+explicit "pallas" raises ValueError.
+"""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sla2_jax.config import is_power_of_two
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def check_qkv(q, k, v) -> tuple[int, int, int, int]:
-    """Checks q, k, v are (B, N, H, D) with equal shapes and a supported dtype; returns (B, N, H, D)."""
+    """Checks q, k, v are (B, N, H, D) with equal shapes and one supported dtype; returns (B, N, H, D)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name} must be a 4-D array (B, N, H, D); got shape {getattr(x, 'shape', None)}")
         if x.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"{name} has dtype {x.dtype}; supported: bfloat16, float16, float32")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must have one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype} "
+                         "(cast them, e.g. k.astype(q.dtype))")
     if k.shape != q.shape:
         raise ValueError(f"k shape {k.shape} must equal q shape {q.shape}")
     if v.shape != q.shape:
@@ -24,8 +36,8 @@ def check_qkv(q, k, v) -> tuple[int, int, int, int]:
     batch, seq_len, heads, head_dim = q.shape
     if seq_len < 1:
         raise ValueError(f"q has sequence length {seq_len}; it must be >= 1")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim (q.shape[-1]) = {head_dim} is not supported; use one of {SUPPORTED_HEAD_DIMS}")
+    if head_dim < 1:
+        raise ValueError(f"head_dim (q.shape[-1]) = {head_dim}; it must be >= 1")
     return batch, seq_len, heads, head_dim
 
 
@@ -58,9 +70,15 @@ def check_weight(name: str, w, heads: int, head_dim: int) -> None:
 
 
 def check_alpha(alpha, batch: int, heads: int, num_q_blocks: int) -> None:
-    """alpha must broadcast to (B, H, Nq)."""
+    """alpha must broadcast to (B, H, Nq) and, when its values are known (a number or a concrete array, not a
+    tracer inside jit / grad), lie in [0, 1]."""
     if alpha is None:
         return
+    if not isinstance(alpha, jax.core.Tracer):
+        values = np.asarray(alpha, np.float32)
+        if values.size and not (np.all(values >= 0.0) and np.all(values <= 1.0)):
+            bad = values[~((values >= 0.0) & (values <= 1.0))].ravel()[0]
+            raise ValueError(f"alpha must lie in [0, 1]; got a value {bad} (alpha is the weight of the sparse branch)")
     shape = tuple(jnp.shape(alpha))
     target = (batch, heads, num_q_blocks)
     try:

@@ -36,7 +36,7 @@ def test_bad_qkv_shapes_and_dtypes():
     with pytest.raises(ValueError, match="4-D"):
         sla.sla2_attention(q[0], k, v, config=cfg)
     with pytest.raises(ValueError, match="head_dim"):
-        sla.sla2_attention(*_qkv((1, 100, 2, 48)), config=cfg)
+        sla.sla2_attention(*_qkv((1, 100, 2, 0)), config=cfg)
     with pytest.raises(ValueError, match="dtype"):
         sla.sla2_attention(*[x.astype(jnp.int32) for x in (q, k, v)], config=cfg)
     with pytest.raises(ValueError, match="config"):
