@@ -49,7 +49,8 @@ class SLA2Attention(nnx.Module):
     """SLA2 attention with a learnable router (W_q, W_k) and a learnable mixing ratio alpha.
 
     Parameters: `w_q`, `w_k` (D, D) initialised to the identity (the untrained router equals SLA's); alpha params
-    by `config.alpha`: "block": `alpha_logit` (H, Nq) (needs `seq_len`); "head": `alpha_logit` (H,);
+    by `config.alpha` (the only place config.alpha is read): "block": `alpha_logit` (H, Nq) (needs `seq_len`, so
+    the module runs at that N only); "head": `alpha_logit` (H,);
     "mass": `alpha_w`, `alpha_b` (H,) with alpha = sigmoid(w * logit(mass) + b), w=1, b=0 at init.
     `alpha_logit` starts at 0 (alpha = 0.5) and is learned in stage 1.
     Attribute `routing`: "hard" (top-k, inference and fine-tuning), or soft top-k for router training: "soft" (the
@@ -69,8 +70,11 @@ class SLA2Attention(nnx.Module):
         self.w_q = nnx.Param(jnp.eye(head_dim, dtype=jnp.float32))
         self.w_k = nnx.Param(jnp.eye(head_dim, dtype=jnp.float32))
         if config.alpha == "block":
-            if seq_len is None or seq_len < 1:
-                raise ValueError("seq_len must be given (a positive int) for alpha='block' (one alpha per query block)")
+            if seq_len is None or not seq_len >= 1:
+                raise ValueError(
+                    f"config.alpha='block' learns one alpha per head and query block, so the module is built for one "
+                    f"sequence length: pass seq_len=N (the N of the inputs; got seq_len={seq_len!r}), or use "
+                    "SLA2Config(alpha='mass') or alpha='head', which work for any N")
             self.alpha_logit = nnx.Param(jnp.zeros((num_heads, num_blocks(seq_len, config.block_q)), jnp.float32))
         elif config.alpha == "head":
             self.alpha_logit = nnx.Param(jnp.zeros((num_heads,), jnp.float32))
@@ -105,7 +109,9 @@ class SLA2Attention(nnx.Module):
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing={self.routing!r} is not one of {ROUTINGS}")
         if self.config.alpha == "block" and q.shape[1] != self.seq_len:
-            raise ValueError(f"alpha='block' was built for seq_len={self.seq_len}; q has N={q.shape[1]}")
+            raise ValueError(f"config.alpha='block': the module was built for seq_len={self.seq_len}, q has "
+                             f"N={q.shape[1]}; build it with seq_len={q.shape[1]}, or use SLA2Config(alpha='mass') "
+                             "or alpha='head', which work for any N")
         w_q, w_k = self.w_q[...], self.w_k[...]
         if self.context is None:
             return self._attend(q, k, v, *self.alpha_params(), w_q=w_q, w_k=w_k)
@@ -144,9 +150,10 @@ class SelfAttention(nnx.Module):
       dim: model width; num_heads must divide it (head_dim = dim // num_heads).
       attention: "dense" (exact softmax), "sla" (SLA v1) or "sla2".
       config: SLA2Config for "sla"/"sla2" (default SLA2Config()).
-      seq_len: sequence length, needed by alpha="block".
+      seq_len: sequence length, needed by config.alpha="block" ("mass" and "head" work for any N).
       context: optional `ContextParallel` (dense and sla2): attention on sequence-sharded activations.
-    __call__(x): (B, N, dim) -> (B, N, dim).
+    __call__(x): (B, N, dim) -> (B, N, dim) in x.dtype (the projections keep float32 parameters; attention runs
+    on q, k, v in x.dtype).
     """
 
     def __init__(self, dim: int, num_heads: int, *, attention: str = "sla2", config: SLA2Config | None = None,
@@ -173,5 +180,6 @@ class SelfAttention(nnx.Module):
         batch, seq_len, _ = x.shape
         qkv = self.qkv(x).reshape(batch, seq_len, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = (t.astype(x.dtype) for t in (q, k, v))  # the projections compute in their float32 params' dtype
         o = self.core(q, k, v) if self.core is not None else attend_in_context(dense_attention, q, k, v, self.context)
-        return self.out(o.reshape(batch, seq_len, -1))
+        return self.out(o.reshape(batch, seq_len, -1)).astype(x.dtype)

@@ -28,11 +28,22 @@ def test_sla2_module_matches_functional(seed, alpha):
 
 
 def test_block_alpha_needs_seq_len():
-    with pytest.raises(ValueError, match="seq_len"):
+    """The error says exactly what to pass: seq_len=N, or alpha 'mass' / 'head' for any N."""
+    what_to_pass = r"pass seq_len=N .*SLA2Config\(alpha='mass'\) or alpha='head', which work for any N"
+    with pytest.raises(ValueError, match=what_to_pass):
         sla.SLA2Attention(2, 32, config=CFG, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=what_to_pass):
+        sla.SelfAttention(64, 2, config=CFG, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=what_to_pass):
+        sla.SelfAttention(64, 2, rngs=nnx.Rngs(0))  # the default SLA2Config() has alpha="block"
     module = sla.SLA2Attention(2, 32, config=CFG, seq_len=64, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="seq_len"):
+    with pytest.raises(ValueError, match=r"built for seq_len=64, q has N=96; build it with seq_len=96, or use "
+                                         r"SLA2Config\(alpha='mass'\) or alpha='head'"):
         module(*random_qkv(0, (1, 96, 2, 32)))
+    for alpha in ("mass", "head"):  # any N
+        module = sla.SLA2Attention(2, 32, config=CFG.replace(alpha=alpha), rngs=nnx.Rngs(0))
+        for n in (40, 96):
+            assert module(*random_qkv(0, (1, n, 2, 32))).shape == (1, n, 2, 32)
     with pytest.raises(ValueError, match=r"\(H, D\)"):
         module(*random_qkv(0, (1, 64, 4, 32)))
 
@@ -110,6 +121,17 @@ def test_self_attention_block_trains(seed, attention):
     losses = [float(step(block, opt)) for _ in range(5)]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     assert float(jnp.abs(block.qkv.kernel[...] - before).max()) > 0
+
+
+@pytest.mark.parametrize("attention", ["dense", "sla", "sla2"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_self_attention_returns_the_input_dtype(attention, dtype):
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 96, 64)).astype(dtype)
+    block = sla.SelfAttention(64, 2, attention=attention, config=CFG.replace(alpha="mass"), rngs=nnx.Rngs(0))
+    y = block(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    if dtype == jnp.bfloat16:  # close to the float32 computation on the same (bf16-representable) input
+        assert rel_err(y, block(x.astype(jnp.float32))) < 5e-2
 
 
 def test_quant_module_runs_and_differs_slightly(seed):
