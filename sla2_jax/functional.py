@@ -107,12 +107,17 @@ def sla2_output(q, k, v, config: SLA2Config, alpha_fn, *, w_q=None, w_k=None, so
 def sla2_attention(q, k, v, *, config: SLA2Config, w_q=None, w_k=None, alpha=None):
     """SLA2 attention o = alpha * O_sparse + (1 - alpha) * O_linear, usable training-free on any JAX model.
 
+    The functional form has no learned parameters, so no learned alpha: ``config.alpha`` (the granularity of the
+    modules' learnable alpha, see `SLA2Attention`) is not read here. alpha=None always means the router's
+    captured mass, whatever config.alpha says; pass alpha to set it yourself (e.g. a trained module's values).
+
     Args:
-      q, k, v: (B, N, H, D), bf16/f16/f32, N arbitrary.
-      config: `SLA2Config` (block sizes, topk_ratio, feature map, scope, quant, backend).
+      q, k, v: (B, N, H, D) of one dtype, bf16/f16/f32, N arbitrary.
+      config: `SLA2Config` (block sizes, topk_ratio, feature map, scope, quant, backend; alpha is not used).
       w_q, w_k: optional learned router projections (D, D) or (H, D, D); None = SLA router (identity).
-      alpha: optional mixing ratio in [0, 1] broadcastable to (B, H, Nq). None: alpha = the softmax mass the
-        router estimates the selected blocks capture ("mass" with w=1, b=0), which needs no training.
+      alpha: optional mixing ratio in [0, 1] broadcastable to (B, H, Nq) (a number or an array; a concrete value
+        outside [0, 1] raises ValueError). None: alpha = the softmax mass the router estimates the selected blocks
+        capture (the "mass" form with w=1, b=0), which needs no training.
     Returns:
       o: (B, N, H, D) in q.dtype.
     """
