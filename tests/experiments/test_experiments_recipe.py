@@ -34,7 +34,7 @@ PRESET = run_recipe.select_runs(
         block_q=32,
         block_k=16,
     ),
-    "sla-95,sla2-95,dense-ft",
+    "sla2-95",
 )
 
 
@@ -103,12 +103,12 @@ def test_stage0_resumes_to_same_step_and_params(recipe_dirs):
 
 
 def test_all_stages_ran_and_metrics_are_finite(recipe_dir):
-    for d in ("stage0/dense-short", "stage0/dense", "stage1/router-95-block", "stage2/sla-95", "stage2/sla2-95"):
+    for d in ("stage0/dense-short", "stage0/dense", "stage1/router-95-block", "stage2/sla2-95"):
         assert train.is_done(os.path.join(recipe_dir, d)), d
     with open(os.path.join(recipe_dir, "results.json")) as f:
         summary = json.load(f)
     results = summary["results"]
-    assert set(results) == {"dense", "sla-95", "sla2-95", "dense-ft"} and not summary["failed"]
+    assert set(results) == {"dense", "sla2-95"} and not summary["failed"]
     # Logs every 4 steps; the curve spans both calls (stopped at 4, resumed to 8).
     assert [step for step, _ in summary["stages"]["stage0/dense"]["loss_curve"]] == [4, 8]
     assert len(summary["stages"]["stage1/router-95-block"]["alpha_init"]) == PRESET.model.depth
@@ -118,10 +118,10 @@ def test_all_stages_ran_and_metrics_are_finite(recipe_dir):
             for key in ("psnr", "ssim", "attn_rel_err"):
                 assert np.isfinite(r[key]), (name, key)
             assert -1 <= r["ssim"] <= 1 and (0 < r["attn_rel_err"] < 2 or r["attention"] == "dense")
-    for name in ("sla-95", "sla2-95"):  # a router keeps at most what the best blocks hold
+    for name in ("sla2-95",):  # a router keeps at most what the best blocks hold
         oracle = results["dense"]["oracle_kept_mass_per_layer"]["95"]
         assert all(0 < m <= o + 1e-6 for m, o in zip(results[name]["kept_mass_per_layer"], oracle)), name
-    assert results["dense"]["attn_rel_err"] == 0.0 and results["dense-ft"]["attn_rel_err"] == 0.0
+    assert results["dense"]["attn_rel_err"] == 0.0
     files = (
         "results.md",
         "samples_grid.png",
@@ -133,8 +133,11 @@ def test_all_stages_ran_and_metrics_are_finite(recipe_dir):
     for f in files:
         assert os.path.getsize(os.path.join(recipe_dir, f)) > 0, f
     md = open(os.path.join(recipe_dir, "results.md")).read()
-    assert "| sla2-95 | 95% | int8 |" in md and "| dense | 0% |" in md and "| dense-ft | 0% | - |" in md
-    assert "Oracle kept mass" in md
+    assert "| sla2-95 | 95% | int8 |" in md and "| dense | 0% |" in md
+    assert "Oracle kept mass" in md and "nan" not in md.lower().replace("dense", "")
+    lines = md.splitlines()
+    for i in range(1, len(lines) - 1):  # valid Markdown tables: no blank line between two rows
+        assert not (lines[i - 1].startswith("|") and lines[i] == "" and lines[i + 1].startswith("|")), lines[i - 1]
 
 
 def test_stage2_used_dense_weights_and_stage1_router(recipe_dir):

@@ -1,0 +1,106 @@
+"""The study command end to end on the study-cpu-smoke preset: a first call stopped by its time budget after the
+first stage-0 checkpoint exports its state; a second call in another folder imports it and runs every step
+(stage 0 with the kept-mass probe, gate, routers, router comparison, training-free curve, stage 2, powered
+evaluation, report); a rerun skips everything. Runs once in a child process with LLVM optimisation off (it is
+compile-bound); the tests below check its outputs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("skimage")
+
+from experiments import study, train  # noqa: E402
+from experiments.configs import get_study  # noqa: E402
+
+STUDY = get_study("study-cpu-smoke")
+
+
+def _run(first: str, state: str, second: str) -> None:
+    study.run_study(STUDY, first, time_budget_s=1e-3)
+    study.export_state(STUDY, first, state)
+    study.import_state(STUDY, second, state)
+    study.run_study(STUDY, second, ignore_gate=True)
+    study.run_study(STUDY, second, ignore_gate=True)  # the rerun: every step skipped
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    first, state, second = (str(tmp_path_factory.mktemp(n)) for n in ("first", "state", "second"))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0",
+        PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), first, state, second], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return {"first": first, "state": state, "second": second, "log": proc.stdout}
+
+
+def test_first_call_stops_at_its_budget_and_exports(dirs):
+    first = dirs["first"]
+    assert not train.is_done(os.path.join(first, "stage0", "dense-short"))
+    progress = json.load(open(os.path.join(first, "stage0", "dense-short", "progress.json")))
+    assert [s for s, _ in progress["loss_curve"]] == [1]  # stopped at the first checkpoint after the deadline
+    parts = os.listdir(dirs["state"])
+    assert parts == ["study_state.tar.000"]
+    assert os.path.getsize(os.path.join(dirs["state"], parts[0])) < study.PART_BYTES
+    assert "stopped (time budget)" in open(os.path.join(first, "results.md")).read()
+
+
+def test_second_call_ran_every_step(dirs):
+    out = dirs["second"]
+    for d in ("stage0/dense-short", "stage0/dense", "stage1/router-95-block",
+              "stage2/dense-ft", "stage2/sla2-95-noqat", "stage2/sla-95-fit"):
+        assert train.is_done(os.path.join(out, d)), d
+    # The short phase continued from the imported step-1 checkpoint: its curve spans both calls.
+    assert [s for s, _ in train.read_done(os.path.join(out, "stage0", "dense-short"))["loss_curve"]] == [1, 2]
+    gate = json.load(open(os.path.join(out, "stage0", "gate.json")))
+    assert [(p["phase"], p["step"]) for p in gate] == [("dense-short", 1), ("dense-short", 2), ("dense", 2)]
+    for p in gate:
+        assert all(0 < r <= o + 1e-6 <= 1 + 1e-6 for o, r in zip(p["mean_oracle"], p["mean_router"]))
+    rows = json.load(open(os.path.join(out, "routers.json")))["rows"]
+    assert {(r["method"], r["sparsity"]) for r in rows} == {
+        (m, 0.95) for m in ("oracle", "sla", "sla-fitted-proj", "sla2-soft_dense")}
+    assert all(np.isfinite(r["attn_rel_err"]) and 0 < r["kept_mass"] <= 1 for r in rows)
+    points = json.load(open(os.path.join(out, "curve.json")))["points"]
+    assert len(points) == 3 and all(p["ratio"]["lo"] <= p["ratio"]["ratio"] <= p["ratio"]["hi"] for p in points)
+
+
+def test_evaluation_rows_and_report(dirs):
+    out = dirs["second"]
+    names = ["dense", "dense-ft", "sla2-95-noqat@none", "sla2-95-noqat@int8", "sla-95-fit"]
+    for n in names:
+        m = json.load(open(os.path.join(out, "eval", f"{n}.json")))
+        z = np.load(os.path.join(out, "eval", f"{n}_losses.npz"))
+        assert z["train"].shape == z["uniform"].shape == (STUDY.eval_triples,)
+        assert np.all(np.isfinite(z["train"])) and m["loss_train"] == pytest.approx(float(z["train"].mean()))
+        assert len(m["loss_per_t_bin_uniform"]) == STUDY.t_bins and None not in m["loss_per_t_bin_uniform"]
+        if n not in ("dense", "dense-ft"):
+            assert np.isfinite(m["psnr_vs_dense_ft"]) and 0 < m["kept_mass"] <= 1 and m["ms_per_step"] > 0
+    # Same triples for every model (paired): the t values agree.
+    a, b = (np.load(os.path.join(out, "eval", f"{n}_losses.npz")) for n in ("dense-ft", "sla-95-fit"))
+    np.testing.assert_array_equal(a["t_train"], b["t_train"])
+    md = open(os.path.join(out, "results.md")).read()
+    lines = md.splitlines()
+    for i in range(1, len(lines) - 1):  # valid Markdown tables: no blank line inside a table, no NaN cell
+        assert not (lines[i - 1].startswith("|") and lines[i] == "" and lines[i + 1].startswith("|")), i
+    assert "nan" not in md.lower().replace("dense", "")
+    for section in ("## Gate", "## Routers", "## Training-free", "## Fine-tuned", "## Claims", "per t bin"):
+        assert section in md, section
+    for f in ("results.json", "gate_curve.png", "curve.png", "samples.gif", "gifs/sla-95-fit.gif",
+              "data_examples.gif"):
+        assert os.path.exists(os.path.join(out, f)), f
+    assert "[stage 2] dense-ft: skipped (done)" in dirs["log"]
+    assert "[stage 0] dense pre-training: skipped (done)" in dirs["log"]
+
+
+if __name__ == "__main__":
+    _run(*sys.argv[1:4])
