@@ -1,6 +1,6 @@
 """Dense, token-level float32 reference of the SLA branches (small N only: it builds N x N masks).
 
-Used by the tests and by experiments/check_kernels_gpu.py; independent of the kernels' algebra.
+Used by the tests and by experiments/dev/check_kernels_gpu.py; independent of the kernels' algebra.
 """
 
 from __future__ import annotations

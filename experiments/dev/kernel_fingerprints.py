@@ -13,9 +13,6 @@ import jax, jax.numpy as jnp, numpy as np
 from pallas_kernels import front_end as prep, KernelConfig
 from pallas_kernels import sla2_fused_attention, sparse_linear_attention, sla2_fused_attention_lowbit, sparse_linear_attention_lowbit
 from sla2_jax.feature_maps import PHI_FUNCTIONS
-class ia:
-    sla2_fused_attention_lowbit = staticmethod(sla2_fused_attention_lowbit)
-    sparse_linear_attention_lowbit = staticmethod(sparse_linear_attention_lowbit)
 
 def norm(text):
     text = re.sub(r"name_and_src_info=[^\n]*?(?= [a-z_]+=|\]$)", "", text)
@@ -60,8 +57,8 @@ def kinds():
                     if dtype == jnp.bfloat16 and scope == "complement":
                         for quant in ("int8", "int8_fp8"):
                             qkw = dict(kw, quant=quant)
-                            def lf(q, k, v, qp, kp, a, qkw=qkw, lut=lut): return ia.sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, **qkw)
-                            def lb(q, k, v, qp, kp, qkw=qkw, lut=lut): return ia.sparse_linear_attention_lowbit(q, k, v, qp, kp, lut, **qkw)
+                            def lf(q, k, v, qp, kp, a, qkw=qkw, lut=lut): return sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, **qkw)
+                            def lb(q, k, v, qp, kp, qkw=qkw, lut=lut): return sparse_linear_attention_lowbit(q, k, v, qp, kp, lut, **qkw)
                             out[tag + f"/{quant}_fused_fwd"] = (lf, (q, k, v, qp, kp, alpha))
                             out[tag + f"/{quant}_branches_fwd"] = (lb, (q, k, v, qp, kp))
                             def lfl(*x, lf=lf): return jnp.sum(lf(*x).astype(jnp.float32))
@@ -79,10 +76,9 @@ def kinds():
     return out
 
 def main():
-    mode = sys.argv[1]  # "old" or "new" only changes the module imported by the caller
+    # argv: a label (unused) and the output path
     result, texts = {}, {}
     for name, (fn, args) in kinds().items():
-        jax.clear_caches()
         try:
             h, t = fp(fn, *args)
         except Exception as e:

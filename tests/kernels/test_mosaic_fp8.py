@@ -1,6 +1,6 @@
 """FP8 P V in the INT8 Mosaic GPU sparse forward (quant "int8_fp8" on Hopper; pallas_kernels/mosaic_forward.py).
 
-The kernel runs only on a Hopper GPU (experiments/probe_mosaic_fp8.py checks it there against the Triton int8_fp8
+The kernel runs only on a Hopper GPU (experiments/dev/probe_mosaic_fp8.py checks it there against the Triton int8_fp8
 kernel and the fake-quant reference). On CPU: the interleaved FP8 values it reads, its lowering for CUDA (the e4m3
 wgmma with P from registers or from shared memory), and the wiring of the low-bit Mosaic path with an XLA
 emulation of the kernel's arithmetic, against the Triton int8_fp8 path (interpret mode): outputs and gradients.
