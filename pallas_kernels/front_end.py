@@ -5,15 +5,18 @@ library's ``sla2_jax.feature_maps.softmax_phi``), applied inside the kernels and
 the same function object each time (it is part of the jit cache key). None: the block means alone.
 
 * ``block_means_and_phi(x, block, feature_map)``: one read of X (B, N, H, D) gives phi(X) (B, N, H, D, x.dtype)
-  and the mean of every ``block``-row block, (B, H, Nb, D) float32 (a ragged last block averages its valid rows;
-  rows >= N are masked, never padded). Grid (Nb, H, B), one block per program, ``rows`` rows per loop step.
-  Bytes: one read of X, one write of phi(X). The backward is one kernel on the same grid: dX = vjp of phi
-  (the feature map differentiated by JAX inside the kernel) applied to d phi, plus each
-  block mean's cotangent spread over its rows; bytes: read X and d phi, write dX. (XLA's fusion of the same vjp ran
-  at ~1 TB/s on H100: 0.38-0.40 ms per tensor at wan-1.3b; docs/dev/front_end.md.)
+  and the mean of every ``block``-row block over its finite rows, (B, H, Nb, D) float32 (a ragged last block
+  averages its valid rows; rows >= N are masked, never padded; a row with a NaN or Inf entry is left out, so that
+  it reaches only its own phi row, not the routing of its block: ``sla2_jax.pool_blocks``'s rule). Grid
+  (Nb, H, B), one block per program, ``rows`` rows per loop step. Bytes: one read of X, one write of phi(X), 64
+  bytes per block of finite-row count (the backward's residual). The backward is one kernel on the same grid:
+  dX = vjp of phi (the feature map differentiated by JAX inside the kernel) applied to d phi, plus each block
+  mean's cotangent spread over its finite rows; bytes: read X and d phi, write dX. (XLA's fusion of the same vjp
+  ran at ~1 TB/s on H100: 0.38-0.40 ms per tensor at wan-1.3b; docs/dev/front_end.md.)
 * ``block_means_phi_int8(k, block, feature_map)``: the same from one read of K, one ``block``-row tile per program,
   plus the int8 smoothed keys of the low-bit forward (``quantize.QuantisedKeys``: K~ = K - mean_N(K) per
-  block, the mean by one XLA reduction before the kernel). Bytes: one read of K (twice with the mean), one write
+  block, the mean by one XLA reduction before the kernel; a non-finite row is quantised as 0 and left out of its
+  block's amax, as ``sla2_jax.quant.int8_block_scales`` does). Bytes: one read of K (twice with the mean), one write
   of phi(K), one int8 write.
 * ``block_means_phi_int8_queries(q, block, feature_map, k_mean, shift_scale)``: Q's counterpart (same kernel):
   phi(Q), the block means, int8 Q with one scale per query block and each row's LSE shift
@@ -57,35 +60,52 @@ def _interpret(interpret) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # Block means and phi
 # ----------------------------------------------------------------------------------------------------------
+def _finite_rows(x, valid):
+    """(rows,) bool: valid rows of the float32 tile x (rows, D) with no NaN / Inf entry."""
+    return valid & (jnp.sum(jnp.where(jnp.isfinite(x), 0.0, 1.0), axis=1) == 0.0)
+
+
+def _store_count(count_ref, count):
+    count_ref[...] = jnp.full((SCALE_LANES,), count, _F32)  # SCALE_LANES copies: a power-of-two tile
+
+
 def _prep_kernel(x_ref, *out_refs, n: int, block: int, rows: int, phi):
-    """Program (i, h, b): rows [i*block, (i+1)*block) of X (N, D), `rows` at a time -> phi of those rows and
-    their mean (D,)."""
+    """Program (i, h, b): rows [i*block, (i+1)*block) of X (N, D), `rows` at a time -> phi of those rows, the
+    mean (D,) of the finite ones and their count (out_refs: [phi], means, counts)."""
     start0 = pl.program_id(0) * block
     d = x_ref.shape[-1]
 
-    def body(t, total):
+    def body(t, carry):
+        total, count = carry
         start = start0 + t * rows
-        mask = jnp.broadcast_to(((start + jnp.arange(rows)) < n)[:, None], (rows, d))
+        valid = (start + jnp.arange(rows)) < n
+        mask = jnp.broadcast_to(valid[:, None], (rows, d))
         x = plgpu.load(x_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
         if phi is not None:
             phi_ref = out_refs[0]
             plgpu.store(phi_ref.at[pl.ds(start, rows), :], phi(x).astype(phi_ref.dtype), mask=mask)
-        return total + jnp.sum(x, axis=0)
+        finite = _finite_rows(x, valid)
+        return total + jnp.sum(jnp.where(finite[:, None], x, 0.0), axis=0), count + jnp.sum(finite.astype(_F32))
 
-    total = lax.fori_loop(0, block // rows, body, jnp.zeros((d,), _F32))
-    out_refs[-1][...] = total / jnp.minimum(n - start0, block).astype(_F32)
+    total, count = lax.fori_loop(0, block // rows, body, (jnp.zeros((d,), _F32), jnp.float32(0.0)))
+    out_refs[-2][...] = total / jnp.maximum(count, 1.0)
+    _store_count(out_refs[-1], count)
+
+
+def _per_block_spec(width: int):
+    return pl.BlockSpec((None, None, None, width), lambda i, hh, bb: (bb, hh, i, 0))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
 def _prep_call(x, block: int, phi, interpret: bool, num_warps: int, rows: int):
+    """[phi(X)], means (B, H, Nb, D) float32, finite-row counts (B, H, Nb, SCALE_LANES) float32."""
     b, n, h, d = x.shape
     nb = -(-n // block)
     seq = pl.BlockSpec((None, n, None, d), lambda i, hh, bb: (bb, 0, hh, 0))
-    mean_spec = pl.BlockSpec((None, None, None, d), lambda i, hh, bb: (bb, hh, i, 0))
-    mean_shape = jax.ShapeDtypeStruct((b, h, nb, d), _F32)
-    out_specs, out_shape = [mean_spec], [mean_shape]
+    out_specs = [_per_block_spec(d), _per_block_spec(SCALE_LANES)]
+    out_shape = [jax.ShapeDtypeStruct((b, h, nb, d), _F32), jax.ShapeDtypeStruct((b, h, nb, SCALE_LANES), _F32)]
     if phi is not None:
-        out_specs, out_shape = [seq, mean_spec], [jax.ShapeDtypeStruct(x.shape, x.dtype), mean_shape]
+        out_specs, out_shape = [seq, *out_specs], [jax.ShapeDtypeStruct(x.shape, x.dtype), *out_shape]
     return pl.pallas_call(
         functools.partial(_prep_kernel, n=n, block=block, rows=min(rows, block), phi=phi),
         grid=(nb, h, b),
@@ -100,23 +120,26 @@ def _prep_call(x, block: int, phi, interpret: bool, num_warps: int, rows: int):
 
 def _prep_bwd_kernel(x_ref, *refs, n: int, block: int, rows: int, phi, pass_through: bool):
     """Program (i, h, b): dX of rows [i*block, (i+1)*block), `rows` at a time: the vjp of phi at X applied to
-    d phi (float32, the forward's feature map differentiated by JAX) plus d mean / (valid rows), plus
-    the cotangent of X's pass-through output when there is one (refs: [d phi], d means, [d X in], d X out)."""
+    d phi (float32, the forward's feature map differentiated by JAX) plus, on the finite rows, d mean / (finite
+    rows), plus the cotangent of X's pass-through output when there is one (refs: [d phi], d means, counts,
+    [d X in], d X out)."""
     refs = list(refs)
     dx_ref = refs.pop()
     dx_in_ref = refs.pop() if pass_through else None
+    count_ref = refs.pop()
     d_mean_ref = refs.pop()
     d_phi_ref = refs.pop() if phi is not None else None
     start0 = pl.program_id(0) * block
     d = x_ref.shape[-1]
-    d_mean = d_mean_ref[...].astype(_F32) / jnp.minimum(n - start0, block).astype(_F32)
+    d_mean = d_mean_ref[...].astype(_F32) / jnp.maximum(jnp.max(count_ref[...]), 1.0)
 
     def body(t, carry):
         start = start0 + t * rows
-        mask = jnp.broadcast_to(((start + jnp.arange(rows)) < n)[:, None], (rows, d))
-        dx = jnp.broadcast_to(d_mean[None, :], (rows, d))
+        valid = (start + jnp.arange(rows)) < n
+        mask = jnp.broadcast_to(valid[:, None], (rows, d))
+        x = plgpu.load(x_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
+        dx = jnp.where(_finite_rows(x, valid)[:, None], d_mean[None, :], 0.0)
         if phi is not None:
-            x = plgpu.load(x_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
             d_phi = plgpu.load(d_phi_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
             _, phi_vjp = jax.vjp(phi, x)
             dx = dx + phi_vjp(d_phi)[0]
@@ -128,14 +151,15 @@ def _prep_bwd_kernel(x_ref, *refs, n: int, block: int, rows: int, phi, pass_thro
     lax.fori_loop(0, block // rows, body, 0)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
-def _prep_bwd_call(x, d_phi, d_means, d_x, block: int, phi, interpret: bool, num_warps: int, rows: int):
-    """dX (B, N, H, D) in x.dtype from d phi (B, N, H, D) (None when phi is None), d means (B, H, Nb, D) and the
-    cotangent d_x (B, N, H, D) of X's pass-through output (None if there is none)."""
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
+def _prep_bwd_call(x, d_phi, d_means, counts, d_x, block: int, phi, interpret: bool, num_warps: int, rows: int):
+    """dX (B, N, H, D) in x.dtype from d phi (B, N, H, D) (None when phi is None), d means (B, H, Nb, D), the
+    forward's finite-row counts (B, H, Nb, SCALE_LANES) and the cotangent d_x (B, N, H, D) of X's pass-through
+    output (None if there is none)."""
     b, n, h, d = x.shape
     seq = pl.BlockSpec((None, n, None, d), lambda i, hh, bb: (bb, 0, hh, 0))
-    mean_spec = pl.BlockSpec((None, None, None, d), lambda i, hh, bb: (bb, hh, i, 0))
-    inputs = [(x, seq), (d_phi, seq), (d_means, mean_spec), (d_x, seq)]
+    inputs = [(x, seq), (d_phi, seq), (d_means, _per_block_spec(d)), (counts, _per_block_spec(SCALE_LANES)),
+              (d_x, seq)]
     inputs = [(a, spec) for a, spec in inputs if a is not None]
     return pl.pallas_call(
         functools.partial(
@@ -157,21 +181,23 @@ def _with_input(outs, x, pass_through: bool):
 
 
 def _prep_outputs(x, block, phi, interpret, num_warps, rows, pass_through):
-    return _with_input(_prep_call(x, block, phi, interpret, num_warps, rows), x, pass_through)
+    return _with_input(_prep_call(x, block, phi, interpret, num_warps, rows)[:-1], x, pass_through)
 
 
 _prep = functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5, 6))(_prep_outputs)
 
 
 def _prep_fwd(x, block, phi, interpret, num_warps, rows, pass_through):
-    return _prep_outputs(x, block, phi, interpret, num_warps, rows, pass_through), x
+    *outs, counts = _prep_call(x, block, phi, interpret, num_warps, rows)
+    return _with_input(outs, x, pass_through), (x, counts)
 
 
-def _prep_bwd(block, phi, interpret, num_warps, rows, pass_through, x, cts):
+def _prep_bwd(block, phi, interpret, num_warps, rows, pass_through, res, cts):
+    x, counts = res
     cts = list(cts)
     d_x = cts.pop() if pass_through else None  # cts: [phi], means, [X]
     d_phi = cts[0] if phi is not None else None
-    return (_prep_bwd_call(x, d_phi, cts[-1], d_x, block, phi, interpret, num_warps, rows),)
+    return (_prep_bwd_call(x, d_phi, cts[-1], counts, d_x, block, phi, interpret, num_warps, rows),)
 
 
 _prep.defvjp(_prep_fwd, _prep_bwd)
@@ -238,13 +264,18 @@ def _prep_int8_kernel(
     if phi is not None:
         phi_ref = refs.pop(0)
         plgpu.store(phi_ref.at[pl.ds(start, block), :], phi(x32).astype(phi_ref.dtype), mask=mask)
-    means_ref, x8_ref, scale_ref = refs[:3]
-    means_ref[...] = jnp.sum(x32, axis=0) / jnp.minimum(n - start, block).astype(_F32)
+    means_ref, count_ref, x8_ref, scale_ref = refs[:4]
+    finite = _finite_rows(x32, valid)
+    count = jnp.sum(finite.astype(_F32))
+    means_ref[...] = jnp.sum(jnp.where(finite[:, None], x32, 0.0), axis=0) / jnp.maximum(count, 1.0)
+    _store_count(count_ref, count)
     mean = mean_ref[...]
-    x8, scale = quantize_rows(x, mean if smooth else None, valid, interpret)
+    # a non-finite row is quantised as 0 and left out of the block's amax (its own output stays NaN through phi)
+    x8, scale = quantize_rows(jnp.where(finite[:, None], x, 0.0).astype(x.dtype), mean if smooth else None, valid,
+                              interpret)
     store_quantised_rows(x8_ref, scale_ref, x8, scale, start, valid)
     if shift_scale is not None:  # rows past N were loaded as 0: their shift is 0
-        refs[3][...] = jnp.sum(x32 * mean[None, :], axis=1) * shift_scale
+        refs[4][...] = jnp.sum(x32 * mean[None, :], axis=1) * shift_scale
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
@@ -253,9 +284,10 @@ def _prep_int8_call(x, mean, block: int, phi, interpret: bool, num_warps: int, s
     nb = -(-n // block)
     seq = pl.BlockSpec((None, n, None, d), lambda i, hh, bb: (bb, 0, hh, 0))
     per_block = lambda width: pl.BlockSpec((None, None, None, width), lambda i, hh, bb: (bb, hh, i, 0))  # noqa: E731
-    out_specs = [per_block(d), seq, per_block(SCALE_LANES)]
+    out_specs = [per_block(d), per_block(SCALE_LANES), seq, per_block(SCALE_LANES)]
     out_shape = [
         jax.ShapeDtypeStruct((b, h, nb, d), _F32),
+        jax.ShapeDtypeStruct((b, h, nb, SCALE_LANES), _F32),
         jax.ShapeDtypeStruct(x.shape, jnp.int8),
         jax.ShapeDtypeStruct((b, h, nb, SCALE_LANES), _F32),
     ]
@@ -285,31 +317,32 @@ def _prep_int8_call(x, mean, block: int, phi, interpret: bool, num_warps: int, s
         interpret=interpret,
         name="sla_prep_int8" if smooth else "sla_prep_int8_q",
     )(x, mean)
-    outs = list(outs)
+    outs = list(outs)  # [phi], means, counts, int8 x, scales, [shift]
     shift = [outs.pop().reshape(b, h, nb * block)] if shift_scale is not None else []
-    return [*outs[:-1], outs[-1][..., 0], *shift]
+    scales, x8, counts = outs.pop()[..., 0], outs.pop(), outs.pop()
+    return [*outs, x8, scales, *shift, counts]  # the counts last: the backward's residual, not an output
 
 
 def _prep_int8_outputs(x, mean, block, phi, interpret, num_warps, pass_through, smooth, shift_scale):
     outs = _prep_int8_call(x, mean, block, phi, interpret, num_warps, smooth, shift_scale)
-    return _with_input(outs, x, pass_through)
+    return _with_input(outs[:-1], x, pass_through)
 
 
 _prep_int8 = functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7, 8))(_prep_int8_outputs)
 
 
 def _prep_int8_fwd(x, mean, block, phi, interpret, num_warps, pass_through, smooth, shift_scale):
-    outs = _prep_int8_outputs(x, mean, block, phi, interpret, num_warps, pass_through, smooth, shift_scale)
-    return outs, (x, mean)
+    *outs, counts = _prep_int8_call(x, mean, block, phi, interpret, num_warps, smooth, shift_scale)
+    return _with_input(outs, x, pass_through), (x, mean, counts)
 
 
 def _prep_int8_bwd(block, phi, interpret, num_warps, pass_through, smooth, shift_scale, res, cts):
-    x, mean = res
+    x, mean, counts = res
     cts = list(cts)
     d_x = cts.pop() if pass_through else None  # cts: [phi], means, int8 x, scales, [shift], [X]
     d_phi = cts[0] if phi is not None else None
     d_means = cts[1 if phi is not None else 0]  # the int8 blocks, their scales and the shift have no gradient
-    dx = _prep_bwd_call(x, d_phi, d_means, d_x, block, phi, interpret, _PREP_WARPS, _PREP_ROWS)  # as _prep's
+    dx = _prep_bwd_call(x, d_phi, d_means, counts, d_x, block, phi, interpret, _PREP_WARPS, _PREP_ROWS)  # as _prep's
     return dx, jnp.zeros_like(mean)
 
 

@@ -21,8 +21,11 @@ def straight_through(x, x_quantised):
 
 
 def int8_block_scales(x, block: int):
-    """Per (batch, head, block) scales amax/127: (B, N, H, D) -> (B, H, Nb) float32 (never 0)."""
-    amax = jnp.max(jnp.abs(to_blocks(x.astype(jnp.float32), block)), axis=(3, 4))
+    """Per (batch, head, block) scales amax/127: (B, N, H, D) -> (B, H, Nb) float32 (never 0). The amax is over
+    the block's finite rows: a row with a NaN / Inf entry does not set the scale of the other rows."""
+    blocks = jnp.abs(to_blocks(x.astype(jnp.float32), block))
+    finite = jnp.all(jnp.isfinite(blocks), axis=-1, keepdims=True)
+    amax = jnp.max(jnp.where(finite, blocks, 0.0), axis=(3, 4))
     return jnp.maximum(amax, 1e-12) / INT8_MAX
 
 

@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sla2_jax.blocks import block_counts, to_blocks
+from sla2_jax.blocks import block_counts, to_blocks, valid_rows
 from sla2_jax.checks import check_block_size, check_weight
 
 
@@ -23,10 +23,15 @@ def smooth_keys(k):
 
 
 def pool_blocks(x, block: int):
-    """Mean of each block's rows: (B, N, H, D) -> (B, H, Nb, D) float32; a partial last block averages its valid rows."""
-    seq_len = x.shape[1]
-    sums = to_blocks(x.astype(jnp.float32), block).sum(axis=3)
-    return sums / block_counts(seq_len, block)[:, None]
+    """Mean of each block's finite rows: (B, N, H, D) -> (B, H, Nb, D) float32.
+
+    A partial last block averages its valid rows; a row with a NaN or Inf entry is left out of its block's mean (a
+    block with no finite row has mean 0), so one non-finite row does not reach the routing, the captured mass and
+    alpha of the other rows of its block (as in dense attention, where it damages only its own output row)."""
+    blocks = to_blocks(x.astype(jnp.float32), block)  # (B, H, Nb, block, D); rows past N are 0
+    finite = jnp.all(jnp.isfinite(blocks), axis=-1, keepdims=True) & valid_rows(x.shape[1], block)[..., None]
+    sums = jnp.sum(jnp.where(finite, blocks, 0.0), axis=3)
+    return sums / jnp.maximum(jnp.sum(finite, axis=3, dtype=jnp.float32), 1.0)
 
 
 def _project(pooled, w):
