@@ -51,3 +51,20 @@ def compiled_memory_bytes(jitted, *args) -> int | None:
                    - stats.alias_size_in_bytes)
     except Exception:  # some backends give no analysis
         return None
+
+
+def in_model_seconds(fn, arg_sets, *, layers: int = 30, warmup: int = 2, iters: int = 10) -> float:
+    """Seconds per call when a model makes `layers` calls of fn in one jitted function, as the attention layers of
+    a DiT step do: call i takes arg_sets[i % len(arg_sets)] (distinct inputs, so no call can be shared); the first
+    element of every output leaf is returned so no call is dropped. Median over `iters` synchronised runs of the
+    whole function, divided by `layers`: the host's dispatch and synchronisation are paid once per step, not per
+    call. arg_sets: a list of argument tuples (device arrays); give `layers` of them where memory allows."""
+
+    def model(sets):
+        firsts = []
+        for i in range(layers):
+            out = fn(*sets[i % len(sets)])
+            firsts += [jax.numpy.ravel(x)[0].astype(jax.numpy.float32) for x in jax.tree_util.tree_leaves(out)]
+        return jax.numpy.stack(firsts)
+
+    return time_fn(jax.jit(model), list(arg_sets), warmup=warmup, iters=iters) / layers
