@@ -91,25 +91,25 @@ def mosaic_epilogue_args(q, alpha, named_inputs: dict, cfg: KernelCall, *, fused
     mosaic_forward.ring_holds_outputs, or else needs the room of one K/V ring slot)."""
     outputs = tuple(x[0] for x in forward_outputs(q, cfg, fused=fused, residuals=residuals))
     tiles = sum(x in ("o", "o_s", "o_l") for x in outputs)
-    linear = mosaic_forward.LinearInputs(
-        named_inputs["q_phi"], named_inputs["h_tot"], named_inputs["z_tot"], alpha if fused else None, cfg.eps
-    )
+    h, z = named_inputs["h_tot"], named_inputs["z_tot"]
+    if not cfg.track_lin:  # scope "all": the totals (B, H, D, D) f32 as one bf16 state shared by the query blocks
+        h, z = h.astype(jnp.bfloat16)[:, :, None], z[:, :, None]
+    linear = mosaic_forward.LinearInputs(named_inputs["q_phi"], h, z, alpha if fused else None, cfg.eps)
     stages = 4 if tiles <= 2 or mosaic_forward.ring_holds_outputs(cfg.block_k, 4, cfg.config) else 3
     return linear, {"outputs": outputs, "stages": stages, "config": cfg.config}
 
 
 def uses_mosaic_epilogue(named_inputs: dict, cfg: KernelCall) -> bool:
-    """The linear branch runs in the Mosaic forward's epilogue: KernelConfig.epilogue "mosaic", complement scope
-    with per-block states H_i (B, H, Nq, D, D) in bf16 (KernelConfig.state_dtype; float32 states need the hi + lo
-    products of the Triton epilogue)."""
+    """The linear branch runs in the Mosaic forward's epilogue: KernelConfig.epilogue "mosaic" and bf16 states:
+    the complement's per-block H_i (B, H, Nq, D, D) in bf16 (KernelConfig.state_dtype; float32 states need the hi +
+    lo products of the Triton epilogue), or for scope "all" the shared totals, rounded to bf16 when state_dtype is
+    "bfloat16" (one (D, D) state per (batch, head): no per-block states at all)."""
     h = named_inputs.get("h_tot")
-    return (
-        cfg.config.epilogue == "mosaic"
-        and cfg.track_lin
-        and h is not None
-        and h.ndim == 5
-        and jnp.dtype(h.dtype) == jnp.dtype(jnp.bfloat16)
-    )
+    if cfg.config.epilogue != "mosaic" or h is None:
+        return False
+    if cfg.track_lin:
+        return h.ndim == 5 and jnp.dtype(h.dtype) == jnp.dtype(jnp.bfloat16)
+    return cfg.config.state_dtype == "bfloat16"
 
 
 def linear_epilogue(q, o_s, lse, alpha, linear_inputs, cfg: KernelCall, *, fused: bool, residuals: bool):

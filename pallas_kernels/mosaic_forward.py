@@ -90,11 +90,12 @@ def sparse_attention_mosaic(
 
 
 class LinearInputs(NamedTuple):
-    """The linear branch's inputs of the in-kernel epilogue (16-bit forward, complement scope, per-block states).
+    """The linear branch's inputs of the in-kernel epilogue (16-bit forward).
 
-    q_phi (B, N, H, D) in q's dtype; h (B, H, Nq, D, D) bf16 (or f16 with f16 inputs): H_i of each query block;
-    z (B, H, Nq, D) f32: Z_i; alpha (B, H, Nq) f32, or None when the combined output "o" is not asked for;
-    eps: added to the denominator phi(Q_i) . Z_i."""
+    q_phi (B, N, H, D) in q's dtype; h (B, H, Nq, D, D) bf16 (or f16): H_i of each query block (complement scope),
+    or (B, H, 1, D, D): one state shared by all query blocks (scope "all"); z (B, H, Nq or 1, D) f32: Z_i likewise;
+    alpha (B, H, Nq) f32, or None when the combined output "o" is not asked for; eps: added to the denominator
+    phi(Q_i) . Z_i."""
 
     q_phi: jax.Array
     h: jax.Array
@@ -244,8 +245,13 @@ def _sparse_forward(
     nq, topk = lut.shape[2], lut.shape[3]
     quantised = q_op.dtype == jnp.int8
     _check_outputs(outputs, linear)
-    if linear is not None and (linear.h.shape != (b, h, nq, d, d) or linear.z.shape != (b, h, nq, d)):
-        raise ValueError(f"h {linear.h.shape} / z {linear.z.shape} must be (B, H, Nq, D, D) / (B, H, Nq, D)")
+    shared_state = linear is not None and linear.h.shape[2:3] == (1,)  # scope "all": one state per (batch, head)
+    states = 1 if shared_state else nq
+    if linear is not None and (linear.h.shape != (b, h, states, d, d) or linear.z.shape != (b, h, states, d)):
+        raise ValueError(
+            f"h {linear.h.shape} / z {linear.z.shape} must be (B, H, Nq, D, D) / (B, H, Nq, D) or (B, H, 1, D, D) / "
+            "(B, H, 1, D)"
+        )
     fp8 = values is not None
     if fp8:
         _check_values(values, v, block_k, quantised, linear)
@@ -542,8 +548,9 @@ def _sparse_forward(
                 for half in range(2):
                     rows = pl.ds(qi * _BLOCK_Q + half * _ROWS, _ROWS)
                     plgpu.copy_gmem_to_smem(r["q_phi"].at[bi, rows, hi], smem["q_phi"].at[half], lin_ready.at[half])
-                plgpu.copy_gmem_to_smem(r["h"].at[bi, hi, qi], smem["h"], lin_ready.at[2])
-                plgpu.copy_gmem_to_smem(r["z"].at[bi, hi, qi], smem["z"], lin_ready.at[3])
+                state = 0 if shared_state else qi
+                plgpu.copy_gmem_to_smem(r["h"].at[bi, hi, state], smem["h"], lin_ready.at[2])
+                plgpu.copy_gmem_to_smem(r["z"].at[bi, hi, state], smem["z"], lin_ready.at[3])
 
             @pl.loop(stages, steps)
             def _refill(t):

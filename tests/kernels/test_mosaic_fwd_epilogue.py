@@ -40,10 +40,12 @@ def _inputs(seed, n, h, d, dtype, topk):
     return tuple(x.astype(dtype) for x in (q, k, v, qp, kp)), lut, w, alpha
 
 
-def _contract_stand_in(calls):
+def _contract_stand_in(calls, calls_h=None):
     """XLA stand-in for mosaic_forward.sparse_linear_attention_mosaic: dense float32 sparse branch with the LUT's token
     mask (o_s, lse base 2), o_l = phi(Q_i) H_i / den with den = phi(Q_i) . Z_i + eps from the states it is given,
     o = alpha o_s + (1 - alpha) o_l; rows past N padded (lse 0, den 1)."""
+
+    calls_h = [] if calls_h is None else calls_h
 
     def stand_in(q, k, v, lut, linear, *, outputs, block_k, sm_scale, stages, config):
         calls.append((tuple(outputs), stages))
@@ -56,8 +58,10 @@ def _contract_stand_in(calls):
         o_s = jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(s, axis=-1), v32)
         lse = jax.nn.logsumexp(s, axis=-1) * math.log2(math.e)
         block = jnp.arange(n) // 128
-        h_rows = linear.h.astype(jnp.float32)[:, :, block]  # (B, H, N, D, D)
-        den = jnp.einsum("bnhd,bhnd->bhn", qp32, linear.z[:, :, block]) + linear.eps
+        state = block if linear.h.shape[2] > 1 else jnp.zeros_like(block)  # per query block, or one shared state
+        calls_h.append(linear.h.shape)
+        h_rows = linear.h.astype(jnp.float32)[:, :, state]  # (B, H, N, D, D)
+        den = jnp.einsum("bnhd,bhnd->bhn", qp32, linear.z[:, :, state]) + linear.eps
         o_l = jnp.einsum("bnhd,bhnde->bnhe", qp32, h_rows) / jnp.transpose(den, (0, 2, 1))[..., None]
         vals = {"o_s": o_s, "o_l": o_l}
         if linear.alpha is not None:
@@ -143,3 +147,46 @@ def test_linear_inputs_of_the_wrong_shape_are_refused_before_the_kernel(int8):
             sm.sparse_linear_attention_mosaic_int8(q, q, q, lut, keys, bad, outputs=("o_s",), queries=queries)
         else:
             sm.sparse_linear_attention_mosaic(q, q, q, lut, bad, outputs=("o_s",))
+
+
+def test_scope_all_uses_one_shared_state_in_the_mosaic_epilogue(monkeypatch):
+    """linear_scope "all" with bf16 states: the Mosaic forward's epilogue gets the totals as one (B, H, 1, D, D) bf16
+    state shared by every query block (no per-block states) and the output and gradients match the dense reference;
+    with state_dtype "float32" the Triton epilogue (hi + lo products) runs instead."""
+    calls, shapes = [], []
+    monkeypatch.setattr(mosaic_forward, "sparse_linear_attention_mosaic", _contract_stand_in(calls, shapes))
+    monkeypatch.setattr(mosaic_forward, "sparse_attention_mosaic", _sparse_only_stand_in)
+    seed = int.from_bytes(os.urandom(4), "little")
+    args, lut, w, alpha = _inputs(seed, 200, 2, 64, jnp.bfloat16, 2)
+    ref_kw = {"block_q": 128, "block_k": 64, "linear_scope": "all"}
+    kw = dict(ref_kw, config=KernelConfig(forward="mosaic"))
+    assert _rel(sla2_fused_attention(*args, lut, alpha, **kw), reference_fused(*args, lut, alpha, **ref_kw)) < 2e-2, seed
+    loss = lambda fn, kw: lambda *x: jnp.sum(fn(*x[:5], lut, x[5], **kw).astype(jnp.float32) * w)  # noqa: E731
+    g = jax.grad(loss(sla2_fused_attention, kw), argnums=tuple(range(6)))(*args, alpha)
+    rg = jax.grad(loss(reference_fused, ref_kw), argnums=tuple(range(6)))(*args, alpha)
+    for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
+        assert _rel(a, b) < 3e-2, (seed, name, _rel(a, b))
+    assert calls and shapes and all(shape == (1, 2, 1, 64, 64) for shape in shapes), shapes
+    calls.clear()
+    sla2_fused_attention(*args, lut, alpha, **dict(ref_kw, config=KernelConfig(forward="mosaic", state_dtype="float32")))
+    assert not calls
+
+
+def test_shared_state_kernel_lowers_for_cuda():
+    """The Mosaic forward with one (B, H, 1, D, D) state lowers for CUDA on a CPU host and reads the state without
+    a query-block offset (the lowered kernel differs from the per-block one)."""
+    b, n, h, d = 1, 1000, 2, 128
+    nq = -(-n // 128)
+    q = jnp.zeros((b, n, h, d), jnp.bfloat16)
+    lut = jnp.zeros((b, h, nq, 3), jnp.int32)
+
+    def lowered(states):
+        hs, zs = jnp.zeros((b, h, states, d, d), jnp.bfloat16), jnp.zeros((b, h, states, d))
+        linear = mosaic_forward.LinearInputs(q, hs, zs, jnp.zeros((b, h, nq)), 1e-6)
+        fn = lambda q, k, v, lut: mosaic_forward.sparse_linear_attention_mosaic(  # noqa: E731
+            q, k, v, lut, linear, outputs=("o",), config=KernelConfig(forward="mosaic"))
+        return jax.jit(fn).trace(q, q, q, lut).lower(lowering_platforms=("cuda",)).as_text()
+
+    assert lowered(1) != lowered(nq)
+    with pytest.raises(ValueError, match="must be"):
+        lowered(2)
