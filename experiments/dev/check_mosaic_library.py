@@ -46,22 +46,23 @@ def choice_config(choice, n, d, dtype):
     return default_config(n, d, dtype, forward=forward, backward=backward, state_dtype=state_dtype)
 
 
-def fused_grads(lut, w, fn=sla2_fused_attention, config=None):
+def fused_grads(lut, w, fn=sla2_fused_attention, config=None, linear_scope="complement"):
     """(q, k, v, q_phi, k_phi, alpha) -> (fused output, six gradients of sum(o * w)); config: the KernelConfig
     (None for the reference, which takes none)."""
     if config is not None:
         fn = functools.partial(fn, config=config)
 
     def run(q, k, v, qp, kp, a):
-        loss = lambda *x: jnp.sum(fn(*x[:5], lut, x[5], block_q=128, block_k=64).astype(jnp.float32) * w)
-        return fn(q, k, v, qp, kp, lut, a, block_q=128, block_k=64), jax.grad(loss, argnums=tuple(range(6)))(
+        kw = dict(block_q=128, block_k=64, linear_scope=linear_scope)
+        loss = lambda *x: jnp.sum(fn(*x[:5], lut, x[5], **kw).astype(jnp.float32) * w)
+        return fn(q, k, v, qp, kp, lut, a, **kw), jax.grad(loss, argnums=tuple(range(6)))(
             q, k, v, qp, kp, a
         )
 
     return run
 
 
-def small_checks(choices):
+def small_checks(choices, linear_scope="complement"):
     seed = int.from_bytes(os.urandom(4), "little")
     RESULTS["small_seed"] = seed
     rows = []
@@ -74,13 +75,13 @@ def small_checks(choices):
         q, k, v, qp, kp = (x.astype(dtype) for x in (q, k, v, qp, kp))
         lut = uniform_lut(rng, b, h, nq, nk, topk)
         alpha = jnp.asarray(rng.uniform(0.2, 0.8, (b, h, nq)), jnp.float32)
-        o_ref, g_ref = jax.jit(fused_grads(lut, w, reference_fused))(q, k, v, qp, kp, alpha)
+        o_ref, g_ref = jax.jit(fused_grads(lut, w, reference_fused, linear_scope=linear_scope))(q, k, v, qp, kp, alpha)
         for choice in choices:
-            row = dict(n=n, d=d, topk=topk, dtype=jnp.dtype(dtype).name, choice=choice)
+            row = dict(n=n, d=d, topk=topk, dtype=jnp.dtype(dtype).name, choice=choice, linear_scope=linear_scope)
             try:
                 config = choice_config(choice, n, d, dtype)
                 row["config"] = config_dict(config)
-                o, g = jax.jit(fused_grads(lut, w, config=config))(q, k, v, qp, kp, alpha)
+                o, g = jax.jit(fused_grads(lut, w, config=config, linear_scope=linear_scope))(q, k, v, qp, kp, alpha)
                 row["rel_o"] = rel(o, o_ref)
                 row.update({f"rel_d{name}": rel(a, r) for name, a, r in zip(GRADS, g, g_ref)})
             except Exception as e:  # noqa: BLE001 - record and go on
@@ -160,17 +161,20 @@ def main():
                     help="kernel choices to check (default: all); the wan part compares each with 'triton'")
     ap.add_argument("--skip-small", action="store_true")
     ap.add_argument("--small-only", action="store_true", help="only the small checks against the dense reference")
+    ap.add_argument("--linear-scope", default="complement", choices=["complement", "all"],
+                    help="linear scope of the small checks")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     RESULTS.update(device=str(jax.devices()[0].device_kind), jax=jax.__version__)
     small = [c for c in args.choices if c in SMALL_CHOICES]
     try:
         if not args.skip_small:
-            small_checks(small)
+            small_checks(small, args.linear_scope)
         for s in [] if args.small_only else args.sparsity:
             wan(s, args.runs, args.choices)
     finally:
-        with open(os.path.join(args.out, "check_mosaic_library.json"), "w") as f:
+        name = "check_mosaic_library" + ("" if args.linear_scope == "complement" else f"_{args.linear_scope}")
+        with open(os.path.join(args.out, f"{name}.json"), "w") as f:
             json.dump(RESULTS, f, indent=1)
 
 
