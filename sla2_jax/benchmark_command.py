@@ -4,7 +4,9 @@ wheel the command says where it runs (a clone of the repository: ``python -m exp
 
 from __future__ import annotations
 
+import os
 import pathlib
+import subprocess
 import sys
 
 
@@ -21,11 +23,10 @@ def main(argv=None):
               "in the wheel): clone it, `pip install -e .` there, then run `sla2-benchmark --tiny` or "
               "`python -m experiments.benchmark --tiny`.", file=sys.stderr)
         raise SystemExit(2)
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from experiments import benchmark
-
-    return benchmark.main(argv)
+    # a child process, so that the library imports nothing from experiments/ (data flows experiments -> sla2_jax)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    args = sys.argv[1:] if argv is None else list(argv)
+    raise SystemExit(subprocess.call([sys.executable, "-m", "experiments.benchmark", *args], env=env))
 
 
 if __name__ == "__main__":

@@ -50,15 +50,16 @@ def test_experiments_quickstart_is_the_library_quickstart():
     assert experiments.quickstart.main is sla2_jax.quickstart.main
 
 
-def test_benchmark_command_runs_the_repository_benchmark_or_says_where_it_runs(monkeypatch, capsys):
+def test_benchmark_command_runs_the_repository_benchmark_or_says_where_it_runs(monkeypatch, capfd, tmp_path):
     from sla2_jax import benchmark_command
 
     assert benchmark_command.repository_root() == ROOT  # this checkout
-    with pytest.raises(SystemExit):
-        benchmark_command.main(["--help"])  # the benchmark's own parser
-    assert "--tiny" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)  # from any directory
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_command.main(["--help"])  # the benchmark's own parser, in a child process
+    assert exit_info.value.code == 0 and "--tiny" in capfd.readouterr().out
     monkeypatch.setattr(benchmark_command, "repository_root", lambda: None)  # as from a wheel
     with pytest.raises(SystemExit) as exit_info:
         benchmark_command.main(["--tiny"])
     assert exit_info.value.code == 2
-    assert "runs from a clone of the sla2-jax repository" in capsys.readouterr().err
+    assert "runs from a clone of the sla2-jax repository" in capfd.readouterr().err
