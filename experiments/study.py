@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from experiments import data as data_lib
 from experiments import evaluate, report, stats, train
-from experiments.configs import RunSpec, StudyConfig, TrainConfig, get_study
+from experiments.configs import RunSpec, StudyConfig, get_study
 from experiments.dit import VideoDiT, attention_spec, make_model
 
 
@@ -634,11 +634,13 @@ def _unpack_checkpoint(study, out, run_dir, data: bytes) -> None:
         train.save_params_only(run_dir, step, model)
 
 
-def export_state(study: StudyConfig, out: str, dst: str) -> list:
+def export_state(study: StudyConfig, out: str, dst: str, max_mib: float = 45.0) -> list:
     """Write what a later call needs to continue `out` into `dst` as study_state.tar.NNN parts of <= 15 MiB:
-    every file except checkpoints and full sample arrays; the checkpoints that are still needed (unfinished
-    training runs with their optimizer state in bf16, the finished dense model's parameters, finished stage-2
-    runs not yet evaluated) as npz. Returns the part paths."""
+    every file except checkpoints; the checkpoints that are still needed (unfinished training runs with their
+    optimizer state in bf16, the finished dense model's parameters, finished stage-2 runs not yet evaluated) as
+    npz. A stage-2 checkpoint that would take the state past max_mib is left out (that run restarts from its
+    beginning in the next call; the state must travel back with the repository, 64 MiB in all). Returns the part
+    paths."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for path in sorted(glob.glob(os.path.join(out, "**", "*"), recursive=True)):
@@ -659,6 +661,9 @@ def export_state(study: StudyConfig, out: str, dst: str) -> list:
                 if all(os.path.exists(os.path.join(out, "eval", f"{n}.json")) for n, _ in run.eval_names):
                     continue
             data = _pack_checkpoint(study, out, run_dir)
+            if rel.startswith("stage2") and (buf.tell() + len(data)) / 2**20 > max_mib:
+                _log(f"[export] left out {rel}'s checkpoint ({len(data) / 2**20:.1f} MiB): it restarts next call")
+                continue
             info = tarfile.TarInfo(os.path.join(rel, "ckpt.npz"))
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
