@@ -12,8 +12,10 @@ one jitted function, as the attention layers of a DiT step issue them, per call;
 per step), a single synchronised call (median of --iters) and calls issued back to back (pipelined); plus the
 router alone and the kernel-only forward / forward+backward of `sparse_linear_branches` with a precomputed LUT.
 Baselines in the same run, timed the same ways: jax.nn.dot_product_attention with implementation="cudnn" (GPU) or
-XLA. It reports speedup over the dense baseline, effective TFLOP/s (4 B H N^2 D (1 - sparsity) / t), compiled peak
-memory, and the relative error of the module forward vs chunked float32 dense attention. Writes JSON and a PNG.
+XLA. It reports speedup over the dense baseline, effective TFLOP/s (4 B H N^2 D (1 - sparsity) / t; in the table on
+a GPU only), compiled peak memory, and the relative error of the module forward vs chunked float32 dense attention.
+Sparsities that select the same number of key blocks at a shape (small N) are measured once, and the output says
+so. Writes JSON and a PNG.
 The pallas backend runs with the KernelConfig of --fwd-kernel / --bwd-kernel (SLA2Config(kernel=...); both "auto":
 the library's heuristic_config); the JSON records the KernelConfig of each shape.
 """
@@ -108,6 +110,20 @@ def kernel_config(shape, fwd_kernel="auto", bwd_kernel="auto", block_q=128, bloc
     return chosen, chosen
 
 
+def distinct_sparsities(seq_len: int, sparsities, block_k: int = 64):
+    """(the sparsities to measure, notes): sparsities whose top-k selects the same number of the N / block_k key
+    blocks run the same computation, so only the first of each group is measured (under its own label); each note
+    names a group that collapsed, e.g. at N = 1000 90%, 95% and 97% all select 1 of 16 key blocks."""
+    num_k = -(-seq_len // block_k)
+    groups = {}
+    for s in sparsities:
+        groups.setdefault(sla.SLA2Config(topk_ratio=round(1 - s, 6), block_k=block_k).num_selected(num_k), []).append(s)
+    notes = [f"N={seq_len}: sparsities {', '.join(f'{s:.0%}' for s in group)} all select {k} of {num_k} key blocks "
+             f"(block sparsity {1 - k / num_k:.1%}): one computation, measured once as {group[0]:.0%}"
+             for k, group in groups.items() if len(group) > 1]
+    return [group[0] for group in groups.values()], notes
+
+
 def config_json(kernel) -> dict | None:
     """A KernelConfig as JSON (launch as {kernel: [num_warps, num_stages, rows]})."""
     if kernel is None:
@@ -194,10 +210,11 @@ def kernel_branches(q, k, v, lut, backend, quant, kernel, linear_scope="compleme
     return (o_s + o_l).astype(q.dtype)
 
 
-def print_table(rows):
+def print_table(rows, tflops: bool = True):
+    """The rows as a table; tflops=False leaves the effective TFLOP/s column out (it measures the GPU kernels)."""
     print(
-        f"\n{'workload':<14}{'N':>7} {'what':<32}{'in-model':>10}{'x dense':>9}{'TFLOP/s':>9}{'mem GiB':>9}"
-        f"{'rel err':>9}{'call ms':>10}{'x dense':>9}{'pipe ms':>10}"
+        f"\n{'workload':<14}{'N':>7} {'what':<32}{'in-model':>10}{'x dense':>9}{'TFLOP/s' if tflops else '':>9}"
+        f"{'mem GiB':>9}{'rel err':>9}{'call ms':>10}{'x dense':>9}{'pipe ms':>10}"
     )
     for r in rows:
         if "ms" not in r:
@@ -205,7 +222,7 @@ def print_table(rows):
             continue
         fmt = lambda key, f: (f % r[key]) if r.get(key) is not None else "-"  # noqa: E731
         print(f"{r['workload']:<14}{r['N']:>7} {r['what']:<32}{fmt('in_model_ms', '%.3f'):>10}"
-              f"{fmt('in_model_speedup_vs_dense', '%.2f'):>9}{fmt('eff_tflops', '%.0f'):>9}"
+              f"{fmt('in_model_speedup_vs_dense', '%.2f'):>9}{fmt('eff_tflops', '%.0f') if tflops else '':>9}"
               f"{fmt('peak_mem_gib', '%.2f'):>9}{fmt('rel_err_vs_dense', '%.4f'):>9}{r['ms']:>10.3f}"
               f"{fmt('speedup_vs_dense', '%.2f'):>9}{fmt('pipelined_ms', '%.3f'):>10}")
 
@@ -339,26 +356,35 @@ def main(argv=None):
     layers = 2 if args.tiny else args.layers
     sparsities = [float(s) for s in args.sparsities.split(",")]
     backends = args.backends.split(",")
-    jobs = [(n, s) for n in names for s in WORKLOADS[n]
+    jobs = [(n, s, *distinct_sparsities(s[2], sparsities)) for n in names for s in WORKLOADS[n]
             if (args.max_n is None or s[2] <= args.max_n) and (args.min_n is None or s[2] >= args.min_n)]
+    collapsed = [note for *_, notes in jobs for note in notes]
     device = jax.devices()[0]
     meta = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
             "python": sys.version.split()[0], "dense_baseline": "cudnn" if device.platform == "gpu" else "xla",
-            "fwd_kernel": args.fwd_kernel, "bwd_kernel": args.bwd_kernel, "kernel_config": {}}
+            "fwd_kernel": args.fwd_kernel, "bwd_kernel": args.bwd_kernel, "kernel_config": {},
+            "collapsed_sparsities": collapsed}
     print(f"device: {meta['device']} | jax {meta['jax']} | dense baseline: {meta['dense_baseline']}")
+    for note in collapsed:
+        print(note)
     rows = []
     os.makedirs(args.out, exist_ok=True)
-    with tqdm(total=len(jobs) * len(sparsities) * len(backends), desc="benchmark", file=sys.stderr) as progress:
-        for name, shape in jobs:
+    total = sum(len(kept) for _, _, kept, _ in jobs) * len(backends)
+    with tqdm(total=total, desc="benchmark", file=sys.stderr) as progress:
+        for name, shape, kept, _ in jobs:
             kernel, effective = kernel_config(shape, args.fwd_kernel, args.bwd_kernel)
             meta["kernel_config"]["B{} H{} N{} D{}".format(*shape)] = config_json(effective)
-            for r in bench_shape(shape, sparsities, backends, iters, not args.no_kernel_only,
+            for r in bench_shape(shape, kept, backends, iters, not args.no_kernel_only,
                                  not args.no_error, progress, args.quant, kernel, layers, args.linear_scope):
                 rows.append({"workload": name, **r})
             with open(os.path.join(args.out, "results.json"), "w") as f:  # after every shape: a cut run keeps rows
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)
     plot(rows, os.path.join(args.out, "speedup.png"))
-    print_table(rows)
+    print_table(rows, tflops=device.platform == "gpu")
+    if device.platform != "gpu":
+        print(f"(effective TFLOP/s left out on {device.platform}: it measures the GPU kernels; results.json has it)")
+    if collapsed:
+        print("\n".join(["Sparsities with the same top-k (not measured twice):", *collapsed]))
     targets = target_lines(rows)
     if targets:
         print("\nTargets (wan-1.3b, pallas, in-model speedup over cuDNN in the same run):")
