@@ -54,6 +54,9 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 6  # data.num_classes(DataConfig): 6 for "shapes", 8 for "natural"
     dtype: str = "float32"  # compute dtype ("bfloat16" on GPU); parameters stay float32
+    # Initial gain of the q and k RMS-norms: logits are bounded by sqrt(D) * g_q * g_k, so gains near 1 cap how
+    # peaked (sparse) the attention can be until they grow.
+    qk_norm_init: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -119,15 +119,17 @@ def make_core(spec: AttentionSpec, num_heads: int, head_dim: int, seq_len: int, 
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with qk RMS-norm. x (B, N, dim) -> (B, N, dim)."""
+    """Multi-head self-attention with qk RMS-norm (gains initialised to qk_norm_init). x (B, N, dim) -> (B, N, dim)."""
 
-    def __init__(self, dim: int, num_heads: int, seq_len: int, spec: AttentionSpec, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, seq_len: int, spec: AttentionSpec, dtype, rngs: nnx.Rngs,
+                 qk_norm_init: float = 1.0):
         if dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
-        self.q_norm = nnx.RMSNorm(self.head_dim, dtype=dtype, rngs=rngs)
-        self.k_norm = nnx.RMSNorm(self.head_dim, dtype=dtype, rngs=rngs)
+        gain = nnx.initializers.constant(qk_norm_init)
+        self.q_norm = nnx.RMSNorm(self.head_dim, dtype=dtype, scale_init=gain, rngs=rngs)
+        self.k_norm = nnx.RMSNorm(self.head_dim, dtype=dtype, scale_init=gain, rngs=rngs)
         self.out = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
         self.core = make_core(spec, num_heads, self.head_dim, seq_len, rngs)
         self.context = spec.context
@@ -156,9 +158,9 @@ def _modulate(x, shift, scale):
 
 
 class DiTBlock(nnx.Module):
-    def __init__(self, dim, num_heads, mlp_ratio, seq_len, spec, dtype, rngs):
+    def __init__(self, dim, num_heads, mlp_ratio, seq_len, spec, dtype, rngs, qk_norm_init=1.0):
         self.norm1 = nnx.LayerNorm(dim, use_scale=False, use_bias=False, epsilon=1e-6, dtype=dtype, rngs=rngs)
-        self.attn = Attention(dim, num_heads, seq_len, spec, dtype, rngs)
+        self.attn = Attention(dim, num_heads, seq_len, spec, dtype, rngs, qk_norm_init)
         self.norm2 = nnx.LayerNorm(dim, use_scale=False, use_bias=False, epsilon=1e-6, dtype=dtype, rngs=rngs)
         hidden = int(dim * mlp_ratio)
         self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, rngs=rngs)
@@ -234,7 +236,10 @@ class VideoDiT(nnx.Module):
         self.t_fc2 = nnx.Linear(dim, dim, dtype=dtype, rngs=rngs)
         self.y_embed = nnx.Embed(cfg.num_classes + 1, dim, dtype=dtype, rngs=rngs)  # last id: "no class"
         self.blocks = _List(
-            [DiTBlock(dim, cfg.num_heads, cfg.mlp_ratio, self.seq_len, spec, dtype, rngs) for _ in range(cfg.depth)]
+            [
+                DiTBlock(dim, cfg.num_heads, cfg.mlp_ratio, self.seq_len, spec, dtype, rngs, cfg.qk_norm_init)
+                for _ in range(cfg.depth)
+            ]
         )
         zeros = nnx.initializers.zeros_init()
         self.final_norm = nnx.LayerNorm(dim, use_scale=False, use_bias=False, epsilon=1e-6, dtype=dtype, rngs=rngs)

@@ -702,6 +702,24 @@ def import_state(study: StudyConfig, out: str, src: str) -> None:
     _log(f"[import] {len(members)} entries from {len(parts)} part(s) into {out}")
 
 
+def override(obj, item: str):
+    """obj (nested frozen dataclasses) with the field at dotted PATH of "PATH=VALUE" replaced by VALUE (JSON, or
+    a string when it is not JSON; lists become tuples)."""
+    path, _, text = item.partition("=")
+    if not _ or not path:
+        raise ValueError(f"--set {item!r}: expected PATH=VALUE")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    value = tuple(value) if isinstance(value, list) else value
+    head, _, rest = path.partition(".")
+    if not dataclasses.is_dataclass(obj) or head not in {f.name for f in dataclasses.fields(obj)}:
+        raise ValueError(f"--set {item!r}: no field {head!r} in {type(obj).__name__}")
+    new = override(getattr(obj, head), f"{rest}={text}") if rest else value
+    return dataclasses.replace(obj, **{head: new})
+
+
 def main():
     parser = argparse.ArgumentParser(description="The SLA2 quality study (resumable, time-budgeted).")
     parser.add_argument("--preset", default="study-cpu-smoke")
@@ -714,8 +732,13 @@ def main():
     parser.add_argument("--context", type=int, default=1, help="devices per sequence-parallel group")
     parser.add_argument("--import-state", default=None, help="folder with study_state.tar.* to restore first")
     parser.add_argument("--export-state", default=None, help="folder to write study_state.tar.* to at the end")
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                        help="override a field, e.g. preset.model.qk_norm_init=2.0 or preset.stage0.steps=12000 "
+                             "(VALUE parsed as JSON, else a string); repeatable")
     args = parser.parse_args()
     study = get_study(args.preset)
+    for item in args.set:
+        study = override(study, item)
     preset = study.preset
     if args.runs:
         wanted = [n.strip() for n in args.runs.split(",") if n.strip()]

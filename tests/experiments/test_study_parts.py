@@ -86,3 +86,24 @@ def test_packed_checkpoint_round_trips(tmp_path):
     assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(ob))
     with pytest.raises(ValueError, match="not a training run"):
         study._training_objects(smoke, out, f"{out}/stage1/router-95-block")
+
+
+def test_override_of_nested_fields():
+    s = study.override(SMOKE, "preset.model.qk_norm_init=2.5")
+    assert s.preset.model.qk_norm_init == 2.5 and SMOKE.preset.model.qk_norm_init == 1.0
+    s = study.override(s, "curve_sparsities=[0.9, 0.95]")
+    assert s.curve_sparsities == (0.9, 0.95)
+    assert study.override(s, "preset.backend=xla").preset.backend == "xla"
+    with pytest.raises(ValueError, match="no field"):
+        study.override(SMOKE, "preset.model.width=3")
+    with pytest.raises(ValueError, match="gate_sparsity"):
+        study.override(SMOKE, "curve_sparsities=[0.9]")
+
+
+def test_qk_norm_init_sets_the_gains():
+    from experiments.dit import make_model
+
+    preset = dataclasses.replace(PRESET, model=dataclasses.replace(PRESET.model, qk_norm_init=2.0))
+    model = make_model(preset, RunSpec("dense", "dense"))
+    np.testing.assert_array_equal(np.asarray(model.blocks[0].attn.q_norm.scale[...]), 2.0)
+    np.testing.assert_array_equal(np.asarray(model.blocks[1].attn.k_norm.scale[...]), 2.0)
