@@ -1,14 +1,14 @@
 """The smoke recipe end to end: stages chain (short clips -> full-length dense -> routers -> fine-tunes), checkpoints
 resume to the same step and parameters, reruns skip finished stages, metrics are finite and the report files exist.
 
-The recipe itself runs once, in a child process (`python tests/experiments/test_experiments_recipe.py OUT STRAIGHT`) that
-compiles with LLVM optimisation off: it is compile-bound (about 15 programs), and this halves its time. The HLO, hence
-what is computed, is the same; the tests below check its outputs in this process."""
+The recipe itself runs once, in a child process (`python tests/experiments/test_experiments_recipe.py OUT STRAIGHT`,
+started by conftest.py in parallel with the study's) that compiles with LLVM optimisation off: it is compile-bound
+(about 15 programs), and this halves its time. The HLO, hence what is computed, is the same; the tests below check
+its outputs in this process."""
 
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -58,26 +58,10 @@ def _run_smoke_recipe(out: str, straight: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def recipe_dirs(tmp_path_factory):
-    """(recipe folder, uninterrupted stage-0 folder), written by `_run_smoke_recipe` in a child process."""
-    out, straight = str(tmp_path_factory.mktemp("smoke")), str(tmp_path_factory.mktemp("straight"))
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0",
-        PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-    )
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), out, straight],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=root,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+def recipe_dirs(smoke_run):
+    """(recipe folder, uninterrupted stage-0 folder), written by `_run_smoke_recipe` in the child process that
+    conftest.py starts (`python tests/experiments/test_experiments_recipe.py OUT STRAIGHT`)."""
+    out, straight = smoke_run("recipe")["dirs"]
     return out, straight
 
 

@@ -1,12 +1,11 @@
 """The study command end to end on the study-cpu-smoke preset: a first call stopped by its time budget after the
 first stage-0 checkpoint exports its state; a second call in another folder imports it and runs every step
 (stage 0 with the kept-mass probe, gate, routers, router comparison, training-free curve, stage 2, powered
-evaluation, report); a rerun skips everything. Runs once in a child process with LLVM optimisation off (it is
-compile-bound); the tests below check its outputs."""
+evaluation, report); a rerun skips everything. Runs once in a child process (started by conftest.py, in parallel
+with the recipe's); the tests below check its outputs."""
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -29,19 +28,12 @@ def _run(first: str, state: str, second: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    first, state, second = (str(tmp_path_factory.mktemp(n)) for n in ("first", "state", "second"))
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0",
-        PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-    )
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), first, state, second], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return {"first": first, "state": state, "second": second, "log": proc.stdout}
+def dirs(smoke_run):
+    """Folders of the child run started by conftest.py (`python tests/experiments/test_experiments_study.py
+    FIRST STATE SECOND`, which runs `_run`)."""
+    run = smoke_run("study")
+    first, state, second = run["dirs"]
+    return {"first": first, "state": state, "second": second, "log": run["log"]}
 
 
 def test_first_call_stops_at_its_budget_and_exports(dirs):
