@@ -22,6 +22,17 @@ Steps (each skipped when its output exists, so a rerun continues where the last 
 
 --export-state DIR writes what a later call needs (checkpoints as npz, optimizer moments in bf16) as at most 8
 files of <= 15 MiB (the limit on what a GPU call returns); --import-state DIR restores it before running.
+
+On GPU machines that are lent for one call at a time, each call continues the study from the previous call's
+state (stage 0 of study-gpu alone takes about two 7-minute chunks on one H100):
+
+  python -m experiments.study --preset study-gpu --out /tmp/study --time-budget 420 --export-state $OUT
+  # copy the returned study_state.tar.* into .study_state/ (ignored by git), carry it, then each next call:
+  python -m experiments.study --preset study-gpu --out /tmp/study --import-state .study_state \
+      --time-budget 420 --export-state $OUT
+  # read the results locally: cat .study_state/study_state.tar.* | tar -x -C runs/study
+--set PATH=VALUE changes any field of the preset for a variant (e.g. --set preset.model.qk_norm_init=2.0); a
+folder refuses a different configuration, so a variant needs its own --out.
 """
 
 from __future__ import annotations
@@ -612,6 +623,8 @@ def _unpack_checkpoint(study, out, run_dir, data: bytes) -> None:
 
     z = np.load(io.BytesIO(data))
     step = int(z["__step__"])
+    if os.path.isdir(os.path.join(run_dir, "ckpt")) and train._manager(run_dir).latest_step() == step:
+        return  # already there (an import into a folder that holds this state)
     model, opt = _training_objects(study, out, run_dir)
     flat = {k: z[k] for k in z.files if k != "__step__"}
     state = nnx.state(model, nnx.Param)
