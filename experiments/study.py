@@ -133,7 +133,9 @@ def pretrain(study: StudyConfig, out: str, budget: Budget, mesh) -> bool:
     if preset.stage0_short is not None:
         short = preset.short_clip_preset()
         short_dir = os.path.join(out, "stage0", "dense-short")
-        if not train.is_done(short_dir):
+        if train.is_done(short_dir):
+            _log("[stage 0] short clips: skipped (done)")
+        else:
             _log(f"[stage 0] short clips: {preset.stage0_short.steps} steps, {short.num_tokens} tokens per clip")
         res = train.train_diffusion(short_dir, short, dense_run, preset.stage0_short, mesh=mesh,
                                     desc="stage0 dense-short", deadline=budget.deadline,
@@ -150,6 +152,8 @@ def pretrain(study: StudyConfig, out: str, budget: Budget, mesh) -> bool:
     if train.is_done(dense_dir):
         _log("[stage 0] dense pre-training: skipped (done)")
         return True
+    if budget.over():
+        return False
     _log(f"[stage 0] dense pre-training: {preset.stage0.steps} steps, {preset.num_tokens} tokens per video")
     res = train.train_diffusion(dense_dir, preset, dense_run, preset.stage0, init=init, mesh=mesh,
                                 desc="stage0 dense", deadline=budget.deadline, on_checkpoint=prober("dense", preset))
