@@ -116,8 +116,8 @@ class RunSpec:
       () = just `quant`. The QAT ablation trains with quant="none" and evaluates with ("int8", "int8_fp8").
     seed: stage-2 seed (data order, noise and t); runs that differ only in it measure the seed-to-seed spread.
     linear_scope: "complement" | "all" (SLA2Config.linear_scope; stage 1 and 2).
-    router_routing: stage-1 soft routing of SLA2 ("soft_dense": every key block reachable, or "soft": the hard
-      top-k blocks with log M, see sla2_jax.soft_routing).
+    router_routing: stage-1 soft routing of SLA2 ("soft_dense": every key block reachable; "soft_dense_st": the
+      same gradient with the hard-routed forward; "soft": the hard top-k blocks with log M; sla2_jax.soft_routing).
     proj_init: SLA's Proj before stage 2: "zero" (the paper) or "fit" (least squares on the captured Q/K/V).
     """
 
@@ -329,7 +329,8 @@ class StudyConfig:
       gate_sparsity (held-out probe Q/K) is >= gate_threshold.
     probe_videos, probe_times: Q/K captured for the kept-mass probe at every stage-0 checkpoint.
     curve_sparsities: sparsities of the routers (stage 1), the router comparison and the training-free curve.
-    soft_router_sparsities: where a router is also trained with the "soft" (hard top-k + log M) form.
+    soft_router_sparsities: where routers are also trained with the "soft" (hard top-k + log M) and the
+      "soft_dense_st" (straight-through) forms, for the router comparison.
     curve_triples: evaluation triples (training t) per point of the training-free curve.
     eval_triples: evaluation triples per model and t distribution (powered comparison).
     eval_batch: videos per forward in the evaluation (divides both triple counts).

@@ -11,7 +11,7 @@ Steps (each skipped when its output exists, so a rerun continues where the last 
             --ignore-gate); the curve is reported either way
   routers   stage 1 for every SLA2 router the study needs, plus the router comparison on held-out Q/K/V:
             oracle, SLA's router (least-squares alpha), SLA with a fitted Proj, SLA2 routers trained with the
-            "soft_dense" and "soft" forms: kept mass and attention error (routers.json)
+            "soft_dense", "soft_dense_st" and "soft" forms: kept mass and attention error (routers.json)
   curve     training-free loss vs sparsity (the dense model with its attention swapped, no fine-tuning) for the
             oracle, SLA's router and the stage-1 SLA2 router, ratio to the dense model with paired CIs (curve.json)
   finetune  stage 2 of every model of preset.runs in order, each followed by its evaluation: eval_triples paired
@@ -178,8 +178,9 @@ def router_specs(study: StudyConfig) -> list:
         r = RunSpec(f"sla2-{round(100 * s)}", "sla2", s)
         specs[r.router_run] = r
     for s in study.soft_router_sparsities:
-        r = RunSpec(f"sla2-{round(100 * s)}-softrouter", "sla2", s, router_routing="soft")
-        specs[r.router_run] = r
+        for routing in ("soft", "soft_dense_st"):
+            r = RunSpec(f"sla2-{round(100 * s)}-{routing}", "sla2", s, router_routing=routing)
+            specs[r.router_run] = r
     for r in study.preset.runs:
         if r.router_run is not None:
             specs.setdefault(r.router_run, dataclasses.replace(r, quant="none"))

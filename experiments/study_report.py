@@ -107,7 +107,8 @@ def router_section(out: str) -> str:
         "\n## Routers on held-out Q/K/V of the dense model (no fine-tuning)\n\n"
         "oracle: best blocks by exact mass, alpha = that mass. sla: SLA's router with the least-squares alpha. "
         "sla-fitted-proj: SLA (v1) with Proj fitted by least squares on the stage-1 capture. sla2-soft_dense / "
-        "sla2-soft: stage-1 routers trained with every key block reachable / with the hard top-k blocks and log M. "
+        "sla2-soft_dense_st / sla2-soft: stage-1 routers trained with every key block reachable (soft forward / "
+        "hard forward with the soft gradient) / with the hard top-k blocks and log M. "
         "Attention error: relative L2 to dense attention.\n\n"
         + _table(["sparsity", "routing", "kept mass", "per layer", "attn rel. error", "per layer"], rows)
     )

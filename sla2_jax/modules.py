@@ -17,7 +17,7 @@ from sla2_jax.context_parallel import attend_in_context, ulysses
 from sla2_jax.dense import dense_attention
 from sla2_jax.functional import sla2_output, sparse_linear_outputs
 
-ROUTINGS = ("hard", "soft", "soft_dense")
+ROUTINGS = ("hard", "soft", "soft_dense", "soft_dense_st")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +54,9 @@ class SLA2Attention(nnx.Module):
     "mass": `alpha_w`, `alpha_b` (H,) with alpha = sigmoid(w * logit(mass) + b), w=1, b=0 at init.
     `alpha_logit` starts at 0 (alpha = 0.5) and is learned in stage 1.
     Attribute `routing`: "hard" (top-k, inference and fine-tuning), or soft top-k for router training: "soft" (the
-    sparse branch attends the hard top-k blocks with log M added to their logits) or "soft_dense" (it attends every
-    key block weighted by M, so the gradient reaches unselected blocks; dense cost, see `soft_routing`).
+    sparse branch attends the hard top-k blocks with log M added to their logits), "soft_dense" (it attends every
+    key block weighted by M, so the gradient reaches unselected blocks; dense cost, see `soft_routing`) or
+    "soft_dense_st" (forward with the hard mask, gradient of "soft_dense": straight-through).
     Attribute `context`: None, or a `ContextParallel` to run on sequence-sharded inputs.
 
     __call__(q, k, v): (B, N, H, D) -> (B, N, H, D) in q.dtype.
@@ -96,10 +97,11 @@ class SLA2Attention(nnx.Module):
             alpha_fn = lambda mass: jax.nn.sigmoid(alpha_params[0])[None, :, None]  # noqa: E731
         else:
             alpha_fn = lambda mass: alpha_from_mass(mass, *alpha_params)  # noqa: E731
-        if self.routing == "soft_dense":
+        if self.routing in ("soft_dense", "soft_dense_st"):
             from sla2_jax.soft_routing import soft_dense_attention
 
-            return soft_dense_attention(q, k, v, self.config, alpha_fn, w_q=w_q, w_k=w_k)
+            return soft_dense_attention(q, k, v, self.config, alpha_fn, w_q=w_q, w_k=w_k,
+                                        straight_through=self.routing == "soft_dense_st")
         return sla2_output(q, k, v, self.config, alpha_fn, w_q=w_q, w_k=w_k, soft=self.routing == "soft")
 
     def __call__(self, q, k, v):

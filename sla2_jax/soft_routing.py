@@ -14,6 +14,12 @@ logit of that block through M. At M = the hard 0/1 mask this is exactly the hard
 that of dense attention (O(N^2 D) per head, memory b_q x N per query block thanks to a rematerialised loop over
 query blocks): meant for stage 1 on captured Q/K/V, not for inference.
 
+With straight_through=True (`SLA2Attention.routing == "soft_dense_st"`) the forward pass uses the hard top-k
+mask, so it computes exactly the hard-routed output that inference uses, while the backward pass takes the soft
+mask's gradient: the sparse branch weights keys by M (not log M in the exponent), so a block with M = 0 still gets
+the finite gradient of adding it. The soft forward of "soft_dense" trains alpha and the router against an output
+that inference never computes; the straight-through form does not.
+
 The other soft form (`SLA2Attention.routing == "soft"`) attends only the hard top-k blocks with log M added to
 their logits; there the sparse branch carries no gradient to an unselected block's mask entry.
 """
@@ -27,7 +33,7 @@ from sla2_jax.blocks import num_blocks, to_blocks
 from sla2_jax.combine import combine
 from sla2_jax.config import SLA2Config
 from sla2_jax.feature_maps import feature_map as apply_feature_map
-from sla2_jax.routing import block_scores, captured_mass, soft_topk
+from sla2_jax.routing import block_scores, captured_mass, soft_topk, topk_blocks
 
 _LOG_FLOOR = 1e-30  # M below this counts as log(1e-30) = -69 (exp of it is 0 in float32 next to any kept key)
 
@@ -53,13 +59,20 @@ def soft_dense_sparse_branch(q, k, v, soft_mask, *, block_q: int, block_k: int, 
     qb = to_blocks(q.astype(jnp.float32), block_q).transpose(2, 0, 1, 3, 4)  # (Nq, B, H, b_q, D)
     log_mb = jnp.moveaxis(log_m, 2, 0)  # (Nq, B, H, Nk)
 
-    @jax.checkpoint
-    def one_block(args):  # (B, H, b_q, D), (B, H, Nk) -> (B, H, b_q, D)
-        qi, lm = args
-        logits = jnp.einsum("bhqd,bhnd->bhqn", qi, kf) * scale + lm[..., key_block][:, :, None, :]
-        return jnp.einsum("bhqn,bhnd->bhqd", jax.nn.softmax(logits, axis=-1), vf)
+    mb = jnp.moveaxis(soft_mask.astype(jnp.float32), 2, 0)  # (Nq, B, H, Nk)
 
-    out = jax.lax.map(one_block, (qb, log_mb))  # (Nq, B, H, b_q, D)
+    @jax.checkpoint
+    def one_block(args):  # (B, H, b_q, D), (B, H, Nk), (B, H, Nk) -> (B, H, b_q, D)
+        # p_ij = M_ij exp(s_ij) / sum_l M_il exp(s_il), written with M as a weight (not log M in the exponent) so
+        # that an entry M_ij = 0 (a hard mask, or the straight-through forward) still has the finite gradient
+        # exp(s_ij - m) (v_j - o_i) / Z; m (the row max of s + log M) only keeps the exponentials in range.
+        qi, lm, m = args
+        s = jnp.einsum("bhqd,bhnd->bhqn", qi, kf) * scale
+        shift = jax.lax.stop_gradient(jnp.max(s + lm[..., key_block][:, :, None, :], axis=-1, keepdims=True))
+        w = m[..., key_block][:, :, None, :] * jnp.exp(s - shift)
+        return jnp.einsum("bhqn,bhnd->bhqd", w, vf) / jnp.sum(w, axis=-1, keepdims=True)
+
+    out = jax.lax.map(one_block, (qb, log_mb, mb))  # (Nq, B, H, b_q, D)
     out = out.transpose(1, 0, 3, 2, 4).reshape(batch, nq * block_q, heads, dim)
     return out[:, :seq_len]
 
@@ -91,7 +104,8 @@ def soft_linear_branch(q, k, v, soft_mask, *, block_q: int, block_k: int, featur
     return o.transpose(0, 2, 3, 1, 4).reshape(batch, nq * bq, heads, dim)[:, :seq_len]
 
 
-def soft_dense_attention(q, k, v, config: SLA2Config, alpha_fn, *, w_q=None, w_k=None, scale=None):
+def soft_dense_attention(q, k, v, config: SLA2Config, alpha_fn, *, w_q=None, w_k=None, scale=None,
+                         straight_through: bool = False):
     """SLA2 output with soft routing over every key block (router training).
 
     Args:
@@ -100,12 +114,18 @@ def soft_dense_attention(q, k, v, config: SLA2Config, alpha_fn, *, w_q=None, w_k
         backend are not used: this is plain float32 XLA).
       alpha_fn: maps the soft captured mass (B, H, Nq) to alpha, broadcastable to (B, H, Nq).
       w_q, w_k: router projections (D, D) or (H, D, D), or None (SLA's router).
+      straight_through: the forward pass uses the hard top-k mask (so it is the hard-routed output that
+        inference computes), the backward pass the soft mask's gradient (every key block still reachable).
     Returns:
       o: (B, N, H, D) in q.dtype.
     """
     seq_len = q.shape[1]
     scores = block_scores(q, k, block_q=config.block_q, block_k=config.block_k, w_q=w_q, w_k=w_k)
-    mask = soft_topk(scores, config.num_selected(scores.shape[-1]), config.soft_topk_tau)
+    topk = config.num_selected(scores.shape[-1])
+    mask = soft_topk(scores, topk, config.soft_topk_tau)
+    if straight_through:
+        hard = jax.nn.one_hot(topk_blocks(scores, topk), scores.shape[-1], dtype=jnp.float32).sum(-2)
+        mask = hard + mask - jax.lax.stop_gradient(mask)
     o_s = soft_dense_sparse_branch(q, k, v, mask, block_q=config.block_q, block_k=config.block_k, scale=scale)
     o_l = soft_linear_branch(q, k, v, mask, block_q=config.block_q, block_k=config.block_k,
                              feature_map=config.feature_map, linear_scope=config.linear_scope, eps=config.eps)

@@ -59,9 +59,11 @@ def test_gradient_reaches_the_router_through_an_unselected_block():
         assert np.abs(a).max() > 1e-4  # the router learns at all
         return np.abs(a - b).max() / np.abs(a).max()
 
-    # alpha = 1 (sparse branch alone): the "soft" form never looks at block j; "soft_dense" does.
+    # alpha = 1 (sparse branch alone): the "soft" form never looks at block j; "soft_dense" does, and so does its
+    # straight-through form, whose forward pass never attends block j.
     assert change("soft", 30.0) < 1e-6
     assert change("soft_dense", 30.0) > 1e-3
+    assert change("soft_dense_st", 30.0) > 1e-3
     # With the linear branch in the mix (alpha = 0.5), "soft" reaches block j only through the linear branch's
     # mask-weighted subtraction of its state: so the claim holds for the sparse branch, not for the whole loss.
     assert change("soft", 0.0) > 1e-3
@@ -90,3 +92,13 @@ def test_soft_dense_module_runs_ragged_and_matches_hard_routing_at_low_temperatu
     o_soft, o_hard = soft(q, k, v), hard(q, k, v)
     assert o_soft.shape == q.shape and o_soft.dtype == q.dtype
     np.testing.assert_allclose(o_soft, o_hard, atol=1e-3)
+
+
+def test_straight_through_forward_is_the_hard_routed_output():
+    q, k, v = _qkv(4, 100, 2, 16)
+    cfg = sla.SLA2Config(block_q=16, block_k=16, topk_ratio=0.3, alpha="head", backend="xla")
+    st = sla.SLA2Attention(2, 16, config=cfg, routing="soft_dense_st", rngs=nnx.Rngs(0))
+    hard = sla.SLA2Attention(2, 16, config=cfg, routing="hard", rngs=nnx.Rngs(0))
+    soft = sla.SLA2Attention(2, 16, config=cfg, routing="soft_dense", rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(st(q, k, v), hard(q, k, v), atol=2e-5)
+    assert np.abs(np.asarray(soft(q, k, v) - hard(q, k, v))).max() > 1e-3  # tau = 0.1: the soft form differs
