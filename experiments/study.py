@@ -11,7 +11,7 @@ Steps (each skipped when its output exists, so a rerun continues where the last 
             --ignore-gate); the curve is reported either way
   routers   stage 1 for every SLA2 router the study needs, plus the router comparison on held-out Q/K/V:
             oracle, SLA's router (least-squares alpha), SLA with a fitted Proj, SLA2 routers trained with the
-            "soft_dense", "soft_dense_st" and "soft" forms: kept mass and attention error (routers.json)
+            forms of configs.ROUTER_FORMS: kept mass and attention error (routers.json)
   curve     training-free loss vs sparsity (the dense model with its attention swapped, no fine-tuning) for the
             oracle, SLA's router and the stage-1 SLA2 router, ratio to the dense model with paired CIs (curve.json)
   finetune  stage 2 of every model of preset.runs in order, each followed by its evaluation: eval_triples paired
@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from experiments import data as data_lib
 from experiments import evaluate, report, stats, train
-from experiments.configs import RunSpec, StudyConfig, get_study
+from experiments.configs import ROUTER_FORMS, RunSpec, StudyConfig, get_study
 from experiments.dit import VideoDiT, attention_spec, make_model
 
 
@@ -171,14 +171,14 @@ def load_dense(study: StudyConfig, out: str) -> VideoDiT:
 
 
 def router_specs(study: StudyConfig) -> list:
-    """Every SLA2 router the study trains: one per curve sparsity ("soft_dense"), "soft" at the
-    soft_router_sparsities, and whatever the stage-2 runs need (e.g. linear_scope "all")."""
+    """Every SLA2 router the study trains: one per curve sparsity (the default form), the other forms of
+    ROUTER_FORMS at the soft_router_sparsities, and whatever the stage-2 runs need (e.g. linear_scope "all")."""
     specs = {}
     for s in study.curve_sparsities:
         r = RunSpec(f"sla2-{round(100 * s)}", "sla2", s)
         specs[r.router_run] = r
     for s in study.soft_router_sparsities:
-        for routing in ("soft", "soft_dense_st"):
+        for routing in ROUTER_FORMS[1:]:
             r = RunSpec(f"sla2-{round(100 * s)}-{routing}", "sla2", s, router_routing=routing)
             specs[r.router_run] = r
     for r in study.preset.runs:
@@ -253,7 +253,7 @@ class OracleAttention(nnx.Module):
 
 def training_free_model(study: StudyConfig, out: str, dense: VideoDiT, method: str, sparsity: float, captured):
     """The dense model with each layer's attention replaced, no fine-tuning. method: "oracle", "sla" (SLA's
-    router, least-squares alpha per block), "sla2" (the stage-1 router and alpha, "soft_dense" form)."""
+    router, least-squares alpha per block), "sla2" (the stage-1 router and alpha, default form)."""
     preset = study.preset
     run = RunSpec(f"{method}-{round(100 * sparsity)}", "sla2", sparsity)
     model = make_model(preset, run)
@@ -279,7 +279,7 @@ def _layer_cores(model: VideoDiT):
 
 def compare_routers(study: StudyConfig, out: str, dense, captured, heldout) -> dict:
     """Kept mass and attention error (held-out Q/K/V) of every routing at every curve sparsity: oracle, SLA
-    (least-squares alpha), SLA with fitted Proj, SLA2 "soft_dense" and (where trained) "soft"."""
+    (least-squares alpha), SLA with fitted Proj, SLA2 routers of each trained form."""
     from sla2_jax import diagnostics
 
     preset = study.preset

@@ -210,7 +210,7 @@ CLAIMS = (
     ("SLA2-95 <= SLA with fitted Proj", "sla2-95", "sla-95-fit", 1.0),
     ("QAT beats no QAT in int8", "sla2-97", "sla2-97-noqat@int8", 1.0),
     ("QAT beats no QAT in int8_fp8", "sla2-97-fp8", "sla2-97-noqat@int8_fp8", 1.0),
-    ("learned router (soft_dense) vs soft form at 95%", "sla2-95", "sla2-95-softrouter", None),
+    ("stage-1 form: soft_dense_st vs soft at 95%", "sla2-95", "sla2-95-softrouter", None),
     ("linear scope 'all' vs 'complement' at 97%", "sla2-97-all", "sla2-97", None),
     ("SLA fitted Proj vs zero-init Proj at 95%", "sla-95-fit", "sla-95", None),
 )

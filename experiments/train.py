@@ -461,7 +461,7 @@ def init_alpha_least_squares(routers: RouterSet, captured: dict, clip: float = 0
 
 def train_router(run_dir: str, preset: Preset, run: RunSpec, captured: dict, *, stop_after=None) -> dict:
     """Stage 1 for one SLA2 run (one sparsity, alpha granularity, linear scope): soft top-k in the form
-    run.router_routing ("soft_dense" or "soft"), MSE to dense attention."""
+    run.router_routing (configs.ROUTER_FORMS), MSE to dense attention."""
     if is_done(run_dir):
         return read_done(run_dir)
     cfg = preset.stage1

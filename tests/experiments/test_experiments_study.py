@@ -60,7 +60,7 @@ def test_second_call_ran_every_step(dirs):
         assert all(0 < r <= o + 1e-6 <= 1 + 1e-6 for o, r in zip(p["mean_oracle"], p["mean_router"]))
     rows = json.load(open(os.path.join(out, "routers.json")))["rows"]
     assert {(r["method"], r["sparsity"]) for r in rows} == {
-        (m, 0.95) for m in ("oracle", "sla", "sla-fitted-proj", "sla2-soft_dense")}
+        (m, 0.95) for m in ("oracle", "sla", "sla-fitted-proj", "sla2-soft_dense_st")}
     assert all(np.isfinite(r["attn_rel_err"]) and 0 < r["kept_mass"] <= 1 for r in rows)
     points = json.load(open(os.path.join(out, "curve.json")))["points"]
     assert len(points) == 3 and all(p["ratio"]["lo"] <= p["ratio"]["ratio"] <= p["ratio"]["hi"] for p in points)
