@@ -401,7 +401,7 @@ def _study_gpu() -> StudyConfig:
         name="study-gpu",
         data=DataConfig(frames=16, height=64, width=64, max_shapes=3, source="natural"),
         model=ModelConfig(patch=(1, 2, 2), dim=256, depth=4, num_heads=4, num_classes=8, dtype="bfloat16"),
-        stage0_short=TrainConfig(steps=6000, batch_size=16, lr=5e-4, warmup=200, log_every=100, ckpt_every=500),
+        stage0_short=TrainConfig(steps=6000, batch_size=16, lr=5e-4, warmup=200, log_every=100, ckpt_every=1000),
         short_frames=4,
         stage0=TrainConfig(steps=8000, batch_size=8, lr=3e-4, warmup=100, log_every=100, ckpt_every=500),
         stage1=Stage1Config(
