@@ -1,8 +1,9 @@
-"""Configurations for the small video DiT experiments (issue 5).
+"""Configurations for the small video DiT experiments: the recipe (run_recipe.py) and the study (study.py).
 
 One `Preset` holds everything a recipe run needs: the data, the model, the budget of every stage and the list of
 models to compare. Presets are plain frozen dataclasses; `get_preset(name)` returns one, `dataclasses.replace`
-derives variants (the tests shrink the smoke preset further that way).
+derives variants (the tests shrink the smoke preset further that way). A `StudyConfig` (`get_study(name)`) wraps a
+Preset with what the study adds: the gate, the curve sparsities, the evaluation sizes.
 
 Run names used in reports:
   dense            stage 0 model (full attention)

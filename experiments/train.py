@@ -300,7 +300,7 @@ def train_diffusion(
         "resumed_from": start,
         "final_loss": float(jnp.mean(jnp.stack(tail))) if tail else None,
         "seconds": time.time() - t0,
-        # Throughput after the first (compiling) step of this session, checkpoint saves excluded.
+        # Throughput after the first (compiling) step of this call, checkpoint saves excluded.
         "videos_per_s": ((end - start - 1) * cfg.batch_size / (t_end - t_first - t_ckpt) if end - start > 1 else None),
         "loss_curve": progress["loss_curve"] + curve,  # [step, mean training loss of the last log interval]
         "seconds_total": progress["seconds"] + time.time() - t0,  # every chunk of the run
