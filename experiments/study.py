@@ -666,13 +666,14 @@ def export_state(study: StudyConfig, out: str, dst: str, max_mib: float = 45.0) 
             if os.path.isdir(path) or f"{os.sep}ckpt{os.sep}" in f"{os.sep}{rel}":
                 continue
             tar.add(path, arcname=rel)
-        for run_dir in sorted(glob.glob(os.path.join(out, "stage0", "*")) + glob.glob(os.path.join(out, "stage2", "*"))):
+        run_dirs = glob.glob(os.path.join(out, "stage0", "*")) + glob.glob(os.path.join(out, "stage2", "*"))
+        for run_dir in sorted(run_dirs):
             if not os.path.isdir(os.path.join(run_dir, "ckpt")) or train._manager(run_dir).latest_step() is None:
                 continue
             rel = os.path.relpath(run_dir, out)
             name = os.path.basename(run_dir)
-            if rel.startswith("stage0") and name == "dense-short" and train.is_done(os.path.join(out, "stage0", "dense-short")) \
-                    and os.path.isdir(os.path.join(out, "stage0", "dense", "ckpt")):
+            full_started = os.path.isdir(os.path.join(out, "stage0", "dense", "ckpt"))
+            if rel.startswith("stage0") and name == "dense-short" and train.is_done(run_dir) and full_started:
                 continue  # the full-length phase has started from it
             if rel.startswith("stage2"):
                 run = study.preset.run(name)

@@ -18,7 +18,8 @@ class SmokeRun:
     """One child process `python <module> DIR...`; `wait()` returns the folders once it has exited with 0."""
 
     def __init__(self, module: str, dirs: list, log_dir: str):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+        path = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
         if "--xla_backend_optimization_level" not in env.get("XLA_FLAGS", ""):
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
         self.dirs, self.stdout, self.stderr = dirs, os.path.join(log_dir, "stdout"), os.path.join(log_dir, "stderr")
