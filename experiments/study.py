@@ -20,14 +20,15 @@ Steps (each skipped when its output exists, so a rerun continues where the last 
   report    results.md / results.json: tables with paired-bootstrap CIs of each model's loss ratio to dense-ft,
             dense-ft's seed-to-seed spread as the noise floor, the gate curve, the curves, sample GIFs
 
---export-state DIR writes what a later call needs (checkpoints as npz, optimizer moments in bf16) as at most 8
-files of <= 15 MiB (the limit on what a GPU call returns); --import-state DIR restores it before running.
+--export-state DIR writes what a later call needs (checkpoints as npz, optimizer moments in bf16) as at most 7
+files of <= 15 MiB plus study_state.json (parts and checksum; a GPU call returns at most 8 files of 16 MiB);
+--import-state DIR restores it before running, after checking the parts against study_state.json.
 
 On GPU machines that are lent for one call at a time, each call continues the study from the previous call's
 state (stage 0 of study-gpu alone takes about two 7-minute chunks on one H100):
 
   python -m experiments.study --preset study-gpu --out /tmp/study --time-budget 420 --export-state $OUT
-  # copy the returned study_state.tar.* into .study_state/ (ignored by git), carry it, then each next call:
+  # replace .study_state/ (ignored by git) with the returned study_state.*, carry it, then each next call:
   python -m experiments.study --preset study-gpu --out /tmp/study --import-state .study_state \
       --time-budget 420 --export-state $OUT
   # read the results locally: cat .study_state/study_state.tar.* | tar -x -C runs/study
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import hashlib
 import io
 import json
 import os
@@ -568,7 +570,7 @@ def _finish(study: StudyConfig, out: str, status: dict) -> dict:
 # Carrying the state between calls.
 
 PART_BYTES = 15 * 1024 * 1024
-MAX_PARTS = 8
+MAX_PARTS = 7  # + study_state.json
 
 
 def _training_objects(study: StudyConfig, out: str, run_dir: str):
@@ -696,16 +698,23 @@ def export_state(study: StudyConfig, out: str, dst: str, max_mib: float = 45.0) 
         paths.append(os.path.join(dst, f"study_state.tar.{i:03d}"))
         with open(paths[-1], "wb") as f:
             f.write(part)
+    manifest = {"parts": [os.path.basename(p) for p in paths], "bytes": len(blob),
+                "sha256": hashlib.sha256(blob).hexdigest()}
+    train.write_json(os.path.join(dst, "study_state.json"), manifest)
     _log(f"[export] {len(blob) / 2**20:.1f} MiB in {len(parts)} part(s) under {dst}")
     return paths
 
 
 def import_state(study: StudyConfig, out: str, src: str) -> None:
     """Restore a state written by `export_state` into `out` (files, then checkpoints from their npz)."""
-    parts = sorted(glob.glob(os.path.join(src, "study_state.tar.*")))
-    if not parts:
-        raise ValueError(f"no study_state.tar.* parts in {src!r}")
+    manifest_path = os.path.join(src, "study_state.json")
+    if not os.path.exists(manifest_path):
+        raise ValueError(f"no study_state.json in {src!r} (written by --export-state beside its parts)")
+    manifest = _json(manifest_path)
+    parts = [os.path.join(src, name) for name in manifest["parts"]]
     blob = b"".join(open(p, "rb").read() for p in parts)
+    if len(blob) != manifest["bytes"] or hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
+        raise ValueError(f"the parts in {src!r} do not match study_state.json (parts of different exports?)")
     os.makedirs(out, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         members = tar.getmembers()
@@ -749,8 +758,8 @@ def main():
     parser.add_argument("--runs", default=None, help="comma-separated subset of the stage-2 models")
     parser.add_argument("--backend", default=None, help="sla2_jax backend override (auto, pallas, xla)")
     parser.add_argument("--context", type=int, default=1, help="devices per sequence-parallel group")
-    parser.add_argument("--import-state", default=None, help="folder with study_state.tar.* to restore first")
-    parser.add_argument("--export-state", default=None, help="folder to write study_state.tar.* to at the end")
+    parser.add_argument("--import-state", default=None, help="folder with study_state.* to restore first")
+    parser.add_argument("--export-state", default=None, help="folder to write study_state.* to at the end")
     parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                         help="override a field, e.g. preset.model.qk_norm_init=2.0 or preset.stage0.steps=12000 "
                              "(VALUE parsed as JSON, else a string); repeatable")

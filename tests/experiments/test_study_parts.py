@@ -107,3 +107,17 @@ def test_qk_norm_init_sets_the_gains():
     model = make_model(preset, RunSpec("dense", "dense"))
     np.testing.assert_array_equal(np.asarray(model.blocks[0].attn.q_norm.scale[...]), 2.0)
     np.testing.assert_array_equal(np.asarray(model.blocks[1].attn.k_norm.scale[...]), 2.0)
+
+
+def test_import_refuses_parts_of_another_export(tmp_path):
+    src = tmp_path / "out"
+    (src / "eval").mkdir(parents=True)
+    (src / "eval" / "x.json").write_text("{}")
+    state = tmp_path / "state"
+    study.export_state(SMOKE, str(src), str(state))
+    study.import_state(SMOKE, str(tmp_path / "copy"), str(state))
+    assert (tmp_path / "copy" / "eval" / "x.json").read_text() == "{}"
+    with open(state / "study_state.tar.000", "ab") as f:  # a stale or foreign part
+        f.write(b"x")
+    with pytest.raises(ValueError, match="do not match"):
+        study.import_state(SMOKE, str(tmp_path / "other"), str(state))
