@@ -3,7 +3,8 @@
 Tables: the gate curve (oracle kept mass of the dense model while it trains), the router comparison, the
 training-free curve, the fine-tuned models with paired-bootstrap 95% CIs of their loss ratio to dense-ft (training
 and uniform t), per-t-bin loss ratios, the claims the study tests. Pictures: gate_curve.png, curve.png,
-samples.gif (first samples of every model, one row each), gifs/<model>.gif, data_examples.gif.
+loss_curves.png (stages 0 and 2, stage-1 relative MSE), samples.gif (first samples of every model, one row each),
+gifs/<model>.gif, data_examples.gif.
 
 Usage: python -m experiments.study_report --preset study-gpu --out runs/study   (study.py calls it at the end)
 """
@@ -85,8 +86,13 @@ def _plot_gate(probes, study, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     offset = max([p["step"] for p in probes if p["phase"] == "dense-short"], default=0)
     for i, s in enumerate(probes[0]["sparsities"]):
-        pts = [((p["step"] + (offset if p["phase"] == "dense" else 0)), p["mean_oracle"][i]) for p in probes]
-        ax.plot(*zip(*pts), marker="o", label=f"{100 * s:g}%")
+        color = f"C{i}"
+        for phase, style in (("dense-short", "--"), ("dense", "-")):
+            pts = [(p["step"] + (offset if phase == "dense" else 0), p["mean_oracle"][i]) for p in probes
+                   if p["phase"] == phase]
+            if pts:
+                label = f"{100 * s:g}%" + (" (short clips)" if phase == "dense-short" else "")
+                ax.plot(*zip(*pts), style, marker="o", color=color, label=label)
     ax.axhline(study.gate_threshold, color="k", ls="--", lw=1)
     ax.set(xlabel="stage-0 step (short clips, then full length)", ylabel="mean oracle kept mass", ylim=(0, 1))
     ax.grid(alpha=0.3)
@@ -257,6 +263,15 @@ def write_report(study: StudyConfig, out: str, status: dict | None = None) -> di
         models_section(study, out, results),
         claims_section(out) if results else "",
     ]
+    stages = {}
+    for stage in ("stage0", "stage1", "stage2"):
+        for run in sorted(os.listdir(os.path.join(out, stage))) if os.path.isdir(os.path.join(out, stage)) else []:
+            done = _load(os.path.join(out, stage, run, "done.json"))
+            if done is not None:
+                stages[f"{stage}/{run}"] = done
+    if stages:
+        report.save_loss_curves(stages, os.path.join(out, "loss_curves.png"))
+        md.append("\n## Training curves\n\n![loss curves](loss_curves.png)\n")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(x for x in md if x))
     previews = {m["name"]: np.load(os.path.join(out, "eval", f"{m['name']}_preview.npy"))

@@ -86,7 +86,7 @@ def test_evaluation_rows_and_report(dirs):
     assert "nan" not in md.lower().replace("dense", "")
     for section in ("## Gate", "## Routers", "## Training-free", "## Fine-tuned", "## Claims", "per t bin"):
         assert section in md, section
-    for f in ("results.json", "gate_curve.png", "curve.png", "samples.gif", "gifs/sla-95-fit.gif",
+    for f in ("results.json", "gate_curve.png", "curve.png", "loss_curves.png", "samples.gif", "gifs/sla-95-fit.gif",
               "data_examples.gif"):
         assert os.path.exists(os.path.join(out, f)), f
     assert "[stage 2] dense-ft: skipped (done)" in dirs["log"]
