@@ -109,7 +109,8 @@ def uses_mosaic_epilogue(named_inputs: dict, cfg: KernelCall) -> bool:
         return False
     if cfg.track_lin:
         return h.ndim == 5 and jnp.dtype(h.dtype) == jnp.dtype(jnp.bfloat16)
-    return cfg.config.state_dtype == "bfloat16"
+    sixteen_bit = jnp.dtype(named_inputs["q_phi"].dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return sixteen_bit and cfg.config.state_dtype == "bfloat16"
 
 
 def linear_epilogue(q, o_s, lse, alpha, linear_inputs, cfg: KernelCall, *, fused: bool, residuals: bool):
