@@ -14,6 +14,7 @@ Loader interface: a `VideoSource` has `batch(step, batch_size) -> {"video": (B,T
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Iterator, Protocol
@@ -112,7 +113,8 @@ class ProceduralVideos:
 
     def videos(self, indices) -> dict:
         idx = jnp.asarray(indices, jnp.int32) + jnp.int32(self.stream % (2**31 - 1))
-        return render_videos(self.cfg, self.cfg.seed, idx)
+        # The seed is a traced argument: the static config is the same for every seed (one compilation).
+        return render_videos(dataclasses.replace(self.cfg, seed=0), self.cfg.seed, idx)
 
     def batch(self, step: int, batch_size: int) -> dict:
         return self.videos(np.arange(step * batch_size, (step + 1) * batch_size) % 1_000_000_000)

@@ -22,6 +22,7 @@ Needs scikit-image (`pip install -e ".[experiments]"`). Loader interface: `Natur
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -157,7 +158,8 @@ class NaturalVideos:
 
     def videos(self, indices) -> dict:
         idx = jnp.asarray(indices, jnp.int32) + jnp.int32(self.stream % (2**31 - 1))
-        return render_natural(self.cfg, self.cfg.seed, idx, self.bank)
+        # The seed is a traced argument: the static config is the same for every seed (one compilation).
+        return render_natural(dataclasses.replace(self.cfg, seed=0), self.cfg.seed, idx, self.bank)
 
     def batch(self, step: int, batch_size: int) -> dict:
         return self.videos(np.arange(step * batch_size, (step + 1) * batch_size) % 1_000_000_000)
