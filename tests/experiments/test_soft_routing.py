@@ -29,17 +29,23 @@ def test_hard_mask_gives_the_hard_branches(scope):
     np.testing.assert_allclose(lin, o_l, atol=2e-5)
 
 
+ROUTER = nnx.Any(nnx.PathContains("w_q"), nnx.PathContains("w_k"))
+
+
+@nnx.jit
+def _loss_grads(layer, q, k, v, target):
+    def loss(layer):
+        return jnp.mean((layer(q, k, v) - target) ** 2) / jnp.mean(target**2)
+
+    return nnx.grad(loss, argnums=nnx.DiffState(0, ROUTER))(layer)
+
+
 def _router_grads(routing, v, alpha_logit, q, k, target):
     """Gradient of the stage-1 loss (relative MSE to `target`) w.r.t. the router's (w_q, w_k)."""
     cfg = sla.SLA2Config(block_q=64, block_k=16, topk_ratio=0.25, alpha="head", backend="xla", soft_topk_tau=1.0)
     layer = sla.SLA2Attention(1, 16, config=cfg, routing=routing, rngs=nnx.Rngs(0))
     layer.alpha_logit[...] = jnp.full((1,), alpha_logit, jnp.float32)
-
-    def loss(layer):
-        o = layer(q, k, v)
-        return jnp.mean((o - target) ** 2) / jnp.mean(target**2)
-
-    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Any(nnx.PathContains("w_q"), nnx.PathContains("w_k"))))(layer)
+    grads = _loss_grads(layer, q, k, v, target)
     return np.concatenate([np.asarray(g).ravel() for g in jax.tree.leaves(grads)])
 
 
