@@ -100,7 +100,7 @@ def test_block_means_phi_int8_matches_references(seed, dtype, dim, block):
 @pytest.mark.parametrize("dtype, dim, block", [(jnp.bfloat16, 128, 32), (jnp.float32, 64, 16), (jnp.float16, 64, 32)])
 def test_block_means_phi_int8_queries_equal_query_pass(seed, dtype, dim, block):
     """The Q front end of the low-bit path: phi(Q) and the means as block_means_and_phi; int8 Q, scales and LSE
-    shift as int8_attention.quantize_queries (the separate Q pass it replaces) and as the XLA / float64 formulas."""
+    shift as quantize.quantize_queries (the separate Q pass it replaces) and as the XLA / float64 formulas."""
     q, k, _ = random_qkv(seed, (1, 3 * block - 7, 2, dim), dtype)  # ragged last block
     k_mean = jnp.mean(k.astype(jnp.float32), axis=1)
     phi, means, queries = block_means_phi_int8_queries(q, block, PHI_FUNCTIONS['softmax'], k_mean, 0.37)
