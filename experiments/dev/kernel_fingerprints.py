@@ -1,93 +1,181 @@
 """Kernel fingerprints: normalised jaxprs of every kernel kind (Triton and Mosaic, bf16/f32, complement/all,
 D 64/128, fused and branches, forward and forward+backward, int8 / int8_fp8, front end, block selection).
 
-    python -m experiments.dev.kernel_fingerprints new OUT.json
+    python -m experiments.dev.kernel_fingerprints OUT.json          # before and after a refactor
+    python -m experiments.dev.kernel_fingerprints --compare BEFORE.json AFTER.json
 
 Writes {kind: sha256 prefix} to OUT.json and the normalised texts to OUT.json.texts.json (kernel names, source
 locations and custom_vjp function names removed), so that a refactor can be checked to leave every kernel's
-jaxpr unchanged: run it before and after and compare the two files.
+jaxpr unchanged. Only traced, never run: the Mosaic kinds trace on a CPU host too (JAX_PLATFORMS=cpu by default).
 """
-import hashlib, json, re, sys, os
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-import jax, jax.numpy as jnp, numpy as np
-from pallas_kernels import front_end as prep, KernelConfig
-from pallas_kernels import sla2_fused_attention, sparse_linear_attention, sla2_fused_attention_lowbit, sparse_linear_attention_lowbit
-from sla2_jax.feature_maps import PHI_FUNCTIONS
 
-def norm(text):
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels import (  # noqa: E402
+    KernelConfig,
+    front_end,
+    sla2_fused_attention,
+    sla2_fused_attention_lowbit,
+    sparse_linear_attention,
+    sparse_linear_attention_lowbit,
+)
+from sla2_jax.feature_maps import PHI_FUNCTIONS  # noqa: E402
+
+N, TOPK = 1000, 3  # ragged N: the masked last blocks are traced too
+
+
+def normalised(text: str) -> str:
+    """A jaxpr's text without kernel names, source locations and custom_vjp function names."""
     text = re.sub(r"name_and_src_info=[^\n]*?(?= [a-z_]+=|\]$)", "", text)
     text = re.sub(r"name=[A-Za-z0-9_.<>-]+", "", text)
     text = re.sub(r"/[\w/.-]+\.py:\d+(:\d+)?", "", text)
     return re.sub(r"\b(fwd|bwd)=\w+", "", text)
 
-def fp(fn, *args):
-    t = norm(str(jax.make_jaxpr(fn)(*args)))
-    return hashlib.sha256(t.encode()).hexdigest()[:16], t
 
-def inputs(n, d, dtype, topk, h=2):
+def fingerprint(fn, args) -> tuple[str, str]:
+    """(sha256 prefix, normalised jaxpr text) of fn(*args)."""
+    text = normalised(str(jax.make_jaxpr(fn)(*args)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16], text
+
+
+def inputs(d: int, dtype, h: int = 2):
+    """(q, k, v, phi(q), phi(k)) (1, N, H, D) dtype, an ascending LUT (block_q 128, block_k 64), alpha 0.7."""
     rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal((1, n, h, d)), dtype) for _ in range(3))
-    qp, kp = jax.nn.softmax(q.astype(jnp.float32), -1).astype(dtype), jax.nn.softmax(k.astype(jnp.float32), -1).astype(dtype)
-    nq, nk = -(-n // 128), -(-n // 64)
-    lut = jnp.asarray(np.sort(np.stack([rng.permutation(nk)[:topk] for _ in range(h * nq)]), -1).reshape(1, h, nq, topk), jnp.int32)
-    alpha = jnp.full((1, h, nq), 0.7, jnp.float32)
-    return q, k, v, qp, kp, lut, alpha
+    q, k, v = (jnp.asarray(rng.standard_normal((1, N, h, d)), dtype) for _ in range(3))
+    qp, kp = (jax.nn.softmax(x.astype(jnp.float32), -1).astype(dtype) for x in (q, k))
+    nq, nk = -(-N // 128), -(-N // 64)
+    lut = np.sort(np.stack([rng.permutation(nk)[:TOPK] for _ in range(h * nq)]), -1).reshape(1, h, nq, TOPK)
+    return (q, k, v, qp, kp), jnp.asarray(lut, jnp.int32), jnp.full((1, h, nq), 0.7, jnp.float32)
 
-def kinds():
+
+def total(fn):
+    """x -> the float32 sum of fn(x)."""
+    return lambda *x: jnp.sum(fn(*x).astype(jnp.float32))
+
+
+def branches_total(fn):
+    """x -> sum(o_s) + sum(o_l) / 2 of fn(x) = (o_s, o_l), in float32 (the two cotangents differ)."""
+
+    def loss(*x):
+        o_s, o_l = fn(*x)
+        return jnp.sum(o_s.astype(jnp.float32)) + jnp.sum(o_l.astype(jnp.float32) * 0.5)
+
+    return loss
+
+
+def outputs_total(fn):
+    """x -> the float32 sum over every output of fn(x) that is not None."""
+    return lambda *x: sum(jnp.sum(y.astype(jnp.float32)) for y in fn(*x) if y is not None)
+
+
+def attention_kinds():
+    """{tag: (fn, args)} of the attention entry points, forward and forward+backward."""
     out = {}
     for path in ("triton", "mosaic"):
+        config = KernelConfig(forward=path, backward=path)
         for scope in ("complement", "all"):
-            for dtype in (jnp.bfloat16, jnp.float32):
-                if path == "mosaic" and dtype == jnp.float32: continue
+            for dtype in (jnp.bfloat16, jnp.float32) if path == "triton" else (jnp.bfloat16,):
                 for d in (64, 128):
-                    n, topk = 1000, 3
-                    q, k, v, qp, kp, lut, alpha = inputs(n, d, dtype, topk)
-                    interp = path == "triton"
-                    kw = dict(block_q=128, block_k=64, linear_scope=scope, interpret=interp, config=KernelConfig(forward=path, backward=path))
+                    qkv, lut, alpha = inputs(d, dtype)
+                    kw = dict(block_q=128, block_k=64, linear_scope=scope, interpret=path == "triton", config=config)
                     tag = f"{path}/{scope}/{jnp.dtype(dtype).name}/d{d}"
-                    def fused(q, k, v, qp, kp, a, lut=lut, kw=kw): return sla2_fused_attention(q, k, v, qp, kp, lut, a, **kw)
-                    def branches(q, k, v, qp, kp, lut=lut, kw=kw): return sparse_linear_attention(q, k, v, qp, kp, lut, **kw)
-                    def fused_loss(*x, fused=fused): return jnp.sum(fused(*x).astype(jnp.float32))
-                    def br_loss(*x, branches=branches):
-                        a, b = branches(*x); return jnp.sum(a.astype(jnp.float32)) + jnp.sum(b.astype(jnp.float32) * 0.5)
-                    out[tag + "/fused_fwd"] = (fused, (q, k, v, qp, kp, alpha))
-                    out[tag + "/fused_grad"] = (jax.grad(fused_loss, argnums=tuple(range(6))), (q, k, v, qp, kp, alpha))
-                    out[tag + "/branches_fwd"] = (branches, (q, k, v, qp, kp))
-                    out[tag + "/branches_grad"] = (jax.grad(br_loss, argnums=tuple(range(5))), (q, k, v, qp, kp))
-                    if dtype == jnp.bfloat16 and scope == "complement":
-                        for quant in ("int8", "int8_fp8"):
-                            qkw = dict(kw, quant=quant)
-                            def lf(q, k, v, qp, kp, a, qkw=qkw, lut=lut): return sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, **qkw)
-                            def lb(q, k, v, qp, kp, qkw=qkw, lut=lut): return sparse_linear_attention_lowbit(q, k, v, qp, kp, lut, **qkw)
-                            out[tag + f"/{quant}_fused_fwd"] = (lf, (q, k, v, qp, kp, alpha))
-                            out[tag + f"/{quant}_branches_fwd"] = (lb, (q, k, v, qp, kp))
-                            def lfl(*x, lf=lf): return jnp.sum(lf(*x).astype(jnp.float32))
-                            out[tag + f"/{quant}_fused_grad"] = (jax.grad(lfl, argnums=tuple(range(6))), (q, k, v, qp, kp, alpha))
-    # front end
-    for d in (64, 128):
-        q, k, v, qp, kp, lut, alpha = inputs(1000, d, jnp.bfloat16, 3)
-        for fm in ("softmax", "elu", None):
-            out[f"front/means_phi/{fm}/d{d}"] = (lambda x, fm=fm: prep.block_means_and_phi(x, 64, PHI_FUNCTIONS.get(fm), interpret=True, pass_through=True), (k,))
-            out[f"front/means_phi_grad/{fm}/d{d}"] = (jax.grad(lambda x, fm=fm: sum(jnp.sum(y.astype(jnp.float32)) for y in prep.block_means_and_phi(x, 64, PHI_FUNCTIONS.get(fm), interpret=True) if y is not None)), (k,))
-            out[f"front/int8_keys/{fm}/d{d}"] = (lambda x, fm=fm: prep.block_means_phi_int8(x, 64, PHI_FUNCTIONS.get(fm), interpret=True, pass_through=True), (k,))
-            out[f"front/int8_queries/{fm}/d{d}"] = (lambda x, m, fm=fm: prep.block_means_phi_int8_queries(x, 128, PHI_FUNCTIONS.get(fm), m, 0.127, interpret=True, pass_through=True), (q, jnp.zeros((1, 2, d))))
-    scores = jnp.asarray(np.random.default_rng(1).standard_normal((1, 2, 8, 16)), jnp.float32)
-    out["front/select"] = (lambda s: prep.select_blocks(s, 3, 1000, 64, interpret=True), (scores,))
+                    fused = lambda *x, lut=lut, kw=kw: sla2_fused_attention(*x[:5], lut, x[5], **kw)  # noqa: E731
+                    branches = lambda *x, lut=lut, kw=kw: sparse_linear_attention(*x, lut, **kw)  # noqa: E731
+                    out[f"{tag}/fused_fwd"] = (fused, (*qkv, alpha))
+                    out[f"{tag}/fused_grad"] = (jax.grad(total(fused), argnums=tuple(range(6))), (*qkv, alpha))
+                    out[f"{tag}/branches_fwd"] = (branches, qkv)
+                    out[f"{tag}/branches_grad"] = (jax.grad(branches_total(branches), argnums=tuple(range(5))), qkv)
+                    if dtype != jnp.bfloat16 or scope != "complement":
+                        continue
+                    for quant in ("int8", "int8_fp8"):
+                        qkw = dict(kw, quant=quant)
+
+                        def low(*x, lut=lut, kw=qkw):
+                            return sla2_fused_attention_lowbit(*x[:5], lut, x[5], **kw)
+
+                        def low_branches(*x, lut=lut, kw=qkw):
+                            return sparse_linear_attention_lowbit(*x, lut, **kw)
+
+                        low_grad = jax.grad(total(low), argnums=tuple(range(6)))
+                        out[f"{tag}/{quant}_fused_fwd"] = (low, (*qkv, alpha))
+                        out[f"{tag}/{quant}_branches_fwd"] = (low_branches, qkv)
+                        out[f"{tag}/{quant}_fused_grad"] = (low_grad, (*qkv, alpha))
     return out
 
-def main():
-    # argv: a label (unused) and the output path
+
+def front_end_kinds():
+    """{tag: (fn, args)} of the router front end's kernels and the block selection."""
+    out = {}
+    for d in (64, 128):
+        (q, k, *_), _, _ = inputs(d, jnp.bfloat16)
+        for name in ("softmax", "elu", None):
+            phi = PHI_FUNCTIONS.get(name)
+            means_phi = lambda x, phi=phi: front_end.block_means_and_phi(  # noqa: E731
+                x, 64, phi, interpret=True, pass_through=True)
+            means_phi_plain = lambda x, phi=phi: front_end.block_means_and_phi(  # noqa: E731
+                x, 64, phi, interpret=True)
+            keys = lambda x, phi=phi: front_end.block_means_phi_int8(  # noqa: E731
+                x, 64, phi, interpret=True, pass_through=True)
+            queries = lambda x, mean, phi=phi: front_end.block_means_phi_int8_queries(  # noqa: E731
+                x, 128, phi, mean, 0.127, interpret=True, pass_through=True)
+            out[f"front/means_phi/{name}/d{d}"] = (means_phi, (k,))
+            out[f"front/means_phi_grad/{name}/d{d}"] = (jax.grad(outputs_total(means_phi_plain)), (k,))
+            out[f"front/int8_keys/{name}/d{d}"] = (keys, (k,))
+            out[f"front/int8_queries/{name}/d{d}"] = (queries, (q, jnp.zeros((1, 2, d))))
+    scores = jnp.asarray(np.random.default_rng(1).standard_normal((1, 2, 8, 16)), jnp.float32)
+    out["front/select"] = (lambda s: front_end.select_blocks(s, TOPK, N, 64, interpret=True), (scores,))
+    return out
+
+
+def write(path: str) -> None:
     result, texts = {}, {}
-    for name, (fn, args) in kinds().items():
+    for name, (fn, args) in {**attention_kinds(), **front_end_kinds()}.items():
         try:
-            h, t = fp(fn, *args)
-        except Exception as e:
-            h, t = "ERROR " + type(e).__name__ + ": " + str(e)[:200], ""
-        result[name] = h; texts[name] = t
-    json.dump(result, open(sys.argv[2], "w"), indent=1, sort_keys=True)
-    json.dump(texts, open(sys.argv[2] + ".texts.json", "w"))
-    print(sum(1 for v in result.values() if not v.startswith("ERROR")), "kinds;", [k for k, v in result.items() if v.startswith("ERROR")])
+            result[name], texts[name] = fingerprint(fn, args)
+        except Exception as e:  # noqa: BLE001 - a kind that does not trace on this jax is recorded as such
+            result[name], texts[name] = f"ERROR {type(e).__name__}: {str(e)[:200]}", ""
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, sort_keys=True)
+    with open(path + ".texts.json", "w") as f:
+        json.dump(texts, f)
+    errors = [k for k, v in result.items() if v.startswith("ERROR")]
+    print(f"{len(result) - len(errors)} kinds traced; errors: {errors}")
+
+
+def compare(before: str, after: str) -> None:
+    with open(before) as f:
+        a = json.load(f)
+    with open(after) as f:
+        b = json.load(f)
+    traced = [k for k in a if not a[k].startswith("ERROR")]
+    differ = [k for k in traced if a[k] != b.get(k)]
+    print(f"{len(traced) - len(differ)} of {len(traced)} traced kinds identical; differ: {differ}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", nargs="?", help="where to write the fingerprints")
+    p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="compare two fingerprint files")
+    args = p.parse_args(argv)
+    if args.compare:
+        compare(*args.compare)
+    elif args.out:
+        write(args.out)
+    else:
+        p.error("give OUT.json or --compare BEFORE AFTER")
+
 
 if __name__ == "__main__":
-    # the Mosaic path on CPU: force "mosaic" when the tag says so (kinds() calls in one process: set per call)
     main()
