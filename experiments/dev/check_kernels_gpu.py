@@ -74,7 +74,6 @@ def check_small():
         w1, w2 = (jax.random.normal(kk, (b, n, h, d), jnp.float32) for kk in jax.random.split(k4))
         kw = dict(block_q=bq, block_k=bk, linear_scope=scope)
         kc = base_config(n, d, dtype, bq, bk)
-        kernel_kw = dict(kw, config=kc)
 
         def loss_br(fn):
             def f(q, k, v, qp, kp):
