@@ -235,10 +235,10 @@ def train_diffusion(
     mesh = mesh or make_mesh()
     source = source or data_lib.make_source(preset.data, data_lib.TRAIN_STREAM)
     model = make_model(preset, run, context=context_parallel(mesh))
-    if init is not None:
+    mngr = _manager(run_dir)
+    if init is not None and mngr.latest_step() is None:  # a resumed run restores its own weights below
         init(model)
     optimizer = make_optimizer(model, cfg, trainable)
-    mngr = _manager(run_dir)
     start = _resume(mngr, model, optimizer)
     replicate(model, mesh)
     replicate(optimizer, mesh)
