@@ -37,6 +37,7 @@ from .common import (
     rows_per_step,
     seq_spec,
     validate_call,
+    with_named_refs,
 )
 from .linear_states import forward_states, gradient_states, transpose_lut
 from .quantize import QUANT_MODES, Quantised, QuantisedKeys, prequantize, quantize_values_fp8
@@ -394,7 +395,7 @@ def forward_lowbit_triton(
     outputs = forward_outputs(q, cfg, fused=fused, residuals=residuals)
     names = tuple(x[0] for x in inputs) + tuple(x[0] for x in outputs)
     res = pl.pallas_call(
-        functools.partial(lowbit_fwd_kernel, names=names, cfg=cfg, fused=fused, fp8=fp8),
+        with_named_refs(lowbit_fwd_kernel, names, cfg=cfg, fused=fused, fp8=fp8),
         grid=(cfg.nq, h, b),
         in_specs=[x[2] for x in inputs],
         out_specs=[x[2] for x in outputs],

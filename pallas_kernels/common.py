@@ -145,12 +145,24 @@ def rows_per_step(kernel: str, call: KernelCall) -> int:
     return max(16, min(call.block_q, call.config.launch_params(kernel).rows))
 
 
+def with_named_refs(kernel, names, **static):
+    """The body a pallas_call runs for ``kernel``: pallas_call passes the refs in order (inputs, then outputs);
+    ``kernel`` gets each as the keyword ``{name}_ref`` (q -> q_ref, ...) plus the ``static`` keywords, so its
+    signature lists the refs it takes and an unknown or missing one fails at trace time (TypeError)."""
+
+    @functools.wraps(kernel)  # source info of the kernel, not of this wrapper, in errors and debug info
+    def body(*refs):
+        return kernel(**{f"{name}_ref": ref for name, ref in zip(names, refs)}, **static)
+
+    return body
+
+
 def pallas_triton_call(kernel, grid, inputs, outputs, call: KernelCall, name: str, launch: dict):
-    """One Triton pallas_call with named refs. inputs / outputs: lists of (name, array or ShapeDtypeStruct,
-    BlockSpec); the kernel gets ``names`` (inputs then outputs), ``call`` and ``launch`` as keywords."""
+    """One Triton pallas_call. inputs / outputs: lists of (name, array or ShapeDtypeStruct, BlockSpec); the kernel
+    gets the refs as keywords ``{name}_ref`` (with_named_refs), the KernelCall as ``cfg`` and ``launch``."""
     names = tuple(x[0] for x in inputs) + tuple(x[0] for x in outputs)
     return pl.pallas_call(
-        functools.partial(kernel, names=names, cfg=call, **launch),
+        with_named_refs(kernel, names, cfg=call, **launch),
         grid=grid,
         in_specs=[x[2] for x in inputs],
         out_specs=[x[2] for x in outputs],

@@ -30,21 +30,25 @@ def _pow2_scale(amax):
     return s, inv_s
 
 
-def _outer_sum_kernel(*refs, names, cfg: KernelCall, chunk: int, block: int, weighted: bool, scaled: bool):
+def _outer_sum_kernel(
+    *, x_ref, y_ref, w_ref=None, u_ref=None, h_ref, z_ref, s_ref=None, cfg: KernelCall, chunk: int, block: int,
+    weighted: bool, scaled: bool,
+):  # fmt: skip
     """Program (c, h, b): rows [c*chunk, (c+1)*chunk) of X, Y -> sum_r w_r X_r^T Y_r (D x D), sum_r u_r X_r.
-    scaled: the D x D sum is stored as h / s in float16 with s (a power of two, see _pow2_scale) in output "s"."""
-    r = dict(zip(names, refs))
+    Refs of one (b, h): inputs x, y (N, D), w, u (chunk,) float32 (weighted); outputs h (D, D) float32, z (D,)
+    float32 and, when scaled, s (D,) float32: then h holds the D x D sum / s in float16, s a power of two
+    (_pow2_scale)."""
     start0 = pl.program_id(0) * chunk
 
     def body(t, carry):
         h, z = carry
         start = start0 + t * block
-        x = load_rows(r["x"], start, block, cfg.n)
-        y = load_rows(r["y"], start, block, cfg.n)
+        x = load_rows(x_ref, start, block, cfg.n)
+        y = load_rows(y_ref, start, block, cfg.n)
         x32 = x.astype(F32)
         if weighted:
-            w = r["w"][pl.ds(t * block, block)]
-            u = r["u"][pl.ds(t * block, block)]
+            w = w_ref[pl.ds(t * block, block)]
+            u = u_ref[pl.ds(t * block, block)]
             h = h + dot((x32 * w[:, None]).astype(x.dtype), y, trans_a=True)
             z = z + jnp.sum(x32 * u[:, None], axis=0)
         else:
@@ -55,11 +59,11 @@ def _outer_sum_kernel(*refs, names, cfg: KernelCall, chunk: int, block: int, wei
     h, z = lax.fori_loop(0, chunk // block, body, (jnp.zeros((cfg.d, cfg.d), F32), jnp.zeros((cfg.d,), F32)))
     if scaled:
         s, inv_s = _pow2_scale(jnp.max(jnp.max(jnp.abs(h), axis=1), axis=0))
-        r["h"][...] = (h * inv_s).astype(jnp.float16)
-        r["s"][...] = jnp.full((cfg.d,), s, F32)
+        h_ref[...] = (h * inv_s).astype(jnp.float16)
+        s_ref[...] = jnp.full((cfg.d,), s, F32)
     else:
-        r["h"][...] = h
-    r["z"][...] = z
+        h_ref[...] = h
+    z_ref[...] = z
 
 
 _SUM_CHUNK, _SUM_BLOCK = 1024, 128

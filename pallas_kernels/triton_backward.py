@@ -24,58 +24,83 @@ from jax import lax
 from ._triton import pl
 from .common import F32, LOG2E, KernelCall, dot, dot_mat, load_rows, scores, store_rows
 
-def _dq_row_terms(r, i, q_start, bm, cfg: KernelCall, fused: bool):
+
+def _dq_row_terms(
+    i, q_start, bm, o_s_ref, do_ref, do_s_ref, do_l_ref, o_l_ref, den_ref, alpha_ref, delta_ref, c_ref,
+    dalpha_rows_ref, *, cfg: KernelCall, fused: bool,
+):  # fmt: skip
     """Per-row terms of query rows [q_start, q_start + bm) of query block i (stored: delta, c, d alpha rows):
     delta = rowsum(dO_s * O_s), c = rowsum(dO_l * O_l). Returns (dO_s or dO as loaded, alpha or None, delta,
     dO_l float32, c, den) with the last three None without a linear branch."""
-    o_s = load_rows(r["o_s"], q_start, bm, cfg.n).astype(F32)
-    a = r["alpha"][i] if fused else None
+    o_s = load_rows(o_s_ref, q_start, bm, cfg.n).astype(F32)
+    a = alpha_ref[i] if fused else None
     if fused:
-        do = load_rows(r["do"], q_start, bm, cfg.n)
+        do = load_rows(do_ref, q_start, bm, cfg.n)
         do32 = do.astype(F32)
         delta = a * jnp.sum(do32 * o_s, axis=1)
         do_l32 = (1.0 - a) * do32
     else:
-        do = load_rows(r["do_s"], q_start, bm, cfg.n)
+        do = load_rows(do_s_ref, q_start, bm, cfg.n)
         delta = jnp.sum(do.astype(F32) * o_s, axis=1)
-        do_l32 = load_rows(r["do_l"], q_start, bm, cfg.n).astype(F32) if cfg.linear else None
-    r["delta"][...] = delta
+        do_l32 = load_rows(do_l_ref, q_start, bm, cfg.n).astype(F32) if cfg.linear else None
+    delta_ref[...] = delta
     o_l = c = den = None
     if cfg.linear:
-        o_l = load_rows(r["o_l"], q_start, bm, cfg.n).astype(F32)
-        den = r["den"][...]
+        o_l = load_rows(o_l_ref, q_start, bm, cfg.n).astype(F32)
+        den = den_ref[...]
         c = jnp.sum(do_l32 * o_l, axis=1)
-        r["c"][...] = c
+        c_ref[...] = c
     if fused:
         diff = o_s if o_l is None else o_s - o_l
-        r["dalpha_rows"][...] = jnp.sum(do32 * diff, axis=1)
+        dalpha_rows_ref[...] = jnp.sum(do32 * diff, axis=1)
     return do, a, delta, do_l32, c, den
 
 
-def _store_dq_phi(r, q_start, do_l32, c, den, cfg: KernelCall):
-    """dphi(Q) = dO_l / den @ H^T - c / den * Z with this block's H_i, Z_i (complement) or the totals (scope "all")."""
-    h = r["h"][...]
-    z = r["z"][...]
-    dq_phi = dot_mat(do_l32 / den[:, None], h, r["o_s"].dtype, trans_b=True) - (c / den)[:, None] * z[None, :]
-    store_rows(r["dq_phi"], q_start, dq_phi, cfg.n)
+def _store_dq_phi(q_start, do_l32, c, den, h_ref, z_ref, dq_phi_ref, like, cfg: KernelCall):
+    """dphi(Q) = dO_l / den @ H^T - c / den * Z with this block's H_i, Z_i (complement) or the totals (scope "all");
+    like: the input dtype (16-bit: the D x D product on bf16 tensor cores)."""
+    h = h_ref[...]
+    z = z_ref[...]
+    dq_phi = dot_mat(do_l32 / den[:, None], h, like, trans_b=True) - (c / den)[:, None] * z[None, :]
+    store_rows(dq_phi_ref, q_start, dq_phi, cfg.n)
 
 
-def dq_kernel(*refs, names, cfg: KernelCall, fused: bool, rows: int):
-    r = dict(zip(names, refs))
+def dq_kernel(
+    *,
+    # inputs
+    lut_ref, q_ref, k_ref, v_ref, do_ref=None, do_s_ref=None, do_l_ref=None, o_s_ref, lse_ref, o_l_ref=None,
+    den_ref=None, h_ref=None, z_ref=None, alpha_ref=None,
+    # outputs
+    dq_ref, delta_ref, dq_phi_ref=None, c_ref=None, dalpha_rows_ref=None,
+    cfg: KernelCall, fused: bool, rows: int,
+):  # fmt: skip
+    """Program (s, h, b) of grid (Npad / rows, H, B): query rows [s * rows, (s + 1) * rows) of one (b, h), in query
+    block i = s * rows // block_q. Refs of that (b, h), None where the call has no such input or output
+    (attention.backward_dq builds the lists):
+
+    lut (Nq, topk) int32; q, k, v (N, D); do (N, D) (fused) or do_s (N, D) and, with a linear branch, do_l (N, D);
+    o_s (N, D); lse (rows,) float32 (base 2); the linear branch (cfg.linear): o_l (N, D), den (rows,) float32, h
+    (D, D) and z (D,) float32 (query block i's H_i, Z_i for the complement scope, else the totals); alpha (Nq,)
+    float32 (fused). Outputs: dq (N, D); delta (rows,) float32; dq_phi (N, D) and c (rows,) float32 (linear
+    branch); dalpha_rows (rows,) float32 (fused).
+    """
     sub = pl.program_id(0)  # sub-block of `rows` query rows
     i = lax.div(sub, jnp.int32(cfg.block_q // rows))  # its query block (LUT row)
     q_start = sub * rows
     bm = rows
-    q = load_rows(r["q"], q_start, bm, cfg.n)
-    lse = r["lse"][...]
-    do, a, delta, do_l32, c, den = _dq_row_terms(r, i, q_start, bm, cfg, fused)
+    q = load_rows(q_ref, q_start, bm, cfg.n)
+    lse = lse_ref[...]
+    do, a, delta, do_l32, c, den = _dq_row_terms(
+        i, q_start, bm, o_s_ref, do_ref, do_s_ref, do_l_ref, o_l_ref, den_ref, alpha_ref, delta_ref, c_ref,
+        dalpha_rows_ref, cfg=cfg, fused=fused,
+    )  # fmt: skip
 
     carry = (jnp.zeros((bm, cfg.d), F32),)
 
     def body(t, carry):
-        k_start = r["lut"][i, t] * cfg.block_k
-        k = load_rows(r["k"], k_start, cfg.block_k, cfg.n)
-        v = load_rows(r["v"], k_start, cfg.block_k, cfg.n)
+        k_start = lut_ref[i, t] * cfg.block_k
+        k = load_rows(k_ref, k_start, cfg.block_k, cfg.n)
+        v = load_rows(v_ref, k_start, cfg.block_k, cfg.n)
         p = jnp.exp2(scores(q, k, k_start, cfg) - lse[:, None])
         x = dot(do, v, trans_b=True)
         dp = a * x if fused else x
@@ -83,27 +108,53 @@ def dq_kernel(*refs, names, cfg: KernelCall, fused: bool, rows: int):
         return (carry[0] + dot(ds.astype(k.dtype), k),)
 
     carry = lax.fori_loop(0, cfg.topk, body, carry)
-    store_rows(r["dq"], q_start, carry[0] * cfg.sm_scale, cfg.n)
+    store_rows(dq_ref, q_start, carry[0] * cfg.sm_scale, cfg.n)
     if cfg.linear:
-        _store_dq_phi(r, q_start, do_l32, c, den, cfg)
+        _store_dq_phi(q_start, do_l32, c, den, h_ref, z_ref, dq_phi_ref, o_s_ref.dtype, cfg)
 
 
-def dq_linear_kernel(*refs, names, cfg: KernelCall, fused: bool):
-    """Program (i, h, b): the per-row terms and dphi(Q) of query block i without the LUT loop (the Mosaic dQ
-    kernel does the loop, with the delta stored here)."""
-    r = dict(zip(names, refs))
+def dq_linear_kernel(
+    *,
+    # inputs
+    do_ref=None, do_s_ref=None, do_l_ref=None, o_s_ref, o_l_ref=None, den_ref=None, h_ref=None, z_ref=None,
+    alpha_ref=None,
+    # outputs
+    delta_ref, dq_phi_ref=None, c_ref=None, dalpha_rows_ref=None,
+    cfg: KernelCall, fused: bool,
+):  # fmt: skip
+    """Program (i, h, b) of grid (Nq, H, B): the per-row terms and dphi(Q) of query block i without the LUT loop
+    (the Mosaic dQ kernel does the loop, with the delta stored here). Refs as dq_kernel's with rows = block_q, less
+    lut, q, k, v, lse and dq."""
     i = pl.program_id(0)
-    _, _, _, do_l32, c, den = _dq_row_terms(r, i, i * cfg.block_q, cfg.block_q, cfg, fused)
+    _, _, _, do_l32, c, den = _dq_row_terms(
+        i, i * cfg.block_q, cfg.block_q, o_s_ref, do_ref, do_s_ref, do_l_ref, o_l_ref, den_ref, alpha_ref, delta_ref,
+        c_ref, dalpha_rows_ref, cfg=cfg, fused=fused,
+    )  # fmt: skip
     if cfg.linear:
-        _store_dq_phi(r, i * cfg.block_q, do_l32, c, den, cfg)
+        _store_dq_phi(i * cfg.block_q, do_l32, c, den, h_ref, z_ref, dq_phi_ref, o_s_ref.dtype, cfg)
 
 
-def dkv_kernel(*refs, names, cfg: KernelCall, fused: bool, rows: int):
-    r = dict(zip(names, refs))
+def dkv_kernel(
+    *,
+    # inputs
+    lut_t_ref, count_ref, q_ref, k_ref, v_ref, do_ref=None, do_s_ref=None, lse_ref, delta_ref, k_phi_ref=None,
+    dh_ref=None, dz_ref=None, alpha_ref=None,
+    # outputs
+    dk_ref, dv_ref, dk_phi_ref=None,
+    cfg: KernelCall, fused: bool, rows: int,
+):  # fmt: skip
+    """Program (j, h, b) of grid (Nk, H, B): key block j of one (b, h). Refs of that (b, h), None where the call has
+    no such input or output (attention.backward_dkv builds the lists):
+
+    lut_t (Nk, Nq) int32, the query blocks that selected key block j (ascending), count (Nk,) int32 of them; q, k, v
+    (N, D); do (N, D) (fused) or do_s (N, D); lse, delta (Npad,) float32; the linear branch (cfg.linear): k_phi
+    (N, D), dh (D, D) and dz (D,) float32 (key block j's dH_j, dZ_j for the complement scope, else the totals);
+    alpha (Nq,) float32 (fused). Outputs: dk, dv (N, D); dk_phi (N, D) (linear branch).
+    """
     j = pl.program_id(0)
     k_start = j * cfg.block_k
-    k = load_rows(r["k"], k_start, cfg.block_k, cfg.n)
-    v = load_rows(r["v"], k_start, cfg.block_k, cfg.n)
+    k = load_rows(k_ref, k_start, cfg.block_k, cfg.n)
+    v = load_rows(v_ref, k_start, cfg.block_k, cfg.n)
     dt = k.dtype
     bm, nsub = rows, cfg.block_q // rows  # the loop walks `rows`-row sub-blocks of each query block
     zeros = jnp.zeros((cfg.block_k, cfg.d), F32)
@@ -116,18 +167,18 @@ def dkv_kernel(*refs, names, cfg: KernelCall, fused: bool, rows: int):
     # register tile or a loaded tile as A and a loaded tile as B, so no computed tile needs transposing.
     def body(t, carry):
         dk, dv = carry
-        i = r["lut_t"][j, lax.div(t, jnp.int32(nsub))]  # (plain // and % lower badly in Triton)
+        i = lut_t_ref[j, lax.div(t, jnp.int32(nsub))]  # (plain // and % lower badly in Triton)
         q_start = i * cfg.block_q + lax.rem(t, jnp.int32(nsub)) * bm
         rws = pl.ds(q_start, bm)
-        q = load_rows(r["q"], q_start, bm, cfg.n)
-        lse = r["lse"][rws]
-        delta = r["delta"][rws]
+        q = load_rows(q_ref, q_start, bm, cfg.n)
+        lse = lse_ref[rws]
+        delta = delta_ref[rws]
         s_t = dot(k, q, trans_b=True) * qk_scale  # (block_k, bm) = S^T
         p_t = jnp.where(kvalid[:, None], jnp.exp2(s_t - lse[None, :]), 0.0)
-        do = load_rows(r["do" if fused else "do_s"], q_start, bm, cfg.n)
+        do = load_rows(do_ref if fused else do_s_ref, q_start, bm, cfg.n)
         x_t = dot(v, do, trans_b=True)  # (dO V^T)^T
         if fused:
-            a = r["alpha"][i]
+            a = alpha_ref[i]
             ds_t = p_t * (a * x_t - delta[None, :])
             w_t = a * p_t
         else:
@@ -137,31 +188,31 @@ def dkv_kernel(*refs, names, cfg: KernelCall, fused: bool, rows: int):
         dv = dv + dot(w_t.astype(dt), do)
         return dk, dv
 
-    carry = lax.fori_loop(0, r["count"][j] * nsub, body, carry)
-    store_rows(r["dk"], k_start, carry[0] * cfg.sm_scale, cfg.n)
+    carry = lax.fori_loop(0, count_ref[j] * nsub, body, carry)
+    store_rows(dk_ref, k_start, carry[0] * cfg.sm_scale, cfg.n)
     dv = carry[1]
     if cfg.linear:
-        dv = _add_dkv_linear(r, k_start, v, dv, cfg)
-    store_rows(r["dv"], k_start, dv, cfg.n)
+        dv = _add_dkv_linear(k_start, v, dv, k_phi_ref, dh_ref, dz_ref, dk_phi_ref, cfg)
+    store_rows(dv_ref, k_start, dv, cfg.n)
 
 
-def _add_dkv_linear(r, k_start, v, dv, cfg: KernelCall):
+def _add_dkv_linear(k_start, v, dv, k_phi_ref, dh_ref, dz_ref, dk_phi_ref, cfg: KernelCall):
     """Linear part of key block j, after the sparse loop (keeps its D x D operands out of the pipelined loop's
     shared memory): returns dV + phi(K_j) dH_j and stores dphi(K_j) = V_j dH_j^T + dZ_j, with dH_j, dZ_j over the
     query blocks that did not select j (complement) or over all of them (scope "all")."""
     dt = v.dtype
-    k_phi = load_rows(r["k_phi"], k_start, cfg.block_k, cfg.n)
-    dh = r["dh"][...]
-    dk_phi = dot_mat(v, dh, dt, trans_b=True) + r["dz"][...][None, :]
-    store_rows(r["dk_phi"], k_start, dk_phi, cfg.n)
+    k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n)
+    dh = dh_ref[...]
+    dk_phi = dot_mat(v, dh, dt, trans_b=True) + dz_ref[...][None, :]
+    store_rows(dk_phi_ref, k_start, dk_phi, cfg.n)
     return dv + dot_mat(k_phi, dh, dt)
 
 
-def dkv_linear_kernel(*refs, names, cfg: KernelCall):
-    """Program (j, h, b): the linear part of key block j for a sparse dV computed elsewhere (the Mosaic dK/dV
-    kernel): dv = dv_s + phi(K_j) dH_j, dphi(K_j) = V_j dH_j^T + dZ_j."""
-    r = dict(zip(names, refs))
+def dkv_linear_kernel(v_ref, dv_s_ref, k_phi_ref, dh_ref, dz_ref, dv_ref, dk_phi_ref, *, cfg: KernelCall):
+    """Program (j, h, b) of grid (Nk, H, B): the linear part of key block j for a sparse dV computed elsewhere (the
+    Mosaic dK/dV kernel): dv = dv_s + phi(K_j) dH_j, dphi(K_j) = V_j dH_j^T + dZ_j. Refs of one (b, h): v, dv_s,
+    k_phi (N, D); dh (D, D) and dz (D,) float32 (key block j's, or the totals); outputs dv, dk_phi (N, D)."""
     k_start = pl.program_id(0) * cfg.block_k
-    v = load_rows(r["v"], k_start, cfg.block_k, cfg.n)
-    dv_s = load_rows(r["dv_s"], k_start, cfg.block_k, cfg.n).astype(F32)
-    store_rows(r["dv"], k_start, _add_dkv_linear(r, k_start, v, dv_s, cfg), cfg.n)
+    v = load_rows(v_ref, k_start, cfg.block_k, cfg.n)
+    dv_s = load_rows(dv_s_ref, k_start, cfg.block_k, cfg.n).astype(F32)
+    store_rows(dv_ref, k_start, _add_dkv_linear(k_start, v, dv_s, k_phi_ref, dh_ref, dz_ref, dk_phi_ref, cfg), cfg.n)

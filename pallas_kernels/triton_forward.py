@@ -47,21 +47,35 @@ def _initial_carry(cfg: KernelCall):
     )
 
 
-def fwd_kernel(*refs, names, cfg: KernelCall, fused: bool, unroll: int = 1):
-    r = dict(zip(names, refs))
+def fwd_kernel(
+    *,
+    # inputs
+    lut_ref, q_ref, k_ref, v_ref, q_phi_ref=None, h_tot_ref=None, z_tot_ref=None, alpha_ref=None,
+    # outputs
+    o_ref=None, o_s_ref=None, o_l_ref=None, lse_ref=None, den_ref=None,
+    cfg: KernelCall, fused: bool, unroll: int = 1,
+):  # fmt: skip
+    """Program (i, h, b) of grid (Nq, H, B): query block i of one (b, h). Refs of that (b, h), None where the call
+    has no such input or output (attention.forward builds the lists):
+
+    lut (Nq, topk) int32; q, k, v (N, D); the linear branch (cfg.linear): q_phi (N, D), h_tot (D, D) and z_tot (D,)
+    float32 (this query block's H_i, Z_i for the complement scope, else the totals); alpha (Nq,) float32 (fused).
+    Outputs: o (N, D) (fused); o_s and o_l (N, D) (branches, or as residuals; o_l with a linear branch); lse and
+    den (block_q,) float32 (residuals; den with a linear branch).
+    """
     i = pl.program_id(0)
     q_start = i * cfg.block_q
-    q = load_rows(r["q"], q_start, cfg.block_q, cfg.n)
+    q = load_rows(q_ref, q_start, cfg.block_q, cfg.n)
 
     carry = _initial_carry(cfg)
 
     def step(ts, carry):
         """One online-softmax update over the LUT entries ts (1 or more key blocks: one rescale of acc)."""
         acc, m_i, l_i = carry
-        js = [r["lut"][i, t] for t in ts]
+        js = [lut_ref[i, t] for t in ts]
         starts = [j * cfg.block_k for j in js]
-        ks = [load_rows(r["k"], st, cfg.block_k, cfg.n) for st in starts]
-        vs = [load_rows(r["v"], st, cfg.block_k, cfg.n) for st in starts]
+        ks = [load_rows(k_ref, st, cfg.block_k, cfg.n) for st in starts]
+        vs = [load_rows(v_ref, st, cfg.block_k, cfg.n) for st in starts]
         ss = [scores(q, k, st, cfg) for k, st in zip(ks, starts)]
         m_new = m_i
         for s in ss:
@@ -81,44 +95,59 @@ def fwd_kernel(*refs, names, cfg: KernelCall, fused: bool, unroll: int = 1):
     if cfg.topk % unroll:
         carry = lax.fori_loop(n_main * unroll, cfg.topk, lambda t, c: step([t], c), carry)
     acc, m_i, l_i = carry
-    if "lse" in r:
-        r["lse"][...] = m_i + jnp.log2(l_i)
-    store_forward_outputs(r, i, acc / l_i[:, None], cfg, fused)
+    if lse_ref is not None:
+        lse_ref[...] = m_i + jnp.log2(l_i)
+    store_forward_outputs(
+        i, acc / l_i[:, None], q_phi_ref, h_tot_ref, z_tot_ref, alpha_ref, o_ref, o_s_ref, o_l_ref, den_ref,
+        cfg=cfg, fused=fused,
+    )  # fmt: skip
 
 
-def store_forward_outputs(r, i, o_s, cfg: KernelCall, fused: bool):
+def store_forward_outputs(
+    i, o_s, q_phi_ref, h_tot_ref, z_tot_ref, alpha_ref, o_ref, o_s_ref, o_l_ref, den_ref, *, cfg: KernelCall,
+    fused: bool,
+):  # fmt: skip
     """Epilogue of the forward kernels (bf16 and low bit): the linear branch of query block i from its states, the
-    SLA2 combine, and the stores of o / o_s, o_l, den (whichever outputs the call has).
+    SLA2 combine, and the stores of o / o_s, o_l, den (whichever refs are not None).
 
-    o_s: (block_q, D) float32; the states "h_tot", "z_tot" hold this block's H_i, Z_i (complement) or the totals."""
+    o_s: (block_q, D) float32; h_tot_ref, z_tot_ref hold this block's H_i, Z_i (complement) or the totals."""
     q_start = i * cfg.block_q
     o_l = None
     if cfg.linear:
-        q_phi = load_rows(r["q_phi"], q_start, cfg.block_q, cfg.n)
-        h = r["h_tot"][...]
-        z = r["z_tot"][...][None, :]
+        q_phi = load_rows(q_phi_ref, q_start, cfg.block_q, cfg.n)
+        h = h_tot_ref[...]
+        z = z_tot_ref[...][None, :]
         q_phi32 = q_phi.astype(F32)
         den = jnp.sum(q_phi32 * z, axis=1) + cfg.eps
         o_l = dot_mat(q_phi32, h, q_phi.dtype) / den[:, None]
-        if "den" in r:
-            r["den"][...] = den
+        if den_ref is not None:
+            den_ref[...] = den
     if fused:
-        a = r["alpha"][i]
+        a = alpha_ref[i]
         o = a * o_s if o_l is None else a * o_s + (1.0 - a) * o_l
-        store_rows(r["o"], q_start, o, cfg.n)
-    if "o_s" in r:
-        store_rows(r["o_s"], q_start, o_s, cfg.n)
-    if "o_l" in r:
-        store_rows(r["o_l"], q_start, o_l, cfg.n)
+        store_rows(o_ref, q_start, o, cfg.n)
+    if o_s_ref is not None:
+        store_rows(o_s_ref, q_start, o_s, cfg.n)
+    if o_l_ref is not None:
+        store_rows(o_l_ref, q_start, o_l, cfg.n)
 
 
-def linear_epilogue_kernel(*refs, names, cfg: KernelCall, fused: bool):
-    """Program (i, h, b): the epilogue of _fwd_kernel alone (linear branch, SLA2 combine, stores) for a sparse
-    output o_s computed elsewhere (the Mosaic GPU forward)."""
-    r = dict(zip(names, refs))
+def linear_epilogue_kernel(
+    *,
+    # inputs
+    o_s_in_ref, q_phi_ref=None, h_tot_ref=None, z_tot_ref=None, alpha_ref=None,
+    # outputs
+    o_ref=None, o_l_ref=None, den_ref=None,
+    cfg: KernelCall, fused: bool,
+):  # fmt: skip
+    """Program (i, h, b) of grid (Nq, H, B): the epilogue of fwd_kernel alone (linear branch, SLA2 combine, stores)
+    for a sparse output computed elsewhere (the Mosaic GPU forward, which also stores o_s and lse). Refs as
+    fwd_kernel's, with the input o_s_in (N, D) (that sparse output) in place of lut, q, k, v."""
     i = pl.program_id(0)
-    o_s = load_rows(r["o_s_in"], i * cfg.block_q, cfg.block_q, cfg.n).astype(F32)
-    store_forward_outputs(r, i, o_s, cfg, fused)
+    o_s = load_rows(o_s_in_ref, i * cfg.block_q, cfg.block_q, cfg.n).astype(F32)
+    store_forward_outputs(
+        i, o_s, q_phi_ref, h_tot_ref, z_tot_ref, alpha_ref, o_ref, None, o_l_ref, den_ref, cfg=cfg, fused=fused
+    )
 
 
 def _int8_scores(q8, k8, scale, k_start, cfg: KernelCall):
@@ -137,36 +166,52 @@ def _load_int8_rows(ref, start, size, n):
     return plgpu.load(ref.at[pl.ds(start, size), :], mask=mask, other=0)
 
 
-def _query_tile(r, i, q_start, cfg: KernelCall):
+def _query_tile(q8_ref, q_scale_ref, q_ref, i, q_start, cfg: KernelCall):
     """This program's int8 Q tile and its scale (from the pre-pass, or quantised here)."""
-    if "q8" in r:
-        return _load_int8_rows(r["q8"], q_start, cfg.block_q, cfg.n), r["q_scale"][i]
-    q32 = load_rows(r["q"], q_start, cfg.block_q, cfg.n).astype(F32)  # rows >= N are 0: amax unchanged
+    if q8_ref is not None:
+        return _load_int8_rows(q8_ref, q_start, cfg.block_q, cfg.n), q_scale_ref[i]
+    q32 = load_rows(q_ref, q_start, cfg.block_q, cfg.n).astype(F32)  # rows >= N are 0: amax unchanged
     return _quantize_tile(q32, cfg.interpret)
 
 
-def lowbit_fwd_kernel(*refs, names, cfg: KernelCall, fused: bool, fp8: bool):
-    r = dict(zip(names, refs))
+def lowbit_fwd_kernel(
+    *,
+    # inputs
+    lut_ref, q8_ref=None, q_scale_ref=None, q_ref=None, k8_ref, k_scale_ref, k_mean_ref=None, v8t_ref=None,
+    v_scale_ref=None, v_ref=None, q_phi_ref=None, h_tot_ref=None, z_tot_ref=None, alpha_ref=None,
+    # outputs
+    o_ref=None, o_s_ref=None, o_l_ref=None, lse_ref=None, den_ref=None,
+    cfg: KernelCall, fused: bool, fp8: bool,
+):  # fmt: skip
+    """Program (i, h, b) of grid (Nq, H, B): query block i of one (b, h) with INT8 scores. Refs of that (b, h),
+    None where the call has no such input or output (attention.forward_lowbit_triton builds the lists):
+
+    lut (Nq, topk) int32; Q as q8 (N, D) int8 with q_scale (Nq,) float32 (quantised before), and/or q (N, D) (then
+    quantised here when q8 is absent, and read for the LSE shift when lse is stored); k8 (N, D) int8, the smoothed
+    keys K~ = K - mean, with k_scale (Nk,) float32 per key block; k_mean (D,) float32 (with lse); the values as
+    v (N, D) (P V in q's dtype) or, with fp8, v8t (D, Nk * block_k) e4m3 (V^T, zero past N) and v_scale (D,)
+    float32 per channel; the linear branch and alpha as fwd_kernel's. Outputs as fwd_kernel's.
+    """
     i = pl.program_id(0)
     q_start = i * cfg.block_q
-    q8, s_q = _query_tile(r, i, q_start, cfg)
+    q8, s_q = _query_tile(q8_ref, q_scale_ref, q_ref, i, q_start, cfg)
     qk_scale = s_q * (cfg.sm_scale * LOG2E)
 
     carry = _initial_carry(cfg)
 
     def body(t, carry):
         acc, m_i, l_i = carry
-        j = r["lut"][i, t]
+        j = lut_ref[i, t]
         k_start = j * cfg.block_k
-        k8 = _load_int8_rows(r["k8"], k_start, cfg.block_k, cfg.n)
-        s = _int8_scores(q8, k8, qk_scale * r["k_scale"][j], k_start, cfg)
+        k8 = _load_int8_rows(k8_ref, k_start, cfg.block_k, cfg.n)
+        s = _int8_scores(q8, k8, qk_scale * k_scale_ref[j], k_start, cfg)
         m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
         correction = jnp.exp2(m_i - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l_i = l_i * correction + jnp.sum(p, axis=1)
-        v = load_rows(r["v"], k_start, cfg.block_k, cfg.n) if "v" in r else None
+        v = load_rows(v_ref, k_start, cfg.block_k, cfg.n) if v_ref is not None else None
         if fp8:
-            v8t = r["v8t"][:, pl.ds(k_start, cfg.block_k)]  # (D, block_k), zero-padded past N
+            v8t = v8t_ref[:, pl.ds(k_start, cfg.block_k)]  # (D, block_k), zero-padded past N
             p8 = (p * FP8_MAX).astype(_FP8)
             pv = lax.dot_general(p8, v8t, (((1,), (1,)), ((), ())), preferred_element_type=F32)
         else:
@@ -176,12 +221,14 @@ def lowbit_fwd_kernel(*refs, names, cfg: KernelCall, fused: bool, fp8: bool):
     carry = lax.fori_loop(0, cfg.topk, body, carry)
     acc, m_i, l_i = carry
     if fp8:
-        acc = acc * (r["v_scale"][...] * (1.0 / FP8_MAX))[None, :]
+        acc = acc * (v_scale_ref[...] * (1.0 / FP8_MAX))[None, :]
     o_s = acc / l_i[:, None]
     # The scores used the smoothed K~ = K - mean: softmax is unchanged, but the LSE is shifted by q . mean per
     # row. Add it back so that the bf16 backward (which recomputes S from the unsmoothed K) sees a consistent LSE.
-    if "lse" in r:
-        q32 = load_rows(r["q"], q_start, cfg.block_q, cfg.n).astype(F32)
-        shift = jnp.sum(q32 * r["k_mean"][...][None, :], axis=1) * (cfg.sm_scale * LOG2E)
-        r["lse"][...] = m_i + jnp.log2(l_i) + shift
-    store_forward_outputs(r, i, o_s, cfg, fused)
+    if lse_ref is not None:
+        q32 = load_rows(q_ref, q_start, cfg.block_q, cfg.n).astype(F32)
+        shift = jnp.sum(q32 * k_mean_ref[...][None, :], axis=1) * (cfg.sm_scale * LOG2E)
+        lse_ref[...] = m_i + jnp.log2(l_i) + shift
+    store_forward_outputs(
+        i, o_s, q_phi_ref, h_tot_ref, z_tot_ref, alpha_ref, o_ref, o_s_ref, o_l_ref, den_ref, cfg=cfg, fused=fused
+    )
