@@ -277,7 +277,7 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
     kv_struct = jax.ShapeDtypeStruct(k.shape, k.dtype)
     if cfg.mosaic_backward:
         do_sparse, a = (do, alpha) if fused else (do_s, None)
-        kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale}
+        kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "config": cfg.config}
         dk, dv_s = mosaic_dkv.sparse_attention_dkv_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut_t, count, a, **kw)
         if not cfg.linear:
             return {"dk": dk, "dv": dv_s}

@@ -344,7 +344,7 @@ def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, monkeypatch):
         dq = _dense_sparse_grads(q, k, v, do, lse, delta, mask, alpha, sm_scale, 128)[0]
         return dq.astype(q.dtype)
 
-    def dkv_stand_in(q, k, v, do, lse, delta, lut_t, count, alpha=None, *, block_k, sm_scale):
+    def dkv_stand_in(q, k, v, do, lse, delta, lut_t, count, alpha=None, *, block_k, sm_scale, config=None):
         calls.append("dkv")
         nq = lut_t.shape[-1]
         listed = jnp.arange(nq)[:, None] < count[..., None, :]  # (B, H, slot, Nk): entry t of key block j is valid
