@@ -1,6 +1,6 @@
 """GPU probe: the Mosaic GPU dK/dV kernel (pallas_kernels/mosaic_dkv.py) vs dense float32 and vs Triton.
 
-    python -m experiments.dev.probe_mosaic_dkv --out DIR [--sparsity 0.95 0.97] [--runs 20]
+    python -m experiments.dev.probe_mosaic_dkv --out DIR [--sparsity 0.95 0.97] [--runs 20] [--skip-small]
 
 1. Small random checks (fresh seed, recorded): ragged and whole N, D 64 / 128, bf16 / f16, alpha None / random,
    LUTs that leave some key blocks unselected. Reference: dk, dv = jax.grad of sum(a_row * dO * o_s) in float32
@@ -10,9 +10,10 @@
 2. wan-1.3b (B=1, H=12, N=32760, D=128, bf16, router LUT) at each sparsity: dk, dv vs the Triton dkv kernel with
    zero linear terms (pallas_kernels.attention.backward_dkv under KernelConfig(backward="triton")) and without the
    linear branch (cfg.linear=False), then
-   medians of synchronised calls, interleaved twice: Triton (incl. its transposed LUT), Mosaic (transposed LUT +
-   kernel) and the Mosaic kernel alone, per variant, plus the kernel with all counts 0 (its fixed cost per key
-   block: K, V load, exchange, stores); cuDNN forward+backward in the same process for scale.
+   kernel-only times (CUPTI) of the Mosaic kernel, then medians of synchronised calls, interleaved twice: Triton
+   (incl. its transposed LUT), Mosaic (transposed LUT + kernel) and the Mosaic kernel alone, plus the kernel with
+   all counts 0 (its fixed cost per key block: K, V load, exchange, stores); cuDNN forward+backward in the same
+   process for scale.
    Effective TFLOP/s = 8 * sum(count) * 128 * 64 * D / time (four matmuls of 128 query rows x 64 keys x D per
    selected (query block, key block) pair, 2 flop per multiply-add).
 Every part is in try/except (errors recorded, the next part goes on); JSON to DIR/probe_mosaic_dkv.json.
@@ -37,14 +38,6 @@ from pallas_kernels.mosaic_dkv import sparse_attention_dkv_mosaic
 
 RESULTS: dict = {}
 HIGHEST = jax.lax.Precision.HIGHEST
-VARIANTS = {  # name -> keyword arguments of sparse_attention_dkv_mosaic
-    "default": {"schedule": "three_groups"},  # the first measurements' default; the kernel's default is now early_dp
-    "early_dp": {"schedule": "early_dp"},
-    "persistent_kv": {"persistent": True},
-    "persistent_union": {"persistent": True, "staging": "union"},
-    "persistent_union_early_dp": {"persistent": True, "staging": "union", "schedule": "early_dp"},
-}
-SMALL_PROGRAMS = 7  # persistent variants in the small checks: few programs, so each walks several key blocks
 
 
 def random_lut(rng, b, h, nq, nk, topk):
@@ -82,7 +75,7 @@ def dense_reference(q, k, v, do, lut, alpha_rows, block_q=128, block_k=64):
     return dk, dv, lse, delta
 
 
-def small_case(seed, n, d, dtype, use_alpha, topk, variants):
+def small_case(seed, n, d, dtype, use_alpha, topk):
     b, h = 1, 2
     nq, nk = -(-n // 128), -(-n // 64)
     rng = np.random.default_rng([seed, n, d, int(use_alpha)])
@@ -98,49 +91,45 @@ def small_case(seed, n, d, dtype, use_alpha, topk, variants):
     unselected = np.repeat(np.asarray(count) == 0, 64, axis=-1)[..., :n]  # (B, H, N) keys never selected
     row = {"n": n, "d": d, "dtype": jnp.dtype(dtype).name, "alpha": use_alpha, "topk": topk}
     row["unselected_key_blocks"] = int(np.sum(np.asarray(count) == 0))
-    for name in variants:
-        try:
-            kw = dict(VARIANTS[name], **({"programs": SMALL_PROGRAMS} if VARIANTS[name].get("persistent") else {}))
-            fn = jax.jit(lambda *a, kw=kw: sparse_attention_dkv_mosaic(*a, **kw))
-            dk, dv = fn(q, k, v, do, lse_p, delta_p, lut_t, count, alpha)
-            dk32, dv32 = np.asarray(dk, np.float32), np.asarray(dv, np.float32)
-            off = np.transpose(unselected, (0, 2, 1))  # (B, N, H)
-            row[name] = {
-                "rel_dk": rel(dk32, dk_ref),
-                "rel_dv": rel(dv32, dv_ref),
-                "finite": bool(np.isfinite(dk32).all() and np.isfinite(dv32).all()),
-                "max_abs_unselected": float(max(np.abs(dk32[off]).max(initial=0), np.abs(dv32[off]).max(initial=0))),
-            }
-        except Exception as e:  # noqa: BLE001 - record and go on
-            row[name] = {"error": error_text(e)}
-            traceback.print_exc()
+    try:
+        dk, dv = jax.jit(sparse_attention_dkv_mosaic)(q, k, v, do, lse_p, delta_p, lut_t, count, alpha)
+        dk32, dv32 = np.asarray(dk, np.float32), np.asarray(dv, np.float32)
+        off = np.transpose(unselected, (0, 2, 1))  # (B, N, H)
+        row["mosaic"] = {
+            "rel_dk": rel(dk32, dk_ref),
+            "rel_dv": rel(dv32, dv_ref),
+            "finite": bool(np.isfinite(dk32).all() and np.isfinite(dv32).all()),
+            "max_abs_unselected": float(max(np.abs(dk32[off]).max(initial=0), np.abs(dv32[off]).max(initial=0))),
+        }
+    except Exception as e:  # noqa: BLE001 - record and go on
+        row["mosaic"] = {"error": error_text(e)}
+        traceback.print_exc()
     print("small", json.dumps(row), flush=True)
     return row
 
 
-def small_checks(variants):
+def small_checks():
     seed = int.from_bytes(os.urandom(4), "little")
     RESULTS["small_seed"] = seed
-    all_v, first = list(variants), variants[:1] + [v for v in variants[1:] if v == "persistent_union"]
     cases = [
-        (1000, 128, jnp.bfloat16, True, 3, all_v),
-        (2000, 64, jnp.float16, False, 4, all_v),
-        (4096, 128, jnp.float16, True, 5, first),
-        (4096, 64, jnp.bfloat16, True, 6, first),
-        (904, 64, jnp.bfloat16, True, 2, first),  # the last query block's second half lies wholly past N
-        (2000, 128, jnp.bfloat16, False, 1, first),
+        (1000, 128, jnp.bfloat16, True, 3),
+        (2000, 64, jnp.float16, False, 4),
+        (4096, 128, jnp.float16, True, 5),
+        (4096, 64, jnp.bfloat16, True, 6),
+        (904, 64, jnp.bfloat16, True, 2),  # the last query block's second half lies wholly past N
+        (2000, 128, jnp.bfloat16, False, 1),
     ]
     rows = []
-    for n, d, dtype, use_alpha, topk, vs in cases:
+    for n, d, dtype, use_alpha, topk in cases:
         try:
-            rows.append(small_case(seed, n, d, dtype, use_alpha, topk, vs))
+            rows.append(small_case(seed, n, d, dtype, use_alpha, topk))
         except Exception as e:  # noqa: BLE001
             rows.append({"n": n, "d": d, "error": error_text(e)})
             traceback.print_exc()
     RESULTS["small"] = rows
 
 
-def wan(sparsity, runs, variants):
+def wan(sparsity, runs):
     q, k, v, do, qp, kp, lut, alpha, cfg = wan_setup(sparsity, 29, 1, 12, 32760, 128, 128, 64)
     cfg = cfg._replace(config=default_config(cfg.n, cfg.d, forward="triton", backward="triton"))
     b, _n, h, d = q.shape
@@ -172,55 +161,44 @@ def wan(sparsity, runs, variants):
         row["triton_error"] = error_text(e)
         traceback.print_exc()
         dk_t = None
-    mosaic_ok = {}
-    for name in variants:
-        kw = VARIANTS[name]
-        try:
-            kernel = jax.jit(
-                lambda q, k, v, do, lse, delta, lut_t, count, alpha, kw=kw: sparse_attention_dkv_mosaic(
-                    q, k, v, do, lse, delta, lut_t, count, alpha, **kw
-                )
-            )
-            dk_m, dv_m = kernel(q, k, v, do, lse, delta, lut_t, count, alpha)
-            finite = bool(jnp.all(jnp.isfinite(dk_m)) & jnp.all(jnp.isfinite(dv_m)))
-            errs[name] = {"finite": finite}
-            if dk_t is not None:
-                errs[name].update(rel_dk=rel(dk_m, dk_t), rel_dv=rel(dv_m, dv_t))
-            mosaic_ok[name] = kernel
-        except Exception as e:  # noqa: BLE001
-            errs[name] = {"error": error_text(e)}
-            traceback.print_exc()
+    kernel = jax.jit(sparse_attention_dkv_mosaic)
+    mosaic_ok = False
+    try:
+        dk_m, dv_m = kernel(q, k, v, do, lse, delta, lut_t, count, alpha)
+        finite = bool(jnp.all(jnp.isfinite(dk_m)) & jnp.all(jnp.isfinite(dv_m)))
+        errs["mosaic"] = {"finite": finite}
+        if dk_t is not None:
+            errs["mosaic"].update(rel_dk=rel(dk_m, dk_t), rel_dv=rel(dv_m, dv_t))
+        mosaic_ok = True
+    except Exception as e:  # noqa: BLE001
+        errs["mosaic"] = {"error": error_text(e)}
+        traceback.print_exc()
     row["errors"] = errs
     try:  # kernel-only times (CUPTI): the wall clock of one call carries ~0.2 ms of dispatch + synchronisation
-        args = (q, k, v, do, lse, delta, lut_t, count, alpha)
-        for name, kernel in mosaic_ok.items():
-            row.setdefault("cupti_ms", {})[name] = float(kernel_ms(kernel, args, iterations=runs)[0])
+        if mosaic_ok:
+            args = (q, k, v, do, lse, delta, lut_t, count, alpha)
+            row["cupti_ms"] = {"mosaic": float(kernel_ms(kernel, args, iterations=runs)[0])}
     except Exception as e:  # noqa: BLE001
         row["cupti_error"] = error_text(e)
         traceback.print_exc()
 
-    def with_lut(kw):
-        def fn(q, k, v, do, lse, delta, lut, alpha):
-            lt, c = transpose_lut(lut, cfg.nk)
-            return sparse_attention_dkv_mosaic(q, k, v, do, lse, delta, lt, c, alpha, **kw)
-
-        return fn
+    def with_lut(q, k, v, do, lse, delta, lut, alpha):
+        lt, c = transpose_lut(lut, cfg.nk)
+        return sparse_attention_dkv_mosaic(q, k, v, do, lse, delta, lt, c, alpha)
 
     for rep in range(2):  # interleaved twice: the spread between repeats is the noise level
         try:
             if dk_t is not None:
                 t.setdefault("triton_dkv", []).append(bench(triton, res, res_dq, totals, do, runs=runs))
                 t.setdefault("triton_dkv_no_linear", []).append(bench(triton_sparse, res, res_dq, do, runs=runs))
-            for name, kernel in mosaic_ok.items():
+            if mosaic_ok:
                 args = (q, k, v, do, lse, delta)
-                t.setdefault(f"mosaic_{name}_with_lut", []).append(
-                    bench(with_lut(VARIANTS[name]), *args, lut, alpha, runs=runs)
+                t.setdefault("mosaic_with_lut", []).append(bench(with_lut, *args, lut, alpha, runs=runs))
+                t.setdefault("mosaic_kernel", []).append(bench(kernel, *args, lut_t, count, alpha, runs=runs))
+                # fixed cost per key block: no query block listed
+                t.setdefault("mosaic_kernel_count0", []).append(
+                    bench(kernel, *args, lut_t, jnp.zeros_like(count), alpha, runs=runs)
                 )
-                t.setdefault(f"mosaic_{name}_kernel", []).append(bench(kernel, *args, lut_t, count, alpha, runs=runs))
-                if name in ("default", "persistent_union"):  # fixed cost per key block: no query block listed
-                    t.setdefault(f"mosaic_{name}_kernel_count0", []).append(
-                        bench(kernel, *args, lut_t, jnp.zeros_like(count), alpha, runs=runs)
-                    )
         except Exception as e:  # noqa: BLE001
             row[f"timing_error_{rep}"] = error_text(e)
             traceback.print_exc()
@@ -258,16 +236,15 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.95, 0.97])
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--skip-small", action="store_true")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     RESULTS.update(device=str(jax.devices()[0].device_kind), jax=jax.__version__)
     if not args.skip_small:
-        small_checks(args.variants)
+        small_checks()
     for s in args.sparsity:
         try:
-            wan(s, args.runs, args.variants)
+            wan(s, args.runs)
         except Exception as e:  # noqa: BLE001
             RESULTS.setdefault("wan", []).append({"sparsity": s, "error": error_text(e)})
             traceback.print_exc()

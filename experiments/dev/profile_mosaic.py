@@ -9,7 +9,9 @@ random, lse / delta random (their values do not change the work). Cases: "wan95"
 transposed LUT), "fixed" (dQ: a random LUT of length 1; dK/dV: all counts 0), "topkT" (dQ: random LUTs of length T,
 for the slope / intercept of kernel time against the LUT length without host overhead).
 * timing: kernel-only times by CUPTI (jax.experimental.mosaic.gpu.profiler.measure), median of --runs launches, per
-  variant (grid order, read-only drain), with a check that each variant's output equals the default's.
+  variant of the dQ kernel (grid order, read-only drain, early LUT reads) with a check that each variant's output
+  equals the default's; the dK/dV kernel has one build (its variants were measured and deleted:
+  docs/dev/backward_kernels.md).
 * trace: Mosaic's on-device profiler (CompilerParams profile_space / profile_dir, the kernels' jax.named_scope
   regions): per program and warpgroup the SM clock at entry / exit of each region and the global timer at program
   start. Summarised here: region lengths in cycles, where in the program's life each starts, the gap between
@@ -54,12 +56,7 @@ DQ_VARIANTS = {  # name -> extra keyword arguments of mosaic_dq._dq_call (the ke
     "qblocks_drain_read": {"grid_order": "qblocks", "drain_read_only": True},
     "lut_early": {"lut_early": True},
 }
-DKV_VARIANTS = {  # name -> extra keyword arguments of sparse_attention_dkv_mosaic
-    "default": {},
-    "kblocks": {"grid_order": "kblocks"},
-    "drain_read": {"drain_read_only": True},
-    "kblocks_drain_read": {"grid_order": "kblocks", "drain_read_only": True},
-}
+DKV_VARIANTS = {"default": {}}  # name -> keyword arguments of dkv_case's build
 
 
 def wan_inputs(seed=29):
@@ -94,14 +91,17 @@ def dq_case(x, case):
 
 
 def dkv_case(x, case):
-    """(builder of (jitted dk, dv function, its arguments), description) for one dK/dV case."""
+    """(builder of (jitted dk, dv function, its arguments), description) for one dK/dV case; the builder's
+    profile_dir turns on Mosaic's on-device profiler (KernelConfig.profile_dir)."""
+    from pallas_kernels import KernelConfig
     from pallas_kernels.mosaic_dkv import sparse_attention_dkv_mosaic
 
     count = jnp.zeros_like(x["count"]) if case == "fixed" else x["count"]
     args = (x["q"], x["k"], x["v"], x["do"], x["lse"], x["delta"], x["lut_t"], count, x["alpha"])
 
-    def build(**kw):
-        return jax.jit(lambda *a: sparse_attention_dkv_mosaic(*a, **kw)), args
+    def build(profile_dir=None):
+        config = KernelConfig(profile_dir=profile_dir)
+        return jax.jit(lambda *a: sparse_attention_dkv_mosaic(*a, config=config)), args
 
     return build, {"sum_count": int(jnp.sum(count)), "programs": int(12 * x["nk"])}
 
