@@ -72,6 +72,7 @@ def dq_kernel(
     den_ref=None, h_ref=None, z_ref=None, alpha_ref=None,
     # outputs
     dq_ref, delta_ref, dq_phi_ref=None, c_ref=None, dalpha_rows_ref=None,
+    # static arguments
     cfg: KernelCall, fused: bool, rows: int,
 ):  # fmt: skip
     """Program (s, h, b) of grid (Npad / rows, H, B): query rows [s * rows, (s + 1) * rows) of one (b, h), in query
@@ -120,6 +121,7 @@ def dq_linear_kernel(
     alpha_ref=None,
     # outputs
     delta_ref, dq_phi_ref=None, c_ref=None, dalpha_rows_ref=None,
+    # static arguments
     cfg: KernelCall, fused: bool,
 ):  # fmt: skip
     """Program (i, h, b) of grid (Nq, H, B): the per-row terms and dphi(Q) of query block i without the LUT loop
@@ -141,6 +143,7 @@ def dkv_kernel(
     dh_ref=None, dz_ref=None, alpha_ref=None,
     # outputs
     dk_ref, dv_ref, dk_phi_ref=None,
+    # static arguments
     cfg: KernelCall, fused: bool, rows: int,
 ):  # fmt: skip
     """Program (j, h, b) of grid (Nk, H, B): key block j of one (b, h). Refs of that (b, h), None where the call has

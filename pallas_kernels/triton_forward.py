@@ -53,6 +53,7 @@ def fwd_kernel(
     lut_ref, q_ref, k_ref, v_ref, q_phi_ref=None, h_tot_ref=None, z_tot_ref=None, alpha_ref=None,
     # outputs
     o_ref=None, o_s_ref=None, o_l_ref=None, lse_ref=None, den_ref=None,
+    # static arguments
     cfg: KernelCall, fused: bool, unroll: int = 1,
 ):  # fmt: skip
     """Program (i, h, b) of grid (Nq, H, B): query block i of one (b, h). Refs of that (b, h), None where the call
@@ -138,6 +139,7 @@ def linear_epilogue_kernel(
     o_s_in_ref, q_phi_ref=None, h_tot_ref=None, z_tot_ref=None, alpha_ref=None,
     # outputs
     o_ref=None, o_l_ref=None, den_ref=None,
+    # static arguments
     cfg: KernelCall, fused: bool,
 ):  # fmt: skip
     """Program (i, h, b) of grid (Nq, H, B): the epilogue of fwd_kernel alone (linear branch, SLA2 combine, stores)
@@ -181,6 +183,7 @@ def lowbit_fwd_kernel(
     v_scale_ref=None, v_ref=None, q_phi_ref=None, h_tot_ref=None, z_tot_ref=None, alpha_ref=None,
     # outputs
     o_ref=None, o_s_ref=None, o_l_ref=None, lse_ref=None, den_ref=None,
+    # static arguments
     cfg: KernelCall, fused: bool, fp8: bool,
 ):  # fmt: skip
     """Program (i, h, b) of grid (Nq, H, B): query block i of one (b, h) with INT8 scores. Refs of that (b, h),
