@@ -520,6 +520,10 @@ def run_study(study: StudyConfig, out: str, *, time_budget_s: float | None = Non
              f"{study.gate_threshold}: no sparse fine-tuning (rerun with --ignore-gate to force)")
         status["stage2"] = "gate not passed"
         return _finish(study, out, status)
+    if not gate["passed"]:
+        gate["ignored"] = True  # --ignore-gate: the report says that the fine-tuning ran below the gate
+        _log(f"[gate] mean oracle kept mass at {study.gate_sparsity:.0%} is {gate['mean_oracle']} < "
+             f"{study.gate_threshold}: fine-tuning anyway (--ignore-gate)")
     not_run = []
     for run in preset.runs:
         if all(os.path.exists(os.path.join(out, "eval", f"{n}.json")) for n, _ in run.eval_names):
