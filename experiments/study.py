@@ -588,6 +588,13 @@ def _training_objects(study: StudyConfig, out: str, run_dir: str):
     elif rel[0] == "stage2":
         run = preset.run(rel[1])
         p, cfg, wrt = preset, stage2_source_and_cfg(study, run)[1], train.STAGE2_TRAINABLE
+    elif rel[0] == "stage1":
+        specs = [spec for spec in router_specs(study) if spec.router_run == rel[1]]
+        if not specs:
+            raise ValueError(f"not a router run of the study: {run_dir!r}")
+        routers = train.RouterSet(preset, specs[0])
+        return routers, train.make_optimizer(routers, train.stage1_train_config(preset.stage1),
+                                                  train.STAGE1_TRAINABLE)
     else:
         raise ValueError(f"not a training run folder of the study: {run_dir!r}")
     model = make_model(p, run)
@@ -661,7 +668,8 @@ def _unpack_checkpoint(study, out, run_dir, data: bytes) -> None:
 def export_state(study: StudyConfig, out: str, dst: str, max_mib: float = 45.0) -> list:
     """Write what a later call needs to continue `out` into `dst` as study_state.tar.NNN parts of <= 15 MiB:
     every file except checkpoints; the checkpoints that are still needed (unfinished training runs with their
-    optimizer state in bf16, the finished dense model's parameters, finished stage-2 runs not yet evaluated) as
+    optimizer state in bf16, the finished dense model's parameters, the stage-1 routers' parameters (stage 2 and
+    the router comparison load them), finished stage-2 runs not yet evaluated) as
     npz. A stage-2 checkpoint that would take the state past max_mib is left out (that run restarts from its
     beginning in the next call; the state must travel back with the repository, 64 MiB in all). Returns the part
     paths."""
@@ -672,7 +680,7 @@ def export_state(study: StudyConfig, out: str, dst: str, max_mib: float = 45.0) 
             if os.path.isdir(path) or f"{os.sep}ckpt{os.sep}" in f"{os.sep}{rel}":
                 continue
             tar.add(path, arcname=rel)
-        run_dirs = glob.glob(os.path.join(out, "stage0", "*")) + glob.glob(os.path.join(out, "stage2", "*"))
+        run_dirs = [d for stage in ("stage0", "stage1", "stage2") for d in glob.glob(os.path.join(out, stage, "*"))]
         for run_dir in sorted(run_dirs):
             if not os.path.isdir(os.path.join(run_dir, "ckpt")) or train._manager(run_dir).latest_step() is None:
                 continue

@@ -459,6 +459,13 @@ def init_alpha_least_squares(routers: RouterSet, captured: dict, clip: float = 0
     return means
 
 
+def stage1_train_config(cfg) -> TrainConfig:
+    """The optimiser schedule of a stage-1 run (router and alpha) from the preset's Stage1Config."""
+    return TrainConfig(
+        steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=max(cfg.steps // 10, 1), grad_clip=1.0
+    )
+
+
 def train_router(run_dir: str, preset: Preset, run: RunSpec, captured: dict, *, stop_after=None) -> dict:
     """Stage 1 for one SLA2 run (one sparsity, alpha granularity, linear scope): soft top-k in the form
     run.router_routing (configs.ROUTER_FORMS), MSE to dense attention."""
@@ -468,9 +475,7 @@ def train_router(run_dir: str, preset: Preset, run: RunSpec, captured: dict, *, 
     routers = RouterSet(preset, run)
     if set_routing(routers, run.router_routing) != len(routers.layers):
         raise ValueError("stage 1 needs sla2_jax.SLA2Attention layers with a `routing` attribute")
-    tcfg = TrainConfig(
-        steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=max(cfg.steps // 10, 1), grad_clip=1.0
-    )
+    tcfg = stage1_train_config(cfg)
     alpha_init = init_alpha_least_squares(routers, captured) if run.alpha in ("block", "head") else None
     optimizer = make_optimizer(routers, tcfg, STAGE1_TRAINABLE)
     mngr = _manager(run_dir)

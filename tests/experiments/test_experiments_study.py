@@ -1,15 +1,18 @@
 """The study command end to end on the study-cpu-smoke preset: a first call stopped by its time budget after the
 first stage-0 checkpoint exports its state; a second call in another folder imports it and runs every step
 (stage 0 with the kept-mass probe, gate, routers, router comparison, training-free curve, stage 2, powered
-evaluation, report); a rerun skips everything. Runs once in a child process (started by conftest.py, in parallel
+evaluation, report); a rerun skips everything; the finished state, exported and imported into a third folder,
+holds the routers and the dense model. Runs once in a child process (started by conftest.py, in parallel
 with the recipe's); the tests below check its outputs."""
 
 import json
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 pytest.importorskip("skimage")
 
@@ -25,6 +28,13 @@ def _run(first: str, state: str, second: str) -> None:
     study.import_state(STUDY, second, state)
     study.run_study(STUDY, second, ignore_gate=True)
     study.run_study(STUDY, second, ignore_gate=True)  # the rerun: every step skipped
+    final_state, third = _third_hop(state, second)
+    study.export_state(STUDY, second, final_state)  # the finished study travels on: routers and models included
+    study.import_state(STUDY, third, final_state)
+
+
+def _third_hop(state: str, second: str) -> tuple:
+    return state + "-final", second + "-reimported"
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +73,25 @@ def test_second_call_ran_every_step(dirs):
     assert all(np.isfinite(r["attn_rel_err"]) and 0 < r["kept_mass"] <= 1 for r in rows)
     points = json.load(open(os.path.join(out, "curve.json")))["points"]
     assert len(points) == 3 and all(p["ratio"]["lo"] <= p["ratio"]["ratio"] <= p["ratio"]["hi"] for p in points)
+
+
+def test_exported_state_keeps_the_routers_and_the_dense_model(dirs):
+    """A later call needs the stage-1 routers (stage 2 and the router comparison load them) and the dense model."""
+    _, third = _third_hop(dirs["state"], dirs["second"])
+    second = dirs["second"]
+    specs = study.router_specs(STUDY)
+    assert specs
+    for spec in specs:
+        loaded = []
+        for out in (second, third):
+            routers = train.RouterSet(STUDY.preset, spec)
+            train.load_params(os.path.join(out, "stage1", spec.router_run), routers)
+            loaded.append(jax.tree_util.tree_leaves(nnx.state(routers, nnx.Param)))
+        for a, b in zip(*loaded):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    a, b = study.load_dense(STUDY, second), study.load_dense(STUDY, third)
+    for x, y in zip(jax.tree_util.tree_leaves(nnx.state(a, nnx.Param)), jax.tree_util.tree_leaves(nnx.state(b, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_evaluation_rows_and_report(dirs):
