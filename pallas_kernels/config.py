@@ -79,8 +79,8 @@ class KernelConfig:
     mosaic_fp8: quant "int8_fp8" takes the Mosaic forward (else the Triton low-bit kernel).
     launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "sum", "lowbit"), as a tuple of
       (name, Launch) pairs; kernels not listed take DEFAULT_LAUNCH (the "lowbit" kernel: the "fwd" entry).
-    profile_dir: Mosaic's on-device profiler writes a trace of the named regions of the Mosaic forward and dK/dV
-      kernels there (None: off).
+    profile_dir: Mosaic's on-device profiler writes a trace of the named regions of the Mosaic forward, dQ and
+      dK/dV kernels there (None: off).
     """
 
     forward: str = "triton"

@@ -336,7 +336,7 @@ def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, monkeypatch):
     are checked on the GPU by experiments/dev/probe_mosaic_dq.py and probe_mosaic_dkv.py)."""
     calls = []
 
-    def dq_stand_in(q, k, v, do, lse, delta, lut, alpha=None, *, block_k, sm_scale, stages=2):
+    def dq_stand_in(q, k, v, do, lse, delta, lut, alpha=None, *, block_k, sm_scale, stages=2, config=None):
         calls.append("dq")
         nk = -(-q.shape[1] // block_k)
         sel = jnp.any(lut[..., None] == jnp.arange(nk), axis=3)  # (B, H, Nq, Nk)
