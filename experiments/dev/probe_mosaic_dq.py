@@ -1,19 +1,22 @@
 """GPU probe: the Mosaic GPU dQ kernel (pallas_kernels/mosaic_dq.py) vs the Triton dq kernel.
 
-    python -m experiments.dev.probe_mosaic_dq --out DIR [--sparsity 0.95 0.97] [--runs 20]
+    python -m experiments.dev.probe_mosaic_dq --out DIR [--sparsity 0.95 0.97] [--runs 20] [--stages 2 4]
+        [--skip-small] [--no-sweep]
 
 1. Small random checks (fresh seed, recorded): ragged and whole N, D 64 / 128, bf16 / f16, alpha None or random,
    block_k 64 / 128: dq vs a dense float32 reference written from the formulas with the LUT's token mask (lse and
    delta computed by the reference from its own o_s and a random dO); the reference itself is checked against
-   jax.vjp of the dense masked attention. Kernel variants (ping-pong off, alpha as rows, 3 stages) on some cases.
+   jax.vjp of the dense masked attention. Each ring depth of --stages (the library uses 4).
 2. wan-1.3b (B=1, H=12, N=32760, D=128, bf16, SLA router LUT) per sparsity: dq vs the Triton dq kernel (fused
    form, pallas_kernels.attention.backward_dq under KernelConfig(backward="triton"), with that call's delta) and
    vs the Triton sparse-only dq (alpha None), then medians of both Triton calls, of the Mosaic kernel alone
-   (variants) and of cuDNN forward / forward+backward, one process.
+   (each ring depth) and of cuDNN forward / forward+backward, one process.
    Effective rate of the dq matmuls: flop = 6 * B * H * N^2 * D * (1 - s) (nominal) and 6 * B * H * Nq * 128 *
    topk * block_k * D (the LUT's exact count).
+3. (unless --no-sweep) the kernel's time against the LUT length (random LUTs of length 5 / 10 / 25 / 50).
 Each part runs on its own (an error is recorded, the next part goes on); JSON to DIR/probe_mosaic_dq.json.
-The kernel's build variants (VARIANTS) are keyword arguments of mosaic_dq._dq_call, which KernelConfig does not carry.
+The kernel has one build besides its ring depth; the variants that were measured and deleted, and the commit that
+still has them: docs/dev/backward_kernels.md.
 """
 
 from __future__ import annotations
@@ -32,33 +35,15 @@ from jax import lax
 from experiments.dev.common import config_dict, default_config, record_error, rel, wan_setup
 from experiments.timing import time_samples
 from pallas_kernels import attention
-from pallas_kernels.mosaic_dq import _dq_call, sparse_attention_dq_mosaic
+from pallas_kernels.mosaic_dq import sparse_attention_dq_mosaic
 
 HIGHEST = lax.Precision.HIGHEST
 RESULTS: dict = {}
-VARIANTS = {  # name -> keyword arguments of _dq_call ("free_s2": the public function's defaults)
-    "free_s2": {"stages": 2},
-    "free_s3": {"stages": 3},
-    "free_s4": {"stages": 4},
-    "pingpong_s2": {"stages": 2, "pingpong": True},
-    "pingpong_s4": {"stages": 4, "pingpong": True},
-    "alpha_rows_s2": {"stages": 2, "alpha_rows": True},
-    "free_s2_b2": {"stages": 2, "blocks": 2},
-    "free_s3_b2": {"stages": 3, "blocks": 2},
-    "free_s2_b4": {"stages": 2, "blocks": 4},
-    "pingpong_s2_b2": {"stages": 2, "pingpong": True, "blocks": 2},
-    "free_s2_b2_pf": {"stages": 2, "blocks": 2, "prefetch": True},
-    "free_s2_b4_pf": {"stages": 2, "blocks": 4, "prefetch": True},
-    "free_s2_b8_pf": {"stages": 2, "blocks": 8, "prefetch": True},
-}
 
 
-def mosaic(variant, q, k, v, do, lse, delta, lut, alpha, block_k=64):
-    """dq by the Mosaic kernel in one of VARIANTS (the public function for the default)."""
-    kw = VARIANTS[variant]
-    if variant == "free_s2":
-        return sparse_attention_dq_mosaic(q, k, v, do, lse, delta, lut, alpha, block_k=block_k)
-    return _dq_call(q, k, v, do, lse, delta, lut, alpha, block_k=block_k, sm_scale=None, **kw)
+def mosaic(stages, q, k, v, do, lse, delta, lut, alpha, block_k=64):
+    """dq by the Mosaic kernel with a ring of `stages` K/V slots."""
+    return sparse_attention_dq_mosaic(q, k, v, do, lse, delta, lut, alpha, block_k=block_k, stages=stages)
 
 
 def token_mask(lut, n, block_q, block_k):
@@ -106,22 +91,22 @@ def random_lut(rng, b, h, nq, nk, topk):
     return jnp.asarray(np.stack(rows).reshape(b, h, nq, topk), jnp.int32)
 
 
-SMALL_CASES = [  # n, d, topk, dtype, alpha, block_k, variants beside the default
-    (1000, 128, 4, jnp.bfloat16, True, 64, ("pingpong_s2", "alpha_rows_s2", "free_s2_b2", "free_s2_b2_pf")),
-    (2000, 64, 5, jnp.float16, False, 64, ("free_s4", "free_s3_b2", "free_s2_b4_pf", "free_s2_b8_pf")),
-    (4096, 128, 6, jnp.float16, True, 64, ("alpha_rows_s2", "free_s2_b4", "free_s2_b8_pf")),
-    (4096, 64, 3, jnp.bfloat16, False, 64, ("free_s2_b2_pf",)),
-    (1048, 128, 2, jnp.bfloat16, True, 64, ()),  # the last query block's second warpgroup lies wholly past N
-    (2000, 128, 1, jnp.bfloat16, False, 64, ("free_s3_b2", "free_s2_b2_pf")),
-    (2000, 128, 3, jnp.bfloat16, True, 128, ("free_s2_b2", "free_s2_b4_pf")),
+SMALL_CASES = [  # n, d, topk, dtype, alpha, block_k
+    (1000, 128, 4, jnp.bfloat16, True, 64),
+    (2000, 64, 5, jnp.float16, False, 64),
+    (4096, 128, 6, jnp.float16, True, 64),
+    (4096, 64, 3, jnp.bfloat16, False, 64),
+    (1048, 128, 2, jnp.bfloat16, True, 64),  # the last query block's second warpgroup lies wholly past N
+    (2000, 128, 1, jnp.bfloat16, False, 64),
+    (2000, 128, 3, jnp.bfloat16, True, 128),  # block_k 128: 4 slots exceed shared memory at D = 128, 2 fit
 ]
 
 
-def small_checks():
+def small_checks(stages_list):
     seed = int.from_bytes(os.urandom(4), "little")
     RESULTS["small_seed"] = seed
     rows = []
-    for n, d, topk, dtype, with_alpha, block_k, variants in SMALL_CASES:
+    for n, d, topk, dtype, with_alpha, block_k in SMALL_CASES:
         row = {"n": n, "d": d, "topk": topk, "dtype": jnp.dtype(dtype).name, "alpha": with_alpha, "block_k": block_k}
         try:
             rng = np.random.default_rng([seed, n, d, topk])
@@ -130,14 +115,15 @@ def small_checks():
             lut = random_lut(rng, b, h, nq, nk, topk)
             alpha = jnp.asarray(rng.uniform(0.2, 1.0, (b, h, nq)), jnp.float32) if with_alpha else None
             dq_ref, lse, delta, row["rel_ref_vs_vjp"] = dense_reference(q, k, v, do, lut, alpha, block_k)
-            for variant in ("free_s2",) + variants:
+            for stages in stages_list if block_k == 64 else (2,):
+                name = f"s{stages}"
                 try:
-                    fn = jax.jit(lambda *a, vr=variant, bk=block_k: mosaic(vr, *a, block_k=bk))
+                    fn = jax.jit(lambda *a, st=stages, bk=block_k: mosaic(st, *a, block_k=bk))
                     dq = fn(q, k, v, do, lse, delta, lut, alpha)
-                    row[f"rel_{variant}"] = rel(dq, dq_ref)
-                    row[f"finite_{variant}"] = bool(jnp.all(jnp.isfinite(dq)))
+                    row[f"rel_{name}"] = rel(dq, dq_ref)
+                    row[f"finite_{name}"] = bool(jnp.all(jnp.isfinite(dq)))
                 except Exception as e:  # noqa: BLE001 - record and go on
-                    record_error(row, f"error_{variant}", e)
+                    record_error(row, f"error_{name}", e)
         except Exception as e:  # noqa: BLE001
             record_error(row, "error", e)
         print("small", json.dumps(row), flush=True)
@@ -152,7 +138,7 @@ def timed_rounds(cands, runs, rounds=3):
         try:
             time_samples(jax.jit(fn), *args, warmup=3, iters=3)
             jitted[key] = jax.jit(fn)
-        except Exception as e:  # noqa: BLE001 - a variant that does not compile is left out
+        except Exception as e:  # noqa: BLE001 - a candidate that does not compile is left out
             record_error(RESULTS.setdefault("timing_errors", {}), key, e)
     cands = {key: c for key, c in cands.items() if key in jitted}
     meds = {key: [] for key in cands}
@@ -162,7 +148,7 @@ def timed_rounds(cands, runs, rounds=3):
     return {key: (statistics.median(m), min(m), max(m)) for key, m in meds.items()}
 
 
-def wan(sparsity, runs, variants):
+def wan(sparsity, runs, stages_list):
     q, k, v, do, qp, kp, lut, alpha, cfg = wan_setup(sparsity, 29, 1, 12, 32760, 128, 128, 64)
     cfg = cfg._replace(config=default_config(cfg.n, cfg.d, forward="triton", backward="triton"))
     b, n, h, d = q.shape
@@ -192,13 +178,11 @@ def wan(sparsity, runs, variants):
         cands["triton_dq_sparse_only"] = (triton0, (res0, do))
     except Exception as e:  # noqa: BLE001
         record_error(row, "triton_sparse_only_error", e)
-    for variant in variants:
+    for stages in stages_list:
         for form, (dq_t, lse, delta, a) in refs.items():
-            if (variant == "alpha_rows_s2" and a is None) or (form == "sparse_only" and variant != "free_s2"):
-                continue
-            key = f"mosaic_{variant}_{form}"
+            key = f"mosaic_s{stages}_{form}"
             try:
-                fn = lambda q, k, v, do, lse, delta, lut, a, vr=variant: mosaic(vr, q, k, v, do, lse, delta, lut, a)
+                fn = lambda q, k, v, do, lse, delta, lut, a, st=stages: mosaic(st, q, k, v, do, lse, delta, lut, a)
                 dq = jax.jit(fn)(q, k, v, do, lse, delta, lut, a)
                 row[f"rel_{key}_vs_triton"] = rel(dq, dq_t)
                 row[f"finite_{key}"] = bool(jnp.all(jnp.isfinite(dq)))
@@ -219,7 +203,7 @@ def wan(sparsity, runs, variants):
     RESULTS.setdefault("wan", []).append(row)
 
 
-def topk_sweep(runs, variants, topks=(5, 10, 25, 50)):
+def topk_sweep(runs, stages_list, topks=(5, 10, 25, 50)):
     """Kernel time against the LUT length on the wan-1.3b shape (random ascending LUTs, alpha random): the slope is
     the cost of one LUT entry, the intercept the per-program fixed cost (prologue, pipeline fill, epilogue)."""
     q, k, v, do, _, _, _, alpha, cfg = wan_setup(0.95, 29, 1, 12, 32760, 128, 128, 64)
@@ -229,9 +213,9 @@ def topk_sweep(runs, variants, topks=(5, 10, 25, 50)):
     cands = {}
     for topk in topks:
         lut = random_lut(rng, 1, 12, cfg.nq, cfg.nk, topk)
-        for variant in variants:
-            fn = lambda q, k, v, do, lse, delta, lut, a, vr=variant: mosaic(vr, q, k, v, do, lse, delta, lut, a)
-            cands[f"{variant}_topk{topk}"] = (fn, (q, k, v, do, lse, delta, lut, alpha))
+        for stages in stages_list:
+            fn = lambda q, k, v, do, lse, delta, lut, a, st=stages: mosaic(st, q, k, v, do, lse, delta, lut, a)
+            cands[f"s{stages}_topk{topk}"] = (fn, (q, k, v, do, lse, delta, lut, alpha))
     try:
         stats = timed_rounds(cands, runs, rounds=2)
         RESULTS["topk_sweep_ms"] = {key: st[0] for key, st in stats.items()}
@@ -260,12 +244,12 @@ def summary():
             if kk.startswith(("rel_", "error")):
                 lines.append(f"  {kk}: {vv if isinstance(vv, str) else f'{vv:.2e}'}"[:300])
     sweep = RESULTS.get("topk_sweep_ms") or {}
-    for variant in sorted({key.rsplit("_topk", 1)[0] for key in sweep}):
+    for build in sorted({key.rsplit("_topk", 1)[0] for key in sweep}):
         pts = sorted(
-            (int(key.rsplit("_topk", 1)[1]), ms) for key, ms in sweep.items() if key.rsplit("_topk", 1)[0] == variant
+            (int(key.rsplit("_topk", 1)[1]), ms) for key, ms in sweep.items() if key.rsplit("_topk", 1)[0] == build
         )
         slope, icept = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1) if len(pts) > 1 else (0.0, 0.0)
-        lines.append(f"sweep {variant}: " + " ".join(f"topk{t}={ms:.3f}" for t, ms in pts))
+        lines.append(f"sweep {build}: " + " ".join(f"topk{t}={ms:.3f}" for t, ms in pts))
         lines.append(f"  fit: {1e3 * slope:.1f} us per LUT entry, {1e3 * icept:.0f} us fixed (whole grid)")
     print("\n".join(lines), flush=True)
 
@@ -276,25 +260,25 @@ def main():
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.95, 0.97])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--skip-small", action="store_true")
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--sweep", nargs="*", default=["free_s2", "free_s3_b2", "free_s2_b2_pf", "free_s2_b4_pf"])
+    ap.add_argument("--stages", type=int, nargs="+", default=[2, 4], help="K/V ring depths (the library uses 4)")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the LUT-length sweep")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     RESULTS.update(device=str(jax.devices()[0].device_kind), jax=jax.__version__)
     path = os.path.join(args.out, "probe_mosaic_dq.json")
     if not args.skip_small:
-        small_checks()
+        small_checks(args.stages)
         with open(path, "w") as f:
             json.dump(RESULTS, f, indent=1)
     for s in args.sparsity:
         try:
-            wan(s, args.runs, args.variants)
+            wan(s, args.runs, args.stages)
         except Exception as e:  # noqa: BLE001
             record_error(RESULTS.setdefault("wan_errors", {}), str(s), e)
         with open(path, "w") as f:
             json.dump(RESULTS, f, indent=1)
-    if args.sweep:
-        topk_sweep(args.runs, args.sweep)
+    if not args.no_sweep:
+        topk_sweep(args.runs, args.stages)
         with open(path, "w") as f:
             json.dump(RESULTS, f, indent=1)
     summary()

@@ -8,10 +8,10 @@ Inputs: wan-1.3b (B=1, H=12, N=32760, D=128, bf16) with the SLA router LUT at 95
 random, lse / delta random (their values do not change the work). Cases: "wan95" (the router LUT; dK/dV over its
 transposed LUT), "fixed" (dQ: a random LUT of length 1; dK/dV: all counts 0), "topkT" (dQ: random LUTs of length T,
 for the slope / intercept of kernel time against the LUT length without host overhead).
-* timing: kernel-only times by CUPTI (jax.experimental.mosaic.gpu.profiler.measure), median of --runs launches, per
-  variant of the dQ kernel (grid order, read-only drain, early LUT reads) with a check that each variant's output
-  equals the default's; the dK/dV kernel has one build (its variants were measured and deleted:
-  docs/dev/backward_kernels.md).
+* timing: kernel-only times by CUPTI (jax.experimental.mosaic.gpu.profiler.measure), median of --runs launches, and
+  the synchronised wall clock of one call, per kernel and case. Each kernel has one build (the dQ kernel with the
+  library's ring of 4 K/V slots); the variants that were measured and deleted, and the commits that still have them:
+  docs/dev/backward_kernels.md.
 * trace: Mosaic's on-device profiler (CompilerParams profile_space / profile_dir, the kernels' jax.named_scope
   regions): per program and warpgroup the SM clock at entry / exit of each region and the global timer at program
   start. Summarised here: region lengths in cycles, where in the program's life each starts, the gap between
@@ -33,12 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.dev.common import kernel_ms, record_error, rel, uniform_lut, wan_setup
+from experiments.dev.common import kernel_ms, record_error, uniform_lut, wan_setup
 from experiments.timing import pipelined_seconds, time_fn
 
 RESULTS: dict = {}
 SAVE_PATH: list = []  # where save() writes RESULTS (set by main)
-ONLY_VARIANTS: list = []  # timing: only these variants (all when empty)
 
 
 def save():
@@ -49,14 +48,6 @@ def save():
 
 
 DQ_STAGES = 4  # the library's choice (attention.backward_dq calls the dQ kernel with a ring of 4 K/V slots)
-DQ_VARIANTS = {  # name -> extra keyword arguments of mosaic_dq._dq_call (the kernel's build variants)
-    "default": {},
-    "qblocks": {"grid_order": "qblocks"},
-    "drain_read": {"drain_read_only": True},
-    "qblocks_drain_read": {"grid_order": "qblocks", "drain_read_only": True},
-    "lut_early": {"lut_early": True},
-}
-DKV_VARIANTS = {"default": {}}  # name -> keyword arguments of dkv_case's build
 
 
 def wan_inputs(seed=29):
@@ -74,8 +65,10 @@ def wan_inputs(seed=29):
 
 
 def dq_case(x, case):
-    """(builder of (jitted dq function, its arguments), description) for one dQ case."""
-    from pallas_kernels.mosaic_dq import _dq_call
+    """(builder of (jitted dq function, its arguments), description) for one dQ case; the builder's profile_dir turns
+    on Mosaic's on-device profiler (KernelConfig.profile_dir)."""
+    from pallas_kernels import KernelConfig
+    from pallas_kernels.mosaic_dq import sparse_attention_dq_mosaic
 
     lut = x["lut"]
     if case == "fixed":
@@ -84,8 +77,9 @@ def dq_case(x, case):
         lut = uniform_lut(x["rng"], 1, 12, x["nq"], x["nk"], int(case[4:]))
     args = (x["q"], x["k"], x["v"], x["do"], x["lse"], x["delta"], lut, x["alpha"])
 
-    def build(**kw):
-        return jax.jit(lambda *a: _dq_call(*a, block_k=64, sm_scale=None, stages=DQ_STAGES, **kw)), args
+    def build(profile_dir=None):
+        config = KernelConfig(profile_dir=profile_dir)
+        return jax.jit(lambda *a: sparse_attention_dq_mosaic(*a, block_k=64, stages=DQ_STAGES, config=config)), args
 
     return build, {"topk": int(lut.shape[-1]), "programs": int(12 * x["nq"])}
 
@@ -113,42 +107,29 @@ def cupti_ms(fn, args, runs):
 
 
 def timing(x, runs, cases, names_path):
-    """CUPTI kernel times of every variant and case; outputs of each variant compared with the default's."""
+    """CUPTI kernel times and the synchronised wall clock of one call (as the earlier probes timed), per case."""
     out, names = {}, set()
-    for kernel, make, variants in (("dq", dq_case, DQ_VARIANTS), ("dkv", dkv_case, DKV_VARIANTS)):
+    for kernel, make in (("dq", dq_case), ("dkv", dkv_case)):
         for case in cases[kernel]:
             build, desc = make(x, case)
-            ref = None
-            for vname, kw in variants.items():
-                if case.startswith("topk") and vname != "default":  # the LUT-length sweep: default variant only
-                    continue
-                if ONLY_VARIANTS and vname not in ONLY_VARIANTS:
-                    continue
-                key = f"{kernel}_{case}_{vname}"
-                row = dict(desc)
-                try:
-                    fn, args = build(**kw)
-                    res = jax.block_until_ready(fn(*args))
-                    if ref is None:
-                        ref = res
-                    else:
-                        row["rel_vs_default"] = max(
-                            rel(a, b) for a, b in zip(jax.tree.leaves(res), jax.tree.leaves(ref))
-                        )
-                    row["ms_median"], row["ms_min"], kn = cupti_ms(fn, args, runs)
-                    row["kernels"] = kn
-                    names.update(kn)
-                    if vname == "default":  # the synchronised wall clock of one call, as the earlier probes timed
-                        row["wall_ms_median"] = 1e3 * time_fn(fn, *args, warmup=3, iters=runs)
-                except Exception as e:  # noqa: BLE001 - record and go on
-                    record_error(row, "error", e)
-                print("timing", key, json.dumps(row), flush=True)
-                out[key] = row
-                RESULTS["timing"] = out
-                save()
-                if names_path:
-                    with open(names_path, "w") as f:
-                        f.write("\n".join(sorted(names)))
+            key = f"{kernel}_{case}"
+            row = dict(desc)
+            try:
+                fn, args = build()
+                jax.block_until_ready(fn(*args))
+                row["ms_median"], row["ms_min"], kn = cupti_ms(fn, args, runs)
+                row["kernels"] = kn
+                names.update(kn)
+                row["wall_ms_median"] = 1e3 * time_fn(fn, *args, warmup=3, iters=runs)
+            except Exception as e:  # noqa: BLE001 - record and go on
+                record_error(row, "error", e)
+            print("timing", key, json.dumps(row), flush=True)
+            out[key] = row
+            RESULTS["timing"] = out
+            save()
+            if names_path:
+                with open(names_path, "w") as f:
+                    f.write("\n".join(sorted(names)))
 
 
 CAPTURED: list = []
@@ -280,7 +261,7 @@ def sm_clock_mhz():
 
 
 def trace(x, cases):
-    """On-device profiler traces of the default variant per case, summarised."""
+    """On-device profiler traces of each kernel per case, summarised."""
     capture_profiler_buffers()
     out = {}
     prof_dir = tempfile.mkdtemp()
@@ -345,11 +326,10 @@ def module_breakdown(runs):
         save()
 
 
-def run_for_ncu(x, kernel, case, iters, variant):
+def run_for_ncu(x, kernel, case, iters):
     """iters launches of one kernel (ncu wraps this process; --launch-skip 1 skips the first)."""
     build, _ = (dq_case if kernel == "dq" else dkv_case)(x, case)
-    kw = (DQ_VARIANTS if kernel == "dq" else DKV_VARIANTS)[variant]
-    fn, args = build(**kw)
+    fn, args = build()
     for _ in range(iters):
         jax.block_until_ready(fn(*args))
 
@@ -392,10 +372,8 @@ def main():
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--kernel", default="dq")
     ap.add_argument("--case", default="wan95")
-    ap.add_argument("--variant", default="default")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--csv")
-    ap.add_argument("--only-variants", nargs="*", default=[])
     ap.add_argument("--names")
     ap.add_argument("--dq-cases", nargs="*", default=["wan95", "fixed", "topk4", "topk12"])
     ap.add_argument("--dkv-cases", nargs="*", default=["wan95", "fixed"])
@@ -405,10 +383,9 @@ def main():
     if args.mode == ["trim"]:
         trim_sass_csv(args.csv)
         return
-    ONLY_VARIANTS.extend(args.only_variants)
     x = wan_inputs()
     if args.mode == ["run"]:
-        run_for_ncu(x, args.kernel, args.case, args.iters, args.variant)
+        run_for_ncu(x, args.kernel, args.case, args.iters)
         return
     RESULTS.update(device=str(jax.devices()[0].device_kind), jax=jax.__version__, started=time.time())
     os.makedirs(args.out, exist_ok=True)
@@ -435,8 +412,7 @@ def summary():
             print(f"    {ms:7.3f} ms  x{n:<3d} {kname[:100]}")
     print("\nkernel-only ms (CUPTI, median):")
     for key, r in RESULTS.get("timing", {}).items():
-        extra = f" rel_vs_default={r['rel_vs_default']:.1e}" if "rel_vs_default" in r else ""
-        extra += f" wall {r['wall_ms_median']:.3f}" if "wall_ms_median" in r else ""
+        extra = f" wall {r['wall_ms_median']:.3f}" if "wall_ms_median" in r else ""
         print(f"  {key:32s} {r.get('ms_median', float('nan')):7.3f} (min {r.get('ms_min', float('nan')):.3f}){extra}"
               + (" ERROR" if "error" in r else ""))  # fmt: skip
     for key, r in RESULTS.get("trace", {}).items():
