@@ -61,7 +61,7 @@ def linear_inputs(q_phi, k_phi, v, lut, cfg: KernelCall):
         z_spec = pl.BlockSpec((None, None, None, d), lambda i, hh, bb: (bb, hh, i, 0))
     else:
         h_spec, z_spec = full_spec(d, d), full_spec(d)
-    return [("q_phi", q_phi, seq_spec(cfg)), ("h_tot", h, h_spec), ("z_tot", z, z_spec)], h, z
+    return [("q_phi", q_phi, seq_spec(cfg)), ("h_lin", h, h_spec), ("z_lin", z, z_spec)], h, z
 
 
 def forward_outputs(q, cfg: KernelCall, *, fused: bool, residuals: bool):
@@ -92,7 +92,7 @@ def mosaic_epilogue_args(q, alpha, named_inputs: dict, cfg: KernelCall, *, fused
     mosaic_forward.ring_holds_outputs, or else needs the room of one K/V ring slot)."""
     outputs = tuple(x[0] for x in forward_outputs(q, cfg, fused=fused, residuals=residuals))
     tiles = sum(x in ("o", "o_s", "o_l") for x in outputs)
-    h, z = named_inputs["h_tot"], named_inputs["z_tot"]
+    h, z = named_inputs["h_lin"], named_inputs["z_lin"]
     if not cfg.track_lin:  # scope "all": the totals (B, H, D, D) f32 as one bf16 state shared by the query blocks
         h, z = h.astype(jnp.bfloat16)[:, :, None], z[:, :, None]
     linear = mosaic_forward.LinearInputs(named_inputs["q_phi"], h, z, alpha if fused else None, cfg.eps)
@@ -105,7 +105,7 @@ def uses_mosaic_epilogue(named_inputs: dict, cfg: KernelCall) -> bool:
     the complement's per-block H_i (B, H, Nq, D, D) in bf16 (KernelConfig.state_dtype; float32 states need the hi +
     lo products of the Triton epilogue), or for scope "all" the shared totals, rounded to bf16 when state_dtype is
     "bfloat16" (one (D, D) state per (batch, head): no per-block states at all)."""
-    h = named_inputs.get("h_tot")
+    h = named_inputs.get("h_lin")
     if cfg.config.epilogue != "mosaic" or h is None:
         return False
     if cfg.track_lin:
@@ -147,12 +147,12 @@ def _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg: KernelCall, *, fuse
 
 def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, residuals: bool):
     """The forward of the bf16 family: {output name: array} with o (fused) or o_s, o_l, and with residuals lse,
-    den and the states h_tot, z_tot."""
+    den and the states h_lin, z_lin."""
     b, n, h, d = q.shape
-    linear, h_tot, z_tot = linear_inputs(q_phi, k_phi, v, lut, cfg)
+    linear, h_lin, z_lin = linear_inputs(q_phi, k_phi, v, lut, cfg)
     if cfg.mosaic_forward:
         out = _forward_mosaic(q, k, v, lut, alpha, linear, cfg, fused=fused, residuals=residuals)
-        out["h_tot"], out["z_tot"] = h_tot, z_tot
+        out["h_lin"], out["z_lin"] = h_lin, z_lin
         return out
     seq = seq_spec(cfg)
     inputs = [("lut", lut, full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
@@ -164,7 +164,7 @@ def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, 
     launch = dict(fused=fused, unroll=unroll)
     res = pallas_triton_call(fwd_kernel, (cfg.nq, h, b), inputs, outputs, cfg, "fwd", launch)
     out = dict(zip([x[0] for x in outputs], res))
-    out["h_tot"], out["z_tot"] = h_tot, z_tot
+    out["h_lin"], out["z_lin"] = h_lin, z_lin
     return out
 
 
@@ -191,7 +191,7 @@ def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
 def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
     """dQ, dphi(Q) (and delta, c, d alpha per row) over the LUT: one Triton kernel, or with the Mosaic backward a
     Triton kernel for the per-row terms and dphi(Q) followed by the Mosaic dQ kernel (mosaic_dq.py)."""
-    q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
+    q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     b, n, h, d = q.shape
     seq = seq_spec(cfg)
     mosaic = cfg.mosaic_backward
@@ -207,14 +207,13 @@ def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
     if cfg.linear:
         inputs += [("o_l", o_l, seq), ("den", den, rows)]
         if cfg.track_lin:
-            h_blk, z_blk = h_tot, z_tot  # this query block's H_i, Z_i from the forward
             ratio = cfg.block_q // rows_dq  # programs per query block
             blk = lambda s: lax.div(s, jnp.int32(ratio))
             h_spec = pl.BlockSpec((None, None, None, d, d), lambda s, hh, bb: (bb, hh, blk(s), 0, 0))
             z_spec = pl.BlockSpec((None, None, None, d), lambda s, hh, bb: (bb, hh, blk(s), 0))
-            inputs += [("h", h_blk, h_spec), ("z", z_blk, z_spec)]
+            inputs += [("h_lin", h_lin, h_spec), ("z_lin", z_lin, z_spec)]  # this query block's H_i, Z_i
         else:
-            inputs += [("h", h_tot, full_spec(d, d)), ("z", z_tot, full_spec(d))]
+            inputs += [("h_lin", h_lin, full_spec(d, d)), ("z_lin", z_lin, full_spec(d))]
     if fused:
         inputs += [("alpha", alpha, full_spec(cfg.nq))]
     outputs = [] if mosaic else [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), seq)]
@@ -242,7 +241,7 @@ def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None):
     (phi~ = phi(Q) / den) over all query rows, (B, H, D, D) and (B, H, D) float32; for the complement scope per
     key block j over the query blocks that did not select j, (B, H, Nk, D, D) and (B, H, Nk, D)
     (linear_states.gradient_states)."""
-    q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
+    q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     if not cfg.linear:
         return None, None
     inv_den = 1.0 / den
@@ -271,7 +270,7 @@ def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall):
 def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
     """dK, dV, dphi(K) over the transposed LUT (built here): one Triton kernel, or the Mosaic dK/dV kernel
     (mosaic_dkv.py) followed by a Triton kernel for the linear part."""
-    q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_tot, z_tot = res
+    q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     b, n, h, d = q.shape
     seq = seq_spec(cfg)
     lut_t, count = transpose_lut(lut, cfg.nk)
@@ -317,7 +316,7 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
 def forward_lowbit(
     q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: KernelCall, quant: str, *, fused: bool, residuals: bool, queries=None
 ):
-    """The low-bit forward; returns the same dict as ``forward`` (o / o_s, o_l, lse, den, h_tot, z_tot).
+    """The low-bit forward; returns the same dict as ``forward`` (o / o_s, o_l, lse, den, h_lin, z_lin).
 
     keys: ``QuantisedKeys`` made before (then Q is quantised inside the forward kernel and there is no pre-pass)
     or None (quantize.prequantize). queries: None or Q quantised before (``quantize.QuantisedQueries``, with keys):
@@ -351,7 +350,7 @@ def _forward_lowbit_mosaic(
     if keys is None:
         qz = prequantize(q, k, cfg.block_q, cfg.block_k, cfg.interpret, queries=False)
         keys = QuantisedKeys(qz.k8, qz.k_scale, qz.k_mean)
-    linear, h_tot, z_tot = linear_inputs(q_phi, k_phi, v, lut, cfg)
+    linear, h_lin, z_lin = linear_inputs(q_phi, k_phi, v, lut, cfg)
     named = {name: x for name, x, _ in linear}
     kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "queries": queries}
     if quant == "int8" and uses_mosaic_epilogue(named, cfg):
@@ -364,7 +363,7 @@ def _forward_lowbit_mosaic(
             q, k, v, lut, keys, stages=4, values=values, config=cfg.config, **kw
         )
         out = linear_epilogue(q, o_s, lse, alpha, linear, cfg, fused=fused, residuals=residuals)
-    out["h_tot"], out["z_tot"] = h_tot, z_tot
+    out["h_lin"], out["z_lin"] = h_lin, z_lin
     return out
 
 
@@ -389,7 +388,7 @@ def forward_lowbit_triton(
         inputs += [("v8t", v8t, full_spec(d, cfg.nk * cfg.block_k)), ("v_scale", v_scale, full_spec(d))]
     if not fp8:
         inputs += [("v", v, seq)]
-    linear, h_tot, z_tot = linear_inputs(q_phi, k_phi, v, lut, cfg)
+    linear, h_lin, z_lin = linear_inputs(q_phi, k_phi, v, lut, cfg)
     inputs += linear
     if fused:
         inputs += [("alpha", alpha, full_spec(cfg.nq))]
@@ -406,7 +405,7 @@ def forward_lowbit_triton(
         name=f"sla_fwd_{quant}",
     )(*[x[1] for x in inputs])
     out = dict(zip([x[0] for x in outputs], res))
-    out["h_tot"], out["z_tot"] = h_tot, z_tot
+    out["h_lin"], out["z_lin"] = h_lin, z_lin
     return out
 
 
@@ -416,8 +415,8 @@ def forward_lowbit_triton(
 def residuals(q, k, v, q_phi, k_phi, lut, alpha, out) -> Residuals:
     """The Residuals of a forward's output dict."""
     return Residuals(
-        q, k, v, q_phi, k_phi, lut, alpha, out["o_s"], out.get("o_l"), out["lse"], out.get("den"), out["h_tot"],
-        out["z_tot"],
+        q, k, v, q_phi, k_phi, lut, alpha, out["o_s"], out.get("o_l"), out["lse"], out.get("den"), out["h_lin"],
+        out["z_lin"],
     )
 
 

@@ -62,8 +62,9 @@ class KernelCall(NamedTuple):
 class Residuals(NamedTuple):
     """What the forward keeps for the backward. q, k, v, q_phi, k_phi (B, N, H, D) input dtype; lut (B, H, Nq, topk);
     alpha (B, H, Nq) f32 or None; o_s, o_l (B, N, H, D) (o_l None without a linear branch); lse, den (B, H, Npad)
-    f32 (lse base 2; den None without a linear branch); h, z: the linear states, per query block (B, H, Nq, D, D) /
-    (B, H, Nq, D) for the complement scope, else the totals (B, H, D, D) / (B, H, D); None without a linear branch."""
+    f32 (lse base 2; den None without a linear branch); h_lin, z_lin: the linear branch's states, per query block
+    (B, H, Nq, D, D) / (B, H, Nq, D) for the complement scope, else the totals (B, H, D, D) / (B, H, D); None without
+    a linear branch."""
 
     q: jax.Array
     k: jax.Array
@@ -76,8 +77,8 @@ class Residuals(NamedTuple):
     o_l: jax.Array | None
     lse: jax.Array
     den: jax.Array | None
-    h: jax.Array | None
-    z: jax.Array | None
+    h_lin: jax.Array | None
+    z_lin: jax.Array | None
 
 
 def dot(a, b, trans_a=False, trans_b=False):

@@ -56,11 +56,11 @@ def _dq_row_terms(
     return do, a, delta, do_l32, c, den
 
 
-def _store_dq_phi(q_start, do_l32, c, den, h_ref, z_ref, dq_phi_ref, like, cfg: KernelCall):
+def _store_dq_phi(q_start, do_l32, c, den, h_lin_ref, z_lin_ref, dq_phi_ref, like, cfg: KernelCall):
     """dphi(Q) = dO_l / den @ H^T - c / den * Z with this block's H_i, Z_i (complement) or the totals (scope "all");
     like: the input dtype (16-bit: the D x D product on bf16 tensor cores)."""
-    h = h_ref[...]
-    z = z_ref[...]
+    h = h_lin_ref[...]
+    z = z_lin_ref[...]
     dq_phi = dot_mat(do_l32 / den[:, None], h, like, trans_b=True) - (c / den)[:, None] * z[None, :]
     store_rows(dq_phi_ref, q_start, dq_phi, cfg.n)
 
@@ -69,7 +69,7 @@ def dq_kernel(
     *,
     # inputs
     lut_ref, q_ref, k_ref, v_ref, do_ref=None, do_s_ref=None, do_l_ref=None, o_s_ref, lse_ref, o_l_ref=None,
-    den_ref=None, h_ref=None, z_ref=None, alpha_ref=None,
+    den_ref=None, h_lin_ref=None, z_lin_ref=None, alpha_ref=None,
     # outputs
     dq_ref, delta_ref, dq_phi_ref=None, c_ref=None, dalpha_rows_ref=None,
     # static arguments
@@ -80,10 +80,10 @@ def dq_kernel(
     (attention.backward_dq builds the lists):
 
     lut (Nq, topk) int32; q, k, v (N, D); do (N, D) (fused) or do_s (N, D) and, with a linear branch, do_l (N, D);
-    o_s (N, D); lse (rows,) float32 (base 2); the linear branch (cfg.linear): o_l (N, D), den (rows,) float32, h
-    (D, D) and z (D,) float32 (query block i's H_i, Z_i for the complement scope, else the totals); alpha (Nq,)
-    float32 (fused). Outputs: dq (N, D); delta (rows,) float32; dq_phi (N, D) and c (rows,) float32 (linear
-    branch); dalpha_rows (rows,) float32 (fused).
+    o_s (N, D); lse (rows,) float32 (base 2); the linear branch (cfg.linear): o_l (N, D), den (rows,) float32 and
+    its states h_lin (D, D), z_lin (D,) float32 (query block i's H_i, Z_i for the complement scope, else the
+    totals); alpha (Nq,) float32 (fused). Outputs: dq (N, D); delta (rows,) float32; dq_phi (N, D) and c (rows,)
+    float32 (linear branch); dalpha_rows (rows,) float32 (fused).
     """
     sub = pl.program_id(0)  # sub-block of `rows` query rows
     i = lax.div(sub, jnp.int32(cfg.block_q // rows))  # its query block (LUT row)
@@ -111,13 +111,13 @@ def dq_kernel(
     carry = lax.fori_loop(0, cfg.topk, body, carry)
     store_rows(dq_ref, q_start, carry[0] * cfg.sm_scale, cfg.n)
     if cfg.linear:
-        _store_dq_phi(q_start, do_l32, c, den, h_ref, z_ref, dq_phi_ref, o_s_ref.dtype, cfg)
+        _store_dq_phi(q_start, do_l32, c, den, h_lin_ref, z_lin_ref, dq_phi_ref, o_s_ref.dtype, cfg)
 
 
 def dq_linear_kernel(
     *,
     # inputs
-    do_ref=None, do_s_ref=None, do_l_ref=None, o_s_ref, o_l_ref=None, den_ref=None, h_ref=None, z_ref=None,
+    do_ref=None, do_s_ref=None, do_l_ref=None, o_s_ref, o_l_ref=None, den_ref=None, h_lin_ref=None, z_lin_ref=None,
     alpha_ref=None,
     # outputs
     delta_ref, dq_phi_ref=None, c_ref=None, dalpha_rows_ref=None,
@@ -133,7 +133,7 @@ def dq_linear_kernel(
         c_ref, dalpha_rows_ref, cfg=cfg, fused=fused,
     )  # fmt: skip
     if cfg.linear:
-        _store_dq_phi(i * cfg.block_q, do_l32, c, den, h_ref, z_ref, dq_phi_ref, o_s_ref.dtype, cfg)
+        _store_dq_phi(i * cfg.block_q, do_l32, c, den, h_lin_ref, z_lin_ref, dq_phi_ref, o_s_ref.dtype, cfg)
 
 
 def dkv_kernel(

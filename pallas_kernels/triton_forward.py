@@ -50,7 +50,7 @@ def _initial_carry(cfg: KernelCall):
 def fwd_kernel(
     *,
     # inputs
-    lut_ref, q_ref, k_ref, v_ref, q_phi_ref=None, h_tot_ref=None, z_tot_ref=None, alpha_ref=None,
+    lut_ref, q_ref, k_ref, v_ref, q_phi_ref=None, h_lin_ref=None, z_lin_ref=None, alpha_ref=None,
     # outputs
     o_ref=None, o_s_ref=None, o_l_ref=None, lse_ref=None, den_ref=None,
     # static arguments
@@ -59,8 +59,9 @@ def fwd_kernel(
     """Program (i, h, b) of grid (Nq, H, B): query block i of one (b, h). Refs of that (b, h), None where the call
     has no such input or output (attention.forward builds the lists):
 
-    lut (Nq, topk) int32; q, k, v (N, D); the linear branch (cfg.linear): q_phi (N, D), h_tot (D, D) and z_tot (D,)
-    float32 (this query block's H_i, Z_i for the complement scope, else the totals); alpha (Nq,) float32 (fused).
+    lut (Nq, topk) int32; q, k, v (N, D); the linear branch (cfg.linear): q_phi (N, D) and its states h_lin (D, D),
+    z_lin (D,) float32 (this query block's H_i, Z_i for the complement scope, else the totals); alpha (Nq,) float32
+    (fused).
     Outputs: o (N, D) (fused); o_s and o_l (N, D) (branches, or as residuals; o_l with a linear branch); lse and
     den (block_q,) float32 (residuals; den with a linear branch).
     """
@@ -99,25 +100,25 @@ def fwd_kernel(
     if lse_ref is not None:
         lse_ref[...] = m_i + jnp.log2(l_i)
     store_forward_outputs(
-        i, acc / l_i[:, None], q_phi_ref, h_tot_ref, z_tot_ref, alpha_ref, o_ref, o_s_ref, o_l_ref, den_ref,
+        i, acc / l_i[:, None], q_phi_ref, h_lin_ref, z_lin_ref, alpha_ref, o_ref, o_s_ref, o_l_ref, den_ref,
         cfg=cfg, fused=fused,
     )  # fmt: skip
 
 
 def store_forward_outputs(
-    i, o_s, q_phi_ref, h_tot_ref, z_tot_ref, alpha_ref, o_ref, o_s_ref, o_l_ref, den_ref, *, cfg: KernelCall,
+    i, o_s, q_phi_ref, h_lin_ref, z_lin_ref, alpha_ref, o_ref, o_s_ref, o_l_ref, den_ref, *, cfg: KernelCall,
     fused: bool,
 ):  # fmt: skip
     """Epilogue of the forward kernels (bf16 and low bit): the linear branch of query block i from its states, the
     SLA2 combine, and the stores of o / o_s, o_l, den (whichever refs are not None).
 
-    o_s: (block_q, D) float32; h_tot_ref, z_tot_ref hold this block's H_i, Z_i (complement) or the totals."""
+    o_s: (block_q, D) float32; h_lin_ref, z_lin_ref hold this block's H_i, Z_i (complement) or the totals."""
     q_start = i * cfg.block_q
     o_l = None
     if cfg.linear:
         q_phi = load_rows(q_phi_ref, q_start, cfg.block_q, cfg.n)
-        h = h_tot_ref[...]
-        z = z_tot_ref[...][None, :]
+        h = h_lin_ref[...]
+        z = z_lin_ref[...][None, :]
         q_phi32 = q_phi.astype(F32)
         den = jnp.sum(q_phi32 * z, axis=1) + cfg.eps
         o_l = dot_mat(q_phi32, h, q_phi.dtype) / den[:, None]
@@ -136,7 +137,7 @@ def store_forward_outputs(
 def linear_epilogue_kernel(
     *,
     # inputs
-    o_s_in_ref, q_phi_ref=None, h_tot_ref=None, z_tot_ref=None, alpha_ref=None,
+    o_s_in_ref, q_phi_ref=None, h_lin_ref=None, z_lin_ref=None, alpha_ref=None,
     # outputs
     o_ref=None, o_l_ref=None, den_ref=None,
     # static arguments
@@ -148,7 +149,7 @@ def linear_epilogue_kernel(
     i = pl.program_id(0)
     o_s = load_rows(o_s_in_ref, i * cfg.block_q, cfg.block_q, cfg.n).astype(F32)
     store_forward_outputs(
-        i, o_s, q_phi_ref, h_tot_ref, z_tot_ref, alpha_ref, o_ref, None, o_l_ref, den_ref, cfg=cfg, fused=fused
+        i, o_s, q_phi_ref, h_lin_ref, z_lin_ref, alpha_ref, o_ref, None, o_l_ref, den_ref, cfg=cfg, fused=fused
     )
 
 
@@ -180,7 +181,7 @@ def lowbit_fwd_kernel(
     *,
     # inputs
     lut_ref, q8_ref=None, q_scale_ref=None, q_ref=None, k8_ref, k_scale_ref, k_mean_ref=None, v8t_ref=None,
-    v_scale_ref=None, v_ref=None, q_phi_ref=None, h_tot_ref=None, z_tot_ref=None, alpha_ref=None,
+    v_scale_ref=None, v_ref=None, q_phi_ref=None, h_lin_ref=None, z_lin_ref=None, alpha_ref=None,
     # outputs
     o_ref=None, o_s_ref=None, o_l_ref=None, lse_ref=None, den_ref=None,
     # static arguments
@@ -233,5 +234,5 @@ def lowbit_fwd_kernel(
         shift = jnp.sum(q32 * k_mean_ref[...][None, :], axis=1) * (cfg.sm_scale * LOG2E)
         lse_ref[...] = m_i + jnp.log2(l_i) + shift
     store_forward_outputs(
-        i, o_s, q_phi_ref, h_tot_ref, z_tot_ref, alpha_ref, o_ref, o_s_ref, o_l_ref, den_ref, cfg=cfg, fused=fused
+        i, o_s, q_phi_ref, h_lin_ref, z_lin_ref, alpha_ref, o_ref, o_s_ref, o_l_ref, den_ref, cfg=cfg, fused=fused
     )
