@@ -159,8 +159,9 @@ def selection(lut, nk):
 
 def complement_states(k_phi, v, lut, cfg: KernelCall):
     """H_i = sum_{j not in lut[i]} phi(K_j)^T V_j (B, H, Nq, D, D) and Z_i likewise of colsum phi(K_j)
-    (B, H, Nq, D), float32: the linear branch's state of each query block (what the forward builds as
-    H_tot - G in-kernel), from per-key-block outer sums and one masked matmul."""
+    (B, H, Nq, D): the linear branch's state of each query block (float32, or bf16 H_i for 16-bit inputs with
+    KernelConfig.state_dtype "bfloat16"), from per-key-block outer sums and one masked matmul over the unselected
+    blocks (_sum_over_blocks)."""
     sums = outer_sum(k_phi, v, cfg, block_rows=cfg.block_k)
     unsel = jnp.logical_not(jnp.swapaxes(selection(lut, cfg.nk), 2, 3))  # (B, H, Nq, Nk)
     return _sum_over_blocks(unsel, sums, cfg)
