@@ -18,6 +18,8 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py for the tests in library/, kernels/, experiments/
 
+import smoke_runs  # noqa: E402
+
 _BASE_SEED = int.from_bytes(os.urandom(4), "little")
 
 collect_ignore = ["multidevice"]  # run by test_multidevice.py in a 4-device child process
@@ -27,3 +29,49 @@ collect_ignore = ["multidevice"]  # run by test_multidevice.py in a 4-device chi
 def seed(request):
     """A fresh seed per test (derived from the test name and a run-level random base)."""
     return (hash(request.node.nodeid) + _BASE_SEED) % (2**31)
+
+
+@pytest.hookimpl(trylast=True)  # after the tmpdir plugin's pytest_configure
+def pytest_configure(config):
+    """JAX's persistent compilation cache, in a new folder per test process (never shared, so never read half
+    written), for every program: the tests retrace the same computations (new closures, eager Pallas calls, the same
+    shapes in several tests), and an identical program is then loaded instead of compiled again (what is computed is
+    the same). Not in the xdist controller, which runs no test."""
+    if _xdist_controller(config):
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(config._tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# The smoke runs of tests/experiments (tests/smoke_runs.py): started once per pytest run as soon as the collection is
+# known, by this process, or under pytest-xdist by the controller (it knows the collection from the first worker that
+# reports it, and hands the folder to the workers); a worker only waits for them.
+def _xdist_worker(config):
+    return hasattr(config, "workerinput")
+
+
+def _xdist_controller(config):
+    return config.pluginmanager.has_plugin("dsession")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    node.workerinput["smoke_base"] = smoke_runs.base(node.config)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    smoke_runs.start_selected(node.config, ids)
+
+
+def pytest_collection_finish(session):
+    if not _xdist_worker(session.config) and not _xdist_controller(session.config):
+        smoke_runs.start_selected(session.config, [item.nodeid for item in session.items])
+
+
+def pytest_sessionfinish(session):
+    if not _xdist_worker(session.config):
+        smoke_runs.stop(session.config)

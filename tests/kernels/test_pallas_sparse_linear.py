@@ -15,8 +15,14 @@ import pytest
 
 from pallas_kernels import KernelConfig, attention, linear_states, mosaic_dkv, mosaic_dq, mosaic_forward
 from pallas_kernels import mosaic_supports, sla2_fused_attention, sparse_linear_attention
+from pallas_kernels import reference
 from pallas_kernels.common import validate_call
-from pallas_kernels.reference import reference_branches, reference_fused
+
+# The dense references and every gradient run jitted: one program each instead of an op-by-op (eager) run, the same
+# values to rounding, a fraction of the compile time (the suite is compile-bound). Forward kernel calls stay eager.
+_STATIC = ("block_q", "block_k", "linear_scope", "sm_scale", "eps")
+reference_branches = jax.jit(reference.reference_branches, static_argnames=_STATIC)
+reference_fused = jax.jit(reference.reference_fused, static_argnames=_STATIC)
 
 
 def _seed():
@@ -26,6 +32,11 @@ def _seed():
 def _rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _grad(f, argnums, *args):
+    """jax.grad(f, argnums)(*args), jitted."""
+    return jax.jit(jax.grad(f, argnums=argnums))(*args)
 
 
 def _make(seed, b, n, h, d, dtype, topk, block_q, block_k, alpha=False):
@@ -73,8 +84,8 @@ def test_branches_forward_and_gradients(n, d, dtype, scope, topk, block_q, block
     ftol, gtol = TOL[dtype]
     assert _rel(o_s, r_s) < ftol, (seed, _rel(o_s, r_s))
     assert _rel(o_l, r_l) < ftol, (seed, _rel(o_l, r_l))
-    grads = jax.grad(loss(sparse_linear_attention), argnums=(0, 1, 2, 3, 4))(*args)
-    ref_grads = jax.grad(loss(reference_branches), argnums=(0, 1, 2, 3, 4))(*[x.astype(jnp.float32) for x in args])
+    grads = _grad(loss(sparse_linear_attention), (0, 1, 2, 3, 4), *args)
+    ref_grads = _grad(loss(reference_branches), (0, 1, 2, 3, 4), *[x.astype(jnp.float32) for x in args])
     for name, g, rg in zip(("q", "k", "v", "q_phi", "k_phi"), grads, ref_grads):
         assert g.dtype == dtype and bool(jnp.all(jnp.isfinite(g))), (seed, name)
         assert _rel(g, rg) < gtol, (seed, name, _rel(g, rg))
@@ -92,8 +103,8 @@ def test_fused_forward_and_gradients_including_alpha(scope):
 
     o = sla2_fused_attention(*args, lut, alpha, **kw)
     assert _rel(o, reference_fused(*args, lut, alpha, **kw)) < 2e-4, seed
-    g = jax.grad(loss(sla2_fused_attention), argnums=tuple(range(6)))(*args, alpha)
-    rg = jax.grad(loss(reference_fused), argnums=tuple(range(6)))(*args, alpha)
+    g = _grad(loss(sla2_fused_attention), tuple(range(6)), *args, alpha)
+    rg = _grad(loss(reference_fused), tuple(range(6)), *args, alpha)
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
         assert _rel(a, b) < 2e-3, (seed, name, _rel(a, b))
     assert g[5].shape == alpha.shape
@@ -122,7 +133,7 @@ def test_all_blocks_selected_linear_branch_is_exactly_zero():
     q, k, v = (x.astype(jnp.float32) for x in args[:3])
     dense = jax.nn.dot_product_attention(q, k, v)
     assert _rel(o_s, dense) < 2e-4, seed
-    g = jax.grad(lambda *xs: jnp.sum(sparse_linear_attention(*xs, lut)[0] * w1), argnums=(0, 3, 4))(*args)
+    g = _grad(lambda *xs: jnp.sum(sparse_linear_attention(*xs, lut)[0] * w1), (0, 3, 4), *args)
     assert float(jnp.max(jnp.abs(g[1]))) == 0.0 and float(jnp.max(jnp.abs(g[2]))) == 0.0
     assert bool(jnp.all(jnp.isfinite(g[0])))
 
@@ -210,11 +221,11 @@ def test_launch_config_variants_give_the_same_result():
     def grads(**launch):
         config = KernelConfig(launch=tuple(launch.items()))
         f = lambda *xs: jnp.sum(sla2_fused_attention(*xs[:5], lut, xs[5], config=config) * w1)
-        return jax.grad(f, argnums=tuple(range(6)))(*args, alpha)
+        return _grad(f, tuple(range(6)), *args, alpha)
 
     g1 = grads(fwd=(4, 2, 128), dq=(4, 2, 128), dkv=(4, 2, 32))
     g2 = grads(fwd=(4, 2, 64), dq=(4, 2, 32), dkv=(4, 2, 128))
-    rg = jax.grad(lambda *xs: jnp.sum(reference_fused(*xs[:5], lut, xs[5]) * w1), argnums=tuple(range(6)))(*args, alpha)
+    rg = _grad(lambda *xs: jnp.sum(reference_fused(*xs[:5], lut, xs[5]) * w1), tuple(range(6)), *args, alpha)
     for name, a, b, r in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g1, g2, rg):
         assert _rel(a, r) < 2e-3 and _rel(b, r) < 2e-3, (seed, name, _rel(a, r), _rel(b, r))
 
@@ -232,11 +243,15 @@ def test_forward_masks_the_ragged_last_key_block():
     lut = jnp.asarray(lut.reshape(1, 2, nq, topk), jnp.int32)
     kw = dict(block_q=bq, block_k=bk)
     ref = reference_fused(*args, lut, alpha, **kw)
-    out, vjp = jax.vjp(lambda *xs: sla2_fused_attention(*xs, lut, alpha, **kw), *args)
+
+    def out_and_vjp(fn):  # the VJP's forward and its cotangents for w1, jitted
+        return jax.jit(lambda *xs: (lambda out, vjp: (out, vjp(w1)))(*jax.vjp(fn, *xs)))(*args)
+
+    out, g = out_and_vjp(lambda *xs: sla2_fused_attention(*xs, lut, alpha, **kw))
     assert _rel(sla2_fused_attention(*args, lut, alpha, **kw), ref) < 2e-4, seed
     assert _rel(out, ref) < 2e-4, seed
-    rg = jax.vjp(lambda *xs: reference_fused(*xs, lut, alpha, **kw), *args)[1](w1)
-    for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi"), vjp(w1), rg):
+    rg = out_and_vjp(lambda *xs: reference_fused(*xs, lut, alpha, **kw))[1]
+    for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi"), g, rg):
         assert _rel(a, b) < 2e-3, (seed, name, _rel(a, b))
 
 
@@ -297,8 +312,8 @@ def test_mosaic_forward_path_with_a_stand_in_sparse_kernel(scope, monkeypatch):
     o_s, o_l = sparse_linear_attention(*args, lut, **kw)
     r_s, r_l = reference_branches(*args, lut, **ref_kw)
     assert _rel(o_s, r_s) < 2e-4 and _rel(o_l, r_l) < 2e-4, seed
-    g = jax.grad(loss(sla2_fused_attention, kw), argnums=tuple(range(6)))(*args, alpha)
-    rg = jax.grad(loss(reference_fused, ref_kw), argnums=tuple(range(6)))(*args, alpha)
+    g = _grad(loss(sla2_fused_attention, kw), tuple(range(6)), *args, alpha)
+    rg = _grad(loss(reference_fused, ref_kw), tuple(range(6)), *args, alpha)
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
         assert _rel(a, b) < 2e-3, (seed, scope, name, _rel(a, b))
     assert calls, "the mosaic path was not taken"
@@ -363,13 +378,13 @@ def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, monkeypatch):
     fused = lambda *xs: jnp.sum(sla2_fused_attention(*xs[:5], lut, xs[5], **kw) * w1)
     ref_fused = lambda *xs: jnp.sum(reference_fused(*xs[:5], lut, xs[5], **ref_kw) * w1)
     g = jax.jit(jax.grad(fused, argnums=tuple(range(6))))(*args, alpha)
-    rg = jax.grad(ref_fused, argnums=tuple(range(6)))(*args, alpha)
+    rg = _grad(ref_fused, tuple(range(6)), *args, alpha)
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
         assert _rel(a, b) < 2e-3, (seed, scope, name, _rel(a, b))
     branches = lambda *xs: sum(jnp.sum(o * w) for o, w in zip(sparse_linear_attention(*xs, lut, **kw), (w1, w2)))
     ref_branches = lambda *xs: sum(jnp.sum(o * w) for o, w in zip(reference_branches(*xs, lut, **ref_kw), (w1, w2)))
     g = jax.jit(jax.grad(branches, argnums=tuple(range(5))))(*args)
-    rg = jax.grad(ref_branches, argnums=tuple(range(5)))(*args)
+    rg = _grad(ref_branches, tuple(range(5)), *args)
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi"), g, rg):
         assert _rel(a, b) < 2e-3, (seed, scope, "branches", name, _rel(a, b))
     assert calls.count("dq") == 2 and calls.count("dkv") == 2, calls
@@ -386,7 +401,7 @@ def test_bfloat16_states_give_the_reference_result():
     fwd_tol, grad_tol = TOL[jnp.bfloat16]
     assert _rel(sla2_fused_attention(*args, lut, alpha, **kw), reference_fused(*args, lut, alpha, **ref_kw)) < fwd_tol
     g = jax.jit(jax.grad(loss(sla2_fused_attention, kw), argnums=tuple(range(6))))(*args, alpha)
-    rg = jax.grad(loss(reference_fused, ref_kw), argnums=tuple(range(6)))(*args, alpha)
+    rg = _grad(loss(reference_fused, ref_kw), tuple(range(6)), *args, alpha)
     for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi", "alpha"), g, rg):
         assert _rel(a, b) < grad_tol, (seed, name, _rel(a, b))
 
