@@ -31,6 +31,39 @@ def seed(request):
     return (hash(request.node.nodeid) + _BASE_SEED) % (2**31)
 
 
+# The order in which whole files go to the xdist workers (addopts: --no-loadscope-reorder, --dist loadfile): the
+# longest first (CPU time on the 2-core CI machine), so that the last files to start are short ones and the two
+# workers finish together; the files that wait for the smoke runs (see tests/smoke_runs.py) last, by when their child
+# processes have long finished. The rest keep their collection order in between. The same order in one process.
+FIRST = [
+    "kernels/test_pallas_int8.py",
+    "kernels/test_pallas_sparse_linear.py",
+    "test_multidevice.py",  # one test: a child process with 4 simulated devices
+    "kernels/test_prep.py",
+    "library/test_docs_examples.py",
+    "experiments/test_experiments_dit.py",
+    "library/test_modules.py",
+    "library/test_branches.py",
+    "library/test_pallas_backend.py",
+    "kernels/test_mosaic_fwd_epilogue.py",
+    "kernels/test_mosaic_loops.py",
+    "kernels/test_mosaic_fp8.py",
+]
+LAST = ["experiments/test_experiments_recipe.py", "experiments/test_experiments_study.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def rank(item):
+        path = os.path.relpath(str(item.path), here).replace(os.sep, "/")
+        if path in FIRST:
+            return FIRST.index(path)
+        return len(FIRST) + 1 + LAST.index(path) if path in LAST else len(FIRST)
+
+    items.sort(key=rank)  # stable: collection order within a file and among the rest
+
+
 @pytest.hookimpl(trylast=True)  # after the tmpdir plugin's pytest_configure
 def pytest_configure(config):
     """JAX's persistent compilation cache, in a new folder per test process (never shared, so never read half

@@ -65,6 +65,10 @@ def start(base: str, selected_files) -> list:
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
         if "--xla_backend_optimization_level" not in env.get("XLA_FLAGS", ""):
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+        # its own JAX compilation cache (as each test process has, see tests/conftest.py): the runs compile the same
+        # programs again (resumed and repeated stages), 59 -> 53 s (recipe) and 99 -> 81 s (study) of CPU time
+        env.update(JAX_COMPILATION_CACHE_DIR=os.path.join(run_dir, "jax_cache"),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
         with open(os.path.join(run_dir, "stdout"), "w") as out, open(os.path.join(run_dir, "stderr"), "w") as err:
             proc = subprocess.Popen([sys.executable, os.path.join(HERE, module), *dirs], env=env, cwd=ROOT,
                                     stdout=out, stderr=err)

@@ -43,7 +43,7 @@ def _inputs(b=2):
 def test_forward_shapes_capture_and_zero_init(run):
     model = make_model(PRESET, run)
     x, t, y = _inputs()
-    out, captured = model(x, t, y, capture=True)
+    out, captured = nnx.jit(lambda m: m(x, t, y, capture=True))(model)  # one program, not op by op (compile-bound)
     assert out.shape == x.shape and out.dtype == jnp.float32
     # adaLN-zero: the final projection is zero at init, so the untrained model predicts exactly 0.
     assert float(jnp.abs(out).max()) == 0.0
