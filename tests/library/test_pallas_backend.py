@@ -21,7 +21,7 @@ def test_sla2_attention_pallas_equals_xla_forward_and_grad(seed, quant):
         cfg = CFG.replace(backend=backend, quant=quant)
         f = lambda q, k, v, a: jnp.sum(sla.sla2_attention(q, k, v, config=cfg, alpha=a) * g)  # noqa: E731
         out = sla.sla2_attention(q, k, v, config=cfg, alpha=alpha)
-        return out, jax.grad(f, argnums=(0, 1, 2, 3))(q, k, v, alpha)
+        return out, jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))(q, k, v, alpha)  # one program, not op by op
 
     out_p, grads_p = run("pallas")
     out_x, grads_x = run("xla")
