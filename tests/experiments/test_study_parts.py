@@ -85,7 +85,11 @@ def test_packed_checkpoint_round_trips(tmp_path):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-2, atol=1e-12), oa, ob)  # moments in bf16
     assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(ob))
     with pytest.raises(ValueError, match="not a training run"):
-        study._training_objects(smoke, out, f"{out}/stage1/router-95-block")
+        study._training_objects(smoke, out, f"{out}/eval")
+    with pytest.raises(ValueError, match="not a router run"):
+        study._training_objects(smoke, out, f"{out}/stage1/router-42-block")
+    routers, _ = study._training_objects(smoke, out, f"{out}/stage1/router-95-block")  # the routers travel too
+    assert isinstance(routers, train.RouterSet)
 
 
 def test_override_of_nested_fields():
