@@ -1,4 +1,5 @@
-"""Shared test helpers: fresh random inputs, relative errors, the softmax feature map, outputs with gradients."""
+"""Shared test helpers: fresh random inputs, relative errors, the softmax feature map, outputs with gradients, a
+kernel lowered for CUDA."""
 
 import math
 
@@ -27,6 +28,12 @@ def output_and_grads(fn, args, do, jit=False):
     if jit:
         fn, grad = jax.jit(fn), jax.jit(grad)
     return fn(*args), grad(*args)
+
+
+def lowered_for_cuda(fn, *args) -> str:
+    """The text of jit(fn)(*args) lowered for CUDA on any host: how the CPU tests check the GPU-only Mosaic kernels
+    (Mosaic GPU's Python lowering runs here; compiling and running need a GPU)."""
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def random_qkv(seed, shape, dtype=jnp.float32):

@@ -9,6 +9,7 @@ import sys
 
 import jax.numpy as jnp
 import pytest
+from helpers import lowered_for_cuda
 
 DEV = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "dev"
 MODULES = sorted(p.stem for p in DEV.glob("*.py") if p.stem != "__init__")
@@ -90,7 +91,6 @@ def test_probe_mosaic_sparse_kernels_lower_for_cuda():
     CUDA on CPU: their arguments match the kernels' signatures and KernelConfig."""
     import functools
 
-    import jax
     import numpy as np
 
     from experiments.dev import probe_mosaic_sparse as probe
@@ -113,5 +113,5 @@ def test_probe_mosaic_sparse_kernels_lower_for_cuda():
         "int8_pipelined": (functools.partial(int8, **probe.LOOP_VARIANTS["pipelined"]), (q, q, q, lut)),
     }
     for name, (fn, args) in calls.items():
-        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        text = lowered_for_cuda(fn, *args)
         assert "mosaic" in text.lower(), name

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import inspect
 
-import jax
 import jax.numpy as jnp
 import pytest
 
+from helpers import lowered_for_cuda
 from pallas_kernels import KernelConfig, mosaic_dkv
 from pallas_kernels.linear_states import transpose_lut
 
@@ -32,7 +32,7 @@ def test_dkv_kernel_lowers_for_cuda(d, exchange, use_alpha):
     assert mosaic_dkv._exchange_mode(d, 2, 2) == exchange
     args, alpha = _inputs(d, use_alpha)
     fn = lambda *a: mosaic_dkv.sparse_attention_dkv_mosaic(*a, alpha, config=KernelConfig())  # noqa: E731
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered_for_cuda(fn, *args)
     assert "mosaic_gpu" in text
 
 

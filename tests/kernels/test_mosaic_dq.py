@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from helpers import lowered_for_cuda
 from pallas_kernels import KernelConfig, mosaic_dq
 
 B, N, H, TOPK = 1, 1000, 2, 3  # ragged N: the last LUT entry's keys past N are masked
@@ -28,7 +29,7 @@ def _inputs(d, use_alpha, dtype=jnp.bfloat16):
 def _lowered(d, use_alpha, config, dtype=jnp.bfloat16):
     args, alpha = _inputs(d, use_alpha, dtype)
     fn = lambda *a: mosaic_dq.sparse_attention_dq_mosaic(*a, alpha, stages=4, config=config)  # noqa: E731
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return lowered_for_cuda(fn, *args)
 
 
 @pytest.mark.parametrize("d, use_alpha, dtype", [(64, True, jnp.bfloat16), (128, False, jnp.float16)])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import sla2_jax as sla
-from helpers import lowbit_triton_and_emulated_mosaic, random_qkv, rel_err
+from helpers import lowbit_triton_and_emulated_mosaic, lowered_for_cuda, random_qkv, rel_err
 from pallas_kernels import KernelConfig, attention, quantize
 from pallas_kernels import mosaic_forward as sm
 from pallas_kernels.common import validate_call
@@ -68,7 +68,7 @@ def test_fp8_kernel_lowers_for_cuda(operand, a_constraint):
         values = quantize.quantize_values_fp8(v, 64, interleave=True)
         return sm.sparse_attention_mosaic_int8(q, k, v, lut, keys, values=values, config=config)
 
-    text = jax.jit(fwd).trace(q, q, q, lut).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered_for_cuda(fwd, q, q, q, lut)
     wgmma = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.f32\.e4m3\.e4m3[^\"]*", text)
     assert wgmma, "no e4m3 wgmma in the lowered kernel"
     constraints = wgmma[0].split("\\00")[1]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import lowered_for_cuda
 from pallas_kernels import KernelConfig, mosaic_forward, reference, sla2_fused_attention, sparse_linear_attention
 from pallas_kernels.quantize import quantize_keys_with_mean, quantize_queries
 
@@ -190,7 +191,7 @@ def test_shared_state_kernel_lowers_for_cuda():
         linear = mosaic_forward.LinearInputs(q, hs, zs, jnp.zeros((b, h, nq)), 1e-6)
         fn = lambda q, k, v, lut: mosaic_forward.sparse_linear_attention_mosaic(  # noqa: E731
             q, k, v, lut, linear, outputs=("o",), config=KernelConfig(forward="mosaic"))
-        return jax.jit(fn).trace(q, q, q, lut).lower(lowering_platforms=("cuda",)).as_text()
+        return lowered_for_cuda(fn, q, q, q, lut)
 
     assert lowered(1) != lowered(nq)
     with pytest.raises(ValueError, match="must be"):

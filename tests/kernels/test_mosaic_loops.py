@@ -8,10 +8,10 @@ lower to different kernels, FP8 values ignore pair_steps, and a bad loop name is
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import pytest
 
+from helpers import lowered_for_cuda
 from pallas_kernels import KernelConfig
 from pallas_kernels import mosaic_forward as sm
 from pallas_kernels import quantize
@@ -44,7 +44,7 @@ def _lowered(kind: str, loop: str, topk: int, pairs: bool = True) -> str:
     q = jnp.zeros((B, N, H, D), jnp.bfloat16)
     lut = jnp.zeros((B, H, NQ, topk), jnp.int32)
     fn = _kernels(config)[kind]
-    return jax.jit(fn).trace(q, q, q, lut).lower(lowering_platforms=("cuda",)).as_text()
+    return lowered_for_cuda(fn, q, q, q, lut)
 
 
 @pytest.mark.parametrize("kind", ["bf16", "fused", "int8", "int8_fp8"])
