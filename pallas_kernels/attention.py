@@ -32,12 +32,10 @@ from .common import (
     checked_alpha,
     full_spec,
     pallas_triton_call,
-    params,
     row_spec,
     rows_per_step,
     seq_spec,
     validate_call,
-    with_named_refs,
 )
 from .linear_states import forward_states, gradient_states, transpose_lut
 from .quantize import QUANT_MODES, Quantised, QuantisedKeys, prequantize, quantize_values_fp8
@@ -393,17 +391,9 @@ def forward_lowbit_triton(
     if fused:
         inputs += [("alpha", alpha, full_spec(cfg.nq))]
     outputs = forward_outputs(q, cfg, fused=fused, residuals=residuals)
-    names = tuple(x[0] for x in inputs) + tuple(x[0] for x in outputs)
-    res = pl.pallas_call(
-        with_named_refs(lowbit_fwd_kernel, names, cfg=cfg, fused=fused, fp8=fp8),
-        grid=(cfg.nq, h, b),
-        in_specs=[x[2] for x in inputs],
-        out_specs=[x[2] for x in outputs],
-        out_shape=[x[1] for x in outputs],
-        compiler_params=params("lowbit" if quant == "int8" else "fwd", cfg),
-        interpret=cfg.interpret,
-        name=f"sla_fwd_{quant}",
-    )(*[x[1] for x in inputs])
+    launch = "lowbit" if quant == "int8" else "fwd"
+    res = pallas_triton_call(lowbit_fwd_kernel, (cfg.nq, h, b), inputs, outputs, cfg, launch,
+                             {"fused": fused, "fp8": fp8}, kernel_name=f"sla_fwd_{quant}")
     out = dict(zip([x[0] for x in outputs], res))
     out["h_lin"], out["z_lin"] = h_lin, z_lin
     return out

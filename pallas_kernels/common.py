@@ -158,9 +158,10 @@ def with_named_refs(kernel, names, **static):
     return body
 
 
-def pallas_triton_call(kernel, grid, inputs, outputs, call: KernelCall, name: str, launch: dict):
+def pallas_triton_call(kernel, grid, inputs, outputs, call: KernelCall, name: str, launch: dict, kernel_name=None):
     """One Triton pallas_call. inputs / outputs: lists of (name, array or ShapeDtypeStruct, BlockSpec); the kernel
-    gets the refs as keywords ``{name}_ref`` (with_named_refs), the KernelCall as ``cfg`` and ``launch``."""
+    gets the refs as keywords ``{name}_ref`` (with_named_refs), the KernelCall as ``cfg`` and ``launch``. name: the
+    launch-table entry; the kernel is called ``sla_{name}`` in profiles unless kernel_name says otherwise."""
     names = tuple(x[0] for x in inputs) + tuple(x[0] for x in outputs)
     return pl.pallas_call(
         with_named_refs(kernel, names, cfg=call, **launch),
@@ -170,7 +171,7 @@ def pallas_triton_call(kernel, grid, inputs, outputs, call: KernelCall, name: st
         out_shape=[x[1] for x in outputs],
         compiler_params=params(name, call),
         interpret=call.interpret,
-        name=f"sla_{name}",
+        name=kernel_name or f"sla_{name}",
     )(*[x[1] for x in inputs])
 
 
