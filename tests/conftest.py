@@ -7,8 +7,8 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA:CPU compiles without LLVM optimisation: the suite is compile-bound (small shapes, Pallas interpret mode), and
-# this cut tests/kernels/test_pallas_sparse_linear.py + tests/library/test_routing.py from 121 s to 91 s on the 2-core CI-like machine.
-# Child processes (tests/test_multidevice.py) inherit it.
+# this cut tests/kernels/test_pallas_sparse_linear.py + tests/library/test_routing.py from 121 s to 91 s on the 2-core
+# CI-like machine. Child processes (tests/test_multidevice.py, the smoke runs of tests/smoke_runs.py) inherit it.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 

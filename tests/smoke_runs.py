@@ -30,7 +30,8 @@ def _state(config) -> dict:
 
 
 def base(config) -> str:
-    """The folder of this pytest run's smoke runs, in any of its processes (xdist workers get it from the controller)."""
+    """The folder of this pytest run's smoke runs, in any of its processes (xdist workers get it from the
+    controller)."""
     return config.workerinput["smoke_base"] if hasattr(config, "workerinput") else _state(config)["base"]
 
 
@@ -62,9 +63,7 @@ def start(base: str, selected_files) -> list:
         with open(os.path.join(run_dir, "dirs.json"), "w") as f:
             json.dump(dirs, f)
         path = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
-        if "--xla_backend_optimization_level" not in env.get("XLA_FLAGS", ""):
-            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)  # XLA_FLAGS as tests/conftest.py set them
         # its own JAX compilation cache (as each test process has, see tests/conftest.py): the runs compile the same
         # programs again (resumed and repeated stages), 59 -> 53 s (recipe) and 99 -> 81 s (study) of CPU time
         env.update(JAX_COMPILATION_CACHE_DIR=os.path.join(run_dir, "jax_cache"),
