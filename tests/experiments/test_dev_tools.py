@@ -15,6 +15,7 @@ DEV = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "dev"
 MODULES = sorted(p.stem for p in DEV.glob("*.py") if p.stem != "__init__")
 # tools whose main() parses sys.argv with argparse: `--help` prints and exits without touching a device
 WITH_HELP = (
+    "attention_geometry",
     "autotune_kernels",
     "check_int8_gpu",
     "check_kernels_gpu",
@@ -115,3 +116,19 @@ def test_probe_mosaic_sparse_kernels_lower_for_cuda():
     for name, (fn, args) in calls.items():
         text = lowered_for_cuda(fn, *args)
         assert "mosaic" in text.lower(), name
+
+
+def test_attention_geometry_orders_and_chunked_core():
+    import jax
+    import numpy as np
+
+    from experiments.dev import attention_geometry as geo
+
+    orders = geo.token_orders((8, 4, 8))
+    for perm in orders.values():
+        assert sorted(perm.tolist()) == list(range(8 * 4 * 8))
+    t, h, w = np.unravel_index(orders["tiles"][:64], (8, 4, 8))  # the first key block of 64 is one 4x4x4 cube
+    assert set(t) == set(h) == set(w) == {0, 1, 2, 3}
+    q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 256, 2, 16))
+    ref = jax.nn.dot_product_attention(q, k, v)
+    np.testing.assert_allclose(geo.chunked_dense_core(q, k, v, chunk=64), ref, atol=1e-5)
