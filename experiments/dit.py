@@ -1,7 +1,10 @@
 """A small video DiT in Flax NNX with selectable attention (dense, SLA, SLA2, sparse-only).
 
 Shapes: video (B, T, H, W, C) -> 3D patches (pt, ph, pw) -> tokens (B, N, dim), N = T/pt * H/ph * W/pw in raster
-order (t, h, w), plus fixed 3D sin-cos position embeddings. Each block is a DiT block with adaLN-zero modulation
+order (t, h, w), plus fixed 3D sin-cos position embeddings; then the tokens are put in ModelConfig.token_order
+("tiles": 4 x 4 x 4 cubes of tokens by default, experiments/token_order.py) for the blocks, and back in raster
+order before unpatchify, so every attention layer (and captured Q/K/V) sees blocks of that order while the dense
+model's function does not depend on it. Each block is a DiT block with adaLN-zero modulation
 from c = MLP(timestep embedding) + class embedding; attention uses RMS-normalised q and k (as Wan does). The
 model predicts the rectified-flow velocity v = noise - x0 for x_t = (1 - t) x0 + t noise, t in [0, 1].
 
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments import token_order
 from experiments.configs import DataConfig, ModelConfig, Preset, RunSpec
 
 _List = getattr(nnx, "List", list)
@@ -229,6 +233,7 @@ class VideoDiT(nnx.Module):
         self.video_shape = (data.frames, data.height, data.width, data.channels)
         self.grid = (data.frames // pt, data.height // ph, data.width // pw)
         self.seq_len = int(np.prod(self.grid))
+        token_order.permutation(self.grid, cfg.token_order, tuple(cfg.tile))  # ValueError if the tile does not fit
         dtype = jnp.dtype(cfg.dtype)
         dim, patch_dim = cfg.dim, pt * ph * pw * data.channels
         self.patch_embed = nnx.Linear(patch_dim, dim, dtype=dtype, rngs=rngs)
@@ -249,13 +254,17 @@ class VideoDiT(nnx.Module):
     def __call__(self, x, t, label, capture: bool = False):
         """x (B,T,H,W,C), t (B,) float in [0,1], label (B,) int -> velocity (B,T,H,W,C) float32.
 
-        With capture=True also returns the list (one per block) of (q, k, v), each (B, N, H, D).
+        With capture=True also returns the list (one per block) of (q, k, v), each (B, N, H, D), tokens in the
+        model's token order.
         """
         if x.shape[1:] != self.video_shape:
             raise ValueError(f"x has shape {x.shape}, expected (B, *{self.video_shape})")
         dtype = jnp.dtype(self.cfg.dtype)
         h = self.patch_embed(patchify(x.astype(dtype), self.cfg.patch))
         h = h + jnp.asarray(sincos_3d(self.grid, self.cfg.dim), dtype)[None]
+        perm, inverse = token_order.permutation(self.grid, self.cfg.token_order, tuple(self.cfg.tile))
+        if perm is not None:
+            h = h[:, perm]
         c = self.t_fc2(nnx.silu(self.t_fc1(timestep_embedding(t, 256).astype(dtype)))) + self.y_embed(label)
         captured = []
         for block in self.blocks:
@@ -263,6 +272,8 @@ class VideoDiT(nnx.Module):
             captured.append(qkv)
         shift, scale = jnp.split(self.final_ada(nnx.silu(c)), 2, axis=-1)
         out = self.final(_modulate(self.final_norm(h), shift, scale))
+        if inverse is not None:
+            out = out[:, inverse]
         out = unpatchify(out.astype(jnp.float32), self.cfg.patch, self.video_shape)
         return (out, captured) if capture else out
 

@@ -8,7 +8,9 @@ Steps (each skipped when its output exists, so a rerun continues where the last 
             checkpoint the oracle kept mass of the model's attention (sla2_jax.diagnostics on held-out probe Q/K)
             is appended to stage0/gate.json
   gate      stage 2 runs only once the mean oracle kept mass at gate_sparsity is >= gate_threshold (or with
-            --ignore-gate); the curve is reported either way
+            --ignore-gate); the curve is reported either way. Rows carry the token order they were measured in
+            (ModelConfig.token_order); only rows of the study's order count, and a finished dense model whose last
+            row is of another order (a stage-0 state imported after a change of order) is probed again first
   routers   stage 1 for every SLA2 router the study needs, plus the router comparison on held-out Q/K/V:
             oracle, SLA's router (least-squares alpha), SLA with a fitted Proj, SLA2 routers trained with the
             forms of configs.ROUTER_FORMS: kept mass and attention error (routers.json)
@@ -33,7 +35,8 @@ state (stage 0 of study-gpu alone takes about two 7-minute chunks on one H100):
       --time-budget 420 --export-state $OUT
   # read the results locally: cat .study_state/study_state.tar.* | tar -x -C runs/study
 --set PATH=VALUE changes any field of the preset for a variant (e.g. --set preset.model.qk_norm_init=2.0); a
-folder refuses a different configuration, so a variant needs its own --out.
+folder refuses a different configuration, so a variant needs its own --out. The token order is the exception while
+a folder holds stage 0 alone (see _check_config): the dense model does not depend on it.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from experiments import data as data_lib
-from experiments import evaluate, report, stats, train
+from experiments import evaluate, report, stats, token_order, train
 from experiments.configs import ROUTER_FORMS, RunSpec, StudyConfig, get_study
 from experiments.dit import VideoDiT, attention_spec, make_model
 
@@ -101,32 +104,70 @@ def probe_kept_mass(model: VideoDiT, study: StudyConfig, preset) -> dict:
     )
 
 
+def study_order(study: StudyConfig) -> str:
+    """The token order of the study's model as gate rows and reports name it: "raster" or e.g. "tiles 4x4x4"."""
+    m = study.preset.model
+    return token_order.order_name(m.token_order, m.tile)
+
+
+def probe_order(probe: dict) -> str:
+    """The token order a gate row was measured in (rows written before the order was recorded: raster)."""
+    return probe.get("token_order", "raster")
+
+
 def gate_status(study: StudyConfig, out: str) -> dict:
-    """{"passed": bool, "mean_oracle": float | None (latest full-length probe), "step": int | None}."""
+    """{"passed": bool, "mean_oracle": float | None, "step": int | None, "token_order": str}: the latest
+    full-length probe measured in the study's token order (rows of another order do not count)."""
     path = os.path.join(out, "stage0", "gate.json")
-    probes = [p for p in (_json(path) if os.path.exists(path) else []) if p["phase"] == "dense"]
+    order = study_order(study)
+    probes = [p for p in (_json(path) if os.path.exists(path) else [])
+              if p["phase"] == "dense" and probe_order(p) == order]
     if not probes:
-        return {"passed": False, "mean_oracle": None, "step": None}
+        return {"passed": False, "mean_oracle": None, "step": None, "token_order": order}
     last = probes[-1]
     value = last["mean_oracle"][last["sparsities"].index(study.gate_sparsity)]
-    return {"passed": value >= study.gate_threshold, "mean_oracle": value, "step": last["step"]}
+    return {"passed": value >= study.gate_threshold, "mean_oracle": value, "step": last["step"],
+            "token_order": order}
+
+
+def _append_probe(study: StudyConfig, out: str, rep: dict, phase: str, step: int, **extra) -> None:
+    """Add one row to stage0/gate.json (replacing rows of this phase and order at or after `step`: a resumed
+    phase probes its checkpoints again) and print it."""
+    gate_path = os.path.join(out, "stage0", "gate.json")
+    order = study_order(study)
+    probes = _json(gate_path) if os.path.exists(gate_path) else []
+    probes = [p for p in probes if not (p["phase"] == phase and p["step"] >= step and probe_order(p) == order)]
+    probes.append(dict(rep, phase=phase, step=step, token_order=order, time=time.time(), **extra))
+    train.write_json(gate_path, probes)
+    s = rep["sparsities"].index(study.gate_sparsity)
+    tqdm.write(f"[probe] {phase} step {step} ({order} order): oracle kept mass at {study.gate_sparsity:.0%} "
+               f"{rep['mean_oracle'][s]:.3f} (per layer {', '.join(f'{o[s]:.2f}' for o in rep['oracle'])})")
+
+
+def reprobe_gate(study: StudyConfig, out: str, dense: VideoDiT) -> bool:
+    """Probe the finished dense model again when the latest full-length gate row was measured in another token
+    order than the study's (a state trained or probed in raster order, imported by a study in tile order): the
+    dense weights do not depend on the order, its block sparsity does. Returns True when it probed."""
+    path = os.path.join(out, "stage0", "gate.json")
+    probes = [p for p in (_json(path) if os.path.exists(path) else []) if p["phase"] == "dense"]
+    order = study_order(study)
+    if not probes or probe_order(probes[-1]) == order:
+        return False
+    step = train.read_done(os.path.join(out, "stage0", "dense"))["steps"]
+    _log(f"[gate] the last gate row was measured in {probe_order(probes[-1])} order: probing the dense model "
+         f"(step {step}) in {order} order")
+    _append_probe(study, out, probe_kept_mass(dense, study, study.preset), "dense", step,
+                  reprobed_from=probe_order(probes[-1]))
+    return True
 
 
 def pretrain(study: StudyConfig, out: str, budget: Budget, mesh) -> bool:
     """Stage 0 (short clips, then full length) until done or out of time. Returns True when done."""
     preset = study.preset
-    gate_path = os.path.join(out, "stage0", "gate.json")
 
     def prober(phase, phase_preset):
         def on_checkpoint(step, model):
-            rep = probe_kept_mass(model, study, phase_preset)
-            probes = _json(gate_path) if os.path.exists(gate_path) else []
-            probes = [p for p in probes if not (p["phase"] == phase and p["step"] >= step)]
-            probes.append(dict(rep, phase=phase, step=step, time=time.time()))
-            train.write_json(gate_path, probes)
-            s = rep["sparsities"].index(study.gate_sparsity)
-            tqdm.write(f"[probe] {phase} step {step}: oracle kept mass at {study.gate_sparsity:.0%} "
-                       f"{rep['mean_oracle'][s]:.3f} (per layer {', '.join(f'{o[s]:.2f}' for o in rep['oracle'])})")
+            _append_probe(study, out, probe_kept_mass(model, study, phase_preset), phase, step)
 
         return on_checkpoint
 
@@ -491,6 +532,7 @@ def run_study(study: StudyConfig, out: str, *, time_budget_s: float | None = Non
         return _finish(study, out, status)
     status["stage0"] = "done"
     dense = load_dense(study, out)
+    reprobe_gate(study, out, dense)  # before any router: the gate in this study's token order
     examples = os.path.join(out, "data_examples.gif")
     if not os.path.exists(examples):
         report.save_gif(data_lib.make_source(preset.data, data_lib.VAL_STREAM).batch(0, 4)["video"], examples)
@@ -549,13 +591,34 @@ def _curve_needs_capture(study, out) -> bool:
     return any(("sla", s) not in done for s in study.curve_sparsities)
 
 
+ORDER_FIELDS = ("token_order", "tile")  # of ModelConfig: they change which tokens share a block, not stage 0
+ORDER_DEPENDENT = ("stage1", "stage2", "eval", "routers.json", "curve.json")  # made with the old order's blocks
+
+
 def _check_config(study: StudyConfig, out: str) -> None:
+    """Refuse a folder that holds a study of another configuration, except for the token order when the folder
+    holds stage 0 only: the dense model computes the same function in every order (its position embeddings are
+    added per token before the permutation), so its training continues and its gate is probed again
+    (reprobe_gate); the routers, the curves and the sparse models are made of blocks and are not carried over."""
     cfg = dataclasses.asdict(study)
     cfg["preset"].pop("runs")
+    cfg = json.loads(json.dumps(cfg))
     path = os.path.join(out, "study.json")
     if os.path.exists(path):
-        if _json(path)["config"] != json.loads(json.dumps(cfg)):
+        old = _json(path)["config"]
+        strip = [{**c, "preset": {**c["preset"], "model": {k: v for k, v in c["preset"]["model"].items()
+                                                             if k not in ORDER_FIELDS}}} for c in (old, cfg)]
+        if strip[0] != strip[1]:
             raise ValueError(f"{out!r} holds a study of a different configuration; use another --out")
+        model = old["preset"]["model"]  # written before the order was a field: raster
+        was = token_order.order_name(model.get("token_order", "raster"), model.get("tile"))
+        if was != study_order(study):
+            made = [p for p in ORDER_DEPENDENT if os.path.exists(os.path.join(out, p))]
+            if made:
+                raise ValueError(f"{out!r} holds {', '.join(made)} made in {was} token order; only a folder with "
+                                 f"stage 0 alone can go on in {study_order(study)} order: use another --out")
+            _log(f"[config] {out!r} was run in {was} token order, goes on in {study_order(study)} order (stage 0 "
+                 "does not depend on it)")
     train.write_json(path, {"config": cfg, "runs": [r.name for r in study.preset.runs],
                             "num_tokens": study.preset.num_tokens,
                             "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from experiments import report, stats
+from experiments import report, stats, token_order
 from experiments.configs import StudyConfig, get_study
 
 REF = "dense-ft"
@@ -63,18 +63,30 @@ def gate_section(study: StudyConfig, out: str) -> str:
         return "## Gate: oracle kept mass of the dense model\n\nNo probe yet.\n"
     sp = probes[0]["sparsities"]
     g = sp.index(study.gate_sparsity)
-    rows = [[p["phase"], p["step"]] + [f"{m:.3f}" for m in p["mean_oracle"]]
+    rows = [[p["phase"], p["step"], _order(p) + (" (re-probed)" if p.get("reprobed_from") else "")]
+            + [f"{m:.3f}" for m in p["mean_oracle"]]
             + [", ".join(f"{o[g]:.2f}" for o in p["oracle"]), f"{p['mean_router'][g]:.3f}"] for p in probes]
-    head = ["phase", "step"] + [f"oracle {100 * s:g}%" for s in sp]
+    head = ["phase", "step", "token order"] + [f"oracle {100 * s:g}%" for s in sp]
     head += [f"per layer at {100 * study.gate_sparsity:g}%", f"SLA router at {100 * study.gate_sparsity:g}%"]
     _plot_gate(probes, study, os.path.join(out, "gate_curve.png"))
     return (
         "## Gate: oracle kept mass of the dense model while it trains\n\n"
         f"Exact softmax mass in the best key blocks (held-out probe videos at t = {list(study.probe_times)}), mean "
         f"over layers, heads and query rows. Gate: >= {study.gate_threshold} at {100 * study.gate_sparsity:g}% "
-        "on the full-length model before any sparse fine-tuning.\n\n" + _table(head, rows)
+        "on the full-length model before any sparse fine-tuning, measured in the study's token order "
+        f"({_study_order(study)}; the order decides which tokens share a block, the dense model does not depend on "
+        "it; a re-probed row is the finished dense model probed again after a change of order).\n\n"
+        + _table(head, rows)
         + "\n![gate curve](gate_curve.png)\n"
     )
+
+
+def _order(probe) -> str:
+    return probe.get("token_order", "raster")  # rows written before the order was recorded were raster
+
+
+def _study_order(study: StudyConfig) -> str:
+    return token_order.order_name(study.preset.model.token_order, study.preset.model.tile)
 
 
 def _plot_gate(probes, study, path):
@@ -85,18 +97,21 @@ def _plot_gate(probes, study, path):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     offset = max([p["step"] for p in probes if p["phase"] == "dense-short"], default=0)
+    orders = list(dict.fromkeys(_order(p) for p in probes))
     for i, s in enumerate(probes[0]["sparsities"]):
         color = f"C{i}"
-        for phase, style in (("dense-short", "--"), ("dense", "-")):
-            pts = [(p["step"] + (offset if phase == "dense" else 0), p["mean_oracle"][i]) for p in probes
-                   if p["phase"] == phase]
-            if pts:
-                label = f"{100 * s:g}%" + (" (short clips)" if phase == "dense-short" else "")
-                ax.plot(*zip(*pts), style, marker="o", color=color, label=label)
+        for order, marker in zip(orders, "osD^v"):
+            for phase, style in (("dense-short", "--"), ("dense", "-")):
+                pts = [(p["step"] + (offset if phase == "dense" else 0), p["mean_oracle"][i]) for p in probes
+                       if p["phase"] == phase and _order(p) == order]
+                if pts:
+                    label = f"{100 * s:g}%" + (" (short clips)" if phase == "dense-short" else "")
+                    label += f", {order}" if len(orders) > 1 else ""
+                    ax.plot(*zip(*pts), style, marker=marker, color=color, label=label)
     ax.axhline(study.gate_threshold, color="k", ls="--", lw=1)
     ax.set(xlabel="stage-0 step (short clips, then full length)", ylabel="mean oracle kept mass", ylim=(0, 1))
     ax.grid(alpha=0.3)
-    ax.legend(title="sparsity")
+    ax.legend(title="sparsity", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -253,7 +268,8 @@ def write_report(study: StudyConfig, out: str, status: dict | None = None) -> di
     md = [
         f"# SLA2 quality study: preset `{p.name}`\n",
         f"Videos ({p.data.source}) {p.data.frames}x{p.data.height}x{p.data.width}, patch {p.model.patch}, "
-        f"{p.num_tokens} tokens; DiT dim {p.model.dim}, depth {p.model.depth}, {p.model.num_heads} heads; blocks "
+        f"{p.num_tokens} tokens in {_study_order(study)} order; DiT dim {p.model.dim}, depth {p.model.depth}, "
+        f"{p.model.num_heads} heads; blocks "
         f"b_q={p.block_q}, b_k={p.block_k}. Stage 2: {p.stage2.steps} steps x {p.stage2.batch_size} videos for "
         f"every model. Device: {meta.get('device', 'n/a')}; jax {meta.get('jax_version', 'n/a')}.\n",
         f"Status: `{json.dumps(status or {})}`\n",

@@ -11,8 +11,9 @@ held-out probe videos and reports per layer:
   kept       oracle kept mass (sla2_jax.diagnostics) at 90/95/97% with the logits scaled by 1, 1.5, 2 (what a
              larger gain would do with nothing else changed) and with the tokens in other orders: "raster"
              (t, h, w: the DiT's order), "hwt" (frames innermost), "tiles" (4 x 4 x 4 cubes of tokens in raster
-             order of cubes: a key block of 64 is one cube, a query block of 128 two). The dense model is
-             permutation-equivariant, so the order changes only which tokens share a block.
+             order of cubes: a key block of 64 is one cube, a query block of 128 two; the order study-gpu now
+             trains and probes in). The dense model is permutation-equivariant, so the order changes only which
+             tokens share a block. The model is loaded in raster order whatever the preset's token_order.
 
   python -m experiments.dev.attention_geometry --state /tmp/st --out /tmp/geom.json [--videos 2 --times 0.25 0.5 0.75]
 
@@ -32,6 +33,7 @@ import numpy as np
 
 from experiments import data as data_lib, dit, study as study_lib, train
 from experiments.configs import get_study
+from experiments.token_order import tile_permutation
 
 
 def chunked_dense_core(q, k, v, chunk: int = 1024):
@@ -48,11 +50,13 @@ def chunked_dense_core(q, k, v, chunk: int = 1024):
 
 
 def token_orders(grid) -> dict:
+    """Permutations of raster-ordered tokens: "raster", "hwt" and (when 4 divides the grid) "tiles" (the DiT's
+    ModelConfig.token_order="tiles", experiments/token_order.py)."""
     T, H, W = grid
     idx = np.arange(T * H * W).reshape(T, H, W)
     orders = {"raster": idx.reshape(-1), "hwt": idx.transpose(1, 2, 0).reshape(-1)}
     if T % 4 == 0 and H % 4 == 0 and W % 4 == 0:
-        orders["tiles"] = idx.reshape(T // 4, 4, H // 4, 4, W // 4, 4).transpose(0, 2, 4, 1, 3, 5).reshape(-1)
+        orders["tiles"] = tile_permutation(grid, (4, 4, 4))
     return orders
 
 
@@ -110,7 +114,9 @@ def main():
     dit._dense_core = chunked_dense_core  # float32, bounded memory on CPU
     study = get_study(args.preset)
     preset = study.preset
-    preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, dtype="float32"))
+    # Raster order in the model: the orders below permute its captured Q/K (the preset may run in tile order).
+    preset = dataclasses.replace(preset, model=dataclasses.replace(preset.model, dtype="float32",
+                                                                   token_order="raster"))
     study = dataclasses.replace(study, preset=preset)
     model = study_lib.load_dense(study, args.state)
     head_dim = preset.model.dim // preset.model.num_heads

@@ -1,5 +1,6 @@
 """The study command end to end on the study-cpu-smoke preset: a first call stopped by its time budget after the
-first stage-0 checkpoint exports its state; a second call in another folder imports it and runs every step
+first stage-0 checkpoint exports its state (that call in raster token order); a second call in another folder
+imports it in the preset's tile order (stage 0 does not depend on the order) and runs every step
 (stage 0 with the kept-mass probe, gate, routers, router comparison, training-free curve, stage 2, powered
 evaluation, report); a rerun skips everything; the finished state, exported and imported into a third folder,
 holds the routers and the dense model. Runs once in a child process (started by conftest.py, in parallel
@@ -20,11 +21,12 @@ from experiments import study, train  # noqa: E402
 from experiments.configs import get_study  # noqa: E402
 
 STUDY = get_study("study-cpu-smoke")
+RASTER = study.override(STUDY, "preset.model.token_order=raster")
 
 
 def _run(first: str, state: str, second: str) -> None:
-    study.run_study(STUDY, first, time_budget_s=1e-3)
-    study.export_state(STUDY, first, state)
+    study.run_study(RASTER, first, time_budget_s=1e-3)
+    study.export_state(RASTER, first, state)
     study.import_state(STUDY, second, state)
     study.run_study(STUDY, second, ignore_gate=True)
     study.run_study(STUDY, second, ignore_gate=True)  # the rerun: every step skipped
@@ -64,7 +66,8 @@ def test_second_call_ran_every_step(dirs):
     # The short phase continued from the imported step-1 checkpoint: its curve spans both calls.
     assert [s for s, _ in train.read_done(os.path.join(out, "stage0", "dense-short"))["loss_curve"]] == [1, 2]
     gate = json.load(open(os.path.join(out, "stage0", "gate.json")))
-    assert [(p["phase"], p["step"]) for p in gate] == [("dense-short", 1), ("dense-short", 2), ("dense", 2)]
+    assert [(p["phase"], p["step"], p["token_order"]) for p in gate] == [
+        ("dense-short", 1, "raster"), ("dense-short", 2, "tiles 2x4x4"), ("dense", 2, "tiles 2x4x4")]
     for p in gate:
         assert all(0 < r <= o + 1e-6 <= 1 + 1e-6 for o, r in zip(p["mean_oracle"], p["mean_router"]))
     rows = json.load(open(os.path.join(out, "routers.json")))["rows"]
@@ -113,6 +116,9 @@ def test_evaluation_rows_and_report(dirs):
     for i in range(1, len(lines) - 1):  # valid Markdown tables: no blank line inside a table, no NaN cell
         assert not (lines[i - 1].startswith("|") and lines[i] == "" and lines[i + 1].startswith("|")), i
     assert "nan" not in md.lower().replace("dense", "")
+    assert "| dense-short | 1 | raster |" in md and "| dense | 2 | tiles 2x4x4 |" in md
+    assert "tokens in tiles 2x4x4 order" in md
+    assert "was run in raster token order, goes on in tiles 2x4x4 order" in dirs["log"]
     for section in ("## Gate", "## Routers", "## Training-free", "## Fine-tuned", "## Claims", "per t bin"):
         assert section in md, section
     for f in ("results.json", "gate_curve.png", "curve.png", "loss_curves.png", "samples.gif", "gifs/sla-95-fit.gif",

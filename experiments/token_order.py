@@ -1,0 +1,52 @@
+"""Token orders of a video DiT's sequence: which tokens share an attention block.
+
+Block-sparse attention groups consecutive tokens into blocks (b_q queries, b_k keys). In the raster order (t, h, w)
+of a (T, H, W) token grid a block of 64 tokens is a strip of image rows of one frame; in the "tiles" order the grid
+is cut into (tt, th, tw) cubes, laid out in raster order of cubes, each cube's tokens in raster order inside it, so a
+block of tt * th * tw tokens is one space-time cube (as video block-sparse methods such as VSA do). A model whose
+position embeddings are added per token before the permutation computes the same function in either order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+TOKEN_ORDERS = ("raster", "tiles")
+
+
+def check_tile(grid, tile) -> None:
+    """ValueError unless `tile` is three positive ints that divide the token grid (T, H, W) axis by axis (grid
+    None: the ints only)."""
+    tile = tuple(tile)
+    if len(tile) != 3 or not all(isinstance(n, (int, np.integer)) and n > 0 for n in tile):
+        raise ValueError(f"tile={tile!r} must be three positive ints (t, h, w) in tokens")
+    if grid is not None and any(g % n for g, n in zip(grid, tile)):
+        raise ValueError(f"token grid (t, h, w) = {tuple(grid)} is not divisible by tile {tile}; choose a tile that "
+                         "divides every axis of the grid (or token_order='raster')")
+
+
+def tile_permutation(grid, tile=(4, 4, 4)) -> np.ndarray:
+    """Indices (N,) into the raster-ordered tokens of `grid` that put them in tile order: x_tiles = x[:, perm]."""
+    check_tile(grid, tile)
+    (T, H, W), (a, b, c) = grid, tile
+    idx = np.arange(T * H * W).reshape(T // a, a, H // b, b, W // c, c)
+    return idx.transpose(0, 2, 4, 1, 3, 5).reshape(-1)
+
+
+@functools.lru_cache(maxsize=16)
+def permutation(grid: tuple, order: str, tile: tuple = (4, 4, 4)):
+    """(perm, inverse) for `order` ("raster": None, None), so that x[:, perm] is in `order` and y[:, inverse] is
+    back in raster order. Cached: grid and tile are tuples; do not modify the returned arrays."""
+    if order not in TOKEN_ORDERS:
+        raise ValueError(f"token_order={order!r} must be one of {TOKEN_ORDERS}")
+    if order == "raster":
+        return None, None
+    perm = tile_permutation(grid, tile)
+    return perm, np.argsort(perm)
+
+
+def order_name(order: str, tile=(4, 4, 4)) -> str:
+    """"raster" or e.g. "tiles 4x4x4" (how reports name an order)."""
+    return order if order == "raster" else f"{order} {'x'.join(str(n) for n in tile)}"
