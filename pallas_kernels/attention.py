@@ -10,9 +10,13 @@ and outputs, the custom_vjp of each precision family, and the public entry point
                            kernel); straight-through for the low-bit forward: the same backward from the original
                            q, k, v and the low-bit forward's LSE.
 
+Without phi arrays (``sla2_fused_attention(q, k, v, None, None, lut, alpha, feature_map=phi)``, the library's
+path without low bit): phi(K) in the states kernel, phi(Q) in the Mosaic epilogue; the backward writes phi(Q),
+phi(K) for the backward kernels and applies phi's vjp (front_end.feature_map_rows / feature_map_vjp).
+
 Each stage is a separate function (``forward``, ``backward_dq``, ``backward_states``, ``backward_dkv``) so that the
-developer probes can time it alone. The phi Jacobian, alpha's parametrisation and the router are left to JAX
-autodiff around these functions.
+developer probes can time it alone. Given phi arrays, the phi Jacobian is left to JAX autodiff around these
+functions, as are alpha's parametrisation and the router.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from .common import (
     seq_spec,
     validate_call,
 )
+from .front_end import feature_map_rows, feature_map_vjp
 from .linear_states import forward_states, gradient_states, transpose_lut
 from .quantize import QUANT_MODES, Quantised, QuantisedKeys, prequantize, quantize_values_fp8
 from .triton_backward import dkv_kernel, dkv_linear_kernel, dq_kernel, dq_linear_kernel
@@ -46,14 +51,15 @@ from .triton_forward import fwd_kernel, linear_epilogue_kernel, lowbit_fwd_kerne
 # ----------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------
-def linear_inputs(q_phi, k_phi, v, lut, cfg: KernelCall):
+def linear_inputs(q_phi, k_phi, v, lut, cfg: KernelCall, phi=None):
     """The forward kernels' linear-branch inputs and the states kept as residuals: ([(name, array, BlockSpec)], h, z)
     with h, z from linear_states.forward_states (per query block for the complement scope, else the totals);
-    ([], None, None) without a linear branch."""
+    ([], None, None) without a linear branch. phi: None, or the feature map: then k_phi is K (phi applied in the
+    states kernel) and q_phi may be None (phi(Q) in the Mosaic epilogue)."""
     if not cfg.linear:
         return [], None, None
     d = cfg.d
-    h, z = forward_states(k_phi, v, lut, cfg)
+    h, z = forward_states(k_phi, v, lut, cfg, phi)
     if cfg.track_lin:
         h_spec = pl.BlockSpec((None, None, None, d, d), lambda i, hh, bb: (bb, hh, i, 0, 0))
         z_spec = pl.BlockSpec((None, None, None, d), lambda i, hh, bb: (bb, hh, i, 0))
@@ -83,32 +89,33 @@ def forward_outputs(q, cfg: KernelCall, *, fused: bool, residuals: bool):
     return outputs
 
 
-def mosaic_epilogue_args(q, alpha, named_inputs: dict, cfg: KernelCall, *, fused: bool, residuals: bool):
+def mosaic_epilogue_args(q, alpha, named_inputs: dict, cfg: KernelCall, *, fused: bool, residuals: bool, phi=None):
     """(mosaic_forward.LinearInputs, {"outputs", "stages", "config"}) of a Mosaic forward with the linear epilogue (bf16 and
     INT8 kernels alike), from _linear_inputs' named arrays: the outputs forward_outputs asks for, and the ring depth
     (the Q or phi(Q) tiles hold two outputs; a third goes through a finished V slot of the ring,
-    mosaic_forward.ring_holds_outputs, or else needs the room of one K/V ring slot)."""
+    mosaic_forward.ring_holds_outputs, or else needs the room of one K/V ring slot). q_phi None: phi(Q) from the
+    kernel's Q tile by phi."""
     outputs = tuple(x[0] for x in forward_outputs(q, cfg, fused=fused, residuals=residuals))
     tiles = sum(x in ("o", "o_s", "o_l") for x in outputs)
     h, z = named_inputs["h_lin"], named_inputs["z_lin"]
     if not cfg.track_lin:  # scope "all": the totals (B, H, D, D) f32 as one bf16 state shared by the query blocks
         h, z = h.astype(jnp.bfloat16)[:, :, None], z[:, :, None]
-    linear = mosaic_forward.LinearInputs(named_inputs["q_phi"], h, z, alpha if fused else None, cfg.eps)
+    linear = mosaic_forward.LinearInputs(named_inputs["q_phi"], h, z, alpha if fused else None, cfg.eps, phi)
     stages = 4 if tiles <= 2 or mosaic_forward.ring_holds_outputs(cfg.block_k, 4, cfg.config) else 3
     return linear, {"outputs": outputs, "stages": stages, "config": cfg.config}
 
 
-def uses_mosaic_epilogue(named_inputs: dict, cfg: KernelCall) -> bool:
+def uses_mosaic_epilogue(named_inputs: dict, cfg: KernelCall, dtype) -> bool:
     """The linear branch runs in the Mosaic forward's epilogue: KernelConfig.epilogue "mosaic" and bf16 states:
     the complement's per-block H_i (B, H, Nq, D, D) in bf16 (KernelConfig.state_dtype; float32 states need the hi +
     lo products of the Triton epilogue), or for scope "all" the shared totals, rounded to bf16 when state_dtype is
-    "bfloat16" (one (D, D) state per (batch, head): no per-block states at all)."""
+    "bfloat16" (one (D, D) state per (batch, head): no per-block states at all). dtype: the inputs' dtype."""
     h = named_inputs.get("h_lin")
     if cfg.config.epilogue != "mosaic" or h is None:
         return False
     if cfg.track_lin:
         return h.ndim == 5 and jnp.dtype(h.dtype) == jnp.dtype(jnp.bfloat16)
-    sixteen_bit = jnp.dtype(named_inputs["q_phi"].dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return sixteen_bit and cfg.config.state_dtype == "bfloat16"
 
 
@@ -128,12 +135,13 @@ def linear_epilogue(q, o_s, lse, alpha, linear_inputs, cfg: KernelCall, *, fused
     return out
 
 
-def _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg: KernelCall, *, fused: bool, residuals: bool):
+def _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg: KernelCall, *, fused: bool, residuals: bool, phi=None):
     """Sparse branch by the Mosaic GPU kernel; the linear branch and combine in its epilogue (KernelConfig.epilogue
-    "mosaic", where uses_mosaic_epilogue allows) or in a Triton epilogue kernel after it (o_s, LSE through memory)."""
+    "mosaic", where uses_mosaic_epilogue allows) or in a Triton epilogue kernel after it (o_s, LSE through memory).
+    A q_phi input of None: phi(Q) in the Mosaic epilogue (by phi)."""
     named = {name: x for name, x, _ in linear_inputs}
-    if uses_mosaic_epilogue(named, cfg):
-        linear, kw = mosaic_epilogue_args(q, alpha, named, cfg, fused=fused, residuals=residuals)
+    if uses_mosaic_epilogue(named, cfg, q.dtype):
+        linear, kw = mosaic_epilogue_args(q, alpha, named, cfg, fused=fused, residuals=residuals, phi=phi)
         return mosaic_forward.sparse_linear_attention_mosaic(
             q, k, v, lut, linear, block_k=cfg.block_k, sm_scale=cfg.sm_scale, **kw
         )
@@ -143,13 +151,22 @@ def _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg: KernelCall, *, fuse
     return linear_epilogue(q, o_s, lse, alpha, linear_inputs, cfg, fused=fused, residuals=residuals)
 
 
-def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, residuals: bool):
+def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, residuals: bool, phi=None):
     """The forward of the bf16 family: {output name: array} with o (fused) or o_s, o_l, and with residuals lse,
-    den and the states h_lin, z_lin."""
+    den and the states h_lin, z_lin. q_phi = k_phi = None: phi(Q), phi(K) computed from q, k by phi (the feature
+    map) inside the kernels: phi(K) in the states kernel, phi(Q) in the Mosaic epilogue (a phi(Q) array only where
+    the linear branch runs in a Triton kernel)."""
     b, n, h, d = q.shape
-    linear, h_lin, z_lin = linear_inputs(q_phi, k_phi, v, lut, cfg)
+    if q_phi is None:
+        linear, h_lin, z_lin = linear_inputs(None, k, v, lut, cfg, phi)
+        named = {name: x for name, x, _ in linear}
+        if linear and not (cfg.mosaic_forward and uses_mosaic_epilogue(named, cfg, q.dtype)):
+            q_phi = feature_map_rows(q, phi, interpret=cfg.interpret)
+            linear = [(name, q_phi if name == "q_phi" else x, spec) for name, x, spec in linear]
+    else:
+        linear, h_lin, z_lin = linear_inputs(q_phi, k_phi, v, lut, cfg)
     if cfg.mosaic_forward:
-        out = _forward_mosaic(q, k, v, lut, alpha, linear, cfg, fused=fused, residuals=residuals)
+        out = _forward_mosaic(q, k, v, lut, alpha, linear, cfg, fused=fused, residuals=residuals, phi=phi)
         out["h_lin"], out["z_lin"] = h_lin, z_lin
         return out
     seq = seq_spec(cfg)
@@ -351,7 +368,7 @@ def _forward_lowbit_mosaic(
     linear, h_lin, z_lin = linear_inputs(q_phi, k_phi, v, lut, cfg)
     named = {name: x for name, x, _ in linear}
     kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "queries": queries}
-    if quant == "int8" and uses_mosaic_epilogue(named, cfg):
+    if quant == "int8" and uses_mosaic_epilogue(named, cfg, q.dtype):
         # shared memory at D = 128: int8 Q 16 KB, ring of 4 (8 + 16 KB), phi(Q), H_i, 1 tile of its own (three outputs)
         lin, plan = mosaic_epilogue_args(q, alpha, named, cfg, fused=fused, residuals=residuals)
         out = mosaic_forward.sparse_linear_attention_mosaic_int8(q, k, v, lut, keys, lin, **plan, **kw)
@@ -450,6 +467,32 @@ def _fused_bwd(cfg, res, do):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _fused_phi(q, k, v, lut, alpha, cfg, phi):
+    return forward(q, k, v, None, None, lut, alpha, cfg, fused=True, residuals=False, phi=phi)["o"]
+
+
+def _fused_phi_fwd(q, k, v, lut, alpha, cfg, phi):
+    out = forward(q, k, v, None, None, lut, alpha, cfg, fused=True, residuals=True, phi=phi)
+    return out["o"], residuals(q, k, v, None, None, lut, alpha, out)
+
+
+def _fused_phi_bwd(cfg, phi, res, do):
+    """The backward of _fused with phi(Q), phi(K) made here (the backward kernels read them) and phi's vjp applied
+    to their gradients (one front-end kernel per tensor, which also adds the direct dQ, dK)."""
+    if cfg.linear:
+        res = res._replace(q_phi=feature_map_rows(res.q, phi, interpret=cfg.interpret),
+                           k_phi=feature_map_rows(res.k, phi, interpret=cfg.interpret))
+    dq, dk, dv, dq_phi, dk_phi, _, dalpha = _fused_bwd(cfg, res, do)
+    if cfg.linear:
+        dq = feature_map_vjp(res.q, dq_phi, dq, phi, interpret=cfg.interpret)
+        dk = feature_map_vjp(res.k, dk_phi, dk, phi, interpret=cfg.interpret)
+    return dq, dk, dv, None, dalpha
+
+
+_fused_phi.defvjp(_fused_phi_fwd, _fused_phi_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
 def _branches_lowbit(q, k, v, q_phi, k_phi, lut, keys, queries, cfg, quant):
     out = forward_lowbit(
@@ -518,13 +561,24 @@ def sparse_linear_attention(
 
 def sla2_fused_attention(
     q, k, v, q_phi, k_phi, lut, alpha, *, block_q=128, block_k=64, linear_scope="complement", sm_scale=None, eps=1e-6,
-    interpret=None, config=None,
+    interpret=None, config=None, feature_map=None,
 ):
     """SLA2 output o = alpha * o_s + (1 - alpha) * o_l in one forward kernel (see sparse_linear_attention).
 
     alpha: float (B, H, Nq) (anything broadcastable to it), one value per query block; differentiable
     (d alpha = sum over the block's rows and channels of dO * (O_s - O_l)). Returns o (B, N, H, D) in q.dtype.
+    q_phi = k_phi = None with feature_map (phi: a function of a float32 (rows, D) tile -> float32 (rows, D), e.g.
+    ``sla2_jax.feature_maps.softmax_phi``, the same object each call): the kernels compute phi(Q), phi(K) from q, k
+    (no phi arrays in memory in the forward; the backward makes them and applies phi's vjp), differentiable w.r.t.
+    q, k, v, alpha.
     """
+    if q_phi is None and k_phi is None:
+        if not callable(feature_map):
+            raise ValueError("q_phi = k_phi = None needs feature_map, a function of a float32 (rows, D) tile")
+        cfg = validate_call(q, k, v, q, k, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret, config)
+        return _fused_phi(q, k, v, lut, checked_alpha(alpha, q, cfg), cfg, feature_map)
+    if q_phi is None or k_phi is None or feature_map is not None:
+        raise ValueError("give q_phi and k_phi (and no feature_map), or neither of them with feature_map")
     cfg = validate_call(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret, config)
     alpha = checked_alpha(alpha, q, cfg)
     return _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha, cfg)

@@ -36,13 +36,17 @@ class Launch(NamedTuple):
 
 # Triton launch tables, one per GPU generation: (kernel, head_dim, block_q, block_k) -> Launch. Kernels: "fwd"
 # (forward), "dq" (backward over the LUT), "dkv" (backward over the transposed LUT), "sum" (pre-pass and gradient
-# totals), "lowbit" (the INT8 / FP8 Triton forward). Missing keys take DEFAULT_LAUNCH.
+# totals), "sum_phi" (the forward's states from K with phi applied in the kernel; rows = rows per loop step),
+# "lowbit" (the INT8 / FP8 Triton forward). Missing keys take DEFAULT_LAUNCH.
 # experiments/dev/autotune_kernels.py measures candidates on a GPU and prints the entries for its generation.
 DEFAULT_LAUNCH = {
     "fwd": Launch(4, 2, 64),
     "dq": Launch(4, 2, 64),
     "dkv": Launch(4, 2, 64),
     "sum": Launch(4, 2, 128),
+    # H100, wan-1.3b, 95% complement states from K: 0.345 ms (8 warps) vs 0.362 (4); a 128 x D float32 tile of phi(K)
+    # beside the D x D accumulator spills (scope "all" with 128-row steps: 0.43 ms vs 0.09 from a phi(K) array)
+    "sum_phi": Launch(8, 2, 64),
 }
 LAUNCH_TABLES = {
     "hopper": {
@@ -77,7 +81,7 @@ class KernelConfig:
       previous P V), two LUT entries per step (64 x 128 score tiles), program order ("heads": grid (H, Nq, B);
       "qblocks": grid (Nq, H, B)), output tiles staged in finished ring slots, and how FP8 P reaches the P V wgmma.
     mosaic_fp8: quant "int8_fp8" takes the Mosaic forward (else the Triton low-bit kernel).
-    launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "sum", "lowbit"), as a tuple of
+    launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "sum", "sum_phi", "lowbit"), as a tuple of
       (name, Launch) pairs; kernels not listed take DEFAULT_LAUNCH (the "lowbit" kernel: the "fwd" entry).
     profile_dir: Mosaic's on-device profiler writes a trace of the named regions of the Mosaic forward, dQ and
       dK/dV kernels there (None: off).
@@ -124,7 +128,7 @@ class KernelConfig:
         return dataclasses.replace(self, **changes)
 
     def launch_params(self, kernel: str) -> Launch:
-        """The Launch of Triton kernel ``kernel`` ("fwd", "dq", "dkv", "sum", "lowbit")."""
+        """The Launch of Triton kernel ``kernel`` ("fwd", "dq", "dkv", "sum", "sum_phi", "lowbit")."""
         table = dict(self.launch)
         if kernel in table:
             return table[kernel]

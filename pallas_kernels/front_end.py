@@ -22,6 +22,10 @@ the same function object each time (it is part of the jit cache key). None: the 
   phi(Q), the block means, int8 Q with one scale per query block and each row's LSE shift
   (q . mean_N(K)) * shift_scale (``QuantisedQueries``), so the INT8 forward needs no Q pass of its own.
   Bytes: one read of Q, one write of phi(Q), one int8 write, 4 bytes per row of shift.
+* ``feature_map_rows(x, feature_map)`` / ``feature_map_vjp(x, d_phi, d_x, feature_map)``: phi(X) alone (the same
+  kernel, means dropped) and dX = vjp of phi at X applied to d_phi, plus d_x (the backward kernel, no means): the
+  backward of the fused kernels that take q, k without phi arrays (``attention.sla2_fused_attention(...,
+  feature_map=phi)``) makes phi(Q), phi(K) and applies phi's vjp with these.
 * ``select_blocks(scores, topk, seq_len, block_k)``: per row of router logits S (B, H, Nq, Nk) float32, the
   ascending LUT of the top-k key blocks (the set of ``lax.top_k``, ties to the lower index) and the captured mass
   sum_{j selected} softmax_j(S + log n_j). Grid (ceil(Nq / rows), H, B); each program holds ``rows`` full rows:
@@ -118,27 +122,28 @@ def _prep_call(x, block: int, phi, interpret: bool, num_warps: int, rows: int):
     )(x)
 
 
-def _prep_bwd_kernel(x_ref, *refs, n: int, block: int, rows: int, phi, pass_through: bool):
+def _prep_bwd_kernel(x_ref, *refs, n: int, block: int, rows: int, phi, pass_through: bool, means: bool = True):
     """Program (i, h, b): dX of rows [i*block, (i+1)*block), `rows` at a time: the vjp of phi at X applied to
     d phi (float32, the forward's feature map differentiated by JAX) plus, on the finite rows, d mean / (finite
-    rows), plus the cotangent of X's pass-through output when there is one (refs: [d phi], d means, counts,
-    [d X in], d X out)."""
+    rows) (when means), plus the cotangent of X's pass-through output when there is one (refs: [d phi], [d means,
+    counts], [d X in], d X out)."""
     refs = list(refs)
     dx_ref = refs.pop()
     dx_in_ref = refs.pop() if pass_through else None
-    count_ref = refs.pop()
-    d_mean_ref = refs.pop()
+    count_ref = refs.pop() if means else None
+    d_mean_ref = refs.pop() if means else None
     d_phi_ref = refs.pop() if phi is not None else None
     start0 = pl.program_id(0) * block
     d = x_ref.shape[-1]
-    d_mean = d_mean_ref[...].astype(_F32) / jnp.maximum(jnp.max(count_ref[...]), 1.0)
+    if means:
+        d_mean = d_mean_ref[...].astype(_F32) / jnp.maximum(jnp.max(count_ref[...]), 1.0)
 
     def body(t, carry):
         start = start0 + t * rows
         valid = (start + jnp.arange(rows)) < n
         mask = jnp.broadcast_to(valid[:, None], (rows, d))
         x = plgpu.load(x_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
-        dx = jnp.where(_finite_rows(x, valid)[:, None], d_mean[None, :], 0.0)
+        dx = jnp.where(_finite_rows(x, valid)[:, None], d_mean[None, :], 0.0) if means else jnp.zeros_like(x)
         if phi is not None:
             d_phi = plgpu.load(d_phi_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
             _, phi_vjp = jax.vjp(phi, x)
@@ -153,9 +158,9 @@ def _prep_bwd_kernel(x_ref, *refs, n: int, block: int, rows: int, phi, pass_thro
 
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
 def _prep_bwd_call(x, d_phi, d_means, counts, d_x, block: int, phi, interpret: bool, num_warps: int, rows: int):
-    """dX (B, N, H, D) in x.dtype from d phi (B, N, H, D) (None when phi is None), d means (B, H, Nb, D), the
-    forward's finite-row counts (B, H, Nb, SCALE_LANES) and the cotangent d_x (B, N, H, D) of X's pass-through
-    output (None if there is none)."""
+    """dX (B, N, H, D) in x.dtype from d phi (B, N, H, D) (None when phi is None), d means (B, H, Nb, D) and the
+    forward's finite-row counts (B, H, Nb, SCALE_LANES) (both None: no means), and the cotangent d_x (B, N, H, D)
+    of X's pass-through output (None if there is none)."""
     b, n, h, d = x.shape
     seq = pl.BlockSpec((None, n, None, d), lambda i, hh, bb: (bb, 0, hh, 0))
     inputs = [(x, seq), (d_phi, seq), (d_means, _per_block_spec(d)), (counts, _per_block_spec(SCALE_LANES)),
@@ -163,7 +168,8 @@ def _prep_bwd_call(x, d_phi, d_means, counts, d_x, block: int, phi, interpret: b
     inputs = [(a, spec) for a, spec in inputs if a is not None]
     return pl.pallas_call(
         functools.partial(
-            _prep_bwd_kernel, n=n, block=block, rows=min(rows, block), phi=phi, pass_through=d_x is not None
+            _prep_bwd_kernel, n=n, block=block, rows=min(rows, block), phi=phi, pass_through=d_x is not None,
+            means=d_means is not None,
         ),
         grid=(-(-n // block), h, b),
         in_specs=[spec for _, spec in inputs],
@@ -241,6 +247,24 @@ def block_means_and_phi(
     _check_prep_args(x, block, feature_map, rows)
     outs = _prep(x, block, feature_map, _interpret(interpret), num_warps, rows, pass_through)
     return (None, *outs) if feature_map is None else tuple(outs)
+
+
+_PHI_BLOCK = 128  # rows per program of feature_map_rows / feature_map_vjp
+
+
+def feature_map_rows(x, feature_map, *, interpret=None, num_warps=_PREP_WARPS, rows=_PREP_ROWS):
+    """phi(X) (B, N, H, D) in x.dtype for x (B, N, H, D) bf16/f16/f32, by the front end's kernel (one read of X,
+    one write; its block means are dropped). Not differentiable: the attention kernels that take q, k without
+    phi arrays call it inside their custom_vjp and apply ``feature_map_vjp`` themselves."""
+    _check_prep_args(x, _PHI_BLOCK, feature_map, rows)
+    return _prep_call(x, _PHI_BLOCK, feature_map, _interpret(interpret), num_warps, rows)[0]
+
+
+def feature_map_vjp(x, d_phi, d_x, feature_map, *, interpret=None, num_warps=_PREP_WARPS, rows=_PREP_ROWS):
+    """dX = vjp of phi at X applied to d_phi, plus d_x (None: nothing added): (B, N, H, D) in x.dtype, one kernel
+    (reads X, d_phi, d_x; writes dX), the feature map differentiated by JAX inside it."""
+    _check_prep_args(x, _PHI_BLOCK, feature_map, rows)
+    return _prep_bwd_call(x, d_phi, None, None, d_x, _PHI_BLOCK, feature_map, _interpret(interpret), num_warps, rows)
 
 
 # ----------------------------------------------------------------------------------------------------------

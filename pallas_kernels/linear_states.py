@@ -32,12 +32,13 @@ def _pow2_scale(amax):
 
 def _outer_sum_kernel(
     *, x_ref, y_ref, w_ref=None, u_ref=None, h_ref, z_ref, s_ref=None, cfg: KernelCall, chunk: int, block: int,
-    weighted: bool, scaled: bool,
+    weighted: bool, scaled: bool, phi=None,
 ):  # fmt: skip
     """Program (c, h, b): rows [c*chunk, (c+1)*chunk) of X, Y -> sum_r w_r X_r^T Y_r (D x D), sum_r u_r X_r.
     Refs of one (b, h): inputs x, y (N, D), w, u (chunk,) float32 (weighted); outputs h (D, D) float32, z (D,)
     float32 and, when scaled, s (D,) float32: then h holds the D x D sum / s in float16, s a power of two
-    (_pow2_scale)."""
+    (_pow2_scale). phi: None, or a feature map applied to the X rows first (in float32, rounded to X's dtype as a
+    phi(X) array would be; rows >= N stay 0)."""
     start0 = pl.program_id(0) * chunk
 
     def body(t, carry):
@@ -45,6 +46,9 @@ def _outer_sum_kernel(
         start = start0 + t * block
         x = load_rows(x_ref, start, block, cfg.n)
         y = load_rows(y_ref, start, block, cfg.n)
+        if phi is not None:
+            valid = (start + jnp.arange(block)) < cfg.n
+            x = jnp.where(valid[:, None], phi(x.astype(F32)), 0.0).astype(x.dtype)
         x32 = x.astype(F32)
         if weighted:
             w = w_ref[pl.ds(t * block, block)]
@@ -69,7 +73,7 @@ def _outer_sum_kernel(
 _SUM_CHUNK, _SUM_BLOCK = 1024, 128
 
 
-def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None):
+def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None):
     """sum over rows of (w_r x_r)^T y_r -> (B, H, D, D) and of u_r x_r -> (B, H, D), float32.
 
     Grid (C, H, B), C = ceil(N / 1024) chunks of rows (split-K: B*H alone is too few programs to fill the GPU);
@@ -77,10 +81,13 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None):
     w, u: optional (B, H, >= N) per-row float32 weights (both or neither).
     block_rows: if given, one sum per block of that many rows instead (no reduction over the blocks): the input of
     _sum_over_blocks, a _BlockSums of C = ceil(N / block_rows) blocks.
+    phi: None, or a feature map applied to the rows of x inside the kernel (x is then K, not phi(K)).
     """
     b, n, h, d = x.shape
+    launch = "sum" if phi is None else "sum_phi"  # phi's float32 tile needs smaller steps / more warps
+    step = _SUM_BLOCK if phi is None else cfg.config.launch_params(launch).rows
     if block_rows is None:
-        chunk = min(_SUM_CHUNK, max(_SUM_BLOCK, pl.next_power_of_2(n)))
+        chunk = min(_SUM_CHUNK, max(step, pl.next_power_of_2(n)))
     else:
         chunk = block_rows
     nc = -(-n // chunk)
@@ -112,8 +119,8 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None):
         inputs,
         outputs,
         cfg,
-        "sum",
-        dict(chunk=chunk, block=min(chunk, _SUM_BLOCK), weighted=weighted, scaled=scaled),
+        launch,
+        dict(chunk=chunk, block=min(chunk, step), weighted=weighted, scaled=scaled, phi=phi),
     )
     if block_rows is not None:
         return _BlockSums(sums[0], sums[1], sums[2][..., 0] if scaled else None)
@@ -157,12 +164,13 @@ def selection(lut, nk):
     return jnp.any(lut[:, :, None, :, :] == jnp.arange(nk, dtype=lut.dtype)[None, None, :, None, None], axis=-1)
 
 
-def complement_states(k_phi, v, lut, cfg: KernelCall):
+def complement_states(k_phi, v, lut, cfg: KernelCall, phi=None):
     """H_i = sum_{j not in lut[i]} phi(K_j)^T V_j (B, H, Nq, D, D) and Z_i likewise of colsum phi(K_j)
     (B, H, Nq, D): the linear branch's state of each query block (float32, or bf16 H_i for 16-bit inputs with
     KernelConfig.state_dtype "bfloat16"), from per-key-block outer sums and one masked matmul over the unselected
-    blocks (_sum_over_blocks)."""
-    sums = outer_sum(k_phi, v, cfg, block_rows=cfg.block_k)
+    blocks (_sum_over_blocks). phi: None (k_phi is phi(K)), or the feature map (k_phi is K; phi applied in the
+    outer-sum kernel)."""
+    sums = outer_sum(k_phi, v, cfg, block_rows=cfg.block_k, phi=phi)
     unsel = jnp.logical_not(jnp.swapaxes(selection(lut, cfg.nk), 2, 3))  # (B, H, Nq, Nk)
     return _sum_over_blocks(unsel, sums, cfg)
 
@@ -194,16 +202,16 @@ def _running_count(sel):
     return counts.astype(jnp.int32)
 
 
-def forward_states(k_phi, v, lut, cfg: KernelCall):
+def forward_states(k_phi, v, lut, cfg: KernelCall, phi=None):
     """The linear states the forward reads: per query block H_i, Z_i ((B, H, Nq, D, D) in the KernelConfig's
     state dtype for 16-bit inputs, else float32; (B, H, Nq, D) float32) for the complement scope, the totals
     H = phi(K)^T V (B, H, D, D) and Z = colsum phi(K) (B, H, D) float32 for scope "all"; (None, None) without a
-    linear branch."""
+    linear branch. phi: None (k_phi is phi(K)), or the feature map, applied to k_phi = K inside the kernel."""
     if not cfg.linear:
         return None, None
     if cfg.track_lin:
-        return complement_states(k_phi, v, lut, cfg)
-    return outer_sum(k_phi, v, cfg)
+        return complement_states(k_phi, v, lut, cfg, phi)
+    return outer_sum(k_phi, v, cfg, phi=phi)
 
 
 def gradient_states(q_phi, x, w, u, lut, cfg: KernelCall):

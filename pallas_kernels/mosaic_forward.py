@@ -44,7 +44,7 @@ Two score operand types share the kernel (``_sparse_forward``):
 (8, 128) or (8, 64) with the matching swizzle, K-major for both operands (the only layout the 8-bit wgmma takes;
 K^T is a transposed view of the (keys, D) tile, V of the (D, keys) tile).
 
-With the linear branch (``sparse_linear_attention_mosaic``): the TMA warpgroup also loads phi(Q_i), H_i
+With the linear branch (``sparse_linear_attention_mosaic``): the TMA warpgroup also loads phi(Q_i) (or phi is applied to the Q tile in the epilogue: ``LinearInputs.feature_map``), H_i
 (bf16, D x D) and Z_i; after the loop each compute warpgroup forms den = phi(Q) . Z_i + eps (row sums in registers),
 o_l = phi(Q) H_i / den (one more wgmma) and o = alpha o_s + (1 - alpha) o_l, and stores the outputs asked for (o,
 o_s, o_l, lse, den) through its Q and phi(Q) tiles, then a finished V slot of the ring (``ring_holds_outputs``),
@@ -92,16 +92,20 @@ def sparse_attention_mosaic(
 class LinearInputs(NamedTuple):
     """The linear branch's inputs of the in-kernel epilogue (16-bit forward).
 
-    q_phi (B, N, H, D) in q's dtype; h (B, H, Nq, D, D) bf16 (or f16): H_i of each query block (complement scope),
-    or (B, H, 1, D, D): one state shared by all query blocks (scope "all"); z (B, H, Nq or 1, D) f32: Z_i likewise;
-    alpha (B, H, Nq) f32, or None when the combined output "o" is not asked for; eps: added to the denominator
-    phi(Q_i) . Z_i."""
+    q_phi (B, N, H, D) in q's dtype, or None: then phi(Q) is computed in the epilogue from the kernel's own Q tile
+    by ``feature_map`` (16-bit scores only); h (B, H, Nq, D, D) bf16 (or f16): H_i of each query block (complement
+    scope), or (B, H, 1, D, D): one state shared by all query blocks (scope "all"); z (B, H, Nq or 1, D) f32: Z_i
+    likewise; alpha (B, H, Nq) f32, or None when the combined output "o" is not asked for; eps: added to the
+    denominator phi(Q_i) . Z_i; feature_map: phi, a function of a float32 (rows, D) tile -> float32 (rows, D)
+    (e.g. ``sla2_jax.feature_maps.softmax_phi``), used when q_phi is None; its result is rounded to q's dtype, as
+    a q_phi array would be."""
 
-    q_phi: jax.Array
+    q_phi: jax.Array | None
     h: jax.Array
     z: jax.Array
     alpha: jax.Array | None
     eps: float
+    feature_map: object = None
 
 
 _TILE_OUTPUTS = ("o", "o_s", "o_l")  # (B, N, H, D) in v's dtype
@@ -273,11 +277,18 @@ def _sparse_forward(
     tile_outs = [x for x in outputs if x in _TILE_OUTPUTS]
     row_outs = [x for x in outputs if x in _ROW_OUTPUTS]
     in_names = ["q", "k", "v", "lut"] + (["scale"] if quantised else []) + (["v_scale"] if fp8 else [])
-    in_names += (["q_phi", "h", "z"] if linear is not None else []) + (["alpha"] if "o" in outputs else [])
+    lin_names = (["h", "z"] if linear.q_phi is None else ["q_phi", "h", "z"]) if linear is not None else []
+    in_names += lin_names + (["alpha"] if "o" in outputs else [])
     names = in_names + list(outputs)
+    phi_in_kernel = linear is not None and linear.q_phi is None
+    if phi_in_kernel and (quantised or not callable(linear.feature_map)):
+        raise ValueError("phi(Q) in the kernel needs 16-bit scores and LinearInputs.feature_map (a function)")
     # 16-bit output tiles of a compute warpgroup: its Q tile (free after the loop; 16-bit only), its phi(Q) tile
-    # (free once loaded into registers), then one V slot of the ring (ring_holds_outputs), then tiles of their own
-    reused = (0 if quantised else 1) + (1 if linear is not None else 0)
+    # (free once loaded into registers; with phi(Q) from the Q tile only allocated when an output needs it), then
+    # one V slot of the ring (ring_holds_outputs), then tiles of their own
+    q_tiles = 0 if quantised else 1
+    phi_tile = linear is not None and (not phi_in_kernel or len(tile_outs) > q_tiles)
+    reused = q_tiles + phi_tile
     # (FP8 V slots are (D, block_k) 8-bit: too small for a (64, D) 16-bit tile)
     in_ring = ring_holds_outputs(block_k, stages, config) and len(tile_outs) > reused and not fp8
     extra_tiles = max(0, len(tile_outs) - reused - in_ring)
@@ -296,8 +307,12 @@ def _sparse_forward(
         def linear_branch(o_s, alpha):
             """o_l = phi(Q) H_i / den, den = phi(Q) . Z_i + eps (64 rows; one wgmma), and the combined o."""
             lin_ready = bars["lin_ready"]
-            plgpu.barrier_wait(lin_ready.at[wg])
-            q_phi = plgpu.load(smem["q_phi"].at[wg], (), layout=plgpu.Layout.WGMMA)
+            if phi_in_kernel:  # from the Q tile, rounded to q's dtype as a q_phi array is
+                q_tile = plgpu.load(smem["q"].at[wg], (), layout=plgpu.Layout.WGMMA)
+                q_phi = linear.feature_map(q_tile.astype(f32)).astype(dtype)
+            else:
+                plgpu.barrier_wait(lin_ready.at[wg])
+                q_phi = plgpu.load(smem["q_phi"].at[wg], (), layout=plgpu.Layout.WGMMA)
             plgpu.barrier_wait(lin_ready.at[3])
             z = plgpu.load(smem["z"], (), layout=plgpu.Layout.WGMMA.reduce(0))
             den = (q_phi.astype(f32) * lax.broadcast_in_dim(z, (_ROWS, d), [1])).sum(axis=1) + linear.eps
@@ -315,7 +330,7 @@ def _sparse_forward(
             return vals
 
         def store_outputs(vals, row0):
-            tiles = ([] if quantised else [smem["q"].at[wg]]) + ([smem["q_phi"].at[wg]] if linear is not None else [])
+            tiles = ([] if quantised else [smem["q"].at[wg]]) + ([smem["q_phi"].at[wg]] if phi_tile else [])
             if in_ring:  # see ring_holds_outputs
                 tiles.append(smem["v"].at[lax.rem(steps - 1 + (1 - wg), stages), pl.ds(0, _ROWS)])
             tiles += [smem["out"].at[j, wg] for j in range(extra_tiles)]
@@ -545,7 +560,7 @@ def _sparse_forward(
                 plgpu.copy_gmem_to_smem(r["v_scale"].at[bi, hi], smem["v_scale"], bars["vs_ready"])
             if linear is not None:  # after the ring's first fill: needed only in the epilogue
                 lin_ready = bars["lin_ready"]
-                for half in range(2):
+                for half in range(0 if phi_in_kernel else 2):
                     rows = pl.ds(qi * _BLOCK_Q + half * _ROWS, _ROWS)
                     plgpu.copy_gmem_to_smem(r["q_phi"].at[bi, rows, hi], smem["q_phi"].at[half], lin_ready.at[half])
                 state = 0 if shared_state else qi
@@ -586,7 +601,8 @@ def _sparse_forward(
             "turn": plgpu.Barrier(num_arrivals=2),
         }
         if linear is not None:
-            smem.append(("q_phi", plgpu.SMEM((2, _ROWS, d), dtype, transforms=v_tiles)))
+            if phi_tile:
+                smem.append(("q_phi", plgpu.SMEM((2, _ROWS, d), dtype, transforms=v_tiles)))
             smem.append(("h", plgpu.SMEM((d, d), linear.h.dtype, transforms=_tiles(plgpu, linear.h.dtype, d))))
             smem.append(("z", plgpu.SMEM((d,), f32)))
             bars["lin_ready"] = plgpu.Barrier(num_barriers=4)  # phi(Q) halves 0 and 1, H_i, Z_i
@@ -613,7 +629,8 @@ def _sparse_forward(
     }
     inputs = [q_op, k_op, values[0] if fp8 else v, lut] + ([scale] if quantised else []) + ([values[1]] if fp8 else [])
     if linear is not None:
-        inputs += [linear.q_phi, linear.h, linear.z] + ([linear.alpha] if "o" in outputs else [])
+        inputs += [x for x in (linear.q_phi, linear.h, linear.z) if x is not None]
+        inputs += [linear.alpha] if "o" in outputs else []
     grid, grid_names = (h, nq, b), ("heads", "qblock", "batch")
     if config.grid_order == "qblocks":
         grid, grid_names = (nq, h, b), ("qblock", "heads", "batch")

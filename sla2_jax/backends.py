@@ -125,6 +125,24 @@ def front_end(q, k, config: SLA2Config, *, w_q, w_k, feature_map: str | None, in
     return lut, mass, q_phi, k_phi, keys, queries, q, k
 
 
+def hard_route(q, k, config: SLA2Config, *, w_q, w_k):
+    """Hard routing by the Pallas front end for the fused kernels, which take q, k and compute phi themselves: one
+    read of Q and one of K give the block means (no phi arrays), one kernel selects the blocks.
+
+    Returns (lut (B, H, Nq, k) int32 ascending, mass (B, H, Nq) f32). No gradient flows through either (the LUT is
+    an index; the fused path uses the mass under stop_gradient), so the means are taken of stopped q, k and the
+    backward has no front-end pass."""
+    from pallas_kernels.front_end import block_means_and_phi, select_blocks
+    from sla2_jax.routing import scores_from_block_means
+
+    q, k, w_q, w_k = (None if x is None else jax.lax.stop_gradient(x) for x in (q, k, w_q, w_k))
+    _, k_means = block_means_and_phi(k, config.block_k)
+    _, q_means = block_means_and_phi(q, config.block_q)
+    seq_len = q.shape[1]
+    scores = scores_from_block_means(q_means, k_means, seq_len, config.block_k, w_q=w_q, w_k=w_k)
+    return select_blocks(scores, config.num_selected(scores.shape[-1]), seq_len, config.block_k)
+
+
 def branches(q, k, v, q_phi, k_phi, lut, *, block_q, block_k, linear_scope, quant, scale, eps, kernel=None):
     """(o_s, o_l) (B, N, H, D) in q.dtype by the kernels: the low-bit forward (straight-through backward) for
     quant "int8" / "int8_fp8". kernel: a KernelConfig or None (heuristics)."""
@@ -138,8 +156,10 @@ def branches(q, k, v, q_phi, k_phi, lut, *, block_q, block_k, linear_scope, quan
 
 def fused(q, k, v, q_phi, k_phi, lut, alpha, config: SLA2Config, *, keys=None, queries=None):
     """o = alpha o_s + (1 - alpha) o_l (B, N, H, D) in q.dtype by one fused forward kernel (low bit where
-    config.quant says so, with the front end's keys / queries)."""
+    config.quant says so, with the front end's keys / queries). q_phi = k_phi = None (16-bit forward only): the
+    kernels compute phi(Q), phi(K) from q, k with config.feature_map."""
     import pallas_kernels
+    from sla2_jax.feature_maps import phi_function
 
     kw = dict(block_q=config.block_q, block_k=config.block_k, linear_scope=config.linear_scope, eps=config.eps,
               config=config.kernel)
@@ -147,4 +167,6 @@ def fused(q, k, v, q_phi, k_phi, lut, alpha, config: SLA2Config, *, keys=None, q
         return pallas_kernels.sla2_fused_attention_lowbit(
             q, k, v, q_phi, k_phi, lut, alpha, quant=config.quant, keys=keys, queries=queries, **kw
         )
+    if q_phi is None:
+        kw["feature_map"] = phi_function(config.feature_map)
     return pallas_kernels.sla2_fused_attention(q, k, v, q_phi, k_phi, lut, alpha, **kw)

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+from jax import lax
 
 FEATURE_MAP_KINDS = ("softmax", "elu", "relu")
 
 
+def _rows(x, like):
+    """x (...,) broadcast over the last axis of like (..., D)."""
+    return lax.broadcast_in_dim(x, like.shape, tuple(range(like.ndim - 1)))
+
+
+# The formulas below use only operations every backend lowers (XLA, Pallas Triton, Pallas Mosaic GPU, which has
+# no expm1 and no keepdims reductions): the kernels apply these same functions to their tiles.
 def softmax_phi(x32):
-    """softmax over the head dim of a float32 array (..., D)."""
-    return jax.nn.softmax(x32, axis=-1)
+    """softmax over the head dim of a float32 array (..., D), shifted by the row max as jax.nn.softmax (the shift's
+    gradient is zero up to rounding: softmax is shift-invariant)."""
+    e = jnp.exp(x32 - _rows(jnp.max(x32, axis=-1), x32))
+    return e / _rows(jnp.sum(e, axis=-1), x32)
 
 
 def elu_phi(x32):
-    """elu(x) + 1 of a float32 array (..., D)."""
-    return jax.nn.elu(x32) + 1.0
+    """elu(x) + 1 of a float32 array (..., D): x + 1 for x > 0, exp(x) otherwise."""
+    return jnp.where(x32 > 0, x32 + 1.0, jnp.exp(jnp.minimum(x32, 0.0)))
 
 
 def relu_phi(x32):
-    """relu(x) of a float32 array (..., D)."""
-    return jax.nn.relu(x32)
+    """relu(x) of a float32 array (..., D) (gradient 0 at 0, as jax.nn.relu)."""
+    return jnp.where(x32 > 0, x32, 0.0)
 
 
 # One function object per kind: the Pallas front end takes it as a static argument (part of its jit cache key).

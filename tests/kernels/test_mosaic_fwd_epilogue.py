@@ -49,7 +49,8 @@ def _inputs(seed, n, h, d, dtype, topk):
 def _contract_stand_in(calls, calls_h=None):
     """XLA stand-in for mosaic_forward.sparse_linear_attention_mosaic: dense float32 sparse branch with the LUT's token
     mask (o_s, lse base 2), o_l = phi(Q_i) H_i / den with den = phi(Q_i) . Z_i + eps from the states it is given,
-    o = alpha o_s + (1 - alpha) o_l; rows past N padded (lse 0, den 1)."""
+    o = alpha o_s + (1 - alpha) o_l; rows past N padded (lse 0, den 1). LinearInputs.q_phi None: phi(Q) =
+    LinearInputs.feature_map of Q, rounded to Q's dtype (the kernel's epilogue)."""
 
     calls_h = [] if calls_h is None else calls_h
 
@@ -59,7 +60,10 @@ def _contract_stand_in(calls, calls_h=None):
         nq, nk = lut.shape[2], -(-n // block_k)
         sel = jnp.any(lut[..., None] == jnp.arange(nk), axis=3)  # (B, H, Nq, Nk)
         mask = jnp.repeat(jnp.repeat(sel, 128, axis=2)[:, :, :n], block_k, axis=3)[..., :n]
-        q32, k32, v32, qp32 = (x.astype(jnp.float32) for x in (q, k, v, linear.q_phi))
+        q_phi = linear.q_phi
+        if q_phi is None:
+            q_phi = linear.feature_map(q.astype(jnp.float32)).astype(q.dtype)
+        q32, k32, v32, qp32 = (x.astype(jnp.float32) for x in (q, k, v, q_phi))
         s = jnp.where(mask, jnp.einsum("bnhd,bmhd->bhnm", q32, k32) * sm_scale, -jnp.inf)
         o_s = jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(s, axis=-1), v32)
         lse = jax.nn.logsumexp(s, axis=-1) * math.log2(math.e)

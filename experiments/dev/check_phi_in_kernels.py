@@ -1,0 +1,215 @@
+"""GPU check: the fused forward without phi arrays (phi(K) in the states kernel, phi(Q) in the Mosaic epilogue,
+routing from block means alone) against the form with phi arrays (the front end writes phi(Q), phi(K)).
+
+    python -m experiments.dev.check_phi_in_kernels --out DIR [--sparsity 0.95 0.97] [--parts small wan states]
+        [--cases 0.97:complement ...] [--no-fwd-bwd]
+
+1. small: fresh seed; N 1000 / 2048 / 776 / 1048, D 128 / 64, bf16 / f16, both linear scopes, the three feature
+   maps; the Mosaic forward and backward (heuristic_config): output and the gradients of q, k, v, alpha vs jax.grad
+   of the dense float32 reference with phi applied by JAX, and vs the same kernels given phi arrays.
+2. wan: wan-1.3b (B1 H12 N32760 D128 bf16) per sparsity and scope: the module forward (sla2_attention, SLA router,
+   alpha = captured mass) in both forms: their outputs vs each other, CUPTI kernel times per kernel name, in-model
+   time (30 calls on distinct inputs in one jit) and one synchronised call, with cuDNN in the same process; the
+   module forward+backward in-model the same way.
+3. states (--parts states): CUPTI times of the complement states at wan-1.3b, 95%, from phi(K) and from K (phi in
+   the kernel), per Triton launch of the "sum" kernel.
+JSON to DIR/check_phi_in_kernels.json (written after each wan row and at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.dev.common import bench, kernel_ms, record_error, rel, uniform_lut
+from experiments.timing import in_model_seconds
+from pallas_kernels import heuristic_config, sla2_fused_attention
+from pallas_kernels.reference import reference_fused
+from sla2_jax.feature_maps import PHI_FUNCTIONS
+
+RESULTS: dict = {}
+SMALL = [  # (N, D, topk, dtype, scope, feature map)
+    (1000, 128, 3, jnp.bfloat16, "complement", "softmax"),
+    (2048, 64, 5, jnp.bfloat16, "all", "softmax"),
+    (776, 64, 2, jnp.float16, "complement", "softmax"),
+    (1048, 128, 4, jnp.bfloat16, "complement", "elu"),
+    (1000, 128, 3, jnp.float16, "all", "relu"),
+]
+
+
+def small_checks():
+    seed = int.from_bytes(os.urandom(4), "little")
+    RESULTS["small_seed"] = seed
+    rows = []
+    for n, d, topk, dtype, scope, kind in SMALL:
+        row = dict(n=n, d=d, topk=topk, dtype=jnp.dtype(dtype).name, scope=scope, feature_map=kind)
+        try:
+            rng = np.random.default_rng([seed, n, d])
+            b, h, nq, nk = 1, 2, -(-n // 128), -(-n // 64)
+            q, k, v, w = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for _ in range(4))
+            k = k - k.mean(axis=1, keepdims=True)
+            q, k, v = (x.astype(dtype) for x in (q, k, v))
+            lut = uniform_lut(rng, b, h, nq, nk, topk)
+            alpha = jnp.asarray(rng.uniform(0.2, 0.8, (b, h, nq)), jnp.float32)
+            phi = PHI_FUNCTIONS[kind]
+            config = heuristic_config(n, d, dtype, 128, 64)
+            row["forward"], row["backward"] = config.forward, config.backward
+            kw = dict(block_q=128, block_k=64, linear_scope=scope)
+
+            def ref(q, k, v, a):
+                q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+                return reference_fused(q32, k32, v32, phi(q32), phi(k32), lut, a, **kw)
+
+            def no_arrays(q, k, v, a):
+                return sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=phi, config=config, **kw)
+
+            def arrays(q, k, v, a):
+                qp, kp = (phi(x.astype(jnp.float32)).astype(x.dtype) for x in (q, k))
+                return sla2_fused_attention(q, k, v, qp, kp, lut, a, config=config, **kw)
+
+            def with_grads(fn):
+                loss = lambda *x: jnp.sum(fn(*x).astype(jnp.float32) * w)  # noqa: E731
+                return jax.jit(lambda *x: (fn(*x), jax.grad(loss, argnums=(0, 1, 2, 3))(*x)))
+
+            (o_r, g_r), (o_n, g_n), (o_a, g_a) = (with_grads(f)(q, k, v, alpha) for f in (ref, no_arrays, arrays))
+            names = ("q", "k", "v", "alpha")
+            row["vs_dense"] = {"o": rel(o_n, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_n, g_r)}}
+            row["arrays_vs_dense"] = {"o": rel(o_a, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_a, g_r)}}
+            row["vs_arrays"] = {"o": rel(o_n, o_a), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_n, g_a)}}
+        except Exception as e:  # noqa: BLE001 - record and go on
+            record_error(row, "error", e)
+        print("small", json.dumps(row), flush=True)
+        rows.append(row)
+    RESULTS["small"] = rows
+    worst = max((v for r in rows for v in r.get("vs_dense", {}).values()), default=None)
+    print(f"small: worst relative error vs dense f32 {worst}; errors {sum('error' in r for r in rows)}", flush=True)
+
+
+def module_forms(sparsity, scope):
+    """(form name -> module forward fn(q, k, v)): the library's form (no phi arrays) and the form with them."""
+    import sla2_jax as sla
+    from sla2_jax import backends
+
+    config = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", linear_scope=scope)
+
+    def no_arrays(q, k, v):
+        return sla.sla2_attention(q, k, v, config=config)
+
+    def arrays(q, k, v):
+        lut, mass, qp, kp, _, _, q, k = backends.front_end(q, k, config, w_q=None, w_k=None,
+                                                          feature_map=config.feature_map, int8_keys=False)
+        return backends.fused(q, k, v, qp, kp, lut, jax.lax.stop_gradient(mass), config)
+
+    return {"no_phi_arrays": no_arrays, "phi_arrays": arrays}
+
+
+def grads_of(fn):
+    return lambda q, k, v, do: jax.grad(lambda *x: jnp.sum(fn(*x).astype(jnp.float32) * do), argnums=(0, 1, 2))(q, k, v)
+
+
+def save(out):
+    with open(os.path.join(out, "check_phi_in_kernels.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+
+
+def states_kernel(launches, out):
+    """CUPTI times of the complement states (per-block outer sums + masked sum) at wan-1.3b, 95%: from phi(K)
+    (an array) and from K (phi in the kernel), under each Triton launch (warps, stages, rows) of the "sum" kernel."""
+    from experiments.dev.common import kernel_call, phi, router_lut
+    from pallas_kernels import linear_states
+    from pallas_kernels.config import Launch
+
+    b, n, h, d = 1, 32760, 12, 128
+    q, k, v = jax.random.normal(jax.random.PRNGKey(3), (3, b, n, h, d), jnp.bfloat16)
+    topk = int(-(-n // 64) * 0.05)
+    lut = jax.jit(router_lut, static_argnums=(2, 3, 4))(q, k, topk, 128, 64)
+    kp = jax.jit(phi)(k)
+    rows = []
+    for launch in launches:
+        config = heuristic_config(n, d, jnp.bfloat16, 128, 64)
+        config = config.replace(launch=tuple(x for x in config.launch if x[0] != "sum") + (("sum", Launch(*launch)),))
+        cfg = kernel_call(q, lut, config=config)
+        row = {"launch": launch}
+        for name, x, fm in (("phi_array", kp, None), ("phi_in_kernel", k, PHI_FUNCTIONS["softmax"])):
+            try:
+                row[f"{name}_ms"] = kernel_ms(lambda x, v, fm=fm, cfg=cfg: linear_states.complement_states(
+                    x, v, lut, cfg, fm), (x, v))[0]
+            except Exception as e:  # noqa: BLE001
+                record_error(row, f"error_{name}", e)
+        print("states", json.dumps(row), flush=True)
+        rows.append(row)
+        RESULTS["states"] = rows
+        save(out)
+
+
+def wan(cases, layers, fwd_bwd, out):
+    b, n, h, d = 1, 32760, 12, 128
+    keys = jax.random.split(jax.random.PRNGKey(17), layers)
+    sets = [tuple(jax.random.normal(kk, (4, b, n, h, d), jnp.bfloat16)) for kk in keys]  # q, k, v, do
+    cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")  # noqa: E731
+    base = {"cudnn_fwd_in_model_ms": 1e3 * in_model_seconds(cudnn, [s[:3] for s in sets], layers=layers)}
+    if fwd_bwd:
+        base["cudnn_fwd_bwd_in_model_ms"] = 1e3 * in_model_seconds(grads_of(cudnn), sets, layers=layers)
+    print("wan cudnn", json.dumps(base), flush=True)
+    RESULTS["wan_cudnn"] = base
+    rows = []
+    for sparsity, scope in cases:
+        row = dict(sparsity=sparsity, scope=scope)
+        outs = {}
+        for name, fn in module_forms(sparsity, scope).items():
+            t = {}
+            try:
+                outs[name] = jax.jit(fn)(*sets[0][:3])
+                t["fwd_in_model_ms"] = 1e3 * in_model_seconds(fn, [s[:3] for s in sets], layers=layers)
+                t["fwd_sync_ms"] = bench(fn, *sets[0][:3])
+                t["fwd_x_cudnn"] = base["cudnn_fwd_in_model_ms"] / t["fwd_in_model_ms"]
+                total, per_iter = kernel_ms(fn, sets[0][:3])
+                t["fwd_cupti_ms"] = total
+                t["fwd_kernels_ms"] = [(nm, round(ms, 4)) for nm, ms in per_iter[len(per_iter) // 2]]
+                if fwd_bwd:
+                    t["fwd_bwd_in_model_ms"] = 1e3 * in_model_seconds(grads_of(fn), sets, layers=layers)
+                    t["fwd_bwd_x_cudnn"] = base["cudnn_fwd_bwd_in_model_ms"] / t["fwd_bwd_in_model_ms"]
+            except Exception as e:  # noqa: BLE001
+                record_error(row, f"error_{name}", e)
+            row[name] = t
+        if len(outs) == 2:
+            row["rel_o_no_arrays_vs_arrays"] = rel(outs["no_phi_arrays"], outs["phi_arrays"])
+        print("wan", json.dumps(row), flush=True)
+        rows.append(row)
+        RESULTS["wan"] = rows
+        save(out)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.95, 0.97])
+    p.add_argument("--scopes", nargs="+", default=["complement", "all"])
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--parts", nargs="+", default=["small", "wan"], help="small, wan, states")
+    p.add_argument("--no-fwd-bwd", action="store_true", help="wan: the forward only")
+    p.add_argument("--cases", nargs="*", default=None,
+                   help="wan: SPARSITY:SCOPE pairs (default: every --sparsity with every --scopes)")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    RESULTS.update(device=str(jax.devices()[0].device_kind), jax=jax.__version__)
+    try:
+        if "small" in args.parts:
+            small_checks()
+        if "states" in args.parts:
+            states_kernel([(4, 2, 128), (8, 2, 128), (4, 3, 128), (8, 3, 128)], args.out)
+        if "wan" in args.parts:
+            cases = [(float(c.split(":")[0]), c.split(":")[1]) for c in args.cases] if args.cases else [
+                (x, scope) for x in args.sparsity for scope in args.scopes]
+            wan(cases, args.layers, not args.no_fwd_bwd, args.out)
+    finally:
+        save(args.out)
+
+
+if __name__ == "__main__":
+    main()

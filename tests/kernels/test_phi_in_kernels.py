@@ -1,0 +1,177 @@
+"""The fused kernels without phi arrays: ``sla2_fused_attention(q, k, v, None, None, lut, alpha, feature_map=phi)``
+computes phi(K) in the states kernel and phi(Q) in the Mosaic epilogue (or a phi(Q) array for the Triton
+forward); its backward makes phi(Q), phi(K) and applies phi's vjp. Checked against the dense float32 reference
+with phi applied outside and differentiated by JAX (the Triton path in interpret mode; the Mosaic forward through
+its contract stand-in and lowered for CUDA)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import lowered_for_cuda
+
+from pallas_kernels import KernelConfig, linear_states, mosaic_forward, reference, sla2_fused_attention
+from pallas_kernels.common import validate_call
+from pallas_kernels.front_end import feature_map_rows, feature_map_vjp
+from sla2_jax.feature_maps import PHI_FUNCTIONS
+
+_STATIC = ("block_q", "block_k", "linear_scope", "sm_scale", "eps")
+reference_fused = jax.jit(reference.reference_fused, static_argnames=_STATIC)
+
+
+def _seed():
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _inputs(seed, n, h, d, dtype, topk):
+    """q, k, v (1, N, H, D) dtype (k smoothed), an ascending LUT (block_q 128, block_k 64), alpha, weights w."""
+    rng = np.random.default_rng(seed)
+    nq, nk = -(-n // 128), -(-n // 64)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, n, h, d)), jnp.float32) for _ in range(3))
+    k = k - jnp.mean(k, axis=1, keepdims=True)
+    lut = np.sort(np.stack([rng.permutation(nk)[:topk] for _ in range(h * nq)]), axis=-1)
+    lut = jnp.asarray(lut.reshape(1, h, nq, topk), jnp.int32)
+    alpha = jnp.asarray(rng.uniform(0.1, 0.9, (1, h, nq)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((1, n, h, d)), jnp.float32)
+    return (q.astype(dtype), k.astype(dtype), v.astype(dtype)), lut, alpha, w
+
+
+def _reference_with_phi(phi, **kw):
+    """The dense float32 fused reference with phi applied to q, k by JAX (so its gradient reaches q, k)."""
+    def f(q, k, v, lut, alpha):
+        q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+        return reference.reference_fused(q32, k32, v32, phi(q32), phi(k32), lut, alpha, **kw)
+
+    return f
+
+
+def _check_against_reference(args, lut, alpha, w, phi, kw, ftol, gtol, seed):
+    o = sla2_fused_attention(*args, None, None, lut, alpha, feature_map=phi, **kw)
+    ref = _reference_with_phi(phi, block_q=128, block_k=64, linear_scope=kw["linear_scope"])
+    assert o.dtype == args[0].dtype and o.shape == args[0].shape
+    assert _rel(o, ref(*args, lut, alpha)) < ftol, (seed, _rel(o, ref(*args, lut, alpha)))
+
+    def loss(fn):
+        return lambda q, k, v, a: jnp.sum(fn(q, k, v, a).astype(jnp.float32) * w)
+
+    fused = lambda q, k, v, a: sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=phi, **kw)  # noqa: E731
+    g = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2, 3)))(*args, alpha)
+    rg = jax.jit(jax.grad(loss(lambda q, k, v, a: ref(q, k, v, lut, a)), argnums=(0, 1, 2, 3)))(*args, alpha)
+    for name, a, b in zip(("q", "k", "v", "alpha"), g, rg):
+        assert bool(jnp.all(jnp.isfinite(a))), (seed, name)
+        assert _rel(a, b) < gtol, (seed, name, _rel(a, b))
+
+
+# (N, D, dtype, scope, feature map): ragged N, D 64 and 128, both scopes, every feature map
+CASES = [
+    (333, 64, jnp.float32, "complement", "softmax"),
+    (200, 128, jnp.bfloat16, "complement", "softmax"),
+    (333, 64, jnp.float32, "all", "elu"),
+    (200, 64, jnp.float32, "complement", "relu"),
+]
+TOL = {jnp.float32: (2e-4, 2e-3), jnp.bfloat16: (2e-2, 3e-2)}  # (forward, gradients), norm-wise relative
+
+
+@pytest.mark.parametrize("n,d,dtype,scope,kind", CASES)
+def test_fused_without_phi_arrays_matches_the_dense_reference(n, d, dtype, scope, kind):
+    """Triton forward (phi(K) in the states kernel, a phi(Q) array), backward with phi's vjp: output and the
+    gradients of q, k, v, alpha against jax.grad of the dense float32 reference with phi applied outside."""
+    seed = _seed()
+    args, lut, alpha, w = _inputs(seed, n, 2, d, dtype, 2)
+    kw = {"block_q": 128, "block_k": 64, "linear_scope": scope}
+    _check_against_reference(args, lut, alpha, w, PHI_FUNCTIONS[kind], kw, *TOL[dtype], seed)
+
+
+def test_mosaic_epilogue_gets_no_phi_array(monkeypatch):
+    """With KernelConfig(forward="mosaic"), the fused kernel is handed LinearInputs.q_phi None and the feature map
+    (the primal asks for "o", the forward of jax.grad for all five outputs); with the contract stand-in applying
+    that feature map to its Q, output and gradients match the dense reference."""
+    from test_mosaic_fwd_epilogue import _contract_stand_in
+
+    stand_in = _contract_stand_in([])
+    seen = []
+
+    def recording_stand_in(q, k, v, lut, linear, **kw):
+        seen.append((linear.q_phi is None, linear.feature_map))
+        return stand_in(q, k, v, lut, linear, **kw)
+
+    monkeypatch.setattr(mosaic_forward, "sparse_linear_attention_mosaic", recording_stand_in)
+    seed = _seed()
+    args, lut, alpha, w = _inputs(seed, 200, 2, 64, jnp.bfloat16, 2)
+    phi = PHI_FUNCTIONS["softmax"]
+    kw = {"block_q": 128, "block_k": 64, "linear_scope": "complement", "config": KernelConfig(forward="mosaic")}
+    _check_against_reference(args, lut, alpha, w, phi, kw, 2e-2, 3e-2, seed)
+    assert seen and all(none and fm is phi for none, fm in seen), seen
+
+
+def test_outer_sum_applies_phi_to_its_rows():
+    """outer_sum(K, V, phi=phi) equals outer_sum(phi(K), V) (phi(K) rounded to K's dtype both ways), rows >= N
+    left out (a ragged N, where phi of a zero row would be 1 / D)."""
+    seed = _seed()
+    (q, k, v), lut, _, _ = _inputs(seed, 333, 2, 64, jnp.float32, 2)
+    phi = PHI_FUNCTIONS["softmax"]
+    cfg = validate_call(q, k, v, q, k, lut, 128, 64, "complement", None, 1e-6, True, None)
+    k_phi = phi(k)
+    for block_rows in (None, 64):
+        got = linear_states.outer_sum(k, v, cfg, block_rows=block_rows, phi=phi)
+        want = linear_states.outer_sum(k_phi, v, cfg, block_rows=block_rows)
+        for a, b in zip(got, want):
+            if a is not None:
+                assert _rel(a, b) < 1e-6, (seed, block_rows, _rel(a, b))
+
+
+def test_feature_map_rows_and_vjp_match_jax():
+    """feature_map_rows = phi(x); feature_map_vjp(x, d_phi, d_x) = vjp of phi at x applied to d_phi, plus d_x."""
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    x, d_phi, d_x = (jnp.asarray(rng.standard_normal((1, 200, 2, 64)), jnp.float32) for _ in range(3))
+    for kind, phi in PHI_FUNCTIONS.items():
+        assert _rel(feature_map_rows(x, phi, interpret=True), phi(x)) < 1e-6, (seed, kind)
+        want = jax.vjp(phi, x)[1](d_phi)[0] + d_x
+        assert _rel(feature_map_vjp(x, d_phi, d_x, phi, interpret=True), want) < 1e-5, (seed, kind)
+        assert _rel(feature_map_vjp(x, d_phi, None, phi, interpret=True), want - d_x) < 1e-5, (seed, kind)
+
+
+def test_bad_phi_arguments_raise_value_error():
+    (q, k, v), lut, alpha, _ = _inputs(0, 200, 1, 64, jnp.float32, 2)
+    with pytest.raises(ValueError, match="feature_map"):
+        sla2_fused_attention(q, k, v, None, None, lut, alpha)
+    with pytest.raises(ValueError, match="neither"):
+        sla2_fused_attention(q, k, v, q, None, lut, alpha, feature_map=PHI_FUNCTIONS["relu"])
+
+
+@pytest.mark.parametrize("kind", sorted(PHI_FUNCTIONS))
+def test_mosaic_forward_applies_phi_to_its_q_tile_when_lowered_for_cuda(kind):
+    """The Mosaic forward with phi(Q) from its Q tile lowers for CUDA for every feature map (the formulas use only
+    operations Mosaic GPU lowers) and takes q, k, v, lut, H_i, Z_i, alpha: no phi(Q) input; int8 scores refuse it."""
+    b, n, h, d = 1, 1000, 2, 128
+    nq = -(-n // 128)
+    q = jnp.zeros((b, n, h, d), jnp.bfloat16)
+    lut = jnp.zeros((b, h, nq, 3), jnp.int32)
+    hs, zs, alpha = jnp.zeros((b, h, nq, d, d), jnp.bfloat16), jnp.zeros((b, h, nq, d)), jnp.zeros((b, h, nq))
+    config = KernelConfig(forward="mosaic")
+
+    def lowered(q_phi):
+        linear = mosaic_forward.LinearInputs(q_phi, hs, zs, alpha, 1e-6, PHI_FUNCTIONS[kind])
+        fn = lambda q, k, v, lut: mosaic_forward.sparse_linear_attention_mosaic(  # noqa: E731
+            q, k, v, lut, linear, outputs=("o",), config=config)
+        return lowered_for_cuda(fn, q, q, q, lut)
+
+    in_kernel, with_array = lowered(None), lowered(q)
+    operands = lambda text: text.split("custom_call @mosaic_gpu")[1].split(")")[0].count("%")  # noqa: E731
+    assert operands(in_kernel) == operands(with_array) - 1 == 7, (operands(in_kernel), operands(with_array))
+    with pytest.raises(ValueError, match="16-bit scores"):
+        mosaic_forward._sparse_forward(
+            q.astype(jnp.int8), q.astype(jnp.int8), q, lut, jnp.ones((b, h, nq, 3)), block_k=64, stages=2,
+            linear=mosaic_forward.LinearInputs(None, hs, zs, alpha, 1e-6, PHI_FUNCTIONS[kind]), outputs=("o",),
+            config=config,
+        )
