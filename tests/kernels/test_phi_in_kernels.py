@@ -6,13 +6,13 @@ its contract stand-in and lowered for CUDA)."""
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import fresh_seed as _seed
 from helpers import lowered_for_cuda
+from helpers import rel_err as _rel
 
 from pallas_kernels import KernelConfig, linear_states, mosaic_forward, reference, sla2_fused_attention
 from pallas_kernels.common import validate_call
@@ -21,15 +21,6 @@ from sla2_jax.feature_maps import PHI_FUNCTIONS
 
 _STATIC = ("block_q", "block_k", "linear_scope", "sm_scale", "eps")
 reference_fused = jax.jit(reference.reference_fused, static_argnames=_STATIC)
-
-
-def _seed():
-    return int.from_bytes(os.urandom(4), "little")
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def _inputs(seed, n, h, d, dtype, topk):
