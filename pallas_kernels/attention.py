@@ -186,12 +186,13 @@ def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, 
 # ----------------------------------------------------------------------------------------------------------
 # Backward (both families)
 # ----------------------------------------------------------------------------------------------------------
-def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
+def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=None):
     """All input cotangents (dq, dk, dv, dq_phi, dk_phi, dalpha or None) from the residuals: dQ stage, gradient
-    states, dK/dV stage (each a separate function for timing)."""
+    states, dK/dV stage (each a separate function for timing). phi: None (the residuals hold phi(Q), phi(K)), or the
+    feature map, applied to Q and K inside the kernels that read them (residuals without phi arrays)."""
     res_dq = backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
-    totals = backward_states(res, res_dq, cfg, fused=fused, do=do, do_l=do_l)
-    res_dkv = backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
+    totals = backward_states(res, res_dq, cfg, fused=fused, do=do, do_l=do_l, phi=phi)
+    res_dkv = backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l, phi=phi)
     q = res[0]
     b, _, h, _ = q.shape
     zeros = jnp.zeros_like(q)
@@ -251,11 +252,11 @@ def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
     return res_dq
 
 
-def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None):
+def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None, phi=None):
     """Linear-branch gradient states for the dK/dV stage: dH = sum_r phi~_r^T dO_l,r, dZ = -sum_r c_r phi~_r
     (phi~ = phi(Q) / den) over all query rows, (B, H, D, D) and (B, H, D) float32; for the complement scope per
     key block j over the query blocks that did not select j, (B, H, Nk, D, D) and (B, H, Nk, D)
-    (linear_states.gradient_states)."""
+    (linear_states.gradient_states). phi: None, or the feature map applied to Q inside the sums."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     if not cfg.linear:
         return None, None
@@ -266,11 +267,12 @@ def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None):
     else:
         w, x = inv_den, do_l
     u = -res_dq["c"] * inv_den
-    return gradient_states(q_phi, x, w, u, lut, cfg)
+    return gradient_states(q_phi if phi is None else q, x, w, u, lut, cfg, phi)
 
 
-def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall):
-    """(name, array, BlockSpec) of the dK/dV kernels' linear-branch inputs: phi(K) and dH, dZ (per key block, or
+def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall, k=None):
+    """(name, array, BlockSpec) of the dK/dV kernels' linear-branch inputs: phi(K) (or, given k, K itself for a kernel
+    that applies phi; none when k_phi and k are both None: the kernel has K already) and dH, dZ (per key block, or
     the totals)."""
     dh, dz = totals
     d = cfg.d
@@ -279,12 +281,15 @@ def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall):
         dz_spec = pl.BlockSpec((None, None, None, d), lambda j, hh, bb: (bb, hh, j, 0))
     else:
         dh_spec, dz_spec = full_spec(d, d), full_spec(d)
-    return [("k_phi", k_phi, seq_spec(cfg)), ("dh", dh, dh_spec), ("dz", dz, dz_spec)]
+    keys = [("k_phi", k_phi, seq_spec(cfg))] if k_phi is not None else []
+    keys += [("k", k, seq_spec(cfg))] if k is not None else []
+    return keys + [("dh", dh, dh_spec), ("dz", dz, dz_spec)]
 
 
-def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
+def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=None):
     """dK, dV, dphi(K) over the transposed LUT (built here): one Triton kernel, or the Mosaic dK/dV kernel
-    (mosaic_dkv.py) followed by a Triton kernel for the linear part."""
+    (mosaic_dkv.py) followed by a Triton kernel for the linear part. phi: None, or the feature map applied to the K
+    rows inside those kernels (res.k_phi then None)."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     b, n, h, d = q.shape
     seq = seq_spec(cfg)
@@ -296,9 +301,10 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
         dk, dv_s = mosaic_dkv.sparse_attention_dkv_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut_t, count, a, **kw)
         if not cfg.linear:
             return {"dk": dk, "dv": dv_s}
-        inputs = [("v", v, seq), ("dv_s", dv_s, seq)] + _dkv_linear_inputs(k_phi, totals, cfg)
+        keys = {"k_phi": k_phi} if phi is None else {"k_phi": None, "k": k}
+        inputs = [("v", v, seq), ("dv_s", dv_s, seq)] + _dkv_linear_inputs(totals=totals, cfg=cfg, **keys)
         outputs = [("dv", kv_struct, seq), ("dk_phi", kv_struct, seq)]
-        res_lin = pallas_triton_call(dkv_linear_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", {})
+        res_lin = pallas_triton_call(dkv_linear_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", {"phi": phi})
         return {"dk": dk, **dict(zip([x[0] for x in outputs], res_lin))}
     inputs = [
         ("lut_t", lut_t, full_spec(cfg.nk, cfg.nq)),
@@ -314,13 +320,13 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
     full_rows = full_spec(cfg.npad)
     inputs += [("lse", lse, full_rows), ("delta", res_dq["delta"], full_rows)]
     if cfg.linear:
-        inputs += _dkv_linear_inputs(k_phi, totals, cfg)
+        inputs += _dkv_linear_inputs(k_phi, totals, cfg)  # with phi: k_phi None, the kernel's K rows
     if fused:
         inputs += [("alpha", alpha, full_spec(cfg.nq))]
     outputs = [("dk", kv_struct, seq), ("dv", kv_struct, seq)]
     if cfg.linear:
         outputs += [("dk_phi", kv_struct, seq)]
-    launch = {"fused": fused, "rows": rows_per_step("dkv", cfg)}
+    launch = {"fused": fused, "rows": rows_per_step("dkv", cfg), "phi": phi}
     res_dkv = pallas_triton_call(dkv_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", launch)
     return dict(zip([x[0] for x in outputs], res_dkv))
 
@@ -478,12 +484,16 @@ def _fused_phi_fwd(q, k, v, lut, alpha, cfg, phi):
 
 
 def _fused_phi_bwd(cfg, phi, res, do):
-    """The backward of _fused with phi(Q), phi(K) made here (the backward kernels read them) and phi's vjp applied
-    to their gradients (one front-end kernel per tensor, which also adds the direct dQ, dK)."""
-    if cfg.linear:
+    """The backward of _fused without phi arrays in the residuals: the backward kernels that read phi(Q), phi(K)
+    get them as arrays made here (KernelConfig.backward_phi "arrays") or apply phi themselves ("in_kernels"); then
+    phi's vjp goes onto their gradients (one front-end kernel per tensor, which also adds the direct dQ, dK)."""
+    in_kernels = cfg.config.backward_phi == "in_kernels"
+    if cfg.linear and not in_kernels:
         res = res._replace(q_phi=feature_map_rows(res.q, phi, interpret=cfg.interpret),
                            k_phi=feature_map_rows(res.k, phi, interpret=cfg.interpret))
-    dq, dk, dv, dq_phi, dk_phi, _, dalpha = _fused_bwd(cfg, res, do)
+    dq, dk, dv, dq_phi, dk_phi, dalpha = backward(
+        res, cfg, fused=True, do=do.astype(res.q.dtype), phi=phi if in_kernels else None
+    )
     if cfg.linear:
         dq = feature_map_vjp(res.q, dq_phi, dq, phi, interpret=cfg.interpret)
         dk = feature_map_vjp(res.k, dk_phi, dk, phi, interpret=cfg.interpret)

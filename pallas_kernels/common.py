@@ -136,7 +136,8 @@ def full_spec(*tail):  # (B, H, *tail) -> the whole tail of one (b, h)
 
 
 def params(kernel: str, call: KernelCall):
-    """Triton compiler params of kernel ("fwd", "dq", "dkv", "sum", "sum_phi", "lowbit") from the call's KernelConfig."""
+    """Triton compiler params of kernel ("fwd", "dq", "dkv", "sum", "sum_phi", "lowbit") from the call's
+    KernelConfig."""
     launch = call.config.launch_params(kernel)
     return CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages)
 

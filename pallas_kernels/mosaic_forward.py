@@ -44,8 +44,9 @@ Two score operand types share the kernel (``_sparse_forward``):
 (8, 128) or (8, 64) with the matching swizzle, K-major for both operands (the only layout the 8-bit wgmma takes;
 K^T is a transposed view of the (keys, D) tile, V of the (D, keys) tile).
 
-With the linear branch (``sparse_linear_attention_mosaic``): the TMA warpgroup also loads phi(Q_i) (or phi is applied to the Q tile in the epilogue: ``LinearInputs.feature_map``), H_i
-(bf16, D x D) and Z_i; after the loop each compute warpgroup forms den = phi(Q) . Z_i + eps (row sums in registers),
+With the linear branch (``sparse_linear_attention_mosaic``): the TMA warpgroup also loads phi(Q_i) (or the epilogue
+applies phi to the Q tile: ``LinearInputs.feature_map``), H_i (bf16, D x D) and Z_i; after the loop each compute
+warpgroup forms den = phi(Q) . Z_i + eps (row sums in registers),
 o_l = phi(Q) H_i / den (one more wgmma) and o = alpha o_s + (1 - alpha) o_l, and stores the outputs asked for (o,
 o_s, o_l, lse, den) through its Q and phi(Q) tiles, then a finished V slot of the ring (``ring_holds_outputs``),
 then tiles of its own. The INT8 kernel has the same epilogue (``sparse_linear_attention_mosaic_int8``; its int8

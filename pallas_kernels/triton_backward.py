@@ -144,15 +144,16 @@ def dkv_kernel(
     # outputs
     dk_ref, dv_ref, dk_phi_ref=None,
     # static arguments
-    cfg: KernelCall, fused: bool, rows: int,
+    cfg: KernelCall, fused: bool, rows: int, phi=None,
 ):  # fmt: skip
     """Program (j, h, b) of grid (Nk, H, B): key block j of one (b, h). Refs of that (b, h), None where the call has
     no such input or output (attention.backward_dkv builds the lists):
 
     lut_t (Nk, Nq) int32, the query blocks that selected key block j (ascending), count (Nk,) int32 of them; q, k, v
     (N, D); do (N, D) (fused) or do_s (N, D); lse, delta (Npad,) float32; the linear branch (cfg.linear): k_phi
-    (N, D), dh (D, D) and dz (D,) float32 (key block j's dH_j, dZ_j for the complement scope, else the totals);
-    alpha (Nq,) float32 (fused). Outputs: dk, dv (N, D); dk_phi (N, D) (linear branch).
+    (N, D) (None with phi: the feature map is applied to the K rows here), dh (D, D) and dz (D,) float32 (key block
+    j's dH_j, dZ_j for the complement scope, else the totals); alpha (Nq,) float32 (fused). Outputs: dk, dv (N, D);
+    dk_phi (N, D) (linear branch).
     """
     j = pl.program_id(0)
     k_start = j * cfg.block_k
@@ -195,27 +196,40 @@ def dkv_kernel(
     store_rows(dk_ref, k_start, carry[0] * cfg.sm_scale, cfg.n)
     dv = carry[1]
     if cfg.linear:
-        dv = _add_dkv_linear(k_start, v, dv, k_phi_ref, dh_ref, dz_ref, dk_phi_ref, cfg)
+        k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n) if phi is None else _phi_rows(phi, k)
+        dv = _add_dkv_linear(k_start, v, dv, k_phi, dh_ref, dz_ref, dk_phi_ref, cfg)
     store_rows(dv_ref, k_start, dv, cfg.n)
 
 
-def _add_dkv_linear(k_start, v, dv, k_phi_ref, dh_ref, dz_ref, dk_phi_ref, cfg: KernelCall):
+def _phi_rows(phi, x):
+    """phi of a loaded (rows, D) tile, in float32 and rounded to its dtype (as a phi array would be)."""
+    return phi(x.astype(F32)).astype(x.dtype)
+
+
+def _add_dkv_linear(k_start, v, dv, k_phi, dh_ref, dz_ref, dk_phi_ref, cfg: KernelCall):
     """Linear part of key block j, after the sparse loop (keeps its D x D operands out of the pipelined loop's
-    shared memory): returns dV + phi(K_j) dH_j and stores dphi(K_j) = V_j dH_j^T + dZ_j, with dH_j, dZ_j over the
-    query blocks that did not select j (complement) or over all of them (scope "all")."""
+    shared memory): returns dV + phi(K_j) dH_j (k_phi: the (block_k, D) tile phi(K_j)) and stores dphi(K_j) =
+    V_j dH_j^T + dZ_j, with dH_j, dZ_j over the query blocks that did not select j (complement) or over all of them
+    (scope "all")."""
     dt = v.dtype
-    k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n)
     dh = dh_ref[...]
     dk_phi = dot_mat(v, dh, dt, trans_b=True) + dz_ref[...][None, :]
     store_rows(dk_phi_ref, k_start, dk_phi, cfg.n)
     return dv + dot_mat(k_phi, dh, dt)
 
 
-def dkv_linear_kernel(v_ref, dv_s_ref, k_phi_ref, dh_ref, dz_ref, dv_ref, dk_phi_ref, *, cfg: KernelCall):
+def dkv_linear_kernel(
+    *, v_ref, dv_s_ref, k_phi_ref=None, k_ref=None, dh_ref, dz_ref, dv_ref, dk_phi_ref, cfg: KernelCall, phi=None
+):  # fmt: skip
     """Program (j, h, b) of grid (Nk, H, B): the linear part of key block j for a sparse dV computed elsewhere (the
-    Mosaic dK/dV kernel): dv = dv_s + phi(K_j) dH_j, dphi(K_j) = V_j dH_j^T + dZ_j. Refs of one (b, h): v, dv_s,
-    k_phi (N, D); dh (D, D) and dz (D,) float32 (key block j's, or the totals); outputs dv, dk_phi (N, D)."""
+    Mosaic dK/dV kernel): dv = dv_s + phi(K_j) dH_j, dphi(K_j) = V_j dH_j^T + dZ_j. Refs of one (b, h): v, dv_s and
+    k_phi (N, D), or k (N, D) with phi (the feature map applied here); dh (D, D) and dz (D,) float32 (key block j's,
+    or the totals); outputs dv, dk_phi (N, D)."""
     k_start = pl.program_id(0) * cfg.block_k
     v = load_rows(v_ref, k_start, cfg.block_k, cfg.n)
     dv_s = load_rows(dv_s_ref, k_start, cfg.block_k, cfg.n).astype(F32)
-    store_rows(dv_ref, k_start, _add_dkv_linear(k_start, v, dv_s, k_phi_ref, dh_ref, dz_ref, dk_phi_ref, cfg), cfg.n)
+    if phi is None:
+        k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n)
+    else:
+        k_phi = _phi_rows(phi, load_rows(k_ref, k_start, cfg.block_k, cfg.n))
+    store_rows(dv_ref, k_start, _add_dkv_linear(k_start, v, dv_s, k_phi, dh_ref, dz_ref, dk_phi_ref, cfg), cfg.n)
