@@ -189,13 +189,14 @@ def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, 
 def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=None):
     """All input cotangents (dq, dk, dv, dq_phi, dk_phi, dalpha or None) from the residuals: dQ stage, gradient
     states, dK/dV stage (each a separate function for timing). phi: None (the residuals hold phi(Q), phi(K)), or the
-    feature map, applied to Q and K inside the kernels that read them (residuals without phi arrays)."""
-    res_dq = backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
+    feature map, applied to Q and K inside the kernels that read them (residuals without phi arrays); then dq, dk
+    include phi's vjp and dq_phi, dk_phi are None."""
+    res_dq = backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l, phi=phi)
     totals = backward_states(res, res_dq, cfg, fused=fused, do=do, do_l=do_l, phi=phi)
     res_dkv = backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l, phi=phi)
     q = res[0]
     b, _, h, _ = q.shape
-    zeros = jnp.zeros_like(q)
+    zeros = None if phi is not None else jnp.zeros_like(q)
     dq_phi = res_dq.get("dq_phi", zeros)
     dk_phi = res_dkv.get("dk_phi", zeros)
     dalpha = None
@@ -204,9 +205,10 @@ def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=
     return res_dq["dq"], res_dkv["dk"], res_dkv["dv"], dq_phi, dk_phi, dalpha
 
 
-def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
+def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=None):
     """dQ, dphi(Q) (and delta, c, d alpha per row) over the LUT: one Triton kernel, or with the Mosaic backward a
-    Triton kernel for the per-row terms and dphi(Q) followed by the Mosaic dQ kernel (mosaic_dq.py)."""
+    Triton kernel for the per-row terms and dphi(Q) followed by the Mosaic dQ kernel (mosaic_dq.py). phi: None, or
+    the feature map: the Triton kernel applies phi's vjp at Q to dphi(Q) itself, and dQ comes out whole."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     b, n, h, d = q.shape
     seq = seq_spec(cfg)
@@ -232,16 +234,21 @@ def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
             inputs += [("h_lin", h_lin, full_spec(d, d)), ("z_lin", z_lin, full_spec(d))]
     if fused:
         inputs += [("alpha", alpha, full_spec(cfg.nq))]
-    outputs = [] if mosaic else [("dq", jax.ShapeDtypeStruct(q.shape, q.dtype), seq)]
+    if mosaic and cfg.linear and phi is not None:
+        inputs += [("q", q, seq)]
+    q_struct = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    outputs = [] if mosaic else [("dq", q_struct, seq)]
     outputs += [("delta", row_struct, rows)]
     if cfg.linear:
-        outputs += [("dq_phi", jax.ShapeDtypeStruct(q.shape, q.dtype), seq), ("c", row_struct, rows)]
+        # dphi(Q), or with phi its vjp: inside dq (Triton) or as dq_lin, added to the Mosaic kernel's dq below
+        outputs += [] if phi is not None and not mosaic else [("dq_phi" if phi is None else "dq_lin", q_struct, seq)]
+        outputs += [("c", row_struct, rows)]
     if fused:
         outputs += [("dalpha_rows", row_struct, rows)]
     if mosaic:
-        kernel, launch = dq_linear_kernel, {"fused": fused}
+        kernel, launch = dq_linear_kernel, {"fused": fused, "phi": phi}
     else:
-        kernel, launch = dq_kernel, {"fused": fused, "rows": rows_dq}
+        kernel, launch = dq_kernel, {"fused": fused, "rows": rows_dq, "phi": phi}
     res_dq = pallas_triton_call(kernel, (cfg.npad // rows_dq, h, b), inputs, outputs, cfg, "dq", launch)
     res_dq = dict(zip([x[0] for x in outputs], res_dq))
     if mosaic:
@@ -249,6 +256,8 @@ def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
         # a ring of 4 K/V slots: 0.88 vs 0.92 ms with 2 (H100, wan-1.3b at 95%)
         kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "stages": 4, "config": cfg.config}
         res_dq["dq"] = mosaic_dq.sparse_attention_dq_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut, a, **kw)
+        if "dq_lin" in res_dq:
+            res_dq["dq"] = (res_dq["dq"].astype(F32) + res_dq.pop("dq_lin").astype(F32)).astype(q.dtype)
     return res_dq
 
 
@@ -301,9 +310,13 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
         dk, dv_s = mosaic_dkv.sparse_attention_dkv_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut_t, count, a, **kw)
         if not cfg.linear:
             return {"dk": dk, "dv": dv_s}
-        keys = {"k_phi": k_phi} if phi is None else {"k_phi": None, "k": k}
-        inputs = [("v", v, seq), ("dv_s", dv_s, seq)] + _dkv_linear_inputs(totals=totals, cfg=cfg, **keys)
-        outputs = [("dv", kv_struct, seq), ("dk_phi", kv_struct, seq)]
+        inputs = [("v", v, seq), ("dv_s", dv_s, seq)]
+        if phi is None:
+            inputs += _dkv_linear_inputs(k_phi, totals, cfg)
+            outputs = [("dv", kv_struct, seq), ("dk_phi", kv_struct, seq)]
+        else:  # dK whole: the sparse dk_s plus phi's vjp at K applied to dphi(K), in the same kernel
+            inputs += _dkv_linear_inputs(None, totals, cfg, k=k) + [("dk_s", dk, seq)]
+            outputs = [("dv", kv_struct, seq), ("dk", kv_struct, seq)]
         res_lin = pallas_triton_call(dkv_linear_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", {"phi": phi})
         return {"dk": dk, **dict(zip([x[0] for x in outputs], res_lin))}
     inputs = [
@@ -324,8 +337,8 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
     if fused:
         inputs += [("alpha", alpha, full_spec(cfg.nq))]
     outputs = [("dk", kv_struct, seq), ("dv", kv_struct, seq)]
-    if cfg.linear:
-        outputs += [("dk_phi", kv_struct, seq)]
+    if cfg.linear and phi is None:
+        outputs += [("dk_phi", kv_struct, seq)]  # with phi: phi's vjp at K goes into dk in the kernel
     launch = {"fused": fused, "rows": rows_per_step("dkv", cfg), "phi": phi}
     res_dkv = pallas_triton_call(dkv_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", launch)
     return dict(zip([x[0] for x in outputs], res_dkv))
@@ -484,16 +497,16 @@ def _fused_phi_fwd(q, k, v, lut, alpha, cfg, phi):
 
 
 def _fused_phi_bwd(cfg, phi, res, do):
-    """The backward of _fused without phi arrays in the residuals: the backward kernels that read phi(Q), phi(K)
-    get them as arrays made here (KernelConfig.backward_phi "arrays") or apply phi themselves ("in_kernels"); then
-    phi's vjp goes onto their gradients (one front-end kernel per tensor, which also adds the direct dQ, dK)."""
-    in_kernels = cfg.config.backward_phi == "in_kernels"
-    if cfg.linear and not in_kernels:
+    """The backward of _fused without phi arrays in the residuals. KernelConfig.backward_phi "arrays": phi(Q),
+    phi(K) made here for the backward kernels, then phi's vjp onto their gradients (one front-end kernel per tensor,
+    which also adds the direct dQ, dK); "in_kernels": the backward kernels apply phi and its vjp themselves."""
+    if cfg.config.backward_phi == "in_kernels":
+        dq, dk, dv, _, _, dalpha = backward(res, cfg, fused=True, do=do.astype(res.q.dtype), phi=phi)
+        return dq, dk, dv, None, dalpha
+    if cfg.linear:
         res = res._replace(q_phi=feature_map_rows(res.q, phi, interpret=cfg.interpret),
                            k_phi=feature_map_rows(res.k, phi, interpret=cfg.interpret))
-    dq, dk, dv, dq_phi, dk_phi, dalpha = backward(
-        res, cfg, fused=True, do=do.astype(res.q.dtype), phi=phi if in_kernels else None
-    )
+    dq, dk, dv, dq_phi, dk_phi, dalpha = backward(res, cfg, fused=True, do=do.astype(res.q.dtype))
     if cfg.linear:
         dq = feature_map_vjp(res.q, dq_phi, dq, phi, interpret=cfg.interpret)
         dk = feature_map_vjp(res.k, dk_phi, dk, phi, interpret=cfg.interpret)

@@ -83,9 +83,10 @@ class KernelConfig:
       "qblocks": grid (Nq, H, B)), output tiles staged in finished ring slots, and how FP8 P reaches the P V wgmma.
     mosaic_fp8: quant "int8_fp8" takes the Mosaic forward (else the Triton low-bit kernel).
     backward_phi: for the fused kernels called without phi arrays (``sla2_fused_attention(..., feature_map=phi)``),
-      how the backward's kernels get phi(Q), phi(K): "arrays" (written by one front-end pass per tensor first;
-      measured) or "in_kernels" (the gradient-state sums and the dK/dV linear part apply phi to the Q / K rows they
-      read; predicted -0.1 ms at wan-1.3b forward+backward, not measured yet).
+      how the backward's kernels get phi(Q), phi(K): "arrays" (written by one front-end pass per tensor first, phi's
+      vjp by one more pass per tensor at the end; measured) or "in_kernels" (the gradient-state sums and the dK/dV
+      and dQ linear parts apply phi and its vjp to the Q / K rows they read; predicted -0.15..-0.2 ms at wan-1.3b
+      forward+backward, not measured yet).
     launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "sum", "sum_phi", "lowbit"), as a tuple of
       (name, Launch) pairs; kernels not listed take DEFAULT_LAUNCH (the "lowbit" kernel: the "fwd" entry).
     profile_dir: Mosaic's on-device profiler writes a trace of the named regions of the Mosaic forward, dQ and

@@ -13,11 +13,14 @@ around the Mosaic backward.
   per step.
 * ``dq_linear_kernel`` and ``dkv_linear_kernel``: the same per-row terms, dphi(Q) and linear dK/dV part without a
   LUT loop, around the Mosaic dQ and dK/dV kernels (KernelConfig.backward "mosaic").
+With ``phi`` (the feature map; KernelConfig.backward_phi "in_kernels") the kernels read Q / K instead of phi arrays
+and apply phi's vjp themselves: dQ, dK come out whole, with no dphi(Q) / dphi(K) outputs.
 Launched by attention.py.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -56,13 +59,17 @@ def _dq_row_terms(
     return do, a, delta, do_l32, c, den
 
 
-def _store_dq_phi(q_start, do_l32, c, den, h_lin_ref, z_lin_ref, dq_phi_ref, like, cfg: KernelCall):
-    """dphi(Q) = dO_l / den @ H^T - c / den * Z with this block's H_i, Z_i (complement) or the totals (scope "all");
-    like: the input dtype (16-bit: the D x D product on bf16 tensor cores)."""
+def _dq_phi(do_l32, c, den, h_lin_ref, z_lin_ref, like):
+    """dphi(Q) = dO_l / den @ H^T - c / den * Z (float32) with this block's H_i, Z_i (complement) or the totals
+    (scope "all"); like: the input dtype (16-bit: the D x D product on bf16 tensor cores)."""
     h = h_lin_ref[...]
     z = z_lin_ref[...]
-    dq_phi = dot_mat(do_l32 / den[:, None], h, like, trans_b=True) - (c / den)[:, None] * z[None, :]
-    store_rows(dq_phi_ref, q_start, dq_phi, cfg.n)
+    return dot_mat(do_l32 / den[:, None], h, like, trans_b=True) - (c / den)[:, None] * z[None, :]
+
+
+def _phi_vjp(phi, x, d_phi32):
+    """The vjp of the feature map at the loaded (rows, D) tile x applied to d_phi32: float32 (rows, D)."""
+    return jax.vjp(phi, x.astype(F32))[1](d_phi32)[0]
 
 
 def dq_kernel(
@@ -73,7 +80,7 @@ def dq_kernel(
     # outputs
     dq_ref, delta_ref, dq_phi_ref=None, c_ref=None, dalpha_rows_ref=None,
     # static arguments
-    cfg: KernelCall, fused: bool, rows: int,
+    cfg: KernelCall, fused: bool, rows: int, phi=None,
 ):  # fmt: skip
     """Program (s, h, b) of grid (Npad / rows, H, B): query rows [s * rows, (s + 1) * rows) of one (b, h), in query
     block i = s * rows // block_q. Refs of that (b, h), None where the call has no such input or output
@@ -83,7 +90,8 @@ def dq_kernel(
     o_s (N, D); lse (rows,) float32 (base 2); the linear branch (cfg.linear): o_l (N, D), den (rows,) float32 and
     its states h_lin (D, D), z_lin (D,) float32 (query block i's H_i, Z_i for the complement scope, else the
     totals); alpha (Nq,) float32 (fused). Outputs: dq (N, D); delta (rows,) float32; dq_phi (N, D) and c (rows,)
-    float32 (linear branch); dalpha_rows (rows,) float32 (fused).
+    float32 (linear branch); dalpha_rows (rows,) float32 (fused). phi: None, or the feature map: then dq includes
+    the linear branch's part (phi's vjp at Q applied to dphi(Q) here) and there is no dq_phi output.
     """
     sub = pl.program_id(0)  # sub-block of `rows` query rows
     i = lax.div(sub, jnp.int32(cfg.block_q // rows))  # its query block (LUT row)
@@ -109,31 +117,43 @@ def dq_kernel(
         return (carry[0] + dot(ds.astype(k.dtype), k),)
 
     carry = lax.fori_loop(0, cfg.topk, body, carry)
-    store_rows(dq_ref, q_start, carry[0] * cfg.sm_scale, cfg.n)
+    dq = carry[0] * cfg.sm_scale
     if cfg.linear:
-        _store_dq_phi(q_start, do_l32, c, den, h_lin_ref, z_lin_ref, dq_phi_ref, o_s_ref.dtype, cfg)
+        dq_phi = _dq_phi(do_l32, c, den, h_lin_ref, z_lin_ref, o_s_ref.dtype)
+        if phi is None:
+            store_rows(dq_phi_ref, q_start, dq_phi, cfg.n)
+        else:
+            dq = dq + _phi_vjp(phi, q, dq_phi)
+    store_rows(dq_ref, q_start, dq, cfg.n)
 
 
 def dq_linear_kernel(
     *,
     # inputs
-    do_ref=None, do_s_ref=None, do_l_ref=None, o_s_ref, o_l_ref=None, den_ref=None, h_lin_ref=None, z_lin_ref=None,
-    alpha_ref=None,
+    q_ref=None, do_ref=None, do_s_ref=None, do_l_ref=None, o_s_ref, o_l_ref=None, den_ref=None, h_lin_ref=None,
+    z_lin_ref=None, alpha_ref=None,
     # outputs
-    delta_ref, dq_phi_ref=None, c_ref=None, dalpha_rows_ref=None,
+    delta_ref, dq_phi_ref=None, dq_lin_ref=None, c_ref=None, dalpha_rows_ref=None,
     # static arguments
-    cfg: KernelCall, fused: bool,
+    cfg: KernelCall, fused: bool, phi=None,
 ):  # fmt: skip
     """Program (i, h, b) of grid (Nq, H, B): the per-row terms and dphi(Q) of query block i without the LUT loop
     (the Mosaic dQ kernel does the loop, with the delta stored here). Refs as dq_kernel's with rows = block_q, less
-    lut, q, k, v, lse and dq."""
+    lut, k, v, lse and dq; with phi (the feature map), q (N, D) in and, instead of dq_phi, dq_lin (N, D): phi's vjp
+    at Q applied to dphi(Q), the linear branch's part of dQ."""
     i = pl.program_id(0)
+    q_start = i * cfg.block_q
     _, _, _, do_l32, c, den = _dq_row_terms(
-        i, i * cfg.block_q, cfg.block_q, o_s_ref, do_ref, do_s_ref, do_l_ref, o_l_ref, den_ref, alpha_ref, delta_ref,
+        i, q_start, cfg.block_q, o_s_ref, do_ref, do_s_ref, do_l_ref, o_l_ref, den_ref, alpha_ref, delta_ref,
         c_ref, dalpha_rows_ref, cfg=cfg, fused=fused,
     )  # fmt: skip
     if cfg.linear:
-        _store_dq_phi(i * cfg.block_q, do_l32, c, den, h_lin_ref, z_lin_ref, dq_phi_ref, o_s_ref.dtype, cfg)
+        dq_phi = _dq_phi(do_l32, c, den, h_lin_ref, z_lin_ref, o_s_ref.dtype)
+        if phi is None:
+            store_rows(dq_phi_ref, q_start, dq_phi, cfg.n)
+        else:
+            q = load_rows(q_ref, q_start, cfg.block_q, cfg.n)
+            store_rows(dq_lin_ref, q_start, _phi_vjp(phi, q, dq_phi), cfg.n)
 
 
 def dkv_kernel(
@@ -153,7 +173,7 @@ def dkv_kernel(
     (N, D); do (N, D) (fused) or do_s (N, D); lse, delta (Npad,) float32; the linear branch (cfg.linear): k_phi
     (N, D) (None with phi: the feature map is applied to the K rows here), dh (D, D) and dz (D,) float32 (key block
     j's dH_j, dZ_j for the complement scope, else the totals); alpha (Nq,) float32 (fused). Outputs: dk, dv (N, D);
-    dk_phi (N, D) (linear branch).
+    dk_phi (N, D) (linear branch, without phi; with phi, dk includes phi's vjp at K applied to dphi(K)).
     """
     j = pl.program_id(0)
     k_start = j * cfg.block_k
@@ -193,11 +213,15 @@ def dkv_kernel(
         return dk, dv
 
     carry = lax.fori_loop(0, count_ref[j] * nsub, body, carry)
-    store_rows(dk_ref, k_start, carry[0] * cfg.sm_scale, cfg.n)
-    dv = carry[1]
+    dk, dv = carry[0] * cfg.sm_scale, carry[1]
     if cfg.linear:
         k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n) if phi is None else _phi_rows(phi, k)
-        dv = _add_dkv_linear(k_start, v, dv, k_phi, dh_ref, dz_ref, dk_phi_ref, cfg)
+        dv, dk_phi = _dkv_linear(v, dv, k_phi, dh_ref, dz_ref)
+        if phi is None:
+            store_rows(dk_phi_ref, k_start, dk_phi, cfg.n)
+        else:
+            dk = dk + _phi_vjp(phi, k, dk_phi)
+    store_rows(dk_ref, k_start, dk, cfg.n)
     store_rows(dv_ref, k_start, dv, cfg.n)
 
 
@@ -206,30 +230,38 @@ def _phi_rows(phi, x):
     return phi(x.astype(F32)).astype(x.dtype)
 
 
-def _add_dkv_linear(k_start, v, dv, k_phi, dh_ref, dz_ref, dk_phi_ref, cfg: KernelCall):
+def _dkv_linear(v, dv, k_phi, dh_ref, dz_ref):
     """Linear part of key block j, after the sparse loop (keeps its D x D operands out of the pipelined loop's
-    shared memory): returns dV + phi(K_j) dH_j (k_phi: the (block_k, D) tile phi(K_j)) and stores dphi(K_j) =
-    V_j dH_j^T + dZ_j, with dH_j, dZ_j over the query blocks that did not select j (complement) or over all of them
-    (scope "all")."""
+    shared memory): (dV + phi(K_j) dH_j, dphi(K_j) = V_j dH_j^T + dZ_j float32), k_phi the (block_k, D) tile
+    phi(K_j), with dH_j, dZ_j over the query blocks that did not select j (complement) or over all of them (scope
+    "all")."""
     dt = v.dtype
     dh = dh_ref[...]
     dk_phi = dot_mat(v, dh, dt, trans_b=True) + dz_ref[...][None, :]
-    store_rows(dk_phi_ref, k_start, dk_phi, cfg.n)
-    return dv + dot_mat(k_phi, dh, dt)
+    return dv + dot_mat(k_phi, dh, dt), dk_phi
 
 
 def dkv_linear_kernel(
-    *, v_ref, dv_s_ref, k_phi_ref=None, k_ref=None, dh_ref, dz_ref, dv_ref, dk_phi_ref, cfg: KernelCall, phi=None
+    *, v_ref, dv_s_ref, k_phi_ref=None, k_ref=None, dk_s_ref=None, dh_ref, dz_ref, dv_ref, dk_phi_ref=None,
+    dk_ref=None, cfg: KernelCall, phi=None,
 ):  # fmt: skip
-    """Program (j, h, b) of grid (Nk, H, B): the linear part of key block j for a sparse dV computed elsewhere (the
-    Mosaic dK/dV kernel): dv = dv_s + phi(K_j) dH_j, dphi(K_j) = V_j dH_j^T + dZ_j. Refs of one (b, h): v, dv_s and
-    k_phi (N, D), or k (N, D) with phi (the feature map applied here); dh (D, D) and dz (D,) float32 (key block j's,
-    or the totals); outputs dv, dk_phi (N, D)."""
+    """Program (j, h, b) of grid (Nk, H, B): the linear part of key block j for a sparse dK, dV computed elsewhere
+    (the Mosaic dK/dV kernel): dv = dv_s + phi(K_j) dH_j and dphi(K_j) = V_j dH_j^T + dZ_j. Refs of one (b, h): v,
+    dv_s, k_phi (N, D); dh (D, D) and dz (D,) float32 (key block j's, or the totals); outputs dv, dk_phi (N, D).
+    With phi (the feature map): k and the sparse dk_s (N, D) in instead of k_phi, and dk = dk_s + phi's vjp at K
+    applied to dphi(K) out instead of dk_phi."""
     k_start = pl.program_id(0) * cfg.block_k
     v = load_rows(v_ref, k_start, cfg.block_k, cfg.n)
     dv_s = load_rows(dv_s_ref, k_start, cfg.block_k, cfg.n).astype(F32)
     if phi is None:
         k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n)
     else:
-        k_phi = _phi_rows(phi, load_rows(k_ref, k_start, cfg.block_k, cfg.n))
-    store_rows(dv_ref, k_start, _add_dkv_linear(k_start, v, dv_s, k_phi, dh_ref, dz_ref, dk_phi_ref, cfg), cfg.n)
+        k = load_rows(k_ref, k_start, cfg.block_k, cfg.n)
+        k_phi = _phi_rows(phi, k)
+    dv, dk_phi = _dkv_linear(v, dv_s, k_phi, dh_ref, dz_ref)
+    store_rows(dv_ref, k_start, dv, cfg.n)
+    if phi is None:
+        store_rows(dk_phi_ref, k_start, dk_phi, cfg.n)
+    else:
+        dk_s = load_rows(dk_s_ref, k_start, cfg.block_k, cfg.n).astype(F32)
+        store_rows(dk_ref, k_start, dk_s + _phi_vjp(phi, k, dk_phi), cfg.n)
