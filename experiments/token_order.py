@@ -13,6 +13,8 @@ import functools
 
 import numpy as np
 
+from sla2_jax import tile_order
+
 TOKEN_ORDERS = ("raster", "tiles")
 
 
@@ -22,17 +24,14 @@ def check_tile(grid, tile) -> None:
     tile = tuple(tile)
     if len(tile) != 3 or not all(isinstance(n, (int, np.integer)) and n > 0 for n in tile):
         raise ValueError(f"tile={tile!r} must be three positive ints (t, h, w) in tokens")
-    if grid is not None and any(g % n for g, n in zip(grid, tile)):
-        raise ValueError(f"token grid (t, h, w) = {tuple(grid)} is not divisible by tile {tile}; choose a tile that "
-                         "divides every axis of the grid (or token_order='raster')")
+    if grid is not None:
+        tile_order(grid, tile)
 
 
 def tile_permutation(grid, tile=(4, 4, 4)) -> np.ndarray:
-    """Indices (N,) into the raster-ordered tokens of `grid` that put them in tile order: x_tiles = x[:, perm]."""
-    check_tile(grid, tile)
-    (T, H, W), (a, b, c) = grid, tile
-    idx = np.arange(T * H * W).reshape(T // a, a, H // b, b, W // c, c)
-    return idx.transpose(0, 2, 4, 1, 3, 5).reshape(-1)
+    """Indices (N,) into the raster-ordered tokens of `grid` that put them in tile order: x_tiles = x[:, perm]
+    (``sla2_jax.tile_order``)."""
+    return tile_order(grid, tile)[0]
 
 
 @functools.lru_cache(maxsize=16)
@@ -43,8 +42,7 @@ def permutation(grid: tuple, order: str, tile: tuple = (4, 4, 4)):
         raise ValueError(f"token_order={order!r} must be one of {TOKEN_ORDERS}")
     if order == "raster":
         return None, None
-    perm = tile_permutation(grid, tile)
-    return perm, np.argsort(perm)
+    return tile_order(grid, tile)
 
 
 def order_name(order: str, tile=(4, 4, 4)) -> str:
