@@ -168,3 +168,34 @@ def test_mosaic_forward_applies_phi_to_its_q_tile_when_lowered_for_cuda(kind):
             linear=mosaic_forward.LinearInputs(None, hs, zs, alpha, 1e-6, PHI_FUNCTIONS[kind]), outputs=("o",),
             config=config,
         )
+
+
+def _pallas_calls(jaxpr, found):
+    """(name, output shapes) of every pallas_call in a jaxpr, nested jaxprs included."""
+    from jax.extend import core as jcore
+
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append((eqn.params.get("name"), [tuple(v.aval.shape) for v in eqn.outvars]))
+        for val in eqn.params.values():
+            if isinstance(val, jcore.ClosedJaxpr):
+                _pallas_calls(val.jaxpr, found)
+            elif isinstance(val, jcore.Jaxpr):
+                _pallas_calls(val, found)
+    return found
+
+
+def test_the_library_forward_writes_no_phi_arrays(monkeypatch):
+    """sla2_attention on the pallas backend with the Mosaic forward (its contract stand-in here): no kernel of the
+    forward writes a (B, N, H, D) array: the routing pass writes block means only, phi(K) stays inside the states
+    kernel and phi(Q) inside the Mosaic epilogue."""
+    import sla2_jax as sla
+    from test_mosaic_fwd_epilogue import _contract_stand_in
+
+    monkeypatch.setattr(mosaic_forward, "sparse_linear_attention_mosaic", _contract_stand_in([]))
+    config = sla.SLA2Config(topk_ratio=0.25, backend="pallas", kernel=KernelConfig(forward="mosaic"))
+    q, k, v = (x.astype(jnp.bfloat16) for x in jax.random.normal(jax.random.PRNGKey(0), (3, 1, 320, 2, 64)))
+    jaxpr = jax.make_jaxpr(lambda q, k, v: sla.sla2_attention(q, k, v, config=config))(q, k, v)
+    calls = _pallas_calls(jaxpr.jaxpr, [])
+    assert [name for name, _ in calls].count("sla_prep") == 2 and "sla_sum_phi" in [name for name, _ in calls], calls
+    assert not [c for c in calls if q.shape in c[1]], calls
