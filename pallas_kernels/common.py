@@ -115,6 +115,17 @@ def store_rows(ref, start, val, n):
     plgpu.store(ref.at[pl.ds(start, size), :], val.astype(ref.dtype), mask=mask)
 
 
+def phi_rows(phi, x):
+    """The feature map phi of a loaded (rows, D) tile, in float32 and rounded to the tile's dtype (as a phi array
+    would be)."""
+    return phi(x.astype(F32)).astype(x.dtype)
+
+
+def phi_vjp(phi, x, d_phi32):
+    """The vjp of the feature map phi at the loaded (rows, D) tile x applied to d_phi32: float32 (rows, D)."""
+    return jax.vjp(phi, x.astype(F32))[1](d_phi32)[0]
+
+
 def scores(q, k, k_start, cfg):
     """S = Q K^T * sm_scale * log2(e) (base-2 logits); keys >= N masked."""
     s = dot(q, k, trans_b=True) * (cfg.sm_scale * LOG2E)

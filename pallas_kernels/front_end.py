@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._triton import CompilerParams, pl, plgpu
+from .common import phi_vjp
 from .quantize import SCALE_LANES, QuantisedKeys, QuantisedQueries, quantize_rows, store_quantised_rows
 
 _F32 = jnp.float32
@@ -146,8 +147,7 @@ def _prep_bwd_kernel(x_ref, *refs, n: int, block: int, rows: int, phi, pass_thro
         dx = jnp.where(_finite_rows(x, valid)[:, None], d_mean[None, :], 0.0) if means else jnp.zeros_like(x)
         if phi is not None:
             d_phi = plgpu.load(d_phi_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
-            _, phi_vjp = jax.vjp(phi, x)
-            dx = dx + phi_vjp(d_phi)[0]
+            dx = dx + phi_vjp(phi, x, d_phi)
         if dx_in_ref is not None:
             dx = dx + plgpu.load(dx_in_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
         plgpu.store(dx_ref.at[pl.ds(start, rows), :], dx.astype(dx_ref.dtype), mask=mask)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._triton import pl
-from .common import F32, KernelCall, dot, load_rows, pallas_triton_call, seq_spec
+from .common import F32, KernelCall, dot, load_rows, pallas_triton_call, phi_rows, seq_spec
 
 def _pow2_scale(amax):
     """s = 2^(e - 13) for amax in [2^e, 2^(e+1)) (e clipped to [-11, 28]): a power of two (exact in float16 and in
@@ -48,7 +48,7 @@ def _outer_sum_kernel(
         y = load_rows(y_ref, start, block, cfg.n)
         if phi is not None:
             valid = (start + jnp.arange(block)) < cfg.n
-            x = jnp.where(valid[:, None], phi(x.astype(F32)), 0.0).astype(x.dtype)
+            x = jnp.where(valid[:, None], phi_rows(phi, x), 0)
         x32 = x.astype(F32)
         if weighted:
             w = w_ref[pl.ds(t * block, block)]

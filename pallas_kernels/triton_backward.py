@@ -20,12 +20,11 @@ Launched by attention.py.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from ._triton import pl
-from .common import F32, LOG2E, KernelCall, dot, dot_mat, load_rows, scores, store_rows
+from .common import F32, LOG2E, KernelCall, dot, dot_mat, load_rows, phi_rows, phi_vjp, scores, store_rows
 
 
 def _dq_row_terms(
@@ -66,10 +65,6 @@ def _dq_phi(do_l32, c, den, h_lin_ref, z_lin_ref, like):
     z = z_lin_ref[...]
     return dot_mat(do_l32 / den[:, None], h, like, trans_b=True) - (c / den)[:, None] * z[None, :]
 
-
-def _phi_vjp(phi, x, d_phi32):
-    """The vjp of the feature map at the loaded (rows, D) tile x applied to d_phi32: float32 (rows, D)."""
-    return jax.vjp(phi, x.astype(F32))[1](d_phi32)[0]
 
 
 def dq_kernel(
@@ -123,7 +118,7 @@ def dq_kernel(
         if phi is None:
             store_rows(dq_phi_ref, q_start, dq_phi, cfg.n)
         else:
-            dq = dq + _phi_vjp(phi, q, dq_phi)
+            dq = dq + phi_vjp(phi, q, dq_phi)
     store_rows(dq_ref, q_start, dq, cfg.n)
 
 
@@ -153,7 +148,7 @@ def dq_linear_kernel(
             store_rows(dq_phi_ref, q_start, dq_phi, cfg.n)
         else:
             q = load_rows(q_ref, q_start, cfg.block_q, cfg.n)
-            store_rows(dq_lin_ref, q_start, _phi_vjp(phi, q, dq_phi), cfg.n)
+            store_rows(dq_lin_ref, q_start, phi_vjp(phi, q, dq_phi), cfg.n)
 
 
 def dkv_kernel(
@@ -215,19 +210,15 @@ def dkv_kernel(
     carry = lax.fori_loop(0, count_ref[j] * nsub, body, carry)
     dk, dv = carry[0] * cfg.sm_scale, carry[1]
     if cfg.linear:
-        k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n) if phi is None else _phi_rows(phi, k)
+        k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n) if phi is None else phi_rows(phi, k)
         dv, dk_phi = _dkv_linear(v, dv, k_phi, dh_ref, dz_ref)
         if phi is None:
             store_rows(dk_phi_ref, k_start, dk_phi, cfg.n)
         else:
-            dk = dk + _phi_vjp(phi, k, dk_phi)
+            dk = dk + phi_vjp(phi, k, dk_phi)
     store_rows(dk_ref, k_start, dk, cfg.n)
     store_rows(dv_ref, k_start, dv, cfg.n)
 
-
-def _phi_rows(phi, x):
-    """phi of a loaded (rows, D) tile, in float32 and rounded to its dtype (as a phi array would be)."""
-    return phi(x.astype(F32)).astype(x.dtype)
 
 
 def _dkv_linear(v, dv, k_phi, dh_ref, dz_ref):
@@ -257,11 +248,11 @@ def dkv_linear_kernel(
         k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n)
     else:
         k = load_rows(k_ref, k_start, cfg.block_k, cfg.n)
-        k_phi = _phi_rows(phi, k)
+        k_phi = phi_rows(phi, k)
     dv, dk_phi = _dkv_linear(v, dv_s, k_phi, dh_ref, dz_ref)
     store_rows(dv_ref, k_start, dv, cfg.n)
     if phi is None:
         store_rows(dk_phi_ref, k_start, dk_phi, cfg.n)
     else:
         dk_s = load_rows(dk_s_ref, k_start, cfg.block_k, cfg.n).astype(F32)
-        store_rows(dk_ref, k_start, dk_s + _phi_vjp(phi, k, dk_phi), cfg.n)
+        store_rows(dk_ref, k_start, dk_s + phi_vjp(phi, k, dk_phi), cfg.n)

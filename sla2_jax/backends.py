@@ -132,15 +132,9 @@ def hard_route(q, k, config: SLA2Config, *, w_q, w_k):
     Returns (lut (B, H, Nq, k) int32 ascending, mass (B, H, Nq) f32). No gradient flows through either (the LUT is
     an index; the fused path uses the mass under stop_gradient), so the means are taken of stopped q, k and the
     backward has no front-end pass."""
-    from pallas_kernels.front_end import block_means_and_phi, select_blocks
-    from sla2_jax.routing import scores_from_block_means
-
     q, k, w_q, w_k = (None if x is None else jax.lax.stop_gradient(x) for x in (q, k, w_q, w_k))
-    _, k_means = block_means_and_phi(k, config.block_k)
-    _, q_means = block_means_and_phi(q, config.block_q)
-    seq_len = q.shape[1]
-    scores = scores_from_block_means(q_means, k_means, seq_len, config.block_k, w_q=w_q, w_k=w_k)
-    return select_blocks(scores, config.num_selected(scores.shape[-1]), seq_len, config.block_k)
+    lut, mass = front_end(q, k, config, w_q=w_q, w_k=w_k, feature_map=None, int8_keys=False)[:2]
+    return lut, mass
 
 
 def branches(q, k, v, q_phi, k_phi, lut, *, block_q, block_k, linear_scope, quant, scale, eps, kernel=None):
