@@ -153,8 +153,9 @@ def save(out):
 
 
 def states_kernel(launches, out):
-    """CUPTI times of the complement states (per-block outer sums + masked sum) at wan-1.3b, 95%: from phi(K)
-    (an array) and from K (phi in the kernel), under each Triton launch (warps, stages, rows) of the "sum" kernel."""
+    """CUPTI times of the linear states at wan-1.3b, 95%: the complement states (per-block outer sums + masked sum)
+    and the totals of scope "all", each from phi(K) (an array) and from K (phi in the kernel), under each Triton
+    launch (warps, stages, rows) given to both the "sum" and the "sum_phi" kernel."""
     from experiments.dev.common import kernel_call, phi, router_lut
     from pallas_kernels import linear_states
     from pallas_kernels.config import Launch
@@ -164,18 +165,25 @@ def states_kernel(launches, out):
     topk = int(-(-n // 64) * 0.05)
     lut = jax.jit(router_lut, static_argnums=(2, 3, 4))(q, k, topk, 128, 64)
     kp = jax.jit(phi)(k)
+    softmax = PHI_FUNCTIONS["softmax"]
+    jobs = {
+        "complement": lambda x, v, cfg, fm: linear_states.complement_states(x, v, lut, cfg, fm),
+        "all": lambda x, v, cfg, fm: linear_states.outer_sum(x, v, cfg, phi=fm),
+    }
     rows = []
     for launch in launches:
         config = heuristic_config(n, d, jnp.bfloat16, 128, 64)
-        config = config.replace(launch=tuple(x for x in config.launch if x[0] != "sum") + (("sum", Launch(*launch)),))
-        cfg = kernel_call(q, lut, config=config)
+        swept = {"sum": Launch(*launch), "sum_phi": Launch(*launch)}
+        config = config.replace(launch=tuple(x for x in config.launch if x[0] not in swept) + tuple(swept.items()))
         row = {"launch": launch}
-        for name, x, fm in (("phi_array", kp, None), ("phi_in_kernel", k, PHI_FUNCTIONS["softmax"])):
-            try:
-                row[f"{name}_ms"] = kernel_ms(lambda x, v, fm=fm, cfg=cfg: linear_states.complement_states(
-                    x, v, lut, cfg, fm), (x, v))[0]
-            except Exception as e:  # noqa: BLE001
-                record_error(row, f"error_{name}", e)
+        for scope, job in jobs.items():
+            cfg = kernel_call(q, lut, config=config, linear_scope=scope)
+            for name, x, fm in (("phi_array", kp, None), ("phi_in_kernel", k, softmax)):
+                try:
+                    row[f"{scope}_{name}_ms"] = kernel_ms(lambda x, v, fm=fm, cfg=cfg, job=job: job(x, v, cfg, fm),
+                                                          (x, v))[0]
+                except Exception as e:  # noqa: BLE001
+                    record_error(row, f"error_{scope}_{name}", e)
         print("states", json.dumps(row), flush=True)
         rows.append(row)
         RESULTS["states"] = rows
@@ -241,7 +249,7 @@ def main():
         if "small" in args.parts:
             small_checks()
         if "states" in args.parts:
-            states_kernel([(4, 2, 128), (8, 2, 128), (4, 3, 128), (8, 3, 128)], args.out)
+            states_kernel([(8, 2, 64), (8, 3, 64), (8, 4, 64), (4, 3, 64), (8, 3, 32), (4, 2, 128), (8, 3, 128)], args.out)
         if "wan" in args.parts:
             cases = [(float(c.split(":")[0]), c.split(":")[1]) for c in args.cases] if args.cases else [
                 (x, scope) for x in args.sparsity for scope in args.scopes]
