@@ -24,7 +24,6 @@ GRID_ORDERS = ("heads", "qblocks")
 STATE_DTYPES = ("bfloat16", "float32")
 P8_OPERANDS = ("registers", "smem")
 BACKWARD_PHI = ("arrays", "in_kernels")
-PHI_Q = ("epilogue", "prologue")
 
 
 class Launch(NamedTuple):
@@ -56,6 +55,9 @@ LAUNCH_TABLES = {
         ("dq", 128, 128, 64): Launch(8, 2, 128),
         ("dkv", 128, 128, 64): Launch(4, 2, 64),
         ("sum", 128, 128, 64): Launch(4, 2, 128),
+        # H100, wan-1.3b, totals of scope "all" from K (CUPTI, one process): 0.152 ms vs 0.168 with (8, 2, 64) and
+        # 0.161 with (8, 3, 64); the complement states take 64-row blocks either way (0.337 vs 0.340 ms)
+        ("sum_phi", 128, 128, 64): Launch(8, 3, 128),
         ("fwd", 64, 128, 64): Launch(4, 3, 64),
         ("dq", 64, 128, 64): Launch(4, 2, 64),
         ("dkv", 64, 128, 64): Launch(4, 2, 64),
@@ -88,10 +90,6 @@ class KernelConfig:
       vjp by one more pass per tensor at the end; measured) or "in_kernels" (the gradient-state sums and the dK/dV
       and dQ linear parts apply phi and its vjp to the Q / K rows they read; predicted -0.15..-0.2 ms at wan-1.3b
       forward+backward, not measured yet).
-    phi_q: where the Mosaic forward computes phi(Q) from its Q tile when called without a phi(Q) array
-      (``mosaic_forward.LinearInputs(q_phi=None, feature_map=phi)``): "epilogue" (after the loop; measured) or
-      "prologue" (right after the Q tile lands, under the wait for the first K/V tiles, into a phi(Q) tile in
-      shared memory that the epilogue loads; the same values; not measured yet).
     launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "sum", "sum_phi", "lowbit"), as a tuple of
       (name, Launch) pairs; kernels not listed take DEFAULT_LAUNCH (the "lowbit" kernel: the "fwd" entry).
     profile_dir: Mosaic's on-device profiler writes a trace of the named regions of the Mosaic forward, dQ and
@@ -109,7 +107,6 @@ class KernelConfig:
     p8_operand: str = "registers"
     mosaic_fp8: bool = True
     backward_phi: str = "arrays"
-    phi_q: str = "epilogue"
     launch: tuple = ()
     profile_dir: str | None = None
 
@@ -123,7 +120,6 @@ class KernelConfig:
             ("grid_order", self.grid_order, GRID_ORDERS),
             ("p8_operand", self.p8_operand, P8_OPERANDS),
             ("backward_phi", self.backward_phi, BACKWARD_PHI),
-            ("phi_q", self.phi_q, PHI_Q),
         ):
             if value not in choices:
                 raise ValueError(f"KernelConfig.{name}={value!r} is not one of {choices}")

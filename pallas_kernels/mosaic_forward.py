@@ -44,10 +44,9 @@ Two score operand types share the kernel (``_sparse_forward``):
 (8, 128) or (8, 64) with the matching swizzle, K-major for both operands (the only layout the 8-bit wgmma takes;
 K^T is a transposed view of the (keys, D) tile, V of the (D, keys) tile).
 
-With the linear branch (``sparse_linear_attention_mosaic``): the TMA warpgroup also loads phi(Q_i) (or phi is
-applied to the Q tile, ``LinearInputs.feature_map``: in the epilogue, or with KernelConfig.phi_q "prologue" right
-after the Q tile lands, under the wait for the ring's first K/V tiles, into the phi(Q) tile), H_i (bf16, D x D) and
-Z_i; after the loop each compute warpgroup forms den = phi(Q) . Z_i + eps (row sums in registers),
+With the linear branch (``sparse_linear_attention_mosaic``): the TMA warpgroup also loads phi(Q_i) (or the epilogue
+applies phi to the Q tile: ``LinearInputs.feature_map``), H_i (bf16, D x D) and Z_i; after the loop each compute
+warpgroup forms den = phi(Q) . Z_i + eps (row sums in registers),
 o_l = phi(Q) H_i / den (one more wgmma) and o = alpha o_s + (1 - alpha) o_l, and stores the outputs asked for (o,
 o_s, o_l, lse, den) through its Q and phi(Q) tiles, then a finished V slot of the ring (``ring_holds_outputs``),
 then tiles of its own. The INT8 kernel has the same epilogue (``sparse_linear_attention_mosaic_int8``; its int8
@@ -94,13 +93,13 @@ def sparse_attention_mosaic(
 class LinearInputs(NamedTuple):
     """The linear branch's inputs of the in-kernel epilogue (16-bit forward).
 
-    q_phi (B, N, H, D) in q's dtype, or None: then phi(Q) is computed from the kernel's own Q tile by
-    ``feature_map`` (16-bit scores only), in the epilogue or before the loop (KernelConfig.phi_q); h (B, H, Nq, D,
-    D) bf16 (or f16): H_i of each query block (complement scope), or (B, H, 1, D, D): one state shared by all query
-    blocks (scope "all"); z (B, H, Nq or 1, D) f32: Z_i likewise; alpha (B, H, Nq) f32, or None when the combined
-    output "o" is not asked for; eps: added to the denominator phi(Q_i) . Z_i; feature_map: phi, a function of a
-    float32 (rows, D) tile -> float32 (rows, D) (e.g. ``sla2_jax.feature_maps.softmax_phi``), used when q_phi is
-    None; its result is rounded to q's dtype, as a q_phi array would be."""
+    q_phi (B, N, H, D) in q's dtype, or None: then phi(Q) is computed in the epilogue from the kernel's own Q tile
+    by ``feature_map`` (16-bit scores only); h (B, H, Nq, D, D) bf16 (or f16): H_i of each query block (complement
+    scope), or (B, H, 1, D, D): one state shared by all query blocks (scope "all"); z (B, H, Nq or 1, D) f32: Z_i
+    likewise; alpha (B, H, Nq) f32, or None when the combined output "o" is not asked for; eps: added to the
+    denominator phi(Q_i) . Z_i; feature_map: phi, a function of a float32 (rows, D) tile -> float32 (rows, D)
+    (e.g. ``sla2_jax.feature_maps.softmax_phi``), used when q_phi is None; its result is rounded to q's dtype, as
+    a q_phi array would be."""
 
     q_phi: jax.Array | None
     h: jax.Array
@@ -285,12 +284,11 @@ def _sparse_forward(
     phi_in_kernel = linear is not None and linear.q_phi is None
     if phi_in_kernel and (quantised or not callable(linear.feature_map)):
         raise ValueError("phi(Q) in the kernel needs 16-bit scores and LinearInputs.feature_map (a function)")
-    phi_prologue = phi_in_kernel and config.phi_q == "prologue"  # phi(Q) into the phi(Q) tile before the loop
     # 16-bit output tiles of a compute warpgroup: its Q tile (free after the loop; 16-bit only), its phi(Q) tile
-    # (free once loaded into registers; with phi(Q) from the Q tile in the epilogue only allocated when an output
-    # needs it), then one V slot of the ring (ring_holds_outputs), then tiles of their own
+    # (free once loaded into registers; with phi(Q) from the Q tile only allocated when an output needs it), then
+    # one V slot of the ring (ring_holds_outputs), then tiles of their own
     q_tiles = 0 if quantised else 1
-    phi_tile = linear is not None and (not phi_in_kernel or phi_prologue or len(tile_outs) > q_tiles)
+    phi_tile = linear is not None and (not phi_in_kernel or len(tile_outs) > q_tiles)
     reused = q_tiles + phi_tile
     # (FP8 V slots are (D, block_k) 8-bit: too small for a (64, D) 16-bit tile)
     in_ring = ring_holds_outputs(block_k, stages, config) and len(tile_outs) > reused and not fp8
@@ -307,19 +305,14 @@ def _sparse_forward(
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(turn)
 
-        def phi_of_q_tile():
-            """phi of this warpgroup's Q tile, rounded to q's dtype as a q_phi array is."""
-            q_tile = plgpu.load(smem["q"].at[wg], (), layout=plgpu.Layout.WGMMA)
-            return linear.feature_map(q_tile.astype(f32)).astype(dtype)
-
         def linear_branch(o_s, alpha):
             """o_l = phi(Q) H_i / den, den = phi(Q) . Z_i + eps (64 rows; one wgmma), and the combined o."""
             lin_ready = bars["lin_ready"]
-            if phi_in_kernel and not phi_prologue:
-                q_phi = phi_of_q_tile()
-            else:  # the phi(Q) tile: a TMA copy of the q_phi array, or written before the loop (phi_prologue)
-                if not phi_in_kernel:
-                    plgpu.barrier_wait(lin_ready.at[wg])
+            if phi_in_kernel:  # from the Q tile, rounded to q's dtype as a q_phi array is
+                q_tile = plgpu.load(smem["q"].at[wg], (), layout=plgpu.Layout.WGMMA)
+                q_phi = linear.feature_map(q_tile.astype(f32)).astype(dtype)
+            else:
+                plgpu.barrier_wait(lin_ready.at[wg])
                 q_phi = plgpu.load(smem["q_phi"].at[wg], (), layout=plgpu.Layout.WGMMA)
             plgpu.barrier_wait(lin_ready.at[3])
             z = plgpu.load(smem["z"], (), layout=plgpu.Layout.WGMMA.reduce(0))
@@ -514,10 +507,6 @@ def _sparse_forward(
             alpha = r["alpha"][bi, hi, qi] if "alpha" in r else None
             with jax.named_scope("c_wait_q"):
                 plgpu.barrier_wait(bars["q_ready"].at[wg])
-            if phi_prologue:  # under the wait for the ring's first K/V tiles; nothing of it stays live in the loop
-                with jax.named_scope("c_phi_q"):
-                    smem["q_phi"].at[wg][...] = phi_of_q_tile()
-                    plgpu.commit_smem()  # proxy fence + warpgroup barrier: the epilogue's load sees the tile
             rows = plgpu.Layout.WGMMA.reduce(1)
             m_i = plgpu.layout_cast(jnp.full((_ROWS,), -jnp.inf, f32), rows)
             l_i = plgpu.layout_cast(jnp.full((_ROWS,), 0.0, f32), rows)

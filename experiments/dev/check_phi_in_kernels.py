@@ -2,14 +2,12 @@
 routing from block means alone) against the form with phi arrays (the front end writes phi(Q), phi(K)).
 
     python -m experiments.dev.check_phi_in_kernels --out DIR [--sparsity 0.95 0.97] [--parts small wan states]
-        [--cases 0.97:complement ...] [--no-fwd-bwd]
-        [--forms no_phi_arrays phi_arrays bwd_phi_in_kernels phi_q_prologue]
+        [--cases 0.97:complement ...] [--no-fwd-bwd] [--forms no_phi_arrays phi_arrays bwd_phi_in_kernels]
 
 1. small: fresh seed; N 1000 / 2048 / 776 / 1048, D 128 / 64, bf16 / f16, both linear scopes, the three feature
-   maps; the Mosaic forward and backward (heuristic_config, with KernelConfig.backward_phi "in_kernels", and with
-   KernelConfig.phi_q "prologue"): output and the gradients of q, k, v, alpha vs jax.grad of the dense float32
-   reference with phi applied by JAX, and vs the same kernels given phi arrays; phi_q "prologue" vs "epilogue"
-   (the same values: 0 expected).
+   maps; the Mosaic forward and backward (heuristic_config, and with KernelConfig.backward_phi "in_kernels"): output
+   and the gradients of q, k, v, alpha vs jax.grad of the dense float32 reference with phi applied by JAX, and vs the
+   same kernels given phi arrays.
 2. wan: wan-1.3b (B1 H12 N32760 D128 bf16) per sparsity and scope: the module forward (sla2_attention, SLA router,
    alpha = captured mass) in both forms: their outputs vs each other, CUPTI kernel times per kernel name, in-model
    time (30 calls on distinct inputs in one jit) and one synchronised call, with cuDNN in the same process; the
@@ -75,10 +73,6 @@ def small_checks():
                 return sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=phi, **kw,
                                             config=config.replace(backward_phi="in_kernels"))
 
-            def phi_q_prologue(q, k, v, a):
-                return sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=phi, **kw,
-                                            config=config.replace(phi_q="prologue"))
-
             def arrays(q, k, v, a):
                 qp, kp = (phi(x.astype(jnp.float32)).astype(x.dtype) for x in (q, k))
                 return sla2_fused_attention(q, k, v, qp, kp, lut, a, config=config, **kw)
@@ -87,42 +81,34 @@ def small_checks():
                 loss = lambda *x: jnp.sum(fn(*x).astype(jnp.float32) * w)  # noqa: E731
                 return jax.jit(lambda *x: (fn(*x), jax.grad(loss, argnums=(0, 1, 2, 3))(*x)))
 
-            runs = (with_grads(f)(q, k, v, alpha) for f in (ref, no_arrays, arrays, bwd_in_kernels, phi_q_prologue))
-            (o_r, g_r), (o_n, g_n), (o_a, g_a), (o_b, g_b), (o_p, g_p) = runs
+            runs = (with_grads(f)(q, k, v, alpha) for f in (ref, no_arrays, arrays, bwd_in_kernels))
+            (o_r, g_r), (o_n, g_n), (o_a, g_a), (o_b, g_b) = runs
             names = ("q", "k", "v", "alpha")
             row["vs_dense"] = {"o": rel(o_n, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_n, g_r)}}
             row["bwd_in_kernels_vs_dense"] = {
                 "o": rel(o_b, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_b, g_r)}}
             row["arrays_vs_dense"] = {"o": rel(o_a, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_a, g_r)}}
             row["vs_arrays"] = {"o": rel(o_n, o_a), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_n, g_a)}}
-            row["phi_q_prologue_vs_dense"] = {
-                "o": rel(o_p, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_p, g_r)}}
-            row["phi_q_prologue_vs_epilogue"] = {
-                "o": rel(o_p, o_n), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_p, g_n)}}
         except Exception as e:  # noqa: BLE001 - record and go on
             record_error(row, "error", e)
         print("small", json.dumps(row), flush=True)
         rows.append(row)
     RESULTS["small"] = rows
-    vs_dense = ("vs_dense", "bwd_in_kernels_vs_dense", "phi_q_prologue_vs_dense")
-    worst = max((v for r in rows for key in vs_dense for v in r.get(key, {}).values()), default=None)
-    prologue = max((v for r in rows for v in r.get("phi_q_prologue_vs_epilogue", {}).values()), default=None)
-    print(f"small: worst relative error vs dense f32 {worst}; phi_q prologue vs epilogue {prologue}; "
-          f"errors {sum('error' in r for r in rows)}", flush=True)
+    worst = max((v for r in rows for key in ("vs_dense", "bwd_in_kernels_vs_dense") for v in r.get(key, {}).values()),
+                default=None)
+    print(f"small: worst relative error vs dense f32 {worst}; errors {sum('error' in r for r in rows)}", flush=True)
 
 
 def module_forms(sparsity, scope, forms):
     """(form name -> module forward fn(q, k, v)) of the names in forms: "no_phi_arrays" (the library's form),
     "phi_arrays" (the front end writes phi arrays), "bwd_phi_in_kernels" (the library's form with
-    KernelConfig.backward_phi "in_kernels"), "phi_q_prologue" (the library's form with KernelConfig.phi_q
-    "prologue")."""
+    KernelConfig.backward_phi "in_kernels")."""
     import sla2_jax as sla
     from sla2_jax import backends
 
     config = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", linear_scope=scope)
-    kernel = heuristic_config(32760, 128, jnp.bfloat16, 128, 64)
-    in_kernels = config.replace(kernel=kernel.replace(backward_phi="in_kernels"))
-    prologue = config.replace(kernel=kernel.replace(phi_q="prologue"))
+    in_kernels = config.replace(
+        kernel=heuristic_config(32760, 128, jnp.bfloat16, 128, 64).replace(backward_phi="in_kernels"))
 
     def no_arrays(q, k, v):
         return sla.sla2_attention(q, k, v, config=config)
@@ -130,16 +116,12 @@ def module_forms(sparsity, scope, forms):
     def bwd_in_kernels(q, k, v):
         return sla.sla2_attention(q, k, v, config=in_kernels)
 
-    def phi_q_prologue(q, k, v):
-        return sla.sla2_attention(q, k, v, config=prologue)
-
     def arrays(q, k, v):
         lut, mass, qp, kp, _, _, q, k = backends.front_end(q, k, config, w_q=None, w_k=None,
                                                           feature_map=config.feature_map, int8_keys=False)
         return backends.fused(q, k, v, qp, kp, lut, jax.lax.stop_gradient(mass), config)
 
-    every = {"no_phi_arrays": no_arrays, "phi_arrays": arrays, "bwd_phi_in_kernels": bwd_in_kernels,
-             "phi_q_prologue": phi_q_prologue}
+    every = {"no_phi_arrays": no_arrays, "phi_arrays": arrays, "bwd_phi_in_kernels": bwd_in_kernels}
     return {name: every[name] for name in forms}
 
 
@@ -222,8 +204,6 @@ def wan(cases, layers, fwd_bwd, out, forms):
             row[name] = t
         if "no_phi_arrays" in outs and "phi_arrays" in outs:
             row["rel_o_no_arrays_vs_arrays"] = rel(outs["no_phi_arrays"], outs["phi_arrays"])
-        if "no_phi_arrays" in outs and "phi_q_prologue" in outs:  # the same values: 0 expected
-            row["rel_o_phi_q_prologue_vs_epilogue"] = rel(outs["phi_q_prologue"], outs["no_phi_arrays"])
         print("wan", json.dumps(row), flush=True)
         rows.append(row)
         RESULTS["wan"] = rows
@@ -239,7 +219,7 @@ def main():
     p.add_argument("--parts", nargs="+", default=["small", "wan"], help="small, wan, states")
     p.add_argument("--no-fwd-bwd", action="store_true", help="wan: the forward only")
     p.add_argument("--forms", nargs="+", default=["no_phi_arrays", "phi_arrays"],
-                   help="wan: no_phi_arrays, phi_arrays, bwd_phi_in_kernels, phi_q_prologue (module_forms)")
+                   help="wan: no_phi_arrays, phi_arrays, bwd_phi_in_kernels (module_forms)")
     p.add_argument("--cases", nargs="*", default=None,
                    help="wan: SPARSITY:SCOPE pairs (default: every --sparsity with every --scopes)")
     args = p.parse_args()

@@ -170,45 +170,6 @@ def test_mosaic_forward_applies_phi_to_its_q_tile_when_lowered_for_cuda(kind):
         )
 
 
-@pytest.mark.parametrize("kind", sorted(PHI_FUNCTIONS))
-def test_mosaic_forward_phi_q_prologue_lowers_for_cuda(kind):
-    """KernelConfig.phi_q "prologue" (phi(Q) from the Q tile before the loop, into the phi(Q) tile) lowers for CUDA
-    for every feature map, D 64 and 128, bf16 and f16, for the inference call ("o") and the training call (five
-    outputs): the same operands as "epilogue" (no phi(Q) input), a different kernel that holds the prologue's scope;
-    given a q_phi array, phi_q changes nothing; sla2_fused_attention(..., config=) passes it to the kernel. A phi_q
-    other than "epilogue" / "prologue" is refused."""
-    b, n, h = 1, 1000, 2
-    nq = -(-n // 128)
-    lut = jnp.zeros((b, h, nq, 3), jnp.int32)
-    operands = lambda text: text.split("custom_call @mosaic_gpu")[1].split(")")[0].count("%")  # noqa: E731
-
-    def lowered(phi_q, d, dtype, outputs, with_array=False):
-        q = jnp.zeros((b, n, h, d), dtype)
-        hs, zs, alpha = jnp.zeros((b, h, nq, d, d), jnp.bfloat16), jnp.zeros((b, h, nq, d)), jnp.zeros((b, h, nq))
-        linear = mosaic_forward.LinearInputs(q if with_array else None, hs, zs, alpha, 1e-6, PHI_FUNCTIONS[kind])
-        config = KernelConfig(forward="mosaic", phi_q=phi_q)
-        fn = lambda q, k, v, lut: mosaic_forward.sparse_linear_attention_mosaic(  # noqa: E731
-            q, k, v, lut, linear, outputs=outputs, config=config)
-        return lowered_for_cuda(fn, q, q, q, lut)
-
-    for d in (64, 128):
-        for dtype in (jnp.bfloat16, jnp.float16):
-            for outputs in (("o",), ("o", "o_s", "o_l", "lse", "den")):
-                case = (d, jnp.dtype(dtype).name, outputs)
-                epilogue, prologue = (lowered(x, d, dtype, outputs) for x in ("epilogue", "prologue"))
-                assert operands(prologue) == operands(epilogue) == 7, case  # q, k, v, lut, H_i, Z_i, alpha
-                assert "c_phi_q" in prologue and "c_phi_q" not in epilogue, case
-    arrays = [lowered(x, 128, jnp.bfloat16, ("o",), with_array=True) for x in ("epilogue", "prologue")]
-    assert arrays[0] == arrays[1] and "c_phi_q" not in arrays[0]
-    q, alpha = jnp.zeros((b, n, h, 128), jnp.bfloat16), jnp.zeros((b, h, nq))
-    config = KernelConfig(forward="mosaic", phi_q="prologue")
-    fused = lambda q, k, v, lut, a: sla2_fused_attention(  # noqa: E731
-        q, k, v, None, None, lut, a, feature_map=PHI_FUNCTIONS[kind], interpret=False, config=config)
-    assert "c_phi_q" in lowered_for_cuda(fused, q, q, q, lut, alpha)
-    with pytest.raises(ValueError, match="phi_q"):
-        KernelConfig(phi_q="loop")
-
-
 def _pallas_calls(jaxpr, found):
     """(name, output shapes) of every pallas_call in a jaxpr, nested jaxprs included."""
     from jax.extend import core as jcore
