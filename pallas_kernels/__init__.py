@@ -12,6 +12,7 @@ Where things are:
 
 from . import _triton  # noqa: F401  (filters the Triton-backend DeprecationWarning first)
 from .attention import (
+    key_block_sums,
     sla2_fused_attention,
     sla2_fused_attention_lowbit,
     sparse_linear_attention,
@@ -25,6 +26,7 @@ __all__ = [
     "sla2_fused_attention",
     "sparse_linear_attention_lowbit",
     "sla2_fused_attention_lowbit",
+    "key_block_sums",
     "KernelConfig",
     "heuristic_config",
     "gpu_generation",

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import mosaic_dkv, mosaic_dq, mosaic_forward
+from . import linear_states, mosaic_dkv, mosaic_dq, mosaic_forward
 from ._triton import pl
 from .common import (
     F32,
@@ -51,15 +51,16 @@ from .triton_forward import fwd_kernel, linear_epilogue_kernel, lowbit_fwd_kerne
 # ----------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------
-def linear_inputs(q_phi, k_phi, v, lut, cfg: KernelCall, phi=None):
+def linear_inputs(q_phi, k_phi, v, lut, cfg: KernelCall, phi=None, key_sums=None):
     """The forward kernels' linear-branch inputs and the states kept as residuals: ([(name, array, BlockSpec)], h, z)
     with h, z from linear_states.forward_states (per query block for the complement scope, else the totals);
     ([], None, None) without a linear branch. phi: None, or the feature map: then k_phi is K (phi applied in the
-    states kernel) and q_phi may be None (phi(Q) in the Mosaic epilogue)."""
+    states kernel) and q_phi may be None (phi(Q) in the Mosaic epilogue). key_sums: the complement scope's
+    per-key-block sums if already made (linear_states.key_block_sums), else None."""
     if not cfg.linear:
         return [], None, None
     d = cfg.d
-    h, z = forward_states(k_phi, v, lut, cfg, phi)
+    h, z = forward_states(k_phi, v, lut, cfg, phi, key_sums)
     if cfg.track_lin:
         h_spec = pl.BlockSpec((None, None, None, d, d), lambda i, hh, bb: (bb, hh, i, 0, 0))
         z_spec = pl.BlockSpec((None, None, None, d), lambda i, hh, bb: (bb, hh, i, 0))
@@ -151,14 +152,16 @@ def _forward_mosaic(q, k, v, lut, alpha, linear_inputs, cfg: KernelCall, *, fuse
     return linear_epilogue(q, o_s, lse, alpha, linear_inputs, cfg, fused=fused, residuals=residuals)
 
 
-def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, residuals: bool, phi=None):
+def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, residuals: bool, phi=None,
+            key_sums=None):
     """The forward of the bf16 family: {output name: array} with o (fused) or o_s, o_l, and with residuals lse,
     den and the states h_lin, z_lin. q_phi = k_phi = None: phi(Q), phi(K) computed from q, k by phi (the feature
     map) inside the kernels: phi(K) in the states kernel, phi(Q) in the Mosaic epilogue (a phi(Q) array only where
-    the linear branch runs in a Triton kernel)."""
+    the linear branch runs in a Triton kernel). key_sums: the complement scope's per-key-block sums of phi(K), V
+    if the caller made them (with the block means the router read, linear_states.key_block_sums)."""
     b, n, h, d = q.shape
     if q_phi is None:
-        linear, h_lin, z_lin = linear_inputs(None, k, v, lut, cfg, phi)
+        linear, h_lin, z_lin = linear_inputs(None, k, v, lut, cfg, phi, key_sums)
         named = {name: x for name, x, _ in linear}
         if linear and not (cfg.mosaic_forward and uses_mosaic_epilogue(named, cfg, q.dtype)):
             q_phi = feature_map_rows(q, phi, interpret=cfg.interpret)
@@ -486,23 +489,24 @@ def _fused_bwd(cfg, res, do):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _fused_phi(q, k, v, lut, alpha, cfg, phi):
-    return forward(q, k, v, None, None, lut, alpha, cfg, fused=True, residuals=False, phi=phi)["o"]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _fused_phi(q, k, v, lut, alpha, key_sums, cfg, phi):
+    return forward(q, k, v, None, None, lut, alpha, cfg, fused=True, residuals=False, phi=phi, key_sums=key_sums)["o"]
 
 
-def _fused_phi_fwd(q, k, v, lut, alpha, cfg, phi):
-    out = forward(q, k, v, None, None, lut, alpha, cfg, fused=True, residuals=True, phi=phi)
+def _fused_phi_fwd(q, k, v, lut, alpha, key_sums, cfg, phi):
+    out = forward(q, k, v, None, None, lut, alpha, cfg, fused=True, residuals=True, phi=phi, key_sums=key_sums)
     return out["o"], residuals(q, k, v, None, None, lut, alpha, out)
 
 
 def _fused_phi_bwd(cfg, phi, res, do):
     """The backward of _fused without phi arrays in the residuals. KernelConfig.backward_phi "arrays": phi(Q),
     phi(K) made here for the backward kernels, then phi's vjp onto their gradients (one front-end kernel per tensor,
-    which also adds the direct dQ, dK); "in_kernels": the backward kernels apply phi and its vjp themselves."""
+    which also adds the direct dQ, dK); "in_kernels": the backward kernels apply phi and its vjp themselves.
+    key_sums (made from stopped K, V by the caller) get no cotangent: dK, dV here are the whole gradients."""
     if cfg.config.backward_phi == "in_kernels":
         dq, dk, dv, _, _, dalpha = backward(res, cfg, fused=True, do=do.astype(res.q.dtype), phi=phi)
-        return dq, dk, dv, None, dalpha
+        return dq, dk, dv, None, dalpha, None
     if cfg.linear:
         res = res._replace(q_phi=feature_map_rows(res.q, phi, interpret=cfg.interpret),
                            k_phi=feature_map_rows(res.k, phi, interpret=cfg.interpret))
@@ -510,7 +514,7 @@ def _fused_phi_bwd(cfg, phi, res, do):
     if cfg.linear:
         dq = feature_map_vjp(res.q, dq_phi, dq, phi, interpret=cfg.interpret)
         dk = feature_map_vjp(res.k, dk_phi, dk, phi, interpret=cfg.interpret)
-    return dq, dk, dv, None, dalpha
+    return dq, dk, dv, None, dalpha, None
 
 
 _fused_phi.defvjp(_fused_phi_fwd, _fused_phi_bwd)
@@ -584,7 +588,7 @@ def sparse_linear_attention(
 
 def sla2_fused_attention(
     q, k, v, q_phi, k_phi, lut, alpha, *, block_q=128, block_k=64, linear_scope="complement", sm_scale=None, eps=1e-6,
-    interpret=None, config=None, feature_map=None,
+    interpret=None, config=None, feature_map=None, key_sums=None,
 ):
     """SLA2 output o = alpha * o_s + (1 - alpha) * o_l in one forward kernel (see sparse_linear_attention).
 
@@ -594,17 +598,50 @@ def sla2_fused_attention(
     ``sla2_jax.feature_maps.softmax_phi``, the same object each call): the kernels compute phi(Q), phi(K) from q, k
     (no phi arrays in memory in the forward; the backward makes them and applies phi's vjp), differentiable w.r.t.
     q, k, v, alpha.
+    key_sums (with feature_map, scope "complement"): the per-key-block sums of key_block_sums(k, v) made for the
+    routing, so that the forward does not read K and V for them again; not differentiated (the gradients of q, k,
+    v are whole without them).
     """
     if q_phi is None and k_phi is None:
         if not callable(feature_map):
             raise ValueError("q_phi = k_phi = None needs feature_map, a function of a float32 (rows, D) tile")
         cfg = validate_call(q, k, v, q, k, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret, config)
-        return _fused_phi(q, k, v, lut, checked_alpha(alpha, q, cfg), cfg, feature_map)
+        if key_sums is not None:
+            _check_key_sums(key_sums, q, cfg)
+            key_sums = jax.lax.stop_gradient(key_sums) if cfg.track_lin else None  # None: no linear branch
+        return _fused_phi(q, k, v, lut, checked_alpha(alpha, q, cfg), key_sums, cfg, feature_map)
+    if key_sums is not None:
+        raise ValueError("key_sums goes with q_phi = k_phi = None and feature_map")
     if q_phi is None or k_phi is None or feature_map is not None:
         raise ValueError("give q_phi and k_phi (and no feature_map), or neither of them with feature_map")
     cfg = validate_call(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret, config)
     alpha = checked_alpha(alpha, q, cfg)
     return _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha, cfg)
+
+
+def key_block_sums(k, v, *, block_q=128, block_k=64, feature_map, interpret=None, config=None):
+    """One read of K and V for the routing and the complement scope's linear states: (key_sums, means).
+
+    k, v: (B, N, H, D) bf16 / f16 / f32; feature_map: phi as for sla2_fused_attention. key_sums: the per-key-block
+    sums phi(K_j)^T V_j, colsum phi(K_j) to pass to ``sla2_fused_attention(..., key_sums=)`` with the LUT routed
+    from `means`; means: (B, H, ceil(N / block_k), D) float32, the block means of K (finite rows; a ragged last block
+    averages its valid rows), as ``front_end.block_means_and_phi`` gives them. Not differentiable (take it of
+    stopped k, v)."""
+    if not callable(feature_map):
+        raise ValueError("key_block_sums needs feature_map, a function of a float32 (rows, D) tile")
+    b, n, h, _ = k.shape if hasattr(k, "shape") and len(k.shape) == 4 else (0, 0, 0, 0)
+    nq = -(-n // block_q) if isinstance(block_q, int) and block_q > 0 else 0
+    no_lut = jax.ShapeDtypeStruct((b, h, nq, 1), jnp.int32)  # a LUT's shape for validate_call: the sums need none
+    cfg = validate_call(k, k, v, k, k, no_lut, block_q, block_k, "complement", None, 1e-6, interpret, config)
+    return linear_states.key_block_sums(k, v, cfg, feature_map)
+
+
+def _check_key_sums(key_sums, q, cfg: KernelCall):
+    expected = (q.shape[0], q.shape[2], cfg.nk, cfg.d, cfg.d)
+    if not cfg.complement:
+        raise ValueError("key_sums serve the linear_scope 'complement' only")
+    if not hasattr(key_sums, "h") or tuple(key_sums.h.shape) != expected:
+        raise ValueError(f"key_sums must come from key_block_sums(k, v) of these k, v: per-block states {expected}")
 
 
 def _check_quant(quant):

@@ -126,6 +126,12 @@ def phi_vjp(phi, x, d_phi32):
     return jax.vjp(phi, x.astype(F32))[1](d_phi32)[0]
 
 
+def finite_rows(x, valid):
+    """(rows,) bool: valid rows of the float32 tile x (rows, D) with no NaN / Inf entry (the rows a block mean
+    averages)."""
+    return valid & (jnp.sum(jnp.where(jnp.isfinite(x), 0.0, 1.0), axis=1) == 0.0)
+
+
 def scores(q, k, k_start, cfg):
     """S = Q K^T * sm_scale * log2(e) (base-2 logits); keys >= N masked."""
     s = dot(q, k, trans_b=True) * (cfg.sm_scale * LOG2E)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._triton import CompilerParams, pl, plgpu
-from .common import phi_vjp
+from .common import finite_rows, phi_vjp
 from .quantize import SCALE_LANES, QuantisedKeys, QuantisedQueries, quantize_rows, store_quantised_rows
 
 _F32 = jnp.float32
@@ -65,11 +65,6 @@ def _interpret(interpret) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # Block means and phi
 # ----------------------------------------------------------------------------------------------------------
-def _finite_rows(x, valid):
-    """(rows,) bool: valid rows of the float32 tile x (rows, D) with no NaN / Inf entry."""
-    return valid & (jnp.sum(jnp.where(jnp.isfinite(x), 0.0, 1.0), axis=1) == 0.0)
-
-
 def _store_count(count_ref, count):
     count_ref[...] = jnp.full((SCALE_LANES,), count, _F32)  # SCALE_LANES copies: a power-of-two tile
 
@@ -89,7 +84,7 @@ def _prep_kernel(x_ref, *out_refs, n: int, block: int, rows: int, phi):
         if phi is not None:
             phi_ref = out_refs[0]
             plgpu.store(phi_ref.at[pl.ds(start, rows), :], phi(x).astype(phi_ref.dtype), mask=mask)
-        finite = _finite_rows(x, valid)
+        finite = finite_rows(x, valid)
         return total + jnp.sum(jnp.where(finite[:, None], x, 0.0), axis=0), count + jnp.sum(finite.astype(_F32))
 
     total, count = lax.fori_loop(0, block // rows, body, (jnp.zeros((d,), _F32), jnp.float32(0.0)))
@@ -144,7 +139,7 @@ def _prep_bwd_kernel(x_ref, *refs, n: int, block: int, rows: int, phi, pass_thro
         valid = (start + jnp.arange(rows)) < n
         mask = jnp.broadcast_to(valid[:, None], (rows, d))
         x = plgpu.load(x_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
-        dx = jnp.where(_finite_rows(x, valid)[:, None], d_mean[None, :], 0.0) if means else jnp.zeros_like(x)
+        dx = jnp.where(finite_rows(x, valid)[:, None], d_mean[None, :], 0.0) if means else jnp.zeros_like(x)
         if phi is not None:
             d_phi = plgpu.load(d_phi_ref.at[pl.ds(start, rows), :], mask=mask, other=0.0).astype(_F32)
             dx = dx + phi_vjp(phi, x, d_phi)
@@ -289,7 +284,7 @@ def _prep_int8_kernel(
         phi_ref = refs.pop(0)
         plgpu.store(phi_ref.at[pl.ds(start, block), :], phi(x32).astype(phi_ref.dtype), mask=mask)
     means_ref, count_ref, x8_ref, scale_ref = refs[:4]
-    finite = _finite_rows(x32, valid)
+    finite = finite_rows(x32, valid)
     count = jnp.sum(finite.astype(_F32))
     means_ref[...] = jnp.sum(jnp.where(finite[:, None], x32, 0.0), axis=0) / jnp.maximum(count, 1.0)
     _store_count(count_ref, count)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._triton import pl
-from .common import F32, KernelCall, dot, load_rows, pallas_triton_call, phi_rows, seq_spec
+from .common import F32, KernelCall, dot, finite_rows, load_rows, pallas_triton_call, phi_rows, seq_spec
 
 def _pow2_scale(amax):
     """s = 2^(e - 13) for amax in [2^e, 2^(e+1)) (e clipped to [-11, 28]): a power of two (exact in float16 and in
@@ -31,23 +31,29 @@ def _pow2_scale(amax):
 
 
 def _outer_sum_kernel(
-    *, x_ref, y_ref, w_ref=None, u_ref=None, h_ref, z_ref, s_ref=None, cfg: KernelCall, chunk: int, block: int,
-    weighted: bool, scaled: bool, phi=None,
+    *, x_ref, y_ref, w_ref=None, u_ref=None, h_ref, z_ref, s_ref=None, m_ref=None, cfg: KernelCall, chunk: int,
+    block: int, weighted: bool, scaled: bool, phi=None,
 ):  # fmt: skip
     """Program (c, h, b): rows [c*chunk, (c+1)*chunk) of X, Y -> sum_r w_r X_r^T Y_r (D x D), sum_r u_r X_r.
     Refs of one (b, h): inputs x, y (N, D), w, u (chunk,) float32 (weighted); outputs h (D, D) float32, z (D,)
     float32 and, when scaled, s (D,) float32: then h holds the D x D sum / s in float16, s a power of two
     (_pow2_scale). phi: None, or a feature map applied to the X rows first (in float32, rounded to X's dtype as a
-    phi(X) array would be; rows >= N stay 0)."""
+    phi(X) array would be; rows >= N stay 0). m_ref (D,) float32, if given: the mean of the chunk's raw X rows
+    (before phi; finite rows only, as the front end's block means)."""
     start0 = pl.program_id(0) * chunk
 
     def body(t, carry):
-        h, z = carry
+        h, z, total, count = carry
         start = start0 + t * block
         x = load_rows(x_ref, start, block, cfg.n)
         y = load_rows(y_ref, start, block, cfg.n)
+        valid = (start + jnp.arange(block)) < cfg.n
+        if m_ref is not None:
+            raw = x.astype(F32)
+            finite = finite_rows(raw, valid)
+            total = total + jnp.sum(jnp.where(finite[:, None], raw, 0.0), axis=0)
+            count = count + jnp.sum(finite.astype(F32))
         if phi is not None:
-            valid = (start + jnp.arange(block)) < cfg.n
             x = jnp.where(valid[:, None], phi_rows(phi, x), 0)
         x32 = x.astype(F32)
         if weighted:
@@ -58,9 +64,12 @@ def _outer_sum_kernel(
         else:
             h = h + dot(x, y, trans_a=True)
             z = z + jnp.sum(x32, axis=0)
-        return h, z
+        return h, z, total, count
 
-    h, z = lax.fori_loop(0, chunk // block, body, (jnp.zeros((cfg.d, cfg.d), F32), jnp.zeros((cfg.d,), F32)))
+    zeros = (jnp.zeros((cfg.d, cfg.d), F32), jnp.zeros((cfg.d,), F32), jnp.zeros((cfg.d,), F32), jnp.float32(0.0))
+    h, z, total, count = lax.fori_loop(0, chunk // block, body, zeros)
+    if m_ref is not None:
+        m_ref[...] = total / jnp.maximum(count, 1.0)
     if scaled:
         s, inv_s = _pow2_scale(jnp.max(jnp.max(jnp.abs(h), axis=1), axis=0))
         h_ref[...] = (h * inv_s).astype(jnp.float16)
@@ -73,7 +82,7 @@ def _outer_sum_kernel(
 _SUM_CHUNK, _SUM_BLOCK = 1024, 128
 
 
-def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None):
+def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, means=False):
     """sum over rows of (w_r x_r)^T y_r -> (B, H, D, D) and of u_r x_r -> (B, H, D), float32.
 
     Grid (C, H, B), C = ceil(N / 1024) chunks of rows (split-K: B*H alone is too few programs to fill the GPU);
@@ -82,6 +91,8 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None):
     block_rows: if given, one sum per block of that many rows instead (no reduction over the blocks): the input of
     _sum_over_blocks, a _BlockSums of C = ceil(N / block_rows) blocks.
     phi: None, or a feature map applied to the rows of x inside the kernel (x is then K, not phi(K)).
+    means: with block_rows, also return each block's mean of the raw x rows ((B, H, C, D) float32, finite rows only,
+    as the front end's block means): (_BlockSums, means).
     """
     b, n, h, d = x.shape
     launch = "sum" if phi is None else "sum_phi"  # phi's float32 tile needs smaller steps / more warps
@@ -113,6 +124,10 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None):
     ]
     if scaled:
         outputs.append(("s", *vec))
+    if means:
+        if block_rows is None:
+            raise ValueError("outer_sum: means needs block_rows")
+        outputs.append(("m", *vec))
     sums = pallas_triton_call(
         _outer_sum_kernel,
         (nc, h, b),
@@ -123,7 +138,8 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None):
         dict(chunk=chunk, block=min(chunk, step), weighted=weighted, scaled=scaled, phi=phi),
     )
     if block_rows is not None:
-        return _BlockSums(sums[0], sums[1], sums[2][..., 0] if scaled else None)
+        block_sums = _BlockSums(sums[0], sums[1], sums[2][..., 0] if scaled else None)
+        return (block_sums, sums[-1]) if means else block_sums
     return jnp.sum(sums[0], axis=2), jnp.sum(sums[1], axis=2)
 
 
@@ -164,13 +180,21 @@ def selection(lut, nk):
     return jnp.any(lut[:, :, None, :, :] == jnp.arange(nk, dtype=lut.dtype)[None, None, :, None, None], axis=-1)
 
 
-def complement_states(k_phi, v, lut, cfg: KernelCall, phi=None):
+def key_block_sums(k, v, cfg: KernelCall, phi):
+    """The complement scope's per-key-block sums h_j = phi(K_j)^T V_j, z_j (a _BlockSums) and, from the same read
+    of K, the block means of K (B, H, Nk, D) float32 the router scores (finite rows, as the front end's): one pass
+    over K and V serves both the routing and the linear states. k, v (B, N, H, D); phi: the feature map."""
+    return outer_sum(k, v, cfg, block_rows=cfg.block_k, phi=phi, means=True)
+
+
+def complement_states(k_phi, v, lut, cfg: KernelCall, phi=None, sums=None):
     """H_i = sum_{j not in lut[i]} phi(K_j)^T V_j (B, H, Nq, D, D) and Z_i likewise of colsum phi(K_j)
     (B, H, Nq, D): the linear branch's state of each query block (float32, or bf16 H_i for 16-bit inputs with
     KernelConfig.state_dtype "bfloat16"), from per-key-block outer sums and one masked matmul over the unselected
     blocks (_sum_over_blocks). phi: None (k_phi is phi(K)), or the feature map (k_phi is K; phi applied in the
-    outer-sum kernel)."""
-    sums = outer_sum(k_phi, v, cfg, block_rows=cfg.block_k, phi=phi)
+    outer-sum kernel). sums: the per-key-block sums if already made (key_block_sums), else made here."""
+    if sums is None:
+        sums = outer_sum(k_phi, v, cfg, block_rows=cfg.block_k, phi=phi)
     unsel = jnp.logical_not(jnp.swapaxes(selection(lut, cfg.nk), 2, 3))  # (B, H, Nq, Nk)
     return _sum_over_blocks(unsel, sums, cfg)
 
@@ -202,15 +226,16 @@ def _running_count(sel):
     return counts.astype(jnp.int32)
 
 
-def forward_states(k_phi, v, lut, cfg: KernelCall, phi=None):
+def forward_states(k_phi, v, lut, cfg: KernelCall, phi=None, sums=None):
     """The linear states the forward reads: per query block H_i, Z_i ((B, H, Nq, D, D) in the KernelConfig's
     state dtype for 16-bit inputs, else float32; (B, H, Nq, D) float32) for the complement scope, the totals
     H = phi(K)^T V (B, H, D, D) and Z = colsum phi(K) (B, H, D) float32 for scope "all"; (None, None) without a
-    linear branch. phi: None (k_phi is phi(K)), or the feature map, applied to k_phi = K inside the kernel."""
+    linear branch. phi: None (k_phi is phi(K)), or the feature map, applied to k_phi = K inside the kernel. sums:
+    the complement scope's per-key-block sums if already made (key_block_sums)."""
     if not cfg.linear:
         return None, None
     if cfg.track_lin:
-        return complement_states(k_phi, v, lut, cfg, phi)
+        return complement_states(k_phi, v, lut, cfg, phi, sums)
     return outer_sum(k_phi, v, cfg, phi=phi)
 
 

@@ -125,16 +125,34 @@ def front_end(q, k, config: SLA2Config, *, w_q, w_k, feature_map: str | None, in
     return lut, mass, q_phi, k_phi, keys, queries, q, k
 
 
-def hard_route(q, k, config: SLA2Config, *, w_q, w_k):
-    """Hard routing by the Pallas front end for the fused kernels, which take q, k and compute phi themselves: one
-    read of Q and one of K give the block means (no phi arrays), one kernel selects the blocks.
+def hard_route(q, k, v, config: SLA2Config, *, w_q, w_k):
+    """Hard routing for the fused kernels, which take q, k and compute phi themselves.
 
-    Returns (lut (B, H, Nq, k) int32 ascending, mass (B, H, Nq) f32). No gradient flows through either (the LUT is
-    an index; the fused path uses the mass under stop_gradient), so the means are taken of stopped q, k and the
-    backward has no front-end pass."""
-    q, k, w_q, w_k = (None if x is None else jax.lax.stop_gradient(x) for x in (q, k, w_q, w_k))
-    lut, mass = front_end(q, k, config, w_q=w_q, w_k=w_k, feature_map=None, int8_keys=False)[:2]
-    return lut, mass
+    Scope "complement" with a linear branch: one read of K and V gives the block means of K and the per-key-block
+    linear states at once (``pallas_kernels.key_block_sums``), one read of Q its block means, one kernel selects
+    the blocks; the states go to the fused kernel (``fused(..., key_sums=)``), which then reads K and V only for
+    attention. Otherwise: one read of Q and one of K give the block means (no phi arrays), and key_sums is None.
+
+    Returns (lut (B, H, Nq, k) int32 ascending, mass (B, H, Nq) f32, key_sums or None). No gradient flows through
+    them (the LUT is an index; the fused path uses the mass under stop_gradient; the fused kernel's backward gives
+    the whole dK, dV), so they are taken of stopped q, k, v and have no backward pass."""
+    import pallas_kernels
+    from pallas_kernels.front_end import block_means_and_phi, select_blocks
+    from sla2_jax.feature_maps import phi_function
+    from sla2_jax.routing import scores_from_block_means
+
+    q, k, v, w_q, w_k = (None if x is None else jax.lax.stop_gradient(x) for x in (q, k, v, w_q, w_k))
+    if config.linear_scope != "complement":
+        lut, mass = front_end(q, k, config, w_q=w_q, w_k=w_k, feature_map=None, int8_keys=False)[:2]
+        return lut, mass, None
+    key_sums, k_means = pallas_kernels.key_block_sums(k, v, block_q=config.block_q, block_k=config.block_k,
+                                                      feature_map=phi_function(config.feature_map),
+                                                      config=config.kernel)
+    q_means = block_means_and_phi(q, config.block_q)[1]
+    seq_len = q.shape[1]
+    scores = scores_from_block_means(q_means, k_means, seq_len, config.block_k, w_q=w_q, w_k=w_k)
+    lut, mass = select_blocks(scores, config.num_selected(scores.shape[-1]), seq_len, config.block_k)
+    return lut, mass, key_sums
 
 
 def branches(q, k, v, q_phi, k_phi, lut, *, block_q, block_k, linear_scope, quant, scale, eps, kernel=None):
@@ -148,10 +166,11 @@ def branches(q, k, v, q_phi, k_phi, lut, *, block_q, block_k, linear_scope, quan
     return pallas_kernels.sparse_linear_attention(q, k, v, q_phi, k_phi, lut, **kw)
 
 
-def fused(q, k, v, q_phi, k_phi, lut, alpha, config: SLA2Config, *, keys=None, queries=None):
+def fused(q, k, v, q_phi, k_phi, lut, alpha, config: SLA2Config, *, keys=None, queries=None, key_sums=None):
     """o = alpha o_s + (1 - alpha) o_l (B, N, H, D) in q.dtype by one fused forward kernel (low bit where
     config.quant says so, with the front end's keys / queries). q_phi = k_phi = None (16-bit forward only): the
-    kernels compute phi(Q), phi(K) from q, k with config.feature_map."""
+    kernels compute phi(Q), phi(K) from q, k with config.feature_map (and take the per-key-block states from
+    key_sums where hard_route made them)."""
     import pallas_kernels
     from sla2_jax.feature_maps import phi_function
 
@@ -163,4 +182,5 @@ def fused(q, k, v, q_phi, k_phi, lut, alpha, config: SLA2Config, *, keys=None, q
         )
     if q_phi is None:
         kw["feature_map"] = phi_function(config.feature_map)
+        kw["key_sums"] = key_sums
     return pallas_kernels.sla2_fused_attention(q, k, v, q_phi, k_phi, lut, alpha, **kw)

@@ -96,11 +96,13 @@ def sla2_output(q, k, v, config: SLA2Config, alpha_fn, *, w_q=None, w_k=None, so
             lut, mass, q_phi, k_phi, keys, queries, q, k = backends.front_end(
                 q, k, config, w_q=w_q, w_k=w_k, feature_map=config.feature_map, int8_keys=True
             )
+            key_sums = None
         else:  # the kernels compute phi(Q), phi(K) from q, k: the front end only routes
-            lut, mass = backends.hard_route(q, k, config, w_q=w_q, w_k=w_k)
+            lut, mass, key_sums = backends.hard_route(q, k, v, config, w_q=w_q, w_k=w_k)
             q_phi = k_phi = keys = queries = None
         alpha = jnp.broadcast_to(alpha_fn(jax.lax.stop_gradient(mass)), mass.shape)
-        return backends.fused(q, k, v, q_phi, k_phi, lut, alpha, config, keys=keys, queries=queries).astype(q.dtype)
+        return backends.fused(q, k, v, q_phi, k_phi, lut, alpha, config, keys=keys, queries=queries,
+                              key_sums=key_sums).astype(q.dtype)
     o_s, o_l, mass = sparse_linear_outputs(q, k, v, config.replace(backend=backend), w_q=w_q, w_k=w_k, soft=soft)
     if not soft:
         mass = jax.lax.stop_gradient(mass)

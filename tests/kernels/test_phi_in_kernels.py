@@ -185,17 +185,22 @@ def _pallas_calls(jaxpr, found):
     return found
 
 
-def test_the_library_forward_writes_no_phi_arrays(monkeypatch):
+@pytest.mark.parametrize("scope", ["complement", "all"])
+def test_the_library_forward_writes_no_phi_arrays(monkeypatch, scope):
     """sla2_attention on the pallas backend with the Mosaic forward (its contract stand-in here): no kernel of the
     forward writes a (B, N, H, D) array: the routing pass writes block means only, phi(K) stays inside the states
-    kernel and phi(Q) inside the Mosaic epilogue."""
+    kernel and phi(Q) inside the Mosaic epilogue. Complement scope: K and V are read once for the routing's K means
+    and the per-block states (one states kernel, one routing pass over Q); scope "all": a routing pass per tensor."""
     import sla2_jax as sla
     from test_mosaic_fwd_epilogue import _contract_stand_in
 
     monkeypatch.setattr(mosaic_forward, "sparse_linear_attention_mosaic", _contract_stand_in([]))
-    config = sla.SLA2Config(topk_ratio=0.25, backend="pallas", kernel=KernelConfig(forward="mosaic"))
+    config = sla.SLA2Config(topk_ratio=0.25, backend="pallas", kernel=KernelConfig(forward="mosaic"),
+                            linear_scope=scope)
     q, k, v = (x.astype(jnp.bfloat16) for x in jax.random.normal(jax.random.PRNGKey(0), (3, 1, 320, 2, 64)))
     jaxpr = jax.make_jaxpr(lambda q, k, v: sla.sla2_attention(q, k, v, config=config))(q, k, v)
     calls = _pallas_calls(jaxpr.jaxpr, [])
-    assert [name for name, _ in calls].count("sla_prep") == 2 and "sla_sum_phi" in [name for name, _ in calls], calls
+    names = [name for name, _ in calls]
+    assert names.count("sla_prep") == (1 if scope == "complement" else 2), calls
+    assert names.count("sla_sum_phi") == 1, calls
     assert not [c for c in calls if q.shape in c[1]], calls
