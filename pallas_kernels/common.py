@@ -132,6 +132,12 @@ def finite_rows(x, valid):
     return valid & (jnp.sum(jnp.where(jnp.isfinite(x), 0.0, 1.0), axis=1) == 0.0)
 
 
+def finite_sum(x, finite):
+    """(sum (D,), count) float32 of the rows of the float32 tile x (rows, D) where finite (rows,) is True: a block
+    mean is the sum of its tiles' sums over the sum of their counts (at least 1)."""
+    return jnp.sum(jnp.where(finite[:, None], x, 0.0), axis=0), jnp.sum(finite.astype(F32))
+
+
 def scores(q, k, k_start, cfg):
     """S = Q K^T * sm_scale * log2(e) (base-2 logits); keys >= N masked."""
     s = dot(q, k, trans_b=True) * (cfg.sm_scale * LOG2E)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._triton import CompilerParams, pl, plgpu
-from .common import finite_rows, phi_vjp
+from .common import finite_rows, finite_sum, phi_vjp
 from .quantize import SCALE_LANES, QuantisedKeys, QuantisedQueries, quantize_rows, store_quantised_rows
 
 _F32 = jnp.float32
@@ -84,8 +84,8 @@ def _prep_kernel(x_ref, *out_refs, n: int, block: int, rows: int, phi):
         if phi is not None:
             phi_ref = out_refs[0]
             plgpu.store(phi_ref.at[pl.ds(start, rows), :], phi(x).astype(phi_ref.dtype), mask=mask)
-        finite = finite_rows(x, valid)
-        return total + jnp.sum(jnp.where(finite[:, None], x, 0.0), axis=0), count + jnp.sum(finite.astype(_F32))
+        block_total, block_count = finite_sum(x, finite_rows(x, valid))
+        return total + block_total, count + block_count
 
     total, count = lax.fori_loop(0, block // rows, body, (jnp.zeros((d,), _F32), jnp.float32(0.0)))
     out_refs[-2][...] = total / jnp.maximum(count, 1.0)
@@ -285,8 +285,8 @@ def _prep_int8_kernel(
         plgpu.store(phi_ref.at[pl.ds(start, block), :], phi(x32).astype(phi_ref.dtype), mask=mask)
     means_ref, count_ref, x8_ref, scale_ref = refs[:4]
     finite = finite_rows(x32, valid)
-    count = jnp.sum(finite.astype(_F32))
-    means_ref[...] = jnp.sum(jnp.where(finite[:, None], x32, 0.0), axis=0) / jnp.maximum(count, 1.0)
+    total, count = finite_sum(x32, finite)
+    means_ref[...] = total / jnp.maximum(count, 1.0)
     _store_count(count_ref, count)
     mean = mean_ref[...]
     # a non-finite row is quantised as 0 and left out of the block's amax (its own output stays NaN through phi)

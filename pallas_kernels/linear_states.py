@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._triton import pl
-from .common import F32, KernelCall, dot, finite_rows, load_rows, pallas_triton_call, phi_rows, seq_spec
+from .common import F32, KernelCall, dot, finite_rows, finite_sum, load_rows, pallas_triton_call, phi_rows, seq_spec
 
 def _pow2_scale(amax):
     """s = 2^(e - 13) for amax in [2^e, 2^(e+1)) (e clipped to [-11, 28]): a power of two (exact in float16 and in
@@ -50,9 +50,8 @@ def _outer_sum_kernel(
         valid = (start + jnp.arange(block)) < cfg.n
         if m_ref is not None:
             raw = x.astype(F32)
-            finite = finite_rows(raw, valid)
-            total = total + jnp.sum(jnp.where(finite[:, None], raw, 0.0), axis=0)
-            count = count + jnp.sum(finite.astype(F32))
+            block_total, block_count = finite_sum(raw, finite_rows(raw, valid))
+            total, count = total + block_total, count + block_count
         if phi is not None:
             x = jnp.where(valid[:, None], phi_rows(phi, x), 0)
         x32 = x.astype(F32)

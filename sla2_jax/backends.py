@@ -100,14 +100,8 @@ def front_end(q, k, config: SLA2Config, *, w_q, w_k, feature_map: str | None, in
     feature_map is None, keys (QuantisedKeys) or None, queries (QuantisedQueries, for the default sm_scale) or None,
     q, k as the front end passes them through: the attention kernels take these, so that their dQ, dK are added to
     the front end's inside its backward kernels)."""
-    from pallas_kernels.front_end import (
-        block_means_and_phi,
-        block_means_phi_int8,
-        block_means_phi_int8_queries,
-        select_blocks,
-    )
+    from pallas_kernels.front_end import block_means_and_phi, block_means_phi_int8, block_means_phi_int8_queries
     from sla2_jax.feature_maps import phi_function
-    from sla2_jax.routing import scores_from_block_means
 
     phi = None if feature_map is None else phi_function(feature_map)
     seq_len, head_dim = q.shape[1], q.shape[3]
@@ -120,9 +114,18 @@ def front_end(q, k, config: SLA2Config, *, w_q, w_k, feature_map: str | None, in
     else:
         (k_phi, k_means, k), keys = block_means_and_phi(k, config.block_k, phi, pass_through=True), None
         (q_phi, q_means, q), queries = block_means_and_phi(q, config.block_q, phi, pass_through=True), None
-    scores = scores_from_block_means(q_means, k_means, seq_len, config.block_k, w_q=w_q, w_k=w_k)
-    lut, mass = select_blocks(scores, config.num_selected(scores.shape[-1]), seq_len, config.block_k)
+    lut, mass = _select(q_means, k_means, seq_len, config, w_q=w_q, w_k=w_k)
     return lut, mass, q_phi, k_phi, keys, queries, q, k
+
+
+def _select(q_means, k_means, seq_len: int, config: SLA2Config, *, w_q, w_k):
+    """(lut, mass) of the router from the block means of Q (B, H, Nq, D) and of K (B, H, Nk, D), float32: the
+    router logits, then the selection kernel."""
+    from pallas_kernels.front_end import select_blocks
+    from sla2_jax.routing import scores_from_block_means
+
+    scores = scores_from_block_means(q_means, k_means, seq_len, config.block_k, w_q=w_q, w_k=w_k)
+    return select_blocks(scores, config.num_selected(scores.shape[-1]), seq_len, config.block_k)
 
 
 def hard_route(q, k, v, config: SLA2Config, *, w_q, w_k):
@@ -137,9 +140,8 @@ def hard_route(q, k, v, config: SLA2Config, *, w_q, w_k):
     them (the LUT is an index; the fused path uses the mass under stop_gradient; the fused kernel's backward gives
     the whole dK, dV), so they are taken of stopped q, k, v and have no backward pass."""
     import pallas_kernels
-    from pallas_kernels.front_end import block_means_and_phi, select_blocks
+    from pallas_kernels.front_end import block_means_and_phi
     from sla2_jax.feature_maps import phi_function
-    from sla2_jax.routing import scores_from_block_means
 
     q, k, v, w_q, w_k = (None if x is None else jax.lax.stop_gradient(x) for x in (q, k, v, w_q, w_k))
     if config.linear_scope != "complement":
@@ -149,9 +151,7 @@ def hard_route(q, k, v, config: SLA2Config, *, w_q, w_k):
                                                       feature_map=phi_function(config.feature_map),
                                                       config=config.kernel)
     q_means = block_means_and_phi(q, config.block_q)[1]
-    seq_len = q.shape[1]
-    scores = scores_from_block_means(q_means, k_means, seq_len, config.block_k, w_q=w_q, w_k=w_k)
-    lut, mass = select_blocks(scores, config.num_selected(scores.shape[-1]), seq_len, config.block_k)
+    lut, mass = _select(q_means, k_means, q.shape[1], config, w_q=w_q, w_k=w_k)
     return lut, mass, key_sums
 
 
