@@ -14,6 +14,7 @@ import functools
 import numpy as np
 
 from sla2_jax import tile_order
+from sla2_jax.token_order import check_triple
 
 TOKEN_ORDERS = ("raster", "tiles")
 
@@ -21,9 +22,7 @@ TOKEN_ORDERS = ("raster", "tiles")
 def check_tile(grid, tile) -> None:
     """ValueError unless `tile` is three positive ints that divide the token grid (T, H, W) axis by axis (grid
     None: the ints only)."""
-    tile = tuple(tile)
-    if len(tile) != 3 or not all(isinstance(n, (int, np.integer)) and n > 0 for n in tile):
-        raise ValueError(f"tile={tile!r} must be three positive ints (t, h, w) in tokens")
+    check_triple("tile", tile)
     if grid is not None:
         tile_order(grid, tile)
 

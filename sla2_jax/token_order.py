@@ -13,6 +13,14 @@ from __future__ import annotations
 import numpy as np
 
 
+def check_triple(name: str, value) -> tuple:
+    """value as a tuple of three positive ints (t, h, w) in tokens; ValueError naming `name` otherwise."""
+    value = tuple(value)
+    if len(value) != 3 or not all(isinstance(n, (int, np.integer)) and n > 0 for n in value):
+        raise ValueError(f"{name}={value!r} must be three positive ints (t, h, w) in tokens")
+    return value
+
+
 def tile_order(grid, tile=(4, 4, 4)):
     """(perm, inverse): int32 numpy arrays (N,) with N = T * H * W for a token grid (T, H, W) in raster order.
 
@@ -20,10 +28,7 @@ def tile_order(grid, tile=(4, 4, 4)):
     ints (t, h, w) in tokens that divide the grid axis by axis (ValueError otherwise); with b_k = 64 the default
     4 x 4 x 4 makes every key block one cube.
     """
-    grid, tile = tuple(grid), tuple(tile)
-    for name, value in (("grid", grid), ("tile", tile)):
-        if len(value) != 3 or not all(isinstance(n, (int, np.integer)) and n > 0 for n in value):
-            raise ValueError(f"{name}={value!r} must be three positive ints (t, h, w) in tokens")
+    grid, tile = check_triple("grid", grid), check_triple("tile", tile)
     if any(g % n for g, n in zip(grid, tile)):
         raise ValueError(f"token grid (t, h, w) = {grid} is not divisible by tile {tile}; choose a tile that divides "
                          "every axis of the grid")
