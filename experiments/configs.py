@@ -140,6 +140,7 @@ class RunSpec:
       default: hard-routed forward, every key block reachable by the gradient), "soft_dense" (soft forward over
       every key block) or "soft" (the hard top-k blocks with log M).
     proj_init: SLA's Proj before stage 2: "zero" (the paper) or "fit" (least squares on the captured Q/K/V).
+    stage2_steps: stage-2 steps of this model; 0 = the preset's (a longer budget for a model and its control).
     """
 
     name: str
@@ -152,6 +153,7 @@ class RunSpec:
     linear_scope: str = "complement"
     router_routing: str = "soft_dense_st"
     proj_init: str = "zero"
+    stage2_steps: int = 0
 
     @property
     def router_run(self) -> Optional[str]:
@@ -354,6 +356,10 @@ STUDY_RUNS = (
     # (0.158 vs 0.175 for the default form; docs/results/study_gpu): does that survive stage 2?
     RunSpec("sla2-95-softdense", "sla2", 0.95, quant="int8", router_routing="soft_dense"),
     RunSpec("sla2-90", "sla2", 0.90, quant="int8"),
+    # 4x the stage-2 steps: does the gap to the dense model close with training? (dense-ft-x4 is the control)
+    RunSpec("sla2-95-x4", "sla2", 0.95, quant="int8", stage2_steps=1600),
+    RunSpec("sla2-97-x4", "sla2", 0.97, quant="int8", stage2_steps=1600),
+    RunSpec("dense-ft-x4", "dense", stage2_steps=1600),
 )
 
 

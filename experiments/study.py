@@ -433,6 +433,8 @@ def stage2_source_and_cfg(study: StudyConfig, run: RunSpec):
     preset = study.preset
     data = dataclasses.replace(preset.data, seed=preset.data.seed + 7919 * run.seed)
     cfg = dataclasses.replace(preset.stage2, seed=preset.stage2.seed + 1000 * run.seed)
+    if run.stage2_steps:
+        cfg = dataclasses.replace(cfg, steps=run.stage2_steps)
     return data_lib.make_source(data, data_lib.TRAIN_STREAM), cfg
 
 
@@ -728,9 +730,14 @@ def _unpack_checkpoint(study, out, run_dir, data: bytes) -> None:
         train.save_params_only(run_dir, step, model)
 
 
+def _report_gif(rel: str) -> bool:
+    """The report's sample GIFs (samples.gif, gifs/<model>.gif): remade from eval/*_preview.npy by every report."""
+    return rel == "samples.gif" or rel.startswith("gifs" + os.sep)
+
+
 def export_state(study: StudyConfig, out: str, dst: str, max_mib: float = 45.0) -> list:
     """Write what a later call needs to continue `out` into `dst` as study_state.tar.NNN parts of <= 15 MiB:
-    every file except checkpoints; the checkpoints that are still needed (unfinished training runs with their
+    every file except checkpoints and the report's sample GIFs (the report remakes them); the checkpoints that are still needed (unfinished training runs with their
     optimizer state in bf16, the finished dense model's parameters, the stage-1 routers' parameters (stage 2 and
     the router comparison load them), finished stage-2 runs not yet evaluated) as
     npz. A stage-2 checkpoint that would take the state past max_mib is left out (that run restarts from its
@@ -740,7 +747,7 @@ def export_state(study: StudyConfig, out: str, dst: str, max_mib: float = 45.0) 
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for path in sorted(glob.glob(os.path.join(out, "**", "*"), recursive=True)):
             rel = os.path.relpath(path, out)
-            if os.path.isdir(path) or f"{os.sep}ckpt{os.sep}" in f"{os.sep}{rel}":
+            if os.path.isdir(path) or f"{os.sep}ckpt{os.sep}" in f"{os.sep}{rel}" or _report_gif(rel):
                 continue
             tar.add(path, arcname=rel)
         run_dirs = [d for stage in ("stage0", "stage1", "stage2") for d in glob.glob(os.path.join(out, stage, "*"))]

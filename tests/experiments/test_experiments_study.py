@@ -95,6 +95,11 @@ def test_exported_state_keeps_the_routers_and_the_dense_model(dirs):
     a, b = study.load_dense(STUDY, second), study.load_dense(STUDY, third)
     for x, y in zip(jax.tree_util.tree_leaves(nnx.state(a, nnx.Param)), jax.tree_util.tree_leaves(nnx.state(b, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # The report's sample GIFs stay behind (the next report remakes them from the previews, which travel).
+    assert os.path.exists(os.path.join(second, "samples.gif")) and os.path.exists(os.path.join(second, "gifs"))
+    assert not os.path.exists(os.path.join(third, "samples.gif")) and not os.path.exists(os.path.join(third, "gifs"))
+    assert os.listdir(os.path.join(third, "eval")) and any(f.endswith("_preview.npy") for f in os.listdir(
+        os.path.join(third, "eval")))
 
 
 def test_evaluation_rows_and_report(dirs):
