@@ -189,17 +189,15 @@ def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, 
 # ----------------------------------------------------------------------------------------------------------
 # Backward (both families)
 # ----------------------------------------------------------------------------------------------------------
-def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=None):
-    """All input cotangents (dq, dk, dv, dq_phi, dk_phi, dalpha or None) from the residuals: dQ stage, gradient
-    states, dK/dV stage (each a separate function for timing). phi: None (the residuals hold phi(Q), phi(K)), or the
-    feature map, applied to Q and K inside the kernels that read them (residuals without phi arrays); then dq, dk
-    include phi's vjp and dq_phi, dk_phi are None."""
-    res_dq = backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l, phi=phi)
-    totals = backward_states(res, res_dq, cfg, fused=fused, do=do, do_l=do_l, phi=phi)
-    res_dkv = backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l, phi=phi)
+def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
+    """All input cotangents (dq, dk, dv, dq_phi, dk_phi, dalpha or None) from the residuals (which hold phi(Q),
+    phi(K)): dQ stage, gradient states, dK/dV stage (each a separate function for timing)."""
+    res_dq = backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
+    totals = backward_states(res, res_dq, cfg, fused=fused, do=do, do_l=do_l)
+    res_dkv = backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
     q = res[0]
     b, _, h, _ = q.shape
-    zeros = None if phi is not None else jnp.zeros_like(q)
+    zeros = jnp.zeros_like(q)
     dq_phi = res_dq.get("dq_phi", zeros)
     dk_phi = res_dkv.get("dk_phi", zeros)
     dalpha = None
@@ -208,10 +206,9 @@ def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=
     return res_dq["dq"], res_dkv["dk"], res_dkv["dv"], dq_phi, dk_phi, dalpha
 
 
-def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=None):
+def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
     """dQ, dphi(Q) (and delta, c, d alpha per row) over the LUT: one Triton kernel, or with the Mosaic backward a
-    Triton kernel for the per-row terms and dphi(Q) followed by the Mosaic dQ kernel (mosaic_dq.py). phi: None, or
-    the feature map: the Triton kernel applies phi's vjp at Q to dphi(Q) itself, and dQ comes out whole."""
+    Triton kernel for the per-row terms and dphi(Q) followed by the Mosaic dQ kernel (mosaic_dq.py)."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     b, n, h, d = q.shape
     seq = seq_spec(cfg)
@@ -237,21 +234,18 @@ def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, p
             inputs += [("h_lin", h_lin, full_spec(d, d)), ("z_lin", z_lin, full_spec(d))]
     if fused:
         inputs += [("alpha", alpha, full_spec(cfg.nq))]
-    if mosaic and cfg.linear and phi is not None:
-        inputs += [("q", q, seq)]
     q_struct = jax.ShapeDtypeStruct(q.shape, q.dtype)
     outputs = [] if mosaic else [("dq", q_struct, seq)]
     outputs += [("delta", row_struct, rows)]
     if cfg.linear:
-        # dphi(Q), or with phi its vjp: inside dq (Triton) or as dq_lin, added to the Mosaic kernel's dq below
-        outputs += [] if phi is not None and not mosaic else [("dq_phi" if phi is None else "dq_lin", q_struct, seq)]
+        outputs += [("dq_phi", q_struct, seq)]
         outputs += [("c", row_struct, rows)]
     if fused:
         outputs += [("dalpha_rows", row_struct, rows)]
     if mosaic:
-        kernel, launch = dq_linear_kernel, {"fused": fused, "phi": phi}
+        kernel, launch = dq_linear_kernel, {"fused": fused}
     else:
-        kernel, launch = dq_kernel, {"fused": fused, "rows": rows_dq, "phi": phi}
+        kernel, launch = dq_kernel, {"fused": fused, "rows": rows_dq}
     res_dq = pallas_triton_call(kernel, (cfg.npad // rows_dq, h, b), inputs, outputs, cfg, "dq", launch)
     res_dq = dict(zip([x[0] for x in outputs], res_dq))
     if mosaic:
@@ -259,16 +253,14 @@ def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, p
         # a ring of 4 K/V slots: 0.88 vs 0.92 ms with 2 (H100, wan-1.3b at 95%)
         kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "stages": 4, "config": cfg.config}
         res_dq["dq"] = mosaic_dq.sparse_attention_dq_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut, a, **kw)
-        if "dq_lin" in res_dq:
-            res_dq["dq"] = (res_dq["dq"].astype(F32) + res_dq.pop("dq_lin").astype(F32)).astype(q.dtype)
     return res_dq
 
 
-def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None, phi=None):
+def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None):
     """Linear-branch gradient states for the dK/dV stage: dH = sum_r phi~_r^T dO_l,r, dZ = -sum_r c_r phi~_r
     (phi~ = phi(Q) / den) over all query rows, (B, H, D, D) and (B, H, D) float32; for the complement scope per
     key block j over the query blocks that did not select j, (B, H, Nk, D, D) and (B, H, Nk, D)
-    (linear_states.gradient_states). phi: None, or the feature map applied to Q inside the sums."""
+    (linear_states.gradient_states)."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     if not cfg.linear:
         return None, None
@@ -279,13 +271,12 @@ def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None, 
     else:
         w, x = inv_den, do_l
     u = -res_dq["c"] * inv_den
-    return gradient_states(q_phi if phi is None else q, x, w, u, lut, cfg, phi)
+    return gradient_states(q_phi, x, w, u, lut, cfg)
 
 
-def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall, k=None):
-    """(name, array, BlockSpec) of the dK/dV kernels' linear-branch inputs: phi(K) (or, given k, K itself for a kernel
-    that applies phi; none when k_phi and k are both None: the kernel has K already) and dH, dZ (per key block, or
-    the totals)."""
+def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall):
+    """(name, array, BlockSpec) of the dK/dV kernels' linear-branch inputs: phi(K) and dH, dZ (per key block, or the
+    totals)."""
     dh, dz = totals
     d = cfg.d
     if dh.ndim == 5:  # per key block
@@ -293,15 +284,12 @@ def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall, k=None):
         dz_spec = pl.BlockSpec((None, None, None, d), lambda j, hh, bb: (bb, hh, j, 0))
     else:
         dh_spec, dz_spec = full_spec(d, d), full_spec(d)
-    keys = [("k_phi", k_phi, seq_spec(cfg))] if k_phi is not None else []
-    keys += [("k", k, seq_spec(cfg))] if k is not None else []
-    return keys + [("dh", dh, dh_spec), ("dz", dz, dz_spec)]
+    return [("k_phi", k_phi, seq_spec(cfg)), ("dh", dh, dh_spec), ("dz", dz, dz_spec)]
 
 
-def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=None):
+def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
     """dK, dV, dphi(K) over the transposed LUT (built here): one Triton kernel, or the Mosaic dK/dV kernel
-    (mosaic_dkv.py) followed by a Triton kernel for the linear part. phi: None, or the feature map applied to the K
-    rows inside those kernels (res.k_phi then None)."""
+    (mosaic_dkv.py) followed by a Triton kernel for the linear part."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     b, n, h, d = q.shape
     seq = seq_spec(cfg)
@@ -313,14 +301,9 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
         dk, dv_s = mosaic_dkv.sparse_attention_dkv_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut_t, count, a, **kw)
         if not cfg.linear:
             return {"dk": dk, "dv": dv_s}
-        inputs = [("v", v, seq), ("dv_s", dv_s, seq)]
-        if phi is None:
-            inputs += _dkv_linear_inputs(k_phi, totals, cfg)
-            outputs = [("dv", kv_struct, seq), ("dk_phi", kv_struct, seq)]
-        else:  # dK whole: the sparse dk_s plus phi's vjp at K applied to dphi(K), in the same kernel
-            inputs += _dkv_linear_inputs(None, totals, cfg, k=k) + [("dk_s", dk, seq)]
-            outputs = [("dv", kv_struct, seq), ("dk", kv_struct, seq)]
-        res_lin = pallas_triton_call(dkv_linear_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", {"phi": phi})
+        inputs = [("v", v, seq), ("dv_s", dv_s, seq)] + _dkv_linear_inputs(k_phi, totals, cfg)
+        outputs = [("dv", kv_struct, seq), ("dk_phi", kv_struct, seq)]
+        res_lin = pallas_triton_call(dkv_linear_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", {})
         return {"dk": dk, **dict(zip([x[0] for x in outputs], res_lin))}
     inputs = [
         ("lut_t", lut_t, full_spec(cfg.nk, cfg.nq)),
@@ -336,13 +319,13 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
     full_rows = full_spec(cfg.npad)
     inputs += [("lse", lse, full_rows), ("delta", res_dq["delta"], full_rows)]
     if cfg.linear:
-        inputs += _dkv_linear_inputs(k_phi, totals, cfg)  # with phi: k_phi None, the kernel's K rows
+        inputs += _dkv_linear_inputs(k_phi, totals, cfg)
     if fused:
         inputs += [("alpha", alpha, full_spec(cfg.nq))]
     outputs = [("dk", kv_struct, seq), ("dv", kv_struct, seq)]
-    if cfg.linear and phi is None:
-        outputs += [("dk_phi", kv_struct, seq)]  # with phi: phi's vjp at K goes into dk in the kernel
-    launch = {"fused": fused, "rows": rows_per_step("dkv", cfg), "phi": phi}
+    if cfg.linear:
+        outputs += [("dk_phi", kv_struct, seq)]
+    launch = {"fused": fused, "rows": rows_per_step("dkv", cfg)}
     res_dkv = pallas_triton_call(dkv_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", launch)
     return dict(zip([x[0] for x in outputs], res_dkv))
 
@@ -500,13 +483,11 @@ def _fused_phi_fwd(q, k, v, lut, alpha, key_sums, cfg, phi):
 
 
 def _fused_phi_bwd(cfg, phi, res, do):
-    """The backward of _fused without phi arrays in the residuals. KernelConfig.backward_phi "arrays": phi(Q),
-    phi(K) made here for the backward kernels, then phi's vjp onto their gradients (one front-end kernel per tensor,
-    which also adds the direct dQ, dK); "in_kernels": the backward kernels apply phi and its vjp themselves.
-    key_sums (made from stopped K, V by the caller) get no cotangent: dK, dV here are the whole gradients."""
-    if cfg.config.backward_phi == "in_kernels":
-        dq, dk, dv, _, _, dalpha = backward(res, cfg, fused=True, do=do.astype(res.q.dtype), phi=phi)
-        return dq, dk, dv, None, dalpha, None
+    """The backward of _fused without phi arrays in the residuals: phi(Q), phi(K) made here for the backward
+    kernels, then phi's vjp onto their gradients (one front-end kernel per tensor, which also adds the direct dQ,
+    dK). (Applying phi and its vjp inside the backward kernels instead, KernelConfig.backward_phi "in_kernels", was
+    slower on an H100 and was deleted: docs/dev/forward_kernel.md.) key_sums (made from stopped K, V by the caller)
+    get no cotangent: dK, dV here are the whole gradients."""
     if cfg.linear:
         res = res._replace(q_phi=feature_map_rows(res.q, phi, interpret=cfg.interpret),
                            k_phi=feature_map_rows(res.k, phi, interpret=cfg.interpret))

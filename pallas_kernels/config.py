@@ -23,7 +23,6 @@ LOOPS = ("pingpong", "pipelined")
 GRID_ORDERS = ("heads", "qblocks")
 STATE_DTYPES = ("bfloat16", "float32")
 P8_OPERANDS = ("registers", "smem")
-BACKWARD_PHI = ("arrays", "in_kernels")
 
 
 class Launch(NamedTuple):
@@ -85,11 +84,6 @@ class KernelConfig:
       previous P V), two LUT entries per step (64 x 128 score tiles), program order ("heads": grid (H, Nq, B);
       "qblocks": grid (Nq, H, B)), output tiles staged in finished ring slots, and how FP8 P reaches the P V wgmma.
     mosaic_fp8: quant "int8_fp8" takes the Mosaic forward (else the Triton low-bit kernel).
-    backward_phi: for the fused kernels called without phi arrays (``sla2_fused_attention(..., feature_map=phi)``),
-      how the backward's kernels get phi(Q), phi(K): "arrays" (written by one front-end pass per tensor first, phi's
-      vjp by one more pass per tensor at the end; measured) or "in_kernels" (the gradient-state sums and the dK/dV
-      and dQ linear parts apply phi and its vjp to the Q / K rows they read; predicted -0.15..-0.2 ms at wan-1.3b
-      forward+backward, not measured yet).
     launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "sum", "sum_phi", "lowbit"), as a tuple of
       (name, Launch) pairs; kernels not listed take DEFAULT_LAUNCH (the "lowbit" kernel: the "fwd" entry).
     profile_dir: Mosaic's on-device profiler writes a trace of the named regions of the Mosaic forward, dQ and
@@ -106,7 +100,6 @@ class KernelConfig:
     outputs_in_ring: bool = True
     p8_operand: str = "registers"
     mosaic_fp8: bool = True
-    backward_phi: str = "arrays"
     launch: tuple = ()
     profile_dir: str | None = None
 
@@ -119,7 +112,6 @@ class KernelConfig:
             ("loop", self.loop, LOOPS),
             ("grid_order", self.grid_order, GRID_ORDERS),
             ("p8_operand", self.p8_operand, P8_OPERANDS),
-            ("backward_phi", self.backward_phi, BACKWARD_PHI),
         ):
             if value not in choices:
                 raise ValueError(f"KernelConfig.{name}={value!r} is not one of {choices}")

@@ -13,8 +13,8 @@ around the Mosaic backward.
   per step.
 * ``dq_linear_kernel`` and ``dkv_linear_kernel``: the same per-row terms, dphi(Q) and linear dK/dV part without a
   LUT loop, around the Mosaic dQ and dK/dV kernels (KernelConfig.backward "mosaic").
-With ``phi`` (the feature map; KernelConfig.backward_phi "in_kernels") the kernels read Q / K instead of phi arrays
-and apply phi's vjp themselves: dQ, dK come out whole, with no dphi(Q) / dphi(K) outputs.
+The kernels read phi(Q), phi(K) arrays (for the fused call without phi arrays, attention._fused_phi_bwd writes them
+first and applies phi's vjp after).
 Launched by attention.py.
 """
 
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._triton import pl
-from .common import F32, LOG2E, KernelCall, dot, dot_mat, load_rows, phi_rows, phi_vjp, scores, store_rows
+from .common import F32, LOG2E, KernelCall, dot, dot_mat, load_rows, scores, store_rows
 
 
 def _dq_row_terms(
@@ -75,7 +75,7 @@ def dq_kernel(
     # outputs
     dq_ref, delta_ref, dq_phi_ref=None, c_ref=None, dalpha_rows_ref=None,
     # static arguments
-    cfg: KernelCall, fused: bool, rows: int, phi=None,
+    cfg: KernelCall, fused: bool, rows: int,
 ):  # fmt: skip
     """Program (s, h, b) of grid (Npad / rows, H, B): query rows [s * rows, (s + 1) * rows) of one (b, h), in query
     block i = s * rows // block_q. Refs of that (b, h), None where the call has no such input or output
@@ -85,8 +85,7 @@ def dq_kernel(
     o_s (N, D); lse (rows,) float32 (base 2); the linear branch (cfg.linear): o_l (N, D), den (rows,) float32 and
     its states h_lin (D, D), z_lin (D,) float32 (query block i's H_i, Z_i for the complement scope, else the
     totals); alpha (Nq,) float32 (fused). Outputs: dq (N, D); delta (rows,) float32; dq_phi (N, D) and c (rows,)
-    float32 (linear branch); dalpha_rows (rows,) float32 (fused). phi: None, or the feature map: then dq includes
-    the linear branch's part (phi's vjp at Q applied to dphi(Q) here) and there is no dq_phi output.
+    float32 (linear branch); dalpha_rows (rows,) float32 (fused).
     """
     sub = pl.program_id(0)  # sub-block of `rows` query rows
     i = lax.div(sub, jnp.int32(cfg.block_q // rows))  # its query block (LUT row)
@@ -114,28 +113,23 @@ def dq_kernel(
     carry = lax.fori_loop(0, cfg.topk, body, carry)
     dq = carry[0] * cfg.sm_scale
     if cfg.linear:
-        dq_phi = _dq_phi(do_l32, c, den, h_lin_ref, z_lin_ref, o_s_ref.dtype)
-        if phi is None:
-            store_rows(dq_phi_ref, q_start, dq_phi, cfg.n)
-        else:
-            dq = dq + phi_vjp(phi, q, dq_phi)
+        store_rows(dq_phi_ref, q_start, _dq_phi(do_l32, c, den, h_lin_ref, z_lin_ref, o_s_ref.dtype), cfg.n)
     store_rows(dq_ref, q_start, dq, cfg.n)
 
 
 def dq_linear_kernel(
     *,
     # inputs
-    q_ref=None, do_ref=None, do_s_ref=None, do_l_ref=None, o_s_ref, o_l_ref=None, den_ref=None, h_lin_ref=None,
-    z_lin_ref=None, alpha_ref=None,
+    do_ref=None, do_s_ref=None, do_l_ref=None, o_s_ref, o_l_ref=None, den_ref=None, h_lin_ref=None, z_lin_ref=None,
+    alpha_ref=None,
     # outputs
-    delta_ref, dq_phi_ref=None, dq_lin_ref=None, c_ref=None, dalpha_rows_ref=None,
+    delta_ref, dq_phi_ref=None, c_ref=None, dalpha_rows_ref=None,
     # static arguments
-    cfg: KernelCall, fused: bool, phi=None,
+    cfg: KernelCall, fused: bool,
 ):  # fmt: skip
     """Program (i, h, b) of grid (Nq, H, B): the per-row terms and dphi(Q) of query block i without the LUT loop
     (the Mosaic dQ kernel does the loop, with the delta stored here). Refs as dq_kernel's with rows = block_q, less
-    lut, k, v, lse and dq; with phi (the feature map), q (N, D) in and, instead of dq_phi, dq_lin (N, D): phi's vjp
-    at Q applied to dphi(Q), the linear branch's part of dQ."""
+    lut, q, k, v, lse and dq."""
     i = pl.program_id(0)
     q_start = i * cfg.block_q
     _, _, _, do_l32, c, den = _dq_row_terms(
@@ -143,12 +137,7 @@ def dq_linear_kernel(
         c_ref, dalpha_rows_ref, cfg=cfg, fused=fused,
     )  # fmt: skip
     if cfg.linear:
-        dq_phi = _dq_phi(do_l32, c, den, h_lin_ref, z_lin_ref, o_s_ref.dtype)
-        if phi is None:
-            store_rows(dq_phi_ref, q_start, dq_phi, cfg.n)
-        else:
-            q = load_rows(q_ref, q_start, cfg.block_q, cfg.n)
-            store_rows(dq_lin_ref, q_start, phi_vjp(phi, q, dq_phi), cfg.n)
+        store_rows(dq_phi_ref, q_start, _dq_phi(do_l32, c, den, h_lin_ref, z_lin_ref, o_s_ref.dtype), cfg.n)
 
 
 def dkv_kernel(
@@ -159,16 +148,15 @@ def dkv_kernel(
     # outputs
     dk_ref, dv_ref, dk_phi_ref=None,
     # static arguments
-    cfg: KernelCall, fused: bool, rows: int, phi=None,
+    cfg: KernelCall, fused: bool, rows: int,
 ):  # fmt: skip
     """Program (j, h, b) of grid (Nk, H, B): key block j of one (b, h). Refs of that (b, h), None where the call has
     no such input or output (attention.backward_dkv builds the lists):
 
     lut_t (Nk, Nq) int32, the query blocks that selected key block j (ascending), count (Nk,) int32 of them; q, k, v
     (N, D); do (N, D) (fused) or do_s (N, D); lse, delta (Npad,) float32; the linear branch (cfg.linear): k_phi
-    (N, D) (None with phi: the feature map is applied to the K rows here), dh (D, D) and dz (D,) float32 (key block
-    j's dH_j, dZ_j for the complement scope, else the totals); alpha (Nq,) float32 (fused). Outputs: dk, dv (N, D);
-    dk_phi (N, D) (linear branch, without phi; with phi, dk includes phi's vjp at K applied to dphi(K)).
+    (N, D), dh (D, D) and dz (D,) float32 (key block j's dH_j, dZ_j for the complement scope, else the totals);
+    alpha (Nq,) float32 (fused). Outputs: dk, dv (N, D); dk_phi (N, D) (linear branch).
     """
     j = pl.program_id(0)
     k_start = j * cfg.block_k
@@ -210,12 +198,9 @@ def dkv_kernel(
     carry = lax.fori_loop(0, count_ref[j] * nsub, body, carry)
     dk, dv = carry[0] * cfg.sm_scale, carry[1]
     if cfg.linear:
-        k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n) if phi is None else phi_rows(phi, k)
+        k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n)
         dv, dk_phi = _dkv_linear(v, dv, k_phi, dh_ref, dz_ref)
-        if phi is None:
-            store_rows(dk_phi_ref, k_start, dk_phi, cfg.n)
-        else:
-            dk = dk + phi_vjp(phi, k, dk_phi)
+        store_rows(dk_phi_ref, k_start, dk_phi, cfg.n)
     store_rows(dk_ref, k_start, dk, cfg.n)
     store_rows(dv_ref, k_start, dv, cfg.n)
 
@@ -232,27 +217,14 @@ def _dkv_linear(v, dv, k_phi, dh_ref, dz_ref):
     return dv + dot_mat(k_phi, dh, dt), dk_phi
 
 
-def dkv_linear_kernel(
-    *, v_ref, dv_s_ref, k_phi_ref=None, k_ref=None, dk_s_ref=None, dh_ref, dz_ref, dv_ref, dk_phi_ref=None,
-    dk_ref=None, cfg: KernelCall, phi=None,
-):  # fmt: skip
+def dkv_linear_kernel(*, v_ref, dv_s_ref, k_phi_ref, dh_ref, dz_ref, dv_ref, dk_phi_ref, cfg: KernelCall):
     """Program (j, h, b) of grid (Nk, H, B): the linear part of key block j for a sparse dK, dV computed elsewhere
     (the Mosaic dK/dV kernel): dv = dv_s + phi(K_j) dH_j and dphi(K_j) = V_j dH_j^T + dZ_j. Refs of one (b, h): v,
-    dv_s, k_phi (N, D); dh (D, D) and dz (D,) float32 (key block j's, or the totals); outputs dv, dk_phi (N, D).
-    With phi (the feature map): k and the sparse dk_s (N, D) in instead of k_phi, and dk = dk_s + phi's vjp at K
-    applied to dphi(K) out instead of dk_phi."""
+    dv_s, k_phi (N, D); dh (D, D) and dz (D,) float32 (key block j's, or the totals); outputs dv, dk_phi (N, D)."""
     k_start = pl.program_id(0) * cfg.block_k
     v = load_rows(v_ref, k_start, cfg.block_k, cfg.n)
     dv_s = load_rows(dv_s_ref, k_start, cfg.block_k, cfg.n).astype(F32)
-    if phi is None:
-        k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n)
-    else:
-        k = load_rows(k_ref, k_start, cfg.block_k, cfg.n)
-        k_phi = phi_rows(phi, k)
+    k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n)
     dv, dk_phi = _dkv_linear(v, dv_s, k_phi, dh_ref, dz_ref)
     store_rows(dv_ref, k_start, dv, cfg.n)
-    if phi is None:
-        store_rows(dk_phi_ref, k_start, dk_phi, cfg.n)
-    else:
-        dk_s = load_rows(dk_s_ref, k_start, cfg.block_k, cfg.n).astype(F32)
-        store_rows(dk_ref, k_start, dk_s + phi_vjp(phi, k, dk_phi), cfg.n)
+    store_rows(dk_phi_ref, k_start, dk_phi, cfg.n)

@@ -2,12 +2,11 @@
 routing from block means alone) against the form with phi arrays (the front end writes phi(Q), phi(K)).
 
     python -m experiments.dev.check_phi_in_kernels --out DIR [--sparsity 0.95 0.97] [--parts small wan states]
-        [--cases 0.97:complement ...] [--no-fwd-bwd] [--forms no_phi_arrays phi_arrays bwd_phi_in_kernels]
+        [--cases 0.97:complement ...] [--no-fwd-bwd] [--forms no_phi_arrays phi_arrays]
 
 1. small: fresh seed; N 1000 / 2048 / 776 / 1048, D 128 / 64, bf16 / f16, both linear scopes, the three feature
-   maps; the Mosaic forward and backward (heuristic_config, and with KernelConfig.backward_phi "in_kernels"): output
-   and the gradients of q, k, v, alpha vs jax.grad of the dense float32 reference with phi applied by JAX, and vs the
-   same kernels given phi arrays.
+   maps; the Mosaic forward and backward (heuristic_config): output and the gradients of q, k, v, alpha vs jax.grad
+   of the dense float32 reference with phi applied by JAX, and vs the same kernels given phi arrays.
 2. wan: wan-1.3b (B1 H12 N32760 D128 bf16) per sparsity and scope: the module forward (sla2_attention, SLA router,
    alpha = captured mass) in both forms: their outputs vs each other, CUPTI kernel times per kernel name, in-model
    time (30 calls on distinct inputs in one jit) and one synchronised call, with cuDNN in the same process; the
@@ -34,6 +33,7 @@ from pallas_kernels.reference import reference_fused
 from sla2_jax.feature_maps import PHI_FUNCTIONS
 
 RESULTS: dict = {}
+FORMS = ("no_phi_arrays", "phi_arrays")  # the wan part's module forms (module_forms)
 SMALL = [  # (N, D, topk, dtype, scope, feature map)
     (1000, 128, 3, jnp.bfloat16, "complement", "softmax"),
     (2048, 64, 5, jnp.bfloat16, "all", "softmax"),
@@ -69,10 +69,6 @@ def small_checks():
             def no_arrays(q, k, v, a):
                 return sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=phi, config=config, **kw)
 
-            def bwd_in_kernels(q, k, v, a):
-                return sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=phi, **kw,
-                                            config=config.replace(backward_phi="in_kernels"))
-
             def arrays(q, k, v, a):
                 qp, kp = (phi(x.astype(jnp.float32)).astype(x.dtype) for x in (q, k))
                 return sla2_fused_attention(q, k, v, qp, kp, lut, a, config=config, **kw)
@@ -81,12 +77,10 @@ def small_checks():
                 loss = lambda *x: jnp.sum(fn(*x).astype(jnp.float32) * w)  # noqa: E731
                 return jax.jit(lambda *x: (fn(*x), jax.grad(loss, argnums=(0, 1, 2, 3))(*x)))
 
-            runs = (with_grads(f)(q, k, v, alpha) for f in (ref, no_arrays, arrays, bwd_in_kernels))
-            (o_r, g_r), (o_n, g_n), (o_a, g_a), (o_b, g_b) = runs
+            runs = (with_grads(f)(q, k, v, alpha) for f in (ref, no_arrays, arrays))
+            (o_r, g_r), (o_n, g_n), (o_a, g_a) = runs
             names = ("q", "k", "v", "alpha")
             row["vs_dense"] = {"o": rel(o_n, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_n, g_r)}}
-            row["bwd_in_kernels_vs_dense"] = {
-                "o": rel(o_b, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_b, g_r)}}
             row["arrays_vs_dense"] = {"o": rel(o_a, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_a, g_r)}}
             row["vs_arrays"] = {"o": rel(o_n, o_a), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_n, g_a)}}
         except Exception as e:  # noqa: BLE001 - record and go on
@@ -94,34 +88,27 @@ def small_checks():
         print("small", json.dumps(row), flush=True)
         rows.append(row)
     RESULTS["small"] = rows
-    worst = max((v for r in rows for key in ("vs_dense", "bwd_in_kernels_vs_dense") for v in r.get(key, {}).values()),
-                default=None)
+    worst = max((v for r in rows for v in r.get("vs_dense", {}).values()), default=None)
     print(f"small: worst relative error vs dense f32 {worst}; errors {sum('error' in r for r in rows)}", flush=True)
 
 
 def module_forms(sparsity, scope, forms):
-    """(form name -> module forward fn(q, k, v)) of the names in forms: "no_phi_arrays" (the library's form),
-    "phi_arrays" (the front end writes phi arrays), "bwd_phi_in_kernels" (the library's form with
-    KernelConfig.backward_phi "in_kernels")."""
+    """(form name -> module forward fn(q, k, v)) of the names in forms (FORMS): "no_phi_arrays" (the library's
+    form), "phi_arrays" (the front end writes phi arrays)."""
     import sla2_jax as sla
     from sla2_jax import backends
 
     config = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", linear_scope=scope)
-    in_kernels = config.replace(
-        kernel=heuristic_config(32760, 128, jnp.bfloat16, 128, 64).replace(backward_phi="in_kernels"))
 
     def no_arrays(q, k, v):
         return sla.sla2_attention(q, k, v, config=config)
-
-    def bwd_in_kernels(q, k, v):
-        return sla.sla2_attention(q, k, v, config=in_kernels)
 
     def arrays(q, k, v):
         lut, mass, qp, kp, _, _, q, k = backends.front_end(q, k, config, w_q=None, w_k=None,
                                                           feature_map=config.feature_map, int8_keys=False)
         return backends.fused(q, k, v, qp, kp, lut, jax.lax.stop_gradient(mass), config)
 
-    every = {"no_phi_arrays": no_arrays, "phi_arrays": arrays, "bwd_phi_in_kernels": bwd_in_kernels}
+    every = {"no_phi_arrays": no_arrays, "phi_arrays": arrays}
     return {name: every[name] for name in forms}
 
 
@@ -218,8 +205,7 @@ def main():
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--parts", nargs="+", default=["small", "wan"], help="small, wan, states")
     p.add_argument("--no-fwd-bwd", action="store_true", help="wan: the forward only")
-    p.add_argument("--forms", nargs="+", default=["no_phi_arrays", "phi_arrays"],
-                   help="wan: no_phi_arrays, phi_arrays, bwd_phi_in_kernels (module_forms)")
+    p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS, help="wan: the module forms to time")
     p.add_argument("--cases", nargs="*", default=None,
                    help="wan: SPARSITY:SCOPE pairs (default: every --sparsity with every --scopes)")
     args = p.parse_args()

@@ -62,25 +62,24 @@ def _check_against_reference(args, lut, alpha, w, phi, kw, ftol, gtol, seed):
         assert _rel(a, b) < gtol, (seed, name, _rel(a, b))
 
 
-# (N, D, dtype, scope, feature map, KernelConfig.backward_phi): ragged N, D 64 and 128, both scopes, every feature
-# map, both ways of giving the backward phi
+# (N, D, dtype, scope, feature map): ragged N, D 64 and 128, both scopes, every feature map
 CASES = [
-    (333, 64, jnp.float32, "complement", "softmax", "arrays"),
-    (200, 128, jnp.bfloat16, "complement", "softmax", "in_kernels"),
-    (333, 64, jnp.float32, "all", "elu", "in_kernels"),
-    (200, 64, jnp.float32, "complement", "relu", "arrays"),
+    (333, 64, jnp.float32, "complement", "softmax"),
+    (200, 128, jnp.bfloat16, "complement", "softmax"),
+    (333, 64, jnp.float32, "all", "elu"),
+    (200, 64, jnp.float32, "complement", "relu"),
 ]
 TOL = {jnp.float32: (2e-4, 2e-3), jnp.bfloat16: (2e-2, 3e-2)}  # (forward, gradients), norm-wise relative
 
 
-@pytest.mark.parametrize("n,d,dtype,scope,kind,backward_phi", CASES)
-def test_fused_without_phi_arrays_matches_the_dense_reference(n, d, dtype, scope, kind, backward_phi):
-    """Triton forward (phi(K) in the states kernel, a phi(Q) array), backward with phi arrays or phi in its kernels,
-    then phi's vjp: output and the gradients of q, k, v, alpha against jax.grad of the dense float32 reference with
-    phi applied outside."""
+@pytest.mark.parametrize("n,d,dtype,scope,kind", CASES)
+def test_fused_without_phi_arrays_matches_the_dense_reference(n, d, dtype, scope, kind):
+    """Triton forward (phi(K) in the states kernel, a phi(Q) array), backward with phi arrays made from q, k, then
+    phi's vjp: output and the gradients of q, k, v, alpha against jax.grad of the dense float32 reference with phi
+    applied outside."""
     seed = _seed()
     args, lut, alpha, w = _inputs(seed, n, 2, d, dtype, 2)
-    kw = {"block_q": 128, "block_k": 64, "linear_scope": scope, "config": KernelConfig(backward_phi=backward_phi)}
+    kw = {"block_q": 128, "block_k": 64, "linear_scope": scope, "config": KernelConfig()}
     _check_against_reference(args, lut, alpha, w, PHI_FUNCTIONS[kind], kw, *TOL[dtype], seed)
 
 
