@@ -55,8 +55,8 @@ def linear_inputs(q_phi, k_phi, v, lut, cfg: KernelCall, phi=None, key_sums=None
     """The forward kernels' linear-branch inputs and the states kept as residuals: ([(name, array, BlockSpec)], h, z)
     with h, z from linear_states.forward_states (per query block for the complement scope, else the totals);
     ([], None, None) without a linear branch. phi: None, or the feature map: then k_phi is K (phi applied in the
-    states kernel) and q_phi may be None (phi(Q) in the Mosaic epilogue). key_sums: the complement scope's
-    per-key-block sums if already made (linear_states.key_block_sums), else None."""
+    states kernel) and q_phi may be None (phi(Q) in the Mosaic epilogue). key_sums: the sums of phi(K), V if
+    already made (linear_states.key_block_sums), else None."""
     if not cfg.linear:
         return [], None, None
     d = cfg.d
@@ -157,8 +157,9 @@ def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, 
     """The forward of the bf16 family: {output name: array} with o (fused) or o_s, o_l, and with residuals lse,
     den and the states h_lin, z_lin. q_phi = k_phi = None: phi(Q), phi(K) computed from q, k by phi (the feature
     map) inside the kernels: phi(K) in the states kernel, phi(Q) in the Mosaic epilogue (a phi(Q) array only where
-    the linear branch runs in a Triton kernel). key_sums: the complement scope's per-key-block sums of phi(K), V
-    if the caller made them (with the block means the router read, linear_states.key_block_sums)."""
+    the linear branch runs in a Triton kernel). key_sums: the sums of phi(K), V (per key block for the complement
+    scope, the totals for "all") if the caller made them (with the block means the router read,
+    linear_states.key_block_sums)."""
     b, n, h, d = q.shape
     if q_phi is None:
         linear, h_lin, z_lin = linear_inputs(None, k, v, lut, cfg, phi, key_sums)
@@ -579,9 +580,9 @@ def sla2_fused_attention(
     ``sla2_jax.feature_maps.softmax_phi``, the same object each call): the kernels compute phi(Q), phi(K) from q, k
     (no phi arrays in memory in the forward; the backward makes them and applies phi's vjp), differentiable w.r.t.
     q, k, v, alpha.
-    key_sums (with feature_map, scope "complement"): the per-key-block sums of key_block_sums(k, v) made for the
-    routing, so that the forward does not read K and V for them again; not differentiated (the gradients of q, k,
-    v are whole without them).
+    key_sums (with feature_map): the sums of key_block_sums(k, v) of the same linear_scope made for the routing, so
+    that the forward does not read K and V for them again; not differentiated (the gradients of q, k, v are whole
+    without them).
     """
     if q_phi is None and k_phi is None:
         if not callable(feature_map):
@@ -589,7 +590,7 @@ def sla2_fused_attention(
         cfg = validate_call(q, k, v, q, k, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret, config)
         if key_sums is not None:
             _check_key_sums(key_sums, q, cfg)
-            key_sums = jax.lax.stop_gradient(key_sums) if cfg.track_lin else None  # None: no linear branch
+            key_sums = jax.lax.stop_gradient(key_sums) if cfg.linear else None  # None: no linear branch
         return _fused_phi(q, k, v, lut, checked_alpha(alpha, q, cfg), key_sums, cfg, feature_map)
     if key_sums is not None:
         raise ValueError("key_sums goes with q_phi = k_phi = None and feature_map")
@@ -600,29 +601,31 @@ def sla2_fused_attention(
     return _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha, cfg)
 
 
-def key_block_sums(k, v, *, block_q=128, block_k=64, feature_map, interpret=None, config=None):
-    """One read of K and V for the routing and the complement scope's linear states: (key_sums, means).
+def key_block_sums(k, v, *, block_q=128, block_k=64, linear_scope="complement", feature_map, interpret=None,
+                   config=None):
+    """One read of K and V for the routing and the linear states: (key_sums, means).
 
-    k, v: (B, N, H, D) bf16 / f16 / f32; feature_map: phi as for sla2_fused_attention. key_sums: the per-key-block
-    sums phi(K_j)^T V_j, colsum phi(K_j) to pass to ``sla2_fused_attention(..., key_sums=)`` with the LUT routed
-    from `means`; means: (B, H, ceil(N / block_k), D) float32, the block means of K (finite rows; a ragged last block
-    averages its valid rows), as ``front_end.block_means_and_phi`` gives them. Not differentiable (take it of
-    stopped k, v)."""
+    k, v: (B, N, H, D) bf16 / f16 / f32; feature_map: phi as for sla2_fused_attention. key_sums: to pass to
+    ``sla2_fused_attention(..., key_sums=)`` of the same linear_scope with the LUT routed from `means`: for
+    "complement" the per-key-block sums phi(K_j)^T V_j, colsum phi(K_j), for "all" their totals over every key;
+    means: (B, H, ceil(N / block_k), D) float32, the block means of K (finite rows; a ragged last block averages its
+    valid rows), as ``front_end.block_means_and_phi`` gives them. Not differentiable (take it of stopped k, v)."""
     if not callable(feature_map):
         raise ValueError("key_block_sums needs feature_map, a function of a float32 (rows, D) tile")
     b, n, h, _ = k.shape if hasattr(k, "shape") and len(k.shape) == 4 else (0, 0, 0, 0)
     nq = -(-n // block_q) if isinstance(block_q, int) and block_q > 0 else 0
     no_lut = jax.ShapeDtypeStruct((b, h, nq, 1), jnp.int32)  # a LUT's shape for validate_call: the sums need none
-    cfg = validate_call(k, k, v, k, k, no_lut, block_q, block_k, "complement", None, 1e-6, interpret, config)
+    cfg = validate_call(k, k, v, k, k, no_lut, block_q, block_k, linear_scope, None, 1e-6, interpret, config)
     return linear_states.key_block_sums(k, v, cfg, feature_map)
 
 
 def _check_key_sums(key_sums, q, cfg: KernelCall):
-    expected = (q.shape[0], q.shape[2], cfg.nk, cfg.d, cfg.d)
-    if not cfg.complement:
-        raise ValueError("key_sums serve the linear_scope 'complement' only")
+    b, h, d = q.shape[0], q.shape[2], cfg.d
+    expected = (b, h, cfg.nk, d, d) if cfg.complement else (b, h, d, d)
+    what = "per-block states" if cfg.complement else "totals (linear_scope 'all')"
     if not hasattr(key_sums, "h") or tuple(key_sums.h.shape) != expected:
-        raise ValueError(f"key_sums must come from key_block_sums(k, v) of these k, v: per-block states {expected}")
+        raise ValueError(f"key_sums must come from key_block_sums(k, v) of these k, v and this linear_scope: "
+                         f"{what} {expected}")
 
 
 def _check_quant(quant):

@@ -32,14 +32,15 @@ def _pow2_scale(amax):
 
 def _outer_sum_kernel(
     *, x_ref, y_ref, w_ref=None, u_ref=None, h_ref, z_ref, s_ref=None, m_ref=None, cfg: KernelCall, chunk: int,
-    block: int, weighted: bool, scaled: bool, phi=None,
+    block: int, weighted: bool, scaled: bool, phi=None, block_means: bool = False,
 ):  # fmt: skip
     """Program (c, h, b): rows [c*chunk, (c+1)*chunk) of X, Y -> sum_r w_r X_r^T Y_r (D x D), sum_r u_r X_r.
     Refs of one (b, h): inputs x, y (N, D), w, u (chunk,) float32 (weighted); outputs h (D, D) float32, z (D,)
     float32 and, when scaled, s (D,) float32: then h holds the D x D sum / s in float16, s a power of two
     (_pow2_scale). phi: None, or a feature map applied to the X rows first (in float32, rounded to X's dtype as a
-    phi(X) array would be; rows >= N stay 0). m_ref (D,) float32, if given: the mean of the chunk's raw X rows
-    (before phi; finite rows only, as the front end's block means)."""
+    phi(X) array would be; rows >= N stay 0). m_ref, if given: the mean of the raw X rows (before phi; finite rows
+    only, as the front end's block means) of the chunk, (D,) float32, or with block_means of each step's `block`
+    rows, (chunk // block, D) float32."""
     start0 = pl.program_id(0) * chunk
 
     def body(t, carry):
@@ -51,7 +52,11 @@ def _outer_sum_kernel(
         if m_ref is not None:
             raw = x.astype(F32)
             block_total, block_count = finite_sum(raw, finite_rows(raw, valid))
-            total, count = total + block_total, count + block_count
+            if block_means:  # row t of the chunk's means: this step's rows are one block
+                mean = block_total / jnp.maximum(block_count, 1.0)
+                total = jnp.where((jnp.arange(chunk // block) == t)[:, None], mean[None, :], total)
+            else:
+                total, count = total + block_total, count + block_count
         if phi is not None:
             x = jnp.where(valid[:, None], phi_rows(phi, x), 0)
         x32 = x.astype(F32)
@@ -65,10 +70,11 @@ def _outer_sum_kernel(
             z = z + jnp.sum(x32, axis=0)
         return h, z, total, count
 
-    zeros = (jnp.zeros((cfg.d, cfg.d), F32), jnp.zeros((cfg.d,), F32), jnp.zeros((cfg.d,), F32), jnp.float32(0.0))
+    means0 = jnp.zeros((chunk // block, cfg.d) if block_means else (cfg.d,), F32)
+    zeros = (jnp.zeros((cfg.d, cfg.d), F32), jnp.zeros((cfg.d,), F32), means0, jnp.float32(0.0))
     h, z, total, count = lax.fori_loop(0, chunk // block, body, zeros)
     if m_ref is not None:
-        m_ref[...] = total / jnp.maximum(count, 1.0)
+        m_ref[...] = total if block_means else total / jnp.maximum(count, 1.0)
     if scaled:
         s, inv_s = _pow2_scale(jnp.max(jnp.max(jnp.abs(h), axis=1), axis=0))
         h_ref[...] = (h * inv_s).astype(jnp.float16)
@@ -90,12 +96,16 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
     block_rows: if given, one sum per block of that many rows instead (no reduction over the blocks): the input of
     _sum_over_blocks, a _BlockSums of C = ceil(N / block_rows) blocks.
     phi: None, or a feature map applied to the rows of x inside the kernel (x is then K, not phi(K)).
-    means: with block_rows, also return each block's mean of the raw x rows ((B, H, C, D) float32, finite rows only,
-    as the front end's block means): (_BlockSums, means).
+    means: also return the mean of the raw x rows of each block of block_rows rows, or of cfg.block_k rows for the
+    totals ((B, H, C, D) float32, finite rows only, as the front end's block means): (sums, means). For the totals
+    the kernel then steps by cfg.block_k rows.
     """
     b, n, h, d = x.shape
     launch = "sum" if phi is None else "sum_phi"  # phi's float32 tile needs smaller steps / more warps
     step = _SUM_BLOCK if phi is None else cfg.config.launch_params(launch).rows
+    block_means = means and block_rows is None
+    if block_means:
+        step = cfg.block_k  # one step per key block: its mean is one row of the chunk's means
     if block_rows is None:
         chunk = min(_SUM_CHUNK, max(step, pl.next_power_of_2(n)))
     else:
@@ -123,9 +133,11 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
     ]
     if scaled:
         outputs.append(("s", *vec))
-    if means:
-        if block_rows is None:
-            raise ValueError("outer_sum: means needs block_rows")
+    if block_means:
+        per = chunk // step
+        outputs.append(("m", jax.ShapeDtypeStruct((b, h, nc * per, d), F32),
+                        pl.BlockSpec((None, None, per, d), lambda c, hh, bb: (bb, hh, c, 0))))
+    elif means:
         outputs.append(("m", *vec))
     sums = pallas_triton_call(
         _outer_sum_kernel,
@@ -134,12 +146,13 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
         outputs,
         cfg,
         launch,
-        dict(chunk=chunk, block=min(chunk, step), weighted=weighted, scaled=scaled, phi=phi),
+        dict(chunk=chunk, block=min(chunk, step), weighted=weighted, scaled=scaled, phi=phi, block_means=block_means),
     )
     if block_rows is not None:
         block_sums = _BlockSums(sums[0], sums[1], sums[2][..., 0] if scaled else None)
         return (block_sums, sums[-1]) if means else block_sums
-    return jnp.sum(sums[0], axis=2), jnp.sum(sums[1], axis=2)
+    totals = jnp.sum(sums[0], axis=2), jnp.sum(sums[1], axis=2)
+    return (totals, sums[-1][:, :, : -(-n // step)]) if means else totals
 
 
 class _BlockSums(NamedTuple):
@@ -180,10 +193,15 @@ def selection(lut, nk):
 
 
 def key_block_sums(k, v, cfg: KernelCall, phi):
-    """The complement scope's per-key-block sums h_j = phi(K_j)^T V_j, z_j (a _BlockSums) and, from the same read
-    of K, the block means of K (B, H, Nk, D) float32 the router scores (finite rows, as the front end's): one pass
-    over K and V serves both the routing and the linear states. k, v (B, N, H, D); phi: the feature map."""
-    return outer_sum(k, v, cfg, block_rows=cfg.block_k, phi=phi, means=True)
+    """The linear states' sums of K and V (a _BlockSums) and, from the same read of K, the block means of K
+    (B, H, Nk, D) float32 the router scores (finite rows, as the front end's): one pass over K and V serves both
+    the routing and the linear states. The sums: per key block h_j = phi(K_j)^T V_j (B, H, Nk, D, D), z_j for the
+    complement scope; the totals H = phi(K)^T V (B, H, D, D), Z (B, H, D) float32 for scope "all". k, v (B, N, H,
+    D); phi: the feature map."""
+    if cfg.complement:
+        return outer_sum(k, v, cfg, block_rows=cfg.block_k, phi=phi, means=True)
+    (h, z), means = outer_sum(k, v, cfg, phi=phi, means=True)
+    return _BlockSums(h, z, None), means
 
 
 def complement_states(k_phi, v, lut, cfg: KernelCall, phi=None, sums=None):
@@ -230,11 +248,13 @@ def forward_states(k_phi, v, lut, cfg: KernelCall, phi=None, sums=None):
     state dtype for 16-bit inputs, else float32; (B, H, Nq, D) float32) for the complement scope, the totals
     H = phi(K)^T V (B, H, D, D) and Z = colsum phi(K) (B, H, D) float32 for scope "all"; (None, None) without a
     linear branch. phi: None (k_phi is phi(K)), or the feature map, applied to k_phi = K inside the kernel. sums:
-    the complement scope's per-key-block sums if already made (key_block_sums)."""
+    the sums of K and V if already made (key_block_sums: per key block, or the totals for scope "all")."""
     if not cfg.linear:
         return None, None
     if cfg.track_lin:
         return complement_states(k_phi, v, lut, cfg, phi, sums)
+    if sums is not None:
+        return sums.h, sums.z
     return outer_sum(k_phi, v, cfg, phi=phi)
 
 

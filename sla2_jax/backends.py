@@ -131,12 +131,12 @@ def _select(q_means, k_means, seq_len: int, config: SLA2Config, *, w_q, w_k):
 def hard_route(q, k, v, config: SLA2Config, *, w_q, w_k):
     """Hard routing for the fused kernels, which take q, k and compute phi themselves.
 
-    Scope "complement" with a linear branch: one read of K and V gives the block means of K and the per-key-block
-    linear states at once (``pallas_kernels.key_block_sums``), one read of Q its block means, one kernel selects
-    the blocks; the states go to the fused kernel (``fused(..., key_sums=)``), which then reads K and V only for
-    attention. Otherwise: one read of Q and one of K give the block means (no phi arrays), and key_sums is None.
+    One read of K and V gives the block means of K and the linear states' sums at once
+    (``pallas_kernels.key_block_sums``: per key block for the complement scope, the totals for "all"), one read of
+    Q its block means, one kernel selects the blocks; the sums go to the fused kernel (``fused(..., key_sums=)``),
+    which then reads K and V only for attention.
 
-    Returns (lut (B, H, Nq, k) int32 ascending, mass (B, H, Nq) f32, key_sums or None). No gradient flows through
+    Returns (lut (B, H, Nq, k) int32 ascending, mass (B, H, Nq) f32, key_sums). No gradient flows through
     them (the LUT is an index; the fused path uses the mass under stop_gradient; the fused kernel's backward gives
     the whole dK, dV), so they are taken of stopped q, k, v and have no backward pass."""
     import pallas_kernels
@@ -144,10 +144,8 @@ def hard_route(q, k, v, config: SLA2Config, *, w_q, w_k):
     from sla2_jax.feature_maps import phi_function
 
     q, k, v, w_q, w_k = (None if x is None else jax.lax.stop_gradient(x) for x in (q, k, v, w_q, w_k))
-    if config.linear_scope != "complement":
-        lut, mass = front_end(q, k, config, w_q=w_q, w_k=w_k, feature_map=None, int8_keys=False)[:2]
-        return lut, mass, None
     key_sums, k_means = pallas_kernels.key_block_sums(k, v, block_q=config.block_q, block_k=config.block_k,
+                                                      linear_scope=config.linear_scope,
                                                       feature_map=phi_function(config.feature_map),
                                                       config=config.kernel)
     q_means = block_means_and_phi(q, config.block_q)[1]

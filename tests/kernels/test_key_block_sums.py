@@ -1,7 +1,7 @@
-"""One read of K and V for the routing and the complement states: ``pallas_kernels.key_block_sums(k, v)`` gives the
-per-key-block sums (those the fused forward would make) and the block means of K (those the front end gives), and
-``sla2_fused_attention(..., key_sums=)`` takes the sums instead of making them: same output and gradients. Pallas
-interpret mode on the CPU."""
+"""One read of K and V for the routing and the linear states: ``pallas_kernels.key_block_sums(k, v)`` gives the
+sums the fused forward would make (per key block for the complement scope, the totals for "all") and the block
+means of K (those the front end gives), and ``sla2_fused_attention(..., key_sums=)`` takes the sums instead of making
+them: same output and gradients. Pallas interpret mode on the CPU."""
 
 from __future__ import annotations
 
@@ -39,7 +39,26 @@ def test_means_are_the_front_ends_and_sums_the_forwards(n, d, dtype):
             np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
-def test_fused_attention_with_key_sums_equals_without():
+@pytest.mark.parametrize("n, d, dtype", [(200, 64, jnp.bfloat16), (333, 128, jnp.float32)])
+def test_totals_for_scope_all(n, d, dtype):
+    """Scope "all": the means as the front end's (a non-finite row left out), the totals as the forward's states
+    kernel makes them (the same sums, taken one key block per step: float32 rounding apart)."""
+    q, k, v = _qkv(_seed(), n, d, dtype)
+    k = k.at[0, 130, 0, 5].set(jnp.nan)
+    sums, means = key_block_sums(k, v, feature_map=PHI, linear_scope="all")
+    np.testing.assert_allclose(means, block_means_and_phi(k, 64)[1], rtol=1e-6, atol=1e-6)
+    lut = jnp.zeros((1, 2, -(-n // 128), 1), jnp.int32)
+    k_ok = jnp.where(jnp.isfinite(k), k, 0)  # the totals of a NaN row are NaN: compare them on finite keys
+    cfg = validate_call(q, k_ok, v, q, k_ok, lut, 128, 64, "all", None, 1e-6, None, None)
+    h_ref, z_ref = linear_states.outer_sum(k_ok, v, cfg, phi=PHI)
+    sums = key_block_sums(k_ok, v, feature_map=PHI, linear_scope="all")[0]
+    assert sums.h.shape == (1, 2, d, d) and sums.z.shape == (1, 2, d) and sums.scale is None
+    np.testing.assert_allclose(sums.h, h_ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(h_ref))))
+    np.testing.assert_allclose(sums.z, z_ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(z_ref))))
+
+
+@pytest.mark.parametrize("scope", ["complement", "all"])
+def test_fused_attention_with_key_sums_equals_without(scope):
     n, d, topk = 456, 64, 2
     q, k, v = _qkv(_seed(), n, d, jnp.bfloat16)
     nq, nk = -(-n // 128), -(-n // 64)
@@ -51,8 +70,9 @@ def test_fused_attention_with_key_sums_equals_without():
 
     def run(with_sums):
         def f(q, k, v, a):
-            sums = key_block_sums(jax.lax.stop_gradient(k), jax.lax.stop_gradient(v), feature_map=PHI)[0]
-            o = sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=PHI,
+            sums = key_block_sums(jax.lax.stop_gradient(k), jax.lax.stop_gradient(v), feature_map=PHI,
+                                  linear_scope=scope)[0]
+            o = sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=PHI, linear_scope=scope,
                                      key_sums=sums if with_sums else None)
             return jnp.sum(o.astype(jnp.float32) * w), o
         (_, o), grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, alpha)
@@ -60,9 +80,10 @@ def test_fused_attention_with_key_sums_equals_without():
 
     o1, g1 = run(True)
     o0, g0 = run(False)
-    assert _rel(o1, o0) < 1e-6
+    tol = 1e-6 if scope == "complement" else 1e-5  # "all": the totals may be summed in another order of rows
+    assert _rel(o1, o0) < tol
     for a, b in zip(g1, g0):
-        assert _rel(a, b) < 1e-6
+        assert _rel(a, b) < tol
 
 
 def test_bad_key_sums_are_refused():
@@ -70,8 +91,11 @@ def test_bad_key_sums_are_refused():
     lut = jnp.zeros((1, 2, 2, 1), jnp.int32)
     alpha = jnp.full((1, 2, 2), 0.5, jnp.float32)
     sums = key_block_sums(k, v, feature_map=PHI)[0]
-    with pytest.raises(ValueError, match="complement"):
+    with pytest.raises(ValueError, match="linear_scope"):
         sla2_fused_attention(q, k, v, None, None, lut, alpha, feature_map=PHI, key_sums=sums, linear_scope="all")
+    totals = key_block_sums(k, v, feature_map=PHI, linear_scope="all")[0]
+    with pytest.raises(ValueError, match="linear_scope"):
+        sla2_fused_attention(q, k, v, None, None, lut, alpha, feature_map=PHI, key_sums=totals)
     other = key_block_sums(k[:, :128], v[:, :128], feature_map=PHI)[0]
     with pytest.raises(ValueError, match="key_block_sums"):
         sla2_fused_attention(q, k, v, None, None, lut, alpha, feature_map=PHI, key_sums=other)
@@ -79,3 +103,17 @@ def test_bad_key_sums_are_refused():
         sla2_fused_attention(q, k, v, q, k, lut, alpha, key_sums=sums)
     with pytest.raises(ValueError, match="feature_map"):
         key_block_sums(k, v, feature_map=None)
+
+
+@pytest.mark.parametrize("scope", ["complement", "all"])
+def test_states_kernel_with_means_lowers_for_cuda(scope):
+    """The Triton states kernel with the block-means output (per-block sums, or the totals stepping one key block at
+    a time) lowers for CUDA at wan-1.3b's shape (compiling and running it needs a GPU)."""
+    from helpers import lowered_for_cuda
+
+    from pallas_kernels import KernelConfig
+
+    k = jnp.zeros((1, 32760, 12, 128), jnp.bfloat16)
+    text = lowered_for_cuda(lambda k, v: key_block_sums(k, v, feature_map=PHI, linear_scope=scope, interpret=False,
+                                                       config=KernelConfig()), k, k)
+    assert "sla_sum_phi" in text

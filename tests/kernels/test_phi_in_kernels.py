@@ -188,8 +188,8 @@ def _pallas_calls(jaxpr, found):
 def test_the_library_forward_writes_no_phi_arrays(monkeypatch, scope):
     """sla2_attention on the pallas backend with the Mosaic forward (its contract stand-in here): no kernel of the
     forward writes a (B, N, H, D) array: the routing pass writes block means only, phi(K) stays inside the states
-    kernel and phi(Q) inside the Mosaic epilogue. Complement scope: K and V are read once for the routing's K means
-    and the per-block states (one states kernel, one routing pass over Q); scope "all": a routing pass per tensor."""
+    kernel and phi(Q) inside the Mosaic epilogue. Both scopes: K and V are read once for the routing's K means and
+    the linear states (one states kernel: per-block sums, or the totals for "all"), and one routing pass reads Q."""
     import sla2_jax as sla
     from test_mosaic_fwd_epilogue import _contract_stand_in
 
@@ -200,6 +200,6 @@ def test_the_library_forward_writes_no_phi_arrays(monkeypatch, scope):
     jaxpr = jax.make_jaxpr(lambda q, k, v: sla.sla2_attention(q, k, v, config=config))(q, k, v)
     calls = _pallas_calls(jaxpr.jaxpr, [])
     names = [name for name, _ in calls]
-    assert names.count("sla_prep") == (1 if scope == "complement" else 2), calls
+    assert names.count("sla_prep") == 1, calls
     assert names.count("sla_sum_phi") == 1, calls
     assert not [c for c in calls if q.shape in c[1]], calls
