@@ -170,7 +170,9 @@ def _sum_over_blocks(mask, sums: _BlockSums, cfg: KernelCall):
 
     mask (B, H, M, C) bool -> (B, H, M, D, D) float32 (bf16 for float16 sums if KernelConfig.state_dtype says so),
     (B, H, M, D) float32. One dense batched matmul in XLA (cuBLAS) contracting over the blocks with float32
-    accumulation; for float16 sums the mask carries the per-block scale (a power of two: exact); z (small) in float32.
+    accumulation; for float16 sums the mask carries the per-block scale (a power of two: exact); z in float32 (for
+    float16 sums as a bf16 hi + lo pair in one bf16 product: ~2^-18 relative, a fraction of the float32 product's
+    time).
     """
     b, nh, c, d, _ = sums.h.shape
     h_flat = sums.h.reshape(b, nh, c, d * d)
@@ -181,7 +183,14 @@ def _sum_over_blocks(mask, sums: _BlockSums, cfg: KernelCall):
     h_out = jnp.einsum("bhmc,bhcf->bhmf", weights, h_flat, precision=precision, preferred_element_type=F32)
     if sums.scale is not None and cfg.config.state_dtype == "bfloat16":
         h_out = h_out.astype(jnp.bfloat16)
-    z_out = jnp.einsum("bhmc,bhcd->bhmd", mask.astype(F32), sums.z, precision=lax.Precision.HIGHEST)
+    if sums.scale is None:
+        z_out = jnp.einsum("bhmc,bhcd->bhmd", mask.astype(F32), sums.z, precision=lax.Precision.HIGHEST)
+    else:  # z = hi + lo in bf16 (<= 2^-18 relative), one bf16 product with float32 accumulation (0/1 mask exact)
+        z_hi = sums.z.astype(jnp.bfloat16)
+        z_lo = (sums.z - z_hi.astype(F32)).astype(jnp.bfloat16)
+        both = jnp.einsum("bhmc,bhcd->bhmd", mask.astype(jnp.bfloat16), jnp.concatenate([z_hi, z_lo], axis=-1),
+                          preferred_element_type=F32)
+        z_out = both[..., :d] + both[..., d:]
     return h_out.reshape(b, nh, -1, d, d), z_out
 
 
