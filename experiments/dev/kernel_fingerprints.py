@@ -1,5 +1,7 @@
 """Kernel fingerprints: normalised jaxprs of every kernel kind (Triton and Mosaic, bf16/f32, complement/all,
-D 64/128, fused and branches, forward and forward+backward, int8 / int8_fp8, front end, block selection).
+D 64/128, fused and branches, forward and forward+backward, int8 / int8_fp8, the fused kernels without phi arrays
+(feature_map, with and without key_block_sums), front end, block selection) and of the library's pallas path
+(sla2_attention: routing, states and fused kernel).
 
     python -m experiments.dev.kernel_fingerprints OUT.json          # before and after a refactor
     python -m experiments.dev.kernel_fingerprints --compare BEFORE.json AFTER.json
@@ -12,6 +14,7 @@ jaxpr unchanged. Only traced, never run: the Mosaic kinds trace on a CPU host to
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -26,6 +29,7 @@ import numpy as np  # noqa: E402
 from pallas_kernels import (  # noqa: E402
     KernelConfig,
     front_end,
+    key_block_sums,
     sla2_fused_attention,
     sla2_fused_attention_lowbit,
     sparse_linear_attention,
@@ -115,6 +119,56 @@ def attention_kinds():
     return out
 
 
+def phi_kinds():
+    """{tag: (fn, args)} of the fused kernels that apply phi themselves (feature_map; the library's 16-bit path),
+    with the sums of key_block_sums given (as the library passes them) or made inside, forward and gradient."""
+    out = {}
+    for path in ("triton", "mosaic"):
+        config = KernelConfig(forward=path, backward=path)
+        for scope in ("complement", "all"):
+            for dtype in (jnp.bfloat16, jnp.float32) if path == "triton" else (jnp.bfloat16,):
+                for d in (64, 128):
+                    for name in ("softmax", "elu"):
+                        (q, k, v, _, _), lut, alpha = inputs(d, dtype)
+                        kw = dict(block_q=128, block_k=64, linear_scope=scope, interpret=path == "triton",
+                                  config=config, feature_map=PHI_FUNCTIONS[name])
+
+                        def fused(q, k, v, a, lut=lut, kw=kw, with_sums=False):
+                            sums = None
+                            if with_sums:
+                                sums = key_block_sums(jax.lax.stop_gradient(k), jax.lax.stop_gradient(v), **{
+                                    key: kw[key] for key in ("block_q", "block_k", "linear_scope", "interpret",
+                                                             "config", "feature_map")})[0]
+                            return sla2_fused_attention(q, k, v, None, None, lut, a, key_sums=sums, **kw)
+
+                        tag = f"phi/{path}/{scope}/{jnp.dtype(dtype).name}/d{d}/{name}"
+                        for sums in (False, True):
+                            fn = functools.partial(fused, with_sums=sums)
+                            suffix = "/key_sums" if sums else ""
+                            out[f"{tag}{suffix}/fwd"] = (fn, (q, k, v, alpha))
+                            out[f"{tag}{suffix}/grad"] = (jax.grad(total(fn), argnums=(0, 1, 2, 3)), (q, k, v, alpha))
+    return out
+
+
+def library_kinds():
+    """{tag: (fn, args)} of sla2_jax.sla2_attention on the pallas backend (routing, states, fused kernel),
+    bf16, both scopes, forward and gradient of q, k, v."""
+    import sla2_jax as sla
+
+    out = {}
+    for path in ("triton", "mosaic"):
+        for scope in ("complement", "all"):
+            for d in (64, 128):
+                (q, k, v, _, _), _, _ = inputs(d, jnp.bfloat16)
+                config = sla.SLA2Config(topk_ratio=0.1, backend="pallas", linear_scope=scope,
+                                        kernel=KernelConfig(forward=path, backward=path))
+                fn = lambda q, k, v, config=config: sla.sla2_attention(q, k, v, config=config)  # noqa: E731
+                tag = f"library/{path}/{scope}/d{d}"
+                out[f"{tag}/fwd"] = (fn, (q, k, v))
+                out[f"{tag}/grad"] = (jax.grad(total(fn), argnums=(0, 1, 2)), (q, k, v))
+    return out
+
+
 def front_end_kinds():
     """{tag: (fn, args)} of the router front end's kernels and the block selection."""
     out = {}
@@ -141,7 +195,7 @@ def front_end_kinds():
 
 def write(path: str) -> None:
     result, texts = {}, {}
-    for name, (fn, args) in {**attention_kinds(), **front_end_kinds()}.items():
+    for name, (fn, args) in {**attention_kinds(), **phi_kinds(), **library_kinds(), **front_end_kinds()}.items():
         try:
             result[name], texts[name] = fingerprint(fn, args)
         except Exception as e:  # noqa: BLE001 - a kind that does not trace on this jax is recorded as such
