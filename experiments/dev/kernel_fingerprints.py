@@ -84,38 +84,44 @@ def outputs_total(fn):
     return lambda *x: sum(jnp.sum(y.astype(jnp.float32)) for y in fn(*x) if y is not None)
 
 
-def attention_kinds():
-    """{tag: (fn, args)} of the attention entry points, forward and forward+backward."""
-    out = {}
+def kernel_cases():
+    """(tag, dtype, d, kw) of every kernel case: Triton bf16 / f32 and Mosaic bf16, both scopes, D 64 / 128; kw
+    holds the block sizes, scope, interpret flag and KernelConfig the entry points take."""
     for path in ("triton", "mosaic"):
         config = KernelConfig(forward=path, backward=path)
         for scope in ("complement", "all"):
             for dtype in (jnp.bfloat16, jnp.float32) if path == "triton" else (jnp.bfloat16,):
                 for d in (64, 128):
-                    qkv, lut, alpha = inputs(d, dtype)
                     kw = dict(block_q=128, block_k=64, linear_scope=scope, interpret=path == "triton", config=config)
-                    tag = f"{path}/{scope}/{jnp.dtype(dtype).name}/d{d}"
-                    fused = lambda *x, lut=lut, kw=kw: sla2_fused_attention(*x[:5], lut, x[5], **kw)  # noqa: E731
-                    branches = lambda *x, lut=lut, kw=kw: sparse_linear_attention(*x, lut, **kw)  # noqa: E731
-                    out[f"{tag}/fused_fwd"] = (fused, (*qkv, alpha))
-                    out[f"{tag}/fused_grad"] = (jax.grad(total(fused), argnums=tuple(range(6))), (*qkv, alpha))
-                    out[f"{tag}/branches_fwd"] = (branches, qkv)
-                    out[f"{tag}/branches_grad"] = (jax.grad(branches_total(branches), argnums=tuple(range(5))), qkv)
-                    if dtype != jnp.bfloat16 or scope != "complement":
-                        continue
-                    for quant in ("int8", "int8_fp8"):
-                        qkw = dict(kw, quant=quant)
+                    yield f"{path}/{scope}/{jnp.dtype(dtype).name}/d{d}", dtype, d, kw
 
-                        def low(*x, lut=lut, kw=qkw):
-                            return sla2_fused_attention_lowbit(*x[:5], lut, x[5], **kw)
 
-                        def low_branches(*x, lut=lut, kw=qkw):
-                            return sparse_linear_attention_lowbit(*x, lut, **kw)
+def attention_kinds():
+    """{tag: (fn, args)} of the attention entry points, forward and forward+backward."""
+    out = {}
+    for tag, dtype, d, kw in kernel_cases():
+        qkv, lut, alpha = inputs(d, dtype)
+        fused = lambda *x, lut=lut, kw=kw: sla2_fused_attention(*x[:5], lut, x[5], **kw)  # noqa: E731
+        branches = lambda *x, lut=lut, kw=kw: sparse_linear_attention(*x, lut, **kw)  # noqa: E731
+        out[f"{tag}/fused_fwd"] = (fused, (*qkv, alpha))
+        out[f"{tag}/fused_grad"] = (jax.grad(total(fused), argnums=tuple(range(6))), (*qkv, alpha))
+        out[f"{tag}/branches_fwd"] = (branches, qkv)
+        out[f"{tag}/branches_grad"] = (jax.grad(branches_total(branches), argnums=tuple(range(5))), qkv)
+        if dtype != jnp.bfloat16 or kw["linear_scope"] != "complement":
+            continue
+        for quant in ("int8", "int8_fp8"):
+            qkw = dict(kw, quant=quant)
 
-                        low_grad = jax.grad(total(low), argnums=tuple(range(6)))
-                        out[f"{tag}/{quant}_fused_fwd"] = (low, (*qkv, alpha))
-                        out[f"{tag}/{quant}_branches_fwd"] = (low_branches, qkv)
-                        out[f"{tag}/{quant}_fused_grad"] = (low_grad, (*qkv, alpha))
+            def low(*x, lut=lut, kw=qkw):
+                return sla2_fused_attention_lowbit(*x[:5], lut, x[5], **kw)
+
+            def low_branches(*x, lut=lut, kw=qkw):
+                return sparse_linear_attention_lowbit(*x, lut, **kw)
+
+            low_grad = jax.grad(total(low), argnums=tuple(range(6)))
+            out[f"{tag}/{quant}_fused_fwd"] = (low, (*qkv, alpha))
+            out[f"{tag}/{quant}_branches_fwd"] = (low_branches, qkv)
+            out[f"{tag}/{quant}_fused_grad"] = (low_grad, (*qkv, alpha))
     return out
 
 
@@ -123,30 +129,22 @@ def phi_kinds():
     """{tag: (fn, args)} of the fused kernels that apply phi themselves (feature_map; the library's 16-bit path),
     with the sums of key_block_sums given (as the library passes them) or made inside, forward and gradient."""
     out = {}
-    for path in ("triton", "mosaic"):
-        config = KernelConfig(forward=path, backward=path)
-        for scope in ("complement", "all"):
-            for dtype in (jnp.bfloat16, jnp.float32) if path == "triton" else (jnp.bfloat16,):
-                for d in (64, 128):
-                    for name in ("softmax", "elu"):
-                        (q, k, v, _, _), lut, alpha = inputs(d, dtype)
-                        kw = dict(block_q=128, block_k=64, linear_scope=scope, interpret=path == "triton",
-                                  config=config, feature_map=PHI_FUNCTIONS[name])
+    for case, dtype, d, kernel_kw in kernel_cases():
+        for name in ("softmax", "elu"):
+            (q, k, v, _, _), lut, alpha = inputs(d, dtype)
+            kw = dict(kernel_kw, feature_map=PHI_FUNCTIONS[name])  # also key_block_sums' keywords
 
-                        def fused(q, k, v, a, lut=lut, kw=kw, with_sums=False):
-                            sums = None
-                            if with_sums:
-                                sums = key_block_sums(jax.lax.stop_gradient(k), jax.lax.stop_gradient(v), **{
-                                    key: kw[key] for key in ("block_q", "block_k", "linear_scope", "interpret",
-                                                             "config", "feature_map")})[0]
-                            return sla2_fused_attention(q, k, v, None, None, lut, a, key_sums=sums, **kw)
+            def fused(q, k, v, a, lut=lut, kw=kw, with_sums=False):
+                stop = jax.lax.stop_gradient
+                sums = key_block_sums(stop(k), stop(v), **kw)[0] if with_sums else None
+                return sla2_fused_attention(q, k, v, None, None, lut, a, key_sums=sums, **kw)
 
-                        tag = f"phi/{path}/{scope}/{jnp.dtype(dtype).name}/d{d}/{name}"
-                        for sums in (False, True):
-                            fn = functools.partial(fused, with_sums=sums)
-                            suffix = "/key_sums" if sums else ""
-                            out[f"{tag}{suffix}/fwd"] = (fn, (q, k, v, alpha))
-                            out[f"{tag}{suffix}/grad"] = (jax.grad(total(fn), argnums=(0, 1, 2, 3)), (q, k, v, alpha))
+            tag = f"phi/{case}/{name}"
+            for sums in (False, True):
+                fn = functools.partial(fused, with_sums=sums)
+                suffix = "/key_sums" if sums else ""
+                out[f"{tag}{suffix}/fwd"] = (fn, (q, k, v, alpha))
+                out[f"{tag}{suffix}/grad"] = (jax.grad(total(fn), argnums=(0, 1, 2, 3)), (q, k, v, alpha))
     return out
 
 
