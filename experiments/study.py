@@ -737,10 +737,10 @@ def _report_gif(rel: str) -> bool:
 
 def export_state(study: StudyConfig, out: str, dst: str, max_mib: float = 45.0) -> list:
     """Write what a later call needs to continue `out` into `dst` as study_state.tar.NNN parts of <= 15 MiB:
-    every file except checkpoints and the report's sample GIFs (the report remakes them); the checkpoints that are still needed (unfinished training runs with their
-    optimizer state in bf16, the finished dense model's parameters, the stage-1 routers' parameters (stage 2 and
-    the router comparison load them), finished stage-2 runs not yet evaluated) as
-    npz. A stage-2 checkpoint that would take the state past max_mib is left out (that run restarts from its
+    every file except checkpoints and the report's sample GIFs (the report remakes them); the checkpoints that are
+    still needed (unfinished training runs with their optimizer state in bf16, the finished dense model's
+    parameters, the stage-1 routers' parameters (stage 2 and the router comparison load them), finished stage-2
+    runs not yet evaluated) as npz. A stage-2 checkpoint that would take the state past max_mib is left out (that run restarts from its
     beginning in the next call; the state must travel back with the repository, 64 MiB in all). Returns the part
     paths."""
     buf = io.BytesIO()

@@ -55,7 +55,9 @@ LAUNCH_TABLES = {
         ("dkv", 128, 128, 64): Launch(4, 2, 64),
         ("sum", 128, 128, 64): Launch(4, 2, 128),
         # H100, wan-1.3b, totals of scope "all" from K (CUPTI, one process): 0.152 ms vs 0.168 with (8, 2, 64) and
-        # 0.161 with (8, 3, 64); the complement states take 64-row blocks either way (0.337 vs 0.340 ms)
+        # 0.161 with (8, 3, 64); the complement states take 64-row blocks either way (0.337 vs 0.340 ms). The
+        # library's 16-bit forward makes the totals with K's block means (key_block_sums), one 64-row key block
+        # per step: there only the warps and stages of this entry apply
         ("sum_phi", 128, 128, 64): Launch(8, 3, 128),
         ("fwd", 64, 128, 64): Launch(4, 3, 64),
         ("dq", 64, 128, 64): Launch(4, 2, 64),

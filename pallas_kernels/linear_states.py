@@ -158,7 +158,8 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
 class _BlockSums(NamedTuple):
     """Per-block outer sums (from outer_sum with block_rows), C blocks: h (B, H, C, D, D), z (B, H, C, D) float32.
     For 16-bit inputs h is float16 and holds h / scale with scale (B, H, C) a power of two per block (~2^-11
-    relative, the input's own precision is 2^-8 / 2^-11); for float32 inputs h is float32 and scale is None."""
+    relative, the input's own precision is 2^-8 / 2^-11); for float32 inputs h is float32 and scale is None.
+    key_block_sums of scope "all" holds the totals here: h (B, H, D, D), z (B, H, D) float32, scale None."""
 
     h: jax.Array
     z: jax.Array

@@ -167,8 +167,8 @@ def branches(q, k, v, q_phi, k_phi, lut, *, block_q, block_k, linear_scope, quan
 def fused(q, k, v, q_phi, k_phi, lut, alpha, config: SLA2Config, *, keys=None, queries=None, key_sums=None):
     """o = alpha o_s + (1 - alpha) o_l (B, N, H, D) in q.dtype by one fused forward kernel (low bit where
     config.quant says so, with the front end's keys / queries). q_phi = k_phi = None (16-bit forward only): the
-    kernels compute phi(Q), phi(K) from q, k with config.feature_map (and take the per-key-block states from
-    key_sums where hard_route made them)."""
+    kernels compute phi(Q), phi(K) from q, k with config.feature_map (and take the linear states' sums, per key
+    block or the totals, from key_sums where hard_route made them)."""
     import pallas_kernels
     from sla2_jax.feature_maps import phi_function
 
