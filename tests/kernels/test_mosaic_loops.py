@@ -65,3 +65,42 @@ def test_loop_variants_lower(kind, topk):
 def test_bad_loop_refused():
     with pytest.raises(ValueError, match="loop"):
         _lowered("bf16", "spiral", 3)
+
+
+def _inference_kernel(config, scope_states):
+    """The library's inference forward: phi(Q) from the Q tile, output "o" only (KernelConfig.persistent applies)."""
+    from sla2_jax.feature_maps import softmax_phi
+
+    h, z = jnp.zeros((B, H, scope_states, D, D), jnp.bfloat16), jnp.zeros((B, H, scope_states, D))
+    linear = sm.LinearInputs(None, h, z, jnp.zeros((B, H, NQ)), 1e-6, softmax_phi)
+    return lambda q, k, v, lut: sm.sparse_linear_attention_mosaic(q, k, v, lut, linear, outputs=("o",), config=config)
+
+
+@pytest.mark.parametrize("loop", ["pingpong", "pipelined"])
+@pytest.mark.parametrize("scope_states", [NQ, 1])
+def test_persistent_grid_lowers(loop, scope_states):
+    """The persistent walk lowers for both loops and both linear scopes (per-block and shared states) and is
+    another kernel than one program per query block; the training forward's five outputs do not fit its shared
+    memory plan, so there the setting changes nothing."""
+    q = jnp.zeros((B, N, H, D), jnp.bfloat16)
+    lut = jnp.zeros((B, H, NQ, 3), jnp.int32)
+    texts = {}
+    for persistent in (False, True):
+        config = KernelConfig(forward="mosaic", loop=loop, persistent=persistent)
+        texts[persistent] = lowered_for_cuda(_inference_kernel(config, scope_states), q, q, q, lut)
+        texts["train", persistent] = lowered_for_cuda(_kernels(config)["fused"], q, q, q, lut)
+    assert texts[False] != texts[True]
+    assert texts["train", False] == texts["train", True]
+
+
+def test_persistent_applies_only_where_outputs_fit():
+    on = KernelConfig(forward="mosaic", persistent=True)
+    linear = sm.LinearInputs(None, None, None, None, 1e-6, lambda x: x)
+    assert sm.uses_persistent_grid(jnp.bfloat16, ("o",), linear, on)
+    assert sm.uses_persistent_grid(jnp.bfloat16, ("o_s", "lse"), None, on)
+    assert not sm.uses_persistent_grid(jnp.bfloat16, ("o",), linear, on.replace(persistent=False))
+    assert not sm.uses_persistent_grid(jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), linear, on)
+    assert not sm.uses_persistent_grid(jnp.int8, ("o_s", "lse"), None, on)
+    assert not sm.uses_persistent_grid(jnp.bfloat16, ("o",), linear._replace(q_phi=jnp.zeros(1)), on)
+    with pytest.raises(ValueError, match="persistent"):
+        KernelConfig(persistent="yes")
