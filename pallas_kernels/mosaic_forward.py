@@ -412,7 +412,8 @@ def _sparse_forward(
             for j, name in enumerate(row_outs):
                 plgpu.copy_smem_to_gmem(smem["rows"].at[j, wg], r[name].at[it.b, it.h, pl.ds(row0, _ROWS)])
             with jax.named_scope("c_drain"):
-                plgpu.wait_smem_to_gmem(0, wait_read_only=False)
+                # the persistent walk reuses the tiles once read (the next Q lands in the Q tile)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=persistent)
 
         def step_entries(t):
             """LUT entries of loop step t: (t,), or (2t, min(2t + 1, topk - 1)) when paired (an odd topk's last step
