@@ -85,9 +85,6 @@ class KernelConfig:
       two compute warpgroups take turns on the tensor cores; "pipelined": each overlaps its softmax with its own
       previous P V), two LUT entries per step (64 x 128 score tiles), program order ("heads": grid (H, Nq, B);
       "qblocks": grid (Nq, H, B)), output tiles staged in finished ring slots, and how FP8 P reaches the P V wgmma.
-    persistent: the Mosaic forward runs one program per SM, each walking query blocks in grid_order's order, the
-      next block's K, V loading during the current one's epilogue (where its outputs fit the Q tiles: the inference
-      call's single output; mosaic_forward.uses_persistent_grid); else one program per (batch, head, query block).
     mosaic_fp8: quant "int8_fp8" takes the Mosaic forward (else the Triton low-bit kernel).
     launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "sum", "sum_phi", "lowbit"), as a tuple of
       (name, Launch) pairs; kernels not listed take DEFAULT_LAUNCH (the "lowbit" kernel: the "fwd" entry).
@@ -103,7 +100,6 @@ class KernelConfig:
     pair_steps: bool = True
     grid_order: str = "heads"
     outputs_in_ring: bool = True
-    persistent: bool = False
     p8_operand: str = "registers"
     mosaic_fp8: bool = True
     launch: tuple = ()
@@ -121,7 +117,7 @@ class KernelConfig:
         ):
             if value not in choices:
                 raise ValueError(f"KernelConfig.{name}={value!r} is not one of {choices}")
-        for name in ("pair_steps", "outputs_in_ring", "persistent", "mosaic_fp8"):
+        for name in ("pair_steps", "outputs_in_ring", "mosaic_fp8"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"KernelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         launch = tuple((str(k), Launch(*v)) for k, v in dict(self.launch).items())

@@ -32,7 +32,7 @@ def _pow2_scale(amax):
 
 def _outer_sum_kernel(
     *, x_ref, y_ref, w_ref=None, u_ref=None, h_ref, z_ref, s_ref=None, m_ref=None, cfg: KernelCall, chunk: int,
-    block: int, weighted: bool, scaled: bool, phi=None, block_means: bool = False, mean_rows: int | None = None,
+    block: int, weighted: bool, scaled: bool, phi=None, block_means: bool = False,
 ):  # fmt: skip
     """Program (c, h, b): rows [c*chunk, (c+1)*chunk) of X, Y -> sum_r w_r X_r^T Y_r (D x D), sum_r u_r X_r.
     Refs of one (b, h): inputs x, y (N, D), w, u (chunk,) float32 (weighted); outputs h (D, D) float32, z (D,)
@@ -40,8 +40,7 @@ def _outer_sum_kernel(
     (_pow2_scale). phi: None, or a feature map applied to the X rows first (in float32, rounded to X's dtype as a
     phi(X) array would be; rows >= N stay 0). m_ref, if given: the mean of the raw X rows (before phi; finite rows
     only, as the front end's block means) of the chunk, (D,) float32, or with block_means of each step's `block`
-    rows, (chunk // block, D) float32, or with mean_rows of each `mean_rows` rows, (chunk // mean_rows, D) float32
-    (16-bit X; a step then spans block // mean_rows of them, added up by one 0/1 selector product per step)."""
+    rows, (chunk // block, D) float32."""
     start0 = pl.program_id(0) * chunk
 
     def body(t, carry):
@@ -50,13 +49,7 @@ def _outer_sum_kernel(
         x = load_rows(x_ref, start, block, cfg.n)
         y = load_rows(y_ref, start, block, cfg.n)
         valid = (start + jnp.arange(block)) < cfg.n
-        if m_ref is not None and mean_rows:  # row r of the step goes to row (t * block + r) // mean_rows of the means
-            finite = finite_rows(x.astype(F32), valid)
-            row_block = (t * block + jnp.arange(block)) // mean_rows
-            sel = (jnp.arange(chunk // mean_rows)[:, None] == row_block[None, :]) & finite[None, :]
-            total = total + dot(sel.astype(x.dtype), jnp.where(finite[:, None], x, jnp.zeros_like(x)))
-            count = count + jnp.sum(sel.astype(F32), axis=1)
-        elif m_ref is not None:
+        if m_ref is not None:
             raw = x.astype(F32)
             block_total, block_count = finite_sum(raw, finite_rows(raw, valid))
             if block_means:  # row t of the chunk's means: this step's rows are one block
@@ -77,15 +70,10 @@ def _outer_sum_kernel(
             z = z + jnp.sum(x32, axis=0)
         return h, z, total, count
 
-    if mean_rows:
-        means0, count0 = jnp.zeros((chunk // mean_rows, cfg.d), F32), jnp.zeros((chunk // mean_rows,), F32)
-    else:
-        means0, count0 = jnp.zeros((chunk // block, cfg.d) if block_means else (cfg.d,), F32), jnp.float32(0.0)
-    zeros = (jnp.zeros((cfg.d, cfg.d), F32), jnp.zeros((cfg.d,), F32), means0, count0)
+    means0 = jnp.zeros((chunk // block, cfg.d) if block_means else (cfg.d,), F32)
+    zeros = (jnp.zeros((cfg.d, cfg.d), F32), jnp.zeros((cfg.d,), F32), means0, jnp.float32(0.0))
     h, z, total, count = lax.fori_loop(0, chunk // block, body, zeros)
-    if mean_rows:
-        m_ref[...] = total / jnp.maximum(count, 1.0)[:, None]
-    elif m_ref is not None:
+    if m_ref is not None:
         m_ref[...] = total if block_means else total / jnp.maximum(count, 1.0)
     if scaled:
         s, inv_s = _pow2_scale(jnp.max(jnp.max(jnp.abs(h), axis=1), axis=0))
@@ -110,24 +98,18 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
     phi: None, or a feature map applied to the rows of x inside the kernel (x is then K, not phi(K)).
     means: also return the mean of the raw x rows of each block of block_rows rows, or of cfg.block_k rows for the
     totals ((B, H, C, D) float32, finite rows only, as the front end's block means): (sums, means). For the totals
-    of 16-bit x with 16 or more key blocks per chunk and launch rows a multiple of cfg.block_k above it, a 0/1
-    selector product per step adds each row to its block's sum; otherwise the kernel steps by cfg.block_k rows,
-    one mean per step.
+    the kernel then steps by cfg.block_k rows.
     """
     b, n, h, d = x.shape
     launch = "sum" if phi is None else "sum_phi"  # phi's float32 tile needs smaller steps / more warps
     step = _SUM_BLOCK if phi is None else cfg.config.launch_params(launch).rows
     block_means = means and block_rows is None
+    if block_means:
+        step = cfg.block_k  # one step per key block: its mean is one row of the chunk's means
     if block_rows is None:
         chunk = min(_SUM_CHUNK, max(step, pl.next_power_of_2(n)))
     else:
         chunk = block_rows
-    sixteen_bit = jnp.dtype(x.dtype) != jnp.dtype(F32)
-    mean_rows = None
-    if block_means and sixteen_bit and chunk // cfg.block_k >= 16 and step > cfg.block_k and step % cfg.block_k == 0:
-        mean_rows = cfg.block_k  # (the selector product's M is chunk // block_k: Triton's dots need M >= 16)
-    elif block_means:
-        step = cfg.block_k  # one step per key block: its mean is one row of the chunk's means
     nc = -(-n // chunk)
     seq = seq_spec(cfg)
     inputs = [("x", x, seq), ("y", y, seq)]
@@ -152,7 +134,7 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
     if scaled:
         outputs.append(("s", *vec))
     if block_means:
-        per = chunk // (mean_rows or step)
+        per = chunk // step
         outputs.append(("m", jax.ShapeDtypeStruct((b, h, nc * per, d), F32),
                         pl.BlockSpec((None, None, per, d), lambda c, hh, bb: (bb, hh, c, 0))))
     elif means:
@@ -164,14 +146,13 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
         outputs,
         cfg,
         launch,
-        dict(chunk=chunk, block=min(chunk, step), weighted=weighted, scaled=scaled, phi=phi,
-             block_means=block_means and not mean_rows, mean_rows=mean_rows),
+        dict(chunk=chunk, block=min(chunk, step), weighted=weighted, scaled=scaled, phi=phi, block_means=block_means),
     )
     if block_rows is not None:
         block_sums = _BlockSums(sums[0], sums[1], sums[2][..., 0] if scaled else None)
         return (block_sums, sums[-1]) if means else block_sums
     totals = jnp.sum(sums[0], axis=2), jnp.sum(sums[1], axis=2)
-    return (totals, sums[-1][:, :, : -(-n // (mean_rows or step))]) if means else totals
+    return (totals, sums[-1][:, :, : -(-n // step)]) if means else totals
 
 
 class _BlockSums(NamedTuple):

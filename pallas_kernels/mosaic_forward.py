@@ -203,35 +203,6 @@ def ring_holds_outputs(block_k: int, stages: int, config: KernelConfig) -> bool:
     return config.outputs_in_ring and block_k == _ROWS and stages >= 2
 
 
-class _Item(NamedTuple):
-    """One (batch, head, query block) of the forward: b, h, q its indices; local: its position among the items of
-    its program; base: the loop steps of the program's earlier items (0 with one item per program)."""
-
-    b: object
-    h: object
-    q: object
-    local: object
-    base: object
-
-
-def sm_count() -> int:
-    """Streaming multiprocessors of the first GPU (132 where there is none, e.g. lowering on a CPU: an H100 SXM)."""
-    try:
-        return int(jax.devices("gpu")[0].core_count)
-    except Exception:  # noqa: BLE001 - no GPU backend, or no core_count
-        return 132
-
-
-def uses_persistent_grid(score_dtype, outputs, linear, config: KernelConfig) -> bool:
-    """KernelConfig.persistent applies: one program per SM walking (batch, head, query block) items, where the
-    kernel's outputs need no shared memory beyond its Q tiles: 16-bit scores, at most one (B, N, H, D) output, and
-    phi(Q) from the Q tile (no phi(Q) input tile). Elsewhere (e.g. the five outputs of a training forward) the grid
-    has one program per item."""
-    tiles = sum(x in _TILE_OUTPUTS for x in outputs)
-    no_phi_tile = linear is None or linear.q_phi is None
-    return config.persistent and jnp.dtype(score_dtype) != jnp.dtype(jnp.int8) and tiles <= 1 and no_phi_tile
-
-
 def _check(q, lut):
     b, n, h, d = q.shape
     if lut.shape[2] != -(-n // _BLOCK_Q) or lut.shape[:2] != (b, h):
@@ -322,39 +293,10 @@ def _sparse_forward(
     # (FP8 V slots are (D, block_k) 8-bit: too small for a (64, D) 16-bit tile)
     in_ring = ring_holds_outputs(block_k, stages, config) and len(tile_outs) > reused and not fp8
     extra_tiles = max(0, len(tile_outs) - reused - in_ring)
-    persistent = uses_persistent_grid(q_op.dtype, outputs, linear, config)
-    if persistent:  # the next item's K, V fill the ring during this one's epilogue: no output tile in a V slot
-        in_ring = False
-
-    nq_items = b * h * nq
-    programs = min(nq_items, sm_count()) if persistent else None
-
-    def for_each_item(run_item, grid_item):
-        """run_item(_Item) for this program's (batch, head, query block) items: grid_item, the grid's one, or with
-        the persistent grid (grid_item None) items p, p + P, p + 2P, ... of the flat order of
-        KernelConfig.grid_order (P programs)."""
-        if grid_item is not None:
-            run_item(grid_item)
-            return
-        pid = lax.axis_index("items")
-        count = lax.div(nq_items - pid + programs - 1, programs)
-
-        def one(local, carry):
-            item = pid + local * programs
-            fast, slow = (h, nq) if config.grid_order == "heads" else (nq, h)
-            first, rest = lax.rem(item, fast), lax.div(item, fast)
-            second, bi = lax.rem(rest, slow), lax.div(rest, slow)
-            hi, qi = (first, second) if config.grid_order == "heads" else (second, first)
-            run_item(_Item(bi, hi, qi, local, local * steps))
-            return carry
-
-        lax.fori_loop(0, count, one, 0)
 
     def body(refs, smem, bars):
         r = dict(zip(names, refs))
-        grid_item = None
-        if not persistent:
-            grid_item = _Item(lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("qblock"), 0, 0)
+        bi, hi, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("qblock")
         wg = lax.axis_index("wg")
         k_smem, v_smem = smem["k"], smem["v"]
         k_ready, v_ready, k_free, v_free, turn = (bars[x] for x in ("k_ready", "v_ready", "k_free", "v_free", "turn"))
@@ -362,12 +304,6 @@ def _sparse_forward(
         def take_turn():
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(turn)
-
-        def ring(it, t):
-            """The ring slot of loop step t of item it: a program's steps go through the ring in order, it.base
-            of them in its earlier items (t traced or a Python int)."""
-            g = t if isinstance(it.base, int) and it.base == 0 else it.base + t
-            return g % stages if isinstance(g, int) else lax.rem(g, stages)
 
         def linear_branch(o_s, alpha):
             """o_l = phi(Q) H_i / den, den = phi(Q) . Z_i + eps (64 rows; one wgmma), and the combined o."""
@@ -388,15 +324,13 @@ def _sparse_forward(
                 return acc_ref[...]
 
             num = pl.run_scoped(product, plgpu.ACC((_ROWS, d), f32))
-            if persistent:  # H_i, Z_i read: the memory warpgroup may load the next item's
-                plgpu.barrier_arrive(bars["lin_free"])
             o_l = num / lax.broadcast_in_dim(den, num.shape, [0])
             vals = {"o_l": o_l, "den": den}
             if alpha is not None:
                 vals["o"] = alpha * o_s + (1.0 - alpha) * o_l
             return vals
 
-        def store_outputs(it, vals, row0):
+        def store_outputs(vals, row0):
             tiles = ([] if quantised else [smem["q"].at[wg]]) + ([smem["q_phi"].at[wg]] if phi_tile else [])
             if in_ring:  # see ring_holds_outputs
                 tiles.append(smem["v"].at[lax.rem(steps - 1 + (1 - wg), stages), pl.ds(0, _ROWS)])
@@ -408,34 +342,33 @@ def _sparse_forward(
             with jax.named_scope("c_store"):
                 plgpu.commit_smem()
             for name, tile in zip(tile_outs, tiles):
-                plgpu.copy_smem_to_gmem(tile, r[name].at[it.b, pl.ds(row0, _ROWS), it.h])
+                plgpu.copy_smem_to_gmem(tile, r[name].at[bi, pl.ds(row0, _ROWS), hi])
             for j, name in enumerate(row_outs):
-                plgpu.copy_smem_to_gmem(smem["rows"].at[j, wg], r[name].at[it.b, it.h, pl.ds(row0, _ROWS)])
+                plgpu.copy_smem_to_gmem(smem["rows"].at[j, wg], r[name].at[bi, hi, pl.ds(row0, _ROWS)])
             with jax.named_scope("c_drain"):
-                # the persistent walk reuses the tiles once read (the next Q lands in the Q tile)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=persistent)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=False)
 
         def step_entries(t):
             """LUT entries of loop step t: (t,), or (2t, min(2t + 1, topk - 1)) when paired (an odd topk's last step
             repeats the last entry in its second half, which the softmax masks)."""
             return (2 * t, jnp.minimum(2 * t + 1, topk - 1)) if paired else (t,)
 
-        def softmax(it, s, t, m_i, masked):
+        def softmax(s, t, m_i, masked):
             """Online-softmax step t on its score tile s (64, width) (float32, or int32 for int8 scores): LUT entry
             t, or entries 2t, 2t + 1 when paired: (P operand of the P V wgmma, new row max, correction
             exp2(m_i - m_new), row sums of P)."""
             entries = step_entries(t)
-            s_scale = r["scale"][it.b, it.h, it.q, entries[0]] if quantised else scale
+            s_scale = r["scale"][bi, hi, qi, entries[0]] if quantised else scale
             if quantised:
                 s = s.astype(f32)
             if (paired and quantised) or masked:
                 cols = plgpu.broadcasted_iota(jnp.int32, (_ROWS, width), 1, layout=plgpu.Layout.WGMMA)
             if paired and quantised:  # one scale per key block: the two halves scaled here, s_scale 1 below
-                s = s * jnp.where(cols < block_k, s_scale, r["scale"][it.b, it.h, it.q, entries[1]])
+                s = s * jnp.where(cols < block_k, s_scale, r["scale"][bi, hi, qi, entries[1]])
                 s_scale = None
             if masked:  # the last step: keys >= N (only in the last key block: the LUT is ascending), and with pairs
                 # and an odd topk the second half, which repeats the last entry
-                first = [r["lut"][it.b, it.h, it.q, e] * block_k for e in entries]  # first key of each block
+                first = [r["lut"][bi, hi, qi, e] * block_k for e in entries]  # first key of each block
                 keys = cols + first[0]
                 if paired:
                     keys = jnp.where(cols < block_k, keys, cols + (first[1] - block_k))
@@ -470,16 +403,16 @@ def _sparse_forward(
         def rows_times(x, rows):
             return x * lax.broadcast_in_dim(rows, x.shape, [0])
 
-        def pingpong_loop(it, my_q, acc, m_i, l_i):
+        def pingpong_loop(my_q, acc, m_i, l_i):
             """One LUT entry per step: S = Q K^T, softmax, acc += P V; the two compute warpgroups take turns on the
             tensor cores (one's softmax under the other's matmuls)."""
             with jax.named_scope("c_wait_k0"):
-                plgpu.barrier_wait(k_ready.at[ring(it, 0)])
+                plgpu.barrier_wait(k_ready.at[0])
             pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
 
             def step(t, carry, masked=False):
                 acc, m_i, l_i = carry
-                slot = ring(it, t)
+                slot = lax.rem(t, stages)
 
                 def scores(s_ref):
                     plgpu.wgmma(s_ref, my_q, k_operand(slot))
@@ -488,7 +421,7 @@ def _sparse_forward(
 
                 s = pl.run_scoped(scores, plgpu.ACC((_ROWS, width), acc_dtype))
                 plgpu.barrier_arrive(k_free.at[slot])
-                p_op, m_new, correction, p_sum = softmax(it, s, t, m_i, masked)
+                p_op, m_new, correction, p_sum = softmax(s, t, m_i, masked)
                 acc = rows_times(acc, correction)
                 l_i = l_i * correction + p_sum
                 acc, l_i, m_new, p_op = lax.optimization_barrier((acc, l_i, m_new, p_op))
@@ -506,7 +439,7 @@ def _sparse_forward(
 
                     @pl.when(nxt < steps)
                     def _():
-                        plgpu.barrier_wait(k_ready.at[ring(it, nxt)])
+                        plgpu.barrier_wait(k_ready.at[lax.rem(nxt, stages)])
 
                 acc = pl.run_state(values)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[slot])
@@ -516,25 +449,23 @@ def _sparse_forward(
             pl.when(wg == 0)(take_turn)
             return acc, m_i, l_i
 
-        def pipelined_loop(it, my_q, acc, m_i, l_i):
+        def pipelined_loop(my_q, acc, m_i, l_i):
             """FlashAttention-3's intra-warpgroup overlap: step t issues S_t = Q K_t^T and acc += P_{t-1} V_{t-1}
             together, waits for S_t only, and runs the softmax of entry t while P_{t-1} V_{t-1} is on the tensor
             cores; then waits for it and rescales acc. The two compute warpgroups do not take turns."""
 
-            first = ring(it, 0)
-
             def first_scores(s_ref):
-                plgpu.barrier_wait(k_ready.at[first])
-                plgpu.wgmma(s_ref, my_q, k_operand(first))
+                plgpu.barrier_wait(k_ready.at[0])
+                plgpu.wgmma(s_ref, my_q, k_operand(0))
                 return s_ref[...]
 
             s = pl.run_scoped(first_scores, plgpu.ACC((_ROWS, width), acc_dtype))
-            plgpu.barrier_arrive(k_free.at[first])
-            p_op, m_i, _, l_i = softmax(it, s, 0, m_i, tail_masked and steps == 1)
+            plgpu.barrier_arrive(k_free.at[0])
+            p_op, m_i, _, l_i = softmax(s, 0, m_i, tail_masked and steps == 1)
 
             def step(t, carry, masked=False):
                 acc, m_i, l_i, p_prev = carry
-                slot, prev = ring(it, t), ring(it, t - 1)
+                slot, prev = lax.rem(t, stages), lax.rem(t - 1, stages)
                 plgpu.barrier_wait(k_ready.at[slot])
                 plgpu.barrier_wait(v_ready.at[prev])
 
@@ -544,7 +475,7 @@ def _sparse_forward(
                     plgpu.wgmma(o_ref, p_prev, v_operand(prev))
                     s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_t done, P_{t-1} V_{t-1} may run on
                     plgpu.barrier_arrive(k_free.at[slot])
-                    p_op, m_new, correction, p_sum = softmax(it, s, t, m_i, masked)
+                    p_op, m_new, correction, p_sum = softmax(s, t, m_i, masked)
                     o = o_ref[...]
                     return rows_times(o, correction), m_new, l_i * correction + p_sum, p_op
 
@@ -555,7 +486,7 @@ def _sparse_forward(
                 return acc, m_i, l_i, p_op
 
             acc, m_i, l_i, p_op = run_steps(step, 1, (acc, m_i, l_i, p_op))
-            last_slot = ring(it, steps - 1)
+            last_slot = (steps - 1) % stages
             plgpu.barrier_wait(v_ready.at[last_slot])
 
             def final_values(acc_ref):
@@ -566,11 +497,14 @@ def _sparse_forward(
             take_turn()  # both past their last read of the ring before any output tile goes into it
             return acc, m_i, l_i
 
-        def compute_item(it):
-            row0 = it.q * _BLOCK_Q + wg * _ROWS
+        @pl.when(wg < 2)
+        def _compute():
+            with jax.named_scope("c_setmaxnreg"):
+                plgpu.set_max_registers(232, action="increase")
+            row0 = qi * _BLOCK_Q + wg * _ROWS
             my_q = smem["q"].at[wg]
-            plgpu.copy_gmem_to_smem(r["q"].at[it.b, pl.ds(row0, _ROWS), it.h], my_q, bars["q_ready"].at[wg])
-            alpha = r["alpha"][it.b, it.h, it.q] if "alpha" in r else None
+            plgpu.copy_gmem_to_smem(r["q"].at[bi, pl.ds(row0, _ROWS), hi], my_q, bars["q_ready"].at[wg])
+            alpha = r["alpha"][bi, hi, qi] if "alpha" in r else None
             with jax.named_scope("c_wait_q"):
                 plgpu.barrier_wait(bars["q_ready"].at[wg])
             rows = plgpu.Layout.WGMMA.reduce(1)
@@ -579,9 +513,9 @@ def _sparse_forward(
             acc = plgpu.layout_cast(jnp.full((_ROWS, d), 0.0, f32), plgpu.Layout.WGMMA)
             with jax.named_scope("c_loop"):
                 if loop == "pingpong":
-                    acc, m_i, l_i = pingpong_loop(it, my_q, acc, m_i, l_i)
+                    acc, m_i, l_i = pingpong_loop(my_q, acc, m_i, l_i)
                 else:
-                    acc, m_i, l_i = pipelined_loop(it, my_q, acc, m_i, l_i)
+                    acc, m_i, l_i = pipelined_loop(my_q, acc, m_i, l_i)
             with jax.named_scope("c_epilogue"):
                 lse = m_i + jnp.log2(l_i)
                 if fp8:  # acc = sum of (P * 448) V8, l_i = sum of P * 448
@@ -593,12 +527,16 @@ def _sparse_forward(
                 vals = {"o_s": o_s, "lse": lse}
                 if linear is not None:
                     vals.update(linear_branch(o_s, alpha))
-            store_outputs(it, vals, row0)
+            store_outputs(vals, row0)
 
-        def memory_item(it):
+        @pl.when(wg == 2)
+        def _memory():
+            with jax.named_scope("m_setmaxnreg"):
+                plgpu.set_max_registers(40, action="decrease")
+
             def step_blocks(t):
                 """Key blocks of loop step t (step_entries)."""
-                return [r["lut"][it.b, it.h, it.q, e] for e in step_entries(t)]
+                return [r["lut"][bi, hi, qi, e] for e in step_entries(t)]
 
             def slot_part(ref, slot, half):
                 return ref.at[slot, pl.ds(half * block_k, block_k)] if paired else ref.at[slot]
@@ -606,62 +544,38 @@ def _sparse_forward(
             def fetch_k(blocks, slot):
                 for half, key_block in enumerate(blocks):
                     rows = pl.ds(key_block * block_k, block_k)
-                    k_tile = r["k"].at[it.b, rows, it.h]
-                    plgpu.copy_gmem_to_smem(k_tile, slot_part(k_smem, slot, half), k_ready.at[slot])
+                    plgpu.copy_gmem_to_smem(r["k"].at[bi, rows, hi], slot_part(k_smem, slot, half), k_ready.at[slot])
 
             def fetch_v(blocks, slot):
                 for half, key_block in enumerate(blocks):
                     rows = pl.ds(key_block * block_k, block_k)
-                    # FP8: V^T (D, block_k)
-                    v_tile = r["v"].at[it.b, it.h, :, rows] if fp8 else r["v"].at[it.b, rows, it.h]
+                    v_tile = r["v"].at[bi, hi, :, rows] if fp8 else r["v"].at[bi, rows, hi]  # FP8: V^T (D, block_k)
                     plgpu.copy_gmem_to_smem(v_tile, slot_part(v_smem, slot, half), v_ready.at[slot])
-
-            def after_first_item(wait):
-                """wait() unless this is the program's first item (a fresh ring, nothing to wait for)."""
-                if persistent:
-                    pl.when(it.local > 0)(wait)
 
             with jax.named_scope("m_prime"):
                 for t in range(stages):
-                    slot = ring(it, t)
                     blocks = step_blocks(t)
-                    after_first_item(lambda: plgpu.barrier_wait(k_free.at[slot]))
-                    fetch_k(blocks, slot)
-                    after_first_item(lambda: plgpu.barrier_wait(v_free.at[slot]))
-                    fetch_v(blocks, slot)
+                    fetch_k(blocks, t)
+                    fetch_v(blocks, t)
             if fp8:  # needed only in the epilogue
-                plgpu.copy_gmem_to_smem(r["v_scale"].at[it.b, it.h], smem["v_scale"], bars["vs_ready"])
+                plgpu.copy_gmem_to_smem(r["v_scale"].at[bi, hi], smem["v_scale"], bars["vs_ready"])
             if linear is not None:  # after the ring's first fill: needed only in the epilogue
                 lin_ready = bars["lin_ready"]
                 for half in range(0 if phi_in_kernel else 2):
-                    rows = pl.ds(it.q * _BLOCK_Q + half * _ROWS, _ROWS)
-                    q_phi_tile = r["q_phi"].at[it.b, rows, it.h]
-                    plgpu.copy_gmem_to_smem(q_phi_tile, smem["q_phi"].at[half], lin_ready.at[half])
-                state = 0 if shared_state else it.q
-                after_first_item(lambda: plgpu.barrier_wait(bars["lin_free"]))  # the last item's H_i, Z_i read
-                plgpu.copy_gmem_to_smem(r["h"].at[it.b, it.h, state], smem["h"], lin_ready.at[2])
-                plgpu.copy_gmem_to_smem(r["z"].at[it.b, it.h, state], smem["z"], lin_ready.at[3])
+                    rows = pl.ds(qi * _BLOCK_Q + half * _ROWS, _ROWS)
+                    plgpu.copy_gmem_to_smem(r["q_phi"].at[bi, rows, hi], smem["q_phi"].at[half], lin_ready.at[half])
+                state = 0 if shared_state else qi
+                plgpu.copy_gmem_to_smem(r["h"].at[bi, hi, state], smem["h"], lin_ready.at[2])
+                plgpu.copy_gmem_to_smem(r["z"].at[bi, hi, state], smem["z"], lin_ready.at[3])
 
             @pl.loop(stages, steps)
             def _refill(t):
-                slot = ring(it, t)
+                slot = lax.rem(t, stages)
                 plgpu.barrier_wait(k_free.at[slot])  # the K half of a slot is refilled as soon as it is released
                 blocks = step_blocks(t)
                 fetch_k(blocks, slot)
                 plgpu.barrier_wait(v_free.at[slot])
                 fetch_v(blocks, slot)
-
-        @pl.when(wg < 2)
-        def _compute():
-            with jax.named_scope("c_setmaxnreg"):
-                plgpu.set_max_registers(232, action="increase")
-            for_each_item(compute_item, grid_item)
-
-        @pl.when(wg == 2)
-        def _memory():
-            with jax.named_scope("m_setmaxnreg"):
-                plgpu.set_max_registers(40, action="decrease")
-            for_each_item(memory_item, grid_item)
 
     def kernel_body(*refs):
         qk_tiles, v_tiles = _tiles(plgpu, q_op.dtype, d), _tiles(plgpu, dtype, d)
@@ -693,8 +607,6 @@ def _sparse_forward(
             smem.append(("h", plgpu.SMEM((d, d), linear.h.dtype, transforms=_tiles(plgpu, linear.h.dtype, d))))
             smem.append(("z", plgpu.SMEM((d,), f32)))
             bars["lin_ready"] = plgpu.Barrier(num_barriers=4)  # phi(Q) halves 0 and 1, H_i, Z_i
-            if persistent:  # both compute warpgroups have read H_i, Z_i
-                bars["lin_free"] = plgpu.Barrier(num_arrivals=2)
         if row_outs:
             smem.append(("rows", plgpu.SMEM((len(row_outs), 2, _ROWS), f32)))
         if fp8:
@@ -723,8 +635,6 @@ def _sparse_forward(
     grid, grid_names = (h, nq, b), ("heads", "qblock", "batch")
     if config.grid_order == "qblocks":
         grid, grid_names = (nq, h, b), ("qblock", "heads", "batch")
-    if persistent:
-        grid, grid_names = (programs,), ("items",)
     profile = {"profile_space": _PROFILE_SPACE, "profile_dir": config.profile_dir} if config.profile_dir else {}
     if linear is not None:  # its row reductions stay within warps: the 2 KB cross-warp scratch would not fit
         profile["reduction_scratch_bytes"] = 0

@@ -11,11 +11,7 @@ routing from block means alone) against the form with phi arrays (the front end 
    alpha = captured mass) in both forms: their outputs vs each other, CUPTI kernel times per kernel name, in-model
    time (30 calls on distinct inputs in one jit) and one synchronised call, with cuDNN in the same process; the
    module forward+backward in-model the same way.
-3. persistent (--parts persistent): the inference forward with KernelConfig.persistent (one program per SM walking
-   query blocks) against the same kernels with one program per query block (bit for bit) and the dense float32
-   reference, at shapes with several query blocks per SM (fresh seed, ragged N, D 128 / 64, bf16 / f16, both
-   scopes, both loops, odd and even LUT lengths). The wan part's form "persistent" times it in the module.
-4. states (--parts states): CUPTI times of the complement states at wan-1.3b, 95%, from phi(K) and from K (phi in
+3. states (--parts states): CUPTI times of the complement states at wan-1.3b, 95%, from phi(K) and from K (phi in
    the kernel), per Triton launch of the "sum" kernel.
 JSON to DIR/check_phi_in_kernels.json (written after each wan row and at the end).
 """
@@ -37,7 +33,7 @@ from pallas_kernels.reference import reference_fused
 from sla2_jax.feature_maps import PHI_FUNCTIONS
 
 RESULTS: dict = {}
-FORMS = ("no_phi_arrays", "phi_arrays", "persistent")  # the wan part's module forms (module_forms)
+FORMS = ("no_phi_arrays", "phi_arrays")  # the wan part's module forms (module_forms)
 SMALL = [  # (N, D, topk, dtype, scope, feature map)
     (1000, 128, 3, jnp.bfloat16, "complement", "softmax"),
     (2048, 64, 5, jnp.bfloat16, "all", "softmax"),
@@ -96,77 +92,23 @@ def small_checks():
     print(f"small: worst relative error vs dense f32 {worst}; errors {sum('error' in r for r in rows)}", flush=True)
 
 
-PERSISTENT = [  # (B, N, H, D, topk, dtype, scope, loop): 96-1024 query blocks, several per SM
-    (1, 1000, 40, 64, 6, jnp.bfloat16, "complement", "pipelined"),
-    (2, 4096, 12, 128, 5, jnp.bfloat16, "complement", "pingpong"),
-    (1, 3000, 16, 64, 3, jnp.float16, "all", "pingpong"),
-    (2, 2000, 8, 128, 4, jnp.bfloat16, "all", "pipelined"),
-    (1, 8192, 16, 128, 1, jnp.bfloat16, "complement", "pingpong"),
-]
-
-
-def persistent_checks(out):
-    """The inference forward (output "o" only) with KernelConfig.persistent vs one program per query block and vs
-    the dense float32 reference."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    RESULTS["persistent_seed"] = seed
-    rows = []
-    for b, n, h, d, topk, dtype, scope, loop in PERSISTENT:
-        row = dict(b=b, n=n, h=h, d=d, topk=topk, dtype=jnp.dtype(dtype).name, scope=scope, loop=loop)
-        try:
-            rng = np.random.default_rng([seed, n, d, h])
-            nq, nk = -(-n // 128), -(-n // 64)
-            q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for _ in range(3))
-            q, k, v = (x.astype(dtype) for x in (q, k, v))
-            lut = uniform_lut(rng, b, h, nq, nk, topk)
-            alpha = jnp.asarray(rng.uniform(0.2, 0.8, (b, h, nq)), jnp.float32)
-            phi = PHI_FUNCTIONS["softmax"]
-            kw = dict(block_q=128, block_k=64, linear_scope=scope)
-            base = heuristic_config(n, d, dtype, 128, 64).replace(loop=loop)
-            q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
-            o_r = jax.jit(lambda: reference_fused(q32, k32, v32, phi(q32), phi(k32), lut, alpha, **kw))()
-            outs = {}
-            for name, pers in (("grid", False), ("persistent", True)):
-                fn = jax.jit(lambda q, k, v, c=base.replace(persistent=pers): sla2_fused_attention(
-                    q, k, v, None, None, lut, alpha, feature_map=phi, config=c, **kw))
-                outs[name] = fn(q, k, v)
-                row[f"{name}_ms"] = bench(fn, q, k, v)
-            row["persistent_vs_dense"] = rel(outs["persistent"], o_r)
-            row["grid_vs_dense"] = rel(outs["grid"], o_r)
-            row["bitwise_equal"] = bool(jnp.array_equal(outs["persistent"], outs["grid"]))
-            row["finite"] = bool(jnp.all(jnp.isfinite(outs["persistent"].astype(jnp.float32))))
-        except Exception as e:  # noqa: BLE001 - record and go on
-            record_error(row, "error", e)
-        print("persistent", json.dumps(row), flush=True)
-        rows.append(row)
-        RESULTS["persistent"] = rows
-        save(out)
-
-
 def module_forms(sparsity, scope, forms):
     """(form name -> module forward fn(q, k, v)) of the names in forms (FORMS): "no_phi_arrays" (the library's
-    form), "phi_arrays" (the front end writes phi arrays), "persistent" (the library's form with
-    KernelConfig.persistent)."""
+    form), "phi_arrays" (the front end writes phi arrays)."""
     import sla2_jax as sla
     from sla2_jax import backends
 
     config = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", linear_scope=scope)
-    kernel = heuristic_config(32760, 128, jnp.bfloat16, 128, 64).replace(persistent=True)
-    persistent_config = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", linear_scope=scope,
-                                       kernel=kernel)
 
     def no_arrays(q, k, v):
         return sla.sla2_attention(q, k, v, config=config)
-
-    def persistent(q, k, v):
-        return sla.sla2_attention(q, k, v, config=persistent_config)
 
     def arrays(q, k, v):
         lut, mass, qp, kp, _, _, q, k = backends.front_end(q, k, config, w_q=None, w_k=None,
                                                           feature_map=config.feature_map, int8_keys=False)
         return backends.fused(q, k, v, qp, kp, lut, jax.lax.stop_gradient(mass), config)
 
-    every = {"no_phi_arrays": no_arrays, "phi_arrays": arrays, "persistent": persistent}
+    every = {"no_phi_arrays": no_arrays, "phi_arrays": arrays}
     return {name: every[name] for name in forms}
 
 
@@ -249,8 +191,6 @@ def wan(cases, layers, fwd_bwd, out, forms):
             row[name] = t
         if "no_phi_arrays" in outs and "phi_arrays" in outs:
             row["rel_o_no_arrays_vs_arrays"] = rel(outs["no_phi_arrays"], outs["phi_arrays"])
-        if "no_phi_arrays" in outs and "persistent" in outs:
-            row["persistent_bitwise_equal"] = bool(jnp.array_equal(outs["no_phi_arrays"], outs["persistent"]))
         print("wan", json.dumps(row), flush=True)
         rows.append(row)
         RESULTS["wan"] = rows
@@ -263,7 +203,7 @@ def main():
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.95, 0.97])
     p.add_argument("--scopes", nargs="+", default=["complement", "all"])
     p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--parts", nargs="+", default=["small", "wan"], help="small, persistent, wan, states")
+    p.add_argument("--parts", nargs="+", default=["small", "wan"], help="small, wan, states")
     p.add_argument("--no-fwd-bwd", action="store_true", help="wan: the forward only")
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS, help="wan: the module forms to time")
     p.add_argument("--cases", nargs="*", default=None,
@@ -274,8 +214,6 @@ def main():
     try:
         if "small" in args.parts:
             small_checks()
-        if "persistent" in args.parts:
-            persistent_checks(args.out)
         if "states" in args.parts:
             states_kernel([(8, 2, 64), (8, 3, 64), (8, 4, 64), (4, 3, 64), (8, 3, 32), (4, 2, 128), (8, 3, 128)], args.out)
         if "wan" in args.parts:

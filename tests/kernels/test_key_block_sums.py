@@ -105,36 +105,15 @@ def test_bad_key_sums_are_refused():
         key_block_sums(k, v, feature_map=None)
 
 
-@pytest.mark.parametrize("scope, rows", [("complement", 64), ("all", 64), ("all", 128)])
-def test_states_kernel_with_means_lowers_for_cuda(scope, rows):
+@pytest.mark.parametrize("scope", ["complement", "all"])
+def test_states_kernel_with_means_lowers_for_cuda(scope):
     """The Triton states kernel with the block-means output (per-block sums, or the totals stepping one key block at
-    a time, or 128 rows with the selector product of Hopper's launch) lowers for CUDA at wan-1.3b's shape (compiling
-    and running it needs a GPU)."""
+    a time) lowers for CUDA at wan-1.3b's shape (compiling and running it needs a GPU)."""
     from helpers import lowered_for_cuda
 
     from pallas_kernels import KernelConfig
 
     k = jnp.zeros((1, 32760, 12, 128), jnp.bfloat16)
     text = lowered_for_cuda(lambda k, v: key_block_sums(k, v, feature_map=PHI, linear_scope=scope, interpret=False,
-                                                       config=KernelConfig(launch=(("sum_phi", (8, 3, rows)),))), k, k)
+                                                       config=KernelConfig()), k, k)
     assert "sla_sum_phi" in text
-
-
-@pytest.mark.parametrize("rows, dtype", [(128, jnp.bfloat16), (256, jnp.float16)])
-def test_totals_means_by_selector_product(rows, dtype):
-    """Scope "all" with steps of several key blocks (16-bit K, >= 16 key blocks per chunk: Hopper's 128-row launch):
-    each block's mean comes out of a 0/1 selector product per step; the means equal the front end's (a NaN row left
-    out, a ragged last block over its valid rows), the totals those of one key block per step (float32 rounding)."""
-    from pallas_kernels import KernelConfig
-
-    n = 1500
-    q, k, v = _qkv(_seed(), n, 64, dtype)
-    k = k.at[0, 1030, 1, 7].set(jnp.nan)
-    config = KernelConfig(launch=(("sum_phi", (8, 3, rows)),))
-    sums, means = key_block_sums(k, v, feature_map=PHI, linear_scope="all", config=config)
-    np.testing.assert_allclose(means, block_means_and_phi(k, 64)[1], rtol=1e-6, atol=1e-6)
-    k_ok = jnp.where(jnp.isfinite(k), k, 0)
-    sums = key_block_sums(k_ok, v, feature_map=PHI, linear_scope="all", config=config)[0]
-    h_ref, z_ref = key_block_sums(k_ok, v, feature_map=PHI, linear_scope="all")[0][:2]  # 64-row steps (default launch)
-    np.testing.assert_allclose(sums.h, h_ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(h_ref))))
-    np.testing.assert_allclose(sums.z, z_ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(z_ref))))
