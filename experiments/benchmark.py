@@ -3,7 +3,8 @@
     python -m experiments.benchmark --workloads wan-1.3b --backends xla,pallas --out runs/bench
     python -m experiments.benchmark --workloads all --backends pallas        # every workload
     python -m experiments.benchmark --tiny                                   # CPU smoke run
-    python -m experiments.benchmark --backends pallas --quant int8           # low-bit forward (QAT cost too)
+    python -m experiments.benchmark --backends pallas --quant none,int8 --passes fwd   # low-bit vs bf16 forward
+    python -m experiments.benchmark --backends pallas --linear-scope complement,all    # both linear scopes
     python -m experiments.benchmark --backends pallas --fwd-kernel triton    # another kernel choice (KernelConfig)
 
 For each workload and sparsity it times the module forward (routing + branches + combine) and forward+backward
@@ -35,6 +36,7 @@ import sla2_jax as sla
 from experiments.inputs import random_qkv
 from experiments.timing import compiled_memory_bytes, in_model_seconds, pipelined_seconds, time_fn
 
+QUANTS, SCOPES, PASSES = ("none", "int8", "int8_fp8"), ("complement", "all"), ("fwd", "fwd+bwd")
 WORKLOADS = {  # name: list of (B, H, N, D)
     "wan-1.3b": [(1, 12, 32760, 128)],
     "wan-14b-720p": [(1, 40, 75600, 128)],
@@ -135,10 +137,12 @@ def config_json(kernel) -> dict | None:
     return out
 
 
-def bench_shape(shape, sparsities, backends, iters, kernel_only, check_error, progress, quant="none", kernel=None,
-                layers=30, linear_scope="complement"):
-    """Rows of one (B, H, N, D) shape; kernel: the pallas backend's KernelConfig (None: the library's default);
-    layers: calls per jitted step of the in-model timing (0: skip it)."""
+def bench_shape(shape, sparsities, backends, iters, kernel_only, check_error, progress, quants=("none",),
+                kernel=None, layers=30, linear_scopes=("complement",), passes=("fwd", "fwd+bwd"), on_rows=None):
+    """Rows of one (B, H, N, D) shape: the dense baseline, then each sparsity x linear scope x quantisation x backend
+    on the same inputs. kernel: the pallas backend's KernelConfig (None: the library's default); layers: calls per
+    jitted step of the in-model timing (0: skip it); passes: which of "fwd" and "fwd+bwd" to time (the baseline's
+    too); on_rows(rows): called with the rows so far after each variant (a run cut short keeps them)."""
     batch, heads, seq_len, dim = shape
     q, k, v = random_qkv(0, batch, seq_len, heads, dim)
     do = random_qkv(1, batch, seq_len, heads, dim)[0]
@@ -146,56 +150,75 @@ def bench_shape(shape, sparsities, backends, iters, kernel_only, check_error, pr
     dense_flops = 4 * batch * heads * seq_len**2 * dim
     base_fwd, base_bwd = jax.jit(dense_baseline), fwd_bwd(dense_baseline)
     progress.set_postfix_str(f"N={seq_len} dense")
-    fwd_sets = distinct_inputs(shape, layers, False) if layers else None
-    bwd_sets = distinct_inputs(shape, layers, True, budget_gib=16.0) if layers else None
-    rows.append(measure("dense fwd", base_fwd, (q, k, v), iters, dense_flops, fwd_sets, layers))
-    rows.append(measure("dense fwd+bwd", base_bwd, (q, k, v, do), iters, 3.5 * dense_flops, bwd_sets, layers))
+    fwd_sets = distinct_inputs(shape, layers, False) if layers and "fwd" in passes else None
+    bwd_sets = distinct_inputs(shape, layers, True, budget_gib=16.0) if layers and "fwd+bwd" in passes else None
+    if "fwd" in passes:
+        rows.append(measure("dense fwd", base_fwd, (q, k, v), iters, dense_flops, fwd_sets, layers))
+    if "fwd+bwd" in passes:
+        rows.append(measure("dense fwd+bwd", base_bwd, (q, k, v, do), iters, 3.5 * dense_flops, bwd_sets, layers))
     ref = sla.dense_attention(q, k, v) if check_error else None
-    for sparsity in sparsities:
-        for backend in backends:
-            cfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend=backend, alpha="mass", quant=quant,
-                                 kernel=kernel, linear_scope=linear_scope)
-            flops = dense_flops * (1 - sparsity)
-            tag = f"{backend} {sparsity:.0%}" + ("" if quant == "none" else f" {quant}")
-            tag += "" if linear_scope == "complement" else f" {linear_scope}"
-            progress.set_postfix_str(f"N={seq_len} {tag}")
-            module = jax.jit(lambda q, k, v, cfg=cfg: sla.sla2_attention(q, k, v, config=cfg))
-            module_grad = fwd_bwd(lambda q, k, v, cfg=cfg: sla.sla2_attention(q, k, v, config=cfg))
-            router = jax.jit(lambda q, k, cfg=cfg: sla.route(q, k, cfg)[0])
-            todo = [(f"{tag} module fwd", module, (q, k, v), flops, fwd_sets),
-                    (f"{tag} module fwd+bwd", module_grad, (q, k, v, do), 3.5 * flops, bwd_sets),
-                    (f"{tag} router", router, (q, k), None, None)]
-            if kernel_only:
-                def branches(q, k, v, lut, backend=backend):
-                    if kernel is None:
-                        o_s, o_l = sla.sparse_linear_branches(q, k, v, lut, backend=backend, quant=quant,
-                                                              linear_scope=linear_scope)
-                        return o_s + o_l
-                    return kernel_branches(q, k, v, lut, backend, quant, kernel, linear_scope)
+    variants = [(s, scope, quant, backend) for s in sparsities for scope in linear_scopes for quant in quants
+                for backend in backends]
+    for sparsity, linear_scope, quant, backend in variants:
+        cfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend=backend, alpha="mass", quant=quant,
+                             kernel=kernel, linear_scope=linear_scope)
+        flops = dense_flops * (1 - sparsity)
+        tag = variant_tag(backend, sparsity, quant, linear_scope)
+        progress.set_postfix_str(f"N={seq_len} {tag}")
+        module = jax.jit(lambda q, k, v, cfg=cfg: sla.sla2_attention(q, k, v, config=cfg))
+        module_grad = fwd_bwd(lambda q, k, v, cfg=cfg: sla.sla2_attention(q, k, v, config=cfg))
+        router = jax.jit(lambda q, k, cfg=cfg: sla.route(q, k, cfg)[0])
+        todo = [(f"{tag} module fwd", module, (q, k, v), flops, fwd_sets)] if "fwd" in passes else []
+        if "fwd+bwd" in passes:
+            todo.append((f"{tag} module fwd+bwd", module_grad, (q, k, v, do), 3.5 * flops, bwd_sets))
+        todo.append((f"{tag} router", router, (q, k), None, None))
+        if kernel_only:
+            def branches(q, k, v, lut, backend=backend):
+                if kernel is None:
+                    o_s, o_l = sla.sparse_linear_branches(q, k, v, lut, backend=backend, quant=quant,
+                                                          linear_scope=linear_scope)
+                    return o_s + o_l
+                return kernel_branches(q, k, v, lut, backend, quant, kernel, linear_scope)
 
-                lut = router(q, k)
-                todo += [(f"{tag} kernel fwd", jax.jit(branches), (q, k, v, lut), flops, None),
-                         (f"{tag} kernel fwd+bwd", jax.jit(jax.grad(
-                             lambda q, k, v, lut, do: jnp.sum(branches(q, k, v, lut).astype(jnp.float32) * do),
-                             argnums=(0, 1, 2))), (q, k, v, lut, do), 3.5 * flops, None)]
-            for name, fn, fn_args, fn_flops, sets in todo:
-                try:  # one failure (e.g. out of memory at the largest N) must not hide the other rows
-                    r = measure(name, fn, fn_args, iters, fn_flops, sets, layers)
-                    if ref is not None and name.endswith("module fwd"):
-                        r["rel_err_vs_dense"] = rel_err(module(q, k, v), ref)
-                    rows.append(r)
-                except Exception as e:
-                    rows.append({"what": f"{name} FAILED", "error": f"{type(e).__name__}: {str(e)[:300]}"})
-            progress.update(1)
-    base = {"fwd": rows[0]["ms"], "fwd+bwd": rows[1]["ms"]}
+            lut = router(q, k)
+            if "fwd" in passes:
+                todo.append((f"{tag} kernel fwd", jax.jit(branches), (q, k, v, lut), flops, None))
+            if "fwd+bwd" in passes:
+                todo.append((f"{tag} kernel fwd+bwd", jax.jit(jax.grad(
+                    lambda q, k, v, lut, do: jnp.sum(branches(q, k, v, lut).astype(jnp.float32) * do),
+                    argnums=(0, 1, 2))), (q, k, v, lut, do), 3.5 * flops, None))
+        for name, fn, fn_args, fn_flops, sets in todo:
+            try:  # one failure (e.g. out of memory at the largest N) must not hide the other rows
+                r = measure(name, fn, fn_args, iters, fn_flops, sets, layers)
+                if ref is not None and name.endswith("module fwd"):
+                    r["rel_err_vs_dense"] = rel_err(module(q, k, v), ref)
+                rows.append(r)
+            except Exception as e:
+                rows.append({"what": f"{name} FAILED", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        progress.update(1)
+        if on_rows is not None:
+            on_rows(with_speedups(rows, shape))
+    return with_speedups(rows, shape)
+
+
+def variant_tag(backend: str, sparsity: float, quant: str = "none", linear_scope: str = "complement") -> str:
+    """A row's name before its part, e.g. "pallas 95%", "pallas 97% int8 all"."""
+    return (f"{backend} {sparsity:.0%}" + ("" if quant == "none" else f" {quant}")
+            + ("" if linear_scope == "complement" else f" {linear_scope}"))
+
+
+def with_speedups(rows, shape):
+    """rows with the shape and, for each module/kernel row, its speedups over the dense row of the same pass."""
+    batch, heads, seq_len, dim = shape
+    dense = {r["what"].split()[-1]: r for r in rows if r["what"] in ("dense fwd", "dense fwd+bwd") and "ms" in r}
     for r in rows:
         r.update(B=batch, H=heads, N=seq_len, D=dim)
-        if "ms" in r and r["what"].split()[-1] in base:
-            r["speedup_vs_dense"] = base[r["what"].split()[-1]] / r["ms"]
-            dense = rows[0] if r["what"].split()[-1] == "fwd" else rows[1]
-            r["pipelined_speedup_vs_dense"] = dense["pipelined_ms"] / r["pipelined_ms"]
-            if "in_model_ms" in r and "in_model_ms" in dense:
-                r["in_model_speedup_vs_dense"] = dense["in_model_ms"] / r["in_model_ms"]
+        base = dense.get(r["what"].split()[-1])
+        if "ms" in r and base is not None and r is not base:
+            r["speedup_vs_dense"] = base["ms"] / r["ms"]
+            r["pipelined_speedup_vs_dense"] = base["pipelined_ms"] / r["pipelined_ms"]
+            if "in_model_ms" in r and "in_model_ms" in base:
+                r["in_model_speedup_vs_dense"] = base["in_model_ms"] / r["in_model_ms"]
     return rows
 
 
@@ -227,53 +250,67 @@ def print_table(rows, tflops: bool = True):
               f"{fmt('speedup_vs_dense', '%.2f'):>9}{fmt('pipelined_ms', '%.3f'):>10}")
 
 
-# Targets (wan-1.3b, in-model speedup over cuDNN measured the same way in the same run): {(what, sparsity): minimum}
+# Targets (in-model speedup over cuDNN measured the same way in the same run): {(workload, what, scope, sparsity): min}
 TARGETS = {
-    ("module fwd", 0.90): 8.0,
-    ("module fwd", 0.95): 14.0,
-    ("module fwd", 0.97): 18.6,
-    ("module fwd+bwd", 0.90): 6.0,
-    ("module fwd+bwd", 0.95): 10.0,
-    ("module fwd+bwd", 0.97): 13.0,
+    ("wan-1.3b", "module fwd", "complement", 0.90): 8.0,
+    ("wan-1.3b", "module fwd", "complement", 0.95): 14.0,
+    ("wan-1.3b", "module fwd", "complement", 0.97): 18.6,
+    ("wan-1.3b", "module fwd+bwd", "complement", 0.90): 6.0,
+    ("wan-1.3b", "module fwd+bwd", "complement", 0.95): 10.0,
+    ("wan-1.3b", "module fwd+bwd", "complement", 0.97): 13.0,
+    ("wan-14b-720p", "module fwd", "complement", 0.95): 16.0,
+    ("wan-14b-720p", "module fwd", "complement", 0.97): 22.0,
+    ("wan-1.3b", "module fwd", "all", 0.95): 16.0,
+    ("wan-1.3b", "module fwd", "all", 0.97): 20.0,
 }
-TARGETS_SCOPE_ALL = {("module fwd", 0.95): 16.0, ("module fwd", 0.97): 20.0}  # linear_scope "all"
+LOW_BIT_RATIO = 1.3  # wan-1.3b module forward in int8 / int8_fp8: >= 1.3x faster than bf16 (in-model, same run)
 KERNEL_TFLOPS_SHARE = 0.6  # kernel forward effective TFLOP/s >= 60% of cuDNN's dense forward TFLOP/s
 MEMORY_RATIO = 1.5  # module fwd+bwd peak memory <= 1.5x cuDNN's
 
 
 def target_lines(rows, backend: str = "pallas") -> list[str]:
-    """One line per target that the wan-1.3b rows of `backend` (no quantisation) allow to check: met, or missed and by
-    how much (the factor still needed), judged on the in-model speedup (where measured, else the single synchronised
-    call); the single-call speedup beside it."""
-    wan = [r for r in rows if r.get("workload") == "wan-1.3b" and "ms" in r]
-    by_what = {r["what"]: r for r in wan}
-    dense_fwd, dense_bwd = by_what.get("dense fwd"), by_what.get("dense fwd+bwd")
+    """One line per target that the rows of `backend` allow to check: met, or missed and by how much (the factor
+    still needed). Speedups over cuDNN are judged in-model where measured, else on the single synchronised call (the
+    single-call speedup beside it); the low-bit forward against the bf16 forward of the same sparsity and scope."""
+    by_what = {(r.get("workload"), r["what"]): r for r in rows if "ms" in r}
     lines = []
-    targets = [((what, s), need, "") for (what, s), need in TARGETS.items()]
-    targets += [((what, s), need, " all") for (what, s), need in TARGETS_SCOPE_ALL.items()]
-    for (what, sparsity), need, scope in targets:
-        r = by_what.get(f"{backend} {sparsity:.0%}{scope} {what}")
+    for (workload, what, scope, sparsity), need in TARGETS.items():
+        r = by_what.get((workload, f"{variant_tag(backend, sparsity, 'none', scope)} {what}"))
         if r is None or "speedup_vs_dense" not in r:
             continue
         got = r.get("in_model_speedup_vs_dense", r["speedup_vs_dense"])
         how = "in-model" if "in_model_speedup_vs_dense" in r else "single call"
         verdict = "met" if got >= need else f"MISSED by {need / got:.2f}x"
-        lines.append(f"{what}{scope} at {sparsity:.0%}: {how} {got:.2f}x vs >= {need}x: {verdict} "
-                     f"(single synchronised call {r['speedup_vs_dense']:.2f}x)")
-    for sparsity in sorted({s for _, s in TARGETS}):
-        r = by_what.get(f"{backend} {sparsity:.0%} kernel fwd")
-        if r is not None and dense_fwd is not None and r.get("eff_tflops") and dense_fwd.get("eff_tflops"):
-            share = r["eff_tflops"] / dense_fwd["eff_tflops"]
-            verdict = "met" if share >= KERNEL_TFLOPS_SHARE else f"MISSED by {KERNEL_TFLOPS_SHARE / share:.2f}x"
-            lines.append(
-                f"kernel fwd at {sparsity:.0%}: {r['eff_tflops']:.0f} effective TFLOP/s = {share:.0%} of cuDNN's "
-                f"{dense_fwd['eff_tflops']:.0f} vs >= {KERNEL_TFLOPS_SHARE:.0%}: {verdict}"
-            )
-        r = by_what.get(f"{backend} {sparsity:.0%} module fwd+bwd")
-        if r is not None and dense_bwd is not None and r.get("peak_mem_gib") and dense_bwd.get("peak_mem_gib"):
-            ratio = r["peak_mem_gib"] / dense_bwd["peak_mem_gib"]
-            verdict = "met" if ratio <= MEMORY_RATIO else f"MISSED by {ratio / MEMORY_RATIO:.2f}x"
-            lines.append(f"peak memory fwd+bwd at {sparsity:.0%}: {ratio:.2f}x cuDNN's vs <= {MEMORY_RATIO}x: {verdict}")
+        lines.append(f"{workload} {what}{'' if scope == 'complement' else ' ' + scope} at {sparsity:.0%}: {how} "
+                     f"{got:.2f}x vs >= {need}x: {verdict} (single synchronised call {r['speedup_vs_dense']:.2f}x)")
+    low_bit = [(quant, scope, s) for quant in QUANTS[1:] for scope in SCOPES for s in (0.95, 0.97)]
+    for quant, scope, sparsity in low_bit:
+        r = by_what.get(("wan-1.3b", f"{variant_tag(backend, sparsity, quant, scope)} module fwd"))
+        bf16 = by_what.get(("wan-1.3b", f"{variant_tag(backend, sparsity, 'none', scope)} module fwd"))
+        if r is None or bf16 is None:
+            continue
+        key = "in_model_ms" if "in_model_ms" in r and "in_model_ms" in bf16 else "ms"
+        got = bf16[key] / r[key]
+        verdict = "met" if got >= LOW_BIT_RATIO else f"MISSED by {LOW_BIT_RATIO / got:.2f}x"
+        lines.append(f"wan-1.3b module fwd {quant}{'' if scope == 'complement' else ' ' + scope} at {sparsity:.0%}: "
+                     f"{'in-model' if key == 'in_model_ms' else 'single call'} {got:.2f}x the bf16 forward vs >= "
+                     f"{LOW_BIT_RATIO}x: {verdict}")
+    for workload in sorted({w for w, _ in by_what}):
+        dense_fwd, dense_bwd = by_what.get((workload, "dense fwd")), by_what.get((workload, "dense fwd+bwd"))
+        for sparsity in (0.90, 0.95, 0.97):
+            r = by_what.get((workload, f"{backend} {sparsity:.0%} kernel fwd"))
+            if r is not None and dense_fwd is not None and r.get("eff_tflops") and dense_fwd.get("eff_tflops"):
+                share = r["eff_tflops"] / dense_fwd["eff_tflops"]
+                verdict = "met" if share >= KERNEL_TFLOPS_SHARE else f"MISSED by {KERNEL_TFLOPS_SHARE / share:.2f}x"
+                lines.append(f"{workload} kernel fwd at {sparsity:.0%}: {r['eff_tflops']:.0f} effective TFLOP/s = "
+                             f"{share:.0%} of cuDNN's {dense_fwd['eff_tflops']:.0f} vs >= {KERNEL_TFLOPS_SHARE:.0%}: "
+                             f"{verdict}")
+            r = by_what.get((workload, f"{backend} {sparsity:.0%} module fwd+bwd"))
+            if r is not None and dense_bwd is not None and r.get("peak_mem_gib") and dense_bwd.get("peak_mem_gib"):
+                ratio = r["peak_mem_gib"] / dense_bwd["peak_mem_gib"]
+                verdict = "met" if ratio <= MEMORY_RATIO else f"MISSED by {ratio / MEMORY_RATIO:.2f}x"
+                lines.append(f"{workload} peak memory fwd+bwd at {sparsity:.0%}: {ratio:.2f}x cuDNN's vs <= "
+                             f"{MEMORY_RATIO}x: {verdict}")
     return lines
 
 
@@ -330,10 +367,13 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--layers", type=int, default=30,
                    help="attention calls per jitted step of the in-model timing (the headline; 0: skip it)")
-    p.add_argument("--quant", default="none", choices=["none", "int8", "int8_fp8"],
-                   help="low-bit sparse branch (pallas: the INT8 kernel forward, bf16 backward; else fake quant)")
-    p.add_argument("--linear-scope", default="complement", choices=["complement", "all"],
-                   help="the linear branch over the unselected blocks (the paper's form) or over all keys")
+    p.add_argument("--quant", default="none",
+                   help="comma list of none, int8, int8_fp8: the sparse branch in bf16 or low bit (pallas: the INT8 "
+                        "kernel forward, bf16 backward; else fake quant); several are timed on the same inputs")
+    p.add_argument("--linear-scope", default="complement",
+                   help="comma list of complement, all: the linear branch over the unselected blocks (the paper's "
+                        "form) or over all keys")
+    p.add_argument("--passes", default="fwd,fwd+bwd", help="comma list of fwd, fwd+bwd: which passes to time")
     p.add_argument("--no-kernel-only", action="store_true", help="skip the kernel-only rows")
     p.add_argument("--no-error", action="store_true", help="skip the error check vs dense attention")
     p.add_argument("--max-n", type=int, default=None, help="skip shapes with N above this")
@@ -355,6 +395,11 @@ def main(argv=None):
     iters = 3 if args.tiny else args.iters
     layers = 2 if args.tiny else args.layers
     sparsities = [float(s) for s in args.sparsities.split(",")]
+    quants, scopes, passes = args.quant.split(","), args.linear_scope.split(","), args.passes.split(",")
+    for flag, values, allowed in (("--quant", quants, QUANTS), ("--linear-scope", scopes, SCOPES),
+                                  ("--passes", passes, PASSES)):
+        if not values or any(x not in allowed for x in values):
+            p.error(f"{flag} {','.join(values)!r}: give a comma list of {', '.join(allowed)}")
     backends = args.backends.split(",")
     jobs = [(n, s, *distinct_sparsities(s[2], sparsities)) for n in names for s in WORKLOADS[n]
             if (args.max_n is None or s[2] <= args.max_n) and (args.min_n is None or s[2] >= args.min_n)]
@@ -369,16 +414,19 @@ def main(argv=None):
         print(note)
     rows = []
     os.makedirs(args.out, exist_ok=True)
-    total = sum(len(kept) for _, _, kept, _ in jobs) * len(backends)
+    total = sum(len(kept) for _, _, kept, _ in jobs) * len(backends) * len(quants) * len(scopes)
     with tqdm(total=total, desc="benchmark", file=sys.stderr) as progress:
         for name, shape, kept, _ in jobs:
             kernel, effective = kernel_config(shape, args.fwd_kernel, args.bwd_kernel)
             meta["kernel_config"]["B{} H{} N{} D{}".format(*shape)] = config_json(effective)
-            for r in bench_shape(shape, kept, backends, iters, not args.no_kernel_only,
-                                 not args.no_error, progress, args.quant, kernel, layers, args.linear_scope):
-                rows.append({"workload": name, **r})
-            with open(os.path.join(args.out, "results.json"), "w") as f:  # after every shape: a cut run keeps rows
-                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            def save(shape_rows, name=name):  # after every variant: a run cut short keeps its rows
+                with open(os.path.join(args.out, "results.json"), "w") as f:
+                    json.dump({"meta": meta, "rows": rows + [{"workload": name, **r} for r in shape_rows]}, f,
+                              indent=1)
+
+            rows += [{"workload": name, **r} for r in bench_shape(
+                shape, kept, backends, iters, not args.no_kernel_only, not args.no_error, progress, quants, kernel,
+                layers, scopes, passes, on_rows=save)]
     plot(rows, os.path.join(args.out, "speedup.png"))
     print_table(rows, tflops=device.platform == "gpu")
     if device.platform != "gpu":
@@ -387,7 +435,7 @@ def main(argv=None):
         print("\n".join(["Sparsities with the same top-k (not measured twice):", *collapsed]))
     targets = target_lines(rows)
     if targets:
-        print("\nTargets (wan-1.3b, pallas, in-model speedup over cuDNN in the same run):")
+        print("\nTargets (pallas; speedup over cuDNN in the same run, low bit over the bf16 forward; in-model):")
         print("\n".join(f"  {line}" for line in targets))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows, "targets": targets}, f, indent=1)

@@ -41,9 +41,49 @@ def test_target_lines_say_met_or_by_how_much_missed():
         row("xla 95% module fwd", 1.0, speedup_vs_dense=99.0),
     ]
     lines = benchmark.target_lines(rows)
-    assert "module fwd at 90%: in-model 11.00x vs >= 8.0x: met (single synchronised call 10.00x)" in lines
-    assert "module fwd at 95%: in-model 10.00x vs >= 14.0x: MISSED by 1.40x (single synchronised call 15.00x)" in lines
-    assert any(x.startswith("module fwd+bwd at 95%: single call 10.00x vs >= 10.0x: met") for x in lines)
-    assert any(x.startswith("kernel fwd at 95%: 250 effective TFLOP/s = 50%") and "MISSED by 1.20x" in x for x in lines)
-    assert "peak memory fwd+bwd at 95%: 2.00x cuDNN's vs <= 1.5x: MISSED by 1.33x" in lines
+    assert "wan-1.3b module fwd at 90%: in-model 11.00x vs >= 8.0x: met (single synchronised call 10.00x)" in lines
+    assert ("wan-1.3b module fwd at 95%: in-model 10.00x vs >= 14.0x: MISSED by 1.40x (single synchronised call "
+            "15.00x)") in lines
+    assert any(x.startswith("wan-1.3b module fwd+bwd at 95%: single call 10.00x vs >= 10.0x: met") for x in lines)
+    assert any(x.startswith("wan-1.3b kernel fwd at 95%: 250 effective TFLOP/s = 50%") and "MISSED by 1.20x" in x
+               for x in lines)
+    assert "wan-1.3b peak memory fwd+bwd at 95%: 2.00x cuDNN's vs <= 1.5x: MISSED by 1.33x" in lines
     assert not any("97%" in x for x in lines)  # no rows, no claim
+
+
+def test_target_lines_cover_wan14b_scope_all_and_the_low_bit_ratio():
+    """The 14B workload and scope "all" have their own speedup targets; the low-bit forward is judged against the
+    bf16 forward of the same sparsity and scope (in-model), not against cuDNN."""
+    row = lambda workload, what, ms, **kw: {"workload": workload, "what": what, "ms": ms, **kw}  # noqa: E731
+    rows = [
+        row("wan-14b-720p", "pallas 97% module fwd", 9.0, speedup_vs_dense=20.0, in_model_speedup_vs_dense=23.0),
+        row("wan-1.3b", "pallas 95% all module fwd", 1.0, speedup_vs_dense=15.0, in_model_speedup_vs_dense=12.0),
+        row("wan-1.3b", "pallas 95% module fwd", 1.3, in_model_ms=1.2),
+        row("wan-1.3b", "pallas 95% int8 module fwd", 1.0, in_model_ms=0.8),
+        row("wan-1.3b", "pallas 95% int8_fp8 module fwd", 1.0, in_model_ms=1.0),
+    ]
+    lines = benchmark.target_lines(rows)
+    assert any(x.startswith("wan-14b-720p module fwd at 97%: in-model 23.00x vs >= 22.0x: met") for x in lines)
+    assert any(x.startswith("wan-1.3b module fwd all at 95%: in-model 12.00x vs >= 16.0x: MISSED by 1.33x")
+               for x in lines)
+    assert "wan-1.3b module fwd int8 at 95%: in-model 1.50x the bf16 forward vs >= 1.3x: met" in lines
+    assert "wan-1.3b module fwd int8_fp8 at 95%: in-model 1.20x the bf16 forward vs >= 1.3x: MISSED by 1.08x" in lines
+    assert not any("14b" in x and "95%" in x for x in lines)
+
+
+def test_benchmark_times_several_scopes_and_quants_on_one_baseline(tmp_path):
+    """Comma lists of --linear-scope and --quant run every combination in one process against one dense baseline;
+    --passes fwd leaves the forward+backward rows out; bad values are refused by name."""
+    benchmark.main(["--tiny", "--backends", "xla", "--sparsities", "0.9", "--no-kernel-only", "--no-error",
+                    "--quant", "none,int8", "--linear-scope", "complement,all", "--passes", "fwd",
+                    "--out", str(tmp_path)])
+    names = [r["what"] for r in json.load(open(tmp_path / "results.json"))["rows"]]
+    assert names == ["dense fwd", "xla 90% module fwd", "xla 90% router", "xla 90% int8 module fwd",
+                     "xla 90% int8 router", "xla 90% all module fwd", "xla 90% all router",
+                     "xla 90% int8 all module fwd", "xla 90% int8 all router"]
+    try:
+        benchmark.main(["--tiny", "--quant", "int4", "--out", str(tmp_path)])
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError("--quant int4 was accepted")
