@@ -86,10 +86,6 @@ class KernelConfig:
       previous P V), two LUT entries per step (64 x 128 score tiles), program order ("heads": grid (H, Nq, B);
       "qblocks": grid (Nq, H, B)), output tiles staged in finished ring slots, and how FP8 P reaches the P V wgmma.
     mosaic_fp8: quant "int8_fp8" takes the Mosaic forward (else the Triton low-bit kernel).
-    sum_blocks: blocks per program of the per-block outer sums (the complement scope's h_j per key block, the
-      backward's per-query-block sums): a power of two; each program walks its blocks in one software-pipelined loop
-      (the next block's rows load while this one's sums are made and stored). Where the number of blocks is not a
-      multiple, the largest power of two below it that divides it. 1: one block per program.
     launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "sum", "sum_phi", "lowbit"), as a tuple of
       (name, Launch) pairs; kernels not listed take DEFAULT_LAUNCH (the "lowbit" kernel: the "fwd" entry).
     profile_dir: Mosaic's on-device profiler writes a trace of the named regions of the Mosaic forward, dQ and
@@ -106,7 +102,6 @@ class KernelConfig:
     outputs_in_ring: bool = True
     p8_operand: str = "registers"
     mosaic_fp8: bool = True
-    sum_blocks: int = 1
     launch: tuple = ()
     profile_dir: str | None = None
 
@@ -125,8 +120,6 @@ class KernelConfig:
         for name in ("pair_steps", "outputs_in_ring", "mosaic_fp8"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"KernelConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if not isinstance(self.sum_blocks, int) or self.sum_blocks < 1 or self.sum_blocks & (self.sum_blocks - 1):
-            raise ValueError(f"KernelConfig.sum_blocks must be a power of two >= 1, got {self.sum_blocks!r}")
         launch = tuple((str(k), Launch(*v)) for k, v in dict(self.launch).items())
         for kernel, params in launch:
             if kernel not in (*DEFAULT_LAUNCH, "lowbit"):

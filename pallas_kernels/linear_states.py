@@ -32,7 +32,7 @@ def _pow2_scale(amax):
 
 def _outer_sum_kernel(
     *, x_ref, y_ref, w_ref=None, u_ref=None, h_ref, z_ref, s_ref=None, m_ref=None, cfg: KernelCall, chunk: int,
-    block: int, weighted: bool, scaled: bool, phi=None, block_means: bool = False, blocks: int = 1,
+    block: int, weighted: bool, scaled: bool, phi=None, block_means: bool = False,
 ):  # fmt: skip
     """Program (c, h, b): rows [c*chunk, (c+1)*chunk) of X, Y -> sum_r w_r X_r^T Y_r (D x D), sum_r u_r X_r.
     Refs of one (b, h): inputs x, y (N, D), w, u (chunk,) float32 (weighted); outputs h (D, D) float32, z (D,)
@@ -40,65 +40,48 @@ def _outer_sum_kernel(
     (_pow2_scale). phi: None, or a feature map applied to the X rows first (in float32, rounded to X's dtype as a
     phi(X) array would be; rows >= N stay 0). m_ref, if given: the mean of the raw X rows (before phi; finite rows
     only, as the front end's block means) of the chunk, (D,) float32, or with block_means of each step's `block`
-    rows, (chunk // block, D) float32.
-    blocks > 1: the chunk is `blocks` separate sums of `block` rows each, one per loop step, stored as row t of
-    every output (h (blocks, D, D), z, s, m (blocks, D))."""
+    rows, (chunk // block, D) float32."""
     start0 = pl.program_id(0) * chunk
 
-    def step_sums(t):  # step t's rows: X^T Y and colsum X (weighted), and the raw finite rows' sum and count
+    def body(t, carry):
+        h, z, total, count = carry
         start = start0 + t * block
         x = load_rows(x_ref, start, block, cfg.n)
         y = load_rows(y_ref, start, block, cfg.n)
         valid = (start + jnp.arange(block)) < cfg.n
-        block_total = block_count = None
         if m_ref is not None:
             raw = x.astype(F32)
             block_total, block_count = finite_sum(raw, finite_rows(raw, valid))
+            if block_means:  # row t of the chunk's means: this step's rows are one block
+                mean = block_total / jnp.maximum(block_count, 1.0)
+                total = jnp.where((jnp.arange(chunk // block) == t)[:, None], mean[None, :], total)
+            else:
+                total, count = total + block_total, count + block_count
         if phi is not None:
             x = jnp.where(valid[:, None], phi_rows(phi, x), 0)
         x32 = x.astype(F32)
         if weighted:
             w = w_ref[pl.ds(t * block, block)]
             u = u_ref[pl.ds(t * block, block)]
-            return dot((x32 * w[:, None]).astype(x.dtype), y, trans_a=True), jnp.sum(x32 * u[:, None], axis=0), \
-                block_total, block_count
-        return dot(x, y, trans_a=True), jnp.sum(x32, axis=0), block_total, block_count
-
-    def store(h, z, mean, at=...):  # at: ... (the whole output) or the row of this step's block
-        if m_ref is not None:
-            m_ref[at] = mean
-        if scaled:
-            s, inv_s = _pow2_scale(jnp.max(jnp.max(jnp.abs(h), axis=1), axis=0))
-            h_ref[at] = (h * inv_s).astype(jnp.float16)
-            s_ref[at] = jnp.full((cfg.d,), s, F32)
+            h = h + dot((x32 * w[:, None]).astype(x.dtype), y, trans_a=True)
+            z = z + jnp.sum(x32 * u[:, None], axis=0)
         else:
-            h_ref[at] = h
-        z_ref[at] = z
-
-    if blocks > 1:
-        def block_body(t, carry):
-            h, z, total, count = step_sums(t)
-            store(h, z, None if total is None else total / jnp.maximum(count, 1.0), t)
-            return carry
-
-        lax.fori_loop(0, blocks, block_body, 0)
-        return
-
-    def body(t, carry):
-        h, z, total, count = carry
-        step_h, step_z, block_total, block_count = step_sums(t)
-        if m_ref is not None:
-            if block_means:  # row t of the chunk's means: this step's rows are one block
-                mean = block_total / jnp.maximum(block_count, 1.0)
-                total = jnp.where((jnp.arange(chunk // block) == t)[:, None], mean[None, :], total)
-            else:
-                total, count = total + block_total, count + block_count
-        return h + step_h, z + step_z, total, count
+            h = h + dot(x, y, trans_a=True)
+            z = z + jnp.sum(x32, axis=0)
+        return h, z, total, count
 
     means0 = jnp.zeros((chunk // block, cfg.d) if block_means else (cfg.d,), F32)
     zeros = (jnp.zeros((cfg.d, cfg.d), F32), jnp.zeros((cfg.d,), F32), means0, jnp.float32(0.0))
     h, z, total, count = lax.fori_loop(0, chunk // block, body, zeros)
-    store(h, z, None if m_ref is None else (total if block_means else total / jnp.maximum(count, 1.0)))
+    if m_ref is not None:
+        m_ref[...] = total if block_means else total / jnp.maximum(count, 1.0)
+    if scaled:
+        s, inv_s = _pow2_scale(jnp.max(jnp.max(jnp.abs(h), axis=1), axis=0))
+        h_ref[...] = (h * inv_s).astype(jnp.float16)
+        s_ref[...] = jnp.full((cfg.d,), s, F32)
+    else:
+        h_ref[...] = h
+    z_ref[...] = z
 
 
 _SUM_CHUNK, _SUM_BLOCK = 1024, 128
@@ -111,8 +94,7 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
     the C partial sums are added by XLA. Flop 2*N*D^2 per head; bytes: one read of x and y.
     w, u: optional (B, H, >= N) per-row float32 weights (both or neither).
     block_rows: if given, one sum per block of that many rows instead (no reduction over the blocks): the input of
-    _sum_over_blocks, a _BlockSums of C = ceil(N / block_rows) blocks; grid (C / G, H, B) with G =
-    KernelConfig.sum_blocks blocks per program (_blocks_per_program), one block per loop step.
+    _sum_over_blocks, a _BlockSums of C = ceil(N / block_rows) blocks.
     phi: None, or a feature map applied to the rows of x inside the kernel (x is then K, not phi(K)).
     means: also return the mean of the raw x rows of each block of block_rows rows, or of cfg.block_k rows for the
     totals ((B, H, C, D) float32, finite rows only, as the front end's block means): (sums, means). For the totals
@@ -124,11 +106,10 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
     block_means = means and block_rows is None
     if block_means:
         step = cfg.block_k  # one step per key block: its mean is one row of the chunk's means
-    blocks = 1 if block_rows is None else _blocks_per_program(-(-n // block_rows), cfg.config.sum_blocks)
     if block_rows is None:
         chunk = min(_SUM_CHUNK, max(step, pl.next_power_of_2(n)))
     else:
-        chunk = block_rows * blocks
+        chunk = block_rows
     nc = -(-n // chunk)
     seq = seq_spec(cfg)
     inputs = [("x", x, seq), ("y", y, seq)]
@@ -138,16 +119,15 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
         rows = pl.BlockSpec((None, None, chunk), lambda c, hh, bb: (bb, hh, c))
         inputs += [("w", pad(w), rows), ("u", pad(u), rows)]
     scaled = block_rows is not None and jnp.dtype(x.dtype) != jnp.dtype(F32)
-    per = None if blocks == 1 else blocks  # outputs per program (None: one, without a block axis in the kernel)
     vec = (
-        jax.ShapeDtypeStruct((b, h, nc * blocks, d), F32),
-        pl.BlockSpec((None, None, per, d), lambda c, hh, bb: (bb, hh, c, 0)),
+        jax.ShapeDtypeStruct((b, h, nc, d), F32),
+        pl.BlockSpec((None, None, None, d), lambda c, hh, bb: (bb, hh, c, 0)),
     )
     outputs = [
         (
             "h",
-            jax.ShapeDtypeStruct((b, h, nc * blocks, d, d), jnp.float16 if scaled else F32),
-            pl.BlockSpec((None, None, per, d, d), lambda c, hh, bb: (bb, hh, c, 0, 0)),
+            jax.ShapeDtypeStruct((b, h, nc, d, d), jnp.float16 if scaled else F32),
+            pl.BlockSpec((None, None, None, d, d), lambda c, hh, bb: (bb, hh, c, 0, 0)),
         ),
         ("z", *vec),
     ]
@@ -166,23 +146,13 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
         outputs,
         cfg,
         launch,
-        dict(chunk=chunk, block=block_rows if blocks > 1 else min(chunk, step), weighted=weighted, scaled=scaled,
-             phi=phi, block_means=block_means, blocks=blocks),
+        dict(chunk=chunk, block=min(chunk, step), weighted=weighted, scaled=scaled, phi=phi, block_means=block_means),
     )
     if block_rows is not None:
         block_sums = _BlockSums(sums[0], sums[1], sums[2][..., 0] if scaled else None)
         return (block_sums, sums[-1]) if means else block_sums
     totals = jnp.sum(sums[0], axis=2), jnp.sum(sums[1], axis=2)
     return (totals, sums[-1][:, :, : -(-n // step)]) if means else totals
-
-
-def _blocks_per_program(num_blocks: int, wanted: int) -> int:
-    """KernelConfig.sum_blocks for a call of num_blocks blocks: the largest power of two <= wanted dividing it (so
-    the outputs hold exactly num_blocks blocks)."""
-    per = wanted
-    while num_blocks % per:
-        per //= 2
-    return per
 
 
 class _BlockSums(NamedTuple):

@@ -12,7 +12,7 @@ routing from block means alone) against the form with phi arrays (the front end 
    time (30 calls on distinct inputs in one jit) and one synchronised call, with cuDNN in the same process; the
    module forward+backward in-model the same way.
 3. states (--parts states): CUPTI times of the complement states at wan-1.3b, 95%, from phi(K) and from K (phi in
-   the kernel), per Triton launch of the "sum" kernel (--launches) and KernelConfig.sum_blocks (--sum-blocks).
+   the kernel), per Triton launch of the "sum" kernel (--launches).
 JSON to DIR/check_phi_in_kernels.json (written after each wan row and at the end).
 """
 
@@ -33,8 +33,7 @@ from pallas_kernels.reference import reference_fused
 from sla2_jax.feature_maps import PHI_FUNCTIONS
 
 RESULTS: dict = {}
-# the wan part's module forms (module_forms); sum_blocks_G: the library's form with KernelConfig.sum_blocks = G
-FORMS = ("no_phi_arrays", "phi_arrays", "sum_blocks_2", "sum_blocks_4", "sum_blocks_8")
+FORMS = ("no_phi_arrays", "phi_arrays")  # the wan part's module forms (module_forms)
 SMALL = [  # (N, D, topk, dtype, scope, feature map)
     (1000, 128, 3, jnp.bfloat16, "complement", "softmax"),
     (2048, 64, 5, jnp.bfloat16, "all", "softmax"),
@@ -95,17 +94,11 @@ def small_checks():
 
 def module_forms(sparsity, scope, forms):
     """(form name -> module forward fn(q, k, v)) of the names in forms (FORMS): "no_phi_arrays" (the library's
-    form), "phi_arrays" (the front end writes phi arrays), "sum_blocks_G" (the library's form, G blocks per program
-    in the per-block outer sums)."""
+    form), "phi_arrays" (the front end writes phi arrays)."""
     import sla2_jax as sla
     from sla2_jax import backends
 
     config = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", linear_scope=scope)
-
-    def blocks(g):
-        kernel = heuristic_config(32760, 128, jnp.bfloat16, 128, 64).replace(sum_blocks=g)
-        cfg = sla.SLA2Config(topk_ratio=config.topk_ratio, backend="pallas", linear_scope=scope, kernel=kernel)
-        return lambda q, k, v: sla.sla2_attention(q, k, v, config=cfg)
 
     def no_arrays(q, k, v):
         return sla.sla2_attention(q, k, v, config=config)
@@ -116,7 +109,7 @@ def module_forms(sparsity, scope, forms):
         return backends.fused(q, k, v, qp, kp, lut, jax.lax.stop_gradient(mass), config)
 
     every = {"no_phi_arrays": no_arrays, "phi_arrays": arrays}
-    return {name: every[name] if name in every else blocks(int(name.rsplit("_", 1)[1])) for name in forms}
+    return {name: every[name] for name in forms}
 
 
 def grads_of(fn):
@@ -128,11 +121,10 @@ def save(out):
         json.dump(RESULTS, f, indent=1, default=str)
 
 
-def states_kernel(launches, out, sum_blocks=(1,)):
+def states_kernel(launches, out):
     """CUPTI times of the linear states at wan-1.3b, 95%: the complement states (per-block outer sums + masked sum)
     and the totals of scope "all", each from phi(K) (an array) and from K (phi in the kernel), under each Triton
-    launch (warps, stages, rows) given to both the "sum" and the "sum_phi" kernel, and each KernelConfig.sum_blocks
-    (blocks per program of the per-block sums)."""
+    launch (warps, stages, rows) given to both the "sum" and the "sum_phi" kernel."""
     from experiments.dev.common import kernel_call, phi, router_lut
     from pallas_kernels import linear_states
     from pallas_kernels.config import Launch
@@ -148,12 +140,11 @@ def states_kernel(launches, out, sum_blocks=(1,)):
         "all": lambda x, v, cfg, fm: linear_states.outer_sum(x, v, cfg, phi=fm),
     }
     rows = []
-    for launch, g in [(launch, g) for launch in launches for g in sum_blocks]:
+    for launch in launches:
         config = heuristic_config(n, d, jnp.bfloat16, 128, 64)
         swept = {"sum": Launch(*launch), "sum_phi": Launch(*launch)}
-        config = config.replace(launch=tuple(x for x in config.launch if x[0] not in swept) + tuple(swept.items()),
-                                sum_blocks=g)
-        row = {"launch": launch, "sum_blocks": g}
+        config = config.replace(launch=tuple(x for x in config.launch if x[0] not in swept) + tuple(swept.items()))
+        row = {"launch": launch}
         for scope, job in jobs.items():
             cfg = kernel_call(q, lut, config=config, linear_scope=scope)
             for name, x, fm in (("phi_array", kp, None), ("phi_in_kernel", k, softmax)):
@@ -217,8 +208,6 @@ def main():
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS, help="wan: the module forms to time")
     p.add_argument("--launches", nargs="*", default=None,
                    help="states: Triton launches WARPS,STAGES,ROWS to sweep (default: seven of them)")
-    p.add_argument("--sum-blocks", type=int, nargs="+", default=[1],
-                   help="states: KernelConfig.sum_blocks values to sweep with each launch")
     p.add_argument("--cases", nargs="*", default=None,
                    help="wan: SPARSITY:SCOPE pairs (default: every --sparsity with every --scopes)")
     args = p.parse_args()
@@ -228,9 +217,9 @@ def main():
         if "small" in args.parts:
             small_checks()
         if "states" in args.parts:
-            launches = [tuple(int(x) for x in l.split(",")) for l in args.launches] if args.launches else [
+            launches = [tuple(int(x) for x in launch.split(",")) for launch in args.launches] if args.launches else [
                 (8, 2, 64), (8, 3, 64), (8, 4, 64), (4, 3, 64), (8, 3, 32), (4, 2, 128), (8, 3, 128)]
-            states_kernel(launches, args.out, args.sum_blocks)
+            states_kernel(launches, args.out)
         if "wan" in args.parts:
             cases = [(float(c.split(":")[0]), c.split(":")[1]) for c in args.cases] if args.cases else [
                 (x, scope) for x in args.sparsity for scope in args.scopes]
