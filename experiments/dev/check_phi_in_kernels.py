@@ -7,10 +7,10 @@ routing from block means alone) against the form with phi arrays (the front end 
 1. small: fresh seed; N 1000 / 2048 / 776 / 1048, D 128 / 64, bf16 / f16, both linear scopes, the three feature
    maps; the Mosaic forward and backward (heuristic_config): output and the gradients of q, k, v, alpha vs jax.grad
    of the dense float32 reference with phi applied by JAX, and vs the same kernels given phi arrays.
-2. wan: wan-1.3b (B1 H12 N32760 D128 bf16) per sparsity and scope: the module forward (sla2_attention, SLA router,
-   alpha = captured mass) in both forms: their outputs vs each other, CUPTI kernel times per kernel name, in-model
-   time (30 calls on distinct inputs in one jit) and one synchronised call, with cuDNN in the same process; the
-   module forward+backward in-model the same way.
+2. wan: wan-1.3b (B1 H12 N32760 D128 bf16; --workload wan-14b-720p: B1 H40 N75600) per sparsity and scope: the
+   module forward (sla2_attention, SLA router, alpha = captured mass) in both forms: their outputs vs each other,
+   CUPTI kernel times per kernel name, in-model time (--layers calls on distinct inputs in one jit) and one
+   synchronised call, with cuDNN in the same process; the module forward+backward in-model the same way.
 3. states (--parts states): CUPTI times of the complement states at wan-1.3b, 95%, from phi(K) and from K (phi in
    the kernel), per Triton launch of the "sum" kernel (--launches).
 JSON to DIR/check_phi_in_kernels.json (written after each wan row and at the end).
@@ -159,8 +159,11 @@ def states_kernel(launches, out):
         save(out)
 
 
-def wan(cases, layers, fwd_bwd, out, forms):
-    b, n, h, d = 1, 32760, 12, 128
+def wan(cases, layers, fwd_bwd, out, forms, workload="wan-1.3b"):
+    from experiments.benchmark import WORKLOADS
+
+    b, h, n, d = WORKLOADS[workload][0]
+    RESULTS["workload"] = workload
     keys = jax.random.split(jax.random.PRNGKey(17), layers)
     sets = [tuple(jax.random.normal(kk, (4, b, n, h, d), jnp.bfloat16)) for kk in keys]  # q, k, v, do
     cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")  # noqa: E731
@@ -206,6 +209,8 @@ def main():
     p.add_argument("--parts", nargs="+", default=["small", "wan"], help="small, wan, states")
     p.add_argument("--no-fwd-bwd", action="store_true", help="wan: the forward only")
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS, help="wan: the module forms to time")
+    p.add_argument("--workload", default="wan-1.3b", choices=["wan-1.3b", "wan-14b-720p"],
+                   help="wan: the shape (wan-14b-720p: give --layers 5 or fewer, its inputs take 3 GiB per layer)")
     p.add_argument("--launches", nargs="*", default=None,
                    help="states: Triton launches WARPS,STAGES,ROWS to sweep (default: seven of them)")
     p.add_argument("--cases", nargs="*", default=None,
@@ -223,7 +228,7 @@ def main():
         if "wan" in args.parts:
             cases = [(float(c.split(":")[0]), c.split(":")[1]) for c in args.cases] if args.cases else [
                 (x, scope) for x in args.sparsity for scope in args.scopes]
-            wan(cases, args.layers, not args.no_fwd_bwd, args.out, args.forms)
+            wan(cases, args.layers, not args.no_fwd_bwd, args.out, args.forms, args.workload)
     finally:
         save(args.out)
 
