@@ -10,7 +10,8 @@ routing from block means alone) against the form with phi arrays (the front end 
 2. wan: wan-1.3b (B1 H12 N32760 D128 bf16; --workload wan-14b-720p: B1 H40 N75600) per sparsity and scope: the
    module forward (sla2_attention, SLA router, alpha = captured mass) in both forms: their outputs vs each other,
    CUPTI kernel times per kernel name, in-model time (--layers calls on distinct inputs in one jit) and one
-   synchronised call, with cuDNN in the same process; the module forward+backward in-model the same way.
+   synchronised call, with cuDNN in the same process; the module forward+backward in-model the same way, with its
+   CUPTI kernel times (not for the low-bit forms "int8", "int8_fp8", whose backward is the bf16 one).
 3. states (--parts states): CUPTI times of the complement states at wan-1.3b, 95%, from phi(K) and from K (phi in
    the kernel), per Triton launch of the "sum" kernel (--launches).
 JSON to DIR/check_phi_in_kernels.json (written after each wan row and at the end).
@@ -33,7 +34,7 @@ from pallas_kernels.reference import reference_fused
 from sla2_jax.feature_maps import PHI_FUNCTIONS
 
 RESULTS: dict = {}
-FORMS = ("no_phi_arrays", "phi_arrays")  # the wan part's module forms (module_forms)
+FORMS = ("no_phi_arrays", "phi_arrays", "int8", "int8_fp8")  # the wan part's module forms (module_forms)
 SMALL = [  # (N, D, topk, dtype, scope, feature map)
     (1000, 128, 3, jnp.bfloat16, "complement", "softmax"),
     (2048, 64, 5, jnp.bfloat16, "all", "softmax"),
@@ -94,7 +95,7 @@ def small_checks():
 
 def module_forms(sparsity, scope, forms):
     """(form name -> module forward fn(q, k, v)) of the names in forms (FORMS): "no_phi_arrays" (the library's
-    form), "phi_arrays" (the front end writes phi arrays)."""
+    form), "phi_arrays" (the front end writes phi arrays), "int8" / "int8_fp8" (the library's low-bit forward)."""
     import sla2_jax as sla
     from sla2_jax import backends
 
@@ -108,7 +109,11 @@ def module_forms(sparsity, scope, forms):
                                                           feature_map=config.feature_map, int8_keys=False)
         return backends.fused(q, k, v, qp, kp, lut, jax.lax.stop_gradient(mass), config)
 
-    every = {"no_phi_arrays": no_arrays, "phi_arrays": arrays}
+    def low_bit(quant):
+        low = config.replace(quant=quant)
+        return lambda q, k, v: sla.sla2_attention(q, k, v, config=low)
+
+    every = {"no_phi_arrays": no_arrays, "phi_arrays": arrays, "int8": low_bit("int8"), "int8_fp8": low_bit("int8_fp8")}
     return {name: every[name] for name in forms}
 
 
@@ -186,14 +191,18 @@ def wan(cases, layers, fwd_bwd, out, forms, workload="wan-1.3b"):
                 total, per_iter = kernel_ms(fn, sets[0][:3])
                 t["fwd_cupti_ms"] = total
                 t["fwd_kernels_ms"] = [(nm, round(ms, 4)) for nm, ms in per_iter[len(per_iter) // 2]]
-                if fwd_bwd:
+                if fwd_bwd and not name.startswith("int8"):
+                    total, per_iter = kernel_ms(grads_of(fn), sets[0])
+                    t["fwd_bwd_cupti_ms"] = total
+                    t["fwd_bwd_kernels_ms"] = [(nm, round(ms, 4)) for nm, ms in per_iter[len(per_iter) // 2]]
                     t["fwd_bwd_in_model_ms"] = 1e3 * in_model_seconds(grads_of(fn), sets, layers=layers)
                     t["fwd_bwd_x_cudnn"] = base["cudnn_fwd_bwd_in_model_ms"] / t["fwd_bwd_in_model_ms"]
             except Exception as e:  # noqa: BLE001
                 record_error(row, f"error_{name}", e)
             row[name] = t
-        if "no_phi_arrays" in outs and "phi_arrays" in outs:
-            row["rel_o_no_arrays_vs_arrays"] = rel(outs["no_phi_arrays"], outs["phi_arrays"])
+        for name in outs:
+            if name != "no_phi_arrays" and "no_phi_arrays" in outs:
+                row[f"rel_o_{name}_vs_no_phi_arrays"] = rel(outs[name], outs["no_phi_arrays"])
         print("wan", json.dumps(row), flush=True)
         rows.append(row)
         RESULTS["wan"] = rows
