@@ -69,6 +69,17 @@ def linear_inputs(q_phi, k_phi, v, lut, cfg: KernelCall, phi=None, key_sums=None
     return [("q_phi", q_phi, seq_spec(cfg)), ("h_lin", h, h_spec), ("z_lin", z, z_spec)], h, z
 
 
+def phi_linear_inputs(q, k, v, lut, cfg: KernelCall, phi, key_sums, epilogue_applies_phi):
+    """linear_inputs of a forward without phi arrays: the states from K by phi (or from key_sums), and phi(Q) left
+    to the Mosaic epilogue where epilogue_applies_phi(named linear inputs) says it runs there, else a phi(Q) array
+    made here (feature_map_rows: the Triton epilogue and the Triton forward read one)."""
+    linear, h_lin, z_lin = linear_inputs(None, k, v, lut, cfg, phi, key_sums)
+    if linear and not epilogue_applies_phi({name: x for name, x, _ in linear}):
+        q_phi = feature_map_rows(q, phi, interpret=cfg.interpret)
+        linear = [(name, q_phi if name == "q_phi" else x, spec) for name, x, spec in linear]
+    return linear, h_lin, z_lin
+
+
 def forward_outputs(q, cfg: KernelCall, *, fused: bool, residuals: bool):
     """(name, shape struct, BlockSpec) of the forward kernels' outputs: o (fused) and/or o_s, o_l, and the
     residuals LSE and den the backward needs. Shared by the bf16 and low-bit forward kernels."""
@@ -162,11 +173,8 @@ def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, 
     linear_states.key_block_sums)."""
     b, n, h, d = q.shape
     if q_phi is None:
-        linear, h_lin, z_lin = linear_inputs(None, k, v, lut, cfg, phi, key_sums)
-        named = {name: x for name, x, _ in linear}
-        if linear and not (cfg.mosaic_forward and uses_mosaic_epilogue(named, cfg, q.dtype)):
-            q_phi = feature_map_rows(q, phi, interpret=cfg.interpret)
-            linear = [(name, q_phi if name == "q_phi" else x, spec) for name, x, spec in linear]
+        in_epilogue = lambda named: cfg.mosaic_forward and uses_mosaic_epilogue(named, cfg, q.dtype)  # noqa: E731
+        linear, h_lin, z_lin = phi_linear_inputs(q, k, v, lut, cfg, phi, key_sums, in_epilogue)
     else:
         linear, h_lin, z_lin = linear_inputs(q_phi, k_phi, v, lut, cfg)
     if cfg.mosaic_forward:
@@ -335,22 +343,27 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
 # Low-bit forward
 # ----------------------------------------------------------------------------------------------------------
 def forward_lowbit(
-    q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: KernelCall, quant: str, *, fused: bool, residuals: bool, queries=None
+    q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: KernelCall, quant: str, *, fused: bool, residuals: bool, queries=None,
+    phi=None, key_sums=None,
 ):
     """The low-bit forward; returns the same dict as ``forward`` (o / o_s, o_l, lse, den, h_lin, z_lin).
 
     keys: ``QuantisedKeys`` made before (then Q is quantised inside the forward kernel and there is no pre-pass)
     or None (quantize.prequantize). queries: None or Q quantised before (``quantize.QuantisedQueries``, with keys):
-    the kernels read its int8 Q and scales instead of quantising Q.
+    the kernels read its int8 Q and scales instead of quantising Q. q_phi = k_phi = None with phi (the feature map)
+    and optionally key_sums: as ``forward``'s form without phi arrays (phi(K) in the states kernel, phi(Q) in the
+    INT8 Mosaic epilogue from q's rows, or a phi(Q) array where the linear branch runs in a Triton kernel).
     """
     if _lowbit_on_mosaic(cfg, quant):
         return _forward_lowbit_mosaic(
-            q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, fused=fused, residuals=residuals, queries=queries, quant=quant
+            q, k, v, q_phi, k_phi, lut, alpha, keys, cfg, fused=fused, residuals=residuals, queries=queries, quant=quant,
+            phi=phi, key_sums=key_sums,
         )
     q_given = (None, None) if queries is None else tuple(queries)[:2]
     quantised = prequantize(q, k, cfg.block_q, cfg.block_k, cfg.interpret) if keys is None else Quantised(*q_given, *keys)
     return forward_lowbit_triton(
-        q, k, v, q_phi, k_phi, lut, alpha, quantised, cfg, quant, fused=fused, residuals=residuals
+        q, k, v, q_phi, k_phi, lut, alpha, quantised, cfg, quant, fused=fused, residuals=residuals, phi=phi,
+        key_sums=key_sums,
     )
 
 
@@ -362,7 +375,8 @@ def _lowbit_on_mosaic(cfg: KernelCall, quant: str) -> bool:
 
 
 def _forward_lowbit_mosaic(
-    q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: KernelCall, *, fused: bool, residuals: bool, queries=None, quant="int8"
+    q, k, v, q_phi, k_phi, lut, alpha, keys, cfg: KernelCall, *, fused: bool, residuals: bool, queries=None, quant="int8",
+    phi=None, key_sums=None,
 ):
     """INT8 sparse branch by the Mosaic GPU kernel; the linear branch and the combine in its epilogue (quant "int8",
     where uses_mosaic_epilogue allows, as for bf16) or in the Triton epilogue after it (o_s, LSE through memory);
@@ -371,12 +385,17 @@ def _forward_lowbit_mosaic(
     if keys is None:
         qz = prequantize(q, k, cfg.block_q, cfg.block_k, cfg.interpret, queries=False)
         keys = QuantisedKeys(qz.k8, qz.k_scale, qz.k_mean)
-    linear, h_lin, z_lin = linear_inputs(q_phi, k_phi, v, lut, cfg)
+    in_epilogue = lambda named: quant == "int8" and uses_mosaic_epilogue(named, cfg, q.dtype)  # noqa: E731
+    if phi is None:
+        linear, h_lin, z_lin = linear_inputs(q_phi, k_phi, v, lut, cfg)
+    else:
+        linear, h_lin, z_lin = phi_linear_inputs(q, k, v, lut, cfg, phi, key_sums, in_epilogue)
     named = {name: x for name, x, _ in linear}
     kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "queries": queries}
-    if quant == "int8" and uses_mosaic_epilogue(named, cfg, q.dtype):
-        # shared memory at D = 128: int8 Q 16 KB, ring of 4 (8 + 16 KB), phi(Q), H_i, 1 tile of its own (three outputs)
-        lin, plan = mosaic_epilogue_args(q, alpha, named, cfg, fused=fused, residuals=residuals)
+    if in_epilogue(named):
+        # shared memory at D = 128: int8 Q 16 KB, ring of 4 (8 + 16 KB), phi(Q) (or Q's rows), H_i, 1 tile of its own
+        # (three outputs)
+        lin, plan = mosaic_epilogue_args(q, alpha, named, cfg, fused=fused, residuals=residuals, phi=phi)
         out = mosaic_forward.sparse_linear_attention_mosaic_int8(q, k, v, lut, keys, lin, **plan, **kw)
     else:
         values = quantize_values_fp8(v, cfg.block_k, interleave=True) if quant == "int8_fp8" else None
@@ -389,9 +408,11 @@ def _forward_lowbit_mosaic(
 
 
 def forward_lowbit_triton(
-    q, k, v, q_phi, k_phi, lut, alpha, quantised: Quantised, cfg: KernelCall, quant: str, *, fused: bool, residuals: bool
+    q, k, v, q_phi, k_phi, lut, alpha, quantised: Quantised, cfg: KernelCall, quant: str, *, fused: bool, residuals: bool,
+    phi=None, key_sums=None,
 ):
-    """The Triton low-bit forward kernel given the quantised operands (timed on its own by the GPU probes)."""
+    """The Triton low-bit forward kernel given the quantised operands (timed on its own by the GPU probes); phi,
+    key_sums as forward_lowbit's."""
     b, _, h, d = q.shape
     fp8 = quant == "int8_fp8"
     seq = seq_spec(cfg)
@@ -409,7 +430,10 @@ def forward_lowbit_triton(
         inputs += [("v8t", v8t, full_spec(d, cfg.nk * cfg.block_k)), ("v_scale", v_scale, full_spec(d))]
     if not fp8:
         inputs += [("v", v, seq)]
-    linear, h_lin, z_lin = linear_inputs(q_phi, k_phi, v, lut, cfg)
+    if phi is None:
+        linear, h_lin, z_lin = linear_inputs(q_phi, k_phi, v, lut, cfg)
+    else:
+        linear, h_lin, z_lin = phi_linear_inputs(q, k, v, lut, cfg, phi, key_sums, lambda named: False)
     inputs += linear
     if fused:
         inputs += [("alpha", alpha, full_spec(cfg.nq))]
@@ -543,6 +567,26 @@ def _fused_lowbit_bwd(cfg, quant, res, do):
 _fused_lowbit.defvjp(_fused_lowbit_fwd, _fused_lowbit_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _fused_lowbit_phi(q, k, v, lut, alpha, key_sums, keys, queries, cfg, quant, phi):
+    return forward_lowbit(q, k, v, None, None, lut, alpha, keys, cfg, quant, fused=True, residuals=False,
+                          queries=queries, phi=phi, key_sums=key_sums)["o"]
+
+
+def _fused_lowbit_phi_fwd(q, k, v, lut, alpha, key_sums, keys, queries, cfg, quant, phi):
+    out = forward_lowbit(q, k, v, None, None, lut, alpha, keys, cfg, quant, fused=True, residuals=True,
+                         queries=queries, phi=phi, key_sums=key_sums)
+    return out["o"], residuals(q, k, v, None, None, lut, alpha, out)
+
+
+def _fused_lowbit_phi_bwd(cfg, quant, phi, res, do):
+    del quant  # straight-through: the full-precision backward of the form without phi arrays
+    return (*_fused_phi_bwd(cfg, phi, res, do), None, None)  # no gradient to the quantised keys / queries
+
+
+_fused_lowbit_phi.defvjp(_fused_lowbit_phi_fwd, _fused_lowbit_phi_bwd)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------------------------------------
@@ -584,21 +628,30 @@ def sla2_fused_attention(
     that the forward does not read K and V for them again; not differentiated (the gradients of q, k, v are whole
     without them).
     """
+    cfg, key_sums = _validate_phi_form(q, k, v, q_phi, k_phi, lut, feature_map, key_sums, block_q, block_k,
+                                       linear_scope, sm_scale, eps, interpret, config)
+    alpha = checked_alpha(alpha, q, cfg)
+    if q_phi is None:
+        return _fused_phi(q, k, v, lut, alpha, key_sums, cfg, feature_map)
+    return _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha, cfg)
+
+
+def _validate_phi_form(q, k, v, q_phi, k_phi, lut, feature_map, key_sums, *call_args):
+    """(KernelCall, key_sums stopped or None) of a fused entry point given either phi arrays, or neither with
+    feature_map (and optionally key_sums); call_args: validate_call's from block_q on. ValueError otherwise."""
     if q_phi is None and k_phi is None:
         if not callable(feature_map):
             raise ValueError("q_phi = k_phi = None needs feature_map, a function of a float32 (rows, D) tile")
-        cfg = validate_call(q, k, v, q, k, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret, config)
+        cfg = validate_call(q, k, v, q, k, lut, *call_args)
         if key_sums is not None:
             _check_key_sums(key_sums, q, cfg)
             key_sums = jax.lax.stop_gradient(key_sums) if cfg.linear else None  # None: no linear branch
-        return _fused_phi(q, k, v, lut, checked_alpha(alpha, q, cfg), key_sums, cfg, feature_map)
+        return cfg, key_sums
     if key_sums is not None:
         raise ValueError("key_sums goes with q_phi = k_phi = None and feature_map")
     if q_phi is None or k_phi is None or feature_map is not None:
         raise ValueError("give q_phi and k_phi (and no feature_map), or neither of them with feature_map")
-    cfg = validate_call(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret, config)
-    alpha = checked_alpha(alpha, q, cfg)
-    return _fused(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha, cfg)
+    return validate_call(q, k, v, q_phi, k_phi, lut, *call_args), None
 
 
 def key_block_sums(k, v, *, block_q=128, block_k=64, linear_scope="complement", feature_map, interpret=None,
@@ -722,16 +775,22 @@ def sla2_fused_attention_lowbit(
     keys=None,
     queries=None,
     config=None,
+    feature_map=None,
+    key_sums=None,
 ):
     """SLA2 output o = alpha * o_s + (1 - alpha) * o_l in one kernel, o_s from the low-bit sparse branch.
 
-    Same arguments as ``sla2_fused_attention`` plus ``quant``, ``keys`` and ``queries`` (see
+    Same arguments as ``sla2_fused_attention`` (q_phi = k_phi = None with feature_map and optionally key_sums
+    included: no phi arrays in the forward) plus ``quant``, ``keys`` and ``queries`` (see
     ``sparse_linear_attention_lowbit``). Differentiable w.r.t. q, k, v, q_phi, k_phi and alpha (straight-through:
     the bf16 backward kernels with the low-bit forward's LSE and O_s).
     """
     _check_quant(quant)
-    cfg = validate_call(q, k, v, q_phi, k_phi, lut, block_q, block_k, linear_scope, sm_scale, eps, interpret, config)
+    cfg, key_sums = _validate_phi_form(q, k, v, q_phi, k_phi, lut, feature_map, key_sums, block_q, block_k,
+                                       linear_scope, sm_scale, eps, interpret, config)
     alpha = checked_alpha(alpha, q, cfg)
     keys = _check_keys(keys, k, cfg)
     queries = _check_queries(queries, keys, q, cfg)
+    if q_phi is None:
+        return _fused_lowbit_phi(q, k, v, lut, alpha, key_sums, keys, queries, cfg, quant, feature_map)
     return _fused_lowbit(q, k, v, q_phi.astype(q.dtype), k_phi.astype(q.dtype), lut, alpha, keys, queries, cfg, quant)

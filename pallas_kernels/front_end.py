@@ -369,7 +369,7 @@ _prep_int8.defvjp(_prep_int8_fwd, _prep_int8_bwd)
 
 
 def block_means_phi_int8(
-    k, block: int, feature_map=None, *, interpret=None, num_warps=_PREP_WARPS, pass_through=False
+    k, block: int, feature_map=None, *, interpret=None, num_warps=_PREP_WARPS, pass_through=False, mean=None
 ):
     """phi(K), the per-block means of K and the int8 smoothed keys of the low-bit forward, from one read of K.
 
@@ -379,7 +379,9 @@ def block_means_phi_int8(
     Args:
       k: (B, N, H, D) bf16/f16/f32, any N, D a power of two; block: key block size (power of two >= 16);
       feature_map, interpret, num_warps, pass_through: as ``block_means_and_phi`` (one ``block``-row tile per
-      program).
+      program); mean: None, or the smoothing mean (B, H, D) float32 to use instead of mean_N(K) (any vector is
+      exact: the forward adds q . mean back to the LSE; e.g. the mean of ``key_block_sums``' block means, which
+      saves the reduction's read of K).
     Returns:
       (phi(k) (B, N, H, D) in k.dtype or None, means (B, H, Nb, D) float32, ``QuantisedKeys`` (k8 int8
       (B, N, H, D), scale float32 (B, H, Nb), mean float32 (B, H, D)) equal to
@@ -387,7 +389,12 @@ def block_means_phi_int8(
       are not.
     """
     _check_prep_args(k, block, feature_map, 1)
-    mean = lax.stop_gradient(jnp.mean(k.astype(_F32), axis=1))
+    b, _, h, d = k.shape
+    if mean is None:
+        mean = jnp.mean(k.astype(_F32), axis=1)
+    elif getattr(mean, "shape", None) != (b, h, d):
+        raise ValueError(f"mean must be (B, H, D) = {(b, h, d)}; got {getattr(mean, 'shape', None)}")
+    mean = lax.stop_gradient(jnp.asarray(mean, _F32))
     outs = _prep_int8(k, mean, block, feature_map, _interpret(interpret), num_warps, pass_through, True, None)
     k_out = (outs.pop(),) if pass_through else ()
     phi = outs[0] if feature_map is not None else None

@@ -93,8 +93,9 @@ def sparse_attention_mosaic(
 class LinearInputs(NamedTuple):
     """The linear branch's inputs of the in-kernel epilogue (16-bit forward).
 
-    q_phi (B, N, H, D) in q's dtype, or None: then phi(Q) is computed in the epilogue from the kernel's own Q tile
-    by ``feature_map`` (16-bit scores only); h (B, H, Nq, D, D) bf16 (or f16): H_i of each query block (complement
+    q_phi (B, N, H, D) in q's dtype, or None: then phi(Q) is computed in the epilogue by ``feature_map``, from
+    the kernel's own Q tile (16-bit scores) or, for int8 scores, from the 16-bit Q rows loaded into the phi(Q)
+    tile (``sparse_linear_attention_mosaic_int8`` hands q over); h (B, H, Nq, D, D) bf16 (or f16): H_i of each query block (complement
     scope), or (B, H, 1, D, D): one state shared by all query blocks (scope "all"); z (B, H, Nq or 1, D) f32: Z_i
     likewise; alpha (B, H, Nq) f32, or None when the combined output "o" is not asked for; eps: added to the
     denominator phi(Q_i) . Z_i; feature_map: phi, a function of a float32 (rows, D) tile -> float32 (rows, D)
@@ -159,11 +160,13 @@ def sparse_linear_attention_mosaic_int8(
     """INT8 sparse branch (as sparse_attention_mosaic_int8: Q8 K8~^T, P V in v's dtype) with the linear branch and
     the SLA2 combine in the kernel's epilogue (as sparse_linear_attention_mosaic): q, k, v, lut, keys, queries as
     sparse_attention_mosaic_int8; linear, outputs as sparse_linear_attention_mosaic ("lse" of the unsmoothed
-    scores). Returns {name: array}."""
+    scores). linear.q_phi None: phi(Q) in the epilogue from q's rows (loaded where the phi(Q) tile would be).
+    Returns {name: array}."""
     q8, step_scale, shift = _int8_operands(q, lut, keys, sm_scale, queries)
     outputs = tuple(outputs)
     res = _sparse_forward(
-        q8, keys.k8, v, lut, step_scale, block_k=block_k, stages=stages, linear=linear, outputs=outputs, config=config
+        q8, keys.k8, v, lut, step_scale, block_k=block_k, stages=stages, linear=linear, outputs=outputs, config=config,
+        q16=q if linear.q_phi is None else None,
     )
     out = dict(zip(outputs, res))
     if "lse" in out:
@@ -231,6 +234,7 @@ def _sparse_forward(
     outputs=("o_s", "lse"),
     config: KernelConfig,
     values=None,
+    q16=None,
 ):
     """The kernel: score operands q_op, k_op (B, N, H, D) both 16-bit or both int8, values v (B, N, H, D) 16-bit.
 
@@ -239,8 +243,10 @@ def _sparse_forward(
     linear branch and the SLA2 combine in the epilogue. outputs: names of _TILE_OUTPUTS ((B, N, H, D) v.dtype) and
     _ROW_OUTPUTS ((B, H, Nq * 128) f32); without ``linear`` only "o_s" and "lse". config: the loop variant and
     launch choices (KernelConfig). values: None, or FP8 values (v8t, v_scale) (``sparse_attention_mosaic_int8``; int8 scores, no linear
-    branch): P V by the e4m3 wgmma, v gives only the output's shape and dtype. Returns the outputs in the order
-    asked, lse of the scores as computed (the caller corrects the LSE of smoothed keys)."""
+    branch): P V by the e4m3 wgmma, v gives only the output's shape and dtype. q16: the 16-bit Q (B, N, H, D) of
+    int8 scores whose epilogue applies linear.feature_map (linear.q_phi None): its rows are loaded into the phi(Q)
+    tile. Returns the outputs in the order asked, lse of the scores as computed (the caller corrects the LSE of
+    smoothed keys)."""
     # GPU-only backend: imported on use
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -277,18 +283,20 @@ def _sparse_forward(
     p8_smem = fp8 and config.p8_operand == "smem"
     tile_outs = [x for x in outputs if x in _TILE_OUTPUTS]
     row_outs = [x for x in outputs if x in _ROW_OUTPUTS]
+    phi_in_kernel = linear is not None and linear.q_phi is None
+    if phi_in_kernel and (not callable(linear.feature_map) or (quantised and q16 is None)):
+        raise ValueError("phi(Q) in the kernel needs LinearInputs.feature_map (a function) and, for int8 scores, q16")
+    # where the epilogue's phi(Q) comes from: a phi(Q) array, the 16-bit Q rows (int8 scores), or the Q tile
+    phi_source = None if linear is None else "q_phi" if not phi_in_kernel else "q16" if quantised else None
     in_names = ["q", "k", "v", "lut"] + (["scale"] if quantised else []) + (["v_scale"] if fp8 else [])
-    lin_names = (["h", "z"] if linear.q_phi is None else ["q_phi", "h", "z"]) if linear is not None else []
+    lin_names = ([phi_source] if phi_source else []) + ["h", "z"] if linear is not None else []
     in_names += lin_names + (["alpha"] if "o" in outputs else [])
     names = in_names + list(outputs)
-    phi_in_kernel = linear is not None and linear.q_phi is None
-    if phi_in_kernel and (quantised or not callable(linear.feature_map)):
-        raise ValueError("phi(Q) in the kernel needs 16-bit scores and LinearInputs.feature_map (a function)")
     # 16-bit output tiles of a compute warpgroup: its Q tile (free after the loop; 16-bit only), its phi(Q) tile
     # (free once loaded into registers; with phi(Q) from the Q tile only allocated when an output needs it), then
     # one V slot of the ring (ring_holds_outputs), then tiles of their own
     q_tiles = 0 if quantised else 1
-    phi_tile = linear is not None and (not phi_in_kernel or len(tile_outs) > q_tiles)
+    phi_tile = linear is not None and (phi_source is not None or len(tile_outs) > q_tiles)
     reused = q_tiles + phi_tile
     # (FP8 V slots are (D, block_k) 8-bit: too small for a (64, D) 16-bit tile)
     in_ring = ring_holds_outputs(block_k, stages, config) and len(tile_outs) > reused and not fp8
@@ -308,12 +316,13 @@ def _sparse_forward(
         def linear_branch(o_s, alpha):
             """o_l = phi(Q) H_i / den, den = phi(Q) . Z_i + eps (64 rows; one wgmma), and the combined o."""
             lin_ready = bars["lin_ready"]
-            if phi_in_kernel:  # from the Q tile, rounded to q's dtype as a q_phi array is
-                q_tile = plgpu.load(smem["q"].at[wg], (), layout=plgpu.Layout.WGMMA)
-                q_phi = linear.feature_map(q_tile.astype(f32)).astype(dtype)
-            else:
+            if phi_source is None:  # from the Q tile
+                q_phi = plgpu.load(smem["q"].at[wg], (), layout=plgpu.Layout.WGMMA)
+            else:  # phi(Q) rows, or (int8 scores) the 16-bit Q rows
                 plgpu.barrier_wait(lin_ready.at[wg])
                 q_phi = plgpu.load(smem["q_phi"].at[wg], (), layout=plgpu.Layout.WGMMA)
+            if phi_in_kernel:  # rounded to q's dtype as a q_phi array is
+                q_phi = linear.feature_map(q_phi.astype(f32)).astype(dtype)
             plgpu.barrier_wait(lin_ready.at[3])
             z = plgpu.load(smem["z"], (), layout=plgpu.Layout.WGMMA.reduce(0))
             den = (q_phi.astype(f32) * lax.broadcast_in_dim(z, (_ROWS, d), [1])).sum(axis=1) + linear.eps
@@ -561,9 +570,9 @@ def _sparse_forward(
                 plgpu.copy_gmem_to_smem(r["v_scale"].at[bi, hi], smem["v_scale"], bars["vs_ready"])
             if linear is not None:  # after the ring's first fill: needed only in the epilogue
                 lin_ready = bars["lin_ready"]
-                for half in range(0 if phi_in_kernel else 2):
+                for half in range(2 if phi_source else 0):
                     rows = pl.ds(qi * _BLOCK_Q + half * _ROWS, _ROWS)
-                    plgpu.copy_gmem_to_smem(r["q_phi"].at[bi, rows, hi], smem["q_phi"].at[half], lin_ready.at[half])
+                    plgpu.copy_gmem_to_smem(r[phi_source].at[bi, rows, hi], smem["q_phi"].at[half], lin_ready.at[half])
                 state = 0 if shared_state else qi
                 plgpu.copy_gmem_to_smem(r["h"].at[bi, hi, state], smem["h"], lin_ready.at[2])
                 plgpu.copy_gmem_to_smem(r["z"].at[bi, hi, state], smem["z"], lin_ready.at[3])
@@ -630,7 +639,7 @@ def _sparse_forward(
     }
     inputs = [q_op, k_op, values[0] if fp8 else v, lut] + ([scale] if quantised else []) + ([values[1]] if fp8 else [])
     if linear is not None:
-        inputs += [x for x in (linear.q_phi, linear.h, linear.z) if x is not None]
+        inputs += [x for x in (linear.q_phi, q16 if phi_source == "q16" else None, linear.h, linear.z) if x is not None]
         inputs += [linear.alpha] if "o" in outputs else []
     grid, grid_names = (h, nq, b), ("heads", "qblock", "batch")
     if config.grid_order == "qblocks":

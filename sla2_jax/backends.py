@@ -134,11 +134,14 @@ def hard_route(q, k, v, config: SLA2Config, *, w_q, w_k):
     One read of K and V gives the block means of K and the linear states' sums at once
     (``pallas_kernels.key_block_sums``: per key block for the complement scope, the totals for "all"), one read of
     Q its block means, one kernel selects the blocks; the sums go to the fused kernel (``fused(..., key_sums=)``),
-    which then reads K and V only for attention.
+    which then reads K and V only for attention. With config.quant != "none" the read of Q also quantises it and
+    one more read of K gives the int8 smoothed keys (``low_bit_operands``).
 
-    Returns (lut (B, H, Nq, k) int32 ascending, mass (B, H, Nq) f32, key_sums). No gradient flows through
-    them (the LUT is an index; the fused path uses the mass under stop_gradient; the fused kernel's backward gives
-    the whole dK, dV), so they are taken of stopped q, k, v and have no backward pass."""
+    Returns (lut (B, H, Nq, k) int32 ascending, mass (B, H, Nq) f32, key_sums, keys, queries), keys and queries
+    the low-bit operands (``QuantisedKeys``, ``QuantisedQueries``) or None. No gradient flows through them (the LUT
+    is an index; the fused path uses the mass under stop_gradient; the fused kernel's backward gives the whole dQ,
+    dK, dV; the low-bit operands are straight-through), so they are taken of stopped q, k, v and have no backward
+    pass."""
     import pallas_kernels
     from pallas_kernels.front_end import block_means_and_phi
     from sla2_jax.feature_maps import phi_function
@@ -148,9 +151,28 @@ def hard_route(q, k, v, config: SLA2Config, *, w_q, w_k):
                                                       linear_scope=config.linear_scope,
                                                       feature_map=phi_function(config.feature_map),
                                                       config=config.kernel)
-    q_means = block_means_and_phi(q, config.block_q)[1]
+    if config.quant == "none":
+        q_means, keys, queries = block_means_and_phi(q, config.block_q)[1], None, None
+    else:
+        q_means, keys, queries = low_bit_operands(q, k, k_means, config)
     lut, mass = _select(q_means, k_means, q.shape[1], config, w_q=w_q, w_k=w_k)
-    return lut, mass, key_sums
+    return lut, mass, key_sums, keys, queries
+
+
+def low_bit_operands(q, k, k_means, config: SLA2Config):
+    """(Q's block means (B, H, Nq, D) f32, ``QuantisedKeys``, ``QuantisedQueries``) of the low-bit forward: K~ = K -
+    m quantised per key block by one read of K, m = the mean of K's block means k_means (B, H, Nk, D) weighted by
+    their rows (any m is exact: the forward adds q . m back to the LSE); one read of Q gives its block means, int8
+    Q per query block and each row's LSE shift."""
+    from pallas_kernels.front_end import block_means_phi_int8, block_means_phi_int8_queries
+
+    n, head_dim = k.shape[1], k.shape[3]
+    rows = jnp.minimum(config.block_k, n - config.block_k * jnp.arange(k_means.shape[2]))  # rows of each key block
+    mean = jnp.einsum("bhjd,j->bhd", k_means, rows.astype(jnp.float32) / n)
+    keys = block_means_phi_int8(k, config.block_k, None, mean=mean)[2]
+    shift_scale = (1.0 / math.sqrt(head_dim)) * math.log2(math.e)  # the kernels' sm_scale * log2 e
+    _, q_means, queries = block_means_phi_int8_queries(q, config.block_q, None, keys.mean, shift_scale)
+    return q_means, keys, queries
 
 
 def branches(q, k, v, q_phi, k_phi, lut, *, block_q, block_k, linear_scope, quant, scale, eps, kernel=None):
@@ -166,19 +188,19 @@ def branches(q, k, v, q_phi, k_phi, lut, *, block_q, block_k, linear_scope, quan
 
 def fused(q, k, v, q_phi, k_phi, lut, alpha, config: SLA2Config, *, keys=None, queries=None, key_sums=None):
     """o = alpha o_s + (1 - alpha) o_l (B, N, H, D) in q.dtype by one fused forward kernel (low bit where
-    config.quant says so, with the front end's keys / queries). q_phi = k_phi = None (16-bit forward only): the
-    kernels compute phi(Q), phi(K) from q, k with config.feature_map (and take the linear states' sums, per key
-    block or the totals, from key_sums where hard_route made them)."""
+    config.quant says so, with the front end's keys / queries). q_phi = k_phi = None: the kernels compute phi(Q),
+    phi(K) from q, k with config.feature_map (and take the linear states' sums, per key block or the totals, from
+    key_sums where hard_route made them)."""
     import pallas_kernels
     from sla2_jax.feature_maps import phi_function
 
     kw = dict(block_q=config.block_q, block_k=config.block_k, linear_scope=config.linear_scope, eps=config.eps,
               config=config.kernel)
+    if q_phi is None:
+        kw["feature_map"] = phi_function(config.feature_map)
+        kw["key_sums"] = key_sums
     if config.quant != "none":  # real low-bit forward, full-precision backward (straight-through)
         return pallas_kernels.sla2_fused_attention_lowbit(
             q, k, v, q_phi, k_phi, lut, alpha, quant=config.quant, keys=keys, queries=queries, **kw
         )
-    if q_phi is None:
-        kw["feature_map"] = phi_function(config.feature_map)
-        kw["key_sums"] = key_sums
     return pallas_kernels.sla2_fused_attention(q, k, v, q_phi, k_phi, lut, alpha, **kw)

@@ -92,16 +92,10 @@ def sla2_output(q, k, v, config: SLA2Config, alpha_fn, *, w_q=None, w_k=None, so
                                        soft=soft)
     if backend == "pallas":
         _check_front_end_args(q, config, w_q, w_k)
-        if config.quant != "none":  # the front end also quantises K~ and Q (no pre-pass, no Q pass)
-            lut, mass, q_phi, k_phi, keys, queries, q, k = backends.front_end(
-                q, k, config, w_q=w_q, w_k=w_k, feature_map=config.feature_map, int8_keys=True
-            )
-            key_sums = None
-        else:  # the kernels compute phi(Q), phi(K) from q, k: the front end only routes
-            lut, mass, key_sums = backends.hard_route(q, k, v, config, w_q=w_q, w_k=w_k)
-            q_phi = k_phi = keys = queries = None
+        # the kernels compute phi(Q), phi(K) from q, k: the front end routes (and makes the low-bit operands)
+        lut, mass, key_sums, keys, queries = backends.hard_route(q, k, v, config, w_q=w_q, w_k=w_k)
         alpha = jnp.broadcast_to(alpha_fn(jax.lax.stop_gradient(mass)), mass.shape)
-        return backends.fused(q, k, v, q_phi, k_phi, lut, alpha, config, keys=keys, queries=queries,
+        return backends.fused(q, k, v, None, None, lut, alpha, config, keys=keys, queries=queries,
                               key_sums=key_sums).astype(q.dtype)
     o_s, o_l, mass = sparse_linear_outputs(q, k, v, config.replace(backend=backend), w_q=w_q, w_k=w_k, soft=soft)
     if not soft:

@@ -7,6 +7,7 @@ routing from block means alone) against the form with phi arrays (the front end 
 1. small: fresh seed; N 1000 / 2048 / 776 / 1048, D 128 / 64, bf16 / f16, both linear scopes, the three feature
    maps; the Mosaic forward and backward (heuristic_config): output and the gradients of q, k, v, alpha vs jax.grad
    of the dense float32 reference with phi applied by JAX, and vs the same kernels given phi arrays.
+   small_low_bit (--parts small_low_bit): the same for the low-bit forwards (int8, int8_fp8; 16-bit cases).
 2. wan: wan-1.3b (B1 H12 N32760 D128 bf16; --workload wan-14b-720p: B1 H40 N75600) per sparsity and scope: the
    module forward (sla2_attention, SLA router, alpha = captured mass) in both forms: their outputs vs each other,
    CUPTI kernel times per kernel name, in-model time (--layers calls on distinct inputs in one jit) and one
@@ -20,6 +21,7 @@ JSON to DIR/check_phi_in_kernels.json (written after each wan row and at the end
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 
@@ -34,7 +36,8 @@ from pallas_kernels.reference import reference_fused
 from sla2_jax.feature_maps import PHI_FUNCTIONS
 
 RESULTS: dict = {}
-FORMS = ("no_phi_arrays", "phi_arrays", "int8", "int8_fp8")  # the wan part's module forms (module_forms)
+# the wan part's module forms (module_forms)
+FORMS = ("no_phi_arrays", "phi_arrays", "int8", "int8_fp8", "int8_phi_arrays", "int8_fp8_phi_arrays")
 SMALL = [  # (N, D, topk, dtype, scope, feature map)
     (1000, 128, 3, jnp.bfloat16, "complement", "softmax"),
     (2048, 64, 5, jnp.bfloat16, "all", "softmax"),
@@ -93,9 +96,68 @@ def small_checks():
     print(f"small: worst relative error vs dense f32 {worst}; errors {sum('error' in r for r in rows)}", flush=True)
 
 
+def small_low_bit_checks(quants=("int8", "int8_fp8")):
+    """The low-bit fused forward without phi arrays (the library's operands: K~ smoothed by the mean of
+    key_block_sums' block means, int8 Q from the Q pass) against the form with phi arrays (K pre-pass, XLA mean)
+    and the dense float32 reference, on the SMALL cases in 16 bits; output and gradients (straight-through)."""
+    from pallas_kernels import key_block_sums, sla2_fused_attention_lowbit
+    from sla2_jax import SLA2Config, backends
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    RESULTS["small_low_bit_seed"] = seed
+    rows = []
+    for (n, d, topk, dtype, scope, kind), quant in ((c, x) for c in SMALL if c[3] != jnp.float32 for x in quants):
+        row = dict(n=n, d=d, topk=topk, dtype=jnp.dtype(dtype).name, scope=scope, feature_map=kind, quant=quant)
+        try:
+            rng = np.random.default_rng([seed, n, d])
+            b, h, nq, nk = 1, 2, -(-n // 128), -(-n // 64)
+            q, k, v, w = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for _ in range(4))
+            k = k + 0.5 * jnp.asarray(rng.standard_normal(d), jnp.float32)  # an offset, so that smoothing matters
+            q, k, v = (x.astype(dtype) for x in (q, k, v))
+            lut = uniform_lut(rng, b, h, nq, nk, topk)
+            alpha = jnp.asarray(rng.uniform(0.2, 0.8, (b, h, nq)), jnp.float32)
+            phi = PHI_FUNCTIONS[kind]
+            config = heuristic_config(n, d, dtype, 128, 64)
+            row["forward"] = config.forward
+            kw = dict(block_q=128, block_k=64, linear_scope=scope, quant=quant, config=config)
+            library = SLA2Config(linear_scope=scope, quant=quant, feature_map=kind)
+            sums, k_means = key_block_sums(k, v, linear_scope=scope, feature_map=phi, config=config)
+            _, keys, queries = backends.low_bit_operands(q, k, k_means, library)
+
+            def ref(q, k, v, a):
+                q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+                return reference_fused(q32, k32, v32, phi(q32), phi(k32), lut, a, block_q=128, block_k=64,
+                                       linear_scope=scope)
+
+            def no_arrays(q, k, v, a):
+                return sla2_fused_attention_lowbit(q, k, v, None, None, lut, a, feature_map=phi, key_sums=sums,
+                                                   keys=keys, queries=queries, **kw)
+
+            def arrays(q, k, v, a):
+                qp, kp = (phi(x.astype(jnp.float32)).astype(x.dtype) for x in (q, k))
+                return sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, **kw)
+
+            def with_grads(fn):
+                loss = lambda *x: jnp.sum(fn(*x).astype(jnp.float32) * w)  # noqa: E731
+                return jax.jit(lambda *x: (fn(*x), jax.grad(loss, argnums=(0, 1, 2, 3))(*x)))
+
+            (o_r, g_r), (o_n, g_n), (o_a, g_a) = (with_grads(f)(q, k, v, alpha) for f in (ref, no_arrays, arrays))
+            names = ("q", "k", "v", "alpha")
+            row["vs_dense"] = {"o": rel(o_n, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_n, g_r)}}
+            row["arrays_vs_dense"] = {"o": rel(o_a, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_a, g_r)}}
+            row["vs_arrays"] = {"o": rel(o_n, o_a), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_n, g_a)}}
+        except Exception as e:  # noqa: BLE001 - record and go on
+            record_error(row, "error", e)
+        print("small_low_bit", json.dumps(row), flush=True)
+        rows.append(row)
+    RESULTS["small_low_bit"] = rows
+
+
 def module_forms(sparsity, scope, forms):
     """(form name -> module forward fn(q, k, v)) of the names in forms (FORMS): "no_phi_arrays" (the library's
-    form), "phi_arrays" (the front end writes phi arrays), "int8" / "int8_fp8" (the library's low-bit forward)."""
+    form), "phi_arrays" (the front end writes phi arrays), "int8" / "int8_fp8" (the library's low-bit forward, phi
+    in the kernels), "int8_phi_arrays" / "int8_fp8_phi_arrays" (the low-bit forward with the front end that writes
+    phi arrays and the int8 operands, smoothing by an XLA mean of K)."""
     import sla2_jax as sla
     from sla2_jax import backends
 
@@ -104,16 +166,19 @@ def module_forms(sparsity, scope, forms):
     def no_arrays(q, k, v):
         return sla.sla2_attention(q, k, v, config=config)
 
-    def arrays(q, k, v):
-        lut, mass, qp, kp, _, _, q, k = backends.front_end(q, k, config, w_q=None, w_k=None,
-                                                          feature_map=config.feature_map, int8_keys=False)
-        return backends.fused(q, k, v, qp, kp, lut, jax.lax.stop_gradient(mass), config)
+    def arrays(q, k, v, config=config):
+        int8 = config.quant != "none"
+        lut, mass, qp, kp, keys, queries, q, k = backends.front_end(q, k, config, w_q=None, w_k=None,
+                                                                    feature_map=config.feature_map, int8_keys=int8)
+        return backends.fused(q, k, v, qp, kp, lut, jax.lax.stop_gradient(mass), config, keys=keys, queries=queries)
 
     def low_bit(quant):
         low = config.replace(quant=quant)
         return lambda q, k, v: sla.sla2_attention(q, k, v, config=low)
 
-    every = {"no_phi_arrays": no_arrays, "phi_arrays": arrays, "int8": low_bit("int8"), "int8_fp8": low_bit("int8_fp8")}
+    every = {"no_phi_arrays": no_arrays, "phi_arrays": arrays, "int8": low_bit("int8"), "int8_fp8": low_bit("int8_fp8"),
+             "int8_phi_arrays": functools.partial(arrays, config=config.replace(quant="int8")),
+             "int8_fp8_phi_arrays": functools.partial(arrays, config=config.replace(quant="int8_fp8"))}
     return {name: every[name] for name in forms}
 
 
@@ -191,7 +256,7 @@ def wan(cases, layers, fwd_bwd, out, forms, workload="wan-1.3b"):
                 total, per_iter = kernel_ms(fn, sets[0][:3])
                 t["fwd_cupti_ms"] = total
                 t["fwd_kernels_ms"] = [(nm, round(ms, 4)) for nm, ms in per_iter[len(per_iter) // 2]]
-                if fwd_bwd and not name.startswith("int8"):
+                if fwd_bwd and not name.startswith("int8"):  # the low-bit backward is the bf16 one
                     total, per_iter = kernel_ms(grads_of(fn), sets[0])
                     t["fwd_bwd_cupti_ms"] = total
                     t["fwd_bwd_kernels_ms"] = [(nm, round(ms, 4)) for nm, ms in per_iter[len(per_iter) // 2]]
@@ -215,7 +280,7 @@ def main():
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.95, 0.97])
     p.add_argument("--scopes", nargs="+", default=["complement", "all"])
     p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--parts", nargs="+", default=["small", "wan"], help="small, wan, states")
+    p.add_argument("--parts", nargs="+", default=["small", "wan"], help="small, small_low_bit, wan, states")
     p.add_argument("--no-fwd-bwd", action="store_true", help="wan: the forward only")
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS, help="wan: the module forms to time")
     p.add_argument("--workload", default="wan-1.3b", choices=["wan-1.3b", "wan-14b-720p"],
@@ -230,6 +295,8 @@ def main():
     try:
         if "small" in args.parts:
             small_checks()
+        if "small_low_bit" in args.parts:
+            small_low_bit_checks()
         if "states" in args.parts:
             launches = [tuple(int(x) for x in launch.split(",")) for launch in args.launches] if args.launches else [
                 (8, 2, 64), (8, 3, 64), (8, 4, 64), (4, 3, 64), (8, 3, 32), (4, 2, 128), (8, 3, 128)]

@@ -144,7 +144,8 @@ def test_bad_phi_arguments_raise_value_error():
 @pytest.mark.parametrize("kind", sorted(PHI_FUNCTIONS))
 def test_mosaic_forward_applies_phi_to_its_q_tile_when_lowered_for_cuda(kind):
     """The Mosaic forward with phi(Q) from its Q tile lowers for CUDA for every feature map (the formulas use only
-    operations Mosaic GPU lowers) and takes q, k, v, lut, H_i, Z_i, alpha: no phi(Q) input; int8 scores refuse it."""
+    operations Mosaic GPU lowers) and takes q, k, v, lut, H_i, Z_i, alpha: no phi(Q) input. The INT8 forward takes
+    q's 16-bit rows in its place (as many operands as with a phi(Q) array) and refuses phi without them."""
     b, n, h, d = 1, 1000, 2, 128
     nq = -(-n // 128)
     q = jnp.zeros((b, n, h, d), jnp.bfloat16)
@@ -161,21 +162,26 @@ def test_mosaic_forward_applies_phi_to_its_q_tile_when_lowered_for_cuda(kind):
     in_kernel, with_array = lowered(None), lowered(q)
     operands = lambda text: text.split("custom_call @mosaic_gpu")[1].split(")")[0].count("%")  # noqa: E731
     assert operands(in_kernel) == operands(with_array) - 1 == 7, (operands(in_kernel), operands(with_array))
-    with pytest.raises(ValueError, match="16-bit scores"):
-        mosaic_forward._sparse_forward(
-            q.astype(jnp.int8), q.astype(jnp.int8), q, lut, jnp.ones((b, h, nq, 3)), block_k=64, stages=2,
-            linear=mosaic_forward.LinearInputs(None, hs, zs, alpha, 1e-6, PHI_FUNCTIONS[kind]), outputs=("o",),
-            config=config,
-        )
+    def lowered_int8(q_phi, q16):
+        linear = mosaic_forward.LinearInputs(q_phi, hs, zs, alpha, 1e-6, PHI_FUNCTIONS[kind])
+        fn = lambda q8, v, lut, q16: mosaic_forward._sparse_forward(  # noqa: E731
+            q8, q8, v, lut, jnp.ones((b, h, nq, 3)), block_k=64, stages=2, linear=linear, outputs=("o",),
+            config=config, q16=q16)
+        return lowered_for_cuda(fn, q.astype(jnp.int8), q, lut, q16)
+
+    int8_in_kernel, int8_with_array = lowered_int8(None, q), lowered_int8(q, None)
+    assert operands(int8_in_kernel) == operands(int8_with_array) == 9, (operands(int8_in_kernel),)
+    with pytest.raises(ValueError, match="q16"):
+        lowered_int8(None, None)
 
 
 def _pallas_calls(jaxpr, found):
-    """(name, output shapes) of every pallas_call in a jaxpr, nested jaxprs included."""
+    """(name, [(shape, dtype) of each output]) of every pallas_call in a jaxpr, nested jaxprs included."""
     from jax.extend import core as jcore
 
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":
-            found.append((eqn.params.get("name"), [tuple(v.aval.shape) for v in eqn.outvars]))
+            found.append((eqn.params.get("name"), [(tuple(v.aval.shape), v.aval.dtype) for v in eqn.outvars]))
         for val in eqn.params.values():
             if isinstance(val, jcore.ClosedJaxpr):
                 _pallas_calls(val.jaxpr, found)
@@ -184,22 +190,46 @@ def _pallas_calls(jaxpr, found):
     return found
 
 
-@pytest.mark.parametrize("scope", ["complement", "all"])
-def test_the_library_forward_writes_no_phi_arrays(monkeypatch, scope):
+def _reductions_of(jaxpr, shape, found):
+    """The reduce_sum equations over axis 1 (the sequence) of an operand of this shape in a jaxpr, nested jaxprs
+    included."""
+    from jax.extend import core as jcore
+
+    for eqn in jaxpr.eqns:
+        if (eqn.primitive.name == "reduce_sum" and tuple(eqn.invars[0].aval.shape) == tuple(shape)
+                and 1 in eqn.params["axes"]):
+            found.append(eqn)
+        for val in eqn.params.values():
+            if isinstance(val, jcore.ClosedJaxpr):
+                _reductions_of(val.jaxpr, shape, found)
+            elif isinstance(val, jcore.Jaxpr):
+                _reductions_of(val, shape, found)
+    return found
+
+
+@pytest.mark.parametrize("scope,quant", [("complement", "none"), ("all", "none"), ("complement", "int8")])
+def test_the_library_forward_writes_no_phi_arrays(monkeypatch, scope, quant):
     """sla2_attention on the pallas backend with the Mosaic forward (its contract stand-in here): no kernel of the
-    forward writes a (B, N, H, D) array: the routing pass writes block means only, phi(K) stays inside the states
-    kernel and phi(Q) inside the Mosaic epilogue. Both scopes: K and V are read once for the routing's K means and
-    the linear states (one states kernel: per-block sums, or the totals for "all"), and one routing pass reads Q."""
+    forward writes a 16-bit (B, N, H, D) array: the routing pass writes block means only, phi(K) stays inside the
+    states kernel and phi(Q) inside the Mosaic epilogue. Both scopes: K and V are read once for the routing's K
+    means and the linear states (one states kernel: per-block sums, or the totals for "all"), and one routing pass
+    reads Q. Low bit ("int8"): the read of Q also writes int8 Q, one more read of K writes int8 K~ (no XLA
+    reduction of K: the smoothing mean comes from K's block means)."""
     import sla2_jax as sla
     from test_mosaic_fwd_epilogue import _contract_stand_in
+    from test_pallas_int8 import _emulated_mosaic_kernel_with_linear
 
     monkeypatch.setattr(mosaic_forward, "sparse_linear_attention_mosaic", _contract_stand_in([]))
+    monkeypatch.setattr(mosaic_forward, "_sparse_forward", _emulated_mosaic_kernel_with_linear)  # INT8 kernels
     config = sla.SLA2Config(topk_ratio=0.25, backend="pallas", kernel=KernelConfig(forward="mosaic"),
-                            linear_scope=scope)
+                            linear_scope=scope, quant=quant)
     q, k, v = (x.astype(jnp.bfloat16) for x in jax.random.normal(jax.random.PRNGKey(0), (3, 1, 320, 2, 64)))
     jaxpr = jax.make_jaxpr(lambda q, k, v: sla.sla2_attention(q, k, v, config=config))(q, k, v)
     calls = _pallas_calls(jaxpr.jaxpr, [])
     names = [name for name, _ in calls]
-    assert names.count("sla_prep") == 1, calls
+    routing = {"none": {"sla_prep": 1}, "int8": {"sla_prep_int8_q": 1, "sla_prep_int8": 1}}[quant]
+    for name in ("sla_prep", "sla_prep_int8_q", "sla_prep_int8"):
+        assert names.count(name) == routing.get(name, 0), calls
     assert names.count("sla_sum_phi") == 1, calls
-    assert not [c for c in calls if q.shape in c[1]], calls
+    assert not [c for c in calls if (q.shape, q.dtype) in c[1]], calls
+    assert not _reductions_of(jaxpr.jaxpr, q.shape, []), "an XLA pass reduces a (B, N, H, D) array over N"
