@@ -34,7 +34,8 @@ from pallas_kernels.reference import reference_fused
 from sla2_jax.feature_maps import PHI_FUNCTIONS
 
 RESULTS: dict = {}
-FORMS = ("no_phi_arrays", "phi_arrays", "int8", "int8_fp8")  # the wan part's module forms (module_forms)
+# the wan part's module forms (module_forms)
+FORMS = ("no_phi_arrays", "phi_arrays", "int8", "int8_fp8", "dk_phi_kernel")
 SMALL = [  # (N, D, topk, dtype, scope, feature map)
     (1000, 128, 3, jnp.bfloat16, "complement", "softmax"),
     (2048, 64, 5, jnp.bfloat16, "all", "softmax"),
@@ -113,7 +114,12 @@ def module_forms(sparsity, scope, forms):
         low = config.replace(quant=quant)
         return lambda q, k, v: sla.sla2_attention(q, k, v, config=low)
 
+    def dk_phi_kernel(q, k, v):  # the library's form with KernelConfig.dk_phi "kernel"
+        kernel = heuristic_config(q.shape[1], q.shape[3], q.dtype, 128, 64).replace(dk_phi="kernel")
+        return sla.sla2_attention(q, k, v, config=config.replace(kernel=kernel))
+
     every = {"no_phi_arrays": no_arrays, "phi_arrays": arrays, "int8": low_bit("int8"), "int8_fp8": low_bit("int8_fp8")}
+    every["dk_phi_kernel"] = dk_phi_kernel
     return {name: every[name] for name in forms}
 
 
