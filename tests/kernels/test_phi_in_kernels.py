@@ -45,21 +45,31 @@ def _reference_with_phi(phi, **kw):
     return f
 
 
+def _grads(fn, args, alpha, w):
+    """The gradients of sum(fn(q, k, v, alpha) * w) w.r.t. q, k, v, alpha (jitted), each like its argument."""
+    loss = lambda q, k, v, a: jnp.sum(fn(q, k, v, a).astype(jnp.float32) * w)  # noqa: E731
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args, alpha)
+
+
+def _fused_grads(args, lut, alpha, w, phi, kw):
+    """_grads of sla2_fused_attention without phi arrays (feature_map phi, keywords kw)."""
+    fused = lambda q, k, v, a: sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=phi, **kw)  # noqa: E731
+    return _grads(fused, args, alpha, w)
+
+
 def _check_against_reference(args, lut, alpha, w, phi, kw, ftol, gtol, seed):
+    """Output and gradients of q, k, v, alpha of the fused call without phi arrays vs the dense float32 reference
+    (norm-wise relative errors below ftol, gtol); returns the gradients."""
     o = sla2_fused_attention(*args, None, None, lut, alpha, feature_map=phi, **kw)
     ref = _reference_with_phi(phi, block_q=128, block_k=64, linear_scope=kw["linear_scope"])
     assert o.dtype == args[0].dtype and o.shape == args[0].shape
     assert _rel(o, ref(*args, lut, alpha)) < ftol, (seed, _rel(o, ref(*args, lut, alpha)))
-
-    def loss(fn):
-        return lambda q, k, v, a: jnp.sum(fn(q, k, v, a).astype(jnp.float32) * w)
-
-    fused = lambda q, k, v, a: sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=phi, **kw)  # noqa: E731
-    g = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2, 3)))(*args, alpha)
-    rg = jax.jit(jax.grad(loss(lambda q, k, v, a: ref(q, k, v, lut, a)), argnums=(0, 1, 2, 3)))(*args, alpha)
+    g = _fused_grads(args, lut, alpha, w, phi, kw)
+    rg = _grads(lambda q, k, v, a: ref(q, k, v, lut, a), args, alpha, w)
     for name, a, b in zip(("q", "k", "v", "alpha"), g, rg):
         assert bool(jnp.all(jnp.isfinite(a))), (seed, name)
         assert _rel(a, b) < gtol, (seed, name, _rel(a, b))
+    return g
 
 
 # (N, D, dtype, scope, feature map): ragged N, D 64 and 128, both scopes, every feature map
@@ -175,18 +185,20 @@ def test_mosaic_forward_applies_phi_to_its_q_tile_when_lowered_for_cuda(kind):
         lowered_int8(None, None)
 
 
-def _pallas_calls(jaxpr, found):
-    """(name, [(shape, dtype) of each output]) of every pallas_call in a jaxpr, nested jaxprs included."""
+def _pallas_calls(jaxpr, found, inputs=False):
+    """(name, [(shape, dtype) of each output]) of every pallas_call in a jaxpr, nested jaxprs included; inputs:
+    (name, number of inputs, [(shape, dtype) of each output])."""
     from jax.extend import core as jcore
 
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":
-            found.append((eqn.params.get("name"), [(tuple(v.aval.shape), v.aval.dtype) for v in eqn.outvars]))
+            name, outs = eqn.params.get("name"), [(tuple(v.aval.shape), v.aval.dtype) for v in eqn.outvars]
+            found.append((name, len(eqn.invars), outs) if inputs else (name, outs))
         for val in eqn.params.values():
             if isinstance(val, jcore.ClosedJaxpr):
-                _pallas_calls(val.jaxpr, found)
+                _pallas_calls(val.jaxpr, found, inputs)
             elif isinstance(val, jcore.Jaxpr):
-                _pallas_calls(val, found)
+                _pallas_calls(val, found, inputs)
     return found
 
 
@@ -233,3 +245,90 @@ def test_the_library_forward_writes_no_phi_arrays(monkeypatch, scope, quant):
     assert names.count("sla_sum_phi") == 1, calls
     assert not [c for c in calls if (q.shape, q.dtype) in c[1]], calls
     assert not _reductions_of(jaxpr.jaxpr, q.shape, []), "an XLA pass reduces a (B, N, H, D) array over N"
+
+
+# (N, D, dtype, scope, feature map): shapes the Mosaic backward takes (N % 8 == 0, ragged against both block
+# sizes), D 64 and 128, bf16 and f16, both scopes, every feature map
+DK_PHI_CASES = [
+    (1000, 128, jnp.bfloat16, "complement", "softmax"),
+    (776, 64, jnp.float16, "all", "elu"),
+    (776, 128, jnp.float16, "complement", "relu"),
+    (1000, 64, jnp.bfloat16, "all", "softmax"),
+]
+TOL_16 = {jnp.bfloat16: TOL[jnp.bfloat16], jnp.float16: (5e-3, 5e-3)}  # vs the dense f32 reference (f16 errors ~5e-4)
+DK_VS_PASS = {jnp.bfloat16: 2e-3, jnp.float16: 4e-4}  # dK vs "pass": 4e-4 (bf16), 1e-4 (f16) seen
+
+
+@pytest.mark.parametrize("n,d,dtype,scope,kind", DK_PHI_CASES)
+def test_dk_phi_in_the_dkv_linear_kernel_matches_the_pass(n, d, dtype, scope, kind, monkeypatch):
+    """KernelConfig.dk_phi "kernel" (the dK/dV linear kernel after the Mosaic dK/dV kernel, its contract stand-in
+    here, makes phi(K_j) and adds phi's vjp at K to dK): output and gradients of q, k, v, alpha vs the dense float32
+    reference, and vs dk_phi "pass" (a phi(K) array, then a vjp pass): dQ, d alpha from the same kernels, dV within
+    the rounding of phi(K_j) to the input dtype (1.9e-5 seen), dK within the rounding of the pass's dphi(K) array."""
+    from test_pallas_sparse_linear import patch_mosaic_backward
+
+    patch_mosaic_backward(monkeypatch, [])
+    seed = _seed()
+    args, lut, alpha, w = _inputs(seed, n, 2, d, dtype, 3)
+    phi = PHI_FUNCTIONS[kind]
+    kw = {"block_q": 128, "block_k": 64, "linear_scope": scope}
+    config = KernelConfig(backward="mosaic")
+    g = _check_against_reference(args, lut, alpha, w, phi, dict(kw, config=config.replace(dk_phi="kernel")),
+                                 *TOL_16[dtype], seed)
+    g_pass = _fused_grads(args, lut, alpha, w, phi, dict(kw, config=config.replace(dk_phi="pass")))
+    errors = {name: _rel(a, b) for name, a, b in zip(("q", "k", "v", "alpha"), g, g_pass)}
+    assert max(errors["q"], errors["alpha"]) < 1e-6, (seed, errors)
+    assert errors["v"] < 2e-4, (seed, errors)  # phi(K_j) made in another kernel: ulps of it may round the other way
+    assert errors["k"] < DK_VS_PASS[dtype], (seed, errors)
+
+
+def _backward_kernels(dk_phi, monkeypatch):
+    """(name, number of inputs, output shapes) of every pallas_call in the jaxpr of jax.grad of the fused call
+    without phi arrays (N 320, H 2, D 64 bf16, complement) with the Mosaic forward and backward (stand-ins) and
+    KernelConfig.dk_phi dk_phi."""
+    from test_mosaic_fwd_epilogue import _contract_stand_in
+    from test_pallas_sparse_linear import patch_mosaic_backward
+
+    monkeypatch.setattr(mosaic_forward, "sparse_linear_attention_mosaic", _contract_stand_in([]))
+    patch_mosaic_backward(monkeypatch, [])
+    args, lut, alpha, w = _inputs(0, 320, 2, 64, jnp.bfloat16, 2)
+    config = KernelConfig(forward="mosaic", backward="mosaic", dk_phi=dk_phi)
+    kw = {"block_q": 128, "block_k": 64, "linear_scope": "complement", "config": config}
+    fused = lambda q, k, v, a: sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=PHI_FUNCTIONS["elu"],
+                                                    **kw)  # noqa: E731
+    loss = lambda q, k, v, a: jnp.sum(fused(q, k, v, a).astype(jnp.float32) * w)  # noqa: E731
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args, alpha)
+    return _pallas_calls(jaxpr.jaxpr, [], inputs=True)
+
+
+def test_dk_phi_kernel_leaves_out_the_k_phi_pass_and_the_k_vjp_pass(monkeypatch):
+    """The backward with dk_phi "kernel" runs one front-end phi pass (over Q: sla_prep) and one vjp pass (over Q:
+    sla_prep_bwd) where "pass" runs two of each (Q and K), and its dK/dV linear kernel (sla_dkv) reads K and the
+    sparse dK (6 inputs: v, dv_s, k, dk_s, dh, dz) instead of phi(K) (5), writing dV and the whole dK."""
+    calls = {form: _backward_kernels(form, monkeypatch) for form in ("pass", "kernel")}
+    names = {form: [name for name, _, _ in found] for form, found in calls.items()}
+    for form, count in (("pass", 2), ("kernel", 1)):
+        assert names[form].count("sla_prep") == count, (form, calls[form])
+        assert names[form].count("sla_prep_bwd") == count, (form, calls[form])
+    dkv = {form: [c for c in found if c[0] == "sla_dkv"] for form, found in calls.items()}
+    assert [c[1] for c in dkv["pass"]] == [5] and [c[1] for c in dkv["kernel"]] == [6], dkv
+    assert len(names["kernel"]) == len(names["pass"]) - 2, names
+    with pytest.raises(ValueError, match="dk_phi"):
+        KernelConfig(dk_phi="in_kernels")
+
+
+@pytest.mark.parametrize("kind", sorted(PHI_FUNCTIONS))
+def test_dkv_linear_kernel_with_phi_lowers_for_cuda(kind):
+    """The dK/dV linear kernel with phi and its vjp applied to its K tile (KernelConfig.dk_phi "kernel") lowers for
+    CUDA for every feature map (N 1000, H 2, D 128 bf16, per-block bf16 dH_j; compiling and running need a GPU)."""
+    from pallas_kernels import attention
+
+    b, n, h, d = 1, 1000, 2, 128
+    x = jnp.zeros((b, n, h, d), jnp.bfloat16)
+    lut = jnp.zeros((b, h, -(-n // 128), 3), jnp.int32)
+    config = KernelConfig(forward="mosaic", backward="mosaic", dk_phi="kernel")
+    cfg = validate_call(x, x, x, x, x, lut, 128, 64, "complement", None, 1e-6, False, config)
+    totals = (jnp.zeros((b, h, cfg.nk, d, d), jnp.bfloat16), jnp.zeros((b, h, cfg.nk, d), jnp.float32))
+    fn = lambda k, v, dk_s, dv_s: attention._dkv_linear_mosaic(  # noqa: E731
+        k, v, None, dk_s, dv_s, totals, cfg, PHI_FUNCTIONS[kind])
+    assert "sla_dkv" in lowered_for_cuda(fn, x, x, x, x)
