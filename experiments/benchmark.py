@@ -159,6 +159,7 @@ def bench_shape(shape, sparsities, backends, iters, kernel_only, check_error, pr
     ref = sla.dense_attention(q, k, v) if check_error and "fwd" in passes else None  # the error of the forward rows
     variants = [(s, scope, quant, backend) for s in sparsities for scope in linear_scopes for quant in quants
                 for backend in backends]
+    routed = set()  # (sparsity, backend) whose router row is timed: routing depends on neither scope nor quant
     for sparsity, linear_scope, quant, backend in variants:
         cfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend=backend, alpha="mass", quant=quant,
                              kernel=kernel, linear_scope=linear_scope)
@@ -171,7 +172,9 @@ def bench_shape(shape, sparsities, backends, iters, kernel_only, check_error, pr
         todo = [(f"{tag} module fwd", module, (q, k, v), flops, fwd_sets)] if "fwd" in passes else []
         if "fwd+bwd" in passes:
             todo.append((f"{tag} module fwd+bwd", module_grad, (q, k, v, do), 3.5 * flops, bwd_sets))
-        todo.append((f"{tag} router", router, (q, k), None, None))
+        if (sparsity, backend) not in routed:
+            routed.add((sparsity, backend))
+            todo.append((f"{variant_tag(backend, sparsity)} router", router, (q, k), None, None))
         if kernel_only:
             def branches(q, k, v, lut, backend=backend):
                 if kernel is None:
