@@ -32,13 +32,14 @@ import numpy as np
 from experiments.dev.common import bench, kernel_ms, record_error, rel, uniform_lut
 from experiments.timing import in_model_seconds
 from pallas_kernels import heuristic_config, sla2_fused_attention
+from pallas_kernels.config import Launch
 from pallas_kernels.reference import reference_fused
 from sla2_jax.feature_maps import PHI_FUNCTIONS
 
 RESULTS: dict = {}
 # the wan part's module forms (module_forms)
 FORMS = ("no_phi_arrays", "phi_arrays", "int8", "int8_fp8", "int8_phi_arrays", "int8_fp8_phi_arrays",
-         "dk_phi_kernel")
+         "dk_phi_kernel", "dk_phi_kernel_w8")
 SMALL = [  # (N, D, topk, dtype, scope, feature map)
     (1000, 128, 3, jnp.bfloat16, "complement", "softmax"),
     (2048, 64, 5, jnp.bfloat16, "all", "softmax"),
@@ -183,14 +184,17 @@ def module_forms(sparsity, scope, forms):
         low = config.replace(quant=quant)
         return lambda q, k, v: sla.sla2_attention(q, k, v, config=low)
 
-    def dk_phi_kernel(q, k, v):  # the library's form with KernelConfig.dk_phi "kernel"
+    def dk_phi_kernel(q, k, v, warps=None):  # the library's form with KernelConfig.dk_phi "kernel"
         kernel = heuristic_config(q.shape[1], q.shape[3], q.dtype, 128, 64).replace(dk_phi="kernel")
+        if warps:  # the dK/dV linear kernel's launch ("dkv": under the Mosaic backward only that kernel)
+            kernel = kernel.replace(launch=tuple(x for x in kernel.launch if x[0] != "dkv")
+                                    + (("dkv", Launch(warps, 2, 64)),))
         return sla.sla2_attention(q, k, v, config=config.replace(kernel=kernel))
 
     every = {"no_phi_arrays": no_arrays, "phi_arrays": arrays, "int8": low_bit("int8"), "int8_fp8": low_bit("int8_fp8"),
              "int8_phi_arrays": functools.partial(arrays, config=config.replace(quant="int8")),
              "int8_fp8_phi_arrays": functools.partial(arrays, config=config.replace(quant="int8_fp8")),
-             "dk_phi_kernel": dk_phi_kernel}
+             "dk_phi_kernel": dk_phi_kernel, "dk_phi_kernel_w8": functools.partial(dk_phi_kernel, warps=8)}
     return {name: every[name] for name in forms}
 
 
