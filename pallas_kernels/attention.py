@@ -12,9 +12,7 @@ and outputs, the custom_vjp of each precision family, and the public entry point
 
 Without phi arrays (``sla2_fused_attention(q, k, v, None, None, lut, alpha, feature_map=phi)``, the library's
 path without low bit): phi(K) in the states kernel, phi(Q) in the Mosaic epilogue; the backward writes phi(Q),
-phi(K) for the backward kernels and applies phi's vjp (front_end.feature_map_rows / feature_map_vjp), or, with
-KernelConfig.dk_phi "kernel" under the Mosaic backward, phi(Q) only: the dK/dV linear kernel applies phi and its vjp
-to the K rows it reads.
+phi(K) for the backward kernels and applies phi's vjp (front_end.feature_map_rows / feature_map_vjp).
 
 Each stage is a separate function (``forward``, ``backward_dq``, ``backward_states``, ``backward_dkv``) so that the
 developer probes can time it alone. Given phi arrays, the phi Jacobian is left to JAX autodiff around these
@@ -200,19 +198,17 @@ def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, 
 # ----------------------------------------------------------------------------------------------------------
 # Backward (both families)
 # ----------------------------------------------------------------------------------------------------------
-def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=None):
+def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
     """All input cotangents (dq, dk, dv, dq_phi, dk_phi, dalpha or None) from the residuals (which hold phi(Q),
-    phi(K)): dQ stage, gradient states, dK/dV stage (each a separate function for timing). phi: None, or the
-    feature map applied to K by the dK/dV linear kernel (Mosaic backward, KernelConfig.dk_phi "kernel"; res.k_phi
-    None): then dk includes phi's vjp at K and dk_phi is None."""
+    phi(K)): dQ stage, gradient states, dK/dV stage (each a separate function for timing)."""
     res_dq = backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
     totals = backward_states(res, res_dq, cfg, fused=fused, do=do, do_l=do_l)
-    res_dkv = backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l, phi=phi)
+    res_dkv = backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
     q = res[0]
     b, _, h, _ = q.shape
     zeros = jnp.zeros_like(q)
     dq_phi = res_dq.get("dq_phi", zeros)
-    dk_phi = None if phi is not None else res_dkv.get("dk_phi", zeros)
+    dk_phi = res_dkv.get("dk_phi", zeros)
     dalpha = None
     if fused:
         dalpha = res_dq["dalpha_rows"].reshape(b, h, cfg.nq, cfg.block_q).sum(-1)
@@ -288,8 +284,8 @@ def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None):
 
 
 def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall):
-    """(name, array, BlockSpec) of the dK/dV kernels' linear-branch inputs: phi(K) (B, N, H, D) (left out when
-    None: a kernel that applies phi to K itself) and dH, dZ (per key block, or the totals)."""
+    """(name, array, BlockSpec) of the dK/dV kernels' linear-branch inputs: phi(K) and dH, dZ (per key block, or the
+    totals)."""
     dh, dz = totals
     d = cfg.d
     if dh.ndim == 5:  # per key block
@@ -297,32 +293,12 @@ def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall):
         dz_spec = pl.BlockSpec((None, None, None, d), lambda j, hh, bb: (bb, hh, j, 0))
     else:
         dh_spec, dz_spec = full_spec(d, d), full_spec(d)
-    keys = [] if k_phi is None else [("k_phi", k_phi, seq_spec(cfg))]
-    return keys + [("dh", dh, dh_spec), ("dz", dz, dz_spec)]
+    return [("k_phi", k_phi, seq_spec(cfg)), ("dh", dh, dh_spec), ("dz", dz, dz_spec)]
 
 
-def _dkv_linear_mosaic(k, v, k_phi, dk_s, dv_s, totals, cfg: KernelCall, phi=None):
-    """The linear part after the Mosaic dK/dV kernel (triton_backward.dkv_linear_kernel), all (B, N, H, D):
-    {"dk": dk_s, "dv", "dk_phi"} from phi(K) = k_phi; with phi (k_phi None), {"dk", "dv"} with dK whole: the
-    sparse dk_s plus phi's vjp at K applied to dphi(K), in the kernel (totals: dH, dZ as backward_states)."""
-    seq = seq_spec(cfg)
-    kv_struct = jax.ShapeDtypeStruct(k.shape, k.dtype)
-    inputs = [("v", v, seq), ("dv_s", dv_s, seq)]
-    if phi is None:
-        inputs += _dkv_linear_inputs(k_phi, totals, cfg)
-        outputs = [("dv", kv_struct, seq), ("dk_phi", kv_struct, seq)]
-    else:
-        inputs += [("k", k, seq), ("dk_s", dk_s, seq)] + _dkv_linear_inputs(None, totals, cfg)
-        outputs = [("dv", kv_struct, seq), ("dk", kv_struct, seq)]
-    b, _, h, _ = k.shape
-    res_lin = pallas_triton_call(dkv_linear_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", {"phi": phi})
-    return {"dk": dk_s, **dict(zip([x[0] for x in outputs], res_lin))}
-
-
-def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=None):
+def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
     """dK, dV, dphi(K) over the transposed LUT (built here): one Triton kernel, or the Mosaic dK/dV kernel
-    (mosaic_dkv.py) followed by a Triton kernel for the linear part. phi: None, or the feature map that linear
-    kernel applies to the K rows (Mosaic backward only; res.k_phi None): then dK comes out whole, no dphi(K)."""
+    (mosaic_dkv.py) followed by a Triton kernel for the linear part."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     b, n, h, d = q.shape
     seq = seq_spec(cfg)
@@ -334,9 +310,10 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
         dk, dv_s = mosaic_dkv.sparse_attention_dkv_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut_t, count, a, **kw)
         if not cfg.linear:
             return {"dk": dk, "dv": dv_s}
-        return _dkv_linear_mosaic(k, v, k_phi, dk, dv_s, totals, cfg, phi)
-    if phi is not None:
-        raise ValueError("phi in the dK/dV stage needs the Mosaic backward")
+        inputs = [("v", v, seq), ("dv_s", dv_s, seq)] + _dkv_linear_inputs(k_phi, totals, cfg)
+        outputs = [("dv", kv_struct, seq), ("dk_phi", kv_struct, seq)]
+        res_lin = pallas_triton_call(dkv_linear_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", {})
+        return {"dk": dk, **dict(zip([x[0] for x in outputs], res_lin))}
     inputs = [
         ("lut_t", lut_t, full_spec(cfg.nk, cfg.nq)),
         ("count", count, full_spec(cfg.nk)),
@@ -530,30 +507,19 @@ def _fused_phi_fwd(q, k, v, lut, alpha, key_sums, cfg, phi):
     return out["o"], residuals(q, k, v, None, None, lut, alpha, out)
 
 
-def _dk_phi_in_kernel(cfg: KernelCall) -> bool:
-    """The backward without phi arrays applies phi and its vjp at K in the dK/dV linear kernel
-    (KernelConfig.dk_phi "kernel"; only the Mosaic backward with a linear branch has that kernel)."""
-    return cfg.linear and cfg.mosaic_backward and cfg.config.dk_phi == "kernel"
-
-
 def _fused_phi_bwd(cfg, phi, res, do):
     """The backward of _fused without phi arrays in the residuals: phi(Q), phi(K) made here for the backward
     kernels, then phi's vjp onto their gradients (one front-end kernel per tensor, which also adds the direct dQ,
-    dK); with _dk_phi_in_kernel, phi(Q) only and its vjp: the dK/dV linear kernel makes phi(K_j) and adds phi's vjp
-    at K to dK itself. (Applying phi and its vjp inside every backward kernel, KernelConfig.backward_phi
-    "in_kernels", was slower on an H100 and was deleted: docs/dev/forward_kernel.md.) key_sums (made from stopped
-    K, V by the caller) get no cotangent: dK, dV here are the whole gradients."""
-    k_in_kernel = _dk_phi_in_kernel(cfg)
+    dK). (Applying phi and its vjp inside the backward kernels instead, KernelConfig.backward_phi "in_kernels", was
+    slower on an H100 and was deleted: docs/dev/forward_kernel.md.) key_sums (made from stopped K, V by the caller)
+    get no cotangent: dK, dV here are the whole gradients."""
     if cfg.linear:
-        q_phi = feature_map_rows(res.q, phi, interpret=cfg.interpret)
-        k_phi = None if k_in_kernel else feature_map_rows(res.k, phi, interpret=cfg.interpret)
-        res = res._replace(q_phi=q_phi, k_phi=k_phi)
-    kernel_phi = phi if k_in_kernel else None
-    dq, dk, dv, dq_phi, dk_phi, dalpha = backward(res, cfg, fused=True, do=do.astype(res.q.dtype), phi=kernel_phi)
+        res = res._replace(q_phi=feature_map_rows(res.q, phi, interpret=cfg.interpret),
+                           k_phi=feature_map_rows(res.k, phi, interpret=cfg.interpret))
+    dq, dk, dv, dq_phi, dk_phi, dalpha = backward(res, cfg, fused=True, do=do.astype(res.q.dtype))
     if cfg.linear:
         dq = feature_map_vjp(res.q, dq_phi, dq, phi, interpret=cfg.interpret)
-        if dk_phi is not None:
-            dk = feature_map_vjp(res.k, dk_phi, dk, phi, interpret=cfg.interpret)
+        dk = feature_map_vjp(res.k, dk_phi, dk, phi, interpret=cfg.interpret)
     return dq, dk, dv, None, dalpha, None
 
 

@@ -23,7 +23,6 @@ LOOPS = ("pingpong", "pipelined")
 GRID_ORDERS = ("heads", "qblocks")
 STATE_DTYPES = ("bfloat16", "float32")
 P8_OPERANDS = ("registers", "smem")
-DK_PHI = ("kernel", "pass")
 
 
 class Launch(NamedTuple):
@@ -87,12 +86,6 @@ class KernelConfig:
       previous P V), two LUT entries per step (64 x 128 score tiles), program order ("heads": grid (H, Nq, B);
       "qblocks": grid (Nq, H, B)), output tiles staged in finished ring slots, and how FP8 P reaches the P V wgmma.
     mosaic_fp8: quant "int8_fp8" takes the Mosaic forward (else the Triton low-bit kernel).
-    dk_phi: the K side of the backward of the fused call without phi arrays (``sla2_fused_attention(...,
-      feature_map=phi)``) under the Mosaic backward with a linear branch: "pass" (a phi(K) array written by a
-      front-end pass first, phi's vjp at K by one more pass at the end; measured) or "kernel" (the dK/dV linear
-      kernel computes phi(K_j) from its K tile and applies phi's vjp to dphi(K_j) itself, writing the whole dK:
-      no phi(K) array, no K vjp pass; predicted -0.1..-0.17 ms at wan-1.3b forward+backward, not yet measured). No effect
-      elsewhere (the Triton backward, phi arrays given, no linear branch).
     launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "sum", "sum_phi", "lowbit"), as a tuple of
       (name, Launch) pairs; kernels not listed take DEFAULT_LAUNCH (the "lowbit" kernel: the "fwd" entry).
     profile_dir: Mosaic's on-device profiler writes a trace of the named regions of the Mosaic forward, dQ and
@@ -109,7 +102,6 @@ class KernelConfig:
     outputs_in_ring: bool = True
     p8_operand: str = "registers"
     mosaic_fp8: bool = True
-    dk_phi: str = "pass"
     launch: tuple = ()
     profile_dir: str | None = None
 
@@ -122,7 +114,6 @@ class KernelConfig:
             ("loop", self.loop, LOOPS),
             ("grid_order", self.grid_order, GRID_ORDERS),
             ("p8_operand", self.p8_operand, P8_OPERANDS),
-            ("dk_phi", self.dk_phi, DK_PHI),
         ):
             if value not in choices:
                 raise ValueError(f"KernelConfig.{name}={value!r} is not one of {choices}")

@@ -14,8 +14,7 @@ around the Mosaic backward.
 * ``dq_linear_kernel`` and ``dkv_linear_kernel``: the same per-row terms, dphi(Q) and linear dK/dV part without a
   LUT loop, around the Mosaic dQ and dK/dV kernels (KernelConfig.backward "mosaic").
 The kernels read phi(Q), phi(K) arrays (for the fused call without phi arrays, attention._fused_phi_bwd writes them
-first and applies phi's vjp after), except ``dkv_linear_kernel`` with KernelConfig.dk_phi "kernel": it reads K and
-the Mosaic kernel's sparse dK, applies phi to its K tile and phi's vjp to dphi(K), and writes the whole dK.
+first and applies phi's vjp after).
 Launched by attention.py.
 """
 
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._triton import pl
-from .common import F32, LOG2E, KernelCall, dot, dot_mat, load_rows, phi_rows, phi_vjp, scores, store_rows
+from .common import F32, LOG2E, KernelCall, dot, dot_mat, load_rows, scores, store_rows
 
 
 def _dq_row_terms(
@@ -218,33 +217,14 @@ def _dkv_linear(v, dv, k_phi, dh_ref, dz_ref):
     return dv + dot_mat(k_phi, dh, dt), dk_phi
 
 
-def dkv_linear_kernel(
-    *, v_ref, dv_s_ref, k_phi_ref=None, k_ref=None, dk_s_ref=None, dh_ref, dz_ref, dv_ref, dk_phi_ref=None,
-    dk_ref=None, cfg: KernelCall, phi=None,
-):  # fmt: skip
+def dkv_linear_kernel(*, v_ref, dv_s_ref, k_phi_ref, dh_ref, dz_ref, dv_ref, dk_phi_ref, cfg: KernelCall):
     """Program (j, h, b) of grid (Nk, H, B): the linear part of key block j for a sparse dK, dV computed elsewhere
     (the Mosaic dK/dV kernel): dv = dv_s + phi(K_j) dH_j and dphi(K_j) = V_j dH_j^T + dZ_j. Refs of one (b, h): v,
-    dv_s, k_phi (N, D); dh (D, D) and dz (D,) float32 (key block j's, or the totals); outputs dv, dk_phi (N, D).
-    With phi (the feature map; KernelConfig.dk_phi "kernel"): k and the sparse dk_s (N, D) in instead of k_phi,
-    and dk = dk_s + phi's vjp at K_j applied to dphi(K_j) (N, D) out instead of dk_phi."""
+    dv_s, k_phi (N, D); dh (D, D) and dz (D,) float32 (key block j's, or the totals); outputs dv, dk_phi (N, D)."""
     k_start = pl.program_id(0) * cfg.block_k
     v = load_rows(v_ref, k_start, cfg.block_k, cfg.n)
     dv_s = load_rows(dv_s_ref, k_start, cfg.block_k, cfg.n).astype(F32)
-    if phi is None:
-        k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n)
-    else:
-        k = load_rows(k_ref, k_start, cfg.block_k, cfg.n)
-        k_phi = phi_rows(phi, k)
+    k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n)
     dv, dk_phi = _dkv_linear(v, dv_s, k_phi, dh_ref, dz_ref)
     store_rows(dv_ref, k_start, dv, cfg.n)
-    if phi is None:
-        store_rows(dk_phi_ref, k_start, dk_phi, cfg.n)
-    else:
-        store_rows(dk_ref, k_start, _dk_whole(dk_s_ref, k, dk_phi, phi, k_start, cfg), cfg.n)
-
-
-def _dk_whole(dk_s_ref, k, dk_phi, phi, k_start, cfg: KernelCall):
-    """dK of key block j, float32 (block_k, D): the sparse dk_s rows plus phi's vjp at the K_j tile k applied to
-    dphi(K_j) (float32, kept in registers: not rounded to the input dtype as a dk_phi array would be)."""
-    dk_s = load_rows(dk_s_ref, k_start, cfg.block_k, cfg.n).astype(F32)
-    return dk_s + phi_vjp(phi, k, dk_phi)
+    store_rows(dk_phi_ref, k_start, dk_phi, cfg.n)

@@ -32,14 +32,12 @@ import numpy as np
 from experiments.dev.common import bench, kernel_ms, record_error, rel, uniform_lut
 from experiments.timing import in_model_seconds
 from pallas_kernels import heuristic_config, sla2_fused_attention
-from pallas_kernels.config import Launch
 from pallas_kernels.reference import reference_fused
 from sla2_jax.feature_maps import PHI_FUNCTIONS
 
 RESULTS: dict = {}
 # the wan part's module forms (module_forms)
-FORMS = ("no_phi_arrays", "phi_arrays", "int8", "int8_fp8", "int8_phi_arrays", "int8_fp8_phi_arrays",
-         "dk_phi_kernel", "dk_phi_kernel_w8")
+FORMS = ("no_phi_arrays", "phi_arrays", "int8", "int8_fp8", "int8_phi_arrays", "int8_fp8_phi_arrays")
 SMALL = [  # (N, D, topk, dtype, scope, feature map)
     (1000, 128, 3, jnp.bfloat16, "complement", "softmax"),
     (2048, 64, 5, jnp.bfloat16, "all", "softmax"),
@@ -79,19 +77,13 @@ def small_checks():
                 qp, kp = (phi(x.astype(jnp.float32)).astype(x.dtype) for x in (q, k))
                 return sla2_fused_attention(q, k, v, qp, kp, lut, a, config=config, **kw)
 
-            def dk_kernel(q, k, v, a):  # KernelConfig.dk_phi "kernel"
-                return sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=phi,
-                                            config=config.replace(dk_phi="kernel"), **kw)
-
             def with_grads(fn):
                 loss = lambda *x: jnp.sum(fn(*x).astype(jnp.float32) * w)  # noqa: E731
                 return jax.jit(lambda *x: (fn(*x), jax.grad(loss, argnums=(0, 1, 2, 3))(*x)))
 
-            runs = (with_grads(f)(q, k, v, alpha) for f in (ref, no_arrays, arrays, dk_kernel))
-            (o_r, g_r), (o_n, g_n), (o_a, g_a), (o_k, g_k) = runs
+            runs = (with_grads(f)(q, k, v, alpha) for f in (ref, no_arrays, arrays))
+            (o_r, g_r), (o_n, g_n), (o_a, g_a) = runs
             names = ("q", "k", "v", "alpha")
-            row["dk_kernel_vs_dense"] = {"o": rel(o_k, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_k, g_r)}}
-            row["dk_kernel_vs_no_arrays"] = {f"d{x}": rel(a, r) for x, a, r in zip(names, g_k, g_n)}
             row["vs_dense"] = {"o": rel(o_n, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_n, g_r)}}
             row["arrays_vs_dense"] = {"o": rel(o_a, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_a, g_r)}}
             row["vs_arrays"] = {"o": rel(o_n, o_a), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_n, g_a)}}
@@ -184,17 +176,9 @@ def module_forms(sparsity, scope, forms):
         low = config.replace(quant=quant)
         return lambda q, k, v: sla.sla2_attention(q, k, v, config=low)
 
-    def dk_phi_kernel(q, k, v, warps=None):  # the library's form with KernelConfig.dk_phi "kernel"
-        kernel = heuristic_config(q.shape[1], q.shape[3], q.dtype, 128, 64).replace(dk_phi="kernel")
-        if warps:  # the dK/dV linear kernel's launch ("dkv": under the Mosaic backward only that kernel)
-            kernel = kernel.replace(launch=tuple(x for x in kernel.launch if x[0] != "dkv")
-                                    + (("dkv", Launch(warps, 2, 64)),))
-        return sla.sla2_attention(q, k, v, config=config.replace(kernel=kernel))
-
     every = {"no_phi_arrays": no_arrays, "phi_arrays": arrays, "int8": low_bit("int8"), "int8_fp8": low_bit("int8_fp8"),
              "int8_phi_arrays": functools.partial(arrays, config=config.replace(quant="int8")),
-             "int8_fp8_phi_arrays": functools.partial(arrays, config=config.replace(quant="int8_fp8")),
-             "dk_phi_kernel": dk_phi_kernel, "dk_phi_kernel_w8": functools.partial(dk_phi_kernel, warps=8)}
+             "int8_fp8_phi_arrays": functools.partial(arrays, config=config.replace(quant="int8_fp8"))}
     return {name: every[name] for name in forms}
 
 
