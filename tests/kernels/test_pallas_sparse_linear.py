@@ -426,7 +426,7 @@ def test_bfloat16_states_give_the_reference_result():
 
 @pytest.mark.parametrize("nq, nk, topk", [(7, 11, 4), (300, 5, 3)])  # 300: running counts up to ~180 per key block
 def test_selection_and_transposed_lut_against_numpy(seed, nq, nk, topk):
-    """selection (a comparison against the LUT) and transpose_lut (the query blocks of each key block, ascending,
+    """selection (a scatter of the LUT, in either layout) and transpose_lut (the query blocks of each key block, ascending,
     padded with Nq, and their count; running count by a triangular matmul) vs a numpy loop; ids outside [0, Nk)
     select nothing."""
     _selection, _transpose_lut = linear_states.selection, linear_states.transpose_lut
@@ -449,6 +449,8 @@ def test_selection_and_transposed_lut_against_numpy(seed, nq, nk, topk):
     for bi, hi, qi in np.ndindex(b, h, nq):
         expect[bi, hi, lut[bi, hi, qi, 0], qi] = expect[bi, hi, lut[bi, hi, qi, -1], qi] = False
     np.testing.assert_array_equal(np.asarray(_selection(jnp.asarray(outside), nk)), expect)
+    queries_first = _selection(jnp.asarray(outside), nk, queries_first=True)
+    np.testing.assert_array_equal(np.asarray(queries_first), np.swapaxes(expect, 2, 3))
 
 
 @pytest.mark.parametrize(
