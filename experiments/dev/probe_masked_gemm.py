@@ -1,0 +1,70 @@
+"""GPU probe: the complement states' masked sum (``linear_states._sum_over_blocks``: H_i = sum over unselected key
+blocks j of the per-block sums h_j, one batched f16 matmul with float32 accumulation) at the library's shapes, with
+the block counts as they are and padded to multiples of 64 / 128 (zero mask columns and rows), to see whether ragged
+Nq, Nk cost tensor throughput.
+
+    python -m experiments.dev.probe_masked_gemm --out DIR
+
+Random h_j (float16, per-block power-of-two scales), 95% of the mask unselected. Prints and writes DIR/
+probe_masked_gemm.json: per (workload, padding) the CUPTI milliseconds of the whole masked sum (weights, the H_i
+product, the Z_i product) and the H_i product's TFLOP/s (2 B H Nq Nk D^2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+
+from experiments.dev.common import kernel_ms, record_error
+from pallas_kernels import KernelConfig, linear_states
+
+SHAPES = {"wan-1.3b": (12, 256, 512), "wan-14b-720p": (40, 591, 1182)}  # heads, query blocks, key blocks (D 128)
+
+
+def padded(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def masked_sum_ms(heads, nq, nk, d=128, seed=0):
+    """(CUPTI ms, kernel list) of _sum_over_blocks for a (1, heads, nq, nk) mask, 95% unselected."""
+    kh, kz, km = jax.random.split(jax.random.PRNGKey(seed), 3)
+    h = jax.random.normal(kh, (1, heads, nk, d, d), jnp.float16)
+    z = jax.random.normal(kz, (1, heads, nk, d), jnp.float32)
+    scale = jnp.ones((1, heads, nk), jnp.float32)
+    mask = jax.random.uniform(km, (1, heads, nq, nk)) < 0.95
+    cfg = types.SimpleNamespace(config=KernelConfig())
+    sums = linear_states._BlockSums(h, z, scale)
+    return kernel_ms(lambda m, s: linear_states._sum_over_blocks(m, s, cfg), (mask, sums))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for name, (heads, nq, nk) in SHAPES.items():
+        for multiple in (1, 64, 128):
+            mq, mk = padded(nq, multiple), padded(nk, multiple)
+            row = dict(workload=name, pad=multiple, nq=mq, nk=mk)
+            try:
+                total, per_iter = masked_sum_ms(heads, mq, mk)
+                row["ms"] = total
+                row["kernels_ms"] = [(k, round(v, 4)) for k, v in per_iter[len(per_iter) // 2]]
+                gemm = max(v for _, v in per_iter[len(per_iter) // 2])
+                row["gemm_tflops"] = 2 * heads * mq * mk * 128**2 / (gemm * 1e-3) / 1e12
+            except Exception as e:  # noqa: BLE001 - record and go on
+                record_error(row, "error", e)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    with open(os.path.join(args.out, "probe_masked_gemm.json"), "w") as f:
+        json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
