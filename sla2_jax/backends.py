@@ -92,33 +92,24 @@ def check_kernel_config(kernel) -> None:
         raise ValueError(f"kernel must be a pallas_kernels.KernelConfig or None, got {type(kernel).__name__}")
 
 
-def front_end(q, k, config: SLA2Config, *, w_q, w_k, feature_map: str | None, int8_keys: bool):
-    """Hard routing, phi(Q), phi(K) and (int8_keys) the low-bit operands by the Pallas front end: one read of Q and
-    one of K give the feature maps, the block means and the int8 tiles; one kernel selects the blocks.
+def front_end(q, k, config: SLA2Config, *, w_q, w_k, feature_map: str | None):
+    """Hard routing and phi(Q), phi(K) by the Pallas front end (the branches' path, which reads phi arrays): one
+    read of Q and one of K give the feature maps and the block means; one kernel selects the blocks.
 
     Returns (lut (B, H, Nq, k) int32 ascending, mass (B, H, Nq) f32, phi(q), phi(k) in q.dtype or None when
-    feature_map is None, keys (QuantisedKeys) or None, queries (QuantisedQueries, for the default sm_scale) or None,
-    q, k as the front end passes them through: the attention kernels take these, so that their dQ, dK are added to
-    the front end's inside its backward kernels)."""
-    from pallas_kernels.front_end import block_means_and_phi, block_means_phi_int8, block_means_phi_int8_queries
+    feature_map is None, q, k as the front end passes them through: the attention kernels take these, so that their
+    dQ, dK are added to the front end's inside its backward kernels)."""
+    from pallas_kernels.front_end import block_means_and_phi
     from sla2_jax.feature_maps import phi_function
 
     phi = None if feature_map is None else phi_function(feature_map)
-    seq_len, head_dim = q.shape[1], q.shape[3]
-    if int8_keys:
-        k_phi, k_means, keys, k = block_means_phi_int8(k, config.block_k, phi, pass_through=True)
-        shift_scale = (1.0 / math.sqrt(head_dim)) * math.log2(math.e)  # the kernels' sm_scale * log2 e
-        q_phi, q_means, queries, q = block_means_phi_int8_queries(
-            q, config.block_q, phi, keys.mean, shift_scale, pass_through=True
-        )
-    else:
-        (k_phi, k_means, k), keys = block_means_and_phi(k, config.block_k, phi, pass_through=True), None
-        (q_phi, q_means, q), queries = block_means_and_phi(q, config.block_q, phi, pass_through=True), None
-    lut, mass = _select(q_means, k_means, seq_len, config, w_q=w_q, w_k=w_k)
-    return lut, mass, q_phi, k_phi, keys, queries, q, k
+    k_phi, k_means, k = block_means_and_phi(k, config.block_k, phi, pass_through=True)
+    q_phi, q_means, q = block_means_and_phi(q, config.block_q, phi, pass_through=True)
+    lut, mass = select(q_means, k_means, q.shape[1], config, w_q=w_q, w_k=w_k)
+    return lut, mass, q_phi, k_phi, q, k
 
 
-def _select(q_means, k_means, seq_len: int, config: SLA2Config, *, w_q, w_k):
+def select(q_means, k_means, seq_len: int, config: SLA2Config, *, w_q, w_k):
     """(lut, mass) of the router from the block means of Q (B, H, Nq, D) and of K (B, H, Nk, D), float32: the
     router logits, then the selection kernel."""
     from pallas_kernels.front_end import select_blocks
@@ -155,7 +146,7 @@ def hard_route(q, k, v, config: SLA2Config, *, w_q, w_k):
         q_means, keys, queries = block_means_and_phi(q, config.block_q)[1], None, None
     else:
         q_means, keys, queries = low_bit_operands(q, k, k_means, config)
-    lut, mass = _select(q_means, k_means, q.shape[1], config, w_q=w_q, w_k=w_k)
+    lut, mass = select(q_means, k_means, q.shape[1], config, w_q=w_q, w_k=w_k)
     return lut, mass, key_sums, keys, queries
 
 

@@ -50,7 +50,7 @@ def route_with_features(q, k, config: SLA2Config, *, w_q=None, w_k=None, feature
     (None when feature_map is None).
     """
     _check_front_end_args(q, config, w_q, w_k)
-    return backends.front_end(q, k, config, w_q=w_q, w_k=w_k, feature_map=feature_map, int8_keys=False)[:4]
+    return backends.front_end(q, k, config, w_q=w_q, w_k=w_k, feature_map=feature_map)[:4]
 
 
 def _check_front_end_args(q, config: SLA2Config, w_q, w_k):

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import pallas_kernels as pk
 import sla2_jax as sla
 from experiments.dev import sass_report as sass
-from experiments.dev.common import kernel_call
+from experiments.dev.common import kernel_call, phi_array_low_bit_route
 from experiments.timing import time_samples
 from pallas_kernels import attention, quantize
 from sla2_jax.feature_maps import softmax_phi
@@ -306,7 +306,6 @@ def module_small():
 def module_small_row(q, k, v, bq, bk, ratio):
     """One small shape of module_small."""
     from pallas_kernels.front_end import block_means_phi_int8
-    from sla2_jax.backends import front_end
     from sla2_jax.functional import route_with_features
 
     base, fns = _module_fns(None, bq, bk, ratio)
@@ -315,9 +314,7 @@ def module_small_row(q, k, v, bq, bk, ratio):
     r8, rs = jax.jit(lambda k: sla.quantize_int8_blocks(sla.smooth_keys(k), bk))(k)
     row["keys_k8_vs_xla"] = _bit_diff(keys.k8, r8)
     row["keys_scale_equal"] = bool(jnp.all(keys.scale == rs))
-    lut8 = jax.jit(lambda q, k: front_end(q, k, base, w_q=None, w_k=None, feature_map=None, int8_keys=True))(
-        q, k
-    )[0]
+    lut8 = jax.jit(lambda q, k: phi_array_low_bit_route(q, k, base, None))(q, k)[0]
     lut16 = jax.jit(lambda q, k: route_with_features(q, k, base))(q, k)[0]
     lut_xla = jax.jit(lambda q, k: sla.route(q, k, base.replace(backend="xla"))[0])(q, k)
     row["lut_vs_xla_frac_diff"] = float(jnp.mean(lut8 != lut_xla))
@@ -348,7 +345,6 @@ def module_wan(sparsities, runs, n, heads, rounds):
 def module_row(sp, q, k, v, dense, runs, rounds):
     """One sparsity of module_wan."""
     from pallas_kernels.front_end import block_means_and_phi, block_means_phi_int8
-    from sla2_jax.backends import front_end
     from sla2_jax.functional import route_with_features
 
     base, fns = _module_fns(sp)
@@ -364,7 +360,7 @@ def module_row(sp, q, k, v, dense, runs, rounds):
         for name, f in fns.items():
             row[f"{name}_module_ms_r{rnd}"] = guarded(name, lambda f=f: bench(f, q, k, v, runs=runs))
     cfg8 = base.replace(backend="pallas", quant="int8")
-    front8 = lambda q, k: front_end(q, k, cfg8, w_q=None, w_k=None, feature_map="softmax", int8_keys=True)
+    front8 = lambda q, k: phi_array_low_bit_route(q, k, cfg8, "softmax")
     row["front_bf16_ms"] = bench(lambda q, k: route_with_features(q, k, cfg8, feature_map="softmax"), q, k, runs=runs)
     row["front_int8_ms"] = bench(front8, q, k, runs=runs)
     row["k_prep_int8_ms"] = bench(lambda k: block_means_phi_int8(k, 64, softmax_phi), k, runs=runs)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.dev.common import bench, kernel_ms, record_error, rel, uniform_lut
+from experiments.dev.common import bench, kernel_ms, phi_array_low_bit_route, record_error, rel, uniform_lut
 from experiments.timing import in_model_seconds
 from pallas_kernels import heuristic_config, sla2_fused_attention
 from pallas_kernels.reference import reference_fused
@@ -167,9 +167,11 @@ def module_forms(sparsity, scope, forms):
         return sla.sla2_attention(q, k, v, config=config)
 
     def arrays(q, k, v, config=config):
-        int8 = config.quant != "none"
-        lut, mass, qp, kp, keys, queries, q, k = backends.front_end(q, k, config, w_q=None, w_k=None,
-                                                                    feature_map=config.feature_map, int8_keys=int8)
+        if config.quant != "none":
+            lut, mass, qp, kp, keys, queries, q, k = phi_array_low_bit_route(q, k, config, config.feature_map)
+        else:
+            (lut, mass, qp, kp, q, k), keys, queries = backends.front_end(
+                q, k, config, w_q=None, w_k=None, feature_map=config.feature_map), None, None
         return backends.fused(q, k, v, qp, kp, lut, jax.lax.stop_gradient(mass), config, keys=keys, queries=queries)
 
     def low_bit(quant):

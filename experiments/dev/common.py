@@ -150,3 +150,24 @@ def wan_setup(sparsity, seed, b, h, n, d, bq, bk, config=None):
     alpha = jax.random.uniform(k3, (b, h, nq), jnp.float32, 0.3, 0.9)
     cfg = kernel_call(q, lut, block_q=bq, block_k=bk, config=config)
     return q, k, v, do, qp, kp, lut, alpha, cfg
+
+
+def phi_array_low_bit_route(q, k, config, feature_map="softmax"):
+    """The low-bit front end the library had before its low-bit forward took the bf16 forward's (kept to measure
+    against): one pass over K writes phi(K), its block means and int8 K~ (smoothed by an XLA mean of K over N), one
+    over Q writes phi(Q), its block means, int8 Q and the LSE shift; then the selection. config: an SLA2Config;
+    feature_map: a name or None. Returns (lut, mass, q_phi, k_phi, keys, queries, q, k), q and k passed through the
+    front end's custom_vjp (differentiable) as ``sla2_jax.backends.front_end`` gives them."""
+    import math
+
+    from pallas_kernels.front_end import block_means_phi_int8, block_means_phi_int8_queries
+    from sla2_jax import backends
+    from sla2_jax.feature_maps import phi_function
+
+    fm = None if feature_map is None else phi_function(feature_map)
+    k_phi, k_means, keys, k = block_means_phi_int8(k, config.block_k, fm, pass_through=True)
+    shift_scale = (1.0 / math.sqrt(q.shape[3])) * math.log2(math.e)  # the kernels' sm_scale * log2 e
+    q_phi, q_means, queries, q = block_means_phi_int8_queries(q, config.block_q, fm, keys.mean, shift_scale,
+                                                              pass_through=True)
+    lut, mass = backends.select(q_means, k_means, q.shape[1], config, w_q=None, w_k=None)
+    return lut, mass, q_phi, k_phi, keys, queries, q, k

@@ -250,12 +250,12 @@ def test_mosaic_int8_path_with_an_emulated_kernel(seed, monkeypatch):
 def _phi_array_form(config):
     """The low-bit module forward in the form with phi arrays (the front end writes phi(Q), phi(K), the int8 K~ and
     int8 Q in its reads of K and Q; the kernels read the arrays): what the library ran before its low-bit forward
-    took the bf16 path's front end."""
+    took the bf16 path's front end (experiments.dev.common.phi_array_low_bit_route)."""
+    from experiments.dev.common import phi_array_low_bit_route
     from sla2_jax import backends
 
     def forward(q, k, v):
-        lut, mass, qp, kp, keys, queries, q2, k2 = backends.front_end(
-            q, k, config, w_q=None, w_k=None, feature_map=config.feature_map, int8_keys=True)
+        lut, mass, qp, kp, keys, queries, q2, k2 = phi_array_low_bit_route(q, k, config, config.feature_map)
         return backends.fused(q2, k2, v, qp, kp, lut, jax.lax.stop_gradient(mass), config, keys=keys,
                               queries=queries)
 
