@@ -47,6 +47,22 @@ SMALL = [  # (N, D, topk, dtype, scope, feature map)
 ]
 
 
+def _form_errors(ref, no_arrays, arrays, args, w):
+    """{"vs_dense", "arrays_vs_dense", "vs_arrays"}: relative errors of the output and the gradients of sum(o * w)
+    w.r.t. args = (q, k, v, alpha) of the form without phi arrays and the form with them, against the dense
+    reference and against each other."""
+    def with_grads(fn):
+        loss = lambda *x: jnp.sum(fn(*x).astype(jnp.float32) * w)  # noqa: E731
+        return jax.jit(lambda *x: (fn(*x), jax.grad(loss, argnums=(0, 1, 2, 3))(*x)))
+
+    def errors(got, want):  # (o, grads) each
+        grads = {f"d{x}": rel(a, b) for x, a, b in zip(("q", "k", "v", "alpha"), got[1], want[1])}
+        return {"o": rel(got[0], want[0]), **grads}
+
+    r, n, a = (with_grads(f)(*args) for f in (ref, no_arrays, arrays))
+    return {"vs_dense": errors(n, r), "arrays_vs_dense": errors(a, r), "vs_arrays": errors(n, a)}
+
+
 def small_checks():
     seed = int.from_bytes(os.urandom(4), "little")
     RESULTS["small_seed"] = seed
@@ -77,16 +93,7 @@ def small_checks():
                 qp, kp = (phi(x.astype(jnp.float32)).astype(x.dtype) for x in (q, k))
                 return sla2_fused_attention(q, k, v, qp, kp, lut, a, config=config, **kw)
 
-            def with_grads(fn):
-                loss = lambda *x: jnp.sum(fn(*x).astype(jnp.float32) * w)  # noqa: E731
-                return jax.jit(lambda *x: (fn(*x), jax.grad(loss, argnums=(0, 1, 2, 3))(*x)))
-
-            runs = (with_grads(f)(q, k, v, alpha) for f in (ref, no_arrays, arrays))
-            (o_r, g_r), (o_n, g_n), (o_a, g_a) = runs
-            names = ("q", "k", "v", "alpha")
-            row["vs_dense"] = {"o": rel(o_n, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_n, g_r)}}
-            row["arrays_vs_dense"] = {"o": rel(o_a, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_a, g_r)}}
-            row["vs_arrays"] = {"o": rel(o_n, o_a), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_n, g_a)}}
+            row.update(_form_errors(ref, no_arrays, arrays, (q, k, v, alpha), w))
         except Exception as e:  # noqa: BLE001 - record and go on
             record_error(row, "error", e)
         print("small", json.dumps(row), flush=True)
@@ -137,15 +144,7 @@ def small_low_bit_checks(quants=("int8", "int8_fp8")):
                 qp, kp = (phi(x.astype(jnp.float32)).astype(x.dtype) for x in (q, k))
                 return sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, **kw)
 
-            def with_grads(fn):
-                loss = lambda *x: jnp.sum(fn(*x).astype(jnp.float32) * w)  # noqa: E731
-                return jax.jit(lambda *x: (fn(*x), jax.grad(loss, argnums=(0, 1, 2, 3))(*x)))
-
-            (o_r, g_r), (o_n, g_n), (o_a, g_a) = (with_grads(f)(q, k, v, alpha) for f in (ref, no_arrays, arrays))
-            names = ("q", "k", "v", "alpha")
-            row["vs_dense"] = {"o": rel(o_n, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_n, g_r)}}
-            row["arrays_vs_dense"] = {"o": rel(o_a, o_r), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_a, g_r)}}
-            row["vs_arrays"] = {"o": rel(o_n, o_a), **{f"d{x}": rel(a, r) for x, a, r in zip(names, g_n, g_a)}}
+            row.update(_form_errors(ref, no_arrays, arrays, (q, k, v, alpha), w))
         except Exception as e:  # noqa: BLE001 - record and go on
             record_error(row, "error", e)
         print("small_low_bit", json.dumps(row), flush=True)

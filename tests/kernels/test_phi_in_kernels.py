@@ -185,38 +185,28 @@ def test_mosaic_forward_applies_phi_to_its_q_tile_when_lowered_for_cuda(kind):
         lowered_int8(None, None)
 
 
-def _pallas_calls(jaxpr, found, inputs=False):
-    """(name, [(shape, dtype) of each output]) of every pallas_call in a jaxpr, nested jaxprs included; inputs:
-    (name, number of inputs, [(shape, dtype) of each output])."""
+def _equations(jaxpr):
+    """Every equation of a jaxpr, those of nested jaxprs included."""
     from jax.extend import core as jcore
 
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            name, outs = eqn.params.get("name"), [(tuple(v.aval.shape), v.aval.dtype) for v in eqn.outvars]
-            found.append((name, len(eqn.invars), outs) if inputs else (name, outs))
+        yield eqn
         for val in eqn.params.values():
-            if isinstance(val, jcore.ClosedJaxpr):
-                _pallas_calls(val.jaxpr, found, inputs)
-            elif isinstance(val, jcore.Jaxpr):
-                _pallas_calls(val, found, inputs)
-    return found
+            if isinstance(val, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+                yield from _equations(getattr(val, "jaxpr", val))
 
 
-def _reductions_of(jaxpr, shape, found):
+def _pallas_calls(jaxpr):
+    """(name, [(shape, dtype) of each output]) of every pallas_call in a jaxpr, nested jaxprs included."""
+    return [(eqn.params.get("name"), [(tuple(v.aval.shape), v.aval.dtype) for v in eqn.outvars])
+            for eqn in _equations(jaxpr) if eqn.primitive.name == "pallas_call"]
+
+
+def _reductions_over_sequence(jaxpr, shape):
     """The reduce_sum equations over axis 1 (the sequence) of an operand of this shape in a jaxpr, nested jaxprs
     included."""
-    from jax.extend import core as jcore
-
-    for eqn in jaxpr.eqns:
-        if (eqn.primitive.name == "reduce_sum" and tuple(eqn.invars[0].aval.shape) == tuple(shape)
-                and 1 in eqn.params["axes"]):
-            found.append(eqn)
-        for val in eqn.params.values():
-            if isinstance(val, jcore.ClosedJaxpr):
-                _reductions_of(val.jaxpr, shape, found)
-            elif isinstance(val, jcore.Jaxpr):
-                _reductions_of(val, shape, found)
-    return found
+    return [eqn for eqn in _equations(jaxpr) if eqn.primitive.name == "reduce_sum"
+            and tuple(eqn.invars[0].aval.shape) == tuple(shape) and 1 in eqn.params["axes"]]
 
 
 @pytest.mark.parametrize("scope,quant", [("complement", "none"), ("all", "none"), ("complement", "int8")])
@@ -237,11 +227,11 @@ def test_the_library_forward_writes_no_phi_arrays(monkeypatch, scope, quant):
                             linear_scope=scope, quant=quant)
     q, k, v = (x.astype(jnp.bfloat16) for x in jax.random.normal(jax.random.PRNGKey(0), (3, 1, 320, 2, 64)))
     jaxpr = jax.make_jaxpr(lambda q, k, v: sla.sla2_attention(q, k, v, config=config))(q, k, v)
-    calls = _pallas_calls(jaxpr.jaxpr, [])
+    calls = _pallas_calls(jaxpr.jaxpr)
     names = [name for name, _ in calls]
     routing = {"none": {"sla_prep": 1}, "int8": {"sla_prep_int8_q": 1, "sla_prep_int8": 1}}[quant]
     for name in ("sla_prep", "sla_prep_int8_q", "sla_prep_int8"):
         assert names.count(name) == routing.get(name, 0), calls
     assert names.count("sla_sum_phi") == 1, calls
     assert not [c for c in calls if (q.shape, q.dtype) in c[1]], calls
-    assert not _reductions_of(jaxpr.jaxpr, q.shape, []), "an XLA pass reduces a (B, N, H, D) array over N"
+    assert not _reductions_over_sequence(jaxpr.jaxpr, q.shape), "an XLA pass reduces a (B, N, H, D) array over N"
