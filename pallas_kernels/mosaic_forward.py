@@ -97,11 +97,10 @@ class LinearInputs(NamedTuple):
     the kernel's own Q tile (16-bit scores) or, for int8 scores, from the 16-bit Q rows loaded into the phi(Q)
     tile (``sparse_linear_attention_mosaic_int8`` hands q over); h (B, H, Nq, D, D) bf16 (or f16): H_i of each
     query block (complement scope), or (B, H, 1, D, D): one state shared by all query blocks (scope "all");
-    z (B, H, Nq or 1, D) f32: Z_i
-    likewise; alpha (B, H, Nq) f32, or None when the combined output "o" is not asked for; eps: added to the
-    denominator phi(Q_i) . Z_i; feature_map: phi, a function of a float32 (rows, D) tile -> float32 (rows, D)
-    (e.g. ``sla2_jax.feature_maps.softmax_phi``), used when q_phi is None; its result is rounded to q's dtype, as
-    a q_phi array would be."""
+    z (B, H, Nq or 1, D) f32: Z_i likewise; alpha (B, H, Nq) f32, or None when the combined output "o" is not asked
+    for; eps: added to the denominator phi(Q_i) . Z_i; feature_map: phi, a function of a float32 (rows, D) tile ->
+    float32 (rows, D) (e.g. ``sla2_jax.feature_maps.softmax_phi``), used when q_phi is None; its result is rounded to
+    q's dtype, as a q_phi array would be."""
 
     q_phi: jax.Array | None
     h: jax.Array
