@@ -156,10 +156,10 @@ def low_bit_operands(q, k, k_means, config: SLA2Config):
     their rows (any m is exact: the forward adds q . m back to the LSE); one read of Q gives its block means, int8
     Q per query block and each row's LSE shift."""
     from pallas_kernels.front_end import block_means_phi_int8, block_means_phi_int8_queries
+    from sla2_jax.blocks import block_counts
 
     n, head_dim = k.shape[1], k.shape[3]
-    rows = jnp.minimum(config.block_k, n - config.block_k * jnp.arange(k_means.shape[2]))  # rows of each key block
-    mean = jnp.einsum("bhjd,j->bhd", k_means, rows.astype(jnp.float32) / n)
+    mean = jnp.einsum("bhjd,j->bhd", k_means, block_counts(n, config.block_k) / n)
     keys = block_means_phi_int8(k, config.block_k, None, mean=mean)[2]
     shift_scale = (1.0 / math.sqrt(head_dim)) * math.log2(math.e)  # the kernels' sm_scale * log2 e
     _, q_means, queries = block_means_phi_int8_queries(q, config.block_q, None, keys.mean, shift_scale)
