@@ -63,6 +63,41 @@ def _form_errors(ref, no_arrays, arrays, args, w):
     return {"vs_dense": errors(n, r), "arrays_vs_dense": errors(a, r), "vs_arrays": errors(n, a)}
 
 
+def _small_inputs(seed, n, d, topk, dtype, k_offset):
+    """A SMALL case's inputs: q, k, v (1, N, 2, D) dtype, w (1, N, 2, D) f32 (the loss weights), an ascending
+    uniform LUT (b_q 128, b_k 64), alpha (1, 2, Nq) in [0.2, 0.8]. k has its mean over N removed, or with k_offset a
+    common offset added (so that the low-bit forward's smoothing matters)."""
+    rng = np.random.default_rng([seed, n, d])
+    b, h, nq, nk = 1, 2, -(-n // 128), -(-n // 64)
+    q, k, v, w = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for _ in range(4))
+    if k_offset:
+        k = k + 0.5 * jnp.asarray(rng.standard_normal(d), jnp.float32)
+    else:
+        k = k - k.mean(axis=1, keepdims=True)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    lut = uniform_lut(rng, b, h, nq, nk, topk)
+    alpha = jnp.asarray(rng.uniform(0.2, 0.8, (b, h, nq)), jnp.float32)
+    return (q, k, v, alpha), w, lut
+
+
+def _dense_reference(phi, lut, scope):
+    """fn(q, k, v, alpha): the dense float32 fused reference with phi applied by JAX."""
+    def ref(q, k, v, a):
+        q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+        return reference_fused(q32, k32, v32, phi(q32), phi(k32), lut, a, block_q=128, block_k=64, linear_scope=scope)
+
+    return ref
+
+
+def _with_phi_arrays(fused, phi):
+    """fn(q, k, v, alpha) = fused(q, k, v, phi(q), phi(k), alpha), phi in float32 rounded to the inputs' dtype."""
+    def arrays(q, k, v, a):
+        qp, kp = (phi(x.astype(jnp.float32)).astype(x.dtype) for x in (q, k))
+        return fused(q, k, v, qp, kp, a)
+
+    return arrays
+
+
 def small_checks():
     seed = int.from_bytes(os.urandom(4), "little")
     RESULTS["small_seed"] = seed
@@ -70,30 +105,18 @@ def small_checks():
     for n, d, topk, dtype, scope, kind in SMALL:
         row = dict(n=n, d=d, topk=topk, dtype=jnp.dtype(dtype).name, scope=scope, feature_map=kind)
         try:
-            rng = np.random.default_rng([seed, n, d])
-            b, h, nq, nk = 1, 2, -(-n // 128), -(-n // 64)
-            q, k, v, w = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for _ in range(4))
-            k = k - k.mean(axis=1, keepdims=True)
-            q, k, v = (x.astype(dtype) for x in (q, k, v))
-            lut = uniform_lut(rng, b, h, nq, nk, topk)
-            alpha = jnp.asarray(rng.uniform(0.2, 0.8, (b, h, nq)), jnp.float32)
+            args, w, lut = _small_inputs(seed, n, d, topk, dtype, k_offset=False)
             phi = PHI_FUNCTIONS[kind]
             config = heuristic_config(n, d, dtype, 128, 64)
             row["forward"], row["backward"] = config.forward, config.backward
-            kw = dict(block_q=128, block_k=64, linear_scope=scope)
-
-            def ref(q, k, v, a):
-                q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
-                return reference_fused(q32, k32, v32, phi(q32), phi(k32), lut, a, **kw)
+            kw = dict(block_q=128, block_k=64, linear_scope=scope, config=config)
 
             def no_arrays(q, k, v, a):
-                return sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=phi, config=config, **kw)
+                return sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=phi, **kw)
 
-            def arrays(q, k, v, a):
-                qp, kp = (phi(x.astype(jnp.float32)).astype(x.dtype) for x in (q, k))
-                return sla2_fused_attention(q, k, v, qp, kp, lut, a, config=config, **kw)
-
-            row.update(_form_errors(ref, no_arrays, arrays, (q, k, v, alpha), w))
+            arrays = _with_phi_arrays(lambda q, k, v, qp, kp, a: sla2_fused_attention(q, k, v, qp, kp, lut, a, **kw),
+                                      phi)
+            row.update(_form_errors(_dense_reference(phi, lut, scope), no_arrays, arrays, args, w))
         except Exception as e:  # noqa: BLE001 - record and go on
             record_error(row, "error", e)
         print("small", json.dumps(row), flush=True)
@@ -116,13 +139,8 @@ def small_low_bit_checks(quants=("int8", "int8_fp8")):
     for (n, d, topk, dtype, scope, kind), quant in ((c, x) for c in SMALL if c[3] != jnp.float32 for x in quants):
         row = dict(n=n, d=d, topk=topk, dtype=jnp.dtype(dtype).name, scope=scope, feature_map=kind, quant=quant)
         try:
-            rng = np.random.default_rng([seed, n, d])
-            b, h, nq, nk = 1, 2, -(-n // 128), -(-n // 64)
-            q, k, v, w = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for _ in range(4))
-            k = k + 0.5 * jnp.asarray(rng.standard_normal(d), jnp.float32)  # an offset, so that smoothing matters
-            q, k, v = (x.astype(dtype) for x in (q, k, v))
-            lut = uniform_lut(rng, b, h, nq, nk, topk)
-            alpha = jnp.asarray(rng.uniform(0.2, 0.8, (b, h, nq)), jnp.float32)
+            args, w, lut = _small_inputs(seed, n, d, topk, dtype, k_offset=True)
+            q, k, v, _ = args
             phi = PHI_FUNCTIONS[kind]
             config = heuristic_config(n, d, dtype, 128, 64)
             row["forward"] = config.forward
@@ -131,20 +149,13 @@ def small_low_bit_checks(quants=("int8", "int8_fp8")):
             sums, k_means = key_block_sums(k, v, linear_scope=scope, feature_map=phi, config=config)
             _, keys, queries = backends.low_bit_operands(q, k, k_means, library)
 
-            def ref(q, k, v, a):
-                q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
-                return reference_fused(q32, k32, v32, phi(q32), phi(k32), lut, a, block_q=128, block_k=64,
-                                       linear_scope=scope)
-
             def no_arrays(q, k, v, a):
                 return sla2_fused_attention_lowbit(q, k, v, None, None, lut, a, feature_map=phi, key_sums=sums,
                                                    keys=keys, queries=queries, **kw)
 
-            def arrays(q, k, v, a):
-                qp, kp = (phi(x.astype(jnp.float32)).astype(x.dtype) for x in (q, k))
-                return sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, **kw)
-
-            row.update(_form_errors(ref, no_arrays, arrays, (q, k, v, alpha), w))
+            arrays = _with_phi_arrays(
+                lambda q, k, v, qp, kp, a: sla2_fused_attention_lowbit(q, k, v, qp, kp, lut, a, **kw), phi)
+            row.update(_form_errors(_dense_reference(phi, lut, scope), no_arrays, arrays, args, w))
         except Exception as e:  # noqa: BLE001 - record and go on
             record_error(row, "error", e)
         print("small_low_bit", json.dumps(row), flush=True)

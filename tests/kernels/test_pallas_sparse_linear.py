@@ -343,9 +343,14 @@ def _dense_sparse_grads(q, k, v, do, lse, delta, mask, alpha, sm_scale, block_q)
     return dq, dk, dv
 
 
-def patch_mosaic_backward(monkeypatch, calls):
-    """Replaces the Mosaic dQ and dK/dV kernels (GPU only) by stand-ins implementing their contract in dense float32
-    (from the LUT, or from the transposed LUT and its counts); each call appends "dq" or "dkv" to calls."""
+@pytest.mark.parametrize("scope", ["complement", "all"])
+def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, monkeypatch):
+    """The "mosaic" backward (GPU only) = Triton kernels for the per-row terms and the linear parts + the Mosaic dQ
+    and dK/dV kernels for the sparse loops. On CPU stand-ins implement those two kernels' contract in dense
+    float32 (from the LUT, or from the transposed LUT and its counts): the per-row terms handed to them, their
+    wiring and the Triton linear kernels must still give the reference gradients (the Mosaic kernels themselves
+    are checked on the GPU by experiments/dev/probe_mosaic_dq.py and probe_mosaic_dkv.py)."""
+    calls = []
 
     def dq_stand_in(q, k, v, do, lse, delta, lut, alpha=None, *, block_k, sm_scale, stages=2, config=None):
         calls.append("dq")
@@ -367,17 +372,6 @@ def patch_mosaic_backward(monkeypatch, calls):
 
     monkeypatch.setattr(mosaic_dq, "sparse_attention_dq_mosaic", dq_stand_in)
     monkeypatch.setattr(mosaic_dkv, "sparse_attention_dkv_mosaic", dkv_stand_in)
-
-
-@pytest.mark.parametrize("scope", ["complement", "all"])
-def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, monkeypatch):
-    """The "mosaic" backward (GPU only) = Triton kernels for the per-row terms and the linear parts + the Mosaic dQ
-    and dK/dV kernels for the sparse loops. On CPU stand-ins implement those two kernels' contract in dense
-    float32 (patch_mosaic_backward): the per-row terms handed to them, their wiring and the Triton linear kernels
-    must still give the reference gradients (the Mosaic kernels themselves are checked on the GPU by
-    experiments/dev/probe_mosaic_dq.py and probe_mosaic_dkv.py)."""
-    calls = []
-    patch_mosaic_backward(monkeypatch, calls)
     seed = _seed()
     args, lut, w1, w2, alpha = _make(seed, 1, 200, 2, 64, jnp.float32, 2, 128, 64, alpha=True)
     ref_kw = dict(block_q=128, block_k=64, linear_scope=scope)
@@ -426,9 +420,9 @@ def test_bfloat16_states_give_the_reference_result():
 
 @pytest.mark.parametrize("nq, nk, topk", [(7, 11, 4), (300, 5, 3)])  # 300: running counts up to ~180 per key block
 def test_selection_and_transposed_lut_against_numpy(seed, nq, nk, topk):
-    """selection (a scatter of the LUT, in either layout) and transpose_lut (the query blocks of each key block, ascending,
-    padded with Nq, and their count; running count by a triangular matmul) vs a numpy loop; ids outside [0, Nk)
-    select nothing."""
+    """selection (a scatter of the LUT, in either layout) and transpose_lut (the query blocks of each key block,
+    ascending, padded with Nq, and their count; running count by a triangular matmul) vs a numpy loop; ids outside
+    [0, Nk) select nothing."""
     _selection, _transpose_lut = linear_states.selection, linear_states.transpose_lut
     rng = np.random.default_rng(seed)
     b, h = 2, 3

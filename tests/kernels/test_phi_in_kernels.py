@@ -45,31 +45,21 @@ def _reference_with_phi(phi, **kw):
     return f
 
 
-def _grads(fn, args, alpha, w):
-    """The gradients of sum(fn(q, k, v, alpha) * w) w.r.t. q, k, v, alpha (jitted), each like its argument."""
-    loss = lambda q, k, v, a: jnp.sum(fn(q, k, v, a).astype(jnp.float32) * w)  # noqa: E731
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args, alpha)
-
-
-def _fused_grads(args, lut, alpha, w, phi, kw):
-    """_grads of sla2_fused_attention without phi arrays (feature_map phi, keywords kw)."""
-    fused = lambda q, k, v, a: sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=phi, **kw)  # noqa: E731
-    return _grads(fused, args, alpha, w)
-
-
 def _check_against_reference(args, lut, alpha, w, phi, kw, ftol, gtol, seed):
-    """Output and gradients of q, k, v, alpha of the fused call without phi arrays vs the dense float32 reference
-    (norm-wise relative errors below ftol, gtol); returns the gradients."""
     o = sla2_fused_attention(*args, None, None, lut, alpha, feature_map=phi, **kw)
     ref = _reference_with_phi(phi, block_q=128, block_k=64, linear_scope=kw["linear_scope"])
     assert o.dtype == args[0].dtype and o.shape == args[0].shape
     assert _rel(o, ref(*args, lut, alpha)) < ftol, (seed, _rel(o, ref(*args, lut, alpha)))
-    g = _fused_grads(args, lut, alpha, w, phi, kw)
-    rg = _grads(lambda q, k, v, a: ref(q, k, v, lut, a), args, alpha, w)
+
+    def loss(fn):
+        return lambda q, k, v, a: jnp.sum(fn(q, k, v, a).astype(jnp.float32) * w)
+
+    fused = lambda q, k, v, a: sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=phi, **kw)  # noqa: E731
+    g = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2, 3)))(*args, alpha)
+    rg = jax.jit(jax.grad(loss(lambda q, k, v, a: ref(q, k, v, lut, a)), argnums=(0, 1, 2, 3)))(*args, alpha)
     for name, a, b in zip(("q", "k", "v", "alpha"), g, rg):
         assert bool(jnp.all(jnp.isfinite(a))), (seed, name)
         assert _rel(a, b) < gtol, (seed, name, _rel(a, b))
-    return g
 
 
 # (N, D, dtype, scope, feature map): ragged N, D 64 and 128, both scopes, every feature map
