@@ -660,7 +660,9 @@ def key_block_sums(k, v, *, block_q=128, block_k=64, linear_scope="complement", 
 
     k, v: (B, N, H, D) bf16 / f16 / f32; feature_map: phi as for sla2_fused_attention. key_sums: to pass to
     ``sla2_fused_attention(..., key_sums=)`` of the same linear_scope with the LUT routed from `means`: for
-    "complement" the per-key-block sums phi(K_j)^T V_j, colsum phi(K_j), for "all" their totals over every key;
+    "complement" the per-key-block sums phi(K_j)^T V_j, colsum phi(K_j) (stored for Nk rounded up to a multiple
+    of 64 blocks, zero past Nk: the masked matmul that makes the query blocks' states runs aligned), for "all" their
+    totals over every key;
     means: (B, H, ceil(N / block_k), D) float32, the block means of K (finite rows; a ragged last block averages its
     valid rows), as ``front_end.block_means_and_phi`` gives them. Not differentiable (take it of stopped k, v)."""
     if not callable(feature_map):
@@ -674,9 +676,10 @@ def key_block_sums(k, v, *, block_q=128, block_k=64, linear_scope="complement", 
 
 def _check_key_sums(key_sums, q, cfg: KernelCall):
     b, h, d = q.shape[0], q.shape[2], cfg.d
-    expected = (b, h, cfg.nk, d, d) if cfg.complement else (b, h, d, d)
+    expected = (b, h, linear_states.stored_blocks(cfg.nk), d, d) if cfg.complement else (b, h, d, d)
     what = "per-block states" if cfg.complement else "totals (linear_scope 'all')"
-    if not hasattr(key_sums, "h") or tuple(key_sums.h.shape) != expected:
+    blocks = cfg.nk if cfg.complement else None
+    if not hasattr(key_sums, "h") or tuple(key_sums.h.shape) != expected or key_sums.blocks != blocks:
         raise ValueError(f"key_sums must come from key_block_sums(k, v) of these k, v and this linear_scope: "
                          f"{what} {expected}")
 

@@ -39,6 +39,7 @@ the same function object each time (it is part of the jit cache key). None: the 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,7 @@ _PREP_Q_INT8_WARPS = 8  # one 128 x D tile per program; H100 wan-1.3b: 0.132 ms 
 _PREP_ROWS = 32  # rows per loop step; on H100 16..128 rows, 2..8 warps all ran at the byte floor (docs/dev/front_end.md)
 _SELECT_WARPS = 4
 _SELECT_ROW_ELEMENTS = 1024  # rows per select program: this / padded row length (a power of two in [1, 16])
-_SELECT_TILE = 16384  # elements of the slot x column comparison tile that writes the LUT
+_SELECT_TILE = 16384  # elements of the slot x column comparison tile that writes the LUT (interpret mode)
 
 
 def _interpret(interpret) -> bool:
@@ -481,9 +482,21 @@ def _store_lut(lut_ref, selected, r0, row_ok, *, topk: int, chunk: int):
     lax.fori_loop(0, -(-topk // chunk), body, 0)
 
 
+def _scatter_lut(lut_ref, selected, r0, row_ok):
+    """LUT rows from the selection mask (rows, C) by one masked scatter: selected column c goes to slot (running
+    count of the selection at c) - 1. O(C) per row where _store_lut is O(topk x C); GPU only (Pallas' interpret
+    mode does not run masked scatters)."""
+    rows, width = selected.shape
+    slot = jnp.cumsum(selected.astype(jnp.int32), axis=1) - 1
+    row_ids = jnp.broadcast_to((r0 + jnp.arange(rows))[:, None], (rows, width))
+    cols = jnp.broadcast_to(jnp.arange(width)[None, :], (rows, width))
+    plgpu.store(lut_ref.at[row_ids, jnp.maximum(slot, 0)], cols, mask=selected & row_ok[:, None])
+
+
 def _select_kernel(
-    s_ref, lut_ref, mass_ref, *, nq: int, nk: int, width: int, rows: int, chunk: int, topk: int, last: int, block_k: int
-):
+    s_ref, lut_ref, mass_ref, *, nq: int, nk: int, width: int, rows: int, chunk: int, topk: int, last: int,
+    block_k: int, scatter: bool,
+):  # fmt: skip
     """Program (r, h, b): `rows` rows of S (Nq, Nk) -> their LUT rows (ascending) and captured masses."""
     r0 = pl.program_id(0) * rows
     row_ok = (r0 + jnp.arange(rows)) < nq
@@ -497,7 +510,10 @@ def _select_kernel(
     ties = valid & (key == threshold)
     need = topk - jnp.sum(above.astype(jnp.int32), axis=1, keepdims=True)
     selected = above | (ties & (jnp.cumsum(ties.astype(jnp.int32), axis=1) <= need))
-    _store_lut(lut_ref, selected, r0, row_ok, topk=topk, chunk=chunk)
+    if scatter:
+        _scatter_lut(lut_ref, selected, r0, row_ok)
+    else:
+        _store_lut(lut_ref, selected, r0, row_ok, topk=topk, chunk=chunk)
 
     counts = jnp.where(cols == nk - 1, float(last), float(block_k))
     logits = jnp.where(valid, s + jnp.log(counts), -jnp.inf)
@@ -507,19 +523,29 @@ def _select_kernel(
     plgpu.store(mass_ref.at[pl.ds(r0, rows)], mass, mask=row_ok)
 
 
-def _select_launch(nk: int, topk: int) -> tuple[int, int, int]:
+class SelectLaunch(NamedTuple):
+    """How select_blocks runs. row_elements: rows per program = this / the padded row length (a power of two in
+    [1, 16]); warps per program; scatter: the LUT by one masked scatter (GPU) instead of the slot x column
+    comparison (the only form interpret mode runs)."""
+
+    row_elements: int = _SELECT_ROW_ELEMENTS
+    warps: int = _SELECT_WARPS
+    scatter: bool = False
+
+
+def _select_launch(nk: int, topk: int, row_elements: int = _SELECT_ROW_ELEMENTS) -> tuple[int, int, int]:
     """(width, rows, chunk): padded row length, rows per program, LUT slots per store (all powers of two),
     keeping the rows x chunk x width comparison tile of `_store_lut` within _SELECT_TILE elements."""
     width = max(16, pl.next_power_of_2(nk))
-    rows = max(1, min(16, _SELECT_ROW_ELEMENTS // width))
+    rows = max(1, min(16, row_elements // width))
     chunk = max(1, min(pl.next_power_of_2(topk), _SELECT_TILE // (rows * width)))
     return width, rows, chunk
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _select_call(scores, topk: int, seq_len: int, block_k: int, interpret: bool):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _select_call(scores, topk: int, seq_len: int, block_k: int, interpret: bool, launch: SelectLaunch):
     b, h, nq, nk = scores.shape
-    width, rows, chunk = _select_launch(nk, topk)
+    width, rows, chunk = _select_launch(nk, topk, launch.row_elements)
     kernel = functools.partial(
         _select_kernel,
         nq=nq,
@@ -530,6 +556,7 @@ def _select_call(scores, topk: int, seq_len: int, block_k: int, interpret: bool)
         topk=topk,
         last=seq_len - (nk - 1) * block_k,
         block_k=block_k,
+        scatter=launch.scatter and not interpret,
     )
     return pl.pallas_call(
         kernel,
@@ -540,23 +567,23 @@ def _select_call(scores, topk: int, seq_len: int, block_k: int, interpret: bool)
             pl.BlockSpec((None, None, nq), lambda r, hh, bb: (bb, hh, 0)),
         ],
         out_shape=[jax.ShapeDtypeStruct((b, h, nq, topk), jnp.int32), jax.ShapeDtypeStruct((b, h, nq), _F32)],
-        compiler_params=CompilerParams(num_warps=_SELECT_WARPS, num_stages=1),
+        compiler_params=CompilerParams(num_warps=launch.warps, num_stages=1),
         interpret=interpret,
         name="sla_select",
     )(scores)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _select(scores, topk, seq_len, block_k, interpret):
-    return tuple(_select_call(scores, topk, seq_len, block_k, interpret))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _select(scores, topk, seq_len, block_k, interpret, launch):
+    return tuple(_select_call(scores, topk, seq_len, block_k, interpret, launch))
 
 
-def _select_fwd(scores, topk, seq_len, block_k, interpret):
-    lut, mass = _select_call(scores, topk, seq_len, block_k, interpret)
+def _select_fwd(scores, topk, seq_len, block_k, interpret, launch):
+    lut, mass = _select_call(scores, topk, seq_len, block_k, interpret, launch)
     return (lut, mass), (scores, lut, mass)
 
 
-def _select_bwd(topk, seq_len, block_k, interpret, res, cts):
+def _select_bwd(topk, seq_len, block_k, interpret, launch, res, cts):
     scores, lut, mass = res
     n_k = scores.shape[-1]
     counts = jnp.full((n_k,), float(block_k), _F32).at[-1].set(float(seq_len - (n_k - 1) * block_k))
@@ -568,7 +595,7 @@ def _select_bwd(topk, seq_len, block_k, interpret, res, cts):
 _select.defvjp(_select_fwd, _select_bwd)
 
 
-def select_blocks(scores, topk: int, seq_len: int, block_k: int, *, interpret=None):
+def select_blocks(scores, topk: int, seq_len: int, block_k: int, *, interpret=None, launch=None):
     """Hard top-k routing from router logits in one kernel.
 
     Args:
@@ -576,6 +603,7 @@ def select_blocks(scores, topk: int, seq_len: int, block_k: int, *, interpret=No
       topk: blocks kept per row, 1 <= topk <= Nk.
       seq_len, block_k: N and the key block size (n_j = valid keys of block j weights the mass).
       interpret: None -> Pallas interpret mode unless the default backend is a GPU.
+      launch: a SelectLaunch (rows per program, warps, the LUT's store), None for the default.
     Returns:
       lut (B, H, Nq, topk) int32, ascending (the ids of ``lax.top_k``, ties to the lower id), and the captured
       mass (B, H, Nq) float32 = sum over the selected j of softmax_j(S + log n_j); the mass is differentiable.
@@ -587,4 +615,4 @@ def select_blocks(scores, topk: int, seq_len: int, block_k: int, *, interpret=No
         raise ValueError(f"topk={topk!r} must be an int in [1, Nk={n_k}]")
     if -(-seq_len // block_k) != n_k:
         raise ValueError(f"Nk={n_k} must equal ceil(seq_len / block_k) = ceil({seq_len} / {block_k})")
-    return _select(scores, topk, seq_len, block_k, _interpret(interpret))
+    return _select(scores, topk, seq_len, block_k, _interpret(interpret), launch or SelectLaunch())

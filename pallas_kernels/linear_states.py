@@ -11,7 +11,8 @@ wan-1.3b forward+backward at 95% on H100 (docs/dev/linear_branch.md).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,15 @@ def _outer_sum_kernel(
 
 
 _SUM_CHUNK, _SUM_BLOCK = 1024, 128
+_STORED_BLOCKS_MULTIPLE = 64
+
+
+def stored_blocks(count: int) -> int:
+    """The number of per-block sums outer_sum stores for `count` blocks: rounded up to a multiple of 64, the extra
+    sums zero. The masked matmul over the blocks (_sum_over_blocks) then contracts over an aligned length: at
+    wan-14b-720p (1182 key blocks) the product ran at ~255 TFLOP/s ragged and ~480 padded to 1216 (H100,
+    experiments.dev.probe_masked_gemm)."""
+    return -(-count // _STORED_BLOCKS_MULTIPLE) * _STORED_BLOCKS_MULTIPLE
 
 
 def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, means=False):
@@ -94,7 +104,7 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
     the C partial sums are added by XLA. Flop 2*N*D^2 per head; bytes: one read of x and y.
     w, u: optional (B, H, >= N) per-row float32 weights (both or neither).
     block_rows: if given, one sum per block of that many rows instead (no reduction over the blocks): the input of
-    _sum_over_blocks, a _BlockSums of C = ceil(N / block_rows) blocks.
+    _sum_over_blocks, a _BlockSums of C = stored_blocks(ceil(N / block_rows)) blocks (zero past the last block).
     phi: None, or a feature map applied to the rows of x inside the kernel (x is then K, not phi(K)).
     means: also return the mean of the raw x rows of each block of block_rows rows, or of cfg.block_k rows for the
     totals ((B, H, C, D) float32, finite rows only, as the front end's block means): (sums, means). For the totals
@@ -111,6 +121,9 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
     else:
         chunk = block_rows
     nc = -(-n // chunk)
+    blocks = nc
+    if block_rows is not None:
+        nc = stored_blocks(nc)  # programs past the last block read no rows and store zero sums
     seq = seq_spec(cfg)
     inputs = [("x", x, seq), ("y", y, seq)]
     weighted = w is not None
@@ -149,27 +162,36 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
         dict(chunk=chunk, block=min(chunk, step), weighted=weighted, scaled=scaled, phi=phi, block_means=block_means),
     )
     if block_rows is not None:
-        block_sums = _BlockSums(sums[0], sums[1], sums[2][..., 0] if scaled else None)
-        return (block_sums, sums[-1]) if means else block_sums
+        block_sums = _BlockSums(sums[0], sums[1], sums[2][..., 0] if scaled else None, blocks)
+        return (block_sums, sums[-1][:, :, :blocks]) if means else block_sums
     totals = jnp.sum(sums[0], axis=2), jnp.sum(sums[1], axis=2)
     return (totals, sums[-1][:, :, : -(-n // step)]) if means else totals
 
 
-class _BlockSums(NamedTuple):
-    """Per-block outer sums (from outer_sum with block_rows), C blocks: h (B, H, C, D, D), z (B, H, C, D) float32.
-    For 16-bit inputs h is float16 and holds h / scale with scale (B, H, C) a power of two per block (~2^-11
-    relative, the input's own precision is 2^-8 / 2^-11); for float32 inputs h is float32 and scale is None.
-    key_block_sums of scope "all" holds the totals here: h (B, H, D, D), z (B, H, D) float32, scale None."""
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["h", "z", "scale"], meta_fields=["blocks"])
+@dataclasses.dataclass(frozen=True)
+class _BlockSums:
+    """Per-block outer sums (from outer_sum with block_rows) of `blocks` blocks, stored for C =
+    stored_blocks(blocks) (zero sums past the last block): h (B, H, C, D, D), z (B, H, C, D) float32. For 16-bit
+    inputs h is float16 and holds h / scale with scale (B, H, C) a power of two per block (~2^-11 relative, the
+    input's own precision is 2^-8 / 2^-11); for float32 inputs h is float32 and scale is None.
+    key_block_sums of scope "all" holds the totals here: h (B, H, D, D), z (B, H, D) float32, scale and blocks
+    None. Iterates as (h, z, scale)."""
 
     h: jax.Array
     z: jax.Array
     scale: jax.Array | None
+    blocks: int | None = None
+
+    def __iter__(self):
+        return iter((self.h, self.z, self.scale))
 
 
 def _sum_over_blocks(mask, sums: _BlockSums, cfg: KernelCall):
     """out[m] = sum_c mask[m, c] h[c] (and the same for z), per (b, h).
 
-    mask (B, H, M, C) bool -> (B, H, M, D, D) float32 (bf16 for float16 sums if KernelConfig.state_dtype says so),
+    mask (B, H, M, C') bool, C' <= C (the blocks that exist; the stored zero sums past them are left out) ->
+    (B, H, M, D, D) float32 (bf16 for float16 sums if KernelConfig.state_dtype says so),
     (B, H, M, D) float32. One dense batched matmul in XLA (cuBLAS) contracting over the blocks with float32
     accumulation; for float16 sums the mask carries the per-block scale (a power of two: exact); z in float32 (for
     float16 sums as a bf16 hi + lo pair in one bf16 product: ~2^-18 relative, a fraction of the float32 product's
@@ -177,6 +199,7 @@ def _sum_over_blocks(mask, sums: _BlockSums, cfg: KernelCall):
     """
     b, nh, c, d, _ = sums.h.shape
     h_flat = sums.h.reshape(b, nh, c, d * d)
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, c - mask.shape[-1])))  # False for the stored zero sums
     if sums.scale is None:
         weights, precision = mask.astype(F32), lax.Precision.HIGHEST
     else:
@@ -213,8 +236,8 @@ def key_block_sums(k, v, cfg: KernelCall, phi):
     """The linear states' sums of K and V (a _BlockSums) and, from the same read of K, the block means of K
     (B, H, Nk, D) float32 the router scores (finite rows, as the front end's): one pass over K and V serves both
     the routing and the linear states. The sums: per key block h_j = phi(K_j)^T V_j (B, H, Nk, D, D), z_j for the
-    complement scope; the totals H = phi(K)^T V (B, H, D, D), Z (B, H, D) float32 for scope "all". k, v (B, N, H,
-    D); phi: the feature map."""
+    complement scope (stored for stored_blocks(Nk) blocks, zero past Nk); the totals H = phi(K)^T V (B, H, D, D),
+    Z (B, H, D) float32 for scope "all". k, v (B, N, H, D); phi: the feature map."""
     if cfg.complement:
         return outer_sum(k, v, cfg, block_rows=cfg.block_k, phi=phi, means=True)
     (h, z), means = outer_sum(k, v, cfg, phi=phi, means=True)

@@ -1,12 +1,12 @@
 """GPU probe: the complement states' masked sum (``linear_states._sum_over_blocks``: H_i = sum over unselected key
 blocks j of the per-block sums h_j, one batched f16 matmul with float32 accumulation) at the library's shapes, with
-the block counts as they are and padded to multiples of 64 / 128 (zero mask columns and rows), to see whether ragged
-Nq, Nk cost tensor throughput.
+the block counts as they are and padded (zero mask columns and rows): the query blocks (M) or the key blocks (C, the
+contraction) or both, to multiples of 8 / 64 / 128, to see whether ragged Nq, Nk cost tensor throughput and which.
 
     python -m experiments.dev.probe_masked_gemm --out DIR
 
 Random h_j (float16, per-block power-of-two scales), 95% of the mask unselected. Prints and writes DIR/
-probe_masked_gemm.json: per (workload, padding) the CUPTI milliseconds of the whole masked sum (weights, the H_i
+probe_masked_gemm.json: per (workload, padded axes, multiple) the CUPTI milliseconds of the whole masked sum (weights, the H_i
 product, the Z_i product) and the H_i product's TFLOP/s (2 B H Nq Nk D^2).
 """
 
@@ -38,7 +38,7 @@ def masked_sum_ms(heads, nq, nk, d=128, seed=0):
     scale = jnp.ones((1, heads, nk), jnp.float32)
     mask = jax.random.uniform(km, (1, heads, nq, nk)) < 0.95
     cfg = types.SimpleNamespace(config=KernelConfig())
-    sums = linear_states._BlockSums(h, z, scale)
+    sums = linear_states._BlockSums(h, z, scale, nk)
     return kernel_ms(lambda m, s: linear_states._sum_over_blocks(m, s, cfg), (mask, sums))
 
 
@@ -49,9 +49,13 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for name, (heads, nq, nk) in SHAPES.items():
-        for multiple in (1, 64, 128):
-            mq, mk = padded(nq, multiple), padded(nk, multiple)
-            row = dict(workload=name, pad=multiple, nq=mq, nk=mk)
+        variants = [("none", 1)] + [(axes, m) for axes in ("m", "c", "mc") for m in (8, 64, 128)]
+        for axes, multiple in variants:
+            if nq % 8 == 0 and nk % 8 == 0 and axes != "none":
+                continue  # aligned already: nothing to pad
+            mq = padded(nq, multiple) if "m" in axes else nq
+            mk = padded(nk, multiple) if "c" in axes else nk
+            row = dict(workload=name, pad_axes=axes, pad=multiple, nq=mq, nk=mk)
             try:
                 total, per_iter = masked_sum_ms(heads, mq, mk)
                 row["ms"] = total

@@ -34,6 +34,9 @@ def test_means_are_the_front_ends_and_sums_the_forwards(n, d, dtype):
     lut = jnp.zeros((1, 2, -(-n // 128), 1), jnp.int32)
     cfg = validate_call(q, k, v, q, k, lut, 128, 64, "complement", None, 1e-6, None, None)
     ref = linear_states.outer_sum(k, v, cfg, block_rows=64, phi=PHI)
+    nk = -(-n // 64)  # the sums are stored for 64 blocks (a multiple of 64), zero past the last one
+    assert sums.blocks == nk and sums.h.shape[2] == sums.z.shape[2] == 64, (sums.blocks, sums.h.shape)
+    assert not np.any(np.asarray(sums.h[:, :, nk:], np.float32)) and not np.any(np.asarray(sums.z[:, :, nk:]))
     for got, want in zip(sums, ref):
         if want is not None:
             np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

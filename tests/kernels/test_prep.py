@@ -172,6 +172,21 @@ def test_select_blocks_lut_and_mass(seed, nk, k):
     np.testing.assert_allclose(mass, np.take_along_axis(p, np.asarray(lut), -1).sum(-1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows", [1024, 8192])
+def test_select_blocks_scatter_form_lowers_for_cuda(rows):
+    """The LUT by one masked scatter (GPU only: interpret mode runs the comparison form) lowers for CUDA at
+    wan-14b-720p's row length (1182 key blocks; checked against lax.top_k on the GPU by
+    experiments/dev/probe_select.py)."""
+    from helpers import lowered_for_cuda
+
+    from pallas_kernels.front_end import SelectLaunch
+
+    scores = jax.ShapeDtypeStruct((1, 2, 591, 1182), jnp.float32)
+    launch = SelectLaunch(row_elements=rows, warps=8, scatter=True)
+    text = lowered_for_cuda(lambda s: select_blocks(s, 59, 75600, 64, interpret=False, launch=launch), scores)
+    assert "sla_select" in text
+
+
 def test_select_blocks_mass_gradient_matches_xla(seed):
     scores = 2 * jax.random.normal(jax.random.PRNGKey(seed), (1, 2, 3, 19))
     g = jax.random.normal(jax.random.PRNGKey(seed + 1), (1, 2, 3))
