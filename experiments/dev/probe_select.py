@@ -25,7 +25,7 @@ from pallas_kernels.front_end import SelectLaunch, select_blocks
 from sla2_jax.blocks import block_counts
 
 SHAPES = {"wan-1.3b": (12, 32760), "wan-14b-720p": (40, 75600)}  # heads, tokens (b_q 128, b_k 64)
-VARIANTS = [SelectLaunch()] + [
+VARIANTS = [SelectLaunch(row_elements=1024, scatter=False)] + [
     SelectLaunch(row_elements=e, warps=w, scatter=True) for e in (1024, 2048, 4096, 8192) for w in (4, 8)
 ]
 
