@@ -30,9 +30,10 @@ the same function object each time (it is part of the jit cache key). None: the 
   ascending LUT of the top-k key blocks (the set of ``lax.top_k``, ties to the lower index) and the captured mass
   sum_{j selected} softmax_j(S + log n_j). Grid (ceil(Nq / rows), H, B); each program holds ``rows`` full rows:
   the k-th largest value by a 32-step radix search on the order-preserving integer image of the float32 bits,
-  ties resolved by a running count, LUT slots from the running count of the selection: on the GPU one masked
-  scatter of the selected columns (O(Nk) per row), in interpret mode (which runs no masked scatter) masked block
-  stores of a slot x column comparison (O(topk Nk) per row; ``SelectLaunch``). Replaces
+  ties resolved by a running count, LUT slots from the running count of the selection by masked block stores
+  of a slot x column comparison (O(topk Nk) per row; interpret mode and GPU run the same code), or with
+  ``SelectLaunch(scatter=True)`` on the GPU by one masked scatter of the selected columns (O(Nk) per row; not yet
+  run on a GPU). Replaces
   top_k + sort + softmax + gather (four latency-bound XLA kernels) with one launch over 4 bytes per score.
   The mass is differentiable w.r.t. the scores (d mass / d S_j = p_j (sel_j - mass), XLA); the LUT is not.
 """
@@ -56,7 +57,7 @@ _PREP_WARPS = 4
 _PREP_Q_INT8_WARPS = 8  # one 128 x D tile per program; H100 wan-1.3b: 0.132 ms vs 0.160 with 4
 _PREP_ROWS = 32  # rows per loop step; on H100 16..128 rows, 2..8 warps all ran at the byte floor (docs/dev/front_end.md)
 _SELECT_WARPS = 4
-_SELECT_ROW_ELEMENTS = 2048  # rows per select program: this / padded row length (a power of two in [1, 16])
+_SELECT_ROW_ELEMENTS = 1024  # rows per select program: this / padded row length (a power of two in [1, 16])
 _SELECT_TILE = 16384  # elements of the slot x column comparison tile that writes the LUT (interpret mode)
 
 
@@ -527,11 +528,12 @@ def _select_kernel(
 class SelectLaunch(NamedTuple):
     """How select_blocks runs. row_elements: rows per program = this / the padded row length (a power of two in
     [1, 16]); warps per program; scatter: the LUT by one masked scatter (on the GPU; interpret mode always takes
-    the slot x column comparison)."""
+    the slot x column comparison). The scatter form lowers for CUDA but has not yet been run on a GPU:
+    experiments/dev/probe_select.py checks it against lax.top_k and times it before it can be the default."""
 
     row_elements: int = _SELECT_ROW_ELEMENTS
     warps: int = _SELECT_WARPS
-    scatter: bool = True
+    scatter: bool = False
 
 
 def _select_launch(nk: int, topk: int, row_elements: int = _SELECT_ROW_ELEMENTS) -> tuple[int, int, int]:

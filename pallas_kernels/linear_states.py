@@ -86,15 +86,14 @@ def _outer_sum_kernel(
 
 
 _SUM_CHUNK, _SUM_BLOCK = 1024, 128
-_STORED_BLOCKS_MULTIPLE = 64
-
-
 def stored_blocks(count: int) -> int:
-    """The number of per-block sums outer_sum stores for `count` blocks: rounded up to a multiple of 64, the extra
-    sums zero. The masked matmul over the blocks (_sum_over_blocks) then contracts over an aligned length: at
-    wan-14b-720p (1182 key blocks) the product ran at ~255 TFLOP/s ragged and ~480 padded to 1216 (H100,
-    experiments.dev.probe_masked_gemm)."""
-    return -(-count // _STORED_BLOCKS_MULTIPLE) * _STORED_BLOCKS_MULTIPLE
+    """The number of per-block sums outer_sum stores for `count` blocks, the extra sums zero: rounded up to a
+    multiple of 64 from 512 blocks on (<= 12% more), else of 8. The masked matmul over the blocks
+    (_sum_over_blocks) then contracts over an aligned length, with its 0/1 mask made at that width (aligned rows):
+    at wan-14b-720p (1182 key blocks) the product ran at ~255 TFLOP/s ragged and ~480 with the mask and the sums
+    made for 1216 blocks (and 640 query blocks; H100, experiments.dev.probe_masked_gemm)."""
+    multiple = 64 if count >= 512 else 8
+    return -(-count // multiple) * multiple
 
 
 def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, means=False):
@@ -190,7 +189,7 @@ class _BlockSums:
 def _sum_over_blocks(mask, sums: _BlockSums, cfg: KernelCall):
     """out[m] = sum_c mask[m, c] h[c] (and the same for z), per (b, h).
 
-    mask (B, H, M, C') bool, C' <= C (the blocks that exist; the stored zero sums past them are left out) ->
+    mask (B, H, M, C) bool (columns past the blocks that exist may be anything: their stored sums are zero) ->
     (B, H, M, D, D) float32 (bf16 for float16 sums if KernelConfig.state_dtype says so),
     (B, H, M, D) float32. One dense batched matmul in XLA (cuBLAS) contracting over the blocks with float32
     accumulation; for float16 sums the mask carries the per-block scale (a power of two: exact); z in float32 (for
@@ -199,7 +198,6 @@ def _sum_over_blocks(mask, sums: _BlockSums, cfg: KernelCall):
     """
     b, nh, c, d, _ = sums.h.shape
     h_flat = sums.h.reshape(b, nh, c, d * d)
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, c - mask.shape[-1])))  # False for the stored zero sums
     if sums.scale is None:
         weights, precision = mask.astype(F32), lax.Precision.HIGHEST
     else:
@@ -218,18 +216,20 @@ def _sum_over_blocks(mask, sums: _BlockSums, cfg: KernelCall):
     return h_out.reshape(b, nh, -1, d, d), z_out
 
 
-def selection(lut, nk, *, queries_first=False):
+def selection(lut, nk, *, queries_first=False, width=None):
     """sel (B, H, Nk, Nq) bool, or (B, H, Nq, Nk) with queries_first: key block j selected by query block i; ids
-    outside [0, Nk) select nothing. One scatter of the LUT's B H Nq topk entries into zeros: its cost grows with
+    outside [0, Nk) select nothing. width: the last axis' length if longer (columns past Nq, or Nk with
+    queries_first, are False). One scatter of the LUT's B H Nq topk entries into zeros: its cost grows with
     H Nq Nk (the zeros) where a comparison of every (i, j) against the LUT grows with H Nq Nk topk (1.19 ms per
     forward at wan-14b-720p, 95%, H200; about equal at wan-1.3b)."""
     b, h, nq, _ = lut.shape
-    ids = jnp.where((lut >= 0) & (lut < nk), lut, nk)  # out of range: dropped by the scatter
+    key_axis = (width or nk) if queries_first else nk
+    ids = jnp.where((lut >= 0) & (lut < nk), lut, key_axis)  # out of range: past the key axis, dropped
     bi, hi = jnp.arange(b)[:, None, None, None], jnp.arange(h)[None, :, None, None]
     qi = jnp.arange(nq)[None, None, :, None]
     if queries_first:
-        return jnp.zeros((b, h, nq, nk), jnp.bool_).at[bi, hi, qi, ids].set(True, mode="drop")
-    return jnp.zeros((b, h, nk, nq), jnp.bool_).at[bi, hi, ids, qi].set(True, mode="drop")
+        return jnp.zeros((b, h, nq, width or nk), jnp.bool_).at[bi, hi, qi, ids].set(True, mode="drop")
+    return jnp.zeros((b, h, nk, width or nq), jnp.bool_).at[bi, hi, ids, qi].set(True, mode="drop")
 
 
 def key_block_sums(k, v, cfg: KernelCall, phi):
@@ -252,8 +252,8 @@ def complement_states(k_phi, v, lut, cfg: KernelCall, phi=None, sums=None):
     outer-sum kernel). sums: the per-key-block sums if already made (key_block_sums), else made here."""
     if sums is None:
         sums = outer_sum(k_phi, v, cfg, block_rows=cfg.block_k, phi=phi)
-    unsel = jnp.logical_not(selection(lut, cfg.nk, queries_first=True))  # (B, H, Nq, Nk)
-    return _sum_over_blocks(unsel, sums, cfg)
+    sel = selection(lut, cfg.nk, queries_first=True, width=sums.h.shape[2])  # (B, H, Nq, C): aligned rows
+    return _sum_over_blocks(jnp.logical_not(sel), sums, cfg)  # blocks past Nk: "unselected", their sums are zero
 
 
 def transpose_lut(lut, nk):
@@ -304,5 +304,6 @@ def gradient_states(q_phi, x, w, u, lut, cfg: KernelCall):
     blocks that did not select j, (B, H, Nk, D, D) and (B, H, Nk, D). w, u: (B, H, Npad) float32 row weights."""
     if cfg.track_lin:
         sums = outer_sum(q_phi, x, cfg, w, u, block_rows=cfg.block_q)  # per query block
-        return _sum_over_blocks(jnp.logical_not(selection(lut, cfg.nk)), sums, cfg)
+        sel = selection(lut, cfg.nk, width=sums.h.shape[2])  # (B, H, Nk, C): aligned rows
+        return _sum_over_blocks(jnp.logical_not(sel), sums, cfg)  # query blocks past Nq: zero sums
     return outer_sum(q_phi, x, cfg, w, u)

@@ -34,12 +34,19 @@ def test_means_are_the_front_ends_and_sums_the_forwards(n, d, dtype):
     lut = jnp.zeros((1, 2, -(-n // 128), 1), jnp.int32)
     cfg = validate_call(q, k, v, q, k, lut, 128, 64, "complement", None, 1e-6, None, None)
     ref = linear_states.outer_sum(k, v, cfg, block_rows=64, phi=PHI)
-    nk = -(-n // 64)  # the sums are stored for 64 blocks (a multiple of 64), zero past the last one
-    assert sums.blocks == nk and sums.h.shape[2] == sums.z.shape[2] == 64, (sums.blocks, sums.h.shape)
+    nk = -(-n // 64)  # 4 or 5 blocks, the sums stored for 8 (a multiple of 8 below 512 blocks), zero past nk
+    assert sums.blocks == nk and sums.h.shape[2] == sums.z.shape[2] == 8, (sums.blocks, sums.h.shape)
     assert not np.any(np.asarray(sums.h[:, :, nk:], np.float32)) and not np.any(np.asarray(sums.z[:, :, nk:]))
     for got, want in zip(sums, ref):
         if want is not None:
             np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_stored_block_counts():
+    """Block sums are stored for a multiple of 64 blocks from 512 on (wan-14b-720p: 1182 key blocks -> 1216, 591
+    query blocks -> 640), else of 8; aligned counts stay."""
+    counts = [1, 6, 8, 256, 511, 512, 513, 591, 1182]
+    assert [linear_states.stored_blocks(c) for c in counts] == [8, 8, 8, 256, 512, 512, 576, 640, 1216]
 
 
 @pytest.mark.parametrize("n, d, dtype", [(200, 64, jnp.bfloat16), (333, 128, jnp.float32)])

@@ -445,6 +445,13 @@ def test_selection_and_transposed_lut_against_numpy(seed, nq, nk, topk):
     np.testing.assert_array_equal(np.asarray(_selection(jnp.asarray(outside), nk)), expect)
     queries_first = _selection(jnp.asarray(outside), nk, queries_first=True)
     np.testing.assert_array_equal(np.asarray(queries_first), np.swapaxes(expect, 2, 3))
+    # made wider (the width of the stored block sums): the extra columns select nothing
+    wide = np.asarray(_selection(jnp.asarray(outside), nk, queries_first=True, width=nk + 5))
+    np.testing.assert_array_equal(wide[..., :nk], np.swapaxes(expect, 2, 3))
+    assert not wide[..., nk:].any()
+    wide = np.asarray(_selection(jnp.asarray(outside), nk, width=nq + 3))
+    np.testing.assert_array_equal(wide[..., :nq], expect)
+    assert not wide[..., nq:].any()
 
 
 @pytest.mark.parametrize(
