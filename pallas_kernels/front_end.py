@@ -31,9 +31,8 @@ the same function object each time (it is part of the jit cache key). None: the 
   sum_{j selected} softmax_j(S + log n_j). Grid (ceil(Nq / rows), H, B); each program holds ``rows`` full rows:
   the k-th largest value by a 32-step radix search on the order-preserving integer image of the float32 bits,
   ties resolved by a running count, LUT slots from the running count of the selection by masked block stores
-  of a slot x column comparison (O(topk Nk) per row; interpret mode and GPU run the same code), or with
-  ``SelectLaunch(scatter=True)`` on the GPU by one masked scatter of the selected columns (O(Nk) per row; not yet
-  run on a GPU). Replaces
+  of a slot x column comparison (O(topk Nk) per row), or with ``SelectLaunch(scatter=True)`` by one scatter of the
+  selected columns (O(Nk) per row; not yet run on a GPU); interpret mode and GPU run the same code. Replaces
   top_k + sort + softmax + gather (four latency-bound XLA kernels) with one launch over 4 bytes per score.
   The mass is differentiable w.r.t. the scores (d mass / d S_j = p_j (sel_j - mass), XLA); the LUT is not.
 """
@@ -484,15 +483,16 @@ def _store_lut(lut_ref, selected, r0, row_ok, *, topk: int, chunk: int):
     lax.fori_loop(0, -(-topk // chunk), body, 0)
 
 
-def _scatter_lut(lut_ref, selected, r0, row_ok):
-    """LUT rows from the selection mask (rows, C) by one masked scatter: selected column c goes to slot (running
-    count of the selection at c) - 1. O(C) per row where _store_lut is O(topk x C); GPU only (Pallas' interpret
-    mode does not run masked scatters)."""
+def _scatter_lut(lut_ref, selected, r0, *, nq: int, topk: int):
+    """LUT rows from the selection mask (rows, C) by one unmasked scatter, O(C) per row where _store_lut is
+    O(topk x C): selected column c goes to slot (running count of the selection at c) - 1; every other column, and
+    every row past Nq (clamped to row Nq - 1), to the spare slot `topk` of lut_ref (Nq, topk + 1), which the caller
+    drops. The slots written twice are spare ones only, so the result does not depend on the order of the writes
+    (interpret mode and GPU alike)."""
     rows, width = selected.shape
-    slot = jnp.cumsum(selected.astype(jnp.int32), axis=1) - 1
-    row_ids = jnp.broadcast_to((r0 + jnp.arange(rows))[:, None], (rows, width))
-    cols = jnp.broadcast_to(jnp.arange(width)[None, :], (rows, width))
-    plgpu.store(lut_ref.at[row_ids, jnp.maximum(slot, 0)], cols, mask=selected & row_ok[:, None])
+    slot = jnp.where(selected, jnp.cumsum(selected.astype(jnp.int32), axis=1) - 1, topk)
+    row_ids = jnp.broadcast_to(jnp.minimum(r0 + jnp.arange(rows), nq - 1)[:, None], (rows, width))
+    plgpu.store(lut_ref.at[row_ids, slot], jnp.broadcast_to(jnp.arange(width)[None, :], (rows, width)))
 
 
 def _select_kernel(
@@ -512,8 +512,8 @@ def _select_kernel(
     ties = valid & (key == threshold)
     need = topk - jnp.sum(above.astype(jnp.int32), axis=1, keepdims=True)
     selected = above | (ties & (jnp.cumsum(ties.astype(jnp.int32), axis=1) <= need))
-    if scatter:
-        _scatter_lut(lut_ref, selected, r0, row_ok)
+    if scatter:  # rows past Nq select nothing (valid is False there)
+        _scatter_lut(lut_ref, selected, r0, nq=nq, topk=topk)
     else:
         _store_lut(lut_ref, selected, r0, row_ok, topk=topk, chunk=chunk)
 
@@ -527,9 +527,10 @@ def _select_kernel(
 
 class SelectLaunch(NamedTuple):
     """How select_blocks runs. row_elements: rows per program = this / the padded row length (a power of two in
-    [1, 16]); warps per program; scatter: the LUT by one masked scatter (on the GPU; interpret mode always takes
-    the slot x column comparison). The scatter form lowers for CUDA but has not yet been run on a GPU:
-    experiments/dev/probe_select.py checks it against lax.top_k and times it before it can be the default."""
+    [1, 16]); warps per program; scatter: the LUT by one scatter of the selected columns (_scatter_lut) instead of
+    the slot x column comparison (_store_lut). The scatter form runs in interpret mode (CPU tests) and lowers for
+    CUDA, but has not yet been run on a GPU: experiments/dev/probe_select.py checks it against lax.top_k and times
+    it before it can be the default."""
 
     row_elements: int = _SELECT_ROW_ELEMENTS
     warps: int = _SELECT_WARPS
@@ -559,21 +560,23 @@ def _select_call(scores, topk: int, seq_len: int, block_k: int, interpret: bool,
         topk=topk,
         last=seq_len - (nk - 1) * block_k,
         block_k=block_k,
-        scatter=launch.scatter and not interpret,
+        scatter=launch.scatter,
     )
-    return pl.pallas_call(
+    slots = topk + 1 if launch.scatter else topk  # the scatter's spare slot
+    lut, mass = pl.pallas_call(
         kernel,
         grid=(-(-nq // rows), h, b),
         in_specs=[pl.BlockSpec((None, None, nq, nk), lambda r, hh, bb: (bb, hh, 0, 0))],
         out_specs=[
-            pl.BlockSpec((None, None, nq, topk), lambda r, hh, bb: (bb, hh, 0, 0)),
+            pl.BlockSpec((None, None, nq, slots), lambda r, hh, bb: (bb, hh, 0, 0)),
             pl.BlockSpec((None, None, nq), lambda r, hh, bb: (bb, hh, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((b, h, nq, topk), jnp.int32), jax.ShapeDtypeStruct((b, h, nq), _F32)],
+        out_shape=[jax.ShapeDtypeStruct((b, h, nq, slots), jnp.int32), jax.ShapeDtypeStruct((b, h, nq), _F32)],
         compiler_params=CompilerParams(num_warps=launch.warps, num_stages=1),
         interpret=interpret,
         name="sla_select",
     )(scores)
+    return lut[..., :topk], mass
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))

@@ -155,13 +155,18 @@ def _numpy_topk_ascending(scores, k):
     return np.sort(order[..., :k], axis=-1)
 
 
+@pytest.mark.parametrize("scatter", [False, True], ids=["compare", "scatter"])
 @pytest.mark.parametrize("nk, k", [(37, 1), (21, 21), (130, 40)])
-def test_select_blocks_lut_and_mass(seed, nk, k):
+def test_select_blocks_lut_and_mass(seed, nk, k, scatter):
+    """Both LUT stores (slot x column comparison; one scatter with a spare slot), several rows per program with a
+    ragged last program (Nq 5), exact ties."""
+    from pallas_kernels.front_end import SelectLaunch
+
     block_k, nq = 16, 5
     seq_len = nk * block_k - 7
     scores = jax.random.normal(jax.random.PRNGKey(seed), (1, 2, nq, nk))
     scores = jnp.round(scores * 4) / 4  # many exact ties, also across the k-th place
-    lut, mass = select_blocks(scores, k, seq_len, block_k)
+    lut, mass = select_blocks(scores, k, seq_len, block_k, launch=SelectLaunch(scatter=scatter))
     s = np.asarray(scores, np.float64)
     np.testing.assert_array_equal(lut, _numpy_topk_ascending(s, k))
     np.testing.assert_array_equal(lut, jnp.sort(jax.lax.top_k(scores, k)[1], axis=-1))
@@ -174,9 +179,8 @@ def test_select_blocks_lut_and_mass(seed, nk, k):
 
 @pytest.mark.parametrize("rows", [1024, 8192])
 def test_select_blocks_scatter_form_lowers_for_cuda(rows):
-    """The LUT by one masked scatter (GPU only: interpret mode runs the comparison form) lowers for CUDA at
-    wan-14b-720p's row length (1182 key blocks; checked against lax.top_k on the GPU by
-    experiments/dev/probe_select.py)."""
+    """The LUT by one scatter lowers for CUDA at wan-14b-720p's row length (1182 key blocks; checked against
+    lax.top_k on the GPU by experiments/dev/probe_select.py)."""
     from helpers import lowered_for_cuda
 
     from pallas_kernels.front_end import SelectLaunch
