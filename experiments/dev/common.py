@@ -40,6 +40,15 @@ def kernel_ms(fn, args, iterations=20):
     return statistics.median(sum(ms for _, ms in it) for it in per_iter), per_iter
 
 
+def write_rows(out, filename, rows):
+    """Writes out/filename as JSON: {"device": the GPU's kind, "jax": version, "rows": rows}."""
+    import json
+    import os
+
+    with open(os.path.join(out, filename), "w") as f:
+        json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)
+
+
 def rel(a, b):
     """Norm-wise relative error |a - b| / |b| in float64."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -20,7 +20,7 @@ import types
 import jax
 import jax.numpy as jnp
 
-from experiments.dev.common import kernel_ms, record_error
+from experiments.dev.common import kernel_ms, record_error, write_rows
 from pallas_kernels import KernelConfig, linear_states
 
 SHAPES = {"wan-1.3b": (12, 256, 512), "wan-14b-720p": (40, 591, 1182)}  # heads, query blocks, key blocks (D 128)
@@ -66,8 +66,7 @@ def main():
                 record_error(row, "error", e)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    with open(os.path.join(args.out, "probe_masked_gemm.json"), "w") as f:
-        json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)
+    write_rows(args.out, "probe_masked_gemm.json", rows)
 
 
 if __name__ == "__main__":

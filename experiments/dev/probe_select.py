@@ -20,7 +20,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from experiments.dev.common import kernel_ms, record_error, rel
+from experiments.dev.common import kernel_ms, record_error, rel, write_rows
 from pallas_kernels.front_end import SelectLaunch, select_blocks
 from sla2_jax.blocks import block_counts
 
@@ -65,8 +65,7 @@ def main():
                     record_error(row, "error", e)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    with open(os.path.join(args.out, "probe_select.json"), "w") as f:
-        json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)
+    write_rows(args.out, "probe_select.json", rows)
 
 
 if __name__ == "__main__":
