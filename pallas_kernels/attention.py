@@ -660,9 +660,9 @@ def key_block_sums(k, v, *, block_q=128, block_k=64, linear_scope="complement", 
 
     k, v: (B, N, H, D) bf16 / f16 / f32; feature_map: phi as for sla2_fused_attention. key_sums: to pass to
     ``sla2_fused_attention(..., key_sums=)`` of the same linear_scope with the LUT routed from `means`: for
-    "complement" the per-key-block sums phi(K_j)^T V_j, colsum phi(K_j) (stored for Nk rounded up to a multiple
-    of 64 blocks, zero past Nk: the masked matmul that makes the query blocks' states runs aligned), for "all" their
-    totals over every key;
+    "complement" the per-key-block sums phi(K_j)^T V_j, colsum phi(K_j) (stored for ``linear_states.stored_blocks(
+    Nk)`` blocks, Nk rounded up to a multiple of 64 from 512 on, else of 8, zero past Nk: the masked matmul that
+    makes the query blocks' states then runs aligned), for "all" their totals over every key;
     means: (B, H, ceil(N / block_k), D) float32, the block means of K (finite rows; a ragged last block averages its
     valid rows), as ``front_end.block_means_and_phi`` gives them. Not differentiable (take it of stopped k, v)."""
     if not callable(feature_map):

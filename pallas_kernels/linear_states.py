@@ -86,6 +86,8 @@ def _outer_sum_kernel(
 
 
 _SUM_CHUNK, _SUM_BLOCK = 1024, 128
+
+
 def stored_blocks(count: int) -> int:
     """The number of per-block sums outer_sum stores for `count` blocks, the extra sums zero: rounded up to a
     multiple of 64 from 512 blocks on (<= 12% more), else of 8. The masked matmul over the blocks
