@@ -69,10 +69,13 @@ def linear_inputs(q_phi, k_phi, v, lut, cfg: KernelCall, phi=None, key_sums=None
     return [("q_phi", q_phi, seq_spec(cfg)), ("h_lin", h, h_spec), ("z_lin", z, z_spec)], h, z
 
 
-def phi_linear_inputs(q, k, v, lut, cfg: KernelCall, phi, key_sums, epilogue_applies_phi):
-    """linear_inputs of a forward without phi arrays: the states from K by phi (or from key_sums), and phi(Q) left
-    to the Mosaic epilogue where epilogue_applies_phi(named linear inputs) says it runs there, else a phi(Q) array
-    made here (feature_map_rows: the Triton epilogue and the Triton forward read one)."""
+def forward_linear_inputs(q, k, v, q_phi, k_phi, lut, cfg: KernelCall, phi, key_sums, epilogue_applies_phi):
+    """linear_inputs of a forward kernel. phi None: from the phi arrays q_phi, k_phi. Else (no phi arrays): the
+    states from K by phi (or from key_sums), and phi(Q) left to the Mosaic epilogue where epilogue_applies_phi(named
+    linear inputs) says it runs there, else a phi(Q) array made here (feature_map_rows: the Triton epilogue and the
+    Triton forward read one)."""
+    if phi is None:
+        return linear_inputs(q_phi, k_phi, v, lut, cfg)
     linear, h_lin, z_lin = linear_inputs(None, k, v, lut, cfg, phi, key_sums)
     if linear and not epilogue_applies_phi({name: x for name, x, _ in linear}):
         q_phi = feature_map_rows(q, phi, interpret=cfg.interpret)
@@ -172,11 +175,8 @@ def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, 
     scope, the totals for "all") if the caller made them (with the block means the router read,
     linear_states.key_block_sums)."""
     b, n, h, d = q.shape
-    if q_phi is None:
-        in_epilogue = lambda named: cfg.mosaic_forward and uses_mosaic_epilogue(named, cfg, q.dtype)  # noqa: E731
-        linear, h_lin, z_lin = phi_linear_inputs(q, k, v, lut, cfg, phi, key_sums, in_epilogue)
-    else:
-        linear, h_lin, z_lin = linear_inputs(q_phi, k_phi, v, lut, cfg)
+    in_epilogue = lambda named: cfg.mosaic_forward and uses_mosaic_epilogue(named, cfg, q.dtype)  # noqa: E731
+    linear, h_lin, z_lin = forward_linear_inputs(q, k, v, q_phi, k_phi, lut, cfg, phi, key_sums, in_epilogue)
     if cfg.mosaic_forward:
         out = _forward_mosaic(q, k, v, lut, alpha, linear, cfg, fused=fused, residuals=residuals, phi=phi)
         out["h_lin"], out["z_lin"] = h_lin, z_lin
@@ -386,10 +386,7 @@ def _forward_lowbit_mosaic(
         qz = prequantize(q, k, cfg.block_q, cfg.block_k, cfg.interpret, queries=False)
         keys = QuantisedKeys(qz.k8, qz.k_scale, qz.k_mean)
     in_epilogue = lambda named: quant == "int8" and uses_mosaic_epilogue(named, cfg, q.dtype)  # noqa: E731
-    if phi is None:
-        linear, h_lin, z_lin = linear_inputs(q_phi, k_phi, v, lut, cfg)
-    else:
-        linear, h_lin, z_lin = phi_linear_inputs(q, k, v, lut, cfg, phi, key_sums, in_epilogue)
+    linear, h_lin, z_lin = forward_linear_inputs(q, k, v, q_phi, k_phi, lut, cfg, phi, key_sums, in_epilogue)
     named = {name: x for name, x, _ in linear}
     kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "queries": queries}
     if in_epilogue(named):
@@ -430,10 +427,8 @@ def forward_lowbit_triton(
         inputs += [("v8t", v8t, full_spec(d, cfg.nk * cfg.block_k)), ("v_scale", v_scale, full_spec(d))]
     if not fp8:
         inputs += [("v", v, seq)]
-    if phi is None:
-        linear, h_lin, z_lin = linear_inputs(q_phi, k_phi, v, lut, cfg)
-    else:
-        linear, h_lin, z_lin = phi_linear_inputs(q, k, v, lut, cfg, phi, key_sums, lambda named: False)
+    no_epilogue = lambda named: False  # noqa: E731 - the Triton forward reads a phi(Q) array
+    linear, h_lin, z_lin = forward_linear_inputs(q, k, v, q_phi, k_phi, lut, cfg, phi, key_sums, no_epilogue)
     inputs += linear
     if fused:
         inputs += [("alpha", alpha, full_spec(cfg.nq))]
