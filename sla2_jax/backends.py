@@ -161,9 +161,14 @@ def low_bit_operands(q, k, k_means, config: SLA2Config):
     n, head_dim = k.shape[1], k.shape[3]
     mean = jnp.einsum("bhjd,j->bhd", k_means, block_counts(n, config.block_k) / n)
     keys = block_means_phi_int8(k, config.block_k, None, mean=mean)[2]
-    shift_scale = (1.0 / math.sqrt(head_dim)) * math.log2(math.e)  # the kernels' sm_scale * log2 e
-    _, q_means, queries = block_means_phi_int8_queries(q, config.block_q, None, keys.mean, shift_scale)
+    _, q_means, queries = block_means_phi_int8_queries(q, config.block_q, None, keys.mean, lse_shift_scale(head_dim))
     return q_means, keys, queries
+
+
+def lse_shift_scale(head_dim: int) -> float:
+    """The factor of the low-bit forward's LSE shift q . m: the kernels' default sm_scale times log2 e (their LSE
+    is in base 2)."""
+    return (1.0 / math.sqrt(head_dim)) * math.log2(math.e)
 
 
 def branches(q, k, v, q_phi, k_phi, lut, *, block_q, block_k, linear_scope, quant, scale, eps, kernel=None):

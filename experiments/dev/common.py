@@ -8,6 +8,8 @@ the KernelCall the stage functions of ``pallas_kernels.attention`` take); nothin
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import traceback
 
@@ -42,9 +44,6 @@ def kernel_ms(fn, args, iterations=20):
 
 def write_rows(out, filename, rows):
     """Writes out/filename as JSON: {"device": the GPU's kind, "jax": version, "rows": rows}."""
-    import json
-    import os
-
     with open(os.path.join(out, filename), "w") as f:
         json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)
 
@@ -167,16 +166,13 @@ def phi_array_low_bit_route(q, k, config, feature_map="softmax"):
     over Q writes phi(Q), its block means, int8 Q and the LSE shift; then the selection. config: an SLA2Config;
     feature_map: a name or None. Returns (lut, mass, q_phi, k_phi, keys, queries, q, k), q and k passed through the
     front end's custom_vjp (differentiable) as ``sla2_jax.backends.front_end`` gives them."""
-    import math
-
     from pallas_kernels.front_end import block_means_phi_int8, block_means_phi_int8_queries
     from sla2_jax import backends
     from sla2_jax.feature_maps import phi_function
 
     fm = None if feature_map is None else phi_function(feature_map)
     k_phi, k_means, keys, k = block_means_phi_int8(k, config.block_k, fm, pass_through=True)
-    shift_scale = (1.0 / math.sqrt(q.shape[3])) * math.log2(math.e)  # the kernels' sm_scale * log2 e
-    q_phi, q_means, queries, q = block_means_phi_int8_queries(q, config.block_q, fm, keys.mean, shift_scale,
-                                                              pass_through=True)
+    q_phi, q_means, queries, q = block_means_phi_int8_queries(q, config.block_q, fm, keys.mean,
+                                                              backends.lse_shift_scale(q.shape[3]), pass_through=True)
     lut, mass = backends.select(q_means, k_means, q.shape[1], config, w_q=None, w_k=None)
     return lut, mass, q_phi, k_phi, keys, queries, q, k
