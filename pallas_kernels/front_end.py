@@ -30,9 +30,8 @@ the same function object each time (it is part of the jit cache key). None: the 
   ascending LUT of the top-k key blocks (the set of ``lax.top_k``, ties to the lower index) and the captured mass
   sum_{j selected} softmax_j(S + log n_j). Grid (ceil(Nq / rows), H, B); each program holds ``rows`` full rows:
   the k-th largest value by a 32-step radix search on the order-preserving integer image of the float32 bits,
-  ties resolved by a running count, LUT slots from the running count of the selection by masked block stores
-  of a slot x column comparison (O(topk Nk) per row), or with ``SelectLaunch(scatter=True)`` by one scatter of the
-  selected columns (O(Nk) per row; not yet run on a GPU); interpret mode and GPU run the same code. Replaces
+  ties resolved by a running count, the LUT by one scatter of the selected columns to slot (running count - 1)
+  (O(Nk) per row); interpret mode and GPU run the same code. Replaces
   top_k + sort + softmax + gather (four latency-bound XLA kernels) with one launch over 4 bytes per score.
   The mass is differentiable w.r.t. the scores (d mass / d S_j = p_j (sel_j - mass), XLA); the LUT is not.
 """
@@ -57,7 +56,6 @@ _PREP_Q_INT8_WARPS = 8  # one 128 x D tile per program; H100 wan-1.3b: 0.132 ms 
 _PREP_ROWS = 32  # rows per loop step; on H100 16..128 rows, 2..8 warps all ran at the byte floor (docs/dev/front_end.md)
 _SELECT_WARPS = 4
 _SELECT_ROW_ELEMENTS = 1024  # rows per select program: this / padded row length (a power of two in [1, 16])
-_SELECT_TILE = 16384  # elements of the slot x column comparison tile that writes the LUT (interpret mode)
 
 
 def _interpret(interpret) -> bool:
@@ -467,25 +465,9 @@ def _kth_largest_key(key, valid, topk: int):
     return acc ^ _INT_MIN
 
 
-def _store_lut(lut_ref, selected, r0, row_ok, *, topk: int, chunk: int):
-    """LUT rows from the selection mask (rows, C): slot s holds the (s+1)-th selected column, i.e. the number of
-    columns whose running selection count is <= s. Written `chunk` slots at a time (masked block stores)."""
-    running = jnp.cumsum(selected.astype(jnp.int32), axis=1)
-    rows = selected.shape[0]
-
-    def body(t, carry):
-        slots = t * chunk + jnp.arange(chunk)
-        ids = jnp.sum((running[:, None, :] <= slots[None, :, None]).astype(jnp.int32), axis=2)
-        mask = row_ok[:, None] & (slots < topk)[None, :]
-        plgpu.store(lut_ref.at[pl.ds(r0, rows), pl.ds(t * chunk, chunk)], ids, mask=mask)
-        return carry
-
-    lax.fori_loop(0, -(-topk // chunk), body, 0)
-
-
 def _scatter_lut(lut_ref, selected, r0, *, nq: int, topk: int):
-    """LUT rows from the selection mask (rows, C) by one unmasked scatter, O(C) per row where _store_lut is
-    O(topk x C): selected column c goes to slot (running count of the selection at c) - 1; every other column, and
+    """LUT rows from the selection mask (rows, C) by one unmasked scatter, O(C) per row (a slot x column
+    comparison, O(topk x C), took 2.4x as long at wan-14b-720p): selected column c goes to slot (running count of the selection at c) - 1; every other column, and
     every row past Nq (clamped to row Nq - 1), to the spare slot `topk` of lut_ref (Nq, topk + 1), which the caller
     drops. The slots written twice are spare ones only, so the result does not depend on the order of the writes
     (interpret mode and GPU alike)."""
@@ -496,8 +478,7 @@ def _scatter_lut(lut_ref, selected, r0, *, nq: int, topk: int):
 
 
 def _select_kernel(
-    s_ref, lut_ref, mass_ref, *, nq: int, nk: int, width: int, rows: int, chunk: int, topk: int, last: int,
-    block_k: int, scatter: bool,
+    s_ref, lut_ref, mass_ref, *, nq: int, nk: int, width: int, rows: int, topk: int, last: int, block_k: int
 ):  # fmt: skip
     """Program (r, h, b): `rows` rows of S (Nq, Nk) -> their LUT rows (ascending) and captured masses."""
     r0 = pl.program_id(0) * rows
@@ -512,10 +493,7 @@ def _select_kernel(
     ties = valid & (key == threshold)
     need = topk - jnp.sum(above.astype(jnp.int32), axis=1, keepdims=True)
     selected = above | (ties & (jnp.cumsum(ties.astype(jnp.int32), axis=1) <= need))
-    if scatter:  # rows past Nq select nothing (valid is False there)
-        _scatter_lut(lut_ref, selected, r0, nq=nq, topk=topk)
-    else:
-        _store_lut(lut_ref, selected, r0, row_ok, topk=topk, chunk=chunk)
+    _scatter_lut(lut_ref, selected, r0, nq=nq, topk=topk)  # rows past Nq select nothing (valid is False there)
 
     counts = jnp.where(cols == nk - 1, float(last), float(block_k))
     logits = jnp.where(valid, s + jnp.log(counts), -jnp.inf)
@@ -527,42 +505,29 @@ def _select_kernel(
 
 class SelectLaunch(NamedTuple):
     """How select_blocks runs. row_elements: rows per program = this / the padded row length (a power of two in
-    [1, 16]); warps per program; scatter: the LUT by one scatter of the selected columns (_scatter_lut) instead of
-    the slot x column comparison (_store_lut). The scatter form runs in interpret mode (CPU tests) and lowers for
-    CUDA, but has not yet been run on a GPU: experiments/dev/probe_select.py checks it against lax.top_k and times
-    it before it can be the default."""
+    [1, 16]); warps per program. H100 (experiments/dev/probe_select.py): 1024 elements and 4 warps were the
+    fastest at wan-1.3b and wan-14b-720p; 8 warps took 1.7x as long at wan-14b-720p."""
 
     row_elements: int = _SELECT_ROW_ELEMENTS
     warps: int = _SELECT_WARPS
-    scatter: bool = False
-
-
-def _select_launch(nk: int, topk: int, row_elements: int = _SELECT_ROW_ELEMENTS) -> tuple[int, int, int]:
-    """(width, rows, chunk): padded row length, rows per program, LUT slots per store (all powers of two),
-    keeping the rows x chunk x width comparison tile of `_store_lut` within _SELECT_TILE elements."""
-    width = max(16, pl.next_power_of_2(nk))
-    rows = max(1, min(16, row_elements // width))
-    chunk = max(1, min(pl.next_power_of_2(topk), _SELECT_TILE // (rows * width)))
-    return width, rows, chunk
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
 def _select_call(scores, topk: int, seq_len: int, block_k: int, interpret: bool, launch: SelectLaunch):
     b, h, nq, nk = scores.shape
-    width, rows, chunk = _select_launch(nk, topk, launch.row_elements)
+    width = max(16, pl.next_power_of_2(nk))  # the padded row length
+    rows = max(1, min(16, launch.row_elements // width))
     kernel = functools.partial(
         _select_kernel,
         nq=nq,
         nk=nk,
         width=width,
         rows=rows,
-        chunk=chunk,
         topk=topk,
         last=seq_len - (nk - 1) * block_k,
         block_k=block_k,
-        scatter=launch.scatter,
     )
-    slots = topk + 1 if launch.scatter else topk  # the scatter's spare slot
+    slots = topk + 1  # the scatter's spare slot, sliced off
     lut, mass = pl.pallas_call(
         kernel,
         grid=(-(-nq // rows), h, b),
@@ -609,7 +574,7 @@ def select_blocks(scores, topk: int, seq_len: int, block_k: int, *, interpret=No
       topk: blocks kept per row, 1 <= topk <= Nk.
       seq_len, block_k: N and the key block size (n_j = valid keys of block j weights the mass).
       interpret: None -> Pallas interpret mode unless the default backend is a GPU.
-      launch: a SelectLaunch (rows per program, warps, the LUT's store), None for the default.
+      launch: a SelectLaunch (rows per program, warps), None for the default.
     Returns:
       lut (B, H, Nq, topk) int32, ascending (the ids of ``lax.top_k``, ties to the lower id), and the captured
       mass (B, H, Nq) float32 = sum over the selected j of softmax_j(S + log n_j); the mass is differentiable.

@@ -5,7 +5,7 @@ variants checked and timed.
 
 Shapes: wan-1.3b (H 12, Nq 256, Nk 512) and wan-14b-720p (H 40, Nq 591, Nk 1182) at 95% and 97% (top-k
 floor(r Nk)). Router logits: random normal, one head rounded to quarters (many exact ties, also at the k-th place).
-Each variant (``SelectLaunch``: rows per program, warps, the LUT by comparison or by one masked scatter) is first
+Each variant (``SelectLaunch``: rows per program, warps) is first
 checked on the GPU: the LUT equal to sort(lax.top_k) and the mass to XLA's softmax sum (<= 1e-5 relative), then timed
 (CUPTI, median of 20). Prints and writes DIR/probe_select.json.
 """
@@ -25,9 +25,7 @@ from pallas_kernels.front_end import SelectLaunch, select_blocks
 from sla2_jax.blocks import block_counts
 
 SHAPES = {"wan-1.3b": (12, 32760), "wan-14b-720p": (40, 75600)}  # heads, tokens (b_q 128, b_k 64)
-VARIANTS = [SelectLaunch(row_elements=1024, scatter=False)] + [
-    SelectLaunch(row_elements=e, warps=w, scatter=True) for e in (1024, 2048, 4096, 8192) for w in (4, 8)
-]
+VARIANTS = [SelectLaunch(row_elements=e, warps=w) for e in (1024, 2048, 4096, 8192) for w in (4, 8)]
 
 
 def logits(heads, nq, nk, seed=0):

@@ -155,18 +155,18 @@ def _numpy_topk_ascending(scores, k):
     return np.sort(order[..., :k], axis=-1)
 
 
-@pytest.mark.parametrize("scatter", [False, True], ids=["compare", "scatter"])
+@pytest.mark.parametrize("row_elements", [64, 1024], ids=["row_per_program", "rows_per_program"])
 @pytest.mark.parametrize("nk, k", [(37, 1), (21, 21), (130, 40)])
-def test_select_blocks_lut_and_mass(seed, nk, k, scatter):
-    """Both LUT stores (slot x column comparison; one scatter with a spare slot), several rows per program with a
-    ragged last program (Nq 5), exact ties."""
+def test_select_blocks_lut_and_mass(seed, nk, k, row_elements):
+    """The LUT (one scatter with a spare slot) and the mass, one or several rows per program (with several, a ragged
+    last program: Nq 5), exact ties."""
     from pallas_kernels.front_end import SelectLaunch
 
     block_k, nq = 16, 5
     seq_len = nk * block_k - 7
     scores = jax.random.normal(jax.random.PRNGKey(seed), (1, 2, nq, nk))
     scores = jnp.round(scores * 4) / 4  # many exact ties, also across the k-th place
-    lut, mass = select_blocks(scores, k, seq_len, block_k, launch=SelectLaunch(scatter=scatter))
+    lut, mass = select_blocks(scores, k, seq_len, block_k, launch=SelectLaunch(row_elements=row_elements))
     s = np.asarray(scores, np.float64)
     np.testing.assert_array_equal(lut, _numpy_topk_ascending(s, k))
     np.testing.assert_array_equal(lut, jnp.sort(jax.lax.top_k(scores, k)[1], axis=-1))
@@ -178,15 +178,15 @@ def test_select_blocks_lut_and_mass(seed, nk, k, scatter):
 
 
 @pytest.mark.parametrize("rows", [1024, 8192])
-def test_select_blocks_scatter_form_lowers_for_cuda(rows):
-    """The LUT by one scatter lowers for CUDA at wan-14b-720p's row length (1182 key blocks; checked against
+def test_select_blocks_lowers_for_cuda(rows):
+    """The selection kernel lowers for CUDA at wan-14b-720p's row length (1182 key blocks; checked against
     lax.top_k on the GPU by experiments/dev/probe_select.py)."""
     from helpers import lowered_for_cuda
 
     from pallas_kernels.front_end import SelectLaunch
 
     scores = jax.ShapeDtypeStruct((1, 2, 591, 1182), jnp.float32)
-    launch = SelectLaunch(row_elements=rows, warps=8, scatter=True)
+    launch = SelectLaunch(row_elements=rows, warps=8)
     text = lowered_for_cuda(lambda s: select_blocks(s, 59, 75600, 64, interpret=False, launch=launch), scores)
     assert "sla_select" in text
 
