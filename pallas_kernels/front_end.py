@@ -467,10 +467,10 @@ def _kth_largest_key(key, valid, topk: int):
 
 def _scatter_lut(lut_ref, selected, r0, *, nq: int, topk: int):
     """LUT rows from the selection mask (rows, C) by one unmasked scatter, O(C) per row (a slot x column
-    comparison, O(topk x C), took 2.4x as long at wan-14b-720p): selected column c goes to slot (running count of the selection at c) - 1; every other column, and
-    every row past Nq (clamped to row Nq - 1), to the spare slot `topk` of lut_ref (Nq, topk + 1), which the caller
-    drops. The slots written twice are spare ones only, so the result does not depend on the order of the writes
-    (interpret mode and GPU alike)."""
+    comparison, O(topk x C), took 2.4x as long at wan-14b-720p): selected column c goes to slot (running count of
+    the selection at c) - 1; every other column, and every row past Nq (clamped to row Nq - 1), to the spare slot
+    `topk` of lut_ref (Nq, topk + 1), which the caller drops. The slots written twice are spare ones only, so the
+    result does not depend on the order of the writes (interpret mode and GPU alike)."""
     rows, width = selected.shape
     slot = jnp.where(selected, jnp.cumsum(selected.astype(jnp.int32), axis=1) - 1, topk)
     row_ids = jnp.broadcast_to(jnp.minimum(r0 + jnp.arange(rows), nq - 1)[:, None], (rows, width))
