@@ -22,6 +22,7 @@ KERNEL_FAMILIES = ("mosaic", "triton")
 LOOPS = ("pingpong", "pipelined")
 GRID_ORDERS = ("heads", "qblocks")
 STATE_DTYPES = ("bfloat16", "float32")
+BLOCK_SUM_DTYPES = ("float16", "bfloat16")
 P8_OPERANDS = ("registers", "smem")
 
 
@@ -81,6 +82,10 @@ class KernelConfig:
       bfloat16 states) or "triton" (a Triton kernel after it).
     state_dtype: the per-block linear states H_i (forward) and dH_j (backward) for 16-bit inputs; float32 inputs
       always keep float32 states.
+    block_sum_dtype: the per-block sums h_j (and the backward's per-query-block sums) the masked matmul adds into
+      H_i / dH_j, for 16-bit inputs, each with a power-of-two scale: "float16" (2^-11 relative) or "bfloat16" (2^-8;
+      with state_dtype "bfloat16" the product is then bf16 x bf16 -> bf16, a form cuBLAS runs, where float16 sums
+      and bf16 states need a separate convert after a float32 product or XLA's own GEMM).
     loop / pair_steps / grid_order / outputs_in_ring / p8_operand: the Mosaic forward's LUT loop ("pingpong": the
       two compute warpgroups take turns on the tensor cores; "pipelined": each overlaps its softmax with its own
       previous P V), two LUT entries per step (64 x 128 score tiles), program order ("heads": grid (H, Nq, B);
@@ -96,6 +101,7 @@ class KernelConfig:
     backward: str = "triton"
     epilogue: str = "mosaic"
     state_dtype: str = "bfloat16"
+    block_sum_dtype: str = "float16"
     loop: str = "pingpong"
     pair_steps: bool = True
     grid_order: str = "heads"
@@ -111,6 +117,7 @@ class KernelConfig:
             ("backward", self.backward, KERNEL_FAMILIES),
             ("epilogue", self.epilogue, KERNEL_FAMILIES),
             ("state_dtype", self.state_dtype, STATE_DTYPES),
+            ("block_sum_dtype", self.block_sum_dtype, BLOCK_SUM_DTYPES),
             ("loop", self.loop, LOOPS),
             ("grid_order", self.grid_order, GRID_ORDERS),
             ("p8_operand", self.p8_operand, P8_OPERANDS),

@@ -1,7 +1,8 @@
 """The linear branch's states, outside the attention loops, and the transposed LUT of the backward.
 
 Per key block j: h_j = phi(K_j)^T V_j (D x D), z_j = colsum phi(K_j), by one Triton kernel of split-K row sums
-(``outer_sum``); for 16-bit inputs h_j is stored as float16 with one power-of-two scale per block. The complement
+(``outer_sum``); for 16-bit inputs h_j is stored in 16 bits (KernelConfig.block_sum_dtype) with one power-of-two
+scale per block. The complement
 scope's state of query block i, H_i = sum over the unselected j of h_j (and Z_i likewise), is then one masked
 matmul over the blocks (cuBLAS, ``complement_states``), dense in the mask and independent of topk:
 2 * Nq * Nk * D^2 flop per head. The backward builds dH_j, dZ_j per key block the same way from per-query-block
@@ -37,8 +38,8 @@ def _outer_sum_kernel(
 ):  # fmt: skip
     """Program (c, h, b): rows [c*chunk, (c+1)*chunk) of X, Y -> sum_r w_r X_r^T Y_r (D x D), sum_r u_r X_r.
     Refs of one (b, h): inputs x, y (N, D), w, u (chunk,) float32 (weighted); outputs h (D, D) float32, z (D,)
-    float32 and, when scaled, s (D,) float32: then h holds the D x D sum / s in float16, s a power of two
-    (_pow2_scale). phi: None, or a feature map applied to the X rows first (in float32, rounded to X's dtype as a
+    float32 and, when scaled, s (D,) float32: then h holds the D x D sum / s in 16 bits (h_ref's dtype), s a power
+    of two (_pow2_scale). phi: None, or a feature map applied to the X rows first (in float32, rounded to X's dtype as a
     phi(X) array would be; rows >= N stay 0). m_ref, if given: the mean of the raw X rows (before phi; finite rows
     only, as the front end's block means) of the chunk, (D,) float32, or with block_means of each step's `block`
     rows, (chunk // block, D) float32."""
@@ -78,7 +79,7 @@ def _outer_sum_kernel(
         m_ref[...] = total if block_means else total / jnp.maximum(count, 1.0)
     if scaled:
         s, inv_s = _pow2_scale(jnp.max(jnp.max(jnp.abs(h), axis=1), axis=0))
-        h_ref[...] = (h * inv_s).astype(jnp.float16)
+        h_ref[...] = (h * inv_s).astype(h_ref.dtype)
         s_ref[...] = jnp.full((cfg.d,), s, F32)
     else:
         h_ref[...] = h
@@ -140,7 +141,7 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
     outputs = [
         (
             "h",
-            jax.ShapeDtypeStruct((b, h, nc, d, d), jnp.float16 if scaled else F32),
+            jax.ShapeDtypeStruct((b, h, nc, d, d), jnp.dtype(cfg.config.block_sum_dtype) if scaled else F32),
             pl.BlockSpec((None, None, None, d, d), lambda c, hh, bb: (bb, hh, c, 0, 0)),
         ),
         ("z", *vec),
@@ -174,8 +175,9 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
 class _BlockSums:
     """Per-block outer sums (from outer_sum with block_rows) of `blocks` blocks, stored for C =
     stored_blocks(blocks) (zero sums past the last block): h (B, H, C, D, D), z (B, H, C, D) float32. For 16-bit
-    inputs h is float16 and holds h / scale with scale (B, H, C) a power of two per block (~2^-11 relative, the
-    input's own precision is 2^-8 / 2^-11); for float32 inputs h is float32 and scale is None.
+    inputs h is 16-bit (float16 by default, KernelConfig.block_sum_dtype) and holds h / scale with scale (B, H, C) a
+    power of two per block (float16: ~2^-11 relative, bfloat16: ~2^-8; the input's own precision is 2^-8 / 2^-11);
+    for float32 inputs h is float32 and scale is None.
     key_block_sums of scope "all" holds the totals here: h (B, H, D, D), z (B, H, D) float32, scale and blocks
     None. Iterates as (h, z, scale)."""
 
@@ -192,10 +194,10 @@ def _sum_over_blocks(mask, sums: _BlockSums, cfg: KernelCall):
     """out[m] = sum_c mask[m, c] h[c] (and the same for z), per (b, h).
 
     mask (B, H, M, C) bool (columns past the blocks that exist may be anything: their stored sums are zero) ->
-    (B, H, M, D, D) float32 (bf16 for float16 sums if KernelConfig.state_dtype says so),
+    (B, H, M, D, D) float32 (bf16 for 16-bit sums if KernelConfig.state_dtype says so),
     (B, H, M, D) float32. One dense batched matmul in XLA (cuBLAS) contracting over the blocks with float32
-    accumulation; for float16 sums the mask carries the per-block scale (a power of two: exact); z in float32 (for
-    float16 sums as a bf16 hi + lo pair in one bf16 product: ~2^-18 relative, a fraction of the float32 product's
+    accumulation; for 16-bit sums the mask carries the per-block scale (a power of two: exact); z in float32 (for
+    16-bit sums as a bf16 hi + lo pair in one bf16 product: ~2^-18 relative, a fraction of the float32 product's
     time).
     """
     b, nh, c, d, _ = sums.h.shape
@@ -203,7 +205,7 @@ def _sum_over_blocks(mask, sums: _BlockSums, cfg: KernelCall):
     if sums.scale is None:
         weights, precision = mask.astype(F32), lax.Precision.HIGHEST
     else:
-        weights, precision = jnp.where(mask, sums.scale[:, :, None, :], 0.0).astype(jnp.float16), None
+        weights, precision = jnp.where(mask, sums.scale[:, :, None, :], 0.0).astype(sums.h.dtype), None
     h_out = jnp.einsum("bhmc,bhcf->bhmf", weights, h_flat, precision=precision, preferred_element_type=F32)
     if sums.scale is not None and cfg.config.state_dtype == "bfloat16":
         h_out = h_out.astype(jnp.bfloat16)

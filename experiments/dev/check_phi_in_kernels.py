@@ -37,7 +37,8 @@ from sla2_jax.feature_maps import PHI_FUNCTIONS
 
 RESULTS: dict = {}
 # the wan part's module forms (module_forms)
-FORMS = ("no_phi_arrays", "phi_arrays", "int8", "int8_fp8", "int8_phi_arrays", "int8_fp8_phi_arrays")
+FORMS = ("no_phi_arrays", "phi_arrays", "int8", "int8_fp8", "int8_phi_arrays", "int8_fp8_phi_arrays",
+         "bf16_block_sums")
 SMALL = [  # (N, D, topk, dtype, scope, feature map)
     (1000, 128, 3, jnp.bfloat16, "complement", "softmax"),
     (2048, 64, 5, jnp.bfloat16, "all", "softmax"),
@@ -167,7 +168,8 @@ def module_forms(sparsity, scope, forms):
     """(form name -> module forward fn(q, k, v)) of the names in forms (FORMS): "no_phi_arrays" (the library's
     form), "phi_arrays" (the front end writes phi arrays), "int8" / "int8_fp8" (the library's low-bit forward, phi
     in the kernels), "int8_phi_arrays" / "int8_fp8_phi_arrays" (the low-bit forward with the front end that writes
-    phi arrays and the int8 operands, smoothing by an XLA mean of K)."""
+    phi arrays and the int8 operands, smoothing by an XLA mean of K), "bf16_block_sums" (the library's form with
+    the per-block sums in bfloat16: KernelConfig.block_sum_dtype)."""
     import sla2_jax as sla
     from sla2_jax import backends
 
@@ -184,13 +186,20 @@ def module_forms(sparsity, scope, forms):
                 q, k, config, w_q=None, w_k=None, feature_map=config.feature_map), None, None
         return backends.fused(q, k, v, qp, kp, lut, jax.lax.stop_gradient(mass), config, keys=keys, queries=queries)
 
+    def bf16_block_sums(q, k, v):
+        from pallas_kernels import heuristic_config
+
+        kernel = heuristic_config(q.shape[1], q.shape[3], q.dtype).replace(block_sum_dtype="bfloat16")
+        return sla.sla2_attention(q, k, v, config=config.replace(kernel=kernel))
+
     def low_bit(quant):
         low = config.replace(quant=quant)
         return lambda q, k, v: sla.sla2_attention(q, k, v, config=low)
 
     every = {"no_phi_arrays": no_arrays, "phi_arrays": arrays, "int8": low_bit("int8"), "int8_fp8": low_bit("int8_fp8"),
              "int8_phi_arrays": functools.partial(arrays, config=config.replace(quant="int8")),
-             "int8_fp8_phi_arrays": functools.partial(arrays, config=config.replace(quant="int8_fp8"))}
+             "int8_fp8_phi_arrays": functools.partial(arrays, config=config.replace(quant="int8_fp8")),
+             "bf16_block_sums": bf16_block_sums}
     return {name: every[name] for name in forms}
 
 

@@ -256,20 +256,24 @@ def test_forward_masks_the_ragged_last_key_block():
         assert _rel(a, b) < 2e-3, (seed, name, _rel(a, b))
 
 
-@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
-def test_complement_states_keep_float16_precision_over_a_wide_range(state_dtype):
-    """H_i, Z_i (sums over the unselected key blocks) vs float64: 16-bit inputs go through per-block float16 sums
-    with a power-of-two scale (~2^-11 relative, no overflow for |V| ~ 1e4, no underflow for 1e-5), stored in float32
-    or, with KernelConfig.state_dtype "bfloat16", rounded once to bf16 (~2^-9); float32 inputs stay float32. Both are
-    checked per head against numpy on the same (rounded) inputs."""
-    config = KernelConfig(state_dtype=state_dtype)
+@pytest.mark.parametrize("state_dtype, block_sum_dtype",
+                         [("float32", "float16"), ("bfloat16", "float16"), ("bfloat16", "bfloat16")])
+def test_complement_states_keep_16_bit_precision_over_a_wide_range(state_dtype, block_sum_dtype):
+    """H_i, Z_i (sums over the unselected key blocks) vs float64: 16-bit inputs go through per-block 16-bit sums
+    with a power-of-two scale (float16 ~2^-11 relative, bfloat16 ~2^-8; no overflow for |V| ~ 1e4, no underflow for
+    1e-5), stored in float32 or, with KernelConfig.state_dtype "bfloat16", rounded once to bf16 (~2^-9); float32
+    inputs stay float32. Both are checked per head against numpy on the same (rounded) inputs."""
+    config = KernelConfig(state_dtype=state_dtype, block_sum_dtype=block_sum_dtype)
     seed = _seed()
     b, n, h, d, topk, block_q, block_k = 1, 333, 2, 64, 2, 128, 64
-    for dtype, tol in ((jnp.bfloat16, 6e-4 if state_dtype == "float32" else 3e-3), (jnp.float32, 1e-5)):
+    tol16 = {("float32", "float16"): 6e-4, ("bfloat16", "float16"): 3e-3, ("bfloat16", "bfloat16"): 5e-3}
+    for dtype, tol in ((jnp.bfloat16, tol16[state_dtype, block_sum_dtype]), (jnp.float32, 1e-5)):
         (q, k, v, q_phi, k_phi), lut, *_ = _make(seed, b, n, h, d, dtype, topk, block_q, block_k)
         v = (v.astype(jnp.float32) * jnp.asarray([1e4, 1e-5])[None, None, :, None]).astype(dtype)
         cfg = validate_call(q, k, v, q_phi, k_phi, lut, block_q, block_k, "complement", None, 1e-6, True, config)
-        h_i, z_i = linear_states.complement_states(k_phi, v, lut, cfg)
+        sums = linear_states.outer_sum(k_phi, v, cfg, block_rows=block_k)
+        assert sums.h.dtype == (jnp.dtype(block_sum_dtype) if dtype == jnp.bfloat16 else jnp.float32)
+        h_i, z_i = linear_states.complement_states(k_phi, v, lut, cfg, sums=sums)
         bf16_states = state_dtype == "bfloat16" and dtype == jnp.bfloat16
         assert h_i.dtype == (jnp.bfloat16 if bf16_states else jnp.float32)
         kp, vv, sel = np.asarray(k_phi, np.float64), np.asarray(v, np.float64), np.asarray(lut)
@@ -402,13 +406,20 @@ def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, monkeypatch):
     assert calls.count("dq") == 3 and calls.count("dkv") == 3, calls
 
 
-def test_bfloat16_states_give_the_reference_result():
-    """KernelConfig.state_dtype "bfloat16" (H_i in the forward and dq, dH_j in dkv): output and all gradients of the fused
-    SLA2 op still match the float32 reference within the bf16 tolerances (ragged N, D 128, both linear parts)."""
+def test_bad_block_sum_dtype_refused():
+    with pytest.raises(ValueError, match="block_sum_dtype"):
+        KernelConfig(block_sum_dtype="float32")
+
+
+@pytest.mark.parametrize("block_sum_dtype", ["float16", "bfloat16"])
+def test_bfloat16_states_give_the_reference_result(block_sum_dtype):
+    """KernelConfig.state_dtype "bfloat16" (H_i in the forward and dq, dH_j in dkv), from float16 or bfloat16
+    per-block sums: output and all gradients of the fused SLA2 op still match the float32 reference within the bf16
+    tolerances (ragged N, D 128, both linear parts)."""
     seed = _seed()
     args, lut, w1, _, alpha = _make(seed, 1, 333, 2, 128, jnp.bfloat16, 3, 128, 64, alpha=True)
     ref_kw = dict(block_q=128, block_k=64)
-    kw = dict(ref_kw, config=KernelConfig(state_dtype="bfloat16"))
+    kw = dict(ref_kw, config=KernelConfig(state_dtype="bfloat16", block_sum_dtype=block_sum_dtype))
     loss = lambda fn, kw: lambda *xs: jnp.sum(fn(*xs[:5], lut, xs[5], **kw).astype(jnp.float32) * w1)
     fwd_tol, grad_tol = TOL[jnp.bfloat16]
     assert _rel(sla2_fused_attention(*args, lut, alpha, **kw), reference_fused(*args, lut, alpha, **ref_kw)) < fwd_tol
