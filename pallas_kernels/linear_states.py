@@ -2,11 +2,10 @@
 
 Per key block j: h_j = phi(K_j)^T V_j (D x D), z_j = colsum phi(K_j), by one Triton kernel of split-K row sums
 (``outer_sum``); for 16-bit inputs h_j is stored in 16 bits (KernelConfig.block_sum_dtype) with one power-of-two
-scale per block. The complement
-scope's state of query block i, H_i = sum over the unselected j of h_j (and Z_i likewise), is then one masked
-matmul over the blocks (cuBLAS, ``complement_states``), dense in the mask and independent of topk:
-2 * Nq * Nk * D^2 flop per head. The backward builds dH_j, dZ_j per key block the same way from per-query-block
-sums (``gradient_states``). Keeping the selected part out of the loops this way measured 9.05 -> 5.70 ms for
+scale per block. The complement scope's state of query block i, H_i = sum over the unselected j of h_j (and Z_i
+likewise), is then one masked matmul over the blocks (cuBLAS, ``complement_states``), dense in the mask and
+independent of topk: 2 * Nq * Nk * D^2 flop per head. The backward builds dH_j, dZ_j per key block the same way
+from per-query-block sums (``gradient_states``). Keeping the selected part out of the loops this way measured 9.05 -> 5.70 ms for
 wan-1.3b forward+backward at 95% on H100 (docs/dev/linear_branch.md).
 """
 
@@ -39,8 +38,8 @@ def _outer_sum_kernel(
     """Program (c, h, b): rows [c*chunk, (c+1)*chunk) of X, Y -> sum_r w_r X_r^T Y_r (D x D), sum_r u_r X_r.
     Refs of one (b, h): inputs x, y (N, D), w, u (chunk,) float32 (weighted); outputs h (D, D) float32, z (D,)
     float32 and, when scaled, s (D,) float32: then h holds the D x D sum / s in 16 bits (h_ref's dtype), s a power
-    of two (_pow2_scale). phi: None, or a feature map applied to the X rows first (in float32, rounded to X's dtype as a
-    phi(X) array would be; rows >= N stay 0). m_ref, if given: the mean of the raw X rows (before phi; finite rows
+    of two (_pow2_scale). phi: None, or a feature map applied to the X rows first (in float32, rounded to X's dtype
+    as a phi(X) array would be; rows >= N stay 0). m_ref, if given: the mean of the raw X rows (before phi; finite rows
     only, as the front end's block means) of the chunk, (D,) float32, or with block_means of each step's `block`
     rows, (chunk // block, D) float32."""
     start0 = pl.program_id(0) * chunk
