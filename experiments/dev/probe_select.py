@@ -5,9 +5,9 @@ variants checked and timed.
 
 Shapes: wan-1.3b (H 12, Nq 256, Nk 512) and wan-14b-720p (H 40, Nq 591, Nk 1182) at 95% and 97% (top-k
 floor(r Nk)). Router logits: random normal, one head rounded to quarters (many exact ties, also at the k-th place).
-Each variant (``SelectLaunch``: rows per program, warps) is first
-checked on the GPU: the LUT equal to sort(lax.top_k) and the mass to XLA's softmax sum (<= 1e-5 relative), then timed
-(CUPTI, median of 20). Prints and writes DIR/probe_select.json.
+Each variant (``SelectLaunch``: rows per program, warps) is first checked on the GPU: the LUT equal to
+sort(lax.top_k) and the mass to XLA's softmax sum (<= 1e-5 relative), then timed (CUPTI, median of 20). Prints and
+writes DIR/probe_select.json.
 """
 
 from __future__ import annotations
