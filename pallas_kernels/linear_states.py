@@ -5,8 +5,8 @@ Per key block j: h_j = phi(K_j)^T V_j (D x D), z_j = colsum phi(K_j), by one Tri
 scale per block. The complement scope's state of query block i, H_i = sum over the unselected j of h_j (and Z_i
 likewise), is then one masked matmul over the blocks (cuBLAS, ``complement_states``), dense in the mask and
 independent of topk: 2 * Nq * Nk * D^2 flop per head. The backward builds dH_j, dZ_j per key block the same way
-from per-query-block sums (``gradient_states``). Keeping the selected part out of the loops this way measured 9.05 -> 5.70 ms for
-wan-1.3b forward+backward at 95% on H100 (docs/dev/linear_branch.md).
+from per-query-block sums (``gradient_states``). Keeping the selected part out of the loops this way measured 9.05
+-> 5.70 ms for wan-1.3b forward+backward at 95% on H100 (docs/dev/linear_branch.md).
 """
 
 from __future__ import annotations
