@@ -2,7 +2,7 @@
 routing from block means alone) against the form with phi arrays (the front end writes phi(Q), phi(K)).
 
     python -m experiments.dev.check_phi_in_kernels --out DIR [--sparsity 0.95 0.97] [--parts small wan states]
-        [--cases 0.97:complement ...] [--no-fwd-bwd] [--forms no_phi_arrays phi_arrays]
+        [--cases 0.97:complement ...] [--no-fwd-bwd] [--forms no_phi_arrays phi_arrays] [--block-sum-dtype bfloat16]
 
 1. small: fresh seed; N 1000 / 2048 / 776 / 1048, D 128 / 64, bf16 / f16, both linear scopes, the three feature
    maps; the Mosaic forward and backward (heuristic_config): output and the gradients of q, k, v, alpha vs jax.grad
@@ -99,7 +99,7 @@ def _with_phi_arrays(fused, phi):
     return arrays
 
 
-def small_checks():
+def small_checks(block_sum_dtype="float16"):
     seed = int.from_bytes(os.urandom(4), "little")
     RESULTS["small_seed"] = seed
     rows = []
@@ -108,8 +108,9 @@ def small_checks():
         try:
             args, w, lut = _small_inputs(seed, n, d, topk, dtype, k_offset=False)
             phi = PHI_FUNCTIONS[kind]
-            config = heuristic_config(n, d, dtype, 128, 64)
+            config = heuristic_config(n, d, dtype, 128, 64).replace(block_sum_dtype=block_sum_dtype)
             row["forward"], row["backward"] = config.forward, config.backward
+            row["block_sum_dtype"] = block_sum_dtype
             kw = dict(block_q=128, block_k=64, linear_scope=scope, config=config)
 
             def no_arrays(q, k, v, a):
@@ -306,6 +307,8 @@ def main():
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS, help="wan: the module forms to time")
     p.add_argument("--workload", default="wan-1.3b", choices=["wan-1.3b", "wan-14b-720p"],
                    help="wan: the shape (wan-14b-720p: give --layers 5 or fewer, its inputs take 3 GiB per layer)")
+    p.add_argument("--block-sum-dtype", default="float16", choices=["float16", "bfloat16"],
+                   help="small: KernelConfig.block_sum_dtype of both forms")
     p.add_argument("--launches", nargs="*", default=None,
                    help="states: Triton launches WARPS,STAGES,ROWS to sweep (default: seven of them)")
     p.add_argument("--cases", nargs="*", default=None,
@@ -315,7 +318,7 @@ def main():
     RESULTS.update(device=str(jax.devices()[0].device_kind), jax=jax.__version__)
     try:
         if "small" in args.parts:
-            small_checks()
+            small_checks(args.block_sum_dtype)
         if "small_low_bit" in args.parts:
             small_low_bit_checks()
         if "states" in args.parts:
