@@ -170,7 +170,8 @@ def module_forms(sparsity, scope, forms):
     form), "phi_arrays" (the front end writes phi arrays), "int8" / "int8_fp8" (the library's low-bit forward, phi
     in the kernels), "int8_phi_arrays" / "int8_fp8_phi_arrays" (the low-bit forward with the front end that writes
     phi arrays and the int8 operands, smoothing by an XLA mean of K), "bf16_block_sums" (the library's form with
-    the per-block sums in bfloat16: KernelConfig.block_sum_dtype)."""
+    the per-block sums in bfloat16: KernelConfig.block_sum_dtype), "kernel:FIELD=VALUE[,...]" (the library's form
+    under heuristic_config(...).replace(FIELD=VALUE, ...), e.g. kernel:grid_order=qblocks)."""
     import sla2_jax as sla
     from sla2_jax import backends
 
@@ -187,11 +188,12 @@ def module_forms(sparsity, scope, forms):
                 q, k, config, w_q=None, w_k=None, feature_map=config.feature_map), None, None
         return backends.fused(q, k, v, qp, kp, lut, jax.lax.stop_gradient(mass), config, keys=keys, queries=queries)
 
-    def bf16_block_sums(q, k, v):
-        from pallas_kernels import heuristic_config
+    def kernel_variant(fields):  # the library's form under heuristic_config(...).replace(**fields)
+        def fn(q, k, v):
+            kernel = heuristic_config(q.shape[1], q.shape[3], q.dtype).replace(**fields)
+            return sla.sla2_attention(q, k, v, config=config.replace(kernel=kernel))
 
-        kernel = heuristic_config(q.shape[1], q.shape[3], q.dtype).replace(block_sum_dtype="bfloat16")
-        return sla.sla2_attention(q, k, v, config=config.replace(kernel=kernel))
+        return fn
 
     def low_bit(quant):
         low = config.replace(quant=quant)
@@ -200,8 +202,16 @@ def module_forms(sparsity, scope, forms):
     every = {"no_phi_arrays": no_arrays, "phi_arrays": arrays, "int8": low_bit("int8"), "int8_fp8": low_bit("int8_fp8"),
              "int8_phi_arrays": functools.partial(arrays, config=config.replace(quant="int8")),
              "int8_fp8_phi_arrays": functools.partial(arrays, config=config.replace(quant="int8_fp8")),
-             "bf16_block_sums": bf16_block_sums}
-    return {name: every[name] for name in forms}
+             "bf16_block_sums": kernel_variant({"block_sum_dtype": "bfloat16"})}
+    return {name: every[name] if name in every else kernel_variant(kernel_fields(name)) for name in forms}
+
+
+def kernel_fields(form):
+    """{field: value} of a form "kernel:FIELD=VALUE[,FIELD=VALUE...]" ("true" / "false" are bools)."""
+    if not form.startswith("kernel:"):
+        raise ValueError(f"unknown form {form!r}: one of {FORMS} or kernel:FIELD=VALUE[,FIELD=VALUE...]")
+    fields = dict(item.split("=", 1) for item in form[len("kernel:"):].split(","))
+    return {k: {"true": True, "false": False}.get(v, v) for k, v in fields.items()}
 
 
 def grads_of(fn):
@@ -304,7 +314,9 @@ def main():
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--parts", nargs="+", default=["small", "wan"], help="small, small_low_bit, wan, states")
     p.add_argument("--no-fwd-bwd", action="store_true", help="wan: the forward only")
-    p.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS, help="wan: the module forms to time")
+    p.add_argument("--forms", nargs="+", default=list(FORMS),
+                   help=f"wan: the module forms to time: {', '.join(FORMS)}, or kernel:FIELD=VALUE[,FIELD=VALUE...] "
+                        "(the library's form under heuristic_config(...).replace(FIELD=VALUE))")
     p.add_argument("--workload", default="wan-1.3b", choices=["wan-1.3b", "wan-14b-720p"],
                    help="wan: the shape (wan-14b-720p: give --layers 5 or fewer, its inputs take 3 GiB per layer)")
     p.add_argument("--block-sum-dtype", default="float16", choices=["float16", "bfloat16"],
@@ -314,6 +326,9 @@ def main():
     p.add_argument("--cases", nargs="*", default=None,
                    help="wan: SPARSITY:SCOPE pairs (default: every --sparsity with every --scopes)")
     args = p.parse_args()
+    for form in args.forms:
+        if form not in FORMS:
+            kernel_fields(form)
     os.makedirs(args.out, exist_ok=True)
     RESULTS.update(device=str(jax.devices()[0].device_kind), jax=jax.__version__)
     try:
