@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 KERNEL_FAMILIES = ("mosaic", "triton")
 LOOPS = ("pingpong", "pipelined")
-GRID_ORDERS = ("heads", "qblocks")
+GRID_ORDERS = ("heads", "qblocks", "groups")
 STATE_DTYPES = ("bfloat16", "float32")
 BLOCK_SUM_DTYPES = ("float16", "bfloat16")
 P8_OPERANDS = ("registers", "smem")
@@ -89,7 +89,9 @@ class KernelConfig:
     loop / pair_steps / grid_order / outputs_in_ring / p8_operand: the Mosaic forward's LUT loop ("pingpong": the
       two compute warpgroups take turns on the tensor cores; "pipelined": each overlaps its softmax with its own
       previous P V), two LUT entries per step (64 x 128 score tiles), program order ("heads": grid (H, Nq, B);
-      "qblocks": grid (Nq, H, B)), output tiles staged in finished ring slots, and how FP8 P reaches the P V wgmma.
+      "qblocks": grid (Nq, H, B); "groups": grid (G, Nq, H / G * B), G = gcd(H, grid_group) heads fastest, so that
+      the programs running at once read the keys of G heads), output tiles staged in finished ring slots, and how FP8
+      P reaches the P V wgmma.
     mosaic_fp8: quant "int8_fp8" takes the Mosaic forward (else the Triton low-bit kernel).
     launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "sum", "sum_phi", "lowbit"), as a tuple of
       (name, Launch) pairs; kernels not listed take DEFAULT_LAUNCH (the "lowbit" kernel: the "fwd" entry).
@@ -105,6 +107,7 @@ class KernelConfig:
     loop: str = "pingpong"
     pair_steps: bool = True
     grid_order: str = "heads"
+    grid_group: int = 4
     outputs_in_ring: bool = True
     p8_operand: str = "registers"
     mosaic_fp8: bool = True
@@ -124,6 +127,8 @@ class KernelConfig:
         ):
             if value not in choices:
                 raise ValueError(f"KernelConfig.{name}={value!r} is not one of {choices}")
+        if not isinstance(self.grid_group, int) or isinstance(self.grid_group, bool) or self.grid_group < 1:
+            raise ValueError(f"KernelConfig.grid_group must be a positive int, got {self.grid_group!r}")
         for name in ("pair_steps", "outputs_in_ring", "mosaic_fp8"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"KernelConfig.{name} must be a bool, got {getattr(self, name)!r}")

@@ -2,7 +2,8 @@
 routing from block means alone) against the form with phi arrays (the front end writes phi(Q), phi(K)).
 
     python -m experiments.dev.check_phi_in_kernels --out DIR [--sparsity 0.95 0.97] [--parts small wan states]
-        [--cases 0.97:complement ...] [--no-fwd-bwd] [--forms no_phi_arrays phi_arrays] [--block-sum-dtype bfloat16]
+        [--cases 0.97:complement ...] [--no-fwd-bwd] [--forms no_phi_arrays phi_arrays]
+        [--small-kernel grid_order=groups,grid_group=2]
 
 1. small: fresh seed; N 1000 / 2048 / 776 / 1048, D 128 / 64, bf16 / f16, both linear scopes, the three feature
    maps; the Mosaic forward and backward (heuristic_config): output and the gradients of q, k, v, alpha vs jax.grad
@@ -39,12 +40,13 @@ RESULTS: dict = {}
 # the wan part's module forms (module_forms)
 FORMS = ("no_phi_arrays", "phi_arrays", "int8", "int8_fp8", "int8_phi_arrays", "int8_fp8_phi_arrays",
          "bf16_block_sums")
-SMALL = [  # (N, D, topk, dtype, scope, feature map)
-    (1000, 128, 3, jnp.bfloat16, "complement", "softmax"),
-    (2048, 64, 5, jnp.bfloat16, "all", "softmax"),
-    (776, 64, 2, jnp.float16, "complement", "softmax"),
-    (1048, 128, 4, jnp.bfloat16, "complement", "elu"),
-    (1000, 128, 3, jnp.float16, "all", "relu"),
+SMALL = [  # (N, D, topk, dtype, scope, feature map, B, H)
+    (1000, 128, 3, jnp.bfloat16, "complement", "softmax", 1, 2),
+    (2048, 64, 5, jnp.bfloat16, "all", "softmax", 1, 2),
+    (776, 64, 2, jnp.float16, "complement", "softmax", 1, 2),
+    (1048, 128, 4, jnp.bfloat16, "complement", "elu", 1, 2),
+    (1000, 128, 3, jnp.float16, "all", "relu", 1, 2),
+    (1000, 128, 3, jnp.bfloat16, "complement", "softmax", 2, 6),  # program orders (grid_order) over B and H
 ]
 
 
@@ -64,12 +66,12 @@ def _form_errors(ref, no_arrays, arrays, args, w):
     return {"vs_dense": errors(n, r), "arrays_vs_dense": errors(a, r), "vs_arrays": errors(n, a)}
 
 
-def _small_inputs(seed, n, d, topk, dtype, k_offset):
-    """A SMALL case's inputs: q, k, v (1, N, 2, D) dtype, w (1, N, 2, D) f32 (the loss weights), an ascending
-    uniform LUT (b_q 128, b_k 64), alpha (1, 2, Nq) in [0.2, 0.8]. k has its mean over N removed, or with k_offset a
+def _small_inputs(seed, n, d, topk, dtype, k_offset, b=1, h=2):
+    """A SMALL case's inputs: q, k, v (B, N, H, D) dtype, w (B, N, H, D) f32 (the loss weights), an ascending
+    uniform LUT (b_q 128, b_k 64), alpha (B, H, Nq) in [0.2, 0.8]. k has its mean over N removed, or with k_offset a
     common offset added (so that the low-bit forward's smoothing matters)."""
-    rng = np.random.default_rng([seed, n, d])
-    b, h, nq, nk = 1, 2, -(-n // 128), -(-n // 64)
+    rng = np.random.default_rng([seed, n, d, b, h])
+    nq, nk = -(-n // 128), -(-n // 64)
     q, k, v, w = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for _ in range(4))
     if k_offset:
         k = k + 0.5 * jnp.asarray(rng.standard_normal(d), jnp.float32)
@@ -99,18 +101,19 @@ def _with_phi_arrays(fused, phi):
     return arrays
 
 
-def small_checks(block_sum_dtype="float16"):
+def small_checks(kernel_changes=None):
+    """The SMALL cases under heuristic_config(...).replace(**kernel_changes) (both forms)."""
     seed = int.from_bytes(os.urandom(4), "little")
     RESULTS["small_seed"] = seed
     rows = []
-    for n, d, topk, dtype, scope, kind in SMALL:
-        row = dict(n=n, d=d, topk=topk, dtype=jnp.dtype(dtype).name, scope=scope, feature_map=kind)
+    for n, d, topk, dtype, scope, kind, b, h in SMALL:
+        row = dict(n=n, d=d, topk=topk, dtype=jnp.dtype(dtype).name, scope=scope, feature_map=kind, b=b, h=h)
         try:
-            args, w, lut = _small_inputs(seed, n, d, topk, dtype, k_offset=False)
+            args, w, lut = _small_inputs(seed, n, d, topk, dtype, k_offset=False, b=b, h=h)
             phi = PHI_FUNCTIONS[kind]
-            config = heuristic_config(n, d, dtype, 128, 64).replace(block_sum_dtype=block_sum_dtype)
+            config = heuristic_config(n, d, dtype, 128, 64).replace(**(kernel_changes or {}))
             row["forward"], row["backward"] = config.forward, config.backward
-            row["block_sum_dtype"] = block_sum_dtype
+            row["kernel_changes"] = kernel_changes
             kw = dict(block_q=128, block_k=64, linear_scope=scope, config=config)
 
             def no_arrays(q, k, v, a):
@@ -138,7 +141,7 @@ def small_low_bit_checks(quants=("int8", "int8_fp8")):
     seed = int.from_bytes(os.urandom(4), "little")
     RESULTS["small_low_bit_seed"] = seed
     rows = []
-    for (n, d, topk, dtype, scope, kind), quant in ((c, x) for c in SMALL if c[3] != jnp.float32 for x in quants):
+    for (n, d, topk, dtype, scope, kind, *_), quant in ((c, x) for c in SMALL[:5] for x in quants):
         row = dict(n=n, d=d, topk=topk, dtype=jnp.dtype(dtype).name, scope=scope, feature_map=kind, quant=quant)
         try:
             args, w, lut = _small_inputs(seed, n, d, topk, dtype, k_offset=True)
@@ -319,8 +322,8 @@ def main():
                         "(the library's form under heuristic_config(...).replace(FIELD=VALUE))")
     p.add_argument("--workload", default="wan-1.3b", choices=["wan-1.3b", "wan-14b-720p"],
                    help="wan: the shape (wan-14b-720p: give --layers 5 or fewer, its inputs take 3 GiB per layer)")
-    p.add_argument("--block-sum-dtype", default="float16", choices=["float16", "bfloat16"],
-                   help="small: KernelConfig.block_sum_dtype of both forms")
+    p.add_argument("--small-kernel", default=None,
+                   help="small: FIELD=VALUE[,FIELD=VALUE...] changes to heuristic_config of both forms")
     p.add_argument("--launches", nargs="*", default=None,
                    help="states: Triton launches WARPS,STAGES,ROWS to sweep (default: seven of them)")
     p.add_argument("--cases", nargs="*", default=None,
@@ -333,7 +336,7 @@ def main():
     RESULTS.update(device=str(jax.devices()[0].device_kind), jax=jax.__version__)
     try:
         if "small" in args.parts:
-            small_checks(args.block_sum_dtype)
+            small_checks(kernel_fields("kernel:" + args.small_kernel) if args.small_kernel else None)
         if "small_low_bit" in args.parts:
             small_low_bit_checks()
         if "states" in args.parts:
