@@ -21,6 +21,7 @@ import jax.numpy as jnp
 KERNEL_FAMILIES = ("mosaic", "triton")
 LOOPS = ("pingpong", "pipelined")
 GRID_ORDERS = ("heads", "qblocks", "groups")
+STATES_ORDERS = ("blocks", "heads")
 STATE_DTYPES = ("bfloat16", "float32")
 BLOCK_SUM_DTYPES = ("float16", "bfloat16")
 P8_OPERANDS = ("registers", "smem")
@@ -92,6 +93,9 @@ class KernelConfig:
       "qblocks": grid (Nq, H, B); "groups": grid (G, Nq, H / G * B), G = gcd(H, grid_group) heads fastest, so that
       the programs running at once read the keys of G heads), output tiles staged in finished ring slots, and how FP8
       P reaches the P V wgmma.
+    states_order: the program order of the linear states' kernel (linear_states.outer_sum): "blocks" (grid (C, H,
+      B): a head's row blocks fastest) or "heads" (grid (H, C, B): the programs running at once read the same rows
+      of every head, whole (H * D)-wide rows of the (B, N, H, D) inputs).
     mosaic_fp8: quant "int8_fp8" takes the Mosaic forward (else the Triton low-bit kernel).
     launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "sum", "sum_phi", "lowbit"), as a tuple of
       (name, Launch) pairs; kernels not listed take DEFAULT_LAUNCH (the "lowbit" kernel: the "fwd" entry).
@@ -108,6 +112,7 @@ class KernelConfig:
     pair_steps: bool = True
     grid_order: str = "heads"
     grid_group: int = 4
+    states_order: str = "blocks"
     outputs_in_ring: bool = True
     p8_operand: str = "registers"
     mosaic_fp8: bool = True
@@ -123,6 +128,7 @@ class KernelConfig:
             ("block_sum_dtype", self.block_sum_dtype, BLOCK_SUM_DTYPES),
             ("loop", self.loop, LOOPS),
             ("grid_order", self.grid_order, GRID_ORDERS),
+            ("states_order", self.states_order, STATES_ORDERS),
             ("p8_operand", self.p8_operand, P8_OPERANDS),
         ):
             if value not in choices:
