@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 KERNEL_FAMILIES = ("mosaic", "triton")
 LOOPS = ("pingpong", "pipelined")
-GRID_ORDERS = ("heads", "qblocks", "groups")
 STATES_ORDERS = ("blocks", "heads")
 STATE_DTYPES = ("bfloat16", "float32")
 BLOCK_SUM_DTYPES = ("float16", "bfloat16")
@@ -87,12 +86,10 @@ class KernelConfig:
       H_i / dH_j, for 16-bit inputs, each with a power-of-two scale: "float16" (2^-11 relative) or "bfloat16" (2^-8;
       with state_dtype "bfloat16" the product is then bf16 x bf16 -> bf16, a form cuBLAS runs, where float16 sums
       and bf16 states need a separate convert after a float32 product or XLA's own GEMM).
-    loop / pair_steps / grid_order / outputs_in_ring / p8_operand: the Mosaic forward's LUT loop ("pingpong": the
-      two compute warpgroups take turns on the tensor cores; "pipelined": each overlaps its softmax with its own
-      previous P V), two LUT entries per step (64 x 128 score tiles), program order ("heads": grid (H, Nq, B);
-      "qblocks": grid (Nq, H, B); "groups": grid (G, Nq, H / G * B), G = gcd(H, grid_group) heads fastest, so that
-      the programs running at once read the keys of G heads), output tiles staged in finished ring slots, and how FP8
-      P reaches the P V wgmma.
+    loop / pair_steps / outputs_in_ring / p8_operand: the Mosaic forward's LUT loop ("pingpong": the two compute
+      warpgroups take turns on the tensor cores; "pipelined": each overlaps its softmax with its own previous P V),
+      two LUT entries per step (64 x 128 score tiles), output tiles staged in finished ring slots, and how FP8 P
+      reaches the P V wgmma. (Its programs run heads fastest, grid (H, Nq, B).)
     states_order: the program order of the linear states' kernel (linear_states.outer_sum): "blocks" (grid (C, H,
       B): a head's row blocks fastest) or "heads" (grid (H, C, B): the programs running at once read the same rows
       of every head, whole (H * D)-wide rows of the (B, N, H, D) inputs).
@@ -110,8 +107,6 @@ class KernelConfig:
     block_sum_dtype: str = "float16"
     loop: str = "pingpong"
     pair_steps: bool = True
-    grid_order: str = "heads"
-    grid_group: int = 4
     states_order: str = "blocks"
     outputs_in_ring: bool = True
     p8_operand: str = "registers"
@@ -127,14 +122,11 @@ class KernelConfig:
             ("state_dtype", self.state_dtype, STATE_DTYPES),
             ("block_sum_dtype", self.block_sum_dtype, BLOCK_SUM_DTYPES),
             ("loop", self.loop, LOOPS),
-            ("grid_order", self.grid_order, GRID_ORDERS),
             ("states_order", self.states_order, STATES_ORDERS),
             ("p8_operand", self.p8_operand, P8_OPERANDS),
         ):
             if value not in choices:
                 raise ValueError(f"KernelConfig.{name}={value!r} is not one of {choices}")
-        if not isinstance(self.grid_group, int) or isinstance(self.grid_group, bool) or self.grid_group < 1:
-            raise ValueError(f"KernelConfig.grid_group must be a positive int, got {self.grid_group!r}")
         for name in ("pair_steps", "outputs_in_ring", "mosaic_fp8"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"KernelConfig.{name} must be a bool, got {getattr(self, name)!r}")

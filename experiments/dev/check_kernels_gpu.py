@@ -321,7 +321,6 @@ FWD_VARIANTS = {
     "fwd_triton_w8s2": {"forward": "triton", **_launch(fwd=(8, 2, 64))},
     "fwd_mosaic": {"forward": "mosaic"},
     "fwd_mosaic_pipelined": {"forward": "mosaic", "loop": "pipelined"},
-    "fwd_mosaic_qblocks": {"forward": "mosaic", "grid_order": "qblocks"},
 }
 
 

@@ -3,7 +3,7 @@ routing from block means alone) against the form with phi arrays (the front end 
 
     python -m experiments.dev.check_phi_in_kernels --out DIR [--sparsity 0.95 0.97] [--parts small wan states]
         [--cases 0.97:complement ...] [--no-fwd-bwd] [--forms no_phi_arrays phi_arrays]
-        [--small-kernel grid_order=groups,grid_group=2]
+        [--small-kernel block_sum_dtype=bfloat16,states_order=heads]
 
 1. small: fresh seed; N 1000 / 2048 / 776 / 1048, D 128 / 64, bf16 / f16, both linear scopes, the three feature
    maps; the Mosaic forward and backward (heuristic_config): output and the gradients of q, k, v, alpha vs jax.grad
@@ -46,7 +46,7 @@ SMALL = [  # (N, D, topk, dtype, scope, feature map, B, H)
     (776, 64, 2, jnp.float16, "complement", "softmax", 1, 2),
     (1048, 128, 4, jnp.bfloat16, "complement", "elu", 1, 2),
     (1000, 128, 3, jnp.float16, "all", "relu", 1, 2),
-    (1000, 128, 3, jnp.bfloat16, "complement", "softmax", 2, 6),  # program orders (grid_order) over B and H
+    (1000, 128, 3, jnp.bfloat16, "complement", "softmax", 2, 6),  # B > 1, H > 2: the kernels' program ids
 ]
 
 
@@ -174,7 +174,7 @@ def module_forms(sparsity, scope, forms):
     in the kernels), "int8_phi_arrays" / "int8_fp8_phi_arrays" (the low-bit forward with the front end that writes
     phi arrays and the int8 operands, smoothing by an XLA mean of K), "bf16_block_sums" (the library's form with
     the per-block sums in bfloat16: KernelConfig.block_sum_dtype), "kernel:FIELD=VALUE[,...]" (the library's form
-    under heuristic_config(...).replace(FIELD=VALUE, ...), e.g. kernel:grid_order=qblocks)."""
+    under heuristic_config(...).replace(FIELD=VALUE, ...), e.g. kernel:states_order=heads)."""
     import sla2_jax as sla
     from sla2_jax import backends
 

@@ -2,7 +2,7 @@
 in its epilogue (sparse_linear_attention_mosaic, KernelConfig.epilogue "mosaic") vs the Triton epilogue.
 
     python -m experiments.dev.probe_mosaic_sparse --out DIR [--parts small fused_small sweep wan ...] [--sparsity ...]
-        [--loop pingpong|pipelined] [--pair-steps | --no-pair-steps] [--grid-order heads|qblocks]
+        [--loop pingpong|pipelined] [--pair-steps | --no-pair-steps]
 
 Parts (each runs on its own: an error is recorded and the next part goes on; JSON to DIR/probe_mosaic_sparse.json):
   small        sparse_attention_mosaic on small random inputs (ragged and whole N, D 64 / 128) vs a dense float32
@@ -27,7 +27,7 @@ Parts (each runs on its own: an error is recorded and the next part goes on; JSO
                variant and the dense float32 reference on small ragged cases, then on wan-1.3b with random LUTs the
                CUPTI kernel times of bf16 (plain, training and inference epilogues), INT8 and INT8 + FP8 under each
                variant, with each output's largest difference from the first variant's.
-  --loop / --pair-steps / --grid-order: the KernelConfig fields of every other part (default: KernelConfig's).
+  --loop / --pair-steps: the KernelConfig fields of every other part (default: KernelConfig's).
   --trim-sass CSV: prints the top stall lines of an `ncu --page source --csv --print-source sass` export.
 Every kernel call takes its variant as config= (a KernelConfig built from BASE); nothing changes module state.
 """
@@ -50,12 +50,12 @@ import numpy as np
 from experiments.dev.common import bench, config_dict, kernel_ms, record_error, rel, uniform_lut, wan_setup
 from experiments.timing import pipelined_seconds, time_samples
 from pallas_kernels import KernelConfig, heuristic_config
-from pallas_kernels.config import GRID_ORDERS, LOOPS
+from pallas_kernels.config import LOOPS
 from pallas_kernels import attention, linear_states, quantize
 from pallas_kernels import mosaic_forward as mf
 
 RESULTS: dict = {}
-BASE = KernelConfig(forward="mosaic", backward="mosaic")  # set by main from --loop, --pair-steps, --grid-order
+BASE = KernelConfig(forward="mosaic", backward="mosaic")  # set by main from --loop and --pair-steps
 
 
 def config(**changes) -> KernelConfig:
@@ -66,7 +66,7 @@ def config(**changes) -> KernelConfig:
 def library_config(n=32760, d=128, **changes) -> KernelConfig:
     """The library's default for a bf16 call on a Hopper GPU (heuristic_config: the Mosaic kernels and the Triton
     launch table) with BASE's forward-loop fields and the given changes."""
-    loop_fields = {x: getattr(BASE, x) for x in ("loop", "pair_steps", "grid_order", "outputs_in_ring", "p8_operand")}
+    loop_fields = {x: getattr(BASE, x) for x in ("loop", "pair_steps", "outputs_in_ring", "p8_operand")}
     return heuristic_config(n, d, jnp.bfloat16, gpu="hopper").replace(**{**loop_fields, **changes})
 
 
@@ -148,19 +148,19 @@ def linear_reference(linear, n):
 
 FUSED_SMALL_CASES = [  # n, d, topk, dtype, outputs, stages, KernelConfig changes
     (2000, 128, 4, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 3, {}),
-    (2000, 128, 5, jnp.bfloat16, ("o",), 4, {"grid_order": "qblocks"}),
+    (2000, 128, 5, jnp.bfloat16, ("o",), 4, {}),
     (4096, 64, 6, jnp.bfloat16, ("o",), 4, {}),
-    (1000, 64, 3, jnp.float16, ("o_s", "o_l", "lse", "den"), 4, {"grid_order": "qblocks"}),
+    (1000, 64, 3, jnp.float16, ("o_s", "o_l", "lse", "den"), 4, {}),
     (1048, 128, 2, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 3, {}),  # last block's 2nd half past N
     (776, 128, 1, jnp.float16, ("o_s", "o_l"), 4, {}),
-    (2000, 128, 5, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 3, {"grid_order": "qblocks"}),
+    (2000, 128, 5, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 3, {}),
     # the third output tile through a finished V slot (mosaic_forward.ring_holds_outputs), ring of 4;
     # topk 4 / 7 / 2 / 1 put the two warpgroups' slots at different places of the ring (topk 1: own tiles)
     (2000, 128, 4, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 4, {}),
     (4096, 128, 7, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 4, {}),
     (1048, 64, 2, jnp.float16, ("o", "o_s", "o_l", "lse", "den"), 4, {}),
     (776, 128, 1, jnp.bfloat16, ("o", "o_s", "o_l"), 4, {}),
-    (4096, 64, 25, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 4, {"grid_order": "qblocks"}),
+    (4096, 64, 25, jnp.bfloat16, ("o", "o_s", "o_l", "lse", "den"), 4, {}),
 ]
 
 
@@ -219,14 +219,9 @@ def sweep(runs, topks=(5, 10, 25, 50)):
     q, k, v, _, _, _, _, alpha, cfg = wan_setup(0.95, 29, 1, 12, 32760, 128, 128, 64)
     rng = np.random.default_rng(7)
     linear = random_linear_inputs(rng, 1, 32760, 12, 128, cfg.nq, jnp.bfloat16)
-    plain = lambda **changes: (
-        lambda q, k, v, lut, lin: sparse_attention_mosaic(q, k, v, lut, stages=4, **changes)
-    )
     variants = {
-        "plain_s4": plain(),
-        "plain_s4_qblocks": plain(grid_order="qblocks"),
+        "plain_s4": lambda q, k, v, lut, lin: sparse_attention_mosaic(q, k, v, lut, stages=4),
         "fused_o_s4": lambda q, k, v, lut, lin: fused(q, k, v, lut, lin),
-        "fused_o_s4_qblocks": lambda q, k, v, lut, lin: fused(q, k, v, lut, lin, grid_order="qblocks"),
     }
     cands = {}
     for topk in topks:
@@ -251,21 +246,21 @@ def sweep(runs, topks=(5, 10, 25, 50)):
     print("sweep", json.dumps(stats), json.dumps(fits), flush=True)
 
 
-def library_forward(cfg, epilogue, grid_order, residuals):
+def library_forward(cfg, epilogue, residuals):
     """(q, k, v, q_phi, k_phi, lut, alpha) -> the fused forward's output dict (attention.forward: states and
-    kernel(s)) with the library's KernelConfig and this epilogue and grid order."""
-    call = cfg._replace(config=library_config(cfg.n, cfg.d, epilogue=epilogue, grid_order=grid_order))
+    kernel(s)) with the library's KernelConfig and this epilogue."""
+    call = cfg._replace(config=library_config(cfg.n, cfg.d, epilogue=epilogue))
     def forward(q, k, v, qp, kp, lut, a):
         return attention.forward(q, k, v, qp, kp, lut, a, call, fused=True, residuals=residuals)
 
     return forward
 
 
-def library_module(sparsity, epilogue="mosaic", grid_order="heads"):
-    """(q, k, v) -> the sla2_jax module forward (backend pallas, alpha "mass") with this epilogue and grid order."""
+def library_module(sparsity, epilogue="mosaic"):
+    """(q, k, v) -> the sla2_jax module forward (backend pallas, alpha "mass") with this epilogue."""
     import sla2_jax as sla
 
-    kernel = library_config(epilogue=epilogue, grid_order=grid_order)
+    kernel = library_config(epilogue=epilogue)
     mcfg = sla.SLA2Config(topk_ratio=round(1 - sparsity, 6), backend="pallas", alpha="mass", kernel=kernel)
     return lambda q, k, v: sla.sla2_attention(q, k, v, config=mcfg)
 
@@ -274,15 +269,14 @@ def wan(sparsity, runs):
     """Library forward with the Mosaic vs the Triton epilogue: errors, then interleaved timings with cuDNN."""
     q, k, v, _, qp, kp, lut, alpha, cfg = wan_setup(sparsity, 29, 1, 12, 32760, 128, 128, 64)
     row = dict(sparsity=sparsity, topk=cfg.topk, config=config_dict(library_config()))
-    fwd = lambda res, epilogue="mosaic", order="heads": library_forward(cfg, epilogue, order, res)
+    fwd = lambda res, epilogue="mosaic": library_forward(cfg, epilogue, res)
     names = ("o", "o_s", "o_l", "lse", "den")
     lib_args = (q, k, v, qp, kp, lut, alpha)
     try:
         outs = {c: jax.jit(fwd(True, c))(*lib_args) for c in ("triton", "mosaic")}
         row["rel_train_mosaic_vs_triton"] = {x: rel(outs["mosaic"][x], outs["triton"][x]) for x in names}
-        for order in ("heads", "qblocks"):
-            o_inf = jax.jit(lambda *a, o=order: fwd(False, "mosaic", o)(*a)["o"])(*lib_args)
-            row[f"rel_infer_o_mosaic_{order}_vs_triton"] = rel(o_inf, outs["triton"]["o"])
+        o_inf = jax.jit(lambda *a: fwd(False, "mosaic")(*a)["o"])(*lib_args)
+        row["rel_infer_o_mosaic_vs_triton"] = rel(o_inf, outs["triton"]["o"])
         row["finite"] = all(bool(jnp.all(jnp.isfinite(outs["mosaic"][x]))) for x in names)
         del outs, o_inf
     except Exception as e:  # noqa: BLE001
@@ -292,24 +286,17 @@ def wan(sparsity, runs):
     h_i, z_i = jax.jit(states)(kp, v, lut)
     lin = (qp, h_i, z_i, alpha)
     lib_args = (q, k, v, qp, kp, lut, alpha)
-    plain = lambda order: (lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=4, grid_order=order))
     cands = {
         "states": (states, (kp, v, lut)),
         "cudnn_fwd": (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"), (q, k, v)),
+        "kernel_plain_s4": (lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=4), (q, k, v, lut)),
+        "kernel_fused_o_s4": (fused, (q, k, v, lut, lin)),
+        "kernel_fused_train_s3": (lambda *a: fused(*a, outputs=names, stages=3), (q, k, v, lut, lin)),
     }
-    for order in ("heads", "qblocks"):
-        cands[f"kernel_plain_s4_{order}"] = (plain(order), (q, k, v, lut))
-        cands[f"kernel_fused_o_s4_{order}"] = (lambda *a, o=order: fused(*a, grid_order=o), (q, k, v, lut, lin))
-        cands[f"kernel_fused_train_s3_{order}"] = (
-            lambda *a, o=order: fused(*a, outputs=names, stages=3, grid_order=o),
-            (q, k, v, lut, lin),
-        )
-    for c, order in (("triton", "heads"), ("mosaic", "heads"), ("triton", "qblocks"), ("mosaic", "qblocks")):
-        key = f"{c}_{order}"
-        cands[f"lib_infer_{key}"] = (lambda *a, c=c, o=order: fwd(False, c, o)(*a)["o"], lib_args)
-        cands[f"module_fwd_{key}"] = (library_module(sparsity, c, order), (q, k, v))
-        if order == "heads":
-            cands[f"lib_train_{key}"] = (lambda *a, c=c, o=order: fwd(True, c, o)(*a)["o"], lib_args)
+    for c in ("triton", "mosaic"):
+        cands[f"lib_infer_{c}"] = (lambda *a, c=c: fwd(False, c)(*a)["o"], lib_args)
+        cands[f"module_fwd_{c}"] = (library_module(sparsity, c), (q, k, v))
+        cands[f"lib_train_{c}"] = (lambda *a, c=c: fwd(True, c)(*a)["o"], lib_args)
     try:
         row["times_ms"] = timed_rounds(cands, runs)
         t = row["times_ms"]
@@ -746,7 +733,6 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--parts", nargs="*", default=["small", "fused_small", "sweep", "wan"], choices=PARTS)
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.95, 0.97])
-    ap.add_argument("--grid-order", default=None, choices=GRID_ORDERS, help="KernelConfig.grid_order of the parts")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--trim-sass", default=None)
     ap.add_argument("--loop", default=None, choices=LOOPS, help="KernelConfig.loop of the other parts")
@@ -759,7 +745,7 @@ def main():
         trim_sass(args.trim_sass)
         return
     os.makedirs(args.out, exist_ok=True)
-    changes = {"grid_order": args.grid_order, "loop": args.loop, "pair_steps": args.pair_steps}
+    changes = {"loop": args.loop, "pair_steps": args.pair_steps}
     BASE = BASE.replace(**{x: val for x, val in changes.items() if val is not None})
     RESULTS.update(device=str(jax.devices()[0].device_kind), jax=jax.__version__, config=config_dict(BASE))
     parts = {

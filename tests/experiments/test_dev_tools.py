@@ -110,7 +110,7 @@ def test_probe_mosaic_sparse_kernels_lower_for_cuda():
 
     calls = {
         "plain": (probe.sparse_attention_mosaic, (q, q, q, lut)),
-        "fused": (lambda *a: probe.fused(*a, outputs=("o", "lse"), grid_order="qblocks"), (q, q, q, lut, linear)),
+        "fused": (lambda *a: probe.fused(*a, outputs=("o", "lse")), (q, q, q, lut, linear)),
         "int8_pipelined": (functools.partial(int8, **probe.LOOP_VARIANTS["pipelined"]), (q, q, q, lut)),
     }
     for name, (fn, args) in calls.items():

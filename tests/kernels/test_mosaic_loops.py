@@ -65,25 +65,3 @@ def test_loop_variants_lower(kind, topk):
 def test_bad_loop_refused():
     with pytest.raises(ValueError, match="loop"):
         _lowered("bf16", "spiral", 3)
-
-
-@pytest.mark.parametrize("kind", ["bf16", "fused"])
-def test_grid_orders_lower(kind):
-    """Every program order (KernelConfig.grid_order) lowers for CUDA, to a kernel of its own; "groups" with a group
-    that does not divide H takes gcd(H, grid_group) heads (here 1 of H = 2: a grid (1, Nq, H * B))."""
-    q = jnp.zeros((B, N, H, D), jnp.bfloat16)
-    lut = jnp.zeros((B, H, NQ, 3), jnp.int32)
-
-    def lowered(**fields):
-        return lowered_for_cuda(_kernels(KernelConfig(forward="mosaic", **fields))[kind], q, q, q, lut)
-
-    texts = {order: lowered(grid_order=order) for order in ("heads", "qblocks", "groups")}
-    assert len(set(texts.values())) == 3
-    assert lowered(grid_order="groups", grid_group=3) != texts["groups"]  # gcd(2, 3) = 1 head per group
-    assert lowered(grid_order="groups", grid_group=2) == texts["groups"]  # the default 4 -> gcd(2, 4) = 2
-
-
-@pytest.mark.parametrize("fields", [{"grid_order": "spiral"}, {"grid_group": 0}, {"grid_group": True}])
-def test_bad_grid_refused(fields):
-    with pytest.raises(ValueError, match="grid_"):
-        KernelConfig(forward="mosaic", **fields)
