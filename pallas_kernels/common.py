@@ -182,34 +182,21 @@ def with_named_refs(kernel, names, **static):
     return body
 
 
-def pallas_triton_call(kernel, grid, inputs, outputs, call: KernelCall, name: str, launch: dict, kernel_name=None,
-                       heads_first=False):
+def pallas_triton_call(kernel, grid, inputs, outputs, call: KernelCall, name: str, launch: dict, kernel_name=None):
     """One Triton pallas_call. inputs / outputs: lists of (name, array or ShapeDtypeStruct, BlockSpec); the kernel
     gets the refs as keywords ``{name}_ref`` (with_named_refs), the KernelCall as ``cfg`` and ``launch``. name: the
-    launch-table entry; the kernel is called ``sla_{name}`` in profiles unless kernel_name says otherwise.
-    grid (blocks, H, B), the BlockSpecs' index maps taking (i, h, b); heads_first: launched as (H, blocks, B) (heads
-    fastest; the index maps are adapted here, the kernel must then read its block id from pl.program_id(1))."""
+    launch-table entry; the kernel is called ``sla_{name}`` in profiles unless kernel_name says otherwise."""
     names = tuple(x[0] for x in inputs) + tuple(x[0] for x in outputs)
-    specs = [x[2] for x in inputs], [x[2] for x in outputs]
-    if heads_first:
-        grid = (grid[1], grid[0], *grid[2:])
-        specs = tuple([_heads_first_spec(spec) for spec in group] for group in specs)
     return pl.pallas_call(
         with_named_refs(kernel, names, cfg=call, **launch),
         grid=grid,
-        in_specs=specs[0],
-        out_specs=specs[1],
+        in_specs=[x[2] for x in inputs],
+        out_specs=[x[2] for x in outputs],
         out_shape=[x[1] for x in outputs],
         compiler_params=params(name, call),
         interpret=call.interpret,
         name=kernel_name or f"sla_{name}",
     )(*[x[1] for x in inputs])
-
-
-def _heads_first_spec(spec):
-    """The BlockSpec of a (blocks, H, B) grid for the same grid launched as (H, blocks, B)."""
-    index_map = spec.index_map
-    return pl.BlockSpec(spec.block_shape, lambda h, i, b: index_map(i, h, b))
 
 
 def is_pow2(x):

@@ -33,7 +33,7 @@ def _pow2_scale(amax):
 
 def _outer_sum_kernel(
     *, x_ref, y_ref, w_ref=None, u_ref=None, h_ref, z_ref, s_ref=None, m_ref=None, cfg: KernelCall, chunk: int,
-    block: int, weighted: bool, scaled: bool, phi=None, block_means: bool = False, chunk_axis: int = 0,
+    block: int, weighted: bool, scaled: bool, phi=None, block_means: bool = False,
 ):  # fmt: skip
     """Program (c, h, b): rows [c*chunk, (c+1)*chunk) of X, Y -> sum_r w_r X_r^T Y_r (D x D), sum_r u_r X_r.
     Refs of one (b, h): inputs x, y (N, D), w, u (chunk,) float32 (weighted); outputs h (D, D) float32, z (D,)
@@ -41,8 +41,8 @@ def _outer_sum_kernel(
     of two (_pow2_scale). phi: None, or a feature map applied to the X rows first (in float32, rounded to X's dtype
     as a phi(X) array would be; rows >= N stay 0). m_ref, if given: the mean of the raw X rows (before phi; finite rows
     only, as the front end's block means) of the chunk, (D,) float32, or with block_means of each step's `block`
-    rows, (chunk // block, D) float32. chunk_axis: the grid axis of c (1 when the grid is launched heads first)."""
-    start0 = pl.program_id(chunk_axis) * chunk
+    rows, (chunk // block, D) float32."""
+    start0 = pl.program_id(0) * chunk
 
     def body(t, carry):
         h, z, total, count = carry
@@ -101,8 +101,9 @@ def stored_blocks(count: int) -> int:
 def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, means=False):
     """sum over rows of (w_r x_r)^T y_r -> (B, H, D, D) and of u_r x_r -> (B, H, D), float32.
 
-    Grid (C, H, B), C = ceil(N / 1024) chunks of rows (split-K: B*H alone is too few programs to fill the GPU), or
-    (H, C, B) with KernelConfig.states_order "heads"; the C partial sums are added by XLA. Flop 2*N*D^2 per head; bytes: one read of x and y.
+    Grid (C, H, B), C = ceil(N / 1024) chunks of rows (split-K: B*H alone is too few programs to fill the GPU);
+    the C partial sums are added by XLA (heads first, grid (H, C, B), measured no faster: docs/dev/linear_branch.md).
+    Flop 2*N*D^2 per head; bytes: one read of x and y.
     w, u: optional (B, H, >= N) per-row float32 weights (both or neither).
     block_rows: if given, one sum per block of that many rows instead (no reduction over the blocks): the input of
     _sum_over_blocks, a _BlockSums of C = stored_blocks(ceil(N / block_rows)) blocks (zero past the last block).
@@ -153,10 +154,8 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
                         pl.BlockSpec((None, None, per, d), lambda c, hh, bb: (bb, hh, c, 0))))
     elif means:
         outputs.append(("m", *vec))
-    heads_first = cfg.config.states_order == "heads"
-    kw = dict(chunk=chunk, block=min(chunk, step), weighted=weighted, scaled=scaled, phi=phi, block_means=block_means,
-              chunk_axis=1 if heads_first else 0)
-    sums = pallas_triton_call(_outer_sum_kernel, (nc, h, b), inputs, outputs, cfg, launch, kw, heads_first=heads_first)
+    kw = dict(chunk=chunk, block=min(chunk, step), weighted=weighted, scaled=scaled, phi=phi, block_means=block_means)
+    sums = pallas_triton_call(_outer_sum_kernel, (nc, h, b), inputs, outputs, cfg, launch, kw)
     if block_rows is not None:
         block_sums = _BlockSums(sums[0], sums[1], sums[2][..., 0] if scaled else None, blocks)
         return (block_sums, sums[-1][:, :, :blocks]) if means else block_sums
@@ -169,7 +168,7 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
 class _BlockSums:
     """Per-block outer sums (from outer_sum with block_rows) of `blocks` blocks, stored for C =
     stored_blocks(blocks) (zero sums past the last block): h (B, H, C, D, D), z (B, H, C, D) float32. For 16-bit
-    inputs h is 16-bit (float16 by default, KernelConfig.block_sum_dtype) and holds h / scale with scale (B, H, C) a
+    inputs h is 16-bit (bfloat16 by default, KernelConfig.block_sum_dtype) and holds h / scale with scale (B, H, C) a
     power of two per block (float16: ~2^-11 relative, bfloat16: ~2^-8; the input's own precision is 2^-8 / 2^-11);
     for float32 inputs h is float32 and scale is None.
     key_block_sums of scope "all" holds the totals here: h (B, H, D, D), z (B, H, D) float32, scale and blocks

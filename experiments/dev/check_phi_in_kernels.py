@@ -3,7 +3,7 @@ routing from block means alone) against the form with phi arrays (the front end 
 
     python -m experiments.dev.check_phi_in_kernels --out DIR [--sparsity 0.95 0.97] [--parts small wan states]
         [--cases 0.97:complement ...] [--no-fwd-bwd] [--forms no_phi_arrays phi_arrays]
-        [--small-kernel block_sum_dtype=bfloat16,states_order=heads]
+        [--small-kernel block_sum_dtype=float16]
 
 1. small: fresh seed; N 1000 / 2048 / 776 / 1048, D 128 / 64, bf16 / f16, both linear scopes, the three feature
    maps; the Mosaic forward and backward (heuristic_config): output and the gradients of q, k, v, alpha vs jax.grad
@@ -39,7 +39,7 @@ from sla2_jax.feature_maps import PHI_FUNCTIONS
 RESULTS: dict = {}
 # the wan part's module forms (module_forms)
 FORMS = ("no_phi_arrays", "phi_arrays", "int8", "int8_fp8", "int8_phi_arrays", "int8_fp8_phi_arrays",
-         "bf16_block_sums")
+         "f16_block_sums")
 SMALL = [  # (N, D, topk, dtype, scope, feature map, B, H)
     (1000, 128, 3, jnp.bfloat16, "complement", "softmax", 1, 2),
     (2048, 64, 5, jnp.bfloat16, "all", "softmax", 1, 2),
@@ -172,9 +172,9 @@ def module_forms(sparsity, scope, forms):
     """(form name -> module forward fn(q, k, v)) of the names in forms (FORMS): "no_phi_arrays" (the library's
     form), "phi_arrays" (the front end writes phi arrays), "int8" / "int8_fp8" (the library's low-bit forward, phi
     in the kernels), "int8_phi_arrays" / "int8_fp8_phi_arrays" (the low-bit forward with the front end that writes
-    phi arrays and the int8 operands, smoothing by an XLA mean of K), "bf16_block_sums" (the library's form with
-    the per-block sums in bfloat16: KernelConfig.block_sum_dtype), "kernel:FIELD=VALUE[,...]" (the library's form
-    under heuristic_config(...).replace(FIELD=VALUE, ...), e.g. kernel:states_order=heads)."""
+    phi arrays and the int8 operands, smoothing by an XLA mean of K), "f16_block_sums" (the library's form with
+    the per-block sums in float16, KernelConfig.block_sum_dtype, whose default is bfloat16), "kernel:FIELD=VALUE[,...]"
+    (the library's form under heuristic_config(...).replace(FIELD=VALUE, ...), e.g. kernel:loop=pipelined)."""
     import sla2_jax as sla
     from sla2_jax import backends
 
@@ -205,7 +205,7 @@ def module_forms(sparsity, scope, forms):
     every = {"no_phi_arrays": no_arrays, "phi_arrays": arrays, "int8": low_bit("int8"), "int8_fp8": low_bit("int8_fp8"),
              "int8_phi_arrays": functools.partial(arrays, config=config.replace(quant="int8")),
              "int8_fp8_phi_arrays": functools.partial(arrays, config=config.replace(quant="int8_fp8")),
-             "bf16_block_sums": kernel_variant({"block_sum_dtype": "bfloat16"})}
+             "f16_block_sums": kernel_variant({"block_sum_dtype": "float16"})}
     return {name: every[name] if name in every else kernel_variant(kernel_fields(name)) for name in forms}
 
 

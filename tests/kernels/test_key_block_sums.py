@@ -12,7 +12,7 @@ import pytest
 from helpers import fresh_seed as _seed
 from helpers import rel_err as _rel
 
-from pallas_kernels import KernelConfig, key_block_sums, linear_states, sla2_fused_attention
+from pallas_kernels import key_block_sums, linear_states, sla2_fused_attention
 from pallas_kernels.common import validate_call
 from pallas_kernels.front_end import block_means_and_phi
 from sla2_jax.feature_maps import PHI_FUNCTIONS
@@ -128,29 +128,3 @@ def test_states_kernel_with_means_lowers_for_cuda(scope):
                                                        config=KernelConfig()), k, k)
     assert "sla_sum_phi" in text
 
-
-def test_states_orders_agree():
-    """KernelConfig.states_order "heads" (grid (H, C, B)) gives outer_sum's results of "blocks" (grid (C, H, B))
-    bit for bit, for B = 2, H = 3 (the index maps and the kernel's block id both follow the order): per-block sums
-    with the block means, the totals with the means, and the backward's weighted per-query-block sums."""
-    rng = np.random.default_rng(_seed())
-    b, n, h, d = 2, 200, 3, 64
-    k, v, q = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.bfloat16) for _ in range(3))
-    w, u = (jnp.asarray(rng.standard_normal((b, h, 256)), jnp.float32) for _ in range(2))
-    lut = jnp.zeros((b, h, -(-n // 128), 1), jnp.int32)
-
-    def sums(order):
-        config = KernelConfig(states_order=order)
-        cfg = validate_call(q, k, v, q, k, lut, 128, 64, "complement", None, 1e-6, None, config)
-        return (linear_states.outer_sum(k, v, cfg, block_rows=64, phi=PHI, means=True),
-                linear_states.outer_sum(k, v, cfg, phi=PHI, means=True),
-                linear_states.outer_sum(q, v, cfg, w, u, block_rows=128))
-
-    got, want = sums("heads"), sums("blocks")
-    leaves = jax.tree_util.tree_leaves(want)
-    assert len(leaves) == len(jax.tree_util.tree_leaves(got)) >= 9
-    assert np.any(np.asarray(leaves[0], np.float32))
-    for x, y in zip(jax.tree_util.tree_leaves(got), leaves):
-        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
-    with pytest.raises(ValueError, match="states_order"):
-        KernelConfig(states_order="rows")
