@@ -198,11 +198,12 @@ def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, 
 # ----------------------------------------------------------------------------------------------------------
 # Backward (both families)
 # ----------------------------------------------------------------------------------------------------------
-def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
+def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, q_phi_map=None):
     """All input cotangents (dq, dk, dv, dq_phi, dk_phi, dalpha or None) from the residuals (which hold phi(Q),
-    phi(K)): dQ stage, gradient states, dK/dV stage (each a separate function for timing)."""
+    phi(K)): dQ stage, gradient states, dK/dV stage (each a separate function for timing). q_phi_map: None, or
+    the feature map, which the gradient states then apply to the Q rows (res.q_phi is not read)."""
     res_dq = backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
-    totals = backward_states(res, res_dq, cfg, fused=fused, do=do, do_l=do_l)
+    totals = backward_states(res, res_dq, cfg, fused=fused, do=do, do_l=do_l, q_phi_map=q_phi_map)
     res_dkv = backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
     q = res[0]
     b, _, h, _ = q.shape
@@ -265,11 +266,12 @@ def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
     return res_dq
 
 
-def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None):
+def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None, q_phi_map=None):
     """Linear-branch gradient states for the dK/dV stage: dH = sum_r phi~_r^T dO_l,r, dZ = -sum_r c_r phi~_r
     (phi~ = phi(Q) / den) over all query rows, (B, H, D, D) and (B, H, D) float32; for the complement scope per
     key block j over the query blocks that did not select j, (B, H, Nk, D, D) and (B, H, Nk, D)
-    (linear_states.gradient_states)."""
+    (linear_states.gradient_states). q_phi_map: None (phi(Q) from res.q_phi), or the feature map applied to
+    res.q inside the sums kernel."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     if not cfg.linear:
         return None, None
@@ -280,6 +282,8 @@ def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None):
     else:
         w, x = inv_den, do_l
     u = -res_dq["c"] * inv_den
+    if q_phi_map is not None:
+        return gradient_states(q, x, w, u, lut, cfg, phi=q_phi_map)
     return gradient_states(q_phi, x, w, u, lut, cfg)
 
 
@@ -506,12 +510,16 @@ def _fused_phi_bwd(cfg, phi, res, do):
     """The backward of _fused without phi arrays in the residuals: phi(Q), phi(K) made here for the backward
     kernels, then phi's vjp onto their gradients (one front-end kernel per tensor, which also adds the direct dQ,
     dK). (Applying phi and its vjp inside the backward kernels instead, KernelConfig.backward_phi "in_kernels", was
-    slower on an H100 and was deleted: docs/dev/forward_kernel.md.) key_sums (made from stopped K, V by the caller)
-    get no cotangent: dK, dV here are the whole gradients."""
+    slower on an H100 and was deleted: docs/dev/forward_kernel.md.) With KernelConfig.backward_q_phi "in_sums" no
+    phi(Q) array is made: the gradient states' sums kernel, its only reader, applies phi to Q. key_sums (made from
+    stopped K, V by the caller) get no cotangent: dK, dV here are the whole gradients."""
+    q_in_sums = cfg.config.backward_q_phi == "in_sums"
     if cfg.linear:
-        res = res._replace(q_phi=feature_map_rows(res.q, phi, interpret=cfg.interpret),
-                           k_phi=feature_map_rows(res.k, phi, interpret=cfg.interpret))
-    dq, dk, dv, dq_phi, dk_phi, dalpha = backward(res, cfg, fused=True, do=do.astype(res.q.dtype))
+        q_phi = None if q_in_sums else feature_map_rows(res.q, phi, interpret=cfg.interpret)
+        res = res._replace(q_phi=q_phi, k_phi=feature_map_rows(res.k, phi, interpret=cfg.interpret))
+    q_phi_map = phi if q_in_sums else None
+    do = do.astype(res.q.dtype)
+    dq, dk, dv, dq_phi, dk_phi, dalpha = backward(res, cfg, fused=True, do=do, q_phi_map=q_phi_map)
     if cfg.linear:
         dq = feature_map_vjp(res.q, dq_phi, dq, phi, interpret=cfg.interpret)
         dk = feature_map_vjp(res.k, dk_phi, dk, phi, interpret=cfg.interpret)

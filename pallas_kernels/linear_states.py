@@ -300,12 +300,13 @@ def forward_states(k_phi, v, lut, cfg: KernelCall, phi=None, sums=None):
     return outer_sum(k_phi, v, cfg, phi=phi)
 
 
-def gradient_states(q_phi, x, w, u, lut, cfg: KernelCall):
+def gradient_states(q_phi, x, w, u, lut, cfg: KernelCall, phi=None):
     """Linear-branch gradient states for the dK/dV side: dH = sum_r w_r q_phi_r^T x_r, dZ = sum_r u_r q_phi_r over
     all query rows, (B, H, D, D) and (B, H, D) float32; for the complement scope per key block j over the query
-    blocks that did not select j, (B, H, Nk, D, D) and (B, H, Nk, D). w, u: (B, H, Npad) float32 row weights."""
+    blocks that did not select j, (B, H, Nk, D, D) and (B, H, Nk, D). w, u: (B, H, Npad) float32 row weights.
+    phi: None (q_phi is phi(Q)), or the feature map, applied to q_phi = Q inside the sums kernel."""
     if cfg.track_lin:
-        sums = outer_sum(q_phi, x, cfg, w, u, block_rows=cfg.block_q)  # per query block
+        sums = outer_sum(q_phi, x, cfg, w, u, block_rows=cfg.block_q, phi=phi)  # per query block
         sel = selection(lut, cfg.nk, width=sums.h.shape[2])  # (B, H, Nk, C): aligned rows
         return _sum_over_blocks(jnp.logical_not(sel), sums, cfg)  # query blocks past Nq: zero sums
-    return outer_sum(q_phi, x, cfg, w, u)
+    return outer_sum(q_phi, x, cfg, w, u, phi=phi)

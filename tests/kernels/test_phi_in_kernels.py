@@ -83,6 +83,41 @@ def test_fused_without_phi_arrays_matches_the_dense_reference(n, d, dtype, scope
     _check_against_reference(args, lut, alpha, w, PHI_FUNCTIONS[kind], kw, *TOL[dtype], seed)
 
 
+@pytest.mark.parametrize("n,d,dtype,scope,kind", CASES[:3])
+def test_backward_q_phi_in_sums(monkeypatch, n, d, dtype, scope, kind):
+    """KernelConfig.backward_q_phi "in_sums": the backward makes one phi array (of K) instead of two, and the
+    output and gradients match the dense reference and the "array" form's (phi(Q) rounded to Q's dtype both ways)."""
+    from pallas_kernels import attention
+
+    made = []
+
+    def counted(x, *a, **k):
+        made.append(x.shape)
+        return feature_map_rows(x, *a, **k)
+
+    monkeypatch.setattr(attention, "feature_map_rows", counted)
+    seed = _seed()
+    args, lut, alpha, w = _inputs(seed, n, 2, d, dtype, 2)
+    phi = PHI_FUNCTIONS[kind]
+    grads, arrays = {}, {}
+    for form in ("in_sums", "array"):
+        made.clear()
+        kw = {"block_q": 128, "block_k": 64, "linear_scope": scope, "config": KernelConfig(backward_q_phi=form)}
+        _check_against_reference(args, lut, alpha, w, phi, kw, *TOL[dtype], seed)
+        arrays[form] = len(made)  # the Triton forward's phi(Q) arrays and the backward's
+
+        def loss(q, k, v, a, kw=kw):
+            o = sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=phi, **kw)
+            return jnp.sum(o.astype(jnp.float32) * w)
+
+        grads[form] = jax.grad(loss, argnums=(0, 1, 2, 3))(*args, alpha)
+    assert arrays["array"] - arrays["in_sums"] == 1, arrays  # one backward: no phi(Q) array
+    for name, a, b in zip(("q", "k", "v", "alpha"), grads["in_sums"], grads["array"]):
+        assert _rel(a, b) < (1e-5 if dtype == jnp.float32 else 1e-2), (seed, name, _rel(a, b))
+    with pytest.raises(ValueError, match="backward_q_phi"):
+        KernelConfig(backward_q_phi="kernel")
+
+
 def test_mosaic_epilogue_gets_no_phi_array(monkeypatch):
     """With KernelConfig(forward="mosaic"), the fused kernel is handed LinearInputs.q_phi None and the feature map
     (the primal asks for "o", the forward of jax.grad for all five outputs); with the contract stand-in applying
