@@ -198,13 +198,14 @@ def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, 
 # ----------------------------------------------------------------------------------------------------------
 # Backward (both families)
 # ----------------------------------------------------------------------------------------------------------
-def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, q_phi_map=None):
+def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, q_phi_map=None, k_phi_map=None):
     """All input cotangents (dq, dk, dv, dq_phi, dk_phi, dalpha or None) from the residuals (which hold phi(Q),
-    phi(K)): dQ stage, gradient states, dK/dV stage (each a separate function for timing). q_phi_map: None, or
-    the feature map, which the gradient states then apply to the Q rows (res.q_phi is not read)."""
+    phi(K)): dQ stage, gradient states, dK/dV stage (each a separate function for timing). q_phi_map / k_phi_map:
+    None, or the feature map, which the gradient states / the dK/dV stage then apply to the rows of Q / K they read
+    (res.q_phi / res.k_phi are not read)."""
     res_dq = backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
     totals = backward_states(res, res_dq, cfg, fused=fused, do=do, do_l=do_l, q_phi_map=q_phi_map)
-    res_dkv = backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
+    res_dkv = backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l, k_phi_map=k_phi_map)
     q = res[0]
     b, _, h, _ = q.shape
     zeros = jnp.zeros_like(q)
@@ -300,9 +301,10 @@ def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall):
     return [("k_phi", k_phi, seq_spec(cfg)), ("dh", dh, dh_spec), ("dz", dz, dz_spec)]
 
 
-def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
+def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, k_phi_map=None):
     """dK, dV, dphi(K) over the transposed LUT (built here): one Triton kernel, or the Mosaic dK/dV kernel
-    (mosaic_dkv.py) followed by a Triton kernel for the linear part."""
+    (mosaic_dkv.py) followed by a Triton kernel for the linear part. k_phi_map: None (phi(K) from res.k_phi), or
+    the feature map, applied to the K rows the linear part reads."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     b, n, h, d = q.shape
     seq = seq_spec(cfg)
@@ -314,9 +316,11 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
         dk, dv_s = mosaic_dkv.sparse_attention_dkv_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut_t, count, a, **kw)
         if not cfg.linear:
             return {"dk": dk, "dv": dv_s}
-        inputs = [("v", v, seq), ("dv_s", dv_s, seq)] + _dkv_linear_inputs(k_phi, totals, cfg)
+        k_rows = k if k_phi_map is not None else k_phi  # the kernel applies k_phi_map to K's rows
+        inputs = [("v", v, seq), ("dv_s", dv_s, seq)] + _dkv_linear_inputs(k_rows, totals, cfg)
         outputs = [("dv", kv_struct, seq), ("dk_phi", kv_struct, seq)]
-        res_lin = pallas_triton_call(dkv_linear_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", {})
+        launch = {"phi": k_phi_map}
+        res_lin = pallas_triton_call(dkv_linear_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", launch)
         return {"dk": dk, **dict(zip([x[0] for x in outputs], res_lin))}
     inputs = [
         ("lut_t", lut_t, full_spec(cfg.nk, cfg.nq)),
@@ -331,14 +335,15 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
         inputs += [("do_s", do_s, seq)]
     full_rows = full_spec(cfg.npad)
     inputs += [("lse", lse, full_rows), ("delta", res_dq["delta"], full_rows)]
-    if cfg.linear:
-        inputs += _dkv_linear_inputs(k_phi, totals, cfg)
+    if cfg.linear:  # with k_phi_map, phi(K_j) from the K tile the kernel loads anyway
+        linear = _dkv_linear_inputs(k_phi, totals, cfg)
+        inputs += linear[1:] if k_phi_map is not None else linear
     if fused:
         inputs += [("alpha", alpha, full_spec(cfg.nq))]
     outputs = [("dk", kv_struct, seq), ("dv", kv_struct, seq)]
     if cfg.linear:
         outputs += [("dk_phi", kv_struct, seq)]
-    launch = {"fused": fused, "rows": rows_per_step("dkv", cfg)}
+    launch = {"fused": fused, "rows": rows_per_step("dkv", cfg), "phi": k_phi_map}
     res_dkv = pallas_triton_call(dkv_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", launch)
     return dict(zip([x[0] for x in outputs], res_dkv))
 
@@ -510,16 +515,20 @@ def _fused_phi_bwd(cfg, phi, res, do):
     """The backward of _fused without phi arrays in the residuals: phi(Q), phi(K) made here for the backward
     kernels, then phi's vjp onto their gradients (one front-end kernel per tensor, which also adds the direct dQ,
     dK). (Applying phi and its vjp inside the backward kernels instead, KernelConfig.backward_phi "in_kernels", was
-    slower on an H100 and was deleted: docs/dev/forward_kernel.md.) With KernelConfig.backward_q_phi "in_sums" no
-    phi(Q) array is made: the gradient states' sums kernel, its only reader, applies phi to Q. key_sums (made from
-    stopped K, V by the caller) get no cotangent: dK, dV here are the whole gradients."""
-    q_in_sums = cfg.config.backward_q_phi == "in_sums"
+    slower on an H100 and was deleted: docs/dev/forward_kernel.md.) KernelConfig.backward_phi_arrays says which of
+    the two arrays are made; for the others the one kernel that reads each (the gradient states' sums for phi(Q),
+    the dK/dV linear part for phi(K)) applies phi to the rows of Q / K it reads. key_sums (made from stopped K, V by
+    the caller) get no cotangent: dK, dV here are the whole gradients."""
+    arrays = cfg.config.backward_phi_arrays
+    q_phi_map = phi if arrays in ("k", "none") else None
+    k_phi_map = phi if arrays == "none" else None
     if cfg.linear:
-        q_phi = None if q_in_sums else feature_map_rows(res.q, phi, interpret=cfg.interpret)
-        res = res._replace(q_phi=q_phi, k_phi=feature_map_rows(res.k, phi, interpret=cfg.interpret))
-    q_phi_map = phi if q_in_sums else None
+        q_phi = None if q_phi_map else feature_map_rows(res.q, phi, interpret=cfg.interpret)
+        k_phi = None if k_phi_map else feature_map_rows(res.k, phi, interpret=cfg.interpret)
+        res = res._replace(q_phi=q_phi, k_phi=k_phi)
     do = do.astype(res.q.dtype)
-    dq, dk, dv, dq_phi, dk_phi, dalpha = backward(res, cfg, fused=True, do=do, q_phi_map=q_phi_map)
+    dq, dk, dv, dq_phi, dk_phi, dalpha = backward(res, cfg, fused=True, do=do, q_phi_map=q_phi_map,
+                                                  k_phi_map=k_phi_map)
     if cfg.linear:
         dq = feature_map_vjp(res.q, dq_phi, dq, phi, interpret=cfg.interpret)
         dk = feature_map_vjp(res.k, dk_phi, dk, phi, interpret=cfg.interpret)

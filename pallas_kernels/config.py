@@ -23,7 +23,7 @@ LOOPS = ("pingpong", "pipelined")
 STATE_DTYPES = ("bfloat16", "float32")
 BLOCK_SUM_DTYPES = ("float16", "bfloat16")
 P8_OPERANDS = ("registers", "smem")
-BACKWARD_Q_PHI = ("array", "in_sums")
+BACKWARD_PHI_ARRAYS = ("q_k", "k", "none")
 
 
 class Launch(NamedTuple):
@@ -90,9 +90,10 @@ class KernelConfig:
       warpgroups take turns on the tensor cores; "pipelined": each overlaps its softmax with its own previous P V),
       two LUT entries per step (64 x 128 score tiles), output tiles staged in finished ring slots, and how FP8 P
       reaches the P V wgmma. (Its programs run heads fastest, grid (H, Nq, B).)
-    backward_q_phi: how the backward of the call without phi arrays gets phi(Q) for its gradient states (phi(Q) is
-      read nowhere else there): "array" (one pass writes a phi(Q) array, the per-query-block sums read it) or
-      "in_sums" (the sums kernel applies phi to the Q rows it reads, as the forward's states kernel does to K).
+    backward_phi_arrays: the phi arrays the backward of the call without phi arrays writes for its linear-branch
+      kernels: "q_k" (phi(Q), read by the gradient states' sums, and phi(K), read by the dK/dV linear kernel), "k"
+      (phi(Q) applied by the sums kernel to the Q rows it reads instead) or "none" (phi(K) too applied by the dK/dV
+      kernel to the K rows it reads).
     mosaic_fp8: quant "int8_fp8" takes the Mosaic forward (else the Triton low-bit kernel).
     launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "sum", "sum_phi", "lowbit"), as a tuple of
       (name, Launch) pairs; kernels not listed take DEFAULT_LAUNCH (the "lowbit" kernel: the "fwd" entry).
@@ -109,7 +110,7 @@ class KernelConfig:
     pair_steps: bool = True
     outputs_in_ring: bool = True
     p8_operand: str = "registers"
-    backward_q_phi: str = "array"
+    backward_phi_arrays: str = "q_k"
     mosaic_fp8: bool = True
     launch: tuple = ()
     profile_dir: str | None = None
@@ -123,7 +124,7 @@ class KernelConfig:
             ("block_sum_dtype", self.block_sum_dtype, BLOCK_SUM_DTYPES),
             ("loop", self.loop, LOOPS),
             ("p8_operand", self.p8_operand, P8_OPERANDS),
-            ("backward_q_phi", self.backward_q_phi, BACKWARD_Q_PHI),
+            ("backward_phi_arrays", self.backward_phi_arrays, BACKWARD_PHI_ARRAYS),
         ):
             if value not in choices:
                 raise ValueError(f"KernelConfig.{name}={value!r} is not one of {choices}")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._triton import pl
-from .common import F32, LOG2E, KernelCall, dot, dot_mat, load_rows, scores, store_rows
+from .common import F32, LOG2E, KernelCall, dot, dot_mat, load_rows, phi_rows, scores, store_rows
 
 
 def _dq_row_terms(
@@ -148,7 +148,7 @@ def dkv_kernel(
     # outputs
     dk_ref, dv_ref, dk_phi_ref=None,
     # static arguments
-    cfg: KernelCall, fused: bool, rows: int,
+    cfg: KernelCall, fused: bool, rows: int, phi=None,
 ):  # fmt: skip
     """Program (j, h, b) of grid (Nk, H, B): key block j of one (b, h). Refs of that (b, h), None where the call has
     no such input or output (attention.backward_dkv builds the lists):
@@ -156,7 +156,8 @@ def dkv_kernel(
     lut_t (Nk, Nq) int32, the query blocks that selected key block j (ascending), count (Nk,) int32 of them; q, k, v
     (N, D); do (N, D) (fused) or do_s (N, D); lse, delta (Npad,) float32; the linear branch (cfg.linear): k_phi
     (N, D), dh (D, D) and dz (D,) float32 (key block j's dH_j, dZ_j for the complement scope, else the totals);
-    alpha (Nq,) float32 (fused). Outputs: dk, dv (N, D); dk_phi (N, D) (linear branch).
+    alpha (Nq,) float32 (fused). Outputs: dk, dv (N, D); dk_phi (N, D) (linear branch). phi: None, or the feature
+    map: then there is no k_phi and phi(K_j) is made from the loaded K tile.
     """
     j = pl.program_id(0)
     k_start = j * cfg.block_k
@@ -198,7 +199,7 @@ def dkv_kernel(
     carry = lax.fori_loop(0, count_ref[j] * nsub, body, carry)
     dk, dv = carry[0] * cfg.sm_scale, carry[1]
     if cfg.linear:
-        k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n)
+        k_phi = phi_rows(phi, k) if phi is not None else load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n)
         dv, dk_phi = _dkv_linear(v, dv, k_phi, dh_ref, dz_ref)
         store_rows(dk_phi_ref, k_start, dk_phi, cfg.n)
     store_rows(dk_ref, k_start, dk, cfg.n)
@@ -217,14 +218,17 @@ def _dkv_linear(v, dv, k_phi, dh_ref, dz_ref):
     return dv + dot_mat(k_phi, dh, dt), dk_phi
 
 
-def dkv_linear_kernel(*, v_ref, dv_s_ref, k_phi_ref, dh_ref, dz_ref, dv_ref, dk_phi_ref, cfg: KernelCall):
+def dkv_linear_kernel(*, v_ref, dv_s_ref, k_phi_ref, dh_ref, dz_ref, dv_ref, dk_phi_ref, cfg: KernelCall, phi=None):
     """Program (j, h, b) of grid (Nk, H, B): the linear part of key block j for a sparse dK, dV computed elsewhere
     (the Mosaic dK/dV kernel): dv = dv_s + phi(K_j) dH_j and dphi(K_j) = V_j dH_j^T + dZ_j. Refs of one (b, h): v,
-    dv_s, k_phi (N, D); dh (D, D) and dz (D,) float32 (key block j's, or the totals); outputs dv, dk_phi (N, D)."""
+    dv_s, k_phi (N, D); dh (D, D) and dz (D,) float32 (key block j's, or the totals); outputs dv, dk_phi (N, D).
+    phi: None, or the feature map: then k_phi holds K's rows and phi(K_j) is made here."""
     k_start = pl.program_id(0) * cfg.block_k
     v = load_rows(v_ref, k_start, cfg.block_k, cfg.n)
     dv_s = load_rows(dv_s_ref, k_start, cfg.block_k, cfg.n).astype(F32)
     k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n)
+    if phi is not None:
+        k_phi = phi_rows(phi, k_phi)
     dv, dk_phi = _dkv_linear(v, dv_s, k_phi, dh_ref, dz_ref)
     store_rows(dv_ref, k_start, dv, cfg.n)
     store_rows(dk_phi_ref, k_start, dk_phi, cfg.n)

@@ -84,9 +84,10 @@ def test_fused_without_phi_arrays_matches_the_dense_reference(n, d, dtype, scope
 
 
 @pytest.mark.parametrize("n,d,dtype,scope,kind", CASES[:3])
-def test_backward_q_phi_in_sums(monkeypatch, n, d, dtype, scope, kind):
-    """KernelConfig.backward_q_phi "in_sums": the backward makes one phi array (of K) instead of two, and the
-    output and gradients match the dense reference and the "array" form's (phi(Q) rounded to Q's dtype both ways)."""
+def test_backward_phi_arrays(monkeypatch, n, d, dtype, scope, kind):
+    """KernelConfig.backward_phi_arrays "k" / "none": the backward makes one / no phi array instead of two (the
+    kernels that read them apply phi to Q's / K's rows), and output and gradients match the dense reference and
+    the "q_k" form's (phi rounded to the inputs' dtype all ways)."""
     from pallas_kernels import attention
 
     made = []
@@ -100,9 +101,9 @@ def test_backward_q_phi_in_sums(monkeypatch, n, d, dtype, scope, kind):
     args, lut, alpha, w = _inputs(seed, n, 2, d, dtype, 2)
     phi = PHI_FUNCTIONS[kind]
     grads, arrays = {}, {}
-    for form in ("in_sums", "array"):
+    for form in ("none", "k", "q_k"):
         made.clear()
-        kw = {"block_q": 128, "block_k": 64, "linear_scope": scope, "config": KernelConfig(backward_q_phi=form)}
+        kw = {"block_q": 128, "block_k": 64, "linear_scope": scope, "config": KernelConfig(backward_phi_arrays=form)}
         _check_against_reference(args, lut, alpha, w, phi, kw, *TOL[dtype], seed)
         arrays[form] = len(made)  # the Triton forward's phi(Q) arrays and the backward's
 
@@ -111,11 +112,39 @@ def test_backward_q_phi_in_sums(monkeypatch, n, d, dtype, scope, kind):
             return jnp.sum(o.astype(jnp.float32) * w)
 
         grads[form] = jax.grad(loss, argnums=(0, 1, 2, 3))(*args, alpha)
-    assert arrays["array"] - arrays["in_sums"] == 1, arrays  # one backward: no phi(Q) array
-    for name, a, b in zip(("q", "k", "v", "alpha"), grads["in_sums"], grads["array"]):
-        assert _rel(a, b) < (1e-5 if dtype == jnp.float32 else 1e-2), (seed, name, _rel(a, b))
-    with pytest.raises(ValueError, match="backward_q_phi"):
-        KernelConfig(backward_q_phi="kernel")
+    assert arrays["q_k"] - arrays["k"] == 1 and arrays["k"] - arrays["none"] == 1, arrays  # one backward each
+    for form in ("none", "k"):
+        for name, a, b in zip(("q", "k", "v", "alpha"), grads[form], grads["q_k"]):
+            assert _rel(a, b) < (1e-5 if dtype == jnp.float32 else 1e-2), (seed, form, name, _rel(a, b))
+    with pytest.raises(ValueError, match="backward_phi_arrays"):
+        KernelConfig(backward_phi_arrays="q")
+
+
+def test_dkv_linear_kernel_applies_phi_to_k_rows():
+    """The Mosaic backward's linear dK/dV part (triton_backward.dkv_linear_kernel) given K and phi gives what it
+    gives from a phi(K) array (rounded to K's dtype both ways): dv and dphi(K), ragged N."""
+    from pallas_kernels import attention
+    from pallas_kernels.common import pallas_triton_call, seq_spec
+    from pallas_kernels.triton_backward import dkv_linear_kernel
+
+    seed = _seed()
+    (q, k, v), lut, _, _ = _inputs(seed, 333, 2, 64, jnp.bfloat16, 2)
+    phi = PHI_FUNCTIONS["softmax"]
+    cfg = validate_call(q, k, v, q, k, lut, 128, 64, "complement", None, 1e-6, True, None)
+    rng = np.random.default_rng(seed)
+    dh = jnp.asarray(rng.standard_normal((1, 2, cfg.nk, 64, 64)), jnp.float32)
+    dz = jnp.asarray(rng.standard_normal((1, 2, cfg.nk, 64)), jnp.float32)
+    seq = seq_spec(cfg)
+    outputs = [(name, jax.ShapeDtypeStruct(k.shape, k.dtype), seq) for name in ("dv", "dk_phi")]
+
+    def run(rows, fm):
+        inputs = [("v", v, seq), ("dv_s", q, seq)] + attention._dkv_linear_inputs(rows, (dh, dz), cfg)
+        return pallas_triton_call(dkv_linear_kernel, (cfg.nk, 2, 1), inputs, outputs, cfg, "dkv", {"phi": fm})
+
+    got, want = run(k, phi), run(phi(k.astype(jnp.float32)).astype(k.dtype), None)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert _rel(got[0], run(k, None)[0]) > 1e-2  # phi matters here
 
 
 def test_mosaic_epilogue_gets_no_phi_array(monkeypatch):
