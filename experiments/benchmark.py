@@ -6,6 +6,7 @@
     python -m experiments.benchmark --backends pallas --quant none,int8 --passes fwd   # low-bit vs bf16 forward
     python -m experiments.benchmark --backends pallas --linear-scope complement,all    # both linear scopes
     python -m experiments.benchmark --backends pallas --fwd-kernel triton    # another kernel choice (KernelConfig)
+    python -m experiments.benchmark --backends pallas --kernel block_sum_dtype=float16   # any other KernelConfig field
 
 For each workload and sparsity it times the module forward (routing + branches + combine) and forward+backward
 (grad of sum(o * do) w.r.t. q, k, v) three ways: in-model (the headline: --layers calls on distinct inputs inside
@@ -17,8 +18,8 @@ XLA. It reports speedup over the dense baseline, effective TFLOP/s (4 B H N^2 D 
 a GPU only), compiled peak memory, and the relative error of the module forward vs chunked float32 dense attention.
 Sparsities that select the same number of key blocks at a shape (small N) are measured once, and the output says
 so. Writes JSON and a PNG.
-The pallas backend runs with the KernelConfig of --fwd-kernel / --bwd-kernel (SLA2Config(kernel=...); both "auto":
-the library's heuristic_config); the JSON records the KernelConfig of each shape.
+The pallas backend runs with the KernelConfig of --fwd-kernel / --bwd-kernel / --kernel (SLA2Config(kernel=...); all
+at their defaults: the library's heuristic_config); the JSON records the KernelConfig of each shape.
 """
 
 from __future__ import annotations
@@ -94,10 +95,11 @@ def distinct_inputs(shape, layers, with_do, budget_gib=24.0):
     return sets
 
 
-def kernel_config(shape, fwd_kernel="auto", bwd_kernel="auto", block_q=128, block_k=64):
+def kernel_config(shape, fwd_kernel="auto", bwd_kernel="auto", block_q=128, block_k=64, changes=None):
     """(KernelConfig passed as SLA2Config(kernel=...) or None for the library's default, the KernelConfig the pallas
     backend runs with, or None where the kernels package is not available) for a (B, H, N, D) bf16 shape: the
-    heuristic_config with the forward / backward kernel family of the flags ("auto": the heuristic's)."""
+    heuristic_config with the forward / backward kernel family of the flags ("auto": the heuristic's) and the
+    other KernelConfig fields in changes ({field: value}, e.g. from --kernel)."""
     try:
         from pallas_kernels import heuristic_config
     except ImportError:  # no Pallas Triton backend in this jax: the pallas backend is unavailable anyway
@@ -105,11 +107,29 @@ def kernel_config(shape, fwd_kernel="auto", bwd_kernel="auto", block_q=128, bloc
     _, _, seq_len, dim = shape
     default = heuristic_config(seq_len, dim, jnp.bfloat16, block_q, block_k,
                                interpret=jax.default_backend() != "gpu")
-    if fwd_kernel == "auto" and bwd_kernel == "auto":
+    if fwd_kernel == "auto" and bwd_kernel == "auto" and not changes:
         return None, default
     chosen = default.replace(**{field: family for field, family in (("forward", fwd_kernel), ("backward", bwd_kernel))
-                                if family != "auto"})
+                                if family != "auto"}, **(changes or {}))
     return chosen, chosen
+
+
+def kernel_changes(text: str | None) -> dict:
+    """{field: value} of --kernel "FIELD=VALUE[,FIELD=VALUE...]" ("true" / "false" are bools, digits ints);
+    ValueError for a bad item or a field KernelConfig does not have."""
+    if not text:
+        return {}
+    from pallas_kernels import KernelConfig
+
+    changes = {}
+    for item in text.split(","):
+        field, sep, value = item.partition("=")
+        if not sep or field not in KernelConfig.__dataclass_fields__ or field in ("forward", "backward", "launch"):
+            raise ValueError(f"--kernel {item!r}: give FIELD=VALUE with a KernelConfig field other than forward, "
+                             f"backward and launch (those have their own flags or the launch table)")
+        changes[field] = {"true": True, "false": False}.get(value, int(value) if value.isdigit() else value)
+    KernelConfig(**changes)  # validated (ValueError naming the field)
+    return changes
 
 
 def distinct_sparsities(seq_len: int, sparsities, block_k: int = 64):
@@ -395,7 +415,13 @@ def main(argv=None):
                         "(Hopper) or auto (heuristic_config: Mosaic on Hopper where it supports the shape)")
     p.add_argument("--bwd-kernel", default="auto", choices=["auto", "triton", "mosaic"],
                    help="pallas backward's sparse loops (dQ, dK/dV; KernelConfig.backward): as --fwd-kernel")
+    p.add_argument("--kernel", default=None, metavar="FIELD=VALUE[,...]",
+                   help="other KernelConfig fields of the pallas backend, e.g. block_sum_dtype=float16")
     args = p.parse_args(argv)
+    try:
+        changes = kernel_changes(args.kernel)
+    except ValueError as e:
+        p.error(str(e))
 
     names = ["tiny"] if args.tiny else (
         [n for n in WORKLOADS if n != "tiny"] if args.workloads == "all" else args.workloads.split(","))
@@ -417,7 +443,8 @@ def main(argv=None):
     device = jax.devices()[0]
     meta = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
             "python": sys.version.split()[0], "dense_baseline": "cudnn" if device.platform == "gpu" else "xla",
-            "fwd_kernel": args.fwd_kernel, "bwd_kernel": args.bwd_kernel, "kernel_config": {},
+            "fwd_kernel": args.fwd_kernel, "bwd_kernel": args.bwd_kernel, "kernel_changes": changes,
+            "kernel_config": {},
             "collapsed_sparsities": collapsed}
     print(f"device: {meta['device']} | jax {meta['jax']} | dense baseline: {meta['dense_baseline']}")
     for note in collapsed:
@@ -427,7 +454,7 @@ def main(argv=None):
     total = sum(len(kept) for _, _, kept, _ in jobs) * len(backends) * len(quants) * len(scopes)
     with tqdm(total=total, desc="benchmark", file=sys.stderr) as progress:
         for name, shape, kept, _ in jobs:
-            kernel, effective = kernel_config(shape, args.fwd_kernel, args.bwd_kernel)
+            kernel, effective = kernel_config(shape, args.fwd_kernel, args.bwd_kernel, changes=changes)
             meta["kernel_config"]["B{} H{} N{} D{}".format(*shape)] = config_json(effective)
             def save(shape_rows, name=name):  # after every variant: a run cut short keeps its rows
                 with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -85,3 +85,22 @@ def test_benchmark_times_several_scopes_and_quants_on_one_baseline(tmp_path):
     with pytest.raises(SystemExit) as refused:
         benchmark.main(["--tiny", "--quant", "int4", "--out", str(tmp_path)])
     assert refused.value.code == 2
+
+
+def test_benchmark_kernel_flag_sets_kernel_config_fields(tmp_path):
+    """--kernel FIELD=VALUE[,...] changes those KernelConfig fields of the pallas backend (recorded in the JSON);
+    unknown fields, the fields with their own flags and bad values are refused."""
+    assert benchmark.kernel_changes("block_sum_dtype=float16,pair_steps=false") == {
+        "block_sum_dtype": "float16", "pair_steps": False}
+    kernel, effective = benchmark.kernel_config((1, 2, 1000, 64), changes={"block_sum_dtype": "float16"})
+    assert kernel is effective and kernel.block_sum_dtype == "float16"
+    assert benchmark.kernel_config((1, 2, 1000, 64))[0] is None  # no changes: the library's default (None)
+    benchmark.main(["--tiny", "--backends", "xla", "--sparsities", "0.9", "--no-kernel-only", "--no-error",
+                    "--passes", "fwd", "--kernel", "block_sum_dtype=float16", "--out", str(tmp_path)])
+    meta = json.load(open(tmp_path / "results.json"))["meta"]
+    assert meta["kernel_changes"] == {"block_sum_dtype": "float16"}
+    assert all(c["block_sum_dtype"] == "float16" for c in meta["kernel_config"].values())
+    for bad in ("nosuch=1", "forward=mosaic", "block_sum_dtype", "block_sum_dtype=float64"):
+        with pytest.raises(SystemExit) as refused:
+            benchmark.main(["--tiny", "--kernel", bad, "--out", str(tmp_path)])
+        assert refused.value.code == 2, bad
