@@ -198,12 +198,14 @@ def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, 
 # ----------------------------------------------------------------------------------------------------------
 # Backward (both families)
 # ----------------------------------------------------------------------------------------------------------
-def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, q_phi_map=None, k_phi_map=None):
+def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, q_phi_map=None, k_phi_map=None,
+             q_vjp_map=None):
     """All input cotangents (dq, dk, dv, dq_phi, dk_phi, dalpha or None) from the residuals (which hold phi(Q),
     phi(K)): dQ stage, gradient states, dK/dV stage (each a separate function for timing). q_phi_map / k_phi_map:
     None, or the feature map, which the gradient states / the dK/dV stage then apply to the rows of Q / K they read
-    (res.q_phi / res.k_phi are not read)."""
-    res_dq = backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
+    (res.q_phi / res.k_phi are not read). q_vjp_map: None, or the feature map, whose vjp at Q the dQ stage applies
+    to dphi(Q) and adds to dQ (dq_phi is then zero)."""
+    res_dq = backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l, q_vjp_map=q_vjp_map)
     totals = backward_states(res, res_dq, cfg, fused=fused, do=do, do_l=do_l, q_phi_map=q_phi_map)
     res_dkv = backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l, k_phi_map=k_phi_map)
     q = res[0]
@@ -217,9 +219,11 @@ def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, q_ph
     return res_dq["dq"], res_dkv["dk"], res_dkv["dv"], dq_phi, dk_phi, dalpha
 
 
-def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
+def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, q_vjp_map=None):
     """dQ, dphi(Q) (and delta, c, d alpha per row) over the LUT: one Triton kernel, or with the Mosaic backward a
-    Triton kernel for the per-row terms and dphi(Q) followed by the Mosaic dQ kernel (mosaic_dq.py)."""
+    Triton kernel for the per-row terms and dphi(Q) followed by the Mosaic dQ kernel (mosaic_dq.py). q_vjp_map:
+    None, or the feature map: phi's vjp at Q applied to dphi(Q) is added to dQ here (by the Triton kernel, or by the
+    Mosaic dQ kernel's epilogue from the per-row kernel's dq_lin) and there is no dq_phi."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     b, n, h, d = q.shape
     seq = seq_spec(cfg)
@@ -245,25 +249,33 @@ def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
             inputs += [("h_lin", h_lin, full_spec(d, d)), ("z_lin", z_lin, full_spec(d))]
     if fused:
         inputs += [("alpha", alpha, full_spec(cfg.nq))]
+    vjp_here = cfg.linear and q_vjp_map is not None
+    if vjp_here and mosaic:
+        inputs += [("q", q, seq)]
     q_struct = jax.ShapeDtypeStruct(q.shape, q.dtype)
     outputs = [] if mosaic else [("dq", q_struct, seq)]
     outputs += [("delta", row_struct, rows)]
     if cfg.linear:
-        outputs += [("dq_phi", q_struct, seq)]
+        if not vjp_here:
+            outputs += [("dq_phi", q_struct, seq)]
+        elif mosaic:
+            outputs += [("dq_lin", q_struct, seq)]
         outputs += [("c", row_struct, rows)]
     if fused:
         outputs += [("dalpha_rows", row_struct, rows)]
+    phi = q_vjp_map if vjp_here else None
     if mosaic:
-        kernel, launch = dq_linear_kernel, {"fused": fused}
+        kernel, launch = dq_linear_kernel, {"fused": fused, "phi": phi}
     else:
-        kernel, launch = dq_kernel, {"fused": fused, "rows": rows_dq}
+        kernel, launch = dq_kernel, {"fused": fused, "rows": rows_dq, "phi": phi}
     res_dq = pallas_triton_call(kernel, (cfg.npad // rows_dq, h, b), inputs, outputs, cfg, "dq", launch)
     res_dq = dict(zip([x[0] for x in outputs], res_dq))
     if mosaic:
         do_sparse, a = (do, alpha) if fused else (do_s, None)
         # a ring of 4 K/V slots: 0.88 vs 0.92 ms with 2 (H100, wan-1.3b at 95%)
         kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "stages": 4, "config": cfg.config}
-        res_dq["dq"] = mosaic_dq.sparse_attention_dq_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut, a, **kw)
+        res_dq["dq"] = mosaic_dq.sparse_attention_dq_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut, a,
+                                                           res_dq.pop("dq_lin", None), **kw)
     return res_dq
 
 
@@ -517,20 +529,23 @@ def _fused_phi_bwd(cfg, phi, res, do):
     dK). (Applying phi and its vjp inside the backward kernels instead, KernelConfig.backward_phi "in_kernels", was
     slower on an H100 and was deleted: docs/dev/forward_kernel.md.) KernelConfig.backward_phi_arrays says which of
     the two arrays are made; for the others the one kernel that reads each (the gradient states' sums for phi(Q),
-    the dK/dV linear part for phi(K)) applies phi to the rows of Q / K it reads. key_sums (made from stopped K, V by
-    the caller) get no cotangent: dK, dV here are the whole gradients."""
+    the dK/dV linear part for phi(K)) applies phi to the rows of Q / K it reads. KernelConfig.q_phi_vjp
+    "dq_kernels": phi's vjp at Q is applied where dphi(Q) is formed and added by the dQ kernel (no separate pass for
+    Q). key_sums (made from stopped K, V by the caller) get no cotangent: dK, dV here are the whole gradients."""
     arrays = cfg.config.backward_phi_arrays
     q_phi_map = phi if arrays in ("k", "none") else None
     k_phi_map = phi if arrays == "none" else None
+    q_vjp_map = phi if cfg.config.q_phi_vjp == "dq_kernels" else None
     if cfg.linear:
         q_phi = None if q_phi_map else feature_map_rows(res.q, phi, interpret=cfg.interpret)
         k_phi = None if k_phi_map else feature_map_rows(res.k, phi, interpret=cfg.interpret)
         res = res._replace(q_phi=q_phi, k_phi=k_phi)
     do = do.astype(res.q.dtype)
     dq, dk, dv, dq_phi, dk_phi, dalpha = backward(res, cfg, fused=True, do=do, q_phi_map=q_phi_map,
-                                                  k_phi_map=k_phi_map)
+                                                  k_phi_map=k_phi_map, q_vjp_map=q_vjp_map)
     if cfg.linear:
-        dq = feature_map_vjp(res.q, dq_phi, dq, phi, interpret=cfg.interpret)
+        if q_vjp_map is None:  # else the dQ stage added it
+            dq = feature_map_vjp(res.q, dq_phi, dq, phi, interpret=cfg.interpret)
         dk = feature_map_vjp(res.k, dk_phi, dk, phi, interpret=cfg.interpret)
     return dq, dk, dv, None, dalpha, None
 

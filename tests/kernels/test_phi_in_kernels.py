@@ -120,6 +120,29 @@ def test_backward_phi_arrays(monkeypatch, n, d, dtype, scope, kind):
         KernelConfig(backward_phi_arrays="q")
 
 
+@pytest.mark.parametrize("n,d,dtype,scope,kind", [CASES[1], CASES[2]])
+def test_q_phi_vjp_in_the_dq_kernel(monkeypatch, n, d, dtype, scope, kind):
+    """KernelConfig.q_phi_vjp "dq_kernels" (Triton backward on CPU: the dq kernel applies phi's vjp at its Q rows
+    and adds it to dQ): output and gradients match the dense reference, and the backward runs the separate vjp
+    pass for K only."""
+    from pallas_kernels import attention
+
+    vjps = []
+
+    def counted(x, *a, **k):
+        vjps.append(x.shape)
+        return feature_map_vjp(x, *a, **k)
+
+    monkeypatch.setattr(attention, "feature_map_vjp", counted)
+    seed = _seed()
+    args, lut, alpha, w = _inputs(seed, n, 2, d, dtype, 2)
+    kw = {"block_q": 128, "block_k": 64, "linear_scope": scope, "config": KernelConfig(q_phi_vjp="dq_kernels")}
+    _check_against_reference(args, lut, alpha, w, PHI_FUNCTIONS[kind], kw, *TOL[dtype], seed)
+    assert len(vjps) == 1, vjps  # K's (one jax.grad trace)
+    with pytest.raises(ValueError, match="q_phi_vjp"):
+        KernelConfig(q_phi_vjp="mosaic")
+
+
 def test_dkv_linear_kernel_applies_phi_to_k_rows():
     """The Mosaic backward's linear dK/dV part (triton_backward.dkv_linear_kernel) given K and phi gives what it
     gives from a phi(K) array (rounded to K's dtype both ways): dv and dphi(K), ragged N."""
