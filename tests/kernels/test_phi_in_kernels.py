@@ -83,20 +83,27 @@ def test_fused_without_phi_arrays_matches_the_dense_reference(n, d, dtype, scope
     _check_against_reference(args, lut, alpha, w, PHI_FUNCTIONS[kind], kw, *TOL[dtype], seed)
 
 
+def _count_calls(monkeypatch, name):
+    """A list that gets the first argument's shape of every call of pallas_kernels.attention's `name` (a
+    front-end function it imports), which still runs."""
+    from pallas_kernels import attention
+
+    calls, fn = [], getattr(attention, name)
+
+    def counted(x, *a, **k):
+        calls.append(x.shape)
+        return fn(x, *a, **k)
+
+    monkeypatch.setattr(attention, name, counted)
+    return calls
+
+
 @pytest.mark.parametrize("n,d,dtype,scope,kind", CASES[:3])
 def test_backward_phi_arrays(monkeypatch, n, d, dtype, scope, kind):
     """KernelConfig.backward_phi_arrays "k" / "none": the backward makes one / no phi array instead of two (the
     kernels that read them apply phi to Q's / K's rows), and output and gradients match the dense reference and
     the "q_k" form's (phi rounded to the inputs' dtype all ways)."""
-    from pallas_kernels import attention
-
-    made = []
-
-    def counted(x, *a, **k):
-        made.append(x.shape)
-        return feature_map_rows(x, *a, **k)
-
-    monkeypatch.setattr(attention, "feature_map_rows", counted)
+    made = _count_calls(monkeypatch, "feature_map_rows")
     seed = _seed()
     args, lut, alpha, w = _inputs(seed, n, 2, d, dtype, 2)
     phi = PHI_FUNCTIONS[kind]
@@ -125,15 +132,7 @@ def test_q_phi_vjp_in_the_dq_kernel(monkeypatch, n, d, dtype, scope, kind):
     """KernelConfig.q_phi_vjp "dq_kernels" (Triton backward on CPU: the dq kernel applies phi's vjp at its Q rows
     and adds it to dQ): output and gradients match the dense reference, and the backward runs the separate vjp
     pass for K only."""
-    from pallas_kernels import attention
-
-    vjps = []
-
-    def counted(x, *a, **k):
-        vjps.append(x.shape)
-        return feature_map_vjp(x, *a, **k)
-
-    monkeypatch.setattr(attention, "feature_map_vjp", counted)
+    vjps = _count_calls(monkeypatch, "feature_map_vjp")
     seed = _seed()
     args, lut, alpha, w = _inputs(seed, n, 2, d, dtype, 2)
     kw = {"block_q": 128, "block_k": 64, "linear_scope": scope, "config": KernelConfig(q_phi_vjp="dq_kernels")}
