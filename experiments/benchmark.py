@@ -114,9 +114,10 @@ def kernel_config(shape, fwd_kernel="auto", bwd_kernel="auto", block_q=128, bloc
     return chosen, chosen
 
 
-def kernel_changes(text: str | None) -> dict:
+def kernel_changes(text: str | None, reserved=("forward", "backward", "launch")) -> dict:
     """{field: value} of --kernel "FIELD=VALUE[,FIELD=VALUE...]" ("true" / "false" are bools, digits ints);
-    ValueError for a bad item or a field KernelConfig does not have."""
+    ValueError for a bad item, a field KernelConfig does not have, one of `reserved` (here: those with their own
+    flags, and the launch table) or a value KernelConfig refuses."""
     if not text:
         return {}
     from pallas_kernels import KernelConfig
@@ -124,9 +125,8 @@ def kernel_changes(text: str | None) -> dict:
     changes = {}
     for item in text.split(","):
         field, sep, value = item.partition("=")
-        if not sep or field not in KernelConfig.__dataclass_fields__ or field in ("forward", "backward", "launch"):
-            raise ValueError(f"--kernel {item!r}: give FIELD=VALUE with a KernelConfig field other than forward, "
-                             f"backward and launch (those have their own flags or the launch table)")
+        if not sep or field not in KernelConfig.__dataclass_fields__ or field in reserved:
+            raise ValueError(f"{item!r}: give FIELD=VALUE with a KernelConfig field other than {', '.join(reserved)}")
         changes[field] = {"true": True, "false": False}.get(value, int(value) if value.isdigit() else value)
     KernelConfig(**changes)  # validated (ValueError naming the field)
     return changes
@@ -421,7 +421,7 @@ def main(argv=None):
     try:
         changes = kernel_changes(args.kernel)
     except ValueError as e:
-        p.error(str(e))
+        p.error(f"--kernel {e} (forward, backward: --fwd-kernel, --bwd-kernel)")
 
     names = ["tiny"] if args.tiny else (
         [n for n in WORKLOADS if n != "tiny"] if args.workloads == "all" else args.workloads.split(","))

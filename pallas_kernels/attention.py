@@ -295,9 +295,7 @@ def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None, 
     else:
         w, x = inv_den, do_l
     u = -res_dq["c"] * inv_den
-    if q_phi_map is not None:
-        return gradient_states(q, x, w, u, lut, cfg, phi=q_phi_map)
-    return gradient_states(q_phi, x, w, u, lut, cfg)
+    return gradient_states(q_phi if q_phi_map is None else q, x, w, u, lut, cfg, phi=q_phi_map)
 
 
 def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall):

@@ -141,6 +141,7 @@ def small_low_bit_checks(quants=("int8", "int8_fp8")):
     seed = int.from_bytes(os.urandom(4), "little")
     RESULTS["small_low_bit_seed"] = seed
     rows = []
+    # the first five cases (B 1, H 2); the last one is the first's shape at B 2, H 6, for the program ids
     for (n, d, topk, dtype, scope, kind, *_), quant in ((c, x) for c in SMALL[:5] for x in quants):
         row = dict(n=n, d=d, topk=topk, dtype=jnp.dtype(dtype).name, scope=scope, feature_map=kind, quant=quant)
         try:
@@ -210,11 +211,13 @@ def module_forms(sparsity, scope, forms):
 
 
 def kernel_fields(form):
-    """{field: value} of a form "kernel:FIELD=VALUE[,FIELD=VALUE...]" ("true" / "false" are bools)."""
+    """{field: value} of a form "kernel:FIELD=VALUE[,FIELD=VALUE...]" (parsed and validated as the benchmark's
+    --kernel, every KernelConfig field allowed except launch)."""
+    from experiments.benchmark import kernel_changes
+
     if not form.startswith("kernel:"):
         raise ValueError(f"unknown form {form!r}: one of {FORMS} or kernel:FIELD=VALUE[,FIELD=VALUE...]")
-    fields = dict(item.split("=", 1) for item in form[len("kernel:"):].split(","))
-    return {k: {"true": True, "false": False}.get(v, v) for k, v in fields.items()}
+    return kernel_changes(form[len("kernel:"):], reserved=("launch",))
 
 
 def grads_of(fn):
