@@ -144,7 +144,8 @@ def test_q_phi_vjp_in_the_dq_kernel(monkeypatch, n, d, dtype, scope, kind):
 
 def test_dkv_linear_kernel_applies_phi_to_k_rows():
     """The Mosaic backward's linear dK/dV part (triton_backward.dkv_linear_kernel) given K and phi gives what it
-    gives from a phi(K) array (rounded to K's dtype both ways): dv and dphi(K), ragged N."""
+    gives from a phi(K) array (rounded to K's dtype both ways), up to a last-bit rounding of phi: dv and dphi(K),
+    ragged N."""
     from pallas_kernels import attention
     from pallas_kernels.common import pallas_triton_call, seq_spec
     from pallas_kernels.triton_backward import dkv_linear_kernel
@@ -165,7 +166,11 @@ def test_dkv_linear_kernel_applies_phi_to_k_rows():
 
     got, want = run(k, phi), run(phi(k.astype(jnp.float32)).astype(k.dtype), None)
     for a, b in zip(got, want):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        # phi evaluated in the kernel and by XLA can differ in float32's last bit, which now and then rounds a
+        # bf16 phi(K) element the other way: equal up to one bf16 step per element, and nearly equal overall.
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=2.0**-6, atol=2.0**-8 * float(np.abs(b).max()))
+        assert _rel(a, b) < 1e-3, (seed, _rel(a, b))
     assert _rel(got[0], run(k, None)[0]) > 1e-2  # phi matters here
 
 
