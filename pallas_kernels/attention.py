@@ -42,7 +42,7 @@ from .common import (
     validate_call,
 )
 from .front_end import feature_map_rows, feature_map_vjp
-from .linear_states import forward_states, gradient_states, transpose_lut
+from .linear_states import forward_states, gradient_selection, gradient_states, transpose_lut
 from .quantize import QUANT_MODES, Quantised, QuantisedKeys, prequantize, quantize_values_fp8
 from .triton_backward import dkv_kernel, dkv_linear_kernel, dq_kernel, dq_linear_kernel
 from .triton_forward import fwd_kernel, linear_epilogue_kernel, lowbit_fwd_kernel
@@ -206,8 +206,10 @@ def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, q_ph
     (res.q_phi / res.k_phi are not read). q_vjp_map: None, or the feature map, whose vjp at Q the dQ stage applies
     to dphi(Q) and adds to dQ (dq_phi is then zero)."""
     res_dq = backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l, q_vjp_map=q_vjp_map)
-    totals = backward_states(res, res_dq, cfg, fused=fused, do=do, do_l=do_l, q_phi_map=q_phi_map)
-    res_dkv = backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l, k_phi_map=k_phi_map)
+    sel = gradient_selection(res.lut, cfg) if cfg.track_lin else None  # one selection for both stages
+    totals = backward_states(res, res_dq, cfg, fused=fused, do=do, do_l=do_l, q_phi_map=q_phi_map, sel=sel)
+    res_dkv = backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l, k_phi_map=k_phi_map,
+                           sel=sel)
     q = res[0]
     b, _, h, _ = q.shape
     zeros = jnp.zeros_like(q)
@@ -279,12 +281,12 @@ def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, q
     return res_dq
 
 
-def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None, q_phi_map=None):
+def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None, q_phi_map=None, sel=None):
     """Linear-branch gradient states for the dK/dV stage: dH = sum_r phi~_r^T dO_l,r, dZ = -sum_r c_r phi~_r
     (phi~ = phi(Q) / den) over all query rows, (B, H, D, D) and (B, H, D) float32; for the complement scope per
     key block j over the query blocks that did not select j, (B, H, Nk, D, D) and (B, H, Nk, D)
     (linear_states.gradient_states). q_phi_map: None (phi(Q) from res.q_phi), or the feature map applied to
-    res.q inside the sums kernel."""
+    res.q inside the sums kernel. sel: linear_states.gradient_selection of the LUT if already made."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     if not cfg.linear:
         return None, None
@@ -295,7 +297,7 @@ def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None, 
     else:
         w, x = inv_den, do_l
     u = -res_dq["c"] * inv_den
-    return gradient_states(q_phi if q_phi_map is None else q, x, w, u, lut, cfg, phi=q_phi_map)
+    return gradient_states(q_phi if q_phi_map is None else q, x, w, u, lut, cfg, phi=q_phi_map, sel=sel)
 
 
 def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall):
@@ -311,14 +313,16 @@ def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall):
     return [("k_phi", k_phi, seq_spec(cfg)), ("dh", dh, dh_spec), ("dz", dz, dz_spec)]
 
 
-def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, k_phi_map=None):
+def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, k_phi_map=None,
+                 sel=None):
     """dK, dV, dphi(K) over the transposed LUT (built here): one Triton kernel, or the Mosaic dK/dV kernel
     (mosaic_dkv.py) followed by a Triton kernel for the linear part. k_phi_map: None (phi(K) from res.k_phi), or
-    the feature map, applied to the K rows the linear part reads."""
+    the feature map, applied to the K rows the linear part reads. sel: the LUT's selection if already made
+    (linear_states.gradient_selection; the transposed LUT reads its first Nq columns)."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     b, n, h, d = q.shape
     seq = seq_spec(cfg)
-    lut_t, count = transpose_lut(lut, cfg.nk)
+    lut_t, count = transpose_lut(lut, cfg.nk, sel=sel)
     kv_struct = jax.ShapeDtypeStruct(k.shape, k.dtype)
     if cfg.mosaic_backward:
         do_sparse, a = (do, alpha) if fused else (do_s, None)

@@ -258,14 +258,15 @@ def complement_states(k_phi, v, lut, cfg: KernelCall, phi=None, sums=None):
     return _sum_over_blocks(jnp.logical_not(sel), sums, cfg)  # blocks past Nk: "unselected", their sums are zero
 
 
-def transpose_lut(lut, nk):
+def transpose_lut(lut, nk, sel=None):
     """For each key block, the query blocks that selected it (ascending, padded with Nq) and their count.
 
-    Built on device without a sort: sel (B, H, Nk, Nq) by comparison, the slot of each selected query block is
-    the running count along Nq, and one scatter (unselected entries dropped) writes the ids.
+    Built on device without a sort: sel (B, H, Nk, Nq) (selection), the slot of each selected query block is
+    the running count along Nq, and one scatter (unselected entries dropped) writes the ids. sel: the selection
+    if already made (selection(lut, nk), at least Nq wide: its first Nq columns are used).
     """
     b, h, nq, topk = lut.shape
-    sel = selection(lut, nk)
+    sel = selection(lut, nk) if sel is None else sel[..., :nq]
     count = jnp.sum(sel, axis=-1, dtype=jnp.int32)
     slot = jnp.where(sel, _running_count(sel) - 1, nq)
     ids = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32), sel.shape)
@@ -300,13 +301,21 @@ def forward_states(k_phi, v, lut, cfg: KernelCall, phi=None, sums=None):
     return outer_sum(k_phi, v, cfg, phi=phi)
 
 
-def gradient_states(q_phi, x, w, u, lut, cfg: KernelCall, phi=None):
+def gradient_selection(lut, cfg: KernelCall):
+    """selection(lut, Nk) made stored_blocks(Nq) wide, (B, H, Nk, C) bool: the mask of the gradient states'
+    masked matmul (aligned rows) and, its first Nq columns, the transposed LUT's selection: the backward makes
+    it once for both (two scatters of zeros at wan-14b-720p, where C = 640 != Nq = 591)."""
+    return selection(lut, cfg.nk, width=stored_blocks(cfg.nq))
+
+
+def gradient_states(q_phi, x, w, u, lut, cfg: KernelCall, phi=None, sel=None):
     """Linear-branch gradient states for the dK/dV side: dH = sum_r w_r q_phi_r^T x_r, dZ = sum_r u_r q_phi_r over
     all query rows, (B, H, D, D) and (B, H, D) float32; for the complement scope per key block j over the query
     blocks that did not select j, (B, H, Nk, D, D) and (B, H, Nk, D). w, u: (B, H, Npad) float32 row weights.
-    phi: None (q_phi is phi(Q)), or the feature map, applied to q_phi = Q inside the sums kernel."""
+    phi: None (q_phi is phi(Q)), or the feature map, applied to q_phi = Q inside the sums kernel. sel: the
+    complement scope's gradient_selection(lut, cfg) if already made."""
     if cfg.track_lin:
         sums = outer_sum(q_phi, x, cfg, w, u, block_rows=cfg.block_q, phi=phi)  # per query block
-        sel = selection(lut, cfg.nk, width=sums.h.shape[2])  # (B, H, Nk, C): aligned rows
+        sel = gradient_selection(lut, cfg) if sel is None else sel  # (B, H, Nk, C): aligned rows
         return _sum_over_blocks(jnp.logical_not(sel), sums, cfg)  # query blocks past Nq: zero sums
     return outer_sum(q_phi, x, cfg, w, u, phi=phi)

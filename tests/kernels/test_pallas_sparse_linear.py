@@ -472,6 +472,36 @@ def test_selection_and_transposed_lut_against_numpy(seed, nq, nk, topk):
     wide = np.asarray(_selection(jnp.asarray(outside), nk, width=nq + 3))
     np.testing.assert_array_equal(wide[..., :nq], expect)
     assert not wide[..., nq:].any()
+    # the transposed LUT from a selection made wider (the backward's one selection for both stages)
+    from_wide = _transpose_lut(jnp.asarray(lut), nk, sel=_selection(jnp.asarray(lut), nk, width=nq + 3))
+    for got, want in zip(from_wide, (lut_t, count)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_backward_makes_the_key_side_selection_once(monkeypatch):
+    """With Nq = 5 (the gradient states' sums stored 8 wide), the backward's gradient states and transposed LUT use
+    one selection of the LUT (key blocks first), and the gradients still match the dense reference."""
+    calls, fn = [], linear_states.selection
+
+    def counted(lut, nk, *, queries_first=False, width=None):
+        calls.append((queries_first, width))
+        return fn(lut, nk, queries_first=queries_first, width=width)
+
+    monkeypatch.setattr(linear_states, "selection", counted)
+    seed = _seed()
+    args, lut, w1, w2, _ = _make(seed, 1, 600, 2, 64, jnp.float32, 3, 128, 64)
+    kw = dict(block_q=128, block_k=64, linear_scope="complement")
+    def loss(f, kw):
+        def one_call(*a):
+            o_s, o_l = f(*a, lut, **kw)
+            return jnp.sum(o_s * w1) + jnp.sum(o_l * w2)
+        return one_call
+
+    g = _grad(loss(sparse_linear_attention, {**kw, "interpret": True}), tuple(range(5)), *args)
+    assert [c for c in calls if not c[0]] == [(False, linear_states.stored_blocks(5))], calls
+    rg = _grad(loss(reference_branches, kw), tuple(range(5)), *args)
+    for name, a, b in zip(("q", "k", "v", "q_phi", "k_phi"), g, rg):
+        assert _rel(a, b) < 2e-3, (seed, name, _rel(a, b))
 
 
 @pytest.mark.parametrize(
