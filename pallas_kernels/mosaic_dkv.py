@@ -32,9 +32,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .common import LOG2E
 from .config import KernelConfig
 
-_LOG2E = math.log2(math.e)
 _ROWS = 64  # query rows per compute warpgroup and step (wgmma N); a query block is 2 x 64 rows
 _BLOCK_Q = 2 * _ROWS
 _KEYS = 64  # keys per program (wgmma M)
@@ -102,7 +102,7 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
     b, n, h, d = shape
     nk = -(-n // _KEYS)
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    scale = sm_scale * _LOG2E
+    scale = sm_scale * LOG2E
     ragged_q = n % _BLOCK_Q != 0
     f32 = jnp.float32
     wgmma_layout = plgpu.Layout.WGMMA

@@ -34,9 +34,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .common import LOG2E
 from .config import KernelConfig
 
-_LOG2E = math.log2(math.e)
 _ROWS = 64  # query rows per compute warpgroup (one wgmma M tile)
 _BLOCK_Q = 2 * _ROWS  # a query block (one LUT row) is two warpgroups' rows
 _PROFILE_REGIONS = 16  # named regions a warpgroup may record when the on-device profiler is on
@@ -92,7 +92,7 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_add, *, block_k, sm_scale, 
     b, n, h, d = q.shape
     topk = lut.shape[3]
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
-    scale = sm_scale * _LOG2E
+    scale = sm_scale * LOG2E
     stages = max(1, min(stages, topk))
     ragged = n % block_k != 0
     dtype = q.dtype

@@ -68,10 +68,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .common import LOG2E
 from .config import KernelConfig
 from .quantize import FP8_MAX, quantize_queries
 
-_LOG2E = math.log2(math.e)
 _FP8 = jnp.float8_e4m3fn
 _ROWS = 64  # query rows per compute warpgroup (one wgmma M tile); a query block is 2 x 64 rows
 _BLOCK_Q = 2 * _ROWS
@@ -86,7 +86,7 @@ def sparse_attention_mosaic(
     lut (B, H, Nq, topk) int32 with Nq = ceil(N / 128) -> (o_s (B, N, H, D) q.dtype, lse (B, H, Nq * 128) f32).
     config: the loop variant and launch choices (KernelConfig)."""
     _check(q, lut)
-    scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * _LOG2E
+    scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * LOG2E
     return _sparse_forward(q, k, v, lut, scale, block_k=block_k, stages=stages, config=config)
 
 
@@ -127,7 +127,7 @@ def sparse_linear_attention_mosaic(
     the epilogue of the Triton forward. config: the loop variant and launch choices (KernelConfig).
     Returns {name: array}."""
     _check(q, lut)
-    scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * _LOG2E
+    scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * LOG2E
     outputs = tuple(outputs)
     res = _sparse_forward(
         q, k, v, lut, scale, block_k=block_k, stages=stages, linear=linear, outputs=outputs, config=config
@@ -178,7 +178,7 @@ def _int8_operands(q, lut, keys, sm_scale, queries):
     """(q8 (B, N, H, D) int8, per-LUT-entry score scales (B, H, Nq, topk) f32, LSE shift (B, H, Nq * 128) f32) of
     the INT8 kernels; queries None: Q quantised here (quantize.quantize_queries)."""
     _check(q, lut)
-    scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * _LOG2E
+    scale = (1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale) * LOG2E
     if queries is None:
         queries = quantize_queries(q, _BLOCK_Q, keys.mean, scale, interpret=jax.default_backend() != "gpu")
     q8, q_scale, shift = queries
