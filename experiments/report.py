@@ -275,10 +275,10 @@ def write_report(out: str, skipped=None, failed=None) -> dict:
                 for k, v in router.items()
             )
         )
-    md.append(
-        "\n![samples](samples_grid.png)\n\n![error vs sparsity](error_vs_sparsity.png)\n\n"
-        "![loss curves](loss_curves.png)\n"
-    )
+    sparse_runs = any(r["attention"] != "dense" for r in results.values())
+    pictures = [("samples", "samples_grid.png", samples), ("error vs sparsity", "error_vs_sparsity.png", sparse_runs),
+                ("loss curves", "loss_curves.png", stages)]
+    md.append("".join(f"\n![{title}]({name})\n" for title, name, made in pictures if made))  # only those written below
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(md))
 
@@ -288,7 +288,7 @@ def write_report(out: str, skipped=None, failed=None) -> dict:
         os.makedirs(os.path.join(out, "gifs"), exist_ok=True)
         for name, v in samples.items():
             save_gif(v, os.path.join(out, "gifs", f"{name}.gif"))
-    if any(r["attention"] != "dense" for r in results.values()):
+    if sparse_runs:
         save_error_plot(results, os.path.join(out, "error_vs_sparsity.png"))
     if stages:
         save_loss_curves(stages, os.path.join(out, "loss_curves.png"))

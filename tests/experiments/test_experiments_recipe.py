@@ -9,6 +9,7 @@ its outputs in this process."""
 import dataclasses
 import json
 import os
+import re
 import sys
 
 import jax
@@ -119,6 +120,8 @@ def test_all_stages_ran_and_metrics_are_finite(recipe_dir):
     md = open(os.path.join(recipe_dir, "results.md")).read()
     assert "| sla2-95 | 95% | int8 |" in md and "| dense | 0% |" in md
     assert "Oracle kept mass" in md and "nan" not in md.lower().replace("dense", "")
+    for picture in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):  # every linked picture was written
+        assert os.path.getsize(os.path.join(recipe_dir, picture)) > 0, picture
     lines = md.splitlines()
     for i in range(1, len(lines) - 1):  # valid Markdown tables: no blank line between two rows
         assert not (lines[i - 1].startswith("|") and lines[i] == "" and lines[i + 1].startswith("|")), lines[i - 1]
