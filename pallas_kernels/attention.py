@@ -539,8 +539,8 @@ def _fused_phi_bwd(cfg, phi, res, do):
     k_phi_map = phi if arrays == "none" else None
     q_vjp_map = phi if cfg.config.q_phi_vjp == "dq_kernels" else None
     if cfg.linear:
-        q_phi = None if q_phi_map else feature_map_rows(res.q, phi, interpret=cfg.interpret)
-        k_phi = None if k_phi_map else feature_map_rows(res.k, phi, interpret=cfg.interpret)
+        q_phi = None if q_phi_map is not None else feature_map_rows(res.q, phi, interpret=cfg.interpret)
+        k_phi = None if k_phi_map is not None else feature_map_rows(res.k, phi, interpret=cfg.interpret)
         res = res._replace(q_phi=q_phi, k_phi=k_phi)
     do = do.astype(res.q.dtype)
     dq, dk, dv, dq_phi, dk_phi, dalpha = backward(res, cfg, fused=True, do=do, q_phi_map=q_phi_map,

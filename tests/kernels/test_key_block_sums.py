@@ -127,4 +127,3 @@ def test_states_kernel_with_means_lowers_for_cuda(scope):
     text = lowered_for_cuda(lambda k, v: key_block_sums(k, v, feature_map=PHI, linear_scope=scope, interpret=False,
                                                        config=KernelConfig()), k, k)
     assert "sla_sum_phi" in text
-

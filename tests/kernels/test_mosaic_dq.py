@@ -70,4 +70,3 @@ def test_dq_kernel_with_dq_add_lowers_and_checks_it():
     for bad in (q[:, :8], q.astype(jnp.float32)):
         with pytest.raises(ValueError, match="dq_add"):
             mosaic_dq.sparse_attention_dq_mosaic(*args, alpha, bad)
-

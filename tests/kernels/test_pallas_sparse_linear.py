@@ -491,10 +491,12 @@ def test_backward_makes_the_key_side_selection_once(monkeypatch):
     seed = _seed()
     args, lut, w1, w2, _ = _make(seed, 1, 600, 2, 64, jnp.float32, 3, 128, 64)
     kw = dict(block_q=128, block_k=64, linear_scope="complement")
+
     def loss(f, kw):
         def one_call(*a):
             o_s, o_l = f(*a, lut, **kw)
             return jnp.sum(o_s * w1) + jnp.sum(o_l * w2)
+
         return one_call
 
     g = _grad(loss(sparse_linear_attention, {**kw, "interpret": True}), tuple(range(5)), *args)
