@@ -11,8 +11,8 @@ and outputs, the custom_vjp of each precision family, and the public entry point
                            q, k, v and the low-bit forward's LSE.
 
 Without phi arrays (``sla2_fused_attention(q, k, v, None, None, lut, alpha, feature_map=phi)``, the library's
-path without low bit): phi(K) in the states kernel, phi(Q) in the Mosaic epilogue; the backward writes phi(Q),
-phi(K) for the backward kernels and applies phi's vjp (front_end.feature_map_rows / feature_map_vjp).
+path without low bit): phi(K) in the states kernel, phi(Q) in the Mosaic epilogue; in the backward phi(Q) in the
+gradient states' sums kernel, phi(K) in the dK/dV kernels, then phi's vjp (front_end.feature_map_vjp).
 
 Each stage is a separate function (``forward``, ``backward_dq``, ``backward_states``, ``backward_dkv``) so that the
 developer probes can time it alone. Given phi arrays, the phi Jacobian is left to JAX autodiff around these
@@ -198,18 +198,15 @@ def forward(q, k, v, q_phi, k_phi, lut, alpha, cfg: KernelCall, *, fused: bool, 
 # ----------------------------------------------------------------------------------------------------------
 # Backward (both families)
 # ----------------------------------------------------------------------------------------------------------
-def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, q_phi_map=None, k_phi_map=None,
-             q_vjp_map=None):
-    """All input cotangents (dq, dk, dv, dq_phi, dk_phi, dalpha or None) from the residuals (which hold phi(Q),
-    phi(K)): dQ stage, gradient states, dK/dV stage (each a separate function for timing). q_phi_map / k_phi_map:
-    None, or the feature map, which the gradient states / the dK/dV stage then apply to the rows of Q / K they read
-    (res.q_phi / res.k_phi are not read). q_vjp_map: None, or the feature map, whose vjp at Q the dQ stage applies
-    to dphi(Q) and adds to dQ (dq_phi is then zero)."""
-    res_dq = backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l, q_vjp_map=q_vjp_map)
+def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=None):
+    """All input cotangents (dq, dk, dv, dq_phi, dk_phi, dalpha or None) from the residuals: dQ stage, gradient
+    states, dK/dV stage (each a separate function for timing). phi: None (the residuals hold phi(Q), phi(K)), or the
+    feature map, which the gradient states / the dK/dV stage then apply to the rows of Q / K they read (res.q_phi /
+    res.k_phi are not read)."""
+    res_dq = backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
     sel = gradient_selection(res.lut, cfg) if cfg.track_lin else None  # one selection for both stages
-    totals = backward_states(res, res_dq, cfg, fused=fused, do=do, do_l=do_l, q_phi_map=q_phi_map, sel=sel)
-    res_dkv = backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l, k_phi_map=k_phi_map,
-                           sel=sel)
+    totals = backward_states(res, res_dq, cfg, fused=fused, do=do, do_l=do_l, phi=phi, sel=sel)
+    res_dkv = backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l, phi=phi, sel=sel)
     q = res[0]
     b, _, h, _ = q.shape
     zeros = jnp.zeros_like(q)
@@ -221,11 +218,9 @@ def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, q_ph
     return res_dq["dq"], res_dkv["dk"], res_dkv["dv"], dq_phi, dk_phi, dalpha
 
 
-def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, q_vjp_map=None):
+def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
     """dQ, dphi(Q) (and delta, c, d alpha per row) over the LUT: one Triton kernel, or with the Mosaic backward a
-    Triton kernel for the per-row terms and dphi(Q) followed by the Mosaic dQ kernel (mosaic_dq.py). q_vjp_map:
-    None, or the feature map: phi's vjp at Q applied to dphi(Q) is added to dQ here (by the Triton kernel, or by the
-    Mosaic dQ kernel's epilogue from the per-row kernel's dq_lin) and there is no dq_phi."""
+    Triton kernel for the per-row terms and dphi(Q) followed by the Mosaic dQ kernel (mosaic_dq.py)."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     b, n, h, d = q.shape
     seq = seq_spec(cfg)
@@ -251,42 +246,33 @@ def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, q
             inputs += [("h_lin", h_lin, full_spec(d, d)), ("z_lin", z_lin, full_spec(d))]
     if fused:
         inputs += [("alpha", alpha, full_spec(cfg.nq))]
-    vjp_here = cfg.linear and q_vjp_map is not None
-    if vjp_here and mosaic:
-        inputs += [("q", q, seq)]
     q_struct = jax.ShapeDtypeStruct(q.shape, q.dtype)
     outputs = [] if mosaic else [("dq", q_struct, seq)]
     outputs += [("delta", row_struct, rows)]
     if cfg.linear:
-        if not vjp_here:
-            outputs += [("dq_phi", q_struct, seq)]
-        elif mosaic:
-            outputs += [("dq_lin", q_struct, seq)]
-        outputs += [("c", row_struct, rows)]
+        outputs += [("dq_phi", q_struct, seq), ("c", row_struct, rows)]
     if fused:
         outputs += [("dalpha_rows", row_struct, rows)]
-    phi = q_vjp_map if vjp_here else None
     if mosaic:
-        kernel, launch = dq_linear_kernel, {"fused": fused, "phi": phi}
+        kernel, launch = dq_linear_kernel, {"fused": fused}
     else:
-        kernel, launch = dq_kernel, {"fused": fused, "rows": rows_dq, "phi": phi}
+        kernel, launch = dq_kernel, {"fused": fused, "rows": rows_dq}
     res_dq = pallas_triton_call(kernel, (cfg.npad // rows_dq, h, b), inputs, outputs, cfg, "dq", launch)
     res_dq = dict(zip([x[0] for x in outputs], res_dq))
     if mosaic:
         do_sparse, a = (do, alpha) if fused else (do_s, None)
         # a ring of 4 K/V slots: 0.88 vs 0.92 ms with 2 (H100, wan-1.3b at 95%)
         kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "stages": 4, "config": cfg.config}
-        res_dq["dq"] = mosaic_dq.sparse_attention_dq_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut, a,
-                                                           res_dq.pop("dq_lin", None), **kw)
+        res_dq["dq"] = mosaic_dq.sparse_attention_dq_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut, a, **kw)
     return res_dq
 
 
-def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None, q_phi_map=None, sel=None):
+def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None, phi=None, sel=None):
     """Linear-branch gradient states for the dK/dV stage: dH = sum_r phi~_r^T dO_l,r, dZ = -sum_r c_r phi~_r
     (phi~ = phi(Q) / den) over all query rows, (B, H, D, D) and (B, H, D) float32; for the complement scope per
     key block j over the query blocks that did not select j, (B, H, Nk, D, D) and (B, H, Nk, D)
-    (linear_states.gradient_states). q_phi_map: None (phi(Q) from res.q_phi), or the feature map applied to
-    res.q inside the sums kernel. sel: linear_states.gradient_selection of the LUT if already made."""
+    (linear_states.gradient_states). phi: None (phi(Q) from res.q_phi), or the feature map applied to res.q
+    inside the sums kernel. sel: linear_states.gradient_selection of the LUT if already made."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     if not cfg.linear:
         return None, None
@@ -297,7 +283,7 @@ def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None, 
     else:
         w, x = inv_den, do_l
     u = -res_dq["c"] * inv_den
-    return gradient_states(q_phi if q_phi_map is None else q, x, w, u, lut, cfg, phi=q_phi_map, sel=sel)
+    return gradient_states(q_phi if phi is None else q, x, w, u, lut, cfg, phi=phi, sel=sel)
 
 
 def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall):
@@ -313,11 +299,10 @@ def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall):
     return [("k_phi", k_phi, seq_spec(cfg)), ("dh", dh, dh_spec), ("dz", dz, dz_spec)]
 
 
-def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, k_phi_map=None,
-                 sel=None):
+def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=None, sel=None):
     """dK, dV, dphi(K) over the transposed LUT (built here): one Triton kernel, or the Mosaic dK/dV kernel
-    (mosaic_dkv.py) followed by a Triton kernel for the linear part. k_phi_map: None (phi(K) from res.k_phi), or
-    the feature map, applied to the K rows the linear part reads. sel: the LUT's selection if already made
+    (mosaic_dkv.py) followed by a Triton kernel for the linear part. phi: None (phi(K) from res.k_phi), or the
+    feature map, applied to the K rows the linear part reads. sel: the LUT's selection if already made
     (linear_states.gradient_selection; the transposed LUT reads its first Nq columns)."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     b, n, h, d = q.shape
@@ -330,10 +315,10 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
         dk, dv_s = mosaic_dkv.sparse_attention_dkv_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut_t, count, a, **kw)
         if not cfg.linear:
             return {"dk": dk, "dv": dv_s}
-        k_rows = k if k_phi_map is not None else k_phi  # the kernel applies k_phi_map to K's rows
+        k_rows = k if phi is not None else k_phi  # the kernel applies phi to K's rows
         inputs = [("v", v, seq), ("dv_s", dv_s, seq)] + _dkv_linear_inputs(k_rows, totals, cfg)
         outputs = [("dv", kv_struct, seq), ("dk_phi", kv_struct, seq)]
-        launch = {"phi": k_phi_map}
+        launch = {"phi": phi}
         res_lin = pallas_triton_call(dkv_linear_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", launch)
         return {"dk": dk, **dict(zip([x[0] for x in outputs], res_lin))}
     inputs = [
@@ -349,15 +334,15 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
         inputs += [("do_s", do_s, seq)]
     full_rows = full_spec(cfg.npad)
     inputs += [("lse", lse, full_rows), ("delta", res_dq["delta"], full_rows)]
-    if cfg.linear:  # with k_phi_map, phi(K_j) from the K tile the kernel loads anyway
+    if cfg.linear:  # with phi, phi(K_j) from the K tile the kernel loads anyway
         linear = _dkv_linear_inputs(k_phi, totals, cfg)
-        inputs += linear[1:] if k_phi_map is not None else linear
+        inputs += linear[1:] if phi is not None else linear
     if fused:
         inputs += [("alpha", alpha, full_spec(cfg.nq))]
     outputs = [("dk", kv_struct, seq), ("dv", kv_struct, seq)]
     if cfg.linear:
         outputs += [("dk_phi", kv_struct, seq)]
-    launch = {"fused": fused, "rows": rows_per_step("dkv", cfg), "phi": k_phi_map}
+    launch = {"fused": fused, "rows": rows_per_step("dkv", cfg), "phi": phi}
     res_dkv = pallas_triton_call(dkv_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", launch)
     return dict(zip([x[0] for x in outputs], res_dkv))
 
@@ -526,28 +511,16 @@ def _fused_phi_fwd(q, k, v, lut, alpha, key_sums, cfg, phi):
 
 
 def _fused_phi_bwd(cfg, phi, res, do):
-    """The backward of _fused without phi arrays in the residuals: phi(Q), phi(K) made here for the backward
-    kernels, then phi's vjp onto their gradients (one front-end kernel per tensor, which also adds the direct dQ,
-    dK). (Applying phi and its vjp inside the backward kernels instead, KernelConfig.backward_phi "in_kernels", was
-    slower on an H100 and was deleted: docs/dev/forward_kernel.md.) KernelConfig.backward_phi_arrays says which of
-    the two arrays are made; for the others the one kernel that reads each (the gradient states' sums for phi(Q),
-    the dK/dV linear part for phi(K)) applies phi to the rows of Q / K it reads. KernelConfig.q_phi_vjp
-    "dq_kernels": phi's vjp at Q is applied where dphi(Q) is formed and added by the dQ kernel (no separate pass for
-    Q). key_sums (made from stopped K, V by the caller) get no cotangent: dK, dV here are the whole gradients."""
-    arrays = cfg.config.backward_phi_arrays
-    q_phi_map = phi if arrays in ("k", "none") else None
-    k_phi_map = phi if arrays == "none" else None
-    q_vjp_map = phi if cfg.config.q_phi_vjp == "dq_kernels" else None
-    if cfg.linear:
-        q_phi = None if q_phi_map is not None else feature_map_rows(res.q, phi, interpret=cfg.interpret)
-        k_phi = None if k_phi_map is not None else feature_map_rows(res.k, phi, interpret=cfg.interpret)
-        res = res._replace(q_phi=q_phi, k_phi=k_phi)
+    """The backward of _fused without phi arrays in the residuals: the gradient states' sums kernel applies phi to
+    the Q rows it reads and the dK/dV linear part to the K rows it reads; then phi's vjp onto dphi(Q), dphi(K) (one
+    front-end kernel per tensor, which also adds the direct dQ, dK). (Writing phi(Q), phi(K) arrays first, and
+    applying phi's vjp at Q inside the dQ kernels, were both slower on an H100 and were deleted:
+    docs/dev/backward_kernels.md.) key_sums (made from stopped K, V by the caller) get no cotangent: dK, dV here are
+    the whole gradients."""
     do = do.astype(res.q.dtype)
-    dq, dk, dv, dq_phi, dk_phi, dalpha = backward(res, cfg, fused=True, do=do, q_phi_map=q_phi_map,
-                                                  k_phi_map=k_phi_map, q_vjp_map=q_vjp_map)
+    dq, dk, dv, dq_phi, dk_phi, dalpha = backward(res, cfg, fused=True, do=do, phi=phi)
     if cfg.linear:
-        if q_vjp_map is None:  # else the dQ stage added it
-            dq = feature_map_vjp(res.q, dq_phi, dq, phi, interpret=cfg.interpret)
+        dq = feature_map_vjp(res.q, dq_phi, dq, phi, interpret=cfg.interpret)
         dk = feature_map_vjp(res.k, dk_phi, dk, phi, interpret=cfg.interpret)
     return dq, dk, dv, None, dalpha, None
 

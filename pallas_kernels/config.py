@@ -23,8 +23,6 @@ LOOPS = ("pingpong", "pipelined")
 STATE_DTYPES = ("bfloat16", "float32")
 BLOCK_SUM_DTYPES = ("float16", "bfloat16")
 P8_OPERANDS = ("registers", "smem")
-BACKWARD_PHI_ARRAYS = ("q_k", "k", "none")
-Q_PHI_VJPS = ("pass", "dq_kernels")
 
 
 class Launch(NamedTuple):
@@ -91,14 +89,6 @@ class KernelConfig:
       warpgroups take turns on the tensor cores; "pipelined": each overlaps its softmax with its own previous P V),
       two LUT entries per step (64 x 128 score tiles), output tiles staged in finished ring slots, and how FP8 P
       reaches the P V wgmma. (Its programs run heads fastest, grid (H, Nq, B).)
-    backward_phi_arrays: the phi arrays the backward of the call without phi arrays writes for its linear-branch
-      kernels: "q_k" (phi(Q), read by the gradient states' sums, and phi(K), read by the dK/dV linear kernel), "k"
-      (phi(Q) applied by the sums kernel to the Q rows it reads instead) or "none" (phi(K) too applied by the dK/dV
-      kernel to the K rows it reads).
-    q_phi_vjp: where that backward applies phi's vjp to dphi(Q) and adds it to the sparse dQ: "pass" (one more
-      kernel after the dQ kernels reads Q, dphi(Q) and the sparse dQ) or "dq_kernels" (the kernel that forms
-      dphi(Q) applies the vjp at the Q rows it reads, and the Mosaic dQ kernel adds the result in its epilogue; the
-      Triton dq kernel does both at once).
     mosaic_fp8: quant "int8_fp8" takes the Mosaic forward (else the Triton low-bit kernel).
     launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "sum", "sum_phi", "lowbit"), as a tuple of
       (name, Launch) pairs; kernels not listed take DEFAULT_LAUNCH (the "lowbit" kernel: the "fwd" entry).
@@ -115,8 +105,6 @@ class KernelConfig:
     pair_steps: bool = True
     outputs_in_ring: bool = True
     p8_operand: str = "registers"
-    backward_phi_arrays: str = "q_k"
-    q_phi_vjp: str = "pass"
     mosaic_fp8: bool = True
     launch: tuple = ()
     profile_dir: str | None = None
@@ -130,8 +118,6 @@ class KernelConfig:
             ("block_sum_dtype", self.block_sum_dtype, BLOCK_SUM_DTYPES),
             ("loop", self.loop, LOOPS),
             ("p8_operand", self.p8_operand, P8_OPERANDS),
-            ("backward_phi_arrays", self.backward_phi_arrays, BACKWARD_PHI_ARRAYS),
-            ("q_phi_vjp", self.q_phi_vjp, Q_PHI_VJPS),
         ):
             if value not in choices:
                 raise ValueError(f"KernelConfig.{name}={value!r} is not one of {choices}")

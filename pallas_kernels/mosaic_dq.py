@@ -8,8 +8,7 @@ Grid (H, Nq, B): one program per (batch, head, query block i of 128 rows). Three
     entry t (key block j = lut[b, h, i, t]): S = Q K_j^T and dP = dO V_j^T (two wgmma, one wait), in registers
     P = exp2(S * sm_scale * log2(e) - LSE), dS = P * (a_i dP - delta), then dQ_acc += dS K_j (wgmma with dS as
     the register operand). The two warpgroups run freely (no turns on the tensor cores: dS has no row reductions
-    to hide). dQ = sm_scale * dQ_acc (+ the optional dq_add rows, TMA-loaded into the warpgroup's dO tile once the
-    last dP has read it) in q's dtype, staged in the warpgroup's Q tile and stored by TMA.
+    to hide). dQ = sm_scale * dQ_acc in q's dtype, staged in the warpgroup's Q tile and stored by TMA.
   * warpgroup 2 (memory): TMA copies of K_j, V_j into a ring of ``stages`` slots; V_j's slot is released once
     both warpgroups read dP, K_j's once both finished dS K_j.
 Keys >= N (only in the LUT's last entry: it is ascending) are masked; rows >= N are neither read (TMA fills zeros)
@@ -43,25 +42,21 @@ _PROFILE_REGIONS = 16  # named regions a warpgroup may record when the on-device
 
 
 def sparse_attention_dq_mosaic(
-    q, k, v, do, lse, delta, lut, alpha=None, dq_add=None, *, block_k: int = 64, sm_scale: float | None = None,
+    q, k, v, do, lse, delta, lut, alpha=None, *, block_k: int = 64, sm_scale: float | None = None,
     stages: int = 2, config: KernelConfig = KernelConfig(),
 ):  # fmt: skip
-    """dQ of the sparse branch over the LUT's key blocks (plus dq_add if given).
+    """dQ of the sparse branch over the LUT's key blocks.
 
     q, k, v, do: (B, N, H, D) bf16/f16 (one dtype), N % 8 == 0, D in {64, 128}; lse, delta: (B, H, Nq * 128)
     float32 (lse base 2 of the logits scaled by sm_scale * log2(e), delta = a * rowsum(dO * O_s)); lut:
     (B, H, Nq, topk) int32 ascending key-block ids (blocks of block_k keys), Nq = ceil(N / 128); alpha: None or
-    (B, H, Nq) float32; dq_add: None or (B, N, H, D) in q's dtype, added to dQ in the epilogue (the linear branch's
-    part of dQ; loaded into the warpgroup's dO tile once the last dP has read it). Returns dq (B, N, H, D) in
-    q.dtype. ValueError for unsupported input.
+    (B, H, Nq) float32. Returns dq (B, N, H, D) in q.dtype. ValueError for unsupported input.
     stages: K/V ring slots (the library passes 4). config: of its fields only ``profile_dir`` concerns this kernel
     (Mosaic's on-device profiler: timestamps of the named regions per warpgroup, a trace written there).
     """
     _check_inputs(q, k, v, do, lse, delta, lut, alpha, block_k)
-    if dq_add is not None and (dq_add.shape != q.shape or dq_add.dtype != q.dtype):
-        raise ValueError(f"dq_add must be None or {q.dtype} {q.shape}, got {dq_add.dtype} {dq_add.shape}")
     return _dq_call(
-        q, k, v, do, lse, delta, lut, alpha, dq_add, block_k=block_k, sm_scale=sm_scale, stages=stages,
+        q, k, v, do, lse, delta, lut, alpha, block_k=block_k, sm_scale=sm_scale, stages=stages,
         profile_dir=config.profile_dir,
     )  # fmt: skip
 
@@ -85,7 +80,7 @@ def _check_inputs(q, k, v, do, lse, delta, lut, alpha, block_k):
         raise ValueError(f"alpha must be None or float32 (B, H, Nq), got {alpha.shape} {alpha.dtype}")
 
 
-def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_add, *, block_k, sm_scale, stages, profile_dir):
+def _dq_call(q, k, v, do, lse, delta, lut, alpha, *, block_k, sm_scale, stages, profile_dir):
     """The kernel launch (inputs already checked); returns dq (B, N, H, D) q.dtype."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only backend: imported on use
 
@@ -96,20 +91,18 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_add, *, block_k, sm_scale, 
     stages = max(1, min(stages, topk))
     ragged = n % block_k != 0
     dtype = q.dtype
-    has_alpha, has_add = alpha is not None, dq_add is not None
-    inputs = [q, k, v, do, lut, lse, delta] + ([alpha] if has_alpha else []) + ([dq_add] if has_add else [])
+    has_alpha = alpha is not None
+    inputs = [q, k, v, do, lut, lse, delta] + ([alpha] if has_alpha else [])
     tile = (_ROWS, block_k)
 
     def body(refs, smem, ready, released):
         q_ref, k_ref, v_ref, do_ref, lut_ref, lse_ref, delta_ref = refs[:7]
         alpha_ref = refs[7] if has_alpha else None
-        add_ref = refs[7 + has_alpha] if has_add else None
         dq_ref = refs[len(inputs)]
         bi, hi, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("qblock")
         wg = lax.axis_index("wg")
         q_smem, do_smem, k_smem, v_smem, row_smem = smem
-        tile_ready, row_ready, k_ready, v_ready = ready[:4]
-        add_ready = ready[4] if has_add else None
+        tile_ready, row_ready, k_ready, v_ready = ready
         k_free, v_free = released
 
         def wait_kv(slot):
@@ -156,8 +149,6 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_add, *, block_k, sm_scale, 
 
                 s, dp = pl.run_scoped(scores, plgpu.ACC(tile, jnp.float32), plgpu.ACC(tile, jnp.float32))
                 plgpu.barrier_arrive(v_free.at[slot])
-                if last and has_add:  # the last dP has read this warpgroup's dO tile: dq_add's rows go there
-                    plgpu.copy_gmem_to_smem(add_ref.at[bi, rows(), hi], my_do, add_ready.at[wg])
                 if last and ragged:  # keys >= N exist only in the last key block: the LUT's last entry
                     keys = plgpu.broadcasted_iota(jnp.int32, tile, 1, layout=plgpu.Layout.WGMMA)
                     s = jnp.where(keys + key0_last < n, s, -jnp.inf)
@@ -183,11 +174,7 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_add, *, block_k, sm_scale, 
                 last = functools.partial(step, last=True)  # a loop of one step: Mosaic wants a traced index
                 acc = lax.fori_loop(topk - 1, topk, last, acc)
             with jax.named_scope("c_store"):  # the Q tile, read by the last wgmma, holds dQ
-                dq = acc * sm_scale
-                if has_add:
-                    plgpu.barrier_wait(add_ready.at[wg])
-                    dq = dq + plgpu.load(my_do, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-                my_q[...] = dq.astype(dtype)
+                my_q[...] = (acc * sm_scale).astype(dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(my_q, dq_ref.at[bi, rows(), hi])
             with jax.named_scope("c_drain"):  # the store completes before the program ends
@@ -230,7 +217,7 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_add, *, block_k, sm_scale, 
             plgpu.Barrier(num_barriers=4),  # row vector r (lse, delta) of warpgroup wg: 2 * r + wg
             plgpu.Barrier(num_barriers=stages),  # K slot loaded
             plgpu.Barrier(num_barriers=stages),  # V slot loaded
-        ) + ((plgpu.Barrier(num_barriers=2),) if has_add else ())  # dq_add rows of warpgroup 0, 1 loaded
+        )
         released = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2  # K, V slot read by both warpgroups
         pl.run_scoped(lambda *scratch: body(refs, *scratch), smem, ready, released, collective_axes="wg")
 

@@ -13,8 +13,9 @@ around the Mosaic backward.
   per step.
 * ``dq_linear_kernel`` and ``dkv_linear_kernel``: the same per-row terms, dphi(Q) and linear dK/dV part without a
   LUT loop, around the Mosaic dQ and dK/dV kernels (KernelConfig.backward "mosaic").
-The kernels read phi(Q), phi(K) arrays (for the fused call without phi arrays, attention._fused_phi_bwd writes them
-first and applies phi's vjp after).
+The kernels read phi(Q), phi(K) arrays; for the fused call without phi arrays (attention._fused_phi_bwd) the dK/dV
+kernels apply phi to the K rows they read (phi(Q) is applied by linear_states.gradient_states), and phi's vjp
+follows them (front_end.feature_map_vjp).
 Launched by attention.py.
 """
 
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._triton import pl
-from .common import F32, LOG2E, KernelCall, dot, dot_mat, load_rows, phi_rows, phi_vjp, scores, store_rows
+from .common import F32, LOG2E, KernelCall, dot, dot_mat, load_rows, phi_rows, scores, store_rows
 
 
 def _dq_row_terms(
@@ -75,7 +76,7 @@ def dq_kernel(
     # outputs
     dq_ref, delta_ref, dq_phi_ref=None, c_ref=None, dalpha_rows_ref=None,
     # static arguments
-    cfg: KernelCall, fused: bool, rows: int, phi=None,
+    cfg: KernelCall, fused: bool, rows: int,
 ):  # fmt: skip
     """Program (s, h, b) of grid (Npad / rows, H, B): query rows [s * rows, (s + 1) * rows) of one (b, h), in query
     block i = s * rows // block_q. Refs of that (b, h), None where the call has no such input or output
@@ -85,8 +86,7 @@ def dq_kernel(
     o_s (N, D); lse (rows,) float32 (base 2); the linear branch (cfg.linear): o_l (N, D), den (rows,) float32 and
     its states h_lin (D, D), z_lin (D,) float32 (query block i's H_i, Z_i for the complement scope, else the
     totals); alpha (Nq,) float32 (fused). Outputs: dq (N, D); delta (rows,) float32; dq_phi (N, D) and c (rows,)
-    float32 (linear branch); dalpha_rows (rows,) float32 (fused). phi: None, or the feature map: then phi's vjp at
-    the Q rows is applied to dphi(Q) here and added to dq (no dq_phi output).
+    float32 (linear branch); dalpha_rows (rows,) float32 (fused).
     """
     sub = pl.program_id(0)  # sub-block of `rows` query rows
     i = lax.div(sub, jnp.int32(cfg.block_q // rows))  # its query block (LUT row)
@@ -114,11 +114,7 @@ def dq_kernel(
     carry = lax.fori_loop(0, cfg.topk, body, carry)
     dq = carry[0] * cfg.sm_scale
     if cfg.linear:
-        dq_phi = _dq_phi(do_l32, c, den, h_lin_ref, z_lin_ref, o_s_ref.dtype)
-        if phi is not None:
-            dq = dq + phi_vjp(phi, q, dq_phi)
-        else:
-            store_rows(dq_phi_ref, q_start, dq_phi, cfg.n)
+        store_rows(dq_phi_ref, q_start, _dq_phi(do_l32, c, den, h_lin_ref, z_lin_ref, o_s_ref.dtype), cfg.n)
     store_rows(dq_ref, q_start, dq, cfg.n)
 
 
@@ -126,16 +122,15 @@ def dq_linear_kernel(
     *,
     # inputs
     do_ref=None, do_s_ref=None, do_l_ref=None, o_s_ref, o_l_ref=None, den_ref=None, h_lin_ref=None, z_lin_ref=None,
-    alpha_ref=None, q_ref=None,
+    alpha_ref=None,
     # outputs
-    delta_ref, dq_phi_ref=None, dq_lin_ref=None, c_ref=None, dalpha_rows_ref=None,
+    delta_ref, dq_phi_ref=None, c_ref=None, dalpha_rows_ref=None,
     # static arguments
-    cfg: KernelCall, fused: bool, phi=None,
+    cfg: KernelCall, fused: bool,
 ):  # fmt: skip
     """Program (i, h, b) of grid (Nq, H, B): the per-row terms and dphi(Q) of query block i without the LUT loop
     (the Mosaic dQ kernel does the loop, with the delta stored here). Refs as dq_kernel's with rows = block_q, less
-    lut, q, k, v, lse and dq. phi: None, or the feature map: then q (N, D) is read and dq_lin (N, D) = phi's vjp at
-    the Q rows applied to dphi(Q) is stored instead of dq_phi (the Mosaic dQ kernel adds it to dQ)."""
+    lut, q, k, v, lse and dq."""
     i = pl.program_id(0)
     q_start = i * cfg.block_q
     _, _, _, do_l32, c, den = _dq_row_terms(
@@ -143,12 +138,7 @@ def dq_linear_kernel(
         c_ref, dalpha_rows_ref, cfg=cfg, fused=fused,
     )  # fmt: skip
     if cfg.linear:
-        dq_phi = _dq_phi(do_l32, c, den, h_lin_ref, z_lin_ref, o_s_ref.dtype)
-        if phi is not None:
-            q = load_rows(q_ref, q_start, cfg.block_q, cfg.n)
-            store_rows(dq_lin_ref, q_start, phi_vjp(phi, q, dq_phi), cfg.n)
-        else:
-            store_rows(dq_phi_ref, q_start, dq_phi, cfg.n)
+        store_rows(dq_phi_ref, q_start, _dq_phi(do_l32, c, den, h_lin_ref, z_lin_ref, o_s_ref.dtype), cfg.n)
 
 
 def dkv_kernel(

@@ -1,9 +1,7 @@
 """The Mosaic dQ kernel (pallas_kernels/mosaic_dq.py) on a CPU host: it runs on Hopper only, so these tests lower it
 for CUDA (Mosaic GPU's Python lowering) at D 64 and 128, with and without alpha, ragged N (the masked last key
 block), the library's ring of 4 K/V slots; of its choices only the profiler directory is not a keyword: it comes from
-KernelConfig; the optional dq_add (the linear branch's part of dQ, added in the epilogue) lowers too; bad input is
-refused. Its results are checked on the GPU by experiments/dev/probe_mosaic_dq.py and, with dq_add, through the
-library by experiments/dev/check_phi_in_kernels.py."""
+KernelConfig; bad input is refused. Its results are checked on the GPU by experiments/dev/probe_mosaic_dq.py."""
 
 from __future__ import annotations
 
@@ -57,16 +55,3 @@ def test_dq_kernel_refuses_bad_input():
         mosaic_dq.sparse_attention_dq_mosaic(*args, alpha[:, :, :3])
     with pytest.raises(ValueError, match="lut"):
         mosaic_dq.sparse_attention_dq_mosaic(*args[:6], args[6][:, :, :2], alpha)
-
-
-def test_dq_kernel_with_dq_add_lowers_and_checks_it():
-    """dq_add (B, N, H, D) in q's dtype: a kernel of its own (one more TMA load and barrier); other shapes or
-    dtypes are refused."""
-    args, alpha = _inputs(128, True)
-    q = args[0]
-    with_add = lambda *a: mosaic_dq.sparse_attention_dq_mosaic(*a, alpha, q, stages=4)  # noqa: E731
-    text = lowered_for_cuda(with_add, *args)
-    assert "mosaic_gpu" in text and text != _lowered(128, True, KernelConfig())
-    for bad in (q[:, :8], q.astype(jnp.float32)):
-        with pytest.raises(ValueError, match="dq_add"):
-            mosaic_dq.sparse_attention_dq_mosaic(*args, alpha, bad)

@@ -1,8 +1,8 @@
 """The fused kernels without phi arrays: ``sla2_fused_attention(q, k, v, None, None, lut, alpha, feature_map=phi)``
 computes phi(K) in the states kernel and phi(Q) in the Mosaic epilogue (or a phi(Q) array for the Triton
-forward); its backward makes phi(Q), phi(K) and applies phi's vjp. Checked against the dense float32 reference
-with phi applied outside and differentiated by JAX (the Triton path in interpret mode; the Mosaic forward through
-its contract stand-in and lowered for CUDA)."""
+forward); its backward applies phi in the kernels that read Q's and K's rows, then phi's vjp. Checked against the
+dense float32 reference with phi applied outside and differentiated by JAX (the Triton path in interpret mode; the
+Mosaic forward through its contract stand-in and lowered for CUDA)."""
 
 from __future__ import annotations
 
@@ -74,9 +74,9 @@ TOL = {jnp.float32: (2e-4, 2e-3), jnp.bfloat16: (2e-2, 3e-2)}  # (forward, gradi
 
 @pytest.mark.parametrize("n,d,dtype,scope,kind", CASES)
 def test_fused_without_phi_arrays_matches_the_dense_reference(n, d, dtype, scope, kind):
-    """Triton forward (phi(K) in the states kernel, a phi(Q) array), backward with phi arrays made from q, k, then
-    phi's vjp: output and the gradients of q, k, v, alpha against jax.grad of the dense float32 reference with phi
-    applied outside."""
+    """Triton forward (phi(K) in the states kernel, a phi(Q) array), backward with phi applied to the rows of q, k
+    the kernels read, then phi's vjp: output and the gradients of q, k, v, alpha against jax.grad of the dense
+    float32 reference with phi applied outside."""
     seed = _seed()
     args, lut, alpha, w = _inputs(seed, n, 2, d, dtype, 2)
     kw = {"block_q": 128, "block_k": 64, "linear_scope": scope, "config": KernelConfig()}
@@ -99,47 +99,30 @@ def _count_calls(monkeypatch, name):
 
 
 @pytest.mark.parametrize("n,d,dtype,scope,kind", CASES[:3])
-def test_backward_phi_arrays(monkeypatch, n, d, dtype, scope, kind):
-    """KernelConfig.backward_phi_arrays "k" / "none": the backward makes one / no phi array instead of two (the
-    kernels that read them apply phi to Q's / K's rows), and output and gradients match the dense reference and
-    the "q_k" form's (phi rounded to the inputs' dtype all ways)."""
+def test_backward_makes_no_phi_arrays(monkeypatch, n, d, dtype, scope, kind):
+    """The backward makes no phi(Q) / phi(K) array (the kernels that read Q's / K's rows apply phi) and runs one
+    vjp pass per tensor; output and gradients match the dense float32 reference."""
     made = _count_calls(monkeypatch, "feature_map_rows")
-    seed = _seed()
-    args, lut, alpha, w = _inputs(seed, n, 2, d, dtype, 2)
-    phi = PHI_FUNCTIONS[kind]
-    grads, arrays = {}, {}
-    for form in ("none", "k", "q_k"):
-        made.clear()
-        kw = {"block_q": 128, "block_k": 64, "linear_scope": scope, "config": KernelConfig(backward_phi_arrays=form)}
-        _check_against_reference(args, lut, alpha, w, phi, kw, *TOL[dtype], seed)
-        arrays[form] = len(made)  # the Triton forward's phi(Q) arrays and the backward's
-
-        def loss(q, k, v, a, kw=kw):
-            o = sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=phi, **kw)
-            return jnp.sum(o.astype(jnp.float32) * w)
-
-        grads[form] = jax.grad(loss, argnums=(0, 1, 2, 3))(*args, alpha)
-    assert arrays["q_k"] - arrays["k"] == 1 and arrays["k"] - arrays["none"] == 1, arrays  # one backward each
-    for form in ("none", "k"):
-        for name, a, b in zip(("q", "k", "v", "alpha"), grads[form], grads["q_k"]):
-            assert _rel(a, b) < (1e-5 if dtype == jnp.float32 else 1e-2), (seed, form, name, _rel(a, b))
-    with pytest.raises(ValueError, match="backward_phi_arrays"):
-        KernelConfig(backward_phi_arrays="q")
-
-
-@pytest.mark.parametrize("n,d,dtype,scope,kind", [CASES[1], CASES[2]])
-def test_q_phi_vjp_in_the_dq_kernel(monkeypatch, n, d, dtype, scope, kind):
-    """KernelConfig.q_phi_vjp "dq_kernels" (Triton backward on CPU: the dq kernel applies phi's vjp at its Q rows
-    and adds it to dQ): output and gradients match the dense reference, and the backward runs the separate vjp
-    pass for K only."""
     vjps = _count_calls(monkeypatch, "feature_map_vjp")
     seed = _seed()
     args, lut, alpha, w = _inputs(seed, n, 2, d, dtype, 2)
-    kw = {"block_q": 128, "block_k": 64, "linear_scope": scope, "config": KernelConfig(q_phi_vjp="dq_kernels")}
-    _check_against_reference(args, lut, alpha, w, PHI_FUNCTIONS[kind], kw, *TOL[dtype], seed)
-    assert len(vjps) == 1, vjps  # K's (one jax.grad trace)
-    with pytest.raises(ValueError, match="q_phi_vjp"):
-        KernelConfig(q_phi_vjp="mosaic")
+    phi = PHI_FUNCTIONS[kind]
+    kw = {"block_q": 128, "block_k": 64, "linear_scope": scope, "config": KernelConfig()}
+    _check_against_reference(args, lut, alpha, w, phi, kw, *TOL[dtype], seed)
+
+    def loss(q, k, v, a):
+        o = sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=phi, **kw)
+        return jnp.sum(o.astype(jnp.float32) * w)
+
+    made.clear()
+    jax.make_jaxpr(loss)(*args, alpha)
+    forward_arrays = len(made)
+    assert forward_arrays == 1, made  # the Triton forward's phi(Q) array
+    made.clear()
+    vjps.clear()
+    jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args, alpha)
+    assert len(made) == forward_arrays, (forward_arrays, made)  # none more in the backward
+    assert len(vjps) == 2, vjps  # Q's and K's
 
 
 def test_dkv_linear_kernel_applies_phi_to_k_rows():
