@@ -175,7 +175,9 @@ def module_forms(sparsity, scope, forms):
     in the kernels), "int8_phi_arrays" / "int8_fp8_phi_arrays" (the low-bit forward with the front end that writes
     phi arrays and the int8 operands, smoothing by an XLA mean of K), "f16_block_sums" (the library's form with
     the per-block sums in float16, KernelConfig.block_sum_dtype, whose default is bfloat16), "kernel:FIELD=VALUE[,...]"
-    (the library's form under heuristic_config(...).replace(FIELD=VALUE, ...), e.g. kernel:loop=pipelined)."""
+    (the library's form under heuristic_config(...).replace(FIELD=VALUE, ...), e.g. kernel:loop=pipelined),
+    "launch:KERNEL=WARPS/STAGES/ROWS[,...]" (the library's form with those Triton launch entries, e.g.
+    launch:dkv=8/2/64)."""
     import sla2_jax as sla
     from sla2_jax import backends
 
@@ -194,7 +196,7 @@ def module_forms(sparsity, scope, forms):
 
     def kernel_variant(fields):  # the library's form under heuristic_config(...).replace(**fields)
         def fn(q, k, v):
-            kernel = heuristic_config(q.shape[1], q.shape[3], q.dtype).replace(**fields)
+            kernel = with_launches(heuristic_config(q.shape[1], q.shape[3], q.dtype), fields)
             return sla.sla2_attention(q, k, v, config=config.replace(kernel=kernel))
 
         return fn
@@ -212,12 +214,34 @@ def module_forms(sparsity, scope, forms):
 
 def kernel_fields(form):
     """{field: value} of a form "kernel:FIELD=VALUE[,FIELD=VALUE...]" (parsed and validated as the benchmark's
-    --kernel, every KernelConfig field allowed except launch)."""
+    --kernel, every KernelConfig field allowed except launch), or {"launch": {kernel: Launch}} of a form
+    "launch:KERNEL=WARPS/STAGES/ROWS[,...]" (kernel names of pallas_kernels.config.DEFAULT_LAUNCH or "lowbit")."""
     from experiments.benchmark import kernel_changes
+    from pallas_kernels.config import DEFAULT_LAUNCH, Launch
 
+    if form.startswith("launch:"):
+        launches = {}
+        for item in form[len("launch:"):].split(","):
+            name, _, value = item.partition("=")
+            parts = value.split("/")
+            if name not in (*DEFAULT_LAUNCH, "lowbit") or len(parts) != 3 or not all(x.isdigit() for x in parts):
+                raise ValueError(f"{item!r} in form {form!r}: give KERNEL=WARPS/STAGES/ROWS with KERNEL one of "
+                                 f"{(*DEFAULT_LAUNCH, 'lowbit')}")
+            launches[name] = Launch(*(int(x) for x in parts))
+        return {"launch": launches}
     if not form.startswith("kernel:"):
-        raise ValueError(f"unknown form {form!r}: one of {FORMS} or kernel:FIELD=VALUE[,FIELD=VALUE...]")
+        raise ValueError(f"unknown form {form!r}: one of {FORMS}, kernel:FIELD=VALUE[,...] or "
+                         "launch:KERNEL=WARPS/STAGES/ROWS[,...]")
     return kernel_changes(form[len("kernel:"):], reserved=("launch",))
+
+
+def with_launches(config, fields):
+    """config.replace(**fields), where fields["launch"] (if present) is {kernel: Launch} merged into config's own
+    launch table (the other kernels' entries kept)."""
+    fields = dict(fields)
+    if "launch" in fields:
+        fields["launch"] = tuple({**dict(config.launch), **fields["launch"]}.items())
+    return config.replace(**fields)
 
 
 def grads_of(fn):
@@ -321,8 +345,9 @@ def main():
     p.add_argument("--parts", nargs="+", default=["small", "wan"], help="small, small_low_bit, wan, states")
     p.add_argument("--no-fwd-bwd", action="store_true", help="wan: the forward only")
     p.add_argument("--forms", nargs="+", default=list(FORMS),
-                   help=f"wan: the module forms to time: {', '.join(FORMS)}, or kernel:FIELD=VALUE[,FIELD=VALUE...] "
-                        "(the library's form under heuristic_config(...).replace(FIELD=VALUE))")
+                   help=f"wan: the module forms to time: {', '.join(FORMS)}, kernel:FIELD=VALUE[,FIELD=VALUE...] "
+                        "(the library's form under heuristic_config(...).replace(FIELD=VALUE)) or "
+                        "launch:KERNEL=WARPS/STAGES/ROWS[,...] (with those Triton launch entries)")
     p.add_argument("--workload", default="wan-1.3b", choices=["wan-1.3b", "wan-14b-720p"],
                    help="wan: the shape (wan-14b-720p: give --layers 5 or fewer, its inputs take 3 GiB per layer)")
     p.add_argument("--small-kernel", default=None,
