@@ -16,7 +16,8 @@ Parts (each runs on its own: an error is recorded and the next part goes on; JSO
                library forward (states + kernel(s)), the sla2_jax module forward with each epilogue, and cuDNN.
   library      KernelConfig.forward triton vs mosaic through the custom_vjp and the module, fwd and fwd+bwd.
   dense        jax's dense Mosaic attention and cuDNN at N = 32768 (anchors).
-  ncu_target   two launches of the plain and of the fused kernel at 95% (for ncu: --kernel-name regex:sla_sparse).
+  ncu_target   two launches of the plain and (wan-1.3b) of the fused kernel at the first --sparsity, shape
+               --ncu-workload (for ncu: --kernel-name regex:sla_sparse).
   cupti        kernel-only (CUPTI) vs synchronised wall vs pipelined time per call, LUTs of 5 / 25 entries.
   module_fb    sla2_jax module forward and forward+backward, Triton vs Mosaic epilogue, cuDNN, one process.
   trace        Mosaic's on-device profiler regions (KernelConfig.profile_dir) via experiments.dev.profile_mosaic.
@@ -546,21 +547,30 @@ def module_fwd_bwd(sparsity, runs):
     RESULTS.setdefault("module_fwd_bwd", []).append(row)
 
 
-def ncu_target():
-    """Launches for ncu: the plain kernel twice, then the fused one ("o") twice, on random wan-1.3b-shaped inputs with
-    a random LUT of 25 entries (95%); imports nothing beyond the kernels (no router, no Triton)."""
+def ncu_target(workload="wan-1.3b", sparsity=0.95):
+    """Launches for ncu: the plain kernel twice, then (wan-1.3b) the fused one ("o") twice, on random inputs of the
+    workload's shape with a random LUT at the sparsity (25 entries at wan-1.3b, 95%); imports nothing beyond the
+    kernels (no router, no Triton)."""
+    from experiments.benchmark import WORKLOADS
+
+    b, h, n, d = WORKLOADS[workload][0]
+    nq, nk = -(-n // 128), -(-n // 64)
+    topk = max(1, int(nk * (1 - sparsity) + 1e-6))
     rng = np.random.default_rng(5)
-    n, h, d, nq, nk = 32760, 12, 128, 256, 512
-    q, k, v = (jnp.asarray(rng.standard_normal((1, n, h, d)), jnp.bfloat16) for _ in range(3))
-    lut = uniform_lut(rng, 1, h, nq, nk, 25)
-    lin = random_linear_inputs(rng, 1, n, h, d, nq, jnp.bfloat16)[:4]
+    if workload == "wan-1.3b":
+        q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.bfloat16) for _ in range(3))
+    else:  # larger shapes: random inputs made on the device
+        q, k, v = jax.random.normal(jax.random.PRNGKey(5), (3, b, n, h, d), jnp.bfloat16)
+    lut = uniform_lut(rng, b, h, nq, nk, topk)
     plain = jax.jit(lambda q, k, v, lut: sparse_attention_mosaic(q, k, v, lut, stages=4))
-    with_linear = jax.jit(fused)
     for _ in range(2):
         jax.block_until_ready(plain(q, k, v, lut))
-    for _ in range(2):
-        jax.block_until_ready(with_linear(q, k, v, lut, lin))
-    print("ncu_target done", flush=True)
+    if workload == "wan-1.3b":
+        lin = random_linear_inputs(rng, b, n, h, d, nq, jnp.bfloat16)[:4]
+        with_linear = jax.jit(fused)
+        for _ in range(2):
+            jax.block_until_ready(with_linear(q, k, v, lut, lin))
+    print(f"ncu_target done: {workload}, {b}x{h}x{n}x{d}, LUT of {topk} of {nk} key blocks", flush=True)
 
 
 def cupti(iterations=20):
@@ -735,6 +745,8 @@ def main():
     ap.add_argument("--sparsity", type=float, nargs="*", default=[0.95, 0.97])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--trim-sass", default=None)
+    ap.add_argument("--ncu-workload", default="wan-1.3b", choices=["wan-1.3b", "wan-14b-720p"],
+                    help="ncu_target: the shape (its sparsity: the first --sparsity)")
     ap.add_argument("--loop", default=None, choices=LOOPS, help="KernelConfig.loop of the other parts")
     ap.add_argument("--loops", nargs="*", default=None, choices=list(LOOP_VARIANTS), help="loops part: variants (all)")
     ap.add_argument("--kinds", nargs="*", default=None, help="kernel kinds of the loops part (default: all)")
@@ -755,7 +767,7 @@ def main():
         "wan": lambda: [(wan(s, args.runs), save(args.out)) for s in args.sparsity],
         "library": lambda: [library(s, args.runs) for s in args.sparsity],
         "dense": lambda: dense_mosaic(args.runs),
-        "ncu_target": ncu_target,
+        "ncu_target": lambda: ncu_target(args.ncu_workload, args.sparsity[0]),
         "trace": trace,
         "cupti": cupti,
         "module_fb": lambda: [(module_fwd_bwd(s, args.runs), save(args.out)) for s in args.sparsity],
