@@ -183,22 +183,27 @@ def wan_row(sp, seed, runs, rounds):
     return row
 
 
-def tune(seed):
-    """The int8 front-end kernels alone at wan-1.3b (kernel-only, CUPTI): Q (block 128) and K (block 64) with 4
-    and 8 warps, outputs vs the 4-warp kernel's; the bf16 front ends, the Q pass and the XLA mean of K alone."""
+def tune(seed, workload="wan-1.3b", warps=(4, 8), feature_map="softmax"):
+    """The int8 front-end kernels alone at the workload's shape (kernel-only, CUPTI): Q (block 128) and K (block
+    64) with each number of warps, outputs vs the first's; the bf16 front ends, the Q pass and the XLA mean of K
+    alone. feature_map "softmax" (the kernels also write phi) or "none" (as the library's low-bit forward calls
+    them: no phi)."""
+    from experiments.benchmark import WORKLOADS
     from experiments.inputs import random_qkv
 
-    q, k, _ = random_qkv(seed, 1, 32760, 12, 128)
+    b, h, n, d = WORKLOADS[workload][0]
+    q, k, _ = random_qkv(seed, b, n, h, d)
+    phi = softmax_phi if feature_map == "softmax" else None
     k_mean = jnp.mean(k.astype(_F32), axis=1)
     c = (1.0 / math.sqrt(128)) * math.log2(math.e)
     row = {}
     variants = {
-        "q": (q, lambda x, w: fe.block_means_phi_int8_queries(x, 128, softmax_phi, k_mean, c, num_warps=w)),
-        "k": (k, lambda x, w: fe.block_means_phi_int8(x, 64, softmax_phi, num_warps=w)),
+        "q": (q, lambda x, w: fe.block_means_phi_int8_queries(x, 128, phi, k_mean, c, num_warps=w)),
+        "k": (k, lambda x, w: fe.block_means_phi_int8(x, 64, phi, num_warps=w)),
     }
     for which, (x, fn) in variants.items():
-        ref = jax.jit(lambda x: fn(x, 4))(x)
-        for w in (4, 8):
+        ref = jax.jit(lambda x: fn(x, warps[0]))(x)
+        for w in warps:
             name = f"{which}_w{w}"
             res = guarded(f"tune {name}", lambda w=w: cupti(lambda x: fn(x, w), (x,), iterations=20))
             if res is None:
@@ -209,8 +214,9 @@ def tune(seed):
                 float(jnp.max(jnp.abs(a.astype(_F32) - b.astype(_F32))))
                 for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref))
             ]
-    row["bf16_q_front_ms"] = cupti(lambda x: fe.block_means_and_phi(x, 128, softmax_phi), (q,), iterations=20)[0]
-    row["bf16_k_front_ms"] = cupti(lambda x: fe.block_means_and_phi(x, 64, softmax_phi), (k,), iterations=20)[0]
+    row["bf16_q_front_ms"] = cupti(lambda x: fe.block_means_and_phi(x, 128, phi), (q,), iterations=20)[0]
+    row["bf16_k_front_ms"] = cupti(lambda x: fe.block_means_and_phi(x, 64, phi), (k,), iterations=20)[0]
+    row.update(workload=workload, feature_map=feature_map)
     row["q_pass_ms"] = cupti(lambda x: quantize.quantize_queries(x, 128, k_mean, c), (q,), iterations=20)[0]
     row["k_mean_ms"] = cupti(lambda x: jnp.mean(x.astype(_F32), axis=1), (k,), iterations=20)[0]
     print("tune", json.dumps(row), flush=True)
@@ -225,6 +231,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-small", action="store_true")
     ap.add_argument("--tune", action="store_true", help="first the int8 front-end kernels alone (4 / 8 warps)")
+    ap.add_argument("--tune-workload", default="wan-1.3b", choices=["wan-1.3b", "wan-14b-720p"])
+    ap.add_argument("--tune-warps", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--tune-feature-map", default="softmax", choices=["softmax", "none"],
+                    help="softmax: the kernels also write phi; none: as the library's low-bit forward")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     RESULTS["meta"]["device"] = jax.devices()[0].device_kind
@@ -236,7 +246,8 @@ def main():
             json.dump(RESULTS, f, indent=1)
 
     if args.tune:
-        RESULTS["tune"] = guarded("tune", lambda: tune(seed + 200))
+        RESULTS["tune"] = guarded("tune", lambda: tune(seed + 200, args.tune_workload, tuple(args.tune_warps),
+                                                       args.tune_feature_map))
         save()
     cases = [(1000, 128, jnp.bfloat16, 0.3), (2040, 64, jnp.bfloat16, 0.2), (1000, 64, jnp.float16, 0.3)]
     for i, (n, d, dtype, ratio) in enumerate([] if args.skip_small else cases):
