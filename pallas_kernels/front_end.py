@@ -52,7 +52,10 @@ from .quantize import SCALE_LANES, QuantisedKeys, QuantisedQueries, quantize_row
 _F32 = jnp.float32
 _INT_MIN = -(2**31)
 _PREP_WARPS = 4
-_PREP_Q_INT8_WARPS = 8  # one 128 x D tile per program; H100 wan-1.3b: 0.132 ms vs 0.160 with 4
+# warps of the int8 Q front end (one 128 x D tile per program), by whether it also writes phi(Q). H100: with phi
+# 0.132 ms vs 0.160 with 4 warps at wan-1.3b; without (the library's low-bit forward) 4 warps: 0.104 vs 0.130 ms at
+# wan-1.3b, 0.697 vs 0.975 ms at wan-14b-720p (16 warps: 0.141 / 1.032)
+_PREP_Q_INT8_WARPS = {True: 8, False: 4}
 _PREP_ROWS = 32  # rows per loop step; on H100 16..128 rows, 2..8 warps all ran at the byte floor (docs/dev/front_end.md)
 _SELECT_WARPS = 4
 _SELECT_ROW_ELEMENTS = 1024  # rows per select program: this / padded row length (a power of two in [1, 16])
@@ -410,7 +413,7 @@ def block_means_phi_int8_queries(
     shift_scale: float,
     *,
     interpret=None,
-    num_warps=_PREP_Q_INT8_WARPS,
+    num_warps=None,
     pass_through=False,
 ):
     """phi(Q), the per-block means of Q and the int8 queries of the low-bit forward, from one read of Q.
@@ -422,8 +425,9 @@ def block_means_phi_int8_queries(
     the K kernel); shift_scale is the forward's sm_scale * log2(e).
     Args:
       q: (B, N, H, D) bf16/f16/f32, any N, D a power of two; block: query block size (power of two >= 16);
-      feature_map, interpret, num_warps, pass_through: as ``block_means_and_phi`` (one ``block``-row tile per
-      program); k_mean: (B, H, D) float32; shift_scale: a Python float.
+      feature_map, interpret, pass_through: as ``block_means_and_phi`` (one ``block``-row tile per program);
+      num_warps: None (the measured choice: 8 with a feature map, 4 without) or a number; k_mean: (B, H, D)
+      float32; shift_scale: a Python float.
     Returns:
       (phi(q) (B, N, H, D) in q.dtype or None, means (B, H, Nb, D) float32, ``QuantisedQueries`` (q8 int8
       (B, N, H, D), scale float32 (B, H, Nb), shift float32 (B, H, Nb * block)) equal to
@@ -436,6 +440,8 @@ def block_means_phi_int8_queries(
         raise ValueError(f"k_mean must be (B, H, D) = {(b, h, d)}; got {getattr(k_mean, 'shape', None)}")
     mean = lax.stop_gradient(jnp.asarray(k_mean, _F32))
     shift_scale = float(shift_scale)
+    if num_warps is None:
+        num_warps = _PREP_Q_INT8_WARPS[feature_map is not None]
     outs = _prep_int8(q, mean, block, feature_map, _interpret(interpret), num_warps, pass_through, False, shift_scale)
     q_out = (outs.pop(),) if pass_through else ()
     phi = outs[0] if feature_map is not None else None
