@@ -225,7 +225,7 @@ def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
     b, n, h, d = q.shape
     seq = seq_spec(cfg)
     mosaic = cfg.mosaic_backward
-    rows_dq = cfg.block_q if mosaic else rows_per_step("dq", cfg)
+    rows_dq = rows_per_step("dq_linear" if mosaic else "dq", cfg)
     rows = pl.BlockSpec((None, None, rows_dq), lambda i, hh, bb: (bb, hh, i))
     row_struct = jax.ShapeDtypeStruct((b, h, cfg.npad), F32)
     inputs = [] if mosaic else [("lut", lut, full_spec(cfg.nq, cfg.topk)), ("q", q, seq), ("k", k, seq), ("v", v, seq)]
@@ -253,11 +253,10 @@ def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
         outputs += [("dq_phi", q_struct, seq), ("c", row_struct, rows)]
     if fused:
         outputs += [("dalpha_rows", row_struct, rows)]
-    if mosaic:
-        kernel, launch = dq_linear_kernel, {"fused": fused}
-    else:
-        kernel, launch = dq_kernel, {"fused": fused, "rows": rows_dq}
-    res_dq = pallas_triton_call(kernel, (cfg.npad // rows_dq, h, b), inputs, outputs, cfg, "dq", launch)
+    kernel, name = (dq_linear_kernel, "dq_linear") if mosaic else (dq_kernel, "dq")
+    launch = {"fused": fused, "rows": rows_dq}
+    res_dq = pallas_triton_call(kernel, (cfg.npad // rows_dq, h, b), inputs, outputs, cfg, name, launch,
+                                kernel_name="sla_dq")
     res_dq = dict(zip([x[0] for x in outputs], res_dq))
     if mosaic:
         do_sparse, a = (do, alpha) if fused else (do_s, None)

@@ -35,7 +35,8 @@ class Launch(NamedTuple):
 
 
 # Triton launch tables, one per GPU generation: (kernel, head_dim, block_q, block_k) -> Launch. Kernels: "fwd"
-# (forward), "dq" (backward over the LUT), "dkv" (backward over the transposed LUT), "sum" (pre-pass and gradient
+# (forward), "dq" (backward over the LUT), "dkv" (backward over the transposed LUT; also the linear dK/dV part beside
+# the Mosaic dK/dV kernel), "dq_linear" (the per-row terms and dphi(Q) beside the Mosaic dQ kernel), "sum" (pre-pass and gradient
 # totals), "sum_phi" (the forward's states from K with phi applied in the kernel; rows = rows per loop step),
 # "lowbit" (the INT8 / FP8 Triton forward). Missing keys take DEFAULT_LAUNCH.
 # experiments/dev/autotune_kernels.py measures candidates on a GPU and prints the entries for its generation.
@@ -47,6 +48,9 @@ DEFAULT_LAUNCH = {
     # H100, wan-1.3b, 95% complement states from K: 0.345 ms (8 warps) vs 0.362 (4); a 128 x D float32 tile of phi(K)
     # beside the D x D accumulator spills (scope "all" with 128-row steps: 0.43 ms vs 0.09 from a phi(K) array)
     "sum_phi": Launch(8, 2, 64),
+    # the per-row terms and dphi(Q) beside the Mosaic dQ kernel (dq_linear_kernel): rows = query rows per program
+    # (a divisor of block_q); H100, wan-1.3b 97%: 8 warps 0.238 ms, 4 warps 0.333 (one 128-row block per program)
+    "dq_linear": Launch(8, 2, 128),
 }
 LAUNCH_TABLES = {
     "hopper": {
@@ -130,6 +134,8 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.launch: unknown kernel {kernel!r}")
             if min(params) < 1:
                 raise ValueError(f"KernelConfig.launch[{kernel!r}] must be positive, got {params}")
+            if any(x & (x - 1) for x in (params.num_warps, params.rows)):  # in-kernel shapes are powers of two
+                raise ValueError(f"KernelConfig.launch[{kernel!r}]: warps and rows must be powers of two, got {params}")
         object.__setattr__(self, "launch", launch)
 
     def replace(self, **changes) -> KernelConfig:

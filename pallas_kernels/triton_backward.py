@@ -126,15 +126,16 @@ def dq_linear_kernel(
     # outputs
     delta_ref, dq_phi_ref=None, c_ref=None, dalpha_rows_ref=None,
     # static arguments
-    cfg: KernelCall, fused: bool,
+    cfg: KernelCall, fused: bool, rows: int,
 ):  # fmt: skip
-    """Program (i, h, b) of grid (Nq, H, B): the per-row terms and dphi(Q) of query block i without the LUT loop
-    (the Mosaic dQ kernel does the loop, with the delta stored here). Refs as dq_kernel's with rows = block_q, less
-    lut, q, k, v, lse and dq."""
-    i = pl.program_id(0)
-    q_start = i * cfg.block_q
+    """Program (s, h, b) of grid (Npad / rows, H, B): the per-row terms and dphi(Q) of query rows [s * rows,
+    (s + 1) * rows), in query block i = s * rows // block_q, without the LUT loop (the Mosaic dQ kernel does the
+    loop, with the delta stored here). Refs as dq_kernel's, less lut, q, k, v, lse and dq."""
+    sub = pl.program_id(0)
+    i = sub if rows == cfg.block_q else lax.div(sub, jnp.int32(cfg.block_q // rows))  # its query block
+    q_start = sub * rows
     _, _, _, do_l32, c, den = _dq_row_terms(
-        i, q_start, cfg.block_q, o_s_ref, do_ref, do_s_ref, do_l_ref, o_l_ref, den_ref, alpha_ref, delta_ref,
+        i, q_start, rows, o_s_ref, do_ref, do_s_ref, do_l_ref, o_l_ref, den_ref, alpha_ref, delta_ref,
         c_ref, dalpha_rows_ref, cfg=cfg, fused=fused,
     )  # fmt: skip
     if cfg.linear:

@@ -2,12 +2,13 @@
 
   python -m experiments.dev.autotune_kernels [--d 128] [--sparsity 0.95] [--kernels fwd sum dq dkv lowbit] [--out DIR]
 
-For each kernel ("fwd", "dq", "dkv", "sum", "lowbit") it times the candidates on the wan-1.3b shape (B=1, H=12,
+For each kernel ("fwd", "dq", "dkv", "dq_linear", "sum", "lowbit") it times the candidates on the wan-1.3b shape (B=1, H=12,
 N=32760, bf16, b_q=128, b_k=64, random LUT at the given sparsity), each candidate a KernelConfig whose ``launch``
 differs from the base in that kernel only (the base: heuristic_config for the shape on this GPU, with forward and
-backward "triton" unless --family mosaic; on the Mosaic path the "dq" / "dkv" / "sum" entries set the small Triton
-kernels beside the Mosaic ones). "fwd" is timed through the fused forward, "sum" through the linear states the
-forward reads, "dq" / "dkv" through the whole backward (dq + states + dkv), "lowbit" through the INT8 forward.
+backward "triton" unless --family mosaic; on the Mosaic path the "dq_linear" / "dkv" / "sum" entries set the small
+Triton kernels beside the Mosaic ones). "fwd" is timed through the fused forward, "sum" through the linear states the
+forward reads, "dq" / "dkv" / "dq_linear" through the whole backward (dq + states + dkv), "lowbit" through the INT8
+forward.
 Median of --runs synchronised calls after warm-up.
 
 Prints the best entries as lines of pallas_kernels.config.LAUNCH_TABLES[generation] (paste them there by hand) and
@@ -33,6 +34,7 @@ CANDIDATES = {
     "sum": [(w, s, 128) for w, s in itertools.product((4, 8), (1, 2, 3))],
     "dq": [(w, s, r) for w, s, r in itertools.product((4, 8), (1, 2), (32, 64, 128))],
     "dkv": [(w, s, r) for w, s, r in itertools.product((4, 8), (1, 2), (32, 64, 128))],
+    "dq_linear": [(w, 2, r) for w, r in itertools.product((4, 8, 16), (32, 64, 128))],
     "lowbit": [(w, s, 64) for w, s in itertools.product((4, 8), (2, 3, 4))],
 }
 

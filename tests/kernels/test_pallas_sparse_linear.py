@@ -17,6 +17,7 @@ from pallas_kernels import KernelConfig, attention, linear_states, mosaic_dkv, m
 from pallas_kernels import mosaic_supports, sla2_fused_attention, sparse_linear_attention
 from pallas_kernels import reference
 from pallas_kernels.common import validate_call
+from pallas_kernels.config import Launch
 from sla2_jax.feature_maps import softmax_phi
 
 # The dense references and every gradient run jitted: one program each instead of an op-by-op (eager) run, the same
@@ -231,6 +232,13 @@ def test_launch_config_variants_give_the_same_result():
         assert _rel(a, r) < 2e-3 and _rel(b, r) < 2e-3, (seed, name, _rel(a, r), _rel(b, r))
 
 
+@pytest.mark.parametrize("launch, word", [(("dq", (4, 2, 96)), "powers of two"), (("dq", (3, 2, 64)), "powers of two"),
+                                          (("dq", (4, 0, 64)), "positive"), (("nope", (4, 2, 64)), "unknown kernel")])
+def test_bad_launch_entries_refused(launch, word):
+    with pytest.raises(ValueError, match=word):
+        KernelConfig(launch=(launch,))
+
+
 def test_forward_masks_the_ragged_last_key_block():
     """Every query block selects the ragged last key block (and a random ascending rest): keys >= N never count;
     the forward-only and VJP forwards match the reference."""
@@ -347,13 +355,14 @@ def _dense_sparse_grads(q, k, v, do, lse, delta, mask, alpha, sm_scale, block_q)
     return dq, dk, dv
 
 
-@pytest.mark.parametrize("scope", ["complement", "all"])
-def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, monkeypatch):
+@pytest.mark.parametrize("scope, dq_rows", [("complement", 128), ("all", 128), ("complement", 64)])
+def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, dq_rows, monkeypatch):
     """The "mosaic" backward (GPU only) = Triton kernels for the per-row terms and the linear parts + the Mosaic dQ
     and dK/dV kernels for the sparse loops. On CPU stand-ins implement those two kernels' contract in dense
     float32 (from the LUT, or from the transposed LUT and its counts): the per-row terms handed to them, their
     wiring and the Triton linear kernels must still give the reference gradients (the Mosaic kernels themselves
-    are checked on the GPU by experiments/dev/probe_mosaic_dq.py and probe_mosaic_dkv.py)."""
+    are checked on the GPU by experiments/dev/probe_mosaic_dq.py and probe_mosaic_dkv.py). dq_rows: query rows per
+    program of the per-row kernel (the "dq_linear" launch entry; 64: two programs per query block)."""
     calls = []
 
     def dq_stand_in(q, k, v, do, lse, delta, lut, alpha=None, *, block_k, sm_scale, stages=2, config=None):
@@ -379,7 +388,7 @@ def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, monkeypatch):
     seed = _seed()
     args, lut, w1, w2, alpha = _make(seed, 1, 200, 2, 64, jnp.float32, 2, 128, 64, alpha=True)
     ref_kw = dict(block_q=128, block_k=64, linear_scope=scope)
-    kw = dict(ref_kw, config=KernelConfig(backward="mosaic"))
+    kw = dict(ref_kw, config=KernelConfig(backward="mosaic", launch=(("dq_linear", Launch(4, 2, dq_rows)),)))
     fused = lambda *xs: jnp.sum(sla2_fused_attention(*xs[:5], lut, xs[5], **kw) * w1)
     ref_fused = lambda *xs: jnp.sum(reference_fused(*xs[:5], lut, xs[5], **ref_kw) * w1)
     g = jax.jit(jax.grad(fused, argnums=tuple(range(6))))(*args, alpha)
