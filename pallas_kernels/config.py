@@ -94,8 +94,9 @@ class KernelConfig:
       two LUT entries per step (64 x 128 score tiles), output tiles staged in finished ring slots, and how FP8 P
       reaches the P V wgmma. (Its programs run heads fastest, grid (H, Nq, B).)
     mosaic_fp8: quant "int8_fp8" takes the Mosaic forward (else the Triton low-bit kernel).
-    launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "sum", "sum_phi", "lowbit"), as a tuple of
-      (name, Launch) pairs; kernels not listed take DEFAULT_LAUNCH (the "lowbit" kernel: the "fwd" entry).
+    launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "dq_linear", "sum", "sum_phi", "lowbit"),
+      as a tuple of (name, Launch) pairs, warps and rows powers of two; kernels not listed take DEFAULT_LAUNCH (the
+      "lowbit" kernel: the "fwd" entry).
     profile_dir: Mosaic's on-device profiler writes a trace of the named regions of the Mosaic forward, dQ and
       dK/dV kernels there (None: off).
     """
@@ -143,7 +144,7 @@ class KernelConfig:
         return dataclasses.replace(self, **changes)
 
     def launch_params(self, kernel: str) -> Launch:
-        """The Launch of Triton kernel ``kernel`` ("fwd", "dq", "dkv", "sum", "sum_phi", "lowbit")."""
+        """The Launch of Triton kernel ``kernel`` ("fwd", "dq", "dkv", "dq_linear", "sum", "sum_phi", "lowbit")."""
         table = dict(self.launch)
         if kernel in table:
             return table[kernel]
