@@ -36,9 +36,9 @@ class Launch(NamedTuple):
 
 # Triton launch tables, one per GPU generation: (kernel, head_dim, block_q, block_k) -> Launch. Kernels: "fwd"
 # (forward), "dq" (backward over the LUT), "dkv" (backward over the transposed LUT; also the linear dK/dV part beside
-# the Mosaic dK/dV kernel), "dq_linear" (the per-row terms and dphi(Q) beside the Mosaic dQ kernel), "sum" (pre-pass and gradient
-# totals), "sum_phi" (the forward's states from K with phi applied in the kernel; rows = rows per loop step),
-# "lowbit" (the INT8 / FP8 Triton forward). Missing keys take DEFAULT_LAUNCH.
+# the Mosaic dK/dV kernel), "dq_linear" (the per-row terms and dphi(Q) beside the Mosaic dQ kernel), "sum" (pre-pass
+# and gradient totals), "sum_phi" (the forward's states from K with phi applied in the kernel; rows = rows per loop
+# step), "lowbit" (the INT8 / FP8 Triton forward). Missing keys take DEFAULT_LAUNCH.
 # experiments/dev/autotune_kernels.py measures candidates on a GPU and prints the entries for its generation.
 DEFAULT_LAUNCH = {
     "fwd": Launch(4, 2, 64),
