@@ -286,8 +286,8 @@ def backward_states(res, res_dq, cfg: KernelCall, *, fused, do=None, do_l=None, 
 
 
 def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall):
-    """(name, array, BlockSpec) of the dK/dV kernels' linear-branch inputs: phi(K) and dH, dZ (per key block, or the
-    totals)."""
+    """(name, array, BlockSpec) of the dK/dV kernels' linear-branch inputs: phi(K) (none where k_phi is None: the
+    kernel applies phi to the K tile it loads) and dH, dZ (per key block, or the totals)."""
     dh, dz = totals
     d = cfg.d
     if dh.ndim == 5:  # per key block
@@ -295,7 +295,8 @@ def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall):
         dz_spec = pl.BlockSpec((None, None, None, d), lambda j, hh, bb: (bb, hh, j, 0))
     else:
         dh_spec, dz_spec = full_spec(d, d), full_spec(d)
-    return [("k_phi", k_phi, seq_spec(cfg)), ("dh", dh, dh_spec), ("dz", dz, dz_spec)]
+    k_input = [] if k_phi is None else [("k_phi", k_phi, seq_spec(cfg))]
+    return k_input + [("dh", dh, dh_spec), ("dz", dz, dz_spec)]
 
 
 def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=None, sel=None):
@@ -334,8 +335,7 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
     full_rows = full_spec(cfg.npad)
     inputs += [("lse", lse, full_rows), ("delta", res_dq["delta"], full_rows)]
     if cfg.linear:  # with phi, phi(K_j) from the K tile the kernel loads anyway
-        linear = _dkv_linear_inputs(k_phi, totals, cfg)
-        inputs += linear[1:] if phi is not None else linear
+        inputs += _dkv_linear_inputs(None if phi is not None else k_phi, totals, cfg)
     if fused:
         inputs += [("alpha", alpha, full_spec(cfg.nq))]
     outputs = [("dk", kv_struct, seq), ("dv", kv_struct, seq)]
