@@ -94,6 +94,8 @@ class KernelConfig:
       two LUT entries per step (64 x 128 score tiles), output tiles staged in finished ring slots, and how FP8 P
       reaches the P V wgmma. (Its programs run heads fastest, grid (H, Nq, B).)
     mosaic_fp8: quant "int8_fp8" takes the Mosaic forward (else the Triton low-bit kernel).
+    totals_chunk: rows per program of the totals' outer sums (phi(K)^T V of scope "all" and the backward's dH, dZ
+      totals; split-K, the partial sums added by XLA): a power of two >= 64. More programs against more partial sums.
     launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "dq_linear", "sum", "sum_phi", "lowbit"),
       as a tuple of (name, Launch) pairs, warps and rows powers of two; kernels not listed take DEFAULT_LAUNCH (the
       "lowbit" kernel: the "fwd" entry).
@@ -111,6 +113,7 @@ class KernelConfig:
     outputs_in_ring: bool = True
     p8_operand: str = "registers"
     mosaic_fp8: bool = True
+    totals_chunk: int = 1024
     launch: tuple = ()
     profile_dir: str | None = None
 
@@ -126,6 +129,9 @@ class KernelConfig:
         ):
             if value not in choices:
                 raise ValueError(f"KernelConfig.{name}={value!r} is not one of {choices}")
+        chunk = self.totals_chunk
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 64 or chunk & (chunk - 1):
+            raise ValueError(f"KernelConfig.totals_chunk must be a power of two >= 64, got {chunk!r}")
         for name in ("pair_steps", "outputs_in_ring", "mosaic_fp8"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"KernelConfig.{name} must be a bool, got {getattr(self, name)!r}")

@@ -85,7 +85,7 @@ def _outer_sum_kernel(
     z_ref[...] = z
 
 
-_SUM_CHUNK, _SUM_BLOCK = 1024, 128
+_SUM_BLOCK = 128
 
 
 def stored_blocks(count: int) -> int:
@@ -101,7 +101,8 @@ def stored_blocks(count: int) -> int:
 def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, means=False):
     """sum over rows of (w_r x_r)^T y_r -> (B, H, D, D) and of u_r x_r -> (B, H, D), float32.
 
-    Grid (C, H, B), C = ceil(N / 1024) chunks of rows (split-K: B*H alone is too few programs to fill the GPU);
+    Grid (C, H, B), C = ceil(N / KernelConfig.totals_chunk) chunks of rows (split-K: B*H alone is too few programs
+    to fill the GPU; 1024 rows by default);
     the C partial sums are added by XLA (heads first, grid (H, C, B), measured no faster: docs/dev/linear_branch.md).
     Flop 2*N*D^2 per head; bytes: one read of x and y.
     w, u: optional (B, H, >= N) per-row float32 weights (both or neither).
@@ -119,7 +120,7 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
     if block_means:
         step = cfg.block_k  # one step per key block: its mean is one row of the chunk's means
     if block_rows is None:
-        chunk = min(_SUM_CHUNK, max(step, pl.next_power_of_2(n)))
+        chunk = min(max(cfg.config.totals_chunk, step), max(step, pl.next_power_of_2(n)))
     else:
         chunk = block_rows
     nc = -(-n // chunk)

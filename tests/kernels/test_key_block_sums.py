@@ -12,7 +12,7 @@ import pytest
 from helpers import fresh_seed as _seed
 from helpers import rel_err as _rel
 
-from pallas_kernels import key_block_sums, linear_states, sla2_fused_attention
+from pallas_kernels import KernelConfig, key_block_sums, linear_states, sla2_fused_attention
 from pallas_kernels.common import validate_call
 from pallas_kernels.front_end import block_means_and_phi
 from sla2_jax.feature_maps import PHI_FUNCTIONS
@@ -94,6 +94,43 @@ def test_fused_attention_with_key_sums_equals_without(scope):
     assert _rel(o1, o0) < tol
     for a, b in zip(g1, g0):
         assert _rel(a, b) < tol
+
+
+@pytest.mark.parametrize("chunk", [64, 256])
+def test_totals_chunk_changes_only_the_split(chunk):
+    """KernelConfig.totals_chunk (rows per program of the totals' split-K sums): the totals and block means of
+    scope "all" equal a float64 reference, and the fused op's output and gradients (whose backward makes dH, dZ
+    totals the same way) equal those of the default chunk, up to float32 summation order."""
+    n, d, topk = 333, 64, 2
+    q, k, v = _qkv(_seed(), n, d, jnp.float32)
+    nq, nk = -(-n // 128), -(-n // 64)
+    rng = np.random.default_rng(2)
+    lut = jnp.asarray(np.sort(np.stack([rng.permutation(nk)[:topk] for _ in range(2 * nq)]), -1).reshape(1, 2, nq, topk),
+                      jnp.int32)
+    config = KernelConfig(totals_chunk=chunk)
+    cfg = validate_call(q, k, v, q, k, lut, 128, 64, "all", None, 1e-6, None, config)
+    (h, z), means = linear_states.outer_sum(k, v, cfg, phi=PHI, means=True)
+    kp = np.asarray(PHI(k), np.float64)[0]
+    np.testing.assert_allclose(h[0], np.einsum("nhd,nhe->hde", kp, np.asarray(v, np.float64)[0]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(z[0], kp.sum(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(means, block_means_and_phi(k, 64)[1], rtol=1e-6, atol=1e-6)
+    alpha = jnp.asarray(rng.uniform(0.2, 0.8, (1, 2, nq)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((1, n, 2, d)), jnp.float32)
+
+    def run(config):
+        def f(q, k, v, a):
+            o = sla2_fused_attention(q, k, v, None, None, lut, a, feature_map=PHI, linear_scope="all", config=config)
+            return jnp.sum(o * w), o
+        (_, o), grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, alpha)
+        return o, grads
+
+    o1, g1 = run(config)
+    o0, g0 = run(KernelConfig())
+    assert _rel(o1, o0) < 1e-5
+    for a, b in zip(g1, g0):
+        assert _rel(a, b) < 1e-5
+    with pytest.raises(ValueError, match="totals_chunk"):
+        KernelConfig(totals_chunk=96)
 
 
 def test_bad_key_sums_are_refused():
