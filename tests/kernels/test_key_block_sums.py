@@ -25,6 +25,15 @@ def _qkv(seed, n, d, dtype, h=2):
     return tuple(jnp.asarray(rng.standard_normal((1, n, h, d)), jnp.float32).astype(dtype) for _ in range(3))
 
 
+def _lut_alpha_w(seed, n, d, topk, h=2):
+    """A random ascending LUT (1, h, Nq, topk) int32, alpha (1, h, Nq) in [0.2, 0.8] and output weights (1, n, h, d)."""
+    nq, nk = -(-n // 128), -(-n // 64)
+    rng = np.random.default_rng(seed)
+    lut = np.sort(np.stack([rng.permutation(nk)[:topk] for _ in range(h * nq)]), -1).reshape(1, h, nq, topk)
+    alpha = jnp.asarray(rng.uniform(0.2, 0.8, (1, h, nq)), jnp.float32)
+    return jnp.asarray(lut, jnp.int32), alpha, jnp.asarray(rng.standard_normal((1, n, h, d)), jnp.float32)
+
+
 @pytest.mark.parametrize("n, d, dtype", [(200, 64, jnp.bfloat16), (300, 128, jnp.float32)])
 def test_means_are_the_front_ends_and_sums_the_forwards(n, d, dtype):
     q, k, v = _qkv(_seed(), n, d, dtype)
@@ -71,12 +80,7 @@ def test_totals_for_scope_all(n, d, dtype):
 def test_fused_attention_with_key_sums_equals_without(scope):
     n, d, topk = 456, 64, 2
     q, k, v = _qkv(_seed(), n, d, jnp.bfloat16)
-    nq, nk = -(-n // 128), -(-n // 64)
-    rng = np.random.default_rng(1)
-    lut = jnp.asarray(np.sort(np.stack([rng.permutation(nk)[:topk] for _ in range(2 * nq)]), -1).reshape(1, 2, nq, topk),
-                      jnp.int32)
-    alpha = jnp.asarray(rng.uniform(0.2, 0.8, (1, 2, nq)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((1, n, 2, d)), jnp.float32)
+    lut, alpha, w = _lut_alpha_w(1, n, d, topk)
 
     def run(with_sums):
         def f(q, k, v, a):
@@ -103,10 +107,7 @@ def test_totals_chunk_changes_only_the_split(chunk):
     totals the same way) equal those of the default chunk, up to float32 summation order."""
     n, d, topk = 333, 64, 2
     q, k, v = _qkv(_seed(), n, d, jnp.float32)
-    nq, nk = -(-n // 128), -(-n // 64)
-    rng = np.random.default_rng(2)
-    lut = jnp.asarray(np.sort(np.stack([rng.permutation(nk)[:topk] for _ in range(2 * nq)]), -1).reshape(1, 2, nq, topk),
-                      jnp.int32)
+    lut, alpha, w = _lut_alpha_w(2, n, d, topk)
     config = KernelConfig(totals_chunk=chunk)
     cfg = validate_call(q, k, v, q, k, lut, 128, 64, "all", None, 1e-6, None, config)
     (h, z), means = linear_states.outer_sum(k, v, cfg, phi=PHI, means=True)
@@ -114,8 +115,6 @@ def test_totals_chunk_changes_only_the_split(chunk):
     np.testing.assert_allclose(h[0], np.einsum("nhd,nhe->hde", kp, np.asarray(v, np.float64)[0]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(z[0], kp.sum(0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(means, block_means_and_phi(k, 64)[1], rtol=1e-6, atol=1e-6)
-    alpha = jnp.asarray(rng.uniform(0.2, 0.8, (1, 2, nq)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((1, n, 2, d)), jnp.float32)
 
     def run(config):
         def f(q, k, v, a):
