@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.dev.common import bench, kernel_ms, phi_array_low_bit_route, record_error, rel, uniform_lut
+from experiments.dev.common import (
+    bench, kernel_ms, phi_array_low_bit_route, record_error, rel, uniform_lut, with_changes,
+)
 from experiments.timing import in_model_seconds
 from pallas_kernels import heuristic_config, sla2_fused_attention
 from pallas_kernels.reference import reference_fused
@@ -196,7 +198,7 @@ def module_forms(sparsity, scope, forms):
 
     def kernel_variant(fields):  # the library's form under heuristic_config(...).replace(**fields)
         def fn(q, k, v):
-            kernel = with_launches(heuristic_config(q.shape[1], q.shape[3], q.dtype), fields)
+            kernel = with_changes(heuristic_config(q.shape[1], q.shape[3], q.dtype), fields)
             return sla.sla2_attention(q, k, v, config=config.replace(kernel=kernel))
 
         return fn
@@ -233,15 +235,6 @@ def kernel_fields(form):
         raise ValueError(f"unknown form {form!r}: one of {FORMS}, kernel:FIELD=VALUE[,...] or "
                          "launch:KERNEL=WARPS/STAGES/ROWS[,...]")
     return kernel_changes(form[len("kernel:"):], reserved=("launch",))
-
-
-def with_launches(config, fields):
-    """config.replace(**fields), where fields["launch"] (if present) is {kernel: Launch} merged into config's own
-    launch table (the other kernels' entries kept)."""
-    fields = dict(fields)
-    if "launch" in fields:
-        fields["launch"] = tuple({**dict(config.launch), **fields["launch"]}.items())
-    return config.replace(**fields)
 
 
 def grads_of(fn):

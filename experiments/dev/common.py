@@ -127,6 +127,15 @@ def with_config(cfg, config, dtype=jnp.bfloat16):
     return cfg._replace(config=config)
 
 
+def with_changes(config, changes):
+    """config.replace(**changes), where changes["launch"] (if present) is {kernel: Launch or (warps, stages, rows)}
+    merged into config's own launch table (the other kernels' entries kept)."""
+    changes = dict(changes)
+    if "launch" in changes:
+        changes["launch"] = tuple({**dict(config.launch), **changes["launch"]}.items())
+    return config.replace(**changes)
+
+
 def default_config(n, d, dtype=jnp.bfloat16, block_q=128, block_k=64, **changes):
     """heuristic_config for the shape on this machine's GPU, with the given fields changed."""
     from pallas_kernels import heuristic_config

@@ -82,20 +82,15 @@ def test_launch_forms_of_check_phi_in_kernels():
     """check_phi_in_kernels' form launch:KERNEL=W/S/R[,...] sets those launch entries and keeps the others; bad
     entries are refused naming the item."""
     from experiments.dev import check_phi_in_kernels as tool
+    from pallas_kernels.config import Launch
 
-    base = tool.heuristic_config(1000, 128, jnp.bfloat16).replace(launch=(("fwd", tool_launch(8, 3, 64)),))
-    config = tool.with_launches(base, tool.kernel_fields("launch:dkv=8/2/64,dq=4/1/128"))
+    base = tool.heuristic_config(1000, 128, jnp.bfloat16).replace(launch=(("fwd", Launch(8, 3, 64)),))
+    config = tool.with_changes(base, tool.kernel_fields("launch:dkv=8/2/64,dq=4/1/128"))
     assert [tuple(config.launch_params(k)) for k in ("dkv", "dq", "fwd")] == [(8, 2, 64), (4, 1, 128), (8, 3, 64)]
-    assert tool.with_launches(base, tool.kernel_fields("kernel:loop=pipelined")).launch == base.launch
+    assert tool.with_changes(base, tool.kernel_fields("kernel:loop=pipelined")).launch == base.launch
     for bad in ("launch:nope=8/2/64", "launch:dkv=8/2", "launch:dkv=8,2,64", "other"):
         with pytest.raises(ValueError):
             tool.kernel_fields(bad)
-
-
-def tool_launch(*params):
-    from pallas_kernels.config import Launch
-
-    return Launch(*params)
 
 
 def test_autotune_prints_launch_table_entries():
