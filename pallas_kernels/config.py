@@ -57,6 +57,9 @@ LAUNCH_TABLES = {
         ("fwd", 128, 128, 64): Launch(8, 3, 64),
         ("dq", 128, 128, 64): Launch(8, 2, 128),
         ("dkv", 128, 128, 64): Launch(4, 2, 64),
+        # H100, wan-1.3b fwd+bwd, one process: 64-row programs 0.209 / 0.212 ms vs 0.242 / 0.240 with 128 rows (97% /
+        # 95%); 4 warps 64 rows 0.227, 4 warps 32 rows 0.217, 16 warps 128 rows 0.232
+        ("dq_linear", 128, 128, 64): Launch(8, 2, 64),
         ("sum", 128, 128, 64): Launch(4, 2, 128),
         # H100, wan-1.3b, totals of scope "all" from K (CUPTI, one process): 0.152 ms vs 0.168 with (8, 2, 64) and
         # 0.161 with (8, 3, 64); the complement states take 64-row blocks either way (0.337 vs 0.340 ms). The
