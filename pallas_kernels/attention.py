@@ -31,6 +31,7 @@ from . import linear_states, mosaic_dkv, mosaic_dq, mosaic_forward
 from ._triton import pl
 from .common import (
     F32,
+    written_phi_vjp,
     KernelCall,
     Residuals,
     checked_alpha,
@@ -203,24 +204,34 @@ def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=
     states, dK/dV stage (each a separate function for timing). phi: None (the residuals hold phi(Q), phi(K)), or the
     feature map, which the gradient states / the dK/dV stage then apply to the rows of Q / K they read (res.q_phi /
     res.k_phi are not read)."""
-    res_dq = backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l)
+    res_dq = backward_dq(res, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l, phi=phi)
     sel = gradient_selection(res.lut, cfg) if cfg.track_lin else None  # one selection for both stages
     totals = backward_states(res, res_dq, cfg, fused=fused, do=do, do_l=do_l, phi=phi, sel=sel)
     res_dkv = backward_dkv(res, res_dq, totals, cfg, fused=fused, do=do, do_s=do_s, do_l=do_l, phi=phi, sel=sel)
     q = res[0]
     b, _, h, _ = q.shape
     zeros = jnp.zeros_like(q)
-    dq_phi = res_dq.get("dq_phi", zeros)
-    dk_phi = res_dkv.get("dk_phi", zeros)
+    # dphi(Q) / dphi(K) None: phi's vjp is already in dq / dk (mosaic_phi_vjp)
+    dq_phi = None if mosaic_phi_vjp(cfg, phi, "dq") else res_dq.get("dq_phi", zeros)
+    dk_phi = None if mosaic_phi_vjp(cfg, phi, "dkv") else res_dkv.get("dk_phi", zeros)
     dalpha = None
     if fused:
         dalpha = res_dq["dalpha_rows"].reshape(b, h, cfg.nq, cfg.block_q).sum(-1)
     return res_dq["dq"], res_dkv["dk"], res_dkv["dv"], dq_phi, dk_phi, dalpha
 
 
-def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
+def mosaic_phi_vjp(cfg: KernelCall, phi, kernel: str) -> bool:
+    """Whether the Mosaic backward kernel ``kernel`` ("dq" or "dkv") applies phi's vjp itself (KernelConfig.phi_vjp;
+    only for a feature map with a written-out vjp, common.written_phi_vjp, and a linear branch)."""
+    place = cfg.config.phi_vjp
+    chosen = place == "mosaic" or place == f"mosaic_{kernel}"
+    return chosen and cfg.mosaic_backward and cfg.linear and phi is not None and written_phi_vjp(phi) is not None
+
+
+def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=None):
     """dQ, dphi(Q) (and delta, c, d alpha per row) over the LUT: one Triton kernel, or with the Mosaic backward a
-    Triton kernel for the per-row terms and dphi(Q) followed by the Mosaic dQ kernel (mosaic_dq.py)."""
+    Triton kernel for the per-row terms and dphi(Q) followed by the Mosaic dQ kernel (mosaic_dq.py), which adds
+    phi's vjp applied to dphi(Q) where mosaic_phi_vjp (then dq is the whole dQ)."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     b, n, h, d = q.shape
     seq = seq_spec(cfg)
@@ -262,6 +273,8 @@ def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None):
         do_sparse, a = (do, alpha) if fused else (do_s, None)
         # a ring of 4 K/V slots: 0.88 vs 0.92 ms with 2 (H100, wan-1.3b at 95%)
         kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "stages": 4, "config": cfg.config}
+        if mosaic_phi_vjp(cfg, phi, "dq"):
+            kw.update(dq_phi=res_dq["dq_phi"], feature_map=phi)
         res_dq["dq"] = mosaic_dq.sparse_attention_dq_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut, a, **kw)
     return res_dq
 
@@ -299,10 +312,23 @@ def _dkv_linear_inputs(k_phi, totals, cfg: KernelCall):
     return k_input + [("dh", dh, dh_spec), ("dz", dz, dz_spec)]
 
 
+def _linear_dkv_call(v, k_rows, totals, cfg: KernelCall, phi, dv_s):
+    """The linear dK/dV kernel beside the Mosaic one: (dv_s + phi(K_j) dH_j, or that term alone where dv_s is None;
+    dphi(K_j)), both (B, N, H, D) in k's dtype. k_rows: phi(K), or K with phi the feature map."""
+    b, _, h, _ = v.shape
+    seq = seq_spec(cfg)
+    kv_struct = jax.ShapeDtypeStruct(v.shape, v.dtype)
+    dv_in = [] if dv_s is None else [("dv_s", dv_s, seq)]
+    inputs = [("v", v, seq)] + dv_in + _dkv_linear_inputs(k_rows, totals, cfg)
+    outputs = [("dv", kv_struct, seq), ("dk_phi", kv_struct, seq)]
+    return pallas_triton_call(dkv_linear_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", {"phi": phi})
+
+
 def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=None, sel=None):
     """dK, dV, dphi(K) over the transposed LUT (built here): one Triton kernel, or the Mosaic dK/dV kernel
-    (mosaic_dkv.py) followed by a Triton kernel for the linear part. phi: None (phi(K) from res.k_phi), or the
-    feature map, applied to the K rows the linear part reads. sel: the LUT's selection if already made
+    (mosaic_dkv.py) and a Triton kernel for the linear part: after it, or where mosaic_phi_vjp before it, the Mosaic
+    kernel then adding phi's vjp applied to dphi(K) and the linear dV (dk, dv whole). phi: None (phi(K) from
+    res.k_phi), or the feature map, applied to the K rows the linear part reads. sel: the LUT's selection if already made
     (linear_states.gradient_selection; the transposed LUT reads its first Nq columns)."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     b, n, h, d = q.shape
@@ -312,15 +338,20 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
     if cfg.mosaic_backward:
         do_sparse, a = (do, alpha) if fused else (do_s, None)
         kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "config": cfg.config}
-        dk, dv_s = mosaic_dkv.sparse_attention_dkv_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut_t, count, a, **kw)
+        sparse_dkv = functools.partial(mosaic_dkv.sparse_attention_dkv_mosaic, q, k, v, do_sparse, lse,
+                                       res_dq["delta"], lut_t, count, a, **kw)
         if not cfg.linear:
+            dk, dv_s = sparse_dkv()
             return {"dk": dk, "dv": dv_s}
         k_rows = k if phi is not None else k_phi  # the kernel applies phi to K's rows
-        inputs = [("v", v, seq), ("dv_s", dv_s, seq)] + _dkv_linear_inputs(k_rows, totals, cfg)
-        outputs = [("dv", kv_struct, seq), ("dk_phi", kv_struct, seq)]
-        launch = {"phi": phi}
-        res_lin = pallas_triton_call(dkv_linear_kernel, (cfg.nk, h, b), inputs, outputs, cfg, "dkv", launch)
-        return {"dk": dk, **dict(zip([x[0] for x in outputs], res_lin))}
+        linear = functools.partial(_linear_dkv_call, v, k_rows, totals, cfg, phi)
+        if mosaic_phi_vjp(cfg, phi, "dkv"):  # linear part first: the Mosaic kernel adds it and phi's vjp
+            dv_lin, dk_phi = linear(None)
+            dk, dv = sparse_dkv(dk_phi=dk_phi, dv_add=dv_lin, feature_map=phi)
+            return {"dk": dk, "dv": dv}
+        dk, dv_s = sparse_dkv()
+        dv, dk_phi = linear(dv_s)
+        return {"dk": dk, "dv": dv, "dk_phi": dk_phi}
     inputs = [
         ("lut_t", lut_t, full_spec(cfg.nk, cfg.nq)),
         ("count", count, full_spec(cfg.nk)),
@@ -518,8 +549,9 @@ def _fused_phi_bwd(cfg, phi, res, do):
     the whole gradients."""
     do = do.astype(res.q.dtype)
     dq, dk, dv, dq_phi, dk_phi, dalpha = backward(res, cfg, fused=True, do=do, phi=phi)
-    if cfg.linear:
+    if dq_phi is not None and cfg.linear:  # None: the Mosaic dQ kernel applied phi's vjp (KernelConfig.phi_vjp)
         dq = feature_map_vjp(res.q, dq_phi, dq, phi, interpret=cfg.interpret)
+    if dk_phi is not None and cfg.linear:
         dk = feature_map_vjp(res.k, dk_phi, dk, phi, interpret=cfg.interpret)
     return dq, dk, dv, None, dalpha, None
 

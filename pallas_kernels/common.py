@@ -126,6 +126,14 @@ def phi_vjp(phi, x, d_phi32):
     return jax.vjp(phi, x.astype(F32))[1](d_phi32)[0]
 
 
+def written_phi_vjp(phi):
+    """phi's vjp written out, ``phi.vjp(x32, d_phi32) -> dx32`` (e.g. ``sla2_jax.feature_maps.softmax_phi.vjp``), or
+    None: the Mosaic kernels cannot lower autodiff's vjp of a feature map (add_any), so they apply phi's vjp only
+    for maps that carry one."""
+    vjp = getattr(phi, "vjp", None)
+    return vjp if callable(vjp) else None
+
+
 def finite_rows(x, valid):
     """(rows,) bool: valid rows of the float32 tile x (rows, D) with no NaN / Inf entry (the rows a block mean
     averages)."""

@@ -23,6 +23,7 @@ LOOPS = ("pingpong", "pipelined")
 STATE_DTYPES = ("bfloat16", "float32")
 BLOCK_SUM_DTYPES = ("float16", "bfloat16")
 P8_OPERANDS = ("registers", "smem")
+PHI_VJP_PLACES = ("pass", "mosaic_dq", "mosaic_dkv", "mosaic")
 
 
 class Launch(NamedTuple):
@@ -97,6 +98,10 @@ class KernelConfig:
       two LUT entries per step (64 x 128 score tiles), output tiles staged in finished ring slots, and how FP8 P
       reaches the P V wgmma. (Its programs run heads fastest, grid (H, Nq, B).)
     mosaic_fp8: quant "int8_fp8" takes the Mosaic forward (else the Triton low-bit kernel).
+    phi_vjp: where the backward without phi arrays applies phi's vjp (Mosaic backward, feature maps with a written-out
+      ``.vjp``): "pass" (one front-end pass per tensor: read X, dphi(X), dX, write dX), "mosaic_dq" (Q's in the
+      Mosaic dQ kernel's epilogue), "mosaic_dkv" (K's in the Mosaic dK/dV kernel's, which then also adds the linear
+      dV: the linear dK/dV kernel runs first), "mosaic" (both).
     totals_chunk: rows per program of the totals' outer sums (phi(K)^T V of scope "all" and the backward's dH, dZ
       totals; split-K, the partial sums added by XLA): a power of two >= 64. More programs against more partial sums.
     launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "dq_linear", "sum", "sum_phi", "lowbit"),
@@ -116,6 +121,7 @@ class KernelConfig:
     outputs_in_ring: bool = True
     p8_operand: str = "registers"
     mosaic_fp8: bool = True
+    phi_vjp: str = "pass"
     totals_chunk: int = 1024
     launch: tuple = ()
     profile_dir: str | None = None
@@ -129,6 +135,7 @@ class KernelConfig:
             ("block_sum_dtype", self.block_sum_dtype, BLOCK_SUM_DTYPES),
             ("loop", self.loop, LOOPS),
             ("p8_operand", self.p8_operand, P8_OPERANDS),
+            ("phi_vjp", self.phi_vjp, PHI_VJP_PLACES),
         ):
             if value not in choices:
                 raise ValueError(f"KernelConfig.{name}={value!r} is not one of {choices}")

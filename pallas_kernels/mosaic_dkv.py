@@ -14,6 +14,10 @@ Grid (H, Nk, B): one program per (batch, head, key block j of 64 keys). Three wa
   * warpgroup 2 (memory): TMA copies of Q, dO (64 x D), lse, delta (64) of each half query block into a ring of
     ``stages`` slots per compute warpgroup, each refilled as soon as its warpgroup released it; warpgroup 0 issues
     the copies of K_j, V_j.
+With ``dk_phi``, ``dv_add`` and ``feature_map`` (the linear branch's dphi(K) and phi(K) dH, made before this kernel):
+after its last Q / dO copy the memory warpgroup TMA-loads key block j's rows of both into the next two free Q
+slots of the ring, and the finishing warpgroup(s) add them: dK = sm_scale * dk + J_phi(K_j)^T dphi(K_j) (phi's vjp
+at the K tile, still in shared memory, in float32) and dV = dv + dv_add, so that no separate vjp pass over K runs.
 Trip count count[b, h, j] (dynamic); query rows >= N (only in the last query block, which the ascending list puts
 last) are masked on that entry alone, so a garbage lse / delta there cannot make NaN.
 Flop per program 8 * 128 * 64 * D * count; bytes per step 4 * 128 * D (Q, dO; mostly from L2).
@@ -32,7 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .common import LOG2E
+from .common import LOG2E, written_phi_vjp
 from .config import KernelConfig
 
 _ROWS = 64  # query rows per compute warpgroup and step (wgmma N); a query block is 2 x 64 rows
@@ -75,9 +79,9 @@ def _check_inputs(q, k, v, do, lse, delta, lut_t, count, alpha, block_k):
 
 def sparse_attention_dkv_mosaic(
     q, k, v, do, lse, delta, lut_t, count, alpha=None, *, block_k: int = 64, sm_scale: float | None = None,
-    stages: int = 2, config: KernelConfig = KernelConfig(),
+    stages: int = 2, config: KernelConfig = KernelConfig(), dk_phi=None, dv_add=None, feature_map=None,
 ):  # fmt: skip
-    """dK, dV of the sparse branch over the transposed LUT.
+    """dK, dV of the sparse branch over the transposed LUT (plus the linear branch's terms, when given).
 
     q, k, v, do: (B, N, H, D) bf16/f16, N % 8 == 0, D in {64, 128}; lse, delta: (B, H, Nq * 128) float32 (lse in
     base 2 of the logits scaled by sm_scale * log2(e), delta = a_i * rowsum(dO * o_s)); lut_t: (B, H, Nk, Nq)
@@ -86,17 +90,30 @@ def sparse_attention_dkv_mosaic(
     stages: ring slots per compute warpgroup (at D = 128 only 2 fit in shared memory). config: of its fields only
     ``profile_dir`` concerns this kernel (Mosaic's on-device profiler: timestamps of the named regions per
     warpgroup, a trace written there).
+    dk_phi, dv_add: None, or the cotangent of phi(K) and a term to add to dV, both (B, N, H, D) in k.dtype, with
+    feature_map (phi, the map the forward applied to K, carrying its vjp written out as ``phi.vjp``:
+    common.written_phi_vjp): then dk also holds J_phi(K)^T dk_phi and dv also dv_add.
     """
     _check_inputs(q, k, v, do, lse, delta, lut_t, count, alpha, block_k)
+    lin = (dk_phi, dv_add, feature_map)
+    if any(x is None for x in lin) != all(x is None for x in lin):
+        raise ValueError("dk_phi, dv_add and feature_map go together (all or none)")
+    if dk_phi is not None and (any(x.shape != k.shape or x.dtype != k.dtype for x in (dk_phi, dv_add))
+                               or written_phi_vjp(feature_map) is None):
+        raise ValueError(f"dk_phi, dv_add must be like k {k.shape} {k.dtype} and feature_map a map with a "
+                         f"written-out .vjp (common.written_phi_vjp), got {dk_phi.shape} {dk_phi.dtype}, "
+                         f"{dv_add.shape} {dv_add.dtype}, {feature_map!r}")
     exchange = _exchange_mode(q.shape[-1], q.dtype.itemsize, stages)
-    kernel = _build(q.shape, q.dtype, sm_scale, stages, exchange, config.profile_dir, alpha is not None)
+    kernel = _build(q.shape, q.dtype, sm_scale, stages, exchange, config.profile_dir, alpha is not None,
+                    written_phi_vjp(feature_map) if dk_phi is not None else None)
     args = (q, k, v, do, lse, delta, lut_t, count) + ((alpha,) if alpha is not None else ())
-    return kernel(*args)
+    return kernel(*args + ((dk_phi, dv_add) if dk_phi is not None else ()))
 
 
 @functools.cache
-def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str | None, has_alpha: bool):
-    """The plgpu.kernel callable for one static configuration (exchange "pair" or "serial": _exchange_mode)."""
+def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str | None, has_alpha: bool, phi_vjp=None):
+    """The plgpu.kernel callable for one static configuration (exchange "pair" or "serial": _exchange_mode; phi_vjp:
+    None, or the written-out vjp of the feature map whose dphi(K) the kernel then takes, with dv_add)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only backend: imported on use
 
     b, n, h, d = shape
@@ -115,7 +132,8 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
     def compute(refs, smem, bars, wg):
         k_ref, v_ref, lut_ref, count_ref, alpha_ref, dk_ref, dv_ref = refs
         q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, red_smem = smem
-        q_ready, do_ready, lse_ready, delta_ready, free, kv_ready, red_full, red_empty = bars
+        q_ready, do_ready, lse_ready, delta_ready, free, kv_ready, red_full, red_empty = bars[:8]
+        lin_ready = bars[8] if phi_vjp is not None else None
         with jax.named_scope("c_setmaxnreg"):
             plgpu.set_max_registers(232, action="increase")
         with jax.named_scope("c_issue_kv"):
@@ -186,18 +204,35 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
                 carry = lax.fori_loop(0, cnt, step, carry)
         dk, dv = carry
         outs = ((k_smem, dk_ref), (v_smem, dv_ref))  # the K, V tiles stage the outputs
+        lin = None
+        if phi_vjp is not None:  # the Q slots the memory warpgroup loads dphi(K_j), dv_add into (see memory)
+            s0 = lax.rem(cnt, stages) * 2
+            lin = (q_smem.at[s0], q_smem.at[s0 + 1], lin_ready)
         with jax.named_scope("c_finish"):
-            finish(dk * sm_scale, dv, wg, (bi, hi, j), outs, red_smem, (red_full, red_empty))
+            finish(dk * sm_scale, dv, wg, (bi, hi, j), outs, red_smem, (red_full, red_empty), lin)
         with jax.named_scope("c_drain"):  # the stores complete before the program ends
             plgpu.wait_smem_to_gmem(0, wait_read_only=False)
 
-    def finish(dk, dv, wg, ids, outs, red_smem, bars):
-        """Sums the two warpgroups' partial dk, dv through shared memory and stores them (TMA)."""
+    def finish(dk, dv, wg, ids, outs, red_smem, bars, lin):
+        """Sums the two warpgroups' partial dk, dv through shared memory, adds the linear branch's terms where lin
+        = (dphi(K_j) tile, dv_add tile, their barriers) is given, and stores them (TMA)."""
         red_full, red_empty = bars
         bi, hi, j = ids
         keys = pl.ds(j * _KEYS, _KEYS)
         (dk_tile, dk_ref), (dv_tile, dv_ref) = outs
         load = functools.partial(plgpu.load, idx=(), layout=wgmma_layout, optimized=True)
+
+        def with_lin_k(dk_total):  # + phi's vjp at K_j (the K tile, not yet overwritten) applied to dphi(K_j)
+            if lin is None:
+                return dk_total
+            plgpu.barrier_wait(lin[2].at[0])
+            return dk_total + phi_vjp(load(dk_tile).astype(f32), load(lin[0]).astype(f32))
+
+        def with_lin_v(dv_total):
+            if lin is None:
+                return dv_total
+            plgpu.barrier_wait(lin[2].at[1])
+            return dv_total + load(lin[1]).astype(f32)
 
         def store(x, tile, out_ref):
             with jax.named_scope("c_store"):
@@ -220,11 +255,11 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
 
             @pl.when(wg == 0)
             def _():
-                store(dk + load(red_smem.at[1]), dk_tile, dk_ref)
+                store(with_lin_k(dk + load(red_smem.at[1])), dk_tile, dk_ref)
 
             @pl.when(wg == 1)
             def _():
-                store(dv + load(red_smem.at[0]), dv_tile, dv_ref)
+                store(with_lin_v(dv + load(red_smem.at[0])), dv_tile, dv_ref)
         else:  # one buffer: warpgroup 1 hands over dk, then dv; warpgroup 0 finishes both
 
             @pl.when(wg == 1)
@@ -242,13 +277,13 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
                 plgpu.barrier_arrive(red_empty)
                 plgpu.barrier_wait(red_full)
                 dv_total = dv + load(red_smem.at[0])
-                store(dk_total, dk_tile, dk_ref)
-                store(dv_total, dv_tile, dv_ref)
+                store(with_lin_k(dk_total), dk_tile, dk_ref)
+                store(with_lin_v(dv_total), dv_tile, dv_ref)
 
     def memory(refs, smem, bars):
-        q_ref, do_ref, lse_ref, delta_ref, lut_ref, count_ref = refs
+        q_ref, do_ref, lse_ref, delta_ref, lut_ref, count_ref = refs[:6]
         q_smem, do_smem, lse_smem, delta_smem = smem
-        q_ready, do_ready, lse_ready, delta_ready, free = bars
+        q_ready, do_ready, lse_ready, delta_ready, free = bars[:5]
         with jax.named_scope("m_setmaxnreg"):
             plgpu.set_max_registers(40, action="decrease")
         bi, hi, j = block_ids()
@@ -271,6 +306,20 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
             lax.fori_loop(0, first, functools.partial(fetch, wait=False), None)
         with jax.named_scope("m_refill"):
             lax.fori_loop(first, cnt, functools.partial(fetch, wait=True), None)
+        if phi_vjp is not None:  # dphi(K_j), dv_add into the two Q slots a step t = cnt would take
+            dk_phi_ref, dv_add_ref = refs[6:]
+            lin_ready = bars[5]
+            s0 = lax.rem(cnt, stages) * 2
+
+            @pl.when(cnt >= stages)  # slots used before: wait until their last step released them
+            def _():
+                plgpu.barrier_wait(free.at[s0])
+                plgpu.barrier_wait(free.at[s0 + 1])
+
+            keys = pl.ds(j * _KEYS, _KEYS)
+            with jax.named_scope("m_lin"):
+                plgpu.copy_gmem_to_smem(dk_phi_ref.at[bi, keys, hi], q_smem.at[s0], lin_ready.at[0])
+                plgpu.copy_gmem_to_smem(dv_add_ref.at[bi, keys, hi], q_smem.at[s0 + 1], lin_ready.at[1])
 
     def load_kv(k_ref, v_ref, k_smem, v_smem, kv_ready, ids):
         bi, hi, j = ids
@@ -281,6 +330,7 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
     def entry(*refs):
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lut_ref, count_ref = refs[:8]
         alpha_ref = refs[8] if has_alpha else None
+        lin_refs = refs[8 + has_alpha : 10 + has_alpha] if phi_vjp is not None else ()
         dk_ref, dv_ref = refs[-2:]
         tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         f32_tiles = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
@@ -294,6 +344,7 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
             plgpu.SMEM((2 if exchange == "pair" else 1, _KEYS, d), f32, transforms=f32_tiles),  # partial sums
         )
         ring = tuple(plgpu.Barrier(num_barriers=2 * stages) for _ in range(5))  # Q, dO, lse, delta ready; free
+        lin_bars = (plgpu.Barrier(num_barriers=2),) if phi_vjp is not None else ()  # dphi(K_j), dv_add loaded
         others = (
             plgpu.Barrier(num_barriers=2),  # K, V loaded
             plgpu.Barrier(num_arrivals=2 if exchange == "pair" else 1),  # partial sums written
@@ -306,14 +357,14 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
             @pl.when(wg < 2)
             def _compute():
                 refs_c = (k_ref, v_ref, lut_ref, count_ref, alpha_ref, dk_ref, dv_ref)
-                compute(refs_c, smem, ring + others, wg)
+                compute(refs_c, smem, ring[:5] + others + ring[5:], wg)  # ring[5:]: the dphi(K_j), dv_add barriers
 
             @pl.when(wg == 2)
             def _memory():
-                refs_m = (q_ref, do_ref, lse_ref, delta_ref, lut_ref, count_ref)
+                refs_m = (q_ref, do_ref, lse_ref, delta_ref, lut_ref, count_ref, *lin_refs)
                 memory(refs_m, smem[:4], ring)
 
-        pl.run_scoped(body, smem, ring, others, collective_axes="wg")
+        pl.run_scoped(body, smem, ring + lin_bars, others, collective_axes="wg")
 
     out_struct = jax.ShapeDtypeStruct(shape, dtype)
     profile = {"profile_space": _PROFILE_REGIONS, "profile_dir": profile_dir} if profile_dir else {}

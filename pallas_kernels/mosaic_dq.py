@@ -13,6 +13,10 @@ Grid (H, Nq, B): one program per (batch, head, query block i of 128 rows). Three
     both warpgroups read dP, K_j's once both finished dS K_j.
 Keys >= N (only in the LUT's last entry: it is ascending) are masked; rows >= N are neither read (TMA fills zeros)
 nor written (TMA stores are clipped).
+With ``dq_phi`` and ``feature_map`` (the linear branch's dphi(Q) and phi): once the last LUT entry's dP has read the
+dO tile, each compute warpgroup TMA-loads its 64 dphi(Q) rows into it, and the epilogue adds phi's vjp at the Q tile
+(still in shared memory) applied to them, in float32, to dQ: dQ = sm_scale * dQ_acc + J_phi(Q)^T dphi(Q). Bytes: one
+more read of a (N, D) tile per program; the separate vjp pass over Q (read Q, dphi(Q), dQ, write dQ) goes.
 Flop per program 6 * 128 * block_k * D * topk; bytes per LUT entry 2 * block_k * D * itemsize (mostly from L2).
 
 Checked on the GPU only (experiments/dev/probe_mosaic_dq.py against a dense float32 reference and the Triton dq
@@ -33,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .common import LOG2E
+from .common import LOG2E, written_phi_vjp
 from .config import KernelConfig
 
 _ROWS = 64  # query rows per compute warpgroup (one wgmma M tile)
@@ -43,9 +47,9 @@ _PROFILE_REGIONS = 16  # named regions a warpgroup may record when the on-device
 
 def sparse_attention_dq_mosaic(
     q, k, v, do, lse, delta, lut, alpha=None, *, block_k: int = 64, sm_scale: float | None = None,
-    stages: int = 2, config: KernelConfig = KernelConfig(),
+    stages: int = 2, config: KernelConfig = KernelConfig(), dq_phi=None, feature_map=None,
 ):  # fmt: skip
-    """dQ of the sparse branch over the LUT's key blocks.
+    """dQ of the sparse branch over the LUT's key blocks (plus phi's vjp at Q applied to dq_phi, when given).
 
     q, k, v, do: (B, N, H, D) bf16/f16 (one dtype), N % 8 == 0, D in {64, 128}; lse, delta: (B, H, Nq * 128)
     float32 (lse base 2 of the logits scaled by sm_scale * log2(e), delta = a * rowsum(dO * O_s)); lut:
@@ -53,11 +57,19 @@ def sparse_attention_dq_mosaic(
     (B, H, Nq) float32. Returns dq (B, N, H, D) in q.dtype. ValueError for unsupported input.
     stages: K/V ring slots (the library passes 4). config: of its fields only ``profile_dir`` concerns this kernel
     (Mosaic's on-device profiler: timestamps of the named regions per warpgroup, a trace written there).
+    dq_phi: None, or the cotangent of phi(Q) (B, N, H, D) in q.dtype, with feature_map (phi: a function of a float32
+    (rows, D) tile -> float32 (rows, D), the one the forward applied to Q, carrying its vjp written out as
+    ``phi.vjp``: common.written_phi_vjp): then dq also holds J_phi(Q)^T dq_phi.
     """
     _check_inputs(q, k, v, do, lse, delta, lut, alpha, block_k)
+    if (dq_phi is None) != (feature_map is None):
+        raise ValueError("dq_phi and feature_map go together (both or neither)")
+    if dq_phi is not None and (dq_phi.shape != q.shape or dq_phi.dtype != q.dtype or written_phi_vjp(feature_map) is None):
+        raise ValueError(f"dq_phi must be like q {q.shape} {q.dtype} and feature_map a map with a written-out .vjp "
+                         f"(common.written_phi_vjp), got {dq_phi.shape} {dq_phi.dtype}, {feature_map!r}")
     return _dq_call(
-        q, k, v, do, lse, delta, lut, alpha, block_k=block_k, sm_scale=sm_scale, stages=stages,
-        profile_dir=config.profile_dir,
+        q, k, v, do, lse, delta, lut, alpha, dq_phi, block_k=block_k, sm_scale=sm_scale, stages=stages,
+        profile_dir=config.profile_dir, phi=feature_map,
     )  # fmt: skip
 
 
@@ -80,7 +92,7 @@ def _check_inputs(q, k, v, do, lse, delta, lut, alpha, block_k):
         raise ValueError(f"alpha must be None or float32 (B, H, Nq), got {alpha.shape} {alpha.dtype}")
 
 
-def _dq_call(q, k, v, do, lse, delta, lut, alpha, *, block_k, sm_scale, stages, profile_dir):
+def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_phi, *, block_k, sm_scale, stages, profile_dir, phi):
     """The kernel launch (inputs already checked); returns dq (B, N, H, D) q.dtype."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only backend: imported on use
 
@@ -92,17 +104,20 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, *, block_k, sm_scale, stages, 
     ragged = n % block_k != 0
     dtype = q.dtype
     has_alpha = alpha is not None
-    inputs = [q, k, v, do, lut, lse, delta] + ([alpha] if has_alpha else [])
+    has_phi = dq_phi is not None
+    inputs = [q, k, v, do, lut, lse, delta] + ([alpha] if has_alpha else []) + ([dq_phi] if has_phi else [])
     tile = (_ROWS, block_k)
 
     def body(refs, smem, ready, released):
         q_ref, k_ref, v_ref, do_ref, lut_ref, lse_ref, delta_ref = refs[:7]
         alpha_ref = refs[7] if has_alpha else None
+        dq_phi_ref = refs[7 + has_alpha] if has_phi else None
         dq_ref = refs[len(inputs)]
         bi, hi, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("qblock")
         wg = lax.axis_index("wg")
         q_smem, do_smem, k_smem, v_smem, row_smem = smem
-        tile_ready, row_ready, k_ready, v_ready = ready
+        tile_ready, row_ready, k_ready, v_ready = ready[:4]
+        phi_ready = ready[4] if has_phi else None
         k_free, v_free = released
 
         def wait_kv(slot):
@@ -149,6 +164,8 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, *, block_k, sm_scale, stages, 
 
                 s, dp = pl.run_scoped(scores, plgpu.ACC(tile, jnp.float32), plgpu.ACC(tile, jnp.float32))
                 plgpu.barrier_arrive(v_free.at[slot])
+                if last and has_phi:  # the dO tile is read for the last time: it takes dphi(Q)'s rows
+                    plgpu.copy_gmem_to_smem(dq_phi_ref.at[bi, rows(), hi], my_do, phi_ready.at[wg])
                 if last and ragged:  # keys >= N exist only in the last key block: the LUT's last entry
                     keys = plgpu.broadcasted_iota(jnp.int32, tile, 1, layout=plgpu.Layout.WGMMA)
                     s = jnp.where(keys + key0_last < n, s, -jnp.inf)
@@ -173,8 +190,14 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, *, block_k, sm_scale, stages, 
                 acc = lax.fori_loop(0, topk - 1, step, acc)
                 last = functools.partial(step, last=True)  # a loop of one step: Mosaic wants a traced index
                 acc = lax.fori_loop(topk - 1, topk, last, acc)
+            dq = acc * sm_scale
+            if has_phi:
+                with jax.named_scope("c_phi_vjp"):  # + phi's vjp at this warpgroup's Q rows
+                    plgpu.barrier_wait(phi_ready.at[wg])
+                    load = functools.partial(plgpu.load, idx=(), layout=plgpu.Layout.WGMMA)
+                    dq = dq + written_phi_vjp(phi)(load(my_q).astype(jnp.float32), load(my_do).astype(jnp.float32))
             with jax.named_scope("c_store"):  # the Q tile, read by the last wgmma, holds dQ
-                my_q[...] = (acc * sm_scale).astype(dtype)
+                my_q[...] = dq.astype(dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(my_q, dq_ref.at[bi, rows(), hi])
             with jax.named_scope("c_drain"):  # the store completes before the program ends
@@ -217,7 +240,7 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, *, block_k, sm_scale, stages, 
             plgpu.Barrier(num_barriers=4),  # row vector r (lse, delta) of warpgroup wg: 2 * r + wg
             plgpu.Barrier(num_barriers=stages),  # K slot loaded
             plgpu.Barrier(num_barriers=stages),  # V slot loaded
-        )
+        ) + ((plgpu.Barrier(num_barriers=2),) if has_phi else ())  # dphi(Q) rows of warpgroup 0, 1 loaded
         released = (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2  # K, V slot read by both warpgroups
         pl.run_scoped(lambda *scratch: body(refs, *scratch), smem, ready, released, collective_axes="wg")
 

@@ -220,14 +220,16 @@ def _dkv_linear(v, dv, k_phi, dh_ref, dz_ref):
     return dv + dot_mat(k_phi, dh, dt), dk_phi
 
 
-def dkv_linear_kernel(*, v_ref, dv_s_ref, k_phi_ref, dh_ref, dz_ref, dv_ref, dk_phi_ref, cfg: KernelCall, phi=None):
+def dkv_linear_kernel(*, v_ref, k_phi_ref, dh_ref, dz_ref, dv_ref, dk_phi_ref, cfg: KernelCall, phi=None,
+                      dv_s_ref=None):
     """Program (j, h, b) of grid (Nk, H, B): the linear part of key block j for a sparse dK, dV computed elsewhere
     (the Mosaic dK/dV kernel): dv = dv_s + phi(K_j) dH_j and dphi(K_j) = V_j dH_j^T + dZ_j. Refs of one (b, h): v,
-    dv_s, k_phi (N, D); dh (D, D) and dz (D,) float32 (key block j's, or the totals); outputs dv, dk_phi (N, D).
-    phi: None, or the feature map: then k_phi holds K's rows and phi(K_j) is made here."""
+    dv_s (None: dv = phi(K_j) dH_j alone, for the Mosaic kernel to add), k_phi (N, D); dh (D, D) and dz (D,)
+    float32 (key block j's, or the totals); outputs dv, dk_phi (N, D). phi: None, or the feature map: then k_phi
+    holds K's rows and phi(K_j) is made here."""
     k_start = pl.program_id(0) * cfg.block_k
     v = load_rows(v_ref, k_start, cfg.block_k, cfg.n)
-    dv_s = load_rows(dv_s_ref, k_start, cfg.block_k, cfg.n).astype(F32)
+    dv_s = 0.0 if dv_s_ref is None else load_rows(dv_s_ref, k_start, cfg.block_k, cfg.n).astype(F32)
     k_phi = load_rows(k_phi_ref, k_start, cfg.block_k, cfg.n)
     if phi is not None:
         k_phi = phi_rows(phi, k_phi)

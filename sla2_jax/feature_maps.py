@@ -32,6 +32,27 @@ def relu_phi(x32):
     return jnp.where(x32 > 0, x32, 0.0)
 
 
+# Each map's vjp written out, as a ``vjp(x32, d_phi32) -> dx32`` attribute of the map: autodiff's vjp of the formulas
+# above uses operations Pallas Mosaic GPU does not lower (add_any, keepdims reshapes), so the Mosaic backward kernels
+# that apply phi's vjp in their epilogue take these. Equal to jax.vjp of the maps except where autodiff splits a tie
+# (elu at exactly 0: 1 here, the continuous derivative; autodiff of the min gives 0.5).
+def _softmax_phi_vjp(x32, d_phi32):
+    p = softmax_phi(x32)
+    return p * (d_phi32 - _rows(jnp.sum(p * d_phi32, axis=-1), x32))
+
+
+def _elu_phi_vjp(x32, d_phi32):
+    return jnp.where(x32 > 0, d_phi32, d_phi32 * jnp.exp(jnp.minimum(x32, 0.0)))
+
+
+def _relu_phi_vjp(x32, d_phi32):
+    return jnp.where(x32 > 0, d_phi32, 0.0)
+
+
+softmax_phi.vjp = _softmax_phi_vjp
+elu_phi.vjp = _elu_phi_vjp
+relu_phi.vjp = _relu_phi_vjp
+
 # One function object per kind: the Pallas front end takes it as a static argument (part of its jit cache key).
 PHI_FUNCTIONS = {"softmax": softmax_phi, "elu": elu_phi, "relu": relu_phi}
 

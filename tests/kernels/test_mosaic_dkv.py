@@ -39,7 +39,7 @@ def test_dkv_kernel_lowers_for_cuda(d, exchange, use_alpha):
 def test_dkv_kernel_takes_its_choices_from_kernel_config():
     keywords = [p.name for p in inspect.signature(mosaic_dkv.sparse_attention_dkv_mosaic).parameters.values()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY]  # fmt: skip
-    assert keywords == ["block_k", "sm_scale", "stages", "config"]
+    assert keywords == ["block_k", "sm_scale", "stages", "config", "dk_phi", "dv_add", "feature_map"]
 
 
 def test_dkv_kernel_refuses_bad_input():

@@ -40,7 +40,7 @@ def test_dq_kernel_lowers_for_cuda(d, use_alpha, dtype):
 def test_dq_kernel_takes_its_choices_from_kernel_config(tmp_path):
     keywords = [p.name for p in inspect.signature(mosaic_dq.sparse_attention_dq_mosaic).parameters.values()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY]  # fmt: skip
-    assert keywords == ["block_k", "sm_scale", "stages", "config"]
+    assert keywords == ["block_k", "sm_scale", "stages", "config", "dq_phi", "feature_map"]
     args, _ = _inputs(64, False)
     config = KernelConfig(profile_dir=str(tmp_path))
     profiled = lambda *a: mosaic_dq.sparse_attention_dq_mosaic(*a, config=config)  # noqa: E731

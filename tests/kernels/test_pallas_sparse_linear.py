@@ -355,32 +355,44 @@ def _dense_sparse_grads(q, k, v, do, lse, delta, mask, alpha, sm_scale, block_q)
     return dq, dk, dv
 
 
-@pytest.mark.parametrize("scope, dq_rows", [("complement", 128), ("all", 128), ("complement", 64)])
-def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, dq_rows, monkeypatch):
+@pytest.mark.parametrize(
+    "scope, dq_rows, phi_vjp",
+    [("complement", 128, "pass"), ("all", 128, "mosaic"), ("complement", 64, "mosaic"), ("complement", 64, "mosaic_dkv")],
+)
+def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, dq_rows, phi_vjp, monkeypatch):
     """The "mosaic" backward (GPU only) = Triton kernels for the per-row terms and the linear parts + the Mosaic dQ
     and dK/dV kernels for the sparse loops. On CPU stand-ins implement those two kernels' contract in dense
     float32 (from the LUT, or from the transposed LUT and its counts): the per-row terms handed to them, their
     wiring and the Triton linear kernels must still give the reference gradients (the Mosaic kernels themselves
     are checked on the GPU by experiments/dev/probe_mosaic_dq.py and probe_mosaic_dkv.py). dq_rows: query rows per
-    program of the per-row kernel (the "dq_linear" launch entry; 64: two programs per query block)."""
+    program of the per-row kernel (the "dq_linear" launch entry; 64: two programs per query block). phi_vjp: where
+    the call without phi arrays applies phi's vjp (KernelConfig.phi_vjp): with "mosaic..." the stand-ins also take
+    dphi(Q) / dphi(K) and the linear dV and add them as the Mosaic kernels' contract says (phi's written-out vjp)."""
     calls = []
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
 
-    def dq_stand_in(q, k, v, do, lse, delta, lut, alpha=None, *, block_k, sm_scale, stages=2, config=None):
-        calls.append("dq")
+    def dq_stand_in(q, k, v, do, lse, delta, lut, alpha=None, *, block_k, sm_scale, stages=2, config=None,
+                    dq_phi=None, feature_map=None):  # fmt: skip
+        calls.append("dq" if dq_phi is None else "dq+vjp")
         nk = -(-q.shape[1] // block_k)
         sel = jnp.any(lut[..., None] == jnp.arange(nk), axis=3)  # (B, H, Nq, Nk)
         mask = _lut_token_mask(sel, q.shape[1], 128, block_k)
         dq = _dense_sparse_grads(q, k, v, do, lse, delta, mask, alpha, sm_scale, 128)[0]
+        if dq_phi is not None:
+            dq = dq + feature_map.vjp(f32(q), f32(dq_phi))
         return dq.astype(q.dtype)
 
-    def dkv_stand_in(q, k, v, do, lse, delta, lut_t, count, alpha=None, *, block_k, sm_scale, config=None):
-        calls.append("dkv")
+    def dkv_stand_in(q, k, v, do, lse, delta, lut_t, count, alpha=None, *, block_k, sm_scale, config=None,
+                     dk_phi=None, dv_add=None, feature_map=None):  # fmt: skip
+        calls.append("dkv" if dk_phi is None else "dkv+vjp")
         nq = lut_t.shape[-1]
         listed = jnp.arange(nq)[:, None] < count[..., None, :]  # (B, H, slot, Nk): entry t of key block j is valid
         ids = jnp.swapaxes(lut_t, 2, 3)  # (B, H, slot, Nk)
         sel = jnp.any((ids[..., None, :] == jnp.arange(nq)[:, None]) & listed[..., None, :], axis=2)  # (B,H,Nq,Nk)
         mask = _lut_token_mask(sel, q.shape[1], 128, block_k)
         _, dk, dv = _dense_sparse_grads(q, k, v, do, lse, delta, mask, alpha, sm_scale, 128)
+        if dk_phi is not None:
+            dk, dv = dk + feature_map.vjp(f32(k), f32(dk_phi)), dv + f32(dv_add)
         return dk.astype(k.dtype), dv.astype(k.dtype)
 
     monkeypatch.setattr(mosaic_dq, "sparse_attention_dq_mosaic", dq_stand_in)
@@ -388,7 +400,8 @@ def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, dq_rows, monke
     seed = _seed()
     args, lut, w1, w2, alpha = _make(seed, 1, 200, 2, 64, jnp.float32, 2, 128, 64, alpha=True)
     ref_kw = dict(block_q=128, block_k=64, linear_scope=scope)
-    kw = dict(ref_kw, config=KernelConfig(backward="mosaic", launch=(("dq_linear", Launch(4, 2, dq_rows)),)))
+    config = KernelConfig(backward="mosaic", phi_vjp=phi_vjp, launch=(("dq_linear", Launch(4, 2, dq_rows)),))
+    kw = dict(ref_kw, config=config)
     fused = lambda *xs: jnp.sum(sla2_fused_attention(*xs[:5], lut, xs[5], **kw) * w1)
     ref_fused = lambda *xs: jnp.sum(reference_fused(*xs[:5], lut, xs[5], **ref_kw) * w1)
     g = jax.jit(jax.grad(fused, argnums=tuple(range(6))))(*args, alpha)
@@ -407,12 +420,14 @@ def test_mosaic_backward_path_with_stand_in_sparse_kernels(scope, dq_rows, monke
         reference_fused(q, k, v, softmax_phi(q), softmax_phi(k), lut, a, **ref_kw) * w1
     )
     rg = _grad(raw_ref, (0, 1, 2, 3), q, k, v, alpha)
-    raw_kw = dict(kw, feature_map=softmax_phi)
+    raw_kw = dict(kw, feature_map=softmax_phi)  # the library's map: it carries its vjp written out
     raw = lambda q, k, v, a: jnp.sum(sla2_fused_attention(q, k, v, None, None, lut, a, **raw_kw) * w1)
     g = jax.jit(jax.grad(raw, argnums=(0, 1, 2, 3)))(q, k, v, alpha)
     for name, a, b in zip(("q", "k", "v", "alpha"), g, rg):
         assert _rel(a, b) < 2e-3, (seed, scope, "feature_map", name, _rel(a, b))
-    assert calls.count("dq") == 3 and calls.count("dkv") == 3, calls
+    fused_q, fused_k = phi_vjp in ("mosaic", "mosaic_dq"), phi_vjp in ("mosaic", "mosaic_dkv")
+    assert calls.count("dq") == 3 - fused_q and calls.count("dkv") == 3 - fused_k, calls
+    assert calls.count("dq+vjp") == fused_q and calls.count("dkv+vjp") == fused_k, calls
 
 
 def test_bad_block_sum_dtype_refused():

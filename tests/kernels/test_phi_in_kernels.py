@@ -14,8 +14,10 @@ from helpers import fresh_seed as _seed
 from helpers import lowered_for_cuda
 from helpers import rel_err as _rel
 
-from pallas_kernels import KernelConfig, linear_states, mosaic_forward, reference, sla2_fused_attention
-from pallas_kernels.common import validate_call
+from pallas_kernels import KernelConfig, linear_states, mosaic_dkv, mosaic_dq, mosaic_forward, reference
+from pallas_kernels import sla2_fused_attention
+from pallas_kernels.common import validate_call, written_phi_vjp
+from pallas_kernels.linear_states import transpose_lut
 from pallas_kernels.front_end import feature_map_rows, feature_map_vjp
 from sla2_jax.feature_maps import PHI_FUNCTIONS
 
@@ -205,6 +207,57 @@ def test_feature_map_rows_and_vjp_match_jax():
         want = jax.vjp(phi, x)[1](d_phi)[0] + d_x
         assert _rel(feature_map_vjp(x, d_phi, d_x, phi, interpret=True), want) < 1e-5, (seed, kind)
         assert _rel(feature_map_vjp(x, d_phi, None, phi, interpret=True), want - d_x) < 1e-5, (seed, kind)
+
+
+def test_written_phi_vjps_match_autodiff():
+    """Each library map's written-out vjp (phi.vjp, what the Mosaic backward kernels apply) equals jax.vjp of the map
+    on random rows (no exact zeros, where autodiff splits elu's tie)."""
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    x, d_phi = (jnp.asarray(rng.standard_normal((64, 128)), jnp.float32) for _ in range(2))
+    for kind, phi in PHI_FUNCTIONS.items():
+        want = jax.vjp(phi, x)[1](d_phi)[0]
+        assert _rel(written_phi_vjp(phi)(x, d_phi), want) < 1e-6, (seed, kind)
+    assert written_phi_vjp(lambda x: x * 2.0) is None  # a map without one: the backward keeps the vjp pass
+
+
+@pytest.mark.parametrize("kind", sorted(PHI_FUNCTIONS))
+@pytest.mark.parametrize("d", [64, 128])
+def test_mosaic_backward_kernels_apply_phi_vjp_when_lowered_for_cuda(kind, d):
+    """The Mosaic dQ and dK/dV kernels with phi's vjp in their epilogues (KernelConfig.phi_vjp "mosaic") lower for
+    CUDA for every map at D 64 / 128 (the dK/dV kernel's "pair" and "serial" finish), ragged N, and take one / two
+    more operands (dphi(Q); dphi(K) and the linear dV) than without; a map without a written-out vjp is refused."""
+    b, n, h = 1, 1000, 2
+    nq, nk = -(-n // 128), -(-n // 64)
+    q = jnp.zeros((b, n, h, d), jnp.bfloat16)
+    lse = jnp.zeros((b, h, nq * 128), jnp.float32)
+    lut = jnp.zeros((b, h, nq, 3), jnp.int32)
+    lut_t, count = transpose_lut(lut, nk)
+    alpha = jnp.ones((b, h, nq), jnp.float32)
+    phi = PHI_FUNCTIONS[kind]
+    operands = lambda text: text.split("custom_call @mosaic_gpu")[1].split(")")[0].count("%")  # noqa: E731
+
+    def dq(with_vjp):
+        kw = {"feature_map": phi} if with_vjp else {}
+        fn = lambda q, *dq_phi: mosaic_dq.sparse_attention_dq_mosaic(  # noqa: E731
+            q, q, q, q, lse, lse, lut, alpha, stages=4, **dict(kw, **dict(zip(["dq_phi"], dq_phi))))
+        return lowered_for_cuda(fn, q, *([q] if with_vjp else []))
+
+    def dkv(with_vjp):
+        kw = {"feature_map": phi} if with_vjp else {}
+        fn = lambda q, *lin: mosaic_dkv.sparse_attention_dkv_mosaic(  # noqa: E731
+            q, q, q, q, lse, lse, lut_t, count, alpha, **dict(kw, **dict(zip(["dk_phi", "dv_add"], lin))))
+        return lowered_for_cuda(fn, q, *([q, q] if with_vjp else []))
+
+    assert operands(dq(True)) == operands(dq(False)) + 1
+    assert operands(dkv(True)) == operands(dkv(False)) + 2
+    with pytest.raises(ValueError, match="vjp"):
+        mosaic_dq.sparse_attention_dq_mosaic(q, q, q, q, lse, lse, lut, alpha, dq_phi=q, feature_map=lambda x: x)
+    with pytest.raises(ValueError, match="vjp"):
+        mosaic_dkv.sparse_attention_dkv_mosaic(q, q, q, q, lse, lse, lut_t, count, alpha, dk_phi=q, dv_add=q,
+                                               feature_map=lambda x: x)  # fmt: skip
+    with pytest.raises(ValueError, match="phi_vjp"):
+        KernelConfig(phi_vjp="front_end")
 
 
 def test_bad_phi_arguments_raise_value_error():
