@@ -212,20 +212,19 @@ def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=
     b, _, h, _ = q.shape
     zeros = jnp.zeros_like(q)
     # dphi(Q) / dphi(K) None: phi's vjp is already in dq / dk (mosaic_phi_vjp)
-    dq_phi = None if mosaic_phi_vjp(cfg, phi, "dq") else res_dq.get("dq_phi", zeros)
-    dk_phi = None if mosaic_phi_vjp(cfg, phi, "dkv") else res_dkv.get("dk_phi", zeros)
+    dq_phi = None if mosaic_phi_vjp(cfg, phi) else res_dq.get("dq_phi", zeros)
+    dk_phi = None if mosaic_phi_vjp(cfg, phi) else res_dkv.get("dk_phi", zeros)
     dalpha = None
     if fused:
         dalpha = res_dq["dalpha_rows"].reshape(b, h, cfg.nq, cfg.block_q).sum(-1)
     return res_dq["dq"], res_dkv["dk"], res_dkv["dv"], dq_phi, dk_phi, dalpha
 
 
-def mosaic_phi_vjp(cfg: KernelCall, phi, kernel: str) -> bool:
-    """Whether the Mosaic backward kernel ``kernel`` ("dq" or "dkv") applies phi's vjp itself (KernelConfig.phi_vjp;
-    only for a feature map with a written-out vjp, common.written_phi_vjp, and a linear branch)."""
-    place = cfg.config.phi_vjp
-    chosen = place == "mosaic" or place == f"mosaic_{kernel}"
-    return chosen and cfg.mosaic_backward and cfg.linear and phi is not None and written_phi_vjp(phi) is not None
+def mosaic_phi_vjp(cfg: KernelCall, phi) -> bool:
+    """Whether the Mosaic dQ and dK/dV kernels apply phi's vjp themselves (KernelConfig.phi_vjp "mosaic"; only with a
+    linear branch and a feature map with a written-out vjp, common.written_phi_vjp)."""
+    chosen = cfg.config.phi_vjp == "mosaic" and cfg.mosaic_backward and cfg.linear
+    return chosen and phi is not None and written_phi_vjp(phi) is not None
 
 
 def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=None):
@@ -273,7 +272,7 @@ def backward_dq(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, p
         do_sparse, a = (do, alpha) if fused else (do_s, None)
         # a ring of 4 K/V slots: 0.88 vs 0.92 ms with 2 (H100, wan-1.3b at 95%)
         kw = {"block_k": cfg.block_k, "sm_scale": cfg.sm_scale, "stages": 4, "config": cfg.config}
-        if mosaic_phi_vjp(cfg, phi, "dq"):
+        if mosaic_phi_vjp(cfg, phi):
             kw.update(dq_phi=res_dq["dq_phi"], feature_map=phi)
         res_dq["dq"] = mosaic_dq.sparse_attention_dq_mosaic(q, k, v, do_sparse, lse, res_dq["delta"], lut, a, **kw)
     return res_dq
@@ -345,7 +344,7 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
             return {"dk": dk, "dv": dv_s}
         k_rows = k if phi is not None else k_phi  # the kernel applies phi to K's rows
         linear = functools.partial(_linear_dkv_call, v, k_rows, totals, cfg, phi)
-        if mosaic_phi_vjp(cfg, phi, "dkv"):  # linear part first: the Mosaic kernel adds it and phi's vjp
+        if mosaic_phi_vjp(cfg, phi):  # linear part first: the Mosaic kernel adds it and phi's vjp
             dv_lin, dk_phi = linear(None)
             dk, dv = sparse_dkv(dk_phi=dk_phi, dv_add=dv_lin, feature_map=phi)
             return {"dk": dk, "dv": dv}
