@@ -12,7 +12,8 @@ and outputs, the custom_vjp of each precision family, and the public entry point
 
 Without phi arrays (``sla2_fused_attention(q, k, v, None, None, lut, alpha, feature_map=phi)``, the library's
 path without low bit): phi(K) in the states kernel, phi(Q) in the Mosaic epilogue; in the backward phi(Q) in the
-gradient states' sums kernel, phi(K) in the dK/dV kernels, then phi's vjp (front_end.feature_map_vjp).
+gradient states' sums kernel, phi(K) in the dK/dV kernels, phi's vjp in the Mosaic dQ and dK/dV kernels' epilogues
+(KernelConfig.phi_vjp; elsewhere one front-end pass per tensor, front_end.feature_map_vjp).
 
 Each stage is a separate function (``forward``, ``backward_dq``, ``backward_states``, ``backward_dkv``) so that the
 developer probes can time it alone. Given phi arrays, the phi Jacobian is left to JAX autodiff around these

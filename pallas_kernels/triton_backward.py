@@ -15,7 +15,7 @@ around the Mosaic backward.
   LUT loop, around the Mosaic dQ and dK/dV kernels (KernelConfig.backward "mosaic").
 The kernels read phi(Q), phi(K) arrays; for the fused call without phi arrays (attention._fused_phi_bwd) the dK/dV
 kernels apply phi to the K rows they read (phi(Q) is applied by linear_states.gradient_states), and phi's vjp
-follows them (front_end.feature_map_vjp).
+follows them (front_end.feature_map_vjp, or the Mosaic dK/dV kernel's epilogue: attention.mosaic_phi_vjp).
 Launched by attention.py.
 """
 
