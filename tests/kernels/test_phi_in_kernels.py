@@ -222,8 +222,8 @@ def test_written_phi_vjps_match_autodiff():
 
 
 @pytest.mark.parametrize("kind", sorted(PHI_FUNCTIONS))
-@pytest.mark.parametrize("d", [64, 128])
-def test_mosaic_backward_kernels_apply_phi_vjp_when_lowered_for_cuda(kind, d):
+@pytest.mark.parametrize("d, mode", [(64, "mosaic"), (128, "mosaic"), (64, "mosaic_early"), (128, "mosaic_early")])
+def test_mosaic_backward_kernels_apply_phi_vjp_when_lowered_for_cuda(kind, d, mode):
     """The Mosaic dQ and dK/dV kernels with phi's vjp in their epilogues (KernelConfig.phi_vjp "mosaic") lower for
     CUDA for every map at D 64 / 128 (the dK/dV kernel's "pair" and "serial" finish), ragged N, and take one / two
     more operands (dphi(Q); dphi(K) and the linear dV) than without; a map without a written-out vjp is refused."""
@@ -235,18 +235,19 @@ def test_mosaic_backward_kernels_apply_phi_vjp_when_lowered_for_cuda(kind, d):
     lut_t, count = transpose_lut(lut, nk)
     alpha = jnp.ones((b, h, nq), jnp.float32)
     phi = PHI_FUNCTIONS[kind]
+    config = KernelConfig(phi_vjp=mode)
     operands = lambda text: text.split("custom_call @mosaic_gpu")[1].split(")")[0].count("%")  # noqa: E731
 
     def dq(with_vjp):
         kw = {"feature_map": phi} if with_vjp else {}
         fn = lambda q, *dq_phi: mosaic_dq.sparse_attention_dq_mosaic(  # noqa: E731
-            q, q, q, q, lse, lse, lut, alpha, stages=4, **dict(kw, **dict(zip(["dq_phi"], dq_phi))))
+            q, q, q, q, lse, lse, lut, alpha, stages=4, config=config, **dict(kw, **dict(zip(["dq_phi"], dq_phi))))
         return lowered_for_cuda(fn, q, *([q] if with_vjp else []))
 
     def dkv(with_vjp):
         kw = {"feature_map": phi} if with_vjp else {}
         fn = lambda q, *lin: mosaic_dkv.sparse_attention_dkv_mosaic(  # noqa: E731
-            q, q, q, q, lse, lse, lut_t, count, alpha, **dict(kw, **dict(zip(["dk_phi", "dv_add"], lin))))
+            q, q, q, q, lse, lse, lut_t, count, alpha, config=config, **dict(kw, **dict(zip(["dk_phi", "dv_add"], lin))))
         return lowered_for_cuda(fn, q, *([q, q] if with_vjp else []))
 
     assert operands(dq(True)) == operands(dq(False)) + 1
