@@ -32,7 +32,6 @@ from . import linear_states, mosaic_dkv, mosaic_dq, mosaic_forward
 from ._triton import pl
 from .common import (
     F32,
-    written_phi_vjp,
     KernelCall,
     Residuals,
     checked_alpha,
@@ -42,6 +41,7 @@ from .common import (
     rows_per_step,
     seq_spec,
     validate_call,
+    written_phi_vjp,
 )
 from .front_end import feature_map_rows, feature_map_vjp
 from .linear_states import forward_states, gradient_selection, gradient_states, transpose_lut
@@ -328,8 +328,8 @@ def backward_dkv(res, res_dq, totals, cfg: KernelCall, *, fused, do=None, do_s=N
     """dK, dV, dphi(K) over the transposed LUT (built here): one Triton kernel, or the Mosaic dK/dV kernel
     (mosaic_dkv.py) and a Triton kernel for the linear part: after it, or where mosaic_phi_vjp before it, the Mosaic
     kernel then adding phi's vjp applied to dphi(K) and the linear dV (dk, dv whole). phi: None (phi(K) from
-    res.k_phi), or the feature map, applied to the K rows the linear part reads. sel: the LUT's selection if already made
-    (linear_states.gradient_selection; the transposed LUT reads its first Nq columns)."""
+    res.k_phi), or the feature map, applied to the K rows the linear part reads. sel: the LUT's selection if already
+    made (linear_states.gradient_selection; the transposed LUT reads its first Nq columns)."""
     q, k, v, q_phi, k_phi, lut, alpha, o_s, o_l, lse, den, h_lin, z_lin = res
     b, n, h, d = q.shape
     seq = seq_spec(cfg)

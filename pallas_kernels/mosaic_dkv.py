@@ -88,8 +88,8 @@ def sparse_attention_dkv_mosaic(
     int32, the query blocks that selected key block j ascending (padding after count[b, h, j] entries is not read);
     count: (B, H, Nk) int32; alpha: None or (B, H, Nq) float32. Returns dk, dv (B, N, H, D) in k.dtype.
     stages: ring slots per compute warpgroup (at D = 128 only 2 fit in shared memory). config: of its fields only
-    ``profile_dir`` concerns this kernel (Mosaic's on-device profiler: timestamps of the named regions per
-    warpgroup, a trace written there).
+    ``phi_vjp`` ("mosaic_early": dk_phi loaded at the start, see _build) and ``profile_dir`` concern this kernel
+    (Mosaic's on-device profiler: timestamps of the named regions per warpgroup, a trace written there).
     dk_phi, dv_add: None, or the cotangent of phi(K) and a term to add to dV, both (B, N, H, D) in k.dtype, with
     feature_map (phi, the map the forward applied to K, carrying its vjp written out as ``phi.vjp``:
     common.written_phi_vjp): then dk also holds J_phi(K)^T dk_phi and dv also dv_add.

@@ -55,7 +55,8 @@ def sparse_attention_dq_mosaic(
     float32 (lse base 2 of the logits scaled by sm_scale * log2(e), delta = a * rowsum(dO * O_s)); lut:
     (B, H, Nq, topk) int32 ascending key-block ids (blocks of block_k keys), Nq = ceil(N / 128); alpha: None or
     (B, H, Nq) float32. Returns dq (B, N, H, D) in q.dtype. ValueError for unsupported input.
-    stages: K/V ring slots (the library passes 4). config: of its fields only ``profile_dir`` concerns this kernel
+    stages: K/V ring slots (the library passes 4). config: of its fields only ``phi_vjp`` ("mosaic_early": dq_phi
+    loaded with Q and the vjp made before the loop) and ``profile_dir`` concern this kernel
     (Mosaic's on-device profiler: timestamps of the named regions per warpgroup, a trace written there).
     dq_phi: None, or the cotangent of phi(Q) (B, N, H, D) in q.dtype, with feature_map (phi: a function of a float32
     (rows, D) tile -> float32 (rows, D), the one the forward applied to Q, carrying its vjp written out as
@@ -64,7 +65,8 @@ def sparse_attention_dq_mosaic(
     _check_inputs(q, k, v, do, lse, delta, lut, alpha, block_k)
     if (dq_phi is None) != (feature_map is None):
         raise ValueError("dq_phi and feature_map go together (both or neither)")
-    if dq_phi is not None and (dq_phi.shape != q.shape or dq_phi.dtype != q.dtype or written_phi_vjp(feature_map) is None):
+    bad_phi = dq_phi is not None and (dq_phi.shape, dq_phi.dtype) != (q.shape, q.dtype)
+    if bad_phi or (dq_phi is not None and written_phi_vjp(feature_map) is None):
         raise ValueError(f"dq_phi must be like q {q.shape} {q.dtype} and feature_map a map with a written-out .vjp "
                          f"(common.written_phi_vjp), got {dq_phi.shape} {dq_phi.dtype}, {feature_map!r}")
     return _dq_call(

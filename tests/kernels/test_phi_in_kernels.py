@@ -241,13 +241,13 @@ def test_mosaic_backward_kernels_apply_phi_vjp_when_lowered_for_cuda(kind, d, mo
     def dq(with_vjp):
         kw = {"feature_map": phi} if with_vjp else {}
         fn = lambda q, *dq_phi: mosaic_dq.sparse_attention_dq_mosaic(  # noqa: E731
-            q, q, q, q, lse, lse, lut, alpha, stages=4, config=config, **dict(kw, **dict(zip(["dq_phi"], dq_phi))))
+            q, q, q, q, lse, lse, lut, alpha, stages=4, config=config, **kw, **dict(zip(["dq_phi"], dq_phi)))
         return lowered_for_cuda(fn, q, *([q] if with_vjp else []))
 
     def dkv(with_vjp):
         kw = {"feature_map": phi} if with_vjp else {}
         fn = lambda q, *lin: mosaic_dkv.sparse_attention_dkv_mosaic(  # noqa: E731
-            q, q, q, q, lse, lse, lut_t, count, alpha, config=config, **dict(kw, **dict(zip(["dk_phi", "dv_add"], lin))))
+            q, q, q, q, lse, lse, lut_t, count, alpha, config=config, **kw, **dict(zip(["dk_phi", "dv_add"], lin)))
         return lowered_for_cuda(fn, q, *([q, q] if with_vjp else []))
 
     assert operands(dq(True)) == operands(dq(False)) + 1
