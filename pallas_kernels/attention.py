@@ -655,8 +655,9 @@ def sla2_fused_attention(
     (d alpha = sum over the block's rows and channels of dO * (O_s - O_l)). Returns o (B, N, H, D) in q.dtype.
     q_phi = k_phi = None with feature_map (phi: a function of a float32 (rows, D) tile -> float32 (rows, D), e.g.
     ``sla2_jax.feature_maps.softmax_phi``, the same object each call): the kernels compute phi(Q), phi(K) from q, k
-    (no phi arrays in memory in the forward; the backward makes them and applies phi's vjp), differentiable w.r.t.
-    q, k, v, alpha.
+    (no phi arrays in memory, forward or backward), differentiable w.r.t. q, k, v, alpha. A map that also carries its
+    vjp written out as an attribute, ``phi.vjp(x32, d_phi32) -> dx32`` (the library's maps do), has it applied
+    inside the Mosaic backward kernels (KernelConfig.phi_vjp); other maps get one more pass per tensor for it.
     key_sums (with feature_map): the sums of key_block_sums(k, v) of the same linear_scope made for the routing, so
     that the forward does not read K and V for them again; not differentiated (the gradients of q, k, v are whole
     without them).
