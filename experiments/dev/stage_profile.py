@@ -235,23 +235,24 @@ def profile_call(
 
 
 def parse_kernel_changes(assignments: list[str]) -> dict:
-    """['FIELD=VALUE', ...] -> KernelConfig changes: VALUE true / false, an integer, or the string; 'launch.KERNEL=
-    W,S,R' sets one Triton kernel's launch (warps, stages, rows). SystemExit naming an unknown field."""
-    from pallas_kernels import KernelConfig
+    """['FIELD=VALUE', ...] -> KernelConfig changes, the fields parsed and validated as the benchmark's --kernel
+    (experiments.benchmark.kernel_changes); 'launch.KERNEL=W,S,R' sets one Triton kernel's launch (warps, stages,
+    rows). SystemExit naming a bad item."""
+    from experiments.benchmark import kernel_changes
 
-    fields = {f.name for f in dataclasses.fields(KernelConfig)} - {"launch"}
-    changes, launch = {}, {}
+    fields, launch = [], {}
     for assignment in assignments:
         key, sep, text = assignment.partition("=")
         if not sep:
             raise SystemExit(f"--kernel wants FIELD=VALUE, got {assignment!r}")
         if key.startswith("launch."):
             launch[key[len("launch."):]] = tuple(int(x) for x in text.split(","))
-            continue
-        if key not in fields:
-            raise SystemExit(f"--kernel: KernelConfig has no field {key!r}; fields: {sorted(fields)} and launch.KERNEL")
-        value = {"true": True, "false": False}.get(text.lower(), text)
-        changes[key] = int(value) if isinstance(value, str) and value.lstrip("-").isdigit() else value
+        else:
+            fields.append(assignment)
+    try:
+        changes = kernel_changes(",".join(fields), reserved=("launch",))
+    except ValueError as error:
+        raise SystemExit(f"--kernel: {error} (or launch.KERNEL=W,S,R)") from None
     if launch:
         changes["launch"] = launch
     return changes
