@@ -212,9 +212,9 @@ def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=
     q = res[0]
     b, _, h, _ = q.shape
     zeros = jnp.zeros_like(q)
-    # dphi(Q) / dphi(K) None: phi's vjp is already in dq / dk (mosaic_phi_vjp)
-    dq_phi = None if mosaic_phi_vjp(cfg, phi) else res_dq.get("dq_phi", zeros)
-    dk_phi = None if mosaic_phi_vjp(cfg, phi) else res_dkv.get("dk_phi", zeros)
+    in_kernels = mosaic_phi_vjp(cfg, phi)  # then phi's vjp is already in dq / dk: dphi(Q), dphi(K) None
+    dq_phi = None if in_kernels else res_dq.get("dq_phi", zeros)
+    dk_phi = None if in_kernels else res_dkv.get("dk_phi", zeros)
     dalpha = None
     if fused:
         dalpha = res_dq["dalpha_rows"].reshape(b, h, cfg.nq, cfg.block_q).sum(-1)

@@ -129,6 +129,11 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
     wgmma_layout = plgpu.Layout.WGMMA
     cols = plgpu.Layout.WGMMA.reduce(0)  # a vector along the query rows (the columns of S^T)
 
+    def k_vjp(k_tile, d_phi_tile):
+        """phi's vjp at the K tile applied to the dphi(K_j) tile (both in shared memory), float32 (64, D)."""
+        load = functools.partial(plgpu.load, idx=(), layout=wgmma_layout, optimized=True)
+        return phi_vjp(load(k_tile).astype(f32), load(d_phi_tile).astype(f32))
+
     def block_ids():
         """(batch, head, key block) of this program."""
         return lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kblock")
@@ -202,9 +207,7 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
         if early:  # warpgroup 0's dk starts from phi's vjp at K_j / sm_scale (both make it: no branch on values)
             with jax.named_scope("c_lin"):
                 plgpu.barrier_wait(lin_ready.at[0])
-                tile = functools.partial(plgpu.load, idx=(), layout=wgmma_layout)
-                vjp = phi_vjp(tile(k_smem).astype(f32), tile(smem[7]).astype(f32))
-                carry = (vjp * ((wg == 0).astype(f32) / sm_scale), zeros)
+                carry = (k_vjp(k_smem, smem[7]) * ((wg == 0).astype(f32) / sm_scale), zeros)
         with jax.named_scope("c_loop"):
             if ragged_q:
                 last = jnp.maximum(cnt - 1, 0)
@@ -236,7 +239,7 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
             if lin is None or lin[0] is None:
                 return dk_total
             plgpu.barrier_wait(lin[2].at[0])
-            return dk_total + phi_vjp(load(dk_tile).astype(f32), load(lin[0]).astype(f32))
+            return dk_total + k_vjp(dk_tile, lin[0])
 
         def with_lin_v(dv_total):
             if lin is None:
@@ -311,16 +314,17 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
                 plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem.at[s], delta_ready.at[s])
             return _
 
+        if phi_vjp is not None:  # the dphi(K), dv_add inputs and their barriers
+            dk_phi_ref, dv_add_ref = refs[6:]
+            lin_ready = bars[5]
         if early:  # dphi(K_j) into its own tile
-            plgpu.copy_gmem_to_smem(refs[6].at[bi, pl.ds(j * _KEYS, _KEYS), hi], smem[4], bars[5].at[0])
+            plgpu.copy_gmem_to_smem(dk_phi_ref.at[bi, pl.ds(j * _KEYS, _KEYS), hi], smem[4], lin_ready.at[0])
         first = jnp.minimum(cnt, stages)
         with jax.named_scope("m_prime"):  # the first ring slots are free
             lax.fori_loop(0, first, functools.partial(fetch, wait=False), None)
         with jax.named_scope("m_refill"):
             lax.fori_loop(first, cnt, functools.partial(fetch, wait=True), None)
         if phi_vjp is not None:  # dphi(K_j) (unless early), dv_add into the two Q slots a step t = cnt would take
-            dk_phi_ref, dv_add_ref = refs[6:]
-            lin_ready = bars[5]
             s0 = lax.rem(cnt, stages) * 2
 
             @pl.when(cnt >= stages)  # slots used before: wait until their last step released them

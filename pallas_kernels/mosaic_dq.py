@@ -161,12 +161,15 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_phi, *, block_k, sm_scale, 
             lse_r, delta_r = row_vals
             a = alpha_ref[bi, hi, qi] if has_alpha else None
             acc = plgpu.layout_cast(jnp.full((_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-            load = functools.partial(plgpu.load, idx=(), layout=plgpu.Layout.WGMMA)
+
+            def q_vjp(d_phi_tile):  # phi's vjp at this warpgroup's Q tile applied to its dphi(Q) rows, float32
+                load = functools.partial(plgpu.load, idx=(), layout=plgpu.Layout.WGMMA)
+                return written_phi_vjp(phi)(load(my_q).astype(jnp.float32), load(d_phi_tile).astype(jnp.float32))
+
             if early:
                 with jax.named_scope("c_phi_vjp"):  # the accumulator starts from phi's vjp / sm_scale
                     plgpu.barrier_wait(phi_ready.at[wg])
-                    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-                    acc = written_phi_vjp(phi)(f32(load(my_q)), f32(load(dphi_smem.at[wg]))) * (1.0 / sm_scale)
+                    acc = q_vjp(dphi_smem.at[wg]) * (1.0 / sm_scale)
 
             def step(t, acc, last=False):  # t: the LUT entry
                 slot = lax.rem(t, stages)
@@ -208,7 +211,7 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_phi, *, block_k, sm_scale, 
             if has_phi and not early:
                 with jax.named_scope("c_phi_vjp"):  # + phi's vjp at this warpgroup's Q rows
                     plgpu.barrier_wait(phi_ready.at[wg])
-                    dq = dq + written_phi_vjp(phi)(load(my_q).astype(jnp.float32), load(my_do).astype(jnp.float32))
+                    dq = dq + q_vjp(my_do)
             with jax.named_scope("c_store"):  # the Q tile, read by the last wgmma, holds dQ
                 my_q[...] = dq.astype(dtype)
                 plgpu.commit_smem()
