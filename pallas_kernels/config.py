@@ -90,9 +90,10 @@ class KernelConfig:
     state_dtype: the per-block linear states H_i (forward) and dH_j (backward) for 16-bit inputs; float32 inputs
       always keep float32 states.
     block_sum_dtype: the per-block sums h_j (and the backward's per-query-block sums) the masked matmul adds into
-      H_i / dH_j, for 16-bit inputs, each with a power-of-two scale: "bfloat16" (2^-8 relative; with state_dtype
-      "bfloat16" the product is bf16 x bf16 -> bf16, which cuBLAS runs and writes directly: 1.3-1.4 ms at
-      wan-14b-720p on an H100) or "float16" (2^-11; XLA's own GEMM with the convert to bf16 states fused, 2.2 ms).
+      H_i / dH_j, for 16-bit inputs: "bfloat16" (2^-8 relative, no scale: bfloat16 has float32's range; with
+      state_dtype "bfloat16" the product is bf16 x bf16 -> bf16, which cuBLAS runs and writes directly: 1.3-1.4 ms at
+      wan-14b-720p on an H100) or "float16" (2^-11, each sum with a power-of-two scale; XLA's own GEMM with the
+      convert to bf16 states fused, 2.2 ms).
     loop / pair_steps / outputs_in_ring / p8_operand: the Mosaic forward's LUT loop ("pingpong": the two compute
       warpgroups take turns on the tensor cores; "pipelined": each overlaps its softmax with its own previous P V),
       two LUT entries per step (64 x 128 score tiles), output tiles staged in finished ring slots, and how FP8 P

@@ -1,12 +1,12 @@
 """The linear branch's states, outside the attention loops, and the transposed LUT of the backward.
 
 Per key block j: h_j = phi(K_j)^T V_j (D x D), z_j = colsum phi(K_j), by one Triton kernel of split-K row sums
-(``outer_sum``); for 16-bit inputs h_j is stored in 16 bits (KernelConfig.block_sum_dtype) with one power-of-two
-scale per block. The complement scope's state of query block i, H_i = sum over the unselected j of h_j (and Z_i
-likewise), is then one masked matmul over the blocks (cuBLAS, ``complement_states``), dense in the mask and
-independent of topk: 2 * Nq * Nk * D^2 flop per head. The backward builds dH_j, dZ_j per key block the same way
-from per-query-block sums (``gradient_states``). Keeping the selected part out of the loops this way measured 9.05
--> 5.70 ms for wan-1.3b forward+backward at 95% on H100 (docs/dev/linear_branch.md).
+(``outer_sum``); for 16-bit inputs h_j is stored in 16 bits (KernelConfig.block_sum_dtype: bfloat16 as it is,
+float16 with one power-of-two scale per block). The complement scope's state of query block i, H_i = sum over the
+unselected j of h_j (and Z_i likewise), is then one masked matmul over the blocks (cuBLAS, ``complement_states``),
+dense in the mask and independent of topk: 2 * Nq * Nk * D^2 flop per head. The backward builds dH_j, dZ_j per key
+block the same way from per-query-block sums (``gradient_states``). Keeping the selected part out of the loops this
+way measured 9.05 -> 5.70 ms for wan-1.3b forward+backward at 95% on H100 (docs/dev/linear_branch.md).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _outer_sum_kernel(
         h_ref[...] = (h * inv_s).astype(h_ref.dtype)
         s_ref[...] = jnp.full((cfg.d,), s, F32)
     else:
-        h_ref[...] = h
+        h_ref[...] = h.astype(h_ref.dtype)
     z_ref[...] = z
 
 
@@ -134,7 +134,8 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
         pad = lambda a: jnp.pad(a[:, :, :n].astype(F32), ((0, 0), (0, 0), (0, nc * chunk - n)))
         rows = pl.BlockSpec((None, None, chunk), lambda c, hh, bb: (bb, hh, c))
         inputs += [("w", pad(w), rows), ("u", pad(u), rows)]
-    scaled = block_rows is not None and jnp.dtype(x.dtype) != jnp.dtype(F32)
+    sixteen = block_rows is not None and jnp.dtype(x.dtype) != jnp.dtype(F32)  # 16-bit sums for 16-bit inputs
+    scaled = sixteen and cfg.config.block_sum_dtype == "float16"  # bf16 has float32's range: no scale needed
     vec = (
         jax.ShapeDtypeStruct((b, h, nc, d), F32),
         pl.BlockSpec((None, None, None, d), lambda c, hh, bb: (bb, hh, c, 0)),
@@ -142,7 +143,7 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
     outputs = [
         (
             "h",
-            jax.ShapeDtypeStruct((b, h, nc, d, d), jnp.dtype(cfg.config.block_sum_dtype) if scaled else F32),
+            jax.ShapeDtypeStruct((b, h, nc, d, d), jnp.dtype(cfg.config.block_sum_dtype) if sixteen else F32),
             pl.BlockSpec((None, None, None, d, d), lambda c, hh, bb: (bb, hh, c, 0, 0)),
         ),
         ("z", *vec),
@@ -169,9 +170,9 @@ def outer_sum(x, y, cfg: KernelCall, w=None, u=None, block_rows=None, phi=None, 
 class _BlockSums:
     """Per-block outer sums (from outer_sum with block_rows) of `blocks` blocks, stored for C =
     stored_blocks(blocks) (zero sums past the last block): h (B, H, C, D, D), z (B, H, C, D) float32. For 16-bit
-    inputs h is 16-bit (bfloat16 by default, KernelConfig.block_sum_dtype) and holds h / scale with scale (B, H, C) a
-    power of two per block (float16: ~2^-11 relative, bfloat16: ~2^-8; the input's own precision is 2^-8 / 2^-11);
-    for float32 inputs h is float32 and scale is None.
+    inputs h is 16-bit (KernelConfig.block_sum_dtype): bfloat16 (the default, ~2^-8 relative) holds h itself and
+    scale is None (bfloat16 has float32's range); float16 (~2^-11; the input's own precision is 2^-8 / 2^-11) holds
+    h / scale with scale (B, H, C) a power of two per block. For float32 inputs h is float32 and scale is None.
     key_block_sums of scope "all" holds the totals here: h (B, H, D, D), z (B, H, D) float32, scale and blocks
     None. Iterates as (h, z, scale)."""
 
@@ -190,17 +191,20 @@ def _sum_over_blocks(mask, sums: _BlockSums, cfg: KernelCall):
     mask (B, H, M, C) bool (columns past the blocks that exist may be anything: their stored sums are zero) ->
     (B, H, M, D, D) float32 (bf16 for 16-bit sums if KernelConfig.state_dtype says so),
     (B, H, M, D) float32. One dense batched matmul in XLA (cuBLAS) contracting over the blocks with float32
-    accumulation; for 16-bit sums the mask carries the per-block scale (a power of two: exact); z in float32 (for
+    accumulation; for float16 sums the mask carries the per-block scale (a power of two: exact); z in float32 (for
     16-bit sums as a bf16 hi + lo pair in one bf16 product: ~2^-18 relative, a fraction of the float32 product's
     time).
     """
     b, nh, c, d, _ = sums.h.shape
     h_flat = sums.h.reshape(b, nh, c, d * d)
-    if sums.scale is None:
+    sixteen = jnp.dtype(sums.h.dtype) != jnp.dtype(F32)
+    if not sixteen:
         weights, precision = mask.astype(F32), lax.Precision.HIGHEST
+    elif sums.scale is None:  # bf16 sums hold h itself
+        weights, precision = mask.astype(sums.h.dtype), None
     else:
         weights, precision = jnp.where(mask, sums.scale[:, :, None, :], 0.0).astype(sums.h.dtype), None
-    bf16_states = sums.scale is not None and cfg.config.state_dtype == "bfloat16"
+    bf16_states = sixteen and cfg.config.state_dtype == "bfloat16"
     # bf16 sums into bf16 states: the product asks for bf16 directly (cuBLAS accumulates in float32 and writes
     # bf16; asked for float32 and then converted, XLA ran a separate 0.75 ms convert at wan-14b-720p)
     direct = bf16_states and jnp.dtype(sums.h.dtype) == jnp.dtype(jnp.bfloat16)
@@ -208,7 +212,7 @@ def _sum_over_blocks(mask, sums: _BlockSums, cfg: KernelCall):
                        preferred_element_type=jnp.bfloat16 if direct else F32)
     if bf16_states:
         h_out = h_out.astype(jnp.bfloat16)
-    if sums.scale is None:
+    if not sixteen:
         z_out = jnp.einsum("bhmc,bhcd->bhmd", mask.astype(F32), sums.z, precision=lax.Precision.HIGHEST)
     else:  # z = hi + lo in bf16 (<= 2^-18 relative), one bf16 product with float32 accumulation (0/1 mask exact)
         z_hi = sums.z.astype(jnp.bfloat16)

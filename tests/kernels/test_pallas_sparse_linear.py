@@ -268,8 +268,8 @@ def test_forward_masks_the_ragged_last_key_block():
                          [("float32", "float16"), ("bfloat16", "float16"), ("bfloat16", "bfloat16")])
 def test_complement_states_keep_16_bit_precision_over_a_wide_range(state_dtype, block_sum_dtype):
     """H_i, Z_i (sums over the unselected key blocks) vs float64: 16-bit inputs go through per-block 16-bit sums
-    with a power-of-two scale (float16 ~2^-11 relative, bfloat16 ~2^-8; no overflow for |V| ~ 1e4, no underflow for
-    1e-5), stored in float32 or, with KernelConfig.state_dtype "bfloat16", rounded once to bf16 (~2^-9); float32
+    (float16 ~2^-11 relative with a power-of-two scale, bfloat16 ~2^-8 without one; no overflow for |V| ~ 1e4, no
+    underflow for 1e-5), stored in float32 or, with KernelConfig.state_dtype "bfloat16", rounded once to bf16 (~2^-9); float32
     inputs stay float32. Both are checked per head against numpy on the same (rounded) inputs."""
     config = KernelConfig(state_dtype=state_dtype, block_sum_dtype=block_sum_dtype)
     seed = _seed()
@@ -281,6 +281,7 @@ def test_complement_states_keep_16_bit_precision_over_a_wide_range(state_dtype, 
         cfg = validate_call(q, k, v, q_phi, k_phi, lut, block_q, block_k, "complement", None, 1e-6, True, config)
         sums = linear_states.outer_sum(k_phi, v, cfg, block_rows=block_k)
         assert sums.h.dtype == (jnp.dtype(block_sum_dtype) if dtype == jnp.bfloat16 else jnp.float32)
+        assert (sums.scale is not None) == (dtype == jnp.bfloat16 and block_sum_dtype == "float16")
         h_i, z_i = linear_states.complement_states(k_phi, v, lut, cfg, sums=sums)
         bf16_states = state_dtype == "bfloat16" and dtype == jnp.bfloat16
         assert h_i.dtype == (jnp.bfloat16 if bf16_states else jnp.float32)
