@@ -224,7 +224,7 @@ def backward(res, cfg: KernelCall, *, fused, do=None, do_s=None, do_l=None, phi=
 def mosaic_phi_vjp(cfg: KernelCall, phi) -> bool:
     """Whether the Mosaic dQ and dK/dV kernels apply phi's vjp themselves (KernelConfig.phi_vjp "mosaic"; only with a
     linear branch and a feature map with a written-out vjp, common.written_phi_vjp)."""
-    chosen = cfg.config.phi_vjp in ("mosaic", "mosaic_early") and cfg.mosaic_backward and cfg.linear
+    chosen = cfg.config.phi_vjp == "mosaic" and cfg.mosaic_backward and cfg.linear
     return chosen and phi is not None and written_phi_vjp(phi) is not None
 
 

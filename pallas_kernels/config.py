@@ -23,7 +23,7 @@ LOOPS = ("pingpong", "pipelined")
 STATE_DTYPES = ("bfloat16", "float32")
 BLOCK_SUM_DTYPES = ("float16", "bfloat16")
 P8_OPERANDS = ("registers", "smem")
-PHI_VJP_PLACES = ("mosaic", "mosaic_early", "pass")
+PHI_VJP_PLACES = ("mosaic", "pass")
 
 
 class Launch(NamedTuple):
@@ -103,9 +103,7 @@ class KernelConfig:
       Mosaic dQ kernel's epilogue, K's in the Mosaic dK/dV kernel's, which then also adds the linear dV: the linear
       dK/dV kernel runs first; for feature maps with a written-out ``.vjp``, e.g. the library's) or "pass" (one
       front-end pass per tensor: read X, dphi(X), dX, write dX; what maps without ``.vjp`` and the Triton backward
-      get either way). H100, wan-1.3b forward+backward: 3.264 vs 3.432 ms at 97%. "mosaic_early" (built, not yet
-      timed): the same with dphi(Q), dphi(K) loaded into their own tiles at the programs' start and the vjps made
-      before the loops (the accumulators start from them); the linear dV is still added by the dK/dV finish.
+      get either way). H100, wan-1.3b forward+backward: 3.264 vs 3.432 ms at 97%.
     totals_chunk: rows per program of the totals' outer sums (phi(K)^T V of scope "all" and the backward's dH, dZ
       totals; split-K, the partial sums added by XLA): a power of two >= 64. More programs against more partial sums.
     launch: Triton launch parameters per kernel name ("fwd", "dq", "dkv", "dq_linear", "sum", "sum_phi", "lowbit"),

@@ -88,8 +88,8 @@ def sparse_attention_dkv_mosaic(
     int32, the query blocks that selected key block j ascending (padding after count[b, h, j] entries is not read);
     count: (B, H, Nk) int32; alpha: None or (B, H, Nq) float32. Returns dk, dv (B, N, H, D) in k.dtype.
     stages: ring slots per compute warpgroup (at D = 128 only 2 fit in shared memory). config: of its fields only
-    ``phi_vjp`` ("mosaic_early": dk_phi loaded at the start, see _build) and ``profile_dir`` concern this kernel
-    (Mosaic's on-device profiler: timestamps of the named regions per warpgroup, a trace written there).
+    ``profile_dir`` concerns this kernel (Mosaic's on-device profiler: timestamps of the named regions per
+    warpgroup, a trace written there).
     dk_phi, dv_add: None, or the cotangent of phi(K) and a term to add to dV, both (B, N, H, D) in k.dtype, with
     feature_map (phi, the map the forward applied to K, carrying its vjp written out as ``phi.vjp``:
     common.written_phi_vjp): then dk also holds J_phi(K)^T dk_phi and dv also dv_add.
@@ -105,19 +105,15 @@ def sparse_attention_dkv_mosaic(
                          f"{dv_add.shape} {dv_add.dtype}, {feature_map!r}")
     exchange = _exchange_mode(q.shape[-1], q.dtype.itemsize, stages)
     kernel = _build(q.shape, q.dtype, sm_scale, stages, exchange, config.profile_dir, alpha is not None,
-                    written_phi_vjp(feature_map) if dk_phi is not None else None, config.phi_vjp == "mosaic_early")
+                    written_phi_vjp(feature_map) if dk_phi is not None else None)
     args = (q, k, v, do, lse, delta, lut_t, count) + ((alpha,) if alpha is not None else ())
     return kernel(*args + ((dk_phi, dv_add) if dk_phi is not None else ()))
 
 
 @functools.cache
-def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str | None, has_alpha: bool, phi_vjp=None,
-           early: bool = False):  # fmt: skip
+def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str | None, has_alpha: bool, phi_vjp=None):
     """The plgpu.kernel callable for one static configuration (exchange "pair" or "serial": _exchange_mode; phi_vjp:
-    None, or the written-out vjp of the feature map whose dphi(K) the kernel then takes, with dv_add; early: dphi(K)
-    loaded into its own tile at the start and warpgroup 0's dk started from phi's vjp, instead of loaded into a
-    free Q slot after the last copy and added by the finish; a tile for dv_add too would not fit at D = 128)."""
-    early = early and phi_vjp is not None
+    None, or the written-out vjp of the feature map whose dphi(K) the kernel then takes, with dv_add)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only backend: imported on use
 
     b, n, h, d = shape
@@ -129,18 +125,13 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
     wgmma_layout = plgpu.Layout.WGMMA
     cols = plgpu.Layout.WGMMA.reduce(0)  # a vector along the query rows (the columns of S^T)
 
-    def k_vjp(k_tile, d_phi_tile):
-        """phi's vjp at the K tile applied to the dphi(K_j) tile (both in shared memory), float32 (64, D)."""
-        load = functools.partial(plgpu.load, idx=(), layout=wgmma_layout, optimized=True)
-        return phi_vjp(load(k_tile).astype(f32), load(d_phi_tile).astype(f32))
-
     def block_ids():
         """(batch, head, key block) of this program."""
         return lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("kblock")
 
     def compute(refs, smem, bars, wg):
         k_ref, v_ref, lut_ref, count_ref, alpha_ref, dk_ref, dv_ref = refs
-        q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, red_smem = smem[:7]
+        q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, red_smem = smem
         q_ready, do_ready, lse_ready, delta_ready, free, kv_ready, red_full, red_empty = bars[:8]
         lin_ready = bars[8] if phi_vjp is not None else None
         with jax.named_scope("c_setmaxnreg"):
@@ -204,10 +195,6 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
             plgpu.barrier_wait(kv_ready.at[0])
             plgpu.barrier_wait(kv_ready.at[1])
         carry = (zeros, zeros)
-        if early:  # warpgroup 0's dk starts from phi's vjp at K_j / sm_scale (both make it: no branch on values)
-            with jax.named_scope("c_lin"):
-                plgpu.barrier_wait(lin_ready.at[0])
-                carry = (k_vjp(k_smem, smem[7]) * ((wg == 0).astype(f32) / sm_scale), zeros)
         with jax.named_scope("c_loop"):
             if ragged_q:
                 last = jnp.maximum(cnt - 1, 0)
@@ -218,9 +205,9 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
         dk, dv = carry
         outs = ((k_smem, dk_ref), (v_smem, dv_ref))  # the K, V tiles stage the outputs
         lin = None
-        if phi_vjp is not None:  # the Q slots the memory warpgroup loads dphi(K_j) (unless early), dv_add into
+        if phi_vjp is not None:  # the Q slots the memory warpgroup loads dphi(K_j), dv_add into (see memory)
             s0 = lax.rem(cnt, stages) * 2
-            lin = (None if early else q_smem.at[s0], q_smem.at[s0 + 1], lin_ready)
+            lin = (q_smem.at[s0], q_smem.at[s0 + 1], lin_ready)
         with jax.named_scope("c_finish"):
             finish(dk * sm_scale, dv, wg, (bi, hi, j), outs, red_smem, (red_full, red_empty), lin)
         with jax.named_scope("c_drain"):  # the stores complete before the program ends
@@ -236,10 +223,10 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
         load = functools.partial(plgpu.load, idx=(), layout=wgmma_layout, optimized=True)
 
         def with_lin_k(dk_total):  # + phi's vjp at K_j (the K tile, not yet overwritten) applied to dphi(K_j)
-            if lin is None or lin[0] is None:
+            if lin is None:
                 return dk_total
             plgpu.barrier_wait(lin[2].at[0])
-            return dk_total + k_vjp(dk_tile, lin[0])
+            return dk_total + phi_vjp(load(dk_tile).astype(f32), load(lin[0]).astype(f32))
 
         def with_lin_v(dv_total):
             if lin is None:
@@ -295,7 +282,7 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
 
     def memory(refs, smem, bars):
         q_ref, do_ref, lse_ref, delta_ref, lut_ref, count_ref = refs[:6]
-        q_smem, do_smem, lse_smem, delta_smem = smem[:4]
+        q_smem, do_smem, lse_smem, delta_smem = smem
         q_ready, do_ready, lse_ready, delta_ready, free = bars[:5]
         with jax.named_scope("m_setmaxnreg"):
             plgpu.set_max_registers(40, action="decrease")
@@ -314,29 +301,24 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
                 plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem.at[s], delta_ready.at[s])
             return _
 
-        if phi_vjp is not None:  # the dphi(K), dv_add inputs and their barriers
-            dk_phi_ref, dv_add_ref = refs[6:]
-            lin_ready = bars[5]
-        if early:  # dphi(K_j) into its own tile
-            plgpu.copy_gmem_to_smem(dk_phi_ref.at[bi, pl.ds(j * _KEYS, _KEYS), hi], smem[4], lin_ready.at[0])
         first = jnp.minimum(cnt, stages)
         with jax.named_scope("m_prime"):  # the first ring slots are free
             lax.fori_loop(0, first, functools.partial(fetch, wait=False), None)
         with jax.named_scope("m_refill"):
             lax.fori_loop(first, cnt, functools.partial(fetch, wait=True), None)
-        if phi_vjp is not None:  # dphi(K_j) (unless early), dv_add into the two Q slots a step t = cnt would take
+        if phi_vjp is not None:  # dphi(K_j), dv_add into the two Q slots a step t = cnt would take
+            dk_phi_ref, dv_add_ref = refs[6:]
+            lin_ready = bars[5]
             s0 = lax.rem(cnt, stages) * 2
 
             @pl.when(cnt >= stages)  # slots used before: wait until their last step released them
             def _():
-                if not early:
-                    plgpu.barrier_wait(free.at[s0])
+                plgpu.barrier_wait(free.at[s0])
                 plgpu.barrier_wait(free.at[s0 + 1])
 
             keys = pl.ds(j * _KEYS, _KEYS)
             with jax.named_scope("m_lin"):
-                if not early:
-                    plgpu.copy_gmem_to_smem(dk_phi_ref.at[bi, keys, hi], q_smem.at[s0], lin_ready.at[0])
+                plgpu.copy_gmem_to_smem(dk_phi_ref.at[bi, keys, hi], q_smem.at[s0], lin_ready.at[0])
                 plgpu.copy_gmem_to_smem(dv_add_ref.at[bi, keys, hi], q_smem.at[s0 + 1], lin_ready.at[1])
 
     def load_kv(k_ref, v_ref, k_smem, v_smem, kv_ready, ids):
@@ -360,7 +342,7 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
             plgpu.SMEM((_KEYS, d), dtype, transforms=tiles),  # K, then the dk output tile
             plgpu.SMEM((_KEYS, d), dtype, transforms=tiles),  # V, then the dv output tile
             plgpu.SMEM((2 if exchange == "pair" else 1, _KEYS, d), f32, transforms=f32_tiles),  # partial sums
-        ) + ((plgpu.SMEM((_KEYS, d), dtype, transforms=tiles),) if early else ())  # dphi(K_j) (early)
+        )
         ring = tuple(plgpu.Barrier(num_barriers=2 * stages) for _ in range(5))  # Q, dO, lse, delta ready; free
         lin_bars = (plgpu.Barrier(num_barriers=2),) if phi_vjp is not None else ()  # dphi(K_j), dv_add loaded
         others = (
@@ -380,7 +362,7 @@ def _build(shape, dtype, sm_scale, stages: int, exchange: str, profile_dir: str 
             @pl.when(wg == 2)
             def _memory():
                 refs_m = (q_ref, do_ref, lse_ref, delta_ref, lut_ref, count_ref, *lin_refs)
-                memory(refs_m, smem[:4] + smem[7:], ring)
+                memory(refs_m, smem[:4], ring)
 
         pl.run_scoped(body, smem, ring + lin_bars, others, collective_axes="wg")
 

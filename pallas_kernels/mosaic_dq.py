@@ -55,8 +55,7 @@ def sparse_attention_dq_mosaic(
     float32 (lse base 2 of the logits scaled by sm_scale * log2(e), delta = a * rowsum(dO * O_s)); lut:
     (B, H, Nq, topk) int32 ascending key-block ids (blocks of block_k keys), Nq = ceil(N / 128); alpha: None or
     (B, H, Nq) float32. Returns dq (B, N, H, D) in q.dtype. ValueError for unsupported input.
-    stages: K/V ring slots (the library passes 4). config: of its fields only ``phi_vjp`` ("mosaic_early": dq_phi
-    loaded with Q and the vjp made before the loop) and ``profile_dir`` concern this kernel
+    stages: K/V ring slots (the library passes 4). config: of its fields only ``profile_dir`` concerns this kernel
     (Mosaic's on-device profiler: timestamps of the named regions per warpgroup, a trace written there).
     dq_phi: None, or the cotangent of phi(Q) (B, N, H, D) in q.dtype, with feature_map (phi: a function of a float32
     (rows, D) tile -> float32 (rows, D), the one the forward applied to Q, carrying its vjp written out as
@@ -71,7 +70,7 @@ def sparse_attention_dq_mosaic(
                          f"(common.written_phi_vjp), got {dq_phi.shape} {dq_phi.dtype}, {feature_map!r}")
     return _dq_call(
         q, k, v, do, lse, delta, lut, alpha, dq_phi, block_k=block_k, sm_scale=sm_scale, stages=stages,
-        profile_dir=config.profile_dir, phi=feature_map, early=config.phi_vjp == "mosaic_early",
+        profile_dir=config.profile_dir, phi=feature_map,
     )  # fmt: skip
 
 
@@ -94,10 +93,9 @@ def _check_inputs(q, k, v, do, lse, delta, lut, alpha, block_k):
         raise ValueError(f"alpha must be None or float32 (B, H, Nq), got {alpha.shape} {alpha.dtype}")
 
 
-def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_phi, *, block_k, sm_scale, stages, profile_dir, phi, early):
-    """The kernel launch (inputs already checked); returns dq (B, N, H, D) q.dtype. early (with dq_phi): dphi(Q)
-    loaded with Q into its own tile and the vjp made before the loop (the accumulator starts from it), instead of
-    loaded into the dO tile after the last dP and added in the epilogue."""
+def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_phi, *, block_k, sm_scale, stages, profile_dir, phi):
+    """The kernel launch (inputs already checked); returns dq (B, N, H, D) q.dtype. With dq_phi: dphi(Q) is
+    loaded into the dO tile after the last dP has read it, and phi's vjp is added in the epilogue."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # GPU-only backend: imported on use
 
     b, n, h, d = q.shape
@@ -109,7 +107,6 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_phi, *, block_k, sm_scale, 
     dtype = q.dtype
     has_alpha = alpha is not None
     has_phi = dq_phi is not None
-    early = early and has_phi
     inputs = [q, k, v, do, lut, lse, delta] + ([alpha] if has_alpha else []) + ([dq_phi] if has_phi else [])
     tile = (_ROWS, block_k)
 
@@ -120,8 +117,7 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_phi, *, block_k, sm_scale, 
         dq_ref = refs[len(inputs)]
         bi, hi, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("qblock")
         wg = lax.axis_index("wg")
-        q_smem, do_smem, k_smem, v_smem, row_smem = smem[:5]
-        dphi_smem = smem[5] if early else None
+        q_smem, do_smem, k_smem, v_smem, row_smem = smem
         tile_ready, row_ready, k_ready, v_ready = ready[:4]
         phi_ready = ready[4] if has_phi else None
         k_free, v_free = released
@@ -142,8 +138,6 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_phi, *, block_k, sm_scale, 
                 plgpu.copy_gmem_to_smem(do_ref.at[bi, rows(), hi], my_do, tile_ready.at[2 + wg])
                 for r, ref in enumerate((lse_ref, delta_ref)):
                     plgpu.copy_gmem_to_smem(ref.at[bi, hi, rows()], row_smem.at[r, wg], row_ready.at[2 * r + wg])
-                if early:
-                    plgpu.copy_gmem_to_smem(dq_phi_ref.at[bi, rows(), hi], dphi_smem.at[wg], phi_ready.at[wg])
             with jax.named_scope("c_wait_kv0"):
                 wait_kv(0)
 
@@ -162,15 +156,6 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_phi, *, block_k, sm_scale, 
             a = alpha_ref[bi, hi, qi] if has_alpha else None
             acc = plgpu.layout_cast(jnp.full((_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-            def q_vjp(d_phi_tile):  # phi's vjp at this warpgroup's Q tile applied to its dphi(Q) rows, float32
-                load = functools.partial(plgpu.load, idx=(), layout=plgpu.Layout.WGMMA)
-                return written_phi_vjp(phi)(load(my_q).astype(jnp.float32), load(d_phi_tile).astype(jnp.float32))
-
-            if early:
-                with jax.named_scope("c_phi_vjp"):  # the accumulator starts from phi's vjp / sm_scale
-                    plgpu.barrier_wait(phi_ready.at[wg])
-                    acc = q_vjp(dphi_smem.at[wg]) * (1.0 / sm_scale)
-
             def step(t, acc, last=False):  # t: the LUT entry
                 slot = lax.rem(t, stages)
 
@@ -181,7 +166,7 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_phi, *, block_k, sm_scale, 
 
                 s, dp = pl.run_scoped(scores, plgpu.ACC(tile, jnp.float32), plgpu.ACC(tile, jnp.float32))
                 plgpu.barrier_arrive(v_free.at[slot])
-                if last and has_phi and not early:  # the dO tile is read for the last time: it takes dphi(Q)'s rows
+                if last and has_phi:  # the dO tile is read for the last time: it takes dphi(Q)'s rows
                     plgpu.copy_gmem_to_smem(dq_phi_ref.at[bi, rows(), hi], my_do, phi_ready.at[wg])
                 if last and ragged:  # keys >= N exist only in the last key block: the LUT's last entry
                     keys = plgpu.broadcasted_iota(jnp.int32, tile, 1, layout=plgpu.Layout.WGMMA)
@@ -208,10 +193,11 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_phi, *, block_k, sm_scale, 
                 last = functools.partial(step, last=True)  # a loop of one step: Mosaic wants a traced index
                 acc = lax.fori_loop(topk - 1, topk, last, acc)
             dq = acc * sm_scale
-            if has_phi and not early:
-                with jax.named_scope("c_phi_vjp"):  # + phi's vjp at this warpgroup's Q rows
+            if has_phi:
+                with jax.named_scope("c_phi_vjp"):  # + phi's vjp at this warpgroup's Q rows (float32)
                     plgpu.barrier_wait(phi_ready.at[wg])
-                    dq = dq + q_vjp(my_do)
+                    load = functools.partial(plgpu.load, idx=(), layout=plgpu.Layout.WGMMA)
+                    dq = dq + written_phi_vjp(phi)(load(my_q).astype(jnp.float32), load(my_do).astype(jnp.float32))
             with jax.named_scope("c_store"):  # the Q tile, read by the last wgmma, holds dQ
                 my_q[...] = dq.astype(dtype)
                 plgpu.commit_smem()
@@ -250,7 +236,7 @@ def _dq_call(q, k, v, do, lse, delta, lut, alpha, dq_phi, *, block_k, sm_scale, 
             plgpu.SMEM((stages, block_k, d), dtype, transforms=tiles),  # K ring
             plgpu.SMEM((stages, block_k, d), dtype, transforms=tiles),  # V ring
             plgpu.SMEM((2, 2, _ROWS), jnp.float32),  # lse, delta rows per compute warpgroup
-        ) + ((plgpu.SMEM((2, _ROWS, d), dtype, transforms=tiles),) if early else ())  # dphi(Q) (early)
+        )
         ready = (
             plgpu.Barrier(num_barriers=4),  # Q of warpgroup 0, 1, then dO of warpgroup 0, 1
             plgpu.Barrier(num_barriers=4),  # row vector r (lse, delta) of warpgroup wg: 2 * r + wg
