@@ -109,27 +109,48 @@ def kernel_config(shape, fwd_kernel="auto", bwd_kernel="auto", block_q=128, bloc
                                interpret=jax.default_backend() != "gpu")
     if fwd_kernel == "auto" and bwd_kernel == "auto" and not changes:
         return None, default
-    chosen = default.replace(**{field: family for field, family in (("forward", fwd_kernel), ("backward", bwd_kernel))
-                                if family != "auto"}, **(changes or {}))
+    families = {field: family for field, family in (("forward", fwd_kernel), ("backward", bwd_kernel))
+                if family != "auto"}
+    chosen = with_kernel_changes(default, {**families, **(changes or {})})
     return chosen, chosen
 
 
-def kernel_changes(text: str | None, reserved=("forward", "backward", "launch")) -> dict:
-    """{field: value} of --kernel "FIELD=VALUE[,FIELD=VALUE...]" ("true" / "false" are bools, digits ints);
-    ValueError for a bad item, a field KernelConfig does not have, one of `reserved` (here: those with their own
-    flags, and the launch table) or a value KernelConfig refuses."""
+def kernel_changes(text: str | None, reserved=("forward", "backward")) -> dict:
+    """{field: value} of --kernel "FIELD=VALUE[,FIELD=VALUE...]" ("true" / "false" are bools, digits ints), with
+    items "launch.KERNEL=WARPS/STAGES/ROWS" gathered as {"launch": {kernel: Launch}} (one Triton kernel's launch
+    entry each; with_kernel_changes merges them into a config's table). ValueError for a bad item, a field
+    KernelConfig does not have, one of `reserved` (here: those with their own flags), a kernel name without a launch
+    entry, or a value KernelConfig refuses."""
     if not text:
         return {}
     from pallas_kernels import KernelConfig
+    from pallas_kernels.config import DEFAULT_LAUNCH, Launch
 
-    changes = {}
+    changes, launch = {}, {}
     for item in text.split(","):
         field, sep, value = item.partition("=")
-        if not sep or field not in KernelConfig.__dataclass_fields__ or field in reserved:
-            raise ValueError(f"{item!r}: give FIELD=VALUE with a KernelConfig field other than {', '.join(reserved)}")
+        if field.startswith("launch."):
+            kernel, parts = field[len("launch."):], value.split("/")
+            if kernel not in (*DEFAULT_LAUNCH, "lowbit") or len(parts) != 3 or not all(x.isdigit() for x in parts):
+                raise ValueError(f"{item!r}: give launch.KERNEL=WARPS/STAGES/ROWS with KERNEL one of "
+                                 f"{(*DEFAULT_LAUNCH, 'lowbit')}")
+            launch[kernel] = Launch(*(int(x) for x in parts))
+            continue
+        if not sep or field not in KernelConfig.__dataclass_fields__ or field in (*reserved, "launch"):
+            raise ValueError(f"{item!r}: give FIELD=VALUE with a KernelConfig field other than "
+                             f"{', '.join(reserved)}, or launch.KERNEL=WARPS/STAGES/ROWS")
         changes[field] = {"true": True, "false": False}.get(value, int(value) if value.isdigit() else value)
-    KernelConfig(**changes)  # validated (ValueError naming the field)
-    return changes
+    KernelConfig(**changes, launch=tuple(launch.items()))  # validated (ValueError naming the field)
+    return {**changes, "launch": launch} if launch else changes
+
+
+def with_kernel_changes(config, changes: dict):
+    """config.replace(**changes), where changes["launch"] (if present) is {kernel: Launch or (warps, stages, rows)}
+    merged into config's own launch table (the other kernels' entries kept)."""
+    changes = dict(changes)
+    if "launch" in changes:
+        changes["launch"] = tuple({**dict(config.launch), **changes["launch"]}.items())
+    return config.replace(**changes)
 
 
 def distinct_sparsities(seq_len: int, sparsities, block_k: int = 64):
@@ -416,7 +437,8 @@ def main(argv=None):
     p.add_argument("--bwd-kernel", default="auto", choices=["auto", "triton", "mosaic"],
                    help="pallas backward's sparse loops (dQ, dK/dV; KernelConfig.backward): as --fwd-kernel")
     p.add_argument("--kernel", default=None, metavar="FIELD=VALUE[,...]",
-                   help="other KernelConfig fields of the pallas backend, e.g. block_sum_dtype=float16")
+                   help="other KernelConfig fields of the pallas backend, e.g. block_sum_dtype=float16, and Triton "
+                        "launch entries, e.g. launch.dq_linear=8/2/64 (warps/stages/rows)")
     args = p.parse_args(argv)
     try:
         changes = kernel_changes(args.kernel)

@@ -177,9 +177,8 @@ def module_forms(sparsity, scope, forms):
     in the kernels), "int8_phi_arrays" / "int8_fp8_phi_arrays" (the low-bit forward with the front end that writes
     phi arrays and the int8 operands, smoothing by an XLA mean of K), "f16_block_sums" (the library's form with
     the per-block sums in float16, KernelConfig.block_sum_dtype, whose default is bfloat16), "kernel:FIELD=VALUE[,...]"
-    (the library's form under heuristic_config(...).replace(FIELD=VALUE, ...), e.g. kernel:loop=pipelined),
-    "launch:KERNEL=WARPS/STAGES/ROWS[,...]" (the library's form with those Triton launch entries, e.g.
-    launch:dkv=8/2/64)."""
+    (the library's form under heuristic_config(...) with those KernelConfig changes, e.g. kernel:loop=pipelined, or
+    Triton launch entries, e.g. kernel:launch.dkv=8/2/64)."""
     import sla2_jax as sla
     from sla2_jax import backends
 
@@ -215,26 +214,13 @@ def module_forms(sparsity, scope, forms):
 
 
 def kernel_fields(form):
-    """{field: value} of a form "kernel:FIELD=VALUE[,FIELD=VALUE...]" (parsed and validated as the benchmark's
-    --kernel, every KernelConfig field allowed except launch), or {"launch": {kernel: Launch}} of a form
-    "launch:KERNEL=WARPS/STAGES/ROWS[,...]" (kernel names of pallas_kernels.config.DEFAULT_LAUNCH or "lowbit")."""
+    """{field: value} of a form "kernel:FIELD=VALUE[,...]", parsed and validated as the benchmark's --kernel
+    (experiments.benchmark.kernel_changes: any KernelConfig field, and launch.KERNEL=WARPS/STAGES/ROWS entries)."""
     from experiments.benchmark import kernel_changes
-    from pallas_kernels.config import DEFAULT_LAUNCH, Launch
 
-    if form.startswith("launch:"):
-        launches = {}
-        for item in form[len("launch:"):].split(","):
-            name, _, value = item.partition("=")
-            parts = value.split("/")
-            if name not in (*DEFAULT_LAUNCH, "lowbit") or len(parts) != 3 or not all(x.isdigit() for x in parts):
-                raise ValueError(f"{item!r} in form {form!r}: give KERNEL=WARPS/STAGES/ROWS with KERNEL one of "
-                                 f"{(*DEFAULT_LAUNCH, 'lowbit')}")
-            launches[name] = Launch(*(int(x) for x in parts))
-        return {"launch": launches}
     if not form.startswith("kernel:"):
-        raise ValueError(f"unknown form {form!r}: one of {FORMS}, kernel:FIELD=VALUE[,...] or "
-                         "launch:KERNEL=WARPS/STAGES/ROWS[,...]")
-    return kernel_changes(form[len("kernel:"):], reserved=("launch",))
+        raise ValueError(f"unknown form {form!r}: one of {FORMS} or kernel:FIELD=VALUE[,...]")
+    return kernel_changes(form[len("kernel:"):], reserved=())
 
 
 def grads_of(fn):
@@ -338,15 +324,15 @@ def main():
     p.add_argument("--parts", nargs="+", default=["small", "wan"], help="small, small_low_bit, wan, states")
     p.add_argument("--no-fwd-bwd", action="store_true", help="wan: the forward only")
     p.add_argument("--forms", nargs="+", default=list(FORMS),
-                   help=f"wan: the module forms to time: {', '.join(FORMS)}, kernel:FIELD=VALUE[,FIELD=VALUE...] "
-                        "(the library's form under heuristic_config(...).replace(FIELD=VALUE)) or "
-                        "launch:KERNEL=WARPS/STAGES/ROWS[,...] (with those Triton launch entries)")
+                   help=f"wan: the module forms to time: {', '.join(FORMS)}, or kernel:FIELD=VALUE[,...] (the "
+                        "library's form with those KernelConfig changes; launch.KERNEL=WARPS/STAGES/ROWS sets a "
+                        "Triton launch entry)")
     p.add_argument("--workload", default="wan-1.3b", choices=["wan-1.3b", "wan-14b-720p"],
                    help="wan: the shape (wan-14b-720p: give --layers 5 or fewer, its inputs take 3 GiB per layer)")
     p.add_argument("--small-kernel", default=None,
                    help="small: FIELD=VALUE[,FIELD=VALUE...] changes to heuristic_config of both forms")
     p.add_argument("--launches", nargs="*", default=None,
-                   help="states: Triton launches WARPS,STAGES,ROWS to sweep (default: seven of them)")
+                   help="states: Triton launches WARPS/STAGES/ROWS to sweep (default: seven of them)")
     p.add_argument("--cases", nargs="*", default=None,
                    help="wan: SPARSITY:SCOPE pairs (default: every --sparsity with every --scopes)")
     args = p.parse_args()
@@ -361,7 +347,7 @@ def main():
         if "small_low_bit" in args.parts:
             small_low_bit_checks()
         if "states" in args.parts:
-            launches = [tuple(int(x) for x in launch.split(",")) for launch in args.launches] if args.launches else [
+            launches = [tuple(int(x) for x in launch.split("/")) for launch in args.launches] if args.launches else [
                 (8, 2, 64), (8, 3, 64), (8, 4, 64), (4, 3, 64), (8, 3, 32), (4, 2, 128), (8, 3, 128)]
             states_kernel(launches, args.out)
         if "wan" in args.parts:

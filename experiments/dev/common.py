@@ -128,12 +128,10 @@ def with_config(cfg, config, dtype=jnp.bfloat16):
 
 
 def with_changes(config, changes):
-    """config.replace(**changes), where changes["launch"] (if present) is {kernel: Launch or (warps, stages, rows)}
-    merged into config's own launch table (the other kernels' entries kept)."""
-    changes = dict(changes)
-    if "launch" in changes:
-        changes["launch"] = tuple({**dict(config.launch), **changes["launch"]}.items())
-    return config.replace(**changes)
+    """config with the changes of experiments.benchmark.kernel_changes (launch entries merged into its table)."""
+    from experiments.benchmark import with_kernel_changes
+
+    return with_kernel_changes(config, changes)
 
 
 def default_config(n, d, dtype=jnp.bfloat16, block_q=128, block_k=64, **changes):

@@ -235,27 +235,15 @@ def profile_call(
 
 
 def parse_kernel_changes(assignments: list[str]) -> dict:
-    """['FIELD=VALUE', ...] -> KernelConfig changes, the fields parsed and validated as the benchmark's --kernel
-    (experiments.benchmark.kernel_changes); 'launch.KERNEL=W,S,R' sets one Triton kernel's launch (warps, stages,
+    """['FIELD=VALUE', ...] -> KernelConfig changes, parsed and validated as the benchmark's --kernel
+    (experiments.benchmark.kernel_changes; 'launch.KERNEL=W/S/R' sets one Triton kernel's launch: warps, stages,
     rows). SystemExit naming a bad item."""
     from experiments.benchmark import kernel_changes
 
-    fields, launch = [], {}
-    for assignment in assignments:
-        key, sep, text = assignment.partition("=")
-        if not sep:
-            raise SystemExit(f"--kernel wants FIELD=VALUE, got {assignment!r}")
-        if key.startswith("launch."):
-            launch[key[len("launch."):]] = tuple(int(x) for x in text.split(","))
-        else:
-            fields.append(assignment)
     try:
-        changes = kernel_changes(",".join(fields), reserved=("launch",))
+        return kernel_changes(",".join(assignments))
     except ValueError as error:
-        raise SystemExit(f"--kernel: {error} (or launch.KERNEL=W,S,R)") from None
-    if launch:
-        changes["launch"] = launch
-    return changes
+        raise SystemExit(f"--kernel: {error}") from None
 
 
 def kernel_config(shape, dtype, changes: dict):
@@ -283,7 +271,7 @@ def main(argv=None):
         default=[],
         metavar="FIELD=VALUE",
         help="change a field of the call's KernelConfig, e.g. outputs_in_ring=false, loop=pipelined, forward=triton, "
-        "launch.dq=8,2,128 (VALUE: true / false, an integer, or a string); repeatable",
+        "launch.dq=8/2/128 (VALUE: true / false, an integer, or a string); repeatable",
     )
     args = p.parse_args(argv)
     changes = parse_kernel_changes(args.kernel)

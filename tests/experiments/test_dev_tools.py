@@ -70,7 +70,7 @@ def test_kernel_changes_of_stage_profile():
     """stage_profile --kernel: fields and launch entries become a validated KernelConfig; unknown fields refused."""
     from experiments.dev import stage_profile
 
-    changes = stage_profile.parse_kernel_changes(["loop=pipelined", "outputs_in_ring=false", "launch.dq=8,2,128"])
+    changes = stage_profile.parse_kernel_changes(["loop=pipelined", "outputs_in_ring=false", "launch.dq=8/2/128"])
     config = stage_profile.kernel_config((1, 2, 1000, 64), jnp.bfloat16, changes)
     assert (config.loop, config.outputs_in_ring) == ("pipelined", False)
     assert tuple(config.launch_params("dq")) == (8, 2, 128)
@@ -78,19 +78,26 @@ def test_kernel_changes_of_stage_profile():
         stage_profile.parse_kernel_changes(["no_such_field=1"])
 
 
-def test_launch_forms_of_check_phi_in_kernels():
-    """check_phi_in_kernels' form launch:KERNEL=W/S/R[,...] sets those launch entries and keeps the others; bad
-    entries are refused naming the item."""
+def test_launch_entries_in_kernel_changes():
+    """One syntax in every tool: launch.KERNEL=W/S/R items of the benchmark's --kernel (and of check_phi_in_kernels'
+    kernel: forms) set those launch entries and keep the others; bad entries are refused naming the item."""
+    from experiments import benchmark
     from experiments.dev import check_phi_in_kernels as tool
     from pallas_kernels.config import Launch
 
     base = tool.heuristic_config(1000, 128, jnp.bfloat16).replace(launch=(("fwd", Launch(8, 3, 64)),))
-    config = tool.with_changes(base, tool.kernel_fields("launch:dkv=8/2/64,dq=4/1/128"))
+    changes = tool.kernel_fields("kernel:launch.dkv=8/2/64,launch.dq=4/1/128,loop=pipelined")
+    assert changes == benchmark.kernel_changes("launch.dkv=8/2/64,launch.dq=4/1/128,loop=pipelined", reserved=())
+    config = tool.with_changes(base, changes)
     assert [tuple(config.launch_params(k)) for k in ("dkv", "dq", "fwd")] == [(8, 2, 64), (4, 1, 128), (8, 3, 64)]
+    assert config.loop == "pipelined"
     assert tool.with_changes(base, tool.kernel_fields("kernel:loop=pipelined")).launch == base.launch
-    for bad in ("launch:nope=8/2/64", "launch:dkv=8/2", "launch:dkv=8,2,64", "other"):
+    for bad in ("kernel:launch.nope=8/2/64", "kernel:launch.dkv=8/2", "kernel:launch.dkv=8,2,64", "kernel:launch=1",
+                "launch:dkv=8/2/64", "other"):
         with pytest.raises(ValueError):
             tool.kernel_fields(bad)
+    _, chosen = benchmark.kernel_config((1, 2, 1000, 64), changes={"launch": {"dq": Launch(4, 1, 128)}})
+    assert tuple(chosen.launch_params("dq")) == (4, 1, 128)
 
 
 def test_autotune_prints_launch_table_entries():
