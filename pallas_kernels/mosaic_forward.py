@@ -276,7 +276,9 @@ def _sparse_forward(
     if loop == "pipelined" and steps > 1:  # K_t and V_{t-1} are in use together: two slots at least
         stages = max(2, stages)
     ragged = n % block_k != 0
-    tail_masked = ragged or (paired and topk % 2 == 1)  # the last step: keys >= N, or a second half past the LUT
+    # the last step with an odd topk in pairs: one 64-key entry (half_tail), or a second half repeating it, masked
+    half_tail = paired and topk % 2 == 1 and loop == "pingpong" and config.half_tail
+    tail_masked = ragged or (paired and topk % 2 == 1 and not half_tail)  # keys >= N, or the masked second half
     dtype = v.dtype
     f32 = jnp.float32
     acc_dtype = jnp.int32 if quantised else f32
@@ -362,27 +364,28 @@ def _sparse_forward(
             repeats the last entry in its second half, which the softmax masks)."""
             return (2 * t, jnp.minimum(2 * t + 1, topk - 1)) if paired else (t,)
 
-        def softmax(s, t, m_i, masked):
+        def softmax(s, t, m_i, masked, half=False):
             """Online-softmax step t on its score tile s (64, width) (float32, or int32 for int8 scores): LUT entry
-            t, or entries 2t, 2t + 1 when paired: (P operand of the P V wgmma, new row max, correction
-            exp2(m_i - m_new), row sums of P)."""
-            entries = step_entries(t)
+            t, or entries 2t, 2t + 1 when paired (half: only entry 2t, a (64, block_k) tile): (P operand of the P V
+            wgmma, new row max, correction exp2(m_i - m_new), row sums of P)."""
+            entries = step_entries(t)[:1] if half else step_entries(t)
+            two = len(entries) == 2  # a tile of two key blocks
             s_scale = r["scale"][bi, hi, qi, entries[0]] if quantised else scale
             if quantised:
                 s = s.astype(f32)
-            if (paired and quantised) or masked:
-                cols = plgpu.broadcasted_iota(jnp.int32, (_ROWS, width), 1, layout=plgpu.Layout.WGMMA)
-            if paired and quantised:  # one scale per key block: the two halves scaled here, s_scale 1 below
+            if (two and quantised) or masked:
+                cols = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+            if two and quantised:  # one scale per key block: the two halves scaled here, s_scale 1 below
                 s = s * jnp.where(cols < block_k, s_scale, r["scale"][bi, hi, qi, entries[1]])
                 s_scale = None
             if masked:  # the last step: keys >= N (only in the last key block: the LUT is ascending), and with pairs
                 # and an odd topk the second half, which repeats the last entry
                 first = [r["lut"][bi, hi, qi, e] * block_k for e in entries]  # first key of each block
                 keys = cols + first[0]
-                if paired:
+                if two:
                     keys = jnp.where(cols < block_k, keys, cols + (first[1] - block_k))
                 valid = keys < n
-                if paired and topk % 2:
+                if two and topk % 2:
                     valid = jnp.logical_and(valid, cols < block_k)
                 s = jnp.where(valid, s, -jnp.inf)
             row_max = s.max(axis=1)
@@ -395,18 +398,24 @@ def _sparse_forward(
             p_op = _p8_operand(plgpu, p) if fp8 else p.astype(dtype)
             return p_op, m_new, correction, p.sum(axis=1)
 
-        def k_operand(slot):  # K^T of a ring slot: the B operand of S = Q K^T
-            return plgpu.transpose_ref(k_smem.at[slot], (1, 0))
+        def first_block(ref, slot):  # the first key block of a paired ring slot
+            return ref.at[slot, pl.ds(0, block_k)]
 
-        def v_operand(slot):
-            return plgpu.transpose_ref(v_smem.at[slot], (1, 0)) if fp8 else v_smem.at[slot]
+        def k_operand(slot, half=False):  # K^T of a ring slot (half: of its first key block): the B operand of Q K^T
+            return plgpu.transpose_ref(first_block(k_smem, slot) if half else k_smem.at[slot], (1, 0))
+
+        def v_operand(slot, half=False):
+            if fp8:
+                return plgpu.transpose_ref(v_smem.at[slot], (1, 0))
+            return first_block(v_smem, slot) if half else v_smem.at[slot]
 
         def run_steps(step, first, carry):
-            """step(t, carry) for t in [first, steps), the last one with masked=tail_masked (in a loop of one
-            step: Mosaic wants a traced index)."""
+            """step(t, carry) for t in [first, steps), the last one with masked=tail_masked and half=half_tail (in
+            a loop of one step: Mosaic wants a traced index)."""
             carry = lax.fori_loop(first, max(first, steps - 1), step, carry)
             if steps > first:
-                carry = lax.fori_loop(steps - 1, steps, functools.partial(step, masked=tail_masked), carry)
+                tail = {"masked": tail_masked, **({"half": True} if half_tail else {})}  # half: ping-pong's step only
+                carry = lax.fori_loop(steps - 1, steps, functools.partial(step, **tail), carry)
             return carry
 
         def rows_times(x, rows):
@@ -419,18 +428,18 @@ def _sparse_forward(
                 plgpu.barrier_wait(k_ready.at[0])
             pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
 
-            def step(t, carry, masked=False):
+            def step(t, carry, masked=False, half=False):
                 acc, m_i, l_i = carry
                 slot = lax.rem(t, stages)
 
                 def scores(s_ref):
-                    plgpu.wgmma(s_ref, my_q, k_operand(slot))
+                    plgpu.wgmma(s_ref, my_q, k_operand(slot, half))
                     take_turn()
                     return s_ref[...]
 
-                s = pl.run_scoped(scores, plgpu.ACC((_ROWS, width), acc_dtype))
+                s = pl.run_scoped(scores, plgpu.ACC((_ROWS, block_k if half else width), acc_dtype))
                 plgpu.barrier_arrive(k_free.at[slot])
-                p_op, m_new, correction, p_sum = softmax(s, t, m_i, masked)
+                p_op, m_new, correction, p_sum = softmax(s, t, m_i, masked, half)
                 acc = rows_times(acc, correction)
                 l_i = l_i * correction + p_sum
                 acc, l_i, m_new, p_op = lax.optimization_barrier((acc, l_i, m_new, p_op))
@@ -443,7 +452,7 @@ def _sparse_forward(
                 plgpu.barrier_wait(turn)
 
                 def values(acc_ref):
-                    plgpu.wgmma(acc_ref, p_op, v_operand(slot))
+                    plgpu.wgmma(acc_ref, p_op, v_operand(slot, half))
                     nxt = t + 1
 
                     @pl.when(nxt < steps)
