@@ -104,7 +104,7 @@ def _with_phi_arrays(fused, phi):
 
 
 def small_checks(kernel_changes=None):
-    """The SMALL cases under heuristic_config(...).replace(**kernel_changes) (both forms)."""
+    """The SMALL cases under heuristic_config(...) with kernel_changes (kernel_fields; both forms)."""
     seed = int.from_bytes(os.urandom(4), "little")
     RESULTS["small_seed"] = seed
     rows = []
@@ -113,7 +113,7 @@ def small_checks(kernel_changes=None):
         try:
             args, w, lut = _small_inputs(seed, n, d, topk, dtype, k_offset=False, b=b, h=h)
             phi = PHI_FUNCTIONS[kind]
-            config = heuristic_config(n, d, dtype, 128, 64).replace(**(kernel_changes or {}))
+            config = with_changes(heuristic_config(n, d, dtype, 128, 64), kernel_changes or {})
             row["forward"], row["backward"] = config.forward, config.backward
             row["kernel_changes"] = kernel_changes
             kw = dict(block_q=128, block_k=64, linear_scope=scope, config=config)
@@ -133,10 +133,11 @@ def small_checks(kernel_changes=None):
     print(f"small: worst relative error vs dense f32 {worst}; errors {sum('error' in r for r in rows)}", flush=True)
 
 
-def small_low_bit_checks(quants=("int8", "int8_fp8")):
+def small_low_bit_checks(kernel_changes=None, quants=("int8", "int8_fp8")):
     """The low-bit fused forward without phi arrays (the library's operands: K~ smoothed by the mean of
     key_block_sums' block means, int8 Q from the Q pass) against the form with phi arrays (K pre-pass, XLA mean)
-    and the dense float32 reference, on the SMALL cases in 16 bits; output and gradients (straight-through)."""
+    and the dense float32 reference, on the SMALL cases in 16 bits; output and gradients (straight-through); under
+    heuristic_config(...) with kernel_changes (kernel_fields)."""
     from pallas_kernels import key_block_sums, sla2_fused_attention_lowbit
     from sla2_jax import SLA2Config, backends
 
@@ -150,8 +151,8 @@ def small_low_bit_checks(quants=("int8", "int8_fp8")):
             args, w, lut = _small_inputs(seed, n, d, topk, dtype, k_offset=True)
             q, k, v, _ = args
             phi = PHI_FUNCTIONS[kind]
-            config = heuristic_config(n, d, dtype, 128, 64)
-            row["forward"] = config.forward
+            config = with_changes(heuristic_config(n, d, dtype, 128, 64), kernel_changes or {})
+            row["forward"], row["kernel_changes"] = config.forward, kernel_changes
             kw = dict(block_q=128, block_k=64, linear_scope=scope, quant=quant, config=config)
             library = SLA2Config(linear_scope=scope, quant=quant, feature_map=kind)
             sums, k_means = key_block_sums(k, v, linear_scope=scope, feature_map=phi, config=config)
@@ -330,7 +331,7 @@ def main():
     p.add_argument("--workload", default="wan-1.3b", choices=["wan-1.3b", "wan-14b-720p"],
                    help="wan: the shape (wan-14b-720p: give --layers 5 or fewer, its inputs take 3 GiB per layer)")
     p.add_argument("--small-kernel", default=None,
-                   help="small: FIELD=VALUE[,FIELD=VALUE...] changes to heuristic_config of both forms")
+                   help="small, small_low_bit: FIELD=VALUE[,...] changes to heuristic_config of both forms")
     p.add_argument("--launches", nargs="*", default=None,
                    help="states: Triton launches WARPS/STAGES/ROWS to sweep (default: seven of them)")
     p.add_argument("--cases", nargs="*", default=None,
@@ -342,10 +343,11 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     RESULTS.update(device=str(jax.devices()[0].device_kind), jax=jax.__version__)
     try:
+        small_changes = kernel_fields("kernel:" + args.small_kernel) if args.small_kernel else None
         if "small" in args.parts:
-            small_checks(kernel_fields("kernel:" + args.small_kernel) if args.small_kernel else None)
+            small_checks(small_changes)
         if "small_low_bit" in args.parts:
-            small_low_bit_checks()
+            small_low_bit_checks(small_changes)
         if "states" in args.parts:
             launches = [tuple(int(x) for x in launch.split("/")) for launch in args.launches] if args.launches else [
                 (8, 2, 64), (8, 3, 64), (8, 4, 64), (4, 3, 64), (8, 3, 32), (4, 2, 128), (8, 3, 128)]
