@@ -241,7 +241,7 @@ def parse_kernel_changes(assignments: list[str]) -> dict:
     from experiments.benchmark import kernel_changes
 
     try:
-        return kernel_changes(",".join(assignments))
+        return kernel_changes(",".join(assignments), reserved=())
     except ValueError as error:
         raise SystemExit(f"--kernel: {error}") from None
 

@@ -70,9 +70,10 @@ def test_kernel_changes_of_stage_profile():
     """stage_profile --kernel: fields and launch entries become a validated KernelConfig; unknown fields refused."""
     from experiments.dev import stage_profile
 
-    changes = stage_profile.parse_kernel_changes(["loop=pipelined", "outputs_in_ring=false", "launch.dq=8/2/128"])
+    changes = stage_profile.parse_kernel_changes(["loop=pipelined", "outputs_in_ring=false", "launch.dq=8/2/128",
+                                                  "forward=triton"])
     config = stage_profile.kernel_config((1, 2, 1000, 64), jnp.bfloat16, changes)
-    assert (config.loop, config.outputs_in_ring) == ("pipelined", False)
+    assert (config.loop, config.outputs_in_ring, config.forward) == ("pipelined", False, "triton")
     assert tuple(config.launch_params("dq")) == (8, 2, 128)
     with pytest.raises(SystemExit):
         stage_profile.parse_kernel_changes(["no_such_field=1"])
