@@ -132,7 +132,7 @@ def dq_linear_kernel(
     (s + 1) * rows), in query block i = s * rows // block_q, without the LUT loop (the Mosaic dQ kernel does the
     loop, with the delta stored here). Refs as dq_kernel's, less lut, q, k, v, lse and dq."""
     sub = pl.program_id(0)
-    i = sub if rows == cfg.block_q else lax.div(sub, jnp.int32(cfg.block_q // rows))  # its query block
+    i = lax.div(sub, jnp.int32(cfg.block_q // rows))  # its query block
     q_start = sub * rows
     _, _, _, do_l32, c, den = _dq_row_terms(
         i, q_start, rows, o_s_ref, do_ref, do_s_ref, do_l_ref, o_l_ref, den_ref, alpha_ref, delta_ref,

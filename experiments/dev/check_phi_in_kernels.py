@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.dev.common import (
-    bench, kernel_ms, phi_array_low_bit_route, record_error, rel, uniform_lut, with_changes,
-)
+from experiments.benchmark import with_kernel_changes
+from experiments.dev.common import bench, kernel_ms, phi_array_low_bit_route, record_error, rel, uniform_lut
 from experiments.timing import in_model_seconds
 from pallas_kernels import heuristic_config, sla2_fused_attention
 from pallas_kernels.reference import reference_fused
@@ -113,7 +112,7 @@ def small_checks(kernel_changes=None):
         try:
             args, w, lut = _small_inputs(seed, n, d, topk, dtype, k_offset=False, b=b, h=h)
             phi = PHI_FUNCTIONS[kind]
-            config = with_changes(heuristic_config(n, d, dtype, 128, 64), kernel_changes or {})
+            config = with_kernel_changes(heuristic_config(n, d, dtype, 128, 64), kernel_changes or {})
             row["forward"], row["backward"] = config.forward, config.backward
             row["kernel_changes"] = kernel_changes
             kw = dict(block_q=128, block_k=64, linear_scope=scope, config=config)
@@ -151,7 +150,7 @@ def small_low_bit_checks(kernel_changes=None, quants=("int8", "int8_fp8")):
             args, w, lut = _small_inputs(seed, n, d, topk, dtype, k_offset=True)
             q, k, v, _ = args
             phi = PHI_FUNCTIONS[kind]
-            config = with_changes(heuristic_config(n, d, dtype, 128, 64), kernel_changes or {})
+            config = with_kernel_changes(heuristic_config(n, d, dtype, 128, 64), kernel_changes or {})
             row["forward"], row["kernel_changes"] = config.forward, kernel_changes
             kw = dict(block_q=128, block_k=64, linear_scope=scope, quant=quant, config=config)
             library = SLA2Config(linear_scope=scope, quant=quant, feature_map=kind)
@@ -196,9 +195,9 @@ def module_forms(sparsity, scope, forms):
                 q, k, config, w_q=None, w_k=None, feature_map=config.feature_map), None, None
         return backends.fused(q, k, v, qp, kp, lut, jax.lax.stop_gradient(mass), config, keys=keys, queries=queries)
 
-    def kernel_variant(fields):  # the library's form under heuristic_config(...).replace(**fields)
+    def kernel_variant(fields):  # the library's form under heuristic_config(...) with those changes
         def fn(q, k, v):
-            kernel = with_changes(heuristic_config(q.shape[1], q.shape[3], q.dtype), fields)
+            kernel = with_kernel_changes(heuristic_config(q.shape[1], q.shape[3], q.dtype), fields)
             return sla.sla2_attention(q, k, v, config=config.replace(kernel=kernel))
 
         return fn

@@ -127,13 +127,6 @@ def with_config(cfg, config, dtype=jnp.bfloat16):
     return cfg._replace(config=config)
 
 
-def with_changes(config, changes):
-    """config with the changes of experiments.benchmark.kernel_changes (launch entries merged into its table)."""
-    from experiments.benchmark import with_kernel_changes
-
-    return with_kernel_changes(config, changes)
-
-
 def default_config(n, d, dtype=jnp.bfloat16, block_q=128, block_k=64, **changes):
     """heuristic_config for the shape on this machine's GPU, with the given fields changed."""
     from pallas_kernels import heuristic_config

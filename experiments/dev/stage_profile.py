@@ -249,11 +249,11 @@ def parse_kernel_changes(assignments: list[str]) -> dict:
 def kernel_config(shape, dtype, changes: dict):
     """heuristic_config for a (B, H, N, D) call with `changes` (parse_kernel_changes; launch entries merged into
     the heuristic's table); validated by KernelConfig."""
-    from experiments.dev.common import with_changes
+    from experiments.benchmark import with_kernel_changes
     from pallas_kernels import heuristic_config
 
     _, _, seq_len, dim = shape
-    return with_changes(heuristic_config(seq_len, dim, dtype), changes)
+    return with_kernel_changes(heuristic_config(seq_len, dim, dtype), changes)
 
 
 def main(argv=None):

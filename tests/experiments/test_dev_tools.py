@@ -89,10 +89,10 @@ def test_launch_entries_in_kernel_changes():
     base = tool.heuristic_config(1000, 128, jnp.bfloat16).replace(launch=(("fwd", Launch(8, 3, 64)),))
     changes = tool.kernel_fields("kernel:launch.dkv=8/2/64,launch.dq=4/1/128,loop=pipelined")
     assert changes == benchmark.kernel_changes("launch.dkv=8/2/64,launch.dq=4/1/128,loop=pipelined", reserved=())
-    config = tool.with_changes(base, changes)
+    config = benchmark.with_kernel_changes(base, changes)
     assert [tuple(config.launch_params(k)) for k in ("dkv", "dq", "fwd")] == [(8, 2, 64), (4, 1, 128), (8, 3, 64)]
     assert config.loop == "pipelined"
-    assert tool.with_changes(base, tool.kernel_fields("kernel:loop=pipelined")).launch == base.launch
+    assert benchmark.with_kernel_changes(base, tool.kernel_fields("kernel:loop=pipelined")).launch == base.launch
     for bad in ("kernel:launch.nope=8/2/64", "kernel:launch.dkv=8/2", "kernel:launch.dkv=8,2,64", "kernel:launch=1",
                 "launch:dkv=8/2/64", "other"):
         with pytest.raises(ValueError):
