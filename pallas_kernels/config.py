@@ -96,10 +96,9 @@ class KernelConfig:
       convert to bf16 states fused, 2.2 ms).
     loop / pair_steps / outputs_in_ring / p8_operand: the Mosaic forward's LUT loop ("pingpong": the two compute
       warpgroups take turns on the tensor cores; "pipelined": each overlaps its softmax with its own previous P V),
-      two LUT entries per step (64 x 128 score tiles), output tiles staged in finished ring slots, and how FP8 P
-      reaches the P V wgmma. (Its programs run heads fastest, grid (H, Nq, B).)
-    half_tail: with pair_steps, an odd topk and the ping-pong loop, the last step takes its one LUT entry as a 64-key
-      step (64 x 64 score tile) instead of a 64 x 128 step whose second half repeats the entry, masked.
+      two LUT entries per step (64 x 128 score tiles; with an odd topk the ping-pong loop's last step is a 64-key
+      step), output tiles staged in finished ring slots, and how FP8 P reaches the P V wgmma. (Its programs run
+      heads fastest, grid (H, Nq, B).)
     mosaic_fp8: quant "int8_fp8" takes the Mosaic forward (else the Triton low-bit kernel).
     phi_vjp: where the backward without phi arrays applies phi's vjp under the Mosaic backward: "mosaic" (Q's in the
       Mosaic dQ kernel's epilogue, K's in the Mosaic dK/dV kernel's, which then also adds the linear dV: the linear
@@ -122,7 +121,6 @@ class KernelConfig:
     block_sum_dtype: str = "bfloat16"
     loop: str = "pingpong"
     pair_steps: bool = True
-    half_tail: bool = False
     outputs_in_ring: bool = True
     p8_operand: str = "registers"
     mosaic_fp8: bool = True
@@ -147,7 +145,7 @@ class KernelConfig:
         chunk = self.totals_chunk
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 64 or chunk & (chunk - 1):
             raise ValueError(f"KernelConfig.totals_chunk must be a power of two >= 64, got {chunk!r}")
-        for name in ("pair_steps", "half_tail", "outputs_in_ring", "mosaic_fp8"):
+        for name in ("pair_steps", "outputs_in_ring", "mosaic_fp8"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"KernelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         launch = tuple((str(k), Launch(*v)) for k, v in dict(self.launch).items())

@@ -276,8 +276,9 @@ def _sparse_forward(
     if loop == "pipelined" and steps > 1:  # K_t and V_{t-1} are in use together: two slots at least
         stages = max(2, stages)
     ragged = n % block_k != 0
-    # the last step with an odd topk in pairs: one 64-key entry (half_tail), or a second half repeating it, masked
-    half_tail = paired and topk % 2 == 1 and loop == "pingpong" and config.half_tail
+    # the last step with an odd topk in pairs: ping-pong takes its one entry as a 64-key step; the pipelined loop
+    # computes a second half repeating the entry, masked
+    half_tail = paired and topk % 2 == 1 and loop == "pingpong"
     tail_masked = ragged or (paired and topk % 2 == 1 and not half_tail)  # keys >= N, or the masked second half
     dtype = v.dtype
     f32 = jnp.float32

@@ -1,13 +1,15 @@
-"""The compute warpgroups' LUT loop of the Mosaic GPU sparse forward (KernelConfig.loop, .pair_steps, .half_tail).
+"""The compute warpgroups' LUT loop of the Mosaic GPU sparse forward (KernelConfig.loop, .pair_steps).
 
 The kernels run only on a Hopper GPU; experiments/dev/probe_mosaic_sparse.py (--parts loops, and small / fused_small with
 --loop / --pair-steps) checks each variant there against the dense float32 reference and the other variants. On CPU:
 every kernel kind lowers for CUDA under every variant (ragged N, odd and even LUT lengths, one entry), the variants
-lower to different kernels, FP8 values ignore pair_steps, half_tail changes only odd LUT lengths in pairs under the
+lower to different kernels, FP8 values ignore pair_steps, an odd LUT length in pairs ends with a 64-key step under the
 ping-pong loop, and a bad loop name is refused.
 """
 
 from __future__ import annotations
+
+import re
 
 import jax.numpy as jnp
 import pytest
@@ -40,8 +42,8 @@ def _kernels(config):
     }
 
 
-def _lowered(kind: str, loop: str, topk: int, pairs: bool = True, half_tail: bool = False) -> str:
-    config = KernelConfig(forward="mosaic", loop=loop, pair_steps=pairs, half_tail=half_tail)
+def _lowered(kind: str, loop: str, topk: int, pairs: bool = True) -> str:
+    config = KernelConfig(forward="mosaic", loop=loop, pair_steps=pairs)
     q = jnp.zeros((B, N, H, D), jnp.bfloat16)
     lut = jnp.zeros((B, H, NQ, topk), jnp.int32)
     fn = _kernels(config)[kind]
@@ -68,12 +70,15 @@ def test_bad_loop_refused():
         _lowered("bf16", "spiral", 3)
 
 
-@pytest.mark.parametrize("kind", ["bf16", "fused", "int8", "int8_fp8"])
-def test_half_tail_lowers_for_odd_lut_lengths_in_pairs(kind):
-    """KernelConfig.half_tail: the ping-pong loop's last paired step with an odd LUT length takes a 64 x 64 tile (a
-    different kernel, lowered with ragged N, i.e. masked); even lengths, the pipelined loop and FP8 values (no
-    pairs) are unchanged."""
-    for topk, changed in ((3, kind != "int8_fp8"), (5, kind != "int8_fp8"), (4, False)):
-        half, full = (_lowered(kind, "pingpong", topk, half_tail=x) for x in (True, False))
-        assert (half != full) == changed, (kind, topk)
-    assert _lowered(kind, "pipelined", 3, half_tail=True) == _lowered(kind, "pipelined", 3)
+@pytest.mark.parametrize("kind", ["bf16", "fused", "int8"])
+def test_odd_lut_length_in_pairs_ends_with_a_64_key_step(kind):
+    """With paired steps, an odd LUT length under the ping-pong loop ends with a 64-key step: a 64 x 64 score tile,
+    i.e. an m64n64 wgmma, which no step of an even length has, nor the pipelined loop (whose last step computes a
+    second half repeating the entry, masked)."""
+
+    def has_64_key_step(loop, topk):
+        return re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n64k", _lowered(kind, loop, topk)) is not None
+
+    assert has_64_key_step("pingpong", 3) and has_64_key_step("pingpong", 5)
+    assert not has_64_key_step("pingpong", 4)
+    assert not has_64_key_step("pipelined", 3)
